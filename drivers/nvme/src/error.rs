@@ -1,0 +1,75 @@
+//! Driver errors.
+
+use crate::cmd::Status;
+use core::fmt;
+
+/// Everything that can go wrong between the driver and a controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NvmeError {
+    /// CSTS.RDY did not follow CC.EN within the controller's CAP.TO.
+    NotReady { enable: bool, waited_ms: u64 },
+    /// The controller reported a fatal status (CSTS.CFS).
+    ControllerFatal,
+    /// Register reads return all ones: the device is gone or not decoding.
+    DeviceGone,
+    /// The controller lacks something the driver needs.
+    Unsupported(&'static str),
+    /// A command did not complete before its deadline.
+    Timeout { qid: u16, cid: u16, opcode: u8 },
+    /// The controller completed a command with an error status.
+    Command { qid: u16, opcode: u8, status: Status },
+    /// Every slot of the queue is in use.
+    QueueFull,
+    /// DMA memory could not be allocated.
+    NoMemory,
+    /// A data buffer the controller cannot address: not dword aligned, empty,
+    /// or larger than the maximum transfer.
+    BadBuffer { len: usize, max: usize },
+    /// A transfer that is not a whole number of logical blocks or lies past the
+    /// end of the namespace.
+    OutOfRange { lba: u64, blocks: u64, namespace_blocks: u64 },
+    /// The namespace does not exist or is inactive (identify returned size 0).
+    NamespaceEmpty { nsid: u32 },
+    /// Identify data that the driver cannot use.
+    BadIdentify(&'static str),
+    /// A queue identifier or size that the controller does not allow.
+    BadQueue { qid: u16, entries: u32 },
+}
+
+impl fmt::Display for NvmeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            NvmeError::NotReady { enable, waited_ms } => write!(
+                f,
+                "controller did not become {} within {waited_ms} ms (CAP.TO)",
+                if enable { "ready" } else { "disabled" }
+            ),
+            NvmeError::ControllerFatal => write!(f, "controller fatal status (CSTS.CFS)"),
+            NvmeError::DeviceGone => write!(f, "controller registers read all ones"),
+            NvmeError::Unsupported(what) => write!(f, "controller unsupported: {what}"),
+            NvmeError::Timeout { qid, cid, opcode } => {
+                write!(f, "command timed out (queue {qid}, cid {cid}, opcode {opcode:#04x})")
+            }
+            NvmeError::Command { qid, opcode, status } => {
+                write!(f, "command failed (queue {qid}, opcode {opcode:#04x}): {status}")
+            }
+            NvmeError::QueueFull => write!(f, "submission queue full"),
+            NvmeError::NoMemory => write!(f, "out of DMA memory"),
+            NvmeError::BadBuffer { len, max } => write!(
+                f,
+                "data buffer of {len} bytes unusable (dword aligned, 1..={max} bytes)"
+            ),
+            NvmeError::OutOfRange { lba, blocks, namespace_blocks } => write!(
+                f,
+                "{blocks} blocks at LBA {lba} outside namespace of {namespace_blocks} blocks"
+            ),
+            NvmeError::NamespaceEmpty { nsid } => {
+                write!(f, "namespace {nsid} has size 0 (inactive or absent)")
+            }
+            NvmeError::BadIdentify(what) => write!(f, "bad identify data: {what}"),
+            NvmeError::BadQueue { qid, entries } => {
+                write!(f, "queue {qid} with {entries} entries not allowed")
+            }
+        }
+    }
+}
