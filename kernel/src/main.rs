@@ -1,2 +1,150 @@
+//! The dioxide kernel.
+//!
+//! Boot order: console and TSC, descriptor tables, memory (frames, page
+//! tables, heap), ACPI, local APIC, PCI, NVMe; then a self-test or the
+//! appliance's run loop. Any failure is reported on the console and ends in a
+//! power-off with a status the host reads (see [`power`]).
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod cmdline;
+mod mm;
+mod nvme;
+mod pci;
+mod power;
+mod selftest;
+mod serial;
+mod time;
+
+use cmdline::Cmdline;
+use dioxide_boot::BootInfo;
+use power::{EXIT_CONFIG, EXIT_DEVICE};
+
+dioxide_boot::entry_point!(kmain);
+
+fn fail(status: u8, what: core::fmt::Arguments) -> ! {
+    log::error!(target: "boot", "{what}");
+    power::exit(status)
+}
+
+fn kmain(boot: &'static BootInfo) -> ! {
+    let args = Cmdline::new(boot.cmdline());
+    let level = match args.get("log") {
+        Some("error") => log::LevelFilter::Error,
+        Some("warn") => log::LevelFilter::Warn,
+        Some("debug") => log::LevelFilter::Debug,
+        Some("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    let (hz, pit) = time::calibrate();
+    serial::init(level);
+    log::info!(
+        target: "boot",
+        "dioxide {} via {:?}, cmdline {:?}",
+        env!("CARGO_PKG_VERSION"),
+        boot.protocol,
+        boot.cmdline()
+    );
+    log::info!(target: "time", "TSC {}.{:03} MHz (calibrated against {})", hz / 1_000_000, hz / 1000 % 1000, if pit { "PIT" } else { "CPUID" });
+    for k in args.keys() {
+        if !cmdline::KNOWN.contains(&k) {
+            log::warn!(target: "boot", "unknown kernel argument {k:?} ignored");
+        }
+    }
+    arch::gdt::init();
+    arch::idt::init();
+    arch::apic::disable_pic();
+
+    let selftest = args.get("selftest").unwrap_or("");
+    if !["", "digest", "rw", "fault", "calibrate"].contains(&selftest) {
+        fail(EXIT_CONFIG, format_args!("unknown self-test {selftest:?} (digest, rw, fault, calibrate)"));
+    }
+    if selftest == "calibrate" {
+        selftest::calibrate();
+    }
+    let mode = match args.get("nvme.completion") {
+        None | Some("poll") => nvme::Mode::Poll,
+        Some("irq") => nvme::Mode::Irq,
+        Some(v) => fail(EXIT_CONFIG, format_args!("nvme.completion={v:?}: expected poll or irq")),
+    };
+    let timeout_ms = match args.number("nvme.timeout_ms") {
+        Ok(v) => v.unwrap_or(5000).max(1),
+        Err(v) => fail(EXIT_CONFIG, format_args!("nvme.timeout_ms={v:?}: expected milliseconds")),
+    };
+    let rw_blocks = match args.number("rw.blocks") {
+        Ok(v) => v,
+        Err(v) => fail(EXIT_CONFIG, format_args!("rw.blocks={v:?}: expected a number of blocks")),
+    };
+
+    let usable: u64 = boot
+        .memory_map()
+        .iter()
+        .filter(|r| r.kind == dioxide_boot::MemoryKind::Usable)
+        .map(|r| r.len)
+        .sum();
+    log::info!(target: "mm", "{} memory map entries, {} MiB usable, kernel {:#x}..{:#x}", boot.memory_map().len(), usable >> 20, boot.kernel_start, boot.kernel_end);
+    if let Err(e) = mm::init(boot) {
+        fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
+    }
+    if selftest == "fault" {
+        selftest::fault();
+    }
+
+    let acpi = match acpi::init(boot) {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!(target: "acpi", "{e}; continuing without ACPI (legacy PCI config)");
+            acpi::AcpiInfo::default()
+        }
+    };
+    arch::apic::init();
+    arch::apic::start_tick(10_000_000);
+    pci::init(acpi.ecam);
+    let functions = pci::enumerate();
+    let Some(f) = functions
+        .iter()
+        .find(|f| (f.class, f.subclass, f.prog_if) == (0x01, 0x08, 0x02))
+    else {
+        fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"));
+    };
+    x86_64::instructions::interrupts::enable();
+    let dev = match nvme::init(f, mode, timeout_ms) {
+        Ok(d) => d,
+        Err(e) => fail(EXIT_DEVICE, format_args!("nvme0: {e}")),
+    };
+    let heap = mm::heap::stats();
+    log::info!(
+        target: "boot",
+        "ready in {} ms: nvme0n1 {} MiB ({}-byte blocks), heap {} KiB used of {} MiB",
+        time::now_ns() / 1_000_000,
+        dev.ns.bytes() >> 20,
+        dev.ns.block_size,
+        heap.bytes_in_use / 1024,
+        heap.size >> 20
+    );
+    match selftest {
+        "digest" => selftest::digest(&dev),
+        "rw" => selftest::rw(&dev, rw_blocks),
+        _ => run_loop(&dev),
+    }
+}
+
+/// The appliance's per-core run loop: reaps NVMe completions and sleeps until
+/// the next interrupt. Services (the network server) hook in here.
+fn run_loop(dev: &nvme::Nvme) -> ! {
+    log::info!(target: "boot", "run loop started ({:?} completion); nothing else to serve yet", dev.mode);
+    loop {
+        nvme::wait_until(|| false);
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    serial::emergency(format_args!("\nPANIC: {info}\n"));
+    power::exit(power::EXIT_PANIC)
+}

@@ -1,0 +1,43 @@
+//! Kernel command line: space-separated `key=value` (or bare `key`) words.
+//!
+//! | key | values | meaning |
+//! |-----|--------|---------|
+//! | `selftest` | `digest`, `rw`, `fault`, `calibrate` | run a self-test and power off |
+//! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
+//! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
+//! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
+//! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
+
+pub struct Cmdline<'a> {
+    words: &'a str,
+}
+
+impl<'a> Cmdline<'a> {
+    pub fn new(s: &'a str) -> Self {
+        Cmdline { words: s }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        self.words.split_ascii_whitespace().rev().find_map(|w| match w.split_once('=') {
+            Some((k, v)) if k == key => Some(v),
+            None if w == key => Some(""),
+            _ => None,
+        })
+    }
+
+    /// Parses `key` as an unsigned number; `Err` names the bad value.
+    pub fn number(&self, key: &str) -> Result<Option<u64>, &'a str> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| v),
+        }
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &'a str> {
+        self.words
+            .split_ascii_whitespace()
+            .map(|w| w.split_once('=').map_or(w, |(k, _)| k))
+    }
+}
+
+pub const KNOWN: &[&str] = &["selftest", "nvme.completion", "nvme.timeout_ms", "rw.blocks", "log"];

@@ -1,0 +1,231 @@
+//! Self-tests a user runs to check a machine (`selftest=` on the command line).
+//! Each prints its result line(s) without a log prefix and powers off with a
+//! status (see [`crate::power`]).
+
+use crate::nvme::{self, DmaBuf, Nvme};
+use crate::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
+use crate::{outln, time};
+use alloc::vec::Vec;
+use dioxide_nvme::{NvmeError, SubmissionEntry};
+use sha2::{Digest, Sha256};
+
+fn device_error(what: &str, e: NvmeError) -> ! {
+    log::error!(target: "selftest", "{what}: {e}");
+    outln!("error {what}: {e}");
+    power::exit(EXIT_DEVICE)
+}
+
+fn hex(bytes: &[u8]) -> alloc::string::String {
+    use core::fmt::Write;
+    let mut s = alloc::string::String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `selftest=calibrate`: a fixed amount of CPU work, for the host to time how
+/// fast this accelerator runs guest code.
+pub fn calibrate() -> ! {
+    let t0 = time::now_ns();
+    let mut x: u64 = 1;
+    for i in 0..20_000_000u64 {
+        x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+    }
+    let ms = (time::now_ns() - t0) / 1_000_000;
+    outln!("calibrate iterations=20000000 guest_ms={ms} x={:x}", x & 0xff);
+    power::exit(EXIT_OK)
+}
+
+/// `selftest=fault`: touches address 0 (unmapped) to show the exception path.
+pub fn fault() -> ! {
+    log::info!(target: "selftest", "reading address 0: expect a page fault report");
+    let p = core::hint::black_box(0usize) as *const u64;
+    // SAFETY: deliberately unsound: page 0 is unmapped and the resulting page
+    // fault powers the machine off; nothing runs after it.
+    let v = unsafe { core::ptr::read_volatile(p) };
+    outln!("fault did not fault (read {v:#x})");
+    power::exit(EXIT_TEST_FAILED)
+}
+
+/// `selftest=digest`: reads the whole namespace (several commands in flight)
+/// and prints `digest nvme0n1 bytes=<n> sha256=<hex>`.
+pub fn digest(dev: &Nvme) -> ! {
+    let bs = dev.ns.block_size as usize;
+    let total = dev.ns.bytes();
+    let chunk = (dev.max_transfer.min(256 * 1024) / bs).max(1) * bs;
+    let qd = 8usize;
+    let nchunks = total.div_ceil(chunk as u64) as usize;
+    let mut bufs: Vec<DmaBuf> = (0..qd)
+        .map(|_| DmaBuf::new(chunk).unwrap_or_else(|| device_error("digest", NvmeError::NoMemory)))
+        .collect();
+    let len_of = |i: usize| -> usize { ((total - (i * chunk) as u64).min(chunk as u64)) as usize };
+    let submit = |bufs: &mut Vec<DmaBuf>, i: usize| {
+        let len = len_of(i);
+        let lba = (i * chunk / bs) as u64;
+        let cmd = SubmissionEntry::read(dev.ns.nsid, lba, (len / bs) as u32);
+        let part = bufs[i % qd].part(0, len);
+        // SAFETY: the buffer is not touched until its tag is done.
+        if let Err(e) = unsafe { nvme::submit(cmd, Some(part), (i % qd) as u16) } {
+            device_error("digest submit", e);
+        }
+    };
+    let t0 = time::now_ns();
+    let mut hasher = Sha256::new();
+    let mut next = 0;
+    while next < nchunks.min(qd) {
+        submit(&mut bufs, next);
+        next += 1;
+    }
+    for i in 0..nchunks {
+        let tag = (i % qd) as u16;
+        nvme::wait_until(|| nvme::is_done(tag));
+        match nvme::take(tag) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => device_error(&alloc::format!("digest read at byte {}", i * chunk), e),
+            None => device_error("digest", NvmeError::DeviceGone),
+        }
+        hasher.update(&bufs[i % qd].as_slice()[..len_of(i)]);
+        if next < nchunks {
+            submit(&mut bufs, next);
+            next += 1;
+        }
+    }
+    let ns = (time::now_ns() - t0).max(1);
+    log::info!(
+        target: "selftest",
+        "read {} MiB in {} ms ({} MiB/s, {} commands of {} KiB)",
+        total >> 20,
+        ns / 1_000_000,
+        (total as u128 * 1_000_000_000 / ns as u128) >> 20,
+        nchunks,
+        chunk / 1024
+    );
+    outln!("digest nvme0n1 bytes={} sha256={}", total, hex(&hasher.finalize()));
+    power::exit(EXIT_OK)
+}
+
+/// Moves `buf` to or from the device at `lba` in `unit`-byte commands with up
+/// to `qd` in flight.
+fn transfer(dev: &Nvme, write: bool, lba: u64, buf: &mut DmaBuf, unit: usize, qd: usize) -> Result<(), NvmeError> {
+    let bs = dev.ns.block_size as usize;
+    let units = buf.as_slice().len() / unit;
+    let mut free: Vec<u16> = (0..qd as u16).rev().collect();
+    let mut inflight: Vec<u16> = Vec::with_capacity(qd);
+    let mut next = 0;
+    let mut done = 0;
+    let mut first_error = None;
+    while done < units {
+        while next < units && !free.is_empty() && first_error.is_none() {
+            let tag = free.pop().unwrap_or(0);
+            let blocks = (unit / bs) as u32;
+            let at = lba + (next * unit / bs) as u64;
+            let cmd = if write {
+                SubmissionEntry::write(dev.ns.nsid, at, blocks)
+            } else {
+                SubmissionEntry::read(dev.ns.nsid, at, blocks)
+            };
+            let part = buf.part(next * unit, unit);
+            // SAFETY: `buf` outlives the wait below, which covers every tag.
+            unsafe { nvme::submit(cmd, Some(part), tag)? };
+            inflight.push(tag);
+            next += 1;
+        }
+        if inflight.is_empty() {
+            break;
+        }
+        nvme::wait_until(|| inflight.iter().any(|&t| nvme::is_done(t)));
+        inflight.retain(|&t| match nvme::take(t) {
+            Some(r) => {
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
+                }
+                free.push(t);
+                done += 1;
+                false
+            }
+            None => true,
+        });
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn pattern(pass: u64, off: u64) -> u8 {
+    let x = (off / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ pass.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (x >> ((off % 8) * 8)) as u8
+}
+
+/// `selftest=rw`: saves a scratch range (the end of the namespace), writes a
+/// pattern over it at queue depths 1, 4 and 32, reads each back and compares,
+/// flushes, then restores and verifies the original contents. Prints `rw ok`
+/// or the first mismatch.
+pub fn rw(dev: &Nvme, blocks_arg: Option<u64>) -> ! {
+    let bs = dev.ns.block_size as u64;
+    let unit = 4096u64.max(bs);
+    let want = blocks_arg.unwrap_or((1 << 20) / bs).max(unit / bs);
+    let blocks = want.min(dev.ns.blocks) / (unit / bs) * (unit / bs);
+    if blocks == 0 {
+        outln!("rw mismatch: namespace smaller than one {unit}-byte unit");
+        power::exit(EXIT_TEST_FAILED);
+    }
+    let lba = dev.ns.blocks - blocks;
+    let len = (blocks * bs) as usize;
+    let alloc_buf = || DmaBuf::new(len).unwrap_or_else(|| device_error("rw", NvmeError::NoMemory));
+    let mut saved = alloc_buf();
+    let mut wbuf = alloc_buf();
+    let mut rbuf = alloc_buf();
+    log::info!(target: "selftest", "rw: scratch LBAs {}..{} ({} KiB), saving them first", lba, lba + blocks, len / 1024);
+    if let Err(e) = transfer(dev, false, lba, &mut saved, unit as usize, 8) {
+        device_error("rw save", e);
+    }
+    let t0 = time::now_ns();
+    for qd in [1usize, 4, 32] {
+        for (i, b) in wbuf.as_mut_slice().iter_mut().enumerate() {
+            *b = pattern(qd as u64, i as u64);
+        }
+        rbuf.as_mut_slice().fill(0);
+        if let Err(e) = transfer(dev, true, lba, &mut wbuf, unit as usize, qd) {
+            device_error(&alloc::format!("rw write qd={qd}"), e);
+        }
+        if let Err(e) = transfer(dev, false, lba, &mut rbuf, unit as usize, qd) {
+            device_error(&alloc::format!("rw read qd={qd}"), e);
+        }
+        if let Some(i) = (0..len).find(|&i| wbuf.as_slice()[i] != rbuf.as_slice()[i]) {
+            outln!(
+                "rw mismatch qd={} lba={} offset={} expected={:#04x} got={:#04x}",
+                qd,
+                lba + i as u64 / bs,
+                i as u64 % bs,
+                wbuf.as_slice()[i],
+                rbuf.as_slice()[i]
+            );
+            power::exit(EXIT_TEST_FAILED);
+        }
+        // SAFETY: no data buffer.
+        if let Err(e) = unsafe { nvme::execute(SubmissionEntry::flush(dev.ns.nsid), None) } {
+            device_error("rw flush", e);
+        }
+        log::info!(target: "selftest", "rw: pass at queue depth {qd} verified");
+    }
+    if let Err(e) = transfer(dev, true, lba, &mut saved, unit as usize, 8) {
+        device_error("rw restore", e);
+    }
+    // SAFETY: no data buffer.
+    if let Err(e) = unsafe { nvme::execute(SubmissionEntry::flush(dev.ns.nsid), None) } {
+        device_error("rw flush", e);
+    }
+    rbuf.as_mut_slice().fill(0);
+    if let Err(e) = transfer(dev, false, lba, &mut rbuf, unit as usize, 8) {
+        device_error("rw verify restore", e);
+    }
+    if saved.as_slice() != rbuf.as_slice() {
+        outln!("rw mismatch: original contents not restored at LBA {lba}");
+        power::exit(EXIT_TEST_FAILED);
+    }
+    log::info!(target: "selftest", "rw: original contents restored; {} ms", (time::now_ns() - t0) / 1_000_000);
+    outln!("rw ok");
+    power::exit(EXIT_OK)
+}
