@@ -1,0 +1,78 @@
+//! Harness of the integration tests: builds the kernel once, makes random
+//! images in a temporary directory, boots QEMU (always with a timeout; the
+//! `Guest` handle kills QEMU when dropped).
+
+use dioxide::accel::Accel;
+use dioxide::qemu::{self, Config, Outcome};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The kernel ELF, built once per test binary.
+pub fn kernel() -> PathBuf {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| match dioxide::kernel::build() {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    })
+    .clone()
+}
+
+/// A directory under target/test-tmp removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = dioxide::workspace_root()
+            .join("target")
+            .join("test-tmp")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let data = std::fs::read(path).expect("read image");
+    hex(&Sha256::digest(&data))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes a random image and returns its sha256.
+pub fn random_image(path: &Path, size: u64, seed: u64) -> String {
+    dioxide::image::write_random(path, size, seed).expect("write image");
+    sha256_file(path)
+}
+
+/// A boot configuration: TCG, 256 MiB, 180 s timeout, console not echoed.
+pub fn config(disk: Option<&Path>, args: &[&str]) -> Config {
+    let mut c = Config::new(kernel());
+    c.disk = disk.map(Path::to_path_buf);
+    c.accel = Accel::Tcg;
+    c.mem_mib = 256;
+    c.args = args.iter().map(|s| s.to_string()).collect();
+    c.timeout = Some(Duration::from_secs(180));
+    c
+}
+
+/// Boots and returns the outcome; panics with the console on host errors.
+pub fn boot(cfg: &Config) -> Outcome {
+    match qemu::run(cfg) {
+        Ok(o) => o,
+        Err(e) => panic!("boot failed: {e}"),
+    }
+}

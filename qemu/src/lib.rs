@@ -1,0 +1,62 @@
+//! Host side of dioxide: build the kernel, boot it in QEMU, read its console
+//! and exit status. Used by the `dioxide` CLI and by the integration tests.
+
+pub mod accel;
+pub mod image;
+pub mod kernel;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+/// Errors of the host tools.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("disk image {path}: {why}")]
+    Disk { path: PathBuf, why: String },
+    #[error("building the kernel failed:\n{0}")]
+    Build(String),
+    #[error("cannot start {program}: {source} (install it: {hint})")]
+    Spawn {
+        program: String,
+        hint: &'static str,
+        source: std::io::Error,
+    },
+    #[error("qemu failed (exit status {status}){stderr}")]
+    Qemu { status: String, stderr: String },
+    #[error("the guest reset or stopped without powering off (triple fault?){0}")]
+    NoPowerOff(String),
+    #[error("timed out after {0} s; QEMU killed")]
+    Timeout(u64),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Exit status of the CLI for this error: 2 for bad input, 124 for a
+    /// timeout, 125 for failures of the host tools.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Disk { .. } | Error::Usage(_) => 2,
+            Error::Timeout(_) => 124,
+            _ => 125,
+        }
+    }
+}
+
+pub fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// The repository root (this crate lives in `qemu/`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -1,0 +1,257 @@
+//! Booting the kernel in QEMU and reading what it says.
+//!
+//! The guest's serial console is QEMU's stdout; it is read line by line (and
+//! echoed when asked). The guest ends by printing `dioxide: power off
+//! status=<n>` and writing to the `isa-debug-exit` device, which makes QEMU exit
+//! with `2n + 1`; the status is taken from that line. QEMU is killed when the
+//! [`Guest`] handle is dropped, so no emulator outlives its caller.
+
+use crate::{Error, accel::Accel};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Everything that describes one boot.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub kernel: PathBuf,
+    pub disk: Option<PathBuf>,
+    pub nvme_lbs: u32,
+    pub mem_mib: u32,
+    pub smp: u32,
+    pub accel: Accel,
+    /// Kernel command line words.
+    pub args: Vec<String>,
+    pub timeout: Option<Duration>,
+    /// Copy the console to this process's stdout.
+    pub echo: bool,
+    /// Extra QEMU arguments.
+    pub extra: Vec<String>,
+}
+
+impl Config {
+    pub fn new(kernel: PathBuf) -> Self {
+        Config {
+            kernel,
+            disk: None,
+            nvme_lbs: 512,
+            mem_mib: 512,
+            smp: 1,
+            accel: Accel::Tcg,
+            args: Vec::new(),
+            timeout: None,
+            echo: false,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The QEMU command line.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "q35", "-nodefaults", "-no-reboot"]);
+        match self.accel {
+            Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+        };
+        c.arg("-m").arg(self.mem_mib.to_string());
+        c.arg("-smp").arg(self.smp.to_string());
+        c.args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        if let Some(disk) = &self.disk {
+            let mut drive = std::ffi::OsString::from("file=");
+            // Commas in a path are doubled in QEMU option syntax.
+            drive.push(disk.to_string_lossy().replace(',', ",,"));
+            drive.push(",if=none,id=nvm0,format=raw,cache=none,aio=threads");
+            c.arg("-drive").arg(drive);
+            c.arg("-device").arg(format!(
+                "nvme,drive=nvm0,serial=dioxide0,logical_block_size={0},physical_block_size={0}",
+                self.nvme_lbs
+            ));
+        }
+        c.arg("-kernel").arg(&self.kernel);
+        c.arg("-append").arg(self.args.join(" "));
+        c.args(&self.extra);
+        c
+    }
+}
+
+/// What a finished boot left behind.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The guest's exit status (from its power-off line).
+    pub status: u8,
+    /// Everything the guest printed.
+    pub console: String,
+    /// Time from spawning QEMU to the first kernel log line.
+    pub first_line: Option<Duration>,
+    /// Time from spawning QEMU to its exit.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Console lines without a log prefix (self-test results).
+    pub fn result_lines(&self) -> impl Iterator<Item = &str> {
+        self.console.lines().filter(|l| !l.starts_with('[') && !l.trim().is_empty())
+    }
+}
+
+/// A running QEMU; killed when dropped.
+pub struct Guest {
+    child: Option<Child>,
+    console: Arc<Mutex<String>>,
+    first_line: Arc<Mutex<Option<Duration>>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    started: Instant,
+    timeout: Option<Duration>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+const POWER_OFF: &str = "dioxide: power off status=";
+
+impl Guest {
+    /// Starts QEMU.
+    pub fn spawn(cfg: &Config) -> Result<Guest, Error> {
+        let mut cmd = cfg.command();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: "qemu-system-x86_64".into(),
+            hint: "apt-get install qemu-system-x86",
+            source,
+        })?;
+        let console = Arc::new(Mutex::new(String::new()));
+        let first_line = Arc::new(Mutex::new(None));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            let (console, first_line, echo) = (console.clone(), first_line.clone(), cfg.echo);
+            readers.push(std::thread::spawn(move || {
+                let mut r = BufReader::new(out);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match r.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let text = String::from_utf8_lossy(&line).replace('\r', "");
+                    if text.starts_with('[') {
+                        let mut f = first_line.lock().unwrap_or_else(|e| e.into_inner());
+                        f.get_or_insert(started.elapsed());
+                    }
+                    if echo {
+                        let mut so = std::io::stdout().lock();
+                        let _ = so.write_all(text.as_bytes());
+                        let _ = so.flush();
+                    }
+                    console.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
+                }
+            }));
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let (stderr, echo) = (stderr.clone(), cfg.echo);
+            readers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if echo {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    }
+                    stderr
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }));
+        }
+        Ok(Guest {
+            child: Some(child),
+            console,
+            first_line,
+            stderr,
+            readers,
+            started,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// What the guest printed so far.
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits for QEMU to exit (bounded by the timeout) and interprets it.
+    pub fn wait(mut self) -> Result<Outcome, Error> {
+        let Some(mut child) = self.child.take() else {
+            return Err(Error::NoPowerOff(String::new()));
+        };
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Error::Io { context: "waiting for qemu".into(), source: e })
+                }
+            }
+            if let Some(t) = self.timeout {
+                if self.started.elapsed() >= t {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    for r in self.readers.drain(..) {
+                        let _ = r.join();
+                    }
+                    return Err(Error::Timeout(t.as_secs()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let console = self.console();
+        let stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let first_line = *self.first_line.lock().unwrap_or_else(|e| e.into_inner());
+        let guest_status = console
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(POWER_OFF))
+            .and_then(|s| s.trim().parse::<u8>().ok());
+        let tail = if stderr.trim().is_empty() { String::new() } else { format!(": {}", stderr.trim()) };
+        match (guest_status, status.code()) {
+            // isa-debug-exit: QEMU exits with 2n + 1.
+            (Some(n), Some(code)) if code == 2 * n as i32 + 1 => {
+                Ok(Outcome { status: n, console, first_line, elapsed })
+            }
+            (Some(n), _) => Ok(Outcome { status: n, console, first_line, elapsed }),
+            (None, Some(0)) => Err(Error::NoPowerOff(tail)),
+            (None, code) => Err(Error::Qemu {
+                status: code.map_or("killed by a signal".to_string(), |c| c.to_string()),
+                stderr: tail,
+            }),
+        }
+    }
+}
+
+/// Boots once and waits for the outcome.
+pub fn run(cfg: &Config) -> Result<Outcome, Error> {
+    Guest::spawn(cfg)?.wait()
+}
