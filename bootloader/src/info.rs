@@ -83,7 +83,11 @@ impl BootInfo {
     pub(crate) const fn empty() -> Self {
         BootInfo {
             protocol: Protocol::None,
-            regions: [MemoryRegion { start: 0, len: 0, kind: MemoryKind::Reserved }; MAX_REGIONS],
+            regions: [MemoryRegion {
+                start: 0,
+                len: 0,
+                kind: MemoryKind::Reserved,
+            }; MAX_REGIONS],
             nregions: 0,
             cmdline: [0; MAX_CMDLINE],
             cmdline_len: 0,
@@ -151,7 +155,7 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 /// `info` is the address the PVH loader passed in EBX.
 pub(crate) unsafe fn parse_pvh(boot: &mut BootInfo, info: u64) -> Result<(), &'static str> {
     boot.protocol = Protocol::Pvh;
-    // SAFETY (all reads below): the loader's structure and what it points to
+    // SAFETY: (all reads below) the loader's structure and what it points to
     // are in identity-mapped low memory; counts are bounded before use.
     unsafe {
         if read::<u32>(info) != PVH_MAGIC {
@@ -200,7 +204,7 @@ pub(crate) unsafe fn parse_multiboot2(
     if magic != MB2_BOOT_MAGIC {
         return Err("multiboot2 entry without the boot magic in EAX");
     }
-    // SAFETY (all reads below): GRUB's boot information is identity mapped;
+    // SAFETY: (all reads below) GRUB's boot information is identity mapped;
     // every tag is bounded by total_size and has size >= 8.
     unsafe {
         let total = read::<u32>(info) as u64;

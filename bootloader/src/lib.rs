@@ -80,7 +80,9 @@ pub fn early_print(s: &str) {
     for b in s.bytes() {
         // SAFETY: port 0x3f8 is COM1's data register; writing it has no effect
         // on memory.
-        unsafe { core::arch::asm!("out dx, al", in("dx") 0x3f8u16, in("al") b, options(nomem, nostack)) };
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") 0x3f8u16, in("al") b, options(nomem, nostack))
+        };
     }
 }
 

@@ -33,7 +33,13 @@ pub struct AcpiInfo {
 
 impl Default for AcpiInfo {
     fn default() -> Self {
-        AcpiInfo { revision: 0, ecam: None, cpus: 0, apic_ids: [0; 64], lapic_addr: 0xfee0_0000 }
+        AcpiInfo {
+            revision: 0,
+            ecam: None,
+            cpus: 0,
+            apic_ids: [0; 64],
+            lapic_addr: 0xfee0_0000,
+        }
     }
 }
 
@@ -97,7 +103,8 @@ pub fn init(boot: &dioxide_boot::BootInfo) -> Result<AcpiInfo, &'static str> {
         return Err("ACPI RSDP checksum mismatch");
     }
     info.revision = rsdp_copy[15];
-    let rsdt = u32::from_le_bytes([rsdp_copy[16], rsdp_copy[17], rsdp_copy[18], rsdp_copy[19]]) as u64;
+    let rsdt =
+        u32::from_le_bytes([rsdp_copy[16], rsdp_copy[17], rsdp_copy[18], rsdp_copy[19]]) as u64;
     let xsdt = if info.revision >= 2 {
         u64::from_le_bytes(rsdp_copy[24..32].try_into().unwrap_or([0; 8]))
     } else {
@@ -108,7 +115,11 @@ pub fn init(boot: &dioxide_boot::BootInfo) -> Result<AcpiInfo, &'static str> {
     let entries = (root_len - 36) / entry_size;
     for i in 0..entries.min(256) {
         let at = root + 36 + i * entry_size;
-        let t = if entry_size == 8 { read::<u64>(at) } else { read::<u32>(at) as u64 };
+        let t = if entry_size == 8 {
+            read::<u64>(at)
+        } else {
+            read::<u32>(at) as u64
+        };
         let Some((len, sig)) = table(t) else { continue };
         match &sig {
             b"MCFG" => {

@@ -18,11 +18,14 @@ impl<'a> Cmdline<'a> {
     }
 
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.words.split_ascii_whitespace().rev().find_map(|w| match w.split_once('=') {
-            Some((k, v)) if k == key => Some(v),
-            None if w == key => Some(""),
-            _ => None,
-        })
+        self.words
+            .split_ascii_whitespace()
+            .rev()
+            .find_map(|w| match w.split_once('=') {
+                Some((k, v)) if k == key => Some(v),
+                None if w == key => Some(""),
+                _ => None,
+            })
     }
 
     /// Parses `key` as an unsigned number; `Err` names the bad value.
@@ -40,4 +43,10 @@ impl<'a> Cmdline<'a> {
     }
 }
 
-pub const KNOWN: &[&str] = &["selftest", "nvme.completion", "nvme.timeout_ms", "rw.blocks", "log"];
+pub const KNOWN: &[&str] = &[
+    "selftest",
+    "nvme.completion",
+    "nvme.timeout_ms",
+    "rw.blocks",
+    "log",
+];

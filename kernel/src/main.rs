@@ -62,7 +62,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
 
     let selftest = args.get("selftest").unwrap_or("");
     if !["", "digest", "rw", "fault", "calibrate"].contains(&selftest) {
-        fail(EXIT_CONFIG, format_args!("unknown self-test {selftest:?} (digest, rw, fault, calibrate)"));
+        fail(
+            EXIT_CONFIG,
+            format_args!("unknown self-test {selftest:?} (digest, rw, fault, calibrate)"),
+        );
     }
     if selftest == "calibrate" {
         selftest::calibrate();
@@ -70,15 +73,24 @@ fn kmain(boot: &'static BootInfo) -> ! {
     let mode = match args.get("nvme.completion") {
         None | Some("poll") => nvme::Mode::Poll,
         Some("irq") => nvme::Mode::Irq,
-        Some(v) => fail(EXIT_CONFIG, format_args!("nvme.completion={v:?}: expected poll or irq")),
+        Some(v) => fail(
+            EXIT_CONFIG,
+            format_args!("nvme.completion={v:?}: expected poll or irq"),
+        ),
     };
     let timeout_ms = match args.number("nvme.timeout_ms") {
         Ok(v) => v.unwrap_or(5000).max(1),
-        Err(v) => fail(EXIT_CONFIG, format_args!("nvme.timeout_ms={v:?}: expected milliseconds")),
+        Err(v) => fail(
+            EXIT_CONFIG,
+            format_args!("nvme.timeout_ms={v:?}: expected milliseconds"),
+        ),
     };
     let rw_blocks = match args.number("rw.blocks") {
         Ok(v) => v,
-        Err(v) => fail(EXIT_CONFIG, format_args!("rw.blocks={v:?}: expected a number of blocks")),
+        Err(v) => fail(
+            EXIT_CONFIG,
+            format_args!("rw.blocks={v:?}: expected a number of blocks"),
+        ),
     };
 
     let usable: u64 = boot
@@ -113,7 +125,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"));
     };
     x86_64::instructions::interrupts::enable();
-    let dev = match nvme::init(f, mode, timeout_ms) {
+    let mut dev = match nvme::init(f, mode, timeout_ms) {
         Ok(d) => d,
         Err(e) => fail(EXIT_DEVICE, format_args!("nvme0: {e}")),
     };
@@ -128,8 +140,8 @@ fn kmain(boot: &'static BootInfo) -> ! {
         heap.size >> 20
     );
     match selftest {
-        "digest" => selftest::digest(&dev),
-        "rw" => selftest::rw(&dev, rw_blocks),
+        "digest" => selftest::digest(&mut dev),
+        "rw" => selftest::rw(&mut dev, rw_blocks),
         _ => run_loop(&dev),
     }
 }
@@ -138,8 +150,15 @@ fn kmain(boot: &'static BootInfo) -> ! {
 /// the next interrupt. Services (the network server) hook in here.
 fn run_loop(dev: &nvme::Nvme) -> ! {
     log::info!(target: "boot", "run loop started ({:?} completion); nothing else to serve yet", dev.mode);
+    let mut last = arch::apic::ticks();
     loop {
-        nvme::wait_until(|| false);
+        // Wake on every interrupt; the APIC tick bounds each sleep.
+        nvme::wait_until(|| {
+            let now = arch::apic::ticks();
+            let woke = now != last;
+            last = now;
+            woke
+        });
     }
 }
 

@@ -33,7 +33,11 @@ unsafe impl Hal for KernelHal {
         let layout = Layout::from_size_align(len, 4096).ok()?;
         // SAFETY: non-zero size.
         let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
-        Some(Dma { phys: p.as_ptr() as u64, virt: p, len })
+        Some(Dma {
+            phys: p.as_ptr() as u64,
+            virt: p,
+            len,
+        })
     }
 
     unsafe fn dma_free(&self, dma: &Dma) {
@@ -117,7 +121,10 @@ impl core::fmt::Display for InitError {
         match self {
             InitError::NoBar => write!(f, "NVMe controller has no memory BAR0"),
             InitError::Map(e) => write!(f, "cannot map NVMe BAR0: {e}"),
-            InitError::NoMsiX => write!(f, "NVMe controller has no usable MSI-X (needed for nvme.completion=irq)"),
+            InitError::NoMsiX => write!(
+                f,
+                "NVMe controller has no usable MSI-X (needed for nvme.completion=irq)"
+            ),
             InitError::Nvme(e) => write!(f, "{e}"),
         }
     }
@@ -158,8 +165,15 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     crate::mm::map_mmio(bar.base, bar.size).map_err(InitError::Map)?;
     pci::enable_device(f.bdf);
     log::info!(target: "nvme", "{} BAR0 {:#x} ({} KiB)", f.bdf, bar.base, bar.size / 1024);
-    let regs = Bar0 { base: bar.base as usize, size: bar.size as usize };
-    let config = Config { io_timeout_ms: timeout_ms, admin_timeout_ms: timeout_ms.max(1000), ..Config::default() };
+    let regs = Bar0 {
+        base: bar.base as usize,
+        size: bar.size as usize,
+    };
+    let config = Config {
+        io_timeout_ms: timeout_ms,
+        admin_timeout_ms: timeout_ms.max(1000),
+        ..Config::default()
+    };
     let mut ctrl = Controller::init(KernelHal, regs, config)?;
     let ns = ctrl.namespace(1)?;
     let granted = ctrl.set_queue_count(1)?;
@@ -188,7 +202,12 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     );
     *QUEUE.lock() = Some(q);
     *MODE.lock() = mode;
-    Ok(Nvme { ctrl, ns, mode, max_transfer })
+    Ok(Nvme {
+        ctrl,
+        ns,
+        mode,
+        max_transfer,
+    })
 }
 
 /// Submits `cmd` with `tag` (< MAX_TAGS).
@@ -197,7 +216,11 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
 ///
 /// `buf`, when given, stays valid and untouched until the tag is done (or the
 /// kernel powers off).
-pub unsafe fn submit(cmd: SubmissionEntry, buf: Option<DataBuf>, tag: u16) -> Result<(), NvmeError> {
+pub unsafe fn submit(
+    cmd: SubmissionEntry,
+    buf: Option<DataBuf>,
+    tag: u16,
+) -> Result<(), NvmeError> {
     RESULTS[tag as usize].store(PENDING, Ordering::Release);
     let r = interrupts::without_interrupts(|| {
         let mut g = QUEUE.lock();
@@ -326,7 +349,10 @@ impl DmaBuf {
     /// The device view of `[off, off + len)`.
     pub fn part(&mut self, off: usize, len: usize) -> DataBuf {
         assert!(off + len <= self.len);
-        DataBuf { addr: self.ptr.as_ptr() as usize + off, len }
+        DataBuf {
+            addr: self.ptr.as_ptr() as usize + off,
+            len,
+        }
     }
 }
 

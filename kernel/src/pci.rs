@@ -93,11 +93,7 @@ pub fn write32(b: Bdf, off: u16, v: u32) {
 }
 
 fn legacy_addr(b: Bdf, off: u16) -> u32 {
-    0x8000_0000
-        | (b.bus as u32) << 16
-        | (b.dev as u32) << 11
-        | (b.func as u32) << 8
-        | off as u32
+    0x8000_0000 | (b.bus as u32) << 16 | (b.dev as u32) << 11 | (b.func as u32) << 8 | off as u32
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +193,10 @@ pub fn memory_bar(b: Bdf, index: u8) -> Option<Bar> {
         write32(b, off + 4, u32::MAX);
         let size_hi = read32(b, off + 4);
         write32(b, off + 4, hi);
-        (((hi as u64) << 32) | (lo & !0xf) as u64, ((size_hi as u64) << 32) | size_lo as u64)
+        (
+            ((hi as u64) << 32) | (lo & !0xf) as u64,
+            ((size_hi as u64) << 32) | size_lo as u64,
+        )
     } else {
         ((lo & !0xf) as u64, 0xffff_ffff_0000_0000 | size_lo as u64)
     };
@@ -205,7 +204,10 @@ pub fn memory_bar(b: Bdf, index: u8) -> Option<Bar> {
     if mask == 0 || base == 0 {
         return None;
     }
-    Some(Bar { base, size: (!mask).wrapping_add(1) })
+    Some(Bar {
+        base,
+        size: (!mask).wrapping_add(1),
+    })
 }
 
 /// Enables memory decoding and bus mastering; disables legacy INTx.
@@ -250,7 +252,12 @@ impl MsiX {
         let bar = memory_bar(b, (t & 7) as u8)?;
         let table = bar.base + (t & !7) as u64;
         crate::mm::map_mmio(table, size as u64 * 16).ok()?;
-        Some(MsiX { bdf: b, cap, table, size })
+        Some(MsiX {
+            bdf: b,
+            cap,
+            table,
+            size,
+        })
     }
 
     /// Points entry `index` at `vector` on the CPU with local APIC `apic_id`

@@ -24,6 +24,29 @@ fn hex(bytes: &[u8]) -> alloc::string::String {
     s
 }
 
+/// Logs the counters, shuts the controller down (CC.SHN, so that a device
+/// with a volatile cache commits it) and powers off with success.
+fn finish(dev: &mut Nvme) -> ! {
+    if let Some(q) = nvme::stats() {
+        log::info!(
+            target: "nvme",
+            "queue 1: {} submitted, {} completed, {} errors, {} timeouts, {} spurious",
+            q.submitted, q.completed, q.errors, q.timeouts, q.spurious
+        );
+    }
+    let h = crate::mm::heap::stats();
+    let (frames_total, frames_used) = crate::mm::frame::stats();
+    log::info!(
+        target: "mm",
+        "heap: {} allocations, {} frees, {} KiB in use (peak {} KiB); frames: {} KiB of {} MiB used",
+        h.allocs, h.frees, h.bytes_in_use / 1024, h.peak_bytes / 1024, frames_used / 1024, frames_total >> 20
+    );
+    if let Err(e) = dev.ctrl.shutdown() {
+        log::warn!(target: "nvme", "controller shutdown: {e}");
+    }
+    power::exit(EXIT_OK)
+}
+
 /// `selftest=calibrate`: a fixed amount of CPU work, for the host to time how
 /// fast this accelerator runs guest code.
 pub fn calibrate() -> ! {
@@ -33,7 +56,11 @@ pub fn calibrate() -> ! {
         x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
     }
     let ms = (time::now_ns() - t0) / 1_000_000;
-    outln!("calibrate iterations=20000000 guest_ms={ms} x={:x}", x & 0xff);
+    outln!(
+        "calibrate iterations=20000000 guest_ms={ms} tsc_mhz={} x={:x}",
+        time::tsc_hz() / 1_000_000,
+        x & 0xff
+    );
     power::exit(EXIT_OK)
 }
 
@@ -50,7 +77,7 @@ pub fn fault() -> ! {
 
 /// `selftest=digest`: reads the whole namespace (several commands in flight)
 /// and prints `digest nvme0n1 bytes=<n> sha256=<hex>`.
-pub fn digest(dev: &Nvme) -> ! {
+pub fn digest(dev: &mut Nvme) -> ! {
     let bs = dev.ns.block_size as usize;
     let total = dev.ns.bytes();
     let chunk = (dev.max_transfer.min(256 * 1024) / bs).max(1) * bs;
@@ -101,13 +128,24 @@ pub fn digest(dev: &Nvme) -> ! {
         nchunks,
         chunk / 1024
     );
-    outln!("digest nvme0n1 bytes={} sha256={}", total, hex(&hasher.finalize()));
+    outln!(
+        "digest nvme0n1 bytes={} sha256={}",
+        total,
+        hex(&hasher.finalize())
+    );
     power::exit(EXIT_OK)
 }
 
 /// Moves `buf` to or from the device at `lba` in `unit`-byte commands with up
 /// to `qd` in flight.
-fn transfer(dev: &Nvme, write: bool, lba: u64, buf: &mut DmaBuf, unit: usize, qd: usize) -> Result<(), NvmeError> {
+fn transfer(
+    dev: &Nvme,
+    write: bool,
+    lba: u64,
+    buf: &mut DmaBuf,
+    unit: usize,
+    qd: usize,
+) -> Result<(), NvmeError> {
     let bs = dev.ns.block_size as usize;
     let units = buf.as_slice().len() / unit;
     let mut free: Vec<u16> = (0..qd as u16).rev().collect();
@@ -154,7 +192,8 @@ fn transfer(dev: &Nvme, write: bool, lba: u64, buf: &mut DmaBuf, unit: usize, qd
 }
 
 fn pattern(pass: u64, off: u64) -> u8 {
-    let x = (off / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ pass.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x =
+        (off / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ pass.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (x >> ((off % 8) * 8)) as u8
 }
 
@@ -162,7 +201,7 @@ fn pattern(pass: u64, off: u64) -> u8 {
 /// pattern over it at queue depths 1, 4 and 32, reads each back and compares,
 /// flushes, then restores and verifies the original contents. Prints `rw ok`
 /// or the first mismatch.
-pub fn rw(dev: &Nvme, blocks_arg: Option<u64>) -> ! {
+pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     let bs = dev.ns.block_size as u64;
     let unit = 4096u64.max(bs);
     let want = blocks_arg.unwrap_or((1 << 20) / bs).max(unit / bs);
@@ -227,5 +266,5 @@ pub fn rw(dev: &Nvme, blocks_arg: Option<u64>) -> ! {
     }
     log::info!(target: "selftest", "rw: original contents restored; {} ms", (time::now_ns() - t0) / 1_000_000);
     outln!("rw ok");
-    power::exit(EXIT_OK)
+    finish(dev)
 }

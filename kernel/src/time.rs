@@ -28,16 +28,11 @@ pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)
 }
 
-/// Converts TSC cycles to nanoseconds.
-pub fn cycles_to_ns(c: u64) -> u64 {
-    ((c as u128 * MULT.load(Ordering::Relaxed) as u128) >> 32) as u64
-}
-
 fn pit_calibrate() -> Option<u64> {
     const PIT_HZ: u64 = 1_193_182;
     const TICKS: u64 = PIT_HZ / 100; // 10 ms
-    // SAFETY: PIT and port 0x61 (speaker/gate) programming; affects only the
-    // PIT's channel 2, which nothing else uses.
+                                     // SAFETY: PIT and port 0x61 (speaker/gate) programming; affects only the
+                                     // PIT's channel 2, which nothing else uses.
     unsafe {
         let mut gate = Port::<u8>::new(0x61);
         let v = gate.read();
@@ -82,14 +77,9 @@ pub fn calibrate() -> (u64, bool) {
         _ => (cpuid_hz().unwrap_or(2_000_000_000), false),
     };
     TSC_HZ.store(hz, Ordering::Relaxed);
-    MULT.store(((1_000_000_000u128 << 32) / hz as u128) as u64, Ordering::Relaxed);
+    MULT.store(
+        ((1_000_000_000u128 << 32) / hz as u128) as u64,
+        Ordering::Relaxed,
+    );
     (hz, pit)
-}
-
-/// Busy-waits `us` microseconds.
-pub fn delay_us(us: u64) {
-    let end = now_ns() + us * 1000;
-    while now_ns() < end {
-        core::hint::spin_loop();
-    }
 }

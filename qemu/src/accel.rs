@@ -36,7 +36,9 @@ pub struct Choice {
 }
 
 fn read_trim(p: &str) -> String {
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn fingerprint() -> String {
@@ -51,7 +53,13 @@ fn fingerprint() -> String {
     let qemu = std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     format!(
         "{}|{}|{}|{}",
@@ -70,7 +78,11 @@ fn cache_file() -> Option<PathBuf> {
 }
 
 fn kvm_usable() -> Result<(), String> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("/dev/kvm: {e}")),
     }
@@ -95,7 +107,10 @@ fn measure(kernel: &Path, accel: Accel, deadline: Duration) -> Result<Duration, 
 /// this machine.
 pub fn auto(kernel: &Path) -> Choice {
     if let Err(why) = kvm_usable() {
-        return Choice { accel: Accel::Tcg, reason: format!("KVM unavailable ({why})") };
+        return Choice {
+            accel: Accel::Tcg,
+            reason: format!("KVM unavailable ({why})"),
+        };
     }
     let fp = fingerprint();
     let cache = cache_file();
@@ -104,7 +119,11 @@ pub fn auto(kernel: &Path) -> Choice {
             let mut lines = text.lines();
             if lines.next() == Some(fp.as_str()) {
                 if let Some(line) = lines.next() {
-                    let accel = if line.starts_with("kvm") { Accel::Kvm } else { Accel::Tcg };
+                    let accel = if line.starts_with("kvm") {
+                        Accel::Kvm
+                    } else {
+                        Accel::Tcg
+                    };
                     return Choice {
                         accel,
                         reason: format!("measured earlier: {} (cached in {})", line, c.display()),
@@ -124,12 +143,20 @@ pub fn auto(kernel: &Path) -> Choice {
         (Ok(_), Err(_)) => Accel::Kvm,
         _ => Accel::Tcg,
     };
-    let line = format!("{} (calibration boot: kvm {}, tcg {})", accel.name(), show(&kvm), show(&tcg));
+    let line = format!(
+        "{} (calibration boot: kvm {}, tcg {})",
+        accel.name(),
+        show(&kvm),
+        show(&tcg)
+    );
     if let Some(c) = &cache {
         if let Some(dir) = c.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = std::fs::write(c, format!("{fp}\n{line}\n"));
     }
-    Choice { accel, reason: format!("measured: {line}") }
+    Choice {
+        accel,
+        reason: format!("measured: {line}"),
+    }
 }

@@ -7,14 +7,19 @@ use std::path::{Path, PathBuf};
 /// Checks that `path` can back a namespace with `lbs`-byte logical blocks;
 /// returns its size.
 pub fn check(path: &Path, lbs: u32) -> Result<u64, Error> {
-    let err = |why: String| Error::Disk { path: path.to_path_buf(), why };
+    let err = |why: String| Error::Disk {
+        path: path.to_path_buf(),
+        why,
+    };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
     if !meta.is_file() {
         return Err(err("not a regular file".into()));
     }
     let len = meta.len();
     if len == 0 {
-        return Err(err("is empty (0 bytes): an NVMe namespace needs at least one logical block".into()));
+        return Err(err(
+            "is empty (0 bytes): an NVMe namespace needs at least one logical block".into(),
+        ));
     }
     if len % lbs as u64 != 0 {
         return Err(err(format!(
@@ -59,10 +64,12 @@ pub fn write_random(path: &Path, size: u64, seed: u64) -> Result<(), Error> {
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).map_err(io_err(format!("write {}", path.display())))?;
+        f.write_all(&buf[..n])
+            .map_err(io_err(format!("write {}", path.display())))?;
         left -= n as u64;
     }
-    f.flush().map_err(io_err(format!("write {}", path.display())))
+    f.flush()
+        .map_err(io_err(format!("write {}", path.display())))
 }
 
 /// The sample image `dioxide run` uses when no disk is given: 64 MiB of

@@ -13,7 +13,10 @@ pub fn build() -> Result<PathBuf, Error> {
     if let Some(p) = std::env::var_os("DIOXIDE_KERNEL") {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            return Err(Error::Usage(format!("DIOXIDE_KERNEL={} is not a file", p.display())));
+            return Err(Error::Usage(format!(
+                "DIOXIDE_KERNEL={} is not a file",
+                p.display()
+            )));
         }
         return Ok(p);
     }
@@ -22,7 +25,14 @@ pub fn build() -> Result<PathBuf, Error> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "--release", "-p", "dioxide-kernel", "--target", "x86_64-unknown-none"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "dioxide-kernel",
+            "--target",
+            "x86_64-unknown-none",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // Settings of an outer cargo (when run from `cargo test`) are not ours.
@@ -38,11 +48,18 @@ pub fn build() -> Result<PathBuf, Error> {
     ] {
         cmd.env_remove(v);
     }
-    let out = cmd
-        .output()
-        .map_err(|source| Error::Spawn { program: "cargo".into(), hint: "rustup", source })?;
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        program: "cargo".into(),
+        hint: "rustup",
+        source,
+    })?;
     if !out.status.success() {
-        return Err(Error::Build(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(Error::Build(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
-    Ok(target_dir.join("x86_64-unknown-none").join("release").join("dioxide-kernel"))
+    Ok(target_dir
+        .join("x86_64-unknown-none")
+        .join("release")
+        .join("dioxide-kernel"))
 }

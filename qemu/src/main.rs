@@ -19,7 +19,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "dioxide", version, about = "dioxide unikernel storage appliance: host tools")]
+#[command(
+    name = "dioxide",
+    version,
+    about = "dioxide unikernel storage appliance: host tools"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -125,13 +129,18 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 Some(d) => d,
                 None => {
                     let p = image::sample()?;
-                    eprintln!("dioxide: no --disk given; using the sample image {}", p.display());
+                    eprintln!(
+                        "dioxide: no --disk given; using the sample image {}",
+                        p.display()
+                    );
                     p
                 }
             };
             let size = image::check(&disk, nvme_lbs)?;
             if mem < 64 {
-                return Err(Error::Usage(format!("--mem {mem}: the kernel needs at least 64 MiB")));
+                return Err(Error::Usage(format!(
+                    "--mem {mem}: the kernel needs at least 64 MiB"
+                )));
             }
             let kernel = match kernel_path {
                 Some(k) => k,
@@ -154,7 +163,13 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 args.push(format!("selftest={s}"));
             }
             if let Some(c) = completion {
-                args.push(format!("nvme.completion={}", match c { Completion::Poll => "poll", Completion::Irq => "irq" }));
+                args.push(format!(
+                    "nvme.completion={}",
+                    match c {
+                        Completion::Poll => "poll",
+                        Completion::Irq => "irq",
+                    }
+                ));
             }
             if let Some(l) = log {
                 args.push(format!("log={l}"));

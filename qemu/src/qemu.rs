@@ -6,7 +6,7 @@
 //! with `2n + 1`; the status is taken from that line. QEMU is killed when the
 //! [`Guest`] handle is dropped, so no emulator outlives its caller.
 
-use crate::{Error, accel::Accel};
+use crate::{accel::Accel, Error};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -93,7 +93,9 @@ pub struct Outcome {
 impl Outcome {
     /// Console lines without a log prefix (self-test results).
     pub fn result_lines(&self) -> impl Iterator<Item = &str> {
-        self.console.lines().filter(|l| !l.starts_with('[') && !l.trim().is_empty())
+        self.console
+            .lines()
+            .filter(|l| !l.starts_with('[') && !l.trim().is_empty())
     }
 }
 
@@ -123,7 +125,9 @@ impl Guest {
     /// Starts QEMU.
     pub fn spawn(cfg: &Config) -> Result<Guest, Error> {
         let mut cmd = cfg.command();
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(|source| Error::Spawn {
             program: "qemu-system-x86_64".into(),
@@ -155,7 +159,10 @@ impl Guest {
                         let _ = so.write_all(text.as_bytes());
                         let _ = so.flush();
                     }
-                    console.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
+                    console
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&text);
                 }
             }));
         }
@@ -190,7 +197,10 @@ impl Guest {
 
     /// What the guest printed so far.
     pub fn console(&self) -> String {
-        self.console.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// QEMU's process id.
@@ -208,7 +218,10 @@ impl Guest {
                 Ok(Some(s)) => break s,
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(Error::Io { context: "waiting for qemu".into(), source: e })
+                    return Err(Error::Io {
+                        context: "waiting for qemu".into(),
+                        source: e,
+                    })
                 }
             }
             if let Some(t) = self.timeout {
@@ -228,20 +241,36 @@ impl Guest {
             let _ = r.join();
         }
         let console = self.console();
-        let stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stderr = self
+            .stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let first_line = *self.first_line.lock().unwrap_or_else(|e| e.into_inner());
         let guest_status = console
             .lines()
             .rev()
             .find_map(|l| l.strip_prefix(POWER_OFF))
             .and_then(|s| s.trim().parse::<u8>().ok());
-        let tail = if stderr.trim().is_empty() { String::new() } else { format!(": {}", stderr.trim()) };
+        let tail = if stderr.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", stderr.trim())
+        };
         match (guest_status, status.code()) {
             // isa-debug-exit: QEMU exits with 2n + 1.
-            (Some(n), Some(code)) if code == 2 * n as i32 + 1 => {
-                Ok(Outcome { status: n, console, first_line, elapsed })
-            }
-            (Some(n), _) => Ok(Outcome { status: n, console, first_line, elapsed }),
+            (Some(n), Some(code)) if code == 2 * n as i32 + 1 => Ok(Outcome {
+                status: n,
+                console,
+                first_line,
+                elapsed,
+            }),
+            (Some(n), _) => Ok(Outcome {
+                status: n,
+                console,
+                first_line,
+                elapsed,
+            }),
             (None, Some(0)) => Err(Error::NoPowerOff(tail)),
             (None, code) => Err(Error::Qemu {
                 status: code.map_or("killed by a signal".to_string(), |c| c.to_string()),

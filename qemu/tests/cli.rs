@@ -8,7 +8,10 @@ fn dioxide(args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .expect("run dioxide");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn temp(name: &str) -> std::path::PathBuf {
@@ -21,7 +24,10 @@ fn temp(name: &str) -> std::path::PathBuf {
 fn missing_disk_image() {
     let (code, err) = dioxide(&["run", "--disk", "/nonexistent/disk.img", "--accel", "tcg"]);
     assert_eq!(code, 2);
-    assert!(err.contains("disk image /nonexistent/disk.img: No such file or directory"), "{err}");
+    assert!(
+        err.contains("disk image /nonexistent/disk.img: No such file or directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -40,10 +46,20 @@ fn image_not_a_multiple_of_the_block_size() {
     let d = temp("odd");
     let img = d.join("odd.img");
     std::fs::write(&img, vec![0u8; 4096 + 512]).unwrap();
-    let (code, err) =
-        dioxide(&["run", "--disk", img.to_str().unwrap(), "--nvme-lbs", "4096", "--accel", "tcg"]);
+    let (code, err) = dioxide(&[
+        "run",
+        "--disk",
+        img.to_str().unwrap(),
+        "--nvme-lbs",
+        "4096",
+        "--accel",
+        "tcg",
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("is not a multiple of the 4096-byte logical block size"), "{err}");
+    assert!(
+        err.contains("is not a multiple of the 4096-byte logical block size"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(d);
 }
 

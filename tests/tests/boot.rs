@@ -6,18 +6,28 @@ fn digest_matches(lbs: u32, completion: &str, seed: u64) {
     let dir = TempDir::new(&format!("digest-{lbs}-{completion}"));
     let img = dir.path().join("disk.img");
     let want = random_image(&img, 64 << 20, seed);
-    let mut cfg = config(Some(&img), &["selftest=digest", &format!("nvme.completion={completion}")]);
+    let mut cfg = config(
+        Some(&img),
+        &["selftest=digest", &format!("nvme.completion={completion}")],
+    );
     cfg.nvme_lbs = lbs;
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
-    let lines: Vec<&str> = out.result_lines().filter(|l| l.starts_with("digest ")).collect();
+    let lines: Vec<&str> = out
+        .result_lines()
+        .filter(|l| l.starts_with("digest "))
+        .collect();
     assert_eq!(
         lines,
         vec![format!("digest nvme0n1 bytes={} sha256={want}", 64 << 20)],
         "console:\n{}",
         out.console
     );
-    assert!(out.console.contains(&format!("blocks of {lbs} bytes")), "{}", out.console);
+    assert!(
+        out.console.contains(&format!("blocks of {lbs} bytes")),
+        "{}",
+        out.console
+    );
 }
 
 #[test]
@@ -39,13 +49,22 @@ fn rw_selftest(lbs: u32, completion: &str) {
     let dir = TempDir::new(&format!("rw-{lbs}-{completion}"));
     let img = dir.path().join("disk.img");
     let before = random_image(&img, 16 << 20, 7);
-    let mut cfg = config(Some(&img), &["selftest=rw", &format!("nvme.completion={completion}")]);
+    let mut cfg = config(
+        Some(&img),
+        &["selftest=rw", &format!("nvme.completion={completion}")],
+    );
     cfg.nvme_lbs = lbs;
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
-    assert!(out.result_lines().any(|l| l == "rw ok"), "console:\n{}", out.console);
+    assert!(
+        out.result_lines().any(|l| l == "rw ok"),
+        "console:\n{}",
+        out.console
+    );
     for qd in [1, 4, 32] {
-        assert!(out.console.contains(&format!("pass at queue depth {qd} verified")));
+        assert!(out
+            .console
+            .contains(&format!("pass at queue depth {qd} verified")));
     }
     // The scratch range was restored: the image is unchanged.
     assert_eq!(sha256_file(&img), before);
@@ -66,28 +85,45 @@ fn deliberate_fault_is_reported_and_exits_nonzero() {
     let out = boot(&config(None, &["selftest=fault"]));
     assert_eq!(out.status, 4, "console:\n{}", out.console);
     assert!(
-        out.console.contains("EXCEPTION vector 14 (#PF page fault) error_code=0x0 rip=0x"),
+        out.console
+            .contains("EXCEPTION vector 14 (#PF page fault) error_code=0x0 rip=0x"),
         "console:\n{}",
         out.console
     );
-    assert!(out.console.contains(" cr2=0x0 "), "console:\n{}", out.console);
+    assert!(
+        out.console.contains(" cr2=0x0 "),
+        "console:\n{}",
+        out.console
+    );
 }
 
 #[test]
 fn no_nvme_controller_is_a_clear_error() {
     let out = boot(&config(None, &[]));
     assert_eq!(out.status, 2, "console:\n{}", out.console);
-    assert!(out.console.contains("no NVMe controller found on PCI"), "{}", out.console);
+    assert!(
+        out.console.contains("no NVMe controller found on PCI"),
+        "{}",
+        out.console
+    );
 }
 
 #[test]
 fn unknown_selftest_and_bad_arguments_are_refused() {
     let out = boot(&config(None, &["selftest=bogus"]));
     assert_eq!(out.status, 2);
-    assert!(out.console.contains("unknown self-test \"bogus\""), "{}", out.console);
+    assert!(
+        out.console.contains("unknown self-test \"bogus\""),
+        "{}",
+        out.console
+    );
     let out = boot(&config(None, &["nvme.completion=sometimes"]));
     assert_eq!(out.status, 2);
-    assert!(out.console.contains("expected poll or irq"), "{}", out.console);
+    assert!(
+        out.console.contains("expected poll or irq"),
+        "{}",
+        out.console
+    );
 }
 
 #[test]
@@ -107,10 +143,19 @@ fn boot_logs_pci_functions_and_devices() {
             break c;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "QEMU died:\n{c}");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "QEMU died:\n{c}"
+        );
     };
-    assert!(console.contains("[1b36:0010] class 01.08.02 NVMe controller"), "{console}");
-    assert!(console.contains("namespace 1: 2048 blocks of 512 bytes"), "{console}");
+    assert!(
+        console.contains("[1b36:0010] class 01.08.02 NVMe controller"),
+        "{console}"
+    );
+    assert!(
+        console.contains("namespace 1: 2048 blocks of 512 bytes"),
+        "{console}"
+    );
     assert!(console.contains("TSC "), "{console}");
     assert!(console.contains("heap "), "{console}");
     // The timeout kills QEMU and says so.
@@ -120,5 +165,8 @@ fn boot_logs_pci_functions_and_devices() {
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(stat.is_empty() || stat.contains(") Z "), "QEMU {pid} still running: {stat}");
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "QEMU {pid} still running: {stat}"
+    );
 }

@@ -160,7 +160,7 @@ impl SubmissionEntry {
     }
 
     fn rw(opcode: u8, nsid: u32, lba: u64, blocks: u32) -> Self {
-        debug_assert!(blocks >= 1 && blocks <= 65536);
+        debug_assert!((1..=65536).contains(&blocks));
         let mut c = Self::with_opcode(opcode);
         c.nsid = nsid;
         c.cdw10 = lba as u32;
@@ -304,7 +304,9 @@ mod tests {
 
     fn bytes<T: Copy>(v: &T) -> &[u8] {
         // SAFETY: T is a repr(C) plain-old-data entry without padding.
-        unsafe { core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>()) }
+        unsafe {
+            core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>())
+        }
     }
 
     #[test]

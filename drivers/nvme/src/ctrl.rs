@@ -42,12 +42,7 @@ pub struct Controller<H: Hal, M: Mmio> {
 }
 
 /// Polls `CSTS` until `RDY == want`, bounded by CAP.TO.
-fn wait_ready<H: Hal, M: Mmio>(
-    hal: &H,
-    mmio: &M,
-    cap: Cap,
-    want: bool,
-) -> Result<(), NvmeError> {
+fn wait_ready<H: Hal, M: Mmio>(hal: &H, mmio: &M, cap: Cap, want: bool) -> Result<(), NvmeError> {
     let timeout_ms = cap.timeout_ms().max(500);
     let start = hal.now_ns();
     let deadline = start.saturating_add(timeout_ms * 1_000_000);
@@ -248,7 +243,10 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
     ) -> Result<QueuePair<H, M>, NvmeError> {
         let max = self.cap.max_queue_entries().min(4096);
         if qid == 0 || entries < 2 || entries as u32 > max {
-            return Err(NvmeError::BadQueue { qid, entries: entries as u32 });
+            return Err(NvmeError::BadQueue {
+                qid,
+                entries: entries as u32,
+            });
         }
         let qp = QueuePair::new(
             self.hal.clone(),
@@ -285,8 +283,10 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
         let qid = qp.qid();
         // SAFETY: no data buffers.
         unsafe {
-            self.admin.execute(SubmissionEntry::delete_io_sq(qid), None)?;
-            self.admin.execute(SubmissionEntry::delete_io_cq(qid), None)?;
+            self.admin
+                .execute(SubmissionEntry::delete_io_sq(qid), None)?;
+            self.admin
+                .execute(SubmissionEntry::delete_io_cq(qid), None)?;
         }
         qp.reset_rings();
         Ok(())

@@ -17,7 +17,11 @@ pub enum NvmeError {
     /// A command did not complete before its deadline.
     Timeout { qid: u16, cid: u16, opcode: u8 },
     /// The controller completed a command with an error status.
-    Command { qid: u16, opcode: u8, status: Status },
+    Command {
+        qid: u16,
+        opcode: u8,
+        status: Status,
+    },
     /// Every slot of the queue is in use.
     QueueFull,
     /// DMA memory could not be allocated.
@@ -27,7 +31,11 @@ pub enum NvmeError {
     BadBuffer { len: usize, max: usize },
     /// A transfer that is not a whole number of logical blocks or lies past the
     /// end of the namespace.
-    OutOfRange { lba: u64, blocks: u64, namespace_blocks: u64 },
+    OutOfRange {
+        lba: u64,
+        blocks: u64,
+        namespace_blocks: u64,
+    },
     /// The namespace does not exist or is inactive (identify returned size 0).
     NamespaceEmpty { nsid: u32 },
     /// Identify data that the driver cannot use.
@@ -48,10 +56,20 @@ impl fmt::Display for NvmeError {
             NvmeError::DeviceGone => write!(f, "controller registers read all ones"),
             NvmeError::Unsupported(what) => write!(f, "controller unsupported: {what}"),
             NvmeError::Timeout { qid, cid, opcode } => {
-                write!(f, "command timed out (queue {qid}, cid {cid}, opcode {opcode:#04x})")
+                write!(
+                    f,
+                    "command timed out (queue {qid}, cid {cid}, opcode {opcode:#04x})"
+                )
             }
-            NvmeError::Command { qid, opcode, status } => {
-                write!(f, "command failed (queue {qid}, opcode {opcode:#04x}): {status}")
+            NvmeError::Command {
+                qid,
+                opcode,
+                status,
+            } => {
+                write!(
+                    f,
+                    "command failed (queue {qid}, opcode {opcode:#04x}): {status}"
+                )
             }
             NvmeError::QueueFull => write!(f, "submission queue full"),
             NvmeError::NoMemory => write!(f, "out of DMA memory"),
@@ -59,7 +77,11 @@ impl fmt::Display for NvmeError {
                 f,
                 "data buffer of {len} bytes unusable (dword aligned, 1..={max} bytes)"
             ),
-            NvmeError::OutOfRange { lba, blocks, namespace_blocks } => write!(
+            NvmeError::OutOfRange {
+                lba,
+                blocks,
+                namespace_blocks,
+            } => write!(
                 f,
                 "{blocks} blocks at LBA {lba} outside namespace of {namespace_blocks} blocks"
             ),

@@ -88,10 +88,14 @@ impl ControllerInfo {
         // The driver uses 64-byte SQ and 16-byte CQ entries: they must lie
         // between the required (3:0) and maximum (7:4) sizes.
         if (sqes & 0xf) > 6 || (sqes >> 4) < 6 {
-            return Err(NvmeError::BadIdentify("SQES does not allow 64-byte entries"));
+            return Err(NvmeError::BadIdentify(
+                "SQES does not allow 64-byte entries",
+            ));
         }
         if (cqes & 0xf) > 4 || (cqes >> 4) < 4 {
-            return Err(NvmeError::BadIdentify("CQES does not allow 16-byte entries"));
+            return Err(NvmeError::BadIdentify(
+                "CQES does not allow 16-byte entries",
+            ));
         }
         let mdts = b[77];
         let mdts_bytes = if mdts == 0 {
@@ -141,7 +145,9 @@ impl Namespace {
         let ms = lbaf & 0xffff;
         let lbads = (lbaf >> 16) & 0xff;
         if !(9..=16).contains(&lbads) {
-            return Err(NvmeError::BadIdentify("LBA data size outside 512 B..64 KiB"));
+            return Err(NvmeError::BadIdentify(
+                "LBA data size outside 512 B..64 KiB",
+            ));
         }
         if ms != 0 && flbas & (1 << 4) != 0 {
             return Err(NvmeError::Unsupported(
@@ -174,7 +180,14 @@ mod tests {
         b[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
         b[132..136].copy_from_slice(&(12u32 << 16).to_le_bytes());
         let ns = Namespace::parse(1, &b).unwrap();
-        assert_eq!(ns, Namespace { nsid: 1, block_size: 4096, blocks: 131072 });
+        assert_eq!(
+            ns,
+            Namespace {
+                nsid: 1,
+                block_size: 4096,
+                blocks: 131072
+            }
+        );
         assert_eq!(ns.bytes(), 512 << 20);
         b[26] = 2;
         assert_eq!(
@@ -182,7 +195,10 @@ mod tests {
             Err(NvmeError::BadIdentify("FLBAS selects a format past NLBAF"))
         );
         b[0..8].fill(0);
-        assert_eq!(Namespace::parse(3, &b), Err(NvmeError::NamespaceEmpty { nsid: 3 }));
+        assert_eq!(
+            Namespace::parse(3, &b),
+            Err(NvmeError::NamespaceEmpty { nsid: 3 })
+        );
     }
 
     #[test]

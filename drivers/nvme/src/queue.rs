@@ -129,7 +129,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         vector: Option<u16>,
     ) -> Result<Self, NvmeError> {
         if entries < 2 {
-            return Err(NvmeError::BadQueue { qid, entries: entries as u32 });
+            return Err(NvmeError::BadQueue {
+                qid,
+                entries: entries as u32,
+            });
         }
         let sq = hal
             .dma_alloc(entries as usize * core::mem::size_of::<SubmissionEntry>())
@@ -264,7 +267,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         buf: DataBuf,
         cid: u16,
     ) -> Result<(), NvmeError> {
-        if buf.len == 0 || buf.len > self.max_transfer || buf.addr % 4 != 0 {
+        if buf.len == 0 || buf.len > self.max_transfer || !buf.addr.is_multiple_of(4) {
             return Err(NvmeError::BadBuffer {
                 len: buf.len,
                 max: self.max_transfer,
@@ -414,14 +417,15 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
 
     /// Polls until command `cid` completes or passes its deadline. Completions
     /// of other commands found meanwhile go to `others`.
-    pub fn wait(
-        &mut self,
-        cid: u16,
-        mut others: impl FnMut(Completion),
-    ) -> Result<u32, NvmeError> {
+    pub fn wait(&mut self, cid: u16, mut others: impl FnMut(Completion)) -> Result<u32, NvmeError> {
         let deadline = match self.slots.get(cid as usize) {
             Some(s) if s.state == SlotState::InFlight => s.deadline,
-            _ => return Err(NvmeError::BadQueue { qid: self.qid, entries: cid as u32 }),
+            _ => {
+                return Err(NvmeError::BadQueue {
+                    qid: self.qid,
+                    entries: cid as u32,
+                })
+            }
         };
         loop {
             let mut mine = None;
@@ -465,9 +469,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         // SAFETY: forwarded to the caller.
         let cid = unsafe { self.submit(cmd, data, 0)? };
         let qid = self.qid;
-        self.wait(cid, |c| {
-            log::warn!(target: "nvme", "queue {qid}: unexpected completion of cid {}", c.cid)
-        })
+        self.wait(
+            cid,
+            |c| log::warn!(target: "nvme", "queue {qid}: unexpected completion of cid {}", c.cid),
+        )
     }
 
     /// Forgets every command and rewinds the rings, after the controller was

@@ -317,7 +317,7 @@ impl Mmio for Sim {
                 if s.csts & regs::CSTS_RDY == 0 || qid >= MAX_QUEUES {
                     return;
                 }
-                if index % 2 == 0 {
+                if index.is_multiple_of(2) {
                     s.sq_doorbell(qid as u16, value as u16);
                 } else {
                     s.cq_doorbell(qid as u16, value as u16);
@@ -369,7 +369,13 @@ impl State {
             }
             let asqs = (self.aqa & 0xfff) as u16 + 1;
             let acqs = ((self.aqa >> 16) & 0xfff) as u16 + 1;
-            self.sqs[0] = Some(SimSq { base: self.asq, entries: asqs, head: 0, tail: 0, cqid: 0 });
+            self.sqs[0] = Some(SimSq {
+                base: self.asq,
+                entries: asqs,
+                head: 0,
+                tail: 0,
+                cqid: 0,
+            });
             self.cqs[0] = Some(SimCq {
                 base: self.acq,
                 entries: acqs,
@@ -383,13 +389,17 @@ impl State {
     }
 
     fn sq_doorbell(&mut self, qid: u16, tail: u16) {
-        let Some(mut sq) = self.sqs[qid as usize] else { return };
+        let Some(mut sq) = self.sqs[qid as usize] else {
+            return;
+        };
         if tail >= sq.entries {
             return; // invalid doorbell write: ignored (a real device posts an async event)
         }
         sq.tail = tail;
         while sq.head != sq.tail {
-            let Some(ptr) = host_ptr(sq.base + sq.head as u64 * 64) else { break };
+            let Some(ptr) = host_ptr(sq.base + sq.head as u64 * 64) else {
+                break;
+            };
             // SAFETY: the driver gave this queue's base from SimHal memory that
             // it keeps alive while the queue exists; head < entries.
             let cmd: SubmissionEntry = unsafe { std::ptr::read_volatile(ptr as *const _) };
@@ -421,17 +431,23 @@ impl State {
     }
 
     fn merged(current: SimSq, ours: SimSq) -> SimSq {
-        SimSq { head: ours.head, tail: ours.tail, ..current }
+        SimSq {
+            head: ours.head,
+            tail: ours.tail,
+            ..current
+        }
     }
 
     fn cq_doorbell(&mut self, qid: u16, head: u16) {
-        let Some(cq) = self.cqs[qid as usize].as_mut() else { return };
+        let Some(cq) = self.cqs[qid as usize].as_mut() else {
+            return;
+        };
         if head >= cq.entries {
             return;
         }
         cq.head = head;
         while let Some(&(q, e)) = self.overflow.front() {
-            let full = self.cqs[q as usize].map_or(false, |c| c.full());
+            let full = self.cqs[q as usize].is_some_and(|c| c.full());
             if full {
                 break;
             }
@@ -441,7 +457,9 @@ impl State {
     }
 
     fn post(&mut self, cqid: u16, mut e: CompletionEntry) {
-        let Some(cq) = self.cqs[cqid as usize].as_mut() else { return };
+        let Some(cq) = self.cqs[cqid as usize].as_mut() else {
+            return;
+        };
         if cq.full() {
             self.overflow.push_back((cqid, e));
             return;
@@ -471,7 +489,7 @@ impl State {
             f.count > 0
                 && f.admin == admin_queue
                 && f.opcode == cmd.opcode()
-                && f.lba.map_or(true, |l| l >= lba && l < lba + blocks)
+                && f.lba.is_none_or(|l| l >= lba && l < lba + blocks)
         })?;
         if f.count != u32::MAX {
             f.count -= 1;
@@ -545,7 +563,7 @@ impl State {
                 if entries < 2 || entries > self.cfg.max_queue_entries {
                     return (Status::new(1, 0x02).with_dnr(), 0);
                 }
-                if cmd.cdw11 & 1 == 0 || cmd.prp1 % PAGE_SIZE as u64 != 0 {
+                if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(PAGE_SIZE as u64) {
                     return (status(INVALID_FIELD).with_dnr(), 0);
                 }
                 let vector = (cmd.cdw11 & 2 != 0).then_some((cmd.cdw11 >> 16) as u16);
@@ -608,7 +626,10 @@ impl State {
             io::READ | io::WRITE => {
                 let lba = cmd.cdw10 as u64 | (cmd.cdw11 as u64) << 32;
                 let blocks = (cmd.cdw12 & 0xffff) as u64 + 1;
-                if lba.checked_add(blocks).map_or(true, |end| end > self.cfg.blocks) {
+                if lba
+                    .checked_add(blocks)
+                    .is_none_or(|end| end > self.cfg.blocks)
+                {
                     return (Status::new(0, 0x80).with_dnr(), 0);
                 }
                 let bs = self.cfg.block_size as u64;
@@ -649,7 +670,7 @@ impl State {
             Ok(())
         };
         let page = PAGE_SIZE as u64;
-        if cmd.prp1 % 4 != 0 {
+        if !cmd.prp1.is_multiple_of(4) {
             return Err(status(PRP_OFFSET_INVALID));
         }
         let first = total.min(PAGE_SIZE - (cmd.prp1 % page) as usize);
@@ -659,14 +680,14 @@ impl State {
             return Ok(());
         }
         if rest <= PAGE_SIZE {
-            if cmd.prp2 % page != 0 {
+            if !cmd.prp2.is_multiple_of(page) {
                 return Err(status(PRP_OFFSET_INVALID));
             }
             return seg(cmd.prp2, rest);
         }
         // PRP list: entries are page aligned; the last entry of a list page
         // points to the next list page when more than one entry remains.
-        if cmd.prp2 % 8 != 0 {
+        if !cmd.prp2.is_multiple_of(8) {
             return Err(status(PRP_OFFSET_INVALID));
         }
         let mut list = cmd.prp2;

@@ -69,33 +69,61 @@ fn buffer(len: usize, offset: usize) -> (Vec<u8>, usize) {
 
 fn read(qp: &mut Qp, lba: u64, blocks: u32, buf: &mut [u8]) -> Result<u32, NvmeError> {
     // SAFETY: buf lives until execute returns.
-    unsafe { qp.execute(SubmissionEntry::read(1, lba, blocks), Some(DataBuf::from_mut_slice(buf))) }
+    unsafe {
+        qp.execute(
+            SubmissionEntry::read(1, lba, blocks),
+            Some(DataBuf::from_mut_slice(buf)),
+        )
+    }
 }
 
 fn write(qp: &mut Qp, lba: u64, blocks: u32, buf: &[u8]) -> Result<u32, NvmeError> {
     // SAFETY: buf lives until execute returns.
-    unsafe { qp.execute(SubmissionEntry::write(1, lba, blocks), Some(DataBuf::from_slice(buf))) }
+    unsafe {
+        qp.execute(
+            SubmissionEntry::write(1, lba, blocks),
+            Some(DataBuf::from_slice(buf)),
+        )
+    }
 }
 
 #[test]
 fn identify_both_block_sizes() {
     for bs in [512u32, 4096] {
-        let cfg = SimConfig { block_size: bs, blocks: 64, ..Default::default() };
+        let cfg = SimConfig {
+            block_size: bs,
+            blocks: 64,
+            ..Default::default()
+        };
         let (_sim, _hal, mut ctrl, _qp) = setup(cfg, 16, None);
         assert_eq!(ctrl.info().model.as_str(), "dioxide simulated NVMe");
         assert_eq!(ctrl.info().mdts_bytes, Some(512 * 1024));
         assert_eq!(ctrl.max_transfer(), 512 * 1024);
         assert_eq!(ctrl.active_namespaces().unwrap(), vec![1]);
         let ns = ctrl.namespace(1).unwrap();
-        assert_eq!(ns, Namespace { nsid: 1, block_size: bs, blocks: 64 });
+        assert_eq!(
+            ns,
+            Namespace {
+                nsid: 1,
+                block_size: bs,
+                blocks: 64
+            }
+        );
         // An inactive namespace identifies as zeroes: size 0.
-        assert_eq!(ctrl.namespace(2), Err(NvmeError::NamespaceEmpty { nsid: 2 }));
+        assert_eq!(
+            ctrl.namespace(2),
+            Err(NvmeError::NamespaceEmpty { nsid: 2 })
+        );
     }
 }
 
 #[test]
 fn reads_match_the_namespace_for_every_prp_shape() {
-    let cfg = SimConfig { block_size: 512, blocks: 4096, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 4096,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 16, None);
     let disk = sim.disk();
     // (bytes, buffer offset in page): PRP1 only, PRP1+PRP2, PRP list, offset
@@ -125,7 +153,11 @@ fn reads_match_the_namespace_for_every_prp_shape() {
 
 #[test]
 fn writes_land_on_the_namespace_and_flush_succeeds() {
-    let cfg = SimConfig { block_size: 4096, blocks: 256, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 4096,
+        blocks: 256,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 16, None);
     let (mut v, start) = buffer(3 * 4096, 0);
     for (i, b) in v[start..start + 3 * 4096].iter_mut().enumerate() {
@@ -143,7 +175,11 @@ fn writes_land_on_the_namespace_and_flush_succeeds() {
 
 #[test]
 fn queue_wraps_around_many_times() {
-    let cfg = SimConfig { block_size: 512, blocks: 1024, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 1024,
+        ..Default::default()
+    };
     // 4 entries: 3 slots; 500 commands wrap the rings and flip the phase 125
     // times.
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 4, None);
@@ -153,7 +189,10 @@ fn queue_wraps_around_many_times() {
     for i in 0..500u64 {
         let lba = (i * 37) % 1024;
         read(&mut qp, lba, 1, &mut buf).unwrap();
-        assert!(buf[..] == disk[lba as usize * 512..lba as usize * 512 + 512], "command {i}");
+        assert!(
+            buf[..] == disk[lba as usize * 512..lba as usize * 512 + 512],
+            "command {i}"
+        );
     }
     assert_eq!(qp.stats().completed, 500);
     assert_eq!(qp.in_flight(), 0);
@@ -161,7 +200,11 @@ fn queue_wraps_around_many_times() {
 
 #[test]
 fn full_depth_in_flight_and_out_of_order_completion() {
-    let cfg = SimConfig { block_size: 512, blocks: 1024, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 1024,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 8, None);
     let disk = sim.disk();
     let mut bufs = vec![vec![0u8; 512]; 7];
@@ -199,13 +242,21 @@ fn full_depth_in_flight_and_out_of_order_completion() {
 
 #[test]
 fn error_statuses_are_typed_and_named() {
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 8, None);
     let mut buf = vec![0u8; 1024];
     // Past the end of the namespace: the device says LBA Out of Range.
     let e = read(&mut qp, 127, 2, &mut buf).unwrap_err();
     match e {
-        NvmeError::Command { qid: 1, opcode: io::READ, status } => {
+        NvmeError::Command {
+            qid: 1,
+            opcode: io::READ,
+            status,
+        } => {
             assert_eq!((status.sct(), status.sc()), (0, 0x80));
             assert_eq!(status.name(), "LBA Out of Range");
         }
@@ -232,21 +283,40 @@ fn error_statuses_are_typed_and_named() {
     let r = unsafe {
         qp.submit(
             SubmissionEntry::read(1, 0, 1),
-            Some(DataBuf { addr: odd.as_mut_ptr() as usize + 2, len: 512 }),
+            Some(DataBuf {
+                addr: odd.as_mut_ptr() as usize + 2,
+                len: 512,
+            }),
             0,
         )
     };
     assert!(matches!(r, Err(NvmeError::BadBuffer { .. })));
     let big = vec![0u8; 1024 * 1024];
     // SAFETY: refused before the device sees it.
-    let r = unsafe { qp.submit(SubmissionEntry::read(1, 0, 2048), Some(DataBuf::from_slice(&big)), 0) };
-    assert_eq!(r, Err(NvmeError::BadBuffer { len: 1024 * 1024, max: 512 * 1024 }));
+    let r = unsafe {
+        qp.submit(
+            SubmissionEntry::read(1, 0, 2048),
+            Some(DataBuf::from_slice(&big)),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        Err(NvmeError::BadBuffer {
+            len: 1024 * 1024,
+            max: 512 * 1024
+        })
+    );
     assert_eq!(qp.in_flight(), 0);
 }
 
 #[test]
 fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
     sim.inject(Fault {
         admin: false,
@@ -258,7 +328,17 @@ fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
     let mut buf = vec![0u8; 512];
     let t0 = hal.now();
     let e = read(&mut qp, 5, 1, &mut buf).unwrap_err();
-    assert!(matches!(e, NvmeError::Timeout { qid: 1, opcode: io::READ, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            NvmeError::Timeout {
+                qid: 1,
+                opcode: io::READ,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // It waited for the deadline (100 ms of virtual time), not forever.
     let waited = hal.now() - t0;
     assert!((100_000_000..200_000_000).contains(&waited), "{waited}");
@@ -272,13 +352,24 @@ fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
 
 #[test]
 fn expire_reports_overdue_commands_to_async_callers() {
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
     sim.set_hold(true);
     let mut buf = vec![0u8; 512];
     // SAFETY: buf outlives the command (the controller is dropped at the end of
     // the test, after which the model is gone too).
-    unsafe { qp.submit(SubmissionEntry::read(1, 1, 1), Some(DataBuf::from_mut_slice(&mut buf)), 42).unwrap() };
+    unsafe {
+        qp.submit(
+            SubmissionEntry::read(1, 1, 1),
+            Some(DataBuf::from_mut_slice(&mut buf)),
+            42,
+        )
+        .unwrap()
+    };
     assert!(qp.expire(hal.now()).is_none());
     let deadline = qp.next_deadline().unwrap();
     let c = qp.expire(deadline).unwrap();
@@ -288,7 +379,10 @@ fn expire_reports_overdue_commands_to_async_callers() {
     // When the device answers after all, the late completion frees the id
     // without reaching the caller again.
     sim.release(&[]);
-    assert_eq!(qp.process_completions(|_| panic!("late completion delivered")), 1);
+    assert_eq!(
+        qp.process_completions(|_| panic!("late completion delivered")),
+        1
+    );
     assert_eq!(qp.stats().late, 1);
     assert_eq!(qp.in_flight(), 0);
 }
@@ -300,22 +394,36 @@ fn controller_that_never_becomes_ready() {
     let hal = SimHal::new();
     let e = Controller::init(hal.clone(), sim, config()).err().unwrap();
     // CAP.TO of the model is 1 s.
-    assert_eq!(e, NvmeError::NotReady { enable: true, waited_ms: 1000 });
+    assert_eq!(
+        e,
+        NvmeError::NotReady {
+            enable: true,
+            waited_ms: 1000
+        }
+    );
     assert!(hal.now() >= 1_000_000_000 && hal.now() < 2_000_000_000);
-    assert_eq!(e.to_string(), "controller did not become ready within 1000 ms (CAP.TO)");
+    assert_eq!(
+        e.to_string(),
+        "controller did not become ready within 1000 ms (CAP.TO)"
+    );
 }
 
 #[test]
 fn controller_fatal_status() {
     let sim = Sim::new(SimConfig::default());
     sim.set_fatal_on_enable(true);
-    let e = Controller::init(SimHal::new(), sim, config()).err().unwrap();
+    let e = Controller::init(SimHal::new(), sim, config())
+        .err()
+        .unwrap();
     assert_eq!(e, NvmeError::ControllerFatal);
 }
 
 #[test]
 fn namespace_of_size_zero() {
-    let cfg = SimConfig { reported_blocks: Some(0), ..Default::default() };
+    let cfg = SimConfig {
+        reported_blocks: Some(0),
+        ..Default::default()
+    };
     let sim = Sim::new(cfg);
     let mut ctrl = Controller::init(SimHal::new(), sim, config()).unwrap();
     let e = ctrl.namespace(1).unwrap_err();
@@ -334,20 +442,35 @@ fn admin_command_that_never_completes() {
         count: 1,
     });
     let e = ctrl.namespace(1).unwrap_err();
-    assert!(matches!(e, NvmeError::Timeout { qid: 0, opcode: 0x06, .. }));
+    assert!(matches!(
+        e,
+        NvmeError::Timeout {
+            qid: 0,
+            opcode: 0x06,
+            ..
+        }
+    ));
     // The admin queue still works afterwards.
     assert_eq!(ctrl.namespace(1).unwrap().blocks, 2048);
 }
 
 #[test]
 fn queue_creation_errors_are_reported() {
-    let sim = Sim::new(SimConfig { max_queue_entries: 64, ..Default::default() });
+    let sim = Sim::new(SimConfig {
+        max_queue_entries: 64,
+        ..Default::default()
+    });
     let mut ctrl = Controller::init(SimHal::new(), sim.clone(), config()).unwrap();
-    assert!(matches!(ctrl.create_io_queue(1, 65, None), Err(NvmeError::BadQueue { .. })));
+    assert!(matches!(
+        ctrl.create_io_queue(1, 65, None),
+        Err(NvmeError::BadQueue { .. })
+    ));
     let q1 = ctrl.create_io_queue(1, 64, None).unwrap();
     // Creating the same queue id twice: Invalid Queue Identifier.
     match ctrl.create_io_queue(1, 16, None) {
-        Err(NvmeError::Command { status, .. }) => assert_eq!(status.name(), "Invalid Queue Identifier"),
+        Err(NvmeError::Command { status, .. }) => {
+            assert_eq!(status.name(), "Invalid Queue Identifier")
+        }
         other => panic!("{:?}", other.map(|q| q.qid())),
     }
     ctrl.delete_io_queue(q1).unwrap();
@@ -359,18 +482,32 @@ fn queue_creation_errors_are_reported() {
 
 #[test]
 fn interrupt_driven_completion() {
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 8, Some(3));
     let disk = sim.disk();
     assert_eq!(qp.vector(), Some(3));
     let mut buf = vec![0u8; 512];
     // SAFETY: buf outlives the completion processed below.
-    let cid = unsafe { qp.submit(SubmissionEntry::read(1, 9, 1), Some(DataBuf::from_mut_slice(&mut buf)), 7).unwrap() };
+    let cid = unsafe {
+        qp.submit(
+            SubmissionEntry::read(1, 9, 1),
+            Some(DataBuf::from_mut_slice(&mut buf)),
+            7,
+        )
+        .unwrap()
+    };
     // The model raised the queue's vector; the "interrupt handler" runs the
     // completion.
     assert_eq!(sim.interrupts(3), 1);
     let mut done = None;
-    assert_eq!(qp.process_completions(|c| done = Some((c.cid, c.tag, c.result))), 1);
+    assert_eq!(
+        qp.process_completions(|c| done = Some((c.cid, c.tag, c.result))),
+        1
+    );
     assert_eq!(done, Some((cid, 7, Ok(0))));
     assert!(buf[..] == disk[9 * 512..10 * 512]);
     // A second run of the handler finds nothing.
@@ -379,11 +516,18 @@ fn interrupt_driven_completion() {
 
 #[test]
 fn spurious_completions_are_counted_not_trusted() {
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (sim, _hal, _ctrl, mut qp) = setup(cfg, 8, None);
     sim.post_bogus(1, 3);
     sim.post_bogus(1, 999);
-    assert_eq!(qp.process_completions(|_| panic!("bogus completion delivered")), 2);
+    assert_eq!(
+        qp.process_completions(|_| panic!("bogus completion delivered")),
+        2
+    );
     assert_eq!(qp.stats().spurious, 2);
     let mut buf = vec![0u8; 512];
     read(&mut qp, 0, 1, &mut buf).unwrap();
@@ -391,7 +535,11 @@ fn spurious_completions_are_counted_not_trusted() {
 
 #[test]
 fn submit_and_complete_allocate_nothing() {
-    let cfg = SimConfig { block_size: 4096, blocks: 256, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 4096,
+        blocks: 256,
+        ..Default::default()
+    };
     let (_sim, _hal, _ctrl, mut qp) = setup(cfg, 64, None);
     let mut bufs = vec![vec![0u8; 3 * 4096]; 32];
     let before = allocs();
@@ -421,7 +569,11 @@ fn driver_never_hands_cpu_addresses_to_the_device() {
     // The model rejects device addresses below PHYS_OFFSET; a read through
     // every PRP shape above succeeded, so all were translated. A buffer
     // address used raw would look like this:
-    let cfg = SimConfig { block_size: 512, blocks: 128, ..Default::default() };
+    let cfg = SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    };
     let (_sim, _hal, _ctrl, mut qp) = setup(cfg, 8, None);
     let buf = vec![0u8; 512];
     let mut cmd = SubmissionEntry::read(1, 0, 1);

@@ -119,6 +119,7 @@ pub fn start_tick(initial_count: u32) {
     write(REG_TIMER_INIT, initial_count);
 }
 
+/// Timer ticks so far.
 pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
 }

@@ -17,17 +17,24 @@ pub const IST_MACHINE_CHECK: u8 = 3;
 const IST_STACK: usize = 16 * 1024;
 
 #[repr(align(16))]
+#[allow(dead_code)] // memory the CPU uses, never read by Rust
 struct Stack([u8; IST_STACK]);
 
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK]) }; 3];
 
 static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> =
-    Once::new();
+static GDT: Once<(
+    GlobalDescriptorTable,
+    SegmentSelector,
+    SegmentSelector,
+    SegmentSelector,
+)> = Once::new();
 
 pub fn init() {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
+        // (indexed: the TSS is packed, its fields cannot be borrowed)
+        #[allow(clippy::needless_range_loop)]
         for i in 0..3 {
             // SAFETY: only the address of the static stacks is taken; the CPU
             // uses them on the IST switches configured here.

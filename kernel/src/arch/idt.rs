@@ -149,6 +149,7 @@ pub fn init() {
     // stub table is generated with 256 valid entries.
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        #[allow(clippy::needless_range_loop)]
         for v in 0..256 {
             let ist = match v {
                 2 => gdt::IST_NMI,

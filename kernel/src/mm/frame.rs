@@ -113,15 +113,6 @@ fn bump(f: &mut Frames, count: u64) -> Option<u64> {
     None
 }
 
-/// Returns a frame from [`alloc`].
-pub fn free(frame: u64) {
-    let mut f = FRAMES.lock();
-    // SAFETY: the caller gives back a frame it owns; it is identity mapped.
-    unsafe { core::ptr::write(frame as *mut u64, f.free_list) };
-    f.free_list = frame;
-    f.used -= FRAME;
-}
-
 /// Bytes still available in the largest remaining contiguous range.
 pub fn largest_free() -> u64 {
     let f = FRAMES.lock();

@@ -50,7 +50,9 @@ pub fn stats() -> HeapStats {
         bytes_in_use: HEAP.in_use.load(Ordering::Relaxed),
         peak_bytes: HEAP.peak.load(Ordering::Relaxed),
         failures: HEAP.failures.load(Ordering::Relaxed),
-        size: x86_64::instructions::interrupts::without_interrupts(|| HEAP.heap.lock().size() as u64),
+        size: x86_64::instructions::interrupts::without_interrupts(|| {
+            HEAP.heap.lock().size() as u64
+        }),
     }
 }
 
@@ -64,7 +66,9 @@ unsafe impl GlobalAlloc for CountingHeap {
         match p {
             Ok(p) => {
                 self.allocs.fetch_add(1, Ordering::Relaxed);
-                let now = self.in_use.fetch_add(layout.size() as u64, Ordering::Relaxed)
+                let now = self
+                    .in_use
+                    .fetch_add(layout.size() as u64, Ordering::Relaxed)
                     + layout.size() as u64;
                 self.peak.fetch_max(now, Ordering::Relaxed);
                 p.as_ptr()
@@ -83,7 +87,8 @@ unsafe impl GlobalAlloc for CountingHeap {
                 unsafe { self.heap.lock().deallocate(p, layout) }
             });
             self.frees.fetch_add(1, Ordering::Relaxed);
-            self.in_use.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+            self.in_use
+                .fetch_sub(layout.size() as u64, Ordering::Relaxed);
         }
     }
 }

@@ -40,7 +40,12 @@ pub fn init(boot: &BootInfo) -> Result<(), &'static str> {
     let top = boot
         .memory_map()
         .iter()
-        .filter(|r| matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs))
+        .filter(|r| {
+            matches!(
+                r.kind,
+                MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+            )
+        })
         .map(|r| r.start + r.len)
         .max()
         .ok_or("memory map has no RAM")?;
@@ -59,8 +64,10 @@ pub fn init(boot: &BootInfo) -> Result<(), &'static str> {
     let mut a = HUGE;
     while a < top {
         let holds = boot.memory_map().iter().any(|r| {
-            matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs)
-                && r.start < a + HUGE
+            matches!(
+                r.kind,
+                MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+            ) && r.start < a + HUGE
                 && r.start + r.len > a
         });
         if holds {
@@ -76,7 +83,12 @@ pub fn init(boot: &BootInfo) -> Result<(), &'static str> {
     // SAFETY: the new tables map the kernel image, its stack, the boot info
     // and all RAM exactly as the boot tables did (identity), so execution
     // continues unchanged after the switch.
-    unsafe { Cr3::write(PhysFrame::containing_address(PhysAddr::new(pml4_frame)), Cr3Flags::empty()) };
+    unsafe {
+        Cr3::write(
+            PhysFrame::containing_address(PhysAddr::new(pml4_frame)),
+            Cr3Flags::empty(),
+        )
+    };
     *MAPPER.lock() = Some(mapper);
     log::info!(target: "mm", "identity mapped RAM up to {:#x}", top);
     Ok(())
@@ -92,7 +104,7 @@ pub fn map_mmio(phys: u64, len: u64) -> Result<(), &'static str> {
     let mut a = phys & !0xfff;
     while a < end {
         // 2 MiB pages where the range allows (ECAM regions are large).
-        if a % HUGE == 0 && a + HUGE <= end.div_ceil(HUGE) * HUGE && end - a >= HUGE {
+        if a.is_multiple_of(HUGE) && a + HUGE <= end.div_ceil(HUGE) * HUGE && end - a >= HUGE {
             let p = Page::<Size2MiB>::containing_address(VirtAddr::new(a));
             let f = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
             // SAFETY: identity mapping of device memory, uncached.
