@@ -86,8 +86,8 @@ mod tests {
 
     #[test]
     fn cap_fields_of_qemu_value() {
-        // CAP as QEMU 7.2's emulated controller reports it.
-        let cap = Cap(0x0040_0020_0f01_07ff);
+        // CAP as QEMU 7.2's emulated controller reports it (logged by the kernel).
+        let cap = Cap(0x0040_1820_0f01_07ff);
         assert_eq!(cap.max_queue_entries(), 2048);
         assert!(cap.contiguous_queues_required());
         assert_eq!(cap.timeout_ms(), 7500);
