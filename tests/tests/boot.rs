@@ -170,3 +170,23 @@ fn boot_logs_pci_functions_and_devices() {
         "QEMU {pid} still running: {stat}"
     );
 }
+
+#[test]
+fn legacy_pci_config_ports_when_there_is_no_mcfg() {
+    // i440fx ("pc") has no PCIe ECAM: PCI config goes through ports 0xcf8/0xcfc.
+    let dir = TempDir::new("legacy-pci");
+    let img = dir.path().join("disk.img");
+    let want = random_image(&img, 4 << 20, 11);
+    let mut cfg = config(Some(&img), &["selftest=digest"]);
+    cfg.extra = vec!["-machine".into(), "pc".into()];
+    let out = boot(&cfg);
+    assert_eq!(out.status, 0, "console:\n{}", out.console);
+    assert!(
+        out.console.contains("ECAM none (legacy PCI config ports)"),
+        "{}",
+        out.console
+    );
+    assert!(out
+        .result_lines()
+        .any(|l| l == format!("digest nvme0n1 bytes={} sha256={want}", 4 << 20)));
+}
