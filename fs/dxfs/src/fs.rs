@@ -1,0 +1,613 @@
+//! Reading a dxfs image: mount, inodes, extent maps, directories, file data.
+
+use crate::dev::BlockDevice;
+use crate::error::{Error, Result, Structure, Why};
+use crate::format::*;
+use alloc::collections::BTreeSet;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// A mounted (read-only) filesystem.
+pub struct Fs<D: BlockDevice> {
+    dev: D,
+    sb: Superblock,
+    bs: usize,
+}
+
+/// An open inode with its extent list cached: mapping a file offset is a
+/// binary search and allocates nothing.
+#[derive(Clone, Debug)]
+pub struct File {
+    pub ino: u64,
+    pub inode: Inode,
+    extents: Vec<Extent>,
+    block_size: u32,
+}
+
+/// Where a file block lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// `blocks` blocks from `disk_block` hold the data.
+    Mapped { disk_block: u64, blocks: u64 },
+    /// Allocated but unwritten: reads as zeroes.
+    Unwritten { disk_block: u64, blocks: u64 },
+    /// Not allocated: reads as zeroes. `blocks` up to the next extent (or
+    /// past EOF: `u64::MAX`).
+    Hole { blocks: u64 },
+}
+
+impl File {
+    pub fn size(&self) -> u64 {
+        self.inode.size
+    }
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The mapping of file block `fb`: O(log extents), no allocation.
+    pub fn map(&self, fb: u64) -> Mapping {
+        let i = self.extents.partition_point(|e| e.end() <= fb);
+        match self.extents.get(i) {
+            Some(e) if e.file_block <= fb => {
+                let skip = fb - e.file_block;
+                let disk_block = e.disk_block + skip;
+                let blocks = e.len as u64 - skip;
+                if e.unwritten() {
+                    Mapping::Unwritten { disk_block, blocks }
+                } else {
+                    Mapping::Mapped { disk_block, blocks }
+                }
+            }
+            Some(e) => Mapping::Hole {
+                blocks: e.file_block - fb,
+            },
+            None => Mapping::Hole { blocks: u64::MAX },
+        }
+    }
+}
+
+/// One entry of a recursive walk.
+#[derive(Clone, Debug)]
+pub struct WalkEntry {
+    pub path: String,
+    pub ino: u64,
+    pub inode: Inode,
+}
+
+impl<D: BlockDevice> Fs<D> {
+    /// Reads and validates the superblock and the root directory.
+    pub fn mount(dev: D) -> Result<Self> {
+        let sector = dev.sector_size().max(1) as usize;
+        let first = 4096usize.max(sector);
+        if dev.size() < first as u64 {
+            return Err(Error::corrupt(Structure::Superblock, 0, Why::Truncated));
+        }
+        let mut buf = vec![0u8; first];
+        dev.read_at(0, &mut buf)
+            .map_err(|msg| Error::Device { block: 0, msg })?;
+        let sb =
+            Superblock::parse(&buf).map_err(|w| Error::corrupt(Structure::Superblock, 0, w))?;
+        if sb.block_size < dev.sector_size() {
+            return Err(Error::BlockSize {
+                fs: sb.block_size,
+                device: dev.sector_size(),
+            });
+        }
+        let dev_blocks = dev.size() / sb.block_size as u64;
+        if sb.block_count > dev_blocks {
+            return Err(Error::corrupt(
+                Structure::Superblock,
+                0,
+                Why::OutOfRange("block count (image truncated?)"),
+            ));
+        }
+        let fs = Fs {
+            bs: sb.block_size as usize,
+            dev,
+            sb,
+        };
+        let root = fs.inode(ROOT_INO)?;
+        if !root.is_dir() {
+            return Err(Error::corrupt(
+                Structure::Inode(ROOT_INO),
+                fs.inode_block(ROOT_INO),
+                Why::Field("root is not a directory"),
+            ));
+        }
+        Ok(fs)
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+    pub fn block_size(&self) -> u32 {
+        self.sb.block_size
+    }
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// Reads whole blocks starting at `block` into `buf`.
+    pub fn read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<()> {
+        let n = (buf.len() / self.bs) as u64;
+        if block
+            .checked_add(n)
+            .is_none_or(|end| end > self.sb.block_count)
+        {
+            return Err(Error::Device {
+                block,
+                msg: "read past the end of the filesystem".into(),
+            });
+        }
+        self.dev
+            .read_at(block * self.bs as u64, buf)
+            .map_err(|msg| Error::Device { block, msg })
+    }
+
+    fn inode_block(&self, ino: u64) -> u64 {
+        self.sb.itable_start + (ino - 1) / Superblock::inodes_per_block(self.sb.block_size)
+    }
+
+    /// Reads inode `ino`; an error when it is out of range, free or damaged.
+    pub fn inode(&self, ino: u64) -> Result<Inode> {
+        self.inode_opt(ino)?.ok_or(Error::BadInode(ino))
+    }
+
+    /// Reads inode slot `ino`: `None` when free.
+    pub fn inode_opt(&self, ino: u64) -> Result<Option<Inode>> {
+        if ino == 0 || ino > self.sb.inode_count {
+            return Err(Error::BadInode(ino));
+        }
+        let blk = self.inode_block(ino);
+        let per = Superblock::inodes_per_block(self.sb.block_size);
+        let off = ((ino - 1) % per) as usize * INODE_SIZE;
+        // Read just the sector holding the inode.
+        let sector = self.dev.sector_size() as usize;
+        let sec_off = off / sector * sector;
+        let mut buf = vec![0u8; sector.max(INODE_SIZE)];
+        let len = sector.max(INODE_SIZE);
+        self.dev
+            .read_at(blk * self.bs as u64 + sec_off as u64, &mut buf[..len])
+            .map_err(|msg| Error::Device { block: blk, msg })?;
+        Inode::parse(ino, &buf[off - sec_off..])
+            .map_err(|w| Error::corrupt(Structure::Inode(ino), blk, w))
+    }
+
+    /// Opens inode `ino`: reads it and its extent tree.
+    pub fn open(&self, ino: u64) -> Result<File> {
+        let inode = self.inode(ino)?;
+        let extents = self.extents(ino, &inode)?;
+        Ok(File {
+            ino,
+            inode,
+            extents,
+            block_size: self.sb.block_size,
+        })
+    }
+
+    /// Every extent of inode `ino`, validated: sorted, not overlapping in the
+    /// file, on disk within the data region, not past the end of the file.
+    pub fn extents(&self, ino: u64, inode: &Inode) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let mut tree_blocks = Vec::new();
+        self.extents_with_tree(ino, inode, &mut out, &mut tree_blocks)?;
+        Ok(out)
+    }
+
+    /// As [`Fs::extents`], also listing the tree's own blocks.
+    pub fn extents_with_tree(
+        &self,
+        ino: u64,
+        inode: &Inode,
+        out: &mut Vec<Extent>,
+        tree_blocks: &mut Vec<u64>,
+    ) -> Result<()> {
+        let what = Structure::ExtentTree(ino);
+        let iblk = self.inode_block(ino);
+        let entries: Vec<&[u8]> = (0..inode.extent_count as usize)
+            .map(|i| inode.inline_entry(i))
+            .collect();
+        self.collect(ino, &entries, inode.depth, out, tree_blocks, iblk)?;
+        let file_blocks = inode.size.div_ceil(self.bs as u64);
+        let mut prev_end = 0u64;
+        for (i, e) in out.iter().enumerate() {
+            if i > 0 && e.file_block < prev_end {
+                return Err(Error::corrupt(what, iblk, Why::Order("extents")));
+            }
+            if e.end() > file_blocks {
+                return Err(Error::corrupt(
+                    what,
+                    iblk,
+                    Why::OutOfRange("extent past end of file"),
+                ));
+            }
+            prev_end = e.end();
+        }
+        Ok(())
+    }
+
+    fn data_range_ok(&self, start: u64, len: u64) -> bool {
+        start >= self.sb.data_start
+            && start
+                .checked_add(len)
+                .is_some_and(|e| e <= self.sb.block_count)
+    }
+
+    fn collect(
+        &self,
+        ino: u64,
+        entries: &[&[u8]],
+        depth: u16,
+        out: &mut Vec<Extent>,
+        tree_blocks: &mut Vec<u64>,
+        at_block: u64,
+    ) -> Result<()> {
+        let what = Structure::ExtentTree(ino);
+        if depth == 0 {
+            for raw in entries {
+                let e = Extent::parse(raw);
+                if e.len == 0 || e.flags & !EXTENT_UNWRITTEN != 0 {
+                    return Err(Error::corrupt(what, at_block, Why::Field("extent")));
+                }
+                if !self.data_range_ok(e.disk_block, e.len as u64) {
+                    return Err(Error::corrupt(
+                        what,
+                        at_block,
+                        Why::OutOfRange("extent disk blocks"),
+                    ));
+                }
+                if e.file_block.checked_add(e.len as u64).is_none() {
+                    return Err(Error::corrupt(
+                        what,
+                        at_block,
+                        Why::OutOfRange("extent file blocks"),
+                    ));
+                }
+                out.push(e);
+                // Extents cannot outnumber the blocks of the device.
+                if out.len() as u64 > self.sb.block_count {
+                    return Err(Error::corrupt(
+                        what,
+                        at_block,
+                        Why::Loop("extent tree node"),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        let per_node = (self.bs - HEADER_SIZE) / ENTRY_SIZE;
+        let mut node = vec![0u8; self.bs];
+        for raw in entries {
+            let ix = IndexEntry::parse(raw).map_err(|w| Error::corrupt(what, at_block, w))?;
+            if !self.data_range_ok(ix.child, 1) {
+                return Err(Error::corrupt(
+                    what,
+                    at_block,
+                    Why::OutOfRange("extent tree child"),
+                ));
+            }
+            if tree_blocks.len() as u64 >= self.sb.block_count || tree_blocks.contains(&ix.child) {
+                return Err(Error::corrupt(
+                    what,
+                    ix.child,
+                    Why::Loop("extent tree node"),
+                ));
+            }
+            tree_blocks.push(ix.child);
+            self.read_blocks(ix.child, &mut node)?;
+            let h = BlockHeader::parse(&node, KIND_EXTENT, ix.child)
+                .map_err(|w| Error::corrupt(what, ix.child, w))?;
+            if h.owner != ino || h.level != depth - 1 || h.count as usize > per_node || h.count == 0
+            {
+                return Err(Error::corrupt(
+                    what,
+                    ix.child,
+                    Why::Field("extent node header"),
+                ));
+            }
+            let before = out.len();
+            let children: Vec<&[u8]> = (0..h.count as usize)
+                .map(|i| &node[HEADER_SIZE + i * ENTRY_SIZE..HEADER_SIZE + (i + 1) * ENTRY_SIZE])
+                .collect();
+            self.collect(ino, &children, depth - 1, out, tree_blocks, ix.child)?;
+            if out
+                .get(before)
+                .is_some_and(|e| e.file_block < ix.file_block)
+            {
+                return Err(Error::corrupt(what, ix.child, Why::Order("index key")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns the count (short at
+    /// end of file). Holes and unwritten extents read as zeroes.
+    pub fn read(&self, f: &File, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= f.size() {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(f.size() - offset) as usize;
+        let bs = self.bs as u64;
+        let mut done = 0usize;
+        let mut bounce: Vec<u8> = Vec::new();
+        while done < n {
+            let pos = offset + done as u64;
+            let fb = pos / bs;
+            let within = (pos % bs) as usize;
+            let left = n - done;
+            match f.map(fb) {
+                Mapping::Hole { blocks } | Mapping::Unwritten { blocks, .. } => {
+                    let span =
+                        (blocks.saturating_mul(bs) - within as u64).min(left as u64) as usize;
+                    buf[done..done + span].fill(0);
+                    done += span;
+                }
+                Mapping::Mapped { disk_block, blocks } => {
+                    if within == 0 && left >= self.bs {
+                        let whole = (left / self.bs).min(blocks as usize);
+                        self.read_blocks(disk_block, &mut buf[done..done + whole * self.bs])?;
+                        done += whole * self.bs;
+                    } else {
+                        if bounce.is_empty() {
+                            bounce = vec![0u8; self.bs];
+                        }
+                        self.read_blocks(disk_block, &mut bounce)?;
+                        let span = (self.bs - within).min(left);
+                        buf[done..done + span].copy_from_slice(&bounce[within..within + span]);
+                        done += span;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Reads directory block `lblock` of `dir` and checks its header.
+    fn dir_node(&self, dir: &File, lblock: u64, buf: &mut [u8]) -> Result<BlockHeader> {
+        let what = Structure::Directory(dir.ino);
+        let disk = match dir.map(lblock) {
+            Mapping::Mapped { disk_block, .. } => disk_block,
+            _ => {
+                return Err(Error::corrupt(
+                    what,
+                    self.inode_block(dir.ino),
+                    Why::OutOfRange("directory block (hole)"),
+                ))
+            }
+        };
+        self.read_blocks(disk, buf)?;
+        let h =
+            BlockHeader::parse(buf, KIND_DIR, disk).map_err(|w| Error::corrupt(what, disk, w))?;
+        if h.owner != dir.ino || h.level > MAX_DIR_DEPTH {
+            return Err(Error::corrupt(
+                what,
+                disk,
+                Why::Field("directory node header"),
+            ));
+        }
+        if h.level > 0 && h.count as usize * 16 > self.bs - HEADER_SIZE
+            || h.level > 0 && h.count == 0
+        {
+            return Err(Error::corrupt(
+                what,
+                disk,
+                Why::Field("directory index count"),
+            ));
+        }
+        Ok(h)
+    }
+
+    fn dir_leaf_entries(&self, dir: &File, h: &BlockHeader, buf: &[u8]) -> Result<Vec<DirEntry>> {
+        let what = Structure::Directory(dir.ino);
+        let mut at = HEADER_SIZE;
+        let mut out = Vec::with_capacity(h.count as usize);
+        for _ in 0..h.count {
+            let (e, len) =
+                DirEntry::parse(&buf[at..]).map_err(|w| Error::corrupt(what, h.blockno, w))?;
+            if e.hash != name_hash(e.name.as_bytes()) {
+                return Err(Error::corrupt(what, h.blockno, Why::Field("entry hash")));
+            }
+            if let Some(p) = out.last() {
+                let p: &DirEntry = p;
+                if (p.hash, p.name.as_str()) >= (e.hash, e.name.as_str()) {
+                    return Err(Error::corrupt(
+                        what,
+                        h.blockno,
+                        Why::Order("directory entries"),
+                    ));
+                }
+            }
+            at += len;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn dir_index(&self, dir: &File, h: &BlockHeader, buf: &[u8]) -> Result<Vec<(u64, u64)>> {
+        let what = Structure::Directory(dir.ino);
+        let dir_blocks = dir.size().div_ceil(self.bs as u64);
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(h.count as usize);
+        for i in 0..h.count as usize {
+            let (k, c) = dir_index_entry(&buf[HEADER_SIZE + i * 16..]);
+            if c == 0 || c >= dir_blocks {
+                return Err(Error::corrupt(
+                    what,
+                    h.blockno,
+                    Why::OutOfRange("directory child block"),
+                ));
+            }
+            if out.last().is_some_and(|&(pk, _)| pk > k) {
+                return Err(Error::corrupt(
+                    what,
+                    h.blockno,
+                    Why::Order("directory index keys"),
+                ));
+            }
+            out.push((k, c));
+        }
+        Ok(out)
+    }
+
+    /// Looks `name` up in directory `dir`: O(depth) blocks.
+    pub fn lookup(&self, dir: &File, name: &str) -> Result<Option<DirEntry>> {
+        if !dir.inode.is_dir() {
+            return Err(Error::NotADirectory(dir.ino.to_string()));
+        }
+        if !valid_name(name.as_bytes()) {
+            return Ok(None);
+        }
+        let h = name_hash(name.as_bytes());
+        let mut buf = vec![0u8; self.bs];
+        self.lookup_in(dir, 0, None, h, name, &mut buf)
+    }
+
+    fn lookup_in(
+        &self,
+        dir: &File,
+        lblock: u64,
+        want_level: Option<u16>,
+        h: u64,
+        name: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<DirEntry>> {
+        let hdr = self.dir_node(dir, lblock, buf)?;
+        if want_level.is_some_and(|l| l != hdr.level) {
+            return Err(Error::corrupt(
+                Structure::Directory(dir.ino),
+                hdr.blockno,
+                Why::Field("directory node level"),
+            ));
+        }
+        if hdr.level == 0 {
+            let entries = self.dir_leaf_entries(dir, &hdr, buf)?;
+            return Ok(entries.into_iter().find(|e| e.hash == h && e.name == name));
+        }
+        let index = self.dir_index(dir, &hdr, buf)?;
+        // The leftmost child that may hold `h`; equal hashes may continue
+        // into the following children.
+        let start = index.partition_point(|&(k, _)| k < h).saturating_sub(1);
+        for (j, &(k, child)) in index.iter().enumerate().skip(start) {
+            if j > start && k > h {
+                break;
+            }
+            if let Some(e) = self.lookup_in(dir, child, Some(hdr.level - 1), h, name, buf)? {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry of directory `dir`, in hash order.
+    pub fn readdir(&self, dir: &File) -> Result<Vec<DirEntry>> {
+        if !dir.inode.is_dir() {
+            return Err(Error::NotADirectory(dir.ino.to_string()));
+        }
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut buf = vec![0u8; self.bs];
+        self.readdir_in(dir, 0, None, &mut out, &mut seen, &mut buf)?;
+        Ok(out)
+    }
+
+    fn readdir_in(
+        &self,
+        dir: &File,
+        lblock: u64,
+        want_level: Option<u16>,
+        out: &mut Vec<DirEntry>,
+        seen: &mut BTreeSet<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let what = Structure::Directory(dir.ino);
+        if !seen.insert(lblock) {
+            return Err(Error::corrupt(what, lblock, Why::Loop("directory block")));
+        }
+        let hdr = self.dir_node(dir, lblock, buf)?;
+        if want_level.is_some_and(|l| l != hdr.level) {
+            return Err(Error::corrupt(
+                what,
+                hdr.blockno,
+                Why::Field("directory node level"),
+            ));
+        }
+        if hdr.level == 0 {
+            let entries = self.dir_leaf_entries(dir, &hdr, buf)?;
+            if let (Some(p), Some(f)) = (out.last(), entries.first()) {
+                let p: &DirEntry = p;
+                if (p.hash, p.name.as_str()) >= (f.hash, f.name.as_str()) {
+                    return Err(Error::corrupt(
+                        what,
+                        hdr.blockno,
+                        Why::Order("directory leaves"),
+                    ));
+                }
+            }
+            out.extend(entries);
+            return Ok(());
+        }
+        let index = self.dir_index(dir, &hdr, buf)?;
+        for (_, child) in index {
+            self.readdir_in(dir, child, Some(hdr.level - 1), out, seen, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves an absolute or root-relative path (`/a/b`, `a/b`) to an inode.
+    pub fn resolve(&self, path: &str) -> Result<u64> {
+        let mut ino = ROOT_INO;
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            if !valid_name(comp.as_bytes()) {
+                return Err(Error::InvalidPath(path.into()));
+            }
+            let dir = self.open(ino)?;
+            if !dir.inode.is_dir() {
+                return Err(Error::NotADirectory(path.into()));
+            }
+            match self.lookup(&dir, comp)? {
+                Some(e) => ino = e.ino,
+                None => return Err(Error::NotFound(path.into())),
+            }
+        }
+        Ok(ino)
+    }
+
+    /// Every file and directory below the root, depth first, sorted by name
+    /// within a directory. A directory reached twice is an error (cycle).
+    pub fn walk(&self) -> Result<Vec<WalkEntry>> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        seen.insert(ROOT_INO);
+        let mut stack = vec![(String::new(), ROOT_INO)];
+        while let Some((path, ino)) = stack.pop() {
+            let dir = self.open(ino)?;
+            let mut entries = self.readdir(&dir)?;
+            entries.sort_by(|a, b| b.name.cmp(&a.name));
+            let mut subdirs = Vec::new();
+            for e in entries.into_iter().rev() {
+                let p = alloc::format!("{path}/{}", e.name);
+                let inode = self.inode(e.ino)?;
+                if inode.is_dir() {
+                    if !seen.insert(e.ino) {
+                        return Err(Error::corrupt(
+                            Structure::Directory(ino),
+                            self.inode_block(e.ino),
+                            Why::Loop("directory"),
+                        ));
+                    }
+                    subdirs.push((p.clone(), e.ino));
+                }
+                out.push(WalkEntry {
+                    path: p,
+                    ino: e.ino,
+                    inode,
+                });
+            }
+            stack.extend(subdirs.into_iter().rev());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,24 @@
+//! dxfs: the extent filesystem dioxide serves files from.
+//!
+//! `no_std` + `alloc`; the same code mounts images in the kernel (over the
+//! NVMe driver) and in the host tools (over files), builds images ([`mkfs`])
+//! and checks them ([`fsck`]). The format is in `FORMAT.md`. No byte of an
+//! image is believed without a check: a damaged image yields an [`Error`] that
+//! names the structure and block, never a panic or an endless loop.
+#![cfg_attr(not(test), no_std)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+pub mod dev;
+pub mod error;
+pub mod format;
+pub mod fs;
+pub mod fsck;
+pub mod mkfs;
+#[cfg(test)]
+mod tests;
+
+pub use dev::{BlockDevice, BlockDeviceMut, MemDevice};
+pub use error::{Error, Result, Structure, Why};
+pub use fs::{File, Fs, Mapping, WalkEntry};
