@@ -2,7 +2,7 @@
 //!
 //! | key | values | meaning |
 //! |-----|--------|---------|
-//! | `selftest` | `digest`, `rw`, `fault`, `calibrate` | run a self-test and power off |
+//! | `selftest` | `digest`, `rw`, `files`, `fault`, `calibrate` | run a self-test and power off |
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |

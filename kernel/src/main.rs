@@ -19,6 +19,7 @@ mod pci;
 mod power;
 mod selftest;
 mod serial;
+mod storage;
 mod time;
 
 use cmdline::Cmdline;
@@ -61,10 +62,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
     arch::apic::disable_pic();
 
     let selftest = args.get("selftest").unwrap_or("");
-    if !["", "digest", "rw", "fault", "calibrate"].contains(&selftest) {
+    if !["", "digest", "rw", "files", "fault", "calibrate"].contains(&selftest) {
         fail(
             EXIT_CONFIG,
-            format_args!("unknown self-test {selftest:?} (digest, rw, fault, calibrate)"),
+            format_args!("unknown self-test {selftest:?} (digest, rw, files, fault, calibrate)"),
         );
     }
     if selftest == "calibrate" {
@@ -139,7 +140,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
         heap.bytes_in_use / 1024,
         heap.size >> 20
     );
+    let fs = storage::mount(&dev);
     match selftest {
+        "files" => selftest::files(&mut dev, fs),
         "digest" => selftest::digest(&mut dev),
         "rw" => selftest::rw(&mut dev, rw_blocks),
         _ => run_loop(&dev),

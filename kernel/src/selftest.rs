@@ -191,6 +191,100 @@ fn transfer(
     }
 }
 
+/// `selftest=files`: walks the dxfs tree, reads every regular file in full and
+/// prints `file <path> bytes=<n> sha256=<hex>` per file, then `files done
+/// count=<n>`. A damaged file or directory is reported (`file <path>
+/// error=...`) and the walk goes on with the rest; the run then fails.
+pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
+    use dioxide_dxfs::format::ROOT_INO;
+    let Some(fs) = fs else {
+        outln!("files error: nvme0n1 holds no usable dxfs");
+        power::exit(EXIT_TEST_FAILED);
+    };
+    let mut buf =
+        DmaBuf::new(1 << 20).unwrap_or_else(|| device_error("files", NvmeError::NoMemory));
+    let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    let t0 = time::now_ns();
+    let mut stack: Vec<(alloc::string::String, u64)> =
+        alloc::vec![(alloc::string::String::new(), ROOT_INO)];
+    let mut seen = alloc::collections::BTreeSet::new();
+    seen.insert(ROOT_INO);
+    while let Some((path, ino)) = stack.pop() {
+        let entries = fs.open(ino).and_then(|d| fs.readdir(&d));
+        let mut entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                outln!("dir {}/ error={}", path, e);
+                errors += 1;
+                continue;
+            }
+        };
+        entries.sort_by(|a, b| b.name.cmp(&a.name));
+        let mut subdirs = Vec::new();
+        for e in entries.into_iter().rev() {
+            let p = alloc::format!("{path}/{}", e.name);
+            let f = match fs.open(e.ino) {
+                Ok(f) => f,
+                Err(err) => {
+                    outln!("file {} error={}", p, err);
+                    errors += 1;
+                    continue;
+                }
+            };
+            if f.inode.is_dir() {
+                if seen.insert(e.ino) {
+                    subdirs.push((p, e.ino));
+                } else {
+                    outln!("dir {}/ error=directory reached twice (cycle)", p);
+                    errors += 1;
+                }
+                continue;
+            }
+            let mut hasher = Sha256::new();
+            let mut off = 0u64;
+            let mut failed = None;
+            while off < f.size() {
+                match fs.read(&f, off, buf.as_mut_slice()) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hasher.update(&buf.as_slice()[..n]);
+                        off += n as u64;
+                    }
+                    Err(err) => {
+                        failed = Some(err);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    outln!(
+                        "file {} bytes={} sha256={}",
+                        p,
+                        f.size(),
+                        hex(&hasher.finalize())
+                    );
+                    count += 1;
+                    bytes += f.size();
+                }
+                Some(err) => {
+                    outln!("file {} error={}", p, err);
+                    errors += 1;
+                }
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    let ms = (time::now_ns() - t0) / 1_000_000;
+    log::info!(target: "selftest", "files: {count} files, {} KiB in {ms} ms, {errors} errors", bytes / 1024);
+    if errors > 0 {
+        outln!("files done count={count} errors={errors}");
+        power::exit(EXIT_TEST_FAILED);
+    }
+    outln!("files done count={count}");
+    finish(dev)
+}
+
 fn pattern(pass: u64, off: u64) -> u8 {
     let x =
         (off / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ pass.wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -76,3 +76,52 @@ pub fn boot(cfg: &Config) -> Outcome {
         Err(e) => panic!("boot failed: {e}"),
     }
 }
+
+/// Writes a random tree under `root`: nested directories, empty, 1-byte,
+/// large and sparse files, UTF-8 names. Returns the relative paths of the
+/// regular files.
+pub fn random_tree(root: &Path, seed: u64, files: usize) -> Vec<String> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut rng = dioxide::image::Xorshift::new(seed);
+    let mut dirs = vec![String::new()];
+    let mut out = Vec::new();
+    for k in 0..files {
+        let parent = dirs[(rng.next_u64() % dirs.len() as u64) as usize].clone();
+        if rng.next_u64().is_multiple_of(5) {
+            let d = format!("{parent}/dir-{k}-é");
+            std::fs::create_dir_all(root.join(&d[1..])).expect("mkdir");
+            dirs.push(d);
+            continue;
+        }
+        let name = format!(
+            "{parent}/file-{k}{}",
+            if k % 7 == 0 { "-ünïcødé" } else { ".bin" }
+        );
+        let path = root.join(&name[1..]);
+        let mut f = std::fs::File::create(&path).expect("create");
+        match rng.next_u64() % 6 {
+            0 => {}
+            1 => f.write_all(b"x").expect("write"),
+            2 => {
+                // Sparse: a few islands of data in a large file.
+                let size = 1 << 22;
+                f.set_len(size).expect("truncate");
+                for _ in 0..4 {
+                    let at = rng.next_u64() % size;
+                    let mut b = vec![0u8; 1 + (rng.next_u64() % 10000) as usize];
+                    rng.fill(&mut b);
+                    f.seek(SeekFrom::Start(at)).expect("seek");
+                    f.write_all(&b[..b.len().min((size - at) as usize)])
+                        .expect("write");
+                }
+            }
+            _ => {
+                let mut b = vec![0u8; (rng.next_u64() % 400_000) as usize];
+                rng.fill(&mut b);
+                f.write_all(&b).expect("write");
+            }
+        }
+        out.push(name[1..].to_string());
+    }
+    out
+}

@@ -40,7 +40,7 @@ impl MemDevice {
 
 fn check(dev: &impl BlockDevice, offset: u64, len: usize) -> Result<(usize, usize), String> {
     let s = dev.sector_size() as u64;
-    if offset % s != 0 || len as u64 % s != 0 {
+    if !offset.is_multiple_of(s) || !(len as u64).is_multiple_of(s) {
         return Err(alloc::format!("unaligned access at {offset} length {len}"));
     }
     let end = offset.checked_add(len as u64).ok_or("offset overflow")?;

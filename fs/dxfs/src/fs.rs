@@ -389,9 +389,7 @@ impl<D: BlockDevice> Fs<D> {
                 Why::Field("directory node header"),
             ));
         }
-        if h.level > 0 && h.count as usize * 16 > self.bs - HEADER_SIZE
-            || h.level > 0 && h.count == 0
-        {
+        if h.level > 0 && (h.count as usize * 16 > self.bs - HEADER_SIZE || h.count == 0) {
             return Err(Error::corrupt(
                 what,
                 disk,

@@ -400,19 +400,18 @@ fn dev_err(block: u64) -> impl Fn(String) -> Error {
     move |msg| Error::Device { block, msg }
 }
 
-/// Builds the extent tree of `extents` whose nodes go to `blocks`; returns
-/// the inline area, entry count and depth, and the node blocks to write.
-fn extent_tree(
-    ino: u64,
-    extents: &[Extent],
-    blocks: &[u64],
-    bs: usize,
-) -> (
+/// An inode's inline extent area, entry count, depth, and the tree nodes
+/// (block, contents) to write.
+type ExtentTree = (
     [u8; INLINE_ENTRIES * ENTRY_SIZE],
     u16,
     u16,
     Vec<(u64, Vec<u8>)>,
-) {
+);
+
+/// Builds the extent tree of `extents` whose nodes go to `blocks`; returns
+/// the inline area, entry count and depth, and the node blocks to write.
+fn extent_tree(ino: u64, extents: &[Extent], blocks: &[u64], bs: usize) -> ExtentTree {
     let per_node = (bs - HEADER_SIZE) / ENTRY_SIZE;
     let mut inline = [0u8; INLINE_ENTRIES * ENTRY_SIZE];
     if extents.len() <= INLINE_ENTRIES {

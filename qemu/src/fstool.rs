@@ -1,0 +1,423 @@
+//! Host tools on dxfs images: mkfs from a directory, fsck, ls, cat.
+
+use crate::{io_err, Error};
+use dioxide_dxfs::format::{S_IFDIR, S_IFMT};
+use dioxide_dxfs::mkfs::{self, Node, NodeKind, Options, Source, Tree};
+use dioxide_dxfs::{BlockDevice, BlockDeviceMut, Fs};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// An image file as a block device (512-byte sectors).
+pub struct FileDevice {
+    file: File,
+    size: u64,
+}
+
+impl FileDevice {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let file = File::open(path).map_err(|e| Error::Disk {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
+        let size = file
+            .metadata()
+            .map_err(io_err(format!("stat {}", path.display())))?
+            .len();
+        Ok(FileDevice { file, size })
+    }
+    pub fn create(path: &Path, size: u64) -> Result<Self, Error> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::Disk {
+                path: path.into(),
+                why: e.to_string(),
+            })?;
+        file.set_len(size)
+            .map_err(io_err(format!("size {}", path.display())))?;
+        Ok(FileDevice { file, size })
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.size / 512 * 512
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl BlockDeviceMut for FileDevice {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), String> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn fs_err(path: &Path) -> impl Fn(dioxide_dxfs::Error) -> Error + '_ {
+    move |e| Error::Disk {
+        path: path.into(),
+        why: e.to_string(),
+    }
+}
+
+/// Parses sizes like `4096`, `64K`, `100M`, `2G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s}: unknown size suffix (K, M, G, T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s}: not a size"))
+}
+
+/// The data ranges of a file (SEEK_DATA / SEEK_HOLE), so that holes stay holes.
+fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            // SEEK_DATA unsupported here: the whole file is data.
+            return vec![(0, size)];
+        }
+        let data = data as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
+        if hole > data {
+            out.push((data, hole - data));
+        }
+        pos = hole.max(data + 1);
+    }
+    out
+}
+
+struct HostSource {
+    paths: Vec<PathBuf>,
+    open: Option<(u64, File)>,
+}
+
+impl Source for HostSource {
+    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        if self.open.as_ref().map(|(i, _)| *i) != Some(id) {
+            let p = &self.paths[id as usize];
+            let f = File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            self.open = Some((id, f));
+        }
+        let Some((_, f)) = &self.open else {
+            return Err("no file".into());
+        };
+        f.read_exact_at(buf, offset).map_err(|e| {
+            format!(
+                "{}: {e} (did the file shrink?)",
+                self.paths[id as usize].display()
+            )
+        })
+    }
+}
+
+/// Walks `dir` into a mkfs tree. Symbolic links and special files are skipped
+/// with a warning (dxfs stores regular files and directories).
+fn scan(dir: &Path) -> Result<(Tree, Vec<PathBuf>, u64), Error> {
+    let mut tree = Tree { nodes: vec![] };
+    let mut paths = Vec::new();
+    let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut bytes = 0u64;
+    let meta = std::fs::metadata(dir).map_err(io_err(format!("{}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(Error::Usage(format!("{}: not a directory", dir.display())));
+    }
+    fn node_attrs(n: &mut Node, m: &std::fs::Metadata) {
+        n.perm = (m.mode() & 0o7777) as u16;
+        n.mtime = m.mtime();
+        n.mtime_nsec = m.mtime_nsec() as u32;
+        n.uid = m.uid();
+        n.gid = m.gid();
+    }
+    let mut root = Node::dir(vec![]);
+    node_attrs(&mut root, &meta);
+    tree.nodes.push(root);
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((path, idx)) = stack.pop() {
+        let rd = std::fs::read_dir(&path).map_err(io_err(format!("read {}", path.display())))?;
+        let mut children = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(io_err(format!("read {}", path.display())))?;
+            let p = ent.path();
+            let name = match ent.file_name().into_string() {
+                Ok(n) => n,
+                Err(n) => {
+                    eprintln!(
+                        "dioxide mkfs: skipping {}: name is not UTF-8",
+                        Path::new(&n).display()
+                    );
+                    continue;
+                }
+            };
+            let m =
+                std::fs::symlink_metadata(&p).map_err(io_err(format!("stat {}", p.display())))?;
+            if m.is_dir() {
+                let i = tree.nodes.len();
+                let mut n = Node::dir(vec![]);
+                node_attrs(&mut n, &m);
+                tree.nodes.push(n);
+                children.push((name, i));
+                stack.push((p, i));
+            } else if m.is_file() {
+                let key = (m.dev(), m.ino());
+                if m.nlink() > 1 {
+                    if let Some(&i) = seen.get(&key) {
+                        children.push((name, i));
+                        continue;
+                    }
+                }
+                let f = File::open(&p).map_err(io_err(format!("open {}", p.display())))?;
+                let ranges = data_ranges(&f, m.len());
+                bytes += ranges.iter().map(|r| r.1).sum::<u64>();
+                let i = tree.nodes.len();
+                let mut n = Node::file(m.len(), ranges, paths.len() as u64);
+                node_attrs(&mut n, &m);
+                paths.push(p);
+                tree.nodes.push(n);
+                seen.insert(key, i);
+                children.push((name, i));
+            } else {
+                eprintln!(
+                    "dioxide mkfs: skipping {}: not a regular file or directory",
+                    p.display()
+                );
+            }
+        }
+        children.sort();
+        if let NodeKind::Dir(c) = &mut tree.nodes[idx].kind {
+            *c = children;
+        }
+    }
+    Ok((tree, paths, bytes))
+}
+
+/// `dioxide mkfs IMG --from DIR`.
+pub fn mkfs(
+    img: &Path,
+    from: &Path,
+    size: Option<u64>,
+    block_size: u32,
+    label: &str,
+) -> Result<i32, Error> {
+    let t0 = Instant::now();
+    let (tree, paths, bytes) = scan(from)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut uuid = [0u8; 16];
+    let seed = (now as u64) ^ (std::process::id() as u64) << 32 ^ t0.elapsed().as_nanos() as u64;
+    let mut rng = crate::image::Xorshift::new(seed);
+    rng.fill(&mut uuid);
+    let opts = Options {
+        block_size,
+        size,
+        label: label.into(),
+        uuid,
+        now,
+    };
+    let plan = mkfs::plan(&tree, &opts)
+        .map_err(|e| Error::Usage(format!("mkfs {}: {e}", img.display())))?;
+    let mut dev = FileDevice::create(img, plan.image_bytes())?;
+    let mut src = HostSource { paths, open: None };
+    let tty = std::io::stderr().is_terminal();
+    let mut last = Instant::now();
+    let mut progress = |done: u64, total: u64| {
+        if tty && total > 64 << 20 && last.elapsed().as_millis() > 200 {
+            last = Instant::now();
+            let pct = done * 100 / total.max(1);
+            let bar: String = (0..40)
+                .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
+                .collect();
+            eprint!("\r[{bar}] {pct:3}% {} / {} MiB", done >> 20, total >> 20);
+        }
+    };
+    let r = mkfs::write(&tree, &plan, &opts, &mut src, &mut dev, &mut progress);
+    if tty && bytes > 64 << 20 {
+        eprintln!();
+    }
+    let summary = match r {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(img);
+            return Err(Error::Usage(format!("mkfs {}: {e}", img.display())));
+        }
+    };
+    dev.file
+        .sync_all()
+        .map_err(io_err(format!("sync {}", img.display())))?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "dioxide mkfs: {}: {} files, {} directories, {:.1} MiB of data; {} of {} blocks of {} bytes used, {} of {} inodes; {:.2} s ({:.0} MiB/s)",
+        img.display(),
+        summary.files,
+        summary.dirs,
+        summary.data_bytes as f64 / (1 << 20) as f64,
+        summary.used_blocks,
+        summary.blocks,
+        summary.block_size,
+        summary.used_inodes,
+        summary.inodes,
+        secs,
+        summary.data_bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    );
+    Ok(0)
+}
+
+/// `dioxide fsck IMG`: 0 clean, 4 errors found, 8 operational error (like
+/// e2fsck).
+pub fn fsck(img: &Path) -> Result<i32, Error> {
+    let dev = match FileDevice::open(img) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("dioxide fsck: {e}");
+            return Ok(8);
+        }
+    };
+    let r = dioxide_dxfs::fsck::check(&dev);
+    for p in &r.problems {
+        println!("{}: {p}", img.display());
+    }
+    if r.clean() {
+        println!(
+            "{}: clean, {}/{} inodes, {}/{} blocks, {} files, {} directories",
+            img.display(),
+            r.used_inodes,
+            r.inode_count,
+            r.used_blocks,
+            r.block_count,
+            r.files,
+            r.dirs
+        );
+        Ok(0)
+    } else {
+        println!("{}: {} problem(s) found", img.display(), r.problems.len());
+        Ok(4)
+    }
+}
+
+fn mode_string(mode: u16) -> String {
+    let mut s = String::with_capacity(10);
+    s.push(if mode & S_IFMT == S_IFDIR { 'd' } else { '-' });
+    for shift in [6, 3, 0] {
+        let b = (mode >> shift) & 7;
+        s.push(if b & 4 != 0 { 'r' } else { '-' });
+        s.push(if b & 2 != 0 { 'w' } else { '-' });
+        s.push(if b & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+/// `dioxide ls IMG [PATH]`.
+pub fn ls(img: &Path, path: &str) -> Result<i32, Error> {
+    let dev = FileDevice::open(img)?;
+    let fs = Fs::mount(&dev).map_err(fs_err(img))?;
+    let ino = fs.resolve(path).map_err(fs_err(img))?;
+    let f = fs.open(ino).map_err(fs_err(img))?;
+    let mut out = std::io::stdout().lock();
+    let line = |out: &mut dyn Write, inode: &dioxide_dxfs::format::Inode, name: &str| {
+        let _ = writeln!(
+            out,
+            "{} {:3} {:5} {:5} {:12} {}{}",
+            mode_string(inode.mode),
+            inode.links,
+            inode.uid,
+            inode.gid,
+            inode.size,
+            name,
+            if inode.is_dir() { "/" } else { "" }
+        );
+    };
+    if !f.inode.is_dir() {
+        line(&mut out, &f.inode, path);
+        return Ok(0);
+    }
+    let mut entries = fs.readdir(&f).map_err(fs_err(img))?;
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in entries {
+        match fs.inode(e.ino) {
+            Ok(i) => line(&mut out, &i, &e.name),
+            Err(err) => {
+                let _ = writeln!(out, "?????????? {}: {err}", e.name);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `dioxide cat IMG PATH`.
+pub fn cat(img: &Path, path: &str) -> Result<i32, Error> {
+    let dev = FileDevice::open(img)?;
+    let fs = Fs::mount(&dev).map_err(fs_err(img))?;
+    let ino = fs.resolve(path).map_err(fs_err(img))?;
+    let f = fs.open(ino).map_err(fs_err(img))?;
+    if f.inode.is_dir() {
+        return Err(Error::Disk {
+            path: img.into(),
+            why: format!("{path}: is a directory"),
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < f.size() {
+        let n = fs.read(&f, off, &mut buf).map_err(fs_err(img))?;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = out.write_all(&buf[..n]) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(0);
+            }
+            return Err(Error::Io {
+                context: "write stdout".into(),
+                source: e,
+            });
+        }
+        off += n as u64;
+    }
+    Ok(0)
+}
