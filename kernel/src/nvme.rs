@@ -1,11 +1,11 @@
 //! The NVMe driver wired to this kernel: its HAL (heap memory as DMA memory,
 //! identity mapped; TSC time), BAR0 as its register block, MSI-X routing, and
-//! one I/O queue pair reaped either by polling or from its MSI-X interrupt
-//! handler.
+//! one I/O queue pair per core, owned by that core's DIO engine
+//! (`dioxide_iomap::Engine`) and reaped either by polling or from its MSI-X
+//! interrupt handler, which runs the completions inline.
 //!
-//! Completions are recorded per caller tag in a fixed table ([`MAX_TAGS`]
-//! entries), so reaping a completion allocates nothing, in the poll loop and
-//! in the interrupt handler alike.
+//! Raw commands (self-tests, filesystem metadata) complete into a fixed table
+//! of per-tag results ([`MAX_TAGS`] entries), so reaping allocates nothing.
 
 use crate::arch::{apic, idt};
 use crate::pci::{self, Function, MsiX};
@@ -13,10 +13,9 @@ use crate::time;
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU8, Ordering};
-use dioxide_nvme::{
-    Completion, Config, Controller, DataBuf, Dma, Hal, Mmio, Namespace, NvmeError, QueuePair,
-    SubmissionEntry,
-};
+use dioxide_iomap::nvme::NvmeQueue;
+use dioxide_iomap::{Callback, DioError, Engine, IoBuf, Op};
+use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
 use spin::Mutex;
 use x86_64::instructions::interrupts;
 
@@ -80,7 +79,9 @@ impl Mmio for Bar0 {
     }
 }
 
-pub type Queue = QueuePair<KernelHal, Bar0>;
+/// The I/O queue pair of this core, owned by its DIO engine: raw commands,
+/// metadata reads and file I/O all go through it.
+pub type Dio = Engine<NvmeQueue<KernelHal, Bar0>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -96,9 +97,9 @@ const PENDING: u8 = 1;
 const OK: u8 = 2;
 const FAILED: u8 = 3;
 
-static QUEUE: Mutex<Option<Queue>> = Mutex::new(None);
+static ENGINE: Mutex<Option<Dio>> = Mutex::new(None);
 static RESULTS: [AtomicU8; MAX_TAGS] = [const { AtomicU8::new(IDLE) }; MAX_TAGS];
-static LAST_ERROR: Mutex<Option<NvmeError>> = Mutex::new(None);
+static LAST_ERROR: Mutex<Option<DioError>> = Mutex::new(None);
 static MODE: Mutex<Mode> = Mutex::new(Mode::Poll);
 
 pub struct Nvme {
@@ -136,12 +137,12 @@ impl From<NvmeError> for InitError {
     }
 }
 
-fn record(c: Completion) {
-    let tag = c.tag as usize;
+/// Completion of a tagged raw command: runs inline in the completion path.
+fn record(tag: usize, r: Result<usize, DioError>) {
     if tag >= MAX_TAGS {
         return;
     }
-    match c.result {
+    match r {
         Ok(_) => RESULTS[tag].store(OK, Ordering::Release),
         Err(e) => {
             *LAST_ERROR.lock() = Some(e);
@@ -150,13 +151,21 @@ fn record(c: Completion) {
     }
 }
 
-/// The MSI-X handler of the I/O queue: runs the completions.
+/// The MSI-X handler of the I/O queue: runs the completions, inline.
 fn irq_handler(_: &mut idt::TrapFrame) {
-    // The main line only holds the queue lock with interrupts off, so it is
-    // free here.
-    if let Some(q) = QUEUE.lock().as_mut() {
-        q.process_completions(record);
+    // The main line only holds the engine with interrupts off, so it is free.
+    if let Some(e) = ENGINE.lock().as_mut() {
+        e.poll();
     }
+}
+
+/// Runs `f` on this core's DIO engine, with interrupts off.
+pub fn with_engine<R>(f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
+    interrupts::without_interrupts(|| ENGINE.lock().as_mut().map(f))
+}
+
+pub fn mode() -> Mode {
+    *MODE.lock()
 }
 
 /// Brings up the controller of PCI function `f`, namespace 1 and I/O queue 1.
@@ -182,8 +191,8 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
         Mode::Poll => None,
         Mode::Irq => {
             let msix = MsiX::new(f.bdf).ok_or(InitError::NoMsiX)?;
-            // Entry 0 serves the admin queue (polled here, left masked off by
-            // not routing it); entry 1 the I/O queue.
+            // Entry 0 would serve the admin queue (polled, not routed);
+            // entry 1 the I/O queue.
             msix.route(1, apic::id(), IO_VECTOR);
             msix.enable();
             idt::register(IO_VECTOR, irq_handler);
@@ -200,7 +209,7 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
         if mode == Mode::Irq { "MSI-X interrupt" } else { "polled" },
         max_transfer / 1024
     );
-    *QUEUE.lock() = Some(q);
+    *ENGINE.lock() = Some(Engine::new(NvmeQueue::new(q, KernelHal, ns)));
     *MODE.lock() = mode;
     Ok(Nvme {
         ctrl,
@@ -210,24 +219,22 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     })
 }
 
-/// Submits `cmd` with `tag` (< MAX_TAGS).
+/// Submits a raw command on the namespace with `tag` (< MAX_TAGS); its
+/// completion is recorded for [`take`].
 ///
 /// # Safety
 ///
-/// `buf`, when given, stays valid and untouched until the tag is done (or the
-/// kernel powers off).
-pub unsafe fn submit(
-    cmd: SubmissionEntry,
-    buf: Option<DataBuf>,
-    tag: u16,
-) -> Result<(), NvmeError> {
+/// `buf` stays valid and untouched until the tag is done (or the kernel
+/// powers off).
+pub unsafe fn submit(op: Op, lba: u64, buf: IoBuf, tag: u16) -> Result<(), DioError> {
     RESULTS[tag as usize].store(PENDING, Ordering::Release);
-    let r = interrupts::without_interrupts(|| {
-        let mut g = QUEUE.lock();
-        let q = g.as_mut().ok_or(NvmeError::DeviceGone)?;
-        // SAFETY: forwarded to the caller.
-        unsafe { q.submit(cmd, buf, tag as u64) }
-    });
+    let cb = Callback {
+        func: record,
+        ctx: tag as usize,
+    };
+    // SAFETY: forwarded to the caller.
+    let r = with_engine(|e| unsafe { e.raw(op, lba, buf, Some(cb)) })
+        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
     if r.is_err() {
         RESULTS[tag as usize].store(IDLE, Ordering::Release);
     }
@@ -235,7 +242,7 @@ pub unsafe fn submit(
 }
 
 /// The result of `tag` if it is done; the tag becomes idle again.
-pub fn take(tag: u16) -> Option<Result<(), NvmeError>> {
+pub fn take(tag: u16) -> Option<Result<(), DioError>> {
     match RESULTS[tag as usize].load(Ordering::Acquire) {
         OK => {
             RESULTS[tag as usize].store(IDLE, Ordering::Release);
@@ -243,7 +250,9 @@ pub fn take(tag: u16) -> Option<Result<(), NvmeError>> {
         }
         FAILED => {
             RESULTS[tag as usize].store(IDLE, Ordering::Release);
-            Some(Err(LAST_ERROR.lock().unwrap_or(NvmeError::DeviceGone)))
+            Some(Err(LAST_ERROR
+                .lock()
+                .unwrap_or(DioError::Unsupported("lost error"))))
         }
         _ => None,
     }
@@ -253,26 +262,10 @@ pub fn is_done(tag: u16) -> bool {
     matches!(RESULTS[tag as usize].load(Ordering::Acquire), OK | FAILED)
 }
 
-/// Reaps completions (poll mode) and expires overdue commands.
-fn service(check_expiry: bool) {
-    interrupts::without_interrupts(|| {
-        if let Some(q) = QUEUE.lock().as_mut() {
-            if *MODE.lock() == Mode::Poll {
-                q.process_completions(record);
-            }
-            if check_expiry {
-                let now = time::now_ns();
-                while let Some(c) = q.expire(now) {
-                    record(c);
-                }
-            }
-        }
-    });
-}
-
 /// Waits until `done()` holds. Polls the queue, or halts until the next
-/// interrupt (the completion's MSI-X or the APIC tick) in irq mode; every
-/// command has a deadline, so this always ends.
+/// interrupt (the completion's MSI-X or the APIC tick) in irq mode. Deferred
+/// work (error completions) runs here, in process context. Every command has
+/// a deadline, so this always ends.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
     let mode = *MODE.lock();
     let mut next_expiry = time::now_ns() + 1_000_000;
@@ -282,18 +275,23 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
         if check {
             next_expiry = now + 1_000_000;
         }
+        with_engine(|e| {
+            if mode == Mode::Poll {
+                e.poll();
+            }
+            if check {
+                e.expire();
+            }
+            e.run_deferred();
+        });
         match mode {
             Mode::Poll => {
-                service(check);
                 if done() {
                     return;
                 }
                 core::hint::spin_loop();
             }
             Mode::Irq => {
-                if check {
-                    service(true);
-                }
                 interrupts::disable();
                 if done() {
                     interrupts::enable();
@@ -307,22 +305,21 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Submits one command and waits for it (tag `MAX_TAGS - 1`).
+/// A raw command, waited for (polls the queue with interrupts off).
 ///
 /// # Safety
 ///
-/// As [`submit`]; the buffer is released when this returns.
-pub unsafe fn execute(cmd: SubmissionEntry, buf: Option<DataBuf>) -> Result<(), NvmeError> {
-    let tag = (MAX_TAGS - 1) as u16;
-    // SAFETY: forwarded; we wait for the tag before returning.
-    unsafe { submit(cmd, buf, tag)? };
-    wait_until(|| is_done(tag));
-    take(tag).unwrap_or(Err(NvmeError::DeviceGone))
+/// `buf` is valid for the duration of the call.
+pub unsafe fn execute(op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
+    // SAFETY: forwarded; the call waits for the completion.
+    with_engine(|e| unsafe { e.raw(op, lba, buf, None) })
+        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
+        .map(|_| ())
 }
 
 /// Queue counters.
 pub fn stats() -> Option<dioxide_nvme::QueueStats> {
-    interrupts::without_interrupts(|| QUEUE.lock().as_ref().map(|q| q.stats()))
+    with_engine(|e| e.queue().qp.stats())
 }
 
 /// A page-aligned heap buffer for DMA.
@@ -347,9 +344,9 @@ impl DmaBuf {
         unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
     /// The device view of `[off, off + len)`.
-    pub fn part(&mut self, off: usize, len: usize) -> DataBuf {
+    pub fn part(&mut self, off: usize, len: usize) -> IoBuf {
         assert!(off + len <= self.len);
-        DataBuf {
+        IoBuf {
             addr: self.ptr.as_ptr() as usize + off,
             len,
         }

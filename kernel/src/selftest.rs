@@ -6,10 +6,13 @@ use crate::nvme::{self, DmaBuf, Nvme};
 use crate::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
 use crate::{outln, time};
 use alloc::vec::Vec;
-use dioxide_nvme::{NvmeError, SubmissionEntry};
+use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op};
 use sha2::{Digest, Sha256};
 
-fn device_error(what: &str, e: NvmeError) -> ! {
+const NO_MEMORY: DioError = DioError::Unsupported("out of memory");
+const FLUSH: IoBuf = IoBuf { addr: 0, len: 0 };
+
+fn device_error(what: &str, e: DioError) -> ! {
     log::error!(target: "selftest", "{what}: {e}");
     outln!("error {what}: {e}");
     power::exit(EXIT_DEVICE)
@@ -84,16 +87,15 @@ pub fn digest(dev: &mut Nvme) -> ! {
     let qd = 8usize;
     let nchunks = total.div_ceil(chunk as u64) as usize;
     let mut bufs: Vec<DmaBuf> = (0..qd)
-        .map(|_| DmaBuf::new(chunk).unwrap_or_else(|| device_error("digest", NvmeError::NoMemory)))
+        .map(|_| DmaBuf::new(chunk).unwrap_or_else(|| device_error("digest", NO_MEMORY)))
         .collect();
     let len_of = |i: usize| -> usize { ((total - (i * chunk) as u64).min(chunk as u64)) as usize };
     let submit = |bufs: &mut Vec<DmaBuf>, i: usize| {
         let len = len_of(i);
         let lba = (i * chunk / bs) as u64;
-        let cmd = SubmissionEntry::read(dev.ns.nsid, lba, (len / bs) as u32);
         let part = bufs[i % qd].part(0, len);
         // SAFETY: the buffer is not touched until its tag is done.
-        if let Err(e) = unsafe { nvme::submit(cmd, Some(part), (i % qd) as u16) } {
+        if let Err(e) = unsafe { nvme::submit(Op::Read, lba, part, (i % qd) as u16) } {
             device_error("digest submit", e);
         }
     };
@@ -110,7 +112,7 @@ pub fn digest(dev: &mut Nvme) -> ! {
         match nvme::take(tag) {
             Some(Ok(())) => {}
             Some(Err(e)) => device_error(&alloc::format!("digest read at byte {}", i * chunk), e),
-            None => device_error("digest", NvmeError::DeviceGone),
+            None => device_error("digest", DioError::Unsupported("lost completion")),
         }
         hasher.update(&bufs[i % qd].as_slice()[..len_of(i)]);
         if next < nchunks {
@@ -145,7 +147,7 @@ fn transfer(
     buf: &mut DmaBuf,
     unit: usize,
     qd: usize,
-) -> Result<(), NvmeError> {
+) -> Result<(), DioError> {
     let bs = dev.ns.block_size as usize;
     let units = buf.as_slice().len() / unit;
     let mut free: Vec<u16> = (0..qd as u16).rev().collect();
@@ -156,16 +158,11 @@ fn transfer(
     while done < units {
         while next < units && !free.is_empty() && first_error.is_none() {
             let tag = free.pop().unwrap_or(0);
-            let blocks = (unit / bs) as u32;
             let at = lba + (next * unit / bs) as u64;
-            let cmd = if write {
-                SubmissionEntry::write(dev.ns.nsid, at, blocks)
-            } else {
-                SubmissionEntry::read(dev.ns.nsid, at, blocks)
-            };
+            let op = if write { Op::Write } else { Op::Read };
             let part = buf.part(next * unit, unit);
             // SAFETY: `buf` outlives the wait below, which covers every tag.
-            unsafe { nvme::submit(cmd, Some(part), tag)? };
+            unsafe { nvme::submit(op, at, part, tag)? };
             inflight.push(tag);
             next += 1;
         }
@@ -201,8 +198,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
         outln!("files error: nvme0n1 holds no usable dxfs");
         power::exit(EXIT_TEST_FAILED);
     };
-    let mut buf =
-        DmaBuf::new(1 << 20).unwrap_or_else(|| device_error("files", NvmeError::NoMemory));
+    let mut buf = DmaBuf::new(1 << 20).unwrap_or_else(|| device_error("files", NO_MEMORY));
     let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
     let t0 = time::now_ns();
     let mut stack: Vec<(alloc::string::String, u64)> =
@@ -244,14 +240,26 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
             let mut off = 0u64;
             let mut failed = None;
             while off < f.size() {
-                match fs.read(&f, off, buf.as_mut_slice()) {
-                    Ok(0) => break,
-                    Ok(n) => {
+                // Every file read goes through the DIO layer: 1 MiB requests
+                // take the generic path (EOF tails through a bounce buffer).
+                let iob = buf.part(0, 1 << 20);
+                // SAFETY: `buf` is owned here; the call is synchronous.
+                let r = nvme::with_engine(|e| unsafe {
+                    e.dio_rw(&Kiocb::sync(off), Op::Read, iob, &f, None, 0, 0)
+                })
+                .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
+                match r {
+                    Ok(DioResult::Done(0)) => break,
+                    Ok(DioResult::Done(n)) => {
                         hasher.update(&buf.as_slice()[..n]);
                         off += n as u64;
                     }
+                    Ok(DioResult::Queued) => {
+                        failed = Some(alloc::format!("synchronous read queued"));
+                        break;
+                    }
                     Err(err) => {
-                        failed = Some(err);
+                        failed = Some(alloc::format!("{err}"));
                         break;
                     }
                 }
@@ -306,7 +314,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     }
     let lba = dev.ns.blocks - blocks;
     let len = (blocks * bs) as usize;
-    let alloc_buf = || DmaBuf::new(len).unwrap_or_else(|| device_error("rw", NvmeError::NoMemory));
+    let alloc_buf = || DmaBuf::new(len).unwrap_or_else(|| device_error("rw", NO_MEMORY));
     let mut saved = alloc_buf();
     let mut wbuf = alloc_buf();
     let mut rbuf = alloc_buf();
@@ -338,7 +346,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
             power::exit(EXIT_TEST_FAILED);
         }
         // SAFETY: no data buffer.
-        if let Err(e) = unsafe { nvme::execute(SubmissionEntry::flush(dev.ns.nsid), None) } {
+        if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
             device_error("rw flush", e);
         }
         log::info!(target: "selftest", "rw: pass at queue depth {qd} verified");
@@ -347,7 +355,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
         device_error("rw restore", e);
     }
     // SAFETY: no data buffer.
-    if let Err(e) = unsafe { nvme::execute(SubmissionEntry::flush(dev.ns.nsid), None) } {
+    if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
         device_error("rw flush", e);
     }
     rbuf.as_mut_slice().fill(0);

@@ -3,7 +3,8 @@
 use crate::nvme::{self, DmaBuf};
 use alloc::string::String;
 use dioxide_dxfs::{BlockDevice, Fs};
-use dioxide_nvme::{DataBuf, Namespace, SubmissionEntry};
+use dioxide_iomap::{IoBuf, Op};
+use dioxide_nvme::Namespace;
 
 /// nvme0n1 as a dxfs block device: reads go to the I/O queue, split at the
 /// maximum transfer; buffers the controller cannot address directly
@@ -45,12 +46,11 @@ impl BlockDevice for NvmeDisk {
         while done < buf.len() {
             let n = (buf.len() - done).min(chunk);
             let lba = (offset + done as u64) / bs;
-            let cmd = SubmissionEntry::read(self.ns.nsid, lba, (n as u64 / bs) as u32);
             let part = &mut buf[done..done + n];
             if (part.as_ptr() as usize).is_multiple_of(4) {
                 // SAFETY: `part` is borrowed until execute returns, after the
                 // command completed.
-                unsafe { nvme::execute(cmd, Some(DataBuf::from_mut_slice(part))) }
+                unsafe { nvme::execute(Op::Read, lba, IoBuf::from_mut_slice(part)) }
                     .map_err(|e| alloc::format!("{e}"))?;
             } else {
                 if bounce.is_none() {
@@ -61,7 +61,7 @@ impl BlockDevice for NvmeDisk {
                 };
                 let view = b.part(0, n);
                 // SAFETY: the bounce buffer is owned here until execute returns.
-                unsafe { nvme::execute(cmd, Some(view)) }.map_err(|e| alloc::format!("{e}"))?;
+                unsafe { nvme::execute(Op::Read, lba, view) }.map_err(|e| alloc::format!("{e}"))?;
                 part.copy_from_slice(&b.as_slice()[..n]);
             }
             done += n;

@@ -15,6 +15,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod fsck;
+pub mod iomap;
 pub mod mkfs;
 #[cfg(test)]
 mod tests;

@@ -571,7 +571,8 @@ impl<Q: BlockQueue> Engine<Q> {
         cb: Option<Callback>,
     ) -> Result<DioResult, DioError> {
         let shift = self.queue.lba_shift();
-        if buf.len == 0
+        let flush = op == Op::Flush;
+        if (!flush && buf.len == 0)
             || buf.len & ((1 << shift) - 1) != 0
             || buf.addr % 4 != 0
             || buf.len > self.queue.max_transfer()
@@ -619,6 +620,9 @@ impl<Q: BlockQueue> Engine<Q> {
     ) -> Result<DioResult, DioError> {
         let pos = iocb.pos;
         self.st.stats.generic += 1;
+        if op == Op::Flush {
+            return Err(DioError::Invalid("flush is not a data transfer"));
+        }
         let align = self.alignment(ops, flags);
         if (pos | buf.len as u64) & (align - 1) != 0 || buf.addr % 4 != 0 {
             return Err(DioError::Invalid("position, length or buffer not aligned"));
@@ -719,7 +723,7 @@ impl<Q: BlockQueue> Engine<Q> {
                         )
                     };
                 }
-                (Op::Write, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => {
+                (_, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => {
                     record(
                         ptr,
                         cur,

@@ -53,6 +53,12 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
     }
     #[inline]
     unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u64) -> Result<(), BlkError> {
+        if op == Op::Flush {
+            // SAFETY: no data buffer.
+            return unsafe { self.qp.submit(SubmissionEntry::flush(self.nsid), None, tag) }
+                .map(|_| ())
+                .map_err(blk_err);
+        }
         let blocks = (buf.len >> self.lba_shift) as u32;
         if blocks == 0
             || lba
@@ -64,6 +70,7 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
         let cmd = match op {
             Op::Read => SubmissionEntry::read(self.nsid, lba, blocks),
             Op::Write => SubmissionEntry::write(self.nsid, lba, blocks),
+            Op::Flush => SubmissionEntry::flush(self.nsid),
         };
         // SAFETY: forwarded to our caller (buffer valid until completion).
         unsafe {

@@ -6,6 +6,8 @@ use core::fmt;
 pub enum Op {
     Read,
     Write,
+    /// Commit the device's volatile cache (no data).
+    Flush,
 }
 
 /// A data buffer named by CPU address (the device layer translates it).

@@ -123,6 +123,7 @@ impl BlockQueue for MemQueue {
             // SAFETY: the engine keeps the buffer valid until completion.
             unsafe {
                 match c.op {
+                    Op::Flush => {}
                     Op::Read => std::ptr::copy_nonoverlapping(
                         self.disk[at..].as_ptr(),
                         c.buf.addr as *mut u8,
