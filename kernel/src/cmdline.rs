@@ -2,10 +2,15 @@
 //!
 //! | key | values | meaning |
 //! |-----|--------|---------|
-//! | `selftest` | `digest`, `rw`, `files`, `fault`, `calibrate` | run a self-test and power off |
+//! | `selftest` | `digest`, `rw`, `files`, `bench`, `noalloc`, `fault`, `calibrate` | run a self-test and power off |
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
+//! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench` |
+//! | `bench.dev` | `nvme`, `null` (comma list) | devices of `selftest=bench` |
+//! | `bench.completion` | `poll`, `irq` (comma list) | completion modes (irq needs `nvme.completion=irq`) |
+//! | `bench.secs` | seconds per row (default 2) | |
+//! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
 pub struct Cmdline<'a> {
@@ -49,4 +54,9 @@ pub const KNOWN: &[&str] = &[
     "nvme.timeout_ms",
     "rw.blocks",
     "log",
+    "bench.qd",
+    "bench.dev",
+    "bench.completion",
+    "bench.secs",
+    "bench.file",
 ];

@@ -12,6 +12,7 @@ extern crate alloc;
 
 mod acpi;
 mod arch;
+mod bench;
 mod cmdline;
 mod mm;
 mod nvme;
@@ -62,10 +63,21 @@ fn kmain(boot: &'static BootInfo) -> ! {
     arch::apic::disable_pic();
 
     let selftest = args.get("selftest").unwrap_or("");
-    if !["", "digest", "rw", "files", "fault", "calibrate"].contains(&selftest) {
+    if ![
+        "",
+        "digest",
+        "rw",
+        "files",
+        "bench",
+        "noalloc",
+        "fault",
+        "calibrate",
+    ]
+    .contains(&selftest)
+    {
         fail(
             EXIT_CONFIG,
-            format_args!("unknown self-test {selftest:?} (digest, rw, files, fault, calibrate)"),
+            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, calibrate)"),
         );
     }
     if selftest == "calibrate" {
@@ -143,6 +155,26 @@ fn kmain(boot: &'static BootInfo) -> ! {
     let fs = storage::mount(&dev);
     match selftest {
         "files" => selftest::files(&mut dev, fs),
+        "noalloc" => bench::noalloc(&dev, fs),
+        "bench" => {
+            let list = |k: &str, d: &'static str| args.get(k).unwrap_or(d);
+            let qds: alloc::vec::Vec<usize> = list("bench.qd", "1,16,64,128,256")
+                .split(',')
+                .filter_map(|q| q.parse().ok())
+                .collect();
+            let devs: alloc::vec::Vec<&str> = list("bench.dev", "nvme,null").split(',').collect();
+            let comps: alloc::vec::Vec<&str> =
+                list("bench.completion", "poll").split(',').collect();
+            let secs = args.number("bench.secs").ok().flatten().unwrap_or(2).max(1);
+            let p = bench::Params {
+                qds: &qds,
+                devs: &devs,
+                completions: &comps,
+                secs,
+                file: args.get("bench.file"),
+            };
+            bench::bench(&dev, fs, &p)
+        }
         "digest" => selftest::digest(&mut dev),
         "rw" => selftest::rw(&mut dev, rw_blocks),
         _ => run_loop(&dev),

@@ -1,0 +1,493 @@
+//! The in-guest benchmark (`selftest=bench`) and the no-allocation proof
+//! (`selftest=noalloc`).
+//!
+//! Each row keeps `qd` 4 KiB random reads in flight for a while against one
+//! target — the raw namespace, the file through the generic path (simple path
+//! off), the file through the simple path — on one device (the NVMe queue or
+//! the null device) with one completion mode, and prints
+//!
+//! ```text
+//! bench row target=simple dev=nvme completion=poll qd=16 ios=.. iops=.. lat_mean_us=.. lat_p99_us=.. cycles_per_io=.. allocs_per_io=..
+//! ```
+//!
+//! Completions record their latency inline (TSC at completion minus TSC at
+//! submission) into a fixed histogram and push the request's context onto a
+//! ring the submit loop drains: nothing is allocated per request by the
+//! harness itself, so `allocs_per_io` is the layers' own.
+
+use crate::nvme::{self, DmaBuf, Mode};
+use crate::{mm, outln, power, time};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use dioxide_dxfs::File;
+use dioxide_iomap::null::NullQueue;
+use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op};
+use x86_64::instructions::interrupts;
+
+const MAX_QD: usize = 1024;
+const BUCKETS: usize = 64 * 16;
+
+static START: [AtomicU64; MAX_QD] = [const { AtomicU64::new(0) }; MAX_QD];
+static HIST: [AtomicU64; BUCKETS] = [const { AtomicU64::new(0) }; BUCKETS];
+static LAT_SUM: AtomicU64 = AtomicU64::new(0);
+static DONE: AtomicU64 = AtomicU64::new(0);
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+// Ring of contexts whose request completed (single producer: the completion
+// path; single consumer: the submit loop).
+static READY: [AtomicUsize; MAX_QD + 1] = [const { AtomicUsize::new(0) }; MAX_QD + 1];
+static R_HEAD: AtomicUsize = AtomicUsize::new(0);
+static R_TAIL: AtomicUsize = AtomicUsize::new(0);
+
+fn bucket(c: u64) -> usize {
+    if c < 16 {
+        return c as usize;
+    }
+    let e = 63 - c.leading_zeros() as usize;
+    ((e - 3) * 16 + ((c >> (e - 4)) & 15) as usize).min(BUCKETS - 1)
+}
+
+fn bucket_value(i: usize) -> u64 {
+    if i < 16 {
+        return i as u64;
+    }
+    let e = i / 16 + 3;
+    (16 + (i % 16) as u64) << (e - 4)
+}
+
+fn push_ready(ctx: usize) {
+    let t = R_TAIL.load(Ordering::Relaxed);
+    READY[t].store(ctx, Ordering::Relaxed);
+    R_TAIL.store((t + 1) % (MAX_QD + 1), Ordering::Release);
+}
+
+fn pop_ready() -> Option<usize> {
+    let h = R_HEAD.load(Ordering::Relaxed);
+    if h == R_TAIL.load(Ordering::Acquire) {
+        return None;
+    }
+    let v = READY[h].load(Ordering::Relaxed);
+    R_HEAD.store((h + 1) % (MAX_QD + 1), Ordering::Release);
+    Some(v)
+}
+
+/// The completion callback of every benchmark request: runs inline in the
+/// completion handler.
+fn on_done(ctx: usize, r: Result<usize, DioError>) {
+    let lat = time::rdtsc().wrapping_sub(START[ctx].load(Ordering::Relaxed));
+    HIST[bucket(lat)].fetch_add(1, Ordering::Relaxed);
+    LAT_SUM.fetch_add(lat, Ordering::Relaxed);
+    DONE.fetch_add(1, Ordering::Relaxed);
+    if r.is_err() {
+        ERRORS.fetch_add(1, Ordering::Relaxed);
+    }
+    push_ready(ctx);
+}
+
+fn reset() {
+    for h in HIST.iter() {
+        h.store(0, Ordering::Relaxed);
+    }
+    LAT_SUM.store(0, Ordering::Relaxed);
+    DONE.store(0, Ordering::Relaxed);
+    ERRORS.store(0, Ordering::Relaxed);
+    R_HEAD.store(0, Ordering::Relaxed);
+    R_TAIL.store(0, Ordering::Relaxed);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Raw,
+    Generic,
+    Simple,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Raw => "raw",
+            Target::Generic => "generic",
+            Target::Simple => "simple",
+        }
+    }
+}
+
+/// How long a row runs.
+#[derive(Clone, Copy)]
+pub enum Limit {
+    Secs(u64),
+    Ios(u64),
+}
+
+pub struct Row {
+    pub ios: u64,
+    pub errors: u64,
+    pub cycles: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+struct Load<'a> {
+    target: Target,
+    file: &'a File,
+    file_blocks: u64,
+    raw_blocks: u64,
+    bufs: usize,
+    rng: Rng,
+}
+
+impl Load<'_> {
+    /// Submits the request of context `ctx`.
+    fn submit<Q: BlockQueue>(&mut self, e: &mut Engine<Q>, ctx: usize) {
+        let buf = IoBuf {
+            addr: self.bufs + ctx * 4096,
+            len: 4096,
+        };
+        let cb = Callback { func: on_done, ctx };
+        START[ctx].store(time::rdtsc(), Ordering::Relaxed);
+        let r = match self.target {
+            Target::Raw => {
+                let shift = e.queue().lba_shift();
+                let lba = (self.rng.next() % self.raw_blocks) << (12 - shift);
+                // SAFETY: the buffers live for the whole benchmark.
+                unsafe { e.raw(Op::Read, lba, buf, Some(cb)) }
+            }
+            Target::Generic | Target::Simple => {
+                let pos = (self.rng.next() % self.file_blocks) * 4096;
+                // SAFETY: as above.
+                unsafe {
+                    e.dio_rw(
+                        &Kiocb::with_callback(pos, cb),
+                        Op::Read,
+                        buf,
+                        self.file,
+                        None,
+                        0,
+                        0,
+                    )
+                }
+            }
+        };
+        match r {
+            Ok(DioResult::Queued) => {}
+            Ok(DioResult::Done(n)) => on_done(ctx, Ok(n)),
+            Err(err) => on_done(ctx, Err(err)),
+        }
+    }
+}
+
+/// Runs one row: `with` gives the engine (under its lock); `irq` means
+/// completions arrive from the interrupt handler.
+fn run<Q: BlockQueue>(
+    with: &mut dyn FnMut(&mut dyn FnMut(&mut Engine<Q>)),
+    irq: bool,
+    load: &mut Load,
+    qd: usize,
+    limit: Limit,
+) -> Row {
+    reset();
+    let target = load.target;
+    with(&mut |e| e.set_simple(target == Target::Simple));
+    let h0 = mm::heap::stats();
+    let hz = time::tsc_hz();
+    let t0 = time::rdtsc();
+    let (deadline, max_ios) = match limit {
+        Limit::Secs(s) => (t0 + s * hz, u64::MAX),
+        Limit::Ios(n) => (u64::MAX, n),
+    };
+    let mut submitted = 0u64;
+    let mut outstanding = 0usize;
+    with(&mut |e| {
+        for ctx in 0..qd {
+            if submitted < max_ios {
+                load.submit(e, ctx);
+                submitted += 1;
+                outstanding += 1;
+            }
+        }
+    });
+    while outstanding > 0 {
+        if irq {
+            interrupts::disable();
+            if R_HEAD.load(Ordering::Acquire) == R_TAIL.load(Ordering::Acquire) {
+                interrupts::enable_and_hlt();
+            } else {
+                interrupts::enable();
+            }
+        }
+        with(&mut |e| {
+            if !irq {
+                e.poll();
+            }
+            e.run_deferred();
+            let now = time::rdtsc();
+            while let Some(ctx) = pop_ready() {
+                if now < deadline && submitted < max_ios {
+                    load.submit(e, ctx);
+                    submitted += 1;
+                } else {
+                    outstanding -= 1;
+                }
+            }
+        });
+    }
+    let cycles = time::rdtsc() - t0;
+    let h1 = mm::heap::stats();
+    Row {
+        ios: DONE.load(Ordering::Relaxed),
+        errors: ERRORS.load(Ordering::Relaxed),
+        cycles,
+        allocs: h1.allocs - h0.allocs,
+        frees: h1.frees - h0.frees,
+    }
+}
+
+fn p99_cycles(n: u64) -> u64 {
+    let want = (n * 99).div_ceil(100);
+    let mut seen = 0;
+    for (i, h) in HIST.iter().enumerate() {
+        seen += h.load(Ordering::Relaxed);
+        if seen >= want {
+            return bucket_value(i);
+        }
+    }
+    0
+}
+
+fn us(cycles: f64) -> f64 {
+    cycles * 1e6 / time::tsc_hz() as f64
+}
+
+fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
+    let n = r.ios.max(1) as f64;
+    let secs = r.cycles as f64 / time::tsc_hz() as f64;
+    outln!(
+        "bench row target={} dev={} completion={} qd={} ios={} errors={} iops={:.0} lat_mean_us={:.2} lat_p99_us={:.2} cycles_per_io={:.0} allocs_per_io={:.3}",
+        target.name(),
+        dev,
+        completion,
+        qd,
+        r.ios,
+        r.errors,
+        r.ios as f64 / secs,
+        us(LAT_SUM.load(Ordering::Relaxed) as f64 / n),
+        us(p99_cycles(r.ios) as f64),
+        r.cycles as f64 / n,
+        r.allocs as f64 / n
+    );
+}
+
+/// The file to read: `path`, or the largest regular file.
+fn pick_file(
+    fs: &dioxide_dxfs::Fs<crate::storage::NvmeDisk>,
+    path: Option<&str>,
+) -> Result<File, alloc::string::String> {
+    let ino = match path {
+        Some(p) => fs.resolve(p).map_err(|e| alloc::format!("{e}"))?,
+        None => {
+            let all = fs.walk().map_err(|e| alloc::format!("{e}"))?;
+            all.iter()
+                .filter(|e| e.inode.is_file())
+                .max_by_key(|e| e.inode.size)
+                .map(|e| e.ino)
+                .ok_or_else(|| alloc::string::String::from("no regular file"))?
+        }
+    };
+    let f = fs.open(ino).map_err(|e| alloc::format!("{e}"))?;
+    if f.size() < 4096 || !f.inode.is_file() {
+        return Err(alloc::format!(
+            "file of {} bytes: need a regular file of at least 4 KiB",
+            f.size()
+        ));
+    }
+    Ok(f)
+}
+
+pub struct Params<'a> {
+    pub qds: &'a [usize],
+    pub devs: &'a [&'a str],
+    pub completions: &'a [&'a str],
+    pub secs: u64,
+    pub file: Option<&'a str>,
+}
+
+fn nvme_with() -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
+    |f: &mut dyn FnMut(&mut nvme::Dio)| {
+        nvme::with_engine(|e| f(e));
+    }
+}
+
+/// `selftest=bench`.
+pub fn bench(
+    dev: &nvme::Nvme,
+    fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>,
+    p: &Params,
+) -> ! {
+    let Some(fs) = fs else {
+        outln!("bench error: nvme0n1 holds no usable dxfs");
+        power::exit(power::EXIT_TEST_FAILED);
+    };
+    let file = match pick_file(&fs, p.file) {
+        Ok(f) => f,
+        Err(e) => {
+            outln!("bench error: {e}");
+            power::exit(power::EXIT_TEST_FAILED);
+        }
+    };
+    let maxqd = p.qds.iter().copied().max().unwrap_or(1).min(MAX_QD);
+    let Some(mut bufs) = DmaBuf::new(maxqd * 4096) else {
+        outln!("bench error: out of memory");
+        power::exit(power::EXIT_TEST_FAILED);
+    };
+    let base = bufs.part(0, 4096).addr;
+    let raw_blocks = dev.ns.bytes() / 4096;
+    outln!(
+        "bench file bytes={} extents={} namespace_bytes={} tsc_mhz={}",
+        file.size(),
+        file.extents().len(),
+        dev.ns.bytes(),
+        time::tsc_hz() / 1_000_000
+    );
+    let mode = nvme::mode();
+    for d in p.devs {
+        for c in p.completions {
+            let irq = *c == "irq";
+            if *d == "nvme" && irq != (mode == Mode::Irq) {
+                outln!(
+                    "bench skip dev=nvme completion={c}: the kernel runs nvme.completion={:?}",
+                    mode
+                );
+                continue;
+            }
+            if *d == "null" && irq {
+                outln!("bench skip dev=null completion=irq: the null device completes on the next poll");
+                continue;
+            }
+            for &qd in p.qds {
+                let qd = qd.clamp(1, MAX_QD);
+                for target in [Target::Raw, Target::Generic, Target::Simple] {
+                    outln!(
+                        "bench running target={} dev={} completion={} qd={}",
+                        target.name(),
+                        d,
+                        c,
+                        qd
+                    );
+                    let mut load = Load {
+                        target,
+                        file: &file,
+                        file_blocks: file.size() / 4096,
+                        raw_blocks,
+                        bufs: base,
+                        rng: Rng(0x9e37_79b9 ^ qd as u64),
+                    };
+                    let row = if *d == "nvme" {
+                        run(&mut nvme_with(), irq, &mut load, qd, Limit::Secs(p.secs))
+                    } else {
+                        let mut e = Engine::new(NullQueue::new(
+                            MAX_QD,
+                            dev.ns.block_size.trailing_zeros(),
+                            dev.ns.blocks,
+                            time::now_ns as fn() -> u64,
+                        ));
+                        run(
+                            &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut e),
+                            false,
+                            &mut load,
+                            qd,
+                            Limit::Secs(p.secs),
+                        )
+                    };
+                    report(target, d, c, qd, &row);
+                }
+            }
+        }
+    }
+    outln!("bench done");
+    power::exit(power::EXIT_OK)
+}
+
+/// `selftest=noalloc`: 100 000 simple-path 4 KiB reads (32 in flight) on the
+/// NVMe queue; fails unless the heap counters did not move. Then reports the
+/// generic path's allocations per read.
+pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
+    let Some(fs) = fs else {
+        outln!("noalloc error: nvme0n1 holds no usable dxfs");
+        power::exit(power::EXIT_TEST_FAILED);
+    };
+    let file = match pick_file(&fs, None) {
+        Ok(f) => f,
+        Err(e) => {
+            outln!("noalloc error: {e}");
+            power::exit(power::EXIT_TEST_FAILED);
+        }
+    };
+    let Some(mut bufs) = DmaBuf::new(32 * 4096) else {
+        outln!("noalloc error: out of memory");
+        power::exit(power::EXIT_TEST_FAILED);
+    };
+    let base = bufs.part(0, 4096).addr;
+    let irq = nvme::mode() == Mode::Irq;
+    let load = |target| Load {
+        target,
+        file: &file,
+        file_blocks: file.size() / 4096,
+        raw_blocks: 1,
+        bufs: base,
+        rng: Rng(42),
+    };
+    let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+    let row = run(
+        &mut nvme_with(),
+        irq,
+        &mut load(Target::Simple),
+        32,
+        Limit::Ios(100_000),
+    );
+    let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+    let simple = s1.simple - s0.simple;
+    let ok = row.ios == 100_000
+        && row.errors == 0
+        && row.allocs == 0
+        && row.frees == 0
+        && simple == 100_000
+        && s1.fell_back == s0.fell_back;
+    outln!(
+        "noalloc simple reads={} simple_path={} errors={} allocs={} frees={} cycles_per_io={}",
+        row.ios,
+        simple,
+        row.errors,
+        row.allocs,
+        row.frees,
+        row.cycles / row.ios.max(1)
+    );
+    let g = run(
+        &mut nvme_with(),
+        irq,
+        &mut load(Target::Generic),
+        32,
+        Limit::Ios(2000),
+    );
+    outln!(
+        "noalloc generic reads={} allocs_per_io={:.2} frees_per_io={:.2}",
+        g.ios,
+        g.allocs as f64 / g.ios.max(1) as f64,
+        g.frees as f64 / g.ios.max(1) as f64
+    );
+    if ok {
+        outln!("noalloc ok");
+        power::exit(power::EXIT_OK)
+    }
+    outln!("noalloc failed");
+    power::exit(power::EXIT_TEST_FAILED)
+}
