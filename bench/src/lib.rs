@@ -1,0 +1,399 @@
+//! Software cost of one 4 KiB read on a real CPU.
+//!
+//! The guest runs under TCG on the project's build machines, so in-guest
+//! cycle counts are emulated. This benchmark drives the same crates — the
+//! NVMe driver, the iomap DIO engine, a dxfs file's extent map — on the host,
+//! against a controller model that completes every command the moment its
+//! doorbell is written (like `null_blk` behind an NVMe queue): the controller
+//! is brought up by the full simulated controller (`dioxide_nvme::sim`), then
+//! I/O queue 1's doorbells are served by the instant model, which only writes
+//! a completion entry per command.
+//!
+//! Per target (raw namespace, generic path, simple path) it reports ns and
+//! TSC cycles per I/O, and heap allocations per I/O, with 32 reads in
+//! flight. The model's own work (reading the command id, writing the
+//! completion entry) is measured alone, through the same doorbell calls, and
+//! subtracted.
+
+use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
+use dioxide_dxfs::{File, Fs, MemDevice};
+use dioxide_iomap::nvme::NvmeQueue;
+use dioxide_iomap::{Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op};
+use dioxide_nvme::cmd::{CompletionEntry, SubmissionEntry};
+use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
+use dioxide_nvme::{Controller, Mmio};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Counts heap allocations (the benchmark binary installs it).
+pub struct CountingAlloc;
+pub static ALLOCS: AtomicU64 = AtomicU64::new(0);
+// SAFETY: forwards to the system allocator.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: same contract.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[inline(always)]
+fn rdtsc() -> u64 {
+    // SAFETY: reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The instant controller model for one I/O queue.
+#[derive(Default)]
+pub struct Instant0 {
+    on: Cell<bool>,
+    sq: Cell<usize>,
+    cq: Cell<usize>,
+    entries: Cell<u16>,
+    head: Cell<u16>,
+    tail: Cell<u16>,
+    phase: Cell<bool>,
+}
+
+impl Instant0 {
+    /// Serves a submission queue doorbell: one completion per new entry.
+    #[inline]
+    fn sq_doorbell(&self, new_tail: u16) {
+        let (sq, cq, n) = (self.sq.get(), self.cq.get(), self.entries.get());
+        let mut head = self.head.get();
+        let mut tail = self.tail.get();
+        let mut phase = self.phase.get();
+        while head != new_tail {
+            // SAFETY: the queue memory given to configure() is live; head < n.
+            let cid =
+                unsafe { std::ptr::read_volatile((sq + head as usize * 64 + 2) as *const u16) };
+            head = (head + 1) % n;
+            let e = CompletionEntry {
+                dw0: 0,
+                dw1: 0,
+                sq_head: head,
+                sq_id: 1,
+                cid,
+                status: phase as u16,
+            };
+            // SAFETY: as above; tail < n.
+            unsafe {
+                std::ptr::write_volatile((cq + tail as usize * 16) as *mut CompletionEntry, e)
+            };
+            tail += 1;
+            if tail == n {
+                tail = 0;
+                phase = !phase;
+            }
+        }
+        self.head.set(head);
+        self.tail.set(tail);
+        self.phase.set(phase);
+    }
+
+    fn configure(&self, sq: usize, cq: usize, entries: u16) {
+        self.sq.set(sq);
+        self.cq.set(cq);
+        self.entries.set(entries);
+        self.head.set(0);
+        self.tail.set(0);
+        self.phase.set(true);
+        self.on.set(true);
+    }
+}
+
+/// Registers: the full simulation for set-up, the instant model for I/O
+/// queue 1's doorbells.
+#[derive(Clone)]
+pub struct BenchMmio {
+    sim: Sim,
+    fast: Rc<Instant0>,
+}
+
+const SQ1_DB: usize = 0x1008;
+const CQ1_DB: usize = 0x100c;
+
+impl Mmio for BenchMmio {
+    fn read32(&self, off: usize) -> u32 {
+        self.sim.read32(off)
+    }
+    #[inline]
+    fn write32(&self, off: usize, v: u32) {
+        if self.fast.on.get() {
+            if off == SQ1_DB {
+                self.fast.sq_doorbell(v as u16);
+                return;
+            }
+            if off == CQ1_DB {
+                return;
+            }
+        }
+        self.sim.write32(off, v)
+    }
+}
+
+struct ZeroSource;
+impl Source for ZeroSource {
+    fn read(&mut self, _id: u64, _off: u64, buf: &mut [u8]) -> Result<(), String> {
+        buf.fill(0x5a);
+        Ok(())
+    }
+}
+
+/// A dxfs image in memory with one 64 MiB file; returns it opened.
+fn bench_file() -> File {
+    let tree = Tree {
+        nodes: vec![
+            Node::dir(vec![("bench.bin".into(), 1)]),
+            Node::file(64 << 20, vec![(0, 64 << 20)], 0),
+        ],
+    };
+    let opts = Options::default();
+    let plan = mkfs::plan(&tree, &opts).expect("plan");
+    let mut dev = MemDevice::new(plan.image_bytes() as usize, 512);
+    mkfs::write(
+        &tree,
+        &plan,
+        &opts,
+        &mut ZeroSource,
+        &mut dev,
+        &mut |_, _| {},
+    )
+    .expect("mkfs");
+    let fs = Fs::mount(dev).expect("mount");
+    let ino = fs.resolve("/bench.bin").expect("resolve");
+    fs.open(ino).expect("open")
+}
+
+#[derive(Clone, Debug)]
+pub struct HostRow {
+    pub target: &'static str,
+    pub ns_per_io: f64,
+    pub cycles_per_io: f64,
+    pub allocs_per_io: f64,
+    /// Before subtracting the model.
+    pub raw_ns_per_io: f64,
+    pub raw_cycles_per_io: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub rows: Vec<HostRow>,
+    pub model_ns_per_io: f64,
+    pub model_cycles_per_io: f64,
+    pub tsc_ghz: f64,
+    pub qd: usize,
+    pub ios: u64,
+}
+
+thread_local! {
+    static READY: RefCell<Vec<usize>> = RefCell::new(Vec::with_capacity(1024));
+}
+fn done(ctx: usize, r: Result<usize, DioError>) {
+    debug_assert!(r.is_ok());
+    let _ = r;
+    READY.with(|q| q.borrow_mut().push(ctx));
+}
+
+fn tsc_ghz() -> f64 {
+    let t0 = Instant::now();
+    let c0 = rdtsc();
+    while t0.elapsed().as_millis() < 100 {}
+    (rdtsc() - c0) as f64 / t0.elapsed().as_nanos() as f64
+}
+
+/// The model alone: the same doorbell writes, with the driver's work replaced
+/// by writing command ids into the submission queue directly.
+fn model_alone(ios: u64) -> (f64, f64) {
+    let entries = 1024u16;
+    let sq = vec![SubmissionEntry::default(); entries as usize];
+    let cq = vec![CompletionEntry::default(); entries as usize];
+    let m = BenchMmio {
+        sim: Sim::new(SimConfig::default()),
+        fast: Rc::new(Instant0::default()),
+    };
+    m.fast
+        .configure(sq.as_ptr() as usize, cq.as_ptr() as usize, entries);
+    let t0 = Instant::now();
+    let c0 = rdtsc();
+    let mut tail = 0u16;
+    for _ in 0..ios {
+        tail = (tail + 1) % entries;
+        m.write32(SQ1_DB, tail as u32);
+        m.write32(CQ1_DB, tail as u32);
+    }
+    let c = (rdtsc() - c0) as f64 / ios as f64;
+    let ns = t0.elapsed().as_nanos() as f64 / ios as f64;
+    std::hint::black_box(&cq);
+    (ns, c)
+}
+
+/// Runs the benchmark: `ios` reads per target, `qd` in flight.
+pub fn run(ios: u64, qd: usize) -> Report {
+    run_targets(ios, qd, &["raw", "generic", "simple"])
+}
+
+/// As [`run`], for some targets only (for instruction counting under
+/// callgrind: one target per run).
+pub fn run_targets(ios: u64, qd: usize, targets: &[&'static str]) -> Report {
+    let file = bench_file();
+    let hal = SimHal::new();
+    let sim = Sim::new(SimConfig {
+        block_size: 4096,
+        blocks: 20_000,
+        mdts: 7,
+        max_queue_entries: 1024,
+        reported_blocks: None,
+    });
+    let mmio = BenchMmio {
+        sim,
+        fast: Rc::new(Instant0::default()),
+    };
+    let mut ctrl =
+        Controller::init(hal.clone(), mmio.clone(), Default::default()).expect("controller");
+    let ns = ctrl.namespace(1).expect("namespace");
+    let qp = ctrl.create_io_queue(1, 1024, None).expect("queue");
+    mmio.fast.configure(
+        (qp.sq_phys() - PHYS_OFFSET) as usize,
+        (qp.cq_phys() - PHYS_OFFSET) as usize,
+        1024,
+    );
+    let mut engine = Engine::new(NvmeQueue::new(qp, hal, ns));
+    let mut bufs = vec![0u8; (qd + 1) * 4096];
+    let base = (bufs.as_mut_ptr() as usize).div_ceil(4096) * 4096;
+    let blocks = file.size() / 4096;
+    // Under callgrind (instruction counting) timing loops only add noise.
+    let counting = std::env::var_os("DIOXIDE_HOSTBENCH_COUNT").is_some();
+    let (model_ns, model_cycles) = if counting {
+        (0.0, 0.0)
+    } else {
+        model_alone(ios)
+    };
+    let mut rows = Vec::new();
+    for &target in targets {
+        engine.set_simple(target == "simple");
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut submit = |e: &mut Engine<_>, ctx: usize| {
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks;
+            let buf = IoBuf {
+                addr: base + ctx * 4096,
+                len: 4096,
+            };
+            let cb = Callback { func: done, ctx };
+            // SAFETY: `bufs` outlives the engine's use of it in this loop.
+            let res = unsafe {
+                if target == "raw" {
+                    e.raw(Op::Read, r, buf, Some(cb))
+                } else {
+                    e.dio_rw(
+                        &Kiocb::with_callback(r * 4096, cb),
+                        Op::Read,
+                        buf,
+                        &file,
+                        None,
+                        0,
+                        0,
+                    )
+                }
+            };
+            assert_eq!(res, Ok(DioResult::Queued));
+        };
+        // Warm up, then measure.
+        for round in 0..2 {
+            let n = if round == 0 { ios / 10 } else { ios };
+            let a0 = ALLOCS.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let c0 = rdtsc();
+            let mut submitted = 0u64;
+            for ctx in 0..qd {
+                submit(&mut engine, ctx);
+                submitted += 1;
+            }
+            let mut completed = 0u64;
+            let mut ready: Vec<usize> = Vec::with_capacity(qd);
+            while completed < submitted {
+                engine.poll();
+                READY.with(|q| std::mem::swap(&mut *q.borrow_mut(), &mut ready));
+                for &ctx in &ready {
+                    completed += 1;
+                    if submitted < n {
+                        submit(&mut engine, ctx);
+                        submitted += 1;
+                    }
+                }
+                ready.clear();
+            }
+            let cycles = (rdtsc() - c0) as f64 / n as f64;
+            let ns = t0.elapsed().as_nanos() as f64 / n as f64;
+            let allocs = (ALLOCS.load(Ordering::Relaxed) - a0) as f64 / n as f64;
+            if round == 1 {
+                rows.push(HostRow {
+                    target,
+                    ns_per_io: (ns - model_ns).max(0.0),
+                    cycles_per_io: (cycles - model_cycles).max(0.0),
+                    allocs_per_io: allocs,
+                    raw_ns_per_io: ns,
+                    raw_cycles_per_io: cycles,
+                });
+            }
+        }
+    }
+    drop(bufs);
+    let tsc_ghz = if counting { 0.0 } else { tsc_ghz() };
+    Report {
+        rows,
+        model_ns_per_io: model_ns,
+        model_cycles_per_io: model_cycles,
+        tsc_ghz,
+        qd,
+        ios,
+    }
+}
+
+impl Report {
+    pub fn json(&self) -> String {
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"target\":\"{}\",\"ns_per_io\":{:.1},\"cycles_per_io\":{:.1},\"allocs_per_io\":{:.3},\"ns_per_io_with_model\":{:.1},\"cycles_per_io_with_model\":{:.1}}}",
+                    r.target, r.ns_per_io, r.cycles_per_io, r.allocs_per_io, r.raw_ns_per_io, r.raw_cycles_per_io
+                )
+            })
+            .collect();
+        format!(
+            "{{\"host_rows\":[{}],\"model_ns_per_io\":{:.1},\"model_cycles_per_io\":{:.1},\"tsc_ghz\":{:.3},\"qd\":{},\"ios\":{}}}",
+            rows.join(","),
+            self.model_ns_per_io,
+            self.model_cycles_per_io,
+            self.tsc_ghz,
+            self.qd,
+            self.ios
+        )
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "host: 4K reads, {} in flight, instant controller model ({:.1} ns / {:.0} TSC cycles per I/O, subtracted); TSC {:.2} GHz\n",
+            self.qd, self.model_ns_per_io, self.model_cycles_per_io, self.tsc_ghz
+        );
+        s += "target     ns/io   cycles/io   allocs/io\n";
+        for r in &self.rows {
+            s += &format!(
+                "{:8} {:7.1} {:11.0} {:11.3}\n",
+                r.target, r.ns_per_io, r.cycles_per_io, r.allocs_per_io
+            );
+        }
+        s
+    }
+}
