@@ -2,6 +2,7 @@
 //! and exit status. Used by the `dioxide` CLI and by the integration tests.
 
 pub mod accel;
+pub mod bench;
 pub mod fstool;
 pub mod image;
 pub mod kernel;

@@ -9,6 +9,8 @@
 //! dioxide fsck IMG
 //! dioxide ls IMG [PATH]
 //! dioxide cat IMG PATH
+//! dioxide bench local [--qd 1,16,64,128,256] [--dev nvme,null] [--completion poll,irq]
+//!                     [--secs N] [--out DIR] [--file-size 1G]
 //! ```
 //!
 //! Exit status: the guest's (0 success, 1 self-test failed, 2 bad arguments or
@@ -114,6 +116,45 @@ enum Cmd {
     },
     /// Write a file of a dxfs image to standard output.
     Cat { img: PathBuf, path: String },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// In-guest 4K random reads (raw namespace, file through the generic
+    /// path, file through the simple path), with the host benchmark beside.
+    Local {
+        /// Queue depths.
+        #[arg(long, default_value = "1,16,64,128,256")]
+        qd: String,
+        /// Devices: nvme, null.
+        #[arg(long, default_value = "nvme,null")]
+        dev: String,
+        /// Completion modes: poll, irq.
+        #[arg(long, default_value = "poll")]
+        completion: String,
+        /// Seconds per row.
+        #[arg(long, default_value_t = 2)]
+        secs: u64,
+        /// Output directory (results.json, plot.svg).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Size of the benchmark file (default 1G).
+        #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
+        file_size: u64,
+        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+        accel: AccelArg,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem: u32,
+        /// Reads per target of the host benchmark (0 skips it).
+        #[arg(long, default_value_t = 2_000_000)]
+        host_ios: u64,
+    },
 }
 
 fn parse_lbs(s: &str) -> Result<u32, String> {
@@ -146,6 +187,65 @@ fn run(cli: Cli) -> Result<i32, Error> {
             label,
         } => dioxide::fstool::mkfs(&img, &from, size, block_size, &label),
         Cmd::Fsck { img } => dioxide::fstool::fsck(&img),
+        Cmd::Bench {
+            which:
+                BenchCmd::Local {
+                    qd,
+                    dev,
+                    completion,
+                    secs,
+                    out,
+                    file_size,
+                    accel,
+                    mem,
+                    host_ios,
+                },
+        } => {
+            let qds: Vec<usize> = dioxide::bench::parse_list(&qd)
+                .iter()
+                .filter_map(|q| q.parse().ok())
+                .collect();
+            let devs = dioxide::bench::parse_list(&dev);
+            let completions = dioxide::bench::parse_list(&completion);
+            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 1024) {
+                return Err(Error::Usage(format!(
+                    "--qd {qd}: queue depths from 1 to 1024"
+                )));
+            }
+            if devs.iter().any(|d| d != "nvme" && d != "null") {
+                return Err(Error::Usage(format!("--dev {dev}: nvme and/or null")));
+            }
+            if completions.iter().any(|c| c != "poll" && c != "irq") {
+                return Err(Error::Usage(format!(
+                    "--completion {completion}: poll and/or irq"
+                )));
+            }
+            if file_size < 1 << 20 {
+                return Err(Error::Usage("--file-size: at least 1M".into()));
+            }
+            let accel = match accel {
+                AccelArg::Kvm => Accel::Kvm,
+                AccelArg::Tcg => Accel::Tcg,
+                AccelArg::Auto => {
+                    let k = kernel::build()?;
+                    let c = accel::auto(&k);
+                    eprintln!("dioxide: accelerator {} ({})", c.accel.name(), c.reason);
+                    c.accel
+                }
+            };
+            let opts = dioxide::bench::LocalOpts {
+                qds,
+                devs,
+                completions,
+                secs: secs.max(1),
+                out: out.unwrap_or_else(dioxide::bench::default_out),
+                file_size,
+                accel,
+                mem,
+                host_ios,
+            };
+            dioxide::bench::local(&opts)
+        }
         Cmd::Ls { img, path } => dioxide::fstool::ls(&img, &path),
         Cmd::Cat { img, path } => dioxide::fstool::cat(&img, &path),
         Cmd::BuildKernel => {

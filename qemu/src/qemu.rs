@@ -27,6 +27,8 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// Copy the console to this process's stdout.
     pub echo: bool,
+    /// With `echo`: copy only lines starting with this prefix.
+    pub echo_prefix: Option<&'static str>,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
 }
@@ -43,6 +45,7 @@ impl Config {
             args: Vec::new(),
             timeout: None,
             echo: false,
+            echo_prefix: None,
             extra: Vec::new(),
         }
     }
@@ -140,6 +143,7 @@ impl Guest {
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
             let (console, first_line, echo) = (console.clone(), first_line.clone(), cfg.echo);
+            let prefix = cfg.echo_prefix;
             readers.push(std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut line = Vec::new();
@@ -154,7 +158,7 @@ impl Guest {
                         let mut f = first_line.lock().unwrap_or_else(|e| e.into_inner());
                         f.get_or_insert(started.elapsed());
                     }
-                    if echo {
+                    if echo && prefix.is_none_or(|p| text.starts_with(p)) {
                         let mut so = std::io::stdout().lock();
                         let _ = so.write_all(text.as_bytes());
                         let _ = so.flush();

@@ -1,0 +1,459 @@
+//! `dioxide bench local`: the in-guest benchmark of the read path, with the
+//! host benchmark of the same crates beside it.
+
+use crate::accel::Accel;
+use crate::fstool::FileDevice;
+use crate::{io_err, kernel, qemu, workspace_root, Error};
+use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub struct LocalOpts {
+    pub qds: Vec<usize>,
+    pub devs: Vec<String>,
+    pub completions: Vec<String>,
+    pub secs: u64,
+    pub out: PathBuf,
+    pub file_size: u64,
+    pub accel: Accel,
+    pub mem: u32,
+    /// Reads per target in the host benchmark (0: skip it).
+    pub host_ios: u64,
+}
+
+/// One in-guest row (a `bench row` line).
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Row {
+    fn parse(line: &str) -> Option<Row> {
+        let rest = line.strip_prefix("bench row ")?;
+        let fields = rest
+            .split_whitespace()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Some(Row { fields })
+    }
+    pub fn s(&self, k: &str) -> &str {
+        self.fields.get(k).map(String::as_str).unwrap_or("")
+    }
+    pub fn f(&self, k: &str) -> f64 {
+        self.s(k).parse().unwrap_or(0.0)
+    }
+    fn json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in &self.fields {
+            let val = match v.parse::<f64>() {
+                Ok(x) if k != "target" && k != "dev" && k != "completion" => {
+                    if k == "qd" || k == "ios" || k == "errors" {
+                        json!(x as u64)
+                    } else {
+                        json!(x)
+                    }
+                }
+                _ => json!(v),
+            };
+            m.insert(k.clone(), val);
+        }
+        Value::Object(m)
+    }
+}
+
+/// Deterministic pseudo-random file contents for the bench image.
+struct RandomSource;
+impl Source for RandomSource {
+    fn read(&mut self, _id: u64, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        // Each 8-byte word is a function of its offset, so any range reads the
+        // same bytes however it is split.
+        let mut at = offset;
+        for b in buf.iter_mut() {
+            let w = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd10c_1de5;
+            *b = (w.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> ((at % 8) * 8)) as u8;
+            at += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The bench image (a dxfs with `/bench.bin` of `size` random bytes), made
+/// once under target/dioxide/.
+pub fn image(size: u64) -> Result<PathBuf, Error> {
+    let dir = workspace_root().join("target").join("dioxide");
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+    let path = dir.join(format!("bench-{}m.img", size >> 20));
+    if crate::image::check(&path, 4096).is_ok() {
+        let dev = FileDevice::open(&path)?;
+        if dioxide_dxfs::Fs::mount(&dev)
+            .and_then(|fs| fs.resolve("/bench.bin"))
+            .is_ok()
+        {
+            return Ok(path);
+        }
+    }
+    eprintln!(
+        "dioxide bench: making {} ({} MiB file of random data)",
+        path.display(),
+        size >> 20
+    );
+    let tree = Tree {
+        nodes: vec![
+            Node::dir(vec![("bench.bin".into(), 1)]),
+            Node::file(size, vec![(0, size)], 0),
+        ],
+    };
+    let opts = Options {
+        label: "bench".into(),
+        ..Default::default()
+    };
+    let plan = mkfs::plan(&tree, &opts).map_err(|e| Error::Usage(format!("bench image: {e}")))?;
+    let tmp = path.with_extension("tmp");
+    let mut dev = FileDevice::create(&tmp, plan.image_bytes())?;
+    mkfs::write(
+        &tree,
+        &plan,
+        &opts,
+        &mut RandomSource,
+        &mut dev,
+        &mut |_, _| {},
+    )
+    .map_err(|e| Error::Usage(format!("bench image: {e}")))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
+    Ok(path)
+}
+
+/// Builds and runs the host benchmark; its JSON report.
+pub fn host_bench(ios: u64) -> Result<Value, Error> {
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "dioxide-hostbench",
+            "--target-dir",
+        ])
+        .arg(root.join("target").join("hostbench"))
+        .args(["--", "--json", "--ios", &ios.to_string()]);
+    for v in [
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+    ] {
+        cmd.env_remove(v);
+    }
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        program: "cargo".into(),
+        hint: "rustup",
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Build(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        Error::Usage(format!(
+            "host benchmark output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    })
+}
+
+fn fmt_iops(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The table laid out like the upstream one (qd, simple=0, simple=1, gain),
+/// with the raw namespace and the file/raw ratio beside it.
+pub fn table(rows: &[Row]) -> String {
+    let mut groups: BTreeMap<(String, String), BTreeMap<usize, BTreeMap<String, &Row>>> =
+        BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((r.s("dev").into(), r.s("completion").into()))
+            .or_default()
+            .entry(r.f("qd") as usize)
+            .or_default()
+            .insert(r.s("target").into(), r);
+    }
+    let mut s = String::new();
+    for ((dev, comp), by_qd) in groups {
+        s += &format!("\ndev={dev} completion={comp}: 4K random reads\n");
+        s += "  qd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1\n";
+        for (qd, t) in by_qd {
+            let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
+            let (raw, gen, sim) = (g("raw", "iops"), g("generic", "iops"), g("simple", "iops"));
+            let gain = if gen > 0.0 {
+                (sim - gen) / gen * 100.0
+            } else {
+                0.0
+            };
+            let ratio = if raw > 0.0 { sim / raw } else { 0.0 };
+            let (cr, cg, cs) = (
+                g("raw", "cycles_per_io"),
+                g("generic", "cycles_per_io"),
+                g("simple", "cycles_per_io"),
+            );
+            s += &format!(
+                "{:4} {:>10} {:>10} {:>10} {:>+6.2}% {:>8.3} | {:>14.0} {:>9.0} {:>9.0} {:>11.3} | {:>11.1} {:>7.1} | {:>18.3} {:>8.3}\n",
+                qd,
+                fmt_iops(raw),
+                fmt_iops(gen),
+                fmt_iops(sim),
+                gain,
+                ratio,
+                cr,
+                cg,
+                cs,
+                if cr > 0.0 { cs / cr } else { 0.0 },
+                g("raw", "lat_p99_us"),
+                g("simple", "lat_p99_us"),
+                g("generic", "allocs_per_io"),
+                g("simple", "allocs_per_io")
+            );
+        }
+    }
+    s
+}
+
+/// An SVG with one panel per (device, completion): IOPS against queue depth
+/// for raw, generic and simple.
+pub fn plot(rows: &[Row]) -> String {
+    let mut groups: BTreeMap<(String, String), Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((r.s("dev").into(), r.s("completion").into()))
+            .or_default()
+            .push(r);
+    }
+    let (w, ph) = (760.0, 280.0);
+    let h = ph * groups.len().max(1) as f64 + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let colors = [
+        ("raw", "#444444"),
+        ("generic", "#d62728"),
+        ("simple", "#1f77b4"),
+    ];
+    for (gi, ((dev, comp), rs)) in groups.iter().enumerate() {
+        let top = 20.0 + gi as f64 * ph;
+        let (x0, x1, y0, y1) = (70.0, w - 150.0, top + 20.0, top + ph - 50.0);
+        let mut qds: Vec<usize> = rs.iter().map(|r| r.f("qd") as usize).collect();
+        qds.sort_unstable();
+        qds.dedup();
+        let ymax = rs.iter().map(|r| r.f("iops")).fold(1.0, f64::max) * 1.1;
+        let xpos = |qd: usize| {
+            let i = qds.iter().position(|&q| q == qd).unwrap_or(0) as f64;
+            x0 + if qds.len() > 1 {
+                i / (qds.len() - 1) as f64 * (x1 - x0)
+            } else {
+                (x1 - x0) / 2.0
+            }
+        };
+        let ypos = |v: f64| y1 - v / ymax * (y1 - y0);
+        s += &format!("<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">dev={dev} completion={comp}: 4K random read IOPS</text>\n", top + 10.0);
+        s += &format!("<line x1=\"{x0}\" y1=\"{y1}\" x2=\"{x1}\" y2=\"{y1}\" stroke=\"black\"/><line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{y1}\" stroke=\"black\"/>\n");
+        for k in 0..=4 {
+            let v = ymax * k as f64 / 4.0;
+            let y = ypos(v);
+            s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><line x1=\"{x0}\" y1=\"{y}\" x2=\"{x1}\" y2=\"{y}\" stroke=\"#eeeeee\"/>\n", x0 - 5.0, y + 4.0, fmt_iops(v));
+        }
+        for &q in &qds {
+            s += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">qd {q}</text>\n",
+                xpos(q),
+                y1 + 16.0
+            );
+        }
+        for (li, (t, c)) in colors.iter().enumerate() {
+            let mut pts: Vec<(usize, f64)> = rs
+                .iter()
+                .filter(|r| r.s("target") == *t)
+                .map(|r| (r.f("qd") as usize, r.f("iops")))
+                .collect();
+            pts.sort_by_key(|p| p.0);
+            let path: Vec<String> = pts
+                .iter()
+                .map(|&(q, v)| format!("{:.1},{:.1}", xpos(q), ypos(v)))
+                .collect();
+            s += &format!(
+                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+                path.join(" ")
+            );
+            for &(q, v) in &pts {
+                s += &format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>\n",
+                    xpos(q),
+                    ypos(v)
+                );
+            }
+            let ly = y0 + 10.0 + li as f64 * 18.0;
+            let label = match *t {
+                "generic" => "file, simple=0",
+                "simple" => "file, simple=1",
+                _ => "raw namespace",
+            };
+            s += &format!("<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{label}</text>\n", x1 + 10.0, x1 + 30.0, x1 + 35.0, ly + 4.0);
+        }
+    }
+    s += "</svg>\n";
+    s
+}
+
+/// Runs everything and writes `results.json` and `plot.svg` to `opts.out`.
+pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
+    std::fs::create_dir_all(&opts.out).map_err(io_err(format!("create {}", opts.out.display())))?;
+    let img = image(opts.file_size)?;
+    eprintln!("dioxide bench: building the kernel (release)");
+    let kernel = kernel::build()?;
+    let mut rows = Vec::new();
+    let mut boots = Vec::new();
+    let qd_list: Vec<String> = opts.qds.iter().map(|q| q.to_string()).collect();
+    for comp in &opts.completions {
+        let devs: Vec<&str> = opts
+            .devs
+            .iter()
+            .map(String::as_str)
+            .filter(|d| comp == "poll" || *d == "nvme")
+            .collect();
+        if devs.is_empty() {
+            continue;
+        }
+        let nrows = devs.len() * opts.qds.len() * 3;
+        let mut cfg = qemu::Config::new(kernel.clone());
+        cfg.disk = Some(img.clone());
+        cfg.nvme_lbs = 512;
+        cfg.accel = opts.accel;
+        cfg.mem_mib = opts.mem;
+        cfg.args = vec![
+            "selftest=bench".into(),
+            "log=warn".into(),
+            format!("nvme.completion={comp}"),
+            format!("bench.completion={comp}"),
+            format!("bench.dev={}", devs.join(",")),
+            format!("bench.qd={}", qd_list.join(",")),
+            format!("bench.secs={}", opts.secs),
+        ];
+        cfg.timeout = Some(Duration::from_secs(
+            nrows as u64 * (opts.secs * 3 + 5) + 120,
+        ));
+        cfg.echo = true;
+        cfg.echo_prefix = Some("bench running");
+        eprintln!(
+            "dioxide bench: booting ({} rows, {} s each, accel {}, completion {comp})",
+            nrows,
+            opts.secs,
+            opts.accel.name()
+        );
+        let out = qemu::run(&cfg)?;
+        if out.status != 0 {
+            return Err(Error::Usage(format!(
+                "the guest benchmark failed (status {}):\n{}",
+                out.status, out.console
+            )));
+        }
+        let mut n = 0;
+        for l in out.result_lines() {
+            if let Some(r) = Row::parse(l) {
+                rows.push(r);
+                n += 1;
+            }
+        }
+        boots.push(json!({"completion": comp, "devs": devs, "rows": n, "seconds": out.elapsed.as_secs_f64()}));
+    }
+    let host = if opts.host_ios > 0 {
+        eprintln!(
+            "dioxide bench: host benchmark ({} reads per target)",
+            opts.host_ios
+        );
+        Some(host_bench(opts.host_ios)?)
+    } else {
+        None
+    };
+    print!("{}", table(&rows));
+    if opts.accel == Accel::Tcg {
+        println!(
+            "(guest under TCG: in-guest cycles are emulated; see the host rows for real CPU cost)"
+        );
+    }
+    if let Some(h) = &host {
+        println!(
+            "\nhost: the same crates on this CPU, {} reads in flight, instant controller model ({:.1} ns per I/O, subtracted)",
+            h["qd"], h["model_ns_per_io"].as_f64().unwrap_or(0.0)
+        );
+        println!("target     ns/io  cycles/io  allocs/io");
+        for r in h["host_rows"].as_array().into_iter().flatten() {
+            println!(
+                "{:8} {:8.1} {:10.0} {:10.3}",
+                r["target"].as_str().unwrap_or(""),
+                r["ns_per_io"].as_f64().unwrap_or(0.0),
+                r["cycles_per_io"].as_f64().unwrap_or(0.0),
+                r["allocs_per_io"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    let results = json!({
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "host_rows": host.as_ref().map(|h| h["host_rows"].clone()).unwrap_or(json!([])),
+        "host": host.clone().unwrap_or(json!(null)),
+        "config": {
+            "accel": opts.accel.name(),
+            "file_bytes": opts.file_size,
+            "secs_per_row": opts.secs,
+            "qds": opts.qds,
+            "image": img.display().to_string(),
+            "boots": boots,
+        }
+    });
+    let json_path = opts.out.join("results.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Usage(e.to_string()))?;
+    std::fs::write(&json_path, text).map_err(io_err(format!("write {}", json_path.display())))?;
+    let svg = opts.out.join("plot.svg");
+    std::fs::write(&svg, plot(&rows)).map_err(io_err(format!("write {}", svg.display())))?;
+    println!("\nwrote {} and {}", json_path.display(), svg.display());
+    Ok(0)
+}
+
+/// Comma-separated list parser for the CLI.
+pub fn parse_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+pub fn default_out() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join("dioxide")
+        .join("bench-local")
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,92 @@
+//! The DIO layer in the guest: the no-allocation proof and the benchmark.
+
+use dioxide_tests::*;
+
+#[test]
+fn simple_path_reads_allocate_nothing_in_the_kernel() {
+    let dir = TempDir::new("noalloc");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 8 << 20];
+    dioxide::image::Xorshift::new(3).fill(&mut data);
+    std::fs::write(src.join("data.bin"), &data).unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    for completion in ["poll", "irq"] {
+        let out = boot(&config(
+            Some(&img),
+            &["selftest=noalloc", &format!("nvme.completion={completion}")],
+        ));
+        assert_eq!(out.status, 0, "console:\n{}", out.console);
+        let lines: Vec<&str> = out.result_lines().collect();
+        let simple = lines
+            .iter()
+            .find(|l| l.starts_with("noalloc simple "))
+            .expect("simple line");
+        assert!(
+            simple.contains("reads=100000 simple_path=100000 errors=0 allocs=0 frees=0"),
+            "{simple}"
+        );
+        let generic = lines
+            .iter()
+            .find(|l| l.starts_with("noalloc generic "))
+            .expect("generic line");
+        assert!(generic.contains("reads=2000 allocs_per_io="), "{generic}");
+        assert!(lines.contains(&"noalloc ok"));
+    }
+}
+
+#[test]
+fn bench_local_writes_table_json_and_plot() {
+    let dir = TempDir::new("bench-local");
+    let opts = dioxide::bench::LocalOpts {
+        qds: vec![1, 8],
+        devs: vec!["nvme".into(), "null".into()],
+        completions: vec!["poll".into(), "irq".into()],
+        secs: 1,
+        out: dir.path().to_path_buf(),
+        file_size: 8 << 20,
+        accel: dioxide::accel::Accel::Tcg,
+        mem: 256,
+        host_ios: 100_000,
+    };
+    assert_eq!(dioxide::bench::local(&opts).unwrap(), 0);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    // nvme poll + null poll + nvme irq, 2 queue depths, 3 targets.
+    assert_eq!(rows.len(), 18, "{json:#}");
+    for r in rows {
+        for k in [
+            "target",
+            "dev",
+            "completion",
+            "qd",
+            "iops",
+            "lat_mean_us",
+            "lat_p99_us",
+            "cycles_per_io",
+            "allocs_per_io",
+        ] {
+            assert!(!r[k].is_null(), "{k} missing in {r}");
+        }
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+        if r["target"] != "generic" {
+            assert_eq!(r["allocs_per_io"].as_f64(), Some(0.0), "{r}");
+        }
+    }
+    let host = json["host_rows"].as_array().unwrap();
+    assert_eq!(host.len(), 3);
+    for h in host {
+        for k in ["target", "ns_per_io", "cycles_per_io", "allocs_per_io"] {
+            assert!(!h[k].is_null(), "{k} missing in {h}");
+        }
+    }
+    let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg")
+            && svg.contains("dev=null completion=poll")
+            && svg.contains("polyline")
+    );
+}
