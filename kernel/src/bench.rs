@@ -186,10 +186,13 @@ impl Load<'_> {
     }
 }
 
+/// Gives the engine of a row to a closure (under its lock where it has one).
+type WithEngine<'a, Q> = &'a mut dyn FnMut(&mut dyn FnMut(&mut Engine<Q>));
+
 /// Runs one row: `with` gives the engine (under its lock); `irq` means
 /// completions arrive from the interrupt handler.
 fn run<Q: BlockQueue>(
-    with: &mut dyn FnMut(&mut dyn FnMut(&mut Engine<Q>)),
+    with: WithEngine<Q>,
     irq: bool,
     load: &mut Load,
     qd: usize,

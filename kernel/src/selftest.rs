@@ -255,7 +255,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
                         off += n as u64;
                     }
                     Ok(DioResult::Queued) => {
-                        failed = Some(alloc::format!("synchronous read queued"));
+                        failed = Some("synchronous read queued".into());
                         break;
                     }
                     Err(err) => {

@@ -73,11 +73,9 @@ impl Source for RandomSource {
     fn read(&mut self, _id: u64, offset: u64, buf: &mut [u8]) -> Result<(), String> {
         // Each 8-byte word is a function of its offset, so any range reads the
         // same bytes however it is split.
-        let mut at = offset;
-        for b in buf.iter_mut() {
+        for (at, b) in (offset..).zip(buf.iter_mut()) {
             let w = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd10c_1de5;
             *b = (w.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> ((at % 8) * 8)) as u8;
-            at += 1;
         }
         Ok(())
     }
@@ -179,7 +177,7 @@ fn fmt_iops(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -187,11 +185,13 @@ fn fmt_iops(x: f64) -> String {
     out
 }
 
+/// Rows by (device, completion), then queue depth, then target.
+type Groups<'a> = BTreeMap<(String, String), BTreeMap<usize, BTreeMap<String, &'a Row>>>;
+
 /// The table laid out like the upstream one (qd, simple=0, simple=1, gain),
 /// with the raw namespace and the file/raw ratio beside it.
 pub fn table(rows: &[Row]) -> String {
-    let mut groups: BTreeMap<(String, String), BTreeMap<usize, BTreeMap<String, &Row>>> =
-        BTreeMap::new();
+    let mut groups: Groups = BTreeMap::new();
     for r in rows {
         groups
             .entry((r.s("dev").into(), r.s("completion").into()))

@@ -23,6 +23,7 @@ pub struct File {
     pub inode: Inode,
     extents: Vec<Extent>,
     block_size: u32,
+    block_shift: u32,
 }
 
 /// Where a file block lives.
@@ -47,8 +48,13 @@ impl File {
     pub fn block_size(&self) -> u32 {
         self.block_size
     }
+    /// log2 of the block size.
+    pub fn block_shift(&self) -> u32 {
+        self.block_shift
+    }
 
     /// The mapping of file block `fb`: O(log extents), no allocation.
+    #[inline]
     pub fn map(&self, fb: u64) -> Mapping {
         let i = self.extents.partition_point(|e| e.end() <= fb);
         match self.extents.get(i) {
@@ -186,6 +192,7 @@ impl<D: BlockDevice> Fs<D> {
             inode,
             extents,
             block_size: self.sb.block_size,
+            block_shift: self.sb.block_size.trailing_zeros(),
         })
     }
 

@@ -8,28 +8,37 @@ use dioxide_iomap::{Iomap, IomapError, IomapOps, IomapType};
 impl IomapOps for File {
     #[inline]
     fn iomap_begin(&self, pos: u64, _len: u64, _flags: u32) -> Result<Iomap, IomapError> {
-        let bs = self.block_size() as u64;
-        let fb = pos / bs;
-        let offset = fb * bs;
+        // Block sizes are powers of two: shifts, not divisions, on the hot
+        // path.
+        let shift = self.block_shift();
+        let fb = pos >> shift;
+        let offset = fb << shift;
+        let bytes = |blocks: u64| {
+            if blocks > (u64::MAX >> shift) {
+                u64::MAX
+            } else {
+                blocks << shift
+            }
+        };
         Ok(match self.map(fb) {
             Mapping::Mapped { disk_block, blocks } => Iomap {
                 kind: IomapType::Mapped,
                 offset,
-                length: blocks.saturating_mul(bs),
-                addr: disk_block * bs,
+                length: bytes(blocks),
+                addr: disk_block << shift,
                 flags: 0,
             },
             Mapping::Unwritten { disk_block, blocks } => Iomap {
                 kind: IomapType::Unwritten,
                 offset,
-                length: blocks.saturating_mul(bs),
-                addr: disk_block * bs,
+                length: bytes(blocks),
+                addr: disk_block << shift,
                 flags: 0,
             },
             Mapping::Hole { blocks } => Iomap {
                 kind: IomapType::Hole,
                 offset,
-                length: blocks.saturating_mul(bs),
+                length: bytes(blocks),
                 addr: 0,
                 flags: 0,
             },

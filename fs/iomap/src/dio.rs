@@ -363,7 +363,7 @@ impl<Q: BlockQueue> Engine<Q> {
             self.poll();
             self.run_deferred();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 self.expire();
             }
             self.queue.relax();
@@ -514,7 +514,7 @@ impl<Q: BlockQueue> Engine<Q> {
         }
         let align = self.alignment(ops, flags);
         let dev = map.addr + (pos - map.offset);
-        if (pos | count | dev) & (align - 1) != 0 || buf.addr % 4 != 0 {
+        if (pos | count | dev) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
             ops.iomap_end(pos, count, 0, bflags, &map);
             return Err(Simple::Err(DioError::Invalid(
                 "position, length or buffer not aligned",
@@ -527,15 +527,14 @@ impl<Q: BlockQueue> Engine<Q> {
                 return Err(Simple::Err(e));
             }
         };
-        self.st.slots[idx] = Slot {
-            state: SlotState::InFlight,
-            raw: false,
-            cb: iocb.complete,
-            pos,
-            size: count as u32,
-            err: BlkError::Invalid,
-            result: Ok(0),
-        };
+        // Only what the completion reads; `err`/`result` are written when
+        // the request fails or completes.
+        let slot = &mut self.st.slots[idx];
+        slot.state = SlotState::InFlight;
+        slot.raw = false;
+        slot.cb = iocb.complete;
+        slot.pos = pos;
+        slot.size = count as u32;
         ops.iomap_end(pos, count, count, bflags, &map);
         let lba = dev >> self.queue.lba_shift();
         // SAFETY: the caller keeps `buf` valid until completion.
@@ -574,7 +573,7 @@ impl<Q: BlockQueue> Engine<Q> {
         let flush = op == Op::Flush;
         if (!flush && buf.len == 0)
             || buf.len & ((1 << shift) - 1) != 0
-            || buf.addr % 4 != 0
+            || !buf.addr.is_multiple_of(4)
             || buf.len > self.queue.max_transfer()
         {
             return Err(DioError::Invalid(
@@ -582,15 +581,12 @@ impl<Q: BlockQueue> Engine<Q> {
             ));
         }
         let idx = self.get_slot(false)?;
-        self.st.slots[idx] = Slot {
-            state: SlotState::InFlight,
-            raw: true,
-            cb,
-            pos: lba << shift,
-            size: buf.len as u32,
-            err: BlkError::Invalid,
-            result: Ok(0),
-        };
+        let slot = &mut self.st.slots[idx];
+        slot.state = SlotState::InFlight;
+        slot.raw = true;
+        slot.cb = cb;
+        slot.pos = lba << shift;
+        slot.size = buf.len as u32;
         // SAFETY: forwarded.
         if let Err(e) = unsafe { self.submit(op, lba, buf, idx as u64, false) } {
             self.st.free_slot(idx);
@@ -624,7 +620,7 @@ impl<Q: BlockQueue> Engine<Q> {
             return Err(DioError::Invalid("flush is not a data transfer"));
         }
         let align = self.alignment(ops, flags);
-        if (pos | buf.len as u64) & (align - 1) != 0 || buf.addr % 4 != 0 {
+        if (pos | buf.len as u64) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
             return Err(DioError::Invalid("position, length or buffer not aligned"));
         }
         let mut count = buf.len as u64;

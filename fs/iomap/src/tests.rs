@@ -565,8 +565,8 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
             ctx: 100,
         },
     );
-    // SAFETY: g outlives the polls below.
     assert_eq!(
+        // SAFETY: g outlives the polls below.
         unsafe {
             e.dio_rw(
                 &iocb,
@@ -790,8 +790,8 @@ fn nowait_without_a_free_slot_is_again() {
     assert_eq!(r, Err(DioError::Again));
     // Without NOWAIT the call polls for a slot.
     iocb.flags = 0;
-    // SAFETY: as above.
     assert_eq!(
+        // SAFETY: as above.
         unsafe {
             e.dio_rw(
                 &iocb,
