@@ -10,6 +10,12 @@
 //! bench row target=simple dev=nvme completion=poll qd=16 ios=.. iops=.. lat_mean_us=.. lat_p99_us=.. cycles_per_io=.. allocs_per_io=..
 //! ```
 //!
+//! The three targets of one (device, completion, queue depth) run
+//! interleaved — raw, generic, simple, raw, ... in slices of a quarter of the
+//! row time — so that noise from a shared host (other guests, QEMU's own
+//! threads) falls on all three alike rather than on whichever ran during a
+//! slow second.
+//!
 //! Completions record their latency inline (TSC at completion minus TSC at
 //! submission) into a fixed histogram and push the request's context onto a
 //! ring the submit loop drains: nothing is allocated per request by the
@@ -27,10 +33,14 @@ const MAX_QD: usize = 1024;
 const BUCKETS: usize = 64 * 16;
 
 static START: [AtomicU64; MAX_QD] = [const { AtomicU64::new(0) }; MAX_QD];
-static HIST: [AtomicU64; BUCKETS] = [const { AtomicU64::new(0) }; BUCKETS];
-static LAT_SUM: AtomicU64 = AtomicU64::new(0);
-static DONE: AtomicU64 = AtomicU64::new(0);
-static ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Per target (raw, generic, simple): latency histogram, sum, count, errors.
+static HIST: [[AtomicU64; BUCKETS]; 3] = [const { [const { AtomicU64::new(0) }; BUCKETS] }; 3];
+static LAT_SUM: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static DONE: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static ERRORS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+/// The target whose requests are in flight (slices drain before switching).
+static CUR: AtomicUsize = AtomicUsize::new(0);
+const ROUNDS: u64 = 4;
 // Ring of contexts whose request completed (single producer: the completion
 // path; single consumer: the submit loop).
 static READY: [AtomicUsize; MAX_QD + 1] = [const { AtomicUsize::new(0) }; MAX_QD + 1];
@@ -73,22 +83,25 @@ fn pop_ready() -> Option<usize> {
 /// completion handler.
 fn on_done(ctx: usize, r: Result<usize, DioError>) {
     let lat = time::rdtsc().wrapping_sub(START[ctx].load(Ordering::Relaxed));
-    HIST[bucket(lat)].fetch_add(1, Ordering::Relaxed);
-    LAT_SUM.fetch_add(lat, Ordering::Relaxed);
-    DONE.fetch_add(1, Ordering::Relaxed);
+    let t = CUR.load(Ordering::Relaxed);
+    HIST[t][bucket(lat)].fetch_add(1, Ordering::Relaxed);
+    LAT_SUM[t].fetch_add(lat, Ordering::Relaxed);
+    DONE[t].fetch_add(1, Ordering::Relaxed);
     if r.is_err() {
-        ERRORS.fetch_add(1, Ordering::Relaxed);
+        ERRORS[t].fetch_add(1, Ordering::Relaxed);
     }
     push_ready(ctx);
 }
 
 fn reset() {
-    for h in HIST.iter() {
-        h.store(0, Ordering::Relaxed);
+    for t in 0..3 {
+        for h in HIST[t].iter() {
+            h.store(0, Ordering::Relaxed);
+        }
+        LAT_SUM[t].store(0, Ordering::Relaxed);
+        DONE[t].store(0, Ordering::Relaxed);
+        ERRORS[t].store(0, Ordering::Relaxed);
     }
-    LAT_SUM.store(0, Ordering::Relaxed);
-    DONE.store(0, Ordering::Relaxed);
-    ERRORS.store(0, Ordering::Relaxed);
     R_HEAD.store(0, Ordering::Relaxed);
     R_TAIL.store(0, Ordering::Relaxed);
 }
@@ -101,6 +114,13 @@ pub enum Target {
 }
 
 impl Target {
+    fn index(self) -> usize {
+        match self {
+            Target::Raw => 0,
+            Target::Generic => 1,
+            Target::Simple => 2,
+        }
+    }
     fn name(self) -> &'static str {
         match self {
             Target::Raw => "raw",
@@ -113,10 +133,11 @@ impl Target {
 /// How long a row runs.
 #[derive(Clone, Copy)]
 pub enum Limit {
-    Secs(u64),
+    Millis(u64),
     Ios(u64),
 }
 
+#[derive(Default)]
 pub struct Row {
     pub ios: u64,
     pub errors: u64,
@@ -198,14 +219,19 @@ fn run<Q: BlockQueue>(
     qd: usize,
     limit: Limit,
 ) -> Row {
-    reset();
     let target = load.target;
+    let t = target.index();
+    CUR.store(t, Ordering::Relaxed);
+    let (done0, err0) = (
+        DONE[t].load(Ordering::Relaxed),
+        ERRORS[t].load(Ordering::Relaxed),
+    );
     with(&mut |e| e.set_simple(target == Target::Simple));
     let h0 = mm::heap::stats();
     let hz = time::tsc_hz();
     let t0 = time::rdtsc();
     let (deadline, max_ios) = match limit {
-        Limit::Secs(s) => (t0 + s * hz, u64::MAX),
+        Limit::Millis(ms) => (t0 + ms * hz / 1000, u64::MAX),
         Limit::Ios(n) => (u64::MAX, n),
     };
     let mut submitted = 0u64;
@@ -247,18 +273,18 @@ fn run<Q: BlockQueue>(
     let cycles = time::rdtsc() - t0;
     let h1 = mm::heap::stats();
     Row {
-        ios: DONE.load(Ordering::Relaxed),
-        errors: ERRORS.load(Ordering::Relaxed),
+        ios: DONE[t].load(Ordering::Relaxed) - done0,
+        errors: ERRORS[t].load(Ordering::Relaxed) - err0,
         cycles,
         allocs: h1.allocs - h0.allocs,
         frees: h1.frees - h0.frees,
     }
 }
 
-fn p99_cycles(n: u64) -> u64 {
+fn p99_cycles(t: usize, n: u64) -> u64 {
     let want = (n * 99).div_ceil(100);
     let mut seen = 0;
-    for (i, h) in HIST.iter().enumerate() {
+    for (i, h) in HIST[t].iter().enumerate() {
         seen += h.load(Ordering::Relaxed);
         if seen >= want {
             return bucket_value(i);
@@ -283,8 +309,8 @@ fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
         r.ios,
         r.errors,
         r.ios as f64 / secs,
-        us(LAT_SUM.load(Ordering::Relaxed) as f64 / n),
-        us(p99_cycles(r.ios) as f64),
+        us(LAT_SUM[target.index()].load(Ordering::Relaxed) as f64 / n),
+        us(p99_cycles(target.index(), r.ios) as f64),
         r.cycles as f64 / n,
         r.allocs as f64 / n
     );
@@ -378,40 +404,53 @@ pub fn bench(
             }
             for &qd in p.qds {
                 let qd = qd.clamp(1, MAX_QD);
-                for target in [Target::Raw, Target::Generic, Target::Simple] {
-                    outln!(
-                        "bench running target={} dev={} completion={} qd={}",
-                        target.name(),
-                        d,
-                        c,
-                        qd
-                    );
-                    let mut load = Load {
-                        target,
-                        file: &file,
-                        file_blocks: file.size() / 4096,
-                        raw_blocks,
-                        bufs: base,
-                        rng: Rng(0x9e37_79b9 ^ qd as u64),
-                    };
-                    let row = if *d == "nvme" {
-                        run(&mut nvme_with(), irq, &mut load, qd, Limit::Secs(p.secs))
-                    } else {
-                        let mut e = Engine::new(NullQueue::new(
-                            MAX_QD,
-                            dev.ns.block_size.trailing_zeros(),
-                            dev.ns.blocks,
-                            time::now_ns as fn() -> u64,
-                        ));
-                        run(
-                            &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut e),
-                            false,
-                            &mut load,
-                            qd,
-                            Limit::Secs(p.secs),
-                        )
-                    };
-                    report(target, d, c, qd, &row);
+                outln!(
+                    "bench running dev={} completion={} qd={} (raw, generic, simple interleaved)",
+                    d,
+                    c,
+                    qd
+                );
+                reset();
+                let targets = [Target::Raw, Target::Generic, Target::Simple];
+                let mut rows: [Row; 3] = Default::default();
+                let mut null = Engine::new(NullQueue::new(
+                    MAX_QD,
+                    dev.ns.block_size.trailing_zeros(),
+                    dev.ns.blocks,
+                    time::now_ns as fn() -> u64,
+                ));
+                let slice = Limit::Millis((p.secs * 1000 / ROUNDS).max(1));
+                for round in 0..ROUNDS {
+                    for target in targets {
+                        let mut load = Load {
+                            target,
+                            file: &file,
+                            file_blocks: file.size() / 4096,
+                            raw_blocks,
+                            bufs: base,
+                            rng: Rng(0x9e37_79b9 ^ (qd as u64) << 8 ^ round),
+                        };
+                        let r = if *d == "nvme" {
+                            run(&mut nvme_with(), irq, &mut load, qd, slice)
+                        } else {
+                            run(
+                                &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
+                                false,
+                                &mut load,
+                                qd,
+                                slice,
+                            )
+                        };
+                        let acc = &mut rows[target.index()];
+                        acc.ios += r.ios;
+                        acc.errors += r.errors;
+                        acc.cycles += r.cycles;
+                        acc.allocs += r.allocs;
+                        acc.frees += r.frees;
+                    }
+                }
+                for target in targets {
+                    report(target, d, c, qd, &rows[target.index()]);
                 }
             }
         }
