@@ -11,6 +11,7 @@
 //! | `bench.completion` | `poll`, `irq` (comma list) | completion modes (irq needs `nvme.completion=irq`) |
 //! | `bench.secs` | seconds per row (default 2) | |
 //! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
+//! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
 pub struct Cmdline<'a> {
@@ -53,6 +54,7 @@ pub const KNOWN: &[&str] = &[
     "nvme.completion",
     "nvme.timeout_ms",
     "rw.blocks",
+    "dio.simple",
     "log",
     "bench.qd",
     "bench.dev",

@@ -98,6 +98,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("nvme.timeout_ms={v:?}: expected milliseconds"),
         ),
     };
+    let simple = match args.get("dio.simple") {
+        None | Some("1") => true,
+        Some("0") => false,
+        Some(v) => fail(
+            EXIT_CONFIG,
+            format_args!("dio.simple={v:?}: expected 0 or 1"),
+        ),
+    };
     let rw_blocks = match args.number("rw.blocks") {
         Ok(v) => v,
         Err(v) => fail(
@@ -152,6 +160,8 @@ fn kmain(boot: &'static BootInfo) -> ! {
         heap.bytes_in_use / 1024,
         heap.size >> 20
     );
+    nvme::with_engine(|e| e.set_simple(simple));
+    log::info!(target: "iomap", "simple path {}", if simple { "on" } else { "off (dio.simple=0)" });
     let fs = storage::mount(&dev);
     match selftest {
         "files" => selftest::files(&mut dev, fs),

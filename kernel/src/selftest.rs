@@ -264,6 +264,23 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
                     }
                 }
             }
+            // The first block again through a 4 KiB request, which takes the
+            // simple path when it is on: it must return the same bytes.
+            if failed.is_none() && f.size() >= 4096 {
+                let mut first = [0u8; 4096];
+                first.copy_from_slice(&buf.as_slice()[..4096]);
+                let iob = buf.part(0, 4096);
+                // SAFETY: `buf` is owned here; the call is synchronous.
+                let r = nvme::with_engine(|e| unsafe {
+                    e.dio_rw(&Kiocb::sync(0), Op::Read, iob, &f, None, 0, 0)
+                });
+                match r {
+                    Some(Ok(DioResult::Done(4096))) if buf.as_slice()[..4096] == first => {}
+                    Some(Ok(_)) => failed = Some("4 KiB read differs from the 1 MiB read".into()),
+                    Some(Err(e)) => failed = Some(alloc::format!("4 KiB read: {e}")),
+                    None => failed = Some("no NVMe engine".into()),
+                }
+            }
             match failed {
                 None => {
                     outln!(
@@ -285,6 +302,15 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
     }
     let ms = (time::now_ns() - t0) / 1_000_000;
     log::info!(target: "selftest", "files: {count} files, {} KiB in {ms} ms, {errors} errors", bytes / 1024);
+    if let Some(s) = nvme::with_engine(|e| e.stats()) {
+        outln!(
+            "files iomap simple={} generic={} fell_back={} errors={}",
+            s.simple,
+            s.generic,
+            s.fell_back,
+            s.errors
+        );
+    }
     if errors > 0 {
         outln!("files done count={count} errors={errors}");
         power::exit(EXIT_TEST_FAILED);

@@ -51,7 +51,63 @@ fn random_tree_through_mkfs_and_the_kernel() {
         }
         assert_eq!(got, want);
         assert!(console.contains(&format!("files done count={}", paths.len())));
+        // Files of at least a block were also read with a 4 KiB request:
+        // through the simple path, or back to the generic path where the
+        // first block is a hole (sparse files).
+        let big = paths
+            .iter()
+            .filter(|p| std::fs::metadata(src.join(p)).unwrap().len() >= 4096)
+            .count() as u64;
+        let line = console
+            .lines()
+            .find(|l| l.starts_with("files iomap "))
+            .expect("iomap line");
+        let field = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| {
+                    w.strip_prefix(&format!("{k}="))
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(u64::MAX)
+        };
+        assert_eq!(field("simple") + field("fell_back"), big, "{line}");
+        assert!(field("simple") > 0, "{line}");
     }
+}
+
+#[test]
+fn the_simple_path_switch_sends_every_read_to_the_generic_path() {
+    let dir = TempDir::new("files-nosimple");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let paths = random_tree(&src, 9, 30);
+    let img = dir.path().join("fs.img");
+    fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let on = boot(&config(Some(&img), &["selftest=files"]));
+    let off = boot(&config(Some(&img), &["selftest=files", "dio.simple=0"]));
+    assert_eq!(
+        (on.status, off.status),
+        (0, 0),
+        "{}\n{}",
+        on.console,
+        off.console
+    );
+    let files = |c: &str| {
+        c.lines()
+            .filter(|l| l.starts_with("file "))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(files(&on.console), files(&off.console));
+    assert_eq!(files(&on.console).len(), paths.len());
+    assert!(
+        off.console.contains("files iomap simple=0 "),
+        "{}",
+        off.console
+    );
+    assert!(off.console.contains("simple path off (dio.simple=0)"));
+    let bad = boot(&config(Some(&img), &["selftest=files", "dio.simple=2"]));
+    assert_eq!(bad.status, 2);
 }
 
 #[test]
