@@ -1,0 +1,578 @@
+//! NBD server side (fixed newstyle handshake, simple replies), following the
+//! protocol document of the NetworkBlockDevice project (`doc/proto.md`).
+//!
+//! Wire formats (all integers big-endian):
+//!
+//! ```text
+//! greeting  S: "NBDMAGIC" "IHAVEOPT" u16 handshake flags (FIXED_NEWSTYLE | NO_ZEROES)
+//!           C: u32 client flags
+//! option    C: "IHAVEOPT" u32 option u32 length, data
+//!           S: u64 0x0003e889045565a9 u32 option u32 reply type u32 length, data
+//! EXPORT_NAME reply (no header): u64 size u16 transmission flags [124 zero bytes]
+//! request   C: u32 0x25609513 u16 command flags u16 type u64 handle u64 offset u32 length [data]
+//! reply     S: u32 0x67446698 u32 error u64 handle [data]
+//! ```
+//!
+//! Options: EXPORT_NAME, ABORT, LIST, INFO, GO (with NBD_INFO_EXPORT, _NAME,
+//! _BLOCK_SIZE); STARTTLS, STRUCTURED_REPLY and the meta-context options are
+//! answered `NBD_REP_ERR_UNSUP`, unknown options too. Commands: READ and
+//! FLUSH are served, DISC closes after the requests in flight; writes, trims
+//! and write-zeroes get `EPERM` (read-only exports), anything else `EINVAL`.
+//! A protocol violation (wrong magic, unknown client flags, a name that is
+//! not UTF-8) closes the connection. Memory per connection is bounded: at
+//! most one option (64 KiB) is buffered; larger option data and refused
+//! write payloads are skipped as they arrive.
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+pub mod opt {
+    pub const EXPORT_NAME: u32 = 1;
+    pub const ABORT: u32 = 2;
+    pub const LIST: u32 = 3;
+    pub const STARTTLS: u32 = 5;
+    pub const INFO: u32 = 6;
+    pub const GO: u32 = 7;
+    pub const STRUCTURED_REPLY: u32 = 8;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
+}
+
+pub mod rep {
+    pub const ACK: u32 = 1;
+    pub const SERVER: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const ERR_POLICY: u32 = (1 << 31) + 2;
+    pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    pub const ERR_TOO_BIG: u32 = (1 << 31) + 9;
+}
+
+pub mod info {
+    pub const EXPORT: u16 = 0;
+    pub const NAME: u16 = 1;
+    pub const DESCRIPTION: u16 = 2;
+    pub const BLOCK_SIZE: u16 = 3;
+}
+
+/// Transmission flags.
+pub mod tflag {
+    pub const HAS_FLAGS: u16 = 1 << 0;
+    pub const READ_ONLY: u16 = 1 << 1;
+    pub const SEND_FLUSH: u16 = 1 << 2;
+    pub const CAN_MULTI_CONN: u16 = 1 << 8;
+}
+
+pub mod cmd {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+    pub const FLUSH: u16 = 3;
+    pub const TRIM: u16 = 4;
+    pub const CACHE: u16 = 5;
+    pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
+}
+
+/// Error values of replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Errno {
+    Perm = 1,
+    Io = 5,
+    NoMem = 12,
+    Inval = 22,
+    NoSpc = 28,
+    Overflow = 75,
+    NotSup = 95,
+    Shutdown = 108,
+}
+
+/// Largest option data buffered; longer options are refused and skipped.
+pub const MAX_OPTION: usize = 64 * 1024;
+/// Largest request length served (a common NBD limit; advertised as the
+/// maximum block size).
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+
+/// What a client may know of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    /// Minimum block size (the device's logical block).
+    pub min_block: u32,
+    /// Preferred block size (the filesystem block).
+    pub preferred_block: u32,
+    /// Maximum request length.
+    pub max_block: u32,
+}
+
+/// The exports of a server.
+pub trait Exports {
+    /// The export called `name`: an id for the caller and its info.
+    fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)>;
+    /// Every export name, for NBD_OPT_LIST.
+    fn for_each_name(&self, f: &mut dyn FnMut(&str));
+}
+
+/// A request for the storage behind the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Read `len` bytes at `offset` of export `export`; answer with
+    /// [`Conn::reply_read`].
+    Read {
+        handle: u64,
+        export: u32,
+        offset: u64,
+        len: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for the client flags.
+    ClientFlags,
+    Options,
+    Transmission,
+    /// Send what is queued, then close.
+    Closing,
+    Closed,
+}
+
+/// Why a connection ended (for logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    BadClientFlags,
+    BadOptionMagic,
+    BadRequestMagic,
+    UnknownExport,
+    BadName,
+    Abort,
+    Disconnect,
+}
+
+/// One NBD connection.
+pub struct Conn {
+    state: State,
+    inb: Vec<u8>,
+    out: Vec<u8>,
+    no_zeroes: bool,
+    export: Option<(u32, ExportInfo)>,
+    /// Input bytes still to discard (oversized option data, refused write
+    /// payloads).
+    skip: u64,
+    events: VecDeque<Event>,
+    in_flight: usize,
+    max_in_flight: usize,
+    close_reason: Option<CloseReason>,
+    /// Requests decoded over the connection's life.
+    pub requests: u64,
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+impl Default for Conn {
+    fn default() -> Self {
+        Self::new(256)
+    }
+}
+
+impl Conn {
+    /// A new connection with at most `max_in_flight` reads outstanding; the
+    /// greeting is queued for sending.
+    pub fn new(max_in_flight: usize) -> Conn {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        Conn {
+            state: State::ClientFlags,
+            inb: Vec::new(),
+            out,
+            no_zeroes: false,
+            export: None,
+            skip: 0,
+            events: VecDeque::new(),
+            in_flight: 0,
+            max_in_flight: max_in_flight.max(1),
+            close_reason: None,
+            requests: 0,
+        }
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// `n` bytes of [`Conn::output`] were sent.
+    pub fn consume_output(&mut self, n: usize) {
+        self.out.drain(..n.min(self.out.len()));
+        if self.state == State::Closing && self.out.is_empty() && self.in_flight == 0 {
+            self.state = State::Closed;
+        }
+    }
+
+    /// The connection is over: close the socket (after sending
+    /// [`Conn::output`], which is then empty).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason
+    }
+
+    /// Whether the handshake is done.
+    pub fn in_transmission(&self) -> bool {
+        self.state == State::Transmission
+    }
+
+    /// Reads in flight (handed out, not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The peer closed its side: nothing more will arrive.
+    pub fn peer_closed(&mut self) {
+        self.inb.clear();
+        if self.state != State::Closed {
+            self.state = if self.in_flight == 0 {
+                State::Closed
+            } else {
+                State::Closing
+            };
+            self.close_reason.get_or_insert(CloseReason::Disconnect);
+        }
+    }
+
+    /// The next decoded request.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn close(&mut self, why: CloseReason) {
+        log::debug!(target: "nbd", "closing connection: {why:?}");
+        self.close_reason = Some(why);
+        self.inb.clear();
+        self.state = if self.out.is_empty() && self.in_flight == 0 {
+            State::Closed
+        } else {
+            State::Closing
+        };
+    }
+
+    /// Feeds bytes received from the client.
+    pub fn receive(&mut self, exports: &dyn Exports, mut data: &[u8]) {
+        if matches!(self.state, State::Closing | State::Closed) {
+            return;
+        }
+        if self.skip > 0 {
+            let n = (self.skip.min(data.len() as u64)) as usize;
+            self.skip -= n as u64;
+            data = &data[n..];
+        }
+        self.inb.extend_from_slice(data);
+        self.process(exports);
+    }
+
+    fn option_reply(&mut self, option: u32, ty: u32, data: &[u8]) {
+        self.out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&option.to_be_bytes());
+        self.out.extend_from_slice(&ty.to_be_bytes());
+        self.out
+            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.out.extend_from_slice(data);
+    }
+
+    fn simple_reply(&mut self, handle: u64, err: u32) {
+        self.out
+            .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&err.to_be_bytes());
+        self.out.extend_from_slice(&handle.to_be_bytes());
+    }
+
+    fn transmission_flags(&self, _info: &ExportInfo) -> u16 {
+        tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN
+    }
+
+    /// Decodes everything complete in the input buffer.
+    fn process(&mut self, exports: &dyn Exports) {
+        let mut at = 0usize;
+        loop {
+            let avail = &self.inb[at..];
+            match self.state {
+                State::ClientFlags => {
+                    if avail.len() < 4 {
+                        break;
+                    }
+                    let flags = be32(avail);
+                    at += 4;
+                    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+                        self.close(CloseReason::BadClientFlags);
+                        return;
+                    }
+                    self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                    self.state = State::Options;
+                }
+                State::Options => {
+                    if avail.len() < 16 {
+                        break;
+                    }
+                    if be64(avail) != IHAVEOPT {
+                        self.close(CloseReason::BadOptionMagic);
+                        return;
+                    }
+                    let option = be32(&avail[8..]);
+                    let len = be32(&avail[12..]) as usize;
+                    if len > MAX_OPTION {
+                        // Refuse and discard the data as it arrives.
+                        at += 16;
+                        let here = (avail.len() - 16).min(len);
+                        at += here;
+                        self.skip = (len - here) as u64;
+                        self.option_reply(option, rep::ERR_TOO_BIG, b"option data too large");
+                        if self.skip > 0 {
+                            break;
+                        }
+                        continue;
+                    }
+                    if avail.len() < 16 + len {
+                        break;
+                    }
+                    let data: Vec<u8> = avail[16..16 + len].to_vec();
+                    at += 16 + len;
+                    self.handle_option(exports, option, &data);
+                    if self.state != State::Options {
+                        if self.state == State::Transmission {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                State::Transmission => {
+                    if self.in_flight >= self.max_in_flight {
+                        // Back-pressure: decode more once reads complete.
+                        break;
+                    }
+                    if avail.len() < 28 {
+                        break;
+                    }
+                    if be32(avail) != REQUEST_MAGIC {
+                        self.close(CloseReason::BadRequestMagic);
+                        return;
+                    }
+                    let flags = be16(&avail[4..]);
+                    let ty = be16(&avail[6..]);
+                    let handle = be64(&avail[8..]);
+                    let offset = be64(&avail[16..]);
+                    let len = be32(&avail[24..]);
+                    at += 28;
+                    self.requests += 1;
+                    let Some((export, info)) = self.export else {
+                        self.close(CloseReason::UnknownExport);
+                        return;
+                    };
+                    match ty {
+                        cmd::READ => {
+                            let bad = flags != 0
+                                || len == 0
+                                || len > info.max_block.min(MAX_REQUEST)
+                                || offset.checked_add(len as u64).is_none_or(|e| e > info.size);
+                            if bad {
+                                self.simple_reply(handle, Errno::Inval as u32);
+                            } else {
+                                self.in_flight += 1;
+                                self.events.push_back(Event::Read {
+                                    handle,
+                                    export,
+                                    offset,
+                                    len,
+                                });
+                            }
+                        }
+                        cmd::FLUSH => {
+                            // Read-only exports: nothing to make durable.
+                            let err = if flags != 0 || offset != 0 || len != 0 {
+                                Errno::Inval as u32
+                            } else {
+                                0
+                            };
+                            self.simple_reply(handle, err);
+                        }
+                        cmd::DISC => {
+                            self.close(CloseReason::Disconnect);
+                            return;
+                        }
+                        cmd::WRITE => {
+                            // The payload follows: discard it.
+                            let here = (self.inb.len() - at).min(len as usize);
+                            at += here;
+                            self.skip = len as u64 - here as u64;
+                            self.simple_reply(handle, Errno::Perm as u32);
+                            if self.skip > 0 {
+                                break;
+                            }
+                        }
+                        cmd::TRIM | cmd::WRITE_ZEROES => {
+                            self.simple_reply(handle, Errno::Perm as u32)
+                        }
+                        _ => self.simple_reply(handle, Errno::Inval as u32),
+                    }
+                }
+                State::Closing | State::Closed => break,
+            }
+        }
+        self.inb.drain(..at.min(self.inb.len()));
+    }
+
+    fn handle_option(&mut self, exports: &dyn Exports, option: u32, data: &[u8]) {
+        match option {
+            opt::EXPORT_NAME => {
+                let Ok(name) = core::str::from_utf8(data) else {
+                    self.close(CloseReason::BadName);
+                    return;
+                };
+                match exports.lookup(name) {
+                    Some((id, info)) => {
+                        self.out.extend_from_slice(&info.size.to_be_bytes());
+                        let f = self.transmission_flags(&info);
+                        self.out.extend_from_slice(&f.to_be_bytes());
+                        if !self.no_zeroes {
+                            self.out.extend_from_slice(&[0u8; 124]);
+                        }
+                        self.export = Some((id, info));
+                        self.state = State::Transmission;
+                    }
+                    // The protocol has no error reply here: close.
+                    None => self.close(CloseReason::UnknownExport),
+                }
+            }
+            opt::ABORT => {
+                self.option_reply(option, rep::ACK, &[]);
+                self.close(CloseReason::Abort);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    self.option_reply(option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                    return;
+                }
+                let mut names: Vec<String> = Vec::new();
+                exports.for_each_name(&mut |n| names.push(n.into()));
+                for n in names {
+                    let mut d = Vec::with_capacity(4 + n.len());
+                    d.extend_from_slice(&(n.len() as u32).to_be_bytes());
+                    d.extend_from_slice(n.as_bytes());
+                    self.option_reply(option, rep::SERVER, &d);
+                }
+                self.option_reply(option, rep::ACK, &[]);
+            }
+            opt::INFO | opt::GO => self.info_or_go(exports, option, data),
+            opt::STARTTLS => self.option_reply(option, rep::ERR_UNSUP, b"TLS is not supported"),
+            opt::STRUCTURED_REPLY | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                self.option_reply(option, rep::ERR_UNSUP, b"only simple replies are supported")
+            }
+            _ => self.option_reply(option, rep::ERR_UNSUP, b"unknown option"),
+        }
+    }
+
+    fn info_or_go(&mut self, exports: &dyn Exports, option: u32, data: &[u8]) {
+        // u32 name length, name, u16 count, count x u16 info requests
+        let parsed = (|| {
+            let nlen = be32(data.get(0..4)?) as usize;
+            let name = data.get(4..4 + nlen)?;
+            let count = be16(data.get(4 + nlen..6 + nlen)?) as usize;
+            let reqs = data.get(6 + nlen..)?;
+            if reqs.len() != 2 * count {
+                return None;
+            }
+            Some((name, reqs))
+        })();
+        let Some((name, reqs)) = parsed else {
+            self.option_reply(option, rep::ERR_INVALID, b"malformed NBD_OPT_INFO/GO");
+            return;
+        };
+        let Ok(name) = core::str::from_utf8(name) else {
+            self.option_reply(option, rep::ERR_INVALID, b"export name is not UTF-8");
+            return;
+        };
+        let Some((id, info)) = exports.lookup(name) else {
+            self.option_reply(option, rep::ERR_UNKNOWN, b"no such export");
+            return;
+        };
+        let wants = |t: u16| reqs.chunks_exact(2).any(|c| be16(c) == t);
+        let mut d = Vec::with_capacity(12);
+        d.extend_from_slice(&info::EXPORT.to_be_bytes());
+        d.extend_from_slice(&info.size.to_be_bytes());
+        d.extend_from_slice(&self.transmission_flags(&info).to_be_bytes());
+        self.option_reply(option, rep::INFO, &d);
+        if wants(info::NAME) {
+            let mut d = Vec::with_capacity(2 + name.len());
+            d.extend_from_slice(&info::NAME.to_be_bytes());
+            d.extend_from_slice(name.as_bytes());
+            self.option_reply(option, rep::INFO, &d);
+        }
+        if wants(info::BLOCK_SIZE) {
+            let mut d = Vec::with_capacity(14);
+            d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+            d.extend_from_slice(&info.min_block.to_be_bytes());
+            d.extend_from_slice(&info.preferred_block.to_be_bytes());
+            d.extend_from_slice(&info.max_block.min(MAX_REQUEST).to_be_bytes());
+            self.option_reply(option, rep::INFO, &d);
+        }
+        self.option_reply(option, rep::ACK, &[]);
+        if option == opt::GO {
+            self.export = Some((id, info));
+            self.state = State::Transmission;
+        }
+    }
+
+    /// Answers a read: the data on success (exactly the requested length),
+    /// an error otherwise. Replies may come in any order.
+    pub fn reply_read(&mut self, exports: &dyn Exports, handle: u64, result: Result<&[u8], Errno>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.state == State::Closed {
+            return;
+        }
+        match result {
+            Ok(data) => {
+                self.simple_reply(handle, 0);
+                self.out.extend_from_slice(data);
+            }
+            Err(e) => self.simple_reply(handle, e as u32),
+        }
+        if self.state == State::Closing {
+            if self.out.is_empty() && self.in_flight == 0 {
+                self.state = State::Closed;
+            }
+            return;
+        }
+        // Requests held back by the in-flight limit can now be decoded.
+        self.process(exports);
+    }
+}
+
+#[cfg(test)]
+mod tests;

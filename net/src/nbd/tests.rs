@@ -1,0 +1,432 @@
+use super::*;
+use alloc::vec;
+
+struct Fake;
+const A: ExportInfo = ExportInfo {
+    size: 10_000,
+    min_block: 512,
+    preferred_block: 4096,
+    max_block: 1 << 20,
+};
+const RAW: ExportInfo = ExportInfo {
+    size: 1 << 30,
+    min_block: 4096,
+    preferred_block: 4096,
+    max_block: 32 << 20,
+};
+impl Exports for Fake {
+    fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)> {
+        match name.trim_start_matches('/') {
+            "data/a.bin" => Some((1, A)),
+            "nvme0n1" => Some((2, RAW)),
+            _ => None,
+        }
+    }
+    fn for_each_name(&self, f: &mut dyn FnMut(&str)) {
+        f("data/a.bin");
+        f("nvme0n1");
+    }
+}
+
+fn option(o: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&o.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+fn request(ty: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&ty.to_be_bytes());
+    v.extend_from_slice(&handle.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// Parses option replies: (option, type, data).
+fn option_replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut out = vec![];
+    while b.len() >= 20 {
+        assert_eq!(be64(b), REPLY_MAGIC);
+        let len = be32(&b[16..]) as usize;
+        out.push((be32(&b[8..]), be32(&b[12..]), b[20..20 + len].to_vec()));
+        b = &b[20 + len..];
+    }
+    assert!(b.is_empty(), "trailing bytes {b:?}");
+    out
+}
+
+fn take(c: &mut Conn) -> Vec<u8> {
+    let v = c.output().to_vec();
+    c.consume_output(v.len());
+    v
+}
+
+/// A connection past the greeting with fixed newstyle and no zeroes.
+fn greeted() -> Conn {
+    let mut c = Conn::new(16);
+    take(&mut c);
+    c.receive(
+        &Fake,
+        &(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes(),
+    );
+    c
+}
+
+fn opened(name: &str) -> Conn {
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::GO, &go_data(name, &[])));
+    assert!(c.in_transmission());
+    take(&mut c);
+    c
+}
+
+#[test]
+fn greeting_golden_bytes() {
+    let c = Conn::new(4);
+    assert_eq!(c.output(), b"NBDMAGICIHAVEOPT\x00\x03");
+}
+
+#[test]
+fn go_with_block_size_and_name() {
+    let mut c = greeted();
+    c.receive(
+        &Fake,
+        &option(
+            opt::GO,
+            &go_data("data/a.bin", &[info::BLOCK_SIZE, info::NAME]),
+        ),
+    );
+    assert!(c.in_transmission());
+    let r = option_replies(&take(&mut c));
+    assert_eq!(r.len(), 4);
+    // NBD_INFO_EXPORT: type 0, size 10000, flags HAS_FLAGS|READ_ONLY|SEND_FLUSH|CAN_MULTI_CONN.
+    assert_eq!(
+        r[0],
+        (
+            opt::GO,
+            rep::INFO,
+            vec![0, 0, 0, 0, 0, 0, 0, 0, 0x27, 0x10, 0x01, 0x07]
+        )
+    );
+    assert_eq!(
+        r[1],
+        (opt::GO, rep::INFO, [&[0u8, 1][..], b"data/a.bin"].concat())
+    );
+    let mut bs = vec![0, 3];
+    for v in [512u32, 4096, 1 << 20] {
+        bs.extend_from_slice(&v.to_be_bytes());
+    }
+    assert_eq!(r[2], (opt::GO, rep::INFO, bs));
+    assert_eq!(r[3], (opt::GO, rep::ACK, vec![]));
+}
+
+#[test]
+fn info_does_not_enter_transmission_and_unknown_exports_are_refused() {
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::INFO, &go_data("/nvme0n1", &[])));
+    assert!(!c.in_transmission());
+    let r = option_replies(&take(&mut c));
+    assert_eq!(
+        r.iter().map(|x| x.1).collect::<Vec<_>>(),
+        vec![rep::INFO, rep::ACK]
+    );
+    c.receive(&Fake, &option(opt::GO, &go_data("nope", &[])));
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_UNKNOWN);
+    c.receive(&Fake, &option(opt::GO, &go_data("../etc/passwd", &[])));
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_UNKNOWN);
+    // Malformed: the name length runs past the data.
+    c.receive(&Fake, &option(opt::GO, &[0, 0, 0, 50, b'a']));
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_INVALID);
+    // Still negotiating.
+    c.receive(&Fake, &option(opt::GO, &go_data("nvme0n1", &[])));
+    assert!(c.in_transmission());
+}
+
+#[test]
+fn export_name_with_and_without_zero_padding() {
+    for (flags, len) in [
+        (FLAG_C_FIXED_NEWSTYLE, 8 + 2 + 124),
+        (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10),
+    ] {
+        let mut c = Conn::new(4);
+        take(&mut c);
+        c.receive(&Fake, &flags.to_be_bytes());
+        c.receive(&Fake, &option(opt::EXPORT_NAME, b"nvme0n1"));
+        let out = take(&mut c);
+        assert_eq!(out.len(), len);
+        assert_eq!(be64(&out), 1 << 30);
+        assert_eq!(be16(&out[8..]), 0x0107);
+        assert!(c.in_transmission());
+    }
+    // An unknown name: the only answer the protocol has is closing.
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::EXPORT_NAME, b"missing"));
+    assert!(c.is_closed());
+    assert_eq!(c.close_reason(), Some(CloseReason::UnknownExport));
+}
+
+#[test]
+fn list_unknown_and_unsupported_options() {
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::LIST, &[]));
+    let r = option_replies(&take(&mut c));
+    assert_eq!(r.len(), 3);
+    assert_eq!(
+        r[0],
+        (
+            opt::LIST,
+            rep::SERVER,
+            [&10u32.to_be_bytes()[..], b"data/a.bin"].concat()
+        )
+    );
+    assert_eq!(r[1].2[4..], *b"nvme0n1");
+    assert_eq!(r[2].1, rep::ACK);
+    c.receive(&Fake, &option(opt::LIST, b"x"));
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_INVALID);
+    for o in [
+        opt::STARTTLS,
+        opt::STRUCTURED_REPLY,
+        opt::LIST_META_CONTEXT,
+        opt::SET_META_CONTEXT,
+        77,
+    ] {
+        c.receive(&Fake, &option(o, b"whatever"));
+        let r = option_replies(&take(&mut c));
+        assert_eq!((r[0].0, r[0].1), (o, rep::ERR_UNSUP));
+    }
+    assert!(!c.is_closed());
+}
+
+#[test]
+fn oversized_option_is_refused_and_its_data_skipped() {
+    let mut c = greeted();
+    let big = vec![0xaau8; MAX_OPTION + 1000];
+    let msg = option(99, &big);
+    // Arrives in pieces.
+    for chunk in msg.chunks(7000) {
+        c.receive(&Fake, chunk);
+    }
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_TOO_BIG);
+    c.receive(&Fake, &option(opt::LIST, &[]));
+    assert_eq!(option_replies(&take(&mut c)).len(), 3);
+}
+
+#[test]
+fn garbage_handshakes_close_the_connection() {
+    let mut c = Conn::new(4);
+    take(&mut c);
+    c.receive(&Fake, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(c.is_closed());
+    assert_eq!(c.close_reason(), Some(CloseReason::BadClientFlags));
+    let mut c = greeted();
+    c.receive(&Fake, b"this is not IHAVEOPT");
+    assert!(c.is_closed());
+    assert_eq!(c.close_reason(), Some(CloseReason::BadOptionMagic));
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::ABORT, &[]));
+    assert_eq!(option_replies(c.output())[0].1, rep::ACK);
+    assert!(!c.is_closed(), "the ACK is sent first");
+    take(&mut c);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn reads_become_events_and_replies_go_out_in_any_order() {
+    let mut c = opened("data/a.bin");
+    let mut reqs = request(cmd::READ, 0, 1, 0, 4096);
+    reqs.extend(request(cmd::READ, 0, 2, 4096, 512));
+    reqs.extend(request(cmd::READ, 0, 3, 9728, 272));
+    // One byte at a time.
+    for b in &reqs {
+        c.receive(&Fake, core::slice::from_ref(b));
+    }
+    let ev: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
+    assert_eq!(
+        ev,
+        vec![
+            Event::Read {
+                handle: 1,
+                export: 1,
+                offset: 0,
+                len: 4096
+            },
+            Event::Read {
+                handle: 2,
+                export: 1,
+                offset: 4096,
+                len: 512
+            },
+            Event::Read {
+                handle: 3,
+                export: 1,
+                offset: 9728,
+                len: 272
+            },
+        ]
+    );
+    assert_eq!(c.in_flight(), 3);
+    c.reply_read(&Fake, 3, Ok(&[7u8; 272]));
+    c.reply_read(&Fake, 1, Err(Errno::Io));
+    let out = take(&mut c);
+    assert_eq!(
+        &out[..16],
+        &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]
+    );
+    assert!(out[16..288].iter().all(|&b| b == 7));
+    assert_eq!(
+        &out[288..],
+        &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]
+    );
+    c.reply_read(&Fake, 2, Ok(&[1u8; 512]));
+    assert_eq!(take(&mut c).len(), 16 + 512);
+    assert_eq!(c.in_flight(), 0);
+}
+
+fn errors(out: &[u8]) -> Vec<(u64, u32)> {
+    out.chunks(16)
+        .map(|r| (be64(&r[8..]), be32(&r[4..])))
+        .collect()
+}
+
+#[test]
+fn bad_requests_get_protocol_errors() {
+    let mut c = opened("data/a.bin");
+    let mut reqs = request(cmd::READ, 0, 1, 9999, 2); // past the end
+    reqs.extend(request(cmd::READ, 0, 2, 0, 0)); // zero length
+    reqs.extend(request(cmd::READ, 0, 3, 0, u32::MAX)); // 4 GiB
+    reqs.extend(request(cmd::READ, 0, 4, u64::MAX - 1, 4)); // offset overflow
+    reqs.extend(request(cmd::READ, 1, 5, 0, 512)); // a flag not negotiated
+    reqs.extend(request(cmd::TRIM, 0, 6, 0, 512));
+    reqs.extend(request(cmd::BLOCK_STATUS, 0, 7, 0, 512));
+    reqs.extend(request(42, 0, 8, 0, 512));
+    reqs.extend(request(cmd::FLUSH, 0, 9, 0, 0));
+    c.receive(&Fake, &reqs);
+    assert!(c.next_event().is_none());
+    let e = Errno::Inval as u32;
+    assert_eq!(
+        errors(&take(&mut c)),
+        vec![
+            (1, e),
+            (2, e),
+            (3, e),
+            (4, e),
+            (5, e),
+            (6, Errno::Perm as u32),
+            (7, e),
+            (8, e),
+            (9, 0)
+        ]
+    );
+    assert!(!c.is_closed());
+}
+
+#[test]
+fn writes_to_a_read_only_export_are_refused_and_their_payload_skipped() {
+    let mut c = opened("nvme0n1");
+    let mut bytes = request(cmd::WRITE, 0, 11, 0, 100_000);
+    bytes.extend(vec![0x25u8; 100_000]); // payload that looks like request magic
+    bytes.extend(request(cmd::READ, 0, 12, 0, 4096));
+    for chunk in bytes.chunks(1500) {
+        c.receive(&Fake, chunk);
+    }
+    assert_eq!(errors(&take(&mut c)), vec![(11, Errno::Perm as u32)]);
+    assert_eq!(
+        c.next_event(),
+        Some(Event::Read {
+            handle: 12,
+            export: 2,
+            offset: 0,
+            len: 4096
+        })
+    );
+}
+
+#[test]
+fn bad_request_magic_closes_and_disc_waits_for_reads_in_flight() {
+    let mut c = opened("nvme0n1");
+    c.receive(&Fake, &[0u8; 28]);
+    assert!(c.is_closed());
+    assert_eq!(c.close_reason(), Some(CloseReason::BadRequestMagic));
+
+    let mut c = opened("nvme0n1");
+    let mut bytes = request(cmd::READ, 0, 1, 0, 512);
+    bytes.extend(request(cmd::DISC, 0, 2, 0, 0));
+    bytes.extend(request(cmd::READ, 0, 3, 0, 512)); // after DISC: ignored
+    c.receive(&Fake, &bytes);
+    assert_eq!(
+        c.next_event(),
+        Some(Event::Read {
+            handle: 1,
+            export: 2,
+            offset: 0,
+            len: 512
+        })
+    );
+    assert_eq!(c.next_event(), None);
+    assert!(!c.is_closed(), "a read is in flight");
+    c.reply_read(&Fake, 1, Ok(&[0u8; 512]));
+    assert_eq!(take(&mut c).len(), 16 + 512);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn in_flight_limit_applies_back_pressure() {
+    let mut c = Conn::new(2);
+    take(&mut c);
+    c.receive(
+        &Fake,
+        &(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes(),
+    );
+    c.receive(&Fake, &option(opt::GO, &go_data("nvme0n1", &[])));
+    take(&mut c);
+    let bytes: Vec<u8> = (0..5)
+        .flat_map(|h| request(cmd::READ, 0, h, h * 4096, 4096))
+        .collect();
+    c.receive(&Fake, &bytes);
+    let first: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
+    assert_eq!(first.len(), 2);
+    c.reply_read(&Fake, 0, Ok(&[0u8; 4096]));
+    let more: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
+    assert_eq!(
+        more,
+        vec![Event::Read {
+            handle: 2,
+            export: 2,
+            offset: 8192,
+            len: 4096
+        }]
+    );
+    c.reply_read(&Fake, 1, Ok(&[0u8; 4096]));
+    c.reply_read(&Fake, 2, Ok(&[0u8; 4096]));
+    let rest: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
+    assert_eq!(rest.len(), 2);
+}
+
+#[test]
+fn peer_closing_mid_request_with_reads_in_flight() {
+    let mut c = opened("nvme0n1");
+    let mut bytes = request(cmd::READ, 0, 1, 0, 512);
+    bytes.extend(&request(cmd::READ, 0, 2, 0, 512)[..10]); // half a request
+    c.receive(&Fake, &bytes);
+    assert!(c.next_event().is_some());
+    c.peer_closed();
+    assert!(!c.is_closed());
+    c.reply_read(&Fake, 1, Ok(&[0u8; 512]));
+    // The reply still goes out; then the connection is over.
+    assert_eq!(take(&mut c).len(), 16 + 512);
+    assert!(c.is_closed());
+}
