@@ -12,6 +12,7 @@
 //! | `bench.secs` | seconds per row (default 2) | |
 //! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
+//! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
 pub struct Cmdline<'a> {
@@ -55,6 +56,8 @@ pub const KNOWN: &[&str] = &[
     "nvme.timeout_ms",
     "rw.blocks",
     "dio.simple",
+    "net.ip",
+    "net.gw",
     "log",
     "bench.qd",
     "bench.dev",

@@ -15,6 +15,8 @@ mod arch;
 mod bench;
 mod cmdline;
 mod mm;
+mod nbdsrv;
+mod net;
 mod nvme;
 mod pci;
 mod power;
@@ -187,16 +189,53 @@ fn kmain(boot: &'static BootInfo) -> ! {
         }
         "digest" => selftest::digest(&mut dev),
         "rw" => selftest::rw(&mut dev, rw_blocks),
-        _ => run_loop(&dev),
+        _ => {
+            let static_ip = match args.get("net.ip") {
+                None => None,
+                Some(v) => match net::parse_cidr(v) {
+                    Some(cidr) => Some(net::StaticIp {
+                        cidr,
+                        gateway: args.get("net.gw").and_then(net::parse_ip),
+                    }),
+                    None => fail(
+                        EXIT_CONFIG,
+                        format_args!("net.ip={v:?}: expected A.B.C.D/N"),
+                    ),
+                },
+            };
+            let mut net = net::init(&functions, static_ip);
+            let server = match net.as_mut() {
+                Some(n) => Some(nbdsrv::Server::new(n, fs.as_ref(), &dev)),
+                None => {
+                    log::warn!(target: "net", "no usable virtio-net device: no network service");
+                    None
+                }
+            };
+            run_loop(&dev, net, server)
+        }
     }
 }
 
 /// The appliance's per-core run loop: reaps NVMe completions and sleeps until
 /// the next interrupt. Services (the network server) hook in here.
-fn run_loop(dev: &nvme::Nvme) -> ! {
-    log::info!(target: "boot", "run loop started ({:?} completion); nothing else to serve yet", dev.mode);
+fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbdsrv::Server>) -> ! {
+    log::info!(target: "boot", "run loop started ({:?} completion)", dev.mode);
     let mut last = arch::apic::ticks();
     loop {
+        if let Some(n) = net.as_mut() {
+            n.poll();
+            if let Some(s) = server.as_mut() {
+                s.poll(n);
+                n.poll();
+                let t = arch::apic::ticks();
+                if t / 100 != last / 100 {
+                    s.trace(n);
+                }
+                last = t;
+                // While connections are busy, keep polling instead of sleeping.
+                continue;
+            }
+        }
         // Wake on every interrupt; the APIC tick bounds each sleep.
         nvme::wait_until(|| {
             let now = arch::apic::ticks();

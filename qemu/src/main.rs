@@ -83,6 +83,9 @@ enum Cmd {
         /// Use this kernel ELF instead of building one.
         #[arg(long)]
         kernel: Option<PathBuf>,
+        /// Host port (127.0.0.1) forwarded to the appliance's NBD server.
+        #[arg(long, default_value_t = 10809)]
+        nbd_port: u16,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
@@ -263,6 +266,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             completion,
             log,
             kernel: kernel_path,
+            nbd_port,
             kernel_args,
         } => {
             let t0 = Instant::now();
@@ -325,6 +329,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
+            cfg.nbd_port = Some(nbd_port);
+            eprintln!("dioxide: NBD exports at nbd://127.0.0.1:{nbd_port}/<path> (try: nbdinfo --list nbd://127.0.0.1:{nbd_port})");
             eprintln!(
                 "dioxide: booting with {} ({} MiB, {}-byte blocks), accel {}; kernel args {:?}",
                 disk.display(),

@@ -31,6 +31,9 @@ pub struct Config {
     pub echo_prefix: Option<&'static str>,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
+    /// Give the guest a virtio-net NIC on QEMU user networking and forward
+    /// this host port (on 127.0.0.1) to the guest's NBD port 10809.
+    pub nbd_port: Option<u16>,
 }
 
 impl Config {
@@ -47,6 +50,7 @@ impl Config {
             echo: false,
             echo_prefix: None,
             extra: Vec::new(),
+            nbd_port: None,
         }
     }
 
@@ -72,6 +76,11 @@ impl Config {
                 "nvme,drive=nvm0,serial=dioxide0,logical_block_size={0},physical_block_size={0}",
                 self.nvme_lbs
             ));
+        }
+        if let Some(port) = self.nbd_port {
+            c.arg("-netdev")
+                .arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"));
+            c.args(["-device", "virtio-net-pci,netdev=net0"]);
         }
         c.arg("-kernel").arg(&self.kernel);
         c.arg("-append").arg(self.args.join(" "));

@@ -1,0 +1,300 @@
+//! Networking: virtio-net through the `virtio-drivers` crate (PCI transport,
+//! its HAL on the kernel's identity-mapped memory) and TCP/IP through
+//! `smoltcp`, with DHCP by default or a static address from the command line
+//! (`net.ip=A.B.C.D/N net.gw=A.B.C.D`). Serviced (polled) from the run loop.
+
+use crate::pci::{self, Bdf, Function};
+use crate::time;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::ptr::NonNull;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::dhcpv4;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::{BufferDirection, PhysAddr};
+
+/// virtio-drivers' HAL: heap memory is identity mapped, so physical ==
+/// virtual and sharing a buffer is a no-op.
+pub struct VirtioHal;
+
+// SAFETY: allocations are zeroed, page aligned and contiguous (identity
+// mapping of the heap); MMIO is mapped uncached before its address is handed
+// out; shared buffers are device-visible at their own address.
+unsafe impl virtio_drivers::Hal for VirtioHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = core::alloc::Layout::from_size_align(pages.max(1) * 4096, 4096)
+            .unwrap_or(core::alloc::Layout::new::<[u8; 4096]>());
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        match NonNull::new(p) {
+            Some(nn) => (p as PhysAddr, nn),
+            None => panic!("out of memory for virtio DMA ({pages} pages)"),
+        }
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        if let Ok(layout) = core::alloc::Layout::from_size_align(pages.max(1) * 4096, 4096) {
+            // SAFETY: allocated by dma_alloc with this layout.
+            unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), layout) };
+        }
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        if let Err(e) = crate::mm::map_mmio(paddr, size as u64) {
+            log::error!(target: "net", "cannot map virtio MMIO at {paddr:#x}: {e}");
+        }
+        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling())
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+/// PCI configuration access for virtio-drivers, through the kernel's.
+struct PciAccess;
+
+impl ConfigurationAccess for PciAccess {
+    fn read_word(&self, df: DeviceFunction, off: u8) -> u32 {
+        pci::read32(
+            Bdf {
+                bus: df.bus,
+                dev: df.device,
+                func: df.function,
+            },
+            off as u16,
+        )
+    }
+    fn write_word(&mut self, df: DeviceFunction, off: u8, data: u32) {
+        pci::write32(
+            Bdf {
+                bus: df.bus,
+                dev: df.device,
+                func: df.function,
+            },
+            off as u16,
+            data,
+        )
+    }
+    unsafe fn unsafe_clone(&self) -> Self {
+        PciAccess
+    }
+}
+
+const QUEUE: usize = 64;
+const BUF_LEN: usize = 2048;
+type Nic = VirtIONet<VirtioHal, PciTransport, QUEUE>;
+
+/// The NIC as a smoltcp device.
+pub struct NetDevice {
+    nic: RefCell<Nic>,
+}
+
+pub struct Rx(Vec<u8>);
+pub struct Tx<'a>(&'a RefCell<Nic>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut nic = self.0.borrow_mut();
+        let mut tx = nic.new_tx_buffer(len);
+        let r = f(tx.packet_mut());
+        if let Err(e) = nic.send(tx) {
+            log::warn!(target: "net", "send failed: {e:?}");
+        }
+        r
+    }
+}
+
+impl Device for NetDevice {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _ts: Instant) -> Option<(Rx, Tx<'_>)> {
+        let packet = {
+            let mut nic = self.nic.borrow_mut();
+            if !nic.can_recv() {
+                return None;
+            }
+            let rx = nic.receive().ok()?;
+            let data = rx.packet().to_vec();
+            if let Err(e) = nic.recycle_rx_buffer(rx) {
+                log::warn!(target: "net", "recycle failed: {e:?}");
+            }
+            data
+        };
+        Some((Rx(packet), Tx(&self.nic)))
+    }
+
+    fn transmit(&mut self, _ts: Instant) -> Option<Tx<'_>> {
+        if self.nic.borrow().can_send() {
+            Some(Tx(&self.nic))
+        } else {
+            None
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c.max_burst_size = Some(QUEUE / 2);
+        c
+    }
+}
+
+/// The network stack of this core.
+pub struct Net {
+    pub dev: NetDevice,
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    dhcp: Option<SocketHandle>,
+    pub configured: bool,
+}
+
+pub fn now() -> Instant {
+    Instant::from_micros((time::now_ns() / 1000) as i64)
+}
+
+/// Static configuration from the command line.
+pub struct StaticIp {
+    pub cidr: Ipv4Cidr,
+    pub gateway: Option<Ipv4Address>,
+}
+
+/// Finds the first virtio-net function and brings it up.
+pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> {
+    let f = functions
+        .iter()
+        .find(|f| f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041))?;
+    pci::enable_device(f.bdf);
+    let mut root = PciRoot::new(PciAccess);
+    let df = DeviceFunction {
+        bus: f.bdf.bus,
+        device: f.bdf.dev,
+        function: f.bdf.func,
+    };
+    let transport = match PciTransport::new::<VirtioHal, _>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!(target: "net", "{}: virtio PCI transport: {e:?}", f.bdf);
+            return None;
+        }
+    };
+    let nic = match Nic::new(transport, BUF_LEN) {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!(target: "net", "{}: virtio-net: {e:?}", f.bdf);
+            return None;
+        }
+    };
+    let mac = nic.mac_address();
+    log::info!(
+        target: "net",
+        "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    );
+    let mut dev = NetDevice {
+        nic: RefCell::new(nic),
+    };
+    let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    let mut iface = Interface::new(config, &mut dev, now());
+    let mut sockets = SocketSet::new(vec![]);
+    let mut dhcp = None;
+    let mut configured = false;
+    match static_ip {
+        Some(s) => {
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::Ipv4(s.cidr));
+            });
+            if let Some(gw) = s.gateway {
+                let _ = iface.routes_mut().add_default_ipv4_route(gw);
+            }
+            log::info!(target: "net", "static address {} gateway {:?}", s.cidr, s.gateway);
+            configured = true;
+        }
+        None => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
+    }
+    Some(Net {
+        dev,
+        iface,
+        sockets,
+        dhcp,
+        configured,
+    })
+}
+
+impl Net {
+    /// Moves packets and runs timers; applies DHCP results.
+    pub fn poll(&mut self) {
+        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+        if let Some(h) = self.dhcp {
+            let event = self.sockets.get_mut::<dhcpv4::Socket>(h).poll();
+            match event {
+                Some(dhcpv4::Event::Configured(c)) => {
+                    self.iface.update_ip_addrs(|a| {
+                        a.clear();
+                        let _ = a.push(IpCidr::Ipv4(c.address));
+                    });
+                    match c.router {
+                        Some(r) => {
+                            let _ = self.iface.routes_mut().add_default_ipv4_route(r);
+                        }
+                        None => self
+                            .iface
+                            .routes_mut()
+                            .remove_default_ipv4_route()
+                            .map(|_| ())
+                            .unwrap_or(()),
+                    }
+                    log::info!(target: "net", "DHCP: address {} router {:?}", c.address, c.router);
+                    self.configured = true;
+                }
+                Some(dhcpv4::Event::Deconfigured) => {
+                    self.iface.update_ip_addrs(|a| a.clear());
+                    self.iface.routes_mut().remove_default_ipv4_route();
+                    if self.configured {
+                        log::warn!(target: "net", "DHCP: lease lost");
+                    }
+                    self.configured = false;
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Parses `A.B.C.D/N`.
+pub fn parse_cidr(s: &str) -> Option<Ipv4Cidr> {
+    let (ip, len) = s.split_once('/')?;
+    Some(Ipv4Cidr::new(
+        parse_ip(ip)?,
+        len.parse().ok().filter(|&l: &u8| l <= 32)?,
+    ))
+}
+
+pub fn parse_ip(s: &str) -> Option<Ipv4Address> {
+    let mut o = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in o.iter_mut() {
+        *b = parts.next()?.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Ipv4Address::new(o[0], o[1], o[2], o[3]))
+}
