@@ -42,17 +42,17 @@ pub fn init(ecam: Option<EcamRegion>) {
     });
 }
 
+/// Address of register `off` of function `b` in the ECAM window `r`.
+fn ecam_addr(r: &EcamRegion, b: Bdf, off: u16) -> u64 {
+    r.base + ((b.bus as u64) << 20) + ((b.dev as u64) << 15) + ((b.func as u64) << 12) + off as u64
+}
+
 pub fn read32(b: Bdf, off: u16) -> u32 {
     let off = off & 0xffc;
     match ACCESS.get() {
         Some(Access::Ecam(r)) if (r.bus_start..=r.bus_end).contains(&b.bus) => {
-            let a = r.base
-                + ((b.bus as u64) << 20)
-                + ((b.dev as u64) << 15)
-                + ((b.func as u64) << 12)
-                + off as u64;
             // SAFETY: the ECAM window of this bus range is mapped uncached.
-            unsafe { core::ptr::read_volatile(a as *const u32) }
+            unsafe { core::ptr::read_volatile(ecam_addr(r, b, off) as *const u32) }
         }
         _ => {
             if off >= 256 {
@@ -71,13 +71,8 @@ pub fn write32(b: Bdf, off: u16, v: u32) {
     let off = off & 0xffc;
     match ACCESS.get() {
         Some(Access::Ecam(r)) if (r.bus_start..=r.bus_end).contains(&b.bus) => {
-            let a = r.base
-                + ((b.bus as u64) << 20)
-                + ((b.dev as u64) << 15)
-                + ((b.func as u64) << 12)
-                + off as u64;
             // SAFETY: as in read32.
-            unsafe { core::ptr::write_volatile(a as *mut u32, v) }
+            unsafe { core::ptr::write_volatile(ecam_addr(r, b, off) as *mut u32, v) }
         }
         _ => {
             if off >= 256 {

@@ -8,7 +8,6 @@ use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 pub struct LocalOpts {
@@ -130,30 +129,17 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
 /// Builds and runs the host benchmark; its JSON report.
 pub fn host_bench(ios: u64) -> Result<Value, Error> {
     let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "dioxide-hostbench",
-            "--target-dir",
-        ])
-        .arg(root.join("target").join("hostbench"))
-        .args(["--", "--json", "--ios", &ios.to_string()]);
-    for v in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "CARGO_MAKEFLAGS",
-        "MAKEFLAGS",
-        "MFLAGS",
-    ] {
-        cmd.env_remove(v);
-    }
+    let mut cmd = kernel::cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "dioxide-hostbench",
+        "--target-dir",
+    ])
+    .arg(root.join("target").join("hostbench"))
+    .args(["--", "--json", "--ios", &ios.to_string()]);
     let out = cmd.output().map_err(|source| Error::Spawn {
         program: "cargo".into(),
         hint: "rustup",

@@ -4,6 +4,27 @@ use crate::{workspace_root, Error};
 use std::path::PathBuf;
 use std::process::Command;
 
+/// A `cargo` command in the workspace, without the settings of an outer cargo
+/// (when run from `cargo test`), which are not ours.
+pub fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    for v in [
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
 /// Builds the kernel (release) and returns the path of the ELF.
 ///
 /// The kernel gets its own target directory, so that this works while an
@@ -22,32 +43,17 @@ pub fn build() -> Result<PathBuf, Error> {
     }
     let root = workspace_root();
     let target_dir = root.join("target").join("kernel");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "dioxide-kernel",
-            "--target",
-            "x86_64-unknown-none",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    // Settings of an outer cargo (when run from `cargo test`) are not ours.
-    for v in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_MAKEFLAGS",
-        "MAKEFLAGS",
-        "MFLAGS",
-    ] {
-        cmd.env_remove(v);
-    }
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "dioxide-kernel",
+        "--target",
+        "x86_64-unknown-none",
+    ])
+    .arg("--target-dir")
+    .arg(&target_dir);
     let out = cmd.output().map_err(|source| Error::Spawn {
         program: "cargo".into(),
         hint: "rustup",
