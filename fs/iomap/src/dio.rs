@@ -386,10 +386,7 @@ impl<Q: BlockQueue> Engine<Q> {
             if nowait {
                 return Err(DioError::Again);
             }
-            self.poll();
-            self.run_deferred();
-            self.expire();
-            self.queue.relax();
+            self.wait_until(|e| e.st.nfree > 0);
         }
     }
 
@@ -409,10 +406,7 @@ impl<Q: BlockQueue> Engine<Q> {
             // SAFETY: forwarded.
             match unsafe { self.queue.submit(op, lba, buf, tag) } {
                 Err(BlkError::QueueFull) if !nowait => {
-                    self.poll();
-                    self.run_deferred();
-                    self.expire();
-                    self.queue.relax();
+                    self.wait_until(|e| e.queue.in_flight() < e.queue.depth());
                 }
                 r => return r,
             }
