@@ -254,12 +254,9 @@ impl Net {
                         Some(r) => {
                             let _ = self.iface.routes_mut().add_default_ipv4_route(r);
                         }
-                        None => self
-                            .iface
-                            .routes_mut()
-                            .remove_default_ipv4_route()
-                            .map(|_| ())
-                            .unwrap_or(()),
+                        None => {
+                            self.iface.routes_mut().remove_default_ipv4_route();
+                        }
                     }
                     log::info!(target: "net", "DHCP: address {} router {:?}", c.address, c.router);
                     self.configured = true;

@@ -7,7 +7,7 @@ use crate::{io_err, kernel, qemu, workspace_root, Error};
 use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub struct LocalOpts {
@@ -140,16 +140,7 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     ])
     .arg(root.join("target").join("hostbench"))
     .args(["--", "--json", "--ios", &ios.to_string()]);
-    let out = cmd.output().map_err(|source| Error::Spawn {
-        program: "cargo".into(),
-        hint: "rustup",
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(Error::Build(
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
-    }
+    let out = kernel::run(&mut cmd)?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         Error::Usage(format!(
             "host benchmark output: {e}: {}",
@@ -438,8 +429,4 @@ pub fn default_out() -> PathBuf {
         .join("target")
         .join("dioxide")
         .join("bench-local")
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }

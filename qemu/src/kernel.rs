@@ -25,6 +25,22 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Runs a cargo command from [`cargo`]; its output, or its stderr as the
+/// error when it fails.
+pub fn run(cmd: &mut Command) -> Result<std::process::Output, Error> {
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        program: "cargo".into(),
+        hint: "rustup",
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Build(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    Ok(out)
+}
+
 /// Builds the kernel (release) and returns the path of the ELF.
 ///
 /// The kernel gets its own target directory, so that this works while an
@@ -54,16 +70,7 @@ pub fn build() -> Result<PathBuf, Error> {
     ])
     .arg("--target-dir")
     .arg(&target_dir);
-    let out = cmd.output().map_err(|source| Error::Spawn {
-        program: "cargo".into(),
-        hint: "rustup",
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(Error::Build(
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
-    }
+    run(&mut cmd)?;
     Ok(target_dir
         .join("x86_64-unknown-none")
         .join("release")
