@@ -12,7 +12,7 @@ use crate::pci::{self, Function, MsiX};
 use crate::time;
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use dioxide_iomap::nvme::NvmeQueue;
 use dioxide_iomap::{Callback, DioError, Engine, IoBuf, Op};
 use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
@@ -305,6 +305,28 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// What the completion path owes a run loop that does not sleep in
+/// [`wait_until`]: polls the queue (poll mode), reports commands past their
+/// deadline (at most once a millisecond) and runs deferred error completions.
+pub fn service() {
+    static NEXT_EXPIRY: AtomicU64 = AtomicU64::new(0);
+    let now = time::now_ns();
+    let check = now >= NEXT_EXPIRY.load(Ordering::Relaxed);
+    if check {
+        NEXT_EXPIRY.store(now + 1_000_000, Ordering::Relaxed);
+    }
+    let poll = *MODE.lock() == Mode::Poll;
+    with_engine(|e| {
+        if poll {
+            e.poll();
+        }
+        if check {
+            e.expire();
+        }
+        e.run_deferred();
+    });
+}
+
 /// A raw command, waited for (polls the queue with interrupts off).
 ///
 /// # Safety
@@ -328,12 +350,16 @@ pub struct DmaBuf {
     len: usize,
 }
 
+#[allow(clippy::len_without_is_empty)]
 impl DmaBuf {
     pub fn new(len: usize) -> Option<Self> {
         let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
         // SAFETY: non-zero size.
         let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
         Some(DmaBuf { ptr: p, len })
+    }
+    pub fn len(&self) -> usize {
+        self.len
     }
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: owned allocation of len bytes, initialised (zeroed).

@@ -11,11 +11,19 @@
 //! EXPORT_NAME reply (no header): u64 size u16 transmission flags [124 zero bytes]
 //! request   C: u32 0x25609513 u16 command flags u16 type u64 handle u64 offset u32 length [data]
 //! reply     S: u32 0x67446698 u32 error u64 handle [data]
+//! chunk     S: u32 0x668e33ef u16 flags u16 type u64 handle u32 length, payload
+//!              OFFSET_DATA (1): u64 offset, data
+//!              ERROR (0x8001): u32 error u16 message length, message
 //! ```
 //!
 //! Options: EXPORT_NAME, ABORT, LIST, INFO, GO (with NBD_INFO_EXPORT, _NAME,
-//! _BLOCK_SIZE); STARTTLS, STRUCTURED_REPLY and the meta-context options are
-//! answered `NBD_REP_ERR_UNSUP`, unknown options too. Commands: READ and
+//! _BLOCK_SIZE), STRUCTURED_REPLY; STARTTLS and the meta-context options
+//! are answered `NBD_REP_ERR_UNSUP`, unknown options too. Once structured
+//! replies are negotiated every read is answered by one chunk with the DONE
+//! flag (OFFSET_DATA or ERROR with a message); other commands keep simple
+//! replies, as the protocol allows. (Structured replies are not only an
+//! option: QEMU's client with simple replies hangs on an export whose size
+//! is not a multiple of 512, because it then reads a whole sector.) Commands: READ and
 //! FLUSH are served, DISC closes after the requests in flight; writes, trims
 //! and write-zeroes get `EPERM` (read-only exports), anything else `EINVAL`.
 //! A protocol violation (wrong magic, unknown client flags, a name that is
@@ -32,6 +40,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
@@ -59,6 +68,13 @@ pub mod rep {
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     pub const ERR_TOO_BIG: u32 = (1 << 31) + 9;
+}
+
+/// Structured reply chunk types and flags.
+pub mod chunk {
+    pub const FLAG_DONE: u16 = 1 << 0;
+    pub const OFFSET_DATA: u16 = 1;
+    pub const ERROR: u16 = (1 << 15) + 1;
 }
 
 pub mod info {
@@ -99,6 +115,22 @@ pub enum Errno {
     Overflow = 75,
     NotSup = 95,
     Shutdown = 108,
+}
+
+impl Errno {
+    /// A message for error chunks.
+    pub fn message(self) -> &'static str {
+        match self {
+            Errno::Perm => "the export is read-only",
+            Errno::Io => "I/O error on the appliance's storage",
+            Errno::NoMem => "out of memory on the appliance",
+            Errno::Inval => "invalid request",
+            Errno::NoSpc => "no space left",
+            Errno::Overflow => "value too large",
+            Errno::NotSup => "not supported",
+            Errno::Shutdown => "the server is shutting down",
+        }
+    }
 }
 
 /// Largest option data buffered; longer options are refused and skipped.
@@ -167,8 +199,13 @@ pub enum CloseReason {
 pub struct Conn {
     state: State,
     inb: Vec<u8>,
+    /// Output; `out[..sent]` is already sent (compacted when it dominates,
+    /// so that sending in small pieces stays linear).
     out: Vec<u8>,
+    sent: usize,
     no_zeroes: bool,
+    /// NBD_OPT_STRUCTURED_REPLY was negotiated.
+    structured: bool,
     export: Option<(u32, ExportInfo)>,
     /// Input bytes still to discard (oversized option data, refused write
     /// payloads).
@@ -211,7 +248,9 @@ impl Conn {
             state: State::ClientFlags,
             inb: Vec::new(),
             out,
+            sent: 0,
             no_zeroes: false,
+            structured: false,
             export: None,
             skip: 0,
             events: VecDeque::new(),
@@ -224,12 +263,19 @@ impl Conn {
 
     /// Bytes waiting to be sent.
     pub fn output(&self) -> &[u8] {
-        &self.out
+        &self.out[self.sent..]
     }
 
     /// `n` bytes of [`Conn::output`] were sent.
     pub fn consume_output(&mut self, n: usize) {
-        self.out.drain(..n.min(self.out.len()));
+        self.sent = (self.sent + n).min(self.out.len());
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if self.sent >= 64 * 1024 && self.sent * 2 >= self.out.len() {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
         if self.state == State::Closing && self.out.is_empty() && self.in_flight == 0 {
             self.state = State::Closed;
         }
@@ -266,6 +312,12 @@ impl Conn {
             };
             self.close_reason.get_or_insert(CloseReason::Disconnect);
         }
+    }
+
+    /// The next decoded request, left in place (to check its size before
+    /// taking it).
+    pub fn peek_event(&self) -> Option<&Event> {
+        self.events.front()
     }
 
     /// The next decoded request.
@@ -312,6 +364,30 @@ impl Conn {
             .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         self.out.extend_from_slice(&err.to_be_bytes());
         self.out.extend_from_slice(&handle.to_be_bytes());
+    }
+
+    /// A read's error: a simple reply, or an ERROR chunk with `msg` once
+    /// structured replies are on.
+    fn read_error(&mut self, handle: u64, err: Errno, msg: &str) {
+        if !self.structured {
+            self.simple_reply(handle, err as u32);
+            return;
+        }
+        let msg = &msg.as_bytes()[..msg.len().min(4096)];
+        self.chunk_header(chunk::ERROR, handle, 6 + msg.len() as u32);
+        self.out.extend_from_slice(&(err as u32).to_be_bytes());
+        self.out
+            .extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        self.out.extend_from_slice(msg);
+    }
+
+    fn chunk_header(&mut self, ty: u16, handle: u64, len: u32) {
+        self.out
+            .extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&chunk::FLAG_DONE.to_be_bytes());
+        self.out.extend_from_slice(&ty.to_be_bytes());
+        self.out.extend_from_slice(&handle.to_be_bytes());
+        self.out.extend_from_slice(&len.to_be_bytes());
     }
 
     fn transmission_flags(&self, _info: &ExportInfo) -> u16 {
@@ -402,7 +478,16 @@ impl Conn {
                                 || len > info.max_block.min(MAX_REQUEST)
                                 || offset.checked_add(len as u64).is_none_or(|e| e > info.size);
                             if bad {
-                                self.simple_reply(handle, Errno::Inval as u32);
+                                let why = if flags != 0 {
+                                    "unsupported read flags"
+                                } else if len == 0 {
+                                    "zero-length read"
+                                } else if len > info.max_block.min(MAX_REQUEST) {
+                                    "read larger than the maximum block size"
+                                } else {
+                                    "read beyond the end of the export"
+                                };
+                                self.read_error(handle, Errno::Inval, why);
                             } else {
                                 self.in_flight += 1;
                                 self.events.push_back(Event::Read {
@@ -491,8 +576,20 @@ impl Conn {
             }
             opt::INFO | opt::GO => self.info_or_go(exports, option, data),
             opt::STARTTLS => self.option_reply(option, rep::ERR_UNSUP, b"TLS is not supported"),
-            opt::STRUCTURED_REPLY | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                self.option_reply(option, rep::ERR_UNSUP, b"only simple replies are supported")
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    self.option_reply(
+                        option,
+                        rep::ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    self.structured = true;
+                    self.option_reply(option, rep::ACK, &[]);
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                self.option_reply(option, rep::ERR_UNSUP, b"no metadata contexts")
             }
             _ => self.option_reply(option, rep::ERR_UNSUP, b"unknown option"),
         }
@@ -549,19 +646,31 @@ impl Conn {
         }
     }
 
-    /// Answers a read: the data on success (exactly the requested length),
-    /// an error otherwise. Replies may come in any order.
-    pub fn reply_read(&mut self, exports: &dyn Exports, handle: u64, result: Result<&[u8], Errno>) {
+    /// Answers the read `handle` of `offset`: the data on success (exactly
+    /// the requested length), an error otherwise. Replies may come in any
+    /// order.
+    pub fn reply_read(
+        &mut self,
+        exports: &dyn Exports,
+        handle: u64,
+        offset: u64,
+        result: Result<&[u8], Errno>,
+    ) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.state == State::Closed {
             return;
         }
         match result {
+            Ok(data) if self.structured => {
+                self.chunk_header(chunk::OFFSET_DATA, handle, 8 + data.len() as u32);
+                self.out.extend_from_slice(&offset.to_be_bytes());
+                self.out.extend_from_slice(data);
+            }
             Ok(data) => {
                 self.simple_reply(handle, 0);
                 self.out.extend_from_slice(data);
             }
-            Err(e) => self.simple_reply(handle, e as u32),
+            Err(e) => self.read_error(handle, e, e.message()),
         }
         if self.state == State::Closing {
             if self.out.is_empty() && self.in_flight == 0 {

@@ -199,7 +199,6 @@ fn list_unknown_and_unsupported_options() {
     assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_INVALID);
     for o in [
         opt::STARTTLS,
-        opt::STRUCTURED_REPLY,
         opt::LIST_META_CONTEXT,
         opt::SET_META_CONTEXT,
         77,
@@ -279,8 +278,8 @@ fn reads_become_events_and_replies_go_out_in_any_order() {
         ]
     );
     assert_eq!(c.in_flight(), 3);
-    c.reply_read(&Fake, 3, Ok(&[7u8; 272]));
-    c.reply_read(&Fake, 1, Err(Errno::Io));
+    c.reply_read(&Fake, 3, 0, Ok(&[7u8; 272]));
+    c.reply_read(&Fake, 1, 0, Err(Errno::Io));
     let out = take(&mut c);
     assert_eq!(
         &out[..16],
@@ -291,7 +290,7 @@ fn reads_become_events_and_replies_go_out_in_any_order() {
         &out[288..],
         &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]
     );
-    c.reply_read(&Fake, 2, Ok(&[1u8; 512]));
+    c.reply_read(&Fake, 2, 0, Ok(&[1u8; 512]));
     assert_eq!(take(&mut c).len(), 16 + 512);
     assert_eq!(c.in_flight(), 0);
 }
@@ -378,7 +377,7 @@ fn bad_request_magic_closes_and_disc_waits_for_reads_in_flight() {
     );
     assert_eq!(c.next_event(), None);
     assert!(!c.is_closed(), "a read is in flight");
-    c.reply_read(&Fake, 1, Ok(&[0u8; 512]));
+    c.reply_read(&Fake, 1, 0, Ok(&[0u8; 512]));
     assert_eq!(take(&mut c).len(), 16 + 512);
     assert!(c.is_closed());
 }
@@ -399,7 +398,7 @@ fn in_flight_limit_applies_back_pressure() {
     c.receive(&Fake, &bytes);
     let first: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
     assert_eq!(first.len(), 2);
-    c.reply_read(&Fake, 0, Ok(&[0u8; 4096]));
+    c.reply_read(&Fake, 0, 0, Ok(&[0u8; 4096]));
     let more: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
     assert_eq!(
         more,
@@ -410,8 +409,8 @@ fn in_flight_limit_applies_back_pressure() {
             len: 4096
         }]
     );
-    c.reply_read(&Fake, 1, Ok(&[0u8; 4096]));
-    c.reply_read(&Fake, 2, Ok(&[0u8; 4096]));
+    c.reply_read(&Fake, 1, 0, Ok(&[0u8; 4096]));
+    c.reply_read(&Fake, 2, 0, Ok(&[0u8; 4096]));
     let rest: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
     assert_eq!(rest.len(), 2);
 }
@@ -425,8 +424,103 @@ fn peer_closing_mid_request_with_reads_in_flight() {
     assert!(c.next_event().is_some());
     c.peer_closed();
     assert!(!c.is_closed());
-    c.reply_read(&Fake, 1, Ok(&[0u8; 512]));
+    c.reply_read(&Fake, 1, 0, Ok(&[0u8; 512]));
     // The reply still goes out; then the connection is over.
     assert_eq!(take(&mut c).len(), 16 + 512);
     assert!(c.is_closed());
+}
+
+#[test]
+fn output_sent_in_small_pieces_arrives_whole_and_in_order() {
+    let mut c = opened("nvme0n1");
+    // Replies totalling several MiB, drained a few KiB at a time while more
+    // replies are appended (the way a TCP send buffer takes them).
+    let mut want = Vec::new();
+    let mut got = Vec::new();
+    for h in 0..40u64 {
+        c.receive(&Fake, &request(cmd::READ, 0, h, h * 131_072, 131_072));
+        assert_eq!(c.peek_event().copied(), c.next_event());
+        let data = vec![h as u8; 131_072];
+        c.reply_read(&Fake, h, 0, Ok(&data));
+        want.extend_from_slice(&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0]);
+        want.extend_from_slice(&h.to_be_bytes());
+        want.extend_from_slice(&data);
+        for _ in 0..20 {
+            let n = c.output().len().min(5000);
+            got.extend_from_slice(&c.output()[..n]);
+            c.consume_output(n);
+        }
+    }
+    got.extend(take(&mut c));
+    assert!(c.output().is_empty());
+    assert_eq!(got.len(), want.len());
+    assert!(got == want);
+}
+
+#[test]
+fn structured_replies_golden_bytes() {
+    let mut c = greeted();
+    // With data: invalid. Without: acknowledged.
+    c.receive(&Fake, &option(opt::STRUCTURED_REPLY, b"x"));
+    assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_INVALID);
+    c.receive(&Fake, &option(opt::STRUCTURED_REPLY, &[]));
+    assert_eq!(
+        take(&mut c),
+        [
+            0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, // reply magic
+            0, 0, 0, 8, // option
+            0, 0, 0, 1, // ACK
+            0, 0, 0, 0, // length
+        ]
+    );
+    c.receive(&Fake, &option(opt::GO, &go_data("data/a.bin", &[])));
+    assert!(c.in_transmission());
+    take(&mut c);
+    c.receive(&Fake, &request(cmd::READ, 0, 0x1122, 9998, 2));
+    let ev = c.next_event().unwrap();
+    assert_eq!(
+        ev,
+        Event::Read {
+            handle: 0x1122,
+            export: 1,
+            offset: 9998,
+            len: 2
+        }
+    );
+    c.reply_read(&Fake, 0x1122, 9998, Ok(b"hi"));
+    assert_eq!(
+        take(&mut c),
+        [
+            0x66, 0x8e, 0x33, 0xef, // structured reply magic
+            0, 1, // flags: DONE
+            0, 1, // OFFSET_DATA
+            0, 0, 0, 0, 0, 0, 0x11, 0x22, // handle
+            0, 0, 0, 10, // length: offset + 2 bytes
+            0, 0, 0, 0, 0, 0, 0x27, 0x0e, // offset 9998
+            b'h', b'i',
+        ]
+    );
+    // Errors of reads, early (past the end) and late (I/O), are ERROR
+    // chunks with a message; other commands keep simple replies.
+    c.receive(&Fake, &request(cmd::READ, 0, 7, 9999, 2));
+    let out = take(&mut c);
+    assert_eq!(&out[..8], &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 0x01]);
+    assert_eq!(&out[8..16], &7u64.to_be_bytes());
+    let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+    assert_eq!(out.len(), 20 + len);
+    assert_eq!(&out[20..24], &22u32.to_be_bytes());
+    let mlen = u16::from_be_bytes([out[24], out[25]]) as usize;
+    assert_eq!(mlen + 6, len);
+    assert_eq!(&out[26..], b"read beyond the end of the export");
+    c.receive(&Fake, &request(cmd::READ, 0, 8, 0, 512));
+    c.next_event().unwrap();
+    c.reply_read(&Fake, 8, 0, Err(Errno::Io));
+    let out = take(&mut c);
+    assert_eq!(&out[4..8], &[0, 1, 0x80, 0x01]);
+    assert_eq!(&out[20..24], &5u32.to_be_bytes());
+    c.receive(&Fake, &request(cmd::FLUSH, 0, 9, 0, 0));
+    assert_eq!(
+        take(&mut c),
+        [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]
+    );
 }
