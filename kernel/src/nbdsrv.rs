@@ -419,6 +419,13 @@ impl Server {
                 }
             }
             Slot::Closing => {
+                // Once our FIN is acknowledged everything we sent has
+                // arrived. FIN-WAIT-2 (a peer that never closes its side)
+                // and TIME-WAIT (10 s in smoltcp) would each hold one of
+                // the few sockets: recycle it at once.
+                if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait) {
+                    sock.abort();
+                }
                 if !sock.is_open() {
                     let _ = sock.listen(PORT);
                     s.slot = Slot::Listening;
@@ -447,7 +454,16 @@ impl Server {
                 | tcp::State::Closed
         );
         if peer_done && !sock.can_recv() && !conn.is_closed() {
+            // A client that closes without NBD_CMD_DISC (or before the
+            // replies to its requests) made a hard disconnect: drop the
+            // connection now rather than push replies nobody reads. Reads
+            // in flight keep their buffers until the device is done; their
+            // completions are then dropped (the slot is no longer serving).
             conn.peer_closed();
+            log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
+            sock.abort();
+            s.slot = Slot::Closing;
+            return;
         }
         while let Some(&Event::Read { len, .. }) = conn.peek_event() {
             let mine = conn.output().len() + self.held[i];

@@ -41,6 +41,19 @@ fn uri_path(name: &str) -> String {
         .collect()
 }
 
+/// Boots the appliance on `img` with its NBD port forwarded; returns the
+/// guest (killed on drop) and the `nbd://` URL, once DHCP is done.
+fn serve(img: &std::path::Path, args: &[&str]) -> (Guest, String) {
+    let port = free_port();
+    let mut cfg = config(Some(img), args);
+    cfg.nbd_port = Some(port);
+    cfg.timeout = Some(Duration::from_secs(600));
+    let guest = Guest::spawn(&cfg).expect("spawn");
+    wait_for(&guest, "nbd: listening on port 10809", 60);
+    wait_for(&guest, "DHCP: address", 60);
+    (guest, format!("nbd://127.0.0.1:{port}"))
+}
+
 fn run(cmd: &mut Command) -> (bool, Vec<u8>, String) {
     let out = cmd.output().unwrap_or_else(|e| {
         panic!("{cmd:?}: {e} (the test command installs libnbd-bin and qemu-utils)")
@@ -60,14 +73,7 @@ fn real_clients_list_and_copy_every_export() {
     let paths = random_tree(&src, 21, 25);
     let img = dir.path().join("fs.img");
     dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
-    let port = free_port();
-    let mut cfg = config(Some(&img), &[]);
-    cfg.nbd_port = Some(port);
-    cfg.timeout = Some(Duration::from_secs(300));
-    let guest = Guest::spawn(&cfg).expect("spawn");
-    wait_for(&guest, "nbd: listening on port 10809", 60);
-    wait_for(&guest, "DHCP: address", 60);
-    let url = format!("nbd://127.0.0.1:{port}");
+    let (_guest, url) = serve(&img, &[]);
     // nbdinfo --list shows every file and the raw namespace.
     let (ok, out, err) = run(Command::new("nbdinfo").args(["--list", &url]));
     assert!(ok, "{err}");
@@ -92,6 +98,27 @@ fn real_clients_list_and_copy_every_export() {
             want.len()
         );
     }
+    // qemu-img as the client of a file whose size is not a multiple of 512
+    // (QEMU rounds sizes up to sectors: the copy is the file, zero-padded).
+    let odd = paths
+        .iter()
+        .find(|p| {
+            let n = std::fs::metadata(src.join(p)).unwrap().len();
+            n > 1 && n % 512 != 0
+        })
+        .expect("a file of odd size");
+    let out = dir.path().join("odd.out");
+    let (ok, _, err) = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("{url}/{}", uri_path(odd)))
+        .arg(&out));
+    assert!(ok, "{odd}: {err}");
+    let mut want = std::fs::read(src.join(odd)).unwrap();
+    want.resize(want.len().div_ceil(512) * 512, 0);
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "{odd}: qemu-img copy differs"
+    );
     // The raw export equals the image (qemu-img as the client).
     let raw = dir.path().join("raw.out");
     let (ok, _, err) = run(Command::new("qemu-img")
@@ -114,4 +141,454 @@ fn real_clients_list_and_copy_every_export() {
     // Still serving.
     let (ok, _, err) = run(Command::new("nbdinfo").arg(format!("{url}/nvme0n1")));
     assert!(ok, "{err}");
+}
+
+/// fio's own data verification through its NBD engine: a file written by
+/// fio (with crc32c verify headers) on the host is put into the image by
+/// mkfs and read back at random through the file export. A copy with one
+/// damaged block must fail the same check (the test can fail).
+#[test]
+fn fio_verifies_a_file_written_by_mkfs() {
+    let dir = TempDir::new("nbd-fio");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("fio")).unwrap();
+    let good = src.join("fio/verify.dat");
+    let (ok, _, err) = run(Command::new("fio").args([
+        "--name=write",
+        "--ioengine=psync",
+        "--rw=write",
+        "--bs=4k",
+        "--size=8M",
+        "--verify=crc32c",
+        "--do_verify=0",
+        &format!("--filename={}", good.display()),
+    ]));
+    assert!(ok, "fio write: {err}");
+    let mut bad = std::fs::read(&good).unwrap();
+    bad[5 * 4096 + 100] ^= 0xff;
+    std::fs::write(src.join("fio/damaged.dat"), &bad).unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let (_guest, url) = serve(&img, &[]);
+    let fio = |export: &str| {
+        let out = Command::new("fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={url}/{export}"),
+                "--rw=randread",
+                "--bs=4k",
+                "--size=8M",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--output-format=json",
+            ])
+            .output()
+            .expect("fio (the test command installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json: serde_json::Value = text
+            .find('{')
+            .and_then(|i| serde_json::from_str(&text[i..]).ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "fio printed no JSON: {text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let job = &json["jobs"][0];
+        (
+            job["error"].as_i64().unwrap_or(-1),
+            job["read"]["total_ios"].as_u64().unwrap_or(0),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (error, ios, err) = fio("fio/verify.dat");
+    assert_eq!(error, 0, "fio verify failed: {err}");
+    assert_eq!(ios, 2048, "every block read once");
+    let (error, _, err) = fio("fio/damaged.dat");
+    assert_ne!(error, 0, "the damaged copy passed verification");
+    assert!(err.contains("verify failed"), "{err}");
+}
+
+/// A minimal NBD client over a raw socket, for requests real clients never
+/// send.
+mod raw {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+    pub const FLUSH: u16 = 3;
+    pub const TRIM: u16 = 4;
+    pub const BLOCK_STATUS: u16 = 7;
+    pub const WRITE_ZEROES: u16 = 6;
+    pub const ACK: u32 = 1;
+    pub const SERVER: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+    pub struct Client {
+        pub s: TcpStream,
+    }
+
+    impl Client {
+        /// Connected; the greeting is read when `greet`.
+        pub fn connect(port: u16) -> Client {
+            let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            s.set_nodelay(true).unwrap();
+            Client { s }
+        }
+        pub fn greeted(port: u16) -> Client {
+            let mut c = Client::connect(port);
+            let g = c.read_n(18);
+            assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+            c.send(&3u32.to_be_bytes());
+            c
+        }
+        pub fn open(port: u16, name: &str) -> (Client, u64) {
+            let mut c = Client::greeted(port);
+            let size = c
+                .go(name)
+                .unwrap_or_else(|t| panic!("GO {name}: reply {t:#x}"));
+            (c, size)
+        }
+        pub fn send(&mut self, b: &[u8]) {
+            self.s.write_all(b).expect("send");
+        }
+        pub fn read_n(&mut self, n: usize) -> Vec<u8> {
+            let mut b = vec![0u8; n];
+            self.s.read_exact(&mut b).expect("read");
+            b
+        }
+        /// True when the server closed the connection (EOF or reset).
+        pub fn closed(&mut self) -> bool {
+            let mut b = [0u8; 4096];
+            loop {
+                match self.s.read(&mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+                    Err(_) => return false,
+                }
+            }
+        }
+        pub fn option(&mut self, opt: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend(opt.to_be_bytes());
+            m.extend((data.len() as u32).to_be_bytes());
+            m.extend(data);
+            self.send(&m);
+            let mut replies = Vec::new();
+            loop {
+                let h = self.read_n(20);
+                assert_eq!(&h[..8], &0x0003_e889_0455_65a9u64.to_be_bytes());
+                assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), opt);
+                let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+                let d = self.read_n(len);
+                replies.push((ty, d));
+                if ty != SERVER && ty != INFO {
+                    return replies;
+                }
+            }
+        }
+        /// NBD_OPT_GO: the export size, or the final reply type.
+        pub fn go(&mut self, name: &str) -> Result<u64, u32> {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend(name.as_bytes());
+            d.extend(0u16.to_be_bytes());
+            let r = self.option(7, &d);
+            let last = r.last().expect("a reply").0;
+            if last != ACK {
+                return Err(last);
+            }
+            let info = r
+                .iter()
+                .find(|(t, d)| *t == INFO && d[..2] == [0, 0])
+                .expect("NBD_INFO_EXPORT");
+            Ok(u64::from_be_bytes(info.1[2..10].try_into().unwrap()))
+        }
+        pub fn request(&mut self, ty: u16, flags: u16, handle: u64, offset: u64, len: u32) {
+            let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+            m.extend(flags.to_be_bytes());
+            m.extend(ty.to_be_bytes());
+            m.extend(handle.to_be_bytes());
+            m.extend(offset.to_be_bytes());
+            m.extend(len.to_be_bytes());
+            self.send(&m);
+        }
+        /// A simple reply: (handle, error), then `data_len` bytes when the
+        /// error is 0.
+        pub fn reply(&mut self, data_len: usize) -> (u64, u32, Vec<u8>) {
+            let h = self.read_n(16);
+            assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+            let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let data = if err == 0 {
+                self.read_n(data_len)
+            } else {
+                Vec::new()
+            };
+            (handle, err, data)
+        }
+        /// One read, waited for.
+        pub fn read_at(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+            self.request(READ, 0, 0xabc, offset, len);
+            let (h, err, data) = self.reply(len as usize);
+            assert_eq!(h, 0xabc);
+            if err == 0 {
+                Ok(data)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Prints the guest's console when the test fails.
+struct ConsoleOnPanic<'a>(&'a Guest);
+
+impl Drop for ConsoleOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Let the last lines arrive.
+            std::thread::sleep(Duration::from_secs(1));
+            eprintln!("--- guest console ---\n{}", self.0.console());
+        }
+    }
+}
+
+/// The console's `nbd: ... heap N bytes in use` figures, in order.
+fn heap_figures(console: &str, what: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.contains("nbd: ") && l.contains(what))
+        .filter_map(|l| {
+            let i = l.find("heap ")? + 5;
+            l[i..].split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Bad input from the network: every case gets the protocol's error or a
+/// closed connection, while a well-behaved client keeps reading and checking
+/// data throughout; afterwards the heap is back at its level from start.
+#[test]
+fn bad_input_from_the_network() {
+    use raw::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = TempDir::new("nbd-bad");
+    let src = dir.path().join("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut rng = dioxide::image::Xorshift::new(99);
+    let mut a = vec![0u8; 4 << 20];
+    rng.fill(&mut a);
+    std::fs::write(src.join("a.bin"), &a).unwrap();
+    let mut odd = vec![0u8; 1001];
+    rng.fill(&mut odd);
+    std::fs::write(src.join("odd.bin"), &odd).unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &dir.path().join("src"), None, 4096, "").unwrap();
+    let image = std::fs::read(&img).unwrap();
+    // Debug logs: connection starts are logged ("connection from").
+    let (guest, url) = serve(&img, &["log=debug"]);
+    let _show = ConsoleOnPanic(&guest);
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let start_heap = heap_figures(&guest.console(), "listening")[0];
+
+    // The well-behaved client: pipelined reads of random ranges, each checked.
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = {
+        let (stop, a) = (stop.clone(), a.clone());
+        std::thread::spawn(move || {
+            let (mut c, size) = Client::open(port, "data/a.bin");
+            assert_eq!(size, a.len() as u64);
+            let mut rng = dioxide::image::Xorshift::new(7);
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut want = Vec::new();
+                for h in 0..8u64 {
+                    let len = 1 + rng.next_u64() % 65536;
+                    let off = rng.next_u64() % (size - len);
+                    c.request(READ, 0, h, off, len as u32);
+                    want.push((off as usize, len as usize));
+                }
+                for _ in 0..8 {
+                    let hdr = c.read_n(16);
+                    assert_eq!(
+                        &hdr[..8],
+                        &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0],
+                        "good client: error reply"
+                    );
+                    let h = u64::from_be_bytes(hdr[8..16].try_into().unwrap()) as usize;
+                    let (off, len) = want[h];
+                    let data = c.read_n(len);
+                    assert!(
+                        data == a[off..off + len],
+                        "good client: wrong data at {off}+{len}"
+                    );
+                    reads += 1;
+                }
+            }
+            c.request(DISC, 0, 0, 0, 0);
+            assert!(c.closed());
+            reads
+        })
+    };
+
+    // Each case in its own block: its connection is dropped at the end.
+    {
+        // Garbage instead of the handshake, and after the client flags.
+        let mut c = Client::connect(port);
+        c.read_n(18);
+        c.send(b"GET / HTTP/1.1\r\nHost: dioxide\r\n\r\n");
+        assert!(c.closed(), "garbage handshake: not closed");
+        let mut c = Client::greeted(port);
+        c.send(&[0x5a; 64]);
+        assert!(c.closed(), "garbage option: not closed");
+    }
+
+    {
+        // Unknown options, unknown and escaping export names.
+        let mut c = Client::greeted(port);
+        assert_eq!(c.option(77, b"whatever")[0].0, ERR_UNSUP);
+        assert_eq!(c.option(0xffff_fff0, &[])[0].0, ERR_UNSUP);
+        for name in [
+            "no/such/file",
+            "../data/a.bin",
+            "data/../data/a.bin",
+            "data/a.bin/..",
+            "",
+            "data",
+        ] {
+            assert_eq!(c.go(name), Err(ERR_UNKNOWN), "{name:?}");
+        }
+        assert_eq!(c.go("/data/a.bin"), Ok(a.len() as u64), "leading slash");
+        // Requests in transmission.
+        let size = a.len() as u64;
+        const EINVAL: u32 = 22;
+        const EPERM: u32 = 1;
+        assert_eq!(c.read_at(size - 10, 20), Err(EINVAL), "past the end");
+        assert_eq!(c.read_at(u64::MAX - 5, 10), Err(EINVAL), "offset overflow");
+        assert_eq!(c.read_at(0, 0), Err(EINVAL), "zero length");
+        assert_eq!(c.read_at(0, u32::MAX), Err(EINVAL), "4 GiB");
+        assert_eq!(c.read_at(size, 1), Err(EINVAL), "at the end");
+        assert_eq!(c.read_at(1, 4095).unwrap(), a[1..4096], "misaligned");
+        assert_eq!(c.read_at(size - 3, 3).unwrap(), a[a.len() - 3..], "tail");
+        for ty in [99u16, BLOCK_STATUS, 0xffff] {
+            c.request(ty, 0, 5, 0, 512);
+            assert_eq!(c.reply(0).1, EINVAL, "command {ty}");
+        }
+        c.request(READ, 0x8000, 6, 0, 512);
+        assert_eq!(c.reply(0).1, EINVAL, "unknown read flag");
+        c.request(WRITE, 0, 7, 0, 3000);
+        c.send(&[1u8; 3000]);
+        assert_eq!(c.reply(0), (7, EPERM, vec![]), "write");
+        c.request(TRIM, 0, 8, 0, 4096);
+        assert_eq!(c.reply(0).1, EPERM, "trim");
+        c.request(WRITE_ZEROES, 0, 9, 0, 4096);
+        assert_eq!(c.reply(0).1, EPERM, "write zeroes");
+        c.request(FLUSH, 0, 10, 0, 0);
+        assert_eq!(c.reply(0), (10, 0, vec![]), "flush");
+        assert_eq!(
+            c.read_at(4096, 4096).unwrap(),
+            a[4096..8192],
+            "after refused writes"
+        );
+        // A bad request magic closes.
+        c.send(&[0u8; 28]);
+        assert!(c.closed(), "bad request magic: not closed");
+        // The raw namespace, misaligned, and a short file.
+        let (mut c, n) = Client::open(port, "nvme0n1");
+        assert_eq!(n, image.len() as u64);
+        assert_eq!(c.read_at(100, 1000).unwrap(), image[100..1100]);
+        assert_eq!(c.read_at(n - 1, 1).unwrap(), image[image.len() - 1..]);
+        let (mut c, n) = Client::open(port, "data/odd.bin");
+        assert_eq!(n, 1001);
+        assert_eq!(c.read_at(0, 1001).unwrap(), odd);
+        assert_eq!(c.read_at(1000, 2), Err(EINVAL));
+        // EXPORT_NAME of an unknown export: the protocol has no error, it closes.
+        let mut c = Client::greeted(port);
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend(1u32.to_be_bytes());
+        m.extend(7u32.to_be_bytes());
+        m.extend(b"missing");
+        c.send(&m);
+        assert!(c.closed(), "EXPORT_NAME unknown: not closed");
+    }
+    // Disconnects in the middle of requests, with large reads in flight.
+    for k in 0..5 {
+        let (mut c, size) = Client::open(port, if k % 2 == 0 { "data/a.bin" } else { "nvme0n1" });
+        for h in 0..64u64 {
+            c.request(READ, 0, h, (h * 65536) % (size - 262_144), 262_144);
+        }
+        c.send(&0x2560_9513u32.to_be_bytes()[..3]);
+        drop(c);
+    }
+    // 100 connections opened and dropped, ten at a time, in every phase.
+    for batch in 0..10 {
+        let mut held = Vec::new();
+        for k in 0..10 {
+            match (batch + k) % 4 {
+                0 => held.push(Client::connect(port)),
+                1 => {
+                    let mut c = Client::connect(port);
+                    c.read_n(18);
+                    held.push(c);
+                }
+                2 => {
+                    let mut c = Client::greeted(port);
+                    c.send(&IHAVEOPT.to_be_bytes()[..5]);
+                    held.push(c);
+                }
+                _ => {
+                    let (mut c, _) = Client::open(port, "data/a.bin");
+                    for h in 0..4 {
+                        c.request(READ, 0, h, h * 4096, 4096);
+                    }
+                    held.push(c);
+                }
+            }
+        }
+        drop(held);
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let reads = good.join().expect("the good client failed");
+    assert!(reads > 0);
+    // Still serving: a fresh client reads the whole file.
+    let (ok, got, err) = run(Command::new("nbdcopy").args([&format!("{url}/data/a.bin"), "-"]));
+    assert!(ok, "{err}");
+    assert!(got == a, "nbdcopy after the bad input: data differs");
+    // Every connection gone: the heap is back at its level from start.
+    let t0 = Instant::now();
+    let console = loop {
+        let c = guest.console();
+        let idle = c.rfind("nbd: idle:").unwrap_or(0);
+        let after_copy = idle > c.rfind("connection from").unwrap_or(0);
+        if after_copy && idle > 0 {
+            break c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no idle report:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !console.contains("PANIC") && !console.contains("power off"),
+        "{console}"
+    );
+    let last = *heap_figures(&console, "idle:").last().unwrap();
+    assert_eq!(
+        last, start_heap,
+        "heap bytes in use after the clients left vs at start"
+    );
+    eprintln!("good client: {reads} checked reads; heap {start_heap} bytes at start and after");
 }
