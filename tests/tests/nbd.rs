@@ -104,7 +104,7 @@ fn real_clients_list_and_copy_every_export() {
         .iter()
         .find(|p| {
             let n = std::fs::metadata(src.join(p)).unwrap().len();
-            n > 1 && n % 512 != 0
+            n > 1 && !n.is_multiple_of(512)
         })
         .expect("a file of odd size");
     let out = dir.path().join("odd.out");
