@@ -13,6 +13,7 @@
 //! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
+//! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
 pub struct Cmdline<'a> {
@@ -57,6 +58,7 @@ pub const KNOWN: &[&str] = &[
     "rw.blocks",
     "dio.simple",
     "net.ip",
+    "nbd.null",
     "net.gw",
     "log",
     "bench.qd",

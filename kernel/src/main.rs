@@ -205,7 +205,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
             };
             let mut net = net::init(&functions, static_ip);
             let server = match net.as_mut() {
-                Some(n) => Some(nbdsrv::Server::new(n, fs.as_ref(), &dev)),
+                Some(n) => {
+                    let null = args.get("nbd.null") == Some("1");
+                    Some(nbdsrv::Server::new(n, fs.as_ref(), &dev, null))
+                }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");
                     None

@@ -60,7 +60,13 @@ const KEEP_LARGE: usize = 64;
 enum Target {
     File(alloc::boxed::Box<File>),
     Raw,
+    /// `null` (kernel argument `nbd.null=1`, for `dioxide bench nbd`):
+    /// zeros without touching the device, to measure the network path alone.
+    Null,
 }
+
+const NULL_MAX: usize = 64 * 1024;
+static ZEROS: [u8; NULL_MAX] = [0; NULL_MAX];
 
 struct Export {
     name: String,
@@ -245,6 +251,7 @@ impl Server {
         net: &mut Net,
         fs: Option<&Fs<crate::storage::NvmeDisk>>,
         dev: &nvme::Nvme,
+        null_export: bool,
     ) -> Server {
         let lbs = dev.ns.block_size;
         let mut exports = Vec::new();
@@ -283,6 +290,18 @@ impl Server {
             },
             target: Target::Raw,
         });
+        if null_export {
+            exports.push(Export {
+                name: "null".into(),
+                info: ExportInfo {
+                    size: dev.ns.bytes(),
+                    min_block: 1,
+                    preferred_block: 4096,
+                    max_block: NULL_MAX as u32,
+                },
+                target: Target::Null,
+            });
+        }
         let by_name = exports
             .iter()
             .enumerate()
@@ -321,8 +340,9 @@ impl Server {
         let n = server.table.exports.len();
         log::info!(
             target: "nbd",
-            "listening on port {PORT}: {n} exports ({} files and nvme0n1); heap {} bytes in use",
-            n - 1,
+            "listening on port {PORT}: {n} exports ({} files, nvme0n1{}); heap {} bytes in use",
+            n - 1 - null_export as usize,
+            if null_export { ", null" } else { "" },
             mm::heap::stats().bytes_in_use
         );
         server
@@ -482,6 +502,16 @@ impl Server {
                 break;
             };
             log::trace!(target: "nbd", "read export {export} at {offset} len {len}");
+            if let Some(Export {
+                target: Target::Null,
+                ..
+            }) = self.table.exports.get(export as usize)
+            {
+                let data = ZEROS.get(..len as usize).ok_or(Errno::Inval);
+                conn.reply_read(&self.table, handle, offset, data);
+                self.served += 1;
+                continue;
+            }
             let Some(slot) = self.free.pop() else { break };
             let mut r = Submit {
                 table: &self.table,
@@ -590,6 +620,8 @@ impl Submit<'_> {
         let need_to = (offset + len as u64 - a0) as usize;
         let buf = &mut req.buf;
         match &e.target {
+            // Answered without a request slot (see `poll_socket`).
+            Target::Null => done(|d| d.start(slot, 0)),
             Target::File(f) => {
                 done(|d| d.start(slot, 1));
                 let iocb = Kiocb::with_callback(a0, callback(slot, need_to));

@@ -30,6 +30,14 @@ pub struct Row {
 }
 
 impl Row {
+    pub fn new(fields: &[(&str, String)]) -> Row {
+        Row {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        }
+    }
     fn parse(line: &str) -> Option<Row> {
         let rest = line.strip_prefix("bench row ")?;
         let fields = rest
@@ -47,11 +55,11 @@ impl Row {
     pub fn f(&self, k: &str) -> f64 {
         self.s(k).parse().unwrap_or(0.0)
     }
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         let mut m = serde_json::Map::new();
         for (k, v) in &self.fields {
             let val = match v.parse::<f64>() {
-                Ok(x) if k != "target" && k != "dev" && k != "completion" => {
+                Ok(x) if !matches!(k.as_str(), "target" | "dev" | "completion" | "net") => {
                     if k == "qd" || k == "ios" || k == "errors" {
                         json!(x as u64)
                     } else {
@@ -149,7 +157,7 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     })
 }
 
-fn fmt_iops(x: f64) -> String {
+pub fn fmt_iops(x: f64) -> String {
     let n = x.round() as u64;
     let s = n.to_string();
     let mut out = String::new();
@@ -220,24 +228,34 @@ pub fn table(rows: &[Row]) -> String {
 /// An SVG with one panel per (device, completion): IOPS against queue depth
 /// for raw, generic and simple.
 pub fn plot(rows: &[Row]) -> String {
-    let mut groups: BTreeMap<(String, String), Vec<&Row>> = BTreeMap::new();
+    plot_panels(
+        rows,
+        &|r| format!("dev={} completion={}", r.s("dev"), r.s("completion")),
+        &[
+            ("raw", "#444444", "raw namespace"),
+            ("generic", "#d62728", "file, simple=0"),
+            ("simple", "#1f77b4", "file, simple=1"),
+        ],
+    )
+}
+
+/// One panel per `group(row)`: 4K random read IOPS against queue depth, a
+/// line per `(target, colour, label)` of `series`.
+pub fn plot_panels(
+    rows: &[Row],
+    group: &dyn Fn(&Row) -> String,
+    series: &[(&str, &str, &str)],
+) -> String {
+    let mut groups: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
     for r in rows {
-        groups
-            .entry((r.s("dev").into(), r.s("completion").into()))
-            .or_default()
-            .push(r);
+        groups.entry(group(r)).or_default().push(r);
     }
     let (w, ph) = (760.0, 280.0);
     let h = ph * groups.len().max(1) as f64 + 20.0;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
-    let colors = [
-        ("raw", "#444444"),
-        ("generic", "#d62728"),
-        ("simple", "#1f77b4"),
-    ];
-    for (gi, ((dev, comp), rs)) in groups.iter().enumerate() {
+    for (gi, (title, rs)) in groups.iter().enumerate() {
         let top = 20.0 + gi as f64 * ph;
         let (x0, x1, y0, y1) = (70.0, w - 150.0, top + 20.0, top + ph - 50.0);
         let mut qds: Vec<usize> = rs.iter().map(|r| r.f("qd") as usize).collect();
@@ -253,7 +271,10 @@ pub fn plot(rows: &[Row]) -> String {
             }
         };
         let ypos = |v: f64| y1 - v / ymax * (y1 - y0);
-        s += &format!("<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">dev={dev} completion={comp}: 4K random read IOPS</text>\n", top + 10.0);
+        s += &format!(
+            "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{title}: 4K random read IOPS</text>\n",
+            top + 10.0
+        );
         s += &format!("<line x1=\"{x0}\" y1=\"{y1}\" x2=\"{x1}\" y2=\"{y1}\" stroke=\"black\"/><line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{y1}\" stroke=\"black\"/>\n");
         for k in 0..=4 {
             let v = ymax * k as f64 / 4.0;
@@ -267,7 +288,7 @@ pub fn plot(rows: &[Row]) -> String {
                 y1 + 16.0
             );
         }
-        for (li, (t, c)) in colors.iter().enumerate() {
+        for (li, (t, c, label)) in series.iter().enumerate() {
             let mut pts: Vec<(usize, f64)> = rs
                 .iter()
                 .filter(|r| r.s("target") == *t)
@@ -290,11 +311,6 @@ pub fn plot(rows: &[Row]) -> String {
                 );
             }
             let ly = y0 + 10.0 + li as f64 * 18.0;
-            let label = match *t {
-                "generic" => "file, simple=0",
-                "simple" => "file, simple=1",
-                _ => "raw namespace",
-            };
             s += &format!("<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{label}</text>\n", x1 + 10.0, x1 + 30.0, x1 + 35.0, ly + 4.0);
         }
     }

@@ -6,7 +6,9 @@ pub mod bench;
 pub mod fstool;
 pub mod image;
 pub mod kernel;
+pub mod nbdbench;
 pub mod qemu;
+pub mod tap;
 
 use std::path::PathBuf;
 

@@ -20,6 +20,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dioxide::accel::{self, Accel};
+use dioxide::nbdbench::NetMode;
 use dioxide::{image, kernel, qemu, Error};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -52,10 +53,14 @@ enum Completion {
 enum Cmd {
     /// Build the kernel and boot it in QEMU with an emulated NVMe controller.
     Run {
-        /// Raw disk image backing the NVMe namespace (default: a 64 MiB sample
-        /// image made under target/dioxide/).
-        #[arg(long)]
+        /// Raw disk image backing the NVMe namespace (default: the image
+        /// --from builds, else a small built-in sample tree).
+        #[arg(long, conflicts_with = "from")]
         disk: Option<PathBuf>,
+        /// Serve this directory: build a dxfs image of it first (under
+        /// target/dioxide/run-from.img).
+        #[arg(long)]
+        from: Option<PathBuf>,
         /// Logical block size of the namespace.
         #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
         nvme_lbs: u32,
@@ -83,9 +88,14 @@ enum Cmd {
         /// Use this kernel ELF instead of building one.
         #[arg(long)]
         kernel: Option<PathBuf>,
-        /// Host port (127.0.0.1) forwarded to the appliance's NBD server.
+        /// Host port (127.0.0.1) forwarded to the appliance's NBD server
+        /// (with --net user).
         #[arg(long, default_value_t = 10809)]
         nbd_port: u16,
+        /// Network: `user` (QEMU user networking, port forwarded on
+        /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
+        #[arg(long, default_value = "user")]
+        net: String,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
@@ -158,6 +168,51 @@ enum BenchCmd {
         #[arg(long, default_value_t = 2_000_000)]
         host_ios: u64,
     },
+    /// fio's nbd engine, 4K random reads, against the appliance's file, raw
+    /// and null exports and against qemu-nbd serving the same image on the
+    /// host.
+    Nbd {
+        /// Queue depths.
+        #[arg(long, default_value = "1,16,64,128")]
+        qd: String,
+        /// fio jobs (each with its own connection).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Seconds per row.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Output directory (results.json, plot.svg).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Network modes, comma-separated: user, tap (tap needs root).
+        #[arg(long, default_value = "user")]
+        net: String,
+        /// Size of the benchmark file (default 1G).
+        #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
+        file_size: u64,
+        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+        accel: AccelArg,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem: u32,
+        /// NVMe completion mode of the appliance: poll or irq.
+        #[arg(long, default_value = "poll")]
+        completion: String,
+    },
+}
+
+/// The accelerator to use (`auto` measures, once per machine).
+fn resolve_accel(a: AccelArg) -> Result<Accel, Error> {
+    Ok(match a {
+        AccelArg::Kvm => Accel::Kvm,
+        AccelArg::Tcg => Accel::Tcg,
+        AccelArg::Auto => {
+            let k = kernel::build()?;
+            let c = accel::auto(&k);
+            eprintln!("dioxide: accelerator {} ({})", c.accel.name(), c.reason);
+            c.accel
+        }
+    })
 }
 
 fn parse_lbs(s: &str) -> Result<u32, String> {
@@ -226,16 +281,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             if file_size < 1 << 20 {
                 return Err(Error::Usage("--file-size: at least 1M".into()));
             }
-            let accel = match accel {
-                AccelArg::Kvm => Accel::Kvm,
-                AccelArg::Tcg => Accel::Tcg,
-                AccelArg::Auto => {
-                    let k = kernel::build()?;
-                    let c = accel::auto(&k);
-                    eprintln!("dioxide: accelerator {} ({})", c.accel.name(), c.reason);
-                    c.accel
-                }
-            };
+            let accel = resolve_accel(accel)?;
             let opts = dioxide::bench::LocalOpts {
                 qds,
                 devs,
@@ -248,6 +294,63 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 host_ios,
             };
             dioxide::bench::local(&opts)
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Nbd {
+                    qd,
+                    jobs,
+                    secs,
+                    out,
+                    net,
+                    file_size,
+                    accel,
+                    mem,
+                    completion,
+                },
+        } => {
+            let qds: Vec<usize> = dioxide::bench::parse_list(&qd)
+                .iter()
+                .filter_map(|q| q.parse().ok())
+                .collect();
+            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 64) {
+                return Err(Error::Usage(format!(
+                    "--qd {qd}: queue depths from 1 to 64 (the appliance serves 64 reads in flight per connection; use --jobs for more)"
+                )));
+            }
+            if jobs == 0 || jobs > 8 {
+                return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
+            }
+            let nets = dioxide::bench::parse_list(&net)
+                .iter()
+                .map(|n| NetMode::parse(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            if completion != "poll" && completion != "irq" {
+                return Err(Error::Usage(format!(
+                    "--completion {completion}: poll or irq"
+                )));
+            }
+            if file_size < 1 << 20 {
+                return Err(Error::Usage("--file-size: at least 1M".into()));
+            }
+            let accel = resolve_accel(accel)?;
+            let opts = dioxide::nbdbench::NbdOpts {
+                qds,
+                jobs,
+                secs: secs.max(1),
+                out: out.unwrap_or_else(|| {
+                    dioxide::workspace_root()
+                        .join("target")
+                        .join("dioxide")
+                        .join("bench-nbd")
+                }),
+                file_size,
+                accel,
+                mem,
+                nets,
+                completion,
+            };
+            dioxide::nbdbench::nbd(&opts)
         }
         Cmd::Ls { img, path } => dioxide::fstool::ls(&img, &path),
         Cmd::Cat { img, path } => dioxide::fstool::cat(&img, &path),
@@ -267,15 +370,33 @@ fn run(cli: Cli) -> Result<i32, Error> {
             log,
             kernel: kernel_path,
             nbd_port,
+            net,
+            from,
             kernel_args,
         } => {
             let t0 = Instant::now();
-            let disk = match disk {
-                Some(d) => d,
-                None => {
+            let net = NetMode::parse(&net)?;
+            let disk = match (disk, from) {
+                (Some(d), _) => d,
+                (None, Some(dir)) => {
+                    if !dir.is_dir() {
+                        return Err(Error::Usage(format!(
+                            "--from {}: not a directory",
+                            dir.display()
+                        )));
+                    }
+                    let out = dioxide::workspace_root().join("target").join("dioxide");
+                    std::fs::create_dir_all(&out)
+                        .map_err(dioxide::io_err(format!("create {}", out.display())))?;
+                    let img = out.join("run-from.img");
+                    eprintln!("dioxide: building {} from {}", img.display(), dir.display());
+                    dioxide::fstool::mkfs(&img, &dir, None, 4096, "")?;
+                    img
+                }
+                (None, None) => {
                     let p = image::sample()?;
                     eprintln!(
-                        "dioxide: no --disk given; using the sample image {}",
+                        "dioxide: no --disk or --from given; serving the built-in sample tree {}",
                         p.display()
                     );
                     p
@@ -329,8 +450,23 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
-            cfg.nbd_port = Some(nbd_port);
-            eprintln!("dioxide: NBD exports at nbd://127.0.0.1:{nbd_port}/<path> (try: nbdinfo --list nbd://127.0.0.1:{nbd_port})");
+            let _tap = match net {
+                NetMode::User => {
+                    cfg.nbd_port = Some(nbd_port);
+                    eprintln!("dioxide: NBD exports at nbd://127.0.0.1:{nbd_port}/<path> (try: nbdinfo --list nbd://127.0.0.1:{nbd_port})");
+                    None
+                }
+                NetMode::Tap => {
+                    let tap = dioxide::tap::Tap::create()?;
+                    cfg.netdev = Some(tap.netdev());
+                    cfg.args.extend(tap.guest_args());
+                    eprintln!(
+                        "dioxide: tap {} (host {}); NBD exports at nbd://{}:10809/<path> (try: nbdinfo --list nbd://{}:10809)",
+                        tap.ifname, tap.host, tap.guest, tap.guest
+                    );
+                    Some(tap)
+                }
+            };
             eprintln!(
                 "dioxide: booting with {} ({} MiB, {}-byte blocks), accel {}; kernel args {:?}",
                 disk.display(),

@@ -34,6 +34,9 @@ pub struct Config {
     /// Give the guest a virtio-net NIC on QEMU user networking and forward
     /// this host port (on 127.0.0.1) to the guest's NBD port 10809.
     pub nbd_port: Option<u16>,
+    /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
+    /// [`crate::tap`]).
+    pub netdev: Option<String>,
 }
 
 impl Config {
@@ -51,6 +54,7 @@ impl Config {
             echo_prefix: None,
             extra: Vec::new(),
             nbd_port: None,
+            netdev: None,
         }
     }
 
@@ -77,7 +81,10 @@ impl Config {
                 self.nvme_lbs
             ));
         }
-        if let Some(port) = self.nbd_port {
+        if let Some(netdev) = &self.netdev {
+            c.arg("-netdev").arg(netdev);
+            c.args(["-device", "virtio-net-pci,netdev=net0"]);
+        } else if let Some(port) = self.nbd_port {
             c.arg("-netdev")
                 .arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"));
             c.args(["-device", "virtio-net-pci,netdev=net0"]);

@@ -1,0 +1,491 @@
+//! `dioxide bench nbd`: fio's `nbd` engine, 4K random reads at each queue
+//! depth, against the appliance's file export (`bench.bin`, read through
+//! the DIO layer), its raw export (`nvme0n1`), its `null` export (zeros
+//! without device I/O: the network path alone), and, in the same run,
+//! `qemu-nbd` serving the same image file on the host (no virtualization:
+//! the ceiling).
+//!
+//! Per network mode (`--net user`, `--net tap`) the appliance boots once; at
+//! each queue depth the appliance targets run one after the other, then the
+//! guest is paused (SIGSTOP: under TCG its busy-polling vCPU would otherwise
+//! take a host core from qemu-nbd and fio) and qemu-nbd runs. Each row also
+//! records the server process's host CPU time per I/O (`/proc/PID/stat`).
+
+use crate::accel::Accel;
+use crate::bench::{fmt_iops, plot_panels, Row};
+use crate::qemu::{Config, Guest};
+use crate::tap::Tap;
+use crate::{io_err, kernel, Error};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// QEMU user networking with a forwarded port (works anywhere).
+    User,
+    /// A host tap device (needs root).
+    Tap,
+}
+
+impl NetMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetMode::User => "user",
+            NetMode::Tap => "tap",
+        }
+    }
+    pub fn parse(s: &str) -> Result<NetMode, Error> {
+        match s {
+            "user" => Ok(NetMode::User),
+            "tap" => Ok(NetMode::Tap),
+            _ => Err(Error::Usage(format!("--net {s}: expected user or tap"))),
+        }
+    }
+}
+
+pub struct NbdOpts {
+    pub qds: Vec<usize>,
+    pub jobs: usize,
+    pub secs: u64,
+    pub out: PathBuf,
+    pub file_size: u64,
+    pub accel: Accel,
+    pub mem: u32,
+    pub nets: Vec<NetMode>,
+    pub completion: String,
+}
+
+/// The booted appliance (QEMU killed on drop, then its tap device deleted).
+pub struct Appliance {
+    pub guest: Guest,
+    pub url: String,
+    _tap: Option<Tap>,
+}
+
+pub fn free_port() -> Result<u16, Error> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("bind a free port"))?;
+    Ok(l.local_addr().map_err(io_err("local address"))?.port())
+}
+
+/// Waits until the console shows every one of `what`.
+pub fn wait_console(guest: &Guest, what: &[&str], secs: u64) -> Result<(), Error> {
+    let t0 = Instant::now();
+    loop {
+        let c = guest.console();
+        if what.iter().all(|w| c.contains(w)) {
+            return Ok(());
+        }
+        if c.contains("dioxide: power off") || t0.elapsed() > Duration::from_secs(secs) {
+            return Err(Error::Usage(format!(
+                "the appliance did not come up (waiting for {what:?}):\n{c}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Boots the appliance on `img` with its NBD service reachable from the host.
+pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
+    let (tap, url) = match net {
+        NetMode::User => {
+            let port = free_port()?;
+            cfg.nbd_port = Some(port);
+            (None, format!("nbd://127.0.0.1:{port}"))
+        }
+        NetMode::Tap => {
+            let tap = Tap::create()?;
+            cfg.netdev = Some(tap.netdev());
+            cfg.args.extend(tap.guest_args());
+            let url = format!("nbd://{}:10809", tap.guest);
+            (Some(tap), url)
+        }
+    };
+    let guest = Guest::spawn(&cfg)?;
+    let up = match net {
+        NetMode::User => "DHCP: address",
+        NetMode::Tap => "net: static address",
+    };
+    wait_console(&guest, &["nbd: listening", up], 120)?;
+    Ok(Appliance {
+        guest,
+        url,
+        _tap: tap,
+    })
+}
+
+/// `qemu-nbd` serving an image read-only on 127.0.0.1 (killed on drop).
+pub struct HostNbd {
+    child: Child,
+    pub url: String,
+    /// The cache and AIO options it runs with.
+    pub options: String,
+}
+
+impl Drop for HostNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HostNbd {
+    /// Starts qemu-nbd with the best options this host takes: O_DIRECT with
+    /// io_uring, else native AIO, else threads, else the page cache.
+    pub fn start(img: &Path, clients: usize) -> Result<HostNbd, Error> {
+        let mut last = String::new();
+        for opts in [
+            ["--cache=none", "--aio=io_uring"],
+            ["--cache=none", "--aio=native"],
+            ["--cache=none", "--aio=threads"],
+            ["--cache=writethrough", "--aio=threads"],
+        ] {
+            let port = free_port()?;
+            let mut child = Command::new("qemu-nbd")
+                .args([
+                    "--read-only",
+                    "--persistent",
+                    "--format=raw",
+                    "--bind=127.0.0.1",
+                ])
+                .arg(format!("--port={port}"))
+                .arg(format!("--shared={}", clients.max(1) + 1))
+                .args(opts)
+                .arg(img)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|source| Error::Spawn {
+                    program: "qemu-nbd".into(),
+                    hint: "apt-get install qemu-utils",
+                    source,
+                })?;
+            let t0 = Instant::now();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    last = format!("{}: {}", opts.join(" "), err.trim());
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(HostNbd {
+                        child,
+                        url: format!("nbd://127.0.0.1:{port}"),
+                        options: opts.join(" "),
+                    });
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last = format!("{}: not listening after 10 s", opts.join(" "));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(Error::Usage(format!("qemu-nbd would not start: {last}")))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// What one fio run measured.
+#[derive(Clone, Debug)]
+pub struct FioResult {
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+    pub ios: u64,
+}
+
+/// fio, nbd engine, 4K random reads of the first `size` bytes of `uri`.
+pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<FioResult, Error> {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            &format!("--iodepth={qd}"),
+            &format!("--numjobs={jobs}"),
+            "--group_reporting",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            &format!("--size={size}"),
+            "--norandommap",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: "fio".into(),
+            hint: "apt-get install fio",
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fail = |why: &str| {
+        Error::Usage(format!(
+            "fio against {uri} (qd {qd}): {why}\n{}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    // fio's nbd engine prints a line before the JSON.
+    let json: Value = text
+        .find('{')
+        .and_then(|i| serde_json::from_str(&text[i..]).ok())
+        .ok_or_else(|| fail("no JSON report"))?;
+    let job = &json["jobs"][0];
+    if job["error"].as_i64() != Some(0) {
+        return Err(fail("the job failed"));
+    }
+    let r = &job["read"];
+    let pct = |p: &str| r["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(FioResult {
+        iops: r["iops"].as_f64().unwrap_or(0.0),
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        mean_us: r["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+        ios: r["total_ios"].as_u64().unwrap_or(0),
+    })
+}
+
+/// User plus system CPU time of a process and its threads, seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+const TARGETS: [(&str, &str, &str); 4] = [
+    ("file", "#1f77b4", "appliance file export"),
+    ("raw", "#444444", "appliance raw export"),
+    ("null", "#2ca02c", "appliance null export (no I/O)"),
+    ("qemu-nbd", "#d62728", "qemu-nbd on the host"),
+];
+
+/// The table: per network mode, a line per queue depth.
+pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
+    let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
+    for r in rows {
+        by_net
+            .entry(r.s("net").into())
+            .or_default()
+            .entry(r.f("qd") as usize)
+            .or_default()
+            .insert(r.s("target").into(), r);
+    }
+    let mut s = String::new();
+    for (net, by_qd) in by_net {
+        s += &format!(
+            "\nnet={net}: fio --ioengine=nbd, 4K random reads, {jobs} job(s), {secs} s per row; IOPS (p50/p99 latency us)\n"
+        );
+        s += &format!(
+            "{:>4} {:>24} {:>24} {:>24} {:>24} {:>9} {:>14}\n",
+            "qd", "file", "raw", "null", "qemu-nbd", "file/raw", "file/qemu-nbd"
+        );
+        for (qd, t) in by_qd {
+            let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
+            let cell = |k: &str| {
+                if t.contains_key(k) {
+                    format!(
+                        "{} ({:.0}/{:.0})",
+                        fmt_iops(g(k, "iops")),
+                        g(k, "lat_p50_us"),
+                        g(k, "lat_p99_us")
+                    )
+                } else {
+                    "-".into()
+                }
+            };
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+            s += &format!(
+                "{:>4} {:>24} {:>24} {:>24} {:>24} {:>9.3} {:>14.3}\n",
+                qd,
+                cell("file"),
+                cell("raw"),
+                cell("null"),
+                cell("qemu-nbd"),
+                ratio(g("file", "iops"), g("raw", "iops")),
+                ratio(g("file", "iops"), g("qemu-nbd", "iops")),
+            );
+        }
+        s += "host CPU per I/O (us, server process incl. its vCPU thread): ";
+        let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.s("net") == net) {
+            cpu.entry(r.s("target").into())
+                .or_default()
+                .push(r.f("server_cpu_us_per_io"));
+        }
+        let parts: Vec<String> = TARGETS
+            .iter()
+            .filter_map(|(t, _, _)| {
+                let v = cpu.get(*t)?;
+                let list: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+                Some(format!("{t} {}", list.join("/")))
+            })
+            .collect();
+        s += &parts.join(", ");
+        s += " (by qd)\n";
+    }
+    s
+}
+
+pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
+    std::fs::create_dir_all(&opts.out).map_err(io_err(format!("create {}", opts.out.display())))?;
+    let fio_version = version("fio", "--version");
+    if fio_version.is_empty() {
+        return Err(Error::Usage(
+            "fio not found: apt-get install fio (./dx installs it)".into(),
+        ));
+    }
+    let img = crate::bench::image(opts.file_size)?;
+    eprintln!("dioxide bench: building the kernel (release)");
+    let kernel = kernel::build()?;
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for &net in &opts.nets {
+        let mut cfg = Config::new(kernel.clone());
+        cfg.disk = Some(img.clone());
+        cfg.accel = opts.accel;
+        cfg.mem_mib = opts.mem;
+        cfg.args = vec![
+            "log=info".into(),
+            "nbd.null=1".into(),
+            format!("nvme.completion={}", opts.completion),
+        ];
+        eprintln!(
+            "dioxide bench: booting the appliance (accel {}, net {}, completion {})",
+            opts.accel.name(),
+            net.name(),
+            opts.completion
+        );
+        let app = boot(cfg, net)?;
+        let qemu_pid = app.guest.pid().unwrap_or(0);
+        let host = HostNbd::start(&img, opts.jobs)?;
+        eprintln!(
+            "dioxide bench: appliance at {}, qemu-nbd ({}) at {}",
+            app.url, host.options, host.url
+        );
+        for &qd in &opts.qds {
+            for (target, _, _) in TARGETS {
+                let (uri, pid) = match target {
+                    "file" => (format!("{}/bench.bin", app.url), qemu_pid),
+                    "raw" => (format!("{}/nvme0n1", app.url), qemu_pid),
+                    "null" => (format!("{}/null", app.url), qemu_pid),
+                    _ => (host.url.clone(), host.pid()),
+                };
+                let paused = target == "qemu-nbd";
+                if paused {
+                    signal(qemu_pid, "-STOP");
+                }
+                let c0 = cpu_secs(pid);
+                let t0 = Instant::now();
+                let r = fio(&uri, qd, opts.jobs, opts.secs, opts.file_size);
+                let wall = t0.elapsed().as_secs_f64();
+                let cpu = cpu_secs(pid) - c0;
+                if paused {
+                    signal(qemu_pid, "-CONT");
+                }
+                let r = r?;
+                eprintln!(
+                    "  net={} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
+                    net.name(),
+                    fmt_iops(r.iops),
+                    r.p50_us,
+                    r.p99_us
+                );
+                let cpu_per_io = if r.ios > 0 {
+                    cpu / r.ios as f64 * 1e6
+                } else {
+                    0.0
+                };
+                rows.push(Row::new(&[
+                    ("target", target.into()),
+                    ("net", net.name().into()),
+                    ("qd", qd.to_string()),
+                    ("jobs", opts.jobs.to_string()),
+                    ("iops", format!("{:.1}", r.iops)),
+                    ("lat_p50_us", format!("{:.1}", r.p50_us)),
+                    ("lat_p99_us", format!("{:.1}", r.p99_us)),
+                    ("lat_mean_us", format!("{:.1}", r.mean_us)),
+                    ("ios", r.ios.to_string()),
+                    ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
+                    ("wall_secs", format!("{wall:.2}")),
+                ]));
+            }
+        }
+        let console = app.guest.console();
+        runs.push(json!({
+            "net": net.name(),
+            "appliance_url": app.url,
+            "qemu_nbd_options": host.options,
+            "guest_warnings": console.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>(),
+        }));
+    }
+    print!("{}", table(&rows, opts.jobs, opts.secs));
+    if opts.accel == Accel::Tcg {
+        println!("(the appliance runs under TCG: every guest instruction is emulated; qemu-nbd runs natively)");
+    }
+    let results = json!({
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "config": {
+            "accel": opts.accel.name(),
+            "completion": opts.completion,
+            "file_bytes": opts.file_size,
+            "secs_per_row": opts.secs,
+            "jobs": opts.jobs,
+            "qds": opts.qds,
+            "image": img.display().to_string(),
+            "fio": fio_version,
+            "qemu_nbd": version("qemu-nbd", "--version"),
+            "qemu": version("qemu-system-x86_64", "--version"),
+            "runs": runs,
+        }
+    });
+    let json_path = opts.out.join("results.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Usage(e.to_string()))?;
+    std::fs::write(&json_path, text).map_err(io_err(format!("write {}", json_path.display())))?;
+    let svg = opts.out.join("plot.svg");
+    let plot = plot_panels(&rows, &|r| format!("NBD, net={}", r.s("net")), &TARGETS);
+    std::fs::write(&svg, plot).map_err(io_err(format!("write {}", svg.display())))?;
+    println!("\nwrote {} and {}", json_path.display(), svg.display());
+    Ok(0)
+}
