@@ -1,9 +1,10 @@
 //! `dioxide`: run the appliance in QEMU.
 //!
 //! ```text
-//! dioxide run [--disk IMG] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
+//! dioxide run [--disk IMG | --from DIR] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
-//!             [--completion poll|irq] [--log LEVEL] [-- KERNEL-ARGS...]
+//!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
+//!             [-- KERNEL-ARGS...]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
 //! dioxide fsck IMG
@@ -11,6 +12,8 @@
 //! dioxide cat IMG PATH
 //! dioxide bench local [--qd 1,16,64,128,256] [--dev nvme,null] [--completion poll,irq]
 //!                     [--secs N] [--out DIR] [--file-size 1G]
+//! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
+//!                   [--out DIR] [--file-size 1G]
 //! ```
 //!
 //! Exit status: the guest's (0 success, 1 self-test failed, 2 bad arguments or

@@ -143,7 +143,9 @@ impl HostNbd {
             ["--cache=writethrough", "--aio=threads"],
         ] {
             let port = free_port()?;
-            let mut child = Command::new("qemu-nbd")
+            let mut cmd = Command::new("qemu-nbd");
+            crate::qemu::die_with_parent(&mut cmd);
+            let mut child = cmd
                 .args([
                     "--read-only",
                     "--persistent",

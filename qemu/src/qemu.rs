@@ -138,12 +138,29 @@ impl Drop for Guest {
     }
 }
 
+/// The child gets SIGKILL when the thread that started it dies, so that a
+/// QEMU (or qemu-nbd) never outlives `dioxide` killed by a signal (Ctrl-C,
+/// a test harness's kill), when destructors do not run.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 const POWER_OFF: &str = "dioxide: power off status=";
 
 impl Guest {
     /// Starts QEMU.
     pub fn spawn(cfg: &Config) -> Result<Guest, Error> {
         let mut cmd = cfg.command();
+        die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -171,3 +171,143 @@ fn mkfs_refuses_a_size_too_small_and_bad_block_sizes() {
     assert!(err.contains("/nonexistent-dir"), "{err}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// `dioxide run` started the way a user starts it, killed by the test (its
+/// QEMU dies with it: PR_SET_PDEATHSIG).
+struct Running {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        use std::io::Read;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dioxide"))
+            .args(["run", "--accel", "tcg", "--mem", "256", "--timeout", "600"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run dioxide");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for mut pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&b[..n]));
+                }
+            });
+        }
+        Running { child, out }
+    }
+
+    fn wait_for(&mut self, what: &str) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let o = self.out.lock().unwrap().clone();
+            if o.contains(what) {
+                return;
+            }
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && t0.elapsed().as_secs() < 300,
+                "no {what:?} (exit {exited:?}):\n{o}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nbd(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (./dx test installs libnbd-bin)", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn run_serves_the_sample_tree_without_a_disk() {
+    let port = free_port().to_string();
+    let mut r = Running::start(&["--nbd-port", &port]);
+    r.wait_for("DHCP: address");
+    let url = format!("nbd://127.0.0.1:{port}");
+    let list = String::from_utf8(nbd(&["nbdinfo", "--list", &url])).unwrap();
+    for name in [
+        "README.txt",
+        "hello.txt",
+        "data/random-8m.bin",
+        "data/odd-size.bin",
+        "data/sparse-16m.bin",
+        "nvme0n1",
+    ] {
+        assert!(
+            list.contains(&format!("export=\"{name}\"")),
+            "{name}:\n{list}"
+        );
+    }
+    assert_eq!(
+        nbd(&["nbdcopy", &format!("{url}/hello.txt"), "-"]),
+        b"hello from dioxide\n"
+    );
+    let readme = nbd(&["nbdcopy", &format!("{url}/README.txt"), "-"]);
+    assert!(String::from_utf8_lossy(&readme).contains("dioxide run --from DIR"));
+    assert_eq!(
+        nbd(&["nbdcopy", &format!("{url}/data/odd-size.bin"), "-"]).len(),
+        100_003
+    );
+}
+
+#[test]
+fn run_from_a_directory_serves_its_files() {
+    let d = temp("from");
+    let src = d.join("tree");
+    std::fs::create_dir_all(src.join("sub dir")).unwrap();
+    std::fs::write(src.join("a.txt"), b"first file\n").unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("sub dir/b.bin"), &big).unwrap();
+    let port = free_port().to_string();
+    let mut r = Running::start(&["--nbd-port", &port, "--from", src.to_str().unwrap()]);
+    r.wait_for("DHCP: address");
+    let url = format!("nbd://127.0.0.1:{port}");
+    assert_eq!(
+        nbd(&["nbdcopy", &format!("{url}/a.txt"), "-"]),
+        b"first file\n"
+    );
+    assert!(nbd(&["nbdcopy", &format!("{url}/sub%20dir/b.bin"), "-"]) == big);
+    let (code, err) = dioxide(&["run", "--from", "/nonexistent/dir", "--accel", "tcg"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    let (code, err) = dioxide(&["run", "--from", "/tmp", "--disk", "/tmp/x.img"]);
+    assert_eq!(code, 2, "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
