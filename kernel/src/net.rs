@@ -5,6 +5,7 @@
 
 use crate::pci::{self, Bdf, Function};
 use crate::time;
+use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
@@ -14,7 +15,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
-use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::{BufferDirection, PhysAddr};
@@ -90,58 +91,200 @@ impl ConfigurationAccess for PciAccess {
     }
 }
 
-const QUEUE: usize = 64;
+/// Descriptors per virtqueue (QEMU's virtio-net queues have 256).
+const QUEUE: usize = 128;
+/// A buffer: the virtio-net header and one Ethernet frame.
 const BUF_LEN: usize = 2048;
-type Nic = VirtIONet<VirtioHal, PciTransport, QUEUE>;
+type Raw = VirtIONetRaw<VirtioHal, PciTransport, QUEUE>;
+
+/// The NIC with its buffers. Receive buffers stay posted until a frame
+/// arrives and are handed to smoltcp in place (no copy); transmissions are
+/// not waited for: a frame's buffer returns to the free list when the device
+/// reports it used. (virtio-drivers' `VirtIONet::send` spins until the device
+/// has taken each frame: one host round trip per frame.)
+struct Nic {
+    raw: Raw,
+    /// Posted receive buffers by descriptor token (one descriptor each).
+    rx: Vec<Option<Box<[u8]>>>,
+    /// Frames in flight by token: the buffer and the length given.
+    tx_busy: Vec<Option<(Box<[u8]>, usize)>>,
+    tx_free: Vec<Box<[u8]>>,
+    /// Where a frame goes when no transmit buffer is free (dropped; TCP
+    /// retransmits).
+    scratch: Box<[u8]>,
+    pub dropped: u64,
+}
+
+fn buffer() -> Box<[u8]> {
+    vec![0u8; BUF_LEN].into_boxed_slice()
+}
+
+impl Nic {
+    fn new(mut raw: Raw) -> Result<Nic, virtio_drivers::Error> {
+        let mut rx: Vec<Option<Box<[u8]>>> = (0..QUEUE).map(|_| None).collect();
+        for _ in 0..QUEUE {
+            let mut b = buffer();
+            // SAFETY: the buffer is kept in `rx` (a stable heap address) and
+            // not touched until the device returns it.
+            let t = unsafe { raw.receive_begin(&mut b)? } as usize;
+            match rx.get_mut(t) {
+                Some(slot) => *slot = Some(b),
+                None => return Err(virtio_drivers::Error::WrongToken),
+            }
+        }
+        Ok(Nic {
+            raw,
+            rx,
+            tx_busy: (0..QUEUE).map(|_| None).collect(),
+            tx_free: (0..QUEUE).map(|_| buffer()).collect(),
+            scratch: buffer(),
+            dropped: 0,
+        })
+    }
+
+    /// Takes back the buffers of frames the device has sent.
+    fn reap_tx(&mut self) {
+        while let Some(t) = self.raw.poll_transmit() {
+            let Some((b, len)) = self.tx_busy.get_mut(t as usize).and_then(Option::take) else {
+                log::error!(target: "net", "transmit completion for unknown token {t}");
+                return;
+            };
+            // SAFETY: the same buffer and length as given to transmit_begin.
+            if let Err(e) = unsafe { self.raw.transmit_complete(t, &b[..len]) } {
+                log::warn!(target: "net", "transmit completion: {e:?}");
+            }
+            self.tx_free.push(b);
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        !self.tx_free.is_empty() && self.raw.can_send()
+    }
+
+    /// Posts a receive buffer again.
+    fn repost(&mut self, mut b: Box<[u8]>) {
+        // SAFETY: as in `new`.
+        match unsafe { self.raw.receive_begin(&mut b) } {
+            Ok(t) => {
+                if let Some(slot) = self.rx.get_mut(t as usize) {
+                    *slot = Some(b);
+                }
+            }
+            Err(e) => log::warn!(target: "net", "receive buffer lost: {e:?}"),
+        }
+    }
+}
 
 /// The NIC as a smoltcp device.
 pub struct NetDevice {
     nic: RefCell<Nic>,
 }
 
-pub struct Rx(Vec<u8>);
+/// A received frame, in its receive buffer; the buffer is posted again
+/// when the token is dropped.
+pub struct Rx<'a> {
+    nic: &'a RefCell<Nic>,
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    len: usize,
+}
 pub struct Tx<'a>(&'a RefCell<Nic>);
 
-impl RxToken for Rx {
+impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        // No borrow of the NIC is held here: smoltcp transmits the answer
+        // from inside `f`.
+        let frame = self
+            .buf
+            .as_deref()
+            .and_then(|b| b.get(self.start..self.start + self.len))
+            .unwrap_or(&[]);
+        f(frame)
+    }
+}
+
+impl Drop for Rx<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.nic.borrow_mut().repost(b);
+        }
     }
 }
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut nic = self.0.borrow_mut();
-        let mut tx = nic.new_tx_buffer(len);
-        let r = f(tx.packet_mut());
-        if let Err(e) = nic.send(tx) {
-            log::warn!(target: "net", "send failed: {e:?}");
+        nic.reap_tx();
+        let hdr = {
+            let mut probe = [0u8; 16];
+            nic.raw.fill_buffer_header(&mut probe).unwrap_or(12)
+        };
+        let total = hdr + len;
+        let b = match nic.tx_free.pop() {
+            Some(b) if total <= b.len() && nic.raw.can_send() => b,
+            other => {
+                if let Some(b) = other {
+                    nic.tx_free.push(b);
+                }
+                nic.dropped += 1;
+                let n = len.min(nic.scratch.len());
+                return f(&mut nic.scratch[..n]);
+            }
+        };
+        let mut b = b;
+        let _ = nic.raw.fill_buffer_header(&mut b);
+        let r = f(&mut b[hdr..total]);
+        // SAFETY: the buffer is kept in `tx_busy` until the device returns it.
+        match unsafe { nic.raw.transmit_begin(&b[..total]) } {
+            Ok(t) => match nic.tx_busy.get_mut(t as usize) {
+                Some(slot) => *slot = Some((b, total)),
+                None => log::error!(target: "net", "transmit token {t} out of range"),
+            },
+            Err(e) => {
+                log::warn!(target: "net", "send failed: {e:?}");
+                nic.tx_free.push(b);
+            }
         }
         r
     }
 }
 
 impl Device for NetDevice {
-    type RxToken<'a> = Rx;
+    type RxToken<'a> = Rx<'a>;
     type TxToken<'a> = Tx<'a>;
 
-    fn receive(&mut self, _ts: Instant) -> Option<(Rx, Tx<'_>)> {
-        let packet = {
-            let mut nic = self.nic.borrow_mut();
-            if !nic.can_recv() {
-                return None;
-            }
-            let rx = nic.receive().ok()?;
-            let data = rx.packet().to_vec();
-            if let Err(e) = nic.recycle_rx_buffer(rx) {
-                log::warn!(target: "net", "recycle failed: {e:?}");
-            }
-            data
+    fn receive(&mut self, _ts: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+        let mut nic = self.nic.borrow_mut();
+        nic.reap_tx();
+        let t = nic.raw.poll_receive()?;
+        let Some(mut b) = nic.rx.get_mut(t as usize).and_then(Option::take) else {
+            log::error!(target: "net", "receive completion for unknown token {t}");
+            return None;
         };
-        Some((Rx(packet), Tx(&self.nic)))
+        // SAFETY: the buffer given to receive_begin for this token.
+        let (start, len) = match unsafe { nic.raw.receive_complete(t, &mut b) } {
+            Ok((hdr, len)) => (hdr, len),
+            Err(e) => {
+                log::warn!(target: "net", "bad receive completion: {e:?}");
+                (0, 0)
+            }
+        };
+        drop(nic);
+        Some((
+            Rx {
+                nic: &self.nic,
+                buf: Some(b),
+                start,
+                len: len.min(BUF_LEN - start),
+            },
+            Tx(&self.nic),
+        ))
     }
 
     fn transmit(&mut self, _ts: Instant) -> Option<Tx<'_>> {
-        if self.nic.borrow().can_send() {
+        let mut nic = self.nic.borrow_mut();
+        nic.reap_tx();
+        if nic.can_send() {
             Some(Tx(&self.nic))
         } else {
             None
@@ -195,14 +338,14 @@ pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> 
             return None;
         }
     };
-    let nic = match Nic::new(transport, BUF_LEN) {
+    let nic = match Raw::new(transport).and_then(Nic::new) {
         Ok(n) => n,
         Err(e) => {
             log::error!(target: "net", "{}: virtio-net: {e:?}", f.bdf);
             return None;
         }
     };
-    let mac = nic.mac_address();
+    let mac = nic.raw.mac_address();
     log::info!(
         target: "net",
         "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
