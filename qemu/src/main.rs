@@ -471,10 +471,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 }
             };
             eprintln!(
-                "dioxide: booting with {} ({} MiB, {}-byte blocks), accel {}; kernel args {:?}",
+                "dioxide: booting with {} ({} MiB, {}-byte blocks, aio={}), accel {}; kernel args {:?}",
                 disk.display(),
                 size >> 20,
                 nvme_lbs,
+                qemu::drive_aio(&disk),
                 accel.name(),
                 cfg.args.join(" ")
             );

@@ -74,7 +74,10 @@ impl Config {
             let mut drive = std::ffi::OsString::from("file=");
             // Commas in a path are doubled in QEMU option syntax.
             drive.push(disk.to_string_lossy().replace(',', ",,"));
-            drive.push(",if=none,id=nvm0,format=raw,cache=none,aio=threads");
+            drive.push(format!(
+                ",if=none,id=nvm0,format=raw,cache=none,aio={}",
+                drive_aio(disk)
+            ));
             c.arg("-drive").arg(drive);
             c.arg("-device").arg(format!(
                 "nvme,drive=nvm0,serial=dioxide0,logical_block_size={0},physical_block_size={0}",
@@ -136,6 +139,66 @@ impl Drop for Guest {
             let _ = c.wait();
         }
     }
+}
+
+/// The AIO backend of the emulated NVMe drive: `io_uring` where this QEMU
+/// and host take it for the image (it doubled the in-guest 4K random read
+/// IOPS at QD16 over `threads` under TCG here), else `threads`. Probed once
+/// per image directory and process: QEMU opens the drive, stopped (`-S`),
+/// and quits.
+pub fn drive_aio(disk: &std::path::Path) -> &'static str {
+    use std::collections::HashMap;
+    static CACHE: Mutex<Option<HashMap<PathBuf, &'static str>>> = Mutex::new(None);
+    let dir = disk.parent().map(PathBuf::from).unwrap_or_default();
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = cache.get_or_insert_with(HashMap::new).get(&dir) {
+        return a;
+    }
+    let mut drive = std::ffi::OsString::from("file=");
+    drive.push(disk.to_string_lossy().replace(',', ",,"));
+    drive.push(",if=none,id=probe,format=raw,cache=none,aio=io_uring,readonly=on,file.locking=off");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-monitor",
+        "stdio",
+    ])
+    .arg("-drive")
+    .arg(drive)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let ok = match cmd.spawn() {
+        Ok(mut child) => {
+            if let Some(mut i) = child.stdin.take() {
+                let _ = i.write_all(b"quit\n");
+            }
+            let t0 = Instant::now();
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => break st.success(),
+                    Ok(None) if t0.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break false;
+                    }
+                }
+            }
+        }
+        Err(_) => false,
+    };
+    let aio = if ok { "io_uring" } else { "threads" };
+    cache.get_or_insert_with(HashMap::new).insert(dir, aio);
+    aio
 }
 
 /// The child gets SIGKILL when the thread that started it dies, so that a
