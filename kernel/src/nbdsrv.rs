@@ -42,7 +42,7 @@ use x86_64::instructions::interrupts;
 pub const PORT: u16 = 10809;
 pub const CONNS: usize = 16;
 /// Reads in flight per connection.
-pub const PER_CONN: usize = 64;
+pub const PER_CONN: usize = 128;
 /// Request slots: enough for every connection's maximum.
 const MAX_REQS: usize = CONNS * PER_CONN;
 const SOCKET_BUF: usize = 256 * 1024;

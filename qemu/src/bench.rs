@@ -60,7 +60,7 @@ impl Row {
         for (k, v) in &self.fields {
             let val = match v.parse::<f64>() {
                 Ok(x) if !matches!(k.as_str(), "target" | "dev" | "completion" | "net") => {
-                    if k == "qd" || k == "ios" || k == "errors" {
+                    if matches!(k.as_str(), "qd" | "ios" | "errors" | "jobs" | "rounds") {
                         json!(x as u64)
                     } else {
                         json!(x)

@@ -201,6 +201,9 @@ enum BenchCmd {
         /// NVMe completion mode of the appliance: poll or irq.
         #[arg(long, default_value = "poll")]
         completion: String,
+        /// Rounds per row: the targets take turns, each for secs/rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: u64,
     },
 }
 
@@ -310,15 +313,16 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     accel,
                     mem,
                     completion,
+                    rounds,
                 },
         } => {
             let qds: Vec<usize> = dioxide::bench::parse_list(&qd)
                 .iter()
                 .filter_map(|q| q.parse().ok())
                 .collect();
-            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 64) {
+            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 1024) {
                 return Err(Error::Usage(format!(
-                    "--qd {qd}: queue depths from 1 to 64 (the appliance serves 64 reads in flight per connection; use --jobs for more)"
+                    "--qd {qd}: queue depths from 1 to 1024"
                 )));
             }
             if jobs == 0 || jobs > 8 {
@@ -352,6 +356,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 mem,
                 nets,
                 completion,
+                rounds: rounds.clamp(1, secs.max(1)),
             };
             dioxide::nbdbench::nbd(&opts)
         }
@@ -379,6 +384,10 @@ fn run(cli: Cli) -> Result<i32, Error> {
         } => {
             let t0 = Instant::now();
             let net = NetMode::parse(&net)?;
+            // Ctrl-C reaches QEMU too (same process group), which exits; this
+            // process stays to report and clean up (the tap device).
+            // SAFETY: setting a signal disposition; no handler runs.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             let disk = match (disk, from) {
                 (Some(d), _) => d,
                 (None, Some(dir)) => {

@@ -6,8 +6,9 @@
 //! the ceiling).
 //!
 //! Per network mode (`--net user`, `--net tap`) the appliance boots once; at
-//! each queue depth the appliance targets run one after the other, then the
-//! guest is paused (SIGSTOP: under TCG its busy-polling vCPU would otherwise
+//! each queue depth the targets take turns for `--rounds` rounds (IOPS and
+//! latency percentiles are the mean over rounds), and while qemu-nbd runs
+//! the guest is paused (SIGSTOP: under TCG its busy-polling vCPU would otherwise
 //! take a host core from qemu-nbd and fio) and qemu-nbd runs. Each row also
 //! records the server process's host CPU time per I/O (`/proc/PID/stat`).
 
@@ -56,6 +57,9 @@ pub struct NbdOpts {
     pub mem: u32,
     pub nets: Vec<NetMode>,
     pub completion: String,
+    /// Each row's time is split into this many rounds, the targets taking
+    /// turns, so that drift on a shared machine hits them alike.
+    pub rounds: u64,
 }
 
 /// The booted appliance (QEMU killed on drop, then its tap device deleted).
@@ -297,10 +301,10 @@ fn version(cmd: &str, arg: &str) -> String {
 }
 
 const TARGETS: [(&str, &str, &str); 4] = [
-    ("file", "#1f77b4", "appliance file export"),
-    ("raw", "#444444", "appliance raw export"),
-    ("null", "#2ca02c", "appliance null export (no I/O)"),
-    ("qemu-nbd", "#d62728", "qemu-nbd on the host"),
+    ("file", "#1f77b4", "file export"),
+    ("raw", "#444444", "raw export"),
+    ("null", "#2ca02c", "null export"),
+    ("qemu-nbd", "#d62728", "qemu-nbd (host)"),
 ];
 
 /// The table: per network mode, a line per queue depth.
@@ -407,26 +411,49 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             app.url, host.options, host.url
         );
         for &qd in &opts.qds {
+            // Per target: fio results of each round and the server CPU time.
+            let mut acc: BTreeMap<&str, (Vec<FioResult>, f64, f64)> = BTreeMap::new();
+            let slice = (opts.secs / opts.rounds).max(1);
+            for _ in 0..opts.rounds {
+                for (target, _, _) in TARGETS {
+                    let (uri, pid) = match target {
+                        "file" => (format!("{}/bench.bin", app.url), qemu_pid),
+                        "raw" => (format!("{}/nvme0n1", app.url), qemu_pid),
+                        "null" => (format!("{}/null", app.url), qemu_pid),
+                        _ => (host.url.clone(), host.pid()),
+                    };
+                    let paused = target == "qemu-nbd";
+                    if paused {
+                        signal(qemu_pid, "-STOP");
+                    }
+                    let c0 = cpu_secs(pid);
+                    let t0 = Instant::now();
+                    let r = fio(&uri, qd, opts.jobs, slice, opts.file_size);
+                    let wall = t0.elapsed().as_secs_f64();
+                    let cpu = cpu_secs(pid) - c0;
+                    if paused {
+                        signal(qemu_pid, "-CONT");
+                    }
+                    let e = acc.entry(target).or_default();
+                    e.0.push(r?);
+                    e.1 += cpu;
+                    e.2 += wall;
+                }
+            }
             for (target, _, _) in TARGETS {
-                let (uri, pid) = match target {
-                    "file" => (format!("{}/bench.bin", app.url), qemu_pid),
-                    "raw" => (format!("{}/nvme0n1", app.url), qemu_pid),
-                    "null" => (format!("{}/null", app.url), qemu_pid),
-                    _ => (host.url.clone(), host.pid()),
+                let Some((rs, cpu, wall)) = acc.get(target) else {
+                    continue;
                 };
-                let paused = target == "qemu-nbd";
-                if paused {
-                    signal(qemu_pid, "-STOP");
-                }
-                let c0 = cpu_secs(pid);
-                let t0 = Instant::now();
-                let r = fio(&uri, qd, opts.jobs, opts.secs, opts.file_size);
-                let wall = t0.elapsed().as_secs_f64();
-                let cpu = cpu_secs(pid) - c0;
-                if paused {
-                    signal(qemu_pid, "-CONT");
-                }
-                let r = r?;
+                let n = rs.len() as f64;
+                let ios: u64 = rs.iter().map(|r| r.ios).sum();
+                let avg = |f: &dyn Fn(&FioResult) -> f64| rs.iter().map(f).sum::<f64>() / n;
+                let r = FioResult {
+                    iops: avg(&|r| r.iops),
+                    p50_us: avg(&|r| r.p50_us),
+                    p99_us: avg(&|r| r.p99_us),
+                    mean_us: avg(&|r| r.mean_us),
+                    ios,
+                };
                 eprintln!(
                     "  net={} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
                     net.name(),
@@ -434,21 +461,18 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     r.p50_us,
                     r.p99_us
                 );
-                let cpu_per_io = if r.ios > 0 {
-                    cpu / r.ios as f64 * 1e6
-                } else {
-                    0.0
-                };
+                let cpu_per_io = if ios > 0 { cpu / ios as f64 * 1e6 } else { 0.0 };
                 rows.push(Row::new(&[
                     ("target", target.into()),
                     ("net", net.name().into()),
                     ("qd", qd.to_string()),
                     ("jobs", opts.jobs.to_string()),
+                    ("rounds", opts.rounds.to_string()),
                     ("iops", format!("{:.1}", r.iops)),
                     ("lat_p50_us", format!("{:.1}", r.p50_us)),
                     ("lat_p99_us", format!("{:.1}", r.p99_us)),
                     ("lat_mean_us", format!("{:.1}", r.mean_us)),
-                    ("ios", r.ios.to_string()),
+                    ("ios", ios.to_string()),
                     ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
                     ("wall_secs", format!("{wall:.2}")),
                 ]));
@@ -473,6 +497,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "completion": opts.completion,
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,
+            "rounds": opts.rounds,
             "jobs": opts.jobs,
             "qds": opts.qds,
             "image": img.display().to_string(),
