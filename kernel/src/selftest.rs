@@ -239,6 +239,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
             let mut hasher = Sha256::new();
             let mut off = 0u64;
             let mut failed = None;
+            let mut first = [0u8; 4096];
             while off < f.size() {
                 // Every file read goes through the DIO layer: 1 MiB requests
                 // take the generic path (EOF tails through a bounce buffer).
@@ -252,6 +253,10 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
                     Ok(DioResult::Done(0)) => break,
                     Ok(DioResult::Done(n)) => {
                         hasher.update(&buf.as_slice()[..n]);
+                        if off == 0 {
+                            let k = n.min(4096);
+                            first[..k].copy_from_slice(&buf.as_slice()[..k]);
+                        }
                         off += n as u64;
                     }
                     Ok(DioResult::Queued) => {
@@ -267,8 +272,6 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
             // The first block again through a 4 KiB request, which takes the
             // simple path when it is on: it must return the same bytes.
             if failed.is_none() && f.size() >= 4096 {
-                let mut first = [0u8; 4096];
-                first.copy_from_slice(&buf.as_slice()[..4096]);
                 let iob = buf.part(0, 4096);
                 // SAFETY: `buf` is owned here; the call is synchronous.
                 let r = nvme::with_engine(|e| unsafe {

@@ -2,9 +2,8 @@
 //! host benchmark of the same crates beside it.
 
 use crate::accel::Accel;
-use crate::fstool::FileDevice;
 use crate::{io_err, kernel, qemu, workspace_root, Error};
-use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
+use dioxide_dxfs::mkfs::{Node, Options, Source, Tree};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -78,12 +77,7 @@ impl Row {
 struct RandomSource;
 impl Source for RandomSource {
     fn read(&mut self, _id: u64, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        // Each 8-byte word is a function of its offset, so any range reads the
-        // same bytes however it is split.
-        for (at, b) in (offset..).zip(buf.iter_mut()) {
-            let w = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd10c_1de5;
-            *b = (w.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> ((at % 8) * 8)) as u8;
-        }
+        crate::image::position_random(0xd10c_1de5, offset, buf);
         Ok(())
     }
 }
@@ -94,14 +88,8 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
     let dir = workspace_root().join("target").join("dioxide");
     std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
     let path = dir.join(format!("bench-{}m.img", size >> 20));
-    if crate::image::check(&path, 4096).is_ok() {
-        let dev = FileDevice::open(&path)?;
-        if dioxide_dxfs::Fs::mount(&dev)
-            .and_then(|fs| fs.resolve("/bench.bin"))
-            .is_ok()
-        {
-            return Ok(path);
-        }
+    if crate::image::has_file(&path, "/bench.bin") {
+        return Ok(path);
     }
     eprintln!(
         "dioxide bench: making {} ({} MiB file of random data)",
@@ -118,19 +106,7 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
         label: "bench".into(),
         ..Default::default()
     };
-    let plan = mkfs::plan(&tree, &opts).map_err(|e| Error::Usage(format!("bench image: {e}")))?;
-    let tmp = path.with_extension("tmp");
-    let mut dev = FileDevice::create(&tmp, plan.image_bytes())?;
-    mkfs::write(
-        &tree,
-        &plan,
-        &opts,
-        &mut RandomSource,
-        &mut dev,
-        &mut |_, _| {},
-    )
-    .map_err(|e| Error::Usage(format!("bench image: {e}")))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
+    crate::image::write_tree(&path, &tree, &opts, &mut RandomSource)?;
     Ok(path)
 }
 

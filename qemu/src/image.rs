@@ -102,11 +102,7 @@ impl dioxide_dxfs::mkfs::Source for SampleSource {
             0 => SAMPLE_README.as_bytes(),
             1 => SAMPLE_HELLO.as_bytes(),
             _ => {
-                for (at, b) in (offset..).zip(buf.iter_mut()) {
-                    let w = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ id;
-                    *b = (w.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> ((at % 8) * 8))
-                        as u8;
-                }
+                position_random(id, offset, buf);
                 return Ok(());
             }
         };
@@ -119,22 +115,56 @@ impl dioxide_dxfs::mkfs::Source for SampleSource {
     }
 }
 
+/// Pseudo-random bytes that are a function of (`seed`, position): any range
+/// reads the same bytes however it is split.
+pub fn position_random(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (at, b) in (offset..).zip(buf.iter_mut()) {
+        let w = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+        *b = (w.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> ((at % 8) * 8)) as u8;
+    }
+}
+
+/// True when `path` is a dxfs image holding `file`.
+pub fn has_file(path: &Path, file: &str) -> bool {
+    check(path, 4096).is_ok()
+        && crate::fstool::FileDevice::open(path)
+            .ok()
+            .is_some_and(|dev| {
+                dioxide_dxfs::Fs::mount(&dev)
+                    .and_then(|fs| fs.resolve(file))
+                    .is_ok()
+            })
+}
+
+/// Writes the dxfs image of an in-memory `tree` to `path` (through a
+/// temporary file renamed at the end, so that a half-made image is never
+/// taken for a made one).
+pub fn write_tree<S: dioxide_dxfs::mkfs::Source>(
+    path: &Path,
+    tree: &dioxide_dxfs::mkfs::Tree,
+    opts: &dioxide_dxfs::mkfs::Options,
+    source: &mut S,
+) -> Result<(), Error> {
+    use dioxide_dxfs::mkfs;
+    let what = |e: &dyn std::fmt::Display| Error::Usage(format!("image {}: {e}", path.display()));
+    let plan = mkfs::plan(tree, opts).map_err(|e| what(&e))?;
+    let tmp = path.with_extension("tmp");
+    let mut dev = crate::fstool::FileDevice::create(&tmp, plan.image_bytes())?;
+    mkfs::write(tree, &plan, opts, source, &mut dev, &mut |_, _| {}).map_err(|e| what(&e))?;
+    drop(dev);
+    std::fs::rename(&tmp, path).map_err(io_err(format!("rename {}", tmp.display())))
+}
+
 /// The sample image `dioxide run` serves when given neither a disk nor a
 /// directory: a small dxfs tree (a README, text, random, odd-sized and
 /// sparse files) under target/dioxide/, made once.
 pub fn sample() -> Result<PathBuf, Error> {
-    use dioxide_dxfs::mkfs::{self, Node, Options, Tree};
+    use dioxide_dxfs::mkfs::{Node, Options, Tree};
     let dir = crate::workspace_root().join("target").join("dioxide");
     std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
     let path = dir.join("sample-tree.img");
-    if check(&path, 4096).is_ok() {
-        let dev = crate::fstool::FileDevice::open(&path)?;
-        if dioxide_dxfs::Fs::mount(&dev)
-            .and_then(|fs| fs.resolve("/README.txt"))
-            .is_ok()
-        {
-            return Ok(path);
-        }
+    if has_file(&path, "/README.txt") {
+        return Ok(path);
     }
     let file = |size: u64, source: u64| Node::file(size, vec![(0, size)], source);
     let readme = SAMPLE_README.len() as u64;
@@ -170,19 +200,6 @@ pub fn sample() -> Result<PathBuf, Error> {
         label: "sample".into(),
         ..Default::default()
     };
-    let plan = mkfs::plan(&tree, &opts).map_err(|e| Error::Usage(format!("sample image: {e}")))?;
-    let tmp = path.with_extension("tmp");
-    let mut dev = crate::fstool::FileDevice::create(&tmp, plan.image_bytes())?;
-    mkfs::write(
-        &tree,
-        &plan,
-        &opts,
-        &mut SampleSource,
-        &mut dev,
-        &mut |_, _| {},
-    )
-    .map_err(|e| Error::Usage(format!("sample image: {e}")))?;
-    drop(dev);
-    std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
+    write_tree(&path, &tree, &opts, &mut SampleSource)?;
     Ok(path)
 }

@@ -149,6 +149,12 @@ impl Drop for Guest {
 pub fn drive_aio(disk: &std::path::Path) -> &'static str {
     use std::collections::HashMap;
     static CACHE: Mutex<Option<HashMap<PathBuf, &'static str>>> = Mutex::new(None);
+    match std::env::var("DIOXIDE_NVME_AIO").as_deref() {
+        Ok("threads") => return "threads",
+        Ok("io_uring") => return "io_uring",
+        Ok("native") => return "native",
+        _ => {}
+    }
     let dir = disk.parent().map(PathBuf::from).unwrap_or_default();
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(a) = cache.get_or_insert_with(HashMap::new).get(&dir) {

@@ -235,11 +235,7 @@ impl Running {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dioxide::nbdbench::free_port().expect("a free port")
 }
 
 fn nbd(args: &[&str]) -> Vec<u8> {

@@ -78,7 +78,7 @@ pub fn boot(cfg: &Config) -> Outcome {
 }
 
 /// Writes a random tree under `root`: nested directories, empty, 1-byte,
-/// large and sparse files, UTF-8 names. Returns the relative paths of the
+/// large and sparse files, UTF-8 names, and one dense file over 1 MiB. Returns the relative paths of the
 /// regular files.
 pub fn random_tree(root: &Path, seed: u64, files: usize) -> Vec<String> {
     use std::io::{Seek, SeekFrom, Write};
@@ -123,5 +123,10 @@ pub fn random_tree(root: &Path, seed: u64, files: usize) -> Vec<String> {
         }
         out.push(name[1..].to_string());
     }
+    // One dense file over 1 MiB: reads of it span several 1 MiB requests.
+    let mut b = vec![0u8; (5 << 19) + 123];
+    rng.fill(&mut b);
+    std::fs::write(root.join("large-random.bin"), &b).expect("write");
+    out.push("large-random.bin".into());
     out
 }

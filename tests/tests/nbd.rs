@@ -7,11 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dioxide::nbdbench::free_port().expect("a free port")
 }
 
 fn wait_for(guest: &Guest, what: &str, secs: u64) -> String {
