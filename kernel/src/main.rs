@@ -224,12 +224,19 @@ fn kmain(boot: &'static BootInfo) -> ! {
 fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbdsrv::Server>) -> ! {
     log::info!(target: "boot", "run loop started ({:?} completion)", dev.mode);
     let mut last = arch::apic::ticks();
+    let mut dirty = true;
     loop {
         if let Some(n) = net.as_mut() {
-            n.poll();
+            let t0 = time::rdtsc();
+            n.poll_if_needed(dirty);
+            let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
-                s.poll(n);
-                n.poll();
+                dirty = s.poll(n);
+                let t2 = time::rdtsc();
+                // Send what the server queued at once.
+                n.poll_if_needed(dirty);
+                dirty = false;
+                s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
                 let t = arch::apic::ticks();
                 if t / 100 != last / 100 {
                     s.trace(n);

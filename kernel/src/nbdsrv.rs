@@ -243,6 +243,27 @@ pub struct Server {
     /// A connection was served since the last idle report.
     busy: bool,
     pub served: u64,
+    /// A socket was read, written, opened or closed in this poll: the
+    /// network stack has work (see `Net::poll_if_needed`).
+    touched: bool,
+    /// Where the run loop's time went since the last idle report.
+    pub prof: Profile,
+}
+
+/// TSC cycles of the run loop by phase (reported when the server goes idle;
+/// under TCG these are emulated cycles, i.e. guest wall time).
+#[derive(Default, Clone, Copy)]
+pub struct Profile {
+    /// smoltcp and virtio-net (`Net::poll`).
+    pub net: u64,
+    /// NVMe completion path (`nvme::service`: reaping, callbacks).
+    pub nvme: u64,
+    /// Replies to finished reads (copying data into connection output).
+    pub replies: u64,
+    /// Sockets: receiving, decoding, submitting, sending.
+    pub sockets: u64,
+    pub loops: u64,
+    served_at_start: u64,
 }
 
 impl Server {
@@ -336,6 +357,8 @@ impl Server {
             held_total: 0,
             busy: false,
             served: 0,
+            touched: true,
+            prof: Profile::default(),
         };
         let n = server.table.exports.len();
         log::info!(
@@ -365,12 +388,23 @@ impl Server {
     /// Serves every connection as far as it can go without waiting: runs
     /// the NVMe completion path, replies to finished reads, reads requests,
     /// submits them, and sends what is ready.
-    pub fn poll(&mut self, net: &mut Net) {
+    /// Returns whether any socket was touched (the network stack then has
+    /// work to do).
+    pub fn poll(&mut self, net: &mut Net) -> bool {
+        self.touched = false;
+        let t0 = crate::time::rdtsc();
         nvme::service();
+        let t1 = crate::time::rdtsc();
         self.reply_completed();
+        let t2 = crate::time::rdtsc();
         for i in 0..self.sockets.len() {
             self.poll_socket(net, i);
         }
+        let t3 = crate::time::rdtsc();
+        self.prof.nvme += t1 - t0;
+        self.prof.replies += t2 - t1;
+        self.prof.sockets += t3 - t2;
+        self.prof.loops += 1;
         let serving = self
             .sockets
             .iter()
@@ -386,7 +420,29 @@ impl Server {
                 self.served,
                 mm::heap::stats().bytes_in_use
             );
+            let p = self.prof;
+            let n = (self.served - p.served_at_start).max(1);
+            let total = (p.net + p.nvme + p.replies + p.sockets).max(1);
+            let pct = |x: u64| x * 100 / total;
+            log::info!(
+                target: "nbd",
+                "run loop since the last idle: {} requests, {} loops, cycles per request {}: net {} ({}%), nvme {} ({}%), replies {} ({}%), sockets {} ({}%)",
+                n, p.loops, total / n,
+                p.net / n, pct(p.net), p.nvme / n, pct(p.nvme),
+                p.replies / n, pct(p.replies), p.sockets / n, pct(p.sockets)
+            );
+            let [txf, txb, txk, rxf, rxp] = crate::net::stats::take();
+            log::info!(
+                target: "nbd",
+                "frames per request: {} sent ({} cycles to build, {} to hand over, each), {} received ({} cycles to process each)",
+                txf / n, txb / txf.max(1), txk / txf.max(1), rxf / n, rxp / rxf.max(1)
+            );
+            self.prof = Profile {
+                served_at_start: self.served,
+                ..Profile::default()
+            };
         }
+        self.touched
     }
 
     /// Replies to the reads whose last part completed.
@@ -433,9 +489,11 @@ impl Server {
                     s.gen = s.gen.wrapping_add(1);
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
+                    self.touched = true;
                     self.busy = true;
                 } else if !sock.is_open() {
                     let _ = sock.listen(PORT);
+                    self.touched = true;
                 }
             }
             Slot::Closing => {
@@ -448,6 +506,7 @@ impl Server {
                 }
                 if !sock.is_open() {
                     let _ = sock.listen(PORT);
+                    self.touched = true;
                     s.slot = Slot::Listening;
                 }
             }
@@ -460,7 +519,10 @@ impl Server {
         while sock.can_recv() {
             match sock.recv_slice(&mut self.rx) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => conn.receive(&self.table, &self.rx[..n]),
+                Ok(n) => {
+                    self.touched = true;
+                    conn.receive(&self.table, &self.rx[..n])
+                }
             }
         }
         // The peer finished sending (FIN received) or the connection is
@@ -483,6 +545,7 @@ impl Server {
             log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
             sock.abort();
             s.slot = Slot::Closing;
+            self.touched = true;
             return;
         }
         while let Some(&Event::Read { len, .. }) = conn.peek_event() {
@@ -545,7 +608,10 @@ impl Server {
         while !conn.output().is_empty() && sock.can_send() {
             match sock.send_slice(conn.output()) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => conn.consume_output(n),
+                Ok(n) => {
+                    self.touched = true;
+                    conn.consume_output(n)
+                }
             }
         }
         if (conn.is_closed() || !sock.is_open()) && (conn.output().is_empty() || !sock.may_send()) {
@@ -554,6 +620,7 @@ impl Server {
             }
             sock.close();
             s.slot = Slot::Closing;
+            self.touched = true;
         }
     }
 
