@@ -84,13 +84,20 @@ impl Config {
                 self.nvme_lbs
             ));
         }
+        // event_idx=off: virtio-drivers 0.13 decides whether to notify the
+        // device with `avail_idx >= avail_event + 1` instead of the
+        // wrap-safe "crossed avail_event" test, so with EVENT_IDX every frame
+        // sent while QEMU has notifications off still notifies (a QEMU
+        // device-model round trip each). With the flags protocol QEMU's
+        // NO_NOTIFY is honoured: 4K reads of the null export went from
+        // ~8,900 to ~17,600 IOPS at QD16 under TCG.
         if let Some(netdev) = &self.netdev {
             c.arg("-netdev").arg(netdev);
-            c.args(["-device", "virtio-net-pci,netdev=net0"]);
+            c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
         } else if let Some(port) = self.nbd_port {
             c.arg("-netdev")
                 .arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"));
-            c.args(["-device", "virtio-net-pci,netdev=net0"]);
+            c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
         }
         c.arg("-kernel").arg(&self.kernel);
         c.arg("-append").arg(self.args.join(" "));
