@@ -588,3 +588,36 @@ fn bad_input_from_the_network() {
     );
     eprintln!("good client: {reads} checked reads; heap {start_heap} bytes at start and after");
 }
+
+/// `--net tap`: the guest on a host tap device with a static address, the
+/// exports reached directly at 172.30.N.2. Needs root (CAP_NET_ADMIN); where
+/// a tap device cannot be made the test says so and passes.
+#[test]
+fn tap_network_serves_the_exports() {
+    use dioxide::nbdbench::{boot, NetMode};
+    let dir = TempDir::new("nbd-tap");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), b"over tap\n").unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let mut cfg = config(Some(&img), &[]);
+    cfg.timeout = Some(Duration::from_secs(300));
+    let app = match boot(cfg, NetMode::Tap) {
+        Ok(a) => a,
+        Err(e) if e.to_string().contains("needs root") => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(app.url.starts_with("nbd://172.30."), "{}", app.url);
+    assert!(app.guest.console().contains("net: static address 172.30."));
+    let (ok, got, err) =
+        run(Command::new("nbdcopy").args([&format!("{}/hello.txt", app.url), "-"]));
+    assert!(ok, "{err}");
+    assert_eq!(got, b"over tap\n");
+    let (ok, list, err) = run(Command::new("nbdinfo").args(["--list", &app.url]));
+    assert!(ok, "{err}");
+    assert!(String::from_utf8_lossy(&list).contains("export=\"nvme0n1\""));
+}
