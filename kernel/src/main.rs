@@ -225,16 +225,18 @@ fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbds
     log::info!(target: "boot", "run loop started ({:?} completion)", dev.mode);
     let mut last = arch::apic::ticks();
     let mut dirty = true;
+    // The stack ran since the server last looked at every socket.
+    let mut polled = true;
     loop {
         if let Some(n) = net.as_mut() {
             let t0 = time::rdtsc();
-            n.poll_if_needed(dirty);
+            polled |= n.poll_if_needed(dirty);
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
-                dirty = s.poll(n);
+                dirty = s.poll(n, polled);
                 let t2 = time::rdtsc();
                 // Send what the server queued at once.
-                n.poll_if_needed(dirty);
+                polled = n.poll_if_needed(dirty);
                 dirty = false;
                 s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
                 let t = arch::apic::ticks();

@@ -389,8 +389,10 @@ impl Server {
     /// the NVMe completion path, replies to finished reads, reads requests,
     /// submits them, and sends what is ready.
     /// Returns whether any socket was touched (the network stack then has
-    /// work to do).
-    pub fn poll(&mut self, net: &mut Net) -> bool {
+    /// work to do). `net_polled`: the stack ran since the last call; only
+    /// then can a listening or closing socket have changed, so otherwise
+    /// only the connections are visited.
+    pub fn poll(&mut self, net: &mut Net, net_polled: bool) -> bool {
         self.touched = false;
         let t0 = crate::time::rdtsc();
         nvme::service();
@@ -398,7 +400,9 @@ impl Server {
         self.reply_completed();
         let t2 = crate::time::rdtsc();
         for i in 0..self.sockets.len() {
-            self.poll_socket(net, i);
+            if net_polled || matches!(self.sockets[i].slot, Slot::Serving(_)) {
+                self.poll_socket(net, i);
+            }
         }
         let t3 = crate::time::rdtsc();
         self.prof.nvme += t1 - t0;

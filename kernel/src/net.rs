@@ -426,12 +426,15 @@ impl Net {
     /// was used (`dirty`), or a timer is due. An idle `Interface::poll`
     /// still visits every socket, which under TCG cost more guest time per
     /// request than everything else together.
-    pub fn poll_if_needed(&mut self, dirty: bool) {
+    /// Returns whether it polled.
+    pub fn poll_if_needed(&mut self, dirty: bool) -> bool {
         let t = now();
         let rx = self.dev.nic.borrow().raw.poll_receive().is_some();
-        if dirty || rx || t >= self.next_poll {
+        let poll = dirty || rx || t >= self.next_poll;
+        if poll {
             self.poll();
         }
+        poll
     }
 
     /// Moves packets and runs timers; applies DHCP results.
