@@ -207,6 +207,14 @@ enum BenchCmd {
     },
 }
 
+/// Checks the benchmark file size and resolves the accelerator.
+fn bench_setup(file_size: u64, accel: AccelArg) -> Result<Accel, Error> {
+    if file_size < 1 << 20 {
+        return Err(Error::Usage("--file-size: at least 1M".into()));
+    }
+    resolve_accel(accel)
+}
+
 /// The accelerator to use (`auto` measures, once per machine).
 fn resolve_accel(a: AccelArg) -> Result<Accel, Error> {
     Ok(match a {
@@ -284,10 +292,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     "--completion {completion}: poll and/or irq"
                 )));
             }
-            if file_size < 1 << 20 {
-                return Err(Error::Usage("--file-size: at least 1M".into()));
-            }
-            let accel = resolve_accel(accel)?;
+            let accel = bench_setup(file_size, accel)?;
             let opts = dioxide::bench::LocalOpts {
                 qds,
                 devs,
@@ -337,10 +342,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     "--completion {completion}: poll or irq"
                 )));
             }
-            if file_size < 1 << 20 {
-                return Err(Error::Usage("--file-size: at least 1M".into()));
-            }
-            let accel = resolve_accel(accel)?;
+            let accel = bench_setup(file_size, accel)?;
             let opts = dioxide::nbdbench::NbdOpts {
                 qds,
                 jobs,
