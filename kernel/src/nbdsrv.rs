@@ -409,11 +409,12 @@ impl Server {
         self.prof.replies += t2 - t1;
         self.prof.sockets += t3 - t2;
         self.prof.loops += 1;
-        let serving = self
-            .sockets
-            .iter()
-            .any(|s| matches!(s.slot, Slot::Serving(_)));
-        if self.busy && !serving && self.free.len() == MAX_REQS {
+        let serving = || {
+            self.sockets
+                .iter()
+                .any(|s| matches!(s.slot, Slot::Serving(_)))
+        };
+        if self.busy && self.free.len() == MAX_REQS && !serving() {
             self.busy = false;
             // Give the buffer pools back: the heap returns to its level at start.
             self.small = Vec::new();
@@ -587,7 +588,11 @@ impl Server {
                 large: &mut self.large,
             };
             match r.start(export, offset, len) {
-                Ok((buf, skew)) => {
+                Ok((mut buf, skew)) => {
+                    // The buffer's memory stays where it is when `buf` moves
+                    // into the slot below; a completion only queues the slot
+                    // index, replied to from this loop later.
+                    r.submit(slot as usize, export, offset, len, &mut buf);
                     self.held[i] += buf.len();
                     self.held_total += buf.len();
                     self.reqs[slot as usize] = Some(Req {
@@ -599,9 +604,6 @@ impl Server {
                         len,
                         buf,
                     });
-                    // Submitted after the slot is filled: a completion may be
-                    // queued before this returns.
-                    r.submit(slot as usize, export, offset, len, &mut self.reqs);
                 }
                 Err(e) => {
                     self.free.push(slot);
@@ -673,23 +675,12 @@ impl Submit<'_> {
 
     /// Submits request `slot`'s parts; failures are recorded on the slot,
     /// which is queued for its reply like any completion.
-    fn submit(
-        &mut self,
-        slot: usize,
-        export: u32,
-        offset: u64,
-        len: u32,
-        reqs: &mut [Option<Req>],
-    ) {
-        let Some(req) = reqs[slot].as_mut() else {
-            return;
-        };
+    fn submit(&self, slot: usize, export: u32, offset: u64, len: u32, buf: &mut DmaBuf) {
         let e = &self.table.exports[export as usize];
         let (a0, a1) = self.range(offset, len);
         let n = (a1 - a0) as usize;
         // Bytes each part must deliver: a file read may end at end of file.
         let need_to = (offset + len as u64 - a0) as usize;
-        let buf = &mut req.buf;
         match &e.target {
             // Answered without a request slot (see `poll_socket`).
             Target::Null => done(|d| d.start(slot, 0)),

@@ -157,6 +157,14 @@ impl Nic {
         }
     }
 
+    /// Lets smoltcp build a frame that is then dropped (no transmit buffer
+    /// or descriptor free; TCP retransmits).
+    fn drop_frame<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.dropped += 1;
+        let n = len.min(self.scratch.len());
+        f(&mut self.scratch[..n])
+    }
+
     fn can_send(&self) -> bool {
         !self.tx_free.is_empty() && self.raw.can_send()
     }
@@ -240,24 +248,20 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut nic = self.0.borrow_mut();
         nic.reap_tx();
-        let hdr = {
-            let mut probe = [0u8; 16];
-            nic.raw.fill_buffer_header(&mut probe).unwrap_or(12)
+        let b = if nic.raw.can_send() {
+            nic.tx_free.pop()
+        } else {
+            None
         };
+        let Some(mut b) = b else {
+            return nic.drop_frame(len, f);
+        };
+        let hdr = nic.raw.fill_buffer_header(&mut b).unwrap_or(b.len());
         let total = hdr + len;
-        let b = match nic.tx_free.pop() {
-            Some(b) if total <= b.len() && nic.raw.can_send() => b,
-            other => {
-                if let Some(b) = other {
-                    nic.tx_free.push(b);
-                }
-                nic.dropped += 1;
-                let n = len.min(nic.scratch.len());
-                return f(&mut nic.scratch[..n]);
-            }
-        };
-        let mut b = b;
-        let _ = nic.raw.fill_buffer_header(&mut b);
+        if total > b.len() {
+            nic.tx_free.push(b);
+            return nic.drop_frame(len, f);
+        }
         let t0 = time::rdtsc();
         let r = f(&mut b[hdr..total]);
         let t1 = time::rdtsc();

@@ -268,22 +268,8 @@ pub fn is_done(tag: u16) -> bool {
 /// a deadline, so this always ends.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
     let mode = *MODE.lock();
-    let mut next_expiry = time::now_ns() + 1_000_000;
     loop {
-        let now = time::now_ns();
-        let check = now >= next_expiry;
-        if check {
-            next_expiry = now + 1_000_000;
-        }
-        with_engine(|e| {
-            if mode == Mode::Poll {
-                e.poll();
-            }
-            if check {
-                e.expire();
-            }
-            e.run_deferred();
-        });
+        reap(mode);
         match mode {
             Mode::Poll => {
                 if done() {
@@ -306,18 +292,23 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
 }
 
 /// What the completion path owes a run loop that does not sleep in
-/// [`wait_until`]: polls the queue (poll mode), reports commands past their
-/// deadline (at most once a millisecond) and runs deferred error completions.
+/// [`wait_until`] (see [`reap`]).
 pub fn service() {
+    reap(*MODE.lock());
+}
+
+/// Polls the queue (poll mode), reports commands past their deadline (at
+/// most once a millisecond) and runs deferred error completions: one step
+/// of [`wait_until`] and of the network run loop.
+fn reap(mode: Mode) {
     static NEXT_EXPIRY: AtomicU64 = AtomicU64::new(0);
     let now = time::now_ns();
     let check = now >= NEXT_EXPIRY.load(Ordering::Relaxed);
     if check {
         NEXT_EXPIRY.store(now + 1_000_000, Ordering::Relaxed);
     }
-    let poll = *MODE.lock() == Mode::Poll;
     with_engine(|e| {
-        if poll {
+        if mode == Mode::Poll {
             e.poll();
         }
         if check {

@@ -214,6 +214,14 @@ pub struct FioResult {
     pub ios: u64,
 }
 
+/// fio's `--output-format=json` report in its standard output (the nbd
+/// engine prints a line before it).
+pub fn fio_report(stdout: &str) -> Option<Value> {
+    stdout
+        .find('{')
+        .and_then(|i| serde_json::from_str(&stdout[i..]).ok())
+}
+
 /// fio, nbd engine, 4K random reads of the first `size` bytes of `uri`.
 pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<FioResult, Error> {
     let out = Command::new("fio")
@@ -247,11 +255,7 @@ pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<Fi
             String::from_utf8_lossy(&out.stderr)
         ))
     };
-    // fio's nbd engine prints a line before the JSON.
-    let json: Value = text
-        .find('{')
-        .and_then(|i| serde_json::from_str(&text[i..]).ok())
-        .ok_or_else(|| fail("no JSON report"))?;
+    let json = fio_report(&text).ok_or_else(|| fail("no JSON report"))?;
     let job = &json["jobs"][0];
     if job["error"].as_i64() != Some(0) {
         return Err(fail("the job failed"));

@@ -91,12 +91,12 @@ impl Config {
         // device-model round trip each). With the flags protocol QEMU's
         // NO_NOTIFY is honoured: 4K reads of the null export went from
         // ~8,900 to ~17,600 IOPS at QD16 under TCG.
-        if let Some(netdev) = &self.netdev {
+        let netdev = self.netdev.clone().or_else(|| {
+            self.nbd_port
+                .map(|port| format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"))
+        });
+        if let Some(netdev) = netdev {
             c.arg("-netdev").arg(netdev);
-            c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
-        } else if let Some(port) = self.nbd_port {
-            c.arg("-netdev")
-                .arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"));
             c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
         }
         c.arg("-kernel").arg(&self.kernel);

@@ -6,25 +6,6 @@ use dioxide_tests::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    dioxide::nbdbench::free_port().expect("a free port")
-}
-
-fn wait_for(guest: &Guest, what: &str, secs: u64) -> String {
-    let t0 = Instant::now();
-    loop {
-        let c = guest.console();
-        if c.contains(what) {
-            return c;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "no {what:?} after {secs} s:\n{c}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Percent-encodes an export name for an NBD URI (RFC 3986 path).
 fn uri_path(name: &str) -> String {
     name.bytes()
@@ -37,17 +18,16 @@ fn uri_path(name: &str) -> String {
         .collect()
 }
 
-/// Boots the appliance on `img` with its NBD port forwarded; returns the
-/// guest (killed on drop) and the `nbd://` URL, once DHCP is done.
+/// Boots the appliance on `img` with its NBD port forwarded (user
+/// networking); returns the guest (killed on drop) and the `nbd://` URL, once
+/// DHCP is done.
 fn serve(img: &std::path::Path, args: &[&str]) -> (Guest, String) {
-    let port = free_port();
     let mut cfg = config(Some(img), args);
-    cfg.nbd_port = Some(port);
     cfg.timeout = Some(Duration::from_secs(600));
-    let guest = Guest::spawn(&cfg).expect("spawn");
-    wait_for(&guest, "nbd: listening on port 10809", 60);
-    wait_for(&guest, "DHCP: address", 60);
-    (guest, format!("nbd://127.0.0.1:{port}"))
+    match dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User) {
+        Ok(app) => (app.guest, app.url),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 fn run(cmd: &mut Command) -> (bool, Vec<u8>, String) {
@@ -182,15 +162,12 @@ fn fio_verifies_a_file_written_by_mkfs() {
             .output()
             .expect("fio (the test command installs it)");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let json: serde_json::Value = text
-            .find('{')
-            .and_then(|i| serde_json::from_str(&text[i..]).ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "fio printed no JSON: {text}\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
+        let json = dioxide::nbdbench::fio_report(&text).unwrap_or_else(|| {
+            panic!(
+                "fio printed no JSON: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
         let job = &json["jobs"][0];
         (
             job["error"].as_i64().unwrap_or(-1),
