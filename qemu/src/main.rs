@@ -207,6 +207,20 @@ enum BenchCmd {
     },
 }
 
+/// A `--qd` list: queue depths from 1 to 1024.
+fn parse_qds(qd: &str) -> Result<Vec<usize>, Error> {
+    let qds: Vec<usize> = dioxide::bench::parse_list(qd)
+        .iter()
+        .filter_map(|q| q.parse().ok())
+        .collect();
+    if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 1024) {
+        return Err(Error::Usage(format!(
+            "--qd {qd}: queue depths from 1 to 1024"
+        )));
+    }
+    Ok(qds)
+}
+
 /// Checks the benchmark file size and resolves the accelerator.
 fn bench_setup(file_size: u64, accel: AccelArg) -> Result<Accel, Error> {
     if file_size < 1 << 20 {
@@ -273,17 +287,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     host_ios,
                 },
         } => {
-            let qds: Vec<usize> = dioxide::bench::parse_list(&qd)
-                .iter()
-                .filter_map(|q| q.parse().ok())
-                .collect();
+            let qds = parse_qds(&qd)?;
             let devs = dioxide::bench::parse_list(&dev);
             let completions = dioxide::bench::parse_list(&completion);
-            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 1024) {
-                return Err(Error::Usage(format!(
-                    "--qd {qd}: queue depths from 1 to 1024"
-                )));
-            }
             if devs.iter().any(|d| d != "nvme" && d != "null") {
                 return Err(Error::Usage(format!("--dev {dev}: nvme and/or null")));
             }
@@ -321,15 +327,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     rounds,
                 },
         } => {
-            let qds: Vec<usize> = dioxide::bench::parse_list(&qd)
-                .iter()
-                .filter_map(|q| q.parse().ok())
-                .collect();
-            if qds.is_empty() || qds.iter().any(|&q| q == 0 || q > 1024) {
-                return Err(Error::Usage(format!(
-                    "--qd {qd}: queue depths from 1 to 1024"
-                )));
-            }
+            let qds = parse_qds(&qd)?;
             if jobs == 0 || jobs > 8 {
                 return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
             }
