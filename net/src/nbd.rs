@@ -27,12 +27,31 @@
 //! FLUSH are served, DISC closes after the requests in flight; writes, trims
 //! and write-zeroes get `EPERM` (read-only exports), anything else `EINVAL`.
 //! A protocol violation (wrong magic, unknown client flags, a name that is
-//! not UTF-8) closes the connection. Memory per connection is bounded: at
-//! most one option (64 KiB) is buffered; larger option data and refused
-//! write payloads are skipped as they arrive.
+//! not UTF-8) closes the connection.
+//!
+//! ## Memory bounds
+//!
+//! Everything a client can make a connection hold is bounded, so that a
+//! client which sends and never reads cannot grow the heap:
+//!
+//! - **Input**: the caller feeds at most [`Conn::input_room`] bytes (it
+//!   leaves the rest in the socket, whose receive window then closes: the
+//!   client is held by TCP flow control). Buffered input never exceeds
+//!   [`INPUT_CAP`] (one maximal option); larger option data and refused
+//!   write payloads are discarded as they arrive.
+//! - **Replies**: nothing new is decoded while [`OUTPUT_HIGH`] bytes of
+//!   output wait to be sent, so control replies (FLUSH, errors, options)
+//!   stop at `OUTPUT_HIGH` plus one reply. NBD_OPT_LIST is answered export
+//!   by export as the output drains ([`Conn::resume`]), never all at once.
+//! - **Reads**: at most `max_in_flight` reads are decoded and not yet
+//!   answered; read data is admitted by the caller (the service budgets
+//!   its buffers and read replies, see the kernel's `nbdsrv`).
+//! - Every allocation is fallible (`try_reserve`): when one fails the
+//!   connection ends with [`CloseReason::OutOfMemory`], never a panic.
+//!
+//! [`Conn::memory`] reports what a connection holds (tests assert the bound).
 
 use alloc::collections::VecDeque;
-use alloc::string::String;
 use alloc::vec::Vec;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -135,6 +154,14 @@ impl Errno {
 
 /// Largest option data buffered; longer options are refused and skipped.
 pub const MAX_OPTION: usize = 64 * 1024;
+/// Largest input a connection buffers: one option header and its data.
+pub const INPUT_CAP: usize = 16 + MAX_OPTION;
+/// Output waiting to be sent above which no new option or request is
+/// decoded (the client is held back until it reads its replies).
+pub const OUTPUT_HIGH: usize = 256 * 1024;
+/// Largest single reply queued other than read data: an option reply
+/// carries at most an export name (bounded by the option size) and a little.
+pub const MAX_CONTROL_REPLY: usize = 20 + 2 + MAX_OPTION;
 /// Largest request length served (a common NBD limit; advertised as the
 /// maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
@@ -155,8 +182,9 @@ pub struct ExportInfo {
 pub trait Exports {
     /// The export called `name`: an id for the caller and its info.
     fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)>;
-    /// Every export name, for NBD_OPT_LIST.
-    fn for_each_name(&self, f: &mut dyn FnMut(&str));
+    /// The name of export number `index` (0, 1, ... until `None`), for
+    /// NBD_OPT_LIST, which is answered a name at a time as output drains.
+    fn name(&self, index: usize) -> Option<&str>;
 }
 
 /// A request for the storage behind the connection.
@@ -193,6 +221,8 @@ pub enum CloseReason {
     BadName,
     Abort,
     Disconnect,
+    /// An allocation for this connection failed: it was dropped.
+    OutOfMemory,
 }
 
 /// One NBD connection.
@@ -211,6 +241,10 @@ pub struct Conn {
     /// payloads).
     skip: u64,
     events: VecDeque<Event>,
+    /// NBD_OPT_LIST in progress: the next export index to announce.
+    listing: Option<usize>,
+    /// Drop every reply (the connection failed to allocate).
+    discard: bool,
     in_flight: usize,
     max_in_flight: usize,
     close_reason: Option<CloseReason>,
@@ -238,27 +272,96 @@ impl Default for Conn {
 
 impl Conn {
     /// A new connection with at most `max_in_flight` reads outstanding; the
-    /// greeting is queued for sending.
+    /// greeting is queued for sending. (Allocates nothing until input or
+    /// output needs it; those allocations are fallible.)
     pub fn new(max_in_flight: usize) -> Conn {
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        Conn {
+        let mut c = Conn {
             state: State::ClientFlags,
             inb: Vec::new(),
-            out,
+            out: Vec::new(),
             sent: 0,
             no_zeroes: false,
             structured: false,
             export: None,
             skip: 0,
             events: VecDeque::new(),
+            listing: None,
+            discard: false,
             in_flight: 0,
             max_in_flight: max_in_flight.max(1),
             close_reason: None,
             requests: 0,
+        };
+        let mut g = [0u8; 18];
+        g[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+        g[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        g[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        c.put(&[&g]);
+        c
+    }
+
+    /// Appends `parts` to the output, or, when the memory for them cannot
+    /// be had, ends the connection ([`CloseReason::OutOfMemory`]).
+    fn put(&mut self, parts: &[&[u8]]) {
+        if self.discard {
+            return;
         }
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if self.out.try_reserve(n).is_err() {
+            self.out_of_memory();
+            return;
+        }
+        for p in parts {
+            self.out.extend_from_slice(p);
+        }
+    }
+
+    fn out_of_memory(&mut self) {
+        log::warn!(target: "nbd", "connection dropped: out of memory for its buffers");
+        self.discard = true;
+        self.out = Vec::new();
+        self.sent = 0;
+        self.inb = Vec::new();
+        self.listing = None;
+        self.close(CloseReason::OutOfMemory);
+    }
+
+    /// Output waiting to be sent, bytes.
+    pub fn output_pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Heap bytes this connection holds (input, output and request queue).
+    pub fn memory(&self) -> usize {
+        self.inb.capacity()
+            + self.out.capacity()
+            + self.events.capacity() * core::mem::size_of::<Event>()
+    }
+
+    /// How many bytes [`Conn::receive`] takes now. The caller leaves the
+    /// rest in the socket (TCP flow control holds the client back): zero
+    /// while replies wait to be read ([`OUTPUT_HIGH`]), a list is being
+    /// sent, or every read slot is taken; otherwise what fits in
+    /// [`INPUT_CAP`]. Data that is discarded (refused write payloads,
+    /// oversized options, input after the end) is always taken.
+    pub fn input_room(&self) -> usize {
+        if matches!(self.state, State::Closing | State::Closed) {
+            return INPUT_CAP;
+        }
+        if self.skip > 0 {
+            return self.skip.min(INPUT_CAP as u64) as usize;
+        }
+        if self.blocked() {
+            return 0;
+        }
+        INPUT_CAP.saturating_sub(self.inb.len())
+    }
+
+    /// No option or request is decoded now.
+    fn blocked(&self) -> bool {
+        self.output_pending() >= OUTPUT_HIGH
+            || self.listing.is_some()
+            || (self.state == State::Transmission && self.in_flight >= self.max_in_flight)
     }
 
     /// Bytes waiting to be sent.
@@ -272,6 +375,10 @@ impl Conn {
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
+            // Give back what a large reply (up to 32 MiB of read data) took.
+            if self.out.capacity() > 2 * OUTPUT_HIGH {
+                self.out = Vec::new();
+            }
         } else if self.sent >= 64 * 1024 && self.sent * 2 >= self.out.len() {
             self.out.drain(..self.sent);
             self.sent = 0;
@@ -336,34 +443,62 @@ impl Conn {
         };
     }
 
-    /// Feeds bytes received from the client.
-    pub fn receive(&mut self, exports: &dyn Exports, mut data: &[u8]) {
+    /// Feeds bytes received from the client; takes at most
+    /// [`Conn::input_room`] of them and returns how many it took (the
+    /// caller keeps the rest for later).
+    pub fn receive(&mut self, exports: &dyn Exports, data: &[u8]) -> usize {
         if matches!(self.state, State::Closing | State::Closed) {
-            return;
+            return data.len();
         }
+        let mut taken = 0;
+        let mut data = data;
         if self.skip > 0 {
             let n = (self.skip.min(data.len() as u64)) as usize;
             self.skip -= n as u64;
             data = &data[n..];
+            taken += n;
+        }
+        let room = self.input_room();
+        let data = &data[..data.len().min(room)];
+        if data.is_empty() {
+            return taken;
+        }
+        if self.inb.try_reserve(data.len()).is_err() {
+            self.out_of_memory();
+            return taken + data.len();
         }
         self.inb.extend_from_slice(data);
         self.process(exports);
+        taken + data.len()
+    }
+
+    /// Continues after output was consumed: sends more of a list, decodes
+    /// input held back while replies waited. Cheap when there is nothing
+    /// to do.
+    pub fn resume(&mut self, exports: &dyn Exports) {
+        if self.output_pending() < OUTPUT_HIGH
+            && (self.listing.is_some() || !self.inb.is_empty())
+            && !matches!(self.state, State::Closing | State::Closed)
+        {
+            self.process(exports);
+        }
     }
 
     fn option_reply(&mut self, option: u32, ty: u32, data: &[u8]) {
-        self.out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
-        self.out.extend_from_slice(&option.to_be_bytes());
-        self.out.extend_from_slice(&ty.to_be_bytes());
-        self.out
-            .extend_from_slice(&(data.len() as u32).to_be_bytes());
-        self.out.extend_from_slice(data);
+        let mut h = [0u8; 20];
+        h[..8].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
+        h[8..12].copy_from_slice(&option.to_be_bytes());
+        h[12..16].copy_from_slice(&ty.to_be_bytes());
+        h[16..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        self.put(&[&h, data]);
     }
 
     fn simple_reply(&mut self, handle: u64, err: u32) {
-        self.out
-            .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        self.out.extend_from_slice(&err.to_be_bytes());
-        self.out.extend_from_slice(&handle.to_be_bytes());
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&err.to_be_bytes());
+        h[8..].copy_from_slice(&handle.to_be_bytes());
+        self.put(&[&h]);
     }
 
     /// A read's error: a simple reply, or an ERROR chunk with `msg` once
@@ -374,31 +509,65 @@ impl Conn {
             return;
         }
         let msg = &msg.as_bytes()[..msg.len().min(4096)];
-        self.chunk_header(chunk::ERROR, handle, 6 + msg.len() as u32);
-        self.out.extend_from_slice(&(err as u32).to_be_bytes());
-        self.out
-            .extend_from_slice(&(msg.len() as u16).to_be_bytes());
-        self.out.extend_from_slice(msg);
+        let h = Self::chunk_header(chunk::ERROR, handle, 6 + msg.len() as u32);
+        let mut e = [0u8; 6];
+        e[..4].copy_from_slice(&(err as u32).to_be_bytes());
+        e[4..].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+        self.put(&[&h, &e, msg]);
     }
 
-    fn chunk_header(&mut self, ty: u16, handle: u64, len: u32) {
-        self.out
-            .extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        self.out.extend_from_slice(&chunk::FLAG_DONE.to_be_bytes());
-        self.out.extend_from_slice(&ty.to_be_bytes());
-        self.out.extend_from_slice(&handle.to_be_bytes());
-        self.out.extend_from_slice(&len.to_be_bytes());
+    fn chunk_header(ty: u16, handle: u64, len: u32) -> [u8; 20] {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&chunk::FLAG_DONE.to_be_bytes());
+        h[6..8].copy_from_slice(&ty.to_be_bytes());
+        h[8..16].copy_from_slice(&handle.to_be_bytes());
+        h[16..].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    /// Announces exports of an NBD_OPT_LIST in progress while the output
+    /// has room; the final ACK when all are out.
+    fn continue_list(&mut self, exports: &dyn Exports) {
+        while let Some(i) = self.listing {
+            if self.output_pending() >= OUTPUT_HIGH || self.discard {
+                return;
+            }
+            match exports.name(i) {
+                Some(name) => {
+                    let len = (name.len() as u32).to_be_bytes();
+                    let mut h = [0u8; 20];
+                    h[..8].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
+                    h[8..12].copy_from_slice(&opt::LIST.to_be_bytes());
+                    h[12..16].copy_from_slice(&rep::SERVER.to_be_bytes());
+                    h[16..].copy_from_slice(&(4 + name.len() as u32).to_be_bytes());
+                    self.put(&[&h, &len, name.as_bytes()]);
+                    self.listing = Some(i + 1);
+                }
+                None => {
+                    self.listing = None;
+                    self.option_reply(opt::LIST, rep::ACK, &[]);
+                }
+            }
+        }
     }
 
     fn transmission_flags(&self, _info: &ExportInfo) -> u16 {
         tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN
     }
 
-    /// Decodes everything complete in the input buffer.
+    /// Decodes everything complete in the input buffer, as far as the
+    /// output and read limits allow.
     fn process(&mut self, exports: &dyn Exports) {
+        self.continue_list(exports);
+        // Taken out so that option data can be handled in place.
+        let inb = core::mem::take(&mut self.inb);
         let mut at = 0usize;
         loop {
-            let avail = &self.inb[at..];
+            let avail = &inb[at..];
+            if self.blocked() {
+                break;
+            }
             match self.state {
                 State::ClientFlags => {
                     if avail.len() < 4 {
@@ -438,9 +607,9 @@ impl Conn {
                     if avail.len() < 16 + len {
                         break;
                     }
-                    let data: Vec<u8> = avail[16..16 + len].to_vec();
+                    let data = &avail[16..16 + len];
                     at += 16 + len;
-                    self.handle_option(exports, option, &data);
+                    self.handle_option(exports, option, data);
                     if self.state != State::Options {
                         if self.state == State::Transmission {
                             continue;
@@ -449,10 +618,6 @@ impl Conn {
                     }
                 }
                 State::Transmission => {
-                    if self.in_flight >= self.max_in_flight {
-                        // Back-pressure: decode more once reads complete.
-                        break;
-                    }
                     if avail.len() < 28 {
                         break;
                     }
@@ -489,6 +654,10 @@ impl Conn {
                                 };
                                 self.read_error(handle, Errno::Inval, why);
                             } else {
+                                if self.events.try_reserve(1).is_err() {
+                                    self.out_of_memory();
+                                    return;
+                                }
                                 self.in_flight += 1;
                                 self.events.push_back(Event::Read {
                                     handle,
@@ -513,7 +682,7 @@ impl Conn {
                         }
                         cmd::WRITE => {
                             // The payload follows: discard it.
-                            let here = (self.inb.len() - at).min(len as usize);
+                            let here = (inb.len() - at).min(len as usize);
                             at += here;
                             self.skip = len as u64 - here as u64;
                             self.simple_reply(handle, Errno::Perm as u32);
@@ -530,7 +699,11 @@ impl Conn {
                 State::Closing | State::Closed => break,
             }
         }
-        self.inb.drain(..at.min(self.inb.len()));
+        if !matches!(self.state, State::Closing | State::Closed) {
+            let mut inb = inb;
+            inb.drain(..at.min(inb.len()));
+            self.inb = inb;
+        }
     }
 
     fn handle_option(&mut self, exports: &dyn Exports, option: u32, data: &[u8]) {
@@ -542,12 +715,9 @@ impl Conn {
                 };
                 match exports.lookup(name) {
                     Some((id, info)) => {
-                        self.out.extend_from_slice(&info.size.to_be_bytes());
                         let f = self.transmission_flags(&info);
-                        self.out.extend_from_slice(&f.to_be_bytes());
-                        if !self.no_zeroes {
-                            self.out.extend_from_slice(&[0u8; 124]);
-                        }
+                        let zeroes: &[u8] = if self.no_zeroes { &[] } else { &[0u8; 124] };
+                        self.put(&[&info.size.to_be_bytes(), &f.to_be_bytes(), zeroes]);
                         self.export = Some((id, info));
                         self.state = State::Transmission;
                     }
@@ -564,15 +734,8 @@ impl Conn {
                     self.option_reply(option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data");
                     return;
                 }
-                let mut names: Vec<String> = Vec::new();
-                exports.for_each_name(&mut |n| names.push(n.into()));
-                for n in names {
-                    let mut d = Vec::with_capacity(4 + n.len());
-                    d.extend_from_slice(&(n.len() as u32).to_be_bytes());
-                    d.extend_from_slice(n.as_bytes());
-                    self.option_reply(option, rep::SERVER, &d);
-                }
-                self.option_reply(option, rep::ACK, &[]);
+                self.listing = Some(0);
+                self.continue_list(exports);
             }
             opt::INFO | opt::GO => self.info_or_go(exports, option, data),
             opt::STARTTLS => self.option_reply(option, rep::ERR_UNSUP, b"TLS is not supported"),
@@ -620,23 +783,26 @@ impl Conn {
             return;
         };
         let wants = |t: u16| reqs.chunks_exact(2).any(|c| be16(c) == t);
-        let mut d = Vec::with_capacity(12);
-        d.extend_from_slice(&info::EXPORT.to_be_bytes());
-        d.extend_from_slice(&info.size.to_be_bytes());
-        d.extend_from_slice(&self.transmission_flags(&info).to_be_bytes());
+        let mut d = [0u8; 12];
+        d[..2].copy_from_slice(&info::EXPORT.to_be_bytes());
+        d[2..10].copy_from_slice(&info.size.to_be_bytes());
+        d[10..].copy_from_slice(&self.transmission_flags(&info).to_be_bytes());
         self.option_reply(option, rep::INFO, &d);
         if wants(info::NAME) {
-            let mut d = Vec::with_capacity(2 + name.len());
-            d.extend_from_slice(&info::NAME.to_be_bytes());
-            d.extend_from_slice(name.as_bytes());
-            self.option_reply(option, rep::INFO, &d);
+            let mut h = [0u8; 22];
+            h[..8].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
+            h[8..12].copy_from_slice(&option.to_be_bytes());
+            h[12..16].copy_from_slice(&rep::INFO.to_be_bytes());
+            h[16..20].copy_from_slice(&(2 + name.len() as u32).to_be_bytes());
+            h[20..].copy_from_slice(&info::NAME.to_be_bytes());
+            self.put(&[&h, name.as_bytes()]);
         }
         if wants(info::BLOCK_SIZE) {
-            let mut d = Vec::with_capacity(14);
-            d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
-            d.extend_from_slice(&info.min_block.to_be_bytes());
-            d.extend_from_slice(&info.preferred_block.to_be_bytes());
-            d.extend_from_slice(&info.max_block.min(MAX_REQUEST).to_be_bytes());
+            let mut d = [0u8; 14];
+            d[..2].copy_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+            d[2..6].copy_from_slice(&info.min_block.to_be_bytes());
+            d[6..10].copy_from_slice(&info.preferred_block.to_be_bytes());
+            d[10..].copy_from_slice(&info.max_block.min(MAX_REQUEST).to_be_bytes());
             self.option_reply(option, rep::INFO, &d);
         }
         self.option_reply(option, rep::ACK, &[]);
@@ -662,16 +828,32 @@ impl Conn {
         }
         match result {
             Ok(data) if self.structured => {
-                self.chunk_header(chunk::OFFSET_DATA, handle, 8 + data.len() as u32);
-                self.out.extend_from_slice(&offset.to_be_bytes());
-                self.out.extend_from_slice(data);
+                let h = Self::chunk_header(chunk::OFFSET_DATA, handle, 8 + data.len() as u32);
+                self.put(&[&h, &offset.to_be_bytes(), data]);
             }
             Ok(data) => {
-                self.simple_reply(handle, 0);
-                self.out.extend_from_slice(data);
+                let mut h = [0u8; 16];
+                h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                h[8..].copy_from_slice(&handle.to_be_bytes());
+                self.put(&[&h, data]);
             }
             Err(e) => self.read_error(handle, e, e.message()),
         }
+        self.after_read_reply(exports);
+    }
+
+    /// Answers the read `handle` with error `err` and a message for the
+    /// client (sent in an ERROR chunk once structured replies are on).
+    pub fn reply_read_error(&mut self, exports: &dyn Exports, handle: u64, err: Errno, msg: &str) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.state == State::Closed {
+            return;
+        }
+        self.read_error(handle, err, msg);
+        self.after_read_reply(exports);
+    }
+
+    fn after_read_reply(&mut self, exports: &dyn Exports) {
         if self.state == State::Closing {
             if self.out.is_empty() && self.in_flight == 0 {
                 self.state = State::Closed;
