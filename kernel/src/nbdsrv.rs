@@ -20,7 +20,30 @@
 //! connection generation no longer matches.
 //!
 //! Buffers come from two small pools (8 KiB and 256 KiB) so the 4 KiB hot
-//! path does not allocate; larger reads allocate exactly. When the last
+//! path does not allocate; larger reads allocate exactly (fallibly: a read
+//! whose buffer cannot be had is answered ENOMEM).
+//!
+//! ## Bounds (what one client, or all of them, can make the service hold)
+//!
+//! - Sockets: [`CONNS`] connections; their TCP buffers ([`SOCKET_BUF`] each
+//!   way) are allocated once at start.
+//! - Input and control replies: per connection, see `dioxide_net::nbd`
+//!   (at most 64 KiB of buffered input, no decoding while 256 KiB of
+//!   replies wait). Input is read from a socket only as the connection has
+//!   room for it, and from no socket while the global budget is spent: the
+//!   rest stays in the socket's receive buffer and TCP flow control holds
+//!   the client.
+//! - Reads: at most [`PER_CONN`] per connection are decoded and not yet
+//!   answered; a read is started only while its connection holds (read
+//!   buffers + queued output) less than [`HELD_CONN`] and all connections
+//!   together less than [`HELD_TOTAL`] (one read is always allowed when
+//!   nothing is held, so a 32 MiB read goes through), and only while the
+//!   device queue has room for all its commands: reads in flight never
+//!   exceed what the queue takes, the rest wait in their connection (the
+//!   engine never waits for queue space inside the interrupts-off lock).
+//! - So the heap the service can hold beyond its fixed start-up allocations
+//!   is about HELD_TOTAL + 32 MiB + CONNS x (64 KiB input + 256 KiB replies
+//!   + one control reply). When the last
 //! connection is gone and nothing is in flight, the pools are emptied and
 //! the heap use is logged (`nbd: idle: heap N bytes in use`), which must
 //! equal the level logged at start: the bad-input test checks that.
@@ -45,13 +68,13 @@ pub const CONNS: usize = 16;
 pub const PER_CONN: usize = 128;
 /// Request slots: enough for every connection's maximum.
 const MAX_REQS: usize = CONNS * PER_CONN;
-const SOCKET_BUF: usize = 256 * 1024;
+pub const SOCKET_BUF: usize = 256 * 1024;
 /// Memory bounds: a connection takes no new request while its output and
 /// read buffers hold this much, and no connection does while all of them
 /// together hold [`HELD_TOTAL`]. (One request is always allowed when the
 /// connection holds nothing, so a 32 MiB read still goes through.)
-const HELD_CONN: usize = 8 << 20;
-const HELD_TOTAL: usize = 48 << 20;
+pub const HELD_CONN: usize = 8 << 20;
+pub const HELD_TOTAL: usize = 48 << 20;
 const SMALL: usize = 8 * 1024;
 const LARGE: usize = 256 * 1024;
 const KEEP_SMALL: usize = MAX_REQS;
@@ -86,10 +109,8 @@ impl Exports for Table {
         let id = *self.by_name.get(name)?;
         Some((id, self.exports[id as usize].info))
     }
-    fn for_each_name(&self, f: &mut dyn FnMut(&str)) {
-        for e in &self.exports {
-            f(&e.name);
-        }
+    fn name(&self, index: usize) -> Option<&str> {
+        self.exports.get(index).map(|e| e.name.as_str())
     }
 }
 
@@ -103,6 +124,49 @@ enum Failure {
         need: usize,
     },
     NoEngine,
+}
+
+impl Failure {
+    /// The NBD error a client gets.
+    fn errno(&self) -> Errno {
+        match self {
+            Failure::Dio(DioError::Invalid(_)) => Errno::Inval,
+            _ => Errno::Io,
+        }
+    }
+}
+
+/// A fixed buffer for an error message (no allocation on the error path).
+struct MsgBuf {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl MsgBuf {
+    fn new() -> Self {
+        MsgBuf {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are copied in, and truncation (below) backs off
+        // to a character boundary.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("read failed")
+    }
+}
+
+impl core::fmt::Write for MsgBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = self.buf.len() - self.len;
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
 }
 
 impl core::fmt::Display for Failure {
@@ -206,9 +270,12 @@ struct Req {
     sock: u16,
     gen: u32,
     handle: u64,
+    export: u32,
     offset: u64,
     skew: u32,
     len: u32,
+    /// Device commands reserved for it (see `Server::cmds`).
+    cmds: u32,
     buf: DmaBuf,
 }
 
@@ -230,7 +297,6 @@ struct Sock {
 pub struct Server {
     table: Table,
     sockets: Vec<Sock>,
-    rx: Vec<u8>,
     lbs: u64,
     reqs: Vec<Option<Req>>,
     free: Vec<u16>,
@@ -240,6 +306,14 @@ pub struct Server {
     /// and in all (stale requests of closed connections too).
     held: Vec<usize>,
     held_total: usize,
+    /// Device commands reserved by reads in flight, and how many the
+    /// queue takes: a read starts only when all its commands fit.
+    cmds: usize,
+    max_cmds: usize,
+    /// Largest transfer of one device command (bytes, whole blocks).
+    max_transfer: usize,
+    /// Output queued on all connections (updated each poll).
+    output_total: usize,
     /// A connection was served since the last idle report.
     busy: bool,
     pub served: u64,
@@ -344,10 +418,12 @@ impl Server {
         }
         let mut reqs = Vec::with_capacity(MAX_REQS);
         reqs.resize_with(MAX_REQS, || None);
+        let (max_cmds, max_transfer) =
+            nvme::with_engine(|e| (e.queue().depth(), e.queue().max_transfer())).unwrap_or((0, 0));
+        let max_transfer = max_transfer / lbs as usize * lbs as usize;
         let server = Server {
             table: Table { exports, by_name },
             sockets,
-            rx: alloc::vec![0u8; 64 * 1024],
             lbs: lbs as u64,
             reqs,
             free: (0..MAX_REQS as u16).rev().collect(),
@@ -355,6 +431,10 @@ impl Server {
             large: Vec::new(),
             held: alloc::vec![0; CONNS],
             held_total: 0,
+            cmds: 0,
+            max_cmds,
+            max_transfer,
+            output_total: 0,
             busy: false,
             served: 0,
             touched: true,
@@ -399,6 +479,14 @@ impl Server {
         let t1 = crate::time::rdtsc();
         self.reply_completed();
         let t2 = crate::time::rdtsc();
+        self.output_total = self
+            .sockets
+            .iter()
+            .map(|s| match &s.slot {
+                Slot::Serving(c) => c.output_pending(),
+                _ => 0,
+            })
+            .sum();
         for i in 0..self.sockets.len() {
             if net_polled || matches!(self.sockets[i].slot, Slot::Serving(_)) {
                 self.poll_socket(net, i);
@@ -459,6 +547,7 @@ impl Server {
             self.free.push(i as u16);
             self.served += 1;
             self.held_total -= req.buf.len();
+            self.cmds -= req.cmds as usize;
             let s = &mut self.sockets[req.sock as usize];
             if s.gen == req.gen {
                 self.held[req.sock as usize] -= req.buf.len();
@@ -475,8 +564,28 @@ impl Server {
                         );
                     }
                     Some(f) => {
-                        log::warn!(target: "nbd", "read failed: {f}");
-                        conn.reply_read(&self.table, req.handle, req.offset, Err(Errno::Io));
+                        // The one report of this failure (the layers below
+                        // leave it to the owner): the request and its cause.
+                        let name = self
+                            .table
+                            .exports
+                            .get(req.export as usize)
+                            .map_or("?", |e| e.name.as_str());
+                        log::error!(
+                            target: "nbd",
+                            "read of {name} at {} ({} bytes, handle {:#x}) failed: {f}",
+                            req.offset, req.len, req.handle
+                        );
+                        let mut msg = MsgBuf::new();
+                        let _ = core::fmt::write(
+                            &mut msg,
+                            format_args!(
+                                "read of {name} at {} ({} bytes) failed: {f}",
+                                req.offset, req.len
+                            ),
+                        );
+                        let errno = f.errno();
+                        conn.reply_read_error(&self.table, req.handle, errno, msg.as_str());
                     }
                 }
             }
@@ -521,13 +630,22 @@ impl Server {
         let Slot::Serving(conn) = &mut s.slot else {
             return;
         };
-        while sock.can_recv() {
-            match sock.recv_slice(&mut self.rx) {
+        // Input only as the connection has room for it, and none while all
+        // connections together hold the global budget: what is not taken
+        // stays in the socket and TCP flow control holds the client.
+        let global_full = self.held_total + self.output_total >= HELD_TOTAL;
+        loop {
+            let room = if global_full { 0 } else { conn.input_room() };
+            if room == 0 || !sock.can_recv() {
+                break;
+            }
+            let table = &self.table;
+            match sock.recv(|b| {
+                let n = conn.receive(table, &b[..b.len().min(room)]);
+                (n, n)
+            }) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    self.touched = true;
-                    conn.receive(&self.table, &self.rx[..n])
-                }
+                Ok(_) => self.touched = true,
             }
         }
         // The peer finished sending (FIN received) or the connection is
@@ -553,11 +671,34 @@ impl Server {
             self.touched = true;
             return;
         }
-        while let Some(&Event::Read { len, .. }) = conn.peek_event() {
+        while let Some(&Event::Read {
+            len,
+            export: peek_export,
+            ..
+        }) = conn.peek_event()
+        {
             let mine = conn.output().len() + self.held[i];
             let fits = |held: usize, limit: usize| held == 0 || held + len as usize <= limit;
-            if !fits(mine, HELD_CONN) || !fits(self.held_total, HELD_TOTAL) || self.free.is_empty()
-            {
+            let all = self.held_total + self.output_total;
+            if !fits(mine, HELD_CONN) || !fits(all, HELD_TOTAL) || self.free.is_empty() {
+                break;
+            }
+            let null = matches!(
+                self.table.exports.get(peek_export as usize),
+                Some(Export {
+                    target: Target::Null,
+                    ..
+                })
+            );
+            // Device commands the read may take: one per maximal transfer,
+            // plus one where the range crosses an extent or ends in a
+            // partial block. Reads wait here while the queue is full.
+            let need = if null || self.max_transfer == 0 {
+                0
+            } else {
+                (len as usize + 2 * self.lbs as usize).div_ceil(self.max_transfer) + 1
+            };
+            if self.cmds > 0 && self.cmds + need > self.max_cmds {
                 break;
             }
             let Some(Event::Read {
@@ -595,13 +736,16 @@ impl Server {
                     r.submit(slot as usize, export, offset, len, &mut buf);
                     self.held[i] += buf.len();
                     self.held_total += buf.len();
+                    self.cmds += need;
                     self.reqs[slot as usize] = Some(Req {
                         sock: i as u16,
                         gen,
                         handle,
+                        export,
                         offset,
                         skew,
                         len,
+                        cmds: need as u32,
                         buf,
                     });
                 }
@@ -611,13 +755,22 @@ impl Server {
                 }
             }
         }
-        while !conn.output().is_empty() && sock.can_send() {
-            match sock.send_slice(conn.output()) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    self.touched = true;
-                    conn.consume_output(n)
+        for _ in 0..2 {
+            while !conn.output().is_empty() && sock.can_send() {
+                match sock.send_slice(conn.output()) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        self.touched = true;
+                        conn.consume_output(n)
+                    }
                 }
+            }
+            // Output drained below the high-water mark: decode what was
+            // held back (more of a list, buffered requests).
+            let before = conn.output_pending();
+            conn.resume(&self.table);
+            if conn.output_pending() == before {
+                break;
             }
         }
         if (conn.is_closed() || !sock.is_open()) && (conn.output().is_empty() || !sock.may_send()) {

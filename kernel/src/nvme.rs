@@ -99,7 +99,9 @@ const FAILED: u8 = 3;
 
 static ENGINE: Mutex<Option<Dio>> = Mutex::new(None);
 static RESULTS: [AtomicU8; MAX_TAGS] = [const { AtomicU8::new(IDLE) }; MAX_TAGS];
-static LAST_ERROR: Mutex<Option<DioError>> = Mutex::new(None);
+/// The error of each failed tag, written by the completion and taken with
+/// its result: every command's error stays its own.
+static ERRORS: Mutex<[Option<DioError>; MAX_TAGS]> = Mutex::new([None; MAX_TAGS]);
 static MODE: Mutex<Mode> = Mutex::new(Mode::Poll);
 
 pub struct Nvme {
@@ -145,7 +147,10 @@ fn record(tag: usize, r: Result<usize, DioError>) {
     match r {
         Ok(_) => RESULTS[tag].store(OK, Ordering::Release),
         Err(e) => {
-            *LAST_ERROR.lock() = Some(e);
+            // Runs in the completion path (interrupts already off there, or
+            // inside `with_engine`): `take` holds this lock with interrupts
+            // off too, so it cannot be interrupted while holding it.
+            ERRORS.lock()[tag] = Some(e);
             RESULTS[tag].store(FAILED, Ordering::Release);
         }
     }
@@ -249,10 +254,11 @@ pub fn take(tag: u16) -> Option<Result<(), DioError>> {
             Some(Ok(()))
         }
         FAILED => {
+            let e = interrupts::without_interrupts(|| ERRORS.lock()[tag as usize].take());
             RESULTS[tag as usize].store(IDLE, Ordering::Release);
-            Some(Err(LAST_ERROR
-                .lock()
-                .unwrap_or(DioError::Unsupported("lost error"))))
+            Some(Err(
+                e.unwrap_or(DioError::Unsupported("failed without an error"))
+            ))
         }
         _ => None,
     }

@@ -4,7 +4,7 @@
 //! dioxide run [--disk IMG | --from DIR] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
-//!             [-- KERNEL-ARGS...]
+//!             [--inject-eio SECTOR]... [-- KERNEL-ARGS...]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
 //! dioxide fsck IMG
@@ -99,6 +99,11 @@ enum Cmd {
         /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
         #[arg(long, default_value = "user")]
         net: String,
+        /// Make reads of this 512-byte sector of the disk image fail with an
+        /// I/O error (QEMU blkdebug; repeatable): to see how the appliance
+        /// reports a device error.
+        #[arg(long, value_name = "SECTOR")]
+        inject_eio: Vec<u64>,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
@@ -380,6 +385,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             nbd_port,
             net,
             from,
+            inject_eio,
             kernel_args,
         } => {
             let t0 = Instant::now();
@@ -462,6 +468,13 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
+            if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
+                return Err(Error::Usage(format!(
+                    "--inject-eio {s}: beyond the image ({} sectors)",
+                    size / 512
+                )));
+            }
+            cfg.inject_eio = inject_eio;
             let _tap = match net {
                 NetMode::User => {
                     cfg.nbd_port = Some(nbd_port);

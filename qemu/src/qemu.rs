@@ -31,6 +31,10 @@ pub struct Config {
     pub echo_prefix: Option<&'static str>,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
+    /// 512-byte sectors of the disk image whose reads fail with EIO
+    /// (QEMU's `blkdebug` driver between the NVMe device and the image):
+    /// a device error the kernel must report for the request that hit it.
+    pub inject_eio: Vec<u64>,
     /// Give the guest a virtio-net NIC on QEMU user networking and forward
     /// this host port (on 127.0.0.1) to the guest's NBD port 10809.
     pub nbd_port: Option<u16>,
@@ -53,6 +57,7 @@ impl Config {
             echo: false,
             echo_prefix: None,
             extra: Vec::new(),
+            inject_eio: Vec::new(),
             nbd_port: None,
             netdev: None,
         }
@@ -71,13 +76,26 @@ impl Config {
         c.args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if let Some(disk) = &self.disk {
-            let mut drive = std::ffi::OsString::from("file=");
             // Commas in a path are doubled in QEMU option syntax.
-            drive.push(disk.to_string_lossy().replace(',', ",,"));
-            drive.push(format!(
-                ",if=none,id=nvm0,format=raw,cache=none,aio={}",
-                drive_aio(disk)
-            ));
+            let path = disk.to_string_lossy().replace(',', ",,");
+            let aio = drive_aio(disk);
+            let mut drive = std::ffi::OsString::new();
+            if self.inject_eio.is_empty() {
+                drive.push(format!(
+                    "file={path},if=none,id=nvm0,format=raw,cache=none,aio={aio}"
+                ));
+            } else {
+                // raw <- blkdebug (inject-error rules) <- file
+                drive.push("if=none,id=nvm0,format=raw,cache=none,file.driver=blkdebug");
+                for (i, sector) in self.inject_eio.iter().enumerate() {
+                    drive.push(format!(
+                        ",file.inject-error.{i}.event=read_aio,file.inject-error.{i}.errno=5,file.inject-error.{i}.sector={sector}"
+                    ));
+                }
+                drive.push(format!(
+                    ",file.image.driver=file,file.image.filename={path},file.image.aio={aio}"
+                ));
+            }
             c.arg("-drive").arg(drive);
             c.arg("-device").arg(format!(
                 "nvme,drive=nvm0,serial=dioxide0,logical_block_size={0},physical_block_size={0}",

@@ -241,7 +241,14 @@ impl State {
         };
         if let Err(e) = &result {
             self.stats.errors += 1;
-            log::error!(target: "iomap", "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
+            // As in `run_deferred`: the owner of an asynchronous request
+            // reports it.
+            let level = if dio.cb.is_some() {
+                log::Level::Debug
+            } else {
+                log::Level::Error
+            };
+            log::log!(target: "iomap", level, "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
         } else {
             self.stats.completed += 1;
         }
@@ -334,8 +341,16 @@ impl<Q: BlockQueue> Engine<Q> {
                 err: slot.err,
             };
             self.st.stats.errors += 1;
-            log::error!(
+            // An asynchronous request's owner reports its failure, with its
+            // own context (once); a waiter's is reported here.
+            let level = if slot.cb.is_some() {
+                log::Level::Debug
+            } else {
+                log::Level::Error
+            };
+            log::log!(
                 target: "iomap",
+                level,
                 "{} read at {} ({} bytes) failed: {}",
                 if slot.raw { "raw" } else { "direct" },
                 slot.pos,
