@@ -40,6 +40,7 @@ fn config() -> Config {
         admin_entries: 8,
         admin_timeout_ms: 100,
         io_timeout_ms: 100,
+        abort_grace_ms: 50,
     }
 }
 
@@ -53,6 +54,25 @@ fn setup(cfg: SimConfig, entries: u16, vector: Option<u16>) -> (Sim, SimHal, Ctr
     assert_eq!(ctrl.set_queue_count(1).unwrap(), 1);
     let qp = ctrl.create_io_queue(1, entries, vector).unwrap();
     (sim, hal, ctrl, qp)
+}
+
+fn small() -> SimConfig {
+    SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    }
+}
+
+/// A fault that makes the device fetch one read of `lba` and hold it.
+fn stall(opcode: u8, lba: u64) -> Fault {
+    Fault {
+        admin: false,
+        opcode,
+        lba: Some(lba),
+        action: FaultAction::Drop,
+        count: 1,
+    }
 }
 
 fn pattern(i: u64) -> u8 {
@@ -311,20 +331,9 @@ fn error_statuses_are_typed_and_named() {
 }
 
 #[test]
-fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
-    let cfg = SimConfig {
-        block_size: 512,
-        blocks: 128,
-        ..Default::default()
-    };
-    let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(5),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+fn a_waited_command_that_never_completes_times_out_and_wedges_the_queue_until_reset() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    sim.inject(stall(io::READ, 5));
     let mut buf = vec![0u8; 512];
     let t0 = hal.now();
     let e = read(&mut qp, 5, 1, &mut buf).unwrap_err();
@@ -343,48 +352,47 @@ fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
     let waited = hal.now() - t0;
     assert!((100_000_000..200_000_000).contains(&waited), "{waited}");
     assert_eq!(qp.stats().timeouts, 1);
-    // The abandoned id is not reused; other commands still work.
+    // The device may still write the buffer: the queue takes nothing more.
+    assert!(sim.may_access(buf.as_ptr() as usize, 512));
+    assert!(qp.needs_reset());
+    let mut other = vec![0u8; 512];
+    assert_eq!(
+        read(&mut qp, 0, 1, &mut other),
+        Err(NvmeError::ResetRequired { qid: 1 })
+    );
+    // The reset stops the device; the waiter already had its error, so
+    // nothing is delivered again.
+    ctrl.reset(&mut [&mut qp], |c| panic!("delivered twice: {c:?}"))
+        .unwrap();
+    assert!(!sim.may_access(buf.as_ptr() as usize, 512));
+    assert!(!qp.needs_reset());
     for lba in 0..20 {
         read(&mut qp, lba, 1, &mut buf).unwrap();
     }
-    assert_eq!(qp.depth() - qp.in_flight(), 6);
+    assert_eq!(qp.in_flight(), 0);
 }
 
 #[test]
-fn expire_reports_overdue_commands_to_async_callers() {
-    let cfg = SimConfig {
-        block_size: 512,
-        blocks: 128,
-        ..Default::default()
-    };
-    let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
-    sim.set_hold(true);
+fn a_waited_command_that_completes_late_frees_its_slot_without_a_reset() {
+    let (sim, _hal, _ctrl, mut qp) = setup(small(), 8, None);
+    sim.inject(stall(io::READ, 5));
     let mut buf = vec![0u8; 512];
-    // SAFETY: buf outlives the command (the controller is dropped at the end of
-    // the test, after which the model is gone too).
-    unsafe {
-        qp.submit(
-            SubmissionEntry::read(1, 1, 1),
-            Some(DataBuf::from_mut_slice(&mut buf)),
-            42,
-        )
-        .unwrap()
-    };
-    assert!(qp.expire(hal.now()).is_none());
-    let deadline = qp.next_deadline().unwrap();
-    let c = qp.expire(deadline).unwrap();
-    assert_eq!(c.tag, 42);
-    assert!(matches!(c.result, Err(NvmeError::Timeout { .. })));
-    assert!(qp.expire(deadline).is_none());
-    // When the device answers after all, the late completion frees the id
-    // without reaching the caller again.
-    sim.release(&[]);
+    assert!(matches!(
+        read(&mut qp, 5, 1, &mut buf),
+        Err(NvmeError::Timeout { .. })
+    ));
+    assert!(qp.needs_reset());
+    // The device answers after all: it is done with the buffer, the id is
+    // free again and the late completion does not reach anyone.
+    sim.finish_stalled();
     assert_eq!(
         qp.process_completions(|_| panic!("late completion delivered")),
         1
     );
     assert_eq!(qp.stats().late, 1);
+    assert!(!qp.needs_reset());
     assert_eq!(qp.in_flight(), 0);
+    read(&mut qp, 6, 1, &mut buf).unwrap();
 }
 
 #[test]
@@ -431,7 +439,7 @@ fn namespace_of_size_zero() {
 }
 
 #[test]
-fn admin_command_that_never_completes() {
+fn an_admin_command_that_never_completes_blocks_admin_commands_until_reset() {
     let sim = Sim::new(SimConfig::default());
     let mut ctrl = Controller::init(SimHal::new(), sim.clone(), config()).unwrap();
     sim.inject(Fault {
@@ -450,7 +458,20 @@ fn admin_command_that_never_completes() {
             ..
         }
     ));
-    // The admin queue still works afterwards.
+    // The Identify may still write the scratch page: no admin command is
+    // taken (so the page is not reused) until the controller is reset.
+    assert_eq!(sim.stalled(), 1);
+    assert!(ctrl.needs_reset());
+    let e = ctrl.namespace(1).unwrap_err();
+    assert_eq!(e, NvmeError::ResetRequired { qid: 0 });
+    assert_eq!(
+        e.to_string(),
+        "queue 0 refuses commands until the controller is reset (a timed-out command still owns its buffer)"
+    );
+    assert_eq!(ctrl.abort(1, 0), Err(NvmeError::ResetRequired { qid: 0 }));
+    ctrl.reset(&mut [], |c| panic!("{c:?}")).unwrap();
+    assert_eq!(sim.stalled(), 0);
+    assert!(!ctrl.needs_reset());
     assert_eq!(ctrl.namespace(1).unwrap().blocks, 2048);
 }
 
