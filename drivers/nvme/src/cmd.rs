@@ -149,6 +149,16 @@ impl SubmissionEntry {
         c
     }
 
+    /// Abort command `cid` of submission queue `sqid` (CDW10: SQID 15:0, CID
+    /// 31:16). The controller answers DW0 bit 0 = 0 when it aborted the
+    /// command (which then completes with Command Abort Requested), 1 when it
+    /// did not.
+    pub fn abort(sqid: u16, cid: u16) -> Self {
+        let mut c = Self::with_opcode(admin::ABORT);
+        c.cdw10 = ((cid as u32) << 16) | sqid as u32;
+        c
+    }
+
     /// Read `blocks` (1-based, at most 65536) logical blocks from `lba`.
     pub fn read(nsid: u32, lba: u64, blocks: u32) -> Self {
         Self::rw(io::READ, nsid, lba, blocks)
@@ -240,6 +250,10 @@ impl Status {
     pub fn is_success(self) -> bool {
         self.sct() == 0 && self.sc() == 0
     }
+    /// Command Abort Requested: the command was aborted by an Abort command.
+    pub fn is_abort_requested(self) -> bool {
+        self.sct() == sct::GENERIC && self.sc() == 0x07
+    }
 
     /// The specification's name of this status, when the driver knows it.
     pub fn name(self) -> &'static str {
@@ -262,6 +276,7 @@ impl Status {
             (1, 0x00) => "Completion Queue Invalid",
             (1, 0x01) => "Invalid Queue Identifier",
             (1, 0x02) => "Invalid Queue Size",
+            (1, 0x03) => "Abort Command Limit Exceeded",
             (1, 0x08) => "Invalid Interrupt Vector",
             (1, 0x0d) => "Feature Identifier Not Saveable",
             (1, 0x80) => "Conflicting Attributes",
@@ -338,6 +353,22 @@ mod tests {
         assert_eq!(sq.cdw11, 0x0001_0001);
         let nq = SubmissionEntry::set_num_queues(4, 4);
         assert_eq!((nq.cdw10, nq.cdw11), (7, 0x0003_0003));
+    }
+
+    #[test]
+    fn abort_command_golden_bytes() {
+        let mut c = SubmissionEntry::abort(3, 0x0102);
+        c.set_cid(5);
+        let mut want = [0u8; 64];
+        want[0] = 0x08; // opcode ABORT
+        want[2..4].copy_from_slice(&5u16.to_le_bytes()); // CID of the Abort itself
+        want[40..42].copy_from_slice(&3u16.to_le_bytes()); // SQID
+        want[42..44].copy_from_slice(&0x0102u16.to_le_bytes()); // CID to abort
+        assert_eq!(bytes(&c), &want[..]);
+        let st = Status::new(0, 0x07);
+        assert!(st.is_abort_requested());
+        assert_eq!(st.name(), "Command Abort Requested");
+        assert!(!Status::new(1, 0x07).is_abort_requested());
     }
 
     #[test]

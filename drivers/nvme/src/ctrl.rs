@@ -1,10 +1,23 @@
-//! Controller bring-up and admin commands.
+//! Controller bring-up, admin commands, and recovery (Abort, reset).
+//!
+//! Recovery from a command that does not complete, as the owner of the
+//! controller and its queues runs it (see the state machine in
+//! [`crate::queue`]):
+//!
+//! ```text
+//! loop (timer, e.g. once a millisecond):
+//!     while let Some(x) = qp.expire(now):
+//!         Expiry::Abort { qid, cid, .. }  => ctrl.abort(qid, cid)   (answer is advisory)
+//!         Expiry::ResetNeeded { .. }      => reset = true
+//!     if reset || ctrl.needs_reset() || qp.needs_reset():
+//!         ctrl.reset(&mut [&mut qp], |c| deliver(c))
+//! ```
 
 use crate::cmd::{cns, SubmissionEntry};
 use crate::error::NvmeError;
 use crate::hal::{Dma, Hal, Mmio, PAGE_SIZE};
 use crate::identify::{ControllerInfo, Namespace};
-use crate::queue::{DataBuf, QueuePair};
+use crate::queue::{Completion, DataBuf, QueuePair};
 use crate::regs::{self, Cap};
 use alloc::vec::Vec;
 
@@ -17,6 +30,9 @@ pub struct Config {
     pub admin_timeout_ms: u64,
     /// Deadline of I/O commands.
     pub io_timeout_ms: u64,
+    /// How long an I/O command that passed its deadline may take to complete
+    /// after it was aborted, before the queue asks for a controller reset.
+    pub abort_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -25,11 +41,30 @@ impl Default for Config {
             admin_entries: 32,
             admin_timeout_ms: 5_000,
             io_timeout_ms: 5_000,
+            abort_grace_ms: 5_000,
         }
     }
 }
 
+/// Counters of one controller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControllerStats {
+    /// Abort commands sent.
+    pub aborts_sent: u64,
+    /// Abort commands the controller answered with "not aborted" (DW0 bit 0).
+    pub aborts_declined: u64,
+    /// Controller resets attempted.
+    pub resets: u64,
+    /// Resets after which the controller did not come back.
+    pub failed_resets: u64,
+}
+
 /// An enabled controller with its admin queue.
+///
+/// After an admin command times out, the admin queue refuses further commands
+/// ([`NvmeError::ResetRequired`]) until [`Controller::reset`] succeeded: the
+/// timed-out command may still write into its buffer (for Identify, the
+/// controller's scratch page, which is therefore not reused before the reset).
 pub struct Controller<H: Hal, M: Mmio> {
     hal: H,
     mmio: M,
@@ -38,8 +73,21 @@ pub struct Controller<H: Hal, M: Mmio> {
     config: Config,
     admin: QueuePair<H, M>,
     info: ControllerInfo,
+    /// Identify's data buffer. Owned by the device while an Identify is in
+    /// flight or abandoned after a timeout (then the admin queue is wedged and
+    /// nothing is submitted with it until a reset).
     scratch: Dma,
+    /// I/O queue pairs asked for with Set Features, asked again after a reset.
+    queue_count: Option<u16>,
+    /// Ids of the I/O queues created and not deleted, to tell a reset that
+    /// leaves one out.
+    io_qids: Vec<u16>,
+    stats: ControllerStats,
 }
+
+/// CC as the driver enables the controller: NVM command set, 4 KiB pages,
+/// round robin, 64/16-byte entries.
+const CC_ENABLE: u32 = regs::CC_EN | regs::CC_IOSQES_64 | regs::CC_IOCQES_16;
 
 /// Polls `CSTS` until `RDY == want`, bounded by CAP.TO.
 fn wait_ready<H: Hal, M: Mmio>(hal: &H, mmio: &M, cap: Cap, want: bool) -> Result<(), NvmeError> {
@@ -67,6 +115,22 @@ fn wait_ready<H: Hal, M: Mmio>(hal: &H, mmio: &M, cap: Cap, want: bool) -> Resul
     }
 }
 
+/// Programs the admin queue registers and enables the controller (same
+/// settings at init and after a reset), bounded by CAP.TO.
+fn enable<H: Hal, M: Mmio>(
+    hal: &H,
+    mmio: &M,
+    cap: Cap,
+    admin: &QueuePair<H, M>,
+) -> Result<(), NvmeError> {
+    let q = (admin.entries() - 1) as u32;
+    mmio.write32(regs::AQA, (q << 16) | q);
+    mmio.write64(regs::ASQ, admin.sq_phys());
+    mmio.write64(regs::ACQ, admin.cq_phys());
+    mmio.write32(regs::CC, CC_ENABLE);
+    wait_ready(hal, mmio, cap, true)
+}
+
 /// Identify through `admin` into the DMA page `scratch`.
 fn identify_raw<H: Hal, M: Mmio>(
     admin: &mut QueuePair<H, M>,
@@ -79,7 +143,9 @@ fn identify_raw<H: Hal, M: Mmio>(
         len: PAGE_SIZE,
     };
     // SAFETY: `scratch` is a DMA page owned by the caller that the CPU does not
-    // touch until `execute` returns.
+    // touch until `execute` returns Ok. After Err(Timeout) the admin queue is
+    // wedged (refuses every command) until a reset stopped the controller, so
+    // the page is not handed to the device or read again before that.
     unsafe { admin.execute(SubmissionEntry::identify(cns, nsid), Some(buf))? };
     let mut out = [0u8; 4096];
     // SAFETY: the command completed; `scratch` is one readable page. The device
@@ -130,16 +196,7 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             PAGE_SIZE,
             None,
         )?;
-        let q = (admin_entries - 1) as u32;
-        mmio.write32(regs::AQA, (q << 16) | q);
-        mmio.write64(regs::ASQ, admin.sq_phys());
-        mmio.write64(regs::ACQ, admin.cq_phys());
-        // NVM command set, 4 KiB pages, round robin, 64/16-byte entries.
-        mmio.write32(
-            regs::CC,
-            regs::CC_EN | regs::CC_IOSQES_64 | regs::CC_IOCQES_16,
-        );
-        wait_ready(&hal, &mmio, cap, true)?;
+        enable(&hal, &mmio, cap, &admin)?;
 
         let scratch = hal.dma_alloc(PAGE_SIZE).ok_or(NvmeError::NoMemory)?;
         let mut admin = admin;
@@ -154,6 +211,9 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             admin,
             info,
             scratch,
+            queue_count: None,
+            io_qids: Vec::new(),
+            stats: ControllerStats::default(),
         };
         log::info!(
             target: "nvme",
@@ -181,6 +241,14 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
     }
     pub fn admin(&mut self) -> &mut QueuePair<H, M> {
         &mut self.admin
+    }
+    pub fn stats(&self) -> ControllerStats {
+        self.stats
+    }
+    /// Whether admin commands are refused until [`Controller::reset`]: an
+    /// admin command timed out, or the controller did not come back.
+    pub fn needs_reset(&self) -> bool {
+        self.admin.needs_reset()
     }
 
     /// Largest transfer of one command: MDTS, bounded by one PRP list page.
@@ -223,6 +291,7 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
     /// Set Features / Number of Queues. Returns the I/O queue pairs granted.
     pub fn set_queue_count(&mut self, wanted: u16) -> Result<u16, NvmeError> {
         let wanted = wanted.max(1);
+        self.queue_count = Some(wanted);
         // SAFETY: no data buffer.
         let dw0 = unsafe {
             self.admin
@@ -248,7 +317,7 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
                 entries: entries as u32,
             });
         }
-        let qp = QueuePair::new(
+        let mut qp = QueuePair::new(
             self.hal.clone(),
             self.mmio.clone(),
             qid,
@@ -258,11 +327,21 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             self.max_transfer(),
             vector,
         )?;
-        // SAFETY: no data buffer; the queue memory lives in `qp`, which is
-        // returned to the caller and never freed while the queue exists.
+        qp.set_abort_grace_ns(self.config.abort_grace_ms * 1_000_000);
+        self.create_on_device(&qp)?;
+        self.io_qids.push(qid);
+        log::debug!(target: "nvme", "I/O queue {qid}: {entries} entries, vector {vector:?}");
+        Ok(qp)
+    }
+
+    /// Create I/O CQ then SQ for `qp` with its memory, size and vector.
+    fn create_on_device(&mut self, qp: &QueuePair<H, M>) -> Result<(), NvmeError> {
+        let (qid, entries) = (qp.qid(), qp.entries());
+        // SAFETY: no data buffer; the queue memory lives in `qp`, which the
+        // caller keeps and never frees while the queue exists.
         unsafe {
             self.admin.execute(
-                SubmissionEntry::create_io_cq(qid, entries, qp.cq_phys(), vector),
+                SubmissionEntry::create_io_cq(qid, entries, qp.cq_phys(), qp.vector()),
                 None,
             )?;
             if let Err(e) = self.admin.execute(
@@ -273,8 +352,7 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
                 return Err(e);
             }
         }
-        log::debug!(target: "nvme", "I/O queue {qid}: {entries} entries, vector {vector:?}");
-        Ok(qp)
+        Ok(())
     }
 
     /// Deletes I/O queue pair `qp` on the controller. Its memory is leaked on
@@ -288,8 +366,152 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             self.admin
                 .execute(SubmissionEntry::delete_io_cq(qid), None)?;
         }
-        qp.reset_rings();
+        self.io_qids.retain(|&q| q != qid);
+        // SAFETY: both queues were deleted: the controller no longer uses them.
+        unsafe { qp.reset_rings() };
         Ok(())
+    }
+
+    /// Asks the controller to abort command `cid` of submission queue `sqid`
+    /// (Abort, admin opcode 0x08) and waits for its answer, bounded by the
+    /// admin deadline. `Ok(true)`: the controller aborted the command, whose
+    /// completion (status Command Abort Requested, [`NvmeError::Aborted`])
+    /// comes on its own queue; `Ok(false)`: it did not (the command may still
+    /// complete; QEMU 7.2 always answers this). The answer is advisory: the
+    /// command's slot stays `Aborting` until its completion, or its grace
+    /// period passes and the queue asks for a reset.
+    ///
+    /// If the Abort itself times out, the admin queue is wedged and
+    /// [`Controller::needs_reset`] turns true.
+    pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, NvmeError> {
+        // SAFETY: no data buffer.
+        let dw0 = unsafe {
+            self.admin
+                .execute(SubmissionEntry::abort(sqid, cid), None)?
+        };
+        self.stats.aborts_sent += 1;
+        let aborted = dw0 & 1 == 0;
+        if !aborted {
+            self.stats.aborts_declined += 1;
+        }
+        log::warn!(
+            target: "nvme",
+            "abort of queue {sqid} cid {cid}: {}",
+            if aborted { "aborted" } else { "not aborted" }
+        );
+        Ok(aborted)
+    }
+
+    /// Resets the controller and brings `queues` back, with the same memory,
+    /// sizes and interrupt vectors, so their owners' `QueuePair` objects stay
+    /// valid. `queues` must hold every I/O queue pair created on this
+    /// controller (on every core), each once: a reset destroys all of them on
+    /// the device, and one left out would not know it (its commands would
+    /// never complete; the reset logs an error naming it).
+    ///
+    /// 1. CC.EN = 0, then wait for CSTS.RDY = 0 (bounded by CAP.TO). From
+    ///    then on the device no longer accesses any queue or buffer.
+    /// 2. Every command of `queues` whose owner still waits is handed to
+    ///    `on_done` exactly once ([`QueuePair::cancel_all`]): with its real
+    ///    outcome if the controller had posted it, else
+    ///    [`NvmeError::Timeout`] (past its deadline) or
+    ///    [`NvmeError::Cancelled`]. Timed-out admin commands are forgotten
+    ///    (their callers had their error).
+    /// 3. The admin queue registers and CC as at init; wait for RDY = 1.
+    /// 4. Set Features Number of Queues again (if it was set), then Create
+    ///    I/O CQ (same vector, interrupts enabled as before) and Create I/O SQ
+    ///    for each queue.
+    ///
+    /// Errors: if the controller cannot be stopped (step 1), nothing is
+    /// delivered — the device may still write into the buffers — and every
+    /// queue refuses new commands with [`NvmeError::ControllerDown`]; the
+    /// commands stay with the device (the caller may turn off bus mastering
+    /// and then call [`QueuePair::cancel_all`]). If it does not come back
+    /// (step 3: RDY timeout, CFS, registers all ones), step 2 has run and
+    /// the queues refuse new commands with `ControllerDown`. If re-creating a
+    /// queue fails, that queue stays down and the first error is returned.
+    /// A later call may succeed; the queues work again after it did.
+    ///
+    /// MSI-X: toggling CC.EN does not touch PCI configuration space, so the
+    /// MSI-X table and enable bit stay as the kernel set them; if the kernel
+    /// reset the function some other way (FLR, D3), re-enabling MSI-X is its
+    /// job before calling this.
+    pub fn reset(
+        &mut self,
+        queues: &mut [&mut QueuePair<H, M>],
+        mut on_done: impl FnMut(Completion),
+    ) -> Result<(), NvmeError> {
+        if let Some(q) = queues.iter().find(|q| q.qid() == 0) {
+            return Err(NvmeError::BadQueue {
+                qid: q.qid(),
+                entries: q.entries() as u32,
+            });
+        }
+        self.stats.resets += 1;
+        log::warn!(target: "nvme", "controller reset ({} I/O queues)", queues.len());
+        for &qid in &self.io_qids {
+            if !queues.iter().any(|q| q.qid() == qid) {
+                log::error!(target: "nvme", "reset without I/O queue {qid}: it is lost on the device");
+            }
+        }
+        let cc = self.mmio.read32(regs::CC);
+        self.mmio.write32(regs::CC, cc & !regs::CC_EN);
+        if let Err(e) = wait_ready(&self.hal, &self.mmio, self.cap, false) {
+            // The device may still access memory: keep every buffer with it.
+            self.admin.set_down();
+            for q in queues.iter_mut() {
+                q.set_down();
+            }
+            return Err(self.failed_reset(e));
+        }
+        // SAFETY: CSTS.RDY = 0 after CC.EN = 0: the controller no longer
+        // accesses any queue or buffer.
+        unsafe {
+            self.admin.cancel_all(|c| {
+                log::warn!(target: "nvme", "reset: admin cid {} opcode {:#04x} failed", c.cid, c.opcode)
+            });
+            for q in queues.iter_mut() {
+                q.cancel_all(&mut on_done);
+            }
+        }
+        if let Err(e) = enable(&self.hal, &self.mmio, self.cap, &self.admin) {
+            return Err(self.failed_reset(e));
+        }
+        self.admin.set_up();
+        if let Some(n) = self.queue_count {
+            // SAFETY: no data buffer.
+            let r = unsafe {
+                self.admin
+                    .execute(SubmissionEntry::set_num_queues(n, n), None)
+            };
+            if let Err(e) = r {
+                return Err(self.failed_reset(e));
+            }
+        }
+        let mut first_error = None;
+        for q in queues.iter_mut() {
+            match self.create_on_device(q) {
+                Ok(()) => q.set_up(),
+                Err(e) => {
+                    log::error!(target: "nvme", "reset: I/O queue {} not re-created: {e}", q.qid());
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            None => {
+                log::info!(target: "nvme", "controller reset done");
+                Ok(())
+            }
+            Some(e) => Err(self.failed_reset(e)),
+        }
+    }
+
+    #[cold]
+    fn failed_reset(&mut self, e: NvmeError) -> NvmeError {
+        self.stats.failed_resets += 1;
+        log::error!(target: "nvme", "controller reset failed: {e}");
+        e
     }
 
     /// Normal shutdown (CC.SHN), bounded by CAP.TO; then disable.

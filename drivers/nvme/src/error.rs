@@ -14,8 +14,22 @@ pub enum NvmeError {
     DeviceGone,
     /// The controller lacks something the driver needs.
     Unsupported(&'static str),
-    /// A command did not complete before its deadline.
+    /// A command did not complete before its deadline. From
+    /// `QueuePair::wait` at once (the device may still own the buffer, see
+    /// there); from a controller reset once the device stopped.
     Timeout { qid: u16, cid: u16, opcode: u8 },
+    /// A command passed its deadline, the driver asked the controller to abort
+    /// it, and it completed with status Command Abort Requested.
+    Aborted { qid: u16, cid: u16, opcode: u8 },
+    /// A command that had not passed its deadline was failed by a controller
+    /// reset (the reset was made for another command); it may be retried.
+    Cancelled { qid: u16, cid: u16, opcode: u8 },
+    /// The queue refuses new commands: a timed-out command may still own its
+    /// buffer, and only a controller reset (or its late completion) ends that.
+    ResetRequired { qid: u16 },
+    /// The queue refuses new commands: the controller did not come back after
+    /// a reset (or could not be stopped). A later successful reset lifts this.
+    ControllerDown { qid: u16 },
     /// The controller completed a command with an error status.
     Command {
         qid: u16,
@@ -61,6 +75,22 @@ impl fmt::Display for NvmeError {
                     "command timed out (queue {qid}, cid {cid}, opcode {opcode:#04x})"
                 )
             }
+            NvmeError::Aborted { qid, cid, opcode } => write!(
+                f,
+                "command aborted after timing out (queue {qid}, cid {cid}, opcode {opcode:#04x})"
+            ),
+            NvmeError::Cancelled { qid, cid, opcode } => write!(
+                f,
+                "command cancelled by a controller reset (queue {qid}, cid {cid}, opcode {opcode:#04x})"
+            ),
+            NvmeError::ResetRequired { qid } => write!(
+                f,
+                "queue {qid} refuses commands until the controller is reset (a timed-out command still owns its buffer)"
+            ),
+            NvmeError::ControllerDown { qid } => write!(
+                f,
+                "queue {qid} refuses commands: the controller did not come back after a reset"
+            ),
             NvmeError::Command {
                 qid,
                 opcode,

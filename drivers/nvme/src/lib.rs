@@ -9,7 +9,9 @@
 //! - [`queue::QueuePair`]: submission with PRP1/PRP2/PRP lists, command ids
 //!   indexing a fixed slot table (no allocation per command), phase-bit
 //!   completion processing usable from a poll loop or an interrupt handler,
-//!   per-command deadlines.
+//!   per-command deadlines with a timeout state machine (abort, then reset)
+//!   that never hands a buffer back while the device may still use it.
+//! - [`ctrl::Controller`] also runs Abort and controller reset.
 //! - [`cmd`]: entry layouts, command builders, status codes with names.
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -29,8 +31,8 @@ pub mod sim;
 mod tests;
 
 pub use cmd::{Status, SubmissionEntry};
-pub use ctrl::{Config, Controller};
+pub use ctrl::{Config, Controller, ControllerStats};
 pub use error::NvmeError;
 pub use hal::{Dma, Hal, Mmio, PAGE_SIZE};
 pub use identify::{ControllerInfo, Namespace};
-pub use queue::{Completion, DataBuf, QueuePair, QueueStats};
+pub use queue::{Completion, DataBuf, Expiry, QueuePair, QueueStats};

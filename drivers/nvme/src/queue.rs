@@ -9,6 +9,53 @@
 //! There are `entries - 1` slots for `entries` queue entries: the submission
 //! queue can then never overflow (every unfetched entry belongs to an in-flight
 //! slot) and neither can the completion queue.
+//!
+//! # Buffer ownership and timeouts
+//!
+//! A command's data buffer belongs to the device from [`QueuePair::submit`]
+//! until its owner receives the command's [`Completion`], and the driver hands
+//! that completion over only once the device is done with the buffer: when
+//! the controller posted the command's completion entry
+//! ([`QueuePair::process_completions`]), or when the controller was stopped
+//! (CC.EN = 0 and CSTS.RDY = 0) by [`crate::Controller::reset`]. A deadline
+//! passing is *not* such a moment — the device may still write into the
+//! buffer — so a timeout only starts the state machine below:
+//!
+//! ```text
+//!          submit                    completion entry: delivered (Ok / error)
+//!   Free ─────────▶ InFlight ───────────────────────────────────────────▶ Free
+//!                      │ deadline passed: expire() returns Expiry::Abort;
+//!                      ▼ the caller sends Controller::abort(qid, cid)
+//!                   Aborting ───── completion entry: delivered; status
+//!                      │           Command Abort Requested → NvmeError::Aborted ──▶ Free
+//!                      │ abort grace passed: expire() returns Expiry::ResetNeeded
+//!                      ▼
+//!                AwaitingReset ─── completion entry: delivered ─────────────────▶ Free
+//!                      │ Controller::reset: device stopped, then delivered as
+//!                      ▼ NvmeError::Timeout (InFlight ones as NvmeError::Cancelled)
+//!                    Free
+//!
+//!   InFlight ── wait()/execute() deadline passed: Err(Timeout) returned at once ──▶ Abandoned
+//!   Abandoned ── late completion entry (not delivered again) ──▶ Free
+//!   Abandoned ── Controller::reset (nothing delivered) ──▶ Free
+//! ```
+//!
+//! Each command reaches its owner exactly once. While a slot is
+//! `AwaitingReset` or `Abandoned` the queue is *wedged*: [`QueuePair::submit`]
+//! refuses new commands with [`NvmeError::ResetRequired`] (see
+//! [`QueuePair::needs_reset`]). After a reset that could not bring the
+//! controller back the queue is *down* and refuses with
+//! [`NvmeError::ControllerDown`] until a later reset succeeds.
+//!
+//! The synchronous [`QueuePair::wait`] (and [`QueuePair::execute`]) cannot keep
+//! its caller waiting for a reset, so it returns `Err(Timeout)` while the device
+//! may still own the buffer: after that error the caller must leave the buffer
+//! alone until the controller was reset, or until `needs_reset()` turned false
+//! again (a late completion freed the slot).
+//!
+//! The hot path (`submit`, `process_completions`) is unchanged by all this: one
+//! extra comparison in `submit`, and the timeout states are only looked at in
+//! the (rare) branches of a completion for a slot that is not `InFlight`.
 
 use crate::cmd::{CompletionEntry, Status, SubmissionEntry};
 use crate::error::NvmeError;
@@ -62,12 +109,29 @@ pub struct Completion {
     pub result: Result<u32, NvmeError>,
 }
 
+/// What [`QueuePair::expire`] asks the caller to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Command `cid` passed its deadline and is now being aborted: send
+    /// [`crate::Controller::abort`]`(qid, cid)`. Its owner hears nothing yet.
+    Abort { qid: u16, cid: u16, opcode: u8 },
+    /// Command `cid` was being aborted and passed the abort grace period too:
+    /// the controller is not answering. Call [`crate::Controller::reset`] with
+    /// this queue; until then the queue refuses new commands.
+    ResetNeeded { qid: u16, cid: u16, opcode: u8 },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SlotState {
     Free,
     InFlight,
-    /// Timed out: the id stays reserved until the controller completes it or
-    /// is reset, because the device may still access the buffer.
+    /// Past its deadline, an abort requested; the owner waits on.
+    Aborting,
+    /// Past the abort grace period too; only a completion or a reset ends it.
+    AwaitingReset,
+    /// Timed out in [`QueuePair::wait`], whose caller already has its error:
+    /// the id stays reserved until the controller completes it or is reset,
+    /// because the device may still access the buffer.
     Abandoned,
 }
 
@@ -90,6 +154,14 @@ pub struct QueueStats {
     pub spurious: u64,
     /// Completions of commands that had timed out before.
     pub late: u64,
+    /// Commands that passed their deadline and were put to abort (`expire`).
+    pub aborts: u64,
+    /// Completions with status Command Abort Requested.
+    pub aborted: u64,
+    /// Commands failed by a controller reset (timed out or cancelled).
+    pub reset_failed: u64,
+    /// Controller resets that stopped this queue.
+    pub resets: u64,
 }
 
 pub struct QueuePair<H: Hal, M: Mmio> {
@@ -109,6 +181,13 @@ pub struct QueuePair<H: Hal, M: Mmio> {
     free: Box<[u16]>,
     nfree: usize,
     timeout_ns: u64,
+    /// How long an aborted command may take to complete before a reset.
+    abort_grace_ns: u64,
+    /// Slots `AwaitingReset` or `Abandoned`; submissions are refused while
+    /// non-zero.
+    wedged: u16,
+    /// The controller is stopped or did not come back after a reset.
+    down: bool,
     max_transfer: usize,
     vector: Option<u16>,
     stats: QueueStats,
@@ -171,6 +250,9 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             free: free.into_boxed_slice(),
             nfree: nslots,
             timeout_ns,
+            abort_grace_ns: timeout_ns,
+            wedged: 0,
+            down: false,
             max_transfer: max_transfer.min(MAX_TRANSFER_PRP_LIST),
             vector,
             stats: QueueStats::default(),
@@ -209,9 +291,30 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
     pub fn set_timeout_ns(&mut self, ns: u64) {
         self.timeout_ns = ns;
     }
-    /// Whether `cid` is in flight (submitted, not completed, not timed out).
+    /// How long a command past its deadline may take to complete after
+    /// [`Expiry::Abort`] before [`Expiry::ResetNeeded`], in nanoseconds.
+    pub fn set_abort_grace_ns(&mut self, ns: u64) {
+        self.abort_grace_ns = ns;
+    }
+    /// Whether the owner of `cid` still waits for its completion: in flight,
+    /// being aborted, or awaiting a reset.
     pub fn is_in_flight(&self, cid: u16) -> bool {
-        matches!(self.slots.get(cid as usize), Some(s) if s.state == SlotState::InFlight)
+        matches!(
+            self.slots.get(cid as usize),
+            Some(s) if matches!(
+                s.state,
+                SlotState::InFlight | SlotState::Aborting | SlotState::AwaitingReset
+            )
+        )
+    }
+    /// Whether the queue refuses new commands until a controller reset: a
+    /// timed-out command may still own its buffer, or the controller is down.
+    pub fn needs_reset(&self) -> bool {
+        self.wedged != 0 || self.down
+    }
+    /// Whether the controller is stopped or did not come back after a reset.
+    pub fn is_down(&self) -> bool {
+        self.down
     }
 
     /// Submits one command and rings the doorbell.
@@ -222,13 +325,17 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
     ///
     /// When `data` is given, the memory it names must stay valid, and must not
     /// be accessed by the CPU (reads: not at all; writes: not written) until the
-    /// command has completed, or has timed out and the controller was disabled.
+    /// command's [`Completion`] was delivered (module docs), or — after
+    /// `Err(Timeout)` from [`QueuePair::wait`] — until the controller was reset.
     pub unsafe fn submit(
         &mut self,
         mut cmd: SubmissionEntry,
         data: Option<DataBuf>,
         tag: u64,
     ) -> Result<u16, NvmeError> {
+        if self.wedged != 0 || self.down {
+            return Err(self.refusal());
+        }
         if self.nfree == 0 {
             return Err(NvmeError::QueueFull);
         }
@@ -259,6 +366,15 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         self.mmio.write32(self.sq_doorbell, self.sq_tail as u32);
         self.stats.submitted += 1;
         Ok(cid)
+    }
+
+    #[cold]
+    fn refusal(&self) -> NvmeError {
+        if self.down {
+            NvmeError::ControllerDown { qid: self.qid }
+        } else {
+            NvmeError::ResetRequired { qid: self.qid }
+        }
     }
 
     fn build_prps(
@@ -304,6 +420,16 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
     /// entries were consumed. This is what the poll loop and the MSI-X handler
     /// run.
     pub fn process_completions(&mut self, mut on_done: impl FnMut(Completion)) -> usize {
+        let n = self.reap(&mut on_done);
+        if n > 0 {
+            self.mmio.write32(self.cq_doorbell, self.cq_head as u32);
+        }
+        n
+    }
+
+    /// Consumes the new completion entries without telling the controller.
+    #[inline(always)]
+    fn reap(&mut self, on_done: &mut impl FnMut(Completion)) -> usize {
         let base = self.cq.virt.as_ptr() as *const CompletionEntry;
         let mut n = 0;
         loop {
@@ -326,10 +452,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             }
             self.sq_head = cqe.sq_head;
             n += 1;
-            self.complete_one(cqe, &mut on_done);
-        }
-        if n > 0 {
-            self.mmio.write32(self.cq_doorbell, self.cq_head as u32);
+            self.complete_one(cqe, on_done);
         }
         n
     }
@@ -343,10 +466,20 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         };
         match slot.state {
             SlotState::InFlight => {}
+            SlotState::Aborting | SlotState::AwaitingReset => {
+                // The device is done with the buffer: the owner gets the
+                // outcome now, whatever it is.
+                if slot.state == SlotState::AwaitingReset {
+                    self.wedged -= 1;
+                }
+                self.stats.late += 1;
+                log::warn!(target: "nvme", "queue {}: cid {} completed after its deadline", self.qid, cid);
+            }
             SlotState::Abandoned => {
                 slot.state = SlotState::Free;
                 self.free[self.nfree] = cid;
                 self.nfree += 1;
+                self.wedged -= 1;
                 self.stats.late += 1;
                 log::warn!(target: "nvme", "queue {}: late completion of timed-out cid {}", self.qid, cid);
                 return;
@@ -366,12 +499,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         let result = if status.is_success() {
             Ok(cqe.dw0)
         } else {
-            self.stats.errors += 1;
-            Err(NvmeError::Command {
-                qid: self.qid,
-                opcode,
-                status,
-            })
+            Err(self.command_error(cid, opcode, status))
         };
         on_done(Completion {
             cid,
@@ -381,42 +509,74 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         });
     }
 
-    /// Finds one in-flight command past its deadline at time `now`, marks it
-    /// abandoned and reports it as a completion with a timeout error.
-    pub fn expire(&mut self, now: u64) -> Option<Completion> {
+    #[cold]
+    fn command_error(&mut self, cid: u16, opcode: u8, status: Status) -> NvmeError {
+        self.stats.errors += 1;
         let qid = self.qid;
-        let slot_index = self
-            .slots
-            .iter()
-            .position(|s| s.state == SlotState::InFlight && s.deadline <= now)?;
-        let slot = &mut self.slots[slot_index];
-        slot.state = SlotState::Abandoned;
-        self.stats.timeouts += 1;
-        let cid = slot_index as u16;
-        log::error!(target: "nvme", "queue {qid}: cid {cid} opcode {:#04x} timed out", slot.opcode);
-        Some(Completion {
-            cid,
-            tag: slot.tag,
-            opcode: slot.opcode,
-            result: Err(NvmeError::Timeout {
+        if status.is_abort_requested() {
+            self.stats.aborted += 1;
+            NvmeError::Aborted { qid, cid, opcode }
+        } else {
+            NvmeError::Command {
                 qid,
-                cid,
-                opcode: slot.opcode,
-            }),
-        })
+                opcode,
+                status,
+            }
+        }
     }
 
-    /// The earliest deadline of the commands in flight.
+    /// Advances the timeout state machine (module docs) of one command whose
+    /// deadline is `<= now`, and says what the caller must do about it; `None`
+    /// when no command is overdue. Call it until it returns `None`:
+    ///
+    /// - [`Expiry::Abort`]: the command is now `Aborting` with a new deadline
+    ///   `now + abort grace`; send [`crate::Controller::abort`]. Its owner
+    ///   gets its completion later, from `process_completions` or a reset.
+    /// - [`Expiry::ResetNeeded`] (once per command): the controller did not
+    ///   answer; the queue refuses new commands until
+    ///   [`crate::Controller::reset`] ran.
+    ///
+    /// Never delivers a completion. Looks at every slot: for the slow path
+    /// (a timer), not for every completion.
+    pub fn expire(&mut self, now: u64) -> Option<Expiry> {
+        let qid = self.qid;
+        let (index, slot) = self.slots.iter_mut().enumerate().find(|(_, s)| {
+            matches!(s.state, SlotState::InFlight | SlotState::Aborting) && s.deadline <= now
+        })?;
+        let (cid, opcode) = (index as u16, slot.opcode);
+        if slot.state == SlotState::InFlight {
+            slot.state = SlotState::Aborting;
+            slot.deadline = now.saturating_add(self.abort_grace_ns);
+            self.stats.timeouts += 1;
+            self.stats.aborts += 1;
+            log::error!(target: "nvme", "queue {qid}: cid {cid} opcode {opcode:#04x} timed out, aborting");
+            Some(Expiry::Abort { qid, cid, opcode })
+        } else {
+            slot.state = SlotState::AwaitingReset;
+            self.wedged += 1;
+            log::error!(target: "nvme", "queue {qid}: cid {cid} opcode {opcode:#04x} not aborted in time, controller reset needed");
+            Some(Expiry::ResetNeeded { qid, cid, opcode })
+        }
+    }
+
+    /// The earliest deadline of the commands in flight or being aborted: when
+    /// [`QueuePair::expire`] has something to do next.
     pub fn next_deadline(&self) -> Option<u64> {
         self.slots
             .iter()
-            .filter(|s| s.state == SlotState::InFlight)
+            .filter(|s| matches!(s.state, SlotState::InFlight | SlotState::Aborting))
             .map(|s| s.deadline)
             .min()
     }
 
     /// Polls until command `cid` completes or passes its deadline. Completions
     /// of other commands found meanwhile go to `others`.
+    ///
+    /// On `Err(Timeout)` the command is `Abandoned`: the device may still
+    /// access its buffer, so the caller must not touch or free that buffer
+    /// until the controller was reset ([`crate::Controller::reset`]) or until
+    /// [`QueuePair::needs_reset`] is false again (a late completion came). The
+    /// queue refuses new commands meanwhile.
     pub fn wait(&mut self, cid: u16, mut others: impl FnMut(Completion)) -> Result<u32, NvmeError> {
         let deadline = match self.slots.get(cid as usize) {
             Some(s) if s.state == SlotState::InFlight => s.deadline,
@@ -442,8 +602,9 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             if self.hal.now_ns() >= deadline {
                 let slot = &mut self.slots[cid as usize];
                 slot.state = SlotState::Abandoned;
+                self.wedged += 1;
                 self.stats.timeouts += 1;
-                log::error!(target: "nvme", "queue {}: cid {cid} opcode {:#04x} timed out", self.qid, slot.opcode);
+                log::error!(target: "nvme", "queue {}: cid {cid} opcode {:#04x} timed out, controller reset needed", self.qid, slot.opcode);
                 return Err(NvmeError::Timeout {
                     qid: self.qid,
                     cid,
@@ -456,11 +617,12 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
 
     /// Submits one command and polls for its completion. Only for callers that
     /// own the queue with nothing else in flight (set-up, admin commands,
-    /// self-tests): other completions are counted as spurious.
+    /// self-tests): other completions are logged and dropped.
     ///
     /// # Safety
     ///
-    /// As [`QueuePair::submit`].
+    /// As [`QueuePair::submit`]; in particular after `Err(Timeout)` the buffer
+    /// still belongs to the device (see [`QueuePair::wait`]).
     pub unsafe fn execute(
         &mut self,
         cmd: SubmissionEntry,
@@ -475,14 +637,84 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         )
     }
 
-    /// Forgets every command and rewinds the rings, after the controller was
-    /// reset or the queue deleted (the device no longer uses them).
-    pub(crate) fn reset_rings(&mut self) {
+    /// Delivers every command whose owner still waits, exactly once, then
+    /// rewinds the rings and leaves the queue *down* (refusing new commands)
+    /// until it is created on the controller again. Completion entries the
+    /// controller posted before it stopped are delivered with their real
+    /// outcome; every other command fails with [`NvmeError::Timeout`] when it
+    /// was past its deadline, else with [`NvmeError::Cancelled`]. `Abandoned`
+    /// commands (whose caller already has its error) are freed silently.
+    /// Returns how many completions were delivered.
+    ///
+    /// [`crate::Controller::reset`] calls this; call it directly only when
+    /// the controller cannot be reset but is known to be quiet.
+    ///
+    /// # Safety
+    ///
+    /// The controller no longer accesses this queue's rings or any of its
+    /// commands' buffers: CSTS.RDY was seen 0 after CC.EN was cleared, or bus
+    /// mastering of the device was turned off in its PCI command register.
+    pub unsafe fn cancel_all(&mut self, mut on_done: impl FnMut(Completion)) -> usize {
+        // No doorbell: the controller is stopped.
+        let mut n = self.reap(&mut on_done);
+        let now = self.hal.now_ns();
+        let qid = self.qid;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let overdue = match slot.state {
+                SlotState::Free => continue,
+                SlotState::Abandoned => {
+                    slot.state = SlotState::Free;
+                    continue;
+                }
+                SlotState::InFlight => slot.deadline <= now,
+                SlotState::Aborting | SlotState::AwaitingReset => true,
+            };
+            slot.state = SlotState::Free;
+            let (cid, opcode) = (index as u16, slot.opcode);
+            let error = if overdue {
+                NvmeError::Timeout { qid, cid, opcode }
+            } else {
+                NvmeError::Cancelled { qid, cid, opcode }
+            };
+            self.stats.reset_failed += 1;
+            n += 1;
+            on_done(Completion {
+                cid,
+                tag: slot.tag,
+                opcode,
+                result: Err(error),
+            });
+        }
+        self.stats.resets += 1;
+        // SAFETY: as this function's contract: the controller is quiet.
+        unsafe { self.reset_rings() };
+        self.down = true;
+        n
+    }
+
+    /// Marks the queue down: the controller is stopped or gone.
+    pub(crate) fn set_down(&mut self) {
+        self.down = true;
+    }
+
+    /// Marks the queue usable again: it exists on an enabled controller.
+    pub(crate) fn set_up(&mut self) {
+        self.down = false;
+    }
+
+    /// Forgets every command and rewinds the rings.
+    ///
+    /// # Safety
+    ///
+    /// The controller no longer accesses the rings or the commands' buffers
+    /// (it was disabled, or the queue deleted).
+    pub(crate) unsafe fn reset_rings(&mut self) {
         self.sq_tail = 0;
         self.sq_head = 0;
         self.cq_head = 0;
         self.phase = true;
-        // SAFETY: the controller no longer accesses the rings (see caller).
+        // SAFETY: the CQ region is `cq.len` bytes of our DMA memory, and by
+        // this function's contract the controller no longer writes it.
         unsafe { ptr::write_bytes(self.cq.virt.as_ptr(), 0, self.cq.len) };
         self.nfree = 0;
         for i in (0..self.slots.len()).rev() {
@@ -490,5 +722,6 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             self.free[self.nfree] = i as u16;
             self.nfree += 1;
         }
+        self.wedged = 0;
     }
 }

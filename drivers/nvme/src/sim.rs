@@ -12,8 +12,17 @@
 //! Faults can be injected: a controller that never becomes ready, one that
 //! reports fatal status, commands that fail with a given status or never
 //! complete, completions held back and released in any order, bogus
-//! completions. The model is checked against the specification independently
-//! of the driver (its PRP walk is its own).
+//! completions, a controller that ignores Abort (answers "not aborted", as
+//! QEMU 7.2 does), one that stops answering altogether until it is reset, and
+//! one that cannot be stopped (CSTS.RDY stays 1 after CC.EN = 0). The model is
+//! checked against the specification independently of the driver (its PRP
+//! walk is its own).
+//!
+//! Buffer ownership is checkable: a command that was fetched and has not
+//! completed is *stalled* and keeps its PRPs; [`Sim::may_access`] says whether
+//! such a command could still move data into (or out of) a host range, and
+//! [`Sim::finish_stalled`] really does so. Disabling the controller (CC.EN
+//! 1 → 0) forgets the stalled commands, as a real controller reset does.
 
 use crate::cmd::{admin, io, CompletionEntry, Status, SubmissionEntry};
 use crate::hal::{Dma, Hal, Mmio, PAGE_SIZE};
@@ -97,8 +106,30 @@ unsafe impl Hal for SimHal {
 pub enum FaultAction {
     /// Complete with this status.
     Fail(Status),
-    /// Fetch the command and never complete it.
+    /// Fetch the command and hold it (stalled): it completes only when
+    /// aborted or run by [`Sim::finish_stalled`]; a controller reset forgets
+    /// it.
     Drop,
+}
+
+/// A command the device fetched and has not completed: it may still access
+/// the host memory its PRPs name.
+#[derive(Clone, Copy, Debug)]
+struct Stalled {
+    sqid: u16,
+    cqid: u16,
+    cmd: SubmissionEntry,
+}
+
+/// An I/O queue pair as the device knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimQueueInfo {
+    pub sq_base: u64,
+    pub cq_base: u64,
+    pub sq_entries: u16,
+    pub cq_entries: u16,
+    /// MSI-X vector of the completion queue, when interrupts are enabled.
+    pub vector: Option<u16>,
 }
 
 /// A fault for commands with `opcode` on I/O queues (`admin == false`) or the
@@ -177,6 +208,15 @@ struct State {
     cqs: [Option<SimCq>; MAX_QUEUES],
     never_ready: bool,
     fatal_on_enable: bool,
+    /// CSTS.RDY stays 1 after CC.EN = 0 and nothing stops.
+    never_disable: bool,
+    /// Every command fetched stalls, until the controller is enabled again.
+    hung: bool,
+    /// Abort answers "not aborted" and leaves the command alone.
+    ignore_aborts: bool,
+    stalled: Vec<Stalled>,
+    /// CC.EN 1 -> 0 transitions that took effect.
+    disables: u64,
     faults: Vec<Fault>,
     hold: bool,
     held: Vec<(u16, CompletionEntry)>,
@@ -208,6 +248,11 @@ impl Sim {
             cqs: [None; MAX_QUEUES],
             never_ready: false,
             fatal_on_enable: false,
+            never_disable: false,
+            hung: false,
+            ignore_aborts: false,
+            stalled: Vec::new(),
+            disables: 0,
             faults: Vec::new(),
             hold: false,
             held: Vec::new(),
@@ -233,6 +278,71 @@ impl Sim {
     }
     pub fn set_fatal_on_enable(&self, v: bool) {
         self.state().fatal_on_enable = v;
+    }
+    /// CSTS.RDY stays 1 after CC.EN is cleared: the controller cannot be
+    /// stopped and keeps its stalled commands.
+    pub fn set_never_disable(&self, v: bool) {
+        self.state().never_disable = v;
+    }
+    /// Stop answering: every command fetched from now on (admin too) stalls,
+    /// until CC.EN goes 0 -> 1 and the controller is ready again.
+    pub fn set_hung(&self, v: bool) {
+        self.state().hung = v;
+    }
+    /// Answer Abort with "not aborted" (DW0 bit 0 = 1) and leave the command
+    /// alone, as QEMU 7.2 does.
+    pub fn set_ignore_aborts(&self, v: bool) {
+        self.state().ignore_aborts = v;
+    }
+    /// Commands fetched and not completed.
+    pub fn stalled(&self) -> usize {
+        self.state().stalled.len()
+    }
+    /// Whether a stalled command may still read or write any byte of the host
+    /// range `[addr, addr + len)` (CPU addresses): its buffer belongs to the
+    /// device.
+    pub fn may_access(&self, addr: usize, len: usize) -> bool {
+        let s = self.state();
+        let (start, end) = (addr as u64 + PHYS_OFFSET, (addr + len) as u64 + PHYS_OFFSET);
+        s.stalled.iter().any(|st| {
+            let mut hit = false;
+            let _ = walk_prps(&st.cmd, s.transfer_len(st), |phys, n| {
+                hit |= phys < end && phys + n as u64 > start;
+                Ok(())
+            });
+            hit
+        })
+    }
+    /// Runs every stalled command now (moving its data) and posts its
+    /// completion, as a slow device finally would.
+    pub fn finish_stalled(&self) {
+        let mut s = self.state();
+        let stalled = std::mem::take(&mut s.stalled);
+        for st in stalled {
+            let (status, dw0) = if st.sqid == 0 {
+                s.admin(&st.cmd)
+            } else {
+                s.io(&st.cmd)
+            };
+            s.complete(st.sqid, st.cqid, st.cmd.cid(), status, dw0);
+        }
+    }
+    /// Times CC.EN went from 1 to 0 (controller resets).
+    pub fn disables(&self) -> u64 {
+        self.state().disables
+    }
+    /// I/O queue pair `qid` as the device knows it.
+    pub fn io_queue(&self, qid: u16) -> Option<SimQueueInfo> {
+        let s = self.state();
+        let sq = s.sqs.get(qid as usize).copied().flatten()?;
+        let cq = s.cqs.get(qid as usize).copied().flatten()?;
+        Some(SimQueueInfo {
+            sq_base: sq.base,
+            cq_base: cq.base,
+            sq_entries: sq.entries,
+            cq_entries: cq.entries,
+            vector: cq.vector,
+        })
     }
     pub fn inject(&self, fault: Fault) {
         self.state().faults.push(fault);
@@ -354,11 +464,17 @@ impl State {
             self.csts = (self.csts & !regs::CSTS_SHST_MASK) | regs::CSTS_SHST_DONE;
         }
         if was && !now {
+            if self.never_disable {
+                return;
+            }
+            // A controller reset: queues and every command in them are gone.
             self.sqs = [None; MAX_QUEUES];
             self.cqs = [None; MAX_QUEUES];
             self.held.clear();
             self.overflow.clear();
+            self.stalled.clear();
             self.csts = 0;
+            self.disables += 1;
         } else if !was && now {
             if self.fatal_on_enable {
                 self.csts = regs::CSTS_CFS;
@@ -384,6 +500,7 @@ impl State {
                 phase: true,
                 vector: None,
             });
+            self.hung = false;
             self.csts = regs::CSTS_RDY;
         }
     }
@@ -406,20 +523,27 @@ impl State {
             sq.head = (sq.head + 1) % sq.entries;
             self.sqs[qid as usize] = Some(sq);
             self.commands += 1;
-            if let Some((st, dw0)) = self.execute(qid, &cmd) {
-                let e = CompletionEntry {
-                    dw0,
-                    dw1: 0,
-                    sq_head: sq.head,
-                    sq_id: qid,
-                    cid: cmd.cid(),
-                    status: st.0 << 1,
-                };
-                if self.hold {
-                    self.held.push((sq.cqid, e));
-                } else {
-                    self.post(sq.cqid, e);
+            match self.execute(qid, &cmd) {
+                Some((st, dw0)) => {
+                    let e = CompletionEntry {
+                        dw0,
+                        dw1: 0,
+                        sq_head: sq.head,
+                        sq_id: qid,
+                        cid: cmd.cid(),
+                        status: st.0 << 1,
+                    };
+                    if self.hold {
+                        self.held.push((sq.cqid, e));
+                    } else {
+                        self.post(sq.cqid, e);
+                    }
                 }
+                None => self.stalled.push(Stalled {
+                    sqid: qid,
+                    cqid: sq.cqid,
+                    cmd,
+                }),
             }
             // Queues may have been created or deleted by the command.
             match self.sqs[qid as usize] {
@@ -453,6 +577,37 @@ impl State {
             }
             self.overflow.pop_front();
             self.post(q, e);
+        }
+    }
+
+    /// Completes command `cid` of `sqid` now (held back when holding).
+    fn complete(&mut self, sqid: u16, cqid: u16, cid: u16, st: Status, dw0: u32) {
+        let sq_head = self.sqs[sqid as usize].map_or(0, |sq| sq.head);
+        let e = CompletionEntry {
+            dw0,
+            dw1: 0,
+            sq_head,
+            sq_id: sqid,
+            cid,
+            status: st.0 << 1,
+        };
+        if self.hold {
+            self.held.push((cqid, e));
+        } else {
+            self.post(cqid, e);
+        }
+    }
+
+    /// Bytes a stalled command moves (0 for commands without data).
+    fn transfer_len(&self, st: &Stalled) -> usize {
+        let cmd = &st.cmd;
+        match (st.sqid, cmd.opcode()) {
+            (0, admin::IDENTIFY) => PAGE_SIZE,
+            (0, _) => 0,
+            (_, io::READ | io::WRITE) => {
+                ((cmd.cdw12 & 0xffff) as usize + 1) * self.cfg.block_size as usize
+            }
+            _ => 0,
         }
     }
 
@@ -503,6 +658,9 @@ impl State {
 
     /// Executes one command: `None` when it is never to complete.
     fn execute(&mut self, qid: u16, cmd: &SubmissionEntry) -> Option<(Status, u32)> {
+        if self.hung {
+            return None;
+        }
         match self.fault_for(qid == 0, cmd) {
             Some(FaultAction::Drop) => return None,
             Some(FaultAction::Fail(st)) => return Some((st, 0)),
@@ -547,6 +705,22 @@ impl State {
                 match self.copy(cmd, &mut d, true) {
                     Ok(()) => (Status::SUCCESS, 0),
                     Err(st) => (st, 0),
+                }
+            }
+            admin::ABORT => {
+                let (sqid, cid) = ((cmd.cdw10 & 0xffff) as u16, (cmd.cdw10 >> 16) as u16);
+                let found = self
+                    .stalled
+                    .iter()
+                    .position(|st| st.sqid == sqid && st.cmd.cid() == cid);
+                match found {
+                    Some(i) if !self.ignore_aborts => {
+                        // The aborted command completes first, then the Abort.
+                        let st = self.stalled.remove(i);
+                        self.complete(st.sqid, st.cqid, cid, Status::new(0, 0x07), 0);
+                        (Status::SUCCESS, 0)
+                    }
+                    _ => (Status::SUCCESS, 1),
                 }
             }
             admin::SET_FEATURES if cmd.cdw10 & 0xff == 0x07 => {
@@ -653,9 +827,8 @@ impl State {
     /// Moves `data.len()` bytes between `data` and the host memory the
     /// command's PRPs describe: to the host when `to_host`.
     fn copy(&self, cmd: &SubmissionEntry, data: &mut [u8], to_host: bool) -> Result<(), Status> {
-        let total = data.len();
         let mut done = 0usize;
-        let mut seg = |phys: u64, len: usize| -> Result<(), Status> {
+        walk_prps(cmd, data.len(), |phys, len| {
             let p = host_ptr(phys).ok_or(status(DATA_TRANSFER_ERROR))?;
             // SAFETY: the driver guarantees (Hal/submit contracts) that PRPs name
             // live host memory of at least `len` bytes for this command.
@@ -668,50 +841,62 @@ impl State {
             }
             done += len;
             Ok(())
-        };
-        let page = PAGE_SIZE as u64;
-        if !cmd.prp1.is_multiple_of(4) {
+        })
+    }
+}
+
+/// Calls `seg(device address, bytes)` for each piece of host memory that the
+/// PRPs of `cmd` name for a transfer of `total` bytes, in order.
+fn walk_prps(
+    cmd: &SubmissionEntry,
+    total: usize,
+    mut seg: impl FnMut(u64, usize) -> Result<(), Status>,
+) -> Result<(), Status> {
+    if total == 0 {
+        return Ok(());
+    }
+    let page = PAGE_SIZE as u64;
+    if !cmd.prp1.is_multiple_of(4) {
+        return Err(status(PRP_OFFSET_INVALID));
+    }
+    let first = total.min(PAGE_SIZE - (cmd.prp1 % page) as usize);
+    seg(cmd.prp1, first)?;
+    let mut rest = total - first;
+    if rest == 0 {
+        return Ok(());
+    }
+    if rest <= PAGE_SIZE {
+        if !cmd.prp2.is_multiple_of(page) {
             return Err(status(PRP_OFFSET_INVALID));
         }
-        let first = total.min(PAGE_SIZE - (cmd.prp1 % page) as usize);
-        seg(cmd.prp1, first)?;
-        let mut rest = total - first;
-        if rest == 0 {
-            return Ok(());
-        }
-        if rest <= PAGE_SIZE {
-            if !cmd.prp2.is_multiple_of(page) {
+        return seg(cmd.prp2, rest);
+    }
+    // PRP list: entries are page aligned; the last entry of a list page
+    // points to the next list page when more than one entry remains.
+    if !cmd.prp2.is_multiple_of(8) {
+        return Err(status(PRP_OFFSET_INVALID));
+    }
+    let mut list = cmd.prp2;
+    loop {
+        let lp = host_ptr(list).ok_or(status(DATA_TRANSFER_ERROR))? as *const u64;
+        let index = ((list % page) / 8) as usize;
+        let slots = PAGE_SIZE / 8 - index;
+        for i in 0..slots {
+            // SAFETY: list page memory supplied by the driver; i < entries
+            // left in the page.
+            let entry = unsafe { std::ptr::read_volatile(lp.add(i)) };
+            if i == slots - 1 && rest > PAGE_SIZE {
+                list = entry;
+                break;
+            }
+            if entry % page != 0 {
                 return Err(status(PRP_OFFSET_INVALID));
             }
-            return seg(cmd.prp2, rest);
-        }
-        // PRP list: entries are page aligned; the last entry of a list page
-        // points to the next list page when more than one entry remains.
-        if !cmd.prp2.is_multiple_of(8) {
-            return Err(status(PRP_OFFSET_INVALID));
-        }
-        let mut list = cmd.prp2;
-        loop {
-            let lp = host_ptr(list).ok_or(status(DATA_TRANSFER_ERROR))? as *const u64;
-            let index = ((list % page) / 8) as usize;
-            let slots = PAGE_SIZE / 8 - index;
-            for i in 0..slots {
-                // SAFETY: list page memory supplied by the driver; i < entries
-                // left in the page.
-                let entry = unsafe { std::ptr::read_volatile(lp.add(i)) };
-                if i == slots - 1 && rest > PAGE_SIZE {
-                    list = entry;
-                    break;
-                }
-                if entry % page != 0 {
-                    return Err(status(PRP_OFFSET_INVALID));
-                }
-                let n = rest.min(PAGE_SIZE);
-                seg(entry, n)?;
-                rest -= n;
-                if rest == 0 {
-                    return Ok(());
-                }
+            let n = rest.min(PAGE_SIZE);
+            seg(entry, n)?;
+            rest -= n;
+            if rest == 0 {
+                return Ok(());
             }
         }
     }

@@ -40,6 +40,7 @@ fn config() -> Config {
         admin_entries: 8,
         admin_timeout_ms: 100,
         io_timeout_ms: 100,
+        abort_grace_ms: 50,
     }
 }
 
@@ -53,6 +54,25 @@ fn setup(cfg: SimConfig, entries: u16, vector: Option<u16>) -> (Sim, SimHal, Ctr
     assert_eq!(ctrl.set_queue_count(1).unwrap(), 1);
     let qp = ctrl.create_io_queue(1, entries, vector).unwrap();
     (sim, hal, ctrl, qp)
+}
+
+fn small() -> SimConfig {
+    SimConfig {
+        block_size: 512,
+        blocks: 128,
+        ..Default::default()
+    }
+}
+
+/// A fault that makes the device fetch one read of `lba` and hold it.
+fn stall(opcode: u8, lba: u64) -> Fault {
+    Fault {
+        admin: false,
+        opcode,
+        lba: Some(lba),
+        action: FaultAction::Drop,
+        count: 1,
+    }
 }
 
 fn pattern(i: u64) -> u8 {
@@ -311,20 +331,9 @@ fn error_statuses_are_typed_and_named() {
 }
 
 #[test]
-fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
-    let cfg = SimConfig {
-        block_size: 512,
-        blocks: 128,
-        ..Default::default()
-    };
-    let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(5),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+fn a_waited_command_that_never_completes_times_out_and_wedges_the_queue_until_reset() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    sim.inject(stall(io::READ, 5));
     let mut buf = vec![0u8; 512];
     let t0 = hal.now();
     let e = read(&mut qp, 5, 1, &mut buf).unwrap_err();
@@ -343,48 +352,47 @@ fn a_command_that_never_completes_times_out_and_the_queue_keeps_working() {
     let waited = hal.now() - t0;
     assert!((100_000_000..200_000_000).contains(&waited), "{waited}");
     assert_eq!(qp.stats().timeouts, 1);
-    // The abandoned id is not reused; other commands still work.
+    // The device may still write the buffer: the queue takes nothing more.
+    assert!(sim.may_access(buf.as_ptr() as usize, 512));
+    assert!(qp.needs_reset());
+    let mut other = vec![0u8; 512];
+    assert_eq!(
+        read(&mut qp, 0, 1, &mut other),
+        Err(NvmeError::ResetRequired { qid: 1 })
+    );
+    // The reset stops the device; the waiter already had its error, so
+    // nothing is delivered again.
+    ctrl.reset(&mut [&mut qp], |c| panic!("delivered twice: {c:?}"))
+        .unwrap();
+    assert!(!sim.may_access(buf.as_ptr() as usize, 512));
+    assert!(!qp.needs_reset());
     for lba in 0..20 {
         read(&mut qp, lba, 1, &mut buf).unwrap();
     }
-    assert_eq!(qp.depth() - qp.in_flight(), 6);
+    assert_eq!(qp.in_flight(), 0);
 }
 
 #[test]
-fn expire_reports_overdue_commands_to_async_callers() {
-    let cfg = SimConfig {
-        block_size: 512,
-        blocks: 128,
-        ..Default::default()
-    };
-    let (sim, hal, _ctrl, mut qp) = setup(cfg, 8, None);
-    sim.set_hold(true);
+fn a_waited_command_that_completes_late_frees_its_slot_without_a_reset() {
+    let (sim, _hal, _ctrl, mut qp) = setup(small(), 8, None);
+    sim.inject(stall(io::READ, 5));
     let mut buf = vec![0u8; 512];
-    // SAFETY: buf outlives the command (the controller is dropped at the end of
-    // the test, after which the model is gone too).
-    unsafe {
-        qp.submit(
-            SubmissionEntry::read(1, 1, 1),
-            Some(DataBuf::from_mut_slice(&mut buf)),
-            42,
-        )
-        .unwrap()
-    };
-    assert!(qp.expire(hal.now()).is_none());
-    let deadline = qp.next_deadline().unwrap();
-    let c = qp.expire(deadline).unwrap();
-    assert_eq!(c.tag, 42);
-    assert!(matches!(c.result, Err(NvmeError::Timeout { .. })));
-    assert!(qp.expire(deadline).is_none());
-    // When the device answers after all, the late completion frees the id
-    // without reaching the caller again.
-    sim.release(&[]);
+    assert!(matches!(
+        read(&mut qp, 5, 1, &mut buf),
+        Err(NvmeError::Timeout { .. })
+    ));
+    assert!(qp.needs_reset());
+    // The device answers after all: it is done with the buffer, the id is
+    // free again and the late completion does not reach anyone.
+    sim.finish_stalled();
     assert_eq!(
         qp.process_completions(|_| panic!("late completion delivered")),
         1
     );
     assert_eq!(qp.stats().late, 1);
+    assert!(!qp.needs_reset());
     assert_eq!(qp.in_flight(), 0);
+    read(&mut qp, 6, 1, &mut buf).unwrap();
 }
 
 #[test]
@@ -431,7 +439,7 @@ fn namespace_of_size_zero() {
 }
 
 #[test]
-fn admin_command_that_never_completes() {
+fn an_admin_command_that_never_completes_blocks_admin_commands_until_reset() {
     let sim = Sim::new(SimConfig::default());
     let mut ctrl = Controller::init(SimHal::new(), sim.clone(), config()).unwrap();
     sim.inject(Fault {
@@ -450,7 +458,20 @@ fn admin_command_that_never_completes() {
             ..
         }
     ));
-    // The admin queue still works afterwards.
+    // The Identify may still write the scratch page: no admin command is
+    // taken (so the page is not reused) until the controller is reset.
+    assert_eq!(sim.stalled(), 1);
+    assert!(ctrl.needs_reset());
+    let e = ctrl.namespace(1).unwrap_err();
+    assert_eq!(e, NvmeError::ResetRequired { qid: 0 });
+    assert_eq!(
+        e.to_string(),
+        "queue 0 refuses commands until the controller is reset (a timed-out command still owns its buffer)"
+    );
+    assert_eq!(ctrl.abort(1, 0), Err(NvmeError::ResetRequired { qid: 0 }));
+    ctrl.reset(&mut [], |c| panic!("{c:?}")).unwrap();
+    assert_eq!(sim.stalled(), 0);
+    assert!(!ctrl.needs_reset());
     assert_eq!(ctrl.namespace(1).unwrap().blocks, 2048);
 }
 
@@ -584,4 +605,501 @@ fn driver_never_hands_cpu_addresses_to_the_device() {
         NvmeError::Command { status, .. } => assert_eq!(status.name(), "Data Transfer Error"),
         other => panic!("{other:?}"),
     }
+}
+
+// ---- Timeouts, Abort and controller reset -------------------------------
+
+/// Submits a one-block read of `lba` into `buf` with `tag`.
+fn submit_read(qp: &mut Qp, lba: u64, buf: &mut [u8], tag: u64) -> u16 {
+    // SAFETY: every test keeps `buf` alive and untouched until its completion
+    // was delivered, or until the end of the test (after which nothing runs
+    // the model again).
+    unsafe {
+        qp.submit(
+            SubmissionEntry::read(1, lba, (buf.len() / 512) as u32),
+            Some(DataBuf::from_mut_slice(buf)),
+            tag,
+        )
+        .unwrap()
+    }
+}
+
+/// The recovery step an owner runs on a timer, as the `ctrl` module docs
+/// describe it: abort what is overdue, reset when the queue or the admin
+/// queue asks for it. Returns whether a reset ran and its outcome.
+fn recover(
+    ctrl: &mut Ctrl,
+    qp: &mut Qp,
+    now: u64,
+    deliver: impl FnMut(Completion),
+) -> Option<Result<(), NvmeError>> {
+    let mut reset = false;
+    while let Some(x) = qp.expire(now) {
+        match x {
+            Expiry::Abort { qid, cid, .. } => {
+                // Advisory: a declined or failed abort ends in a reset later.
+                let _ = ctrl.abort(qid, cid);
+            }
+            Expiry::ResetNeeded { .. } => reset = true,
+        }
+    }
+    (reset || ctrl.needs_reset() || qp.needs_reset()).then(|| ctrl.reset(&mut [qp], deliver))
+}
+
+#[test]
+fn a_command_that_never_completes_is_aborted_and_its_owner_gets_the_abort_error() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    let disk = sim.disk();
+    sim.inject(stall(io::READ, 5));
+    let mut buf = vec![0u8; 512];
+    let cid = submit_read(&mut qp, 5, &mut buf, 77);
+    assert_eq!(sim.stalled(), 1);
+    // Before its deadline nothing happens.
+    assert_eq!(qp.expire(hal.now()), None);
+    let deadline = qp.next_deadline().unwrap();
+    assert_eq!(
+        qp.expire(deadline),
+        Some(Expiry::Abort {
+            qid: 1,
+            cid,
+            opcode: io::READ
+        })
+    );
+    assert_eq!(qp.expire(deadline), None);
+    // Past its deadline the owner still hears nothing: the device owns the
+    // buffer.
+    assert_eq!(qp.process_completions(|c| panic!("{c:?}")), 0);
+    assert!(qp.is_in_flight(cid));
+    assert!(sim.may_access(buf.as_ptr() as usize, 512));
+    // The controller aborts it; then it completes, with the abort error.
+    assert_eq!(ctrl.abort(1, cid), Ok(true));
+    assert!(!sim.may_access(buf.as_ptr() as usize, 512));
+    let mut got = Vec::new();
+    assert_eq!(qp.process_completions(|c| got.push(c)), 1);
+    assert_eq!(got.len(), 1);
+    let e = NvmeError::Aborted {
+        qid: 1,
+        cid,
+        opcode: io::READ,
+    };
+    assert_eq!((got[0].tag, got[0].cid, got[0].result), (77, cid, Err(e)));
+    assert_eq!(
+        e.to_string(),
+        format!("command aborted after timing out (queue 1, cid {cid}, opcode 0x02)")
+    );
+    // Nothing more to do, no reset needed, and the queue keeps working.
+    assert_eq!(qp.expire(u64::MAX), None);
+    assert!(!qp.needs_reset() && !ctrl.needs_reset());
+    read(&mut qp, 5, 1, &mut buf).unwrap();
+    assert!(buf[..] == disk[5 * 512..6 * 512]);
+}
+
+#[test]
+fn a_command_completing_after_a_declined_abort_reaches_its_owner_with_its_data() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    let disk = sim.disk();
+    sim.inject(stall(io::READ, 9));
+    sim.set_ignore_aborts(true);
+    let mut buf = vec![0u8; 512];
+    let cid = submit_read(&mut qp, 9, &mut buf, 5);
+    hal.advance(100_000_000);
+    assert!(matches!(qp.expire(hal.now()), Some(Expiry::Abort { .. })));
+    // "Not aborted", as QEMU 7.2 answers.
+    assert_eq!(ctrl.abort(1, cid), Ok(false));
+    assert_eq!(ctrl.stats().aborts_declined, 1);
+    assert_eq!(qp.process_completions(|c| panic!("{c:?}")), 0);
+    // The slow device finishes within the grace period: a normal completion.
+    sim.finish_stalled();
+    let mut got = None;
+    assert_eq!(qp.process_completions(|c| got = Some((c.tag, c.result))), 1);
+    assert_eq!(got, Some((5, Ok(0))));
+    assert!(buf[..] == disk[9 * 512..10 * 512]);
+    assert_eq!(qp.expire(u64::MAX), None);
+    assert!(!qp.needs_reset());
+    assert_eq!(qp.stats().late, 1);
+}
+
+#[test]
+fn an_ignored_abort_leads_to_a_reset_that_fails_every_in_flight_command_once() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    let disk = sim.disk();
+    sim.set_ignore_aborts(true);
+    for lba in 1..=3 {
+        sim.inject(stall(io::READ, lba));
+    }
+    let mut bufs = vec![vec![0u8; 512]; 3];
+    let (a, rest) = bufs.split_first_mut().unwrap();
+    let cid_a = submit_read(&mut qp, 1, a, 100);
+    // Two more that stall too, 60 ms later: their deadlines are still ahead
+    // when the reset comes.
+    hal.advance(60_000_000);
+    let cid_b = submit_read(&mut qp, 2, &mut rest[0], 101);
+    let cid_c = submit_read(&mut qp, 3, &mut rest[1], 102);
+    hal.advance(45_000_000);
+    let mut delivered = Vec::new();
+    // A is overdue: aborted, but the controller declines.
+    assert_eq!(
+        recover(&mut ctrl, &mut qp, hal.now(), |c| delivered.push(c)),
+        None
+    );
+    assert_eq!(qp.stats().aborts, 1);
+    assert!(delivered.is_empty());
+    // Past the grace period: a reset is needed; new commands are refused.
+    hal.advance(50_000_000);
+    assert_eq!(
+        qp.expire(hal.now()),
+        Some(Expiry::ResetNeeded {
+            qid: 1,
+            cid: cid_a,
+            opcode: io::READ
+        })
+    );
+    assert_eq!(qp.expire(hal.now()), None);
+    assert!(qp.needs_reset());
+    let mut other = vec![0u8; 512];
+    // SAFETY: refused before the device sees it.
+    let refused = unsafe {
+        qp.submit(
+            SubmissionEntry::read(1, 0, 1),
+            Some(DataBuf::from_mut_slice(&mut other)),
+            0,
+        )
+    };
+    assert_eq!(refused, Err(NvmeError::ResetRequired { qid: 1 }));
+    assert!(delivered.is_empty());
+    // The reset fails each of them exactly once: A timed out, B and C were
+    // cancelled on its account.
+    assert_eq!(
+        recover(&mut ctrl, &mut qp, hal.now(), |c| delivered.push(c)),
+        Some(Ok(()))
+    );
+    delivered.sort_by_key(|c| c.tag);
+    let got: Vec<_> = delivered.iter().map(|c| (c.tag, c.result)).collect();
+    let (q, op) = (1, io::READ);
+    assert_eq!(
+        got,
+        vec![
+            (
+                100,
+                Err(NvmeError::Timeout {
+                    qid: q,
+                    cid: cid_a,
+                    opcode: op
+                })
+            ),
+            (
+                101,
+                Err(NvmeError::Cancelled {
+                    qid: q,
+                    cid: cid_b,
+                    opcode: op
+                })
+            ),
+            (
+                102,
+                Err(NvmeError::Cancelled {
+                    qid: q,
+                    cid: cid_c,
+                    opcode: op
+                })
+            ),
+        ]
+    );
+    assert_eq!(
+        delivered[1].result.unwrap_err().to_string(),
+        format!("command cancelled by a controller reset (queue 1, cid {cid_b}, opcode 0x02)")
+    );
+    // Nothing is delivered again afterwards, and new commands work.
+    assert_eq!(qp.process_completions(|c| panic!("{c:?}")), 0);
+    assert_eq!(qp.expire(u64::MAX), None);
+    assert_eq!(qp.in_flight(), 0);
+    for lba in 0..10 {
+        read(&mut qp, lba, 1, &mut other).unwrap();
+        assert!(other[..] == disk[lba as usize * 512..lba as usize * 512 + 512]);
+    }
+    assert_eq!(sim.disables(), 1);
+}
+
+#[test]
+fn a_controller_that_stops_answering_even_admin_commands_is_reset_and_works_again() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    let disk = sim.disk();
+    sim.set_hung(true);
+    let mut bufs = vec![vec![0u8; 512]; 2];
+    for (i, b) in bufs.iter_mut().enumerate() {
+        submit_read(&mut qp, 20 + i as u64, b, i as u64);
+    }
+    assert_eq!(sim.stalled(), 2);
+    let mut delivered = Vec::new();
+    hal.advance(100_000_000);
+    // The first Abort times out on the admin queue, which then refuses the
+    // second; the controller asks for a reset itself.
+    let deadline = qp.next_deadline().unwrap();
+    let first = qp.expire(deadline).unwrap();
+    let Expiry::Abort { cid, .. } = first else {
+        panic!("{first:?}")
+    };
+    assert!(matches!(
+        ctrl.abort(1, cid),
+        Err(NvmeError::Timeout {
+            qid: 0,
+            opcode: 0x08,
+            ..
+        })
+    ));
+    assert!(ctrl.needs_reset());
+    // (The Abort's own 100 ms wait outlasted the first command's grace, so
+    // look exactly at the second command's deadline.)
+    let second = qp.next_deadline().unwrap();
+    assert!(matches!(qp.expire(second), Some(Expiry::Abort { .. })));
+    assert_eq!(
+        ctrl.abort(1, cid + 1),
+        Err(NvmeError::ResetRequired { qid: 0 })
+    );
+    assert!(delivered.is_empty());
+    assert_eq!(
+        recover(&mut ctrl, &mut qp, hal.now(), |c| delivered.push(c)),
+        Some(Ok(()))
+    );
+    delivered.sort_by_key(|c| c.tag);
+    assert_eq!(delivered.len(), 2);
+    for (i, c) in delivered.iter().enumerate() {
+        assert_eq!(c.tag, i as u64);
+        assert!(
+            matches!(c.result, Err(NvmeError::Timeout { qid: 1, .. })),
+            "{c:?}"
+        );
+    }
+    // Admin and I/O commands work again.
+    assert!(!ctrl.needs_reset() && !qp.needs_reset());
+    assert_eq!(ctrl.namespace(1).unwrap().blocks, 128);
+    let mut buf = vec![0u8; 512];
+    read(&mut qp, 21, 1, &mut buf).unwrap();
+    assert!(buf[..] == disk[21 * 512..22 * 512]);
+}
+
+#[test]
+fn a_controller_that_never_becomes_ready_after_reset_fails_cleanly_and_refuses_commands() {
+    let (sim, _hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    sim.set_hung(true);
+    let mut buf = vec![0u8; 512];
+    submit_read(&mut qp, 3, &mut buf, 9);
+    sim.set_never_ready(true);
+    let mut delivered = Vec::new();
+    let e = ctrl
+        .reset(&mut [&mut qp], |c| delivered.push(c))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        NvmeError::NotReady {
+            enable: true,
+            waited_ms: 1000
+        }
+    );
+    // The controller did stop, so the command was handed back once.
+    assert_eq!(delivered.len(), 1);
+    assert!(matches!(
+        delivered[0].result,
+        Err(NvmeError::Cancelled { .. })
+    ));
+    // Both queues refuse new commands with a clear error.
+    assert!(qp.is_down() && qp.needs_reset() && ctrl.needs_reset());
+    // SAFETY: refused before the device sees it.
+    let r = unsafe { qp.submit(SubmissionEntry::flush(1), None, 0) };
+    assert_eq!(r, Err(NvmeError::ControllerDown { qid: 1 }));
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "queue 1 refuses commands: the controller did not come back after a reset"
+    );
+    assert_eq!(ctrl.namespace(1), Err(NvmeError::ControllerDown { qid: 0 }));
+    assert_eq!(qp.expire(u64::MAX), None);
+    assert_eq!(ctrl.stats().failed_resets, 1);
+    // When the controller recovers, a later reset brings everything back.
+    sim.set_never_ready(false);
+    ctrl.reset(&mut [&mut qp], |c| panic!("{c:?}")).unwrap();
+    assert!(!qp.is_down());
+    read(&mut qp, 3, 1, &mut buf).unwrap();
+    assert_eq!(
+        ctrl.stats(),
+        ControllerStats {
+            resets: 2,
+            failed_resets: 1,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn a_controller_that_cannot_be_stopped_keeps_every_buffer() {
+    let (sim, _hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    sim.set_hung(true);
+    let mut buf = vec![0u8; 512];
+    let cid = submit_read(&mut qp, 3, &mut buf, 9);
+    sim.set_never_disable(true);
+    let e = ctrl
+        .reset(&mut [&mut qp], |c| panic!("buffer handed back: {c:?}"))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        NvmeError::NotReady {
+            enable: false,
+            waited_ms: 1000
+        }
+    );
+    // The device may still write the buffer: the command stays in flight and
+    // the queue takes nothing new.
+    assert!(sim.may_access(buf.as_ptr() as usize, 512));
+    assert!(qp.is_in_flight(cid));
+    // SAFETY: refused before the device sees it.
+    let r = unsafe { qp.submit(SubmissionEntry::flush(1), None, 0) };
+    assert_eq!(r, Err(NvmeError::ControllerDown { qid: 1 }));
+}
+
+#[test]
+fn no_completion_reaches_an_owner_while_the_device_may_still_access_its_buffer() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    const CANARY: u8 = 0xee;
+    let mut bufs = vec![vec![0u8; 512]; 5];
+    let addrs: Vec<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
+    let mut delivered: Vec<(u64, Result<u32, NvmeError>)> = Vec::new();
+    // The owner: checks with the device model that it is done with the
+    // buffer, then reuses it at once (fills it with a canary).
+    let mut deliver = |c: Completion| {
+        let addr = addrs[c.tag as usize];
+        assert!(
+            !sim.may_access(addr, 512),
+            "tag {} delivered while the device may still access its buffer",
+            c.tag
+        );
+        // SAFETY: the driver says the device is done with the buffer; the
+        // test owns it (512 bytes) and nothing else touches it now.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, CANARY, 512) };
+        delivered.push((c.tag, c.result));
+    };
+    sim.inject(stall(io::READ, 10));
+    sim.inject(stall(io::READ, 20));
+    sim.inject(stall(io::READ, 50));
+    // 0 and 1 stall, 2 and 3 complete at once.
+    for (tag, lba) in [(0u64, 10u64), (1, 20), (2, 30), (3, 40)] {
+        submit_read(&mut qp, lba, &mut bufs[tag as usize], tag);
+    }
+    qp.process_completions(&mut deliver);
+    // Past the deadline: 0 is aborted by the controller, 1's abort declined.
+    hal.advance(100_000_000);
+    let now = hal.now();
+    let Some(Expiry::Abort { cid, .. }) = qp.expire(now) else {
+        panic!()
+    };
+    assert_eq!(ctrl.abort(1, cid), Ok(true));
+    sim.set_ignore_aborts(true);
+    let Some(Expiry::Abort { cid, .. }) = qp.expire(now) else {
+        panic!()
+    };
+    assert_eq!(ctrl.abort(1, cid), Ok(false));
+    assert_eq!(qp.expire(now), None);
+    qp.process_completions(&mut deliver);
+    // 4 stalls too, before its own deadline.
+    submit_read(&mut qp, 50, &mut bufs[4], 4);
+    assert!(sim.may_access(addrs[1], 512) && sim.may_access(addrs[4], 512));
+    // Past the grace period: the reset stops the device, then hands back 1
+    // and 4.
+    hal.advance(50_000_000);
+    assert_eq!(
+        recover(&mut ctrl, &mut qp, hal.now(), &mut deliver),
+        Some(Ok(()))
+    );
+    delivered.sort_by_key(|d| d.0);
+    let tags: Vec<u64> = delivered.iter().map(|d| d.0).collect();
+    assert_eq!(tags, vec![0, 1, 2, 3, 4], "each exactly once");
+    assert!(matches!(delivered[0].1, Err(NvmeError::Aborted { .. })));
+    assert!(matches!(delivered[1].1, Err(NvmeError::Timeout { .. })));
+    assert!(delivered[2].1.is_ok() && delivered[3].1.is_ok());
+    assert!(matches!(delivered[4].1, Err(NvmeError::Cancelled { .. })));
+    // Whatever the device does now, no reused buffer changes.
+    sim.finish_stalled();
+    assert_eq!(qp.process_completions(|c| panic!("{c:?}")), 0);
+    assert!(bufs.iter().all(|b| b.iter().all(|&x| x == CANARY)));
+}
+
+#[test]
+fn the_reset_recreates_the_io_queue_with_the_same_memory_and_vector() {
+    let (sim, _hal, mut ctrl, mut qp) = setup(small(), 16, Some(3));
+    let before = sim.io_queue(1).unwrap();
+    assert_eq!(before.vector, Some(3));
+    assert_eq!(before.cq_base, qp.cq_phys());
+    assert_eq!(before.sq_base, qp.sq_phys());
+    let mut buf = vec![0u8; 512];
+    // Leave the rings mid-way, so that the rewind shows.
+    for lba in 0..5 {
+        submit_read(&mut qp, lba, &mut buf, lba);
+        qp.process_completions(|c| c.result.map(|_| ()).unwrap());
+    }
+    ctrl.reset(&mut [&mut qp], |c| panic!("{c:?}")).unwrap();
+    assert_eq!(sim.io_queue(1), Some(before));
+    let raised = sim.interrupts(3);
+    submit_read(&mut qp, 7, &mut buf, 7);
+    assert_eq!(sim.interrupts(3), raised + 1);
+    let mut got = None;
+    qp.process_completions(|c| got = Some((c.tag, c.result)));
+    assert_eq!(got, Some((7, Ok(0))));
+    assert_eq!(buf[..], sim.disk()[7 * 512..8 * 512]);
+}
+
+#[test]
+fn a_reset_refuses_a_queue_with_the_admin_queue_id_and_leaves_the_controller_alone() {
+    let (sim, hal, mut ctrl, _qp) = setup(small(), 8, None);
+    let mut bogus = Qp::new(hal, sim.clone(), 0, 8, 4, 1_000_000, PAGE_SIZE, None).unwrap();
+    assert_eq!(
+        ctrl.reset(&mut [&mut bogus], |c| panic!("{c:?}")),
+        Err(NvmeError::BadQueue { qid: 0, entries: 8 })
+    );
+    assert_eq!(sim.disables(), 0);
+    assert_eq!(ctrl.stats().resets, 0);
+    assert_eq!(ctrl.namespace(1).unwrap().blocks, 128);
+}
+
+#[test]
+fn stats_count_timeouts_aborts_and_resets() {
+    let (sim, hal, mut ctrl, mut qp) = setup(small(), 8, None);
+    sim.inject(stall(io::READ, 1));
+    sim.inject(stall(io::READ, 2));
+    let mut bufs = vec![vec![0u8; 512]; 2];
+    let (a, b) = bufs.split_at_mut(1);
+    submit_read(&mut qp, 1, &mut a[0], 0);
+    submit_read(&mut qp, 2, &mut b[0], 1);
+    hal.advance(100_000_000);
+    // The first abort succeeds; then the controller ignores aborts.
+    let Some(Expiry::Abort { cid, .. }) = qp.expire(hal.now()) else {
+        panic!()
+    };
+    ctrl.abort(1, cid).unwrap();
+    sim.set_ignore_aborts(true);
+    let mut n = 0;
+    assert_eq!(recover(&mut ctrl, &mut qp, hal.now(), |_| n += 1), None);
+    qp.process_completions(|_| n += 1);
+    hal.advance(50_000_000);
+    assert!(recover(&mut ctrl, &mut qp, hal.now(), |_| n += 1).is_some());
+    assert_eq!(n, 2);
+    let s = qp.stats();
+    assert_eq!(
+        (
+            s.submitted,
+            s.timeouts,
+            s.aborts,
+            s.aborted,
+            s.reset_failed,
+            s.resets
+        ),
+        (2, 2, 2, 1, 1, 1)
+    );
+    assert_eq!((s.completed, s.errors, s.late), (1, 1, 1));
+    assert_eq!(
+        ctrl.stats(),
+        ControllerStats {
+            aborts_sent: 2,
+            aborts_declined: 1,
+            resets: 1,
+            failed_resets: 0,
+        }
+    );
 }
