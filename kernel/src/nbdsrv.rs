@@ -42,11 +42,13 @@
 //!   exceed what the queue takes, the rest wait in their connection (the
 //!   engine never waits for queue space inside the interrupts-off lock).
 //! - So the heap the service can hold beyond its fixed start-up allocations
-//!   is about HELD_TOTAL + 32 MiB + CONNS x (64 KiB input + 256 KiB replies
-//!   + one control reply). When the last
-//! connection is gone and nothing is in flight, the pools are emptied and
-//! the heap use is logged (`nbd: idle: heap N bytes in use`), which must
-//! equal the level logged at start: the bad-input test checks that.
+//!   is about HELD_TOTAL + 32 MiB + CONNS x (64 KiB of input, 256 KiB of
+//!   replies and one control reply).
+//!
+//! When the last connection is gone and nothing is in flight, the pools are
+//! emptied and the heap use is logged (`nbd: idle: heap N bytes in use`),
+//! which must equal the level logged at start: the bad-input test checks
+//! that.
 
 use crate::mm;
 use crate::net::Net;

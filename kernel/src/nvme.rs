@@ -104,8 +104,9 @@ static RESULTS: [AtomicU8; MAX_TAGS] = [const { AtomicU8::new(IDLE) }; MAX_TAGS]
 static ERRORS: Mutex<[Option<DioError>; MAX_TAGS]> = Mutex::new([None; MAX_TAGS]);
 static MODE: Mutex<Mode> = Mutex::new(Mode::Poll);
 
+/// What the rest of the kernel knows of the controller (which itself
+/// belongs to the engine's queue, for timeouts and resets).
 pub struct Nvme {
-    pub ctrl: Controller<KernelHal, Bar0>,
     pub ns: Namespace,
     pub mode: Mode,
     pub max_transfer: usize,
@@ -186,6 +187,9 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     let config = Config {
         io_timeout_ms: timeout_ms,
         admin_timeout_ms: timeout_ms.max(1000),
+        // How long an aborted command may take to answer before the
+        // controller is reset.
+        abort_grace_ms: timeout_ms.clamp(100, 5000),
         ..Config::default()
     };
     let mut ctrl = Controller::init(KernelHal, regs, config)?;
@@ -214,10 +218,10 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
         if mode == Mode::Irq { "MSI-X interrupt" } else { "polled" },
         max_transfer / 1024
     );
-    *ENGINE.lock() = Some(Engine::new(NvmeQueue::new(q, KernelHal, ns)));
+    let queue = NvmeQueue::new(q, KernelHal, ns).with_controller(ctrl);
+    *ENGINE.lock() = Some(Engine::new(queue));
     *MODE.lock() = mode;
     Ok(Nvme {
-        ctrl,
         ns,
         mode,
         max_transfer,
@@ -334,6 +338,15 @@ pub unsafe fn execute(op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
     with_engine(|e| unsafe { e.raw(op, lba, buf, None) })
         .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
         .map(|_| ())
+}
+
+/// Shuts the controller down (normal shutdown notification), before power-off.
+pub fn shutdown() -> Result<(), NvmeError> {
+    with_engine(|e| match e.queue_mut().ctrl.as_mut() {
+        Some(c) => c.shutdown(),
+        None => Ok(()),
+    })
+    .unwrap_or(Ok(()))
 }
 
 /// Queue counters.

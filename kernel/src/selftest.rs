@@ -29,7 +29,7 @@ fn hex(bytes: &[u8]) -> alloc::string::String {
 
 /// Logs the counters, shuts the controller down (CC.SHN, so that a device
 /// with a volatile cache commits it) and powers off with success.
-fn finish(dev: &mut Nvme) -> ! {
+fn finish(_dev: &mut Nvme) -> ! {
     if let Some(q) = nvme::stats() {
         log::info!(
             target: "nvme",
@@ -44,7 +44,7 @@ fn finish(dev: &mut Nvme) -> ! {
         "heap: {} allocations, {} frees, {} KiB in use (peak {} KiB); frames: {} KiB of {} MiB used",
         h.allocs, h.frees, h.bytes_in_use / 1024, h.peak_bytes / 1024, frames_used / 1024, frames_total >> 20
     );
-    if let Err(e) = dev.ctrl.shutdown() {
+    if let Err(e) = crate::nvme::shutdown() {
         log::warn!(target: "nvme", "controller shutdown: {e}");
     }
     power::exit(EXIT_OK)

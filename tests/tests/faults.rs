@@ -144,3 +144,60 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
         eprintln!("logged: {l}");
     }
 }
+
+/// A drive slower than the command deadline (QEMU `null-co` with
+/// `latency-ns`): each read passes its deadline, is aborted (QEMU declines),
+/// and the controller is reset; the client gets an error, not a hang, and
+/// the appliance goes on serving (listing, other exports, new connections).
+#[test]
+fn a_drive_slower_than_the_deadline_gives_errors_not_hangs() {
+    let mut cfg = config(None, &["nvme.timeout_ms=300", "nbd.null=1"]);
+    cfg.timeout = Some(Duration::from_secs(600));
+    cfg.extra = [
+        "-drive",
+        "driver=null-co,size=67108864,latency-ns=2000000000,read-zeroes=on,if=none,id=nvm0",
+        "-device",
+        "nvme,drive=nvm0,serial=slow0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let t0 = std::time::Instant::now();
+    let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("booted and serving after {:?}", t0.elapsed());
+    let port: u16 = app
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port in the URL");
+    let mut c = Client::greeted(port);
+    assert!(c.structured());
+    c.go("nvme0n1").expect("the raw export");
+    for round in 0..2 {
+        let t0 = std::time::Instant::now();
+        let (errno, msg) = c
+            .read_structured(round + 1, 4096 * round, 4096)
+            .expect_err("a read of the slow drive fails");
+        eprintln!(
+            "a client reading the slow drive sees after {:?}: errno {errno}, {msg:?}",
+            t0.elapsed()
+        );
+        assert_eq!(errno, 5, "{msg}");
+        assert!(msg.contains("timed out"), "{msg}\n{}", app.guest.console());
+    }
+    // The appliance serves on: another export, a new connection.
+    let mut n = Client::greeted(port);
+    n.go("null").expect("the null export");
+    assert_eq!(n.read_at(0, 4096).unwrap(), vec![0u8; 4096]);
+    let log = app.guest.console();
+    assert!(log.contains("resetting"), "{log}");
+    assert!(log.contains("serving again"), "{log}");
+    assert!(!log.contains("panic"), "{log}");
+    for l in log
+        .lines()
+        .filter(|l| l.contains("nvme") || l.contains("dxfs") || l.contains("nbd"))
+    {
+        eprintln!("{l}");
+    }
+}

@@ -1,10 +1,22 @@
 //! An NVMe I/O queue pair as a [`BlockQueue`].
+//!
+//! With its controller ([`NvmeQueue::with_controller`]) the queue recovers
+//! from commands past their deadline by itself, from [`BlockQueue::expire`]:
+//! it sends an NVMe Abort for each; if a command is still not answered
+//! after the abort grace period (or an admin command timed out), it resets
+//! the controller (CC.EN=0, CSTS.RDY=0 within CAP.TO, every waiting command
+//! failed once, queues re-created) and carries on. A timed-out command's
+//! owner hears of it only then, so its buffer is never reused while the
+//! device may still write into it. Without a controller (host benchmarks,
+//! tests of the DIO layer) overdue commands simply stay in flight.
 
 use crate::queue::{BlkError, BlockQueue, IoBuf, Op};
-use dioxide_nvme::{DataBuf, Hal, Mmio, NvmeError, QueuePair, SubmissionEntry};
+use dioxide_nvme::{Controller, DataBuf, Expiry, Hal, Mmio, NvmeError, QueuePair, SubmissionEntry};
 
 pub struct NvmeQueue<H: Hal, M: Mmio> {
     pub qp: QueuePair<H, M>,
+    /// The controller, for aborts and resets (see the module docs).
+    pub ctrl: Option<Controller<H, M>>,
     hal: H,
     nsid: u32,
     lba_shift: u32,
@@ -15,10 +27,44 @@ impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
     pub fn new(qp: QueuePair<H, M>, hal: H, ns: dioxide_nvme::Namespace) -> Self {
         NvmeQueue {
             qp,
+            ctrl: None,
             hal,
             nsid: ns.nsid,
             lba_shift: ns.block_size.trailing_zeros(),
             blocks: ns.blocks,
+        }
+    }
+}
+
+impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
+    /// The queue recovers from timeouts through `ctrl` (module docs).
+    pub fn with_controller(mut self, ctrl: Controller<H, M>) -> Self {
+        self.ctrl = Some(ctrl);
+        self
+    }
+
+    /// Resets the controller, failing every waiting command through
+    /// `on_done` once the device no longer touches memory.
+    fn reset<F: FnMut(u64, Result<(), BlkError>)>(&mut self, on_done: &mut F) {
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            return;
+        };
+        log::error!(target: "nvme", "controller not answering: resetting it");
+        let mut failed = 0usize;
+        let r = ctrl.reset(&mut [&mut self.qp], |c| {
+            failed += 1;
+            on_done(c.tag, c.result.map(|_| ()).map_err(blk_err))
+        });
+        match r {
+            Ok(()) => log::warn!(
+                target: "nvme",
+                "controller reset: {failed} command(s) failed, I/O queue {} re-created, serving again",
+                self.qp.qid()
+            ),
+            Err(e) => log::error!(
+                target: "nvme",
+                "controller reset failed: {e}; the namespace is unavailable"
+            ),
         }
     }
 }
@@ -30,6 +76,9 @@ fn blk_err(e: NvmeError) -> BlkError {
             sc: status.sc(),
         },
         NvmeError::Timeout { .. } => BlkError::Timeout,
+        NvmeError::Aborted { .. } => BlkError::Aborted,
+        NvmeError::Cancelled { .. } => BlkError::Cancelled,
+        NvmeError::ResetRequired { .. } | NvmeError::ControllerDown { .. } => BlkError::Unavailable,
         NvmeError::QueueFull => BlkError::QueueFull,
         _ => BlkError::Invalid,
     }
@@ -93,8 +142,33 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
     }
     fn expire<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) {
         let now = self.hal.now_ns();
-        while let Some(c) = self.qp.expire(now) {
-            on_done(c.tag, Err(BlkError::Timeout));
+        let mut reset = false;
+        while let Some(x) = self.qp.expire(now) {
+            match x {
+                Expiry::Abort { qid, cid, opcode } => {
+                    let Some(ctrl) = self.ctrl.as_mut() else {
+                        continue;
+                    };
+                    match ctrl.abort(qid, cid) {
+                        Ok(true) => {
+                            log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: aborted")
+                        }
+                        Ok(false) => {
+                            log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: abort declined, waiting for the grace period")
+                        }
+                        Err(e) => {
+                            log::error!(target: "nvme", "queue {qid}: abort of cid {cid} failed: {e}");
+                            reset = true;
+                        }
+                    }
+                }
+                Expiry::ResetNeeded { .. } => reset = true,
+            }
+        }
+        let wedged = self.qp.needs_reset() && !self.qp.is_down();
+        let admin = self.ctrl.as_ref().is_some_and(|c| c.needs_reset());
+        if reset || wedged || admin {
+            self.reset(&mut on_done);
         }
     }
     fn now_ns(&self) -> u64 {

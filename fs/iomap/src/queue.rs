@@ -44,8 +44,16 @@ pub enum BlkError {
     /// The device completed the command with an error status (NVMe: status
     /// code type and code).
     Status { sct: u8, sc: u8 },
-    /// No completion before the deadline.
+    /// No completion before the deadline (reported once the device can no
+    /// longer touch the buffer: after an abort or a controller reset).
     Timeout,
+    /// Aborted by the driver after its deadline passed.
+    Aborted,
+    /// Cancelled by a controller reset (another command timed out); the
+    /// request itself may be retried.
+    Cancelled,
+    /// The device is being reset or did not come back from a reset.
+    Unavailable,
     /// No free command slot.
     QueueFull,
     /// A buffer or range the device cannot take.
@@ -59,6 +67,9 @@ impl fmt::Display for BlkError {
                 write!(f, "{}", dioxide_nvme::Status::new(*sct, *sc))
             }
             BlkError::Timeout => write!(f, "command timed out"),
+            BlkError::Aborted => write!(f, "command timed out and was aborted"),
+            BlkError::Cancelled => write!(f, "command cancelled by a controller reset"),
+            BlkError::Unavailable => write!(f, "device unavailable (controller reset failed)"),
             BlkError::QueueFull => write!(f, "queue full"),
             BlkError::Invalid => write!(f, "invalid command"),
         }
@@ -88,7 +99,10 @@ pub trait BlockQueue {
     unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u64) -> Result<(), BlkError>;
     /// Reaps completions, calling `on_done(tag, result)` for each.
     fn poll<F: FnMut(u64, Result<(), BlkError>)>(&mut self, on_done: F) -> usize;
-    /// Reports commands past their deadline as `Timeout` completions.
+    /// Deals with commands past their deadline (an NVMe queue aborts them
+    /// and, when the controller does not answer, resets it). A timed-out
+    /// command completes through `on_done` only once the device can no
+    /// longer access its buffer, never at the deadline itself.
     fn expire<F: FnMut(u64, Result<(), BlkError>)>(&mut self, _on_done: F) {}
     /// Monotonic time, ns.
     fn now_ns(&self) -> u64;

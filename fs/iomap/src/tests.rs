@@ -969,3 +969,111 @@ fn through_the_nvme_driver_and_its_simulated_controller() {
     assert_eq!(r, Ok(DioResult::Done(4096)));
     assert_eq!(&v[o..o + 4096], &data[12288..16384]);
 }
+
+/// A controller that stops answering: the owners of the commands in flight
+/// (a simple-path read into the caller's buffer, a generic read through a
+/// bounce buffer) hear of the timeout only after the abort went unanswered
+/// and the controller was reset — never while the device could still write
+/// into their buffers — and the queue serves again afterwards.
+#[test]
+fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
+    use dioxide_nvme::sim::{Sim, SimConfig, SimHal};
+    type Seen = Vec<(usize, Result<usize, DioError>, bool)>;
+    type Device = Option<(Sim, Vec<(usize, usize)>)>;
+    thread_local! {
+        static SEEN: RefCell<Seen> = const { RefCell::new(Vec::new()) };
+        static DEV: RefCell<Device> = const { RefCell::new(None) };
+    }
+    fn owner(ctx: usize, r: Result<usize, DioError>) {
+        let busy = DEV.with(|d| {
+            let d = d.borrow();
+            let (sim, bufs) = d.as_ref().expect("device registered");
+            sim.may_access(bufs[ctx].0, bufs[ctx].1)
+        });
+        SEEN.with(|s| s.borrow_mut().push((ctx, r, busy)));
+    }
+    let sim = Sim::new(SimConfig {
+        block_size: 4096,
+        blocks: 256,
+        ..Default::default()
+    });
+    let data: Vec<u8> = (0..256 * 4096).map(|i: usize| (i % 253) as u8).collect();
+    sim.write_disk(0, &data);
+    let hal = SimHal::new();
+    let cfg = dioxide_nvme::Config {
+        io_timeout_ms: 100,
+        admin_timeout_ms: 100,
+        abort_grace_ms: 100,
+        ..Default::default()
+    };
+    let mut ctrl = dioxide_nvme::Controller::init(hal.clone(), sim.clone(), cfg).unwrap();
+    let ns = ctrl.namespace(1).unwrap();
+    let qp = ctrl.create_io_queue(1, 64, None).unwrap();
+    let mut e = Engine::new(nvme::NvmeQueue::new(qp, hal.clone(), ns).with_controller(ctrl));
+    let f = FakeFile::contiguous(256 * 4096, 0);
+    let (mut a, ao) = abuf(4096);
+    let (mut b, bo) = abuf(8192);
+    let bufs = vec![
+        (a[ao..].as_mut_ptr() as usize, 4096),
+        (b[bo..].as_mut_ptr() as usize, 8192),
+    ];
+    DEV.with(|d| *d.borrow_mut() = Some((sim.clone(), bufs.clone())));
+    sim.set_hung(true);
+    sim.set_ignore_aborts(true);
+    for (ctx, &(addr, len)) in bufs.iter().enumerate() {
+        let iocb = Kiocb::with_callback(4096 * ctx as u64, Callback { func: owner, ctx });
+        let flags = if ctx == 1 { dio_flags::BOUNCE } else { 0 };
+        // SAFETY: a and b outlive every completion (checked below).
+        let r = unsafe { e.dio_rw(&iocb, Op::Read, IoBuf { addr, len }, &f, None, flags, 0) };
+        assert_eq!(r, Ok(DioResult::Queued));
+    }
+    assert_eq!((e.stats().simple, e.stats().generic), (1, 1));
+    // Polling and expiring before, at and after the deadlines: nobody hears
+    // anything until the reset.
+    for _ in 0..50 {
+        e.poll();
+        e.expire();
+        e.run_deferred();
+        hal.advance(10_000_000);
+        if SEEN.with(|s| !s.borrow().is_empty()) {
+            break;
+        }
+    }
+    let seen = SEEN.with(|s| s.borrow().clone());
+    assert_eq!(seen.len(), 2, "both owners heard of the timeout: {seen:?}");
+    for (ctx, r, busy) in seen {
+        assert!(
+            !busy,
+            "owner {ctx} got its buffer back while the device could write it"
+        );
+        assert!(
+            matches!(
+                r,
+                Err(DioError::Io {
+                    err: BlkError::Timeout,
+                    ..
+                })
+            ),
+            "owner {ctx}: {r:?}"
+        );
+    }
+    // The controller answers again after the reset: reads work.
+    let (mut v, o) = abuf(8192);
+    // SAFETY: v outlives the synchronous call.
+    let r = unsafe {
+        e.dio_rw(
+            &Kiocb::sync(8192),
+            Op::Read,
+            IoBuf::from_mut_slice(&mut v[o..o + 8192]),
+            &f,
+            None,
+            0,
+            0,
+        )
+    };
+    assert_eq!(r, Ok(DioResult::Done(8192)));
+    assert_eq!(&v[o..o + 8192], &data[8192..16384]);
+    let q = e.queue().qp.stats();
+    assert_eq!(q.resets, 1, "{q:?}");
+    drop((a, b));
+}
