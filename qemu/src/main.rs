@@ -468,6 +468,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
+<<<<<<< HEAD
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",
@@ -476,19 +477,25 @@ fn run(cli: Cli) -> Result<i32, Error> {
             }
             cfg.inject_eio = inject_eio;
             let _tap = match net {
+=======
+            let tap = match net {
+>>>>>>> h-qemu
                 NetMode::User => {
+                    // The forward is added once the guest listens: say now
+                    // if the port is taken.
+                    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", nbd_port)) {
+                        return Err(Error::Usage(format!(
+                            "--nbd-port {nbd_port}: cannot listen on 127.0.0.1:{nbd_port}: {e}"
+                        )));
+                    }
                     cfg.nbd_port = Some(nbd_port);
-                    eprintln!("dioxide: NBD exports at nbd://127.0.0.1:{nbd_port}/<path> (try: nbdinfo --list nbd://127.0.0.1:{nbd_port})");
                     None
                 }
                 NetMode::Tap => {
                     let tap = dioxide::tap::Tap::create()?;
                     cfg.netdev = Some(tap.netdev());
                     cfg.args.extend(tap.guest_args());
-                    eprintln!(
-                        "dioxide: tap {} (host {}); NBD exports at nbd://{}:10809/<path> (try: nbdinfo --list nbd://{}:10809)",
-                        tap.ifname, tap.host, tap.guest, tap.guest
-                    );
+                    eprintln!("dioxide: tap {} (host {})", tap.ifname, tap.host);
                     Some(tap)
                 }
             };
@@ -502,7 +509,25 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 cfg.args.join(" ")
             );
             let boot = Instant::now();
-            let outcome = qemu::run(&cfg)?;
+            let guest = qemu::Guest::spawn(&cfg)?;
+            // Announce the exports once they are reachable (not for a
+            // self-test, which powers off without serving).
+            if let qemu::NbdReady::Listening(addr) =
+                guest.wait_nbd(cfg.timeout.unwrap_or(Duration::MAX))?
+            {
+                let at = match (addr, &tap) {
+                    (Some(a), _) => a.to_string(),
+                    (None, Some(t)) => format!("{}:{}", t.guest, qemu::GUEST_NBD_PORT),
+                    (None, None) => String::new(),
+                };
+                if !at.is_empty() {
+                    eprintln!(
+                        "dioxide: NBD exports at nbd://{at}/<path>, {} ms after boot start (try: nbdinfo --list nbd://{at})",
+                        boot.elapsed().as_millis()
+                    );
+                }
+            }
+            let outcome = guest.wait()?;
             eprintln!(
                 "dioxide: guest status {}; first kernel line {} ms after boot start, power-off after {} ms ({} ms including build and checks)",
                 outcome.status,

@@ -14,7 +14,7 @@
 
 use crate::accel::Accel;
 use crate::bench::{fmt_iops, plot_panels, Row};
-use crate::qemu::{Config, Guest};
+use crate::qemu::{Config, Guest, NbdReady, GUEST_NBD_PORT};
 use crate::tap::Tap;
 use crate::{io_err, kernel, Error};
 use serde_json::{json, Value};
@@ -91,28 +91,35 @@ pub fn wait_console(guest: &Guest, what: &[&str], secs: u64) -> Result<(), Error
     }
 }
 
-/// Boots the appliance on `img` with its NBD service reachable from the host.
+/// Boots the appliance on `img` and returns once its NBD service is
+/// reachable from the host (with user networking: once its port forward is
+/// open, which happens when the server listens).
 pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
-    let (tap, url) = match net {
+    let tap = match net {
         NetMode::User => {
-            let port = free_port()?;
-            cfg.nbd_port = Some(port);
-            (None, format!("nbd://127.0.0.1:{port}"))
+            cfg.nbd_port = Some(free_port()?);
+            None
         }
         NetMode::Tap => {
             let tap = Tap::create()?;
             cfg.netdev = Some(tap.netdev());
             cfg.args.extend(tap.guest_args());
-            let url = format!("nbd://{}:10809", tap.guest);
-            (Some(tap), url)
+            Some(tap)
         }
     };
     let guest = Guest::spawn(&cfg)?;
-    let up = match net {
-        NetMode::User => "DHCP: address",
-        NetMode::Tap => "net: static address",
+    let url = match (guest.wait_nbd(Duration::from_secs(120))?, &tap) {
+        (NbdReady::Listening(Some(addr)), _) => format!("nbd://{addr}"),
+        (NbdReady::Listening(None), Some(tap)) => {
+            format!("nbd://{}:{GUEST_NBD_PORT}", tap.guest)
+        }
+        _ => {
+            return Err(Error::Usage(format!(
+                "the appliance did not come up (no NBD server listening):\n{}",
+                guest.console()
+            )))
+        }
     };
-    wait_console(&guest, &["nbd: listening", up], 120)?;
     Ok(Appliance {
         guest,
         url,

@@ -5,13 +5,32 @@
 //! status=<n>` and writing to the `isa-debug-exit` device, which makes QEMU exit
 //! with `2n + 1`; the status is taken from that line. QEMU is killed when the
 //! [`Guest`] handle is dropped, so no emulator outlives its caller.
+//!
+//! With user networking the NBD port is forwarded only once the kernel's
+//! server listens (its `nbd: listening on port` line): until then a client
+//! is refused at once, instead of having its connection accepted by QEMU and
+//! its SYN to a guest without an address lost (slirp retries after 6 s).
+
+pub mod monitor;
 
 use crate::{accel::Accel, Error};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// The guest's address on QEMU user networking (its default network
+/// 10.0.2.0/24, the host at 10.0.2.2), given to the kernel on its command
+/// line: it serves from its first instant, without a DHCP exchange.
+pub const USER_NET_ARGS: [&str; 2] = ["net.ip=10.0.2.15/24", "net.gw=10.0.2.2"];
+
+/// The guest's NBD port.
+pub const GUEST_NBD_PORT: u16 = 10809;
+
+/// The kernel's line once its NBD server listens.
+const NBD_LISTENING: &str = "nbd: listening on port";
 
 /// Everything that describes one boot.
 #[derive(Clone, Debug)]
@@ -35,8 +54,11 @@ pub struct Config {
     /// (QEMU's `blkdebug` driver between the NVMe device and the image):
     /// a device error the kernel must report for the request that hit it.
     pub inject_eio: Vec<u64>,
-    /// Give the guest a virtio-net NIC on QEMU user networking and forward
-    /// this host port (on 127.0.0.1) to the guest's NBD port 10809.
+    /// Give the guest a virtio-net NIC on QEMU user networking, with its
+    /// address on the command line ([`USER_NET_ARGS`], unless `args` has a
+    /// `net.ip=`), and forward this host port (on 127.0.0.1) to the guest's
+    /// NBD port 10809 once the kernel's NBD server listens (through QEMU's
+    /// monitor; see [`Guest::wait_nbd`]).
     pub nbd_port: Option<u16>,
     /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
     /// [`crate::tap`]).
@@ -110,18 +132,105 @@ impl Config {
         // NO_NOTIFY is honoured: 4K reads of the null export went from
         // ~8,900 to ~17,600 IOPS at QD16 under TCG.
         let netdev = self.netdev.clone().or_else(|| {
+            // No hostfwd here: `Guest::spawn` adds it once the server listens.
             self.nbd_port
-                .map(|port| format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:10809"))
+                .map(|_| "user,id=net0,net=10.0.2.0/24,host=10.0.2.2".to_string())
         });
         if let Some(netdev) = netdev {
             c.arg("-netdev").arg(netdev);
             c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
         }
         c.arg("-kernel").arg(&self.kernel);
-        c.arg("-append").arg(self.args.join(" "));
+        let mut args = self.args.clone();
+        if self.user_net() && !args.iter().any(|a| a.starts_with("net.ip=")) {
+            args.extend(USER_NET_ARGS.map(String::from));
+        }
+        c.arg("-append").arg(args.join(" "));
         c.args(&self.extra);
         c
     }
+
+    /// The NIC is on QEMU user networking (a forwarded NBD port).
+    fn user_net(&self) -> bool {
+        self.netdev.is_none() && self.nbd_port.is_some()
+    }
+}
+
+/// Where the guest's NBD service stands, as its console and the port
+/// forward tell.
+enum Service {
+    Starting,
+    /// Listening; with user networking, forwarded from this host address.
+    Listening(Option<SocketAddr>),
+    /// Listening, but the port forward could not be added.
+    Unforwarded(String),
+    /// The console closed (QEMU exited) before the server listened.
+    Gone,
+}
+
+/// [`Service`] with a condition variable, shared with the console reader.
+struct ServiceState {
+    state: Mutex<Service>,
+    changed: Condvar,
+}
+
+impl ServiceState {
+    fn set(&self, s: Service) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.changed.notify_all();
+    }
+}
+
+/// The NBD port forward of user networking, as the console reader sees it:
+/// QMP is connected when the guest first prints (its socket directory is
+/// then removed), and the forward added when the server listens.
+enum Forward {
+    /// Not connected yet: the monitor directory and the host port.
+    Pending(PathBuf, u16),
+    Connected(monitor::Qmp, u16),
+    Failed(String, u16),
+}
+
+impl Forward {
+    fn connect(&mut self) {
+        let Forward::Pending(dir, port) = self else {
+            return;
+        };
+        let (dir, port) = (dir.clone(), *port);
+        *self = match monitor::Qmp::connect(&dir.join(monitor::SOCKET)) {
+            Ok(q) => {
+                // Connected: the socket file is no longer needed.
+                let _ = std::fs::remove_dir_all(&dir);
+                Forward::Connected(q, port)
+            }
+            Err(e) => Forward::Failed(e, port),
+        };
+    }
+
+    fn open(&mut self) -> Service {
+        self.connect();
+        let (r, port) = match self {
+            Forward::Connected(q, port) => (q.hostfwd_add(*port, GUEST_NBD_PORT), *port),
+            Forward::Failed(e, port) => (Err(e.clone()), *port),
+            Forward::Pending(_, port) => (Err("no monitor".into()), *port),
+        };
+        match r {
+            Ok(()) => Service::Listening(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))),
+            Err(e) => Service::Unforwarded(format!(
+                "cannot forward 127.0.0.1:{port} to the guest's NBD port: {e}"
+            )),
+        }
+    }
+}
+
+/// What [`Guest::wait_nbd`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdReady {
+    /// The NBD server listens; with user networking, clients reach it at
+    /// this host address (forwarded by QEMU).
+    Listening(Option<SocketAddr>),
+    /// The guest stopped, or the time ran out, before the server listened.
+    NotListening,
 }
 
 /// What a finished boot left behind.
@@ -155,6 +264,9 @@ pub struct Guest {
     readers: Vec<std::thread::JoinHandle<()>>,
     started: Instant,
     timeout: Option<Duration>,
+    service: Arc<ServiceState>,
+    /// QMP socket directory (user networking), removed on drop.
+    _monitor: Option<monitor::MonitorDir>,
 }
 
 impl Drop for Guest {
@@ -254,6 +366,22 @@ impl Guest {
     /// Starts QEMU.
     pub fn spawn(cfg: &Config) -> Result<Guest, Error> {
         let mut cmd = cfg.command();
+        // User networking: a QMP monitor through which the console reader
+        // adds the NBD port forward once the server listens.
+        let monitor = match cfg.nbd_port {
+            Some(port) if cfg.user_net() => Some((monitor::MonitorDir::new()?, port)),
+            _ => None,
+        };
+        if let Some((m, _)) = &monitor {
+            cmd.arg("-qmp").arg(m.qemu_arg());
+        }
+        let mut forward = monitor
+            .as_ref()
+            .map(|(m, port)| Forward::Pending(m.path().to_path_buf(), *port));
+        let service = Arc::new(ServiceState {
+            state: Mutex::new(Service::Starting),
+            changed: Condvar::new(),
+        });
         die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -271,6 +399,8 @@ impl Guest {
         if let Some(out) = child.stdout.take() {
             let (console, first_line, echo) = (console.clone(), first_line.clone(), cfg.echo);
             let prefix = cfg.echo_prefix;
+            let service = service.clone();
+            let mut forward = forward.take();
             readers.push(std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut line = Vec::new();
@@ -285,6 +415,18 @@ impl Guest {
                         let mut f = first_line.lock().unwrap_or_else(|e| e.into_inner());
                         f.get_or_insert(started.elapsed());
                     }
+                    // The guest runs, so QEMU made its monitor socket.
+                    if let Some(f) = forward.as_mut() {
+                        f.connect();
+                    }
+                    // The server listens: open the port (before the line
+                    // reaches the console, so that whoever sees it there
+                    // finds the port open).
+                    let listening = text.starts_with('[') && text.contains(NBD_LISTENING);
+                    let now_serving = listening.then(|| match forward.as_mut() {
+                        None => Service::Listening(None),
+                        Some(f) => f.open(),
+                    });
                     if echo && prefix.is_none_or(|p| text.starts_with(p)) {
                         let mut so = std::io::stdout().lock();
                         let _ = so.write_all(text.as_bytes());
@@ -294,6 +436,14 @@ impl Guest {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push_str(&text);
+                    if let Some(s) = now_serving {
+                        service.set(s);
+                    }
+                }
+                let mut s = service.state.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(*s, Service::Starting) {
+                    *s = Service::Gone;
+                    service.changed.notify_all();
                 }
             }));
         }
@@ -323,7 +473,39 @@ impl Guest {
             readers,
             started,
             timeout: cfg.timeout,
+            service,
+            _monitor: monitor.map(|(m, _)| m),
         })
+    }
+
+    /// Waits up to `timeout` for the kernel's NBD server to listen (and, with
+    /// user networking, for its port forward to be open). An error when the
+    /// forward could not be added (QEMU's message).
+    pub fn wait_nbd(&self, timeout: Duration) -> Result<NbdReady, Error> {
+        // (A timeout too long for an Instant waits without one.)
+        let deadline = Instant::now().checked_add(timeout);
+        let mut s = self.service.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*s {
+                Service::Listening(a) => return Ok(NbdReady::Listening(*a)),
+                Service::Unforwarded(e) => return Err(Error::Usage(e.clone())),
+                Service::Gone => return Ok(NbdReady::NotListening),
+                Service::Starting => {}
+            }
+            let cv = &self.service.changed;
+            s = match deadline {
+                None => cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(NbdReady::NotListening);
+                    }
+                    cv.wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
     }
 
     /// What the guest printed so far.

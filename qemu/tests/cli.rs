@@ -255,7 +255,7 @@ fn nbd(args: &[&str]) -> Vec<u8> {
 fn run_serves_the_sample_tree_without_a_disk() {
     let port = free_port().to_string();
     let mut r = Running::start(&["--nbd-port", &port]);
-    r.wait_for("DHCP: address");
+    r.wait_for("dioxide: NBD exports at");
     let url = format!("nbd://127.0.0.1:{port}");
     let list = String::from_utf8(nbd(&["nbdinfo", "--list", &url])).unwrap();
     for name in [
@@ -293,7 +293,7 @@ fn run_from_a_directory_serves_its_files() {
     std::fs::write(src.join("sub dir/b.bin"), &big).unwrap();
     let port = free_port().to_string();
     let mut r = Running::start(&["--nbd-port", &port, "--from", src.to_str().unwrap()]);
-    r.wait_for("DHCP: address");
+    r.wait_for("dioxide: NBD exports at");
     let url = format!("nbd://127.0.0.1:{port}");
     assert_eq!(
         nbd(&["nbdcopy", &format!("{url}/a.txt"), "-"]),
