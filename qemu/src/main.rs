@@ -468,7 +468,6 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
-<<<<<<< HEAD
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",
@@ -476,10 +475,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 )));
             }
             cfg.inject_eio = inject_eio;
-            let _tap = match net {
-=======
             let tap = match net {
->>>>>>> h-qemu
                 NetMode::User => {
                     // The forward is added once the guest listens: say now
                     // if the port is taken.
