@@ -865,5 +865,7 @@ impl Conn {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod session;
 #[cfg(test)]
 mod tests;
