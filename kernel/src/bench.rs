@@ -459,9 +459,14 @@ pub fn bench(
     power::exit(power::EXIT_OK)
 }
 
+/// Reads per half of `selftest=noalloc`.
+const NOALLOC_READS: u64 = 100_000;
+
 /// `selftest=noalloc`: 100 000 simple-path 4 KiB reads (32 in flight) on the
-/// NVMe queue; fails unless the heap counters did not move. Then reports the
-/// generic path's allocations per read.
+/// NVMe queue; fails unless the heap counters did not move. Then the control:
+/// as many reads through the generic path (simple path off), each of which
+/// allocates its dio object; fails unless the counters saw them, so that a
+/// counter which never counts cannot pass for a path that never allocates.
 pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
     let Some(fs) = fs else {
         outln!("noalloc error: nvme0n1 holds no usable dxfs");
@@ -488,44 +493,38 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::Nv
         bufs: base,
         rng: Rng(42),
     };
-    let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
-    let row = run(
-        &mut nvme_with(),
-        irq,
-        &mut load(Target::Simple),
-        32,
-        Limit::Ios(100_000),
-    );
-    let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
-    let simple = s1.simple - s0.simple;
-    let ok = row.ios == 100_000
-        && row.errors == 0
-        && row.allocs == 0
-        && row.frees == 0
-        && simple == 100_000
-        && s1.fell_back == s0.fell_back;
-    outln!(
-        "noalloc simple reads={} simple_path={} errors={} allocs={} frees={} cycles_per_io={}",
-        row.ios,
-        simple,
-        row.errors,
-        row.allocs,
-        row.frees,
-        row.cycles / row.ios.max(1)
-    );
-    let g = run(
-        &mut nvme_with(),
-        irq,
-        &mut load(Target::Generic),
-        32,
-        Limit::Ios(2000),
-    );
-    outln!(
-        "noalloc generic reads={} allocs_per_io={:.2} frees_per_io={:.2}",
-        g.ios,
-        g.allocs as f64 / g.ios.max(1) as f64,
-        g.frees as f64 / g.ios.max(1) as f64
-    );
+    let n = NOALLOC_READS;
+    let mut ok = true;
+    for target in [Target::Simple, Target::Generic] {
+        let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+        let row = run(&mut nvme_with(), irq, &mut load(target), 32, Limit::Ios(n));
+        let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+        let (simple, generic, fell_back) = (
+            s1.simple - s0.simple,
+            s1.generic - s0.generic,
+            s1.fell_back - s0.fell_back,
+        );
+        let sound = row.ios == n && row.errors == 0 && fell_back == 0;
+        ok &= match target {
+            // Every read on the simple path, and not one allocation.
+            Target::Simple => sound && simple == n && row.allocs == 0 && row.frees == 0,
+            // The control: every read on the generic path, and counted.
+            _ => sound && generic == n && row.allocs > 0 && row.frees > 0,
+        };
+        outln!(
+            "noalloc {} reads={} simple_path={} generic_path={} fell_back={} errors={} allocs={} frees={} allocs_per_io={:.2} cycles_per_io={}",
+            target.name(),
+            row.ios,
+            simple,
+            generic,
+            fell_back,
+            row.errors,
+            row.allocs,
+            row.frees,
+            row.allocs as f64 / row.ios.max(1) as f64,
+            row.cycles / row.ios.max(1)
+        );
+    }
     if ok {
         outln!("noalloc ok");
         power::exit(power::EXIT_OK)
