@@ -188,6 +188,12 @@ pub struct HostRow {
     /// Before subtracting the model.
     pub raw_ns_per_io: f64,
     pub raw_cycles_per_io: f64,
+    /// Requests the engine sent down the simple path and the generic path,
+    /// and simple-path attempts that fell back, in the measured round: a
+    /// `simple` row is the simple path's figure only with `fell_back` 0.
+    pub simple_path: u64,
+    pub generic_path: u64,
+    pub fell_back: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -347,6 +353,7 @@ pub fn run_with_status(
             let n = if round == 0 { ios / 10 } else { ios };
             FAILED.with(|n| n.set(0));
             FIRST_FAILURE.with(|f| f.set(None));
+            let s0 = engine.stats();
             let a0 = ALLOCS.load(Ordering::Relaxed);
             let t0 = Instant::now();
             let c0 = rdtsc();
@@ -373,6 +380,7 @@ pub fn run_with_status(
             let cycles = (rdtsc() - c0) as f64 / n as f64;
             let ns = t0.elapsed().as_nanos() as f64 / n as f64;
             let allocs = (ALLOCS.load(Ordering::Relaxed) - a0) as f64 / n as f64;
+            let s1 = engine.stats();
             let failed = FAILED.with(Cell::get);
             if failed > 0 {
                 let first = match FIRST_FAILURE.with(Cell::get) {
@@ -392,6 +400,9 @@ pub fn run_with_status(
                     allocs_per_io: allocs,
                     raw_ns_per_io: ns,
                     raw_cycles_per_io: cycles,
+                    simple_path: s1.simple - s0.simple,
+                    generic_path: s1.generic - s0.generic,
+                    fell_back: s1.fell_back - s0.fell_back,
                 });
             }
         }
@@ -415,8 +426,8 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"target\":\"{}\",\"ns_per_io\":{:.1},\"cycles_per_io\":{:.1},\"allocs_per_io\":{:.3},\"ns_per_io_with_model\":{:.1},\"cycles_per_io_with_model\":{:.1}}}",
-                    r.target, r.ns_per_io, r.cycles_per_io, r.allocs_per_io, r.raw_ns_per_io, r.raw_cycles_per_io
+                    "{{\"target\":\"{}\",\"ns_per_io\":{:.1},\"cycles_per_io\":{:.1},\"allocs_per_io\":{:.3},\"ns_per_io_with_model\":{:.1},\"cycles_per_io_with_model\":{:.1},\"simple_path\":{},\"generic_path\":{},\"fell_back\":{}}}",
+                    r.target, r.ns_per_io, r.cycles_per_io, r.allocs_per_io, r.raw_ns_per_io, r.raw_cycles_per_io, r.simple_path, r.generic_path, r.fell_back
                 )
             })
             .collect();
@@ -436,11 +447,17 @@ impl Report {
             "host: 4K reads, {} in flight, instant controller model ({:.1} ns / {:.0} TSC cycles per I/O, subtracted); TSC {:.2} GHz\n",
             self.qd, self.model_ns_per_io, self.model_cycles_per_io, self.tsc_ghz
         );
-        s += "target     ns/io   cycles/io   allocs/io\n";
+        s += "target     ns/io   cycles/io   allocs/io  simple_path generic_path fell_back\n";
         for r in &self.rows {
             s += &format!(
-                "{:8} {:7.1} {:11.0} {:11.3}\n",
-                r.target, r.ns_per_io, r.cycles_per_io, r.allocs_per_io
+                "{:8} {:7.1} {:11.0} {:11.3} {:12} {:12} {:9}\n",
+                r.target,
+                r.ns_per_io,
+                r.cycles_per_io,
+                r.allocs_per_io,
+                r.simple_path,
+                r.generic_path,
+                r.fell_back
             );
         }
         s

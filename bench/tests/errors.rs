@@ -19,6 +19,19 @@ fn failed_reads_fail_the_benchmark_and_a_clean_run_reports_every_target() {
     assert_eq!(allocs("simple"), 0.0, "{:?}", r.rows);
     assert_eq!(allocs("raw"), 0.0, "{:?}", r.rows);
     assert!(allocs("generic") >= 1.0, "{:?}", r.rows);
+    // Each row was served by the path it is named after (2000 reads each).
+    for row in &r.rows {
+        let want = match row.target {
+            "simple" => (2000, 0),
+            "generic" => (0, 2000),
+            _ => (0, 0),
+        };
+        assert_eq!(
+            (row.simple_path, row.generic_path, row.fell_back),
+            (want.0, want.1, 0),
+            "{row:?}"
+        );
+    }
     for target in ["raw", "generic", "simple"] {
         let e = dioxide_hostbench::run_with_status(2000, 8, &[target], READ_ERROR)
             .expect_err("reads failed, yet the benchmark passed");

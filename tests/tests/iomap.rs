@@ -84,6 +84,9 @@ fn bench_local_writes_table_json_and_plot() {
             "lat_p99_us",
             "cycles_per_io",
             "allocs_per_io",
+            "simple_path",
+            "generic_path",
+            "fell_back",
         ] {
             assert!(!r[k].is_null(), "{k} missing in {r}");
         }
@@ -92,13 +95,60 @@ fn bench_local_writes_table_json_and_plot() {
         if r["target"] != "generic" {
             assert_eq!(r["allocs_per_io"].as_f64(), Some(0.0), "{r}");
         }
+        // Each row was served by the path it is named after: a simple row
+        // whose reads fell back to the generic path would be the generic
+        // path's figure under the simple path's name.
+        let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+        let ios = n("ios");
+        assert!(ios > 0, "{r}");
+        assert_eq!(n("fell_back"), 0, "{r}");
+        let (simple, generic) = match r["target"].as_str().unwrap() {
+            "simple" => (ios, 0),
+            "generic" => (0, ios),
+            _ => (0, 0),
+        };
+        assert_eq!(
+            (n("simple_path"), n("generic_path")),
+            (simple, generic),
+            "{r}"
+        );
     }
+    // The table shows which path served the simple=1 reads.
+    let table_rows: Vec<dioxide::bench::Row> = rows
+        .iter()
+        .map(|r| {
+            let fields: Vec<(&str, String)> = r
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str().map_or(v.to_string(), String::from)))
+                .collect();
+            dioxide::bench::Row::new(&fields)
+        })
+        .collect();
+    let table = dioxide::bench::table(&table_rows);
+    assert!(
+        table.contains("| simple=1 path: simple generic fell_back"),
+        "{table}"
+    );
     let host = json["host_rows"].as_array().unwrap();
     assert_eq!(host.len(), 3);
     for h in host {
         for k in ["target", "ns_per_io", "cycles_per_io", "allocs_per_io"] {
             assert!(!h[k].is_null(), "{k} missing in {h}");
         }
+        // The host rows too were served by the path they are named after.
+        let n = |k: &str| h[k].as_u64().unwrap_or_else(|| panic!("{k} in {h}"));
+        let want = match h["target"].as_str().unwrap() {
+            "simple" => (100_000, 0),
+            "generic" => (0, 100_000),
+            _ => (0, 0),
+        };
+        assert_eq!(
+            (n("simple_path"), n("generic_path"), n("fell_back")),
+            (want.0, want.1, 0),
+            "{h}"
+        );
     }
     let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
     assert!(
