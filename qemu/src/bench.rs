@@ -133,7 +133,16 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     ])
     .arg(root.join("target").join("hostbench"))
     .args(["--", "--json", "--ios", &ios.to_string()]);
-    let out = kernel::run(&mut cmd)?;
+    // It exits non-zero when a read failed (or it did not build): say so
+    // rather than "building the kernel failed".
+    let out = match kernel::run(&mut cmd) {
+        Err(Error::Build(stderr)) => {
+            return Err(Error::Usage(format!(
+                "the host benchmark failed:\n{stderr}"
+            )))
+        }
+        r => r?,
+    };
     serde_json::from_slice(&out.stdout).map_err(|e| {
         Error::Usage(format!(
             "host benchmark output: {e}: {}",
