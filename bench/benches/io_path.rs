@@ -4,6 +4,6 @@
 static A: dioxide_hostbench::CountingAlloc = dioxide_hostbench::CountingAlloc;
 
 fn main() {
-    let report = dioxide_hostbench::run(2_000_000, 32);
+    let report = dioxide_hostbench::run(2_000_000, 32).unwrap_or_else(|e| panic!("{e}"));
     print!("{}", report.table());
 }

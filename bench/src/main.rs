@@ -22,8 +22,17 @@ fn main() {
         Some(t) if t == "simple" => vec!["simple"],
         _ => vec!["raw", "generic", "simple"],
     };
-    let report =
-        dioxide_hostbench::run_targets(get("--ios", 2_000_000), get("--qd", 32) as usize, &targets);
+    let report = match dioxide_hostbench::run_targets(
+        get("--ios", 2_000_000),
+        get("--qd", 32) as usize,
+        &targets,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dioxide-hostbench: {e}");
+            std::process::exit(1);
+        }
+    };
     if args.iter().any(|a| a == "--json") {
         println!("{}", report.json());
     } else {

@@ -7,7 +7,7 @@
 //! the null device) with one completion mode, and prints
 //!
 //! ```text
-//! bench row target=simple dev=nvme completion=poll qd=16 ios=.. iops=.. lat_mean_us=.. lat_p99_us=.. cycles_per_io=.. allocs_per_io=..
+//! bench row target=simple dev=nvme completion=poll qd=16 ios=.. errors=.. simple_path=.. generic_path=.. fell_back=.. iops=.. lat_mean_us=.. lat_p99_us=.. cycles_per_io=.. allocs_per_io=..
 //! ```
 //!
 //! The three targets of one (device, completion, queue depth) run
@@ -19,14 +19,17 @@
 //! Completions record their latency inline (TSC at completion minus TSC at
 //! submission) into a fixed histogram and push the request's context onto a
 //! ring the submit loop drains: nothing is allocated per request by the
-//! harness itself, so `allocs_per_io` is the layers' own.
+//! harness itself, so `allocs_per_io` is the layers' own. Each row also
+//! counts the requests the engine sent down the simple and the generic path
+//! and the simple-path attempts that fell back (`fell_back`): a `simple` row
+//! is only the simple path's figure when `fell_back=0`.
 
 use crate::nvme::{self, DmaBuf, Mode};
 use crate::{mm, outln, power, time};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
-use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op};
+use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op, Stats};
 use x86_64::instructions::interrupts;
 
 const MAX_QD: usize = 1024;
@@ -144,6 +147,25 @@ pub struct Row {
     pub cycles: u64,
     pub allocs: u64,
     pub frees: u64,
+    /// Requests the engine sent down the simple path, the generic path, and
+    /// simple-path attempts that fell back to the generic path (engine
+    /// [`Stats`]), so that a row shows which path served it.
+    pub simple: u64,
+    pub generic: u64,
+    pub fell_back: u64,
+}
+
+impl Row {
+    fn add(&mut self, r: &Row) {
+        self.ios += r.ios;
+        self.errors += r.errors;
+        self.cycles += r.cycles;
+        self.allocs += r.allocs;
+        self.frees += r.frees;
+        self.simple += r.simple;
+        self.generic += r.generic;
+        self.fell_back += r.fell_back;
+    }
 }
 
 struct Rng(u64);
@@ -226,7 +248,11 @@ fn run<Q: BlockQueue>(
         DONE[t].load(Ordering::Relaxed),
         ERRORS[t].load(Ordering::Relaxed),
     );
-    with(&mut |e| e.set_simple(target == Target::Simple));
+    let mut s0 = Stats::default();
+    with(&mut |e| {
+        e.set_simple(target == Target::Simple);
+        s0 = e.stats();
+    });
     let h0 = mm::heap::stats();
     let hz = time::tsc_hz();
     let t0 = time::rdtsc();
@@ -272,12 +298,17 @@ fn run<Q: BlockQueue>(
     }
     let cycles = time::rdtsc() - t0;
     let h1 = mm::heap::stats();
+    let mut s1 = Stats::default();
+    with(&mut |e| s1 = e.stats());
     Row {
         ios: DONE[t].load(Ordering::Relaxed) - done0,
         errors: ERRORS[t].load(Ordering::Relaxed) - err0,
         cycles,
         allocs: h1.allocs - h0.allocs,
         frees: h1.frees - h0.frees,
+        simple: s1.simple - s0.simple,
+        generic: s1.generic - s0.generic,
+        fell_back: s1.fell_back - s0.fell_back,
     }
 }
 
@@ -301,13 +332,16 @@ fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
     let n = r.ios.max(1) as f64;
     let secs = r.cycles as f64 / time::tsc_hz() as f64;
     outln!(
-        "bench row target={} dev={} completion={} qd={} ios={} errors={} iops={:.0} lat_mean_us={:.2} lat_p99_us={:.2} cycles_per_io={:.0} allocs_per_io={:.3}",
+        "bench row target={} dev={} completion={} qd={} ios={} errors={} simple_path={} generic_path={} fell_back={} iops={:.0} lat_mean_us={:.2} lat_p99_us={:.2} cycles_per_io={:.0} allocs_per_io={:.3}",
         target.name(),
         dev,
         completion,
         qd,
         r.ios,
         r.errors,
+        r.simple,
+        r.generic,
+        r.fell_back,
         r.ios as f64 / secs,
         us(LAT_SUM[target.index()].load(Ordering::Relaxed) as f64 / n),
         us(p99_cycles(target.index(), r.ios) as f64),
@@ -441,12 +475,7 @@ pub fn bench(
                                 slice,
                             )
                         };
-                        let acc = &mut rows[target.index()];
-                        acc.ios += r.ios;
-                        acc.errors += r.errors;
-                        acc.cycles += r.cycles;
-                        acc.allocs += r.allocs;
-                        acc.frees += r.frees;
+                        rows[target.index()].add(&r);
                     }
                 }
                 for target in targets {
@@ -459,9 +488,14 @@ pub fn bench(
     power::exit(power::EXIT_OK)
 }
 
+/// Reads per half of `selftest=noalloc`.
+const NOALLOC_READS: u64 = 100_000;
+
 /// `selftest=noalloc`: 100 000 simple-path 4 KiB reads (32 in flight) on the
-/// NVMe queue; fails unless the heap counters did not move. Then reports the
-/// generic path's allocations per read.
+/// NVMe queue; fails unless the heap counters did not move. Then the control:
+/// as many reads through the generic path (simple path off), each of which
+/// allocates its dio object; fails unless the counters saw them, so that a
+/// counter which never counts cannot pass for a path that never allocates.
 pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
     let Some(fs) = fs else {
         outln!("noalloc error: nvme0n1 holds no usable dxfs");
@@ -488,44 +522,38 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::Nv
         bufs: base,
         rng: Rng(42),
     };
-    let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
-    let row = run(
-        &mut nvme_with(),
-        irq,
-        &mut load(Target::Simple),
-        32,
-        Limit::Ios(100_000),
-    );
-    let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
-    let simple = s1.simple - s0.simple;
-    let ok = row.ios == 100_000
-        && row.errors == 0
-        && row.allocs == 0
-        && row.frees == 0
-        && simple == 100_000
-        && s1.fell_back == s0.fell_back;
-    outln!(
-        "noalloc simple reads={} simple_path={} errors={} allocs={} frees={} cycles_per_io={}",
-        row.ios,
-        simple,
-        row.errors,
-        row.allocs,
-        row.frees,
-        row.cycles / row.ios.max(1)
-    );
-    let g = run(
-        &mut nvme_with(),
-        irq,
-        &mut load(Target::Generic),
-        32,
-        Limit::Ios(2000),
-    );
-    outln!(
-        "noalloc generic reads={} allocs_per_io={:.2} frees_per_io={:.2}",
-        g.ios,
-        g.allocs as f64 / g.ios.max(1) as f64,
-        g.frees as f64 / g.ios.max(1) as f64
-    );
+    let n = NOALLOC_READS;
+    let mut ok = true;
+    for target in [Target::Simple, Target::Generic] {
+        let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+        let row = run(&mut nvme_with(), irq, &mut load(target), 32, Limit::Ios(n));
+        let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+        let (simple, generic, fell_back) = (
+            s1.simple - s0.simple,
+            s1.generic - s0.generic,
+            s1.fell_back - s0.fell_back,
+        );
+        let sound = row.ios == n && row.errors == 0 && fell_back == 0;
+        ok &= match target {
+            // Every read on the simple path, and not one allocation.
+            Target::Simple => sound && simple == n && row.allocs == 0 && row.frees == 0,
+            // The control: every read on the generic path, and counted.
+            _ => sound && generic == n && row.allocs > 0 && row.frees > 0,
+        };
+        outln!(
+            "noalloc {} reads={} simple_path={} generic_path={} fell_back={} errors={} allocs={} frees={} allocs_per_io={:.2} cycles_per_io={}",
+            target.name(),
+            row.ios,
+            simple,
+            generic,
+            fell_back,
+            row.errors,
+            row.allocs,
+            row.frees,
+            row.allocs as f64 / row.ios.max(1) as f64,
+            row.cycles / row.ios.max(1)
+        );
+    }
     if ok {
         outln!("noalloc ok");
         power::exit(power::EXIT_OK)

@@ -93,6 +93,9 @@ pub fn digest(dev: &mut Nvme) -> ! {
     let submit = |bufs: &mut Vec<DmaBuf>, i: usize| {
         let len = len_of(i);
         let lba = (i * chunk / bs) as u64;
+        // Poisoned, so that a read which moves no data does not hash what
+        // an earlier read left in the buffer (zeroes, often, on an image).
+        poison(&mut bufs[i % qd].as_mut_slice()[..len], (i * chunk) as u64);
         let part = bufs[i % qd].part(0, len);
         // SAFETY: the buffer is not touched until its tag is done.
         if let Err(e) = unsafe { nvme::submit(Op::Read, lba, part, (i % qd) as u16) } {
@@ -243,14 +246,23 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
             while off < f.size() {
                 // Every file read goes through the DIO layer: 1 MiB requests
                 // take the generic path (EOF tails through a bounce buffer).
+                // The buffer is poisoned first, so that bytes the read did
+                // not move cannot pass for data left by an earlier read.
+                poison(&mut buf.as_mut_slice()[..1 << 20], off);
                 let iob = buf.part(0, 1 << 20);
                 // SAFETY: `buf` is owned here; the call is synchronous.
                 let r = nvme::with_engine(|e| unsafe {
                     e.dio_rw(&Kiocb::sync(off), Op::Read, iob, &f, None, 0, 0)
                 })
                 .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
+                let want = (f.size() - off).min(1 << 20) as usize;
                 match r {
-                    Ok(DioResult::Done(0)) => break,
+                    Ok(DioResult::Done(n)) if n != want => {
+                        failed = Some(alloc::format!(
+                            "read at byte {off} returned {n} bytes, not {want}"
+                        ));
+                        break;
+                    }
                     Ok(DioResult::Done(n)) => {
                         hasher.update(&buf.as_slice()[..n]);
                         if off == 0 {
@@ -269,31 +281,54 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
                     }
                 }
             }
+            if failed.is_none() && off != f.size() {
+                failed = Some(alloc::format!(
+                    "read {off} bytes of a {}-byte file",
+                    f.size()
+                ));
+            }
             // The first block again through a 4 KiB request, which takes the
-            // simple path when it is on: it must return the same bytes.
+            // simple path when it is on: it must return the same bytes. The
+            // buffer first holds the complement of those bytes, so a read
+            // that moved no data (or only part of it) cannot match.
             if failed.is_none() && f.size() >= 4096 {
+                for (b, &want) in buf.as_mut_slice()[..4096].iter_mut().zip(first.iter()) {
+                    *b = !want;
+                }
                 let iob = buf.part(0, 4096);
                 // SAFETY: `buf` is owned here; the call is synchronous.
                 let r = nvme::with_engine(|e| unsafe {
                     e.dio_rw(&Kiocb::sync(0), Op::Read, iob, &f, None, 0, 0)
                 });
-                match r {
-                    Some(Ok(DioResult::Done(4096))) if buf.as_slice()[..4096] == first => {}
-                    Some(Ok(_)) => failed = Some("4 KiB read differs from the 1 MiB read".into()),
-                    Some(Err(e)) => failed = Some(alloc::format!("4 KiB read: {e}")),
-                    None => failed = Some("no NVMe engine".into()),
-                }
+                failed = match r {
+                    Some(Ok(DioResult::Done(4096))) => {
+                        let got = &buf.as_slice()[..4096];
+                        got.iter().zip(first.iter()).position(|(a, b)| a != b).map(|i| {
+                            alloc::format!(
+                                "4 KiB read differs from the 1 MiB read at byte {i} ({:#04x}, not {:#04x})",
+                                got[i],
+                                first[i]
+                            )
+                        })
+                    }
+                    Some(Ok(DioResult::Done(n))) => {
+                        Some(alloc::format!("4 KiB read returned {n} bytes"))
+                    }
+                    Some(Ok(DioResult::Queued)) => Some("4 KiB read queued".into()),
+                    Some(Err(e)) => Some(alloc::format!("4 KiB read: {e}")),
+                    None => Some("no NVMe engine".into()),
+                };
             }
             match failed {
                 None => {
                     outln!(
                         "file {} bytes={} sha256={}",
                         p,
-                        f.size(),
+                        off,
                         hex(&hasher.finalize())
                     );
                     count += 1;
-                    bytes += f.size();
+                    bytes += off;
                 }
                 Some(err) => {
                     outln!("file {} error={}", p, err);
@@ -320,6 +355,22 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDis
     }
     outln!("files done count={count}");
     finish(dev)
+}
+
+/// Fills `buf` with a pattern no disk is likely to hold (each 8-byte word
+/// names its file position), so that a read which moves no data is seen.
+fn poison(buf: &mut [u8], pos: u64) {
+    for (i, w) in buf.chunks_mut(8).enumerate() {
+        let v = 0xdead_beef_0000_0000u64 ^ (pos + i as u64 * 8);
+        w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
+    }
+}
+
+/// Sets every byte of `dst` to the complement of the same byte of `src`.
+fn complement(dst: &mut DmaBuf, src: &DmaBuf) {
+    for (d, s) in dst.as_mut_slice().iter_mut().zip(src.as_slice()) {
+        *d = !*s;
+    }
 }
 
 fn pattern(pass: u64, off: u64) -> u8 {
@@ -356,7 +407,9 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
         for (i, b) in wbuf.as_mut_slice().iter_mut().enumerate() {
             *b = pattern(qd as u64, i as u64);
         }
-        rbuf.as_mut_slice().fill(0);
+        // The read buffer holds the complement of what must come back, so
+        // that a read which moves no data fails the comparison.
+        complement(&mut rbuf, &wbuf);
         if let Err(e) = transfer(dev, true, lba, &mut wbuf, unit as usize, qd) {
             device_error(&alloc::format!("rw write qd={qd}"), e);
         }
@@ -387,7 +440,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
         device_error("rw flush", e);
     }
-    rbuf.as_mut_slice().fill(0);
+    complement(&mut rbuf, &saved);
     if let Err(e) = transfer(dev, false, lba, &mut rbuf, unit as usize, 8) {
         device_error("rw verify restore", e);
     }

@@ -59,7 +59,16 @@ impl Row {
         for (k, v) in &self.fields {
             let val = match v.parse::<f64>() {
                 Ok(x) if !matches!(k.as_str(), "target" | "dev" | "completion" | "net") => {
-                    if matches!(k.as_str(), "qd" | "ios" | "errors" | "jobs" | "rounds") {
+                    if matches!(
+                        k.as_str(),
+                        "qd" | "ios"
+                            | "errors"
+                            | "jobs"
+                            | "rounds"
+                            | "simple_path"
+                            | "generic_path"
+                            | "fell_back"
+                    ) {
                         json!(x as u64)
                     } else {
                         json!(x)
@@ -124,7 +133,16 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     ])
     .arg(root.join("target").join("hostbench"))
     .args(["--", "--json", "--ios", &ios.to_string()]);
-    let out = kernel::run(&mut cmd)?;
+    // It exits non-zero when a read failed (or it did not build): say so
+    // rather than "building the kernel failed".
+    let out = match kernel::run(&mut cmd) {
+        Err(Error::Build(stderr)) => {
+            return Err(Error::Usage(format!(
+                "the host benchmark failed:\n{stderr}"
+            )))
+        }
+        r => r?,
+    };
     serde_json::from_slice(&out.stdout).map_err(|e| {
         Error::Usage(format!(
             "host benchmark output: {e}: {}",
@@ -150,7 +168,9 @@ pub fn fmt_iops(x: f64) -> String {
 type Groups<'a> = BTreeMap<(String, String), BTreeMap<usize, BTreeMap<String, &'a Row>>>;
 
 /// The table laid out like the upstream one (qd, simple=0, simple=1, gain),
-/// with the raw namespace and the file/raw ratio beside it.
+/// with the raw namespace and the file/raw ratio beside it, and which path
+/// served the simple=1 reads (requests on the simple path, on the generic
+/// path, and simple-path attempts that fell back).
 pub fn table(rows: &[Row]) -> String {
     let mut groups: Groups = BTreeMap::new();
     for r in rows {
@@ -164,7 +184,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     for ((dev, comp), by_qd) in groups {
         s += &format!("\ndev={dev} completion={comp}: 4K random reads\n");
-        s += "  qd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1\n";
+        s += "  qd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1 | simple=1 path: simple generic fell_back\n";
         for (qd, t) in by_qd {
             let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
             let (raw, gen, sim) = (g("raw", "iops"), g("generic", "iops"), g("simple", "iops"));
@@ -180,7 +200,7 @@ pub fn table(rows: &[Row]) -> String {
                 g("simple", "cycles_per_io"),
             );
             s += &format!(
-                "{:4} {:>10} {:>10} {:>10} {:>+6.2}% {:>8.3} | {:>14.0} {:>9.0} {:>9.0} {:>11.3} | {:>11.1} {:>7.1} | {:>18.3} {:>8.3}\n",
+                "{:4} {:>10} {:>10} {:>10} {:>+6.2}% {:>8.3} | {:>14.0} {:>9.0} {:>9.0} {:>11.3} | {:>11.1} {:>7.1} | {:>18.3} {:>8.3} | {:>19.0} {:>7.0} {:>9.0}\n",
                 qd,
                 fmt_iops(raw),
                 fmt_iops(gen),
@@ -194,7 +214,10 @@ pub fn table(rows: &[Row]) -> String {
                 g("raw", "lat_p99_us"),
                 g("simple", "lat_p99_us"),
                 g("generic", "allocs_per_io"),
-                g("simple", "allocs_per_io")
+                g("simple", "allocs_per_io"),
+                g("simple", "simple_path"),
+                g("simple", "generic_path"),
+                g("simple", "fell_back")
             );
         }
     }
@@ -365,6 +388,18 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         None
     };
     print!("{}", table(&rows));
+    for r in rows
+        .iter()
+        .filter(|r| r.s("target") == "simple" && r.f("fell_back") > 0.0)
+    {
+        println!(
+            "warning: dev={} completion={} qd={}: {} simple=1 reads fell back to the generic path",
+            r.s("dev"),
+            r.s("completion"),
+            r.s("qd"),
+            r.s("fell_back")
+        );
+    }
     if opts.accel == Accel::Tcg {
         println!(
             "(guest under TCG: in-guest cycles are emulated; see the host rows for real CPU cost)"
@@ -375,14 +410,17 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             "\nhost: the same crates on this CPU, {} reads in flight, instant controller model ({:.1} ns per I/O, subtracted)",
             h["qd"], h["model_ns_per_io"].as_f64().unwrap_or(0.0)
         );
-        println!("target     ns/io  cycles/io  allocs/io");
+        println!("target     ns/io  cycles/io  allocs/io  simple_path generic_path fell_back");
         for r in h["host_rows"].as_array().into_iter().flatten() {
             println!(
-                "{:8} {:8.1} {:10.0} {:10.3}",
+                "{:8} {:8.1} {:10.0} {:10.3} {:12} {:12} {:9}",
                 r["target"].as_str().unwrap_or(""),
                 r["ns_per_io"].as_f64().unwrap_or(0.0),
                 r["cycles_per_io"].as_f64().unwrap_or(0.0),
-                r["allocs_per_io"].as_f64().unwrap_or(0.0)
+                r["allocs_per_io"].as_f64().unwrap_or(0.0),
+                r["simple_path"].as_u64().unwrap_or(0),
+                r["generic_path"].as_u64().unwrap_or(0),
+                r["fell_back"].as_u64().unwrap_or(0)
             );
         }
     }

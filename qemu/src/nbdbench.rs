@@ -262,12 +262,20 @@ pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<Fi
             String::from_utf8_lossy(&out.stderr)
         ))
     };
+    // fio reports a failed connection (no such export, say) with `error`
+    // 0 in its JSON but exits non-zero: both count, and so do zero reads.
+    if !out.status.success() {
+        return Err(fail(&format!("fio exited with {}", out.status)));
+    }
     let json = fio_report(&text).ok_or_else(|| fail("no JSON report"))?;
     let job = &json["jobs"][0];
     if job["error"].as_i64() != Some(0) {
         return Err(fail("the job failed"));
     }
     let r = &job["read"];
+    if r["total_ios"].as_u64().unwrap_or(0) == 0 {
+        return Err(fail("no reads completed"));
+    }
     let pct = |p: &str| r["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(FioResult {
         iops: r["iops"].as_f64().unwrap_or(0.0),

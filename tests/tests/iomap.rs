@@ -19,19 +19,36 @@ fn simple_path_reads_allocate_nothing_in_the_kernel() {
         ));
         assert_eq!(out.status, 0, "console:\n{}", out.console);
         let lines: Vec<&str> = out.result_lines().collect();
-        let simple = lines
-            .iter()
-            .find(|l| l.starts_with("noalloc simple "))
-            .expect("simple line");
+        let line = |prefix: &str| -> &str {
+            lines
+                .iter()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", out.console))
+        };
+        let field = |l: &str, k: &str| -> u64 {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k}= in {l}"))
+        };
+        // Every read on the simple path, and the heap counters unchanged.
+        let simple = line("noalloc simple ");
         assert!(
-            simple.contains("reads=100000 simple_path=100000 errors=0 allocs=0 frees=0"),
+            simple.contains(
+                "reads=100000 simple_path=100000 generic_path=0 fell_back=0 errors=0 allocs=0 frees=0 "
+            ),
             "{simple}"
         );
-        let generic = lines
-            .iter()
-            .find(|l| l.starts_with("noalloc generic "))
-            .expect("generic line");
-        assert!(generic.contains("reads=2000 allocs_per_io="), "{generic}");
+        // The control: as many reads on the generic path, each allocating
+        // its dio object, counted by the same counters.
+        let generic = line("noalloc generic ");
+        assert!(
+            generic
+                .contains("reads=100000 simple_path=0 generic_path=100000 fell_back=0 errors=0 "),
+            "{generic}"
+        );
+        assert!(field(generic, "allocs") >= 100_000, "{generic}");
+        assert!(field(generic, "frees") >= 100_000, "{generic}");
         assert!(lines.contains(&"noalloc ok"));
     }
 }
@@ -67,6 +84,9 @@ fn bench_local_writes_table_json_and_plot() {
             "lat_p99_us",
             "cycles_per_io",
             "allocs_per_io",
+            "simple_path",
+            "generic_path",
+            "fell_back",
         ] {
             assert!(!r[k].is_null(), "{k} missing in {r}");
         }
@@ -75,13 +95,60 @@ fn bench_local_writes_table_json_and_plot() {
         if r["target"] != "generic" {
             assert_eq!(r["allocs_per_io"].as_f64(), Some(0.0), "{r}");
         }
+        // Each row was served by the path it is named after: a simple row
+        // whose reads fell back to the generic path would be the generic
+        // path's figure under the simple path's name.
+        let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+        let ios = n("ios");
+        assert!(ios > 0, "{r}");
+        assert_eq!(n("fell_back"), 0, "{r}");
+        let (simple, generic) = match r["target"].as_str().unwrap() {
+            "simple" => (ios, 0),
+            "generic" => (0, ios),
+            _ => (0, 0),
+        };
+        assert_eq!(
+            (n("simple_path"), n("generic_path")),
+            (simple, generic),
+            "{r}"
+        );
     }
+    // The table shows which path served the simple=1 reads.
+    let table_rows: Vec<dioxide::bench::Row> = rows
+        .iter()
+        .map(|r| {
+            let fields: Vec<(&str, String)> = r
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str().map_or(v.to_string(), String::from)))
+                .collect();
+            dioxide::bench::Row::new(&fields)
+        })
+        .collect();
+    let table = dioxide::bench::table(&table_rows);
+    assert!(
+        table.contains("| simple=1 path: simple generic fell_back"),
+        "{table}"
+    );
     let host = json["host_rows"].as_array().unwrap();
     assert_eq!(host.len(), 3);
     for h in host {
         for k in ["target", "ns_per_io", "cycles_per_io", "allocs_per_io"] {
             assert!(!h[k].is_null(), "{k} missing in {h}");
         }
+        // The host rows too were served by the path they are named after.
+        let n = |k: &str| h[k].as_u64().unwrap_or_else(|| panic!("{k} in {h}"));
+        let want = match h["target"].as_str().unwrap() {
+            "simple" => (100_000, 0),
+            "generic" => (0, 100_000),
+            _ => (0, 0),
+        };
+        assert_eq!(
+            (n("simple_path"), n("generic_path"), n("fell_back")),
+            (want.0, want.1, 0),
+            "{h}"
+        );
     }
     let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
     assert!(

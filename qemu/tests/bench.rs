@@ -1,0 +1,198 @@
+//! `dioxide bench nbd` run the way a user runs it, in its smallest form: one
+//! queue depth, one round of one second per target, QEMU user networking.
+//! It boots the appliance under TCG and runs fio against the file, raw and
+//! null exports and against qemu-nbd on the host; the test checks the table
+//! it prints and the rows of results.json (not the figures: a benchmark is
+//! never a timing test, but every target must have done reads).
+
+use serde_json::Value;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TARGETS: [&str; 4] = ["file", "raw", "null", "qemu-nbd"];
+
+/// Runs `dioxide args...`, killed after `limit`; (exit code, stdout, stderr).
+fn dioxide(args: &[&str], limit: Duration) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dioxide"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dioxide");
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let t = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, t)
+    };
+    let (out, t_out) = collect(Box::new(child.stdout.take().unwrap()));
+    let (err, t_err) = collect(Box::new(child.stderr.take().unwrap()));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for dioxide") {
+            break s.code();
+        }
+        if t0.elapsed() > limit {
+            // Its QEMU and qemu-nbd die with it (PR_SET_PDEATHSIG).
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = (t_out.join(), t_err.join());
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+    (status, text(&out), text(&err))
+}
+
+#[test]
+fn bench_nbd_in_its_smallest_form_writes_table_and_json() {
+    let dir = dioxide::workspace_root()
+        .join("target")
+        .join("test-tmp")
+        .join(format!("bench-nbd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let t0 = Instant::now();
+    let (status, stdout, stderr) = dioxide(
+        &[
+            "bench",
+            "nbd",
+            "--qd",
+            "1",
+            "--secs",
+            "1",
+            "--rounds",
+            "1",
+            "--jobs",
+            "1",
+            "--net",
+            "user",
+            "--file-size",
+            "8M",
+            "--accel",
+            "tcg",
+            "--mem",
+            "256",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        Duration::from_secs(300),
+    );
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(status, Some(0), "{all}");
+    eprintln!("bench nbd took {:.1} s", t0.elapsed().as_secs_f64());
+
+    // The table: one network mode, a header naming every target, one line
+    // for queue depth 1 with a figure (not "-") for each, and the ratios.
+    assert!(
+        stdout.contains(
+            "net=user: fio --ioengine=nbd, 4K random reads, 1 job(s), 1 s per row; IOPS (p50/p99 latency us)"
+        ),
+        "{all}"
+    );
+    let header = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("qd "))
+        .unwrap_or_else(|| panic!("no table header\n{all}"));
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(
+        cols,
+        [
+            "qd",
+            "file",
+            "raw",
+            "null",
+            "qemu-nbd",
+            "file/raw",
+            "file/qemu-nbd"
+        ],
+        "{all}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .unwrap_or_else(|| panic!("no qd 1 line\n{all}"));
+    // "1  12,345 (80/120)  ...  0.950  0.400": 4 cells of IOPS (p50/p99).
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cells.len(), 1 + 4 * 2 + 2, "{line}");
+    for i in 0..4 {
+        let iops: u64 = cells[1 + 2 * i].replace(',', "").parse().expect(line);
+        assert!(iops > 0, "{} in {line}", TARGETS[i]);
+        assert!(cells[2 + 2 * i].starts_with('('), "{line}");
+    }
+    for ratio in &cells[9..] {
+        assert!(ratio.parse::<f64>().expect(line) > 0.0, "{line}");
+    }
+    assert!(
+        stdout.contains("host CPU per I/O (us, server process incl. its vCPU thread): file "),
+        "{all}"
+    );
+
+    // results.json: a row per target, with the fields the README lists.
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).expect("results.json"))
+            .expect("results.json is JSON");
+    let rows = json["rows"].as_array().expect("rows");
+    let mut targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    targets.sort_unstable();
+    let mut want = TARGETS.to_vec();
+    want.sort_unstable();
+    assert_eq!(targets, want, "{json:#}");
+    for r in rows {
+        assert_eq!(r["net"], "user", "{r}");
+        assert_eq!(r["qd"].as_u64(), Some(1), "{r}");
+        assert_eq!(r["jobs"].as_u64(), Some(1), "{r}");
+        assert_eq!(r["rounds"].as_u64(), Some(1), "{r}");
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+        for k in [
+            "lat_p50_us",
+            "lat_p99_us",
+            "lat_mean_us",
+            "server_cpu_us_per_io",
+            "wall_secs",
+        ] {
+            assert!(r[k].as_f64().is_some_and(|v| v >= 0.0), "{k} in {r}");
+        }
+        assert!(r["lat_p99_us"].as_f64() >= r["lat_p50_us"].as_f64(), "{r}");
+        assert!(r["lat_p50_us"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let cfg = &json["config"];
+    assert_eq!(cfg["accel"], "tcg", "{cfg}");
+    assert_eq!(cfg["qds"], serde_json::json!([1]), "{cfg}");
+    for k in ["fio", "qemu_nbd", "qemu"] {
+        assert!(
+            cfg[k].as_str().is_some_and(|v| !v.is_empty()),
+            "{k} in {cfg}"
+        );
+    }
+    let runs = cfg["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{cfg}");
+    // The appliance logged no error while it served the benchmark.
+    let warnings = runs[0]["guest_warnings"]
+        .as_array()
+        .expect("guest_warnings");
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains(" ERROR "))),
+        "{warnings:?}"
+    );
+    assert!(runs[0]["qemu_nbd_options"]
+        .as_str()
+        .is_some_and(|o| o.starts_with("--cache=")));
+    let svg = std::fs::read_to_string(dir.join("plot.svg")).expect("plot.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("NBD, net=user") && svg.contains("qemu-nbd"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
