@@ -29,6 +29,15 @@ pub enum Error {
     Qemu { status: String, stderr: String },
     #[error("the guest reset or stopped without powering off (triple fault?){0}")]
     NoPowerOff(String),
+    /// The guest's power-off line and QEMU's exit code disagree: the status
+    /// read from the console cannot be trusted.
+    #[error("the guest powered off with status {guest} (QEMU should exit with {expected}) but QEMU's exit status was {qemu}{stderr}")]
+    ExitMismatch {
+        guest: u8,
+        expected: i32,
+        qemu: String,
+        stderr: String,
+    },
     #[error("timed out after {0} s; QEMU killed")]
     Timeout(u64),
     #[error("{0}")]
