@@ -379,6 +379,15 @@ impl Guest {
             elapsed,
         })
     }
+
+    /// Whether QEMU is still running (false once it exited, zombie or not:
+    /// the child is reaped here and [`Guest::wait`] then reports its status).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_)) | Err(_)) | None => false,
+        }
+    }
 }
 
 /// QEMU's exit code for a guest that powered off with `status` through
