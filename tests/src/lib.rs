@@ -77,6 +77,14 @@ pub fn boot(cfg: &Config) -> Outcome {
     }
 }
 
+/// Says that `test` is skipped and why, as a line starting with `SKIPPED:`
+/// written straight to the process's stderr: the test harness captures
+/// `eprintln!` of passing tests, and a skip must be seen.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+}
+
 /// Waits until the guest's console contains `what` and returns the console.
 /// Panics, with the console, when QEMU exits first or `within` passes: a
 /// guest that dies early or never gets there fails the test instead of
