@@ -307,3 +307,100 @@ fn run_from_a_directory_serves_its_files() {
     assert_eq!(code, 2, "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The kernel ELF, built once per test binary.
+fn kernel() -> std::path::PathBuf {
+    static K: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    K.get_or_init(|| dioxide::kernel::build().unwrap_or_else(|e| panic!("{e}")))
+        .clone()
+}
+
+/// A directory with a small random disk image in it: (image, directory).
+fn small_disk(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let d = temp(name);
+    let img = d.join("disk.img");
+    dioxide::image::write_random(&img, 4 << 20, 5).unwrap();
+    (img, d)
+}
+
+/// `dioxide run` with the given kernel and disk on TCG, NBD on a free port
+/// (10809 may be taken); exit code, stdout (the console), stderr, and how
+/// long it took.
+fn run_status(
+    kernel: &std::path::Path,
+    img: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String, std::time::Duration) {
+    let port = free_port().to_string();
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = dioxide_out(
+        &[
+            &[
+                "run",
+                "--accel",
+                "tcg",
+                "--mem",
+                "256",
+                "--nbd-port",
+                &port,
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--disk",
+                img.to_str().unwrap(),
+            ],
+            args,
+        ]
+        .concat(),
+    );
+    (
+        code,
+        String::from_utf8_lossy(&out).into_owned(),
+        err,
+        t0.elapsed(),
+    )
+}
+
+/// Exit 124: a guest that does not finish (the appliance serving forever)
+/// is killed at `--timeout`.
+#[test]
+fn exit_124_when_the_guest_outlives_the_timeout() {
+    let (img, d) = small_disk("timeout");
+    let (code, _, err, took) = run_status(&kernel(), &img, &["--timeout", "1"]);
+    assert_eq!(code, 124, "{err}");
+    assert!(err.contains("timed out after 1 s; QEMU killed"), "{err}");
+    assert!(took.as_secs() < 60, "took {took:?}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Exit 125: QEMU refuses to start (here: the "kernel" is not a kernel);
+/// QEMU's message is passed on.
+#[test]
+fn exit_125_when_qemu_fails() {
+    let (img, d) = small_disk("qemu-fails");
+    let not_a_kernel = d.join("not-a-kernel");
+    std::fs::write(&not_a_kernel, b"hello\n").unwrap();
+    let (code, _, err, _) = run_status(&not_a_kernel, &img, &["--timeout", "60"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("qemu failed (exit status 1)"), "{err}");
+    assert!(err.contains("invalid kernel header"), "{err}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Exit 5: a kernel panic (`--selftest panic`) is reported on the console
+/// and is the CLI's exit status.
+#[test]
+fn exit_5_on_a_kernel_panic() {
+    let (img, d) = small_disk("panic");
+    let (code, out, err, _) = run_status(
+        &kernel(),
+        &img,
+        &["--timeout", "120", "--selftest", "panic"],
+    );
+    assert_eq!(code, 5, "{out}\n{err}");
+    assert!(
+        out.contains("PANIC: panicked at") && out.contains("selftest=panic: deliberate panic"),
+        "{out}"
+    );
+    assert!(out.contains("dioxide: power off status=5"), "{out}");
+    let _ = std::fs::remove_dir_all(d);
+}
