@@ -2,6 +2,8 @@
 //! images in a temporary directory, boots QEMU (always with a timeout; the
 //! `Guest` handle kills QEMU when dropped).
 
+pub mod nbdraw;
+
 use dioxide::accel::Accel;
 use dioxide::qemu::{self, Config, Guest, Outcome};
 use sha2::{Digest, Sha256};
