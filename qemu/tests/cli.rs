@@ -4,14 +4,8 @@
 use std::process::Command;
 
 fn dioxide(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dioxide"))
-        .args(args)
-        .output()
-        .expect("run dioxide");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = dioxide_out(args);
+    (code, err)
 }
 
 fn temp(name: &str) -> std::path::PathBuf {
@@ -70,16 +64,58 @@ fn bad_block_size_option() {
     assert!(err.contains("must be 512 or 4096"), "{err}");
 }
 
-fn dioxide_out(args: &[&str]) -> (i32, Vec<u8>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dioxide"))
-        .args(args)
-        .output()
-        .expect("run dioxide");
+/// How long one command may take: a `dioxide run` that should fail before
+/// booting but boots instead (serving until killed), or a client waiting on
+/// a stuck appliance, fails the test rather than hanging it.
+const COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Runs `cmd` (killed after [`COMMAND_LIMIT`], failing the test): exit
+/// code, stdout, stderr.
+fn output_within(mut cmd: Command) -> (i32, Vec<u8>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = pipe.read_to_end(&mut b);
+            b
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > COMMAND_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {COMMAND_LIMIT:?}; killed. stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        out.join().unwrap_or_default(),
+        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
     )
+}
+
+/// Runs `dioxide` (bounded): exit code, stdout, stderr.
+fn dioxide_out(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dioxide"));
+    cmd.args(args);
+    output_within(cmd)
 }
 
 #[test]
@@ -238,17 +274,14 @@ fn free_port() -> u16 {
     dioxide::nbdbench::free_port().expect("a free port")
 }
 
+/// An NBD client command (bounded); its stdout, which must succeed.
+/// (`./dx test` installs libnbd-bin.)
 fn nbd(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (./dx test installs libnbd-bin)", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    let (code, out, err) = output_within(cmd);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    out
 }
 
 #[test]
