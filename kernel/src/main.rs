@@ -73,13 +73,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
         "bench",
         "noalloc",
         "fault",
+        "panic",
         "calibrate",
     ]
     .contains(&selftest)
     {
         fail(
             EXIT_CONFIG,
-            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, calibrate)"),
+            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, panic, calibrate)"),
         );
     }
     if selftest == "calibrate" {
@@ -128,6 +129,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
     }
     if selftest == "fault" {
         selftest::fault();
+    }
+    if selftest == "panic" {
+        selftest::panic();
     }
 
     let acpi = match acpi::init(boot) {

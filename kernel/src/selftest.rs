@@ -78,6 +78,13 @@ pub fn fault() -> ! {
     power::exit(EXIT_TEST_FAILED)
 }
 
+/// `selftest=panic`: panics on purpose, to show the panic path: the report
+/// (`PANIC: ...`) and power-off with status 5 ([`power::EXIT_PANIC`]).
+pub fn panic() -> ! {
+    log::info!(target: "selftest", "panicking on purpose: expect a panic report");
+    panic!("selftest=panic: deliberate panic");
+}
+
 /// `selftest=digest`: reads the whole namespace (several commands in flight)
 /// and prints `digest nvme0n1 bytes=<n> sha256=<hex>`.
 pub fn digest(dev: &mut Nvme) -> ! {

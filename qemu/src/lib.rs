@@ -29,6 +29,23 @@ pub enum Error {
     Qemu { status: String, stderr: String },
     #[error("the guest reset or stopped without powering off (triple fault?){0}")]
     NoPowerOff(String),
+    /// The guest's power-off line and QEMU's exit code disagree: the status
+    /// read from the console cannot be trusted.
+    #[error("the guest powered off with status {guest} (QEMU should exit with {expected}) but QEMU's exit status was {qemu}{stderr}")]
+    ExitMismatch {
+        guest: u8,
+        expected: i32,
+        qemu: String,
+        stderr: String,
+    },
+    /// `--net tap` cannot work on this machine or account (not root, no
+    /// CAP_NET_ADMIN, no /dev/net/tun): a reason to use `--net user`, and
+    /// for tests to skip.
+    #[error("--net tap: {0}; use --net user instead")]
+    TapUnavailable(String),
+    /// Making the tap device failed for another reason (`ip` missing, ...).
+    #[error("--net tap: {0}")]
+    Tap(String),
     #[error("timed out after {0} s; QEMU killed")]
     Timeout(u64),
     #[error("{0}")]
@@ -45,7 +62,7 @@ impl Error {
     /// timeout, 125 for failures of the host tools.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Disk { .. } | Error::Usage(_) => 2,
+            Error::Disk { .. } | Error::Usage(_) | Error::TapUnavailable(_) => 2,
             Error::Timeout(_) => 124,
             _ => 125,
         }

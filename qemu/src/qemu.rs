@@ -3,7 +3,8 @@
 //! The guest's serial console is QEMU's stdout; it is read line by line (and
 //! echoed when asked). The guest ends by printing `dioxide: power off
 //! status=<n>` and writing to the `isa-debug-exit` device, which makes QEMU exit
-//! with `2n + 1`; the status is taken from that line. QEMU is killed when the
+//! with `2n + 1`; the status is taken from that line and must agree with
+//! QEMU's exit code (see [`decide`]). QEMU is killed when the
 //! [`Guest`] handle is dropped, so no emulator outlives its caller.
 //!
 //! With user networking the NBD port is forwarded only once the kernel's
@@ -570,30 +571,117 @@ impl Guest {
         } else {
             format!(": {}", stderr.trim())
         };
-        match (guest_status, status.code()) {
-            // isa-debug-exit: QEMU exits with 2n + 1.
-            (Some(n), Some(code)) if code == 2 * n as i32 + 1 => Ok(Outcome {
-                status: n,
-                console,
-                first_line,
-                elapsed,
-            }),
-            (Some(n), _) => Ok(Outcome {
-                status: n,
-                console,
-                first_line,
-                elapsed,
-            }),
-            (None, Some(0)) => Err(Error::NoPowerOff(tail)),
-            (None, code) => Err(Error::Qemu {
-                status: code.map_or("killed by a signal".to_string(), |c| c.to_string()),
-                stderr: tail,
-            }),
+        let status = decide(guest_status, status.code(), tail)?;
+        Ok(Outcome {
+            status,
+            console,
+            first_line,
+            elapsed,
+        })
+    }
+
+    /// Whether QEMU is still running (false once it exited, zombie or not:
+    /// the child is reaped here and [`Guest::wait`] then reports its status).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_)) | Err(_)) | None => false,
         }
+    }
+}
+
+/// QEMU's exit code for a guest that powered off with `status` through
+/// isa-debug-exit: `(status << 1) | 1`, as a process exit code (8 bits).
+pub fn debug_exit_code(status: u8) -> i32 {
+    ((status as i32) << 1 | 1) & 0xff
+}
+
+/// What a finished QEMU means: the guest's status from its power-off line
+/// (`guest`) checked against QEMU's exit code (`code`, `None` when killed by
+/// a signal). `stderr` is appended to errors (empty or `": ..."`).
+pub fn decide(guest: Option<u8>, code: Option<i32>, stderr: String) -> Result<u8, Error> {
+    match (guest, code) {
+        (Some(n), Some(c)) if c == debug_exit_code(n) => Ok(n),
+        (Some(n), code) => Err(Error::ExitMismatch {
+            guest: n,
+            expected: debug_exit_code(n),
+            qemu: code.map_or("killed by a signal".to_string(), |c| c.to_string()),
+            stderr,
+        }),
+        (None, Some(0)) => Err(Error::NoPowerOff(stderr)),
+        (None, code) => Err(Error::Qemu {
+            status: code.map_or("killed by a signal".to_string(), |c| c.to_string()),
+            stderr,
+        }),
     }
 }
 
 /// Boots once and waits for the outcome.
 pub fn run(cfg: &Config) -> Result<Outcome, Error> {
     Guest::spawn(cfg)?.wait()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_taken_when_qemu_agrees() {
+        for n in [0u8, 1, 2, 3, 4, 5] {
+            let code = 2 * n as i32 + 1;
+            assert_eq!(decide(Some(n), Some(code), String::new()).unwrap(), n);
+        }
+        // Exit codes are 8 bits: status 200 gives (401 & 0xff).
+        assert_eq!(debug_exit_code(200), 401 & 0xff);
+        assert_eq!(decide(Some(200), Some(145), String::new()).unwrap(), 200);
+    }
+
+    #[test]
+    fn a_mismatch_is_an_error_naming_both() {
+        let e = decide(Some(0), Some(3), String::new()).unwrap_err();
+        match &e {
+            Error::ExitMismatch {
+                guest: 0,
+                expected: 1,
+                qemu,
+                ..
+            } if qemu == "3" => {}
+            other => panic!("{other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("status 0") && msg.contains("exit status was 3"),
+            "{msg}"
+        );
+        assert_eq!(e.exit_code(), 125);
+        // QEMU's own failure (exit 1) after a line with another status than 0.
+        assert!(matches!(
+            decide(Some(1), Some(1), String::new()),
+            Err(Error::ExitMismatch { guest: 1, .. })
+        ));
+        assert!(matches!(
+            decide(Some(5), Some(0), String::new()),
+            Err(Error::ExitMismatch { guest: 5, .. })
+        ));
+        let e = decide(Some(2), None, String::new()).unwrap_err();
+        assert!(e.to_string().contains("killed by a signal"), "{e}");
+    }
+
+    #[test]
+    fn no_power_off_line() {
+        assert!(matches!(
+            decide(None, Some(0), String::new()),
+            Err(Error::NoPowerOff(_))
+        ));
+        match decide(None, Some(1), ": boom".into()) {
+            Err(Error::Qemu { status, stderr }) => {
+                assert_eq!((status.as_str(), stderr.as_str()), ("1", ": boom"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(None, None, String::new()),
+            Err(Error::Qemu { .. })
+        ));
+    }
 }

@@ -4,14 +4,8 @@
 use std::process::Command;
 
 fn dioxide(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dioxide"))
-        .args(args)
-        .output()
-        .expect("run dioxide");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = dioxide_out(args);
+    (code, err)
 }
 
 fn temp(name: &str) -> std::path::PathBuf {
@@ -70,16 +64,58 @@ fn bad_block_size_option() {
     assert!(err.contains("must be 512 or 4096"), "{err}");
 }
 
-fn dioxide_out(args: &[&str]) -> (i32, Vec<u8>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dioxide"))
-        .args(args)
-        .output()
-        .expect("run dioxide");
+/// How long one command may take: a `dioxide run` that should fail before
+/// booting but boots instead (serving until killed), or a client waiting on
+/// a stuck appliance, fails the test rather than hanging it.
+const COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Runs `cmd` (killed after [`COMMAND_LIMIT`], failing the test): exit
+/// code, stdout, stderr.
+fn output_within(mut cmd: Command) -> (i32, Vec<u8>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = pipe.read_to_end(&mut b);
+            b
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > COMMAND_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {COMMAND_LIMIT:?}; killed. stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        out.join().unwrap_or_default(),
+        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
     )
+}
+
+/// Runs `dioxide` (bounded): exit code, stdout, stderr.
+fn dioxide_out(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dioxide"));
+    cmd.args(args);
+    output_within(cmd)
 }
 
 #[test]
@@ -238,17 +274,14 @@ fn free_port() -> u16 {
     dioxide::nbdbench::free_port().expect("a free port")
 }
 
+/// An NBD client command (bounded); its stdout, which must succeed.
+/// (`./dx test` installs libnbd-bin.)
 fn nbd(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (./dx test installs libnbd-bin)", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    let (code, out, err) = output_within(cmd);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    out
 }
 
 #[test]
@@ -306,4 +339,101 @@ fn run_from_a_directory_serves_its_files() {
     let (code, err) = dioxide(&["run", "--from", "/tmp", "--disk", "/tmp/x.img"]);
     assert_eq!(code, 2, "{err}");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The kernel ELF, built once per test binary.
+fn kernel() -> std::path::PathBuf {
+    static K: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    K.get_or_init(|| dioxide::kernel::build().unwrap_or_else(|e| panic!("{e}")))
+        .clone()
+}
+
+/// A directory with a small random disk image in it: (image, directory).
+fn small_disk(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let d = temp(name);
+    let img = d.join("disk.img");
+    dioxide::image::write_random(&img, 4 << 20, 5).unwrap();
+    (img, d)
+}
+
+/// `dioxide run` with the given kernel and disk on TCG, NBD on a free port
+/// (10809 may be taken); exit code, stdout (the console), stderr, and how
+/// long it took.
+fn run_status(
+    kernel: &std::path::Path,
+    img: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String, std::time::Duration) {
+    let port = free_port().to_string();
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = dioxide_out(
+        &[
+            &[
+                "run",
+                "--accel",
+                "tcg",
+                "--mem",
+                "256",
+                "--nbd-port",
+                &port,
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--disk",
+                img.to_str().unwrap(),
+            ],
+            args,
+        ]
+        .concat(),
+    );
+    (
+        code,
+        String::from_utf8_lossy(&out).into_owned(),
+        err,
+        t0.elapsed(),
+    )
+}
+
+/// Exit 124: a guest that does not finish (the appliance serving forever)
+/// is killed at `--timeout`.
+#[test]
+fn exit_124_when_the_guest_outlives_the_timeout() {
+    let (img, d) = small_disk("timeout");
+    let (code, _, err, took) = run_status(&kernel(), &img, &["--timeout", "1"]);
+    assert_eq!(code, 124, "{err}");
+    assert!(err.contains("timed out after 1 s; QEMU killed"), "{err}");
+    assert!(took.as_secs() < 60, "took {took:?}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Exit 125: QEMU refuses to start (here: the "kernel" is not a kernel);
+/// QEMU's message is passed on.
+#[test]
+fn exit_125_when_qemu_fails() {
+    let (img, d) = small_disk("qemu-fails");
+    let not_a_kernel = d.join("not-a-kernel");
+    std::fs::write(&not_a_kernel, b"hello\n").unwrap();
+    let (code, _, err, _) = run_status(&not_a_kernel, &img, &["--timeout", "60"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("qemu failed (exit status 1)"), "{err}");
+    assert!(err.contains("invalid kernel header"), "{err}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Exit 5: a kernel panic (`--selftest panic`) is reported on the console
+/// and is the CLI's exit status.
+#[test]
+fn exit_5_on_a_kernel_panic() {
+    let (img, d) = small_disk("panic");
+    let (code, out, err, _) = run_status(
+        &kernel(),
+        &img,
+        &["--timeout", "120", "--selftest", "panic"],
+    );
+    assert_eq!(code, 5, "{out}\n{err}");
+    assert!(
+        out.contains("PANIC: panicked at") && out.contains("selftest=panic: deliberate panic"),
+        "{out}"
+    );
+    assert!(out.contains("dioxide: power off status=5"), "{out}");
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -5,11 +5,11 @@
 pub mod nbdraw;
 
 use dioxide::accel::Accel;
-use dioxide::qemu::{self, Config, Outcome};
+use dioxide::qemu::{self, Config, Guest, Outcome};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The kernel ELF, built once per test binary.
 pub fn kernel() -> PathBuf {
@@ -76,6 +76,41 @@ pub fn boot(cfg: &Config) -> Outcome {
     match qemu::run(cfg) {
         Ok(o) => o,
         Err(e) => panic!("boot failed: {e}"),
+    }
+}
+
+/// Says that `test` is skipped and why, as a line starting with `SKIPPED:`
+/// written straight to the process's stderr: the test harness captures
+/// `eprintln!` of passing tests, and a skip must be seen.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+}
+
+/// Waits until the guest's console contains `what` and returns the console.
+/// Panics, with the console, when QEMU exits first or `within` passes: a
+/// guest that dies early or never gets there fails the test instead of
+/// hanging it.
+pub fn wait_for_console(guest: &mut Guest, what: &str, within: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let c = guest.console();
+        if c.contains(what) {
+            return c;
+        }
+        if !guest.is_running() {
+            // Let the console readers take the last lines.
+            std::thread::sleep(Duration::from_millis(200));
+            let c = guest.console();
+            if c.contains(what) {
+                return c;
+            }
+            panic!("QEMU exited before the console showed {what:?}:\n{c}");
+        }
+        if t0.elapsed() > within {
+            panic!("no {what:?} on the console after {within:?}:\n{c}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
