@@ -58,8 +58,10 @@ impl Client {
         c.send(&3u32.to_be_bytes());
         c
     }
+    /// Greeted (retrying for up to 30 s while every connection is taken or a
+    /// socket is being recycled), then NBD_OPT_GO: the export's size.
     pub fn open(port: u16, name: &str) -> (Client, u64) {
-        let mut c = Client::greeted(port);
+        let mut c = Client::greeted_within(port, Duration::from_secs(30));
         let size = c
             .go(name)
             .unwrap_or_else(|t| panic!("GO {name}: reply {t:#x}"));
