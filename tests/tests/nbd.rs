@@ -454,11 +454,14 @@ fn tap_network_serves_the_exports() {
     };
     assert!(app.url.starts_with("nbd://172.30."), "{}", app.url);
     assert!(app.guest.console().contains("net: static address 172.30."));
-    let (ok, got, err) =
-        run(Command::new("nbdcopy").args([&format!("{}/hello.txt", app.url), "-"]));
+    let limit = Duration::from_secs(300);
+    let (ok, got, err) = run_within(
+        Command::new("nbdcopy").args([&format!("{}/hello.txt", app.url), "-"]),
+        limit,
+    );
     assert!(ok, "{err}");
     assert_eq!(got, b"over tap\n");
-    let (ok, list, err) = run(Command::new("nbdinfo").args(["--list", &app.url]));
+    let (ok, list, err) = run_within(Command::new("nbdinfo").args(["--list", &app.url]), limit);
     assert!(ok, "{err}");
     assert!(String::from_utf8_lossy(&list).contains("export=\"nvme0n1\""));
 }
