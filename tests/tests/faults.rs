@@ -149,13 +149,16 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
 /// `latency-ns`): each read passes its deadline, is aborted (QEMU declines),
 /// and the controller is reset; the client gets an error, not a hang, and
 /// the appliance goes on serving (listing, other exports, new connections).
+/// The latency is 20 times the deadline: a guest starved of CPU long enough
+/// could otherwise see the completion before it checks the deadline (and
+/// rightly serve the read).
 #[test]
 fn a_drive_slower_than_the_deadline_gives_errors_not_hangs() {
-    let mut cfg = config(None, &["nvme.timeout_ms=300", "nbd.null=1"]);
+    let mut cfg = config(None, &["nvme.timeout_ms=200", "nbd.null=1"]);
     cfg.timeout = Some(Duration::from_secs(600));
     cfg.extra = [
         "-drive",
-        "driver=null-co,size=67108864,latency-ns=2000000000,read-zeroes=on,if=none,id=nvm0",
+        "driver=null-co,size=67108864,latency-ns=4000000000,read-zeroes=on,if=none,id=nvm0",
         "-device",
         "nvme,drive=nvm0,serial=slow0",
     ]
