@@ -66,6 +66,8 @@ pub struct NbdOpts {
 pub struct Appliance {
     pub guest: Guest,
     pub url: String,
+    /// The TCP port of `url`.
+    pub port: u16,
     _tap: Option<Tap>,
 }
 
@@ -108,11 +110,12 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
         }
     };
     let guest = Guest::spawn(&cfg)?;
-    let url = match (guest.wait_nbd(Duration::from_secs(120))?, &tap) {
-        (NbdReady::Listening(Some(addr)), _) => format!("nbd://{addr}"),
-        (NbdReady::Listening(None), Some(tap)) => {
-            format!("nbd://{}:{GUEST_NBD_PORT}", tap.guest)
-        }
+    let (url, port) = match (guest.wait_nbd(Duration::from_secs(120))?, &tap) {
+        (NbdReady::Listening(Some(addr)), _) => (format!("nbd://{addr}"), addr.port()),
+        (NbdReady::Listening(None), Some(tap)) => (
+            format!("nbd://{}:{GUEST_NBD_PORT}", tap.guest),
+            GUEST_NBD_PORT,
+        ),
         _ => {
             return Err(Error::Usage(format!(
                 "the appliance did not come up (no NBD server listening):\n{}",
@@ -123,6 +126,7 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
     Ok(Appliance {
         guest,
         url,
+        port,
         _tap: tap,
     })
 }

@@ -58,12 +58,7 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
     cfg.inject_eio = vec![bad];
     let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
         .unwrap_or_else(|e| panic!("{e}"));
-    let port: u16 = app
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port in the URL");
+    let port = app.port;
     let console = || app.guest.console();
 
     // 4 KiB reads (the simple path) of the victim: only the one covering
@@ -168,12 +163,7 @@ fn a_drive_slower_than_the_deadline_gives_errors_not_hangs() {
     let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("booted and serving after {:?}", t0.elapsed());
-    let port: u16 = app
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port in the URL");
+    let port = app.port;
     let mut c = Client::greeted(port);
     assert!(c.structured());
     c.go("nvme0n1").expect("the raw export");

@@ -15,10 +15,7 @@ const CONNS: usize = 16;
 /// forwarded to its NBD server, once it listens.
 fn serve(cfg: dioxide::qemu::Config) -> (Guest, u16) {
     match dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User) {
-        Ok(app) => {
-            let port = app.url.rsplit(':').next().unwrap().parse().unwrap();
-            (app.guest, port)
-        }
+        Ok(app) => (app.guest, app.port),
         Err(e) => panic!("{e}"),
     }
 }

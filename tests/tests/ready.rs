@@ -271,7 +271,7 @@ fn thousands_of_exports_are_listed_quickly() {
     cfg.timeout = Some(Duration::from_secs(900));
     let app = boot(cfg, NetMode::User).unwrap_or_else(|e| panic!("{e}"));
     let _show = ConsoleOnPanic(&app.guest);
-    let port: u16 = app.url.rsplit(':').next().unwrap().parse().unwrap();
+    let port = app.port;
 
     // Raw client: one segment per option.
     let t = Instant::now();

@@ -953,7 +953,8 @@ fn parse_control(e: &mut Expect, b: &[u8], ex: &FakeExports, pos: u64) -> Option
 
 // ---- the driver ----
 
-fn option_bytes(code: u32, data: &[u8]) -> Vec<u8> {
+/// An option as a client sends it (also used by the unit tests).
+pub(crate) fn option_bytes(code: u32, data: &[u8]) -> Vec<u8> {
     let mut v = IHAVEOPT.to_be_bytes().to_vec();
     v.extend_from_slice(&code.to_be_bytes());
     v.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -961,8 +962,19 @@ fn option_bytes(code: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A transmission request header (also used by the unit tests).
+pub(crate) fn request_bytes(ty: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&ty.to_be_bytes());
+    v.extend_from_slice(&handle.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
 /// NBD_OPT_INFO/GO data: name length, name, count, info requests.
-fn go_data(name: &[u8], infos: &[u16]) -> Vec<u8> {
+pub(crate) fn go_data(name: &[u8], infos: &[u16]) -> Vec<u8> {
     let mut d = (name.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(name);
     d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
@@ -1492,12 +1504,7 @@ impl<'e> Driver<'e> {
             cmd::WRITE => (offset, len % 600),
             _ => (offset, len),
         };
-        let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&ty.to_be_bytes());
-        v.extend_from_slice(&handle.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        v.extend_from_slice(&len.to_be_bytes());
+        let mut v = request_bytes(ty, flags, handle, offset, len);
         if ty == cmd::WRITE {
             // The payload, sometimes cut short (the rest may never come).
             let n = if s.below(32) == 0 {

@@ -27,32 +27,10 @@ impl Exports for Fake {
     }
 }
 
-fn option(o: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = IHAVEOPT.to_be_bytes().to_vec();
-    v.extend_from_slice(&o.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
+use super::session::{option_bytes as option, request_bytes as request};
 
 fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        d.extend_from_slice(&i.to_be_bytes());
-    }
-    d
-}
-
-fn request(ty: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&flags.to_be_bytes());
-    v.extend_from_slice(&ty.to_be_bytes());
-    v.extend_from_slice(&handle.to_be_bytes());
-    v.extend_from_slice(&offset.to_be_bytes());
-    v.extend_from_slice(&len.to_be_bytes());
-    v
+    super::session::go_data(name.as_bytes(), infos)
 }
 
 /// Parses option replies: (option, type, data).
