@@ -54,7 +54,8 @@ pub struct Config {
     /// address on the command line ([`USER_NET_ARGS`], unless `args` has a
     /// `net.ip=`), and forward this host port (on 127.0.0.1) to the guest's
     /// NBD port 10809 once the kernel's NBD server listens (through QEMU's
-    /// monitor; see [`Guest::wait_nbd`]).
+    /// monitor; see [`Guest::wait_nbd`]). Port 0: a free port picked at that
+    /// moment (no window between picking it and QEMU taking it).
     pub nbd_port: Option<u16>,
     /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
     /// [`crate::tap`]).
@@ -212,6 +213,25 @@ impl Forward {
     fn open(&mut self) -> Service {
         self.connect();
         let (r, port) = match self {
+            Forward::Connected {
+                qmp,
+                port: 0,
+                guest_ip,
+            } => {
+                // A free port; another process may take it before QEMU
+                // does: then try another.
+                let mut last = (Err("no free port".to_string()), 0);
+                for _ in 0..5 {
+                    let Ok(p) = crate::nbdbench::free_port() else {
+                        continue;
+                    };
+                    last = (qmp.hostfwd_add(p, guest_ip, GUEST_NBD_PORT), p);
+                    if last.0.is_ok() {
+                        break;
+                    }
+                }
+                last
+            }
             Forward::Connected {
                 qmp,
                 port,
