@@ -71,6 +71,9 @@ pub const PER_CONN: usize = 128;
 /// Request slots: enough for every connection's maximum.
 const MAX_REQS: usize = CONNS * PER_CONN;
 pub const SOCKET_BUF: usize = 256 * 1024;
+/// smoltcp's default delayed-ACK time, restored once a connection leaves
+/// negotiation (ACKs are immediate while it negotiates).
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
 /// Memory bounds: a connection takes no new request while its output and
 /// read buffers hold this much, and no connection does while all of them
 /// together hold [`HELD_TOTAL`]. (One request is always allowed when the
@@ -605,6 +608,10 @@ impl Server {
                     s.gen = s.gen.wrapping_add(1);
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
+                    // Negotiation is a series of small round trips: a client
+                    // that writes an option in pieces waits for our ACK of
+                    // the first before sending the rest (Nagle).
+                    sock.set_ack_delay(None);
                     self.touched = true;
                     self.busy = true;
                 } else if !sock.is_open() {
@@ -649,6 +656,9 @@ impl Server {
                 Ok(0) | Err(_) => break,
                 Ok(_) => self.touched = true,
             }
+        }
+        if conn.in_transmission() && sock.ack_delay().is_none() {
+            sock.set_ack_delay(Some(ACK_DELAY));
         }
         // The peer finished sending (FIN received) or the connection is
         // gone. (Before Established, may_recv() is false too: not that.)

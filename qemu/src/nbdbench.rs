@@ -99,7 +99,8 @@ pub fn wait_console(guest: &Guest, what: &[&str], secs: u64) -> Result<(), Error
 pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
     let tap = match net {
         NetMode::User => {
-            cfg.nbd_port = Some(free_port()?);
+            // Any free port, picked when the forward opens.
+            cfg.nbd_port = Some(0);
             None
         }
         NetMode::Tap => {

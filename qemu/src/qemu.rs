@@ -59,7 +59,8 @@ pub struct Config {
     /// address on the command line ([`USER_NET_ARGS`], unless `args` has a
     /// `net.ip=`), and forward this host port (on 127.0.0.1) to the guest's
     /// NBD port 10809 once the kernel's NBD server listens (through QEMU's
-    /// monitor; see [`Guest::wait_nbd`]).
+    /// monitor; see [`Guest::wait_nbd`]). Port 0: a free port picked at that
+    /// moment (no window between picking it and QEMU taking it).
     pub nbd_port: Option<u16>,
     /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
     /// [`crate::tap`]).
@@ -186,34 +187,77 @@ impl ServiceState {
 /// QMP is connected when the guest first prints (its socket directory is
 /// then removed), and the forward added when the server listens.
 enum Forward {
-    /// Not connected yet: the monitor directory and the host port.
-    Pending(PathBuf, u16),
-    Connected(monitor::Qmp, u16),
-    Failed(String, u16),
+    /// Not connected yet: the monitor directory.
+    Pending {
+        dir: PathBuf,
+        port: u16,
+        guest_ip: String,
+    },
+    Connected {
+        qmp: monitor::Qmp,
+        port: u16,
+        guest_ip: String,
+    },
+    Failed {
+        why: String,
+        port: u16,
+    },
 }
 
 impl Forward {
     fn connect(&mut self) {
-        let Forward::Pending(dir, port) = self else {
+        let Forward::Pending {
+            dir,
+            port,
+            guest_ip,
+        } = self
+        else {
             return;
         };
-        let (dir, port) = (dir.clone(), *port);
+        let (dir, port, guest_ip) = (dir.clone(), *port, std::mem::take(guest_ip));
         *self = match monitor::Qmp::connect(&dir.join(monitor::SOCKET)) {
-            Ok(q) => {
+            Ok(qmp) => {
                 // Connected: the socket file is no longer needed.
                 let _ = std::fs::remove_dir_all(&dir);
-                Forward::Connected(q, port)
+                Forward::Connected {
+                    qmp,
+                    port,
+                    guest_ip,
+                }
             }
-            Err(e) => Forward::Failed(e, port),
+            Err(why) => Forward::Failed { why, port },
         };
     }
 
     fn open(&mut self) -> Service {
         self.connect();
         let (r, port) = match self {
-            Forward::Connected(q, port) => (q.hostfwd_add(*port, GUEST_NBD_PORT), *port),
-            Forward::Failed(e, port) => (Err(e.clone()), *port),
-            Forward::Pending(_, port) => (Err("no monitor".into()), *port),
+            Forward::Connected {
+                qmp,
+                port: 0,
+                guest_ip,
+            } => {
+                // A free port; another process may take it before QEMU
+                // does: then try another.
+                let mut last = (Err("no free port".to_string()), 0);
+                for _ in 0..5 {
+                    let Ok(p) = crate::nbdbench::free_port() else {
+                        continue;
+                    };
+                    last = (qmp.hostfwd_add(p, guest_ip, GUEST_NBD_PORT), p);
+                    if last.0.is_ok() {
+                        break;
+                    }
+                }
+                last
+            }
+            Forward::Connected {
+                qmp,
+                port,
+                guest_ip,
+            } => (qmp.hostfwd_add(*port, guest_ip, GUEST_NBD_PORT), *port),
+            Forward::Failed { why, port } => (Err(why.clone()), *port),
+            Forward::Pending { port, .. } => (Err("no monitor".into()), *port),
         };
         match r {
             Ok(()) => Service::Listening(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))),
@@ -376,9 +420,21 @@ impl Guest {
         if let Some((m, _)) = &monitor {
             cmd.arg("-qmp").arg(m.qemu_arg());
         }
-        let mut forward = monitor
-            .as_ref()
-            .map(|(m, port)| Forward::Pending(m.path().to_path_buf(), *port));
+        // The guest's address: its `net.ip=` (given or ours), without the
+        // prefix length.
+        let guest_ip = cfg
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("net.ip="))
+            .or_else(|| USER_NET_ARGS[0].strip_prefix("net.ip="))
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let mut forward = monitor.as_ref().map(|(m, port)| Forward::Pending {
+            dir: m.path().to_path_buf(),
+            port: *port,
+            guest_ip: guest_ip.clone(),
+        });
         let service = Arc::new(ServiceState {
             state: Mutex::new(Service::Starting),
             changed: Condvar::new(),

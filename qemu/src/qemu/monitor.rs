@@ -136,11 +136,16 @@ impl Qmp {
         Ok(v.as_str().unwrap_or_default().trim().to_string())
     }
 
-    /// Forwards `127.0.0.1:host_port` to the guest's `guest_port` on the
-    /// user networking netdev `net0`.
-    pub fn hostfwd_add(&mut self, host_port: u16, guest_port: u16) -> Result<(), String> {
+    /// Forwards `127.0.0.1:host_port` to `guest_ip:guest_port` on the user
+    /// networking netdev `net0`.
+    pub fn hostfwd_add(
+        &mut self,
+        host_port: u16,
+        guest_ip: &str,
+        guest_port: u16,
+    ) -> Result<(), String> {
         let out = self.hmp(&format!(
-            "hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}"
+            "hostfwd_add net0 tcp:127.0.0.1:{host_port}-{guest_ip}:{guest_port}"
         ))?;
         if out.is_empty() {
             Ok(())
