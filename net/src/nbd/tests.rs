@@ -861,3 +861,42 @@ fn once_the_client_reads_a_held_read_flood_completes_with_each_read_answered_onc
     assert!(handles.into_iter().eq(0..n));
     assert_eq!(c.in_flight(), 0);
 }
+
+#[test]
+fn one_decoded_option_queues_at_most_max_control_reply_even_go_with_the_longest_name() {
+    // The step behind the bound "control replies stop at OUTPUT_HIGH plus
+    // one step": NBD_OPT_GO asking for the name and block sizes of an
+    // export whose name is as long as the option can carry.
+    let ex = session::FakeExports::new(3000);
+    let name = (0..ex.len())
+        .filter_map(|i| ex.name(i))
+        .max_by_key(|n| n.len())
+        .unwrap()
+        .to_string();
+    assert_eq!(name.len(), session::LONGEST_NAME);
+    let data = go_data(&name, &[info::NAME, info::BLOCK_SIZE]);
+    assert_eq!(data.len(), MAX_OPTION);
+    let mut c = Conn::new(4);
+    take(&mut c);
+    c.receive(&ex, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    let mut sock = Socket::new(option(opt::GO, &data));
+    sock.pump(&mut c, &ex);
+    assert!(c.in_transmission());
+    assert!(
+        c.output_pending() <= MAX_CONTROL_REPLY,
+        "{} > {MAX_CONTROL_REPLY}",
+        c.output_pending()
+    );
+    // Likewise a LIST entry of that name.
+    let mut c = Conn::new(4);
+    take(&mut c);
+    c.receive(&ex, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.receive(&ex, &option(opt::LIST, &[]));
+    let out = take(&mut c);
+    let longest = option_replies(&out)
+        .iter()
+        .map(|r| 20 + r.2.len())
+        .max()
+        .unwrap();
+    assert!(longest <= MAX_CONTROL_REPLY);
+}
