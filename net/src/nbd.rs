@@ -512,7 +512,13 @@ impl Conn {
             self.simple_reply(handle, err as u32);
             return;
         }
-        let msg = &msg.as_bytes()[..msg.len().min(4096)];
+        // Strings on the wire are UTF-8 of at most 4096 bytes: cut at a
+        // character boundary.
+        let mut n = msg.len().min(4096);
+        while !msg.is_char_boundary(n) {
+            n -= 1;
+        }
+        let msg = &msg.as_bytes()[..n];
         let h = Self::chunk_header(chunk::ERROR, handle, 6 + msg.len() as u32);
         let mut e = [0u8; 6];
         e[..4].copy_from_slice(&(err as u32).to_be_bytes());

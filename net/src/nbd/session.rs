@@ -393,7 +393,7 @@ impl ReadRecord {
         match (&self.err, self.structured) {
             (None, true) => 28 + len as u64,
             (None, false) => 16 + len as u64,
-            (Some((_, m)), true) => 26 + m.len().min(4096) as u64,
+            (Some((_, m)), true) => 26 + wire_message(m).len() as u64,
             (Some(_), false) => 16,
         }
     }
@@ -728,6 +728,16 @@ impl Model {
     }
 }
 
+/// An error message as the server must send it: UTF-8 of at most 4096
+/// bytes, cut at a character boundary.
+fn wire_message(m: &str) -> &str {
+    let mut n = m.len().min(4096);
+    while !m.is_char_boundary(n) {
+        n -= 1;
+    }
+    &m[..n]
+}
+
 fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
     let Event::Read {
         handle,
@@ -753,7 +763,7 @@ fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
             check_data(t.data(export, offset, len), &b[16..], at);
         }
         (Some((e, msg)), true) => {
-            let m = &msg.as_bytes()[..msg.len().min(4096)];
+            let m = wire_message(msg).as_bytes();
             assert_eq!(be32(b), STRUCTURED_REPLY_MAGIC, "error chunk magic at {at}");
             assert_eq!(be16(&b[4..]), chunk::FLAG_DONE, "error chunk flags at {at}");
             assert_eq!(be16(&b[6..]), chunk::ERROR, "error chunk type at {at}");
@@ -1146,6 +1156,8 @@ impl<'e> Driver<'e> {
         let msg: String = match how {
             0 => String::new(),
             1 => errno.message().into(),
+            // Odd lengths: a 'é' straddles byte 4096 of the long one.
+            _ if msg_len % 2 == 1 => "éa".chars().cycle().take(msg_len).collect(),
             _ => "é-message ".chars().cycle().take(msg_len).collect(),
         };
         let structured = self.model.structured;
@@ -1323,7 +1335,7 @@ impl<'e> Driver<'e> {
                         Errno::Shutdown,
                         Errno::Perm,
                     ][s.below(5) as usize];
-                    let msg_len = [0, 1, 30, 5000][s.below(4) as usize];
+                    let msg_len = [0, 1, 30, 5000, 5001][s.below(5) as usize];
                     self.answer(i, how, errno, msg_len);
                 }
             }

@@ -900,3 +900,23 @@ fn one_decoded_option_queues_at_most_max_control_reply_even_go_with_the_longest_
         .unwrap();
     assert!(longest <= MAX_CONTROL_REPLY);
 }
+
+#[test]
+fn error_messages_longer_than_4096_bytes_are_cut_at_a_character_boundary() {
+    // Strings on the wire are UTF-8 of at most 4096 bytes (proto.md,
+    // "Conventions"): a 'é' straddling byte 4096 is left out whole.
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::STRUCTURED_REPLY, &[]));
+    c.receive(&Fake, &option(opt::GO, &go_data("nvme0n1", &[])));
+    take(&mut c);
+    c.receive(&Fake, &request(cmd::READ, 0, 1, 0, 512));
+    c.next_event().unwrap();
+    let msg = "éa".repeat(2000); // 'é' at bytes 4095..4097
+    c.reply_read_error(&Fake, 1, Errno::Io, &msg);
+    let out = take(&mut c);
+    let m = be16(&out[24..]) as usize;
+    assert_eq!(m, 4095);
+    assert_eq!(be32(&out[16..]) as usize, 6 + m);
+    assert_eq!(out.len(), 26 + m);
+    assert_eq!(core::str::from_utf8(&out[26..]).unwrap(), &msg[..4095]);
+}
