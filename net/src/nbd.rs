@@ -447,9 +447,11 @@ impl Conn {
         };
     }
 
-    /// Feeds bytes received from the client; takes at most
-    /// [`Conn::input_room`] of them and returns how many it took (the
-    /// caller keeps the rest for later).
+    /// Feeds bytes received from the client and returns how many it took
+    /// (the caller keeps the rest for later): the bytes it discards (the
+    /// rest of a refused write payload or oversized option), then at most
+    /// what it has room for. Offered no more than [`Conn::input_room`], it
+    /// takes them all.
     pub fn receive(&mut self, exports: &dyn Exports, data: &[u8]) -> usize {
         if matches!(self.state, State::Closing | State::Closed) {
             return data.len();

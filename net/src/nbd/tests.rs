@@ -920,3 +920,17 @@ fn error_messages_longer_than_4096_bytes_are_cut_at_a_character_boundary() {
     assert_eq!(out.len(), 26 + m);
     assert_eq!(core::str::from_utf8(&out[26..]).unwrap(), &msg[..4095]);
 }
+
+#[test]
+fn receive_takes_a_discarded_payload_and_then_what_it_has_room_for() {
+    let mut c = opened("nvme0n1");
+    c.receive(&Fake, &request(cmd::WRITE, 0, 1, 0, 100));
+    // The room is that of the payload being discarded...
+    assert_eq!(c.input_room(), 100);
+    // ...but offered more, it takes the payload and the request after it.
+    let mut bytes = vec![0u8; 100];
+    bytes.extend(request(cmd::READ, 0, 2, 0, 512));
+    assert_eq!(c.receive(&Fake, &bytes), 128);
+    assert!(c.next_event().is_some());
+    assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Perm as u32)]);
+}
