@@ -1271,7 +1271,7 @@ impl<'e> Driver<'e> {
             }
             12 => {
                 // A flood of one piece: requests by the thousand (at most
-                // 256 KiB of them), options by the dozen (a LIST of the big
+                // 128 KiB of them), options by the dozen (a LIST of the big
                 // table answers 300 KiB).
                 let request = s.below(4) != 0;
                 let piece = if request {
@@ -1286,13 +1286,13 @@ impl<'e> Driver<'e> {
                     } else {
                         0
                     };
-                    let n = (1usize << s.below(14)) + s.below(64) as usize;
-                    n.min((256 << 10) / piece.len())
+                    let n = (1usize << s.below(13)) + s.below(64) as usize;
+                    n.min((128 << 10) / piece.len())
                         .min((1 << 20) / data.max(1))
                         .max(1)
                 } else {
                     (1 + s.below(16) as usize)
-                        .min((256 << 10) / piece.len())
+                        .min((128 << 10) / piece.len())
                         .max(1)
                 };
                 for _ in 0..count {
