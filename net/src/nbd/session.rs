@@ -71,7 +71,10 @@ pub const DATA_MAX: u32 = 1 << 20;
 ///   bytes wait, and one decoded option or request (or one NBD_OPT_LIST
 ///   name) queues at most [`MAX_CONTROL_REPLY`] bytes, so control replies
 ///   waiting never exceed `OUTPUT_HIGH + MAX_CONTROL_REPLY`; read replies
-///   waiting are the caller's, at most `read_budget`. The buffer also keeps
+///   waiting are the caller's, at most `read_budget`. (Without a caller
+///   budget only `max_in_flight` times the largest read would bound them:
+///   reads decoded before the output reached `OUTPUT_HIGH` may all be
+///   answered after.) The buffer also keeps
 ///   up to `max(64 KiB, P)` already sent bytes until it compacts
 ///   ([`Conn::consume_output`]), so its length stays below `2P`, and its
 ///   capacity below twice that (doubling).
