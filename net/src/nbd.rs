@@ -41,7 +41,8 @@
 //!   write payloads are discarded as they arrive.
 //! - **Replies**: nothing new is decoded while [`OUTPUT_HIGH`] bytes of
 //!   output wait to be sent, so control replies (FLUSH, errors, options)
-//!   stop at `OUTPUT_HIGH` plus one reply. NBD_OPT_LIST is answered export
+//!   stop at `OUTPUT_HIGH` plus what one option or request queues
+//!   ([`MAX_CONTROL_REPLY`]). NBD_OPT_LIST is answered export
 //!   by export as the output drains ([`Conn::resume`]), never all at once.
 //! - **Reads**: at most `max_in_flight` reads are decoded and not yet
 //!   answered; read data is admitted by the caller (the service budgets
@@ -159,9 +160,12 @@ pub const INPUT_CAP: usize = 16 + MAX_OPTION;
 /// Output waiting to be sent above which no new option or request is
 /// decoded (the client is held back until it reads its replies).
 pub const OUTPUT_HIGH: usize = 256 * 1024;
-/// Largest single reply queued other than read data: an option reply
-/// carries at most an export name (bounded by the option size) and a little.
-pub const MAX_CONTROL_REPLY: usize = 20 + 2 + MAX_OPTION;
+/// Most output one decoded option or request queues, read data aside:
+/// NBD_OPT_GO answered with NBD_INFO_EXPORT, NBD_INFO_NAME (the name as the
+/// client sent it, at most an option's data), NBD_INFO_BLOCK_SIZE and the
+/// ACK. An NBD_OPT_LIST entry (24 bytes and a name) stays below it for
+/// export names no longer than [`MAX_OPTION`].
+pub const MAX_CONTROL_REPLY: usize = (20 + 12) + (20 + 2 + MAX_OPTION) + (20 + 14) + 20;
 /// Largest request length served (a common NBD limit; advertised as the
 /// maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
@@ -443,9 +447,11 @@ impl Conn {
         };
     }
 
-    /// Feeds bytes received from the client; takes at most
-    /// [`Conn::input_room`] of them and returns how many it took (the
-    /// caller keeps the rest for later).
+    /// Feeds bytes received from the client and returns how many it took
+    /// (the caller keeps the rest for later): the bytes it discards (the
+    /// rest of a refused write payload or oversized option), then at most
+    /// what it has room for. Offered no more than [`Conn::input_room`], it
+    /// takes them all.
     pub fn receive(&mut self, exports: &dyn Exports, data: &[u8]) -> usize {
         if matches!(self.state, State::Closing | State::Closed) {
             return data.len();
@@ -508,7 +514,13 @@ impl Conn {
             self.simple_reply(handle, err as u32);
             return;
         }
-        let msg = &msg.as_bytes()[..msg.len().min(4096)];
+        // Strings on the wire are UTF-8 of at most 4096 bytes: cut at a
+        // character boundary.
+        let mut n = msg.len().min(4096);
+        while !msg.is_char_boundary(n) {
+            n -= 1;
+        }
+        let msg = &msg.as_bytes()[..n];
         let h = Self::chunk_header(chunk::ERROR, handle, 6 + msg.len() as u32);
         let mut e = [0u8; 6];
         e[..4].copy_from_slice(&(err as u32).to_be_bytes());

@@ -71,7 +71,10 @@ pub const DATA_MAX: u32 = 1 << 20;
 ///   bytes wait, and one decoded option or request (or one NBD_OPT_LIST
 ///   name) queues at most [`MAX_CONTROL_REPLY`] bytes, so control replies
 ///   waiting never exceed `OUTPUT_HIGH + MAX_CONTROL_REPLY`; read replies
-///   waiting are the caller's, at most `read_budget`. The buffer also keeps
+///   waiting are the caller's, at most `read_budget`. (Without a caller
+///   budget only `max_in_flight` times the largest read would bound them:
+///   reads decoded before the output reached `OUTPUT_HIGH` may all be
+///   answered after.) The buffer also keeps
 ///   up to `max(64 KiB, P)` already sent bytes until it compacts
 ///   ([`Conn::consume_output`]), so its length stays below `2P`, and its
 ///   capacity below twice that (doubling).
@@ -393,7 +396,7 @@ impl ReadRecord {
         match (&self.err, self.structured) {
             (None, true) => 28 + len as u64,
             (None, false) => 16 + len as u64,
-            (Some((_, m)), true) => 26 + m.len().min(4096) as u64,
+            (Some((_, m)), true) => 26 + wire_message(m).len() as u64,
             (Some(_), false) => 16,
         }
     }
@@ -728,6 +731,16 @@ impl Model {
     }
 }
 
+/// An error message as the server must send it: UTF-8 of at most 4096
+/// bytes, cut at a character boundary.
+fn wire_message(m: &str) -> &str {
+    let mut n = m.len().min(4096);
+    while !m.is_char_boundary(n) {
+        n -= 1;
+    }
+    &m[..n]
+}
+
 fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
     let Event::Read {
         handle,
@@ -753,7 +766,7 @@ fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
             check_data(t.data(export, offset, len), &b[16..], at);
         }
         (Some((e, msg)), true) => {
-            let m = &msg.as_bytes()[..msg.len().min(4096)];
+            let m = wire_message(msg).as_bytes();
             assert_eq!(be32(b), STRUCTURED_REPLY_MAGIC, "error chunk magic at {at}");
             assert_eq!(be16(&b[4..]), chunk::FLAG_DONE, "error chunk flags at {at}");
             assert_eq!(be16(&b[6..]), chunk::ERROR, "error chunk type at {at}");
@@ -1158,6 +1171,8 @@ impl<'e> Driver<'e> {
         let msg: String = match how {
             0 => String::new(),
             1 => errno.message().into(),
+            // Odd lengths: a 'é' straddles byte 4096 of the long one.
+            _ if msg_len % 2 == 1 => "éa".chars().cycle().take(msg_len).collect(),
             _ => "é-message ".chars().cycle().take(msg_len).collect(),
         };
         let structured = self.model.structured;
@@ -1271,7 +1286,7 @@ impl<'e> Driver<'e> {
             }
             12 => {
                 // A flood of one piece: requests by the thousand (at most
-                // 256 KiB of them), options by the dozen (a LIST of the big
+                // 128 KiB of them), options by the dozen (a LIST of the big
                 // table answers 300 KiB).
                 let request = s.below(4) != 0;
                 let piece = if request {
@@ -1286,13 +1301,13 @@ impl<'e> Driver<'e> {
                     } else {
                         0
                     };
-                    let n = (1usize << s.below(14)) + s.below(64) as usize;
-                    n.min((256 << 10) / piece.len())
+                    let n = (1usize << s.below(13)) + s.below(64) as usize;
+                    n.min((128 << 10) / piece.len())
                         .min((1 << 20) / data.max(1))
                         .max(1)
                 } else {
                     (1 + s.below(16) as usize)
-                        .min((256 << 10) / piece.len())
+                        .min((128 << 10) / piece.len())
                         .max(1)
                 };
                 for _ in 0..count {
@@ -1335,7 +1350,7 @@ impl<'e> Driver<'e> {
                         Errno::Shutdown,
                         Errno::Perm,
                     ][s.below(5) as usize];
-                    let msg_len = [0, 1, 30, 5000][s.below(4) as usize];
+                    let msg_len = [0, 1, 30, 5000, 5001][s.below(5) as usize];
                     self.answer(i, how, errno, msg_len);
                 }
             }

@@ -587,3 +587,328 @@ fn a_hundred_thousand_random_sessions_keep_memory_bounded_and_output_well_formed
     );
     std::eprintln!("ended by the server: {reasons:?}");
 }
+
+// ---- floods: a client that sends and does not read is held ----
+
+/// The client's side of the TCP connection: what it wrote and the server
+/// has not taken yet.
+struct Socket {
+    b: Vec<u8>,
+    at: usize,
+}
+
+impl Socket {
+    fn new(b: Vec<u8>) -> Socket {
+        Socket { b, at: 0 }
+    }
+    fn left(&self) -> usize {
+        self.b.len() - self.at
+    }
+    /// Offers what the connection has room for, as the kernel does, until
+    /// it takes no more.
+    fn pump(&mut self, c: &mut Conn, ex: &dyn Exports) {
+        loop {
+            let n = c.input_room().min(self.left());
+            if n == 0 {
+                return;
+            }
+            let taken = c.receive(ex, &self.b[self.at..self.at + n]);
+            assert_eq!(taken, n);
+            self.at += taken;
+        }
+    }
+}
+
+/// The bound for a caller that never answers a read.
+fn bound(max_in_flight: usize) -> usize {
+    session::memory_bound(max_in_flight, 0)
+}
+
+/// Reads all the output `n` bytes at a time, resuming and feeding the
+/// connection after each, until both sides are idle; checks the bound at
+/// every step.
+fn read_all(c: &mut Conn, sock: &mut Socket, ex: &dyn Exports, n: usize, limit: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    loop {
+        let k = c.output().len().min(n);
+        got.extend_from_slice(&c.output()[..k]);
+        c.consume_output(k);
+        c.resume(ex);
+        sock.pump(c, ex);
+        assert!(c.memory() <= limit, "memory {} above {limit}", c.memory());
+        if c.output().is_empty() && sock.left() == 0 {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn a_client_that_floods_flush_without_reading_is_held_at_no_input_room_with_memory_under_the_bound()
+{
+    let mut c = opened("nvme0n1");
+    let n = 100_000u64;
+    let mut sock = Socket::new(
+        (0..n)
+            .flat_map(|h| request(cmd::FLUSH, 0, h, 0, 0))
+            .collect(),
+    );
+    sock.pump(&mut c, &Fake);
+    assert_eq!(c.input_room(), 0);
+    assert!(c.output_pending() >= OUTPUT_HIGH);
+    assert!(c.output_pending() <= OUTPUT_HIGH + MAX_CONTROL_REPLY);
+    assert!(c.memory() <= bound(16), "{}", c.memory());
+    // Nothing more is taken however often it is offered.
+    sock.pump(&mut c, &Fake);
+    c.resume(&Fake);
+    assert_eq!(c.input_room(), 0);
+    let held = sock.left();
+    assert!(held >= 28 * n as usize - (OUTPUT_HIGH + MAX_CONTROL_REPLY) / 16 * 28 - INPUT_CAP);
+    // Once the client reads, every flush is answered once, in order.
+    let out = read_all(&mut c, &mut sock, &Fake, 60_000, bound(16));
+    assert!(errors(&out).into_iter().eq((0..n).map(|h| (h, 0))));
+}
+
+#[test]
+fn a_flood_of_unknown_commands_is_held_and_each_gets_einval_in_order() {
+    let mut c = opened("data/a.bin");
+    let n = 60_000u64;
+    let types = [42u16, cmd::CACHE, cmd::BLOCK_STATUS, 0xffff];
+    let mut sock = Socket::new(
+        (0..n)
+            .flat_map(|h| request(types[h as usize % 4], 0, h, h, 512))
+            .collect(),
+    );
+    sock.pump(&mut c, &Fake);
+    assert_eq!(c.input_room(), 0);
+    assert!(c.memory() <= bound(16), "{}", c.memory());
+    assert!(sock.left() > 0);
+    let out = read_all(&mut c, &mut sock, &Fake, 100_000, bound(16));
+    let e = Errno::Inval as u32;
+    assert!(errors(&out).into_iter().eq((0..n).map(|h| (h, e))));
+}
+
+#[test]
+fn a_client_that_pipelines_4500_lists_against_three_thousand_exports_is_held_and_gets_every_list_whole_and_in_order(
+) {
+    let ex = session::FakeExports::new(3000);
+    assert!(ex.list_bytes() > OUTPUT_HIGH);
+    let mut c = Conn::new(128);
+    take(&mut c);
+    c.receive(&ex, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    let n = 4500usize;
+    let mut sock = Socket::new((0..n).flat_map(|_| option(opt::LIST, &[])).collect());
+    sock.pump(&mut c, &ex);
+    assert_eq!(c.input_room(), 0);
+    assert!(c.output_pending() >= OUTPUT_HIGH);
+    assert!(c.output_pending() <= OUTPUT_HIGH + MAX_CONTROL_REPLY);
+    assert!(c.memory() <= bound(128), "{}", c.memory());
+    // At most INPUT_CAP buffered, the rest left in the socket.
+    assert!(16 * n > INPUT_CAP);
+    assert_eq!(sock.left(), 16 * n - INPUT_CAP);
+    // One list's answer, as it must arrive every time.
+    let mut one = Vec::new();
+    for i in 0.. {
+        let Some(name) = ex.name(i) else { break };
+        let mut h = REPLY_MAGIC.to_be_bytes().to_vec();
+        h.extend_from_slice(&opt::LIST.to_be_bytes());
+        h.extend_from_slice(&rep::SERVER.to_be_bytes());
+        h.extend_from_slice(&(4 + name.len() as u32).to_be_bytes());
+        h.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        one.extend_from_slice(&h);
+        one.extend_from_slice(name.as_bytes());
+    }
+    one.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    one.extend_from_slice(&opt::LIST.to_be_bytes());
+    one.extend_from_slice(&rep::ACK.to_be_bytes());
+    one.extend_from_slice(&0u32.to_be_bytes());
+    assert_eq!(one.len(), ex.list_bytes());
+    // The client reads in pieces of odd sizes; compare as they come.
+    let mut at = 0usize;
+    let sizes = [100_000usize, 7, 300_000, 65_536, 1];
+    let mut k = 0;
+    loop {
+        let take_n = c.output().len().min(sizes[k % sizes.len()]);
+        k += 1;
+        let mut got = &c.output()[..take_n];
+        while !got.is_empty() {
+            let p = at % one.len();
+            let m = got.len().min(one.len() - p);
+            assert!(got[..m] == one[p..p + m], "list {} differs", at / one.len());
+            got = &got[m..];
+            at += m;
+        }
+        c.consume_output(take_n);
+        c.resume(&ex);
+        sock.pump(&mut c, &ex);
+        assert!(c.memory() <= bound(128), "{}", c.memory());
+        assert!(c.output_pending() <= OUTPUT_HIGH + MAX_CONTROL_REPLY);
+        if c.output().is_empty() && sock.left() == 0 {
+            break;
+        }
+    }
+    assert_eq!(at, n * one.len());
+    assert!(!c.is_closed());
+}
+
+/// A client sends `n` reads of 4 KiB and reads nothing; the kernel side
+/// takes input as room allows, takes every read and answers it while the
+/// unsent replies fit in `budget`. Returns the connection once nothing
+/// moves, with the socket, the reads taken and not answered, and the
+/// count answered.
+fn read_flood(max: usize, budget: usize, n: u64) -> (Conn, Socket, VecDeque<Event>, u64) {
+    let mut c = Conn::new(max);
+    take(&mut c);
+    c.receive(&Fake, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.receive(&Fake, &option(opt::GO, &go_data("nvme0n1", &[])));
+    take(&mut c);
+    let mut sock = Socket::new(
+        (0..n)
+            .flat_map(|h| request(cmd::READ, 0, h, h * 4096, 4096))
+            .collect(),
+    );
+    let data = [0x5au8; 4096];
+    let mut answered = 0u64;
+    let mut waiting: VecDeque<Event> = VecDeque::new();
+    loop {
+        let before = (sock.left(), answered, waiting.len());
+        sock.pump(&mut c, &Fake);
+        waiting.extend(core::iter::from_fn(|| c.next_event()));
+        while let Some(&Event::Read { handle, offset, .. }) = waiting.front() {
+            if c.output_pending() + 16 + 4096 > budget {
+                break;
+            }
+            waiting.pop_front();
+            c.reply_read(&Fake, handle, offset, Ok(&data));
+            answered += 1;
+        }
+        assert!(c.in_flight() <= max);
+        let limit = session::memory_bound(max, budget);
+        assert!(c.memory() <= limit, "{} above {limit}", c.memory());
+        if before == (sock.left(), answered, waiting.len()) {
+            return (c, sock, waiting, answered);
+        }
+    }
+}
+
+#[test]
+fn a_read_flood_whose_replies_are_never_read_is_held_by_the_output_limit_or_the_read_slots() {
+    let max = 128;
+    // A budget above OUTPUT_HIGH: decoding stops at OUTPUT_HIGH, every
+    // read decoded gets its reply, none is left in flight.
+    let (c, sock, waiting, answered) = read_flood(max, session::READ_BUDGET, 5000);
+    assert_eq!(c.input_room(), 0);
+    assert_eq!((c.in_flight(), waiting.len()), (0, 0));
+    assert!(c.output_pending() >= OUTPUT_HIGH);
+    assert!(c.output_pending() < OUTPUT_HIGH + max * (16 + 4096));
+    assert!(sock.left() >= 28 * (5000 - answered as usize) - INPUT_CAP);
+    // A small budget: the service stops answering, the read slots fill
+    // and decoding stops there.
+    let (c, sock, waiting, answered) = read_flood(max, 64 << 10, 5000);
+    assert_eq!(c.input_room(), 0);
+    assert_eq!((c.in_flight(), waiting.len()), (max, max));
+    assert_eq!(answered, (64 << 10) / (16 + 4096));
+    assert!(sock.left() >= 28 * (5000 - answered as usize - max) - INPUT_CAP);
+}
+
+#[test]
+fn once_the_client_reads_a_held_read_flood_completes_with_each_read_answered_once() {
+    let max = 128;
+    let n = 5000;
+    let (mut c, mut sock, mut waiting, mut answered) = read_flood(max, 64 << 10, n);
+    let limit = session::memory_bound(max, 64 << 10);
+    let data = [0x5au8; 4096];
+    let mut out = Vec::new();
+    while answered < n {
+        out.extend_from_slice(c.output());
+        c.consume_output(c.output().len());
+        c.resume(&Fake);
+        sock.pump(&mut c, &Fake);
+        waiting.extend(core::iter::from_fn(|| c.next_event()));
+        while let Some(&Event::Read { handle, offset, .. }) = waiting.front() {
+            if c.output_pending() + 16 + 4096 > 64 << 10 {
+                break;
+            }
+            waiting.pop_front();
+            c.reply_read(&Fake, handle, offset, Ok(&data));
+            answered += 1;
+        }
+        assert!(c.memory() <= limit);
+    }
+    out.extend(take(&mut c));
+    let handles: Vec<u64> = out.chunks(16 + 4096).map(|r| be64(&r[8..])).collect();
+    assert!(handles.into_iter().eq(0..n));
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn one_decoded_option_queues_at_most_max_control_reply_even_go_with_the_longest_name() {
+    // The step behind the bound "control replies stop at OUTPUT_HIGH plus
+    // one step": NBD_OPT_GO asking for the name and block sizes of an
+    // export whose name is as long as the option can carry.
+    let ex = session::FakeExports::new(3000);
+    let name = (0..ex.len())
+        .filter_map(|i| ex.name(i))
+        .max_by_key(|n| n.len())
+        .unwrap()
+        .to_string();
+    assert_eq!(name.len(), session::LONGEST_NAME);
+    let data = go_data(&name, &[info::NAME, info::BLOCK_SIZE]);
+    assert_eq!(data.len(), MAX_OPTION);
+    let mut c = Conn::new(4);
+    take(&mut c);
+    c.receive(&ex, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    let mut sock = Socket::new(option(opt::GO, &data));
+    sock.pump(&mut c, &ex);
+    assert!(c.in_transmission());
+    assert!(
+        c.output_pending() <= MAX_CONTROL_REPLY,
+        "{} > {MAX_CONTROL_REPLY}",
+        c.output_pending()
+    );
+    // Likewise a LIST entry of that name.
+    let mut c = Conn::new(4);
+    take(&mut c);
+    c.receive(&ex, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.receive(&ex, &option(opt::LIST, &[]));
+    let out = take(&mut c);
+    let longest = option_replies(&out)
+        .iter()
+        .map(|r| 20 + r.2.len())
+        .max()
+        .unwrap();
+    assert!(longest <= MAX_CONTROL_REPLY);
+}
+
+#[test]
+fn error_messages_longer_than_4096_bytes_are_cut_at_a_character_boundary() {
+    // Strings on the wire are UTF-8 of at most 4096 bytes (proto.md,
+    // "Conventions"): a 'é' straddling byte 4096 is left out whole.
+    let mut c = greeted();
+    c.receive(&Fake, &option(opt::STRUCTURED_REPLY, &[]));
+    c.receive(&Fake, &option(opt::GO, &go_data("nvme0n1", &[])));
+    take(&mut c);
+    c.receive(&Fake, &request(cmd::READ, 0, 1, 0, 512));
+    c.next_event().unwrap();
+    let msg = "éa".repeat(2000); // 'é' at bytes 4095..4097
+    c.reply_read_error(&Fake, 1, Errno::Io, &msg);
+    let out = take(&mut c);
+    let m = be16(&out[24..]) as usize;
+    assert_eq!(m, 4095);
+    assert_eq!(be32(&out[16..]) as usize, 6 + m);
+    assert_eq!(out.len(), 26 + m);
+    assert_eq!(core::str::from_utf8(&out[26..]).unwrap(), &msg[..4095]);
+}
+
+#[test]
+fn receive_takes_a_discarded_payload_and_then_what_it_has_room_for() {
+    let mut c = opened("nvme0n1");
+    c.receive(&Fake, &request(cmd::WRITE, 0, 1, 0, 100));
+    // The room is that of the payload being discarded...
+    assert_eq!(c.input_room(), 100);
+    // ...but offered more, it takes the payload and the request after it.
+    let mut bytes = vec![0u8; 100];
+    bytes.extend(request(cmd::READ, 0, 2, 0, 512));
+    assert_eq!(c.receive(&Fake, &bytes), 128);
+    assert!(c.next_event().is_some());
+    assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Perm as u32)]);
+}
