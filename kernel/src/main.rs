@@ -211,7 +211,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
             let server = match net.as_mut() {
                 Some(n) => {
                     let null = args.get("nbd.null") == Some("1");
-                    Some(nbdsrv::Server::new(n, fs.as_ref(), &dev, null))
+                    let stall_ns = match args.number("nbd.stall_s") {
+                        Ok(v) => v.map_or(nbdsrv::STALL_NS, |s| s.max(1) * 1_000_000_000),
+                        Err(v) => fail(
+                            EXIT_CONFIG,
+                            format_args!("nbd.stall_s={v:?}: expected seconds"),
+                        ),
+                    };
+                    Some(nbdsrv::Server::new(n, fs.as_ref(), &dev, null, stall_ns))
                 }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");

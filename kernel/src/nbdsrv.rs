@@ -41,14 +41,18 @@
 //!   device queue has room for all its commands: reads in flight never
 //!   exceed what the queue takes, the rest wait in their connection (the
 //!   engine never waits for queue space inside the interrupts-off lock).
+//! - Time: a connection whose replies wait (in it or in its socket) and
+//!   none is taken for [`STALL_NS`] (kernel argument `nbd.stall_s`) is
+//!   dropped, and so is a closing socket not closed by then: a client that
+//!   stops reading does not keep a socket and its output for ever.
 //! - So the heap the service can hold beyond its fixed start-up allocations
 //!   is about HELD_TOTAL + 32 MiB + CONNS x (64 KiB of input, 256 KiB of
 //!   replies and one control reply).
 //!
 //! When the last connection is gone and nothing is in flight, the pools are
-//! emptied and the heap use is logged (`nbd: idle: heap N bytes in use`),
-//! which must equal the level logged at start: the bad-input test checks
-//! that.
+//! emptied and the heap use is logged (`nbd: idle: heap N bytes in use, peak
+//! P bytes`, the peak since boot), which must equal the level logged at
+//! start: the bad-input test and the soak check that.
 
 use crate::mm;
 use crate::net::Net;
@@ -80,6 +84,14 @@ const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(
 /// connection holds nothing, so a 32 MiB read still goes through.)
 pub const HELD_CONN: usize = 8 << 20;
 pub const HELD_TOTAL: usize = 48 << 20;
+/// A connection whose replies wait and none of them is taken for this
+/// long, or a closing socket not closed after it, is dropped (aborted);
+/// kernel argument `nbd.stall_s` overrides it. Without it a client that
+/// stops reading would hold its socket and its output for as long as its
+/// side of TCP answers window probes: forever when a NAT or proxy stands
+/// in for a client that has gone (QEMU's user networking does, as the soak
+/// test found).
+pub const STALL_NS: u64 = 30_000_000_000;
 const SMALL: usize = 8 * 1024;
 const LARGE: usize = 256 * 1024;
 const KEEP_SMALL: usize = MAX_REQS;
@@ -297,6 +309,11 @@ struct Sock {
     /// Bumped for every new connection: completions of an earlier one are
     /// not replied on this one.
     gen: u32,
+    /// When the connection last had no reply waiting or one was taken, or
+    /// when closing began (`time::now_ns`), for [`Server::stall_ns`]; and
+    /// the socket's send queue then.
+    progress: u64,
+    queued: usize,
 }
 
 pub struct Server {
@@ -327,6 +344,8 @@ pub struct Server {
     touched: bool,
     /// Where the run loop's time went since the last idle report.
     pub prof: Profile,
+    /// See [`STALL_NS`].
+    stall_ns: u64,
 }
 
 /// TSC cycles of the run loop by phase (reported when the server goes idle;
@@ -352,6 +371,7 @@ impl Server {
         fs: Option<&Fs<crate::storage::NvmeDisk>>,
         dev: &nvme::Nvme,
         null_export: bool,
+        stall_ns: u64,
     ) -> Server {
         let lbs = dev.ns.block_size;
         let mut exports = Vec::new();
@@ -419,6 +439,8 @@ impl Server {
                 handle: net.sockets.add(s),
                 slot: Slot::Listening,
                 gen: 0,
+                progress: 0,
+                queued: 0,
             });
         }
         let mut reqs = Vec::with_capacity(MAX_REQS);
@@ -444,6 +466,7 @@ impl Server {
             served: 0,
             touched: true,
             prof: Profile::default(),
+            stall_ns,
         };
         let n = server.table.exports.len();
         log::info!(
@@ -512,11 +535,13 @@ impl Server {
             // Give the buffer pools back: the heap returns to its level at start.
             self.small = Vec::new();
             self.large = Vec::new();
+            let heap = mm::heap::stats();
             log::info!(
                 target: "nbd",
-                "idle: {} requests served, heap {} bytes in use",
+                "idle: {} requests served, heap {} bytes in use, peak {} bytes",
                 self.served,
-                mm::heap::stats().bytes_in_use
+                heap.bytes_in_use,
+                heap.peak_bytes
             );
             let p = self.prof;
             let n = (self.served - p.served_at_start).max(1);
@@ -606,6 +631,8 @@ impl Server {
                 if sock.is_active() {
                     log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
                     s.gen = s.gen.wrapping_add(1);
+                    s.progress = crate::time::now_ns();
+                    s.queued = 0;
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
                     // Negotiation is a series of small round trips: a client
@@ -624,7 +651,11 @@ impl Server {
                 // arrived. FIN-WAIT-2 (a peer that never closes its side)
                 // and TIME-WAIT (10 s in smoltcp) would each hold one of
                 // the few sockets: recycle it at once.
-                if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait) {
+                // A peer that takes nothing (zero window) would hold it in
+                // FIN-WAIT-1 or CLOSING: abort after the stall time.
+                if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
+                    || crate::time::now_ns().saturating_sub(s.progress) > self.stall_ns
+                {
                     sock.abort();
                 }
                 if !sock.is_open() {
@@ -680,6 +711,7 @@ impl Server {
             log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
             sock.abort();
             s.slot = Slot::Closing;
+            s.progress = crate::time::now_ns();
             self.touched = true;
             return;
         }
@@ -767,12 +799,14 @@ impl Server {
                 }
             }
         }
+        let mut sent = false;
         for _ in 0..2 {
             while !conn.output().is_empty() && sock.can_send() {
                 match sock.send_slice(conn.output()) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         self.touched = true;
+                        sent = true;
                         conn.consume_output(n)
                     }
                 }
@@ -785,12 +819,36 @@ impl Server {
                 break;
             }
         }
+        // Replies wait (in the connection or the socket) and none was taken
+        // (moved into the socket, or acknowledged) for the stall time: drop.
+        let now = crate::time::now_ns();
+        let queued = sock.send_queue();
+        let waiting = !conn.output().is_empty() || queued > 0;
+        let taken = sent || queued < s.queued;
+        s.queued = queued;
+        if !waiting || taken {
+            s.progress = now;
+        } else if now.saturating_sub(s.progress) > self.stall_ns {
+            log::info!(
+                target: "nbd",
+                "connection dropped: {} bytes of replies not taken for {} s",
+                conn.output_pending() + queued,
+                self.stall_ns / 1_000_000_000
+            );
+            conn.peer_closed();
+            sock.abort();
+            s.slot = Slot::Closing;
+            s.progress = now;
+            self.touched = true;
+            return;
+        }
         if (conn.is_closed() || !sock.is_open()) && (conn.output().is_empty() || !sock.may_send()) {
             if let Some(why) = conn.close_reason() {
                 log::debug!(target: "nbd", "connection closed: {why:?}");
             }
             sock.close();
             s.slot = Slot::Closing;
+            s.progress = now;
             self.touched = true;
         }
     }

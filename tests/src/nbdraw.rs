@@ -23,13 +23,44 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const OPT_INFO: u32 = 6;
+pub const OPT_LIST: u32 = 3;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const EINVAL: u32 = 22;
+
+/// An option as sent: IHAVEOPT, the option, its length and data.
+pub fn option_bytes(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend(opt.to_be_bytes());
+    m.extend((data.len() as u32).to_be_bytes());
+    m.extend(data);
+    m
+}
+
+/// The data of NBD_OPT_GO for `name` (no information requests).
+pub fn go_data(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend(name.as_bytes());
+    d.extend(0u16.to_be_bytes());
+    d
+}
+
+/// A request header as sent.
+pub fn request_bytes(ty: u16, flags: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut m = [0u8; 28];
+    m[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m[4..6].copy_from_slice(&flags.to_be_bytes());
+    m[6..8].copy_from_slice(&ty.to_be_bytes());
+    m[8..16].copy_from_slice(&handle.to_be_bytes());
+    m[16..24].copy_from_slice(&offset.to_be_bytes());
+    m[24..].copy_from_slice(&len.to_be_bytes());
+    m
+}
 
 /// What NBD_OPT_INFO/GO said about an export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +88,45 @@ impl Client {
         assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
         c.send(&3u32.to_be_bytes());
         c
+    }
+    /// Like [`Client::greeted`], but a connection closed before the
+    /// greeting, or no greeting within `timeout`, is an error, not a panic:
+    /// behind QEMU's user networking a server with no free socket accepts
+    /// on the host side and then closes.
+    pub fn try_greeting(port: u16, timeout: Duration) -> std::io::Result<Client> {
+        let mut c = Client::connect(port);
+        let mut g = [0u8; 18];
+        c.s.set_read_timeout(Some(timeout))?;
+        c.s.read_exact(&mut g).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{e} (greeting, local address {:?})", c.s.local_addr()),
+            )
+        })?;
+        c.s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+        c.send(&3u32.to_be_bytes());
+        Ok(c)
+    }
+    /// SO_LINGER 0: dropping the client resets the connection (RST)
+    /// instead of closing it (FIN).
+    pub fn reset_on_drop(&self) {
+        use std::os::fd::AsRawFd;
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a `linger` of the size passed.
+        let r = unsafe {
+            libc::setsockopt(
+                self.s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&l as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     }
     /// Greeted (retrying for up to 30 s while every connection is taken or a
     /// socket is being recycled), then NBD_OPT_GO: the export's size.
@@ -88,11 +158,7 @@ impl Client {
         }
     }
     pub fn option(&mut self, opt: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        let mut m = IHAVEOPT.to_be_bytes().to_vec();
-        m.extend(opt.to_be_bytes());
-        m.extend((data.len() as u32).to_be_bytes());
-        m.extend(data);
-        self.send(&m);
+        self.send(&option_bytes(opt, data));
         let mut replies = Vec::new();
         loop {
             let h = self.read_n(20);
@@ -109,10 +175,7 @@ impl Client {
     }
     /// NBD_OPT_GO: the export size, or the final reply type.
     pub fn go(&mut self, name: &str) -> Result<u64, u32> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend(name.as_bytes());
-        d.extend(0u16.to_be_bytes());
-        let r = self.option(7, &d);
+        let r = self.option(GO, &go_data(name));
         let last = r.last().expect("a reply").0;
         if last != ACK {
             return Err(last);
@@ -124,13 +187,7 @@ impl Client {
         Ok(u64::from_be_bytes(info.1[2..10].try_into().unwrap()))
     }
     pub fn request(&mut self, ty: u16, flags: u16, handle: u64, offset: u64, len: u32) {
-        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-        m.extend(flags.to_be_bytes());
-        m.extend(ty.to_be_bytes());
-        m.extend(handle.to_be_bytes());
-        m.extend(offset.to_be_bytes());
-        m.extend(len.to_be_bytes());
-        self.send(&m);
+        self.send(&request_bytes(ty, flags, handle, offset, len));
     }
     /// A simple reply: (handle, error), then `data_len` bytes when the
     /// error is 0.
@@ -162,7 +219,9 @@ impl Client {
 impl Client {
     /// NBD_OPT_STRUCTURED_REPLY; true when the server agreed.
     pub fn structured(&mut self) -> bool {
-        self.option(8, &[]).last().is_some_and(|r| r.0 == ACK)
+        self.option(STRUCTURED_REPLY, &[])
+            .last()
+            .is_some_and(|r| r.0 == ACK)
     }
     /// One structured reply chunk: (flags, type, handle, payload).
     pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
