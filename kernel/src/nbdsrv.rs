@@ -35,9 +35,10 @@
 //!   the client.
 //! - Reads: at most [`PER_CONN`] per connection are decoded and not yet
 //!   answered; a read is started only while its connection holds (read
-//!   buffers + queued output) less than [`HELD_CONN`] and all connections
+//!   buffers + its heap) less than [`HELD_CONN`] and all connections
 //!   together less than [`HELD_TOTAL`] (one read is always allowed when
-//!   nothing is held, so a 32 MiB read goes through), and only while the
+//!   nothing is in flight and no output waits, so a 32 MiB read goes
+//!   through), and only while the
 //!   device queue has room for all its commands: reads in flight never
 //!   exceed what the queue takes, the rest wait in their connection (the
 //!   engine never waits for queue space inside the interrupts-off lock).
@@ -45,9 +46,12 @@
 //!   none is taken for [`STALL_NS`] (kernel argument `nbd.stall_s`) is
 //!   dropped, and so is a closing socket not closed by then: a client that
 //!   stops reading does not keep a socket and its output for ever.
+//! - Budgets count the heap really held (buffer capacities, not bytes
+//!   waiting), and the buffer pools are capped.
 //! - So the heap the service can hold beyond its fixed start-up allocations
-//!   is about HELD_TOTAL + 32 MiB + CONNS x (64 KiB of input, 256 KiB of
-//!   replies and one control reply).
+//!   is at most [`heap_bound`] (each term explained there; 144.5 MiB with
+//!   512-byte blocks), logged at start (`nbd: listening ... bound N more`);
+//!   the soak test checks its high-water mark against it.
 //!
 //! When the last connection is gone and nothing is in flight, the pools are
 //! emptied and the heap use is logged (`nbd: idle: heap N bytes in use, peak
@@ -62,7 +66,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::{File, Fs};
 use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Kiocb, Op};
-use dioxide_net::nbd::{Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
+use dioxide_net::nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use spin::Mutex;
@@ -78,10 +82,11 @@ pub const SOCKET_BUF: usize = 256 * 1024;
 /// smoltcp's default delayed-ACK time, restored once a connection leaves
 /// negotiation (ACKs are immediate while it negotiates).
 const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
-/// Memory bounds: a connection takes no new request while its output and
-/// read buffers hold this much, and no connection does while all of them
-/// together hold [`HELD_TOTAL`]. (One request is always allowed when the
-/// connection holds nothing, so a 32 MiB read still goes through.)
+/// Memory budgets: a connection starts no new read while its buffers
+/// (input, output, read buffers in flight: [`Conn::memory`] and `held`)
+/// hold this much, and no connection does while all of them together hold
+/// [`HELD_TOTAL`]. (A read is always allowed when no read is in flight and
+/// no output waits, so a 32 MiB read still goes through.)
 pub const HELD_CONN: usize = 8 << 20;
 pub const HELD_TOTAL: usize = 48 << 20;
 /// A connection whose replies wait and none of them is taken for this
@@ -94,8 +99,35 @@ pub const HELD_TOTAL: usize = 48 << 20;
 pub const STALL_NS: u64 = 30_000_000_000;
 const SMALL: usize = 8 * 1024;
 const LARGE: usize = 256 * 1024;
-const KEEP_SMALL: usize = MAX_REQS;
-const KEEP_LARGE: usize = 64;
+/// Buffers kept for reuse (each pool at most 4 MiB): enough for the reads
+/// of several connections at full queue depth; beyond them a buffer is
+/// allocated per read and freed after it.
+const KEEP_SMALL: usize = 512;
+const KEEP_LARGE: usize = 16;
+
+/// The most heap the service holds beyond its level at start (the idle
+/// level, which the idle report must return to), given the device's
+/// logical block size `lbs`. By construction:
+///
+/// - A read starts only while all connections' buffers plus the read
+///   buffers in flight stay within [`HELD_TOTAL`], or when nothing is in
+///   flight and no output waits (one read of at most [`MAX_REQUEST`],
+///   rounded out to blocks). When it completes, its data is copied into
+///   the connection's output while its buffer is still alive: one more
+///   read's size, at most. Read replies in shared output segments take up
+///   to 1/7 more than their bytes ([`OutQueue::bound`](dioxide_net::nbd::outq::OutQueue::bound)) and each carries a
+///   header of at most 32 bytes.
+/// - Per connection, what does not wait for a budget: its input, control
+///   replies and the output queue's slack and request queue, at most
+///   [`memory_bound`]`(PER_CONN, 0)`.
+/// - The buffer pools: `KEEP_SMALL` small and `KEEP_LARGE` large buffers.
+pub const fn heap_bound(lbs: usize) -> usize {
+    let read = MAX_REQUEST as usize + 2 * lbs;
+    let reads = HELD_TOTAL + HELD_TOTAL / 7 + read + CONNS * PER_CONN * 32;
+    let conns = CONNS * memory_bound(PER_CONN, 0);
+    let pools = KEEP_SMALL * (SMALL + 16) + KEEP_LARGE * (LARGE + 16);
+    reads + read + conns + pools
+}
 
 enum Target {
     File(alloc::boxed::Box<File>),
@@ -296,6 +328,9 @@ struct Req {
     buf: DmaBuf,
 }
 
+// Sixteen of these live in a vector made at start: the size of the largest
+// variant costs nothing, and boxing it would allocate per connection.
+#[allow(clippy::large_enum_variant)]
 enum Slot {
     Listening,
     Serving(Conn),
@@ -334,7 +369,9 @@ pub struct Server {
     max_cmds: usize,
     /// Largest transfer of one device command (bytes, whole blocks).
     max_transfer: usize,
-    /// Output queued on all connections (updated each poll).
+    /// Heap held by all connections ([`Conn::memory`]) and output waiting
+    /// on them, updated each poll.
+    conn_memory: usize,
     output_total: usize,
     /// A connection was served since the last idle report.
     busy: bool,
@@ -461,6 +498,7 @@ impl Server {
             cmds: 0,
             max_cmds,
             max_transfer,
+            conn_memory: 0,
             output_total: 0,
             busy: false,
             served: 0,
@@ -471,10 +509,11 @@ impl Server {
         let n = server.table.exports.len();
         log::info!(
             target: "nbd",
-            "listening on port {PORT}: {n} exports ({} files, nvme0n1{}); heap {} bytes in use",
+            "listening on port {PORT}: {n} exports ({} files, nvme0n1{}); heap {} bytes in use, bound {} more",
             n - 1 - null_export as usize,
             if null_export { ", null" } else { "" },
-            mm::heap::stats().bytes_in_use
+            mm::heap::stats().bytes_in_use,
+            heap_bound(lbs as usize)
         );
         server
     }
@@ -507,14 +546,14 @@ impl Server {
         let t1 = crate::time::rdtsc();
         self.reply_completed();
         let t2 = crate::time::rdtsc();
-        self.output_total = self
+        (self.conn_memory, self.output_total) = self
             .sockets
             .iter()
             .map(|s| match &s.slot {
-                Slot::Serving(c) => c.output_pending(),
-                _ => 0,
+                Slot::Serving(c) => (c.memory(), c.output_pending()),
+                _ => (0, 0),
             })
-            .sum();
+            .fold((0, 0), |(m, o), (a, b)| (m + a, o + b));
         for i in 0..self.sockets.len() {
             if net_polled || matches!(self.sockets[i].slot, Slot::Serving(_)) {
                 self.poll_socket(net, i);
@@ -673,7 +712,11 @@ impl Server {
         // Input only as the connection has room for it, and none while all
         // connections together hold the global budget: what is not taken
         // stays in the socket and TCP flow control holds the client.
-        let global_full = self.held_total + self.output_total >= HELD_TOTAL;
+        // This connection's share of the totals taken at the poll's start
+        // (its own figures change below; the others' do not). A connection
+        // accepted just now was not in them: hence the saturation.
+        let (m0, o0) = (conn.memory(), conn.output_pending());
+        let global_full = self.held_total + self.conn_memory >= HELD_TOTAL;
         loop {
             let room = if global_full { 0 } else { conn.input_room() };
             if room == 0 || !sock.can_recv() {
@@ -721,10 +764,20 @@ impl Server {
             ..
         }) = conn.peek_event()
         {
-            let mine = conn.output().len() + self.held[i];
-            let fits = |held: usize, limit: usize| held == 0 || held + len as usize <= limit;
-            let all = self.held_total + self.output_total;
-            if !fits(mine, HELD_CONN) || !fits(all, HELD_TOTAL) || self.free.is_empty() {
+            // Budgets count the heap really held (capacities, not bytes
+            // waiting); a read always goes when nothing is in flight and
+            // no output waits.
+            let (mem, pending) = (conn.memory(), conn.output_pending());
+            let mine_idle = self.held[i] == 0 && pending == 0;
+            let all_idle =
+                self.held_total == 0 && self.output_total.saturating_sub(o0) + pending == 0;
+            let mine = mem + self.held[i];
+            let all = self.held_total + self.conn_memory.saturating_sub(m0) + mem;
+            let fits = |idle: bool, held: usize, limit: usize| idle || held + len as usize <= limit;
+            if !fits(mine_idle, mine, HELD_CONN)
+                || !fits(all_idle, all, HELD_TOTAL)
+                || self.free.is_empty()
+            {
                 break;
             }
             let null = matches!(

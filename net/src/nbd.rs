@@ -50,10 +50,14 @@
 //! - Every allocation is fallible (`try_reserve`): when one fails the
 //!   connection ends with [`CloseReason::OutOfMemory`], never a panic.
 //!
-//! [`Conn::memory`] reports what a connection holds (tests assert the bound).
+//! [`Conn::memory`] reports what a connection holds, at most [`memory_bound`]
+//! (the tests, the fuzz target and the kernel's stated bound use it).
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use outq::OutQueue;
+
+pub mod outq;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -170,6 +174,49 @@ pub const MAX_CONTROL_REPLY: usize = (20 + 12) + (20 + 2 + MAX_OPTION) + (20 + 1
 /// maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 
+/// Upper bound of [`Conn::memory`] for a connection created with
+/// `max_in_flight` whose caller keeps at most `read_budget` bytes of read
+/// replies (headers included) unconsumed in its output. The terms:
+///
+/// - **input** `2 * INPUT_CAP`: the input buffer never holds more than
+///   [`INPUT_CAP`] bytes ([`Conn::input_room`]); its capacity grows by
+///   doubling (`try_reserve`), so it is below twice the largest length.
+/// - **output** `OutQueue::bound(P, P)` with `P = OUTPUT_HIGH +
+///   MAX_CONTROL_REPLY + read_budget`: the output waiting to be sent
+///   holds control replies (greeting, option replies, replies to requests
+///   other than answered reads) and read replies. No option or request is
+///   decoded while [`OUTPUT_HIGH`] bytes wait, and one decoded option or
+///   request (or one NBD_OPT_LIST name) queues at most
+///   [`MAX_CONTROL_REPLY`] bytes, so control replies waiting never exceed
+///   `OUTPUT_HIGH + MAX_CONTROL_REPLY`; read replies waiting are the
+///   caller's, at most `read_budget`. (Without a caller budget only
+///   `max_in_flight` times the largest read would bound them: reads
+///   decoded before the output reached `OUTPUT_HIGH` may all be answered
+///   after.) The front segment's sent part, kept until the segment is
+///   sent whole, is one reply, so at most another `P`; the segments' own
+///   slack is [`OutQueue::bound`]'s.
+/// - **requests** `max(2 * max_in_flight, 4) * size_of::<Event>()`: at
+///   most `max_in_flight` reads are decoded and unanswered, so the event
+///   queue holds no more; its capacity doubles (minimum 4 slots).
+///
+/// Assumes export names no longer than [`MAX_OPTION`] (a longer name could
+/// not be asked for in an option anyway).
+pub const fn memory_bound(max_in_flight: usize, read_budget: usize) -> usize {
+    let input = 2 * INPUT_CAP;
+    let p = OUTPUT_HIGH + MAX_CONTROL_REPLY + read_budget;
+    let output = OutQueue::bound(2 * p, 2 * p);
+    let requests = max(2 * max_in_flight, 4) * core::mem::size_of::<Event>();
+    input + output + requests
+}
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
 /// What a client may know of an export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -233,10 +280,8 @@ pub enum CloseReason {
 pub struct Conn {
     state: State,
     inb: Vec<u8>,
-    /// Output; `out[..sent]` is already sent (compacted when it dominates,
-    /// so that sending in small pieces stays linear).
-    out: Vec<u8>,
-    sent: usize,
+    /// Output waiting to be sent (segments, never reallocated).
+    out: OutQueue,
     no_zeroes: bool,
     /// NBD_OPT_STRUCTURED_REPLY was negotiated.
     structured: bool,
@@ -282,8 +327,7 @@ impl Conn {
         let mut c = Conn {
             state: State::ClientFlags,
             inb: Vec::new(),
-            out: Vec::new(),
-            sent: 0,
+            out: OutQueue::new(),
             no_zeroes: false,
             structured: false,
             export: None,
@@ -310,21 +354,15 @@ impl Conn {
         if self.discard {
             return;
         }
-        let n: usize = parts.iter().map(|p| p.len()).sum();
-        if self.out.try_reserve(n).is_err() {
+        if self.out.push(parts).is_err() {
             self.out_of_memory();
-            return;
-        }
-        for p in parts {
-            self.out.extend_from_slice(p);
         }
     }
 
     fn out_of_memory(&mut self) {
         log::warn!(target: "nbd", "connection dropped: out of memory for its buffers");
         self.discard = true;
-        self.out = Vec::new();
-        self.sent = 0;
+        self.out.clear();
         self.inb = Vec::new();
         self.listing = None;
         self.close(CloseReason::OutOfMemory);
@@ -332,13 +370,13 @@ impl Conn {
 
     /// Output waiting to be sent, bytes.
     pub fn output_pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.pending()
     }
 
     /// Heap bytes this connection holds (input, output and request queue).
     pub fn memory(&self) -> usize {
         self.inb.capacity()
-            + self.out.capacity()
+            + self.out.memory()
             + self.events.capacity() * core::mem::size_of::<Event>()
     }
 
@@ -368,25 +406,16 @@ impl Conn {
             || (self.state == State::Transmission && self.in_flight >= self.max_in_flight)
     }
 
-    /// Bytes waiting to be sent.
+    /// Bytes to send next: a prefix of what waits ([`Conn::output_pending`]
+    /// bytes in all); after [`Conn::consume_output`] of all of it, the next
+    /// part (empty when nothing waits).
     pub fn output(&self) -> &[u8] {
-        &self.out[self.sent..]
+        self.out.front()
     }
 
     /// `n` bytes of [`Conn::output`] were sent.
     pub fn consume_output(&mut self, n: usize) {
-        self.sent = (self.sent + n).min(self.out.len());
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
-            // Give back what a large reply (up to 32 MiB of read data) took.
-            if self.out.capacity() > 2 * OUTPUT_HIGH {
-                self.out = Vec::new();
-            }
-        } else if self.sent >= 64 * 1024 && self.sent * 2 >= self.out.len() {
-            self.out.drain(..self.sent);
-            self.sent = 0;
-        }
+        self.out.consume(n);
         if self.state == State::Closing && self.out.is_empty() && self.in_flight == 0 {
             self.state = State::Closed;
         }

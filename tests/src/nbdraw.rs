@@ -175,7 +175,7 @@ impl Client {
     }
     /// NBD_OPT_GO: the export size, or the final reply type.
     pub fn go(&mut self, name: &str) -> Result<u64, u32> {
-        let r = self.option(GO, &go_data(name));
+        let r = self.option(OPT_GO, &go_data(name));
         let last = r.last().expect("a reply").0;
         if last != ACK {
             return Err(last);
@@ -219,7 +219,7 @@ impl Client {
 impl Client {
     /// NBD_OPT_STRUCTURED_REPLY; true when the server agreed.
     pub fn structured(&mut self) -> bool {
-        self.option(STRUCTURED_REPLY, &[])
+        self.option(OPT_STRUCTURED_REPLY, &[])
             .last()
             .is_some_and(|r| r.0 == ACK)
     }

@@ -841,14 +841,12 @@ fn soak_many_misbehaving_clients_at_once() {
         "heap in use after the last check vs at start"
     );
 
-    // The high-water mark within the stated bound: HELD_TOTAL + one 32 MiB
-    // read + per connection 64 KiB of input, 256 KiB of replies and one
-    // control reply (the socket buffers are allocated before the start
-    // figure).
-    use dioxide_net::nbd::{INPUT_CAP, MAX_CONTROL_REPLY, MAX_REQUEST, OUTPUT_HIGH};
-    let bound = service_const("HELD_TOTAL")
-        + MAX_REQUEST as usize
-        + conns * (INPUT_CAP + OUTPUT_HIGH + MAX_CONTROL_REPLY);
+    // The high-water mark within the bound the service states at start
+    // (`nbdsrv::heap_bound`: its budgets, one maximal read and its copy,
+    // per connection what needs no budget, the buffer pools; the socket
+    // buffers are allocated before the start figure).
+    let bound = figures(&guest.console(), "listening", "bound ")[0] as usize;
+    assert!(bound > 0 && bound < 1 << 30, "stated bound {bound}");
     eprintln!(
         "soak: {:?} of clients ({:?} boot, idle {:?} after the last client, {:?} in all); {} connections made, {} accepted by the guest, {} lost before it (QEMU's accept queue), {} reader and flooder connections refused; {churns} churning connections; {stalled} connections dropped for replies not taken ({flood_drops} seen by flooders)",
         soak_time,

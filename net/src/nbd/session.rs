@@ -57,39 +57,7 @@ pub const READ_BUDGET: usize = (1 << 20) + 64;
 /// Largest read the driver answers with data; larger ones get an error.
 pub const DATA_MAX: u32 = 1 << 20;
 
-/// Upper bound of [`Conn::memory`] for a connection created with
-/// `max_in_flight` whose caller keeps at most `read_budget` bytes of read
-/// replies (headers included) unconsumed in its output. The terms:
-///
-/// - **input** `2 * INPUT_CAP`: the input buffer never holds more than
-///   [`INPUT_CAP`] bytes ([`Conn::input_room`]); its capacity grows by
-///   doubling (`try_reserve`), so it is below twice the largest length.
-/// - **output** `4 * (OUTPUT_HIGH + MAX_CONTROL_REPLY + read_budget)`: the
-///   output waiting to be sent, `P`, holds control replies (greeting,
-///   option replies, replies to requests other than answered reads) and
-///   read replies. No option or request is decoded while [`OUTPUT_HIGH`]
-///   bytes wait, and one decoded option or request (or one NBD_OPT_LIST
-///   name) queues at most [`MAX_CONTROL_REPLY`] bytes, so control replies
-///   waiting never exceed `OUTPUT_HIGH + MAX_CONTROL_REPLY`; read replies
-///   waiting are the caller's, at most `read_budget`. (Without a caller
-///   budget only `max_in_flight` times the largest read would bound them:
-///   reads decoded before the output reached `OUTPUT_HIGH` may all be
-///   answered after.) The buffer also keeps
-///   up to `max(64 KiB, P)` already sent bytes until it compacts
-///   ([`Conn::consume_output`]), so its length stays below `2P`, and its
-///   capacity below twice that (doubling).
-/// - **requests** `max(2 * max_in_flight, 4) * size_of::<Event>()`: at
-///   most `max_in_flight` reads are decoded and unanswered, so the event
-///   queue holds no more; its capacity doubles (minimum 4 slots).
-///
-/// Assumes export names no longer than [`MAX_OPTION`] (a longer name could
-/// not be asked for in an option anyway).
-pub fn memory_bound(max_in_flight: usize, read_budget: usize) -> usize {
-    let input = 2 * INPUT_CAP;
-    let output = 4 * (OUTPUT_HIGH + MAX_CONTROL_REPLY + read_budget);
-    let requests = (2 * max_in_flight).max(4) * core::mem::size_of::<Event>();
-    input + output + requests
-}
+pub use super::memory_bound;
 
 /// An export table for sessions: a few exports of various sizes and block
 /// sizes, optionally followed by thousands of generated names (some long)
@@ -1128,13 +1096,16 @@ impl<'e> Driver<'e> {
 
     /// Consumes up to `n` bytes of output, parses them, resumes.
     fn consume(&mut self, n: usize) {
-        let n = n.min(self.conn.output_pending());
-        if n > 0 {
+        let mut n = n.min(self.conn.output_pending());
+        while n > 0 {
+            let k = n.min(self.conn.output().len());
+            assert!(k > 0, "output() empty while {n} bytes wait");
             self.model
-                .consumed(self.t, self.ex, &self.conn.output()[..n]);
-            self.conn.consume_output(n);
-            self.consumed += n as u64;
-            self.sum.bytes_out += n as u64;
+                .consumed(self.t, self.ex, &self.conn.output()[..k]);
+            self.conn.consume_output(k);
+            self.consumed += k as u64;
+            self.sum.bytes_out += k as u64;
+            n -= k;
         }
         self.conn.resume(self.ex);
     }

@@ -46,9 +46,14 @@ fn option_replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     out
 }
 
+/// All the output waiting.
 fn take(c: &mut Conn) -> Vec<u8> {
-    let v = c.output().to_vec();
-    c.consume_output(v.len());
+    let mut v = Vec::new();
+    while !c.output().is_empty() {
+        let k = c.output().len();
+        v.extend_from_slice(c.output());
+        c.consume_output(k);
+    }
     v
 }
 
