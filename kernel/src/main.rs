@@ -10,20 +10,18 @@
 
 extern crate alloc;
 
-mod acpi;
-mod arch;
-mod bench;
-mod cmdline;
+mod block;
+mod diag;
+mod drivers;
 mod mm;
-mod nbdsrv;
 mod net;
-mod nvme;
-mod pci;
-mod power;
-mod selftest;
-mod serial;
-mod storage;
-mod time;
+mod platform;
+
+use block::disk;
+use diag::{bench, selftest};
+use drivers::{nvme, pci};
+use net::{nbd, stack};
+use platform::{acpi, apic, cmdline, gdt, idt, power, serial, time};
 
 use cmdline::Cmdline;
 use dioxide_boot::BootInfo;
@@ -60,9 +58,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
             log::warn!(target: "boot", "unknown kernel argument {k:?} ignored");
         }
     }
-    arch::gdt::init();
-    arch::idt::init();
-    arch::apic::disable_pic();
+    gdt::init();
+    idt::init();
+    apic::disable_pic();
 
     let selftest = args.get("selftest").unwrap_or("");
     if ![
@@ -141,8 +139,8 @@ fn kmain(boot: &'static BootInfo) -> ! {
             acpi::AcpiInfo::default()
         }
     };
-    arch::apic::init();
-    arch::apic::start_tick(10_000_000);
+    apic::init();
+    apic::start_tick(10_000_000);
     pci::init(acpi.ecam);
     let functions = pci::enumerate();
     let Some(f) = functions
@@ -168,7 +166,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     );
     nvme::with_engine(|e| e.set_simple(simple));
     log::info!(target: "iomap", "simple path {}", if simple { "on" } else { "off (dio.simple=0)" });
-    let fs = storage::mount(&dev);
+    let fs = disk::mount(&dev);
     match selftest {
         "files" => selftest::files(&mut dev, fs),
         "noalloc" => bench::noalloc(&dev, fs),
@@ -196,10 +194,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
         _ => {
             let static_ip = match args.get("net.ip") {
                 None => None,
-                Some(v) => match net::parse_cidr(v) {
-                    Some(cidr) => Some(net::StaticIp {
+                Some(v) => match stack::parse_cidr(v) {
+                    Some(cidr) => Some(stack::StaticIp {
                         cidr,
-                        gateway: args.get("net.gw").and_then(net::parse_ip),
+                        gateway: args.get("net.gw").and_then(stack::parse_ip),
                     }),
                     None => fail(
                         EXIT_CONFIG,
@@ -207,18 +205,18 @@ fn kmain(boot: &'static BootInfo) -> ! {
                     ),
                 },
             };
-            let mut net = net::init(&functions, static_ip);
+            let mut net = stack::init(&functions, static_ip);
             let server = match net.as_mut() {
                 Some(n) => {
                     let null = args.get("nbd.null") == Some("1");
                     let stall_ns = match args.number("nbd.stall_s") {
-                        Ok(v) => v.map_or(nbdsrv::STALL_NS, |s| s.max(1) * 1_000_000_000),
+                        Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
                         Err(v) => fail(
                             EXIT_CONFIG,
                             format_args!("nbd.stall_s={v:?}: expected seconds"),
                         ),
                     };
-                    Some(nbdsrv::Server::new(n, fs.as_ref(), &dev, null, stall_ns))
+                    Some(nbd::Server::new(n, fs.as_ref(), &dev, null, stall_ns))
                 }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");
@@ -232,9 +230,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
 
 /// The appliance's per-core run loop: reaps NVMe completions and sleeps until
 /// the next interrupt. Services (the network server) hook in here.
-fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbdsrv::Server>) -> ! {
+fn run_loop(dev: &nvme::Nvme, mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
     log::info!(target: "boot", "run loop started ({:?} completion)", dev.mode);
-    let mut last = arch::apic::ticks();
+    let mut last = apic::ticks();
     let mut dirty = true;
     // The stack ran since the server last looked at every socket.
     let mut polled = true;
@@ -250,7 +248,7 @@ fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbds
                 polled = n.poll_if_needed(dirty);
                 dirty = false;
                 s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
-                let t = arch::apic::ticks();
+                let t = apic::ticks();
                 if t / 100 != last / 100 {
                     s.trace(n);
                 }
@@ -261,7 +259,7 @@ fn run_loop(dev: &nvme::Nvme, mut net: Option<net::Net>, mut server: Option<nbds
         }
         // Wake on every interrupt; the APIC tick bounds each sleep.
         nvme::wait_until(|| {
-            let now = arch::apic::ticks();
+            let now = apic::ticks();
             let woke = now != last;
             last = now;
             woke

@@ -193,7 +193,7 @@ fn deliberate_panic_is_reported_with_status_5() {
     assert_eq!(out.status, 5, "console:\n{}", out.console);
     assert!(
         out.console
-            .contains("PANIC: panicked at kernel/src/selftest.rs"),
+            .contains("PANIC: panicked at kernel/src/diag/selftest.rs"),
         "console:\n{}",
         out.console
     );

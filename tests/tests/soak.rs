@@ -34,7 +34,7 @@
 //! server reports idle with the heap at its level from start; every one of
 //! its sockets accepts and serves again; the heap's high-water mark (the
 //! `peak` of the idle line) stayed within the bound the service states
-//! (`kernel/src/nbdsrv.rs`, "Bounds"), computed from its constants.
+//! (`kernel/src/net/nbd.rs`, "Bounds"), computed from its constants.
 
 use dioxide::image::Xorshift;
 use dioxide::qemu::Guest;
@@ -62,11 +62,11 @@ const MIB: u64 = 1 << 20;
 /// kernel is not a host crate): `pub const NAME: TYPE = a [op b ...];`
 /// with `<<`, `*` and `+`, evaluated left to right.
 fn service_const(name: &str) -> usize {
-    const SRC: &str = include_str!("../../kernel/src/nbdsrv.rs");
+    const SRC: &str = include_str!("../../kernel/src/net/nbd.rs");
     let line = SRC
         .lines()
         .find(|l| l.starts_with(&format!("pub const {name}: ")))
-        .unwrap_or_else(|| panic!("no `pub const {name}` in nbdsrv.rs"));
+        .unwrap_or_else(|| panic!("no `pub const {name}` in net/nbd.rs"));
     let expr = line.split('=').nth(1).unwrap().trim().trim_end_matches(';');
     let mut t = expr.split_whitespace();
     let num = |s: Option<&str>| -> usize {
@@ -842,7 +842,7 @@ fn soak_many_misbehaving_clients_at_once() {
     );
 
     // The high-water mark within the bound the service states at start
-    // (`nbdsrv::heap_bound`: its budgets, one maximal read and its copy,
+    // (`net::nbd::heap_bound`: its budgets, one maximal read and its copy,
     // per connection what needs no budget, the buffer pools; the socket
     // buffers are allocated before the start figure).
     let bound = figures(&guest.console(), "listening", "bound ")[0] as usize;

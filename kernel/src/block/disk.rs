@@ -1,6 +1,6 @@
 //! The namespace as a block device for dxfs, and mounting it at boot.
 
-use crate::nvme::{self, DmaBuf};
+use crate::drivers::nvme::{self, DmaBuf};
 use alloc::string::String;
 use dioxide_dxfs::{BlockDevice, Fs};
 use dioxide_iomap::{IoBuf, Op};

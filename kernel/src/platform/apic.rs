@@ -91,7 +91,7 @@ pub fn init() -> bool {
     }
     write(REG_TPR, 0);
     write(REG_SVR, 0x100 | SPURIOUS_VECTOR as u32);
-    crate::arch::idt::register(TIMER_VECTOR, |_| {
+    crate::platform::idt::register(TIMER_VECTOR, |_| {
         TICKS.fetch_add(1, Ordering::Relaxed);
     });
     log::info!(target: "apic", "local APIC id {} ({})", id(), if x2 { "x2APIC" } else { "xAPIC" });

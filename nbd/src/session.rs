@@ -43,7 +43,7 @@
 //!   input waits in the socket, the connection is closed when it should be.
 //!
 //! Replaying a failure: the quick-mode test prints the seed of the failing
-//! session; the fuzzer leaves the script in `net/fuzz/artifacts/`.
+//! session; the fuzzer leaves the script in `nbd/fuzz/artifacts/`.
 
 use super::*;
 use alloc::collections::BTreeMap;

@@ -7,9 +7,9 @@
 //! Raw commands (self-tests, filesystem metadata) complete into a fixed table
 //! of per-tag results ([`MAX_TAGS`] entries), so reaping allocates nothing.
 
-use crate::arch::{apic, idt};
-use crate::pci::{self, Function, MsiX};
-use crate::time;
+use crate::drivers::pci::{self, Function, MsiX};
+use crate::platform::time;
+use crate::platform::{apic, idt};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};

@@ -1,7 +1,7 @@
 //! PCI configuration access (PCIe ECAM from ACPI MCFG, else the legacy
 //! 0xcf8/0xcfc ports), enumeration, BARs and MSI-X.
 
-use crate::acpi::EcamRegion;
+use crate::platform::acpi::EcamRegion;
 use alloc::vec::Vec;
 use spin::Once;
 use x86_64::instructions::port::Port;

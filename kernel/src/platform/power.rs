@@ -19,7 +19,7 @@ pub const EXIT_EXCEPTION: u8 = 4;
 pub const EXIT_PANIC: u8 = 5;
 
 pub fn exit(status: u8) -> ! {
-    crate::serial::emergency(format_args!("dioxide: power off status={status}\n"));
+    crate::platform::serial::emergency(format_args!("dioxide: power off status={status}\n"));
     // SAFETY: port 0xf4 is the isa-debug-exit device under QEMU; on other
     // machines the write goes nowhere.
     unsafe { x86_64::instructions::port::Port::<u32>::new(0xf4).write(status as u32) };

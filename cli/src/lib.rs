@@ -74,7 +74,7 @@ pub fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
     move |source| Error::Io { context, source }
 }
 
-/// The repository root (this crate lives in `qemu/`).
+/// The repository root (this crate lives in `cli/`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -1,20 +1,16 @@
-//! Networking: virtio-net through the `virtio-drivers` crate (PCI transport,
-//! its HAL on the kernel's identity-mapped memory) and TCP/IP through
-//! `smoltcp`, with DHCP by default or a static address from the command line
-//! (`net.ip=A.B.C.D/N net.gw=A.B.C.D`). Serviced (polled) from the run loop.
+//! virtio-net through the `virtio-drivers` crate (PCI transport, its HAL on
+//! the kernel's identity-mapped memory), as a smoltcp device
+//! ([`NetDevice`]); the stack on it is `net::stack`.
 
-use crate::pci::{self, Bdf, Function};
-use crate::time;
+use crate::drivers::pci::{self, Bdf, Function};
+use crate::platform::time;
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::ptr::NonNull;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
-use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
@@ -341,29 +337,9 @@ impl Device for NetDevice {
     }
 }
 
-/// The network stack of this core.
-pub struct Net {
-    pub dev: NetDevice,
-    pub iface: Interface,
-    pub sockets: SocketSet<'static>,
-    dhcp: Option<SocketHandle>,
-    pub configured: bool,
-    /// When the stack's next timer is due.
-    next_poll: Instant,
-}
-
-pub fn now() -> Instant {
-    Instant::from_micros((time::now_ns() / 1000) as i64)
-}
-
-/// Static configuration from the command line.
-pub struct StaticIp {
-    pub cidr: Ipv4Cidr,
-    pub gateway: Option<Ipv4Address>,
-}
-
-/// Finds the first virtio-net function and brings it up.
-pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> {
+/// Finds the first virtio-net function and brings it up: the device and
+/// its MAC address.
+pub fn probe(functions: &[Function]) -> Option<(NetDevice, [u8; 6])> {
     let f = functions
         .iter()
         .find(|f| f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041))?;
@@ -394,111 +370,15 @@ pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> 
         "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
-    let mut dev = NetDevice {
+    let dev = NetDevice {
         nic: RefCell::new(nic),
     };
-    let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    let mut iface = Interface::new(config, &mut dev, now());
-    let mut sockets = SocketSet::new(vec![]);
-    let mut dhcp = None;
-    let mut configured = false;
-    match static_ip {
-        Some(s) => {
-            iface.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::Ipv4(s.cidr));
-            });
-            if let Some(gw) = s.gateway {
-                let _ = iface.routes_mut().add_default_ipv4_route(gw);
-            }
-            log::info!(target: "net", "static address {} gateway {:?}", s.cidr, s.gateway);
-            configured = true;
-        }
-        None => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
-    }
-    Some(Net {
-        dev,
-        iface,
-        sockets,
-        dhcp,
-        configured,
-        next_poll: now(),
-    })
+    Some((dev, mac))
 }
 
-impl Net {
-    /// Polls the stack only when it has work: a frame arrived, a socket
-    /// was used (`dirty`), or a timer is due. An idle `Interface::poll`
-    /// still visits every socket, which under TCG cost more guest time per
-    /// request than everything else together.
-    /// Returns whether it polled.
-    pub fn poll_if_needed(&mut self, dirty: bool) -> bool {
-        let t = now();
-        let rx = self.dev.nic.borrow().raw.poll_receive().is_some();
-        let poll = dirty || rx || t >= self.next_poll;
-        if poll {
-            self.poll();
-        }
-        poll
+impl NetDevice {
+    /// A received frame waits.
+    pub fn has_rx(&self) -> bool {
+        self.nic.borrow().raw.poll_receive().is_some()
     }
-
-    /// Moves packets and runs timers; applies DHCP results.
-    pub fn poll(&mut self) {
-        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
-        let t = now();
-        self.next_poll = match self.iface.poll_at(t, &self.sockets) {
-            Some(at) => at,
-            None => t + smoltcp::time::Duration::from_millis(100),
-        };
-        if let Some(h) = self.dhcp {
-            let event = self.sockets.get_mut::<dhcpv4::Socket>(h).poll();
-            match event {
-                Some(dhcpv4::Event::Configured(c)) => {
-                    self.iface.update_ip_addrs(|a| {
-                        a.clear();
-                        let _ = a.push(IpCidr::Ipv4(c.address));
-                    });
-                    match c.router {
-                        Some(r) => {
-                            let _ = self.iface.routes_mut().add_default_ipv4_route(r);
-                        }
-                        None => {
-                            self.iface.routes_mut().remove_default_ipv4_route();
-                        }
-                    }
-                    log::info!(target: "net", "DHCP: address {} router {:?}", c.address, c.router);
-                    self.configured = true;
-                }
-                Some(dhcpv4::Event::Deconfigured) => {
-                    self.iface.update_ip_addrs(|a| a.clear());
-                    self.iface.routes_mut().remove_default_ipv4_route();
-                    if self.configured {
-                        log::warn!(target: "net", "DHCP: lease lost");
-                    }
-                    self.configured = false;
-                }
-                None => {}
-            }
-        }
-    }
-}
-
-/// Parses `A.B.C.D/N`.
-pub fn parse_cidr(s: &str) -> Option<Ipv4Cidr> {
-    let (ip, len) = s.split_once('/')?;
-    Some(Ipv4Cidr::new(
-        parse_ip(ip)?,
-        len.parse().ok().filter(|&l: &u8| l <= 32)?,
-    ))
-}
-
-pub fn parse_ip(s: &str) -> Option<Ipv4Address> {
-    let mut o = [0u8; 4];
-    let mut parts = s.split('.');
-    for b in o.iter_mut() {
-        *b = parts.next()?.parse().ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(Ipv4Address::new(o[0], o[1], o[2], o[3]))
 }

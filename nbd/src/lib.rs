@@ -1,3 +1,9 @@
+//! dioxide's NBD server, sans-IO: one [`Conn`] per TCP connection is fed
+//! the bytes that arrived, hands out the requests it decoded as
+//! [`Event`]s, takes their completions in any order, and yields the bytes
+//! to send. It owns no socket, no clock and no storage, so it runs the same
+//! on the host in tests as in the kernel over smoltcp.
+//!
 //! NBD server side (fixed newstyle handshake, simple replies), following the
 //! protocol document of the NetworkBlockDevice project (`doc/proto.md`).
 //!
@@ -46,12 +52,16 @@
 //!   by export as the output drains ([`Conn::resume`]), never all at once.
 //! - **Reads**: at most `max_in_flight` reads are decoded and not yet
 //!   answered; read data is admitted by the caller (the service budgets
-//!   its buffers and read replies, see the kernel's `nbdsrv`).
+//!   its buffers and read replies, see the kernel's `net::nbd`).
 //! - Every allocation is fallible (`try_reserve`): when one fails the
 //!   connection ends with [`CloseReason::OutOfMemory`], never a panic.
 //!
 //! [`Conn::memory`] reports what a connection holds, at most [`memory_bound`]
 //! (the tests, the fuzz target and the kernel's stated bound use it).
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;

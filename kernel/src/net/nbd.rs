@@ -2,7 +2,7 @@
 //! named by its path (without the leading slash; one is accepted), and
 //! `nvme0n1` exports the raw namespace. Up to [`CONNS`] connections are
 //! served at once on TCP port [`PORT`], each by a sans-IO
-//! [`dioxide_net::nbd::Conn`]; file reads go through the DIO layer
+//! [`dioxide_nbd::Conn`]; file reads go through the DIO layer
 //! (`dio_rw`: 4 KiB reads take the simple path), raw reads straight to the
 //! queue.
 //!
@@ -27,7 +27,7 @@
 //!
 //! - Sockets: [`CONNS`] connections; their TCP buffers ([`SOCKET_BUF`] each
 //!   way) are allocated once at start.
-//! - Input and control replies: per connection, see `dioxide_net::nbd`
+//! - Input and control replies: per connection, see `dioxide_nbd`
 //!   (at most 64 KiB of buffered input, no decoding while 256 KiB of
 //!   replies wait). Input is read from a socket only as the connection has
 //!   room for it, and from no socket while the global budget is spent: the
@@ -58,15 +58,15 @@
 //! P bytes`, the peak since boot), which must equal the level logged at
 //! start: the bad-input test and the soak check that.
 
+use crate::drivers::nvme::{self, DmaBuf};
 use crate::mm;
-use crate::net::Net;
-use crate::nvme::{self, DmaBuf};
+use crate::net::stack::Net;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::{File, Fs};
 use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Kiocb, Op};
-use dioxide_net::nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
+use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use spin::Mutex;
@@ -115,7 +115,7 @@ const KEEP_LARGE: usize = 16;
 ///   rounded out to blocks). When it completes, its data is copied into
 ///   the connection's output while its buffer is still alive: one more
 ///   read's size, at most. Read replies in shared output segments take up
-///   to 1/7 more than their bytes ([`OutQueue::bound`](dioxide_net::nbd::outq::OutQueue::bound)) and each carries a
+///   to 1/7 more than their bytes ([`OutQueue::bound`](dioxide_nbd::outq::OutQueue::bound)) and each carries a
 ///   header of at most 32 bytes.
 /// - Per connection, what does not wait for a budget: its input, control
 ///   replies and the output queue's slack and request queue, at most
@@ -405,7 +405,7 @@ impl Server {
     /// Builds the export table and opens the listening sockets.
     pub fn new(
         net: &mut Net,
-        fs: Option<&Fs<crate::storage::NvmeDisk>>,
+        fs: Option<&Fs<crate::block::disk::NvmeDisk>>,
         dev: &nvme::Nvme,
         null_export: bool,
         stall_ns: u64,
@@ -541,11 +541,11 @@ impl Server {
     /// only the connections are visited.
     pub fn poll(&mut self, net: &mut Net, net_polled: bool) -> bool {
         self.touched = false;
-        let t0 = crate::time::rdtsc();
+        let t0 = crate::platform::time::rdtsc();
         nvme::service();
-        let t1 = crate::time::rdtsc();
+        let t1 = crate::platform::time::rdtsc();
         self.reply_completed();
-        let t2 = crate::time::rdtsc();
+        let t2 = crate::platform::time::rdtsc();
         (self.conn_memory, self.output_total) = self
             .sockets
             .iter()
@@ -559,7 +559,7 @@ impl Server {
                 self.poll_socket(net, i);
             }
         }
-        let t3 = crate::time::rdtsc();
+        let t3 = crate::platform::time::rdtsc();
         self.prof.nvme += t1 - t0;
         self.prof.replies += t2 - t1;
         self.prof.sockets += t3 - t2;
@@ -593,7 +593,7 @@ impl Server {
                 p.net / n, pct(p.net), p.nvme / n, pct(p.nvme),
                 p.replies / n, pct(p.replies), p.sockets / n, pct(p.sockets)
             );
-            let [txf, txb, txk, rxf, rxp] = crate::net::stats::take();
+            let [txf, txb, txk, rxf, rxp] = crate::drivers::virtio_net::stats::take();
             log::info!(
                 target: "nbd",
                 "frames per request: {} sent ({} cycles to build, {} to hand over, each), {} received ({} cycles to process each)",
@@ -670,7 +670,7 @@ impl Server {
                 if sock.is_active() {
                     log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
                     s.gen = s.gen.wrapping_add(1);
-                    s.progress = crate::time::now_ns();
+                    s.progress = crate::platform::time::now_ns();
                     s.queued = 0;
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
@@ -693,7 +693,7 @@ impl Server {
                 // A peer that takes nothing (zero window) would hold it in
                 // FIN-WAIT-1 or CLOSING: abort after the stall time.
                 if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
-                    || crate::time::now_ns().saturating_sub(s.progress) > self.stall_ns
+                    || crate::platform::time::now_ns().saturating_sub(s.progress) > self.stall_ns
                 {
                     sock.abort();
                 }
@@ -754,7 +754,7 @@ impl Server {
             log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
             sock.abort();
             s.slot = Slot::Closing;
-            s.progress = crate::time::now_ns();
+            s.progress = crate::platform::time::now_ns();
             self.touched = true;
             return;
         }
@@ -874,7 +874,7 @@ impl Server {
         }
         // Replies wait (in the connection or the socket) and none was taken
         // (moved into the socket, or acknowledged) for the stall time: drop.
-        let now = crate::time::now_ns();
+        let now = crate::platform::time::now_ns();
         let queued = sock.send_queue();
         let waiting = !conn.output().is_empty() || queued > 0;
         let taken = sent || queued < s.queued;

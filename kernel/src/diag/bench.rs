@@ -24,8 +24,9 @@
 //! and the simple-path attempts that fell back (`fell_back`): a `simple` row
 //! is only the simple path's figure when `fell_back=0`.
 
-use crate::nvme::{self, DmaBuf, Mode};
-use crate::{mm, outln, power, time};
+use crate::drivers::nvme::{self, DmaBuf, Mode};
+use crate::platform::{power, time};
+use crate::{mm, outln};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
@@ -352,7 +353,7 @@ fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
 
 /// The file to read: `path`, or the largest regular file.
 fn pick_file(
-    fs: &dioxide_dxfs::Fs<crate::storage::NvmeDisk>,
+    fs: &dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>,
     path: Option<&str>,
 ) -> Result<File, alloc::string::String> {
     let ino = match path {
@@ -393,7 +394,7 @@ fn nvme_with() -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
 /// `selftest=bench`.
 pub fn bench(
     dev: &nvme::Nvme,
-    fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>,
+    fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>,
     p: &Params,
 ) -> ! {
     let Some(fs) = fs else {
@@ -496,7 +497,7 @@ const NOALLOC_READS: u64 = 100_000;
 /// as many reads through the generic path (simple path off), each of which
 /// allocates its dio object; fails unless the counters saw them, so that a
 /// counter which never counts cannot pass for a path that never allocates.
-pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
+pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
     let Some(fs) = fs else {
         outln!("noalloc error: nvme0n1 holds no usable dxfs");
         power::exit(power::EXIT_TEST_FAILED);

@@ -1,10 +1,11 @@
 //! Self-tests a user runs to check a machine (`selftest=` on the command line).
 //! Each prints its result line(s) without a log prefix and powers off with a
-//! status (see [`crate::power`]).
+//! status (see [`crate::platform::power`]).
 
-use crate::nvme::{self, DmaBuf, Nvme};
-use crate::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
-use crate::{outln, time};
+use crate::drivers::nvme::{self, DmaBuf, Nvme};
+use crate::outln;
+use crate::platform::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
+use crate::platform::time;
 use alloc::vec::Vec;
 use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op};
 use sha2::{Digest, Sha256};
@@ -44,7 +45,7 @@ fn finish(_dev: &mut Nvme) -> ! {
         "heap: {} allocations, {} frees, {} KiB in use (peak {} KiB); frames: {} KiB of {} MiB used",
         h.allocs, h.frees, h.bytes_in_use / 1024, h.peak_bytes / 1024, frames_used / 1024, frames_total >> 20
     );
-    if let Err(e) = crate::nvme::shutdown() {
+    if let Err(e) = crate::drivers::nvme::shutdown() {
         log::warn!(target: "nvme", "controller shutdown: {e}");
     }
     power::exit(EXIT_OK)
@@ -202,7 +203,7 @@ fn transfer(
 /// prints `file <path> bytes=<n> sha256=<hex>` per file, then `files done
 /// count=<n>`. A damaged file or directory is reported (`file <path>
 /// error=...`) and the walk goes on with the rest; the run then fails.
-pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::storage::NvmeDisk>>) -> ! {
+pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
     use dioxide_dxfs::format::ROOT_INO;
     let Some(fs) = fs else {
         outln!("files error: nvme0n1 holds no usable dxfs");

@@ -75,7 +75,7 @@ impl log::Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let us = crate::time::now_ns() / 1000;
+        let us = crate::platform::time::now_ns() / 1000;
         x86_64::instructions::interrupts::without_interrupts(|| {
             let mut u = UART.lock();
             let _ = writeln!(
@@ -121,5 +121,5 @@ pub fn emergency(args: fmt::Arguments) {
 
 #[macro_export]
 macro_rules! outln {
-    ($($t:tt)*) => { $crate::serial::println(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::platform::serial::println(format_args!($($t)*)) };
 }

@@ -5,11 +5,11 @@
 //! jumps to `isr_common`, which saves the general registers and calls
 //! [`dioxide_trap`] with a pointer to the [`TrapFrame`]. Exceptions (vectors
 //! 0..32) are reported — vector, name, error code, RIP, CR2 — and the machine
-//! is powered off with [`crate::power::EXIT_EXCEPTION`]. Other vectors are
+//! is powered off with [`crate::platform::power::EXIT_EXCEPTION`]. Other vectors are
 //! dispatched to handlers registered with [`register`], then acknowledged at
 //! the local APIC.
 
-use crate::arch::gdt;
+use crate::platform::gdt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use x86_64::instructions::tables::lidt;
 use x86_64::structures::DescriptorTablePointer;
@@ -203,7 +203,7 @@ fn read_cr2() -> u64 {
 extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
     let v = frame.vector;
     if v < 32 {
-        crate::serial::emergency(format_args!(
+        crate::platform::serial::emergency(format_args!(
             "\nEXCEPTION vector {} ({}) error_code={:#x} rip={:#x} cr2={:#x} rsp={:#x} rflags={:#x}\n",
             v,
             exception_name(v),
@@ -213,11 +213,11 @@ extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
             frame.rsp,
             frame.rflags
         ));
-        crate::serial::emergency(format_args!(
+        crate::platform::serial::emergency(format_args!(
             "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
             frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
         ));
-        crate::power::exit(crate::power::EXIT_EXCEPTION);
+        crate::platform::power::exit(crate::platform::power::EXIT_EXCEPTION);
     }
     let h = HANDLERS[v as usize].load(Ordering::Acquire);
     if h != 0 {
@@ -228,6 +228,6 @@ extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
     // Spurious APIC interrupts (0xff) and legacy PIC spurious vectors are not
     // acknowledged.
     if v != 0xff && !(0x20..0x30).contains(&v) {
-        crate::arch::apic::eoi();
+        crate::platform::apic::eoi();
     }
 }

@@ -1,11 +1,11 @@
-//! Any byte string as an NBD session script (`dioxide_net::nbd::session`):
+//! Any byte string as an NBD session script (`dioxide_nbd::session`):
 //! client bytes, valid protocol pieces and garbage, split anywhere, against
 //! a caller that reads output, answers reads in any order and closes at
 //! random. Nothing may panic, exceed the memory bound, take input while the
 //! client is behind, or send a byte that is not the expected reply.
 #![no_main]
 
-use dioxide_net::nbd::session::{run, Tables};
+use dioxide_nbd::session::{run, Tables};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

@@ -1,0 +1,4 @@
+//! Diagnostics: the self-tests and in-guest benchmarks selected with the
+//! `selftest=` kernel argument.
+pub mod bench;
+pub mod selftest;
