@@ -250,7 +250,7 @@ pub fn mkfs(
         .unwrap_or(0);
     let mut uuid = [0u8; 16];
     let seed = (now as u64) ^ (std::process::id() as u64) << 32 ^ t0.elapsed().as_nanos() as u64;
-    let mut rng = crate::image::Xorshift::new(seed);
+    let mut rng = dioxide_testkit::Rng::new(seed);
     rng.fill(&mut uuid);
     let opts = Options {
         block_size,

@@ -1,6 +1,7 @@
 //! Disk images given to the emulated NVMe controller.
 
 use crate::{io_err, Error};
+use dioxide_testkit::Rng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -30,35 +31,12 @@ pub fn check(path: &Path, lbs: u32) -> Result<u64, Error> {
     Ok(len)
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), for test images.
-pub struct Xorshift(u64);
-
-impl Xorshift {
-    pub fn new(seed: u64) -> Self {
-        Xorshift(seed.max(1))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
 /// Writes `size` bytes of pseudo-random data from `seed` to `path`.
 pub fn write_random(path: &Path, size: u64, seed: u64) -> Result<(), Error> {
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(path).map_err(io_err(format!("create {}", path.display())))?,
     );
-    let mut rng = Xorshift::new(seed);
+    let mut rng = Rng::new(seed);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {

@@ -196,25 +196,12 @@ impl OutQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A tiny deterministic generator (xorshift64*).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use dioxide_testkit::Rng;
 
     #[test]
     fn bytes_come_out_in_order_and_memory_stays_under_the_bound() {
         for seed in 1..60u64 {
-            let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut r = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut q = OutQueue::new();
             let mut sent_all = Vec::new();
             let mut pushed_all = Vec::new();

@@ -1,5 +1,6 @@
 use super::*;
 use alloc::vec;
+use dioxide_testkit::Rng;
 
 struct Fake;
 const A: ExportInfo = ExportInfo {
@@ -509,27 +510,12 @@ fn structured_replies_golden_bytes() {
 
 // ---- random sessions (see `session`) ----
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// The script of quick-mode session `seed`: 16 to 200 random bytes; the
 /// big export table in one session of a hundred.
 fn quick_script(seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let len = 16 + rng.below(185) as usize;
-    let mut v: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    let mut v: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
     v[0] = if rng.below(100) == 0 { 0 } else { v[0] | 1 };
     v
 }

@@ -163,7 +163,7 @@ pub fn run_within(cmd: &mut std::process::Command, limit: Duration) -> (bool, Ve
 /// regular files.
 pub fn random_tree(root: &Path, seed: u64, files: usize) -> Vec<String> {
     use std::io::{Seek, SeekFrom, Write};
-    let mut rng = dioxide::image::Xorshift::new(seed);
+    let mut rng = dioxide_testkit::Rng::new(seed);
     let mut dirs = vec![String::new()];
     let mut out = Vec::new();
     for k in 0..files {

@@ -8,7 +8,7 @@ fn simple_path_reads_allocate_nothing_in_the_kernel() {
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 8 << 20];
-    dioxide::image::Xorshift::new(3).fill(&mut data);
+    dioxide_testkit::Rng::new(3).fill(&mut data);
     std::fs::write(src.join("data.bin"), &data).unwrap();
     let img = dir.path().join("fs.img");
     dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();

@@ -34,7 +34,7 @@ impl Drop for Shown {
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    dioxide::image::Xorshift::new(seed).fill(&mut b);
+    dioxide_testkit::Rng::new(seed).fill(&mut b);
     b
 }
 
@@ -148,7 +148,7 @@ fn nbd_limits() {
     // 300 reads sent before any reply is read: at most 128 are taken at
     // once, the rest wait in the connection; every one is answered.
     let (mut c, size) = Client::open(port, "big.bin");
-    let mut rng = dioxide::image::Xorshift::new(33);
+    let mut rng = dioxide_testkit::Rng::new(33);
     let small_reads: Vec<(u64, u32)> = (0..300)
         .map(|_| ((rng.next_u64() % (size - 4096)) / 512 * 512, 4096))
         .collect();

@@ -221,7 +221,7 @@ fn bad_input_from_the_network() {
     let dir = TempDir::new("nbd-bad");
     let src = dir.path().join("src/data");
     std::fs::create_dir_all(&src).unwrap();
-    let mut rng = dioxide::image::Xorshift::new(99);
+    let mut rng = dioxide_testkit::Rng::new(99);
     let mut a = vec![0u8; 4 << 20];
     rng.fill(&mut a);
     std::fs::write(src.join("a.bin"), &a).unwrap();
@@ -244,7 +244,7 @@ fn bad_input_from_the_network() {
         std::thread::spawn(move || {
             let (mut c, size) = Client::open(port, "data/a.bin");
             assert_eq!(size, a.len() as u64);
-            let mut rng = dioxide::image::Xorshift::new(7);
+            let mut rng = dioxide_testkit::Rng::new(7);
             let mut reads = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let mut want = Vec::new();

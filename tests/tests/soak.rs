@@ -36,8 +36,8 @@
 //! `peak` of the idle line) stayed within the bound the service states
 //! (`kernel/src/net/nbd.rs`, "Bounds"), computed from its constants.
 
-use dioxide::image::Xorshift;
 use dioxide::qemu::Guest;
+use dioxide_testkit::Rng;
 use dioxide_tests::nbdraw::{self as raw, Client};
 use dioxide_tests::*;
 use std::collections::HashMap;
@@ -244,7 +244,7 @@ fn greeted(port: u16, sh: &Shared) -> std::io::Result<Client> {
     panic!("no greeting on 10 connections in a row ({GREETING:?} each)")
 }
 
-fn pick<'a>(rng: &mut Xorshift, exports: &'a [Export]) -> &'a Export {
+fn pick<'a>(rng: &mut Rng, exports: &'a [Export]) -> &'a Export {
     // The raw namespace (last) a quarter of the time.
     if rng.next_u64().is_multiple_of(4) {
         exports.last().unwrap()
@@ -255,8 +255,8 @@ fn pick<'a>(rng: &mut Xorshift, exports: &'a [Export]) -> &'a Export {
 
 /// A random range of an export of `size` bytes: 1 byte to 1 MiB,
 /// unaligned, 4 KiB aligned, or anywhere.
-fn range(rng: &mut Xorshift, size: u64) -> (u64, u64) {
-    let r = |rng: &mut Xorshift, n: u64| rng.next_u64() % n.max(1);
+fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
+    let r = |rng: &mut Rng, n: u64| rng.next_u64() % n.max(1);
     let (off, len) = match r(rng, 3) {
         0 => {
             let len = 1 + r(rng, 4096);
@@ -286,7 +286,7 @@ struct ReaderStats {
 /// Reads random ranges of random exports, a few pipelined at a time, and
 /// checks every reply; a new connection (and export) every few batches.
 fn reader(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) -> ReaderStats {
-    let mut rng = Xorshift::new(1000 + id as u64);
+    let mut rng = Rng::new(1000 + id as u64);
     let mut st = ReaderStats {
         reads: 0,
         bytes: 0,
@@ -416,7 +416,7 @@ fn flood(s: &mut std::net::TcpStream, block: &[u8], sh: &Shared, held: &mut bool
 /// replies. When the server drops the connection (its replies not taken)
 /// it floods again on a new one.
 fn flooder(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) {
-    let mut rng = Xorshift::new(2000 + id as u64);
+    let mut rng = Rng::new(2000 + id as u64);
     let mut held = false;
     while !sh.stopping() {
         flood_once(id, port, &exports, &sh, &mut rng, &mut held);
@@ -428,7 +428,7 @@ fn flood_once(
     port: u16,
     exports: &[Export],
     sh: &Shared,
-    rng: &mut Xorshift,
+    rng: &mut Rng,
     held: &mut bool,
 ) {
     let Ok(mut c) = greeted(port, sh) else {
@@ -483,7 +483,7 @@ fn flood_once(
 
 /// Connects and vanishes, in every phase, often with large reads in flight.
 fn vanisher(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) -> u64 {
-    let mut rng = Xorshift::new(3000 + id as u64);
+    let mut rng = Rng::new(3000 + id as u64);
     let mut n = 0;
     while !sh.stopping() {
         n += 1;
@@ -567,9 +567,9 @@ fn vanisher(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) ->
 /// transmission; where the bytes cannot be a valid message the server must
 /// close the connection.
 fn garbage(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) -> u64 {
-    let mut rng = Xorshift::new(4000 + id as u64);
+    let mut rng = Rng::new(4000 + id as u64);
     let mut n = 0;
-    let junk = |rng: &mut Xorshift, min: usize| {
+    let junk = |rng: &mut Rng, min: usize| {
         let mut b = vec![0u8; min + (rng.next_u64() % 300) as usize];
         rng.fill(&mut b);
         b
@@ -677,7 +677,7 @@ fn soak_many_misbehaving_clients_at_once() {
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let mut paths = random_tree(&src, 2024, 30);
-    let mut rng = Xorshift::new(77);
+    let mut rng = Rng::new(77);
     std::fs::create_dir_all(src.join("big")).unwrap();
     for (name, size) in [("big/dense.bin", 24 * MIB), ("big/odd.bin", 3 * MIB + 777)] {
         let mut b = vec![0u8; size as usize];

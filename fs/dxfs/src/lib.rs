@@ -6,7 +6,7 @@
 //! image is believed without a check: a damaged image yields an [`Error`] that
 //! names the structure and block, never a panic or an endless loop.
 #![cfg_attr(not(test), no_std)]
-#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

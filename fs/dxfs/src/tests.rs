@@ -5,23 +5,9 @@ use crate::format::*;
 use crate::fs::{Fs, Mapping};
 use crate::mkfs::{self, Node, NodeKind, Options, Source, Tree};
 use crate::{fsck, Error, Why};
+use dioxide_testkit::Rng;
 use std::cell::Cell;
 use std::collections::BTreeMap;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// File contents by source id (holes are zero in the vectors).
 struct Mem(Vec<Vec<u8>>);
@@ -75,7 +61,7 @@ impl Sample {
         let mut data = vec![0u8; size as usize];
         for &(o, l) in &segs {
             for b in &mut data[o as usize..(o + l) as usize] {
-                *b = (rng.next() >> 56) as u8 | 1;
+                *b = (rng.next_u64() >> 56) as u8 | 1;
             }
         }
         let id = self.src.0.len() as u64;
@@ -158,7 +144,7 @@ fn verify(s: &Sample, dev: &MemDevice) {
 }
 
 fn random_sample(seed: u64) -> Sample {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let mut s = Sample::new();
     let mut dirs: Vec<(usize, String)> = vec![(0, String::new())];
     let n = 1 + rng.below(40);
@@ -219,7 +205,7 @@ fn empty_tree_and_empty_files() {
     let mut s = Sample::new();
     let dev = s.image(&Options::default());
     verify(&s, &dev);
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     s.dense(0, "", "empty", 0, &mut rng);
     s.dense(0, "", "one", 1, &mut rng);
     s.dense(0, "", "block", 4096, &mut rng);
@@ -234,7 +220,7 @@ fn empty_tree_and_empty_files() {
 #[test]
 fn hard_links_share_an_inode() {
     let mut s = Sample::new();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let f = s.dense(0, "", "a", 5000, &mut rng);
     let d = s.add_dir(0, "", "d");
     if let NodeKind::Dir(c) = &mut s.tree.nodes[d].kind {
@@ -255,7 +241,7 @@ fn fragmented_files_use_extent_trees() {
     // Every other block is a hole: n extents for 2n blocks.
     for (n, depth) in [(6u64, 0u16), (7, 1), (1000, 1), (1100, 2)] {
         let mut s = Sample::new();
-        let mut rng = Rng(n);
+        let mut rng = Rng::new(n);
         let segs: Vec<(u64, u64)> = (0..n).map(|i| (i * 8192, 4096)).collect();
         s.add_file(0, "", "frag", n * 8192 - 4096, segs, &mut rng);
         let dev = s.image(&Options::default());
@@ -278,7 +264,7 @@ fn fragmented_files_use_extent_trees() {
 #[test]
 fn deep_directories_and_long_utf8_names() {
     let mut s = Sample::new();
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let mut parent = 0;
     let mut path = String::new();
     for i in 0..200 {
@@ -314,7 +300,7 @@ impl BlockDevice for Counting<'_> {
 #[test]
 fn directory_of_100000_names_is_looked_up_in_log_n_blocks() {
     let mut s = Sample::new();
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     let n = 100_000;
     for i in 0..n {
         // Names up to 60 bytes: ~1000 leaves, a two-level index.
@@ -356,7 +342,7 @@ fn forged_entry_hashes_are_rejected_not_followed() {
         })
         .collect();
     let mut s = Sample::new();
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for e in &entries {
         s.dense(0, "", &e.name, 0, &mut rng);
     }
@@ -437,7 +423,7 @@ fn seal(blk: &mut [u8]) {
 
 fn base_image() -> (Sample, MemDevice) {
     let mut s = Sample::new();
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let d = s.add_dir(0, "", "dir");
     s.dense(d, "/dir", "a", 10_000, &mut rng);
     let segs: Vec<(u64, u64)> = (0..20).map(|i| (i * 8192, 4096)).collect();
@@ -682,7 +668,7 @@ fn ten_thousand_corrupted_images_never_panic() {
         let sb = Superblock::parse(&base.data).unwrap();
         ((sb.block_count - sb.free_blocks) * 4096) as usize
     };
-    let mut rng = Rng(0xc0ffee);
+    let mut rng = Rng::new(0xc0ffee);
     let mut mounted = 0;
     for round in 0..10_000u32 {
         let mut d = base.clone();
@@ -692,7 +678,7 @@ fn ten_thousand_corrupted_images_never_panic() {
             1 => {
                 for _ in 0..1 + rng.below(16) {
                     let a = rng.below(used as u64) as usize;
-                    d.data[a] = rng.next() as u8;
+                    d.data[a] = rng.next_u64() as u8;
                 }
             }
             2 => {
@@ -704,14 +690,14 @@ fn ten_thousand_corrupted_images_never_panic() {
                 // Semantic damage behind a valid checksum: a random byte or
                 // a random 8-byte field, then re-seal.
                 if rng.below(2) == 0 {
-                    d.data[at] = rng.next() as u8;
+                    d.data[at] = rng.next_u64() as u8;
                 } else {
                     let a = at & !7;
                     let v = match rng.below(4) {
                         0 => 0,
                         1 => u64::MAX,
                         2 => rng.below(64),
-                        _ => rng.next(),
+                        _ => rng.next_u64(),
                     };
                     d.data[a..a + 8].copy_from_slice(&v.to_le_bytes());
                 }
@@ -735,7 +721,7 @@ fn ten_thousand_corrupted_images_never_panic() {
 fn iomap_begin_maps_extents_holes_and_eof() {
     use dioxide_iomap::{IomapOps, IomapType};
     let mut s = Sample::new();
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     // Data at blocks 0 and 2, a hole at block 1, size 3 blocks + 10 bytes.
     s.add_file(
         0,

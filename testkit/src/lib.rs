@@ -1,0 +1,120 @@
+//! What dioxide's tests and benchmarks share, so that each is written once:
+//!
+//! - [`Rng`], a small deterministic generator (xorshift64*, Vigna 2014):
+//!   seeded runs repeat exactly, on the host and in the kernel's
+//!   benchmarks (`no_std`);
+//! - [`CountingAlloc`] (feature `std`), a global allocator over the
+//!   system's that counts allocations per thread and in all, for the
+//!   "allocates nothing" assertions and the host benchmark's figures.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+/// xorshift64*: 64 bits of state, period 2^64 - 1, good enough to pick
+/// offsets and fill test data (not for anything secret).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed` (0, which xorshift would never
+    /// leave, becomes 1).
+    pub const fn new(seed: u64) -> Rng {
+        Rng(if seed == 0 { 1 } else { seed })
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (`0` when `n` is 0; modulo bias is irrelevant
+    /// here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Fills `buf` with the next bytes (little-endian words).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Counts heap allocations, per thread (tests running in parallel do
+    /// not see each other's) and in all. Install it in a test crate or
+    /// binary with
+    /// `#[global_allocator] static A: CountingAlloc = CountingAlloc;`.
+    pub struct CountingAlloc;
+
+    thread_local! {
+        static THREAD: Cell<u64> = const { Cell::new(0) };
+    }
+    static TOTAL: AtomicU64 = AtomicU64::new(0);
+
+    // SAFETY: every call goes to the system allocator with the caller's
+    // own arguments, so its contract is the caller's; the counters are an
+    // atomic and a const-initialised thread-local without destructor,
+    // which never allocate.
+    unsafe impl GlobalAlloc for CountingAlloc {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            TOTAL.fetch_add(1, Ordering::Relaxed);
+            let _ = THREAD.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: `l` is the caller's layout, valid per GlobalAlloc's
+            // contract (non-zero size).
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: `p` came from `alloc` above, i.e. from `System`,
+            // with this layout.
+            unsafe { System.dealloc(p, l) }
+        }
+    }
+
+    /// Allocations made by this thread (through [`CountingAlloc`]).
+    pub fn thread_allocs() -> u64 {
+        THREAD.with(|c| c.get())
+    }
+
+    /// Allocations made by every thread.
+    pub fn total_allocs() -> u64 {
+        TOTAL.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(feature = "std")]
+pub use counting::{thread_allocs, total_allocs, CountingAlloc};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generator_repeats_its_known_sequence() {
+        // Golden values: the seeded runs of every test depend on them.
+        let mut r = Rng::new(1);
+        assert_eq!(r.next_u64(), 0x47e4_ce4b_896c_dd1d);
+        let mut a = Rng::new(42);
+        let mut b = Rng::new(42);
+        for _ in 0..1000 {
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
+        assert_eq!(Rng::new(0).next_u64(), Rng::new(1).next_u64());
+        let mut buf = [0u8; 13];
+        Rng::new(7).fill(&mut buf);
+        let mut c = Rng::new(7);
+        assert_eq!(buf[..8], c.next_u64().to_le_bytes());
+        assert_eq!(buf[8..], c.next_u64().to_le_bytes()[..5]);
+        assert!((0..1000).all(|_| a.below(10) < 10));
+        assert_eq!(a.below(0), 0);
+    }
+}
