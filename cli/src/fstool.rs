@@ -115,7 +115,8 @@ fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
             return vec![(0, size)];
         }
         let data = data as u64;
-        // SAFETY: as above.
+        // SAFETY: lseek on the file descriptor `f` owns (open for this
+        // call); no memory is passed.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         let hole = if hole < 0 {
             size
