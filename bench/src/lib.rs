@@ -21,8 +21,8 @@
 
 use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
 use dioxide_dxfs::{File, Fs, MemDevice};
-use dioxide_iomap::nvme::NvmeQueue;
 use dioxide_iomap::{Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op};
+use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::cmd::{CompletionEntry, SubmissionEntry};
 use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
 use dioxide_nvme::{Controller, Mmio};
@@ -322,9 +322,8 @@ pub fn run_with_status(
             rng ^= rng << 25;
             rng ^= rng >> 27;
             let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks;
-            let buf = IoBuf {
-                addr: base + ctx * 4096,
-                len: 4096,
+            let Some(buf) = IoBuf::from_addr(base + ctx * 4096, 4096) else {
+                return;
             };
             let cb = Callback { func: done, ctx };
             // SAFETY: `bufs` outlives the engine's use of it in this loop.

@@ -6,8 +6,8 @@
 //! preallocated slot; a generic request carries `TAG_GENERIC`, the index of
 //! the command within its dio object, and the dio object's address.
 
-use crate::queue::{BlkError, BlockQueue, IoBuf, Op};
 use crate::*;
+use crate::{BlkError, BlockQueue, IoBuf, Op};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -475,7 +475,7 @@ impl<Q: BlockQueue> Engine<Q> {
         ops: &O,
         flags: u32,
     ) -> bool {
-        let count = buf.len as u64;
+        let count = buf.len() as u64;
         op == Op::Read
             && count != 0
             && count <= ops.block_size() as u64
@@ -504,7 +504,7 @@ impl<Q: BlockQueue> Engine<Q> {
         flags: u32,
     ) -> Result<DioResult, Simple> {
         let pos = iocb.pos;
-        let count = buf.len as u64;
+        let count = buf.len() as u64;
         let nowait = iocb.flags & kiocb_flags::NOWAIT != 0;
         let bflags = iomap_flags::DIRECT | if nowait { iomap_flags::NOWAIT } else { 0 };
         let map = ops.iomap_begin(pos, count, bflags).map_err(|e| {
@@ -523,7 +523,7 @@ impl<Q: BlockQueue> Engine<Q> {
         }
         let align = self.alignment(ops, flags);
         let dev = map.addr + (pos - map.offset);
-        if (pos | count | dev) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
+        if (pos | count | dev) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
             ops.iomap_end(pos, count, 0, bflags, &map);
             return Err(Simple::Err(DioError::Invalid(
                 "position, length or buffer not aligned",
@@ -580,10 +580,10 @@ impl<Q: BlockQueue> Engine<Q> {
     ) -> Result<DioResult, DioError> {
         let shift = self.queue.lba_shift();
         let flush = op == Op::Flush;
-        if (!flush && buf.len == 0)
-            || buf.len & ((1 << shift) - 1) != 0
-            || !buf.addr.is_multiple_of(4)
-            || buf.len > self.queue.max_transfer()
+        if (!flush && buf.len() == 0)
+            || buf.len() & ((1 << shift) - 1) != 0
+            || !buf.addr().is_multiple_of(4)
+            || buf.len() > self.queue.max_transfer()
         {
             return Err(DioError::Invalid(
                 "raw transfer not whole blocks, misaligned or too large",
@@ -595,7 +595,7 @@ impl<Q: BlockQueue> Engine<Q> {
         slot.raw = true;
         slot.cb = cb;
         slot.pos = lba << shift;
-        slot.size = buf.len as u32;
+        slot.size = buf.len() as u32;
         // SAFETY: forwarded.
         if let Err(e) = unsafe { self.submit(op, lba, buf, idx as u64, false) } {
             self.st.free_slot(idx);
@@ -629,10 +629,10 @@ impl<Q: BlockQueue> Engine<Q> {
             return Err(DioError::Invalid("flush is not a data transfer"));
         }
         let align = self.alignment(ops, flags);
-        if (pos | buf.len as u64) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
+        if (pos | buf.len() as u64) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
             return Err(DioError::Invalid("position, length or buffer not aligned"));
         }
-        let mut count = buf.len as u64;
+        let mut count = buf.len() as u64;
         if op == Op::Read {
             let size = ops.size();
             if pos >= size {
@@ -713,7 +713,7 @@ impl<Q: BlockQueue> Engine<Q> {
                 (Op::Read, IomapType::Hole | IomapType::Unwritten) => {
                     // SAFETY: [boff, boff + piece) lies in the caller's buffer.
                     unsafe {
-                        core::ptr::write_bytes((buf.addr + boff) as *mut u8, 0, piece as usize)
+                        core::ptr::write_bytes((buf.addr() + boff) as *mut u8, 0, piece as usize)
                     };
                 }
                 (Op::Read, IomapType::Inline) => {
@@ -723,7 +723,7 @@ impl<Q: BlockQueue> Engine<Q> {
                     unsafe {
                         core::ptr::copy_nonoverlapping(
                             src as *const u8,
-                            (buf.addr + boff) as *mut u8,
+                            (buf.addr() + boff) as *mut u8,
                             piece as usize,
                         )
                     };
@@ -748,7 +748,7 @@ impl<Q: BlockQueue> Engine<Q> {
                     while done < piece {
                         let clen = (piece - done).min(max) as usize;
                         let at = cur + done;
-                        let dest = buf.addr + boff + done as usize;
+                        let dest = buf.addr() + boff + done as usize;
                         // A tail shorter than a block (end of file) or BOUNCE
                         // goes through a bounce buffer of whole blocks.
                         let dev_len = (clen as u64).div_ceil(lbs) as usize * lbs as usize;
@@ -777,11 +777,14 @@ impl<Q: BlockQueue> Engine<Q> {
                             None
                         };
                         let iob = match bounce {
-                            Some((b, l)) => IoBuf { addr: b, len: l },
-                            None => IoBuf {
-                                addr: dest,
-                                len: clen,
-                            },
+                            Some((b, l)) => IoBuf::from_addr(b, l),
+                            None => IoBuf::from_addr(dest, clen),
+                        };
+                        // Both addresses lie in live allocations: never 0.
+                        let Some(iob) = iob else {
+                            record(ptr, at, DioError::Invalid("null buffer"));
+                            ops.iomap_end(cur, piece, done, bflags, &map);
+                            break 'map;
                         };
                         if let Some(d) = dops {
                             d.submit_io(at, clen);

@@ -28,14 +28,13 @@
 extern crate alloc;
 
 mod dio;
-pub mod null;
-pub mod nvme;
-mod queue;
 #[cfg(test)]
 mod tests;
 
 pub use dio::{Engine, Stats};
-pub use queue::{BlkError, BlockQueue, IoBuf, Op};
+/// The block layer this one submits to (re-exported: callers of the DIO
+/// layer name buffers and queues without another dependency).
+pub use dioxide_blk::{null, BlkError, BlockQueue, IoBuf, Op};
 
 use core::fmt;
 

@@ -193,9 +193,8 @@ struct Load<'a> {
 impl Load<'_> {
     /// Submits the request of context `ctx`.
     fn submit<Q: BlockQueue>(&mut self, e: &mut Engine<Q>, ctx: usize) {
-        let buf = IoBuf {
-            addr: self.bufs + ctx * 4096,
-            len: 4096,
+        let Some(buf) = IoBuf::from_addr(self.bufs + ctx * 4096, 4096) else {
+            return;
         };
         let cb = Callback { func: on_done, ctx };
         START[ctx].store(time::rdtsc(), Ordering::Relaxed);
@@ -413,7 +412,7 @@ pub fn bench(
         outln!("bench error: out of memory");
         power::exit(power::EXIT_TEST_FAILED);
     };
-    let base = bufs.part(0, 4096).addr;
+    let base = bufs.part(0, 4096).addr();
     let raw_blocks = dev.ns.bytes() / 4096;
     outln!(
         "bench file bytes={} extents={} namespace_bytes={} tsc_mhz={}",
@@ -513,7 +512,7 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk
         outln!("noalloc error: out of memory");
         power::exit(power::EXIT_TEST_FAILED);
     };
-    let base = bufs.part(0, 4096).addr;
+    let base = bufs.part(0, 4096).addr();
     let irq = nvme::mode() == Mode::Irq;
     let load = |target| Load {
         target,

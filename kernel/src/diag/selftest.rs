@@ -11,7 +11,7 @@ use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op};
 use sha2::{Digest, Sha256};
 
 const NO_MEMORY: DioError = DioError::Unsupported("out of memory");
-const FLUSH: IoBuf = IoBuf { addr: 0, len: 0 };
+const FLUSH: IoBuf = IoBuf::empty();
 
 fn device_error(what: &str, e: DioError) -> ! {
     log::error!(target: "selftest", "{what}: {e}");

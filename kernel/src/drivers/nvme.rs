@@ -13,8 +13,8 @@ use crate::platform::{apic, idt};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use dioxide_iomap::nvme::NvmeQueue;
 use dioxide_iomap::{Callback, DioError, Engine, IoBuf, Op};
+use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
 use spin::Mutex;
 use x86_64::instructions::interrupts;
@@ -382,10 +382,9 @@ impl DmaBuf {
     /// The device view of `[off, off + len)`.
     pub fn part(&mut self, off: usize, len: usize) -> IoBuf {
         assert!(off + len <= self.len);
-        IoBuf {
-            addr: self.ptr.as_ptr() as usize + off,
-            len,
-        }
+        IoBuf::new(self.ptr, self.len)
+            .part(off, len)
+            .unwrap_or(IoBuf::new(self.ptr, 0))
     }
 }
 
