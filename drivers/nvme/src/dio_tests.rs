@@ -177,7 +177,7 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     sim.set_hung(true);
     sim.set_ignore_aborts(true);
     for (ctx, &(addr, len)) in bufs.iter().enumerate() {
-        let iocb = Kiocb::with_callback(4096 * ctx as u64, Callback { func: owner, ctx });
+        let iocb = Kiocb::with_owner(4096 * ctx as u64, ReqId::new(ctx as u16, 0));
         let flags = if ctx == 1 { dio_flags::BOUNCE } else { 0 };
         // SAFETY: a and b outlive every completion (checked below).
         let r = unsafe {
@@ -199,7 +199,7 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     for _ in 0..50 {
         e.poll();
         e.expire();
-        e.run_deferred();
+        e.complete(|id, r| owner(id.index(), r));
         hal.advance(10_000_000);
         if SEEN.with(|s| !s.borrow().is_empty()) {
             break;

@@ -534,6 +534,14 @@ thread_local! {
 fn record(ctx: usize, r: Result<usize, DioError>) {
     DONE.with(|d| d.borrow_mut().push((ctx, r)));
 }
+/// The owner's id of request `n` (these tests' owners keep no slab).
+fn owner(n: impl TryInto<u16>) -> ReqId {
+    ReqId::new(n.try_into().ok().expect("small owner index"), 0)
+}
+/// Delivers finished requests to `record`, as a run loop would.
+fn deliver<Q: BlockQueue>(e: &mut Engine<Q>) -> usize {
+    e.complete(|id, r| record(id.index(), r))
+}
 fn take_done() -> Vec<(usize, Result<usize, DioError>)> {
     DONE.with(|d| std::mem::take(&mut *d.borrow_mut()))
 }
@@ -545,13 +553,7 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     let f = FakeFile::contiguous(256 * 1024, 0);
     let (mut v, o) = abuf(16 * 4096);
     for i in 0..16usize {
-        let iocb = Kiocb::with_callback(
-            i as u64 * 4096,
-            Callback {
-                func: record,
-                ctx: i,
-            },
-        );
+        let iocb = Kiocb::with_owner(i as u64 * 4096, owner(i));
         let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
         // SAFETY: v outlives the polls below.
         let r = unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
@@ -559,13 +561,7 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     }
     // A generic async request too (two blocks).
     let (mut g, go) = abuf(8192);
-    let iocb = Kiocb::with_callback(
-        65536,
-        Callback {
-            func: record,
-            ctx: 100,
-        },
-    );
+    let iocb = Kiocb::with_owner(65536, owner(100));
     assert_eq!(
         // SAFETY: g outlives the polls below.
         unsafe {
@@ -584,6 +580,11 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     );
     assert!(take_done().is_empty(), "nothing completes before a poll");
     e.poll();
+    assert!(
+        take_done().is_empty(),
+        "owners hear of completions from complete()"
+    );
+    assert_eq!(deliver(&mut e), 17);
     let mut done = take_done();
     assert_eq!(done.len(), 17);
     // Reversed: the generic request was submitted last and completes first.
@@ -607,13 +608,7 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     let f = FakeFile::contiguous(64 * 1024, 0);
     e.queue_mut().fail_lba = Some(16); // byte 8192
     let (mut v, o) = abuf(4096);
-    let iocb = Kiocb::with_callback(
-        8192,
-        Callback {
-            func: record,
-            ctx: 5,
-        },
-    );
+    let iocb = Kiocb::with_owner(8192, owner(5));
     // SAFETY: v outlives the polls below.
     unsafe {
         e.dio_rw(
@@ -630,7 +625,7 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     e.poll();
     assert!(take_done().is_empty(), "errors are not completed inline");
     assert_eq!(e.stats().errors, 0);
-    assert_eq!(e.run_deferred(), 1);
+    assert_eq!(deliver(&mut e), 1);
     let err = DioError::Io {
         pos: 8192,
         err: BlkError::Status {
@@ -641,7 +636,7 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     };
     assert_eq!(take_done(), vec![(5, Err(err))]);
     assert_eq!(e.stats().errors, 1);
-    assert_eq!(e.run_deferred(), 0);
+    assert_eq!(deliver(&mut e), 0);
     assert_eq!(e.free_slots(), 32);
     // Sync: returned to the caller, counted once.
     let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], 0);
@@ -677,13 +672,7 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], dio_flags::PARTIAL);
     assert_eq!(r, Ok(DioResult::Done(16384)));
     // Async generic with an error: the callback gets it.
-    let iocb = Kiocb::with_callback(
-        0,
-        Callback {
-            func: record,
-            ctx: 9,
-        },
-    );
+    let iocb = Kiocb::with_owner(0, owner(9));
     // SAFETY: v outlives the poll below.
     unsafe {
         e.dio_rw(
@@ -698,6 +687,7 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     }
     .unwrap();
     e.poll();
+    deliver(&mut e);
     assert!(matches!(
         take_done()[..],
         [(9, Err(DioError::Io { pos: 16384, .. }))]
@@ -755,13 +745,7 @@ fn nowait_without_a_free_slot_is_again() {
     let f = FakeFile::contiguous(64 * 1024, 0);
     let (mut v, o) = abuf(3 * 4096);
     for i in 0..2 {
-        let iocb = Kiocb::with_callback(
-            i * 4096,
-            Callback {
-                func: record,
-                ctx: i as usize,
-            },
-        );
+        let iocb = Kiocb::with_owner(i * 4096, owner(i as usize));
         // SAFETY: v outlives the poll below.
         unsafe {
             e.dio_rw(
@@ -776,13 +760,7 @@ fn nowait_without_a_free_slot_is_again() {
         }
         .unwrap();
     }
-    let mut iocb = Kiocb::with_callback(
-        8192,
-        Callback {
-            func: record,
-            ctx: 2,
-        },
-    );
+    let mut iocb = Kiocb::with_owner(8192, owner(2));
     iocb.flags = kiocb_flags::NOWAIT;
     // SAFETY: v outlives the poll below.
     let r = unsafe {
@@ -797,8 +775,25 @@ fn nowait_without_a_free_slot_is_again() {
         )
     };
     assert_eq!(r, Err(DioError::Again));
-    // Without NOWAIT the call polls for a slot.
+    // Without NOWAIT the call polls for a slot; but both slots are then held
+    // by finished requests that only their owner's complete() frees.
     iocb.flags = 0;
+    assert_eq!(
+        // SAFETY: as above.
+        unsafe {
+            e.dio_rw(
+                &iocb,
+                Op::Read,
+                IoBuf::from_mut_slice(&mut v[o + 8192..o + 12288]),
+                &f,
+                None,
+                0,
+                0,
+            )
+        },
+        Err(DioError::Again)
+    );
+    assert_eq!(deliver(&mut e), 2);
     assert_eq!(
         // SAFETY: as above.
         unsafe {
@@ -815,6 +810,7 @@ fn nowait_without_a_free_slot_is_again() {
         Ok(DioResult::Queued)
     );
     e.poll();
+    deliver(&mut e);
     assert_eq!(take_done().len(), 3);
 }
 
@@ -827,18 +823,13 @@ fn simple_path_allocates_nothing_generic_path_does() {
     for round in 0..200u64 {
         for i in 0..32usize {
             let pos = ((round * 7 + i as u64 * 13) % 128) * 4096;
-            let iocb = Kiocb::with_callback(
-                pos,
-                Callback {
-                    func: |_, r| assert!(r.is_ok()),
-                    ctx: i,
-                },
-            );
+            let iocb = Kiocb::with_owner(pos, owner(i));
             let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
             // SAFETY: v outlives the poll below.
             unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
         }
         e.poll();
+        e.complete(|_, r| assert!(r.is_ok()));
     }
     // Sync simple reads too.
     for i in 0..100u64 {
@@ -864,13 +855,7 @@ fn null_device_completes_on_the_next_poll() {
     let mut e = Engine::new(q);
     let f = FakeFile::contiguous(1 << 30, 0);
     let (mut v, o) = abuf(4096);
-    let iocb = Kiocb::with_callback(
-        4096,
-        Callback {
-            func: record,
-            ctx: 77,
-        },
-    );
+    let iocb = Kiocb::with_owner(4096, owner(77));
     // SAFETY: v outlives the poll below.
     unsafe {
         e.dio_rw(
@@ -886,6 +871,7 @@ fn null_device_completes_on_the_next_poll() {
     .unwrap();
     assert!(take_done().is_empty());
     assert_eq!(e.poll(), 1);
+    assert_eq!(deliver(&mut e), 1);
     assert_eq!(take_done(), vec![(77, Ok(4096))]);
     // Sync on the null device.
     assert_eq!(
