@@ -664,7 +664,7 @@ impl<Q: BlockQueue> Engine<Q> {
     ) -> Result<DioResult, DioError> {
         let shift = self.queue.lba_shift();
         let flush = op == Op::Flush;
-        if (!flush && buf.len() == 0)
+        if (!flush && buf.is_empty())
             || buf.len() & ((1 << shift) - 1) != 0
             || !buf.addr().is_multiple_of(4)
             || buf.len() > self.queue.max_transfer()
