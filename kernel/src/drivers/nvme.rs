@@ -130,6 +130,8 @@ impl core::fmt::Display for InitError {
     }
 }
 
+impl core::error::Error for InitError {}
+
 impl From<NvmeError> for InitError {
     fn from(e: NvmeError) -> Self {
         InitError::Nvme(e)

@@ -230,6 +230,15 @@ impl core::fmt::Display for Failure {
     }
 }
 
+impl core::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Failure::Dio(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// A read in flight: owns its buffer until the device is done with it.
 struct Req {
     sock: u16,
