@@ -21,8 +21,8 @@
 
 use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
 use dioxide_dxfs::{File, Fs, MemDevice};
-use dioxide_iomap::nvme::NvmeQueue;
-use dioxide_iomap::{Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op};
+use dioxide_iomap::{DioError, DioResult, Engine, IoBuf, Kiocb, Op, ReqId};
+use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::cmd::{CompletionEntry, SubmissionEntry};
 use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
 use dioxide_nvme::{Controller, Mmio};
@@ -322,18 +322,18 @@ pub fn run_with_status(
             rng ^= rng << 25;
             rng ^= rng >> 27;
             let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks;
-            let buf = IoBuf {
-                addr: base + ctx * 4096,
-                len: 4096,
+            let Some(buf) = IoBuf::from_addr(base + ctx * 4096, 4096) else {
+                return;
             };
-            let cb = Callback { func: done, ctx };
+            // The harness's request id: the context's index.
+            let owner = ReqId::new(ctx as u16, 0);
             // SAFETY: `bufs` outlives the engine's use of it in this loop.
             let res = unsafe {
                 if target == "raw" {
-                    e.raw(Op::Read, r, buf, Some(cb))
+                    e.raw(Op::Read, r, buf, Some(owner))
                 } else {
                     e.dio_rw(
-                        &Kiocb::with_callback(r * 4096, cb),
+                        &Kiocb::with_owner(r * 4096, owner),
                         Op::Read,
                         buf,
                         &file,
@@ -365,8 +365,8 @@ pub fn run_with_status(
             let mut completed = 0u64;
             while completed < submitted {
                 engine.poll();
-                // Failed reads complete from the deferred queue.
-                engine.run_deferred();
+                // Every read reaches its owner here, as in the run loop.
+                engine.complete(|id, r| done(id.index(), r));
                 READY.with(|q| std::mem::swap(&mut *q.borrow_mut(), &mut ready));
                 for &ctx in &ready {
                     completed += 1;

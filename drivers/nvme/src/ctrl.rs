@@ -138,10 +138,7 @@ fn identify_raw<H: Hal, M: Mmio>(
     cns: u32,
     nsid: u32,
 ) -> Result<[u8; 4096], NvmeError> {
-    let buf = DataBuf {
-        addr: scratch.virt.as_ptr() as usize,
-        len: PAGE_SIZE,
-    };
+    let buf = DataBuf::new(scratch.virt, PAGE_SIZE);
     // SAFETY: `scratch` is a DMA page owned by the caller that the CPU does not
     // touch until `execute` returns Ok. After Err(Timeout) the admin queue is
     // wedged (refuses every command) until a reset stopped the controller, so

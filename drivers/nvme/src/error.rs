@@ -125,3 +125,5 @@ impl fmt::Display for NvmeError {
         }
     }
 }
+
+impl core::error::Error for NvmeError {}

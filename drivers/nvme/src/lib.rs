@@ -12,14 +12,19 @@
 //!   per-command deadlines with a timeout state machine (abort, then reset)
 //!   that never hands a buffer back while the device may still use it.
 //! - [`ctrl::Controller`] also runs Abort and controller reset.
+//! - [`blk::NvmeQueue`]: an I/O queue pair (with its controller, for aborts
+//!   and resets) as the block layer's `BlockQueue`.
 //! - [`cmd`]: entry layouts, command builders, status codes with names.
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 extern crate alloc;
 
+pub mod blk;
 pub mod cmd;
 pub mod ctrl;
+#[cfg(test)]
+mod dio_tests;
 pub mod error;
 pub mod hal;
 pub mod identify;

@@ -73,30 +73,12 @@ const PRP_LIST_ENTRIES: usize = PAGE_SIZE / 8;
 /// alignment: PRP1 covers the (partial) first page, the list 512 more pages.
 pub const MAX_TRANSFER_PRP_LIST: usize = PRP_LIST_ENTRIES * PAGE_SIZE;
 
-/// A data buffer for one command.
+/// A data buffer for one command: the block layer's [`IoBuf`], taken as is
+/// (no conversion between the DIO layer and the PRP builder).
 ///
 /// The buffer must stay valid and must not be touched by the CPU from
 /// submission until the command completes (or the controller is disabled).
-#[derive(Clone, Copy, Debug)]
-pub struct DataBuf {
-    pub addr: usize,
-    pub len: usize,
-}
-
-impl DataBuf {
-    pub fn from_slice(buf: &[u8]) -> Self {
-        DataBuf {
-            addr: buf.as_ptr() as usize,
-            len: buf.len(),
-        }
-    }
-    pub fn from_mut_slice(buf: &mut [u8]) -> Self {
-        DataBuf {
-            addr: buf.as_mut_ptr() as usize,
-            len: buf.len(),
-        }
-    }
-}
+pub use dioxide_blk::IoBuf as DataBuf;
 
 /// The outcome of one command, handed to the completion callback.
 #[derive(Clone, Copy, Debug)]
@@ -383,17 +365,17 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         buf: DataBuf,
         cid: u16,
     ) -> Result<(), NvmeError> {
-        if buf.len == 0 || buf.len > self.max_transfer || !buf.addr.is_multiple_of(4) {
+        if buf.is_empty() || buf.len() > self.max_transfer || !buf.addr().is_multiple_of(4) {
             return Err(NvmeError::BadBuffer {
-                len: buf.len,
+                len: buf.len(),
                 max: self.max_transfer,
             });
         }
-        let offset = buf.addr % PAGE_SIZE;
-        let first = buf.len.min(PAGE_SIZE - offset);
-        cmd.prp1 = self.hal.virt_to_phys(buf.addr);
-        let rest = buf.len - first;
-        let next = buf.addr + first;
+        let offset = buf.addr() % PAGE_SIZE;
+        let first = buf.len().min(PAGE_SIZE - offset);
+        cmd.prp1 = self.hal.virt_to_phys(buf.addr());
+        let rest = buf.len() - first;
+        let next = buf.addr() + first;
         cmd.prp2 = if rest == 0 {
             0
         } else if rest <= PAGE_SIZE {

@@ -303,10 +303,7 @@ fn error_statuses_are_typed_and_named() {
     let r = unsafe {
         qp.submit(
             SubmissionEntry::read(1, 0, 1),
-            Some(DataBuf {
-                addr: odd.as_mut_ptr() as usize + 2,
-                len: 512,
-            }),
+            DataBuf::from_addr(odd.as_mut_ptr() as usize + 2, 512),
             0,
         )
     };

@@ -1,21 +1,87 @@
 //! The DIO engine: one per queue (per core), used from one context at a time
-//! (the kernel holds it under a lock with interrupts off; the MSI-X handler
-//! takes the same lock to run completions).
+//! (the kernel holds it in an `IrqMutex`; the MSI-X handler takes the same
+//! lock to reap completions).
 //!
-//! Tags of device commands: a simple or raw request carries the index of its
-//! preallocated slot; a generic request carries `TAG_GENERIC`, the index of
-//! the command within its dio object, and the dio object's address.
+//! # Requests, tags and completions
+//!
+//! Every request is an entry of one of the engine's two tables, and every
+//! device command's tag names such an entry by index (never by address):
+//!
+//! - a simple or raw request is a preallocated [`Slot`] (one per command the
+//!   queue holds, taken from a [`FreeList`]); its tag is the slot index;
+//! - a generic request is a [`GenericDio`] in a [`Slab`]; its commands'
+//!   tags carry [`TAG_GENERIC`], the dio's [`ReqId`] (index and generation)
+//!   and the command's index in it ([`Tag`] encodes and decodes them).
+//!
+//! An asynchronous request names its owner's request with a [`ReqId`] in
+//! its [`Kiocb`] (or the `owner` of [`Engine::raw`]). [`Engine::poll`] (the
+//! poll loop or the MSI-X handler) only reaps: it finishes requests and
+//! queues the finished ones on a [`Ring`]; [`Engine::complete`] (the run
+//! loop, process context) delivers each as `(owner id, result)` to the sink
+//! its caller passes, logs and counts failures there, and only then frees
+//! the slot or dio. So no owner code runs in interrupt context, nothing is
+//! found through a pointer or a global table, and the ring cannot overflow:
+//! it holds at most one entry per slot and per dio.
+//!
+//! A synchronous request (no owner) is waited for by its caller, which takes
+//! the result from its slot or dio and frees it.
+//!
+//! Buffers: the caller's buffer belongs to the device from submission until
+//! the request's completion is delivered (or returned, for a waiter); a
+//! bounce buffer belongs to its generic command and is freed when that
+//! command completes — which the queue reports only once the device can no
+//! longer touch it (after the command's completion or a controller reset).
 
-use crate::queue::{BlkError, BlockQueue, IoBuf, Op};
 use crate::*;
-use alloc::boxed::Box;
+use crate::{BlkError, BlockQueue, IoBuf, Op};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, Ordering};
+use dioxide_blk::{FreeList, ReqId, Ring, Slab};
 
 const TAG_GENERIC: u64 = 1 << 63;
-const PTR_BITS: u32 = 48;
-const PTR_MASK: u64 = (1 << PTR_BITS) - 1;
 const MAX_GENERIC_CMDS: usize = (1 << 15) - 1;
+
+/// What a command's tag names. A generic tag: bit 63 set, the dio's
+/// generation in bits 31..47, its index in bits 15..31, the command's index
+/// (below [`MAX_GENERIC_CMDS`]) in bits 0..15.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    /// A simple or raw request's slot.
+    Slot(u16),
+    /// Command `cmd` of the generic dio `dio`.
+    Generic { dio: ReqId, cmd: u32 },
+}
+
+impl Tag {
+    #[inline]
+    fn encode(self) -> u64 {
+        match self {
+            Tag::Slot(i) => i as u64,
+            Tag::Generic { dio, cmd } => {
+                TAG_GENERIC
+                    | (dio.generation() as u64) << 31
+                    | (dio.index() as u64) << 15
+                    | (cmd as u64 & 0x7fff)
+            }
+        }
+    }
+    #[inline]
+    fn decode(tag: u64) -> Tag {
+        if tag & TAG_GENERIC == 0 {
+            return Tag::Slot(tag as u16);
+        }
+        Tag::Generic {
+            dio: ReqId::new((tag >> 15) as u16, (tag >> 31) as u16),
+            cmd: (tag & 0x7fff) as u32,
+        }
+    }
+}
+
+/// A finished asynchronous request waiting for [`Engine::complete`].
+#[derive(Clone, Copy, Debug)]
+enum Finished {
+    Slot(u16),
+    Generic(ReqId),
+}
 
 /// Counters, readable at any time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,10 +107,9 @@ pub struct Stats {
 enum SlotState {
     Free,
     InFlight,
-    /// Completed; a synchronous waiter will take the result.
+    /// Finished with `result`; a waiter takes it, or (for an owner) it is
+    /// queued for [`Engine::complete`].
     Done,
-    /// Failed; waiting in the deferred queue.
-    Failed,
 }
 
 /// The preallocated request of the simple path (and of raw commands): all a
@@ -53,20 +118,18 @@ enum SlotState {
 struct Slot {
     state: SlotState,
     raw: bool,
-    cb: Option<Callback>,
+    owner: Option<ReqId>,
     pos: u64,
     size: u32,
-    err: BlkError,
     result: Result<usize, DioError>,
 }
 
 const EMPTY_SLOT: Slot = Slot {
     state: SlotState::Free,
     raw: false,
-    cb: None,
+    owner: None,
     pos: 0,
     size: 0,
-    err: BlkError::Invalid,
     result: Ok(0),
 };
 
@@ -80,16 +143,16 @@ struct Cmd {
     bounce: Option<(usize, usize)>,
 }
 
-/// The dio object of a generic request.
+/// The dio object of a generic request (an entry of the engine's slab).
 struct GenericDio {
     /// Outstanding commands plus one while still submitting.
-    remaining: AtomicU32,
+    remaining: u32,
     op: Op,
     pos: u64,
     size: usize,
     done_before: usize,
     partial: bool,
-    cb: Option<Callback>,
+    owner: Option<ReqId>,
     dops: Option<&'static dyn DioOps>,
     /// The first error (in time) and the lowest failing file offset.
     first_error: Option<DioError>,
@@ -99,13 +162,24 @@ struct GenericDio {
     result: Result<usize, DioError>,
 }
 
+impl GenericDio {
+    fn record(&mut self, at: u64, e: DioError) {
+        self.first_error.get_or_insert(e);
+        self.fail_pos = self.fail_pos.min(at);
+    }
+}
+
 struct State {
-    slots: Box<[Slot]>,
-    free: Box<[u32]>,
-    nfree: usize,
-    deferred: Box<[u32]>,
-    d_head: usize,
-    d_len: usize,
+    slots: alloc::boxed::Box<[Slot]>,
+    free: FreeList,
+    /// Simple/raw slots whose command is on the device.
+    slots_in_flight: usize,
+    generic: Slab<GenericDio>,
+    /// Generic dios with commands on the device.
+    generic_in_flight: usize,
+    /// Finished asynchronous requests, oldest first (one entry at most per
+    /// slot and per dio: it cannot overflow).
+    finished: Ring<Finished>,
     stats: Stats,
 }
 
@@ -128,28 +202,19 @@ fn bounce_layout(len: usize) -> core::alloc::Layout {
 }
 
 impl State {
-    fn alloc_slot(&mut self) -> Option<usize> {
-        if self.nfree == 0 {
-            return None;
-        }
-        self.nfree -= 1;
-        Some(self.free[self.nfree] as usize)
-    }
-
     fn free_slot(&mut self, idx: usize) {
         self.slots[idx].state = SlotState::Free;
-        self.free[self.nfree] = idx as u32;
-        self.nfree += 1;
+        self.free.give(idx as u16);
     }
 
-    /// Runs one completion: inline for success, deferred for errors.
+    /// Runs one completion (completion context: the poll loop or the MSI-X
+    /// handler). Finishes the request; an owner's goes on `finished`.
     #[inline]
     fn complete(&mut self, tag: u64, res: Result<(), BlkError>) {
-        if tag & TAG_GENERIC != 0 {
-            self.complete_generic(tag, res);
-            return;
-        }
-        let idx = tag as usize;
+        let idx = match Tag::decode(tag) {
+            Tag::Slot(i) => i as usize,
+            Tag::Generic { dio, cmd } => return self.complete_generic(dio, cmd, res),
+        };
         let Some(slot) = self.slots.get_mut(idx) else {
             self.stats.spurious += 1;
             return;
@@ -158,77 +223,67 @@ impl State {
             self.stats.spurious += 1;
             return;
         }
-        match res {
+        slot.state = SlotState::Done;
+        self.slots_in_flight -= 1;
+        slot.result = match res {
             Ok(()) => {
-                let n = slot.size as usize;
                 self.stats.completed += 1;
-                match slot.cb {
-                    Some(cb) => {
-                        self.free_slot(idx);
-                        cb.call(Ok(n));
-                    }
-                    None => {
-                        slot.state = SlotState::Done;
-                        slot.result = Ok(n);
-                    }
-                }
+                Ok(slot.size as usize)
             }
-            Err(e) => {
-                slot.state = SlotState::Failed;
-                slot.err = e;
-                // At most one entry per slot: the ring cannot overflow.
-                let at = (self.d_head + self.d_len) % self.deferred.len();
-                self.deferred[at] = idx as u32;
-                self.d_len += 1;
-            }
+            Err(err) => Err(DioError::Io { pos: slot.pos, err }),
+        };
+        if slot.owner.is_some() {
+            // At most one entry per slot: cannot be full.
+            let _ = self.finished.push(Finished::Slot(idx as u16));
         }
     }
 
-    fn complete_generic(&mut self, tag: u64, res: Result<(), BlkError>) {
-        let ptr = (tag & PTR_MASK) as *mut GenericDio;
-        let idx = ((tag >> PTR_BITS) & 0x7fff) as usize;
-        // SAFETY: generic tags carry the address of a live dio object from
-        // Box::into_raw; it stays alive while commands are outstanding.
-        let dio = unsafe { &mut *ptr };
-        let Some(cmd) = dio.cmds.get(idx) else {
+    fn complete_generic(&mut self, id: ReqId, cmd: u32, res: Result<(), BlkError>) {
+        let Some(dio) = self.generic.get_mut(id) else {
             self.stats.spurious += 1;
             return;
         };
-        let (cpos, clen, dest, bounce) = (cmd.pos, cmd.len, cmd.dest, cmd.bounce);
+        let Some(c) = dio.cmds.get_mut(cmd as usize) else {
+            self.stats.spurious += 1;
+            return;
+        };
+        let (cpos, clen, dest, bounce) = (c.pos, c.len, c.dest, c.bounce.take());
         match res {
             Ok(()) => {
                 if let Some((b, _)) = bounce {
                     if dio.op == Op::Read {
                         // SAFETY: the bounce buffer holds at least `clen`
-                        // bytes the device wrote; `dest` is the caller's
-                        // buffer for this command, valid until completion.
+                        // bytes the device wrote and no longer touches (this
+                        // is its completion); `dest` is the caller's buffer
+                        // for this command, valid until the request's
+                        // completion is delivered (dio_rw's contract).
                         unsafe {
                             core::ptr::copy_nonoverlapping(b as *const u8, dest as *mut u8, clen)
                         };
                     }
                 }
             }
-            Err(e) => {
-                let err = DioError::Io { pos: cpos, err: e };
-                dio.first_error.get_or_insert(err);
-                dio.fail_pos = dio.fail_pos.min(cpos);
-            }
+            Err(e) => dio.record(cpos, DioError::Io { pos: cpos, err: e }),
         }
         if let Some((b, size)) = bounce {
-            // SAFETY: allocated in `generic` with this layout; the device is
-            // done with it.
+            // SAFETY: allocated in `generic` with this layout and taken out
+            // of its command above (so freed once); the device is done with
+            // it: this is its command's completion.
             unsafe { alloc::alloc::dealloc(b as *mut u8, bounce_layout(size)) };
-            dio.cmds[idx].bounce = None;
         }
-        if dio.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.finish_generic(ptr);
+        dio.remaining -= 1;
+        if dio.remaining == 0 {
+            self.generic_in_flight -= 1;
+            self.finish_generic(id);
         }
     }
 
-    /// The last reference is gone: compute the result and complete.
-    fn finish_generic(&mut self, ptr: *mut GenericDio) {
-        // SAFETY: as in complete_generic; we hold the last reference.
-        let dio = unsafe { &mut *ptr };
+    /// The last reference is gone: compute the result; a waiter takes it,
+    /// an owner's request is queued for delivery.
+    fn finish_generic(&mut self, id: ReqId) {
+        let Some(dio) = self.generic.get_mut(id) else {
+            return;
+        };
         let result = match dio.first_error {
             None => Ok(dio.size + dio.done_before),
             Some(e) => {
@@ -239,16 +294,8 @@ impl State {
                 }
             }
         };
-        if let Err(e) = &result {
+        if result.is_err() {
             self.stats.errors += 1;
-            // As in `run_deferred`: the owner of an asynchronous request
-            // reports it.
-            let level = if dio.cb.is_some() {
-                log::Level::Debug
-            } else {
-                log::Level::Error
-            };
-            log::log!(target: "iomap", level, "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
         } else {
             self.stats.completed += 1;
         }
@@ -257,30 +304,28 @@ impl State {
         if let Some(d) = dio.dops {
             d.end_io(dio.pos, dio.size, &result);
         }
-        if let Some(cb) = dio.cb {
-            // SAFETY: pointer from Box::into_raw, last reference: reclaimed
-            // once, here.
-            drop(unsafe { Box::from_raw(ptr) });
-            cb.call(result);
+        if dio.owner.is_some() {
+            // At most one entry per dio: cannot be full.
+            let _ = self.finished.push(Finished::Generic(id));
         }
     }
 }
 
 impl<Q: BlockQueue> Engine<Q> {
-    /// An engine with one simple-path slot per command the queue can hold.
+    /// An engine with one simple-path slot per command the queue can hold,
+    /// and as many generic dios.
     pub fn new(queue: Q) -> Self {
-        let n = queue.depth().max(1);
+        let n = queue.depth().clamp(1, 1 << 15);
         let slots = alloc::vec![EMPTY_SLOT; n].into_boxed_slice();
-        let free: Vec<u32> = (0..n as u32).rev().collect();
         Engine {
             queue,
             st: State {
                 slots,
-                free: free.into_boxed_slice(),
-                nfree: n,
-                deferred: alloc::vec![0; n].into_boxed_slice(),
-                d_head: 0,
-                d_len: 0,
+                free: FreeList::new(n),
+                slots_in_flight: 0,
+                generic: Slab::new(n),
+                generic_in_flight: 0,
+                finished: Ring::new(2 * n, Finished::Slot(0)),
                 stats: Stats::default(),
             },
             simple_enabled: true,
@@ -308,63 +353,69 @@ impl<Q: BlockQueue> Engine<Q> {
     }
     /// Free simple/raw slots.
     pub fn free_slots(&self) -> usize {
-        self.st.nfree
+        self.st.free.available()
+    }
+    /// Finished asynchronous requests not yet delivered by
+    /// [`Engine::complete`].
+    pub fn pending_completions(&self) -> usize {
+        self.st.finished.len()
     }
 
-    /// Reaps device completions and runs them (inline). What the poll loop
-    /// and the MSI-X handler call.
+    /// Reaps device completions and finishes their requests. What the poll
+    /// loop and the MSI-X handler call; it runs no owner code (see the
+    /// module docs and [`Engine::complete`]).
     #[inline]
     pub fn poll(&mut self) -> usize {
         let st = &mut self.st;
         self.queue.poll(|tag, res| st.complete(tag, res))
     }
 
-    /// Reports commands past their deadline as failed.
+    /// Reports commands past their deadline as failed (through the queue's
+    /// abort and reset, see [`BlockQueue::expire`]).
     pub fn expire(&mut self) {
         let st = &mut self.st;
         self.queue.expire(|tag, res| st.complete(tag, res));
     }
 
-    /// The deferred work queue: reports each failed simple/raw request once,
-    /// counts it, and completes it with the error. Run from the run loop
-    /// (process context), never from the interrupt handler.
-    pub fn run_deferred(&mut self) -> usize {
+    /// Delivers every finished asynchronous request to its owner as
+    /// `sink(owner id, result)`, oldest first, and frees its slot or dio
+    /// (the owner has its buffer back). Failures are counted and logged
+    /// here, once, at debug level: the owner reports them with its own
+    /// context. Run from the run loop (process context), never from the
+    /// interrupt handler. Returns the number delivered.
+    pub fn complete(&mut self, mut sink: impl FnMut(ReqId, Result<usize, DioError>)) -> usize {
         let mut n = 0;
-        while self.st.d_len > 0 {
-            let idx = self.st.deferred[self.st.d_head] as usize;
-            self.st.d_head = (self.st.d_head + 1) % self.st.deferred.len();
-            self.st.d_len -= 1;
+        while let Some(f) = self.st.finished.pop() {
             n += 1;
-            let slot = self.st.slots[idx];
-            let err = DioError::Io {
-                pos: slot.pos,
-                err: slot.err,
-            };
-            self.st.stats.errors += 1;
-            // An asynchronous request's owner reports its failure, with its
-            // own context (once); a waiter's is reported here.
-            let level = if slot.cb.is_some() {
-                log::Level::Debug
-            } else {
-                log::Level::Error
-            };
-            log::log!(
-                target: "iomap",
-                level,
-                "{} read at {} ({} bytes) failed: {}",
-                if slot.raw { "raw" } else { "direct" },
-                slot.pos,
-                slot.size,
-                slot.err
-            );
-            match slot.cb {
-                Some(cb) => {
-                    self.st.free_slot(idx);
-                    cb.call(Err(err));
+            match f {
+                Finished::Slot(i) => {
+                    let i = i as usize;
+                    let slot = self.st.slots[i];
+                    self.st.free_slot(i);
+                    if let Err(e) = &slot.result {
+                        self.st.stats.errors += 1;
+                        log::debug!(
+                            target: "iomap",
+                            "{} read at {} ({} bytes) failed: {e}",
+                            if slot.raw { "raw" } else { "direct" },
+                            slot.pos,
+                            slot.size
+                        );
+                    }
+                    if let Some(owner) = slot.owner {
+                        sink(owner, slot.result);
+                    }
                 }
-                None => {
-                    self.st.slots[idx].state = SlotState::Done;
-                    self.st.slots[idx].result = Err(err);
+                Finished::Generic(id) => {
+                    let Some(dio) = self.st.generic.remove(id) else {
+                        continue;
+                    };
+                    if let Err(e) = &dio.result {
+                        log::debug!(target: "iomap", "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
+                    }
+                    if let Some(owner) = dio.owner {
+                        sink(owner, dio.result);
+                    }
                 }
             }
         }
@@ -376,7 +427,6 @@ impl<Q: BlockQueue> Engine<Q> {
         let mut spins = 0u32;
         while !done(self) {
             self.poll();
-            self.run_deferred();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) {
                 self.expire();
@@ -385,24 +435,59 @@ impl<Q: BlockQueue> Engine<Q> {
         }
     }
 
+    /// Waits for a synchronous slot request and frees its slot; a failure is
+    /// counted and reported here (the waiter has no other reporter).
     fn wait_slot(&mut self, idx: usize) -> Result<usize, DioError> {
         self.wait_until(|e| e.st.slots[idx].state == SlotState::Done);
-        let r = self.st.slots[idx].result;
+        let slot = self.st.slots[idx];
         self.st.free_slot(idx);
-        r
+        if let Err(e) = &slot.result {
+            self.st.stats.errors += 1;
+            log::error!(
+                target: "iomap",
+                "{} read at {} ({} bytes) failed: {e}",
+                if slot.raw { "raw" } else { "direct" },
+                slot.pos,
+                slot.size
+            );
+        }
+        slot.result
     }
 
     /// A free slot, polling for one when all are busy (unless `nowait`).
+    /// Slots held by finished requests are freed only by
+    /// [`Engine::complete`], which this cannot run for their owner: when
+    /// every slot is such, the answer is `Again`.
     fn get_slot(&mut self, nowait: bool) -> Result<usize, DioError> {
         loop {
-            if let Some(i) = self.st.alloc_slot() {
-                return Ok(i);
+            if let Some(i) = self.st.free.take() {
+                return Ok(i as usize);
             }
-            if nowait {
+            if nowait || self.st.slots_in_flight == 0 {
                 return Err(DioError::Again);
             }
-            self.wait_until(|e| e.st.nfree > 0);
+            self.wait_until(|e| e.st.free.available() > 0 || e.st.slots_in_flight == 0);
         }
+    }
+
+    /// Marks slot `idx` in flight for a request.
+    #[inline]
+    fn start_slot(&mut self, idx: usize, raw: bool, owner: Option<ReqId>, pos: u64, size: u32) {
+        // Only what the completion reads; `result` is written when it
+        // completes.
+        let slot = &mut self.st.slots[idx];
+        slot.state = SlotState::InFlight;
+        slot.raw = raw;
+        slot.owner = owner;
+        slot.pos = pos;
+        slot.size = size;
+        self.st.slots_in_flight += 1;
+    }
+
+    /// Takes back a slot whose command was never submitted.
+    fn unstart_slot(&mut self, idx: usize) {
+        self.st.slots_in_flight -= 1;
+        self.st.free_slot(idx);
     }
 
     /// Submits, waiting for queue space unless `nowait`.
@@ -418,7 +503,8 @@ impl<Q: BlockQueue> Engine<Q> {
         nowait: bool,
     ) -> Result<(), BlkError> {
         loop {
-            // SAFETY: forwarded.
+            // SAFETY: this function's contract is `BlockQueue::submit`'s
+            // (buf valid and untouched until the completion).
             match unsafe { self.queue.submit(op, lba, buf, tag) } {
                 Err(BlkError::QueueFull) if !nowait => {
                     self.wait_until(|e| e.queue.in_flight() < e.queue.depth());
@@ -432,13 +518,14 @@ impl<Q: BlockQueue> Engine<Q> {
     /// entry point of the layer.
     ///
     /// Returns `Done(bytes)` for completed requests (always for synchronous
-    /// kiocbs), or `Queued` when the kiocb's callback will be called from the
-    /// completion path. `done_before` is added to the result (bytes the caller
-    /// already transferred).
+    /// kiocbs), or `Queued` when the kiocb's owner will receive the result
+    /// from [`Engine::complete`]. `done_before` is added to the result (bytes
+    /// the caller already transferred).
     ///
     /// # Safety
     /// `buf` stays valid, and is not accessed by the CPU, until the request
-    /// completes.
+    /// completes: until this returns `Done` or an error, or, after `Queued`,
+    /// until its completion is delivered by [`Engine::complete`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dio_rw<O: IomapOps + ?Sized>(
         &mut self,
@@ -455,14 +542,16 @@ impl<Q: BlockQueue> Engine<Q> {
             && done_before == 0
             && self.simple_supported(iocb, op, buf, ops, flags)
         {
-            // SAFETY: forwarded.
+            // SAFETY: `simple` has this function's contract on `buf`, which
+            // our caller guarantees.
             match unsafe { self.simple(iocb, buf, ops, flags) } {
                 Ok(r) => return Ok(r),
                 Err(Simple::Err(e)) => return Err(e),
                 Err(Simple::NotSimple) => self.st.stats.fell_back += 1,
             }
         }
-        // SAFETY: forwarded.
+        // SAFETY: `generic` has this function's contract on `buf`, which our
+        // caller guarantees.
         unsafe { self.generic(iocb, op, buf, ops, dops, flags, done_before) }
     }
 
@@ -475,7 +564,7 @@ impl<Q: BlockQueue> Engine<Q> {
         ops: &O,
         flags: u32,
     ) -> bool {
-        let count = buf.len as u64;
+        let count = buf.len() as u64;
         op == Op::Read
             && count != 0
             && count <= ops.block_size() as u64
@@ -504,7 +593,7 @@ impl<Q: BlockQueue> Engine<Q> {
         flags: u32,
     ) -> Result<DioResult, Simple> {
         let pos = iocb.pos;
-        let count = buf.len as u64;
+        let count = buf.len() as u64;
         let nowait = iocb.flags & kiocb_flags::NOWAIT != 0;
         let bflags = iomap_flags::DIRECT | if nowait { iomap_flags::NOWAIT } else { 0 };
         let map = ops.iomap_begin(pos, count, bflags).map_err(|e| {
@@ -523,7 +612,7 @@ impl<Q: BlockQueue> Engine<Q> {
         }
         let align = self.alignment(ops, flags);
         let dev = map.addr + (pos - map.offset);
-        if (pos | count | dev) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
+        if (pos | count | dev) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
             ops.iomap_end(pos, count, 0, bflags, &map);
             return Err(Simple::Err(DioError::Invalid(
                 "position, length or buffer not aligned",
@@ -536,19 +625,14 @@ impl<Q: BlockQueue> Engine<Q> {
                 return Err(Simple::Err(e));
             }
         };
-        // Only what the completion reads; `err`/`result` are written when
-        // the request fails or completes.
-        let slot = &mut self.st.slots[idx];
-        slot.state = SlotState::InFlight;
-        slot.raw = false;
-        slot.cb = iocb.complete;
-        slot.pos = pos;
-        slot.size = count as u32;
+        self.start_slot(idx, false, iocb.owner, pos, count as u32);
         ops.iomap_end(pos, count, count, bflags, &map);
         let lba = dev >> self.queue.lba_shift();
-        // SAFETY: the caller keeps `buf` valid until completion.
-        if let Err(e) = unsafe { self.submit(Op::Read, lba, buf, idx as u64, nowait) } {
-            self.st.free_slot(idx);
+        let tag = Tag::Slot(idx as u16).encode();
+        // SAFETY: the caller keeps `buf` valid until completion (this
+        // function's contract).
+        if let Err(e) = unsafe { self.submit(Op::Read, lba, buf, tag, nowait) } {
+            self.unstart_slot(idx);
             return Err(Simple::Err(if e == BlkError::QueueFull {
                 DioError::Again
             } else {
@@ -556,7 +640,7 @@ impl<Q: BlockQueue> Engine<Q> {
             }));
         }
         self.st.stats.simple += 1;
-        if iocb.complete.is_none() {
+        if iocb.owner.is_none() {
             return self
                 .wait_slot(idx)
                 .map(DioResult::Done)
@@ -566,8 +650,8 @@ impl<Q: BlockQueue> Engine<Q> {
     }
 
     /// A command on the raw namespace (no filesystem): `lba` and `buf` in the
-    /// device's logical blocks. With a callback it completes like the simple
-    /// path; without, it waits.
+    /// device's logical blocks. With an owner it completes like the simple
+    /// path (delivered by [`Engine::complete`]); without, it waits.
     ///
     /// # Safety
     /// As [`Engine::dio_rw`].
@@ -576,39 +660,52 @@ impl<Q: BlockQueue> Engine<Q> {
         op: Op,
         lba: u64,
         buf: IoBuf,
-        cb: Option<Callback>,
+        owner: Option<ReqId>,
     ) -> Result<DioResult, DioError> {
         let shift = self.queue.lba_shift();
         let flush = op == Op::Flush;
-        if (!flush && buf.len == 0)
-            || buf.len & ((1 << shift) - 1) != 0
-            || !buf.addr.is_multiple_of(4)
-            || buf.len > self.queue.max_transfer()
+        if (!flush && buf.is_empty())
+            || buf.len() & ((1 << shift) - 1) != 0
+            || !buf.addr().is_multiple_of(4)
+            || buf.len() > self.queue.max_transfer()
         {
             return Err(DioError::Invalid(
                 "raw transfer not whole blocks, misaligned or too large",
             ));
         }
         let idx = self.get_slot(false)?;
-        let slot = &mut self.st.slots[idx];
-        slot.state = SlotState::InFlight;
-        slot.raw = true;
-        slot.cb = cb;
-        slot.pos = lba << shift;
-        slot.size = buf.len as u32;
-        // SAFETY: forwarded.
-        if let Err(e) = unsafe { self.submit(op, lba, buf, idx as u64, false) } {
-            self.st.free_slot(idx);
+        self.start_slot(idx, true, owner, lba << shift, buf.len() as u32);
+        let tag = Tag::Slot(idx as u16).encode();
+        // SAFETY: our caller keeps `buf` valid and untouched until the
+        // completion (this function's contract).
+        if let Err(e) = unsafe { self.submit(op, lba, buf, tag, false) } {
+            self.unstart_slot(idx);
             return Err(DioError::Io {
                 pos: lba << shift,
                 err: e,
             });
         }
         self.st.stats.raw += 1;
-        if cb.is_none() {
+        if owner.is_none() {
             return self.wait_slot(idx).map(DioResult::Done);
         }
         Ok(DioResult::Queued)
+    }
+
+    /// A free generic dio entry, polling for one while others are in
+    /// flight (unless `nowait`); `Again` when every entry is held by a
+    /// finished request not yet delivered (see [`Engine::get_slot`]).
+    fn new_dio(&mut self, mut dio: GenericDio, nowait: bool) -> Result<ReqId, DioError> {
+        loop {
+            match self.st.generic.insert(dio) {
+                Ok(id) => return Ok(id),
+                Err(d) => dio = d,
+            }
+            if nowait || self.st.generic_in_flight == 0 {
+                return Err(DioError::Again);
+            }
+            self.wait_until(|e| !e.st.generic.is_full() || e.st.generic_in_flight == 0);
+        }
     }
 
     /// The generic path.
@@ -629,10 +726,10 @@ impl<Q: BlockQueue> Engine<Q> {
             return Err(DioError::Invalid("flush is not a data transfer"));
         }
         let align = self.alignment(ops, flags);
-        if (pos | buf.len as u64) & (align - 1) != 0 || !buf.addr.is_multiple_of(4) {
+        if (pos | buf.len() as u64) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
             return Err(DioError::Invalid("position, length or buffer not aligned"));
         }
-        let mut count = buf.len as u64;
+        let mut count = buf.len() as u64;
         if op == Op::Read {
             let size = ops.size();
             if pos >= size {
@@ -656,54 +753,53 @@ impl<Q: BlockQueue> Engine<Q> {
         if nowait {
             bflags |= iomap_flags::NOWAIT;
         }
-        let wait = iocb.complete.is_none() || flags & dio_flags::FORCE_WAIT != 0;
-        let dio = Box::new(GenericDio {
-            remaining: AtomicU32::new(1),
-            op,
-            pos,
-            size: count as usize,
-            done_before,
-            partial: flags & dio_flags::PARTIAL != 0,
-            cb: if wait { None } else { iocb.complete },
-            dops,
-            first_error: None,
-            fail_pos: u64::MAX,
-            cmds: Vec::new(),
-            done: false,
-            result: Ok(0),
-        });
-        let ptr = Box::into_raw(dio);
-        if ptr as u64 & !PTR_MASK != 0 {
-            // SAFETY: just made by Box::into_raw, nothing else holds it.
-            drop(unsafe { Box::from_raw(ptr) });
-            return Err(DioError::Unsupported("dio object above 2^48"));
-        }
+        let wait = iocb.owner.is_none() || flags & dio_flags::FORCE_WAIT != 0;
+        let id = self.new_dio(
+            GenericDio {
+                remaining: 1,
+                op,
+                pos,
+                size: count as usize,
+                done_before,
+                partial: flags & dio_flags::PARTIAL != 0,
+                owner: if wait { None } else { iocb.owner },
+                dops,
+                first_error: None,
+                fail_pos: u64::MAX,
+                cmds: Vec::new(),
+                done: false,
+                result: Ok(0),
+            },
+            nowait,
+        )?;
+        self.st.generic_in_flight += 1;
         let end = pos + count;
         let mut cur = pos;
-        let record = |ptr: *mut GenericDio, at: u64, e: DioError| {
-            // SAFETY: we hold the submission reference.
-            let dio = unsafe { &mut *ptr };
-            dio.first_error.get_or_insert(e);
-            dio.fail_pos = dio.fail_pos.min(at);
-        };
+        // The dio of this request: present until this function (a waiter)
+        // or `complete` (an owner) removes it, so the lookups cannot fail.
+        macro_rules! dio {
+            ($s:expr) => {
+                match $s.st.generic.get_mut(id) {
+                    Some(d) => d,
+                    None => return Err(DioError::Invalid("generic dio vanished")),
+                }
+            };
+        }
         'map: while cur < end {
             let map = match ops.iomap_begin(cur, end - cur, bflags) {
                 Ok(m) => m,
                 Err(e) => {
-                    record(
-                        ptr,
-                        cur,
-                        if e == IomapError::Again {
-                            DioError::Again
-                        } else {
-                            DioError::Fs(e)
-                        },
-                    );
+                    let e = if e == IomapError::Again {
+                        DioError::Again
+                    } else {
+                        DioError::Fs(e)
+                    };
+                    dio!(self).record(cur, e);
                     break;
                 }
             };
             if map.offset > cur || map.offset.saturating_add(map.length) <= cur {
-                record(ptr, cur, DioError::Fs(IomapError::Corrupt));
+                dio!(self).record(cur, DioError::Fs(IomapError::Corrupt));
                 ops.iomap_end(cur, end - cur, 0, bflags, &map);
                 break;
             }
@@ -711,26 +807,27 @@ impl<Q: BlockQueue> Engine<Q> {
             let boff = (cur - pos) as usize;
             match (op, map.kind) {
                 (Op::Read, IomapType::Hole | IomapType::Unwritten) => {
-                    // SAFETY: [boff, boff + piece) lies in the caller's buffer.
-                    unsafe {
-                        core::ptr::write_bytes((buf.addr + boff) as *mut u8, 0, piece as usize)
-                    };
+                    // SAFETY: [boff, boff + piece) lies in the caller's buffer
+                    // (piece <= end - cur and count <= buf.len()), which the
+                    // caller lets us write until completion.
+                    unsafe { core::ptr::write_bytes(buf.as_ptr().add(boff), 0, piece as usize) };
                 }
                 (Op::Read, IomapType::Inline) => {
                     let src = map.addr + (cur - map.offset);
                     // SAFETY: the filesystem guarantees inline data at `addr`
-                    // for the mapping's length; the destination is ours.
+                    // for the mapping's length (IomapOps contract); the
+                    // destination [boff, boff + piece) lies in the caller's
+                    // buffer as above.
                     unsafe {
                         core::ptr::copy_nonoverlapping(
                             src as *const u8,
-                            (buf.addr + boff) as *mut u8,
+                            buf.as_ptr().add(boff),
                             piece as usize,
                         )
                     };
                 }
                 (_, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => {
-                    record(
-                        ptr,
+                    dio!(self).record(
                         cur,
                         DioError::Unsupported("write needing allocation or conversion"),
                     );
@@ -740,7 +837,7 @@ impl<Q: BlockQueue> Engine<Q> {
                 (_, IomapType::Mapped) => {
                     let dev = map.addr + (cur - map.offset);
                     if dev & (lbs - 1) != 0 {
-                        record(ptr, cur, DioError::Fs(IomapError::Corrupt));
+                        dio!(self).record(cur, DioError::Fs(IomapError::Corrupt));
                         ops.iomap_end(cur, piece, 0, bflags, &map);
                         break;
                     }
@@ -748,58 +845,71 @@ impl<Q: BlockQueue> Engine<Q> {
                     while done < piece {
                         let clen = (piece - done).min(max) as usize;
                         let at = cur + done;
-                        let dest = buf.addr + boff + done as usize;
+                        let boff = boff + done as usize;
                         // A tail shorter than a block (end of file) or BOUNCE
                         // goes through a bounce buffer of whole blocks.
                         let dev_len = (clen as u64).div_ceil(lbs) as usize * lbs as usize;
-                        let bounce = if flags & dio_flags::BOUNCE != 0 || dev_len != clen {
+                        let (iob, bounced) = if flags & dio_flags::BOUNCE != 0 || dev_len != clen {
                             let l = bounce_layout(dev_len);
-                            // SAFETY: non-zero size.
+                            // SAFETY: non-zero size (dev_len >= one block).
                             let b = unsafe { alloc::alloc::alloc_zeroed(l) };
-                            if b.is_null() {
-                                record(
-                                    ptr,
-                                    at,
-                                    DioError::Unsupported("out of memory for a bounce buffer"),
-                                );
+                            let Some(b) = core::ptr::NonNull::new(b) else {
+                                dio!(self).record(at, DioError::NoMemory);
                                 ops.iomap_end(cur, piece, done, bflags, &map);
                                 break 'map;
-                            }
+                            };
                             if op == Op::Write {
-                                // SAFETY: source is the caller's buffer, the
-                                // bounce buffer holds dev_len >= clen bytes.
+                                // SAFETY: the source is the caller's buffer at
+                                // [boff, boff + clen), within it; the bounce
+                                // buffer holds dev_len >= clen bytes.
                                 unsafe {
-                                    core::ptr::copy_nonoverlapping(dest as *const u8, b, clen)
+                                    core::ptr::copy_nonoverlapping(
+                                        buf.as_ptr().add(boff),
+                                        b.as_ptr(),
+                                        clen,
+                                    )
                                 };
                             }
-                            Some((b as usize, dev_len))
+                            (IoBuf::new(b, dev_len), true)
                         } else {
-                            None
-                        };
-                        let iob = match bounce {
-                            Some((b, l)) => IoBuf { addr: b, len: l },
-                            None => IoBuf {
-                                addr: dest,
-                                len: clen,
-                            },
+                            match buf.part(boff, clen) {
+                                Some(p) => (p, false),
+                                None => {
+                                    dio!(self).record(at, DioError::Invalid("buffer too short"));
+                                    ops.iomap_end(cur, piece, done, bflags, &map);
+                                    break 'map;
+                                }
+                            }
                         };
                         if let Some(d) = dops {
                             d.submit_io(at, clen);
                         }
-                        // SAFETY: we hold the submission reference.
-                        let d = unsafe { &mut *ptr };
-                        let idx = d.cmds.len();
+                        let d = dio!(self);
+                        if d.cmds.try_reserve(1).is_err() {
+                            if bounced {
+                                // SAFETY: allocated above with this layout,
+                                // never submitted.
+                                unsafe {
+                                    alloc::alloc::dealloc(iob.as_ptr(), bounce_layout(iob.len()))
+                                };
+                            }
+                            d.record(at, DioError::NoMemory);
+                            ops.iomap_end(cur, piece, done, bflags, &map);
+                            break 'map;
+                        }
+                        let cmd = d.cmds.len() as u32;
                         d.cmds.push(Cmd {
                             pos: at,
                             len: clen,
-                            dest,
-                            bounce,
+                            dest: buf.addr() + boff,
+                            bounce: bounced.then_some((iob.addr(), iob.len())),
                         });
-                        d.remaining.fetch_add(1, Ordering::AcqRel);
-                        let tag = TAG_GENERIC | ((idx as u64) << PTR_BITS) | ptr as u64;
-                        // SAFETY: the caller's buffer (or our bounce buffer)
-                        // stays valid until the completion.
-                        if let Err(e) = unsafe {
+                        d.remaining += 1;
+                        let tag = Tag::Generic { dio: id, cmd }.encode();
+                        // SAFETY: the caller's buffer (our contract) or our
+                        // bounce buffer (freed only by this command's
+                        // completion) stays valid until the completion.
+                        let r = unsafe {
                             self.submit(
                                 op,
                                 (dev + done) >> self.queue.lba_shift(),
@@ -807,23 +917,21 @@ impl<Q: BlockQueue> Engine<Q> {
                                 tag,
                                 nowait,
                             )
-                        } {
-                            // SAFETY: we hold the submission reference.
-                            let d = unsafe { &mut *ptr };
-                            d.remaining.fetch_sub(1, Ordering::AcqRel);
-                            if let Some((b, l)) = d.cmds[idx].bounce.take() {
-                                // SAFETY: allocated above, never submitted.
+                        };
+                        if let Err(e) = r {
+                            let d = dio!(self);
+                            d.remaining -= 1;
+                            if let Some((b, l)) = d.cmds[cmd as usize].bounce.take() {
+                                // SAFETY: allocated above with this layout,
+                                // never submitted, freed once (taken out).
                                 unsafe { alloc::alloc::dealloc(b as *mut u8, bounce_layout(l)) };
                             }
-                            record(
-                                ptr,
-                                at,
-                                if e == BlkError::QueueFull {
-                                    DioError::Again
-                                } else {
-                                    DioError::Io { pos: at, err: e }
-                                },
-                            );
+                            let e = if e == BlkError::QueueFull {
+                                DioError::Again
+                            } else {
+                                DioError::Io { pos: at, err: e }
+                            };
+                            d.record(at, e);
                             ops.iomap_end(cur, piece, done, bflags, &map);
                             break 'map;
                         }
@@ -835,23 +943,29 @@ impl<Q: BlockQueue> Engine<Q> {
             cur += piece;
         }
         // Drop the submission reference.
-        // SAFETY: we hold it.
-        let last = unsafe { (*ptr).remaining.fetch_sub(1, Ordering::AcqRel) } == 1;
-        if last {
+        let d = dio!(self);
+        d.remaining -= 1;
+        if d.remaining == 0 {
             // Nothing in flight (holes only, or failed before any command):
             // complete here, even for an asynchronous caller.
-            // SAFETY: we hold the only reference.
-            unsafe { (*ptr).cb = None };
-            self.st.finish_generic(ptr);
+            d.owner = None;
+            self.st.generic_in_flight -= 1;
+            self.st.finish_generic(id);
         } else if !wait {
             return Ok(DioResult::Queued);
         } else {
-            // SAFETY: the dio stays alive until we reclaim it below.
-            self.wait_until(|_| unsafe { (*ptr).done });
+            self.wait_until(|e| e.st.generic.get(id).is_none_or(|d| d.done));
         }
-        // SAFETY: done, no commands outstanding, not reclaimed by a callback
-        // (cb is None for waiters): reclaim it once, here.
-        let dio = unsafe { Box::from_raw(ptr) };
+        // Done, nothing outstanding, no owner (waiters have none): this
+        // function removes it, once.
+        let dio = self
+            .st
+            .generic
+            .remove(id)
+            .ok_or(DioError::Invalid("generic dio vanished"))?;
+        if let Err(e) = &dio.result {
+            log::error!(target: "iomap", "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
+        }
         dio.result.map(DioResult::Done)
     }
 }

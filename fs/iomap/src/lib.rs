@@ -4,15 +4,20 @@
 //! implementing [`IomapOps`]; this crate does everything else: it walks the
 //! mappings of a request, issues device commands through a [`BlockQueue`]
 //! (the NVMe driver or the null device), zero-fills holes, and completes the
-//! caller's [`Kiocb`] synchronously or through its callback.
+//! caller's [`Kiocb`] synchronously or, for an asynchronous request, by
+//! delivering `(owner's request id, result)` from [`Engine::complete`].
+//!
+//! This crate depends on the block layer's contracts (`dioxide-blk`) only,
+//! never on a driver: the filesystem and its host tools build without one.
 //!
 //! [`Engine::dio_rw`] has two paths:
 //!
 //! - the *simple path* for reads of at most one filesystem block that lie in
 //!   one mapped extent: one preallocated request slot per device command (the
-//!   analogue of upstream's bioset `front_pad`), no heap allocation, success
-//!   completed inline in the completion handler (poll loop or MSI-X handler),
-//!   errors handed to a deferred work queue drained by the run loop;
+//!   analogue of upstream's bioset `front_pad`), no heap allocation, the
+//!   request finished in the completion handler (poll loop or MSI-X
+//!   handler) and handed to its owner, with errors logged and counted, by
+//!   the run loop ([`Engine::complete`], the deferred context);
 //! - the *generic path* for everything else: multi-block and multi-extent
 //!   I/O split at the device's maximum transfer, holes and unwritten extents
 //!   read as zeroes, short reads at end of file, bounce buffering, `PARTIAL`
@@ -28,14 +33,13 @@
 extern crate alloc;
 
 mod dio;
-pub mod null;
-pub mod nvme;
-mod queue;
 #[cfg(test)]
 mod tests;
 
 pub use dio::{Engine, Stats};
-pub use queue::{BlkError, BlockQueue, IoBuf, Op};
+/// The block layer this one submits to (re-exported: callers of the DIO
+/// layer name buffers and queues without another dependency).
+pub use dioxide_blk::{null, BlkError, BlockQueue, FreeList, IoBuf, Op, ReqId, Ring, Slab};
 
 use core::fmt;
 
@@ -115,26 +119,13 @@ pub trait IomapOps {
 
 /// Optional filesystem hooks on the generic path (upstream `iomap_dio_ops`,
 /// likewise static). Their presence alone sends a request to the generic
-/// path.
-pub trait DioOps {
+/// path. `Sync`: the engine holding a request's hooks is shared with the
+/// interrupt handler.
+pub trait DioOps: Sync {
     /// Before each device command is submitted.
     fn submit_io(&self, _pos: u64, _len: usize) {}
     /// When the whole request completes, with its result.
     fn end_io(&self, _pos: u64, _size: usize, _result: &Result<usize, DioError>) {}
-}
-
-/// An asynchronous completion: a plain function and a context word, so that
-/// completing allocates nothing.
-#[derive(Clone, Copy, Debug)]
-pub struct Callback {
-    pub func: fn(ctx: usize, result: Result<usize, DioError>),
-    pub ctx: usize,
-}
-
-impl Callback {
-    pub fn call(self, result: Result<usize, DioError>) {
-        (self.func)(self.ctx, result)
-    }
 }
 
 /// `Kiocb` flags.
@@ -145,13 +136,15 @@ pub mod kiocb_flags {
     pub const POLLED: u32 = 1 << 1;
 }
 
-/// A request: position, flags, and how it completes (`complete: None` is a
-/// synchronous caller).
+/// A request: position, flags, and who is told of its completion: `owner:
+/// None` is a synchronous caller (it waits); `Some(id)` names the owner's
+/// request (an entry of its own slab), which [`Engine::complete`] hands back
+/// with the result. The engine never looks inside the id.
 #[derive(Clone, Copy, Debug)]
 pub struct Kiocb {
     pub pos: u64,
     pub flags: u32,
-    pub complete: Option<Callback>,
+    pub owner: Option<ReqId>,
 }
 
 impl Kiocb {
@@ -159,18 +152,18 @@ impl Kiocb {
         Kiocb {
             pos,
             flags: 0,
-            complete: None,
+            owner: None,
         }
     }
-    pub fn with_callback(pos: u64, cb: Callback) -> Self {
+    pub fn with_owner(pos: u64, owner: ReqId) -> Self {
         Kiocb {
             pos,
             flags: 0,
-            complete: Some(cb),
+            owner: Some(owner),
         }
     }
     pub fn is_sync(&self) -> bool {
-        self.complete.is_none()
+        self.owner.is_none()
     }
 }
 
@@ -192,7 +185,8 @@ pub mod dio_flags {
 pub enum DioResult {
     /// Completed: this many bytes.
     Done(usize),
-    /// Queued: the kiocb's callback will be called (upstream -EIOCBQUEUED).
+    /// Queued: the kiocb's owner will receive the result from
+    /// [`Engine::complete`] (upstream -EIOCBQUEUED).
     Queued,
 }
 
@@ -209,6 +203,8 @@ pub enum DioError {
     Fs(IomapError),
     /// Not supported by this path or filesystem.
     Unsupported(&'static str),
+    /// A bounce buffer or the dio object could not be allocated (ENOMEM).
+    NoMemory,
 }
 
 impl fmt::Display for DioError {
@@ -219,6 +215,30 @@ impl fmt::Display for DioError {
             DioError::Io { pos, err } => write!(f, "I/O error at file offset {pos}: {err}"),
             DioError::Fs(e) => write!(f, "filesystem error: {e:?}"),
             DioError::Unsupported(w) => write!(f, "unsupported: {w}"),
+            DioError::NoMemory => write!(f, "out of memory"),
         }
     }
 }
+
+impl core::error::Error for DioError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            DioError::Io { err, .. } => Some(err),
+            DioError::Fs(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IomapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IomapError::Corrupt => "filesystem metadata damaged",
+            IomapError::Again => "would block",
+            IomapError::Unsupported => "not supported by the filesystem",
+            IomapError::Range => "range past what the file can hold",
+        })
+    }
+}
+
+impl core::error::Error for IomapError {}

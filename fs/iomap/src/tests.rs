@@ -93,12 +93,12 @@ impl BlockQueue for MemQueue {
             return Err(BlkError::QueueFull);
         }
         assert_eq!(
-            buf.len % (1 << self.shift),
+            buf.len() % (1 << self.shift),
             0,
             "device transfer of whole blocks"
         );
-        assert!(buf.len <= self.max_transfer);
-        assert!((lba << self.shift) as usize + buf.len <= self.disk.len());
+        assert!(buf.len() <= self.max_transfer);
+        assert!((lba << self.shift) as usize + buf.len() <= self.disk.len());
         self.submitted += 1;
         self.pending.push(Pending { op, lba, buf, tag });
         Ok(())
@@ -111,12 +111,19 @@ impl BlockQueue for MemQueue {
         }
         let n = p.len();
         for c in p.drain(..) {
-            let blocks = (c.buf.len >> self.shift) as u64;
+            let blocks = (c.buf.len() >> self.shift) as u64;
             if self
                 .fail_lba
                 .is_some_and(|f| f >= c.lba && f < c.lba + blocks)
             {
-                on_done(c.tag, Err(BlkError::Status { sct: 2, sc: 0x81 }));
+                on_done(
+                    c.tag,
+                    Err(BlkError::Status {
+                        sct: 2,
+                        sc: 0x81,
+                        name: "Unrecovered Read Error",
+                    }),
+                );
                 continue;
             }
             let at = (c.lba << self.shift) as usize;
@@ -126,13 +133,13 @@ impl BlockQueue for MemQueue {
                     Op::Flush => {}
                     Op::Read => std::ptr::copy_nonoverlapping(
                         self.disk[at..].as_ptr(),
-                        c.buf.addr as *mut u8,
-                        c.buf.len,
+                        c.buf.addr() as *mut u8,
+                        c.buf.len(),
                     ),
                     Op::Write => std::ptr::copy_nonoverlapping(
-                        c.buf.addr as *const u8,
+                        c.buf.addr() as *const u8,
                         self.disk[at..].as_mut_ptr(),
-                        c.buf.len,
+                        c.buf.len(),
                     ),
                 }
             }
@@ -443,10 +450,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
     for (name, build, pos, len, flags, hooks, done_before, write, fallback) in cases {
         let mut e = engine();
         let f = build();
-        let buf = IoBuf {
-            addr: v[o..].as_mut_ptr() as usize,
-            len,
-        };
+        let buf = IoBuf::from_addr(v[o..].as_mut_ptr() as usize, len).unwrap();
         let dops: Option<&'static dyn DioOps> = if hooks { Some(&HOOKS) } else { None };
         let op = if write { Op::Write } else { Op::Read };
         // SAFETY: v outlives the synchronous call.
@@ -530,6 +534,14 @@ thread_local! {
 fn record(ctx: usize, r: Result<usize, DioError>) {
     DONE.with(|d| d.borrow_mut().push((ctx, r)));
 }
+/// The owner's id of request `n` (these tests' owners keep no slab).
+fn owner(n: impl TryInto<u16>) -> ReqId {
+    ReqId::new(n.try_into().ok().expect("small owner index"), 0)
+}
+/// Delivers finished requests to `record`, as a run loop would.
+fn deliver<Q: BlockQueue>(e: &mut Engine<Q>) -> usize {
+    e.complete(|id, r| record(id.index(), r))
+}
 fn take_done() -> Vec<(usize, Result<usize, DioError>)> {
     DONE.with(|d| std::mem::take(&mut *d.borrow_mut()))
 }
@@ -541,30 +553,15 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     let f = FakeFile::contiguous(256 * 1024, 0);
     let (mut v, o) = abuf(16 * 4096);
     for i in 0..16usize {
-        let iocb = Kiocb::with_callback(
-            i as u64 * 4096,
-            Callback {
-                func: record,
-                ctx: i,
-            },
-        );
-        let buf = IoBuf {
-            addr: v[o + i * 4096..].as_mut_ptr() as usize,
-            len: 4096,
-        };
+        let iocb = Kiocb::with_owner(i as u64 * 4096, owner(i));
+        let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
         // SAFETY: v outlives the polls below.
         let r = unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
         assert_eq!(r, DioResult::Queued);
     }
     // A generic async request too (two blocks).
     let (mut g, go) = abuf(8192);
-    let iocb = Kiocb::with_callback(
-        65536,
-        Callback {
-            func: record,
-            ctx: 100,
-        },
-    );
+    let iocb = Kiocb::with_owner(65536, owner(100));
     assert_eq!(
         // SAFETY: g outlives the polls below.
         unsafe {
@@ -583,6 +580,11 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     );
     assert!(take_done().is_empty(), "nothing completes before a poll");
     e.poll();
+    assert!(
+        take_done().is_empty(),
+        "owners hear of completions from complete()"
+    );
+    assert_eq!(deliver(&mut e), 17);
     let mut done = take_done();
     assert_eq!(done.len(), 17);
     // Reversed: the generic request was submitted last and completes first.
@@ -606,13 +608,7 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     let f = FakeFile::contiguous(64 * 1024, 0);
     e.queue_mut().fail_lba = Some(16); // byte 8192
     let (mut v, o) = abuf(4096);
-    let iocb = Kiocb::with_callback(
-        8192,
-        Callback {
-            func: record,
-            ctx: 5,
-        },
-    );
+    let iocb = Kiocb::with_owner(8192, owner(5));
     // SAFETY: v outlives the polls below.
     unsafe {
         e.dio_rw(
@@ -629,14 +625,18 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     e.poll();
     assert!(take_done().is_empty(), "errors are not completed inline");
     assert_eq!(e.stats().errors, 0);
-    assert_eq!(e.run_deferred(), 1);
+    assert_eq!(deliver(&mut e), 1);
     let err = DioError::Io {
         pos: 8192,
-        err: BlkError::Status { sct: 2, sc: 0x81 },
+        err: BlkError::Status {
+            sct: 2,
+            sc: 0x81,
+            name: "Unrecovered Read Error",
+        },
     };
     assert_eq!(take_done(), vec![(5, Err(err))]);
     assert_eq!(e.stats().errors, 1);
-    assert_eq!(e.run_deferred(), 0);
+    assert_eq!(deliver(&mut e), 0);
     assert_eq!(e.free_slots(), 32);
     // Sync: returned to the caller, counted once.
     let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], 0);
@@ -660,7 +660,11 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
         r,
         Err(DioError::Io {
             pos: 16384,
-            err: BlkError::Status { sct: 2, sc: 0x81 }
+            err: BlkError::Status {
+                sct: 2,
+                sc: 0x81,
+                name: "Unrecovered Read Error"
+            }
         })
     );
     assert_eq!(e.stats().errors, 1);
@@ -668,13 +672,7 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], dio_flags::PARTIAL);
     assert_eq!(r, Ok(DioResult::Done(16384)));
     // Async generic with an error: the callback gets it.
-    let iocb = Kiocb::with_callback(
-        0,
-        Callback {
-            func: record,
-            ctx: 9,
-        },
-    );
+    let iocb = Kiocb::with_owner(0, owner(9));
     // SAFETY: v outlives the poll below.
     unsafe {
         e.dio_rw(
@@ -689,6 +687,7 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     }
     .unwrap();
     e.poll();
+    deliver(&mut e);
     assert!(matches!(
         take_done()[..],
         [(9, Err(DioError::Io { pos: 16384, .. }))]
@@ -746,13 +745,7 @@ fn nowait_without_a_free_slot_is_again() {
     let f = FakeFile::contiguous(64 * 1024, 0);
     let (mut v, o) = abuf(3 * 4096);
     for i in 0..2 {
-        let iocb = Kiocb::with_callback(
-            i * 4096,
-            Callback {
-                func: record,
-                ctx: i as usize,
-            },
-        );
+        let iocb = Kiocb::with_owner(i * 4096, owner(i as usize));
         // SAFETY: v outlives the poll below.
         unsafe {
             e.dio_rw(
@@ -767,13 +760,7 @@ fn nowait_without_a_free_slot_is_again() {
         }
         .unwrap();
     }
-    let mut iocb = Kiocb::with_callback(
-        8192,
-        Callback {
-            func: record,
-            ctx: 2,
-        },
-    );
+    let mut iocb = Kiocb::with_owner(8192, owner(2));
     iocb.flags = kiocb_flags::NOWAIT;
     // SAFETY: v outlives the poll below.
     let r = unsafe {
@@ -788,8 +775,25 @@ fn nowait_without_a_free_slot_is_again() {
         )
     };
     assert_eq!(r, Err(DioError::Again));
-    // Without NOWAIT the call polls for a slot.
+    // Without NOWAIT the call polls for a slot; but both slots are then held
+    // by finished requests that only their owner's complete() frees.
     iocb.flags = 0;
+    assert_eq!(
+        // SAFETY: as above.
+        unsafe {
+            e.dio_rw(
+                &iocb,
+                Op::Read,
+                IoBuf::from_mut_slice(&mut v[o + 8192..o + 12288]),
+                &f,
+                None,
+                0,
+                0,
+            )
+        },
+        Err(DioError::Again)
+    );
+    assert_eq!(deliver(&mut e), 2);
     assert_eq!(
         // SAFETY: as above.
         unsafe {
@@ -806,6 +810,7 @@ fn nowait_without_a_free_slot_is_again() {
         Ok(DioResult::Queued)
     );
     e.poll();
+    deliver(&mut e);
     assert_eq!(take_done().len(), 3);
 }
 
@@ -818,21 +823,13 @@ fn simple_path_allocates_nothing_generic_path_does() {
     for round in 0..200u64 {
         for i in 0..32usize {
             let pos = ((round * 7 + i as u64 * 13) % 128) * 4096;
-            let iocb = Kiocb::with_callback(
-                pos,
-                Callback {
-                    func: |_, r| assert!(r.is_ok()),
-                    ctx: i,
-                },
-            );
-            let buf = IoBuf {
-                addr: v[o + i * 4096..].as_mut_ptr() as usize,
-                len: 4096,
-            };
+            let iocb = Kiocb::with_owner(pos, owner(i));
+            let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
             // SAFETY: v outlives the poll below.
             unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
         }
         e.poll();
+        e.complete(|_, r| assert!(r.is_ok()));
     }
     // Sync simple reads too.
     for i in 0..100u64 {
@@ -858,13 +855,7 @@ fn null_device_completes_on_the_next_poll() {
     let mut e = Engine::new(q);
     let f = FakeFile::contiguous(1 << 30, 0);
     let (mut v, o) = abuf(4096);
-    let iocb = Kiocb::with_callback(
-        4096,
-        Callback {
-            func: record,
-            ctx: 77,
-        },
-    );
+    let iocb = Kiocb::with_owner(4096, owner(77));
     // SAFETY: v outlives the poll below.
     unsafe {
         e.dio_rw(
@@ -880,6 +871,7 @@ fn null_device_completes_on_the_next_poll() {
     .unwrap();
     assert!(take_done().is_empty());
     assert_eq!(e.poll(), 1);
+    assert_eq!(deliver(&mut e), 1);
     assert_eq!(take_done(), vec![(77, Ok(4096))]);
     // Sync on the null device.
     assert_eq!(
@@ -897,183 +889,4 @@ fn null_device_completes_on_the_next_poll() {
         },
         Ok(DioResult::Done(4096))
     );
-}
-
-#[test]
-fn through_the_nvme_driver_and_its_simulated_controller() {
-    use dioxide_nvme::sim::{Sim, SimConfig, SimHal};
-    let sim = Sim::new(SimConfig {
-        block_size: 4096,
-        blocks: 256,
-        ..Default::default()
-    });
-    let data: Vec<u8> = (0..256 * 4096)
-        .map(|i: usize| (i / 4096) as u8 ^ (i % 251) as u8)
-        .collect();
-    sim.write_disk(0, &data);
-    let hal = SimHal::new();
-    let mut ctrl =
-        dioxide_nvme::Controller::init(hal.clone(), sim.clone(), Default::default()).unwrap();
-    let ns = ctrl.namespace(1).unwrap();
-    let qp = ctrl.create_io_queue(1, 64, None).unwrap();
-    let mut e = Engine::new(nvme::NvmeQueue::new(qp, hal, ns));
-    let f = FakeFile::new(
-        vec![
-            (0, 65536, IomapType::Mapped, 40960),
-            (65536, 65536, IomapType::Mapped, 8192),
-        ],
-        131072,
-    );
-    let (mut v, o) = abuf(131072);
-    // Simple, then generic across both extents.
-    // SAFETY: v outlives the synchronous calls.
-    let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(4096),
-            Op::Read,
-            IoBuf::from_mut_slice(&mut v[o..o + 4096]),
-            &f,
-            None,
-            0,
-            0,
-        )
-    };
-    assert_eq!(r, Ok(DioResult::Done(4096)));
-    assert_eq!(&v[o..o + 4096], &data[45056..49152]);
-    // SAFETY: as above.
-    let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(0),
-            Op::Read,
-            IoBuf::from_mut_slice(&mut v[o..o + 131072]),
-            &f,
-            None,
-            0,
-            0,
-        )
-    };
-    assert_eq!(r, Ok(DioResult::Done(131072)));
-    assert_eq!(&v[o..o + 65536], &data[40960..106496]);
-    assert_eq!(&v[o + 65536..o + 131072], &data[8192..73728]);
-    assert_eq!((e.stats().simple, e.stats().generic), (1, 1));
-    // A raw read.
-    // SAFETY: as above.
-    let r = unsafe {
-        e.raw(
-            Op::Read,
-            3,
-            IoBuf::from_mut_slice(&mut v[o..o + 4096]),
-            None,
-        )
-    };
-    assert_eq!(r, Ok(DioResult::Done(4096)));
-    assert_eq!(&v[o..o + 4096], &data[12288..16384]);
-}
-
-/// A controller that stops answering: the owners of the commands in flight
-/// (a simple-path read into the caller's buffer, a generic read through a
-/// bounce buffer) hear of the timeout only after the abort went unanswered
-/// and the controller was reset — never while the device could still write
-/// into their buffers — and the queue serves again afterwards.
-#[test]
-fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
-    use dioxide_nvme::sim::{Sim, SimConfig, SimHal};
-    type Seen = Vec<(usize, Result<usize, DioError>, bool)>;
-    type Device = Option<(Sim, Vec<(usize, usize)>)>;
-    thread_local! {
-        static SEEN: RefCell<Seen> = const { RefCell::new(Vec::new()) };
-        static DEV: RefCell<Device> = const { RefCell::new(None) };
-    }
-    fn owner(ctx: usize, r: Result<usize, DioError>) {
-        let busy = DEV.with(|d| {
-            let d = d.borrow();
-            let (sim, bufs) = d.as_ref().expect("device registered");
-            sim.may_access(bufs[ctx].0, bufs[ctx].1)
-        });
-        SEEN.with(|s| s.borrow_mut().push((ctx, r, busy)));
-    }
-    let sim = Sim::new(SimConfig {
-        block_size: 4096,
-        blocks: 256,
-        ..Default::default()
-    });
-    let data: Vec<u8> = (0..256 * 4096).map(|i: usize| (i % 253) as u8).collect();
-    sim.write_disk(0, &data);
-    let hal = SimHal::new();
-    let cfg = dioxide_nvme::Config {
-        io_timeout_ms: 100,
-        admin_timeout_ms: 100,
-        abort_grace_ms: 100,
-        ..Default::default()
-    };
-    let mut ctrl = dioxide_nvme::Controller::init(hal.clone(), sim.clone(), cfg).unwrap();
-    let ns = ctrl.namespace(1).unwrap();
-    let qp = ctrl.create_io_queue(1, 64, None).unwrap();
-    let mut e = Engine::new(nvme::NvmeQueue::new(qp, hal.clone(), ns).with_controller(ctrl));
-    let f = FakeFile::contiguous(256 * 4096, 0);
-    let (mut a, ao) = abuf(4096);
-    let (mut b, bo) = abuf(8192);
-    let bufs = vec![
-        (a[ao..].as_mut_ptr() as usize, 4096),
-        (b[bo..].as_mut_ptr() as usize, 8192),
-    ];
-    DEV.with(|d| *d.borrow_mut() = Some((sim.clone(), bufs.clone())));
-    sim.set_hung(true);
-    sim.set_ignore_aborts(true);
-    for (ctx, &(addr, len)) in bufs.iter().enumerate() {
-        let iocb = Kiocb::with_callback(4096 * ctx as u64, Callback { func: owner, ctx });
-        let flags = if ctx == 1 { dio_flags::BOUNCE } else { 0 };
-        // SAFETY: a and b outlive every completion (checked below).
-        let r = unsafe { e.dio_rw(&iocb, Op::Read, IoBuf { addr, len }, &f, None, flags, 0) };
-        assert_eq!(r, Ok(DioResult::Queued));
-    }
-    assert_eq!((e.stats().simple, e.stats().generic), (1, 1));
-    // Polling and expiring before, at and after the deadlines: nobody hears
-    // anything until the reset.
-    for _ in 0..50 {
-        e.poll();
-        e.expire();
-        e.run_deferred();
-        hal.advance(10_000_000);
-        if SEEN.with(|s| !s.borrow().is_empty()) {
-            break;
-        }
-    }
-    let seen = SEEN.with(|s| s.borrow().clone());
-    assert_eq!(seen.len(), 2, "both owners heard of the timeout: {seen:?}");
-    for (ctx, r, busy) in seen {
-        assert!(
-            !busy,
-            "owner {ctx} got its buffer back while the device could write it"
-        );
-        assert!(
-            matches!(
-                r,
-                Err(DioError::Io {
-                    err: BlkError::Timeout,
-                    ..
-                })
-            ),
-            "owner {ctx}: {r:?}"
-        );
-    }
-    // The controller answers again after the reset: reads work.
-    let (mut v, o) = abuf(8192);
-    // SAFETY: v outlives the synchronous call.
-    let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(8192),
-            Op::Read,
-            IoBuf::from_mut_slice(&mut v[o..o + 8192]),
-            &f,
-            None,
-            0,
-            0,
-        )
-    };
-    assert_eq!(r, Ok(DioResult::Done(8192)));
-    assert_eq!(&v[o..o + 8192], &data[8192..16384]);
-    let q = e.queue().qp.stats();
-    assert_eq!(q.resets, 1, "{q:?}");
-    drop((a, b));
 }

@@ -30,7 +30,7 @@ use crate::{mm, outln};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
-use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Engine, IoBuf, Kiocb, Op, Stats};
+use dioxide_iomap::{BlockQueue, DioError, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Stats};
 use x86_64::instructions::interrupts;
 
 const MAX_QD: usize = 1024;
@@ -83,8 +83,9 @@ fn pop_ready() -> Option<usize> {
     Some(v)
 }
 
-/// The completion callback of every benchmark request: runs inline in the
-/// completion handler.
+/// The completion of every benchmark request, delivered by
+/// `Engine::complete` in the loop of [`run`] (its id's index is the
+/// context).
 fn on_done(ctx: usize, r: Result<usize, DioError>) {
     let lat = time::rdtsc().wrapping_sub(START[ctx].load(Ordering::Relaxed));
     let t = CUR.load(Ordering::Relaxed);
@@ -193,25 +194,25 @@ struct Load<'a> {
 impl Load<'_> {
     /// Submits the request of context `ctx`.
     fn submit<Q: BlockQueue>(&mut self, e: &mut Engine<Q>, ctx: usize) {
-        let buf = IoBuf {
-            addr: self.bufs + ctx * 4096,
-            len: 4096,
+        let Some(buf) = IoBuf::from_addr(self.bufs + ctx * 4096, 4096) else {
+            return;
         };
-        let cb = Callback { func: on_done, ctx };
+        // The benchmark's own request id: the context's index.
+        let owner = ReqId::new(ctx as u16, 0);
         START[ctx].store(time::rdtsc(), Ordering::Relaxed);
         let r = match self.target {
             Target::Raw => {
                 let shift = e.queue().lba_shift();
                 let lba = (self.rng.next() % self.raw_blocks) << (12 - shift);
                 // SAFETY: the buffers live for the whole benchmark.
-                unsafe { e.raw(Op::Read, lba, buf, Some(cb)) }
+                unsafe { e.raw(Op::Read, lba, buf, Some(owner)) }
             }
             Target::Generic | Target::Simple => {
                 let pos = (self.rng.next() % self.file_blocks) * 4096;
                 // SAFETY: as above.
                 unsafe {
                     e.dio_rw(
-                        &Kiocb::with_callback(pos, cb),
+                        &Kiocb::with_owner(pos, owner),
                         Op::Read,
                         buf,
                         self.file,
@@ -275,7 +276,9 @@ fn run<Q: BlockQueue>(
     while outstanding > 0 {
         if irq {
             interrupts::disable();
-            if R_HEAD.load(Ordering::Acquire) == R_TAIL.load(Ordering::Acquire) {
+            let mut pending = 0;
+            with(&mut |e| pending = e.pending_completions());
+            if pending == 0 && R_HEAD.load(Ordering::Acquire) == R_TAIL.load(Ordering::Acquire) {
                 interrupts::enable_and_hlt();
             } else {
                 interrupts::enable();
@@ -285,7 +288,7 @@ fn run<Q: BlockQueue>(
             if !irq {
                 e.poll();
             }
-            e.run_deferred();
+            e.complete(|id, r| on_done(id.index(), r));
             let now = time::rdtsc();
             while let Some(ctx) = pop_ready() {
                 if now < deadline && submitted < max_ios {
@@ -413,7 +416,7 @@ pub fn bench(
         outln!("bench error: out of memory");
         power::exit(power::EXIT_TEST_FAILED);
     };
-    let base = bufs.part(0, 4096).addr;
+    let base = bufs.part(0, 4096).addr();
     let raw_blocks = dev.ns.bytes() / 4096;
     outln!(
         "bench file bytes={} extents={} namespace_bytes={} tsc_mhz={}",
@@ -513,7 +516,7 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk
         outln!("noalloc error: out of memory");
         power::exit(power::EXIT_TEST_FAILED);
     };
-    let base = bufs.part(0, 4096).addr;
+    let base = bufs.part(0, 4096).addr();
     let irq = nvme::mode() == Mode::Irq;
     let load = |target| Load {
         target,

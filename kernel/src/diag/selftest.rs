@@ -7,11 +7,65 @@ use crate::outln;
 use crate::platform::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
 use crate::platform::time;
 use alloc::vec::Vec;
-use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op};
+use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op, ReqId};
 use sha2::{Digest, Sha256};
 
 const NO_MEMORY: DioError = DioError::Unsupported("out of memory");
-const FLUSH: IoBuf = IoBuf { addr: 0, len: 0 };
+const FLUSH: IoBuf = IoBuf::empty();
+
+/// The raw commands one self-test has in flight, by the test's tag: its
+/// own table, filled from the engine's deliveries (`(ReqId, result)`, the
+/// id's index being the tag). The test is the engine's only asynchronous
+/// owner while it runs.
+struct Tags {
+    results: Vec<Option<Result<usize, DioError>>>,
+}
+
+impl Tags {
+    fn new(n: usize) -> Self {
+        Tags {
+            results: alloc::vec![None; n],
+        }
+    }
+
+    /// Submits a raw command as `tag`.
+    ///
+    /// # Safety
+    /// As [`nvme::submit`]: `buf` untouched until `tag` is done.
+    unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u16) -> Result<(), DioError> {
+        if let Some(r) = self.results.get_mut(tag as usize) {
+            *r = None;
+        }
+        // SAFETY: our caller keeps `buf` untouched until the tag is done,
+        // i.e. until its completion was delivered: nvme::submit's contract.
+        unsafe { nvme::submit(op, lba, buf, ReqId::new(tag, 0)) }
+    }
+
+    fn is_done(&self, tag: u16) -> bool {
+        matches!(self.results.get(tag as usize), Some(Some(_)))
+    }
+
+    fn take(&mut self, tag: u16) -> Option<Result<usize, DioError>> {
+        self.results.get_mut(tag as usize)?.take()
+    }
+
+    /// Runs the completion path until `done` holds. Every command has a
+    /// deadline, so this ends.
+    fn wait(&mut self, done: impl Fn(&Self) -> bool) {
+        loop {
+            let results = &mut self.results;
+            nvme::service(|id, r| {
+                if let Some(x) = results.get_mut(id.index()) {
+                    *x = Some(r);
+                }
+            });
+            if done(self) {
+                return;
+            }
+            nvme::idle();
+        }
+    }
+}
 
 fn device_error(what: &str, e: DioError) -> ! {
     log::error!(target: "selftest", "{what}: {e}");
@@ -98,7 +152,7 @@ pub fn digest(dev: &mut Nvme) -> ! {
         .map(|_| DmaBuf::new(chunk).unwrap_or_else(|| device_error("digest", NO_MEMORY)))
         .collect();
     let len_of = |i: usize| -> usize { ((total - (i * chunk) as u64).min(chunk as u64)) as usize };
-    let submit = |bufs: &mut Vec<DmaBuf>, i: usize| {
+    let submit = |tags: &mut Tags, bufs: &mut Vec<DmaBuf>, i: usize| {
         let len = len_of(i);
         let lba = (i * chunk / bs) as u64;
         // Poisoned, so that a read which moves no data does not hash what
@@ -106,28 +160,29 @@ pub fn digest(dev: &mut Nvme) -> ! {
         poison(&mut bufs[i % qd].as_mut_slice()[..len], (i * chunk) as u64);
         let part = bufs[i % qd].part(0, len);
         // SAFETY: the buffer is not touched until its tag is done.
-        if let Err(e) = unsafe { nvme::submit(Op::Read, lba, part, (i % qd) as u16) } {
+        if let Err(e) = unsafe { tags.submit(Op::Read, lba, part, (i % qd) as u16) } {
             device_error("digest submit", e);
         }
     };
     let t0 = time::now_ns();
     let mut hasher = Sha256::new();
     let mut next = 0;
+    let mut tags = Tags::new(qd);
     while next < nchunks.min(qd) {
-        submit(&mut bufs, next);
+        submit(&mut tags, &mut bufs, next);
         next += 1;
     }
     for i in 0..nchunks {
         let tag = (i % qd) as u16;
-        nvme::wait_until(|| nvme::is_done(tag));
-        match nvme::take(tag) {
-            Some(Ok(())) => {}
+        tags.wait(|t| t.is_done(tag));
+        match tags.take(tag) {
+            Some(Ok(_)) => {}
             Some(Err(e)) => device_error(&alloc::format!("digest read at byte {}", i * chunk), e),
             None => device_error("digest", DioError::Unsupported("lost completion")),
         }
         hasher.update(&bufs[i % qd].as_slice()[..len_of(i)]);
         if next < nchunks {
-            submit(&mut bufs, next);
+            submit(&mut tags, &mut bufs, next);
             next += 1;
         }
     }
@@ -161,6 +216,7 @@ fn transfer(
 ) -> Result<(), DioError> {
     let bs = dev.ns.block_size as usize;
     let units = buf.as_slice().len() / unit;
+    let mut tags = Tags::new(qd);
     let mut free: Vec<u16> = (0..qd as u16).rev().collect();
     let mut inflight: Vec<u16> = Vec::with_capacity(qd);
     let mut next = 0;
@@ -173,15 +229,15 @@ fn transfer(
             let op = if write { Op::Write } else { Op::Read };
             let part = buf.part(next * unit, unit);
             // SAFETY: `buf` outlives the wait below, which covers every tag.
-            unsafe { nvme::submit(op, at, part, tag)? };
+            unsafe { tags.submit(op, at, part, tag)? };
             inflight.push(tag);
             next += 1;
         }
         if inflight.is_empty() {
             break;
         }
-        nvme::wait_until(|| inflight.iter().any(|&t| nvme::is_done(t)));
-        inflight.retain(|&t| match nvme::take(t) {
+        tags.wait(|t| inflight.iter().any(|&i| t.is_done(i)));
+        inflight.retain(|&t| match tags.take(t) {
             Some(r) => {
                 if let Err(e) = r {
                     first_error.get_or_insert(e);

@@ -2,21 +2,26 @@
 //! identity mapped; TSC time), BAR0 as its register block, MSI-X routing, and
 //! one I/O queue pair per core, owned by that core's DIO engine
 //! (`dioxide_iomap::Engine`) and reaped either by polling or from its MSI-X
-//! interrupt handler, which runs the completions inline.
+//! interrupt handler, which finishes the requests there.
 //!
-//! Raw commands (self-tests, filesystem metadata) complete into a fixed table
-//! of per-tag results ([`MAX_TAGS`] entries), so reaping allocates nothing.
+//! The engine is shared with the MSI-X handler, so it lives in an
+//! [`IrqMutex`] (interrupts off while held). The handler only reaps
+//! (`Engine::poll`); owners of asynchronous requests (the NBD service, a
+//! self-test) receive `(their request id, result)` from [`service`], which
+//! the run loop calls in process context. There are no global result
+//! tables: each owner keeps its requests in its own slab. The completion
+//! mode is fixed at boot and kept as plain data ([`mode`]).
 
 use crate::drivers::pci::{self, Function, MsiX};
+use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
 use crate::platform::{apic, idt};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use dioxide_iomap::nvme::NvmeQueue;
-use dioxide_iomap::{Callback, DioError, Engine, IoBuf, Op};
+use dioxide_iomap::{DioError, Engine, IoBuf, Op, ReqId};
+use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
-use spin::Mutex;
 use x86_64::instructions::interrupts;
 
 /// Identity-mapped kernel memory as DMA memory.
@@ -89,20 +94,11 @@ pub enum Mode {
     Irq,
 }
 
-pub const MAX_TAGS: usize = 1024;
 pub const IO_VECTOR: u8 = 0x40;
 
-const IDLE: u8 = 0;
-const PENDING: u8 = 1;
-const OK: u8 = 2;
-const FAILED: u8 = 3;
-
-static ENGINE: Mutex<Option<Dio>> = Mutex::new(None);
-static RESULTS: [AtomicU8; MAX_TAGS] = [const { AtomicU8::new(IDLE) }; MAX_TAGS];
-/// The error of each failed tag, written by the completion and taken with
-/// its result: every command's error stays its own.
-static ERRORS: Mutex<[Option<DioError>; MAX_TAGS]> = Mutex::new([None; MAX_TAGS]);
-static MODE: Mutex<Mode> = Mutex::new(Mode::Poll);
+static ENGINE: IrqMutex<Option<Dio>> = IrqMutex::new(None);
+/// The completion mode, set once by [`init`] (0: poll, 1: irq).
+static MODE: AtomicU8 = AtomicU8::new(0);
 
 /// What the rest of the kernel knows of the controller (which itself
 /// belongs to the engine's queue, for timeouts and resets).
@@ -134,32 +130,19 @@ impl core::fmt::Display for InitError {
     }
 }
 
+impl core::error::Error for InitError {}
+
 impl From<NvmeError> for InitError {
     fn from(e: NvmeError) -> Self {
         InitError::Nvme(e)
     }
 }
 
-/// Completion of a tagged raw command: runs inline in the completion path.
-fn record(tag: usize, r: Result<usize, DioError>) {
-    if tag >= MAX_TAGS {
-        return;
-    }
-    match r {
-        Ok(_) => RESULTS[tag].store(OK, Ordering::Release),
-        Err(e) => {
-            // Runs in the completion path (interrupts already off there, or
-            // inside `with_engine`): `take` holds this lock with interrupts
-            // off too, so it cannot be interrupted while holding it.
-            ERRORS.lock()[tag] = Some(e);
-            RESULTS[tag].store(FAILED, Ordering::Release);
-        }
-    }
-}
-
-/// The MSI-X handler of the I/O queue: runs the completions, inline.
+/// The MSI-X handler of the I/O queue: reaps completions and finishes
+/// their requests (interrupt context: no owner code runs here).
 fn irq_handler(_: &mut idt::TrapFrame) {
-    // The main line only holds the engine with interrupts off, so it is free.
+    // The main line only holds the engine with interrupts off (IrqMutex),
+    // so on this core it is free.
     if let Some(e) = ENGINE.lock().as_mut() {
         e.poll();
     }
@@ -167,11 +150,14 @@ fn irq_handler(_: &mut idt::TrapFrame) {
 
 /// Runs `f` on this core's DIO engine, with interrupts off.
 pub fn with_engine<R>(f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
-    interrupts::without_interrupts(|| ENGINE.lock().as_mut().map(f))
+    ENGINE.lock().as_mut().map(f)
 }
 
 pub fn mode() -> Mode {
-    *MODE.lock()
+    match MODE.load(Ordering::Relaxed) {
+        1 => Mode::Irq,
+        _ => Mode::Poll,
+    }
 }
 
 /// Brings up the controller of PCI function `f`, namespace 1 and I/O queue 1.
@@ -220,7 +206,13 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     );
     let queue = NvmeQueue::new(q, KernelHal, ns).with_controller(ctrl);
     *ENGINE.lock() = Some(Engine::new(queue));
-    *MODE.lock() = mode;
+    MODE.store(
+        match mode {
+            Mode::Poll => 0,
+            Mode::Irq => 1,
+        },
+        Ordering::Relaxed,
+    );
     Ok(Nvme {
         ns,
         mode,
@@ -228,48 +220,19 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
     })
 }
 
-/// Submits a raw command on the namespace with `tag` (< MAX_TAGS); its
-/// completion is recorded for [`take`].
+/// Submits a raw command on the namespace for `owner` (the caller's request
+/// id); its completion is delivered by [`service`].
 ///
 /// # Safety
 ///
-/// `buf` stays valid and untouched until the tag is done (or the kernel
-/// powers off).
-pub unsafe fn submit(op: Op, lba: u64, buf: IoBuf, tag: u16) -> Result<(), DioError> {
-    RESULTS[tag as usize].store(PENDING, Ordering::Release);
-    let cb = Callback {
-        func: record,
-        ctx: tag as usize,
-    };
-    // SAFETY: forwarded to the caller.
-    let r = with_engine(|e| unsafe { e.raw(op, lba, buf, Some(cb)) })
-        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
-    if r.is_err() {
-        RESULTS[tag as usize].store(IDLE, Ordering::Release);
-    }
-    r.map(|_| ())
-}
-
-/// The result of `tag` if it is done; the tag becomes idle again.
-pub fn take(tag: u16) -> Option<Result<(), DioError>> {
-    match RESULTS[tag as usize].load(Ordering::Acquire) {
-        OK => {
-            RESULTS[tag as usize].store(IDLE, Ordering::Release);
-            Some(Ok(()))
-        }
-        FAILED => {
-            let e = interrupts::without_interrupts(|| ERRORS.lock()[tag as usize].take());
-            RESULTS[tag as usize].store(IDLE, Ordering::Release);
-            Some(Err(
-                e.unwrap_or(DioError::Unsupported("failed without an error"))
-            ))
-        }
-        _ => None,
-    }
-}
-
-pub fn is_done(tag: u16) -> bool {
-    matches!(RESULTS[tag as usize].load(Ordering::Acquire), OK | FAILED)
+/// `buf` stays valid and untouched until that completion is delivered (or
+/// the kernel powers off).
+pub unsafe fn submit(op: Op, lba: u64, buf: IoBuf, owner: ReqId) -> Result<(), DioError> {
+    // SAFETY: our caller keeps `buf` valid and untouched until the
+    // completion is delivered, which is `Engine::raw`'s contract.
+    with_engine(|e| unsafe { e.raw(op, lba, buf, Some(owner)) })
+        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
+        .map(|_| ())
 }
 
 /// Waits until `done()` holds. Polls the queue, or halts until the next
@@ -277,7 +240,7 @@ pub fn is_done(tag: u16) -> bool {
 /// work (error completions) runs here, in process context. Every command has
 /// a deadline, so this always ends.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
-    let mode = *MODE.lock();
+    let mode = mode();
     loop {
         reap(mode);
         match mode {
@@ -301,15 +264,36 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// What the completion path owes a run loop that does not sleep in
-/// [`wait_until`] (see [`reap`]).
-pub fn service() {
-    reap(*MODE.lock());
+/// What the completion path owes a run loop (see [`reap`]), then the
+/// delivery of every finished asynchronous request to `sink(owner id,
+/// result)`, in process context (with the engine's lock held: the sink
+/// should only record).
+pub fn service(sink: impl FnMut(ReqId, Result<usize, DioError>)) {
+    reap(mode());
+    with_engine(|e| e.complete(sink));
 }
 
-/// Polls the queue (poll mode), reports commands past their deadline (at
-/// most once a millisecond) and runs deferred error completions: one step
-/// of [`wait_until`] and of the network run loop.
+/// Waits for the next completion or interrupt: spins once (poll mode), or
+/// halts unless completions wait for delivery (irq mode).
+pub fn idle() {
+    match mode() {
+        Mode::Poll => core::hint::spin_loop(),
+        Mode::Irq => {
+            interrupts::disable();
+            if with_engine(|e| e.pending_completions()).unwrap_or(0) > 0 {
+                interrupts::enable();
+            } else {
+                // sti; hlt: an interrupt between the check and the halt
+                // still wakes us.
+                interrupts::enable_and_hlt();
+            }
+        }
+    }
+}
+
+/// Polls the queue (poll mode) and reports commands past their deadline (at
+/// most once a millisecond): one step of [`wait_until`] and of the network
+/// run loop.
 fn reap(mode: Mode) {
     static NEXT_EXPIRY: AtomicU64 = AtomicU64::new(0);
     let now = time::now_ns();
@@ -324,7 +308,6 @@ fn reap(mode: Mode) {
         if check {
             e.expire();
         }
-        e.run_deferred();
     });
 }
 
@@ -334,7 +317,8 @@ fn reap(mode: Mode) {
 ///
 /// `buf` is valid for the duration of the call.
 pub unsafe fn execute(op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
-    // SAFETY: forwarded; the call waits for the completion.
+    // SAFETY: `buf` is valid for the duration of the call (our contract),
+    // and a raw command without an owner is waited for inside it.
     with_engine(|e| unsafe { e.raw(op, lba, buf, None) })
         .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
         .map(|_| ())
@@ -376,16 +360,16 @@ impl DmaBuf {
         unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, uniquely borrowed.
+        // SAFETY: owned allocation of len bytes, initialised (zeroed);
+        // `&mut self` makes the borrow unique.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
     /// The device view of `[off, off + len)`.
     pub fn part(&mut self, off: usize, len: usize) -> IoBuf {
         assert!(off + len <= self.len);
-        IoBuf {
-            addr: self.ptr.as_ptr() as usize + off,
-            len,
-        }
+        IoBuf::new(self.ptr, self.len)
+            .part(off, len)
+            .unwrap_or(IoBuf::new(self.ptr, 0))
     }
 }
 

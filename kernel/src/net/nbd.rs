@@ -6,18 +6,22 @@
 //! (`dio_rw`: 4 KiB reads take the simple path), raw reads straight to the
 //! queue.
 //!
-//! Reads are asynchronous: each decoded read takes a request slot and a DMA
-//! buffer, is submitted with a completion callback, and the run loop sends
-//! its reply when the callback has run (in the MSI-X handler or the poll
-//! loop), so up to [`PER_CONN`] reads per connection are in flight and
-//! replies leave in completion order. Requests not aligned to the device
+//! Reads are asynchronous: each decoded read becomes a [`Req`] in the
+//! service's own slab (its [`ReqId`] is what the DIO engine hands back) and
+//! owns a DMA buffer; it is submitted with its id as owner, and the engine
+//! delivers `(id, result)` for each of its parts from `nvme::service` in
+//! the run loop (process context; the MSI-X handler only finishes requests
+//! inside the engine). The part that ends a read queues its id on the
+//! `ready` ring, and the run loop replies, so up to [`PER_CONN`] reads per
+//! connection are in flight and replies leave in completion order. No
+//! state is shared with the interrupt handler here. Requests not aligned to the device
 //! block read the covering aligned range into the buffer and reply from the
 //! middle of it.
 //!
-//! A connection that goes away with reads in flight leaves their slots and
-//! buffers owned here until the device answers (the device may still write
-//! into them); the late completions are then dropped, since the slot's
-//! connection generation no longer matches.
+//! A connection that goes away with reads in flight leaves their requests
+//! and buffers owned here until the device answers (the device may still
+//! write into them); the late completions are then dropped, since the
+//! request's connection generation no longer matches.
 //!
 //! Buffers come from two small pools (8 KiB and 256 KiB) so the 4 KiB hot
 //! path does not allocate; larger reads allocate exactly (fallibly: a read
@@ -65,12 +69,10 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::{File, Fs};
-use dioxide_iomap::{BlockQueue, Callback, DioError, DioResult, Kiocb, Op};
+use dioxide_iomap::{BlockQueue, DioError, DioResult, Kiocb, Op, ReqId, Ring, Slab};
 use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use spin::Mutex;
-use x86_64::instructions::interrupts;
 
 pub const PORT: u16 = 10809;
 pub const CONNS: usize = 16;
@@ -228,89 +230,12 @@ impl core::fmt::Display for Failure {
     }
 }
 
-/// Completion bookkeeping shared with the completion path. Each request
-/// slot counts its outstanding parts plus one reference held while it is
-/// being submitted; the part that brings the count to zero queues the slot
-/// on `ring` for the run loop. Locked with interrupts off: the completion
-/// callback runs in the MSI-X handler or inside `with_engine`.
-struct Done {
-    parts: [u32; MAX_REQS],
-    failure: [Option<Failure>; MAX_REQS],
-    ring: [u16; MAX_REQS],
-    head: usize,
-    len: usize,
-}
-
-impl Done {
-    const fn new() -> Done {
-        Done {
-            parts: [0; MAX_REQS],
-            failure: [None; MAX_REQS],
-            ring: [0; MAX_REQS],
-            head: 0,
-            len: 0,
+impl core::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Failure::Dio(e) => Some(e),
+            _ => None,
         }
-    }
-
-    fn start(&mut self, i: usize, parts: u32) {
-        self.parts[i] = parts + 1;
-        self.failure[i] = None;
-    }
-
-    fn fail(&mut self, i: usize, f: Failure) {
-        if self.failure[i].is_none() {
-            self.failure[i] = Some(f);
-        }
-    }
-
-    /// One part of request `i` ended with `r`; it had to deliver `need` bytes.
-    fn part_done(&mut self, i: usize, need: usize, r: Result<usize, DioError>) {
-        match r {
-            Ok(got) if got >= need => {}
-            Ok(got) => self.fail(i, Failure::Short { got, need }),
-            Err(e) => self.fail(i, Failure::Dio(e)),
-        }
-        self.put(i, 1);
-    }
-
-    fn put(&mut self, i: usize, n: u32) {
-        let Some(left) = self.parts[i].checked_sub(n) else {
-            return;
-        };
-        self.parts[i] = left;
-        if left == 0 && self.len < MAX_REQS {
-            self.ring[(self.head + self.len) % MAX_REQS] = i as u16;
-            self.len += 1;
-        }
-    }
-
-    fn pop(&mut self) -> Option<(usize, Option<Failure>)> {
-        if self.len == 0 {
-            return None;
-        }
-        let i = self.ring[self.head] as usize;
-        self.head = (self.head + 1) % MAX_REQS;
-        self.len -= 1;
-        Some((i, self.failure[i].take()))
-    }
-}
-
-static DONE: Mutex<Done> = Mutex::new(Done::new());
-
-fn done<R>(f: impl FnOnce(&mut Done) -> R) -> R {
-    interrupts::without_interrupts(|| f(&mut DONE.lock()))
-}
-
-/// The completion callback: `ctx` is the request slot in the low 16 bits
-/// and the bytes the part must deliver above them.
-fn on_complete(ctx: usize, r: Result<usize, DioError>) {
-    done(|d| d.part_done(ctx & 0xffff, ctx >> 16, r));
-}
-
-fn callback(i: usize, need: usize) -> Callback {
-    Callback {
-        func: on_complete,
-        ctx: i | need << 16,
     }
 }
 
@@ -325,7 +250,53 @@ struct Req {
     len: u32,
     /// Device commands reserved for it (see `Server::cmds`).
     cmds: u32,
+    /// Parts (device requests) outstanding, plus one while submitting.
+    parts: u32,
+    /// Bytes a part must deliver (a file read may end at end of file; raw
+    /// parts always deliver their whole length: 0).
+    need: usize,
+    /// The first failure of a part.
+    failure: Option<Failure>,
     buf: DmaBuf,
+}
+
+impl Req {
+    fn fail(&mut self, f: Failure) {
+        self.failure.get_or_insert(f);
+    }
+}
+
+/// One part of request `id` ended with `r` (from the engine's delivery or
+/// at once from the submission).
+fn part_done(reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId, r: Result<usize, DioError>) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    match r {
+        Ok(got) if got >= req.need => {}
+        Ok(got) => req.fail(Failure::Short {
+            got,
+            need: req.need,
+        }),
+        Err(e) => req.fail(Failure::Dio(e)),
+    }
+    put(reqs, ready, id, 1);
+}
+
+/// Drops `n` references of request `id`; the last queues it for its reply.
+fn put(reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId, n: u32) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    let Some(left) = req.parts.checked_sub(n) else {
+        return;
+    };
+    req.parts = left;
+    if left == 0 {
+        // Each request is queued once and the ring holds one entry per
+        // slab entry: it cannot be full.
+        let _ = ready.push(id);
+    }
 }
 
 // Sixteen of these live in a vector made at start: the size of the largest
@@ -355,8 +326,10 @@ pub struct Server {
     table: Table,
     sockets: Vec<Sock>,
     lbs: u64,
-    reqs: Vec<Option<Req>>,
-    free: Vec<u16>,
+    /// Reads in flight (or finished, waiting for their reply).
+    reqs: Slab<Req>,
+    /// Reads whose last part finished, in order.
+    ready: Ring<ReqId>,
     small: Vec<DmaBuf>,
     large: Vec<DmaBuf>,
     /// Read buffer bytes in flight per socket (current connection only),
@@ -391,7 +364,7 @@ pub struct Server {
 pub struct Profile {
     /// smoltcp and virtio-net (`Net::poll`).
     pub net: u64,
-    /// NVMe completion path (`nvme::service`: reaping, callbacks).
+    /// NVMe completion path (`nvme::service`: reaping, delivery).
     pub nvme: u64,
     /// Replies to finished reads (copying data into connection output).
     pub replies: u64,
@@ -480,8 +453,6 @@ impl Server {
                 queued: 0,
             });
         }
-        let mut reqs = Vec::with_capacity(MAX_REQS);
-        reqs.resize_with(MAX_REQS, || None);
         let (max_cmds, max_transfer) =
             nvme::with_engine(|e| (e.queue().depth(), e.queue().max_transfer())).unwrap_or((0, 0));
         let max_transfer = max_transfer / lbs as usize * lbs as usize;
@@ -489,8 +460,8 @@ impl Server {
             table: Table { exports, by_name },
             sockets,
             lbs: lbs as u64,
-            reqs,
-            free: (0..MAX_REQS as u16).rev().collect(),
+            reqs: Slab::new(MAX_REQS),
+            ready: Ring::new(MAX_REQS, ReqId::new(0, 0)),
             small: Vec::new(),
             large: Vec::new(),
             held: alloc::vec![0; CONNS],
@@ -542,7 +513,8 @@ impl Server {
     pub fn poll(&mut self, net: &mut Net, net_polled: bool) -> bool {
         self.touched = false;
         let t0 = crate::platform::time::rdtsc();
-        nvme::service();
+        let (reqs, ready) = (&mut self.reqs, &mut self.ready);
+        nvme::service(|id, r| part_done(reqs, ready, id, r));
         let t1 = crate::platform::time::rdtsc();
         self.reply_completed();
         let t2 = crate::platform::time::rdtsc();
@@ -569,7 +541,7 @@ impl Server {
                 .iter()
                 .any(|s| matches!(s.slot, Slot::Serving(_)))
         };
-        if self.busy && self.free.len() == MAX_REQS && !serving() {
+        if self.busy && self.reqs.is_empty() && !serving() {
             self.busy = false;
             // Give the buffer pools back: the heap returns to its level at start.
             self.small = Vec::new();
@@ -609,11 +581,11 @@ impl Server {
 
     /// Replies to the reads whose last part completed.
     fn reply_completed(&mut self) {
-        while let Some((i, failure)) = done(|d| d.pop()) {
-            let Some(req) = self.reqs.get_mut(i).and_then(Option::take) else {
+        while let Some(id) = self.ready.pop() {
+            let Some(req) = self.reqs.remove(id) else {
                 continue;
             };
-            self.free.push(i as u16);
+            let failure = req.failure;
             self.served += 1;
             self.held_total -= req.buf.len();
             self.cmds -= req.cmds as usize;
@@ -776,7 +748,7 @@ impl Server {
             let fits = |idle: bool, held: usize, limit: usize| idle || held + len as usize <= limit;
             if !fits(mine_idle, mine, HELD_CONN)
                 || !fits(all_idle, all, HELD_TOTAL)
-                || self.free.is_empty()
+                || self.reqs.is_full()
             {
                 break;
             }
@@ -818,7 +790,6 @@ impl Server {
                 self.served += 1;
                 continue;
             }
-            let Some(slot) = self.free.pop() else { break };
             let mut r = Submit {
                 table: &self.table,
                 lbs: self.lbs,
@@ -826,15 +797,11 @@ impl Server {
                 large: &mut self.large,
             };
             match r.start(export, offset, len) {
-                Ok((mut buf, skew)) => {
-                    // The buffer's memory stays where it is when `buf` moves
-                    // into the slot below; a completion only queues the slot
-                    // index, replied to from this loop later.
-                    r.submit(slot as usize, export, offset, len, &mut buf);
-                    self.held[i] += buf.len();
-                    self.held_total += buf.len();
-                    self.cmds += need;
-                    self.reqs[slot as usize] = Some(Req {
+                Ok((buf, skew)) => {
+                    let held = buf.len();
+                    // The request owns its buffer from here until its reply
+                    // (or, its connection gone, until its last completion).
+                    let req = Req {
                         sock: i as u16,
                         gen,
                         handle,
@@ -843,11 +810,21 @@ impl Server {
                         skew,
                         len,
                         cmds: need as u32,
+                        parts: 0,
+                        need: 0,
+                        failure: None,
                         buf,
-                    });
+                    };
+                    let Ok(id) = self.reqs.insert(req) else {
+                        // Checked not full above.
+                        break;
+                    };
+                    self.held[i] += held;
+                    self.held_total += held;
+                    self.cmds += need;
+                    submit(&self.table, self.lbs, &mut self.reqs, &mut self.ready, id);
                 }
                 Err(e) => {
-                    self.free.push(slot);
                     conn.reply_read(&self.table, handle, offset, Err(e));
                 }
             }
@@ -948,84 +925,98 @@ impl Submit<'_> {
         };
         Ok((buf.ok_or(Errno::NoMem)?, (offset - a0) as u32))
     }
+}
 
-    /// Submits request `slot`'s parts; failures are recorded on the slot,
-    /// which is queued for its reply like any completion.
-    fn submit(&self, slot: usize, export: u32, offset: u64, len: u32, buf: &mut DmaBuf) {
-        let e = &self.table.exports[export as usize];
-        let (a0, a1) = self.range(offset, len);
-        let n = (a1 - a0) as usize;
-        // Bytes each part must deliver: a file read may end at end of file.
-        let need_to = (offset + len as u64 - a0) as usize;
-        match &e.target {
-            // Answered without a request slot (see `poll_socket`).
-            Target::Null => done(|d| d.start(slot, 0)),
-            Target::File(f) => {
-                done(|d| d.start(slot, 1));
-                let iocb = Kiocb::with_callback(a0, callback(slot, need_to));
-                let iob = buf.part(0, n);
-                // SAFETY: the buffer is owned by the request slot, which is
-                // neither reused nor freed before the callback ran.
-                let r = nvme::with_engine(|eng| unsafe {
-                    eng.dio_rw(&iocb, Op::Read, iob, &**f, None, 0, 0)
-                });
-                done(|d| match r {
-                    Some(Ok(DioResult::Queued)) => {}
-                    Some(Ok(DioResult::Done(got))) => d.part_done(slot, need_to, Ok(got)),
-                    Some(Err(err)) => d.part_done(slot, need_to, Err(err)),
-                    None => {
-                        d.fail(slot, Failure::NoEngine);
-                        d.put(slot, 1);
-                    }
-                });
-            }
-            Target::Raw => {
-                let max = nvme::with_engine(|eng| eng.queue().max_transfer()).unwrap_or(0);
-                let max = (max as u64 / self.lbs * self.lbs) as usize;
-                if max == 0 {
-                    done(|d| {
-                        d.start(slot, 0);
-                        d.fail(slot, Failure::NoEngine);
-                    });
-                } else {
-                    let parts = n.div_ceil(max) as u32;
-                    done(|d| d.start(slot, parts));
-                    let lbs = self.lbs;
-                    let ran = nvme::with_engine(|eng| {
-                        let mut at = 0usize;
-                        let mut left = parts;
-                        while at < n {
-                            let c = (n - at).min(max);
-                            let iob = buf.part(at, c);
-                            let lba = (a0 + at as u64) / lbs;
-                            // SAFETY: as for files.
-                            let r = unsafe { eng.raw(Op::Read, lba, iob, Some(callback(slot, c))) };
-                            left -= 1;
-                            match r {
-                                Ok(DioResult::Queued) => {}
-                                Ok(DioResult::Done(got)) => done(|d| d.part_done(slot, c, Ok(got))),
-                                Err(err) => {
-                                    // This part and the ones never submitted.
-                                    done(|d| {
-                                        d.part_done(slot, c, Err(err));
-                                        d.put(slot, left);
-                                    });
-                                    break;
-                                }
-                            }
-                            at += c;
-                        }
-                    });
-                    if ran.is_none() {
-                        done(|d| {
-                            d.fail(slot, Failure::NoEngine);
-                            d.put(slot, parts);
-                        });
-                    }
+/// Submits request `id`'s parts; failures are recorded on the request,
+/// which is queued for its reply like any completion.
+fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    let (export, offset, len) = (req.export, req.offset, req.len);
+    let Some(e) = table.exports.get(export as usize) else {
+        req.fail(Failure::NoEngine);
+        req.parts = 1;
+        put(reqs, ready, id, 1);
+        return;
+    };
+    let a0 = offset / lbs * lbs;
+    let a1 = (offset + len as u64).div_ceil(lbs) * lbs;
+    let n = (a1 - a0) as usize;
+    match &e.target {
+        // Answered without a request (see `poll_socket`).
+        Target::Null => req.parts = 1,
+        Target::File(f) => {
+            req.parts = 2;
+            // Bytes the part must deliver: a file read may end at end of file.
+            req.need = (offset + len as u64 - a0) as usize;
+            let iob = req.buf.part(0, n);
+            let iocb = Kiocb::with_owner(a0, id);
+            // SAFETY: the buffer belongs to request `id`, which is removed
+            // from the slab (and its buffer reused or freed) only after its
+            // last part's completion was delivered (`reply_completed`).
+            let r = nvme::with_engine(|eng| unsafe {
+                eng.dio_rw(&iocb, Op::Read, iob, &**f, None, 0, 0)
+            });
+            match r {
+                Some(Ok(DioResult::Queued)) => {}
+                Some(Ok(DioResult::Done(got))) => part_done(reqs, ready, id, Ok(got)),
+                Some(Err(err)) => part_done(reqs, ready, id, Err(err)),
+                None => {
+                    req_fail(reqs, id, Failure::NoEngine);
+                    put(reqs, ready, id, 1);
                 }
             }
         }
-        // Drop the submission reference.
-        done(|d| d.put(slot, 1));
+        Target::Raw => {
+            let max = nvme::with_engine(|eng| eng.queue().max_transfer()).unwrap_or(0);
+            let max = (max as u64 / lbs * lbs) as usize;
+            if max == 0 {
+                req.parts = 1;
+                req.fail(Failure::NoEngine);
+            } else {
+                let parts = n.div_ceil(max) as u32;
+                req.parts = parts + 1;
+                let ran = nvme::with_engine(|eng| {
+                    let mut at = 0usize;
+                    let mut left = parts;
+                    while at < n {
+                        let c = (n - at).min(max);
+                        let Some(req) = reqs.get_mut(id) else {
+                            break;
+                        };
+                        let iob = req.buf.part(at, c);
+                        let lba = (a0 + at as u64) / lbs;
+                        // SAFETY: as for files: the buffer belongs to the
+                        // request until its last part's completion.
+                        let r = unsafe { eng.raw(Op::Read, lba, iob, Some(id)) };
+                        left -= 1;
+                        match r {
+                            Ok(DioResult::Queued) => {}
+                            Ok(DioResult::Done(got)) => part_done(reqs, ready, id, Ok(got)),
+                            Err(err) => {
+                                // This part and the ones never submitted.
+                                part_done(reqs, ready, id, Err(err));
+                                put(reqs, ready, id, left);
+                                break;
+                            }
+                        }
+                        at += c;
+                    }
+                });
+                if ran.is_none() {
+                    req_fail(reqs, id, Failure::NoEngine);
+                    put(reqs, ready, id, parts);
+                }
+            }
+        }
+    }
+    // Drop the submission reference.
+    put(reqs, ready, id, 1);
+}
+
+fn req_fail(reqs: &mut Slab<Req>, id: ReqId, f: Failure) {
+    if let Some(r) = reqs.get_mut(id) {
+        r.fail(f);
     }
 }

@@ -6,6 +6,7 @@ pub mod apic;
 pub mod cmdline;
 pub mod gdt;
 pub mod idt;
+pub mod irq_mutex;
 pub mod power;
 pub mod serial;
 pub mod time;

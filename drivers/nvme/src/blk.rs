@@ -1,4 +1,11 @@
-//! An NVMe I/O queue pair as a [`BlockQueue`].
+//! An NVMe I/O queue pair as the block layer's [`BlockQueue`].
+//!
+//! It lives in the driver (not in the DIO layer above it) so that the
+//! dependency points one way: the DIO layer knows only `dioxide-blk`, and
+//! host tools that build it (mkfs, fsck) never build this driver. The one
+//! conversion from driver errors to block errors is here too
+//! (`From<NvmeError> for BlkError`), carrying the status name so that the
+//! block error prints without the driver's tables.
 //!
 //! With its controller ([`NvmeQueue::with_controller`]) the queue recovers
 //! from commands past their deadline by itself, from [`BlockQueue::expire`]:
@@ -10,8 +17,8 @@
 //! device may still write into it. Without a controller (host benchmarks,
 //! tests of the DIO layer) overdue commands simply stay in flight.
 
-use crate::queue::{BlkError, BlockQueue, IoBuf, Op};
-use dioxide_nvme::{Controller, DataBuf, Expiry, Hal, Mmio, NvmeError, QueuePair, SubmissionEntry};
+use crate::{Controller, Expiry, Hal, Mmio, Namespace, NvmeError, QueuePair, SubmissionEntry};
+use dioxide_blk::{BlkError, BlockQueue, IoBuf, Op};
 
 pub struct NvmeQueue<H: Hal, M: Mmio> {
     pub qp: QueuePair<H, M>,
@@ -24,7 +31,7 @@ pub struct NvmeQueue<H: Hal, M: Mmio> {
 }
 
 impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
-    pub fn new(qp: QueuePair<H, M>, hal: H, ns: dioxide_nvme::Namespace) -> Self {
+    pub fn new(qp: QueuePair<H, M>, hal: H, ns: Namespace) -> Self {
         NvmeQueue {
             qp,
             ctrl: None,
@@ -69,11 +76,18 @@ impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
     }
 }
 
+impl From<NvmeError> for BlkError {
+    fn from(e: NvmeError) -> BlkError {
+        blk_err(e)
+    }
+}
+
 fn blk_err(e: NvmeError) -> BlkError {
     match e {
         NvmeError::Command { status, .. } => BlkError::Status {
             sct: status.sct(),
             sc: status.sc(),
+            name: status.name(),
         },
         NvmeError::Timeout { .. } => BlkError::Timeout,
         NvmeError::Aborted { .. } => BlkError::Aborted,
@@ -103,12 +117,13 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
     #[inline]
     unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u64) -> Result<(), BlkError> {
         if op == Op::Flush {
-            // SAFETY: no data buffer.
+            // SAFETY: a flush has no data buffer, so nothing must outlive
+            // the call.
             return unsafe { self.qp.submit(SubmissionEntry::flush(self.nsid), None, tag) }
                 .map(|_| ())
                 .map_err(blk_err);
         }
-        let blocks = (buf.len >> self.lba_shift) as u32;
+        let blocks = (buf.len() >> self.lba_shift) as u32;
         if blocks == 0
             || lba
                 .checked_add(blocks as u64)
@@ -121,19 +136,12 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
             Op::Write => SubmissionEntry::write(self.nsid, lba, blocks),
             Op::Flush => SubmissionEntry::flush(self.nsid),
         };
-        // SAFETY: forwarded to our caller (buffer valid until completion).
-        unsafe {
-            self.qp.submit(
-                cmd,
-                Some(DataBuf {
-                    addr: buf.addr,
-                    len: buf.len,
-                }),
-                tag,
-            )
-        }
-        .map(|_| ())
-        .map_err(blk_err)
+        // SAFETY: our caller guarantees (this function's contract) that `buf`
+        // stays valid and untouched by the CPU until the completion, which
+        // is exactly `QueuePair::submit`'s requirement.
+        unsafe { self.qp.submit(cmd, Some(buf), tag) }
+            .map(|_| ())
+            .map_err(blk_err)
     }
     #[inline]
     fn poll<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) -> usize {
