@@ -28,24 +28,11 @@ use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
 use dioxide_nvme::{Controller, Mmio};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Instant;
 
-/// Counts heap allocations (the benchmark binary installs it).
-pub struct CountingAlloc;
-pub static ALLOCS: AtomicU64 = AtomicU64::new(0);
-// SAFETY: forwards to the system allocator.
-unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract.
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        // SAFETY: same contract.
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-}
+/// Counts heap allocations (the benchmark binaries install it).
+pub use dioxide_testkit::CountingAlloc;
 
 #[inline(always)]
 fn rdtsc() -> u64 {
@@ -90,7 +77,7 @@ impl Instant0 {
                 cid,
                 status: status | phase as u16,
             };
-            // SAFETY: as above; tail < n.
+            // SAFETY: the queue memory given to configure() is live and holds `n` 16-byte entries; tail < n.
             unsafe {
                 std::ptr::write_volatile((cq + tail as usize * 16) as *mut CompletionEntry, e)
             };
@@ -316,12 +303,9 @@ pub fn run_with_status(
     let mut rows = Vec::new();
     for &target in targets {
         engine.set_simple(target == "simple");
-        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut rng = dioxide_testkit::Rng::new(0x1234_5678_9abc_def1);
         let mut submit = |e: &mut Engine<_>, ctx: usize| {
-            rng ^= rng >> 12;
-            rng ^= rng << 25;
-            rng ^= rng >> 27;
-            let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks;
+            let r = rng.next_u64() % blocks;
             let Some(buf) = IoBuf::from_addr(base + ctx * 4096, 4096) else {
                 return;
             };
@@ -354,7 +338,7 @@ pub fn run_with_status(
             FAILED.with(|n| n.set(0));
             FIRST_FAILURE.with(|f| f.set(None));
             let s0 = engine.stats();
-            let a0 = ALLOCS.load(Ordering::Relaxed);
+            let a0 = dioxide_testkit::total_allocs();
             let t0 = Instant::now();
             let c0 = rdtsc();
             let mut submitted = 0u64;
@@ -379,7 +363,7 @@ pub fn run_with_status(
             }
             let cycles = (rdtsc() - c0) as f64 / n as f64;
             let ns = t0.elapsed().as_nanos() as f64 / n as f64;
-            let allocs = (ALLOCS.load(Ordering::Relaxed) - a0) as f64 / n as f64;
+            let allocs = (dioxide_testkit::total_allocs() - a0) as f64 / n as f64;
             let s1 = engine.stats();
             let failed = FAILED.with(Cell::get);
             if failed > 0 {

@@ -85,7 +85,7 @@ mod tests {
         let mut got = alloc::vec::Vec::new();
         assert_eq!(q.poll(|t, r| got.push((t, r))), 2);
         assert_eq!(got, [(7, Ok(())), (8, Ok(()))]);
-        // SAFETY: as above.
+        // SAFETY: the null device never touches the buffer (and refuses this range).
         let past = unsafe { q.submit(Op::Read, 100, b, 1) };
         assert_eq!(past, Err(BlkError::Invalid));
     }

@@ -97,7 +97,7 @@ fn through_the_nvme_driver_and_its_simulated_controller() {
     };
     assert_eq!(r, Ok(DioResult::Done(4096)));
     assert_eq!(&v[o..o + 4096], &data[45056..49152]);
-    // SAFETY: as above.
+    // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
     let r = unsafe {
         e.dio_rw(
             &Kiocb::sync(0),
@@ -114,7 +114,7 @@ fn through_the_nvme_driver_and_its_simulated_controller() {
     assert_eq!(&v[o + 65536..o + 131072], &data[8192..73728]);
     assert_eq!((e.stats().simple, e.stats().generic), (1, 1));
     // A raw read.
-    // SAFETY: as above.
+    // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
     let r = unsafe {
         e.raw(
             Op::Read,

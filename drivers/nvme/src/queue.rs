@@ -417,15 +417,18 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         loop {
             // SAFETY: cq_head < entries; the CQ region holds `entries` entries.
             let entry = unsafe { base.add(self.cq_head as usize) };
-            // SAFETY: as above; the status word is read first, volatile,
-            // because the device writes it.
+            // SAFETY: `entry` points at entry cq_head < entries of the CQ
+            // region, which this queue owns for its life; the status word is
+            // read first, volatile, because the device writes it.
             let status = unsafe { ptr::read_volatile(ptr::addr_of!((*entry).status)) };
             if (status & 1 != 0) != self.phase {
                 break;
             }
             // The rest of the entry was written before the phase bit.
             fence(Ordering::Acquire);
-            // SAFETY: as above.
+            // SAFETY: the same in-bounds entry, complete now (its phase bit
+            // matched and the fence orders the rest after it); volatile
+            // because the device wrote it.
             let cqe = unsafe { ptr::read_volatile(entry) };
             self.cq_head += 1;
             if self.cq_head == self.entries {
@@ -610,7 +613,9 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         cmd: SubmissionEntry,
         data: Option<DataBuf>,
     ) -> Result<u32, NvmeError> {
-        // SAFETY: forwarded to the caller.
+        // SAFETY: our caller guarantees what `submit` needs (`data` valid
+        // and untouched until the completion, or the reset after a
+        // timeout); we wait for that completion below.
         let cid = unsafe { self.submit(cmd, data, 0)? };
         let qid = self.qid;
         self.wait(

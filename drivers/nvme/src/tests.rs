@@ -3,33 +3,14 @@
 use crate::cmd::{io, Status};
 use crate::sim::{Fault, FaultAction, Sim, SimConfig, SimHal};
 use crate::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
 // Counts allocations per thread, so that tests running in parallel do not see
 // each other's.
-struct Counting;
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-// SAFETY: forwards to the system allocator; the counter is a const-initialised
-// thread-local without destructor.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-}
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: dioxide_testkit::CountingAlloc = dioxide_testkit::CountingAlloc;
 
 fn allocs() -> u64 {
-    ALLOCS.with(|c| c.get())
+    dioxide_testkit::thread_allocs()
 }
 
 type Ctrl = Controller<SimHal, Sim>;

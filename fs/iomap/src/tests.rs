@@ -1,30 +1,13 @@
 //! The DIO layer against an in-memory device model and a fake filesystem.
 
 use crate::*;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 
 // ---- allocation counting (per thread) ----
-struct Counting;
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-// SAFETY: forwards to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract.
-        unsafe { System.dealloc(p, l) }
-    }
-}
 #[global_allocator]
-static A: Counting = Counting;
+static A: dioxide_testkit::CountingAlloc = dioxide_testkit::CountingAlloc;
 fn allocs() -> u64 {
-    ALLOCS.with(|c| c.get())
+    dioxide_testkit::thread_allocs()
 }
 
 // ---- device model ----
@@ -722,7 +705,7 @@ fn bounce_buffered_reads_and_writes() {
     assert_eq!(&e.queue().disk[8192..16384], &v[o..o + 8192]);
     // Writes into holes need allocation, which this layer cannot do.
     let hole = FakeFile::new(vec![(0, 4096, IomapType::Hole, 0)], 4096);
-    // SAFETY: as above.
+    // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
     let r = unsafe {
         e.dio_rw(
             &Kiocb::sync(0),
@@ -779,7 +762,7 @@ fn nowait_without_a_free_slot_is_again() {
     // by finished requests that only their owner's complete() frees.
     iocb.flags = 0;
     assert_eq!(
-        // SAFETY: as above.
+        // SAFETY: `v` lives to the end of the test, after every completion is delivered.
         unsafe {
             e.dio_rw(
                 &iocb,
@@ -795,7 +778,7 @@ fn nowait_without_a_free_slot_is_again() {
     );
     assert_eq!(deliver(&mut e), 2);
     assert_eq!(
-        // SAFETY: as above.
+        // SAFETY: `v` lives to the end of the test, after every completion is delivered.
         unsafe {
             e.dio_rw(
                 &iocb,
@@ -875,7 +858,7 @@ fn null_device_completes_on_the_next_poll() {
     assert_eq!(take_done(), vec![(77, Ok(4096))]);
     // Sync on the null device.
     assert_eq!(
-        // SAFETY: as above.
+        // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
         unsafe {
             e.dio_rw(
                 &Kiocb::sync(0),

@@ -31,6 +31,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
 use dioxide_iomap::{BlockQueue, DioError, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Stats};
+use dioxide_testkit::Rng;
 use x86_64::instructions::interrupts;
 
 const MAX_QD: usize = 1024;
@@ -170,18 +171,6 @@ impl Row {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 struct Load<'a> {
     target: Target,
     file: &'a File,
@@ -203,13 +192,13 @@ impl Load<'_> {
         let r = match self.target {
             Target::Raw => {
                 let shift = e.queue().lba_shift();
-                let lba = (self.rng.next() % self.raw_blocks) << (12 - shift);
+                let lba = (self.rng.next_u64() % self.raw_blocks) << (12 - shift);
                 // SAFETY: the buffers live for the whole benchmark.
                 unsafe { e.raw(Op::Read, lba, buf, Some(owner)) }
             }
             Target::Generic | Target::Simple => {
-                let pos = (self.rng.next() % self.file_blocks) * 4096;
-                // SAFETY: as above.
+                let pos = (self.rng.next_u64() % self.file_blocks) * 4096;
+                // SAFETY: the buffers live for the whole benchmark, past every completion.
                 unsafe {
                     e.dio_rw(
                         &Kiocb::with_owner(pos, owner),
@@ -466,7 +455,7 @@ pub fn bench(
                             file_blocks: file.size() / 4096,
                             raw_blocks,
                             bufs: base,
-                            rng: Rng(0x9e37_79b9 ^ (qd as u64) << 8 ^ round),
+                            rng: Rng::new(0x9e37_79b9 ^ (qd as u64) << 8 ^ round),
                         };
                         let r = if *d == "nvme" {
                             run(&mut nvme_with(), irq, &mut load, qd, slice)
@@ -524,7 +513,7 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk
         file_blocks: file.size() / 4096,
         raw_blocks: 1,
         bufs: base,
-        rng: Rng(42),
+        rng: Rng::new(42),
     };
     let n = NOALLOC_READS;
     let mut ok = true;
