@@ -719,7 +719,7 @@ fn ten_thousand_corrupted_images_never_panic() {
 
 #[test]
 fn iomap_begin_maps_extents_holes_and_eof() {
-    use dioxide_iomap::{IomapOps, IomapType};
+    use dioxide_iomap::{IomapFlags, IomapOps, IomapType};
     let mut s = Sample::new();
     let mut rng = Rng::new(21);
     // Data at blocks 0 and 2, a hole at block 1, size 3 blocks + 10 bytes.
@@ -734,23 +734,23 @@ fn iomap_begin_maps_extents_holes_and_eof() {
     let dev = s.image(&Options::default());
     let fs = Fs::mount(&dev).unwrap();
     let f = fs.open(fs.resolve("f").unwrap()).unwrap();
-    let m0 = f.iomap_begin(100, 4096, 0).unwrap();
+    let m0 = f.iomap_begin(100, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m0.kind, m0.offset, m0.length),
         (IomapType::Mapped, 0, 4096)
     );
     assert_eq!(m0.addr, f.extents()[0].disk_block * 4096);
-    let m1 = f.iomap_begin(4096, 4096, 0).unwrap();
+    let m1 = f.iomap_begin(4096, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m1.kind, m1.offset, m1.length),
         (IomapType::Hole, 4096, 4096)
     );
-    let m2 = f.iomap_begin(3 * 4096, 10, 0).unwrap();
+    let m2 = f.iomap_begin(3 * 4096, 10, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m2.kind, m2.offset, m2.length),
         (IomapType::Mapped, 8192 + 4096, 4096)
     );
     assert_eq!(IomapOps::size(&f), 3 * 4096 + 10);
-    let past = f.iomap_begin(1 << 30, 4096, 0).unwrap();
+    let past = f.iomap_begin(1 << 30, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(past.kind, IomapType::Hole);
 }
