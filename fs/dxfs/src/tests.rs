@@ -291,7 +291,7 @@ impl BlockDevice for Counting<'_> {
     fn size(&self) -> u64 {
         self.0.size()
     }
-    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), String> {
+    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), crate::DevError> {
         self.1.set(self.1.get() + 1);
         self.0.read_at(o, b)
     }
@@ -753,4 +753,63 @@ fn iomap_begin_maps_extents_holes_and_eof() {
     assert_eq!(IomapOps::size(&f), 3 * 4096 + 10);
     let past = f.iomap_begin(1 << 30, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(past.kind, IomapType::Hole);
+}
+
+/// A device that fails every read with an NVMe-like status.
+struct Failing;
+impl BlockDevice for Failing {
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_at(&self, offset: u64, _: &mut [u8]) -> Result<(), crate::DevError> {
+        Err(crate::DevError::Io {
+            offset,
+            reason: "Unrecovered Read Error",
+            code: Some(0x281),
+        })
+    }
+}
+
+#[test]
+fn a_device_error_keeps_its_reason_code_and_block_up_to_the_message() {
+    let e = Fs::mount(Failing).err().unwrap();
+    let want = crate::DevError::Io {
+        offset: 0,
+        reason: "Unrecovered Read Error",
+        code: Some(0x281),
+    };
+    assert_eq!(
+        e,
+        Error::Device {
+            block: 0,
+            err: want
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "device error at block 0: I/O error at byte 0: Unrecovered Read Error (code 0x281)"
+    );
+    let src = core::error::Error::source(&e).map(|s| s.to_string());
+    assert_eq!(src, Some(want.to_string()));
+    // The in-memory device's own checks are typed too.
+    let dev = MemDevice::new(4096, 512);
+    let mut b = [0u8; 512];
+    assert_eq!(
+        dev.read_at(100, &mut b),
+        Err(crate::DevError::Unaligned {
+            offset: 100,
+            len: 512
+        })
+    );
+    assert_eq!(
+        dev.read_at(4096, &mut b),
+        Err(crate::DevError::OutOfRange {
+            offset: 4096,
+            len: 512,
+            size: 4096
+        })
+    );
 }
