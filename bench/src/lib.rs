@@ -21,7 +21,7 @@
 
 use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
 use dioxide_dxfs::{File, Fs, MemDevice};
-use dioxide_iomap::{DioError, DioResult, Engine, IoBuf, Kiocb, Op, ReqId};
+use dioxide_iomap::{DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId};
 use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::cmd::{CompletionEntry, SubmissionEntry};
 use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
@@ -316,15 +316,11 @@ pub fn run_with_status(
                 if target == "raw" {
                     e.raw(Op::Read, r, buf, Some(owner))
                 } else {
-                    e.dio_rw(
-                        &Kiocb::with_owner(r * 4096, owner),
-                        Op::Read,
+                    e.dio_rw(DioRequest::read(
+                        Kiocb::with_owner(r * 4096, owner),
                         buf,
                         &file,
-                        None,
-                        0,
-                        0,
-                    )
+                    ))
                 }
             };
             assert_eq!(res, Ok(DioResult::Queued));

@@ -25,18 +25,30 @@ pub enum BlkError {
     Invalid,
 }
 
+impl BlkError {
+    /// What failed, in a few words (for an NVMe status, its name): what
+    /// layers that cannot depend on this crate (dxfs's device boundary)
+    /// carry as the reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BlkError::Status { name, .. } => name,
+            BlkError::Timeout => "command timed out",
+            BlkError::Aborted => "command timed out and was aborted",
+            BlkError::Cancelled => "command cancelled by a controller reset",
+            BlkError::Unavailable => "device unavailable (controller reset failed)",
+            BlkError::QueueFull => "queue full",
+            BlkError::Invalid => "invalid command",
+        }
+    }
+}
+
 impl fmt::Display for BlkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BlkError::Status { sct, sc, name } => {
                 write!(f, "{name} (sct {sct:#x} sc {sc:#04x})")
             }
-            BlkError::Timeout => write!(f, "command timed out"),
-            BlkError::Aborted => write!(f, "command timed out and was aborted"),
-            BlkError::Cancelled => write!(f, "command cancelled by a controller reset"),
-            BlkError::Unavailable => write!(f, "device unavailable (controller reset failed)"),
-            BlkError::QueueFull => write!(f, "queue full"),
-            BlkError::Invalid => write!(f, "invalid command"),
+            other => f.write_str(other.reason()),
         }
     }
 }

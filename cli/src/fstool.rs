@@ -3,7 +3,7 @@
 use crate::{io_err, Error};
 use dioxide_dxfs::format::{S_IFDIR, S_IFMT};
 use dioxide_dxfs::mkfs::{self, Node, NodeKind, Options, Source, Tree};
-use dioxide_dxfs::{BlockDevice, BlockDeviceMut, Fs};
+use dioxide_dxfs::{BlockDevice, BlockDeviceMut, DevError, Fs};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -54,18 +54,40 @@ impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
         self.size / 512 * 512
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| e.to_string())
+            .map_err(|e| dev_error(offset, &e))
     }
 }
 
 impl BlockDeviceMut for FileDevice {
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), String> {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| e.to_string())
+            .map_err(|e| dev_error(offset, &e))
+    }
+}
+
+/// An image file's I/O error at the dxfs device boundary: the kind as the
+/// reason, the OS error number (when there is one) as the code.
+fn dev_error(offset: u64, e: &std::io::Error) -> DevError {
+    use std::io::ErrorKind as K;
+    let reason = match e.kind() {
+        K::UnexpectedEof => "image file shorter than expected",
+        K::WriteZero => "image file accepted no more bytes",
+        K::OutOfMemory => return DevError::NoMemory,
+        K::PermissionDenied => "permission denied",
+        K::Interrupted => "interrupted",
+        K::StorageFull => "no space left on the host device",
+        K::FileTooLarge => "file too large",
+        K::InvalidInput => "invalid argument",
+        _ => "I/O error on the image file",
+    };
+    DevError::Io {
+        offset,
+        reason,
+        code: e.raw_os_error().and_then(|c| u32::try_from(c).ok()),
     }
 }
 

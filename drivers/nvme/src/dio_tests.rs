@@ -30,7 +30,7 @@ impl FakeFile {
 }
 
 impl IomapOps for FakeFile {
-    fn iomap_begin(&self, pos: u64, _len: u64, _flags: u32) -> Result<Iomap, IomapError> {
+    fn iomap_begin(&self, pos: u64, _len: u64, _flags: IomapFlags) -> Result<Iomap, IomapError> {
         self.maps
             .iter()
             .find(|&&(o, l, _)| pos >= o && pos < o + l)
@@ -39,7 +39,7 @@ impl IomapOps for FakeFile {
                 offset,
                 length,
                 addr,
-                flags: 0,
+                flags: MappingFlags::empty(),
             })
             .ok_or(IomapError::Range)
     }
@@ -85,29 +85,21 @@ fn through_the_nvme_driver_and_its_simulated_controller() {
     // Simple, then generic across both extents.
     // SAFETY: v outlives the synchronous calls.
     let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(4096),
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            Kiocb::sync(4096),
             IoBuf::from_mut_slice(&mut v[o..o + 4096]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     };
     assert_eq!(r, Ok(DioResult::Done(4096)));
     assert_eq!(&v[o..o + 4096], &data[45056..49152]);
     // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
     let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(0),
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            Kiocb::sync(0),
             IoBuf::from_mut_slice(&mut v[o..o + 131072]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     };
     assert_eq!(r, Ok(DioResult::Done(131072)));
     assert_eq!(&v[o..o + 65536], &data[40960..106496]);
@@ -178,18 +170,22 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     sim.set_ignore_aborts(true);
     for (ctx, &(addr, len)) in bufs.iter().enumerate() {
         let iocb = Kiocb::with_owner(4096 * ctx as u64, ReqId::new(ctx as u16, 0));
-        let flags = if ctx == 1 { dio_flags::BOUNCE } else { 0 };
+        let flags = if ctx == 1 {
+            DioFlags::BOUNCE
+        } else {
+            DioFlags::empty()
+        };
         // SAFETY: a and b outlive every completion (checked below).
         let r = unsafe {
-            e.dio_rw(
-                &iocb,
-                Op::Read,
-                IoBuf::from_addr(addr, len).unwrap(),
-                &f,
-                None,
+            e.dio_rw(DioRequest {
+                iocb,
+                op: Op::Read,
+                buf: IoBuf::from_addr(addr, len).unwrap(),
+                ops: &f,
+                dops: None,
                 flags,
-                0,
-            )
+                done_before: 0,
+            })
         };
         assert_eq!(r, Ok(DioResult::Queued));
     }
@@ -227,15 +223,11 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     let (mut v, o) = abuf(8192);
     // SAFETY: v outlives the synchronous call.
     let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(8192),
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            Kiocb::sync(8192),
             IoBuf::from_mut_slice(&mut v[o..o + 8192]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     };
     assert_eq!(r, Ok(DioResult::Done(8192)));
     assert_eq!(&v[o..o + 8192], &data[8192..16384]);

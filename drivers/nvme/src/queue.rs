@@ -64,6 +64,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
+use dioxide_blk::FreeList;
 
 /// PRP entries in one list page; one page per slot bounds a transfer to
 /// `(PRP_LIST_ENTRIES + 1)` pages less the first page's offset.
@@ -160,8 +161,8 @@ pub struct QueuePair<H: Hal, M: Mmio> {
     sq_doorbell: usize,
     cq_doorbell: usize,
     slots: Box<[Slot]>,
-    free: Box<[u16]>,
-    nfree: usize,
+    /// Free command ids (the blk crate's stack of indices: low ids first).
+    free: FreeList,
     timeout_ns: u64,
     /// How long an aborted command may take to complete before a reset.
     abort_grace_ns: u64,
@@ -213,8 +214,6 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
                 prp_list,
             });
         }
-        // Hand out low ids first (the stack pops from the end).
-        let free: Vec<u16> = (0..nslots as u16).rev().collect();
         Ok(QueuePair {
             hal,
             mmio,
@@ -229,8 +228,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             sq_doorbell: crate::regs::sq_doorbell(qid, doorbell_stride),
             cq_doorbell: crate::regs::cq_doorbell(qid, doorbell_stride),
             slots: slots.into_boxed_slice(),
-            free: free.into_boxed_slice(),
-            nfree: nslots,
+            free: FreeList::new(nslots),
             timeout_ns,
             abort_grace_ns: timeout_ns,
             wedged: 0,
@@ -252,7 +250,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         self.slots.len()
     }
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.nfree
+        self.free.used()
     }
     pub fn max_transfer(&self) -> usize {
         self.max_transfer
@@ -318,16 +316,18 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         if self.wedged != 0 || self.down {
             return Err(self.refusal());
         }
-        if self.nfree == 0 {
+        let Some(cid) = self.free.take() else {
             return Err(NvmeError::QueueFull);
-        }
-        let cid = self.free[self.nfree - 1];
+        };
         // Without a data buffer the command's own PRP1 stands (queue creation
         // carries the queue's base address there).
         if let Some(buf) = data {
-            self.build_prps(&mut cmd, buf, cid)?;
+            if let Err(e) = self.build_prps(&mut cmd, buf, cid) {
+                // Back on top of the stack: the next command gets the same id.
+                self.free.give(cid);
+                return Err(e);
+            }
         }
-        self.nfree -= 1;
         cmd.set_cid(cid);
         let deadline = self.hal.now_ns().saturating_add(self.timeout_ns);
         let slot = &mut self.slots[cid as usize];
@@ -462,8 +462,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             }
             SlotState::Abandoned => {
                 slot.state = SlotState::Free;
-                self.free[self.nfree] = cid;
-                self.nfree += 1;
+                self.free.give(cid);
                 self.wedged -= 1;
                 self.stats.late += 1;
                 log::warn!(target: "nvme", "queue {}: late completion of timed-out cid {}", self.qid, cid);
@@ -477,8 +476,7 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         }
         slot.state = SlotState::Free;
         let (tag, opcode) = (slot.tag, slot.opcode);
-        self.free[self.nfree] = cid;
-        self.nfree += 1;
+        self.free.give(cid);
         self.stats.completed += 1;
         let status: Status = cqe.status();
         let result = if status.is_success() {
@@ -703,12 +701,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         // SAFETY: the CQ region is `cq.len` bytes of our DMA memory, and by
         // this function's contract the controller no longer writes it.
         unsafe { ptr::write_bytes(self.cq.virt.as_ptr(), 0, self.cq.len) };
-        self.nfree = 0;
-        for i in (0..self.slots.len()).rev() {
-            self.slots[i].state = SlotState::Free;
-            self.free[self.nfree] = i as u16;
-            self.nfree += 1;
+        for slot in self.slots.iter_mut() {
+            slot.state = SlotState::Free;
         }
+        self.free.reset();
         self.wedged = 0;
     }
 }

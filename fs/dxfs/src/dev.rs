@@ -1,7 +1,61 @@
 //! Where dxfs reads and writes: a device of fixed-size logical blocks.
+//!
+//! The device boundary has its own error type, [`DevError`], so that dxfs
+//! (and its host tools) need no driver crate: an implementor maps its own
+//! failure into it — the kernel its `DioError`/`BlkError` (the status's
+//! name as the reason, its code as the code), the host tools an
+//! `std::io::Error` (its kind as the reason, the OS error number as the
+//! code). Only `&'static str` and numbers cross the boundary: no
+//! allocation on an error path, and the variants stay comparable in tests.
 
-use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt;
+
+/// Why a device read or write failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevError {
+    /// Offset or length not a multiple of the sector size.
+    Unaligned { offset: u64, len: usize },
+    /// The access does not lie inside the device.
+    OutOfRange { offset: u64, len: usize, size: u64 },
+    /// No memory for the transfer (a bounce or DMA buffer).
+    NoMemory,
+    /// The device failed the transfer at byte `offset`: what failed, in the
+    /// implementor's words, and the device's or OS's code when it has one
+    /// (for NVMe: status code type << 8 | status code).
+    Io {
+        offset: u64,
+        reason: &'static str,
+        code: Option<u32>,
+    },
+}
+
+impl fmt::Display for DevError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevError::Unaligned { offset, len } => {
+                write!(f, "unaligned access at {offset} length {len}")
+            }
+            DevError::OutOfRange { offset, len, size } => {
+                write!(f, "access at {offset} length {len} past the end ({size})")
+            }
+            DevError::NoMemory => write!(f, "out of memory for the transfer"),
+            DevError::Io {
+                offset,
+                reason,
+                code,
+            } => {
+                write!(f, "I/O error at byte {offset}: {reason}")?;
+                match code {
+                    Some(c) => write!(f, " (code {c:#x})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl core::error::Error for DevError {}
 
 /// A readable block device. Offsets and lengths are multiples of
 /// [`BlockDevice::sector_size`].
@@ -11,12 +65,12 @@ pub trait BlockDevice {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at byte `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError>;
 }
 
 /// A writable block device (mkfs).
 pub trait BlockDeviceMut: BlockDevice {
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), String>;
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError>;
 }
 
 /// A device in memory.
@@ -38,19 +92,21 @@ impl MemDevice {
     }
 }
 
-fn check(dev: &impl BlockDevice, offset: u64, len: usize) -> Result<(usize, usize), String> {
+/// The checks every device makes: whole sectors, inside the device.
+pub fn check_access(
+    dev: &(impl BlockDevice + ?Sized),
+    offset: u64,
+    len: usize,
+) -> Result<(usize, usize), DevError> {
     let s = dev.sector_size() as u64;
     if !offset.is_multiple_of(s) || !(len as u64).is_multiple_of(s) {
-        return Err(alloc::format!("unaligned access at {offset} length {len}"));
+        return Err(DevError::Unaligned { offset, len });
     }
-    let end = offset.checked_add(len as u64).ok_or("offset overflow")?;
-    if end > dev.size() {
-        return Err(alloc::format!(
-            "access at {offset} length {len} past the end ({})",
-            dev.size()
-        ));
+    let size = dev.size();
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok((offset as usize, end as usize)),
+        _ => Err(DevError::OutOfRange { offset, len, size }),
     }
-    Ok((offset as usize, end as usize))
 }
 
 impl BlockDevice for MemDevice {
@@ -61,16 +117,16 @@ impl BlockDevice for MemDevice {
         // Whole sectors only, as a real device has.
         (self.data.len() as u64 / self.sector as u64) * self.sector as u64
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        let (a, b) = check(self, offset, buf.len())?;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let (a, b) = check_access(self, offset, buf.len())?;
         buf.copy_from_slice(&self.data[a..b]);
         Ok(())
     }
 }
 
 impl BlockDeviceMut for MemDevice {
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), String> {
-        let (a, b) = check(self, offset, buf.len())?;
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        let (a, b) = check_access(self, offset, buf.len())?;
         self.data[a..b].copy_from_slice(buf);
         Ok(())
     }
@@ -83,7 +139,7 @@ impl<T: BlockDevice + ?Sized> BlockDevice for &T {
     fn size(&self) -> u64 {
         (**self).size()
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         (**self).read_at(offset, buf)
     }
 }

@@ -1,5 +1,6 @@
 //! Errors. A corrupt structure is named with the block it was found in.
 
+use crate::dev::DevError;
 use alloc::string::String;
 use core::fmt;
 
@@ -63,7 +64,7 @@ pub enum Error {
     /// The block device failed.
     Device {
         block: u64,
-        msg: String,
+        err: DevError,
     },
     /// A structure on disk is damaged.
     Corrupt {
@@ -104,7 +105,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Device { block, msg } => write!(f, "device error reading block {block}: {msg}"),
+            Error::Device { block, err } => write!(f, "device error at block {block}: {err}"),
             Error::Corrupt { what, block, why } => {
                 write!(f, "corrupt {what} at block {block}: {why}")
             }
@@ -129,4 +130,11 @@ impl fmt::Display for Error {
     }
 }
 
-impl core::error::Error for Error {}
+impl core::error::Error for Error {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Error::Device { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Reading a dxfs image: mount, inodes, extent maps, directories, file data.
 
-use crate::dev::BlockDevice;
+use crate::dev::{BlockDevice, DevError};
 use crate::error::{Error, Result, Structure, Why};
 use crate::format::*;
 use alloc::collections::BTreeSet;
@@ -94,7 +94,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         let mut buf = vec![0u8; first];
         dev.read_at(0, &mut buf)
-            .map_err(|msg| Error::Device { block: 0, msg })?;
+            .map_err(|err| Error::Device { block: 0, err })?;
         let sb =
             Superblock::parse(&buf).map_err(|w| Error::corrupt(Structure::Superblock, 0, w))?;
         if sb.block_size < dev.sector_size() {
@@ -144,14 +144,19 @@ impl<D: BlockDevice> Fs<D> {
             .checked_add(n)
             .is_none_or(|end| end > self.sb.block_count)
         {
+            // Past the filesystem (which may be smaller than the device).
             return Err(Error::Device {
                 block,
-                msg: "read past the end of the filesystem".into(),
+                err: DevError::OutOfRange {
+                    offset: block.saturating_mul(self.bs as u64),
+                    len: buf.len(),
+                    size: self.sb.block_count.saturating_mul(self.bs as u64),
+                },
             });
         }
         self.dev
             .read_at(block * self.bs as u64, buf)
-            .map_err(|msg| Error::Device { block, msg })
+            .map_err(|err| Error::Device { block, err })
     }
 
     fn inode_block(&self, ino: u64) -> u64 {
@@ -178,7 +183,7 @@ impl<D: BlockDevice> Fs<D> {
         let len = sector.max(INODE_SIZE);
         self.dev
             .read_at(blk * self.bs as u64 + sec_off as u64, &mut buf[..len])
-            .map_err(|msg| Error::Device { block: blk, msg })?;
+            .map_err(|err| Error::Device { block: blk, err })?;
         Inode::parse(ino, &buf[off - sec_off..])
             .map_err(|w| Error::corrupt(Structure::Inode(ino), blk, w))
     }

@@ -3,11 +3,11 @@
 //! extents), no I/O, no allocation.
 
 use crate::fs::{File, Mapping};
-use dioxide_iomap::{Iomap, IomapError, IomapOps, IomapType};
+use dioxide_iomap::{Iomap, IomapError, IomapFlags, IomapOps, IomapType, MappingFlags};
 
 impl IomapOps for File {
     #[inline]
-    fn iomap_begin(&self, pos: u64, _len: u64, _flags: u32) -> Result<Iomap, IomapError> {
+    fn iomap_begin(&self, pos: u64, _len: u64, _flags: IomapFlags) -> Result<Iomap, IomapError> {
         // Block sizes are powers of two: shifts, not divisions, on the hot
         // path.
         let shift = self.block_shift();
@@ -26,21 +26,21 @@ impl IomapOps for File {
                 offset,
                 length: bytes(blocks),
                 addr: disk_block << shift,
-                flags: 0,
+                flags: MappingFlags::empty(),
             },
             Mapping::Unwritten { disk_block, blocks } => Iomap {
                 kind: IomapType::Unwritten,
                 offset,
                 length: bytes(blocks),
                 addr: disk_block << shift,
-                flags: 0,
+                flags: MappingFlags::empty(),
             },
             Mapping::Hole { blocks } => Iomap {
                 kind: IomapType::Hole,
                 offset,
                 length: bytes(blocks),
                 addr: 0,
-                flags: 0,
+                flags: MappingFlags::empty(),
             },
         })
     }

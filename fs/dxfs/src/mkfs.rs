@@ -6,7 +6,7 @@
 //! back to back; the holes of sparse files stay holes), directories before
 //! files, metadata at the front.
 
-use crate::dev::BlockDeviceMut;
+use crate::dev::{BlockDeviceMut, DevError};
 use crate::error::{Error, Result};
 use crate::format::*;
 use alloc::collections::VecDeque;
@@ -396,8 +396,8 @@ pub struct Summary {
     pub data_bytes: u64,
 }
 
-fn dev_err(block: u64) -> impl Fn(String) -> Error {
-    move |msg| Error::Device { block, msg }
+fn dev_err(block: u64) -> impl Fn(DevError) -> Error {
+    move |err| Error::Device { block, err }
 }
 
 /// An inode's inline extent area, entry count, depth, and the tree nodes

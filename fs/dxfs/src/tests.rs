@@ -291,7 +291,7 @@ impl BlockDevice for Counting<'_> {
     fn size(&self) -> u64 {
         self.0.size()
     }
-    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), String> {
+    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), crate::DevError> {
         self.1.set(self.1.get() + 1);
         self.0.read_at(o, b)
     }
@@ -719,7 +719,7 @@ fn ten_thousand_corrupted_images_never_panic() {
 
 #[test]
 fn iomap_begin_maps_extents_holes_and_eof() {
-    use dioxide_iomap::{IomapOps, IomapType};
+    use dioxide_iomap::{IomapFlags, IomapOps, IomapType};
     let mut s = Sample::new();
     let mut rng = Rng::new(21);
     // Data at blocks 0 and 2, a hole at block 1, size 3 blocks + 10 bytes.
@@ -734,23 +734,82 @@ fn iomap_begin_maps_extents_holes_and_eof() {
     let dev = s.image(&Options::default());
     let fs = Fs::mount(&dev).unwrap();
     let f = fs.open(fs.resolve("f").unwrap()).unwrap();
-    let m0 = f.iomap_begin(100, 4096, 0).unwrap();
+    let m0 = f.iomap_begin(100, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m0.kind, m0.offset, m0.length),
         (IomapType::Mapped, 0, 4096)
     );
     assert_eq!(m0.addr, f.extents()[0].disk_block * 4096);
-    let m1 = f.iomap_begin(4096, 4096, 0).unwrap();
+    let m1 = f.iomap_begin(4096, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m1.kind, m1.offset, m1.length),
         (IomapType::Hole, 4096, 4096)
     );
-    let m2 = f.iomap_begin(3 * 4096, 10, 0).unwrap();
+    let m2 = f.iomap_begin(3 * 4096, 10, IomapFlags::DIRECT).unwrap();
     assert_eq!(
         (m2.kind, m2.offset, m2.length),
         (IomapType::Mapped, 8192 + 4096, 4096)
     );
     assert_eq!(IomapOps::size(&f), 3 * 4096 + 10);
-    let past = f.iomap_begin(1 << 30, 4096, 0).unwrap();
+    let past = f.iomap_begin(1 << 30, 4096, IomapFlags::DIRECT).unwrap();
     assert_eq!(past.kind, IomapType::Hole);
+}
+
+/// A device that fails every read with an NVMe-like status.
+struct Failing;
+impl BlockDevice for Failing {
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_at(&self, offset: u64, _: &mut [u8]) -> Result<(), crate::DevError> {
+        Err(crate::DevError::Io {
+            offset,
+            reason: "Unrecovered Read Error",
+            code: Some(0x281),
+        })
+    }
+}
+
+#[test]
+fn a_device_error_keeps_its_reason_code_and_block_up_to_the_message() {
+    let e = Fs::mount(Failing).err().unwrap();
+    let want = crate::DevError::Io {
+        offset: 0,
+        reason: "Unrecovered Read Error",
+        code: Some(0x281),
+    };
+    assert_eq!(
+        e,
+        Error::Device {
+            block: 0,
+            err: want
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "device error at block 0: I/O error at byte 0: Unrecovered Read Error (code 0x281)"
+    );
+    let src = core::error::Error::source(&e).map(|s| s.to_string());
+    assert_eq!(src, Some(want.to_string()));
+    // The in-memory device's own checks are typed too.
+    let dev = MemDevice::new(4096, 512);
+    let mut b = [0u8; 512];
+    assert_eq!(
+        dev.read_at(100, &mut b),
+        Err(crate::DevError::Unaligned {
+            offset: 100,
+            len: 512
+        })
+    );
+    assert_eq!(
+        dev.read_at(4096, &mut b),
+        Err(crate::DevError::OutOfRange {
+            offset: 4096,
+            len: 512,
+            size: 4096
+        })
+    );
 }

@@ -28,10 +28,26 @@
 //!
 //! Buffers: the caller's buffer belongs to the device from submission until
 //! the request's completion is delivered (or returned, for a waiter); a
-//! bounce buffer belongs to its generic command and is freed when that
-//! command completes — which the queue reports only once the device can no
-//! longer touch it (after the command's completion or a controller reset).
+//! bounce buffer is a [`Lent`] held by its generic command and reclaimed (and
+//! freed) when that command completes — which the queue reports only once
+//! the device can no longer touch it (after the command's completion or a
+//! controller reset). See `bounce.rs`.
+//!
+//! # The generic path
+//!
+//! Shaped like upstream `__iomap_dio_rw`: [`Engine::generic`] sets up the
+//! dio, then walks the range with an [`IomapIter`] — which pairs every
+//! `iomap_begin` with its `iomap_end`, so no exit of the loop can skip one —
+//! and hands each mapping to the helper for its type: [`zero_fill`] (holes
+//! and unwritten extents), [`copy_inline`] (inline data) and
+//! [`Engine::dio_mapped`] (split at the device's maximum transfer, bounce
+//! where needed, submit). A helper that fails says how far it got
+//! ([`Stop`]); the loop reports that to the iterator and records the error
+//! in the dio (first error wins). The simple path keeps its single mapping
+//! and its single `iomap_end` call inline: it is the hot path.
 
+use crate::bounce::{Bounce, Lent};
+use crate::iter::{IomapIter, IomapStep};
 use crate::*;
 use crate::{BlkError, BlockQueue, IoBuf, Op};
 use alloc::vec::Vec;
@@ -139,8 +155,9 @@ struct Cmd {
     len: usize,
     /// Where the data goes in the caller's buffer.
     dest: usize,
-    /// A bounce buffer (address, layout size) used instead of `dest`.
-    bounce: Option<(usize, usize)>,
+    /// The bounce buffer the device transfers to instead of `dest`, lent
+    /// until this command's completion reclaims it.
+    bounce: Option<Lent>,
 }
 
 /// The dio object of a generic request (an entry of the engine's slab).
@@ -195,10 +212,68 @@ enum Simple {
     Err(DioError),
 }
 
-fn bounce_layout(len: usize) -> core::alloc::Layout {
-    // 4 KiB aligned: any device can DMA to it.
-    core::alloc::Layout::from_size_align(len.max(1), 4096)
-        .unwrap_or(core::alloc::Layout::new::<u64>())
+/// Where a generic-path helper stopped: `done` bytes of its step were
+/// handled (submitted or filled) before `err` at file offset `at`.
+struct Stop {
+    done: u64,
+    at: u64,
+    err: DioError,
+}
+
+/// What every step of one generic request shares.
+#[derive(Clone, Copy)]
+struct GenericCtx {
+    id: ReqId,
+    op: Op,
+    /// The caller's buffer and the file offset of its first byte.
+    buf: IoBuf,
+    pos: u64,
+    flags: DioFlags,
+    dops: Option<&'static dyn DioOps>,
+    nowait: bool,
+    /// The device's maximum transfer in whole logical blocks.
+    max: u64,
+}
+
+/// The error a failed `iomap_begin` means for the request.
+fn fs_error(e: IomapError) -> DioError {
+    if e == IomapError::Again {
+        DioError::Again
+    } else {
+        DioError::Fs(e)
+    }
+}
+
+/// A read of a hole or unwritten extent: `len` zeroes at `off` of `buf`.
+///
+/// # Safety
+/// `[off, off + len)` lies in `buf`, which the CPU may write (the caller's
+/// buffer during its request: `dio_rw`'s contract).
+unsafe fn zero_fill(buf: IoBuf, off: usize, len: usize) {
+    // SAFETY: the range lies in `buf` and may be written (this function's
+    // contract).
+    unsafe { core::ptr::write_bytes(buf.as_ptr().add(off), 0, len) };
+}
+
+/// A read of inline data: `step.len` bytes from the CPU address the
+/// filesystem gave, to `off` of `buf`.
+///
+/// # Safety
+/// `[off, off + step.len)` lies in `buf`, which the CPU may write; the
+/// mapping is an inline one from `iomap_begin`, whose contract puts the
+/// mapping's data at its address for its whole length.
+unsafe fn copy_inline(buf: IoBuf, off: usize, step: &IomapStep) {
+    // SAFETY: the source is inside the inline mapping (step.pos..+len lies
+    // in the mapping, so step.addr()..+len in its data), the destination in
+    // `buf` (this function's contract); the two do not overlap (filesystem
+    // metadata is not the caller's I/O buffer).
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            step.addr() as *const u8,
+            buf.as_ptr().add(off),
+            step.len as usize,
+        )
+    };
 }
 
 impl State {
@@ -247,30 +322,27 @@ impl State {
             self.stats.spurious += 1;
             return;
         };
-        let (cpos, clen, dest, bounce) = (c.pos, c.len, c.dest, c.bounce.take());
+        let (cpos, clen, dest) = (c.pos, c.len, c.dest);
+        // SAFETY: this is the completion of the command the buffer was lent
+        // to (or its failure after a reset): the device no longer touches it.
+        let bounce: Option<Bounce> = c.bounce.take().map(|l| unsafe { l.reclaim() });
         match res {
             Ok(()) => {
-                if let Some((b, _)) = bounce {
-                    if dio.op == Op::Read {
-                        // SAFETY: the bounce buffer holds at least `clen`
-                        // bytes the device wrote and no longer touches (this
-                        // is its completion); `dest` is the caller's buffer
-                        // for this command, valid until the request's
-                        // completion is delivered (dio_rw's contract).
-                        unsafe {
-                            core::ptr::copy_nonoverlapping(b as *const u8, dest as *mut u8, clen)
-                        };
-                    }
+                if let (Some(b), Op::Read) = (&bounce, dio.op) {
+                    let src = &b.as_slice()[..clen.min(b.len())];
+                    // SAFETY: `dest` is the caller's buffer for this command
+                    // (`clen` bytes), valid and ours to write until the
+                    // request's completion is delivered (dio_rw's contract);
+                    // it is not the bounce buffer.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(src.as_ptr(), dest as *mut u8, src.len())
+                    };
                 }
             }
             Err(e) => dio.record(cpos, DioError::Io { pos: cpos, err: e }),
         }
-        if let Some((b, size)) = bounce {
-            // SAFETY: allocated in `generic` with this layout and taken out
-            // of its command above (so freed once); the device is done with
-            // it: this is its command's completion.
-            unsafe { alloc::alloc::dealloc(b as *mut u8, bounce_layout(size)) };
-        }
+        // The bounce buffer (if any) is freed here.
+        drop(bounce);
         dio.remaining -= 1;
         if dio.remaining == 0 {
             self.generic_in_flight -= 1;
@@ -514,37 +586,31 @@ impl<Q: BlockQueue> Engine<Q> {
         }
     }
 
-    /// Reads or writes `buf` at `iocb.pos` of the file `ops` maps: the one
-    /// entry point of the layer.
+    /// Reads or writes `req.buf` at `req.iocb.pos` of the file `req.ops`
+    /// maps: the one entry point of the layer.
     ///
     /// Returns `Done(bytes)` for completed requests (always for synchronous
     /// kiocbs), or `Queued` when the kiocb's owner will receive the result
-    /// from [`Engine::complete`]. `done_before` is added to the result (bytes
-    /// the caller already transferred).
+    /// from [`Engine::complete`]. `req.done_before` is added to the result
+    /// (bytes the caller already transferred).
     ///
     /// # Safety
-    /// `buf` stays valid, and is not accessed by the CPU, until the request
-    /// completes: until this returns `Done` or an error, or, after `Queued`,
-    /// until its completion is delivered by [`Engine::complete`].
-    #[allow(clippy::too_many_arguments)]
+    /// `req.buf` stays valid, and is not accessed by the CPU, until the
+    /// request completes: until this returns `Done` or an error, or, after
+    /// `Queued`, until its completion is delivered by [`Engine::complete`].
+    #[inline]
     pub unsafe fn dio_rw<O: IomapOps + ?Sized>(
         &mut self,
-        iocb: &Kiocb,
-        op: Op,
-        buf: IoBuf,
-        ops: &O,
-        dops: Option<&'static dyn DioOps>,
-        flags: u32,
-        done_before: usize,
+        req: DioRequest<'_, O>,
     ) -> Result<DioResult, DioError> {
         if self.simple_enabled
-            && dops.is_none()
-            && done_before == 0
-            && self.simple_supported(iocb, op, buf, ops, flags)
+            && req.dops.is_none()
+            && req.done_before == 0
+            && self.simple_supported(&req)
         {
             // SAFETY: `simple` has this function's contract on `buf`, which
             // our caller guarantees.
-            match unsafe { self.simple(iocb, buf, ops, flags) } {
+            match unsafe { self.simple(&req.iocb, req.buf, req.ops, req.flags) } {
                 Ok(r) => return Ok(r),
                 Err(Simple::Err(e)) => return Err(e),
                 Err(Simple::NotSimple) => self.st.stats.fell_back += 1,
@@ -552,31 +618,27 @@ impl<Q: BlockQueue> Engine<Q> {
         }
         // SAFETY: `generic` has this function's contract on `buf`, which our
         // caller guarantees.
-        unsafe { self.generic(iocb, op, buf, ops, dops, flags, done_before) }
+        unsafe { self.generic(req) }
     }
 
     #[inline]
-    fn simple_supported<O: IomapOps + ?Sized>(
-        &self,
-        iocb: &Kiocb,
-        op: Op,
-        buf: IoBuf,
-        ops: &O,
-        flags: u32,
-    ) -> bool {
-        let count = buf.len() as u64;
-        op == Op::Read
+    fn simple_supported<O: IomapOps + ?Sized>(&self, req: &DioRequest<'_, O>) -> bool {
+        let count = req.buf.len() as u64;
+        req.op == Op::Read
             && count != 0
-            && count <= ops.block_size() as u64
-            && flags & (dio_flags::FORCE_WAIT | dio_flags::PARTIAL | dio_flags::BOUNCE) == 0
-            && iocb
+            && count <= req.ops.block_size() as u64
+            && !req
+                .flags
+                .intersects(DioFlags::FORCE_WAIT | DioFlags::PARTIAL | DioFlags::BOUNCE)
+            && req
+                .iocb
                 .pos
                 .checked_add(count)
-                .is_some_and(|end| end <= ops.size())
+                .is_some_and(|end| end <= req.ops.size())
     }
 
-    fn alignment<O: IomapOps + ?Sized>(&self, ops: &O, flags: u32) -> u64 {
-        if flags & dio_flags::FSBLOCK_ALIGNED != 0 {
+    fn alignment<O: IomapOps + ?Sized>(&self, ops: &O, flags: DioFlags) -> u64 {
+        if flags.contains(DioFlags::FSBLOCK_ALIGNED) {
             ops.block_size() as u64
         } else {
             1 << self.queue.lba_shift()
@@ -584,49 +646,33 @@ impl<Q: BlockQueue> Engine<Q> {
     }
 
     /// The simple path: one block, one mapping, one command, one slot.
+    ///
+    /// No [`IomapIter`] here: there is one mapping, and its one `iomap_end`
+    /// call sits after the checks that may reject it (`checked`), so every
+    /// exit after `iomap_begin` passes it.
     #[inline]
     unsafe fn simple<O: IomapOps + ?Sized>(
         &mut self,
         iocb: &Kiocb,
         buf: IoBuf,
         ops: &O,
-        flags: u32,
+        flags: DioFlags,
     ) -> Result<DioResult, Simple> {
         let pos = iocb.pos;
         let count = buf.len() as u64;
-        let nowait = iocb.flags & kiocb_flags::NOWAIT != 0;
-        let bflags = iomap_flags::DIRECT | if nowait { iomap_flags::NOWAIT } else { 0 };
-        let map = ops.iomap_begin(pos, count, bflags).map_err(|e| {
-            Simple::Err(if e == IomapError::Again {
-                DioError::Again
-            } else {
-                DioError::Fs(e)
-            })
-        })?;
-        if map.kind != IomapType::Mapped
-            || !map.covers(pos, count)
-            || map.flags & iomap_f::INTEGRITY != 0
-        {
-            ops.iomap_end(pos, count, 0, bflags, &map);
-            return Err(Simple::NotSimple);
-        }
-        let align = self.alignment(ops, flags);
-        let dev = map.addr + (pos - map.offset);
-        if (pos | count | dev) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
-            ops.iomap_end(pos, count, 0, bflags, &map);
-            return Err(Simple::Err(DioError::Invalid(
-                "position, length or buffer not aligned",
-            )));
-        }
-        let idx = match self.get_slot(nowait) {
-            Ok(i) => i,
-            Err(e) => {
-                ops.iomap_end(pos, count, 0, bflags, &map);
-                return Err(Simple::Err(e));
-            }
+        let nowait = iocb.flags.contains(KiocbFlags::NOWAIT);
+        let bflags = if nowait {
+            IomapFlags::DIRECT | IomapFlags::NOWAIT
+        } else {
+            IomapFlags::DIRECT
         };
-        self.start_slot(idx, false, iocb.owner, pos, count as u32);
-        ops.iomap_end(pos, count, count, bflags, &map);
+        let map = ops
+            .iomap_begin(pos, count, bflags)
+            .map_err(|e| Simple::Err(fs_error(e)))?;
+        let checked = self.simple_slot(iocb, buf, ops, flags, &map, nowait);
+        let done = if checked.is_ok() { count } else { 0 };
+        ops.iomap_end(pos, count, done, bflags, &map);
+        let (idx, dev) = checked?;
         let lba = dev >> self.queue.lba_shift();
         let tag = Tag::Slot(idx as u16).encode();
         // SAFETY: the caller keeps `buf` valid until completion (this
@@ -708,18 +754,52 @@ impl<Q: BlockQueue> Engine<Q> {
         }
     }
 
-    /// The generic path.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn generic<O: IomapOps + ?Sized>(
+    /// The simple path's checks of its mapping, and its slot (started):
+    /// the slot index and the device address.
+    #[inline]
+    fn simple_slot<O: IomapOps + ?Sized>(
         &mut self,
         iocb: &Kiocb,
-        op: Op,
         buf: IoBuf,
         ops: &O,
-        dops: Option<&'static dyn DioOps>,
-        flags: u32,
-        done_before: usize,
+        flags: DioFlags,
+        map: &Iomap,
+        nowait: bool,
+    ) -> Result<(usize, u64), Simple> {
+        let (pos, count) = (iocb.pos, buf.len() as u64);
+        if map.kind != IomapType::Mapped
+            || !map.covers(pos, count)
+            || map.flags.contains(MappingFlags::INTEGRITY)
+        {
+            return Err(Simple::NotSimple);
+        }
+        let align = self.alignment(ops, flags);
+        let dev = map.addr + (pos - map.offset);
+        if (pos | count | dev) & (align - 1) != 0 || !buf.addr().is_multiple_of(4) {
+            return Err(Simple::Err(DioError::Invalid(
+                "position, length or buffer not aligned",
+            )));
+        }
+        let idx = self.get_slot(nowait).map_err(Simple::Err)?;
+        self.start_slot(idx, false, iocb.owner, pos, count as u32);
+        Ok((idx, dev))
+    }
+    /// The generic path (upstream `__iomap_dio_rw`): set up the dio, walk
+    /// the mappings (see the module docs), drop the submission reference,
+    /// then wait or return `Queued`.
+    unsafe fn generic<O: IomapOps + ?Sized>(
+        &mut self,
+        req: DioRequest<'_, O>,
     ) -> Result<DioResult, DioError> {
+        let DioRequest {
+            iocb,
+            op,
+            buf,
+            ops,
+            dops,
+            flags,
+            done_before,
+        } = req;
         let pos = iocb.pos;
         self.st.stats.generic += 1;
         if op == Op::Flush {
@@ -745,15 +825,11 @@ impl<Q: BlockQueue> Engine<Q> {
         if count.div_ceil(max) as usize > MAX_GENERIC_CMDS {
             return Err(DioError::Invalid("request too large"));
         }
-        let nowait = iocb.flags & kiocb_flags::NOWAIT != 0;
-        let mut bflags = iomap_flags::DIRECT;
-        if op == Op::Write {
-            bflags |= iomap_flags::WRITE;
-        }
-        if nowait {
-            bflags |= iomap_flags::NOWAIT;
-        }
-        let wait = iocb.owner.is_none() || flags & dio_flags::FORCE_WAIT != 0;
+        let nowait = iocb.flags.contains(KiocbFlags::NOWAIT);
+        let mut bflags = IomapFlags::DIRECT;
+        bflags.set(IomapFlags::WRITE, op == Op::Write);
+        bflags.set(IomapFlags::NOWAIT, nowait);
+        let wait = iocb.owner.is_none() || flags.contains(DioFlags::FORCE_WAIT);
         let id = self.new_dio(
             GenericDio {
                 remaining: 1,
@@ -761,7 +837,7 @@ impl<Q: BlockQueue> Engine<Q> {
                 pos,
                 size: count as usize,
                 done_before,
-                partial: flags & dio_flags::PARTIAL != 0,
+                partial: flags.contains(DioFlags::PARTIAL),
                 owner: if wait { None } else { iocb.owner },
                 dops,
                 first_error: None,
@@ -773,177 +849,75 @@ impl<Q: BlockQueue> Engine<Q> {
             nowait,
         )?;
         self.st.generic_in_flight += 1;
-        let end = pos + count;
-        let mut cur = pos;
-        // The dio of this request: present until this function (a waiter)
-        // or `complete` (an owner) removes it, so the lookups cannot fail.
-        macro_rules! dio {
-            ($s:expr) => {
-                match $s.st.generic.get_mut(id) {
-                    Some(d) => d,
-                    None => return Err(DioError::Invalid("generic dio vanished")),
+        let ctx = GenericCtx {
+            id,
+            op,
+            buf,
+            pos,
+            flags,
+            dops,
+            nowait,
+            max,
+        };
+        let mut iter = IomapIter::new(ops, pos, count, bflags);
+        let stop = loop {
+            let step = match iter.next() {
+                None => break None,
+                Some(Ok(step)) => step,
+                Some(Err(e)) => {
+                    break Some(Stop {
+                        done: 0,
+                        at: iter.pos(),
+                        err: fs_error(e),
+                    })
                 }
             };
-        }
-        'map: while cur < end {
-            let map = match ops.iomap_begin(cur, end - cur, bflags) {
-                Ok(m) => m,
-                Err(e) => {
-                    let e = if e == IomapError::Again {
-                        DioError::Again
-                    } else {
-                        DioError::Fs(e)
-                    };
-                    dio!(self).record(cur, e);
-                    break;
-                }
-            };
-            if map.offset > cur || map.offset.saturating_add(map.length) <= cur {
-                dio!(self).record(cur, DioError::Fs(IomapError::Corrupt));
-                ops.iomap_end(cur, end - cur, 0, bflags, &map);
-                break;
-            }
-            let piece = (map.offset.saturating_add(map.length) - cur).min(end - cur);
-            let boff = (cur - pos) as usize;
-            match (op, map.kind) {
+            // `step` lies in [pos, pos + count) and count <= buf.len(): the
+            // helpers' ranges of the caller's buffer are inside it.
+            let off = (step.pos - pos) as usize;
+            let r = match (op, step.map.kind) {
                 (Op::Read, IomapType::Hole | IomapType::Unwritten) => {
-                    // SAFETY: [boff, boff + piece) lies in the caller's buffer
-                    // (piece <= end - cur and count <= buf.len()), which the
-                    // caller lets us write until completion.
-                    unsafe { core::ptr::write_bytes(buf.as_ptr().add(boff), 0, piece as usize) };
+                    // SAFETY: [off, off + step.len) lies in the caller's
+                    // buffer (above), which the caller lets us write until
+                    // completion (our contract).
+                    unsafe { zero_fill(buf, off, step.len as usize) };
+                    Ok(step.len)
                 }
                 (Op::Read, IomapType::Inline) => {
-                    let src = map.addr + (cur - map.offset);
-                    // SAFETY: the filesystem guarantees inline data at `addr`
-                    // for the mapping's length (IomapOps contract); the
-                    // destination [boff, boff + piece) lies in the caller's
-                    // buffer as above.
-                    unsafe {
-                        core::ptr::copy_nonoverlapping(
-                            src as *const u8,
-                            buf.as_ptr().add(boff),
-                            piece as usize,
-                        )
-                    };
+                    // SAFETY: the destination lies in the caller's buffer,
+                    // ours to write (as above); the mapping is an inline one
+                    // from `iomap_begin`.
+                    unsafe { copy_inline(buf, off, &step) };
+                    Ok(step.len)
                 }
-                (_, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => {
-                    dio!(self).record(
-                        cur,
-                        DioError::Unsupported("write needing allocation or conversion"),
-                    );
-                    ops.iomap_end(cur, piece, 0, bflags, &map);
-                    break;
-                }
-                (_, IomapType::Mapped) => {
-                    let dev = map.addr + (cur - map.offset);
-                    if dev & (lbs - 1) != 0 {
-                        dio!(self).record(cur, DioError::Fs(IomapError::Corrupt));
-                        ops.iomap_end(cur, piece, 0, bflags, &map);
-                        break;
-                    }
-                    let mut done = 0u64;
-                    while done < piece {
-                        let clen = (piece - done).min(max) as usize;
-                        let at = cur + done;
-                        let boff = boff + done as usize;
-                        // A tail shorter than a block (end of file) or BOUNCE
-                        // goes through a bounce buffer of whole blocks.
-                        let dev_len = (clen as u64).div_ceil(lbs) as usize * lbs as usize;
-                        let (iob, bounced) = if flags & dio_flags::BOUNCE != 0 || dev_len != clen {
-                            let l = bounce_layout(dev_len);
-                            // SAFETY: non-zero size (dev_len >= one block).
-                            let b = unsafe { alloc::alloc::alloc_zeroed(l) };
-                            let Some(b) = core::ptr::NonNull::new(b) else {
-                                dio!(self).record(at, DioError::NoMemory);
-                                ops.iomap_end(cur, piece, done, bflags, &map);
-                                break 'map;
-                            };
-                            if op == Op::Write {
-                                // SAFETY: the source is the caller's buffer at
-                                // [boff, boff + clen), within it; the bounce
-                                // buffer holds dev_len >= clen bytes.
-                                unsafe {
-                                    core::ptr::copy_nonoverlapping(
-                                        buf.as_ptr().add(boff),
-                                        b.as_ptr(),
-                                        clen,
-                                    )
-                                };
-                            }
-                            (IoBuf::new(b, dev_len), true)
-                        } else {
-                            match buf.part(boff, clen) {
-                                Some(p) => (p, false),
-                                None => {
-                                    dio!(self).record(at, DioError::Invalid("buffer too short"));
-                                    ops.iomap_end(cur, piece, done, bflags, &map);
-                                    break 'map;
-                                }
-                            }
-                        };
-                        if let Some(d) = dops {
-                            d.submit_io(at, clen);
-                        }
-                        let d = dio!(self);
-                        if d.cmds.try_reserve(1).is_err() {
-                            if bounced {
-                                // SAFETY: allocated above with this layout,
-                                // never submitted.
-                                unsafe {
-                                    alloc::alloc::dealloc(iob.as_ptr(), bounce_layout(iob.len()))
-                                };
-                            }
-                            d.record(at, DioError::NoMemory);
-                            ops.iomap_end(cur, piece, done, bflags, &map);
-                            break 'map;
-                        }
-                        let cmd = d.cmds.len() as u32;
-                        d.cmds.push(Cmd {
-                            pos: at,
-                            len: clen,
-                            dest: buf.addr() + boff,
-                            bounce: bounced.then_some((iob.addr(), iob.len())),
-                        });
-                        d.remaining += 1;
-                        let tag = Tag::Generic { dio: id, cmd }.encode();
-                        // SAFETY: the caller's buffer (our contract) or our
-                        // bounce buffer (freed only by this command's
-                        // completion) stays valid until the completion.
-                        let r = unsafe {
-                            self.submit(
-                                op,
-                                (dev + done) >> self.queue.lba_shift(),
-                                iob,
-                                tag,
-                                nowait,
-                            )
-                        };
-                        if let Err(e) = r {
-                            let d = dio!(self);
-                            d.remaining -= 1;
-                            if let Some((b, l)) = d.cmds[cmd as usize].bounce.take() {
-                                // SAFETY: allocated above with this layout,
-                                // never submitted, freed once (taken out).
-                                unsafe { alloc::alloc::dealloc(b as *mut u8, bounce_layout(l)) };
-                            }
-                            let e = if e == BlkError::QueueFull {
-                                DioError::Again
-                            } else {
-                                DioError::Io { pos: at, err: e }
-                            };
-                            d.record(at, e);
-                            ops.iomap_end(cur, piece, done, bflags, &map);
-                            break 'map;
-                        }
-                        done += clen as u64;
-                    }
+                (_, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => Err(Stop {
+                    done: 0,
+                    at: step.pos,
+                    err: DioError::Unsupported("write needing allocation or conversion"),
+                }),
+                // SAFETY: the caller's buffer stays valid and untouched until
+                // completion (our contract, which `dio_mapped` has).
+                (_, IomapType::Mapped) => unsafe { self.dio_mapped(&ctx, &step) },
+            };
+            match r {
+                Ok(n) => iter.advance(n),
+                Err(s) => {
+                    iter.advance(s.done);
+                    break Some(s);
                 }
             }
-            ops.iomap_end(cur, piece, piece, bflags, &map);
-            cur += piece;
+        };
+        // The last mapping's `iomap_end`, before the request may complete.
+        iter.finish();
+        // The dio of this request: present until this function (a waiter)
+        // or `complete` (an owner) removes it, so the lookups cannot fail.
+        let Some(d) = self.st.generic.get_mut(id) else {
+            return Err(DioError::Invalid("generic dio vanished"));
+        };
+        if let Some(s) = stop {
+            d.record(s.at, s.err);
         }
         // Drop the submission reference.
-        let d = dio!(self);
         d.remaining -= 1;
         if d.remaining == 0 {
             // Nothing in flight (holes only, or failed before any command):
@@ -967,5 +941,121 @@ impl<Q: BlockQueue> Engine<Q> {
             log::error!(target: "iomap", "direct I/O at {} ({} bytes) failed: {e}", dio.pos, dio.size);
         }
         dio.result.map(DioResult::Done)
+    }
+
+    /// A mapped step: split at the device's maximum transfer, one command
+    /// each. `Ok(bytes submitted)` is the whole step.
+    ///
+    /// # Safety
+    /// The caller's buffer (`ctx.buf`) stays valid, and untouched by the
+    /// CPU, until the request completes (`dio_rw`'s contract).
+    unsafe fn dio_mapped(&mut self, ctx: &GenericCtx, step: &IomapStep) -> Result<u64, Stop> {
+        let lbs = 1u64 << self.queue.lba_shift();
+        let dev = step.addr();
+        if dev & (lbs - 1) != 0 {
+            return Err(Stop {
+                done: 0,
+                at: step.pos,
+                err: DioError::Fs(IomapError::Corrupt),
+            });
+        }
+        let mut done = 0u64;
+        while done < step.len {
+            let clen = (step.len - done).min(ctx.max) as usize;
+            let at = step.pos + done;
+            // SAFETY: as this function's contract.
+            if let Err(err) = unsafe { self.submit_generic(ctx, at, clen, dev + done) } {
+                return Err(Stop { done, at, err });
+            }
+            done += clen as u64;
+        }
+        Ok(done)
+    }
+
+    /// One command of a generic request: `clen` bytes at file offset `at`,
+    /// device byte address `dev`; through a bounce buffer for `BOUNCE` or a
+    /// tail shorter than a device block (end of file).
+    ///
+    /// # Safety
+    /// As [`Engine::dio_mapped`]; `[at, at + clen)` lies in the request.
+    unsafe fn submit_generic(
+        &mut self,
+        ctx: &GenericCtx,
+        at: u64,
+        clen: usize,
+        dev: u64,
+    ) -> Result<(), DioError> {
+        let lbs = 1usize << self.queue.lba_shift();
+        let boff = (at - ctx.pos) as usize;
+        let dev_len = clen.div_ceil(lbs) * lbs;
+        let (iob, lent) = if ctx.flags.contains(DioFlags::BOUNCE) || dev_len != clen {
+            let mut b = Bounce::zeroed(dev_len).ok_or(DioError::NoMemory)?;
+            if ctx.op == Op::Write {
+                let src = ctx
+                    .buf
+                    .part(boff, clen)
+                    .ok_or(DioError::Invalid("buffer too short"))?;
+                // SAFETY: `src` lies in the caller's buffer, valid for the
+                // request (our contract) and only read here; the bounce
+                // buffer holds dev_len >= clen bytes and is a distinct
+                // allocation.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        b.as_mut_slice().as_mut_ptr(),
+                        clen,
+                    )
+                };
+            }
+            let (iob, lent) = b.lend();
+            (iob, Some(lent))
+        } else {
+            let p = ctx
+                .buf
+                .part(boff, clen)
+                .ok_or(DioError::Invalid("buffer too short"))?;
+            (p, None)
+        };
+        if let Some(d) = ctx.dops {
+            d.submit_io(at, clen);
+        }
+        let Some(d) = self.st.generic.get_mut(ctx.id) else {
+            // SAFETY: never submitted.
+            drop(lent.map(|l| unsafe { l.reclaim() }));
+            return Err(DioError::Invalid("generic dio vanished"));
+        };
+        if d.cmds.try_reserve(1).is_err() {
+            // SAFETY: never submitted.
+            drop(lent.map(|l| unsafe { l.reclaim() }));
+            return Err(DioError::NoMemory);
+        }
+        let cmd = d.cmds.len() as u32;
+        d.cmds.push(Cmd {
+            pos: at,
+            len: clen,
+            dest: ctx.buf.addr() + boff,
+            bounce: lent,
+        });
+        d.remaining += 1;
+        let tag = Tag::Generic { dio: ctx.id, cmd }.encode();
+        // SAFETY: `iob` is the caller's buffer (valid and untouched until
+        // completion: our contract) or a bounce buffer lent to this command,
+        // which only its completion reclaims.
+        let r = unsafe { self.submit(ctx.op, dev >> self.queue.lba_shift(), iob, tag, ctx.nowait) };
+        if let Err(e) = r {
+            if let Some(d) = self.st.generic.get_mut(ctx.id) {
+                d.remaining -= 1;
+                if let Some(c) = d.cmds.get_mut(cmd as usize) {
+                    // SAFETY: the submission failed: the device never saw it.
+                    drop(c.bounce.take().map(|l| unsafe { l.reclaim() }));
+                }
+            }
+            return Err(if e == BlkError::QueueFull {
+                DioError::Again
+            } else {
+                DioError::Io { pos: at, err: e }
+            });
+        }
+        Ok(())
     }
 }

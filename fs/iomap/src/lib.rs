@@ -32,14 +32,18 @@
 
 extern crate alloc;
 
+mod bounce;
 mod dio;
+mod iter;
 #[cfg(test)]
 mod tests;
 
+pub use bounce::{Bounce, Lent};
 pub use dio::{Engine, Stats};
 /// The block layer this one submits to (re-exported: callers of the DIO
 /// layer name buffers and queues without another dependency).
 pub use dioxide_blk::{null, BlkError, BlockQueue, FreeList, IoBuf, Op, ReqId, Ring, Slab};
+pub use iter::{IomapIter, IomapStep};
 
 use core::fmt;
 
@@ -56,18 +60,29 @@ pub enum IomapType {
     Inline,
 }
 
-/// `iomap_begin` flags (what the caller is about to do).
-pub mod iomap_flags {
-    pub const WRITE: u32 = 1 << 0;
-    pub const DIRECT: u32 = 1 << 4;
-    pub const NOWAIT: u32 = 1 << 5;
+// The four flag sets are typed (`bitflags`), so that a kiocb flag cannot be
+// passed where a dio flag is meant; the bit values are upstream's where
+// upstream has the flag.
+
+bitflags::bitflags! {
+    /// `iomap_begin` flags: what the caller is about to do (upstream
+    /// `IOMAP_*`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IomapFlags: u32 {
+        const WRITE = 1 << 0;
+        const DIRECT = 1 << 4;
+        const NOWAIT = 1 << 5;
+    }
 }
 
-/// Mapping flags set by the filesystem.
-pub mod iomap_f {
-    /// The mapping needs integrity (protection information) handling: never
-    /// the simple path.
-    pub const INTEGRITY: u32 = 1 << 0;
+bitflags::bitflags! {
+    /// Mapping flags set by the filesystem (upstream `IOMAP_F_*`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct MappingFlags: u32 {
+        /// The mapping needs integrity (protection information) handling:
+        /// never the simple path.
+        const INTEGRITY = 1 << 0;
+    }
 }
 
 /// One mapping of a file range.
@@ -81,7 +96,7 @@ pub struct Iomap {
     /// Device byte address of `offset` (Mapped, Unwritten) or CPU address of
     /// inline data (Inline).
     pub addr: u64,
-    pub flags: u32,
+    pub flags: MappingFlags,
 }
 
 impl Iomap {
@@ -108,9 +123,11 @@ pub enum IomapError {
 pub trait IomapOps {
     /// Maps the range starting at `pos` (up to `len` bytes; the mapping may be
     /// shorter or longer).
-    fn iomap_begin(&self, pos: u64, len: u64, flags: u32) -> Result<Iomap, IomapError>;
-    /// Called after the range was used; `done` bytes of it were.
-    fn iomap_end(&self, _pos: u64, _len: u64, _done: u64, _flags: u32, _iomap: &Iomap) {}
+    fn iomap_begin(&self, pos: u64, len: u64, flags: IomapFlags) -> Result<Iomap, IomapError>;
+    /// Called after the range was used; `done` bytes of it were. The DIO
+    /// layer calls it exactly once per successful `iomap_begin` (an
+    /// [`IomapIter`] pairs them).
+    fn iomap_end(&self, _pos: u64, _len: u64, _done: u64, _flags: IomapFlags, _iomap: &Iomap) {}
     /// The file size (`i_size`).
     fn size(&self) -> u64;
     /// The filesystem block size.
@@ -128,12 +145,15 @@ pub trait DioOps: Sync {
     fn end_io(&self, _pos: u64, _size: usize, _result: &Result<usize, DioError>) {}
 }
 
-/// `Kiocb` flags.
-pub mod kiocb_flags {
-    /// Fail with `Again` instead of waiting for resources.
-    pub const NOWAIT: u32 = 1 << 0;
-    /// The caller polls for completion (upstream IOCB_HIPRI).
-    pub const POLLED: u32 = 1 << 1;
+bitflags::bitflags! {
+    /// `Kiocb` flags (upstream `IOCB_*`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct KiocbFlags: u32 {
+        /// Fail with `Again` instead of waiting for resources.
+        const NOWAIT = 1 << 0;
+        /// The caller polls for completion (upstream IOCB_HIPRI).
+        const POLLED = 1 << 1;
+    }
 }
 
 /// A request: position, flags, and who is told of its completion: `owner:
@@ -143,7 +163,7 @@ pub mod kiocb_flags {
 #[derive(Clone, Copy, Debug)]
 pub struct Kiocb {
     pub pos: u64,
-    pub flags: u32,
+    pub flags: KiocbFlags,
     pub owner: Option<ReqId>,
 }
 
@@ -151,14 +171,14 @@ impl Kiocb {
     pub fn sync(pos: u64) -> Self {
         Kiocb {
             pos,
-            flags: 0,
+            flags: KiocbFlags::empty(),
             owner: None,
         }
     }
     pub fn with_owner(pos: u64, owner: ReqId) -> Self {
         Kiocb {
             pos,
-            flags: 0,
+            flags: KiocbFlags::empty(),
             owner: Some(owner),
         }
     }
@@ -167,17 +187,91 @@ impl Kiocb {
     }
 }
 
-/// `dio_rw` flags.
-pub mod dio_flags {
-    /// Wait for completion even for an asynchronous kiocb.
-    pub const FORCE_WAIT: u32 = 1 << 0;
-    /// On error, return the bytes done before it (if any) instead.
-    pub const PARTIAL: u32 = 1 << 1;
-    /// Transfer through kernel bounce buffers (stable pages for the device).
-    pub const BOUNCE: u32 = 1 << 2;
-    /// Require alignment to the filesystem block size rather than the
-    /// device's logical block size.
-    pub const FSBLOCK_ALIGNED: u32 = 1 << 3;
+bitflags::bitflags! {
+    /// `dio_rw` flags (upstream `IOMAP_DIO_*`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DioFlags: u32 {
+        /// Wait for completion even for an asynchronous kiocb.
+        const FORCE_WAIT = 1 << 0;
+        /// On error, return the bytes done before it (if any) instead.
+        const PARTIAL = 1 << 1;
+        /// Transfer through kernel bounce buffers (stable pages for the
+        /// device).
+        const BOUNCE = 1 << 2;
+        /// Require alignment to the filesystem block size rather than the
+        /// device's logical block size.
+        const FSBLOCK_ALIGNED = 1 << 3;
+    }
+}
+
+/// One direct I/O, as [`Engine::dio_rw`] takes it: upstream's
+/// `iomap_dio_rw(iocb, iter, ops, dops, flags, private, done_before)` as
+/// named fields, so that a call says what each value is. Most callers build
+/// it with [`DioRequest::read`] (no hooks, no flags, nothing done before)
+/// and change what they need with the `with_*` methods.
+pub struct DioRequest<'a, O: IomapOps + ?Sized> {
+    /// Position, kiocb flags and owner.
+    pub iocb: Kiocb,
+    pub op: Op,
+    /// The caller's memory (see the safety contract of [`Engine::dio_rw`]).
+    pub buf: IoBuf,
+    /// The file: where its ranges live.
+    pub ops: &'a O,
+    /// Optional filesystem hooks (their presence alone means the generic
+    /// path).
+    pub dops: Option<&'static dyn DioOps>,
+    pub flags: DioFlags,
+    /// Bytes the caller already transferred, added to the result.
+    pub done_before: usize,
+}
+
+// Not derived: a derive would require `O: Clone`, and `O` is only borrowed.
+impl<O: IomapOps + ?Sized> Clone for DioRequest<'_, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<O: IomapOps + ?Sized> Copy for DioRequest<'_, O> {}
+
+impl<'a, O: IomapOps + ?Sized> DioRequest<'a, O> {
+    /// `op` of `buf` at `iocb.pos` of `ops`: no hooks, no flags.
+    #[inline]
+    pub fn new(iocb: Kiocb, op: Op, buf: IoBuf, ops: &'a O) -> Self {
+        DioRequest {
+            iocb,
+            op,
+            buf,
+            ops,
+            dops: None,
+            flags: DioFlags::empty(),
+            done_before: 0,
+        }
+    }
+    /// A read into `buf`.
+    #[inline]
+    pub fn read(iocb: Kiocb, buf: IoBuf, ops: &'a O) -> Self {
+        Self::new(iocb, Op::Read, buf, ops)
+    }
+    /// A write from `buf`.
+    #[inline]
+    pub fn write(iocb: Kiocb, buf: IoBuf, ops: &'a O) -> Self {
+        Self::new(iocb, Op::Write, buf, ops)
+    }
+    #[inline]
+    pub fn with_flags(mut self, flags: DioFlags) -> Self {
+        self.flags = flags;
+        self
+    }
+    #[inline]
+    pub fn with_dops(mut self, dops: Option<&'static dyn DioOps>) -> Self {
+        self.dops = dops;
+        self
+    }
+    #[inline]
+    pub fn with_done_before(mut self, done_before: usize) -> Self {
+        self.done_before = done_before;
+        self
+    }
 }
 
 /// What `dio_rw` did.

@@ -143,7 +143,7 @@ struct FakeFile {
     maps: Vec<(u64, u64, IomapType, u64)>,
     size: u64,
     bs: u32,
-    flags: u32,
+    flags: MappingFlags,
     begins: Cell<u32>,
     ends: Cell<u32>,
 }
@@ -154,7 +154,7 @@ impl FakeFile {
             maps,
             size,
             bs: 4096,
-            flags: 0,
+            flags: MappingFlags::empty(),
             begins: Cell::new(0),
             ends: Cell::new(0),
         }
@@ -166,7 +166,7 @@ impl FakeFile {
 }
 
 impl IomapOps for FakeFile {
-    fn iomap_begin(&self, pos: u64, _len: u64, _flags: u32) -> Result<Iomap, IomapError> {
+    fn iomap_begin(&self, pos: u64, _len: u64, _flags: IomapFlags) -> Result<Iomap, IomapError> {
         self.begins.set(self.begins.get() + 1);
         for &(o, l, kind, addr) in &self.maps {
             if pos >= o && pos < o + l {
@@ -192,10 +192,10 @@ impl IomapOps for FakeFile {
             offset: start,
             length: u64::MAX / 2,
             addr: 0,
-            flags: 0,
+            flags: MappingFlags::empty(),
         })
     }
-    fn iomap_end(&self, _pos: u64, _len: u64, _done: u64, _flags: u32, _iomap: &Iomap) {
+    fn iomap_end(&self, _pos: u64, _len: u64, _done: u64, _flags: IomapFlags, _iomap: &Iomap) {
         self.ends.set(self.ends.get() + 1);
     }
     fn size(&self) -> u64 {
@@ -226,19 +226,19 @@ fn read_sync(
     f: &FakeFile,
     pos: u64,
     buf: &mut [u8],
-    flags: u32,
+    flags: DioFlags,
 ) -> Result<DioResult, DioError> {
     // SAFETY: buf lives until the synchronous call returns.
     unsafe {
-        e.dio_rw(
-            &Kiocb::sync(pos),
-            Op::Read,
-            IoBuf::from_mut_slice(buf),
-            f,
-            None,
+        e.dio_rw(DioRequest {
+            iocb: Kiocb::sync(pos),
+            op: Op::Read,
+            buf: IoBuf::from_mut_slice(buf),
+            ops: f,
+            dops: None,
             flags,
-            0,
-        )
+            done_before: 0,
+        })
     }
 }
 
@@ -247,7 +247,7 @@ fn simple_read_is_simple_and_correct() {
     let mut e = engine();
     let f = FakeFile::contiguous(64 * 1024, 128 * 1024);
     let (mut v, o) = abuf(4096);
-    let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], 0).unwrap();
+    let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], DioFlags::empty()).unwrap();
     assert_eq!(r, DioResult::Done(4096));
     assert_eq!(e.stats().simple, 1);
     assert_eq!(e.stats().generic, 0);
@@ -269,20 +269,30 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
         Box<dyn Fn() -> FakeFile>,
         u64,
         usize,
-        u32,
+        DioFlags,
         bool,
         usize,
         bool,
         bool,
     );
     let cases: Vec<Case> = vec![
-        ("write", Box::new(base), 0, 4096, 0, false, 0, true, false),
+        (
+            "write",
+            Box::new(base),
+            0,
+            4096,
+            DioFlags::empty(),
+            false,
+            0,
+            true,
+            false,
+        ),
         (
             "zero length",
             Box::new(base),
             0,
             0,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -293,7 +303,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             8192,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -304,7 +314,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             4096,
-            0,
+            DioFlags::empty(),
             true,
             0,
             false,
@@ -315,7 +325,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             7,
             false,
@@ -326,7 +336,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             4096,
-            dio_flags::FORCE_WAIT,
+            DioFlags::FORCE_WAIT,
             false,
             0,
             false,
@@ -337,7 +347,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             4096,
-            dio_flags::PARTIAL,
+            DioFlags::PARTIAL,
             false,
             0,
             false,
@@ -348,7 +358,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(base),
             0,
             4096,
-            dio_flags::BOUNCE,
+            DioFlags::BOUNCE,
             false,
             0,
             false,
@@ -359,7 +369,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(|| FakeFile::new(vec![(0, 65536, IomapType::Mapped, 0)], 6000)),
             4096,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -378,7 +388,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             }),
             4096,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -389,7 +399,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             Box::new(|| FakeFile::new(vec![(0, 8192, IomapType::Unwritten, 0)], 65536)),
             0,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -408,7 +418,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             }),
             0,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -418,12 +428,12 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
             "integrity flag",
             Box::new(|| {
                 let mut f = base();
-                f.flags = iomap_f::INTEGRITY;
+                f.flags = MappingFlags::INTEGRITY;
                 f
             }),
             0,
             4096,
-            0,
+            DioFlags::empty(),
             false,
             0,
             false,
@@ -437,7 +447,17 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
         let dops: Option<&'static dyn DioOps> = if hooks { Some(&HOOKS) } else { None };
         let op = if write { Op::Write } else { Op::Read };
         // SAFETY: v outlives the synchronous call.
-        let r = unsafe { e.dio_rw(&Kiocb::sync(pos), op, buf, &f, dops, flags, done_before) };
+        let r = unsafe {
+            e.dio_rw(DioRequest {
+                iocb: Kiocb::sync(pos),
+                op,
+                buf,
+                ops: &f,
+                dops,
+                flags,
+                done_before,
+            })
+        };
         assert!(r.is_ok(), "{name}: {r:?}");
         let s = e.stats();
         assert_eq!((s.simple, s.generic), (0, 1), "{name}: {s:?}");
@@ -447,7 +467,7 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
     // The runtime switch alone.
     let mut e = engine();
     e.set_simple(false);
-    read_sync(&mut e, &base(), 0, &mut v[o..o + 4096], 0).unwrap();
+    read_sync(&mut e, &base(), 0, &mut v[o..o + 4096], DioFlags::empty()).unwrap();
     assert_eq!((e.stats().simple, e.stats().generic), (0, 1));
 }
 
@@ -457,11 +477,11 @@ fn misaligned_requests_are_invalid_on_both_paths() {
     let f = FakeFile::contiguous(64 * 1024, 0);
     let (mut v, o) = abuf(8192);
     for (pos, len) in [(100u64, 512usize), (0, 100), (512 + 7, 8192)] {
-        let r = read_sync(&mut e, &f, pos, &mut v[o..o + len], 0);
+        let r = read_sync(&mut e, &f, pos, &mut v[o..o + len], DioFlags::empty());
         assert!(matches!(r, Err(DioError::Invalid(_))), "{pos} {len}: {r:?}");
     }
     // Misaligned memory.
-    let r = read_sync(&mut e, &f, 0, &mut v[o + 1..o + 1 + 512], 0);
+    let r = read_sync(&mut e, &f, 0, &mut v[o + 1..o + 1 + 512], DioFlags::empty());
     assert!(matches!(r, Err(DioError::Invalid(_))));
     // FSBLOCK_ALIGNED: 512-byte aligned is not enough.
     let r = read_sync(
@@ -469,7 +489,7 @@ fn misaligned_requests_are_invalid_on_both_paths() {
         &f,
         512,
         &mut v[o..o + 512],
-        dio_flags::FSBLOCK_ALIGNED,
+        DioFlags::FSBLOCK_ALIGNED,
     );
     assert!(matches!(r, Err(DioError::Invalid(_))));
     assert_eq!(e.queue().submitted, 0);
@@ -491,7 +511,7 @@ fn multi_extent_reads_with_holes_unwritten_and_eof() {
     );
     let (mut v, o) = abuf(40960);
     v[o..o + 40960].fill(0xee);
-    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 40960], 0).unwrap();
+    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 40960], DioFlags::empty()).unwrap();
     // Short read at end of file.
     assert_eq!(r, DioResult::Done(32868));
     let disk = e.queue().disk.clone();
@@ -506,7 +526,7 @@ fn multi_extent_reads_with_holes_unwritten_and_eof() {
     assert_eq!(e.stats().generic, 1);
     // Reading entirely past EOF returns 0.
     assert_eq!(
-        read_sync(&mut e, &f, 65536, &mut v[o..o + 4096], 0).unwrap(),
+        read_sync(&mut e, &f, 65536, &mut v[o..o + 4096], DioFlags::empty()).unwrap(),
         DioResult::Done(0)
     );
 }
@@ -539,7 +559,7 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
         let iocb = Kiocb::with_owner(i as u64 * 4096, owner(i));
         let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
         // SAFETY: v outlives the polls below.
-        let r = unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
+        let r = unsafe { e.dio_rw(DioRequest::read(iocb, buf, &f)) }.unwrap();
         assert_eq!(r, DioResult::Queued);
     }
     // A generic async request too (two blocks).
@@ -548,15 +568,11 @@ fn async_completions_out_of_order_are_delivered_to_the_right_callers() {
     assert_eq!(
         // SAFETY: g outlives the polls below.
         unsafe {
-            e.dio_rw(
-                &iocb,
-                Op::Read,
+            e.dio_rw(DioRequest::read(
+                iocb,
                 IoBuf::from_mut_slice(&mut g[go..go + 8192]),
                 &f,
-                None,
-                0,
-                0,
-            )
+            ))
         }
         .unwrap(),
         DioResult::Queued
@@ -594,15 +610,11 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     let iocb = Kiocb::with_owner(8192, owner(5));
     // SAFETY: v outlives the polls below.
     unsafe {
-        e.dio_rw(
-            &iocb,
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            iocb,
             IoBuf::from_mut_slice(&mut v[o..o + 4096]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     }
     .unwrap();
     e.poll();
@@ -622,7 +634,7 @@ fn device_error_on_the_simple_path_is_deferred_reported_once_and_returned() {
     assert_eq!(deliver(&mut e), 0);
     assert_eq!(e.free_slots(), 32);
     // Sync: returned to the caller, counted once.
-    let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], 0);
+    let r = read_sync(&mut e, &f, 8192, &mut v[o..o + 4096], DioFlags::empty());
     assert_eq!(r, Err(err));
     assert_eq!(e.stats().errors, 2);
     assert_eq!(e.stats().simple, 2);
@@ -638,7 +650,7 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     let f = FakeFile::contiguous(256 * 1024, 0);
     e.queue_mut().fail_lba = Some(40); // byte 20480: inside the 2nd 16 KiB command
     let (mut v, o) = abuf(65536);
-    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], 0);
+    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], DioFlags::empty());
     assert_eq!(
         r,
         Err(DioError::Io {
@@ -652,21 +664,17 @@ fn device_error_on_the_generic_path_first_error_wins_and_partial() {
     );
     assert_eq!(e.stats().errors, 1);
     // PARTIAL: the bytes before the failing command.
-    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], dio_flags::PARTIAL);
+    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 65536], DioFlags::PARTIAL);
     assert_eq!(r, Ok(DioResult::Done(16384)));
     // Async generic with an error: the callback gets it.
     let iocb = Kiocb::with_owner(0, owner(9));
     // SAFETY: v outlives the poll below.
     unsafe {
-        e.dio_rw(
-            &iocb,
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            iocb,
             IoBuf::from_mut_slice(&mut v[o..o + 65536]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     }
     .unwrap();
     e.poll();
@@ -682,7 +690,7 @@ fn bounce_buffered_reads_and_writes() {
     let mut e = engine();
     let f = FakeFile::contiguous(64 * 1024, 4096);
     let (mut v, o) = abuf(12288);
-    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 12288], dio_flags::BOUNCE).unwrap();
+    let r = read_sync(&mut e, &f, 0, &mut v[o..o + 12288], DioFlags::BOUNCE).unwrap();
     assert_eq!(r, DioResult::Done(12288));
     assert_eq!(&v[o..o + 12288], &e.queue().disk[4096..16384]);
     // Write through bounce, read back directly.
@@ -691,15 +699,15 @@ fn bounce_buffered_reads_and_writes() {
     }
     // SAFETY: v outlives the synchronous call.
     let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(4096),
-            Op::Write,
-            IoBuf::from_slice(&v[o..o + 8192]),
-            &f,
-            None,
-            dio_flags::BOUNCE,
-            0,
-        )
+        e.dio_rw(DioRequest {
+            iocb: Kiocb::sync(4096),
+            op: Op::Write,
+            buf: IoBuf::from_slice(&v[o..o + 8192]),
+            ops: &f,
+            dops: None,
+            flags: DioFlags::BOUNCE,
+            done_before: 0,
+        })
     };
     assert_eq!(r, Ok(DioResult::Done(8192)));
     assert_eq!(&e.queue().disk[8192..16384], &v[o..o + 8192]);
@@ -707,15 +715,12 @@ fn bounce_buffered_reads_and_writes() {
     let hole = FakeFile::new(vec![(0, 4096, IomapType::Hole, 0)], 4096);
     // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
     let r = unsafe {
-        e.dio_rw(
-            &Kiocb::sync(0),
+        e.dio_rw(DioRequest::new(
+            Kiocb::sync(0),
             Op::Write,
             IoBuf::from_slice(&v[o..o + 4096]),
             &hole,
-            None,
-            0,
-            0,
-        )
+        ))
     };
     assert!(matches!(r, Err(DioError::Unsupported(_))));
 }
@@ -731,48 +736,36 @@ fn nowait_without_a_free_slot_is_again() {
         let iocb = Kiocb::with_owner(i * 4096, owner(i as usize));
         // SAFETY: v outlives the poll below.
         unsafe {
-            e.dio_rw(
-                &iocb,
-                Op::Read,
+            e.dio_rw(DioRequest::read(
+                iocb,
                 IoBuf::from_mut_slice(&mut v[o + i as usize * 4096..o + (i as usize + 1) * 4096]),
                 &f,
-                None,
-                0,
-                0,
-            )
+            ))
         }
         .unwrap();
     }
     let mut iocb = Kiocb::with_owner(8192, owner(2));
-    iocb.flags = kiocb_flags::NOWAIT;
+    iocb.flags = KiocbFlags::NOWAIT;
     // SAFETY: v outlives the poll below.
     let r = unsafe {
-        e.dio_rw(
-            &iocb,
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            iocb,
             IoBuf::from_mut_slice(&mut v[o + 8192..o + 12288]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     };
     assert_eq!(r, Err(DioError::Again));
     // Without NOWAIT the call polls for a slot; but both slots are then held
     // by finished requests that only their owner's complete() frees.
-    iocb.flags = 0;
+    iocb.flags = KiocbFlags::empty();
     assert_eq!(
         // SAFETY: `v` lives to the end of the test, after every completion is delivered.
         unsafe {
-            e.dio_rw(
-                &iocb,
-                Op::Read,
+            e.dio_rw(DioRequest::read(
+                iocb,
                 IoBuf::from_mut_slice(&mut v[o + 8192..o + 12288]),
                 &f,
-                None,
-                0,
-                0,
-            )
+            ))
         },
         Err(DioError::Again)
     );
@@ -780,15 +773,11 @@ fn nowait_without_a_free_slot_is_again() {
     assert_eq!(
         // SAFETY: `v` lives to the end of the test, after every completion is delivered.
         unsafe {
-            e.dio_rw(
-                &iocb,
-                Op::Read,
+            e.dio_rw(DioRequest::read(
+                iocb,
                 IoBuf::from_mut_slice(&mut v[o + 8192..o + 12288]),
                 &f,
-                None,
-                0,
-                0,
-            )
+            ))
         },
         Ok(DioResult::Queued)
     );
@@ -809,21 +798,21 @@ fn simple_path_allocates_nothing_generic_path_does() {
             let iocb = Kiocb::with_owner(pos, owner(i));
             let buf = IoBuf::from_addr(v[o + i * 4096..].as_mut_ptr() as usize, 4096).unwrap();
             // SAFETY: v outlives the poll below.
-            unsafe { e.dio_rw(&iocb, Op::Read, buf, &f, None, 0, 0) }.unwrap();
+            unsafe { e.dio_rw(DioRequest::read(iocb, buf, &f)) }.unwrap();
         }
         e.poll();
         e.complete(|_, r| assert!(r.is_ok()));
     }
     // Sync simple reads too.
     for i in 0..100u64 {
-        read_sync(&mut e, &f, i * 4096, &mut v[o..o + 4096], 0).unwrap();
+        read_sync(&mut e, &f, i * 4096, &mut v[o..o + 4096], DioFlags::empty()).unwrap();
     }
     assert_eq!(allocs() - before, 0, "simple path allocated");
     assert_eq!(e.stats().simple, 6500);
     e.set_simple(false);
     let before = allocs();
     for i in 0..100u64 {
-        read_sync(&mut e, &f, i * 4096, &mut v[o..o + 4096], 0).unwrap();
+        read_sync(&mut e, &f, i * 4096, &mut v[o..o + 4096], DioFlags::empty()).unwrap();
     }
     let per_io = (allocs() - before) as f64 / 100.0;
     assert!(
@@ -841,15 +830,11 @@ fn null_device_completes_on_the_next_poll() {
     let iocb = Kiocb::with_owner(4096, owner(77));
     // SAFETY: v outlives the poll below.
     unsafe {
-        e.dio_rw(
-            &iocb,
-            Op::Read,
+        e.dio_rw(DioRequest::read(
+            iocb,
             IoBuf::from_mut_slice(&mut v[o..o + 4096]),
             &f,
-            None,
-            0,
-            0,
-        )
+        ))
     }
     .unwrap();
     assert!(take_done().is_empty());
@@ -860,15 +845,11 @@ fn null_device_completes_on_the_next_poll() {
     assert_eq!(
         // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
         unsafe {
-            e.dio_rw(
-                &Kiocb::sync(0),
-                Op::Read,
+            e.dio_rw(DioRequest::read(
+                Kiocb::sync(0),
                 IoBuf::from_mut_slice(&mut v[o..o + 4096]),
                 &f,
-                None,
-                0,
-                0,
-            )
+            ))
         },
         Ok(DioResult::Done(4096))
     );

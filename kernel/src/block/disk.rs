@@ -1,9 +1,8 @@
 //! The namespace as a block device for dxfs, and mounting it at boot.
 
 use crate::drivers::nvme::{self, DmaBuf};
-use alloc::string::String;
-use dioxide_dxfs::{BlockDevice, Fs};
-use dioxide_iomap::{IoBuf, Op};
+use dioxide_dxfs::{check_access, BlockDevice, DevError, Fs};
+use dioxide_iomap::{BlkError, DioError, IoBuf, Op};
 use dioxide_nvme::Namespace;
 
 /// nvme0n1 as a dxfs block device: reads go to the I/O queue, split at the
@@ -23,23 +22,9 @@ impl BlockDevice for NvmeDisk {
         self.ns.bytes()
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         let bs = self.ns.block_size as u64;
-        if !offset.is_multiple_of(bs) || !(buf.len() as u64).is_multiple_of(bs) {
-            return Err(alloc::format!(
-                "unaligned read at {offset} of {} bytes",
-                buf.len()
-            ));
-        }
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size())
-        {
-            return Err(alloc::format!(
-                "read at {offset} of {} bytes past the end",
-                buf.len()
-            ));
-        }
+        check_access(self, offset, buf.len())?;
         let chunk = (self.max_transfer as u64 / bs * bs).max(bs) as usize;
         let mut bounce: Option<DmaBuf> = None;
         let mut done = 0usize;
@@ -51,22 +36,45 @@ impl BlockDevice for NvmeDisk {
                 // SAFETY: `part` is borrowed until execute returns, after the
                 // command completed.
                 unsafe { nvme::execute(Op::Read, lba, IoBuf::from_mut_slice(part)) }
-                    .map_err(|e| alloc::format!("{e}"))?;
+                    .map_err(|e| dev_error(lba * bs, e))?;
             } else {
                 if bounce.is_none() {
-                    bounce = Some(DmaBuf::new(chunk).ok_or("out of memory for a bounce buffer")?);
+                    bounce = Some(DmaBuf::new(chunk).ok_or(DevError::NoMemory)?);
                 }
                 let Some(b) = bounce.as_mut() else {
-                    return Err("no bounce buffer".into());
+                    return Err(DevError::NoMemory);
                 };
                 let view = b.part(0, n);
                 // SAFETY: the bounce buffer is owned here until execute returns.
-                unsafe { nvme::execute(Op::Read, lba, view) }.map_err(|e| alloc::format!("{e}"))?;
+                unsafe { nvme::execute(Op::Read, lba, view) }
+                    .map_err(|e| dev_error(lba * bs, e))?;
                 part.copy_from_slice(&b.as_slice()[..n]);
             }
             done += n;
         }
         Ok(())
+    }
+}
+
+/// A failed raw read at device byte `offset` as dxfs's device error: an
+/// NVMe status keeps its name as the reason and `sct << 8 | sc` as the code;
+/// other failures their description.
+fn dev_error(offset: u64, e: DioError) -> DevError {
+    let (reason, code) = match e {
+        DioError::NoMemory => return DevError::NoMemory,
+        DioError::Io {
+            err: BlkError::Status { sct, sc, name },
+            ..
+        } => (name, Some(u32::from(sct) << 8 | u32::from(sc))),
+        DioError::Io { err, .. } => (err.reason(), None),
+        DioError::Invalid(w) | DioError::Unsupported(w) => (w, None),
+        DioError::Again => ("would block", None),
+        DioError::Fs(_) => ("filesystem error on a raw read", None),
+    };
+    DevError::Io {
+        offset,
+        reason,
+        code,
     }
 }
 

@@ -30,7 +30,9 @@ use crate::{mm, outln};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
-use dioxide_iomap::{BlockQueue, DioError, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Stats};
+use dioxide_iomap::{
+    BlockQueue, DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Stats,
+};
 use dioxide_testkit::Rng;
 use x86_64::instructions::interrupts;
 
@@ -200,15 +202,11 @@ impl Load<'_> {
                 let pos = (self.rng.next_u64() % self.file_blocks) * 4096;
                 // SAFETY: the buffers live for the whole benchmark, past every completion.
                 unsafe {
-                    e.dio_rw(
-                        &Kiocb::with_owner(pos, owner),
-                        Op::Read,
+                    e.dio_rw(DioRequest::read(
+                        Kiocb::with_owner(pos, owner),
                         buf,
                         self.file,
-                        None,
-                        0,
-                        0,
-                    )
+                    ))
                 }
             }
         };

@@ -7,7 +7,7 @@ use crate::outln;
 use crate::platform::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
 use crate::platform::time;
 use alloc::vec::Vec;
-use dioxide_iomap::{DioError, DioResult, IoBuf, Kiocb, Op, ReqId};
+use dioxide_iomap::{DioError, DioRequest, DioResult, IoBuf, Kiocb, Op, ReqId};
 use sha2::{Digest, Sha256};
 
 const NO_MEMORY: DioError = DioError::Unsupported("out of memory");
@@ -316,7 +316,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
                 let iob = buf.part(0, 1 << 20);
                 // SAFETY: `buf` is owned here; the call is synchronous.
                 let r = nvme::with_engine(|e| unsafe {
-                    e.dio_rw(&Kiocb::sync(off), Op::Read, iob, &f, None, 0, 0)
+                    e.dio_rw(DioRequest::read(Kiocb::sync(off), iob, &f))
                 })
                 .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
                 let want = (f.size() - off).min(1 << 20) as usize;
@@ -362,7 +362,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
                 let iob = buf.part(0, 4096);
                 // SAFETY: `buf` is owned here; the call is synchronous.
                 let r = nvme::with_engine(|e| unsafe {
-                    e.dio_rw(&Kiocb::sync(0), Op::Read, iob, &f, None, 0, 0)
+                    e.dio_rw(DioRequest::read(Kiocb::sync(0), iob, &f))
                 });
                 failed = match r {
                     Some(Ok(DioResult::Done(4096))) => {

@@ -69,7 +69,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::{File, Fs};
-use dioxide_iomap::{BlockQueue, DioError, DioResult, Kiocb, Op, ReqId, Ring, Slab};
+use dioxide_iomap::{BlockQueue, DioError, DioRequest, DioResult, Kiocb, Op, ReqId, Ring, Slab};
 use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -955,9 +955,8 @@ fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>
             // SAFETY: the buffer belongs to request `id`, which is removed
             // from the slab (and its buffer reused or freed) only after its
             // last part's completion was delivered (`reply_completed`).
-            let r = nvme::with_engine(|eng| unsafe {
-                eng.dio_rw(&iocb, Op::Read, iob, &**f, None, 0, 0)
-            });
+            let r =
+                nvme::with_engine(|eng| unsafe { eng.dio_rw(DioRequest::read(iocb, iob, &**f)) });
             match r {
                 Some(Ok(DioResult::Queued)) => {}
                 Some(Ok(DioResult::Done(got))) => part_done(reqs, ready, id, Ok(got)),
