@@ -3,7 +3,7 @@
 use crate::{io_err, Error};
 use dioxide_dxfs::format::{S_IFDIR, S_IFMT};
 use dioxide_dxfs::mkfs::{self, Node, NodeKind, Options, Source, Tree};
-use dioxide_dxfs::{BlockDevice, BlockDeviceMut, DevError, Fs};
+use dioxide_dxfs::{BlockDevice, BlockDeviceMut, DevCode, DevError, Fs};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -87,7 +87,7 @@ fn dev_error(offset: u64, e: &std::io::Error) -> DevError {
     DevError::Io {
         offset,
         reason,
-        code: e.raw_os_error().and_then(|c| u32::try_from(c).ok()),
+        code: e.raw_os_error().map(DevCode::Errno),
     }
 }
 

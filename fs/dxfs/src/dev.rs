@@ -21,13 +21,30 @@ pub enum DevError {
     /// No memory for the transfer (a bounce or DMA buffer).
     NoMemory,
     /// The device failed the transfer at byte `offset`: what failed, in the
-    /// implementor's words, and the device's or OS's code when it has one
-    /// (for NVMe: status code type << 8 | status code).
+    /// implementor's words, and the device's or OS's code when it has one.
     Io {
         offset: u64,
         reason: &'static str,
-        code: Option<u32>,
+        code: Option<DevCode>,
     },
+}
+
+/// A device's or OS's own code for a failure, printed as its world writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevCode {
+    /// An NVMe status: status code type and status code.
+    Nvme { sct: u8, sc: u8 },
+    /// An operating system's error number (the host tools).
+    Errno(i32),
+}
+
+impl fmt::Display for DevCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevCode::Nvme { sct, sc } => write!(f, "sct {sct:#x} sc {sc:#x}"),
+            DevCode::Errno(e) => write!(f, "errno {e}"),
+        }
+    }
 }
 
 impl fmt::Display for DevError {
@@ -47,7 +64,7 @@ impl fmt::Display for DevError {
             } => {
                 write!(f, "I/O error at byte {offset}: {reason}")?;
                 match code {
-                    Some(c) => write!(f, " (code {c:#x})"),
+                    Some(c) => write!(f, " ({c})"),
                     None => Ok(()),
                 }
             }

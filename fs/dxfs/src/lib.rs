@@ -20,6 +20,6 @@ pub mod mkfs;
 #[cfg(test)]
 mod tests;
 
-pub use dev::{check_access, BlockDevice, BlockDeviceMut, DevError, MemDevice};
+pub use dev::{check_access, BlockDevice, BlockDeviceMut, DevCode, DevError, MemDevice};
 pub use error::{Error, Result, Structure, Why};
 pub use fs::{File, Fs, Mapping, WalkEntry};

@@ -4,7 +4,7 @@ use crate::dev::{BlockDevice, MemDevice};
 use crate::format::*;
 use crate::fs::{Fs, Mapping};
 use crate::mkfs::{self, Node, NodeKind, Options, Source, Tree};
-use crate::{fsck, Error, Why};
+use crate::{fsck, DevCode, Error, Why};
 use dioxide_testkit::Rng;
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -768,7 +768,7 @@ impl BlockDevice for Failing {
         Err(crate::DevError::Io {
             offset,
             reason: "Unrecovered Read Error",
-            code: Some(0x281),
+            code: Some(DevCode::Nvme { sct: 0x2, sc: 0x81 }),
         })
     }
 }
@@ -779,7 +779,7 @@ fn a_device_error_keeps_its_reason_code_and_block_up_to_the_message() {
     let want = crate::DevError::Io {
         offset: 0,
         reason: "Unrecovered Read Error",
-        code: Some(0x281),
+        code: Some(DevCode::Nvme { sct: 0x2, sc: 0x81 }),
     };
     assert_eq!(
         e,
@@ -790,7 +790,7 @@ fn a_device_error_keeps_its_reason_code_and_block_up_to_the_message() {
     );
     assert_eq!(
         e.to_string(),
-        "device error at block 0: I/O error at byte 0: Unrecovered Read Error (code 0x281)"
+        "device error at block 0: I/O error at byte 0: Unrecovered Read Error (sct 0x2 sc 0x81)"
     );
     let src = core::error::Error::source(&e).map(|s| s.to_string());
     assert_eq!(src, Some(want.to_string()));

@@ -1,7 +1,7 @@
 //! The namespace as a block device for dxfs, and mounting it at boot.
 
 use crate::drivers::nvme::{self, DmaBuf};
-use dioxide_dxfs::{check_access, BlockDevice, DevError, Fs};
+use dioxide_dxfs::{check_access, BlockDevice, DevCode, DevError, Fs};
 use dioxide_iomap::{BlkError, DioError, IoBuf, Op};
 use dioxide_nvme::Namespace;
 
@@ -57,7 +57,7 @@ impl BlockDevice for NvmeDisk {
 }
 
 /// A failed raw read at device byte `offset` as dxfs's device error: an
-/// NVMe status keeps its name as the reason and `sct << 8 | sc` as the code;
+/// NVMe status keeps its name as the reason and its type and code as the code;
 /// other failures their description.
 fn dev_error(offset: u64, e: DioError) -> DevError {
     let (reason, code) = match e {
@@ -65,7 +65,7 @@ fn dev_error(offset: u64, e: DioError) -> DevError {
         DioError::Io {
             err: BlkError::Status { sct, sc, name },
             ..
-        } => (name, Some(u32::from(sct) << 8 | u32::from(sc))),
+        } => (name, Some(DevCode::Nvme { sct, sc })),
         DioError::Io { err, .. } => (err.reason(), None),
         DioError::Invalid(w) | DioError::Unsupported(w) => (w, None),
         DioError::Again => ("would block", None),
