@@ -47,7 +47,8 @@
 //!   exceed what the queue takes, the rest wait in their connection (the
 //!   engine never waits for queue space inside the interrupts-off lock).
 //! - Time: a connection whose replies wait (in it or in its socket) and
-//!   none is taken for [`STALL_NS`] (kernel argument `nbd.stall_s`) is
+//!   fewer than [`STALL_MIN_BYTES`] are taken in [`STALL_NS`] (kernel
+//!   argument `nbd.stall_s`) is
 //!   dropped, and so is a closing socket not closed by then: a client that
 //!   stops reading does not keep a socket and its output for ever.
 //! - Budgets count the heap really held (buffer capacities, not bytes
@@ -91,14 +92,20 @@ const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(
 /// no output waits, so a 32 MiB read still goes through.)
 pub const HELD_CONN: usize = 8 << 20;
 pub const HELD_TOTAL: usize = 48 << 20;
-/// A connection whose replies wait and none of them is taken for this
-/// long, or a closing socket not closed after it, is dropped (aborted);
-/// kernel argument `nbd.stall_s` overrides it. Without it a client that
-/// stops reading would hold its socket and its output for as long as its
-/// side of TCP answers window probes: forever when a NAT or proxy stands
-/// in for a client that has gone (QEMU's user networking does, as the soak
-/// test found).
+/// A connection whose replies wait and fewer than [`STALL_MIN_BYTES`] of
+/// them (or all that waited) are taken in this long, or a closing socket
+/// not closed after it, is dropped (aborted); kernel argument `nbd.stall_s`
+/// overrides it. Without it a client that stops reading would hold its
+/// socket and its output for as long as its side of TCP answers window
+/// probes: forever when a NAT or proxy stands in for a client that has gone
+/// (QEMU's user networking does, as the soak test found). Counting bytes,
+/// not any progress at all, keeps a peer that takes a byte now and then
+/// (a window probe's worth) from holding its socket and output for ever
+/// too (the soak saw one hold 8 MB for 38 s).
 pub const STALL_NS: u64 = 30_000_000_000;
+/// See [`STALL_NS`]: the least a client must take of waiting replies per
+/// stall time (64 KiB per 30 s by default, about 2 KiB/s).
+pub const STALL_MIN_BYTES: usize = 64 * 1024;
 const SMALL: usize = 8 * 1024;
 const LARGE: usize = 256 * 1024;
 /// Buffers kept for reuse (each pool at most 4 MiB): enough for the reads
@@ -315,11 +322,14 @@ struct Sock {
     /// Bumped for every new connection: completions of an earlier one are
     /// not replied on this one.
     gen: u32,
-    /// When the connection last had no reply waiting or one was taken, or
-    /// when closing began (`time::now_ns`), for [`Server::stall_ns`]; and
-    /// the socket's send queue then.
+    /// When the connection last had no reply waiting or took
+    /// [`STALL_MIN_BYTES`] of them, or when closing began
+    /// (`time::now_ns`), for [`Server::stall_ns`]; the socket's send queue
+    /// at the last look, and the bytes taken (acknowledged) since
+    /// `progress`.
     progress: u64,
     queued: usize,
+    taken: usize,
 }
 
 pub struct Server {
@@ -451,6 +461,7 @@ impl Server {
                 gen: 0,
                 progress: 0,
                 queued: 0,
+                taken: 0,
             });
         }
         let (max_cmds, max_transfer) =
@@ -644,6 +655,7 @@ impl Server {
                     s.gen = s.gen.wrapping_add(1);
                     s.progress = crate::platform::time::now_ns();
                     s.queued = 0;
+                    s.taken = 0;
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
                     // Negotiation is a series of small round trips: a client
@@ -829,14 +841,14 @@ impl Server {
                 }
             }
         }
-        let mut sent = false;
+        let mut sent = 0;
         for _ in 0..2 {
             while !conn.output().is_empty() && sock.can_send() {
                 match sock.send_slice(conn.output()) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         self.touched = true;
-                        sent = true;
+                        sent += n;
                         conn.consume_output(n)
                     }
                 }
@@ -849,20 +861,23 @@ impl Server {
                 break;
             }
         }
-        // Replies wait (in the connection or the socket) and none was taken
-        // (moved into the socket, or acknowledged) for the stall time: drop.
+        // Replies wait (in the connection or the socket) and fewer than
+        // STALL_MIN_BYTES were taken (acknowledged by the peer) in the
+        // stall time: drop.
         let now = crate::platform::time::now_ns();
         let queued = sock.send_queue();
-        let waiting = !conn.output().is_empty() || queued > 0;
-        let taken = sent || queued < s.queued;
+        let waiting = conn.output_pending() + queued;
+        s.taken += (s.queued + sent).saturating_sub(queued);
         s.queued = queued;
-        if !waiting || taken {
+        if waiting == 0 || s.taken >= STALL_MIN_BYTES {
             s.progress = now;
+            s.taken = 0;
         } else if now.saturating_sub(s.progress) > self.stall_ns {
             log::info!(
                 target: "nbd",
-                "connection dropped: {} bytes of replies not taken for {} s",
-                conn.output_pending() + queued,
+                "connection dropped: replies not taken ({} bytes waiting, {} taken in {} s)",
+                waiting,
+                s.taken,
                 self.stall_ns / 1_000_000_000
             );
             conn.peer_closed();

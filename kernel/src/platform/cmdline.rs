@@ -14,7 +14,7 @@
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
 //! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
-//! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and none is taken for this long |
+//! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
 pub struct Cmdline<'a> {
