@@ -72,43 +72,8 @@ const COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Runs `cmd` (killed after [`COMMAND_LIMIT`], failing the test): exit
 /// code, stdout, stderr.
 fn output_within(mut cmd: Command) -> (i32, Vec<u8>, String) {
-    use std::io::Read;
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = pipe.read_to_end(&mut b);
-            b
-        })
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if t0.elapsed() > COMMAND_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = err.join().unwrap_or_default();
-            panic!(
-                "{cmd:?} still running after {COMMAND_LIMIT:?}; killed. stderr:\n{}",
-                String::from_utf8_lossy(&err)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    (
-        status.code().unwrap_or(-1),
-        out.join().unwrap_or_default(),
-        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
-    )
+    let (status, out, err) = dioxide_testkit::run_within(&mut cmd, COMMAND_LIMIT);
+    (status.code().unwrap_or(-1), out, err)
 }
 
 /// Runs `dioxide` (bounded): exit code, stdout, stderr.

@@ -5,7 +5,9 @@
 //!   benchmarks (`no_std`);
 //! - [`CountingAlloc`] (feature `std`), a global allocator over the
 //!   system's that counts allocations per thread and in all, for the
-//!   "allocates nothing" assertions and the host benchmark's figures.
+//!   "allocates nothing" assertions and the host benchmark's figures;
+//! - [`run_within`] (feature `std`): a command run with a time limit, so
+//!   that a test whose client or appliance hangs fails instead of hanging.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 /// xorshift64*: 64 bits of state, period 2^64 - 1, good enough to pick
@@ -93,6 +95,66 @@ mod counting {
 
 #[cfg(feature = "std")]
 pub use counting::{thread_allocs, total_allocs, CountingAlloc};
+
+/// Runs `cmd` with no input, collecting its output: its exit status, stdout
+/// and stderr. Killed after `limit`, failing the test (a panic that carries
+/// its stderr).
+#[cfg(feature = "std")]
+pub fn run_within(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> (std::process::ExitStatus, Vec<u8>, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (./dx test installs the tools the tests use)"));
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut b);
+            }
+            b
+        })
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {limit:?}; killed. stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (
+        status,
+        out.join().unwrap_or_default(),
+        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
+    )
+}
 
 #[cfg(test)]
 mod tests {

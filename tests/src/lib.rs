@@ -118,44 +118,8 @@ pub fn wait_for_console(guest: &mut Guest, what: &str, within: Duration) -> Stri
 /// stdout and stderr. Killed after `limit`, failing the test: a client
 /// waiting on a stuck appliance must not hang it.
 pub fn run_within(cmd: &mut std::process::Command, limit: Duration) -> (bool, Vec<u8>, String) {
-    use std::io::Read;
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (./dx test installs the clients)"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = pipe.read_to_end(&mut b);
-            b
-        })
-    };
-    let out = collect(Box::new(child.stdout.take().expect("stdout")));
-    let err = collect(Box::new(child.stderr.take().expect("stderr")));
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = err.join().unwrap_or_default();
-            panic!(
-                "{cmd:?} still running after {limit:?}; killed. stderr:\n{}",
-                String::from_utf8_lossy(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (
-        status.success(),
-        out.join().unwrap_or_default(),
-        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
-    )
+    let (status, out, err) = dioxide_testkit::run_within(cmd, limit);
+    (status.success(), out, err)
 }
 
 /// Writes a random tree under `root`: nested directories, empty, 1-byte,

@@ -19,13 +19,7 @@ struct Nbd {
     s: TcpStream,
 }
 
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
+use dioxide_tests::nbdraw::{IHAVEOPT, OPT_GO, OPT_INFO, OPT_LIST, REP_ACK, REP_INFO, REP_SERVER};
 
 fn bad(why: String) -> io::Error {
     io::Error::new(ErrorKind::InvalidData, why)
