@@ -461,19 +461,7 @@ impl<Q: BlockQueue> Engine<Q> {
             n += 1;
             match f {
                 Finished::Slot(i) => {
-                    let i = i as usize;
-                    let slot = self.st.slots[i];
-                    self.st.free_slot(i);
-                    if let Err(e) = &slot.result {
-                        self.st.stats.errors += 1;
-                        log::debug!(
-                            target: "iomap",
-                            "{} read at {} ({} bytes) failed: {e}",
-                            if slot.raw { "raw" } else { "direct" },
-                            slot.pos,
-                            slot.size
-                        );
-                    }
+                    let slot = self.take_slot(i as usize, log::Level::Debug);
                     if let Some(owner) = slot.owner {
                         sink(owner, slot.result);
                     }
@@ -511,19 +499,29 @@ impl<Q: BlockQueue> Engine<Q> {
     /// counted and reported here (the waiter has no other reporter).
     fn wait_slot(&mut self, idx: usize) -> Result<usize, DioError> {
         self.wait_until(|e| e.st.slots[idx].state == SlotState::Done);
+        self.take_slot(idx, log::Level::Error).result
+    }
+
+    /// Frees the finished slot `idx` and returns what it held; a failure is
+    /// counted and logged at `level` (debug when an owner reports it with
+    /// its own context, error when nobody else will). Inlined, so that the
+    /// level is a constant at each call.
+    #[inline]
+    fn take_slot(&mut self, idx: usize, level: log::Level) -> Slot {
         let slot = self.st.slots[idx];
         self.st.free_slot(idx);
         if let Err(e) = &slot.result {
             self.st.stats.errors += 1;
-            log::error!(
+            log::log!(
                 target: "iomap",
+                level,
                 "{} read at {} ({} bytes) failed: {e}",
                 if slot.raw { "raw" } else { "direct" },
                 slot.pos,
                 slot.size
             );
         }
-        slot.result
+        slot
     }
 
     /// A free slot, polling for one when all are busy (unless `nowait`).
