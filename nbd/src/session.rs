@@ -57,8 +57,6 @@ pub const READ_BUDGET: usize = (1 << 20) + 64;
 /// Largest read the driver answers with data; larger ones get an error.
 pub const DATA_MAX: u32 = 1 << 20;
 
-pub use super::memory_bound;
-
 /// An export table for sessions: a few exports of various sizes and block
 /// sizes, optionally followed by thousands of generated names (some long)
 /// and one name as long as an NBD_OPT_GO can carry with two info requests.

@@ -612,7 +612,7 @@ impl Socket {
 
 /// The bound for a caller that never answers a read.
 fn bound(max_in_flight: usize) -> usize {
-    session::memory_bound(max_in_flight, 0)
+    memory_bound(max_in_flight, 0)
 }
 
 /// Reads all the output `n` bytes at a time, resuming and feeding the
@@ -773,7 +773,7 @@ fn read_flood(max: usize, budget: usize, n: u64) -> (Conn, Socket, VecDeque<Even
             answered += 1;
         }
         assert!(c.in_flight() <= max);
-        let limit = session::memory_bound(max, budget);
+        let limit = memory_bound(max, budget);
         assert!(c.memory() <= limit, "{} above {limit}", c.memory());
         if before == (sock.left(), answered, waiting.len()) {
             return (c, sock, waiting, answered);
@@ -806,7 +806,7 @@ fn once_the_client_reads_a_held_read_flood_completes_with_each_read_answered_onc
     let max = 128;
     let n = 5000;
     let (mut c, mut sock, mut waiting, mut answered) = read_flood(max, 64 << 10, n);
-    let limit = session::memory_bound(max, 64 << 10);
+    let limit = memory_bound(max, 64 << 10);
     let data = [0x5au8; 4096];
     let mut out = Vec::new();
     while answered < n {
