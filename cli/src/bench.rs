@@ -20,6 +20,31 @@ pub struct LocalOpts {
     pub mem: u32,
     /// Reads per target in the host benchmark (0: skip it).
     pub host_ios: u64,
+    /// Instead of booting: the console of a kernel that ran the benchmark
+    /// elsewhere (a server booted from `dioxide image --cmdline "bench.qd=..."`).
+    pub from_log: Option<PathBuf>,
+}
+
+/// The benchmark rows in a console transcript, and the first error line the
+/// kernel printed (`{"bench":"error","message":...}`), if any.
+pub fn console_rows(console: &str) -> (Vec<Row>, Option<String>) {
+    let mut error = None;
+    let rows = console
+        .lines()
+        .filter_map(|l| {
+            if error.is_none() {
+                if let Some(at) = l.find(r#"{"bench":"error""#) {
+                    error = serde_json::Deserializer::from_str(&l[at..])
+                        .into_iter::<Value>()
+                        .next()
+                        .and_then(Result::ok)
+                        .and_then(|v| v["message"].as_str().map(str::to_string));
+                }
+            }
+            Row::parse(l)
+        })
+        .collect();
+    (rows, error)
 }
 
 /// One in-guest row (a `bench row` line).
@@ -37,13 +62,26 @@ impl Row {
                 .collect(),
         }
     }
-    fn parse(line: &str) -> Option<Row> {
-        let rest = line.strip_prefix("bench row ")?;
-        let fields = rest
-            .split_whitespace()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
+    /// A row of the kernel's benchmark: a JSON line `{"bench":"row",...}`
+    /// (kernel/src/diag/bench.rs), found anywhere in `line` because a console
+    /// captured from a server may carry a terminal's escapes or a BMC's
+    /// timestamp before it. Anything after the object is ignored.
+    pub fn parse(line: &str) -> Option<Row> {
+        let at = line.find(r#"{"bench":"row""#)?;
+        let v = serde_json::Deserializer::from_str(&line[at..])
+            .into_iter::<Value>()
+            .next()?
+            .ok()?;
+        let fields = v
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| *k != "bench")
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
             })
             .collect();
         Some(Row { fields })
@@ -320,65 +358,34 @@ pub fn plot_panels(
 /// Runs everything and writes `results.json` and `plot.svg` to `opts.out`.
 pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
     std::fs::create_dir_all(&opts.out).map_err(io_err(format!("create {}", opts.out.display())))?;
-    let img = image(opts.file_size)?;
-    eprintln!("dioxide bench: building the kernel (release)");
-    let kernel = kernel::build()?;
     let mut rows = Vec::new();
     let mut boots = Vec::new();
-    let qd_list: Vec<String> = opts.qds.iter().map(|q| q.to_string()).collect();
-    for comp in &opts.completions {
-        let devs: Vec<&str> = opts
-            .devs
-            .iter()
-            .map(String::as_str)
-            .filter(|d| comp == "poll" || *d == "nvme")
-            .collect();
-        if devs.is_empty() {
-            continue;
-        }
-        let nrows = devs.len() * opts.qds.len() * 3;
-        let mut cfg = qemu::Config::new(kernel.clone());
-        cfg.disk = Some(img.clone());
-        cfg.nvme_lbs = 512;
-        cfg.accel = opts.accel;
-        cfg.mem_mib = opts.mem;
-        cfg.args = vec![
-            "selftest=bench".into(),
-            "log=warn".into(),
-            format!("nvme.completion={comp}"),
-            format!("bench.completion={comp}"),
-            format!("bench.dev={}", devs.join(",")),
-            format!("bench.qd={}", qd_list.join(",")),
-            format!("bench.secs={}", opts.secs),
-        ];
-        cfg.timeout = Some(Duration::from_secs(
-            nrows as u64 * (opts.secs * 3 + 5) + 120,
-        ));
-        cfg.echo = true;
-        cfg.echo_prefix = Some("bench running");
-        eprintln!(
-            "dioxide bench: booting ({} rows, {} s each, accel {}, completion {comp})",
-            nrows,
-            opts.secs,
-            opts.accel.name()
-        );
-        let out = qemu::run(&cfg)?;
-        if out.status != 0 {
+    let mut image_path = None;
+    if let Some(log) = &opts.from_log {
+        let text = std::fs::read(log).map_err(io_err(format!("read {}", log.display())))?;
+        let (found, error) = console_rows(&String::from_utf8_lossy(&text));
+        if let Some(e) = error {
             return Err(Error::Usage(format!(
-                "the guest benchmark failed (status {}):\n{}",
-                out.status, out.console
+                "{}: the kernel's benchmark failed: {e}",
+                log.display()
             )));
         }
-        let mut n = 0;
-        for l in out.result_lines() {
-            if let Some(r) = Row::parse(l) {
-                rows.push(r);
-                n += 1;
-            }
+        if found.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: no benchmark rows (lines {{\"bench\":\"row\",...}} printed by a kernel booted with bench.* arguments)",
+                log.display()
+            )));
         }
-        boots.push(json!({"completion": comp, "devs": devs, "rows": n, "seconds": out.elapsed.as_secs_f64()}));
+        boots.push(json!({"log": log.display().to_string(), "rows": found.len()}));
+        rows = found;
+    } else {
+        let img = image(opts.file_size)?;
+        eprintln!("dioxide bench: building the kernel (release)");
+        let kernel = kernel::build()?;
+        boot_rows(opts, &img, &kernel, &mut rows, &mut boots)?;
+        image_path = Some(img.display().to_string());
     }
-    let host = if opts.host_ios > 0 {
+    let host = if opts.host_ios > 0 && opts.from_log.is_none() {
         eprintln!(
             "dioxide bench: host benchmark ({} reads per target)",
             opts.host_ios
@@ -400,7 +407,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             r.s("fell_back")
         );
     }
-    if opts.accel == Accel::Tcg {
+    if opts.accel == Accel::Tcg && opts.from_log.is_none() {
         println!(
             "(guest under TCG: in-guest cycles are emulated; see the host rows for real CPU cost)"
         );
@@ -429,11 +436,11 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         "host_rows": host.as_ref().map(|h| h["host_rows"].clone()).unwrap_or(json!([])),
         "host": host.clone().unwrap_or(json!(null)),
         "config": {
-            "accel": opts.accel.name(),
+            "accel": if opts.from_log.is_some() { "from a console log" } else { opts.accel.name() },
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,
             "qds": opts.qds,
-            "image": img.display().to_string(),
+            "image": image_path,
             "boots": boots,
         }
     });
@@ -444,6 +451,66 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
     std::fs::write(&svg, plot(&rows)).map_err(io_err(format!("write {}", svg.display())))?;
     println!("\nwrote {} and {}", json_path.display(), svg.display());
     Ok(0)
+}
+
+/// Boots the kernel once per completion mode and collects its rows.
+fn boot_rows(
+    opts: &LocalOpts,
+    img: &std::path::Path,
+    kernel: &std::path::Path,
+    rows: &mut Vec<Row>,
+    boots: &mut Vec<Value>,
+) -> Result<(), Error> {
+    let qd_list: Vec<String> = opts.qds.iter().map(|q| q.to_string()).collect();
+    for comp in &opts.completions {
+        let devs: Vec<&str> = opts
+            .devs
+            .iter()
+            .map(String::as_str)
+            .filter(|d| comp == "poll" || *d == "nvme")
+            .collect();
+        if devs.is_empty() {
+            continue;
+        }
+        let nrows = devs.len() * opts.qds.len() * 3;
+        let mut cfg = qemu::Config::new(kernel.to_path_buf());
+        cfg.disk = Some(img.to_path_buf());
+        cfg.nvme_lbs = 512;
+        cfg.accel = opts.accel;
+        cfg.mem_mib = opts.mem;
+        // The same arguments a server's image takes: `bench.*` alone runs it.
+        cfg.args = vec![
+            "log=warn".into(),
+            format!("nvme.completion={comp}"),
+            format!("bench.completion={comp}"),
+            format!("bench.dev={}", devs.join(",")),
+            format!("bench.qd={}", qd_list.join(",")),
+            format!("bench.secs={}", opts.secs),
+        ];
+        cfg.timeout = Some(Duration::from_secs(
+            nrows as u64 * (opts.secs * 3 + 5) + 120,
+        ));
+        cfg.echo = true;
+        cfg.echo_prefix = Some(r#"{"bench":"running""#);
+        eprintln!(
+            "dioxide bench: booting ({} rows, {} s each, accel {}, completion {comp})",
+            nrows,
+            opts.secs,
+            opts.accel.name()
+        );
+        let out = qemu::run(&cfg)?;
+        if out.status != 0 {
+            return Err(Error::Usage(format!(
+                "the guest benchmark failed (status {}):\n{}",
+                out.status, out.console
+            )));
+        }
+        let (found, _) = console_rows(&out.console);
+        let n = found.len();
+        rows.extend(found);
+        boots.push(json!({"completion": comp, "devs": devs, "rows": n, "seconds": out.elapsed.as_secs_f64()}));
+    }
+    Ok(())
 }
 
 /// Comma-separated list parser for the CLI.
@@ -459,4 +526,40 @@ pub fn default_out() -> PathBuf {
         .join("target")
         .join("dioxide")
         .join("bench-local")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_json_lines_anywhere_in_a_console_line() {
+        let console = concat!(
+            "[    0.001] INFO boot: dioxide\n",
+            "{\"bench\":\"file\",\"bytes\":1073741824}\n",
+            "\x1b[0m{\"bench\":\"row\",\"target\":\"simple\",\"dev\":\"nvme\",\"completion\":\"poll\",\"qd\":16,\"iops\":20558,\"allocs_per_io\":0.000}\r\n",
+            "{\"bench\":\"row\",\"target\":\"raw\",\"dev\":\"nvme\",\"completion\":\"poll\",\"qd\":16,\"iops\":25459}\n",
+            "{\"bench\":\"row\",\"target\":\"raw\",\"qd\":1\n",
+            "{\"bench\":\"done\"}\n",
+        );
+        let (rows, error) = console_rows(console);
+        assert_eq!(error, None);
+        assert_eq!(rows.len(), 2, "the truncated row is skipped");
+        assert_eq!(rows[0].s("target"), "simple");
+        assert_eq!(rows[0].f("iops"), 20558.0);
+        assert_eq!(rows[0].s("qd"), "16");
+        assert!(!rows[0].fields.contains_key("bench"));
+        let j = rows[1].json();
+        assert_eq!(j["iops"], json!(25459.0));
+        assert_eq!(j["qd"], json!(16));
+        assert_eq!(j["dev"], json!("nvme"));
+    }
+
+    #[test]
+    fn the_kernels_error_line_is_reported() {
+        let (rows, error) =
+            console_rows("{\"bench\":\"error\",\"message\":\"nvme0n1 holds no \\\"dxfs\\\"\"}\n");
+        assert!(rows.is_empty());
+        assert_eq!(error.as_deref(), Some("nvme0n1 holds no \"dxfs\""));
+    }
 }

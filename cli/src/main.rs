@@ -175,6 +175,11 @@ enum BenchCmd {
         /// Reads per target of the host benchmark (0 skips it).
         #[arg(long, default_value_t = 2_000_000)]
         host_ios: u64,
+        /// Do not boot: make the table and results.json from the console of
+        /// a kernel that ran the benchmark elsewhere (a server booted with
+        /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
+        #[arg(long, value_name = "FILE")]
+        from_log: Option<PathBuf>,
     },
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
@@ -290,6 +295,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     accel,
                     mem,
                     host_ios,
+                    from_log,
                 },
         } => {
             let qds = parse_qds(&qd)?;
@@ -303,7 +309,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     "--completion {completion}: poll and/or irq"
                 )));
             }
-            let accel = bench_setup(file_size, accel)?;
+            let accel = if from_log.is_some() {
+                Accel::Tcg // not used: nothing boots
+            } else {
+                bench_setup(file_size, accel)?
+            };
             let opts = dioxide::bench::LocalOpts {
                 qds,
                 devs,
@@ -314,6 +324,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 accel,
                 mem,
                 host_ios,
+                from_log,
             };
             dioxide::bench::local(&opts)
         }

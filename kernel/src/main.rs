@@ -62,7 +62,13 @@ fn kmain(boot: &'static BootInfo) -> ! {
     idt::init();
     apic::disable_pic();
 
-    let selftest = args.get("selftest").unwrap_or("");
+    // `bench.*` arguments alone run the in-kernel benchmark (a server booted
+    // from the image has no host CLI to ask for `selftest=bench`).
+    let selftest = match args.get("selftest") {
+        Some(s) => s,
+        None if args.keys().any(|k| k.starts_with("bench.")) => "bench",
+        None => "",
+    };
     if ![
         "",
         "digest",
@@ -179,6 +185,24 @@ fn kmain(boot: &'static BootInfo) -> ! {
             let devs: alloc::vec::Vec<&str> = list("bench.dev", "nvme,null").split(',').collect();
             let comps: alloc::vec::Vec<&str> =
                 list("bench.completion", "poll").split(',').collect();
+            if let Some(d) = devs.iter().find(|d| !["nvme", "null"].contains(d)) {
+                fail(
+                    EXIT_CONFIG,
+                    format_args!("bench.dev: {d:?} is not nvme or null"),
+                );
+            }
+            if let Some(c) = comps.iter().find(|c| !["poll", "irq"].contains(c)) {
+                fail(
+                    EXIT_CONFIG,
+                    format_args!("bench.completion: {c:?} is not poll or irq"),
+                );
+            }
+            if qds.is_empty() {
+                fail(
+                    EXIT_CONFIG,
+                    format_args!("bench.qd: expected queue depths such as 1,16,64"),
+                );
+            }
             let secs = args.number("bench.secs").ok().flatten().unwrap_or(2).max(1);
             let p = bench::Params {
                 qds: &qds,

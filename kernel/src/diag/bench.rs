@@ -4,11 +4,24 @@
 //! Each row keeps `qd` 4 KiB random reads in flight for a while against one
 //! target — the raw namespace, the file through the generic path (simple path
 //! off), the file through the simple path — on one device (the NVMe queue or
-//! the null device) with one completion mode, and prints
+//! the null device) with one completion mode. Results are JSON lines, one
+//! object per line, on every console, so that a bare-metal run (where no host
+//! CLI reads the console) gives the same data as `dioxide bench local`:
 //!
 //! ```text
-//! bench row target=simple dev=nvme completion=poll qd=16 ios=.. errors=.. simple_path=.. generic_path=.. fell_back=.. iops=.. lat_mean_us=.. lat_p99_us=.. cycles_per_io=.. allocs_per_io=..
+//! {"bench":"file","bytes":..,"extents":..,"namespace_bytes":..,"tsc_mhz":..}
+//! {"bench":"running","dev":"nvme","completion":"poll","qd":16}
+//! {"bench":"row","target":"simple","dev":"nvme","completion":"poll","qd":16,"ios":..,"errors":..,
+//!  "simple_path":..,"generic_path":..,"fell_back":..,"iops":..,"lat_mean_us":..,"lat_p99_us":..,
+//!  "cycles_per_io":..,"allocs_per_io":..}          (on one line)
+//! {"bench":"skip","dev":"null","completion":"irq","why":".."}
+//! {"bench":"error","message":".."}
+//! {"bench":"done"}
 //! ```
+//!
+//! `dioxide bench local` parses these lines from the console of the guest it
+//! booted; `dioxide bench local --from-log FILE` parses a console captured
+//! from a server (a BMC's serial-over-LAN log, a screen transcript).
 //!
 //! The three targets of one (device, completion, queue depth) run
 //! interleaved — raw, generic, simple, raw, ... in slices of a quarter of the
@@ -27,6 +40,8 @@
 use crate::drivers::nvme::{self, DmaBuf, Mode};
 use crate::platform::{power, time};
 use crate::{mm, outln};
+use alloc::string::String;
+use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
@@ -35,6 +50,68 @@ use dioxide_iomap::{
 };
 use dioxide_testkit::Rng;
 use x86_64::instructions::interrupts;
+
+/// One JSON object written field by field and printed as one console line.
+/// Strings are escaped (RFC 8259 §7); numbers that are not finite print as 0
+/// (JSON has no NaN).
+struct JsonLine(String);
+
+impl JsonLine {
+    fn new(kind: &str) -> Self {
+        let mut j = JsonLine(String::with_capacity(256));
+        j.0.push('{');
+        j.str("bench", kind);
+        j
+    }
+    fn key(&mut self, k: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.quoted(k);
+        self.0.push(':');
+    }
+    fn quoted(&mut self, v: &str) {
+        self.0.push('"');
+        for c in v.chars() {
+            match c {
+                '"' => self.0.push_str("\\\""),
+                '\\' => self.0.push_str("\\\\"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(self.0, "\\u{:04x}", c as u32);
+                }
+                c => self.0.push(c),
+            }
+        }
+        self.0.push('"');
+    }
+    fn str(&mut self, k: &str, v: &str) -> &mut Self {
+        self.key(k);
+        self.quoted(v);
+        self
+    }
+    fn int(&mut self, k: &str, v: u64) -> &mut Self {
+        self.key(k);
+        let _ = write!(self.0, "{v}");
+        self
+    }
+    fn num(&mut self, k: &str, v: f64, decimals: usize) -> &mut Self {
+        self.key(k);
+        let v = if v.is_finite() { v } else { 0.0 };
+        let _ = write!(self.0, "{v:.decimals$}");
+        self
+    }
+    fn print(&mut self) {
+        self.0.push('}');
+        outln!("{}", self.0);
+    }
+}
+
+/// Prints `{"bench":"error","message":...}`.
+fn error(message: core::fmt::Arguments) {
+    JsonLine::new("error")
+        .str("message", &alloc::format!("{message}"))
+        .print();
+}
 
 const MAX_QD: usize = 1024;
 const BUCKETS: usize = 64 * 16;
@@ -322,23 +399,30 @@ fn us(cycles: f64) -> f64 {
 fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
     let n = r.ios.max(1) as f64;
     let secs = r.cycles as f64 / time::tsc_hz() as f64;
-    outln!(
-        "bench row target={} dev={} completion={} qd={} ios={} errors={} simple_path={} generic_path={} fell_back={} iops={:.0} lat_mean_us={:.2} lat_p99_us={:.2} cycles_per_io={:.0} allocs_per_io={:.3}",
-        target.name(),
-        dev,
-        completion,
-        qd,
-        r.ios,
-        r.errors,
-        r.simple,
-        r.generic,
-        r.fell_back,
-        r.ios as f64 / secs,
-        us(LAT_SUM[target.index()].load(Ordering::Relaxed) as f64 / n),
-        us(p99_cycles(target.index(), r.ios) as f64),
-        r.cycles as f64 / n,
-        r.allocs as f64 / n
-    );
+    JsonLine::new("row")
+        .str("target", target.name())
+        .str("dev", dev)
+        .str("completion", completion)
+        .int("qd", qd as u64)
+        .int("ios", r.ios)
+        .int("errors", r.errors)
+        .int("simple_path", r.simple)
+        .int("generic_path", r.generic)
+        .int("fell_back", r.fell_back)
+        .num("iops", r.ios as f64 / secs, 0)
+        .num(
+            "lat_mean_us",
+            us(LAT_SUM[target.index()].load(Ordering::Relaxed) as f64 / n),
+            2,
+        )
+        .num(
+            "lat_p99_us",
+            us(p99_cycles(target.index(), r.ios) as f64),
+            2,
+        )
+        .num("cycles_per_io", r.cycles as f64 / n, 0)
+        .num("allocs_per_io", r.allocs as f64 / n, 3)
+        .print();
 }
 
 /// The file to read: `path`, or the largest regular file.
@@ -388,53 +472,60 @@ pub fn bench(
     p: &Params,
 ) -> ! {
     let Some(fs) = fs else {
-        outln!("bench error: nvme0n1 holds no usable dxfs");
+        error(format_args!("nvme0n1 holds no usable dxfs"));
         power::exit(power::EXIT_TEST_FAILED);
     };
     let file = match pick_file(&fs, p.file) {
         Ok(f) => f,
         Err(e) => {
-            outln!("bench error: {e}");
+            error(format_args!("{e}"));
             power::exit(power::EXIT_TEST_FAILED);
         }
     };
     let maxqd = p.qds.iter().copied().max().unwrap_or(1).min(MAX_QD);
     let Some(mut bufs) = DmaBuf::new(maxqd * 4096) else {
-        outln!("bench error: out of memory");
+        error(format_args!("out of memory"));
         power::exit(power::EXIT_TEST_FAILED);
     };
     let base = bufs.part(0, 4096).addr();
     let raw_blocks = dev.ns.bytes() / 4096;
-    outln!(
-        "bench file bytes={} extents={} namespace_bytes={} tsc_mhz={}",
-        file.size(),
-        file.extents().len(),
-        dev.ns.bytes(),
-        time::tsc_hz() / 1_000_000
-    );
+    JsonLine::new("file")
+        .int("bytes", file.size())
+        .int("extents", file.extents().len() as u64)
+        .int("namespace_bytes", dev.ns.bytes())
+        .int("tsc_mhz", time::tsc_hz() / 1_000_000)
+        .print();
     let mode = nvme::mode();
     for d in p.devs {
         for c in p.completions {
             let irq = *c == "irq";
             if *d == "nvme" && irq != (mode == Mode::Irq) {
-                outln!(
-                    "bench skip dev=nvme completion={c}: the kernel runs nvme.completion={:?}",
-                    mode
-                );
+                JsonLine::new("skip")
+                    .str("dev", d)
+                    .str("completion", c)
+                    .str(
+                        "why",
+                        &alloc::format!("the kernel runs nvme.completion={mode:?}"),
+                    )
+                    .print();
                 continue;
             }
             if *d == "null" && irq {
-                outln!("bench skip dev=null completion=irq: the null device completes on the next poll");
+                JsonLine::new("skip")
+                    .str("dev", d)
+                    .str("completion", c)
+                    .str("why", "the null device completes on the next poll")
+                    .print();
                 continue;
             }
             for &qd in p.qds {
                 let qd = qd.clamp(1, MAX_QD);
-                outln!(
-                    "bench running dev={} completion={} qd={} (raw, generic, simple interleaved)",
-                    d,
-                    c,
-                    qd
-                );
+                // Raw, generic and simple run interleaved.
+                JsonLine::new("running")
+                    .str("dev", d)
+                    .str("completion", c)
+                    .int("qd", qd as u64)
+                    .print();
                 reset();
                 let targets = [Target::Raw, Target::Generic, Target::Simple];
                 let mut rows: [Row; 3] = Default::default();
@@ -475,7 +566,7 @@ pub fn bench(
             }
         }
     }
-    outln!("bench done");
+    JsonLine::new("done").print();
     power::exit(power::EXIT_OK)
 }
 

@@ -6,7 +6,7 @@
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
-//! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench` |
+//! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench`; any `bench.*` argument without `selftest=` runs it (JSON lines on every console) |
 //! | `bench.dev` | `nvme`, `null` (comma list) | devices of `selftest=bench` |
 //! | `bench.completion` | `poll`, `irq` (comma list) | completion modes (irq needs `nvme.completion=irq`) |
 //! | `bench.secs` | seconds per row (default 2) | |
