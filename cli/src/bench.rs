@@ -20,6 +20,8 @@ pub struct LocalOpts {
     pub mem: u32,
     /// Reads per target in the host benchmark (0: skip it).
     pub host_ios: u64,
+    /// How the kernel boots (PVH, or GRUB under SeaBIOS or OVMF).
+    pub boot: qemu::Boot,
 }
 
 /// One in-guest row (a `bench row` line).
@@ -342,6 +344,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         cfg.nvme_lbs = 512;
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
+        cfg.boot = opts.boot;
         cfg.args = vec![
             "selftest=bench".into(),
             "log=warn".into(),
@@ -357,10 +360,11 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         cfg.echo = true;
         cfg.echo_prefix = Some("bench running");
         eprintln!(
-            "dioxide bench: booting ({} rows, {} s each, accel {}, completion {comp})",
+            "dioxide bench: booting ({} rows, {} s each, accel {}, boot {}, completion {comp})",
             nrows,
             opts.secs,
-            opts.accel.name()
+            opts.accel.name(),
+            opts.boot.name()
         );
         let out = qemu::run(&cfg)?;
         if out.status != 0 {
@@ -430,6 +434,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         "host": host.clone().unwrap_or(json!(null)),
         "config": {
             "accel": opts.accel.name(),
+            "boot": opts.boot.name(),
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,
             "qds": opts.qds,
