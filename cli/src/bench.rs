@@ -23,6 +23,8 @@ pub struct LocalOpts {
     /// Instead of booting: the console of a kernel that ran the benchmark
     /// elsewhere (a server booted from `dioxide image --cmdline "bench.qd=..."`).
     pub from_log: Option<PathBuf>,
+    /// How the kernel boots (PVH, or GRUB under SeaBIOS or OVMF).
+    pub boot: qemu::Boot,
 }
 
 /// The benchmark rows in a console transcript, and the first error line the
@@ -47,7 +49,7 @@ pub fn console_rows(console: &str) -> (Vec<Row>, Option<String>) {
     (rows, error)
 }
 
-/// One in-guest row (a `bench row` line).
+/// One in-guest row (a `{"bench":"row",...}` line).
 #[derive(Clone, Debug)]
 pub struct Row {
     pub fields: BTreeMap<String, String>,
@@ -437,6 +439,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         "host": host.clone().unwrap_or(json!(null)),
         "config": {
             "accel": if opts.from_log.is_some() { "from a console log" } else { opts.accel.name() },
+            "boot": if opts.from_log.is_some() { "from a console log" } else { opts.boot.name() },
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,
             "qds": opts.qds,
@@ -478,6 +481,7 @@ fn boot_rows(
         cfg.nvme_lbs = 512;
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
+        cfg.boot = opts.boot;
         // The same arguments a server's image takes: `bench.*` alone runs it.
         cfg.args = vec![
             "log=warn".into(),
@@ -493,10 +497,11 @@ fn boot_rows(
         cfg.echo = true;
         cfg.echo_prefix = Some(r#"{"bench":"running""#);
         eprintln!(
-            "dioxide bench: booting ({} rows, {} s each, accel {}, completion {comp})",
+            "dioxide bench: booting ({} rows, {} s each, accel {}, boot {}, completion {comp})",
             nrows,
             opts.secs,
-            opts.accel.name()
+            opts.accel.name(),
+            opts.boot.name()
         );
         let out = qemu::run(&cfg)?;
         if out.status != 0 {

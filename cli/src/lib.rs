@@ -3,8 +3,10 @@
 
 pub mod accel;
 pub mod bench;
+pub mod boottime;
 pub mod fstool;
 pub mod image;
+pub mod iso;
 pub mod kernel;
 pub mod nbdbench;
 pub mod qemu;
@@ -46,6 +48,12 @@ pub enum Error {
     /// Making the tap device failed for another reason (`ip` missing, ...).
     #[error("--net tap: {0}")]
     Tap(String),
+    /// A host tool or file that a boot or an ISO needs is not installed.
+    #[error("{what} is missing: install the Debian package {package} (./dx setup installs it)")]
+    Missing { what: String, package: &'static str },
+    /// Making the bootable ISO failed (grub-mkrescue's message).
+    #[error("making the ISO: {0}")]
+    Iso(String),
     #[error("timed out after {0} s; QEMU killed")]
     Timeout(u64),
     #[error("{0}")]

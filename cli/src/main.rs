@@ -4,16 +4,19 @@
 //! dioxide run [--disk IMG | --from DIR] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
-//!             [--inject-eio SECTOR]... [-- KERNEL-ARGS...]
+//!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
+//!             [-- KERNEL-ARGS...]
+//! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
 //! dioxide fsck IMG
 //! dioxide ls IMG [PATH]
 //! dioxide cat IMG PATH
 //! dioxide bench local [--qd 1,16,64,128,256] [--dev nvme,null] [--completion poll,irq]
-//!                     [--secs N] [--out DIR] [--file-size 1G]
+//!                     [--secs N] [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
-//!                   [--out DIR] [--file-size 1G]
+//!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
+//! dioxide bench boot [--boot pvh,bios,uefi] [--runs 3]
 //! ```
 //!
 //! Exit status: the guest's (0 success, 1 self-test failed, 2 bad arguments or
@@ -24,7 +27,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use dioxide::accel::{self, Accel};
 use dioxide::nbdbench::NetMode;
-use dioxide::{image, kernel, qemu, Error};
+use dioxide::qemu::Boot;
+use dioxide::{image, iso, kernel, qemu, Error};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -104,9 +108,38 @@ enum Cmd {
         /// reports a device error.
         #[arg(long, value_name = "SECTOR")]
         inject_eio: Vec<u64>,
+        /// How the kernel boots: `pvh` (QEMU loads it), `bios` (GRUB from an
+        /// ISO under SeaBIOS) or `uefi` (the same under OVMF), as a server
+        /// boots.
+        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+        boot: Boot,
+        /// With --boot bios|uefi: boot this ISO (from `dioxide image`; the
+        /// kernel arguments are those of its grub.cfg) instead of one made
+        /// for the run.
+        #[arg(long)]
+        iso: Option<PathBuf>,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
+    },
+    /// Make a bootable ISO for a server: GRUB for BIOS and UEFI loading the
+    /// kernel (multiboot2), console on COM1 (115200) and the screen; a hybrid
+    /// image for a CD-ROM, BMC virtual media or `dd` to a USB stick.
+    Image {
+        /// The ISO file to write.
+        #[arg(long, default_value = "dioxide.iso")]
+        out: PathBuf,
+        /// The kernel command line, e.g. "net.ip=192.168.1.20/24
+        /// net.gw=192.168.1.1" (default: none, so the address comes from
+        /// DHCP).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Seconds GRUB shows its menu before booting (0: at once).
+        #[arg(long, default_value_t = 5)]
+        menu_timeout: u32,
+        /// Use this kernel ELF instead of building one.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
     },
     /// Build the kernel and print the path of its ELF.
     BuildKernel,
@@ -180,6 +213,9 @@ enum BenchCmd {
         /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
         #[arg(long, value_name = "FILE")]
         from_log: Option<PathBuf>,
+        /// How the kernel boots: pvh, bios or uefi.
+        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+        boot: Boot,
     },
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
@@ -214,7 +250,26 @@ enum BenchCmd {
         /// Rounds per row: the targets take turns, each for secs/rounds.
         #[arg(long, default_value_t = 2)]
         rounds: u64,
+        /// How the kernel boots: pvh, bios or uefi.
+        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+        boot: Boot,
     },
+    /// Boot-to-serving time: from spawning QEMU to the appliance answering
+    /// an NBD handshake on its forwarded port, per boot method.
+    Boot {
+        /// Boot methods, comma-separated: pvh, bios, uefi.
+        #[arg(long, default_value = "pvh,bios,uefi")]
+        boot: String,
+        /// Boots per method.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+        accel: AccelArg,
+    },
+}
+
+fn parse_boot(s: &str) -> Result<Boot, String> {
+    Boot::parse(s).map_err(|e| e.to_string())
 }
 
 /// A `--qd` list: queue depths from 1 to 1024.
@@ -296,6 +351,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     mem,
                     host_ios,
                     from_log,
+                    boot,
                 },
         } => {
             let qds = parse_qds(&qd)?;
@@ -325,6 +381,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 mem,
                 host_ios,
                 from_log,
+                boot,
             };
             dioxide::bench::local(&opts)
         }
@@ -341,6 +398,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     mem,
                     completion,
                     rounds,
+                    boot,
                 },
         } => {
             let qds = parse_qds(&qd)?;
@@ -373,8 +431,67 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 nets,
                 completion,
                 rounds: rounds.clamp(1, secs.max(1)),
+                boot,
             };
             dioxide::nbdbench::nbd(&opts)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Boot { boot, runs, accel },
+        } => {
+            let boots = dioxide::bench::parse_list(&boot)
+                .iter()
+                .map(|b| Boot::parse(b))
+                .collect::<Result<Vec<_>, _>>()?;
+            if boots.is_empty() || !(1..=20).contains(&runs) {
+                return Err(Error::Usage(
+                    "bench boot: at least one --boot method, --runs from 1 to 20".into(),
+                ));
+            }
+            let accel = resolve_accel(accel)?;
+            dioxide::boottime::run(&boots, runs, accel)
+        }
+        Cmd::Image {
+            out,
+            cmdline,
+            menu_timeout,
+            kernel: kernel_path,
+        } => {
+            let words = iso::words(&cmdline);
+            iso::check_tools()?;
+            let kernel = match kernel_path {
+                Some(k) => k,
+                None => {
+                    eprintln!("dioxide: building the kernel (release)");
+                    kernel::build()?
+                }
+            };
+            let built = iso::build(&kernel, &words, menu_timeout, &out)?;
+            if let Err(why) = &built.strip {
+                eprintln!("dioxide: note: the kernel keeps its debug information: {why}");
+            }
+            let altered = iso::altered_words(&words);
+            if !altered.is_empty() {
+                eprintln!(
+                    "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
+                );
+            }
+            eprintln!(
+                "dioxide: wrote {} ({:.1} MiB): BIOS and UEFI boot (GRUB, multiboot2), menu {} s; console on COM1 (115200 8N1) and the screen; the kernel's command line: {:?}{}",
+                out.display(),
+                built.bytes as f64 / (1 << 20) as f64,
+                menu_timeout,
+                iso::kernel_view(&words),
+                if words.iter().any(|w| w.starts_with("net.ip=")) {
+                    ""
+                } else {
+                    " (no net.ip=: the address comes from DHCP)"
+                }
+            );
+            eprintln!(
+                "dioxide: try it in QEMU: ./dx run --boot uefi --iso {0}; or write it to a USB stick (erases the whole device): dd if={0} of=/dev/sdX bs=4M conv=fsync",
+                out.display()
+            );
+            Ok(0)
         }
         Cmd::Ls { img, path } => dioxide::fstool::ls(&img, &path),
         Cmd::Cat { img, path } => dioxide::fstool::cat(&img, &path),
@@ -397,9 +514,32 @@ fn run(cli: Cli) -> Result<i32, Error> {
             net,
             from,
             inject_eio,
+            boot: boot_method,
+            iso: iso_path,
             kernel_args,
         } => {
             let t0 = Instant::now();
+            if let Some(iso) = &iso_path {
+                if boot_method == Boot::Pvh {
+                    return Err(Error::Usage(format!(
+                        "--iso {}: boots with --boot bios or --boot uefi",
+                        iso.display()
+                    )));
+                }
+                if selftest.is_some()
+                    || completion.is_some()
+                    || log.is_some()
+                    || !kernel_args.is_empty()
+                {
+                    return Err(Error::Usage(format!(
+                        "--iso {}: the kernel arguments are the ISO's (its grub.cfg); --selftest, --completion, --log and -- ARGS cannot be added (make the ISO with dioxide image --cmdline)",
+                        iso.display()
+                    )));
+                }
+                if !iso.is_file() {
+                    return Err(Error::Usage(format!("--iso {}: not a file", iso.display())));
+                }
+            }
             let net = NetMode::parse(&net)?;
             // Ctrl-C reaches QEMU too (same process group), which exits; this
             // process stays to report and clean up (the tap device).
@@ -479,6 +619,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
+            cfg.boot = boot_method;
+            cfg.iso = iso_path;
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",
@@ -507,13 +649,17 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 }
             };
             eprintln!(
-                "dioxide: booting with {} ({} MiB, {}-byte blocks, aio={}), accel {}; kernel args {:?}",
+                "dioxide: booting with {} ({} MiB, {}-byte blocks, aio={}), accel {}, boot {}; kernel args {:?}",
                 disk.display(),
                 size >> 20,
                 nvme_lbs,
                 qemu::drive_aio(&disk),
                 accel.name(),
-                cfg.args.join(" ")
+                cfg.boot.name(),
+                match &cfg.iso {
+                    Some(iso) => format!("those of {}", iso.display()),
+                    None => cfg.kernel_args().join(" "),
+                }
             );
             let boot = Instant::now();
             let guest = qemu::Guest::spawn(&cfg)?;

@@ -60,6 +60,8 @@ pub struct NbdOpts {
     /// Each row's time is split into this many rounds, the targets taking
     /// turns, so that drift on a shared machine hits them alike.
     pub rounds: u64,
+    /// How the kernel boots (PVH, or GRUB under SeaBIOS or OVMF).
+    pub boot: crate::qemu::Boot,
 }
 
 /// The booted appliance (QEMU killed on drop, then its tap device deleted).
@@ -416,14 +418,16 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         cfg.disk = Some(img.clone());
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
+        cfg.boot = opts.boot;
         cfg.args = vec![
             "log=info".into(),
             "nbd.null=1".into(),
             format!("nvme.completion={}", opts.completion),
         ];
         eprintln!(
-            "dioxide bench: booting the appliance (accel {}, net {}, completion {})",
+            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, completion {})",
             opts.accel.name(),
+            opts.boot.name(),
             net.name(),
             opts.completion
         );
@@ -518,6 +522,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "config": {
             "accel": opts.accel.name(),
+            "boot": opts.boot.name(),
             "completion": opts.completion,
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,

@@ -7,6 +7,13 @@
 //! QEMU's exit code (see [`decide`]). QEMU is killed when the
 //! [`Guest`] handle is dropped, so no emulator outlives its caller.
 //!
+//! The kernel boots one of three ways ([`Boot`]): QEMU loads the ELF itself
+//! (PVH, no firmware), or a per-run GRUB ISO ([`crate::iso`]) boots it
+//! through multiboot2 under SeaBIOS or under OVMF (UEFI), as on a server.
+//! The console reader drops the firmware's and GRUB's terminal control
+//! sequences ([`console_text`]), so their screen drawing on COM1 does not
+//! mix with the kernel's lines.
+//!
 //! With user networking the NBD port is forwarded only once the kernel's
 //! server listens (its `nbd: listening on port` line): until then a client
 //! is refused at once, instead of having its connection accepted by QEMU and
@@ -32,6 +39,115 @@ pub const GUEST_NBD_PORT: u16 = 10809;
 
 /// The kernel's line once its NBD server listens.
 const NBD_LISTENING: &str = "nbd: listening on port";
+
+/// OVMF's UEFI firmware (code, read-only) and the template of its variable
+/// store (copied per run): the 4 MiB pair QEMU's firmware descriptor
+/// names, without Secure Boot keys (grub-mkrescue's EFI image is unsigned).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// How QEMU boots the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads the ELF itself (`-kernel`, PVH entry): no firmware, the
+    /// fastest.
+    #[default]
+    Pvh,
+    /// A GRUB ISO on a CD-ROM under SeaBIOS: GRUB loads the kernel through
+    /// multiboot2, as a BIOS server would.
+    Bios,
+    /// The same ISO under OVMF (UEFI), with a VGA device for GOP.
+    Uefi,
+}
+
+impl Boot {
+    pub const ALL: [Boot; 3] = [Boot::Pvh, Boot::Bios, Boot::Uefi];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Boot::Pvh => "pvh",
+            Boot::Bios => "bios",
+            Boot::Uefi => "uefi",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Boot, Error> {
+        Boot::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| Error::Usage(format!("--boot {s}: expected pvh, bios or uefi")))
+    }
+}
+
+/// What a boot needs besides the kernel: for `bios` and `uefi` the ISO
+/// (made per run unless [`Config::iso`] names one) and, for `uefi`, a copy
+/// of OVMF's variable store; in a temporary directory removed on drop
+/// (after QEMU is killed: [`Guest`] holds it).
+pub struct BootMedia {
+    _dir: Option<tempfile::TempDir>,
+    iso: Option<PathBuf>,
+    vars: Option<PathBuf>,
+}
+
+impl BootMedia {
+    /// Makes the media `cfg` boots from. For a per-run ISO GRUB boots at
+    /// once (menu timeout 0) with [`Config::kernel_args`].
+    pub fn prepare(cfg: &Config) -> Result<BootMedia, Error> {
+        let none = BootMedia {
+            _dir: None,
+            iso: None,
+            vars: None,
+        };
+        if cfg.boot == Boot::Pvh {
+            return match &cfg.iso {
+                Some(iso) => Err(Error::Usage(format!(
+                    "{}: an ISO boots with --boot bios or --boot uefi, not pvh",
+                    iso.display()
+                ))),
+                None => Ok(none),
+            };
+        }
+        if cfg.boot == Boot::Uefi {
+            crate::iso::need_file(OVMF_CODE, "OVMF's UEFI firmware", "ovmf")?;
+            crate::iso::need_file(OVMF_VARS, "OVMF's variable store template", "ovmf")?;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("dioxide-boot-")
+            .tempdir()
+            .map_err(crate::io_err(
+                "create a temporary directory for the boot media",
+            ))?;
+        let iso = match &cfg.iso {
+            Some(iso) if iso.is_file() => iso.clone(),
+            Some(iso) => return Err(Error::Usage(format!("ISO {}: not a file", iso.display()))),
+            None => {
+                let iso = dir.path().join("dioxide.iso");
+                crate::iso::build(&cfg.kernel, &cfg.kernel_args(), 0, &iso)?;
+                iso
+            }
+        };
+        let vars = if cfg.boot == Boot::Uefi {
+            let vars = dir.path().join("OVMF_VARS.fd");
+            std::fs::copy(OVMF_VARS, &vars).map_err(crate::io_err(format!(
+                "copy {OVMF_VARS} to {}",
+                vars.display()
+            )))?;
+            Some(vars)
+        } else {
+            None
+        };
+        Ok(BootMedia {
+            _dir: Some(dir),
+            iso: Some(iso),
+            vars,
+        })
+    }
+}
+
+/// A path in QEMU option syntax (commas doubled).
+fn qemu_path(p: &std::path::Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
 
 /// Everything that describes one boot.
 #[derive(Clone, Debug)]
@@ -65,6 +181,13 @@ pub struct Config {
     /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
     /// [`crate::tap`]).
     pub netdev: Option<String>,
+    /// How the kernel boots: PVH (`-kernel`), or GRUB from an ISO under
+    /// SeaBIOS or OVMF.
+    pub boot: Boot,
+    /// With `bios`/`uefi`: boot this ISO (made by `dioxide image`; its
+    /// grub.cfg holds the kernel arguments, `args` are not used) instead of
+    /// one made for the run.
+    pub iso: Option<PathBuf>,
 }
 
 impl Config {
@@ -84,11 +207,23 @@ impl Config {
             inject_eio: Vec::new(),
             nbd_port: None,
             netdev: None,
+            boot: Boot::Pvh,
+            iso: None,
         }
     }
 
-    /// The QEMU command line.
-    pub fn command(&self) -> Command {
+    /// The kernel's command line words: `args`, and with user networking
+    /// the guest's address ([`USER_NET_ARGS`]) unless `args` has one.
+    pub fn kernel_args(&self) -> Vec<String> {
+        let mut args = self.args.clone();
+        if self.user_net() && !args.iter().any(|a| a.starts_with("net.ip=")) {
+            args.extend(USER_NET_ARGS.map(String::from));
+        }
+        args
+    }
+
+    /// The QEMU command line, booting from `media` (see [`BootMedia`]).
+    pub fn command(&self, media: &BootMedia) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
         c.args(["-machine", "q35", "-nodefaults", "-no-reboot"]);
         match self.accel {
@@ -142,12 +277,32 @@ impl Config {
             c.arg("-netdev").arg(netdev);
             c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
         }
-        c.arg("-kernel").arg(&self.kernel);
-        let mut args = self.args.clone();
-        if self.user_net() && !args.iter().any(|a| a.starts_with("net.ip=")) {
-            args.extend(USER_NET_ARGS.map(String::from));
+        match (&media.iso, self.boot) {
+            (Some(iso), Boot::Bios | Boot::Uefi) => {
+                if let (Boot::Uefi, Some(vars)) = (self.boot, &media.vars) {
+                    c.arg("-drive").arg(format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        qemu_path(std::path::Path::new(OVMF_CODE))
+                    ));
+                    c.arg("-drive").arg(format!(
+                        "if=pflash,format=raw,unit=1,file={}",
+                        qemu_path(vars)
+                    ));
+                    // GOP: with no display device GRUB has no framebuffer
+                    // to hand over.
+                    c.args(["-device", "VGA"]);
+                }
+                c.arg("-drive").arg(format!(
+                    "file={},if=none,id=cd0,media=cdrom,readonly=on",
+                    qemu_path(iso)
+                ));
+                c.args(["-device", "ide-cd,drive=cd0,bootindex=0"]);
+            }
+            _ => {
+                c.arg("-kernel").arg(&self.kernel);
+                c.arg("-append").arg(self.kernel_args().join(" "));
+            }
         }
-        c.arg("-append").arg(args.join(" "));
         c.args(&self.extra);
         c
     }
@@ -312,6 +467,9 @@ pub struct Guest {
     service: Arc<ServiceState>,
     /// QMP socket directory (user networking), removed on drop.
     _monitor: Option<monitor::MonitorDir>,
+    /// The ISO and firmware variables of a bios/uefi boot, removed on drop
+    /// (after QEMU is killed, in `Drop`).
+    _media: BootMedia,
 }
 
 impl Drop for Guest {
@@ -407,10 +565,19 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 const POWER_OFF: &str = "dioxide: power off status=";
 
+/// One console line as text: bytes that are not UTF-8 replaced, terminal
+/// control sequences removed (SeaBIOS, OVMF and GRUB draw their screens on
+/// COM1 with VT100 escapes, e.g. `ESC[2J ESC[01;01H`), and control
+/// characters but the newline (the kernel's `\r\n` ends a line with `\n`).
+pub fn console_text(line: &[u8]) -> String {
+    strip_ansi_escapes::strip_str(String::from_utf8_lossy(line))
+}
+
 impl Guest {
     /// Starts QEMU.
     pub fn spawn(cfg: &Config) -> Result<Guest, Error> {
-        let mut cmd = cfg.command();
+        let media = BootMedia::prepare(cfg)?;
+        let mut cmd = cfg.command(&media);
         // User networking: a QMP monitor through which the console reader
         // adds the NBD port forward once the server listens.
         let monitor = match cfg.nbd_port {
@@ -467,7 +634,7 @@ impl Guest {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {}
                     }
-                    let text = String::from_utf8_lossy(&line).replace('\r', "");
+                    let text = console_text(&line);
                     if text.starts_with('[') {
                         let mut f = first_line.lock().unwrap_or_else(|e| e.into_inner());
                         f.get_or_insert(started.elapsed());
@@ -532,6 +699,7 @@ impl Guest {
             timeout: cfg.timeout,
             service,
             _monitor: monitor.map(|(m, _)| m),
+            _media: media,
         })
     }
 
@@ -571,6 +739,16 @@ impl Guest {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// When QEMU was spawned (after its boot media were made).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Time from spawning QEMU to the kernel's first log line, once it came.
+    pub fn first_line(&self) -> Option<Duration> {
+        *self.first_line.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// QEMU's process id.
@@ -721,6 +899,95 @@ mod tests {
         ));
         let e = decide(Some(2), None, String::new()).unwrap_err();
         assert!(e.to_string().contains("killed by a signal"), "{e}");
+    }
+
+    #[test]
+    fn console_lines_lose_the_firmware_screen_drawing() {
+        // As OVMF and GRUB wrote them on COM1 (captured).
+        let ovmf = b"\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001 \"UEFI QEMU DVD-ROM QM00011 \" from PciRoot(0x0)\r\n";
+        assert_eq!(
+            console_text(ovmf),
+            "BdsDxe: loading Boot0001 \"UEFI QEMU DVD-ROM QM00011 \" from PciRoot(0x0)\n"
+        );
+        let grub = b"\x1b[H\x1b[J\x1b[1;1H\x1b[0m\x1b[30m\x1b[40m    Booting `dioxide'\n";
+        assert_eq!(console_text(grub), "    Booting `dioxide'\n");
+        // A kernel line right after GRUB's drawing starts with its '['.
+        let kernel = b"\r\x1b[0m[    0.010431] INFO  boot: dioxide 0.1.0 via Multiboot2, cmdline \"x=$HOME;y\"\r\n";
+        assert_eq!(
+            console_text(kernel),
+            "[    0.010431] INFO  boot: dioxide 0.1.0 via Multiboot2, cmdline \"x=$HOME;y\"\n"
+        );
+        // Kernel lines are unchanged: UTF-8 names, brackets, no newline at
+        // the end of the stream.
+        let file = "file /dir-1-é/file-7-ünïcødé bytes=12 sha256=ab [x]".as_bytes();
+        assert_eq!(console_text(file), String::from_utf8_lossy(file));
+        assert_eq!(console_text(b"\xff ok\n"), "\u{fffd} ok\n");
+    }
+
+    #[test]
+    fn boot_names() {
+        for b in Boot::ALL {
+            assert_eq!(Boot::parse(b.name()).unwrap(), b);
+        }
+        assert_eq!(Boot::default(), Boot::Pvh);
+        let e = Boot::parse("coreboot").unwrap_err();
+        assert_eq!(e.to_string(), "--boot coreboot: expected pvh, bios or uefi");
+    }
+
+    #[test]
+    fn the_command_line_of_each_boot() {
+        let args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let mut cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
+        cfg.args = vec!["selftest=digest".into()];
+        cfg.nbd_port = Some(0);
+        let pvh = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        let at = pvh.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(
+            pvh[at + 1],
+            "selftest=digest net.ip=10.0.2.15/24 net.gw=10.0.2.2"
+        );
+        assert!(pvh.contains(&"-kernel".to_string()));
+        // An ISO given: no per-run ISO is made (the kernel need not exist).
+        let dir = tempfile::tempdir().unwrap();
+        let iso = dir.path().join("a,b.iso");
+        std::fs::write(&iso, b"iso").unwrap();
+        cfg.iso = Some(iso.clone());
+        assert!(BootMedia::prepare(&cfg).is_err(), "an ISO with pvh");
+        cfg.boot = Boot::Bios;
+        let bios = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        assert!(!bios.contains(&"-kernel".to_string()), "{bios:?}");
+        assert!(!bios.iter().any(|a| a.contains("pflash")), "{bios:?}");
+        let cd = format!(
+            "file={},if=none,id=cd0,media=cdrom,readonly=on",
+            iso.to_string_lossy().replace(',', ",,")
+        );
+        assert!(bios.contains(&cd), "{bios:?}");
+        assert!(bios.contains(&"ide-cd,drive=cd0,bootindex=0".to_string()));
+        if std::path::Path::new(OVMF_VARS).is_file() {
+            cfg.boot = Boot::Uefi;
+            let media = BootMedia::prepare(&cfg).unwrap();
+            let vars = media.vars.clone().unwrap();
+            assert!(vars.is_file());
+            let uefi = args(&cfg.command(&media));
+            assert!(uefi.contains(&format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            )));
+            assert!(uefi.contains(&format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            )));
+            assert!(uefi.contains(&"VGA".to_string()) && uefi.contains(&cd));
+            // The per-run copy of the variables goes with the media.
+            drop(media);
+            assert!(!vars.exists());
+        }
+        cfg.iso = Some(dir.path().join("missing.iso"));
+        cfg.boot = Boot::Bios;
+        assert!(BootMedia::prepare(&cfg).is_err());
     }
 
     #[test]

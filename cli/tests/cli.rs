@@ -402,3 +402,104 @@ fn exit_5_on_a_kernel_panic() {
     assert!(out.contains("dioxide: power off status=5"), "{out}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// `dioxide image`: a hybrid ISO (El Torito BIOS and UEFI entries, MBR and
+/// GPT) whose command line reaches the kernel under SeaBIOS and under OVMF
+/// (booted with `run --iso`), characters with meaning to GRUB's script
+/// parser (`$ ; { } #`) unchanged, quotes and backslashes as GRUB passes
+/// them. Without grub-mkrescue on the PATH the message names its package.
+#[test]
+fn image_is_a_hybrid_iso_whose_cmdline_reaches_the_kernel() {
+    let (img, d) = small_disk("image");
+    let iso = d.join("dioxide.iso");
+    let (iso_s, k) = (iso.to_str().unwrap(), kernel());
+    let k = k.to_str().unwrap();
+    let cmdline = r#"selftest=calibrate log=info x=$HOME;y {c} #d 'q="a\b' ünï"#;
+    let (code, _, err) = dioxide_out(&[
+        "image",
+        "--out",
+        iso_s,
+        "--kernel",
+        k,
+        "--menu-timeout",
+        "0",
+        "--cmdline",
+        cmdline,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("wrote {iso_s}")), "{err}");
+    assert!(err.contains("do not reach the kernel as written"), "{err}");
+
+    let mut cmd = Command::new("xorriso");
+    cmd.args(["-indev", iso_s, "-report_el_torito", "plain"]);
+    let (code, out, err) = output_within(cmd);
+    let report = format!("{}{err}", String::from_utf8_lossy(&out));
+    assert_eq!(code, 0, "{report}");
+    let has = |prefix: &str, words: &[&str]| {
+        report
+            .lines()
+            .any(|l| l.starts_with(prefix) && words.iter().all(|w| l.contains(w)))
+    };
+    assert!(
+        has("El Torito boot img :", &[" BIOS ", " none "]),
+        "{report}"
+    );
+    assert!(
+        has("El Torito boot img :", &[" UEFI ", " none "]),
+        "{report}"
+    );
+    assert!(has("El Torito img path :", &["/efi.img"]), "{report}");
+    assert!(
+        has("Boot record  :", &["El Torito", "MBR", "GPT"]),
+        "{report}"
+    );
+    assert!(has("Volume id    :", &["'DIOXIDE'"]), "{report}");
+
+    let want = format!(
+        "via Multiboot2, cmdline {:?}",
+        dioxide::iso::kernel_view(&dioxide::iso::words(cmdline))
+    );
+    for boot in ["bios", "uefi"] {
+        let (code, out, err, _) = run_status(
+            std::path::Path::new(k),
+            &img,
+            &["--boot", boot, "--iso", iso_s, "--timeout", "240"],
+        );
+        assert_eq!(code, 0, "{boot}: {out}\n{err}");
+        assert!(out.contains(&want), "{boot}: no {want:?} in\n{out}");
+        assert!(out.contains(r#" x=$HOME;y {c} #d "#), "{boot}: {out}");
+        assert!(out.contains("calibrate iterations="), "{boot}: {out}");
+    }
+
+    // An ISO's arguments are its own; --iso boots with bios or uefi.
+    let (code, err) = dioxide(&[
+        "run",
+        "--boot",
+        "bios",
+        "--iso",
+        iso_s,
+        "--selftest",
+        "digest",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the kernel arguments are the ISO's"), "{err}");
+    let (code, err) = dioxide(&["run", "--iso", iso_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("boots with --boot bios or --boot uefi"),
+        "{err}"
+    );
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dioxide"));
+    cmd.env("PATH", "/nonexistent")
+        .args(["image", "--out", iso_s, "--kernel", k]);
+    let (code, _, err) = output_within(cmd);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains(
+            "grub-mkrescue (not on PATH) is missing: install the Debian package grub-common"
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
