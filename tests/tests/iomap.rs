@@ -66,6 +66,7 @@ fn bench_local_writes_table_json_and_plot() {
         accel: dioxide::accel::Accel::Tcg,
         mem: 256,
         host_ios: 100_000,
+        from_log: None,
         boot: dioxide::qemu::Boot::Pvh,
     };
     assert_eq!(dioxide::bench::local(&opts).unwrap(), 0);
