@@ -234,11 +234,16 @@ impl<'a> Surface<'a> {
             Format::Rgb {
                 bytes_per_pixel, ..
             } => {
+                // Copied a run of 64 pixels at a time: few, large stores.
                 let n = bytes_per_pixel as usize;
-                let bg = self.bg;
+                let mut run = [0u8; 64 * 4];
+                for p in run.chunks_exact_mut(n) {
+                    p.copy_from_slice(&self.bg[..n]);
+                }
+                let run = &run[..64 * n];
                 for line in self.buf.chunks_mut(self.pitch).take(self.height) {
-                    for p in line[..width * n].chunks_exact_mut(n) {
-                        p.copy_from_slice(&bg[..n]);
+                    for part in line[..width * n].chunks_mut(run.len()) {
+                        part.copy_from_slice(&run[..part.len()]);
                     }
                 }
             }
@@ -266,15 +271,18 @@ impl<'a> Surface<'a> {
                 let n = bytes_per_pixel as usize;
                 let (fg, bg) = (self.fg, self.bg);
                 let g = glyph(c);
+                // Each glyph row is composed here and stored with one copy.
+                let mut px = [0u8; GLYPH_W * 4];
+                let px = &mut px[..GLYPH_W * n];
                 for (y, bits) in g.iter().enumerate() {
-                    let at = (row * GLYPH_H + y) * self.pitch + col * GLYPH_W * n;
-                    // In bounds: Surface::new checked pitch * (height - 1)
-                    // + width * n <= len, and the cell lies inside.
-                    let line = &mut self.buf[at..at + GLYPH_W * n];
-                    for (x, p) in line.chunks_exact_mut(n).enumerate() {
+                    for (x, p) in px.chunks_exact_mut(n).enumerate() {
                         let on = bits & (1 << x) != 0;
                         p.copy_from_slice(&(if on { fg } else { bg })[..n]);
                     }
+                    let at = (row * GLYPH_H + y) * self.pitch + col * GLYPH_W * n;
+                    // In bounds: Surface::new checked pitch * (height - 1)
+                    // + width * n <= len, and the cell lies inside.
+                    self.buf[at..at + GLYPH_W * n].copy_from_slice(px);
                 }
             }
             Format::EgaText => {
@@ -302,6 +310,8 @@ pub struct TextConsole<'a> {
     jump: usize,
     /// Inside a UTF-8 sequence whose `?` was drawn.
     in_utf8: bool,
+    /// Drawing waits for the end of a [`TextConsole::write_batch`].
+    deferred: bool,
     drawn: u64,
 }
 
@@ -324,6 +334,7 @@ impl<'a> TextConsole<'a> {
             col: 0,
             jump: 1,
             in_utf8: false,
+            deferred: false,
             drawn: 0,
         }
     }
@@ -378,6 +389,18 @@ impl<'a> TextConsole<'a> {
     /// there).
     pub fn cursor(&self) -> (usize, usize) {
         (self.row, self.col)
+    }
+
+    /// Writes `bytes` into the grid and draws only the end result: for a
+    /// replay of many lines at once, which would otherwise draw lines that
+    /// a later jump moves off the screen.
+    pub fn write_batch(&mut self, bytes: &[u8]) {
+        self.deferred = true;
+        self.write_bytes(bytes);
+        self.deferred = false;
+        for i in 0..self.cols * self.rows {
+            self.sync(i);
+        }
     }
 
     pub fn write_bytes(&mut self, bytes: &[u8]) {
@@ -445,7 +468,7 @@ impl<'a> TextConsole<'a> {
 
     /// Draws cell `i` if the screen shows something else there.
     fn sync(&mut self, i: usize) {
-        if self.text[i] == self.shown[i] {
+        if self.deferred || self.text[i] == self.shown[i] {
             return;
         }
         if let Some(s) = self.surface.as_mut() {

@@ -278,6 +278,25 @@ fn only_cells_that_change_are_drawn() {
 }
 
 #[test]
+fn a_batch_draws_only_what_stays_on_screen() {
+    let mut t = Term::new(10, 4);
+    let mut c = t.console();
+    let text: String = (0..20).map(|i| format!("line {i}\n")).collect();
+    c.write_batch(text.as_bytes());
+    // The last jump (by 2) came with "line 18".
+    assert_eq!(
+        rows(&c),
+        ["line 16   ", "line 17   ", "line 18   ", "line 19   "]
+    );
+    // Each visible character once (the blank in "line" is not drawn).
+    assert_eq!(c.cells_drawn(), 4 * 6);
+    let s = t.screen();
+    for r in 0..4 {
+        assert!(s.text_at(r, 0, &format!("line {}", 16 + r)));
+    }
+}
+
+#[test]
 fn control_bytes_tabs_and_utf8() {
     let mut t = Term::new(20, 2);
     let mut c = t.console();
