@@ -35,7 +35,11 @@ pub const MAX_UARTS: usize = 3;
 pub const EARLY_BYTES: usize = 8192;
 
 /// One UART sink, readable without a lock: `kind` (0 empty, 1 I/O port,
-/// 2 MMIO) is written last, with release ordering, when the slot is filled.
+/// 2 MMIO, 3 stopped) is written last, with release ordering, when the slot
+/// is filled. A UART whose transmitter does not take a byte within the
+/// bounded wait (~100 ms) is stopped for good: it is broken or not there
+/// (an MMIO UART reading 0), and waiting on it for every byte would stall
+/// the kernel.
 struct Slot {
     kind: AtomicU8,
     base: AtomicU64,
@@ -65,6 +69,19 @@ impl Slot {
         Some(unsafe { Uart::new(io) })
     }
 
+    /// Writes to the UART, stopping it if it does not take the bytes.
+    fn write(&self, s: &[u8]) {
+        if let Some(u) = self.get() {
+            if !u.write_bytes(s) {
+                self.kind.store(STOPPED, Ordering::Release);
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.kind.load(Ordering::Acquire) == STOPPED
+    }
+
     /// Fills an empty slot (under the console lock, so never two at once).
     fn set(&self, u: Uart) {
         let (kind, base, stride) = match u.io() {
@@ -76,6 +93,8 @@ impl Slot {
         self.kind.store(kind, Ordering::Release);
     }
 }
+
+const STOPPED: u8 = 3;
 
 static UARTS: [Slot; MAX_UARTS] = [Slot::empty(), Slot::empty(), Slot::empty()];
 
@@ -139,8 +158,8 @@ struct Sinks<'a> {
 
 impl Write for Sinks<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for u in uarts() {
-            u.write_bytes(s.as_bytes());
+        for slot in &UARTS {
+            slot.write(s.as_bytes());
         }
         if let Some(sc) = self.screen.as_deref_mut() {
             if sc.text.is_attached() {
@@ -199,7 +218,7 @@ pub fn init(level: log::LevelFilter) {
     x86_64::instructions::interrupts::without_interrupts(|| {
         let _screen = SCREEN.lock();
         let com1 = Uart::com1();
-        if UARTS[0].get().is_none() && com1.probe() {
+        if UARTS[0].get().is_none() && !UARTS[0].stopped() && com1.probe() {
             com1.init(Some(115_200));
             UARTS[0].set(com1);
         }
@@ -263,7 +282,7 @@ pub fn add_uart(io: UartIo, baud: Option<u32>) -> Result<(), UartError> {
         }
         let slot = UARTS
             .iter()
-            .find(|s| s.get().is_none())
+            .find(|s| s.get().is_none() && !s.stopped())
             .ok_or(UartError::Full)?;
         uart.init(baud);
         slot.set(uart);

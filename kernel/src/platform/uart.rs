@@ -138,25 +138,27 @@ impl Uart {
         self.write(MCR, 0x03); // DTR, RTS
     }
 
-    /// Writes one byte once the transmitter has room, or after a bounded
-    /// wait.
-    pub fn put(&self, b: u8) {
+    /// Writes one byte once the transmitter has room; `false` if it had
+    /// none after a bounded wait (the byte is not written).
+    pub fn put(&self, b: u8) -> bool {
         for _ in 0..TX_POLLS {
             if self.read(LSR) & 0x20 != 0 {
-                break;
+                self.write(DATA, b);
+                return true;
             }
             core::hint::spin_loop();
         }
-        self.write(DATA, b);
+        false
     }
 
-    /// Writes `s` with `\n` as `\r\n`.
-    pub fn write_bytes(&self, s: &[u8]) {
+    /// Writes `s` with `\n` as `\r\n`; `false` (and the rest not
+    /// written) if the transmitter did not take a byte.
+    pub fn write_bytes(&self, s: &[u8]) -> bool {
         for &b in s {
-            if b == b'\n' {
-                self.put(b'\r');
+            if (b == b'\n' && !self.put(b'\r')) || !self.put(b) {
+                return false;
             }
-            self.put(b);
         }
+        true
     }
 }
