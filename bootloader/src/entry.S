@@ -18,6 +18,25 @@ mb2_header:
     .long MB2_ARCH_I386
     .long mb2_header_end - mb2_header
     .long 0x100000000 - (MB2_MAGIC + MB2_ARCH_I386 + (mb2_header_end - mb2_header))
+    // Framebuffer request (type 5: u16 type, u16 flags, u32 size 20, u32
+    // width, height, depth), flags 1 = optional: GRUB boots us in text
+    // mode when it cannot set a mode. Without the tag, GRUB under SeaBIOS
+    // hands over EGA text (type 2 at 0xb8000, 80x25), and OVMF keeps its
+    // 800x600x24 mode. With 1024x768x32, GRUB 2.06 tries
+    // "1024x768x32,1024x768,auto": under SeaBIOS the VBE mode (RGB at
+    // 0xfd000000, pitch 4096), under OVMF the GOP mode of that size (at
+    // 0xc0000000; grub.cfg needs `insmod all_video`). 0x0x0 ("no
+    // preference") would leave the choice to GRUB's "auto", which differs
+    // between machines. The tag sets GRUB's gfxpayload; a `set
+    // gfxpayload=...` after the multiboot2 command in grub.cfg overrides
+    // it (e.g. `text`, or 800x600x24). The console draws in any of them.
+    .balign 8
+    .short 5
+    .short 1
+    .long 20
+    .long 1024
+    .long 768
+    .long 32
     // end tag
     .balign 8
     .short 0

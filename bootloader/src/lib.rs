@@ -1,26 +1,38 @@
 //! Boot entry of the dioxide kernel.
 //!
 //! The kernel ELF carries a PVH entry note (QEMU `-kernel`, Xen) and a
-//! multiboot2 header (GRUB on bare metal). Both enter 32-bit code in
+//! multiboot2 header (GRUB under a BIOS or UEFI). Both enter 32-bit code in
 //! `entry.S`, which switches to long mode with identity-mapped page tables for
-//! the first 4 GiB and calls [`dioxide_boot_entry`]. That function copies what
+//! the first 4 GiB and calls `dioxide_boot_entry`. That function copies what
 //! the kernel needs out of the boot loader's structures into a [`BootInfo`]
-//! (memory map, command line, ACPI RSDP) and calls the kernel's entry, declared
-//! with [`entry_point!`].
+//! (memory map, command line, ACPI RSDP, framebuffer, firmware) and calls the
+//! kernel's entry, declared with [`entry_point!`].
 //!
-//! Boot structures are read defensively: sizes and counts are bounded, so a
-//! broken boot loader yields a message on COM1, not a hang in a parser.
-#![no_std]
+//! The parsers ([`parse_multiboot2`], [`parse_pvh`]) read from a byte slice
+//! and through a [`PhysMem`], not from raw pointers, so they are tested on
+//! the host with golden bytes captured from GRUB and QEMU. Sizes and counts
+//! are bounded, so a broken boot loader yields a message on COM1, not a hang
+//! or a read out of bounds. The entry code (assembly, the raw pointers to
+//! the boot loader's memory, the kernel's extern entry) builds only for the
+//! kernel's target (`target_os = "none"`).
+#![cfg_attr(not(test), no_std)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod info;
-pub use info::{BootInfo, MemoryKind, MemoryRegion, Protocol, MAX_CMDLINE, MAX_REGIONS};
+mod mb2;
+mod pvh;
 
-core::arch::global_asm!(include_str!("entry.S"));
+pub use info::{
+    BootError, BootInfo, Firmware, Framebuffer, FramebufferFormat, MemoryKind, MemoryRegion,
+    Protocol, MAX_CMDLINE, MAX_REGIONS,
+};
+pub use mb2::{parse_multiboot2, MB2_BOOT_MAGIC, MB2_MAX_SIZE};
+pub use pvh::{parse_pvh, PhysMem, PVH_MAGIC, PVH_MAX_ENTRIES};
 
-extern "Rust" {
-    fn dioxide_kernel_main(info: &'static BootInfo) -> !;
-}
+#[cfg(target_os = "none")]
+mod entry;
+#[cfg(target_os = "none")]
+pub use entry::{early_print, halt};
 
 /// Declares the kernel's entry function, `fn(&'static BootInfo) -> !`.
 #[macro_export]
@@ -32,64 +44,4 @@ macro_rules! entry_point {
             f(info)
         }
     };
-}
-
-static mut BOOT_INFO: BootInfo = BootInfo::empty();
-
-extern "C" {
-    static __kernel_start: u8;
-    static __kernel_end: u8;
-    static boot_stack_bottom: u8;
-    static boot_stack_top: u8;
-}
-
-/// Called by `entry.S` in long mode: `protocol` 1 = PVH, 2 = multiboot2;
-/// `magic` is EAX at entry (multiboot2); `info` the physical address of the
-/// boot loader's information structure.
-#[no_mangle]
-extern "C" fn dioxide_boot_entry(protocol: u32, magic: u32, info: u32) -> ! {
-    // SAFETY: runs once, on the boot CPU, before anything else reads BOOT_INFO.
-    let boot = unsafe { &mut *core::ptr::addr_of_mut!(BOOT_INFO) };
-    // Linker-script symbols: only their addresses are taken.
-    boot.kernel_start = core::ptr::addr_of!(__kernel_start) as u64;
-    boot.kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
-    boot.stack_bottom = core::ptr::addr_of!(boot_stack_bottom) as u64;
-    boot.stack_top = core::ptr::addr_of!(boot_stack_top) as u64;
-    // SAFETY: the boot loader passed `info` as the address of its structure,
-    // identity mapped by entry.S.
-    let parsed = unsafe {
-        match protocol {
-            1 => info::parse_pvh(boot, info as u64),
-            2 => info::parse_multiboot2(boot, magic, info as u64),
-            _ => Err("unknown boot protocol"),
-        }
-    };
-    if let Err(why) = parsed {
-        early_print("dioxide: bad boot information: ");
-        early_print(why);
-        early_print("\r\n");
-        halt();
-    }
-    // SAFETY: BOOT_INFO is complete and never written again.
-    unsafe { dioxide_kernel_main(&*core::ptr::addr_of!(BOOT_INFO)) }
-}
-
-/// Writes to COM1 without any set-up (QEMU accepts it; real UARTs keep the
-/// firmware's settings). For failures before the kernel's console exists.
-pub fn early_print(s: &str) {
-    for b in s.bytes() {
-        // SAFETY: port 0x3f8 is COM1's data register; writing it has no effect
-        // on memory.
-        unsafe {
-            core::arch::asm!("out dx, al", in("dx") 0x3f8u16, in("al") b, options(nomem, nostack))
-        };
-    }
-}
-
-/// Stops this CPU for good.
-pub fn halt() -> ! {
-    loop {
-        // SAFETY: cli; hlt only stops the CPU.
-        unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
-    }
 }

@@ -47,10 +47,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
     serial::init(level);
     log::info!(
         target: "boot",
-        "dioxide {} via {:?}, cmdline {:?}",
+        "dioxide {} via {:?}, cmdline {:?}, firmware {:?}",
         env!("CARGO_PKG_VERSION"),
         boot.protocol,
-        boot.cmdline()
+        boot.cmdline(),
+        boot.firmware
     );
     log::info!(target: "time", "TSC {}.{:03} MHz (calibrated against {})", hz / 1_000_000, hz / 1000 % 1000, if pit { "PIT" } else { "CPUID" });
     for k in args.keys() {
@@ -131,6 +132,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     if let Err(e) = mm::init(boot) {
         fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
     }
+    serial::attach_screen(boot);
     if selftest == "fault" {
         selftest::fault();
     }

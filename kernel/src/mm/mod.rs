@@ -16,6 +16,15 @@ use dioxide_boot::BootInfo;
 
 /// Sets up frames, page tables and the heap. Returns the heap size in bytes.
 pub fn init(boot: &BootInfo) -> Result<usize, &'static str> {
+    if boot.regions_dropped() != 0 {
+        log::warn!(
+            target: "mm",
+            "memory map: {} entries beyond the {} kept were dropped ({} MiB of usable RAM not used)",
+            boot.regions_dropped(),
+            dioxide_boot::MAX_REGIONS,
+            boot.usable_bytes_dropped() >> 20
+        );
+    }
     frame::init(boot);
     paging::init(boot)?;
     heap::init()

@@ -10,3 +10,4 @@ pub mod irq_mutex;
 pub mod power;
 pub mod serial;
 pub mod time;
+pub mod uart;
