@@ -288,10 +288,11 @@ impl Config {
                         "if=pflash,format=raw,unit=1,file={}",
                         qemu_path(vars)
                     ));
-                    // GOP: with no display device GRUB has no framebuffer
-                    // to hand over.
-                    c.args(["-device", "VGA"]);
                 }
+                // A display, as a server has: GOP under OVMF, VBE under
+                // SeaBIOS. With none GRUB has no framebuffer to hand over
+                // and the kernel's screen console stays off.
+                c.args(["-device", "VGA"]);
                 c.arg("-drive").arg(format!(
                     "file={},if=none,id=cd0,media=cdrom,readonly=on",
                     qemu_path(iso)

@@ -126,10 +126,18 @@ fn files(boot: Boot, img: &Path, src: &Path, paths: &[String]) {
 /// and 1 MiB of the raw namespace at an odd sector with the raw protocol,
 /// compared with the host's bytes.
 fn nbd(boot: Boot, img: &Path, src: &Path) {
-    let app = dioxide::nbdbench::boot(boot_config(boot, img, &[]), NetMode::User)
+    // A second QMP monitor, for the screenshot (the CLI's own one belongs to
+    // its console reader).
+    let qmp_dir = dioxide::qemu::monitor::MonitorDir::new().unwrap();
+    let mut cfg = boot_config(boot, img, &[]);
+    cfg.extra.push("-qmp".into());
+    cfg.extra
+        .push(qmp_dir.qemu_arg().to_string_lossy().into_owned());
+    let app = dioxide::nbdbench::boot(cfg, NetMode::User)
         .unwrap_or_else(|e| panic!("{}: {e}", boot.name()));
     let console = app.guest.console();
     assert_booted_by(boot, &console);
+    screen_shows_the_log(boot, &qmp_dir, &console);
     let big = "large-random.bin";
     let want = std::fs::read(src.join(big)).unwrap();
     let url = format!("{}/{big}", app.url);
@@ -157,6 +165,44 @@ fn nbd(boot: Boot, img: &Path, src: &Path) {
         "nvme0n1 at {at}: bytes differ"
     );
     c.disconnect();
+}
+
+/// The screen (QEMU's `screendump` of the VGA device: OVMF's GOP, SeaBIOS's
+/// VBE mode) shows what the serial console shows: the boot line and the NBD
+/// service's line, rendered by the kernel's framebuffer console. The check
+/// renders the expected text with the console crate's own font and compares
+/// pixels, so no OCR is involved.
+fn screen_shows_the_log(boot: Boot, qmp_dir: &dioxide::qemu::monitor::MonitorDir, console: &str) {
+    let mut qmp = dioxide::qemu::monitor::Qmp::connect(&qmp_dir.socket())
+        .unwrap_or_else(|e| panic!("{}: QMP: {e}", boot.name()));
+    let ppm = qmp_dir.path().join("screen.ppm");
+    let out = qmp
+        .hmp(&format!("screendump {}", ppm.display()))
+        .unwrap_or_else(|e| panic!("{}: screendump: {e}", boot.name()));
+    assert!(out.is_empty(), "{}: screendump: {out}", boot.name());
+    let bytes = std::fs::read(&ppm).unwrap();
+    let screen = dioxide_console::screen::Screen::from_ppm(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {}: {e:?}", boot.name(), ppm.display()));
+    let (cols, _) = screen.text_size();
+    assert!(
+        console.contains("console: framebuffer"),
+        "{}: no framebuffer console:\n{console}",
+        boot.name()
+    );
+    for key in ["via Multiboot2, cmdline", "nbd: listening on port"] {
+        let line = console
+            .lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("{}: no {key:?} line:\n{console}", boot.name()));
+        // The screen wraps lines longer than its width: check the first row.
+        let first: String = line.chars().take(cols).collect();
+        assert!(
+            screen.find_text(&first).is_some(),
+            "{}: the screen ({}) does not show {first:?}",
+            boot.name(),
+            ppm.display()
+        );
+    }
 }
 
 fn serves_and_self_tests(boot: Boot, seed: u64) {
