@@ -203,6 +203,15 @@ pub enum Root {
     Xsdt(u64),
 }
 
+impl fmt::Display for Root {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Root::Rsdt(a) => write!(f, "RSDT at {a:#x}"),
+            Root::Xsdt(a) => write!(f, "XSDT at {a:#x}"),
+        }
+    }
+}
+
 /// Everything dioxide keeps from the ACPI tables (a plain copy: no pointer
 /// into firmware memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! The dioxide kernel.
 //!
-//! Boot order: console and TSC, descriptor tables, memory (frames, page
-//! tables, heap), ACPI, local APIC, PCI, NVMe; then a self-test or the
+//! Boot order: ACPI facts (on the boot loader's identity map, no heap), TSC
+//! calibration, console, descriptor tables, memory (frames, page tables,
+//! heap), local APIC, PCI, NVMe; then a self-test or the
 //! appliance's run loop. Any failure is reported on the console and ends in a
 //! power-off with a status the host reads (see [`power`]).
 #![no_std]
@@ -43,7 +44,12 @@ fn kmain(boot: &'static BootInfo) -> ! {
         Some("trace") => log::LevelFilter::Trace,
         _ => log::LevelFilter::Info,
     };
-    let (hz, pit) = time::calibrate();
+    // ACPI first, on the boot loader's identity map and without a heap: time
+    // needs the HPET and the PM timer, power the FADT and _S5_. The BIOS
+    // areas may be scanned for the RSDP: true until BootInfo says whether
+    // the firmware is UEFI (then: boot.firmware != Uefi).
+    let facts = acpi::early(boot, true);
+    let calibration = time::calibrate(facts.ok(), args.get("time.source"));
     serial::init(level);
     log::info!(
         target: "boot",
@@ -52,7 +58,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
         boot.protocol,
         boot.cmdline()
     );
-    log::info!(target: "time", "TSC {}.{:03} MHz (calibrated against {})", hz / 1_000_000, hz / 1000 % 1000, if pit { "PIT" } else { "CPUID" });
+    acpi::log_summary(facts);
+    match &calibration {
+        Ok(c) => time::log_calibration(c),
+        Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
+    }
     for k in args.keys() {
         if !cmdline::KNOWN.contains(&k) {
             log::warn!(target: "boot", "unknown kernel argument {k:?} ignored");
@@ -60,7 +70,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
     }
     gdt::init();
     idt::init();
-    apic::disable_pic();
+    if facts.map_or(true, |f| f.has_8259()) {
+        apic::disable_pic();
+    } else {
+        log::info!(target: "boot", "no 8259 PICs (MADT PCAT_COMPAT clear): none to mask");
+    }
 
     let selftest = args.get("selftest").unwrap_or("");
     if ![
@@ -132,16 +146,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
         selftest::panic();
     }
 
-    let acpi = match acpi::init(boot) {
-        Ok(a) => a,
-        Err(e) => {
-            log::warn!(target: "acpi", "{e}; continuing without ACPI (legacy PCI config)");
-            acpi::AcpiInfo::default()
-        }
-    };
     apic::init();
     apic::start_tick(10_000_000);
-    pci::init(acpi.ecam);
+    pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
     let Some(f) = functions
         .iter()
