@@ -44,6 +44,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         Some("trace") => log::LevelFilter::Trace,
         _ => log::LevelFilter::Info,
     };
+    let power = power::configure(args.get("power"), args.get("panic"));
     // ACPI first, on the boot loader's identity map and without a heap: time
     // needs the HPET and the PM timer, power the FADT and _S5_. The BIOS
     // areas may be scanned for the RSDP: true until BootInfo says whether
@@ -62,6 +63,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
     match &calibration {
         Ok(c) => time::log_calibration(c),
         Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
+    }
+    if let Err(e) = power {
+        fail(EXIT_CONFIG, format_args!("{e}"));
     }
     for k in args.keys() {
         if !cmdline::KNOWN.contains(&k) {
@@ -139,6 +143,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     if let Err(e) = mm::init(boot) {
         fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
     }
+    power::map_registers();
     if selftest == "fault" {
         selftest::fault();
     }
@@ -277,5 +282,5 @@ fn run_loop(dev: &nvme::Nvme, mut net: Option<stack::Net>, mut server: Option<nb
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     serial::emergency(format_args!("\nPANIC: {info}\n"));
-    power::exit(power::EXIT_PANIC)
+    power::fatal(power::EXIT_PANIC)
 }

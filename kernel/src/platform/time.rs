@@ -53,6 +53,20 @@ pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)
 }
 
+/// Spins for `ns` nanoseconds (the TSC at its calibrated rate, or at
+/// [`FALLBACK_HZ`] before calibration). For the power-off and reset paths.
+pub fn spin_ns(ns: u64) {
+    let hz = match tsc_hz() {
+        0 => FALLBACK_HZ,
+        hz => hz,
+    };
+    let cycles = (ns as u128 * hz as u128 / 1_000_000_000) as u64;
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < cycles {
+        core::hint::spin_loop();
+    }
+}
+
 fn set(hz: u64) {
     TSC_HZ.store(hz, Ordering::Relaxed);
     MULT.store(
