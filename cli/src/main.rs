@@ -4,7 +4,7 @@
 //! dioxide run [--disk IMG | --from DIR] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
-//!             [--inject-eio SECTOR]... [-- KERNEL-ARGS...]
+//!             [--inject-eio SECTOR]... [--machine OPTS] [-- KERNEL-ARGS...]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
 //! dioxide fsck IMG
@@ -104,6 +104,10 @@ enum Cmd {
         /// reports a device error.
         #[arg(long, value_name = "SECTOR")]
         inject_eio: Vec<u64>,
+        /// QEMU's machine and its options (`-machine`), e.g.
+        /// `q35,pit=off,hpet=off` or `pc`.
+        #[arg(long, default_value = "q35", value_name = "OPTS")]
+        machine: String,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
@@ -386,6 +390,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             net,
             from,
             inject_eio,
+            machine,
             kernel_args,
         } => {
             let t0 = Instant::now();
@@ -468,6 +473,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.args = args;
             cfg.timeout = timeout.map(Duration::from_secs);
             cfg.echo = true;
+            cfg.machine = machine;
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",
