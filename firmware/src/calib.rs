@@ -9,6 +9,8 @@
 //! within [`MOVE_BUDGET`] cycles is absent (all ones: nothing decodes the
 //! address; anything else: frozen, e.g. an HPET left disabled), one that does
 //! not cover the window within [`WINDOW_BUDGET`] cycles has stopped. The
+//! counter is read between two TSC reads, and a read during which the CPU was
+//! away ([`QUIET_READ`]) is not used for the window's ends. The
 //! budgets assume a TSC between 1 and 10 GHz: the 10 ms window is 10..100 M
 //! cycles, far inside 2 G.
 //!
@@ -38,6 +40,12 @@ pub const ROUNDS: usize = 3;
 pub const MOVE_BUDGET: u64 = 200_000_000;
 /// TSC cycles within which a round's window must be covered.
 pub const WINDOW_BUDGET: u64 = 2_000_000_000;
+/// A counter read whose two surrounding TSC reads are further apart than this
+/// many cycles is not used: the CPU was away in between (an SMI on hardware,
+/// the vCPU thread preempted on a busy host), and the time it was away would
+/// count as window time on one side only. Linux's `tsc_read_refs` uses the
+/// same bound (`SMI_TRESHOLD`, 50,000 cycles).
+pub const QUIET_READ: u64 = 50_000;
 /// TSC rates outside this range are measurement errors.
 pub const PLAUSIBLE_HZ: core::ops::RangeInclusive<u64> = 100_000_000..=20_000_000_000;
 /// Largest HPET period (100 ns, i.e. at least 10 MHz), in femtoseconds.
@@ -93,6 +101,8 @@ pub enum MeasureError {
     Frozen,
     /// It moved, but did not cover the window in [`WINDOW_BUDGET`] cycles.
     Stopped,
+    /// It moved, but no read of it was quiet ([`QUIET_READ`]).
+    NoQuietRead,
     /// The rate it gave is outside [`PLAUSIBLE_HZ`].
     Implausible(u64),
 }
@@ -103,6 +113,7 @@ impl fmt::Display for MeasureError {
             MeasureError::AllOnes => f.write_str("counter reads all ones (absent)"),
             MeasureError::Frozen => f.write_str("counter does not move"),
             MeasureError::Stopped => f.write_str("counter stopped during the window"),
+            MeasureError::NoQuietRead => f.write_str("every read of the counter took too long"),
             MeasureError::Implausible(hz) => write!(f, "implausible TSC rate {hz} Hz"),
         }
     }
@@ -165,32 +176,48 @@ pub fn median(v: &mut [u64]) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
-/// One round: the TSC rate over at least [`WINDOW_NS`] of the counter.
+/// A counter read between two TSC reads: the counter's value, the TSC at the
+/// middle, and whether the two TSC reads are at most [`QUIET_READ`] cycles
+/// apart (else the CPU was away in between, and the pair is not used).
+fn sample(clock: &mut impl RefClock, m: u64) -> (u64, u64, bool) {
+    let t1 = clock.tsc();
+    let v = clock.counter() & m;
+    let t2 = clock.tsc();
+    let spread = t2.wrapping_sub(t1);
+    (v, t1.wrapping_add(spread / 2), spread <= QUIET_READ)
+}
+
+/// One round: the TSC rate over at least [`WINDOW_NS`] of the counter, from
+/// an edge of the counter to the first read past the window, each taken
+/// from a quiet read (see [`QUIET_READ`]).
 pub fn measure_round(clock: &mut impl RefClock, c: Counter) -> Result<u64, MeasureError> {
     let m = mask(c.bits);
     let t0 = clock.tsc();
-    let first = clock.counter() & m;
+    let (mut last, _, _) = sample(clock, m);
+    let mut moved = false;
     // Start at an edge of the counter.
     let (c0, s0) = loop {
-        let v = clock.counter() & m;
-        let t = clock.tsc();
-        if v != first {
-            break (v, t);
+        let (v, t, quiet) = sample(clock, m);
+        if v != last {
+            moved = true;
+            if quiet {
+                break (v, t);
+            }
+            last = v;
         }
         if t.wrapping_sub(t0) > MOVE_BUDGET {
-            return Err(if first == m {
-                MeasureError::AllOnes
-            } else {
-                MeasureError::Frozen
+            return Err(match (moved, last == m) {
+                (true, _) => MeasureError::NoQuietRead,
+                (false, true) => MeasureError::AllOnes,
+                (false, false) => MeasureError::Frozen,
             });
         }
     };
     let target = ticks_for(WINDOW_NS, c.hz).max(1);
     loop {
-        let v = clock.counter() & m;
-        let t = clock.tsc();
+        let (v, t, quiet) = sample(clock, m);
         let d = counter_delta(c0, v, c.bits);
-        if d >= target {
+        if d >= target && quiet {
             let hz = tsc_hz(t.wrapping_sub(s0), d, c.hz).unwrap_or(0);
             return if PLAUSIBLE_HZ.contains(&hz) {
                 Ok(hz)
@@ -318,6 +345,10 @@ mod tests {
         offset: u64,
         stuck: Option<u64>,
         stop_after: Option<u64>,
+        /// Every `.0`th counter read, the CPU is away for `.1` cycles right
+        /// after it (preempted between the counter and the TSC read).
+        away: Option<(u64, u64)>,
+        reads: u64,
     }
 
     impl Sim {
@@ -330,6 +361,8 @@ mod tests {
                 offset: 0,
                 stuck: None,
                 stop_after: None,
+                away: None,
+                reads: 0,
             }
         }
     }
@@ -346,6 +379,12 @@ mod tests {
             }
             let t = self.stop_after.map_or(self.tsc, |s| self.tsc.min(s));
             let ticks = (t as u128 * self.c.hz as u128 / self.tsc_hz as u128) as u64;
+            self.reads += 1;
+            if let Some((n, cycles)) = self.away {
+                if self.reads.is_multiple_of(n) {
+                    self.tsc += cycles;
+                }
+            }
             // Garbage above the width must be ignored.
             (ticks + self.offset) | (0xdead << 48)
         }
@@ -406,6 +445,24 @@ mod tests {
         let t0 = s.tsc;
         assert_eq!(measure(&mut s, HPET), Err(MeasureError::Stopped));
         assert!(s.tsc - t0 < MOVE_BUDGET + WINDOW_BUDGET + 10_000);
+    }
+
+    #[test]
+    fn reads_during_which_the_cpu_was_away_are_not_used() {
+        // Away for 2 ms (a preempted vCPU) every 997th read: without the
+        // quiet-read check a round ending on such a read is 20 % off.
+        let mut s = Sim::new(2_445_000_000, HPET);
+        s.away = Some((997, 4_890_000));
+        let hz = measure(&mut s, HPET).unwrap();
+        assert!(within(hz, 2_445_000_000, 100), "{hz}");
+        let mut s = Sim::new(2_445_000_000, PM24);
+        s.away = Some((3, 4_890_000));
+        let hz = measure(&mut s, PM24).unwrap();
+        assert!(within(hz, 2_445_000_000, 100), "{hz}");
+        // Every read slow: the counter moves, no read is quiet.
+        let mut s = Sim::new(2_445_000_000, HPET);
+        s.step = QUIET_READ;
+        assert_eq!(measure(&mut s, HPET), Err(MeasureError::NoQuietRead));
     }
 
     #[test]

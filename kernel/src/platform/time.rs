@@ -208,24 +208,28 @@ fn measure_pm_timer(facts: Option<&Facts>) -> Result<u64, SourceError> {
     Ok(calib::measure(&mut clock, c)?)
 }
 
-/// One PIT round: channel 2 in mode 0 counts 10 ms down; OUT2 (port 0x61
-/// bit 5) goes high at zero.
-fn pit_round() -> Result<u64, SourceError> {
+/// One PIT round: channel 2 in mode 0 counts 10 ms down from the gate's
+/// rising edge; OUT2 (port 0x61 bit 5) goes high at zero. `Ok(None)`: the
+/// CPU was away at the start or the end (see `calib::QUIET_READ`); retry.
+fn pit_round() -> Result<Option<u64>, SourceError> {
     let ticks = calib::ticks_for(calib::WINDOW_NS, calib::PIT_HZ);
     let mut gate = Port::<u8>::new(0x61);
     // SAFETY: the PIT's channel 2 and its gate (port 0x61, speaker off):
     // nothing else in this kernel uses them.
-    let out2_at_start = unsafe {
+    let (t1, t2, out2_at_start) = unsafe {
         let v = gate.read();
         gate.write((v & !0x02) | 0x01); // gate on, speaker off
         Port::<u8>::new(0x43).write(0b1011_0000); // ch2, lo/hi, mode 0, binary
         Port::<u8>::new(0x42).write(ticks as u8);
         Port::<u8>::new(0x42).write((ticks >> 8) as u8);
-        // Restart the count by toggling the gate.
+        // Restart the count by toggling the gate; the count starts at the
+        // rising edge, between t1 and t2.
         let v = gate.read();
         gate.write(v & !0x01);
+        let t1 = rdtsc();
         gate.write(v | 0x01);
-        gate.read() & 0x20 != 0
+        let t2 = rdtsc();
+        (t1, t2, gate.read() & 0x20 != 0)
     };
     // In mode 0 OUT2 is low until the count reaches 0; high at once means
     // no PIT (QEMU `pit=off`), or no gate.
@@ -234,19 +238,28 @@ fn pit_round() -> Result<u64, SourceError> {
             "PIT channel 2 output high at the start of its count",
         ));
     }
-    let start = rdtsc();
-    loop {
+    if t2.wrapping_sub(t1) > calib::QUIET_READ {
+        return Ok(None);
+    }
+    let start = t1.wrapping_add(t2.wrapping_sub(t1) / 2);
+    let end = loop {
+        let t1 = rdtsc();
         // SAFETY: reading port 0x61 has no side effect.
-        if unsafe { gate.read() } & 0x20 != 0 {
-            break;
+        let high = unsafe { gate.read() } & 0x20 != 0;
+        let t2 = rdtsc();
+        if high {
+            if t2.wrapping_sub(t1) > calib::QUIET_READ {
+                return Ok(None);
+            }
+            break t1.wrapping_add(t2.wrapping_sub(t1) / 2);
         }
-        if rdtsc().wrapping_sub(start) > calib::WINDOW_BUDGET {
+        if t2.wrapping_sub(start) > calib::WINDOW_BUDGET {
             return Err(MeasureError::Stopped.into());
         }
-    }
-    let hz = calib::tsc_hz(rdtsc().wrapping_sub(start), ticks, calib::PIT_HZ).unwrap_or(0);
+    };
+    let hz = calib::tsc_hz(end.wrapping_sub(start), ticks, calib::PIT_HZ).unwrap_or(0);
     if calib::PLAUSIBLE_HZ.contains(&hz) {
-        Ok(hz)
+        Ok(Some(hz))
     } else {
         Err(MeasureError::Implausible(hz).into())
     }
@@ -255,7 +268,14 @@ fn pit_round() -> Result<u64, SourceError> {
 fn measure_pit() -> Result<u64, SourceError> {
     let mut rates = [0u64; calib::ROUNDS];
     for r in rates.iter_mut() {
-        *r = pit_round()?;
+        let mut tries = 0;
+        *r = loop {
+            match pit_round()? {
+                Some(hz) => break hz,
+                None if tries < 5 => tries += 1,
+                None => return Err(MeasureError::NoQuietRead.into()),
+            }
+        };
     }
     calib::median(&mut rates).ok_or(SourceError::Absent("no PIT rounds"))
 }
