@@ -44,7 +44,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         Some("trace") => log::LevelFilter::Trace,
         _ => log::LevelFilter::Info,
     };
-    let power = power::configure(args.get("power"), args.get("panic"));
+    let power_args = power::configure(args.get("power"), args.get("panic"));
     // ACPI first, on the boot loader's identity map and without a heap: time
     // needs the HPET and the PM timer, power the FADT and _S5_. The BIOS
     // areas may be scanned for the RSDP: true until BootInfo says whether
@@ -64,7 +64,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         Ok(c) => time::log_calibration(c),
         Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
     }
-    if let Err(e) = power {
+    if let Err(e) = power_args {
         fail(EXIT_CONFIG, format_args!("{e}"));
     }
     for k in args.keys() {

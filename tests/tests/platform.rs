@@ -193,3 +193,44 @@ fn a_panic_with_panic_reboot_resets() {
         );
     }
 }
+
+/// An 80-byte SPCR (revision 2): a 16550 at I/O port 0x2f8 (COM2), IRQ 3,
+/// 115200 baud, checksum fixed up. QEMU makes no SPCR on x86; `-acpitable`
+/// adds this one to the RSDT.
+fn spcr_com2() -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(b"SPCR");
+    t.extend_from_slice(&80u32.to_le_bytes());
+    t.extend_from_slice(&[2, 0]);
+    t.extend_from_slice(b"DIOXIDTESTSPCR");
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(b"DXFW");
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.resize(80, 0);
+    t[40..44].copy_from_slice(&[1, 8, 0, 1]); // I/O space, 8 bits, byte access
+    t[44..52].copy_from_slice(&0x2f8u64.to_le_bytes());
+    t[52] = 1; // 8259 IRQ
+    t[53] = 3;
+    t[58] = 7; // 115200
+    t[60] = 1;
+    t[64..66].copy_from_slice(&0xffffu16.to_le_bytes());
+    let sum = t.iter().fold(0u8, |s, b| s.wrapping_add(*b));
+    t[9] = 0u8.wrapping_sub(sum);
+    t
+}
+
+#[test]
+fn an_spcr_given_to_qemu_is_read() {
+    let dir = TempDir::new("spcr");
+    let spcr = dir.path().join("spcr.bin");
+    std::fs::write(&spcr, spcr_com2()).expect("write SPCR");
+    let mut cfg = config(None, &["selftest=calibrate"]);
+    cfg.extra = vec!["-acpitable".into(), format!("file={}", spcr.display())];
+    let out = boot(&cfg);
+    assert_eq!(out.status, 0, "console:\n{}", out.console);
+    assert!(
+        out.console.contains("SPCR type 0x0 io 0x2f8 115200 baud"),
+        "{}",
+        out.console
+    );
+}
