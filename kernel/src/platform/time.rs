@@ -4,7 +4,8 @@
 //!
 //! 1. the HPET (its base from the ACPI HPET table; read through the boot
 //!    identity map, which covers 0xfed00000, or through `mm::map_mmio` once
-//!    memory is set up): GCAP_ID's period (fs, valid when 0 < p <= 100 ns),
+//!    memory is set up; the boot map is write-back, which QEMU ignores and
+//!    on hardware the MTRRs override to uncached): GCAP_ID's period (fs, valid when 0 < p <= 100 ns),
 //!    the main counter enabled with ENABLE_CNF if it was not (LEG_RT_CNF is
 //!    never set), 32- or 64-bit per GCAP_ID bit 13;
 //! 2. the ACPI PM timer (the FADT's port; 3,579,545 Hz; 24 bits unless
