@@ -5,7 +5,7 @@
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
 //!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
-//!             [-- KERNEL-ARGS...]
+//!             [--machine OPTS] [-- KERNEL-ARGS...]
 //! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
@@ -118,6 +118,10 @@ enum Cmd {
         /// for the run.
         #[arg(long)]
         iso: Option<PathBuf>,
+        /// QEMU's machine and its options (`-machine`), e.g.
+        /// `q35,pit=off,hpet=off` or `pc`.
+        #[arg(long, default_value = "q35", value_name = "OPTS")]
+        machine: String,
         /// More kernel arguments (key=value).
         #[arg(last = true)]
         kernel_args: Vec<String>,
@@ -516,6 +520,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             inject_eio,
             boot: boot_method,
             iso: iso_path,
+            machine,
             kernel_args,
         } => {
             let t0 = Instant::now();
@@ -621,6 +626,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.echo = true;
             cfg.boot = boot_method;
             cfg.iso = iso_path;
+            cfg.machine = machine;
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",

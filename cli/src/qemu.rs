@@ -2,9 +2,12 @@
 //!
 //! The guest's serial console is QEMU's stdout; it is read line by line (and
 //! echoed when asked). The guest ends by printing `dioxide: power off
-//! status=<n>` and writing to the `isa-debug-exit` device, which makes QEMU exit
-//! with `2n + 1`; the status is taken from that line and must agree with
-//! QEMU's exit code (see [`decide`]). QEMU is killed when the
+//! status=<n> method=<m>` and, with `method=debugexit`, writing to the
+//! `isa-debug-exit` device, which makes QEMU exit with `2n + 1`; with
+//! `method=acpi` (ACPI S5) QEMU exits with 0, and so it does after `dioxide:
+//! reset status=<n> method=<m>` (a reset under `-no-reboot`). The status is
+//! taken from the last such line and must agree with QEMU's exit code (see
+//! [`decide`]). QEMU is killed when the
 //! [`Guest`] handle is dropped, so no emulator outlives its caller.
 //!
 //! The kernel boots one of three ways ([`Boot`]): QEMU loads the ELF itself
@@ -188,6 +191,9 @@ pub struct Config {
     /// grub.cfg holds the kernel arguments, `args` are not used) instead of
     /// one made for the run.
     pub iso: Option<PathBuf>,
+    /// QEMU's `-machine` value: `q35` (default), or e.g. `q35,pit=off,hpet=off`
+    /// or `pc` (i440FX: no MCFG, a revision-1 FADT).
+    pub machine: String,
 }
 
 impl Config {
@@ -209,6 +215,7 @@ impl Config {
             netdev: None,
             boot: Boot::Pvh,
             iso: None,
+            machine: "q35".into(),
         }
     }
 
@@ -225,7 +232,7 @@ impl Config {
     /// The QEMU command line, booting from `media` (see [`BootMedia`]).
     pub fn command(&self, media: &BootMedia) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-machine", "q35", "-nodefaults", "-no-reboot"]);
+        c.args(["-machine", &self.machine, "-nodefaults", "-no-reboot"]);
         match self.accel {
             Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
@@ -565,6 +572,60 @@ pub fn die_with_parent(cmd: &mut Command) {
 }
 
 const POWER_OFF: &str = "dioxide: power off status=";
+const RESET: &str = "dioxide: reset status=";
+
+/// How the guest said it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Powered off through isa-debug-exit (also a line without `method=`,
+    /// from kernels before it): QEMU exits with `2n + 1`.
+    DebugExit,
+    /// Powered off through ACPI S5: QEMU exits with 0.
+    Acpi,
+    /// Halted (or an unknown method): QEMU does not exit by itself.
+    Halt,
+    /// Reset: under `-no-reboot` QEMU exits with 0.
+    Reset,
+}
+
+/// The guest's last power-off or reset line: its status and how it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestEnd {
+    pub status: u8,
+    pub ending: Ending,
+}
+
+impl GuestEnd {
+    /// QEMU's exit code for this ending.
+    pub fn expected_code(&self) -> i32 {
+        match self.ending {
+            Ending::Acpi | Ending::Reset => 0,
+            Ending::DebugExit | Ending::Halt => debug_exit_code(self.status),
+        }
+    }
+}
+
+/// Finds the last `dioxide: power off status=<n> [method=<m>]` or `dioxide:
+/// reset status=<n> method=<m>` line of the console.
+pub fn guest_end(console: &str) -> Option<GuestEnd> {
+    console.lines().rev().find_map(|l| {
+        let (rest, reset) = match (l.strip_prefix(POWER_OFF), l.strip_prefix(RESET)) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => return None,
+        };
+        let mut words = rest.split_whitespace();
+        let status = words.next()?.parse::<u8>().ok()?;
+        let method = words.find_map(|w| w.strip_prefix("method="));
+        let ending = match (reset, method) {
+            (true, _) => Ending::Reset,
+            (false, None | Some("debugexit")) => Ending::DebugExit,
+            (false, Some("acpi")) => Ending::Acpi,
+            (false, Some(_)) => Ending::Halt,
+        };
+        Some(GuestEnd { status, ending })
+    })
+}
 
 /// One console line as text: bytes that are not UTF-8 replaced, terminal
 /// control sequences removed (SeaBIOS, OVMF and GRUB draw their screens on
@@ -796,11 +857,7 @@ impl Guest {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let first_line = *self.first_line.lock().unwrap_or_else(|e| e.into_inner());
-        let guest_status = console
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix(POWER_OFF))
-            .and_then(|s| s.trim().parse::<u8>().ok());
+        let guest_status = guest_end(&console);
         let tail = if stderr.trim().is_empty() {
             String::new()
         } else {
@@ -831,15 +888,17 @@ pub fn debug_exit_code(status: u8) -> i32 {
     ((status as i32) << 1 | 1) & 0xff
 }
 
-/// What a finished QEMU means: the guest's status from its power-off line
-/// (`guest`) checked against QEMU's exit code (`code`, `None` when killed by
-/// a signal). `stderr` is appended to errors (empty or `": ..."`).
-pub fn decide(guest: Option<u8>, code: Option<i32>, stderr: String) -> Result<u8, Error> {
+/// What a finished QEMU means: the guest's status from its power-off or
+/// reset line (`guest`, see [`guest_end`]) checked against QEMU's exit code
+/// (`code`, `None` when killed by a signal): `2n + 1` after isa-debug-exit,
+/// 0 after ACPI S5 or a reset. `stderr` is appended to errors (empty or
+/// `": ..."`).
+pub fn decide(guest: Option<GuestEnd>, code: Option<i32>, stderr: String) -> Result<u8, Error> {
     match (guest, code) {
-        (Some(n), Some(c)) if c == debug_exit_code(n) => Ok(n),
-        (Some(n), code) => Err(Error::ExitMismatch {
-            guest: n,
-            expected: debug_exit_code(n),
+        (Some(g), Some(c)) if c == g.expected_code() => Ok(g.status),
+        (Some(g), code) => Err(Error::ExitMismatch {
+            guest: g.status,
+            expected: g.expected_code(),
             qemu: code.map_or("killed by a signal".to_string(), |c| c.to_string()),
             stderr,
         }),
@@ -860,20 +919,28 @@ pub fn run(cfg: &Config) -> Result<Outcome, Error> {
 mod tests {
     use super::*;
 
+    /// A power-off through isa-debug-exit with status `n`.
+    fn dx(n: u8) -> Option<GuestEnd> {
+        Some(GuestEnd {
+            status: n,
+            ending: Ending::DebugExit,
+        })
+    }
+
     #[test]
     fn status_is_taken_when_qemu_agrees() {
         for n in [0u8, 1, 2, 3, 4, 5] {
             let code = 2 * n as i32 + 1;
-            assert_eq!(decide(Some(n), Some(code), String::new()).unwrap(), n);
+            assert_eq!(decide(dx(n), Some(code), String::new()).unwrap(), n);
         }
         // Exit codes are 8 bits: status 200 gives (401 & 0xff).
         assert_eq!(debug_exit_code(200), 401 & 0xff);
-        assert_eq!(decide(Some(200), Some(145), String::new()).unwrap(), 200);
+        assert_eq!(decide(dx(200), Some(145), String::new()).unwrap(), 200);
     }
 
     #[test]
     fn a_mismatch_is_an_error_naming_both() {
-        let e = decide(Some(0), Some(3), String::new()).unwrap_err();
+        let e = decide(dx(0), Some(3), String::new()).unwrap_err();
         match &e {
             Error::ExitMismatch {
                 guest: 0,
@@ -891,14 +958,14 @@ mod tests {
         assert_eq!(e.exit_code(), 125);
         // QEMU's own failure (exit 1) after a line with another status than 0.
         assert!(matches!(
-            decide(Some(1), Some(1), String::new()),
+            decide(dx(1), Some(1), String::new()),
             Err(Error::ExitMismatch { guest: 1, .. })
         ));
         assert!(matches!(
-            decide(Some(5), Some(0), String::new()),
+            decide(dx(5), Some(0), String::new()),
             Err(Error::ExitMismatch { guest: 5, .. })
         ));
-        let e = decide(Some(2), None, String::new()).unwrap_err();
+        let e = decide(dx(2), None, String::new()).unwrap_err();
         assert!(e.to_string().contains("killed by a signal"), "{e}");
     }
 
@@ -989,6 +1056,71 @@ mod tests {
         cfg.iso = Some(dir.path().join("missing.iso"));
         cfg.boot = Boot::Bios;
         assert!(BootMedia::prepare(&cfg).is_err());
+    }
+
+    #[test]
+    fn lines_are_read_with_their_method() {
+        let end = |c: &str| guest_end(c);
+        assert_eq!(end("dioxide: power off status=3\n"), dx(3));
+        assert_eq!(end("dioxide: power off status=0 method=debugexit\n"), dx(0));
+        // The last line wins: isa-debug-exit did nothing, then ACPI S5.
+        assert_eq!(
+            end("dioxide: power off status=0 method=debugexit\ndioxide: power off status=0 method=acpi\n"),
+            Some(GuestEnd {
+                status: 0,
+                ending: Ending::Acpi
+            })
+        );
+        assert_eq!(
+            end("PANIC: x\ndioxide: reset status=5 method=cf9\n"),
+            Some(GuestEnd {
+                status: 5,
+                ending: Ending::Reset
+            })
+        );
+        assert_eq!(
+            end("dioxide: power off status=1 method=halt\n").map(|g| g.ending),
+            Some(Ending::Halt)
+        );
+        assert_eq!(end("dioxide: power off status=x method=acpi\n"), None);
+        assert_eq!(end("[  0.1] INFO boot: hello\n"), None);
+    }
+
+    #[test]
+    fn acpi_power_off_and_reset_are_accepted_with_exit_code_0() {
+        let acpi = |n| {
+            Some(GuestEnd {
+                status: n,
+                ending: Ending::Acpi,
+            })
+        };
+        let reset = |n| {
+            Some(GuestEnd {
+                status: n,
+                ending: Ending::Reset,
+            })
+        };
+        assert_eq!(decide(acpi(0), Some(0), String::new()).unwrap(), 0);
+        assert_eq!(decide(acpi(3), Some(0), String::new()).unwrap(), 3);
+        assert_eq!(decide(reset(5), Some(0), String::new()).unwrap(), 5);
+        // S5 does not give isa-debug-exit's code, and QEMU failing is not S5.
+        assert!(matches!(
+            decide(acpi(0), Some(1), String::new()),
+            Err(Error::ExitMismatch {
+                guest: 0,
+                expected: 0,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decide(reset(5), Some(11), String::new()),
+            Err(Error::ExitMismatch { guest: 5, .. })
+        ));
+        // A debug-exit line still needs 2n + 1, not 0.
+        assert!(matches!(
+            decide(dx(0), Some(0), String::new()),
+            Err(Error::ExitMismatch { .. })
+        ));
     }
 
     #[test]

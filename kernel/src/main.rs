@@ -1,7 +1,8 @@
 //! The dioxide kernel.
 //!
-//! Boot order: console and TSC, descriptor tables, memory (frames, page
-//! tables, heap), ACPI, local APIC, PCI, NVMe; then a self-test or the
+//! Boot order: ACPI facts (on the boot loader's identity map, no heap), TSC
+//! calibration, console, descriptor tables, memory (frames, page tables,
+//! heap), local APIC, PCI, NVMe; then a self-test or the
 //! appliance's run loop. Any failure is reported on the console and ends in a
 //! power-off with a status the host reads (see [`power`]).
 #![no_std]
@@ -43,7 +44,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
         Some("trace") => log::LevelFilter::Trace,
         _ => log::LevelFilter::Info,
     };
-    let (hz, pit) = time::calibrate();
+    let power_args = power::configure(args.get("power"), args.get("panic"));
+    // ACPI first, on the boot loader's identity map and without a heap: time
+    // needs the HPET and the PM timer, power the FADT and _S5_. The BIOS
+    // areas are scanned for the RSDP only when the firmware may be a BIOS
+    // (on UEFI they hold nothing of the kind: the RSDP comes from the boot
+    // loader's tag).
+    let facts = acpi::early(boot, boot.firmware != dioxide_boot::Firmware::Uefi);
+    let calibration = time::calibrate(facts.ok(), args.get("time.source"));
     serial::init(level);
     log::info!(
         target: "boot",
@@ -53,7 +61,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
         boot.cmdline(),
         boot.firmware
     );
-    log::info!(target: "time", "TSC {}.{:03} MHz (calibrated against {})", hz / 1_000_000, hz / 1000 % 1000, if pit { "PIT" } else { "CPUID" });
+    acpi::log_summary(facts);
+    match &calibration {
+        Ok(c) => time::log_calibration(c),
+        Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
+    }
+    if let Err(e) = power_args {
+        fail(EXIT_CONFIG, format_args!("{e}"));
+    }
     for k in args.keys() {
         if !cmdline::KNOWN.contains(&k) {
             log::warn!(target: "boot", "unknown kernel argument {k:?} ignored");
@@ -61,7 +76,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
     }
     gdt::init();
     idt::init();
-    apic::disable_pic();
+    if facts.map_or(true, |f| f.has_8259()) {
+        apic::disable_pic();
+    } else {
+        log::info!(target: "boot", "no 8259 PICs (MADT PCAT_COMPAT clear): none to mask");
+    }
 
     // `bench.*` arguments alone run the in-kernel benchmark (a server booted
     // from the image has no host CLI to ask for `selftest=bench`).
@@ -133,6 +152,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
         fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
     }
     serial::attach_screen(boot);
+    if let Some(spcr) = facts.ok().and_then(|f| f.spcr.as_ref()) {
+        serial::add_spcr(spcr);
+    }
+    power::map_registers();
     if selftest == "fault" {
         selftest::fault();
     }
@@ -140,16 +163,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
         selftest::panic();
     }
 
-    let acpi = match acpi::init(boot) {
-        Ok(a) => a,
-        Err(e) => {
-            log::warn!(target: "acpi", "{e}; continuing without ACPI (legacy PCI config)");
-            acpi::AcpiInfo::default()
-        }
-    };
     apic::init();
     apic::start_tick(10_000_000);
-    pci::init(acpi.ecam);
+    pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
     let Some(f) = functions
         .iter()
@@ -296,5 +312,5 @@ fn run_loop(dev: &nvme::Nvme, mut net: Option<stack::Net>, mut server: Option<nb
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     serial::emergency(format_args!("\nPANIC: {info}\n"));
-    power::exit(power::EXIT_PANIC)
+    power::fatal(power::EXIT_PANIC)
 }

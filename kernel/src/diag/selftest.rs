@@ -105,9 +105,19 @@ fn finish(_dev: &mut Nvme) -> ! {
     power::exit(EXIT_OK)
 }
 
-/// `selftest=calibrate`: a fixed amount of CPU work, for the host to time how
+/// `selftest=calibrate`: measures the TSC against every source in this boot
+/// and prints one line per source, `calibrate source=hpet hz=2445123456`
+/// (or `calibrate source=pit unavailable="..."`), so that the host can
+/// compare them; then a fixed amount of CPU work, for the host to time how
 /// fast this accelerator runs guest code.
 pub fn calibrate() -> ! {
+    let facts = crate::platform::acpi::facts();
+    for s in dioxide_firmware::calib::Source::ALL {
+        match time::measure(s, facts) {
+            Ok(hz) => outln!("calibrate source={} hz={hz}", s.key()),
+            Err(e) => outln!("calibrate source={} unavailable=\"{e}\"", s.key()),
+        }
+    }
     let t0 = time::now_ns();
     let mut x: u64 = 1;
     for i in 0..20_000_000u64 {

@@ -1,179 +1,232 @@
-//! Just enough ACPI: the RSDP, the RSDT/XSDT, MCFG (PCIe ECAM regions) and MADT
-//! (local APICs). Every table's length is bounded and its checksum verified
-//! before use; a bad table is skipped with a warning.
+//! ACPI, read first in `kmain`: before the TSC is calibrated (which needs the
+//! HPET's address and the PM timer's port) and before `mm::init`, on the boot
+//! loader's identity map of 0..4 GiB, with no heap.
 //!
-//! Layouts (ACPI 6.5): RSDP `"RSD PTR "`, checksum over 20 bytes, revision at
-//! 15, RSDT address (u32) at 16, length at 20, XSDT address (u64) at 24,
-//! extended checksum over `length` bytes. Every other table starts with a
-//! 36-byte header: signature, u32 length at 4, checksum over `length`. MCFG:
-//! 8 reserved bytes after the header, then 16-byte entries {u64 base, u16
-//! segment, u8 start bus, u8 end bus, u32 reserved}. MADT: u32 local APIC
-//! address at 36, flags at 40, entries from 44 {u8 type, u8 length, ...}: type
-//! 0 = processor local APIC {u8 uid, u8 apic id, u32 flags}, type 9 = local
-//! x2APIC {u16 reserved, u32 x2apic id, u32 flags, u32 uid}.
+//! The reading and every table layout live in `dioxide-firmware`
+//! (`firmware/src/acpi.rs`, `tables.rs`, `s5.rs`; host-tested). This module
+//! supplies the physical memory ([`BootMap`]), keeps the [`Facts`] for the rest
+//! of the kernel ([`facts`]: time, power, PCI, the 8259) and logs them.
+//!
+//! Tables above 4 GiB are outside the boot map and are skipped (recorded as
+//! issues): reading them would need `mm::map_mmio`, which needs `mm::init`,
+//! which comes later.
 
-use core::ptr;
+use core::fmt;
+use dioxide_boot::BootInfo;
+use dioxide_firmware::acpi::{self as fw, AcpiError, Facts, PhysMem, RsdpSource};
+use dioxide_firmware::s5::SleepType;
+pub use dioxide_firmware::tables::EcamRegion;
+use dioxide_firmware::tables::{Gas, Space};
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct EcamRegion {
-    pub base: u64,
-    pub segment: u16,
-    pub bus_start: u8,
-    pub bus_end: u8,
+/// The end of the boot loader's identity map (`bootloader/src/entry.S`: 0..4
+/// GiB in 2 MiB pages).
+const BOOT_MAP_END: u64 = 1 << 32;
+
+/// Physical memory through the boot loader's identity map. Only used inside
+/// [`early`], which runs before `mm::init` replaces that map.
+struct BootMap;
+
+impl PhysMem for BootMap {
+    fn bytes(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let end = addr.checked_add(len as u64)?;
+        if addr == 0 || end > BOOT_MAP_END {
+            return None;
+        }
+        // SAFETY: [addr, end) is below 4 GiB, which the boot loader's page
+        // tables map 1:1 (present, readable) until `mm::init`, and `early`
+        // (the only user) runs before `mm::init`; `addr` is not null. What
+        // the firmware left there (tables in ACPI/reserved RAM, the BIOS
+        // areas) is not written by anyone while the slice lives (inside
+        // `read_facts`; the facts are copies). A bogus table pointer into
+        // MMIO could make these loads touch a device: the same risk as any
+        // ACPI reader, bounded by the header's length check.
+        Some(unsafe { core::slice::from_raw_parts(addr as *const u8, len) })
+    }
 }
 
-#[derive(Debug)]
-pub struct AcpiInfo {
-    pub revision: u8,
-    pub ecam: Option<EcamRegion>,
-    pub cpus: usize,
-    pub apic_ids: [u32; 64],
-    pub lapic_addr: u64,
+static FACTS: spin::Once<Result<Facts, AcpiError>> = spin::Once::new();
+
+/// Reads the ACPI facts (once). `may_scan_bios_areas`: the BIOS areas may be
+/// scanned for the RSDP when the boot loader gave none (a BIOS machine, not
+/// UEFI). Must run before `mm::init` (see [`BootMap`]).
+pub fn early(boot: &BootInfo, may_scan_bios_areas: bool) -> Result<&'static Facts, AcpiError> {
+    FACTS
+        .call_once(|| {
+            fw::read_facts(
+                &BootMap,
+                boot.rsdp_addr,
+                boot.rsdp.as_ref(),
+                may_scan_bios_areas,
+            )
+        })
+        .as_ref()
+        .map_err(|e| *e)
 }
 
-impl Default for AcpiInfo {
-    fn default() -> Self {
-        AcpiInfo {
-            revision: 0,
-            ecam: None,
-            cpus: 0,
-            apic_ids: [0; 64],
-            lapic_addr: 0xfee0_0000,
+/// The facts [`early`] read, if it found any.
+pub fn facts() -> Option<&'static Facts> {
+    FACTS.get()?.as_ref().ok()
+}
+
+/// A register for the log: `io 0x604`, `mem 0xfed00000`.
+struct Reg(Option<Gas>);
+
+impl fmt::Display for Reg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("none"),
+            Some(g) => match g.space {
+                Space::Io => write!(f, "io {:#x}", g.address),
+                Space::Memory => write!(f, "mem {:#x}", g.address),
+                Space::PciConfig => write!(f, "pci {:#x}", g.address),
+                Space::Other(s) => write!(f, "space {s} {:#x}", g.address),
+            },
         }
     }
 }
 
-fn read<T: Copy>(at: u64) -> T {
-    // SAFETY: ACPI tables are in RAM (reserved or ACPI regions), identity
-    // mapped; callers bound every offset by the table's checked length.
-    unsafe { ptr::read_unaligned(at as *const T) }
-}
+struct Ecam(Option<EcamRegion>);
 
-fn sum(at: u64, len: u64) -> u8 {
-    (0..len).fold(0u8, |s, i| s.wrapping_add(read::<u8>(at + i)))
-}
-
-/// Finds the RSDP in the BIOS areas (EBDA first KiB, 0xe0000..0x100000).
-fn scan_rsdp() -> Option<u64> {
-    let ebda = (read::<u16>(0x40e) as u64) << 4;
-    let areas = [(ebda, ebda + 1024), (0xe0000, 0x100000)];
-    for (start, end) in areas {
-        if start == 0 {
-            continue;
-        }
-        let mut a = start;
-        while a + 20 <= end {
-            if read::<[u8; 8]>(a) == *b"RSD PTR " && sum(a, 20) == 0 {
-                return Some(a);
-            }
-            a += 16;
+impl fmt::Display for Ecam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "{:#x} buses {}..={}", r.base, r.bus_start, r.bus_end),
+            None => f.write_str("none (legacy PCI config ports)"),
         }
     }
-    None
 }
 
-/// Validates a table header at `at`; returns its length.
-fn table(at: u64) -> Option<(u64, [u8; 4])> {
-    if at == 0 {
-        return None;
-    }
-    let sig = read::<[u8; 4]>(at);
-    let len = read::<u32>(at + 4) as u64;
-    if !(36..=1 << 20).contains(&len) {
-        log::warn!(target: "acpi", "table at {at:#x} has implausible length {len}");
-        return None;
-    }
-    if sum(at, len) != 0 {
-        log::warn!(target: "acpi", "table {} at {at:#x}: bad checksum", core::str::from_utf8(&sig).unwrap_or("????"));
-        return None;
-    }
-    Some((len, sig))
-}
-
-pub fn init(boot: &dioxide_boot::BootInfo) -> Result<AcpiInfo, &'static str> {
-    let mut info = AcpiInfo::default();
-    // The RSDP: given by the boot loader (PVH address, multiboot2 copy), or
-    // found in the BIOS areas.
-    let rsdp_copy: [u8; 36] = match (boot.rsdp_addr, boot.rsdp) {
-        (Some(a), _) if read::<[u8; 8]>(a) == *b"RSD PTR " => read(a),
-        (_, Some(copy)) if &copy[..8] == b"RSD PTR " => copy,
-        _ => read(scan_rsdp().ok_or("no ACPI RSDP")?),
+/// Logs what [`early`] found: the line about revision, CPUs and ECAM, one
+/// line with the new facts (FADT, HPET, SPCR, `_S5_`, the 8259), and the
+/// problems met on the way.
+pub fn log_summary(r: Result<&Facts, AcpiError>) {
+    let f = match r {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(target: "acpi", "{e}; continuing without ACPI (legacy PCI config, no HPET or PM timer, power-off by halting)");
+            return;
+        }
     };
-    if rsdp_copy[..20].iter().fold(0u8, |s, b| s.wrapping_add(*b)) != 0 {
-        return Err("ACPI RSDP checksum mismatch");
-    }
-    info.revision = rsdp_copy[15];
-    let rsdt =
-        u32::from_le_bytes([rsdp_copy[16], rsdp_copy[17], rsdp_copy[18], rsdp_copy[19]]) as u64;
-    let xsdt = if info.revision >= 2 {
-        u64::from_le_bytes(rsdp_copy[24..32].try_into().unwrap_or([0; 8]))
-    } else {
-        0
-    };
-    let (root, entry_size) = if xsdt != 0 { (xsdt, 8) } else { (rsdt, 4) };
-    let (root_len, _) = table(root).ok_or("ACPI root table unusable")?;
-    let entries = (root_len - 36) / entry_size;
-    for i in 0..entries.min(256) {
-        let at = root + 36 + i * entry_size;
-        let t = if entry_size == 8 {
-            read::<u64>(at)
-        } else {
-            read::<u32>(at) as u64
-        };
-        let Some((len, sig)) = table(t) else { continue };
-        match &sig {
-            b"MCFG" => {
-                let n = (len.saturating_sub(44)) / 16;
-                for j in 0..n {
-                    let e = t + 44 + j * 16;
-                    let r = EcamRegion {
-                        base: read(e),
-                        segment: read(e + 8),
-                        bus_start: read(e + 10),
-                        bus_end: read(e + 11),
-                    };
-                    if r.segment == 0 && info.ecam.is_none() {
-                        info.ecam = Some(r);
-                    }
-                }
-            }
-            b"APIC" => {
-                info.lapic_addr = read::<u32>(t + 36) as u64;
-                let mut e = t + 44;
-                while e + 2 <= t + len {
-                    let ty = read::<u8>(e);
-                    let l = read::<u8>(e + 1) as u64;
-                    if l < 2 || e + l > t + len {
-                        log::warn!(target: "acpi", "MADT entry at {e:#x} overruns the table");
-                        break;
-                    }
-                    let id_flags = match ty {
-                        0 if l >= 8 => Some((read::<u8>(e + 3) as u32, read::<u32>(e + 4))),
-                        9 if l >= 16 => Some((read::<u32>(e + 4), read::<u32>(e + 8))),
-                        _ => None,
-                    };
-                    if let Some((id, flags)) = id_flags {
-                        // Enabled, or online capable.
-                        if flags & 3 != 0 && info.cpus < info.apic_ids.len() {
-                            info.apic_ids[info.cpus] = id;
-                            info.cpus += 1;
-                        }
-                    }
-                    e += l;
-                }
-            }
-            _ => {}
-        }
-    }
     log::info!(
         target: "acpi",
         "ACPI rev {}: {} CPU(s), ECAM {}",
-        info.revision,
-        info.cpus,
-        match info.ecam {
-            Some(r) => alloc::format!("{:#x} buses {}..={}", r.base, r.bus_start, r.bus_end),
-            None => "none (legacy PCI config ports)".into(),
-        }
+        f.revision,
+        f.cpus(),
+        Ecam(f.ecam())
     );
-    Ok(info)
+    let src = match f.rsdp {
+        RsdpSource::BootAddress(a) => ("boot loader address", a),
+        RsdpSource::BootCopy => ("boot loader copy", 0),
+        RsdpSource::BiosScan(a) => ("BIOS area scan", a),
+    };
+    log::debug!(target: "acpi", "RSDP from the {} {:#x}, OEM {:?}, {}, {} tables", src.0, src.1, core::str::from_utf8(&f.oem_id).unwrap_or("?"), f.root, f.tables);
+    match &f.fadt {
+        Some(d) => log::info!(
+            target: "acpi",
+            "FADT rev {}: PM timer {} {}-bit, PM1a_CNT {}, PM1b_CNT {}, SMI_CMD {:#x} enable {:#x}, reset {}{}, {}boot arch {:#x}; HPET {}; SPCR {}; _S5_ {}; 8259 {}",
+            d.revision,
+            Reg(d.pm_timer),
+            d.pm_timer_bits(),
+            Reg(d.pm1a_cnt),
+            Reg(d.pm1b_cnt),
+            d.smi_cmd,
+            d.acpi_enable,
+            Reg(d.reset.map(|r| r.reg)),
+            ResetValue(d.reset.map(|r| r.value)),
+            if d.hw_reduced() {
+                SleepReg(d.sleep_control)
+            } else {
+                SleepReg(None)
+            },
+            d.iapc_boot_arch,
+            Hpet(f.hpet.map(|h| h.base)),
+            Spcr(f),
+            S5(f.s5),
+            if f.has_8259() { "present" } else { "absent" },
+        ),
+        None => log::info!(
+            target: "acpi",
+            "no FADT; HPET {}; SPCR {}; _S5_ {}; 8259 {}",
+            Hpet(f.hpet.map(|h| h.base)),
+            Spcr(f),
+            S5(f.s5),
+            if f.has_8259() { "present" } else { "absent" },
+        ),
+    }
+    if let Some(sig) = f.iommu {
+        log::warn!(target: "acpi", "{sig} table present: an IOMMU may be active; DMA assumes none");
+    }
+    for i in f.issues.iter() {
+        log::warn!(target: "acpi", "{i}");
+    }
+    if f.issues.dropped > 0 {
+        log::warn!(target: "acpi", "{} more problems not kept", f.issues.dropped);
+    }
+}
+
+struct ResetValue(Option<u8>);
+
+impl fmt::Display for ResetValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "={v:#04x}"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct SleepReg(Option<Gas>);
+
+impl fmt::Display for SleepReg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(g) => write!(f, "hardware-reduced, sleep control {}, ", Reg(Some(g))),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Hpet(Option<u64>);
+
+impl fmt::Display for Hpet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(b) => write!(f, "{b:#x}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+struct Spcr<'a>(&'a Facts);
+
+impl fmt::Display for Spcr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use dioxide_firmware::tables::UartRegs;
+        let Some(s) = self.0.spcr else {
+            return f.write_str("none");
+        };
+        match s.regs {
+            UartRegs::Io { port } => write!(f, "type {:#x} io {port:#x}", s.interface_type)?,
+            UartRegs::Mmio { base, width } => write!(
+                f,
+                "type {:#x} mmio {base:#x} ({width}-byte registers)",
+                s.interface_type
+            )?,
+        }
+        match s.baud {
+            Some(b) => write!(f, " {b} baud"),
+            None => f.write_str(" (baud as set)"),
+        }
+    }
+}
+
+struct S5(Result<SleepType, dioxide_firmware::s5::S5Error>);
+
+impl fmt::Display for S5 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Ok(t) => write!(f, "SLP_TYPa={} SLP_TYPb={}", t.a & 7, t.b & 7),
+            Err(e) => write!(f, "none ({e})"),
+        }
+    }
 }

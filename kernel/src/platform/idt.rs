@@ -5,7 +5,8 @@
 //! jumps to `isr_common`, which saves the general registers and calls
 //! [`dioxide_trap`] with a pointer to the [`TrapFrame`]. Exceptions (vectors
 //! 0..32) are reported — vector, name, error code, RIP, CR2 — and the machine
-//! is powered off with [`crate::platform::power::EXIT_EXCEPTION`]. Other vectors are
+//! is powered off with [`crate::platform::power::EXIT_EXCEPTION`] (or reset, with
+//! `panic=reboot`: [`crate::platform::power::fatal`]). Other vectors are
 //! dispatched to handlers registered with [`register`], then acknowledged at
 //! the local APIC.
 
@@ -140,6 +141,22 @@ pub fn register(vector: u8, handler: Handler) {
     HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
 }
 
+/// Resets the CPU the last way there is: an IDT with no entries, then an
+/// exception, which cannot be delivered (double fault, then triple fault).
+pub fn triple_fault() -> ! {
+    x86_64::instructions::interrupts::disable();
+    // SAFETY: a zero-limit IDT makes every vector's delivery fault; the
+    // breakpoint that follows escalates to a triple fault, i.e. a CPU reset.
+    // Nothing runs after it.
+    unsafe {
+        lidt(&DescriptorTablePointer {
+            limit: 0,
+            base: VirtAddr::new(0),
+        });
+        core::arch::asm!("int3", options(noreturn));
+    }
+}
+
 pub fn init() {
     let cs = {
         use x86_64::instructions::segmentation::Segment;
@@ -217,7 +234,7 @@ extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
             "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
             frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
         ));
-        crate::platform::power::exit(crate::platform::power::EXIT_EXCEPTION);
+        crate::platform::power::fatal(crate::platform::power::EXIT_EXCEPTION);
     }
     let h = HANDLERS[v as usize].load(Ordering::Acquire);
     if h != 0 {

@@ -261,7 +261,6 @@ impl fmt::Display for UartError {
 /// firmware's line settings (SPCR baud 0); otherwise the UART is set to
 /// 8N1 at that rate. MMIO registers are mapped here, so memory must be set
 /// up. Logs `console: <uart>` when added.
-#[allow(dead_code)] // called by the ACPI SPCR code (issue 11)
 pub fn add_uart(io: UartIo, baud: Option<u32>) -> Result<(), UartError> {
     if let UartIo::Mmio { base, stride } = io {
         if stride != 1 && stride != 4 {
@@ -293,6 +292,38 @@ pub fn add_uart(io: UartIo, baud: Option<u32>) -> Result<(), UartError> {
         None => log::info!(target: "console", "{io}, line settings as the firmware left them"),
     }
     Ok(())
+}
+
+/// Adds the UART that the ACPI SPCR table names (the port a BMC redirects
+/// for serial-over-LAN), when it is a 16550 this driver can drive. The
+/// divisor assumes the PC's 1.8432 MHz UART clock: when the table gives
+/// another clock, the firmware's line settings are kept instead. Logs what
+/// it did; COM1 named again is not added twice.
+pub fn add_spcr(spcr: &dioxide_firmware::tables::Spcr) {
+    use dioxide_firmware::tables::UartRegs;
+    if !spcr.is_16550() {
+        log::info!(
+            target: "console",
+            "SPCR names a UART of interface type {:#x}, not a 16550: not used",
+            spcr.interface_type
+        );
+        return;
+    }
+    let io = match spcr.regs {
+        UartRegs::Io { port } => UartIo::Port(port),
+        UartRegs::Mmio { base, width } => UartIo::Mmio {
+            base,
+            stride: width,
+        },
+    };
+    let baud = match spcr.clock_hz {
+        Some(hz) if hz != 0 && hz != 1_843_200 => None,
+        _ => spcr.baud,
+    };
+    match add_uart(io, baud) {
+        Ok(()) | Err(UartError::AlreadyPresent) => {}
+        Err(e) => log::warn!(target: "console", "SPCR UART {io}: {e}"),
+    }
 }
 
 /// The console format of a framebuffer, if it can draw on it.
