@@ -220,12 +220,21 @@ fn spcr_com2() -> Vec<u8> {
 }
 
 #[test]
-fn an_spcr_given_to_qemu_is_read() {
+fn an_spcr_given_to_qemu_is_read_and_its_uart_gets_the_console() {
     let dir = TempDir::new("spcr");
     let spcr = dir.path().join("spcr.bin");
     std::fs::write(&spcr, spcr_com2()).expect("write SPCR");
-    let mut cfg = config(None, &["selftest=calibrate"]);
-    cfg.extra = vec!["-acpitable".into(), format!("file={}", spcr.display())];
+    let img = dir.path().join("disk.img");
+    let sha = random_image(&img, 1 << 20, 5);
+    let com2 = dir.path().join("com2.log");
+    let mut cfg = config(Some(&img), &["selftest=digest"]);
+    // COM1 stays the CLI's console; the second -serial is COM2 (0x2f8).
+    cfg.extra = vec![
+        "-acpitable".into(),
+        format!("file={}", spcr.display()),
+        "-serial".into(),
+        format!("file:{}", com2.display()),
+    ];
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     assert!(
@@ -233,4 +242,14 @@ fn an_spcr_given_to_qemu_is_read() {
         "{}",
         out.console
     );
+    // Every line from the moment the UART was added reaches COM2 as well:
+    // the kernel's note of it, the self-test's result, the power-off line.
+    let com2 = String::from_utf8_lossy(&std::fs::read(&com2).expect("read COM2")).replace('\r', "");
+    for want in [
+        "console: COM2 (I/O 0x2f8), 115200 baud".to_string(),
+        format!("digest nvme0n1 bytes={} sha256={sha}", 1 << 20),
+        "dioxide: power off status=0".to_string(),
+    ] {
+        assert!(com2.contains(&want), "COM2 lacks {want:?}:\n{com2}");
+    }
 }
