@@ -253,15 +253,13 @@ pub fn build(kernel: &Path, words: &[String], timeout_s: u32, out: &Path) -> Res
     std::fs::write(&cfg, grub_cfg(words, timeout_s))
         .map_err(io_err(format!("write {}", cfg.display())))?;
     // grub-mkrescue writes through xorriso, which refuses to overwrite
-    // some existing files: start from none.
-    match std::fs::remove_file(out) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("replace {}", out.display()))(e)),
-    }
+    // some existing files: it writes a new file in the temporary tree's
+    // directory, renamed over `out` once complete, so that a failed build
+    // leaves an existing image as it was.
+    let staged = tree.path().with_extension("iso");
     let o = Command::new("grub-mkrescue")
         .arg("-o")
-        .arg(out)
+        .arg(&staged)
         .arg(format!("--install-modules={}", modules()))
         .args(["--fonts=", "--locales=", "--themes="])
         .arg(tree.path())
@@ -273,12 +271,19 @@ pub fn build(kernel: &Path, words: &[String], timeout_s: u32, out: &Path) -> Res
             source,
         })?;
     if !o.status.success() {
-        let _ = std::fs::remove_file(out);
+        let _ = std::fs::remove_file(&staged);
         return Err(Error::Iso(format!(
             "grub-mkrescue failed ({}):\n{}",
             o.status,
             String::from_utf8_lossy(&o.stderr).trim()
         )));
+    }
+    // A rename within one filesystem, else a copy (the temporary directory
+    // may be on another one).
+    if std::fs::rename(&staged, out).is_err() {
+        let copied = std::fs::copy(&staged, out);
+        let _ = std::fs::remove_file(&staged);
+        copied.map_err(io_err(format!("write {}", out.display())))?;
     }
     let bytes = std::fs::metadata(out)
         .map_err(io_err(format!("grub-mkrescue made no {}", out.display())))?

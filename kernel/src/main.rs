@@ -32,6 +32,11 @@ dioxide_boot::entry_point!(kmain);
 
 fn fail(status: u8, what: core::fmt::Arguments) -> ! {
     log::error!(target: "boot", "{what}");
+    // A controller already brought up is told of the shutdown (nothing to
+    // do before that).
+    if let Err(e) = nvme::shutdown() {
+        log::warn!(target: "nvme", "controller shutdown: {e}");
+    }
     power::exit(status)
 }
 
@@ -52,7 +57,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     // loader's tag).
     let facts = acpi::early(boot, boot.firmware != dioxide_boot::Firmware::Uefi);
     let calibration = time::calibrate(facts.ok(), args.get("time.source"));
-    serial::init(level);
+    serial::init(level, facts.ok().and_then(|f| f.spcr.as_ref()));
     log::info!(
         target: "boot",
         "dioxide {} via {:?}, cmdline {:?}, firmware {:?}",
@@ -151,10 +156,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
     if let Err(e) = mm::init(boot) {
         fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
     }
-    serial::attach_screen(boot);
+    // The SPCR's UART first: it is shown the early lines as the screen is.
     if let Some(spcr) = facts.ok().and_then(|f| f.spcr.as_ref()) {
         serial::add_spcr(spcr);
     }
+    serial::attach_screen(boot);
     power::map_registers();
     if selftest == "fault" {
         selftest::fault();

@@ -242,10 +242,12 @@ fn an_spcr_given_to_qemu_is_read_and_its_uart_gets_the_console() {
         "{}",
         out.console
     );
-    // Every line from the moment the UART was added reaches COM2 as well:
-    // the kernel's note of it, the self-test's result, the power-off line.
+    // COM2 gets the whole boot: the lines logged before the SPCR was read
+    // (the boot line, replayed), the kernel's note of the UART, the
+    // self-test's result, the power-off line.
     let com2 = String::from_utf8_lossy(&std::fs::read(&com2).expect("read COM2")).replace('\r', "");
     for want in [
+        "INFO  boot: dioxide 0.1.0 via Pvh, cmdline".to_string(),
         "console: COM2 (I/O 0x2f8), 115200 baud".to_string(),
         format!("digest nvme0n1 bytes={} sha256={sha}", 1 << 20),
         "dioxide: power off status=0".to_string(),

@@ -94,6 +94,11 @@ pub fn init(boot: &BootInfo) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The largest range [`map_mmio`] maps at once: a PCIe ECAM of 256 buses
+/// is 256 MiB and a server GPU's BAR can reach tens of GiB; one more than
+/// this is a damaged table, not a device.
+const MAX_MMIO_RANGE: u64 = 64 << 30;
+
 /// Identity maps `[phys, phys + len)` uncached. Ranges already mapped that
 /// way are left as they are.
 pub fn map_mmio(phys: u64, len: u64) -> Result<(), &'static str> {
@@ -101,6 +106,16 @@ pub fn map_mmio(phys: u64, len: u64) -> Result<(), &'static str> {
     let mapper = guard.as_mut().ok_or("page tables not set up")?;
     let flags = F::PRESENT | F::WRITABLE | F::NO_CACHE | F::WRITE_THROUGH;
     let end = phys.checked_add(len).ok_or("MMIO range overflows")?;
+    // Addresses come from firmware tables and devices: refuse what the
+    // identity map cannot hold (beyond 2^47, the canonical lower half)
+    // rather than let the address types panic, and ranges past the bound
+    // below, which would take the spare frames as page tables.
+    if end > 1 << 47 {
+        return Err("MMIO range beyond the identity map (2^47)");
+    }
+    if len > MAX_MMIO_RANGE {
+        return Err("MMIO range larger than 64 GiB");
+    }
     let mut a = phys & !0xfff;
     while a < end {
         // 2 MiB pages where the range allows (ECAM regions are large).

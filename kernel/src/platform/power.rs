@@ -32,7 +32,7 @@
 //! with code 0.
 
 use crate::platform::{acpi, serial, time};
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use dioxide_firmware::s5;
 use dioxide_firmware::tables::{Gas, Space};
 use x86_64::instructions::port::Port;
@@ -158,15 +158,15 @@ pub fn map_registers() {
     }
 }
 
-/// Reads a register (I/O or memory, 1..4 bytes wide).
-fn gas_read(g: Gas) -> Result<u32, &'static str> {
+/// Reads a register (I/O or memory) `bytes` wide (1, 2 or 4).
+fn gas_read(g: Gas, bytes: u8) -> Result<u32, &'static str> {
     match g.space {
         Space::Io => {
             let port = u16::try_from(g.address).map_err(|_| "I/O port above 0xffff")?;
             // SAFETY: a fixed-hardware register port named by the FADT;
             // reading PM1 control or a reset register has no side effect.
             Ok(unsafe {
-                match g.access_bytes() {
+                match bytes {
                     1 => Port::<u8>::new(port).read() as u32,
                     2 => Port::<u16>::new(port).read() as u32,
                     _ => Port::<u32>::new(port).read(),
@@ -179,7 +179,7 @@ fn gas_read(g: Gas) -> Result<u32, &'static str> {
             // below 4 GiB: identity mapped by the boot map before mm::init and
             // by `map_registers` after; aligned to its width by the spec.
             Ok(unsafe {
-                match g.access_bytes() {
+                match bytes {
                     1 => core::ptr::read_volatile(a as *const u8) as u32,
                     2 => core::ptr::read_volatile(a as *const u16) as u32,
                     _ => core::ptr::read_volatile(a as *const u32),
@@ -190,15 +190,15 @@ fn gas_read(g: Gas) -> Result<u32, &'static str> {
     }
 }
 
-/// Writes a register (I/O or memory, 1..4 bytes wide).
-fn gas_write(g: Gas, v: u32) -> Result<(), &'static str> {
+/// Writes a register (I/O or memory) `bytes` wide (1, 2 or 4).
+fn gas_write(g: Gas, v: u32, bytes: u8) -> Result<(), &'static str> {
     match g.space {
         Space::Io => {
             let port = u16::try_from(g.address).map_err(|_| "I/O port above 0xffff")?;
             // SAFETY: a power-off or reset register the FADT names: writing
             // it is the point (the machine is going down).
             unsafe {
-                match g.access_bytes() {
+                match bytes {
                     1 => Port::<u8>::new(port).write(v as u8),
                     2 => Port::<u16>::new(port).write(v as u16),
                     _ => Port::<u32>::new(port).write(v),
@@ -210,7 +210,7 @@ fn gas_write(g: Gas, v: u32) -> Result<(), &'static str> {
             let a = g.address;
             // SAFETY: as in `gas_read`; the write is the power-off or reset.
             unsafe {
-                match g.access_bytes() {
+                match bytes {
                     1 => core::ptr::write_volatile(a as *mut u8, v as u8),
                     2 => core::ptr::write_volatile(a as *mut u16, v as u16),
                     _ => core::ptr::write_volatile(a as *mut u32, v),
@@ -223,6 +223,10 @@ fn gas_write(g: Gas, v: u32) -> Result<(), &'static str> {
 }
 
 const SCI_EN: u32 = 1;
+/// PM1 control registers are 16 bits wide (ACPI 6.5 §4.8.3.2.1), whatever
+/// access size a firmware's X_PM1x_CNT_BLK declares: a byte write would
+/// drop SLP_TYP and SLP_EN (bits 10-13). ACPICA accesses them the same way.
+const PM1_BYTES: u8 = 2;
 
 /// ACPI S5. Returns only when it could not be attempted (the reason) or did
 /// not take effect within 100 ms.
@@ -234,10 +238,14 @@ fn acpi_s5() -> Result<(), &'static str> {
         let reg = fadt
             .sleep_control
             .ok_or("hardware-reduced, but no sleep control register")?;
-        gas_write(reg, s5::sleep_control_value(typ.a) as u32)?;
+        gas_write(
+            reg,
+            s5::sleep_control_value(typ.a) as u32,
+            reg.access_bytes(),
+        )?;
     } else {
         let a = fadt.pm1a_cnt.ok_or("no PM1a control block")?;
-        let mut cur = gas_read(a)?;
+        let mut cur = gas_read(a, PM1_BYTES)?;
         if cur & SCI_EN == 0 && fadt.smi_cmd != 0 && fadt.acpi_enable != 0 {
             let smi = u16::try_from(fadt.smi_cmd).map_err(|_| "SMI_CMD above 0xffff")?;
             // SAFETY: the SMI command port from the FADT; ACPI_ENABLE asks
@@ -247,7 +255,7 @@ fn acpi_s5() -> Result<(), &'static str> {
             let t0 = time::now_ns();
             while cur & SCI_EN == 0 && time::now_ns() - t0 < 300_000_000 {
                 time::spin_ns(1_000_000);
-                cur = gas_read(a)?;
+                cur = gas_read(a, PM1_BYTES)?;
             }
             if cur & SCI_EN == 0 {
                 serial::emergency(format_args!(
@@ -258,16 +266,16 @@ fn acpi_s5() -> Result<(), &'static str> {
         }
         let (a1, a2) = s5::pm1_cnt_values(cur as u16, typ.a);
         let b = match fadt.pm1b_cnt {
-            Some(b) => Some((b, s5::pm1_cnt_values(gas_read(b)? as u16, typ.b))),
+            Some(b) => Some((b, s5::pm1_cnt_values(gas_read(b, PM1_BYTES)? as u16, typ.b))),
             None => None,
         };
-        gas_write(a, a1 as u32)?;
+        gas_write(a, a1 as u32, PM1_BYTES)?;
         if let Some((b, (b1, _))) = b {
-            gas_write(b, b1 as u32)?;
+            gas_write(b, b1 as u32, PM1_BYTES)?;
         }
-        gas_write(a, a2 as u32)?;
+        gas_write(a, a2 as u32, PM1_BYTES)?;
         if let Some((b, (_, b2))) = b {
-            gas_write(b, b2 as u32)?;
+            gas_write(b, b2 as u32, PM1_BYTES)?;
         }
     }
     time::spin_ns(100_000_000);
@@ -281,8 +289,23 @@ fn halt_forever() -> ! {
     }
 }
 
+/// Set by the first [`exit`] or [`reboot`]: a fault on the way down (a
+/// register that cannot be reached, a bug) must not recurse through the
+/// exception handler into another power-off until the CPU triple-faults.
+static GOING_DOWN: AtomicBool = AtomicBool::new(false);
+
+fn once_going_down(status: u8) {
+    if GOING_DOWN.swap(true, Ordering::AcqRel) {
+        serial::emergency(format_args!(
+            "dioxide: fault while powering off or resetting (status {status}); halting\n"
+        ));
+        halt_forever();
+    }
+}
+
 /// Powers off with `status` (see the module documentation).
 pub fn exit(status: u8) -> ! {
+    once_going_down(status);
     let mut method = forced().unwrap_or(if hypervisor().is_some() {
         Method::DebugExit
     } else {
@@ -331,11 +354,12 @@ pub fn fatal(status: u8) -> ! {
 /// for each attempt (see the module documentation).
 pub fn reboot(status: u8) -> ! {
     x86_64::instructions::interrupts::disable();
+    once_going_down(status);
     let line =
         |m: &str| serial::emergency(format_args!("dioxide: reset status={status} method={m}\n"));
     if let Some(r) = acpi::facts().and_then(|f| f.fadt).and_then(|f| f.reset) {
         line("acpi");
-        match gas_write(r.reg, r.value as u32) {
+        match gas_write(r.reg, r.value as u32, r.reg.access_bytes()) {
             Ok(()) => time::spin_ns(50_000_000),
             Err(why) => serial::emergency(format_args!("dioxide: ACPI reset register: {why}\n")),
         }

@@ -27,6 +27,7 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use dioxide_boot::{BootInfo, Framebuffer, FramebufferFormat, MemoryKind};
 use dioxide_console::{Channel, Format, Surface, TextConsole};
+use dioxide_firmware::tables::UartRegs;
 use spin::Mutex;
 
 /// UART sinks at most (COM1 and two more).
@@ -213,13 +214,20 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// Sets up COM1 if a UART answers there, and installs the logger.
-pub fn init(level: log::LevelFilter) {
+/// Sets up COM1 if a UART answers there, and installs the logger. COM1
+/// runs at 115200 baud 8N1, unless the ACPI SPCR names COM1 itself: then
+/// at the SPCR's rate, or as the firmware left it when the SPCR says so (a
+/// BMC's serial-over-LAN expects its own setting).
+pub fn init(level: log::LevelFilter, spcr: Option<&dioxide_firmware::tables::Spcr>) {
+    let baud = match spcr {
+        Some(s) if s.is_16550() && s.regs == UartRegs::Io { port: 0x3f8 } => spcr_rate(s),
+        _ => Some(115_200),
+    };
     x86_64::instructions::interrupts::without_interrupts(|| {
         let _screen = SCREEN.lock();
         let com1 = Uart::com1();
         if UARTS[0].get().is_none() && !UARTS[0].stopped() && com1.probe() {
-            com1.init(Some(115_200));
+            com1.init(baud);
             UARTS[0].set(com1);
         }
     });
@@ -230,7 +238,6 @@ pub fn init(level: log::LevelFilter) {
 }
 
 /// Why [`add_uart`] did not add a sink.
-#[allow(dead_code)] // add_uart's callers (ACPI SPCR) are on their way
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UartError {
     /// That UART is a sink already (e.g. SPCR names COM1).
@@ -284,6 +291,11 @@ pub fn add_uart(io: UartIo, baud: Option<u32>) -> Result<(), UartError> {
             .find(|s| s.get().is_none() && !s.stopped())
             .ok_or(UartError::Full)?;
         uart.init(baud);
+        // What was logged before this UART was known (the boot line, ACPI,
+        // the TSC), as the screen gets it, so that a BMC's serial-over-LAN
+        // shows the whole boot.
+        let screen = &*_screen;
+        let _ = uart.write_bytes(&screen.early.buf[..screen.early.len]);
         slot.set(uart);
         Ok(())
     })?;
@@ -300,7 +312,6 @@ pub fn add_uart(io: UartIo, baud: Option<u32>) -> Result<(), UartError> {
 /// another clock, the firmware's line settings are kept instead. Logs what
 /// it did; COM1 named again is not added twice.
 pub fn add_spcr(spcr: &dioxide_firmware::tables::Spcr) {
-    use dioxide_firmware::tables::UartRegs;
     if !spcr.is_16550() {
         log::info!(
             target: "console",
@@ -316,13 +327,19 @@ pub fn add_spcr(spcr: &dioxide_firmware::tables::Spcr) {
             stride: width,
         },
     };
-    let baud = match spcr.clock_hz {
-        Some(hz) if hz != 0 && hz != 1_843_200 => None,
-        _ => spcr.baud,
-    };
-    match add_uart(io, baud) {
+    match add_uart(io, spcr_rate(spcr)) {
         Ok(()) | Err(UartError::AlreadyPresent) => {}
         Err(e) => log::warn!(target: "console", "SPCR UART {io}: {e}"),
+    }
+}
+
+/// The rate to program for the SPCR's UART: its baud rate, or `None` (keep
+/// the firmware's setting) when it gives none or names a UART clock other
+/// than the PC's 1.8432 MHz, which the divisor assumes.
+fn spcr_rate(spcr: &dioxide_firmware::tables::Spcr) -> Option<u32> {
+    match spcr.clock_hz {
+        Some(hz) if hz != 0 && hz != 1_843_200 => None,
+        _ => spcr.baud,
     }
 }
 
@@ -361,6 +378,23 @@ fn format(fb: &Framebuffer) -> Option<Format> {
 fn attach(boot: &BootInfo, fb: &Framebuffer) -> Result<(), &'static str> {
     let format = format(fb).ok_or("unsupported format")?;
     let len = fb.pitch as u64 * fb.height as u64;
+    // Check the geometry before mapping anything: a damaged tag must not
+    // make the kernel map (and spend page tables on) gigabytes.
+    let bytes_pp = match format {
+        Format::Rgb {
+            bytes_per_pixel, ..
+        } => bytes_per_pixel as u64,
+        Format::EgaText => 2,
+    };
+    if fb.width == 0
+        || fb.height == 0
+        || fb.width > 16384
+        || fb.height > 16384
+        || (fb.pitch as u64) < fb.width as u64 * bytes_pp
+        || len > 1 << 30
+    {
+        return Err("its geometry is implausible");
+    }
     let end = fb.addr.checked_add(len).ok_or("bad address")?;
     if fb.addr == 0 {
         return Err("bad address");
