@@ -170,7 +170,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     }
 
     apic::init();
-    apic::start_tick(10_000_000);
+    apic::start_tick(10);
     pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
     let Some(f) = functions

@@ -16,6 +16,7 @@ const REG_EOI: u32 = 0xb0;
 const REG_SVR: u32 = 0xf0;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INIT: u32 = 0x380;
+const REG_TIMER_CUR: u32 = 0x390;
 const REG_TIMER_DIV: u32 = 0x3e0;
 
 pub const SPURIOUS_VECTOR: u8 = 0xff;
@@ -111,12 +112,52 @@ pub fn eoi() {
     write(REG_EOI, 0);
 }
 
-/// Starts the periodic APIC timer: a wake-up for halted waits, so that every
-/// wait re-checks its deadline even when the awaited interrupt never comes.
-pub fn start_tick(initial_count: u32) {
+/// The APIC timer's count rate (divide by 1) when it cannot be measured:
+/// QEMU's, 1 GHz. Real bus or crystal clocks are 25-200 MHz, which is why
+/// it is measured.
+const FALLBACK_APIC_HZ: u64 = 1_000_000_000;
+
+/// Measures the APIC timer's count rate against the (calibrated) TSC: a
+/// masked one-shot count from 2^32-1 for 10 ms. `None` when the count did
+/// not move (no usable timer) or would wrap.
+fn measure_timer_hz() -> Option<u64> {
+    const WINDOW_NS: u64 = 10_000_000;
+    write(REG_TIMER_DIV, 0b1011); // divide by 1
+    write(REG_LVT_TIMER, (1 << 16) | TIMER_VECTOR as u32); // masked, one-shot
+    write(REG_TIMER_INIT, u32::MAX);
+    let t0 = crate::platform::time::now_ns();
+    crate::platform::time::spin_ns(WINDOW_NS);
+    let cur = read(REG_TIMER_CUR);
+    let ns = crate::platform::time::now_ns().saturating_sub(t0);
+    write(REG_TIMER_INIT, 0); // stop
+    let counted = (u32::MAX - cur) as u64;
+    if cur == 0 || counted == 0 || ns == 0 {
+        return None;
+    }
+    Some(counted * 1_000_000_000 / ns)
+}
+
+/// Starts the periodic APIC timer, one tick every `period_ms`: a wake-up
+/// for halted waits, so that every wait re-checks its deadline even when
+/// the awaited interrupt never comes. The timer's rate is measured against
+/// the TSC first (a fixed count would tick every 10 ms under QEMU and every
+/// 50-400 ms on servers, whose APIC timers count a slower bus or crystal
+/// clock); logs the rate.
+pub fn start_tick(period_ms: u64) {
+    let hz = match measure_timer_hz() {
+        Some(hz) => {
+            log::info!(target: "apic", "timer {}.{:03} MHz (measured against the TSC), tick {period_ms} ms", hz / 1_000_000, hz / 1000 % 1000);
+            hz
+        }
+        None => {
+            log::warn!(target: "apic", "timer rate not measurable; assuming {} MHz", FALLBACK_APIC_HZ / 1_000_000);
+            FALLBACK_APIC_HZ
+        }
+    };
+    let count = (hz * period_ms / 1000).clamp(1, u32::MAX as u64) as u32;
     write(REG_TIMER_DIV, 0b1011); // divide by 1
     write(REG_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u32);
-    write(REG_TIMER_INIT, initial_count);
+    write(REG_TIMER_INIT, count);
 }
 
 /// Timer ticks so far.

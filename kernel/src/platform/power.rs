@@ -15,9 +15,12 @@
 //!   into PM1a_CNT bits 12:10 and SLP_TYPb into PM1b_CNT if there is one,
 //!   then the same with SLP_EN (bit 13). A hardware-reduced machine writes
 //!   `SLP_TYP << 2 | SLP_EN (1 << 5)` to the sleep control register instead.
-//!   QEMU exits with code 0. The default on bare metal.
+//!   QEMU exits with code 0. The default on bare metal after success
+//!   (status 0: a self-test passed, a benchmark finished).
 //! - `halt`: stops the CPU (also what `acpi` ends in when S5 did not happen
-//!   within 100 ms, after saying so).
+//!   within 100 ms, after saying so). The default on bare metal after a
+//!   failure (status other than 0): the error stays on the screen and the
+//!   serial console for the person at the BMC, instead of a dark machine.
 //!
 //! `power=debugexit|acpi|halt` forces the method (a forced `debugexit` that
 //! does nothing halts).
@@ -308,8 +311,10 @@ pub fn exit(status: u8) -> ! {
     once_going_down(status);
     let mut method = forced().unwrap_or(if hypervisor().is_some() {
         Method::DebugExit
-    } else {
+    } else if status == 0 {
         Method::Acpi
+    } else {
+        Method::Halt
     });
     loop {
         serial::emergency(format_args!(
@@ -336,7 +341,12 @@ pub fn exit(status: u8) -> ! {
                 }
                 method = Method::Halt;
             }
-            Method::Halt => halt_forever(),
+            Method::Halt => {
+                serial::emergency(format_args!(
+                    "dioxide: halted (status {status}); power=acpi powers off instead, panic=reboot resets\n"
+                ));
+                halt_forever()
+            }
         }
     }
 }
