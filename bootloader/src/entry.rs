@@ -103,8 +103,23 @@ impl Write for Com1 {
 
 /// Writes to COM1 without any set-up (QEMU accepts it; real UARTs keep the
 /// firmware's settings). For failures before the kernel's console exists.
+/// Each byte waits for the transmitter (a real 16550 drops bytes written
+/// while it is busy), bounded so that a machine without COM1 (the line
+/// status register then reads 0xff or never shows "empty") does not hang.
 pub fn early_print(s: &str) {
     for b in s.bytes() {
+        for _ in 0..100_000 {
+            let lsr: u8;
+            // SAFETY: port 0x3fd is COM1's line status register; reading it
+            // has no effect on memory or on the UART's state.
+            unsafe {
+                core::arch::asm!("in al, dx", in("dx") 0x3fdu16, out("al") lsr, options(nomem, nostack))
+            };
+            if lsr & 0x20 != 0 {
+                break;
+            }
+            core::hint::spin_loop();
+        }
         // SAFETY: port 0x3f8 is COM1's data register; writing it has no effect
         // on memory.
         unsafe {

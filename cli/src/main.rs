@@ -627,6 +627,14 @@ fn run(cli: Cli) -> Result<i32, Error> {
             cfg.boot = boot_method;
             cfg.iso = iso_path;
             cfg.machine = machine;
+            if matches!(cfg.boot, qemu::Boot::Bios | qemu::Boot::Uefi) && cfg.iso.is_none() {
+                let altered = iso::altered_words(&cfg.args);
+                if !altered.is_empty() {
+                    eprintln!(
+                        "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
+                    );
+                }
+            }
             if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
                 return Err(Error::Usage(format!(
                     "--inject-eio {s}: beyond the image ({} sectors)",
