@@ -32,12 +32,7 @@ dioxide_boot::entry_point!(kmain);
 
 fn fail(status: u8, what: core::fmt::Arguments) -> ! {
     log::error!(target: "boot", "{what}");
-    // A controller already brought up is told of the shutdown (nothing to
-    // do before that).
-    if let Err(e) = nvme::shutdown() {
-        log::warn!(target: "nvme", "controller shutdown: {e}");
-    }
-    power::exit(status)
+    nvme::power_off(status)
 }
 
 fn kmain(boot: &'static BootInfo) -> ! {

@@ -106,15 +106,6 @@ impl JsonLine {
     }
 }
 
-/// Ends the benchmark: the controller is told of the shutdown first (a
-/// drive powered off without it counts an unsafe shutdown), then power-off.
-fn end(status: u8) -> ! {
-    if let Err(e) = nvme::shutdown() {
-        log::warn!(target: "nvme", "controller shutdown: {e}");
-    }
-    power::exit(status)
-}
-
 /// Prints `{"bench":"error","message":...}`.
 fn error(message: core::fmt::Arguments) {
     JsonLine::new("error")
@@ -482,19 +473,19 @@ pub fn bench(
 ) -> ! {
     let Some(fs) = fs else {
         error(format_args!("nvme0n1 holds no usable dxfs"));
-        end(power::EXIT_TEST_FAILED);
+        nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let file = match pick_file(&fs, p.file) {
         Ok(f) => f,
         Err(e) => {
             error(format_args!("{e}"));
-            end(power::EXIT_TEST_FAILED);
+            nvme::power_off(power::EXIT_TEST_FAILED);
         }
     };
     let maxqd = p.qds.iter().copied().max().unwrap_or(1).min(MAX_QD);
     let Some(mut bufs) = DmaBuf::new(maxqd * 4096) else {
         error(format_args!("out of memory"));
-        end(power::EXIT_TEST_FAILED);
+        nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let base = bufs.part(0, 4096).addr();
     let raw_blocks = dev.ns.bytes() / 4096;
@@ -576,7 +567,7 @@ pub fn bench(
         }
     }
     JsonLine::new("done").print();
-    end(power::EXIT_OK)
+    nvme::power_off(power::EXIT_OK)
 }
 
 /// Reads per half of `selftest=noalloc`.
@@ -590,18 +581,18 @@ const NOALLOC_READS: u64 = 100_000;
 pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
     let Some(fs) = fs else {
         outln!("noalloc error: nvme0n1 holds no usable dxfs");
-        end(power::EXIT_TEST_FAILED);
+        nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let file = match pick_file(&fs, None) {
         Ok(f) => f,
         Err(e) => {
             outln!("noalloc error: {e}");
-            end(power::EXIT_TEST_FAILED);
+            nvme::power_off(power::EXIT_TEST_FAILED);
         }
     };
     let Some(mut bufs) = DmaBuf::new(32 * 4096) else {
         outln!("noalloc error: out of memory");
-        end(power::EXIT_TEST_FAILED);
+        nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let base = bufs.part(0, 4096).addr();
     let irq = nvme::mode() == Mode::Irq;
@@ -647,8 +638,8 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk
     }
     if ok {
         outln!("noalloc ok");
-        end(power::EXIT_OK)
+        nvme::power_off(power::EXIT_OK)
     }
     outln!("noalloc failed");
-    end(power::EXIT_TEST_FAILED)
+    nvme::power_off(power::EXIT_TEST_FAILED)
 }

@@ -70,7 +70,7 @@ impl Tags {
 fn device_error(what: &str, e: DioError) -> ! {
     log::error!(target: "selftest", "{what}: {e}");
     outln!("error {what}: {e}");
-    power::exit(EXIT_DEVICE)
+    nvme::power_off(EXIT_DEVICE)
 }
 
 fn hex(bytes: &[u8]) -> alloc::string::String {
@@ -99,10 +99,7 @@ fn finish(_dev: &mut Nvme) -> ! {
         "heap: {} allocations, {} frees, {} KiB in use (peak {} KiB); frames: {} KiB of {} MiB used",
         h.allocs, h.frees, h.bytes_in_use / 1024, h.peak_bytes / 1024, frames_used / 1024, frames_total >> 20
     );
-    if let Err(e) = crate::drivers::nvme::shutdown() {
-        log::warn!(target: "nvme", "controller shutdown: {e}");
-    }
-    power::exit(EXIT_OK)
+    nvme::power_off(EXIT_OK)
 }
 
 /// `selftest=calibrate`: measures the TSC against every source in this boot
@@ -211,7 +208,7 @@ pub fn digest(dev: &mut Nvme) -> ! {
         total,
         hex(&hasher.finalize())
     );
-    power::exit(EXIT_OK)
+    nvme::power_off(EXIT_OK)
 }
 
 /// Moves `buf` to or from the device at `lba` in `unit`-byte commands with up
@@ -273,7 +270,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
     use dioxide_dxfs::format::ROOT_INO;
     let Some(fs) = fs else {
         outln!("files error: nvme0n1 holds no usable dxfs");
-        power::exit(EXIT_TEST_FAILED);
+        nvme::power_off(EXIT_TEST_FAILED);
     };
     let mut buf = DmaBuf::new(1 << 20).unwrap_or_else(|| device_error("files", NO_MEMORY));
     let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
@@ -425,7 +422,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
     }
     if errors > 0 {
         outln!("files done count={count} errors={errors}");
-        power::exit(EXIT_TEST_FAILED);
+        nvme::power_off(EXIT_TEST_FAILED);
     }
     outln!("files done count={count}");
     finish(dev)
@@ -464,7 +461,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     let blocks = want.min(dev.ns.blocks) / (unit / bs) * (unit / bs);
     if blocks == 0 {
         outln!("rw mismatch: namespace smaller than one {unit}-byte unit");
-        power::exit(EXIT_TEST_FAILED);
+        nvme::power_off(EXIT_TEST_FAILED);
     }
     let lba = dev.ns.blocks - blocks;
     let len = (blocks * bs) as usize;
@@ -499,7 +496,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
                 wbuf.as_slice()[i],
                 rbuf.as_slice()[i]
             );
-            power::exit(EXIT_TEST_FAILED);
+            nvme::power_off(EXIT_TEST_FAILED);
         }
         // SAFETY: no data buffer.
         if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
@@ -520,7 +517,7 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     }
     if saved.as_slice() != rbuf.as_slice() {
         outln!("rw mismatch: original contents not restored at LBA {lba}");
-        power::exit(EXIT_TEST_FAILED);
+        nvme::power_off(EXIT_TEST_FAILED);
     }
     log::info!(target: "selftest", "rw: original contents restored; {} ms", (time::now_ns() - t0) / 1_000_000);
     outln!("rw ok");

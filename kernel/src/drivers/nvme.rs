@@ -333,6 +333,18 @@ pub fn shutdown() -> Result<(), NvmeError> {
     .unwrap_or(Ok(()))
 }
 
+/// Ends an orderly run (a self-test, the benchmark, a failure at boot):
+/// tells the controller of the shutdown first when it is up (CC.SHN, so that
+/// a volatile cache is committed and the drive does not count an unsafe
+/// shutdown; nothing to do before it is brought up), then powers off with
+/// `status`. Not for panics and exceptions, which may hold the engine's lock.
+pub fn power_off(status: u8) -> ! {
+    if let Err(e) = shutdown() {
+        log::warn!(target: "nvme", "controller shutdown: {e}");
+    }
+    crate::platform::power::exit(status)
+}
+
 /// Queue counters.
 pub fn stats() -> Option<dioxide_nvme::QueueStats> {
     with_engine(|e| e.queue().qp.stats())
