@@ -35,18 +35,24 @@ pub fn console_rows(console: &str) -> (Vec<Row>, Option<String>) {
         .lines()
         .filter_map(|l| {
             if error.is_none() {
-                if let Some(at) = l.find(r#"{"bench":"error""#) {
-                    error = serde_json::Deserializer::from_str(&l[at..])
-                        .into_iter::<Value>()
-                        .next()
-                        .and_then(Result::ok)
-                        .and_then(|v| v["message"].as_str().map(str::to_string));
-                }
+                error = json_at(l, r#"{"bench":"error""#)
+                    .and_then(|v| v["message"].as_str().map(str::to_string));
             }
             Row::parse(l)
         })
         .collect();
     (rows, error)
+}
+
+/// The JSON object that starts with `prefix` anywhere in `line` (a console
+/// captured from a server may carry a terminal's escapes or a BMC's
+/// timestamp before it); anything after the object is ignored.
+fn json_at(line: &str, prefix: &str) -> Option<Value> {
+    let at = line.find(prefix)?;
+    serde_json::Deserializer::from_str(&line[at..])
+        .into_iter::<Value>()
+        .next()?
+        .ok()
 }
 
 /// One in-guest row (a `{"bench":"row",...}` line).
@@ -65,15 +71,9 @@ impl Row {
         }
     }
     /// A row of the kernel's benchmark: a JSON line `{"bench":"row",...}`
-    /// (kernel/src/diag/bench.rs), found anywhere in `line` because a console
-    /// captured from a server may carry a terminal's escapes or a BMC's
-    /// timestamp before it. Anything after the object is ignored.
+    /// (kernel/src/diag/bench.rs), found as [`json_at`] finds it.
     pub fn parse(line: &str) -> Option<Row> {
-        let at = line.find(r#"{"bench":"row""#)?;
-        let v = serde_json::Deserializer::from_str(&line[at..])
-            .into_iter::<Value>()
-            .next()?
-            .ok()?;
+        let v = json_at(line, r#"{"bench":"row""#)?;
         let fields = v
             .as_object()?
             .iter()

@@ -71,6 +71,21 @@ pub fn config(disk: Option<&Path>, args: &[&str]) -> Config {
     c
 }
 
+/// Asserts that the digest self-test printed exactly one result line and
+/// that it is the namespace's `bytes` and `sha256` (hex).
+pub fn assert_digest(out: &Outcome, bytes: u64, sha256: &str) {
+    let lines: Vec<&str> = out
+        .result_lines()
+        .filter(|l| l.starts_with("digest "))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![format!("digest nvme0n1 bytes={bytes} sha256={sha256}")],
+        "console:\n{}",
+        out.console
+    );
+}
+
 /// Boots and returns the outcome; panics with the console on host errors.
 pub fn boot(cfg: &Config) -> Outcome {
     match qemu::run(cfg) {

@@ -13,16 +13,7 @@ fn digest_matches(lbs: u32, completion: &str, seed: u64) {
     cfg.nvme_lbs = lbs;
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
-    let lines: Vec<&str> = out
-        .result_lines()
-        .filter(|l| l.starts_with("digest "))
-        .collect();
-    assert_eq!(
-        lines,
-        vec![format!("digest nvme0n1 bytes={} sha256={want}", 64 << 20)],
-        "console:\n{}",
-        out.console
-    );
+    assert_digest(&out, 64 << 20, &want);
     assert!(
         out.console.contains(&format!("blocks of {lbs} bytes")),
         "{}",

@@ -16,7 +16,7 @@
 //! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
 //! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long |
 //! | `time.source` | `hpet`, `pmtimer`, `pit`, `cpuid` | calibrate the TSC against this source only (default: the first that measures, in this order) |
-//! | `power` | `debugexit`, `acpi`, `halt` | how to power off (default: `debugexit` under a hypervisor, falling back to `acpi`; `acpi` on bare metal) |
+//! | `power` | `debugexit`, `acpi`, `halt` | how to power off (default: `debugexit` under a hypervisor, falling back to `acpi`; on bare metal `acpi` after success, `halt` after a failure) |
 //! | `panic` | `off` (default), `reboot` | what a panic or CPU exception ends in: power-off, or a reset |
 //! | `log` | `error`, `warn`, `info` (default), `debug`, `trace` | log level |
 
