@@ -168,33 +168,35 @@ fn kmain(boot: &'static BootInfo) -> ! {
     apic::start_tick(10);
     pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
-    let Some(f) = functions
-        .iter()
-        .find(|f| (f.class, f.subclass, f.prog_if) == (0x01, 0x08, 0x02))
-    else {
-        fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"));
-    };
     x86_64::instructions::interrupts::enable();
-    let mut dev = match nvme::init(f, mode, timeout_ms) {
+    let opts = nvme::Options { mode, timeout_ms };
+    let disks = match nvme::init(&functions, opts) {
+        Ok([]) => fail(EXIT_CONFIG, format_args!("no NVMe namespace found on PCI")),
         Ok(d) => d,
-        Err(e) => fail(EXIT_DEVICE, format_args!("nvme0: {e}")),
+        Err(e) => fail(EXIT_DEVICE, format_args!("nvme: {e}")),
     };
     let heap = mm::heap::stats();
     log::info!(
         target: "boot",
-        "ready in {} ms: nvme0n1 {} MiB ({}-byte blocks), heap {} KiB used of {} MiB",
+        "ready in {} ms: {} namespace(s) ({}), heap {} KiB used of {} MiB",
         time::now_ns() / 1_000_000,
-        dev.ns.bytes() >> 20,
-        dev.ns.block_size,
+        disks.len(),
+        disks
+            .iter()
+            .map(|d| alloc::format!("{} {} MiB, {}-byte blocks", d.name, d.bytes() >> 20, d.ns.block_size))
+            .collect::<alloc::vec::Vec<_>>()
+            .join("; "),
         heap.bytes_in_use / 1024,
         heap.size >> 20
     );
-    nvme::with_engine(|e| e.set_simple(simple));
+    for i in 0..disks.len() {
+        nvme::with_engine(i, |e| e.set_simple(simple));
+    }
     log::info!(target: "iomap", "simple path {}", if simple { "on" } else { "off (dio.simple=0)" });
-    let fs = disk::mount(&dev);
+    let mut mounts = disk::mount_all();
     match selftest {
-        "files" => selftest::files(&mut dev, fs),
-        "noalloc" => bench::noalloc(&dev, fs),
+        "files" => selftest::files(&mounts),
+        "noalloc" => bench::noalloc(first_fs(&mut mounts)),
         "bench" => {
             let list = |k: &str, d: &'static str| args.get(k).unwrap_or(d);
             let qds: alloc::vec::Vec<usize> = list("bench.qd", "1,16,64,128,256")
@@ -230,10 +232,10 @@ fn kmain(boot: &'static BootInfo) -> ! {
                 secs,
                 file: args.get("bench.file"),
             };
-            bench::bench(&dev, fs, &p)
+            bench::bench(0, first_fs(&mut mounts), &p)
         }
-        "digest" => selftest::digest(&mut dev),
-        "rw" => selftest::rw(&mut dev, rw_blocks),
+        "digest" => selftest::digest(),
+        "rw" => selftest::rw(rw_blocks),
         _ => {
             let static_ip = match args.get("net.ip") {
                 None => None,
@@ -259,22 +261,33 @@ fn kmain(boot: &'static BootInfo) -> ! {
                             format_args!("nbd.stall_s={v:?}: expected seconds"),
                         ),
                     };
-                    Some(nbd::Server::new(n, fs.as_ref(), &dev, null, stall_ns))
+                    Some(nbd::Server::new(n, &mounts, null, stall_ns))
                 }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");
                     None
                 }
             };
-            run_loop(&dev, net, server)
+            run_loop(net, server)
         }
+    }
+}
+
+/// The filesystem of the first namespace (`nvme0n1`) if it holds one: the
+/// benchmark's and the no-allocation test's.
+fn first_fs(
+    mounts: &mut alloc::vec::Vec<disk::Mounted>,
+) -> Option<dioxide_dxfs::Fs<disk::NvmeDisk>> {
+    match mounts.first() {
+        Some(m) if m.disk == 0 => Some(mounts.remove(0).fs),
+        _ => None,
     }
 }
 
 /// The appliance's per-core run loop: reaps NVMe completions and sleeps until
 /// the next interrupt. Services (the network server) hook in here.
-fn run_loop(dev: &nvme::Nvme, mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
-    log::info!(target: "boot", "run loop started ({:?} completion)", dev.mode);
+fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
+    log::info!(target: "boot", "run loop started ({:?} completion)", nvme::mode());
     let mut last = apic::ticks();
     let mut dirty = true;
     // The stack ran since the server last looked at every socket.

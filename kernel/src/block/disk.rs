@@ -1,14 +1,18 @@
-//! The namespace as a block device for dxfs, and mounting it at boot.
+//! A namespace as a block device for dxfs, and mounting every namespace
+//! that holds one at boot.
 
 use crate::drivers::nvme::{self, DmaBuf};
+use alloc::vec::Vec;
 use dioxide_dxfs::{check_access, BlockDevice, DevCode, DevError, Fs};
 use dioxide_iomap::{BlkError, DioError, IoBuf, Op};
 use dioxide_nvme::Namespace;
 
-/// nvme0n1 as a dxfs block device: reads go to the I/O queue, split at the
-/// maximum transfer; buffers the controller cannot address directly
-/// (not dword aligned) go through a bounce buffer.
+/// A namespace (`nvme::disks()[disk]`) as a dxfs block device: reads go to
+/// this core's I/O queue of it, split at the maximum transfer; buffers the
+/// controller cannot address directly (not dword aligned) go through a
+/// bounce buffer.
 pub struct NvmeDisk {
+    pub disk: usize,
     pub ns: Namespace,
     pub max_transfer: usize,
 }
@@ -35,7 +39,7 @@ impl BlockDevice for NvmeDisk {
             if (part.as_ptr() as usize).is_multiple_of(4) {
                 // SAFETY: `part` is borrowed until execute returns, after the
                 // command completed.
-                unsafe { nvme::execute(Op::Read, lba, IoBuf::from_mut_slice(part)) }
+                unsafe { nvme::execute(self.disk, Op::Read, lba, IoBuf::from_mut_slice(part)) }
                     .map_err(|e| dev_error(lba * bs, e))?;
             } else {
                 if bounce.is_none() {
@@ -46,7 +50,7 @@ impl BlockDevice for NvmeDisk {
                 };
                 let view = b.part(0, n);
                 // SAFETY: the bounce buffer is owned here until execute returns.
-                unsafe { nvme::execute(Op::Read, lba, view) }
+                unsafe { nvme::execute(self.disk, Op::Read, lba, view) }
                     .map_err(|e| dev_error(lba * bs, e))?;
                 part.copy_from_slice(&b.as_slice()[..n]);
             }
@@ -78,18 +82,35 @@ fn dev_error(offset: u64, e: DioError) -> DevError {
     }
 }
 
-/// Mounts dxfs from the namespace; logs one summary line either way.
-pub fn mount(dev: &nvme::Nvme) -> Option<Fs<NvmeDisk>> {
-    let disk = NvmeDisk {
-        ns: dev.ns,
-        max_transfer: dev.max_transfer,
+/// A dxfs filesystem on namespace `disk` (index in [`nvme::disks`]).
+pub struct Mounted {
+    pub disk: usize,
+    pub fs: Fs<NvmeDisk>,
+}
+
+/// Mounts dxfs from every namespace that holds one; logs one line per
+/// namespace either way.
+pub fn mount_all() -> Vec<Mounted> {
+    (0..nvme::disks().len())
+        .filter_map(|disk| mount(disk).map(|fs| Mounted { disk, fs }))
+        .collect()
+}
+
+/// Mounts dxfs from namespace `disk`; logs one summary line either way.
+pub fn mount(disk: usize) -> Option<Fs<NvmeDisk>> {
+    let d = nvme::disks().get(disk)?;
+    let dev = NvmeDisk {
+        disk,
+        ns: d.ns,
+        max_transfer: d.max_transfer,
     };
-    match Fs::mount(disk) {
+    match Fs::mount(dev) {
         Ok(fs) => {
             let sb = fs.superblock();
             log::info!(
                 target: "dxfs",
-                "mounted nvme0n1: label {:?}, block size {}, {} blocks ({} MiB free), {} inodes ({} in use)",
+                "mounted {}: label {:?}, block size {}, {} blocks ({} MiB free), {} inodes ({} in use)",
+                d.name,
                 sb.label_str(),
                 sb.block_size,
                 sb.block_count,
@@ -100,7 +121,7 @@ pub fn mount(dev: &nvme::Nvme) -> Option<Fs<NvmeDisk>> {
             Some(fs)
         }
         Err(e) => {
-            log::warn!(target: "dxfs", "nvme0n1 holds no usable dxfs: {e}");
+            log::warn!(target: "dxfs", "{} holds no usable dxfs: {e}", d.name);
             None
         }
     }

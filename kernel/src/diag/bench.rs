@@ -459,18 +459,22 @@ pub struct Params<'a> {
     pub file: Option<&'a str>,
 }
 
-fn nvme_with() -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
-    |f: &mut dyn FnMut(&mut nvme::Dio)| {
-        nvme::with_engine(|e| f(e));
+fn nvme_with(disk: usize) -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
+    move |f: &mut dyn FnMut(&mut nvme::Dio)| {
+        nvme::with_engine(disk, |e| f(e));
     }
 }
 
 /// `selftest=bench`.
 pub fn bench(
-    dev: &nvme::Nvme,
+    disk: usize,
     fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>,
     p: &Params,
 ) -> ! {
+    let Some(dev) = nvme::disks().get(disk) else {
+        error(format_args!("no NVMe namespace"));
+        nvme::power_off(power::EXIT_TEST_FAILED);
+    };
     let Some(fs) = fs else {
         error(format_args!("nvme0n1 holds no usable dxfs"));
         nvme::power_off(power::EXIT_TEST_FAILED);
@@ -547,7 +551,7 @@ pub fn bench(
                             rng: Rng::new(0x9e37_79b9 ^ (qd as u64) << 8 ^ round),
                         };
                         let r = if *d == "nvme" {
-                            run(&mut nvme_with(), irq, &mut load, qd, slice)
+                            run(&mut nvme_with(disk), irq, &mut load, qd, slice)
                         } else {
                             run(
                                 &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
@@ -578,7 +582,7 @@ const NOALLOC_READS: u64 = 100_000;
 /// as many reads through the generic path (simple path off), each of which
 /// allocates its dio object; fails unless the counters saw them, so that a
 /// counter which never counts cannot pass for a path that never allocates.
-pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
+pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
     let Some(fs) = fs else {
         outln!("noalloc error: nvme0n1 holds no usable dxfs");
         nvme::power_off(power::EXIT_TEST_FAILED);
@@ -607,9 +611,9 @@ pub fn noalloc(_dev: &nvme::Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk
     let n = NOALLOC_READS;
     let mut ok = true;
     for target in [Target::Simple, Target::Generic] {
-        let s0 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
-        let row = run(&mut nvme_with(), irq, &mut load(target), 32, Limit::Ios(n));
-        let s1 = nvme::with_engine(|e| e.stats()).unwrap_or_default();
+        let s0 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
+        let row = run(&mut nvme_with(0), irq, &mut load(target), 32, Limit::Ios(n));
+        let s1 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
         let (simple, generic, fell_back) = (
             s1.simple - s0.simple,
             s1.generic - s0.generic,

@@ -2,7 +2,8 @@
 //! Each prints its result line(s) without a log prefix and powers off with a
 //! status (see [`crate::platform::power`]).
 
-use crate::drivers::nvme::{self, DmaBuf, Nvme};
+use crate::block::disk::Mounted;
+use crate::drivers::nvme::{self, DmaBuf};
 use crate::outln;
 use crate::platform::power::{self, EXIT_DEVICE, EXIT_OK, EXIT_TEST_FAILED};
 use crate::platform::time;
@@ -18,12 +19,15 @@ const FLUSH: IoBuf = IoBuf::empty();
 /// id's index being the tag). The test is the engine's only asynchronous
 /// owner while it runs.
 struct Tags {
+    /// The namespace the commands go to (index in `nvme::disks()`).
+    disk: usize,
     results: Vec<Option<Result<usize, DioError>>>,
 }
 
 impl Tags {
-    fn new(n: usize) -> Self {
+    fn new(disk: usize, n: usize) -> Self {
         Tags {
+            disk,
             results: alloc::vec![None; n],
         }
     }
@@ -38,7 +42,7 @@ impl Tags {
         }
         // SAFETY: our caller keeps `buf` untouched until the tag is done,
         // i.e. until its completion was delivered: nvme::submit's contract.
-        unsafe { nvme::submit(op, lba, buf, ReqId::new(tag, 0)) }
+        unsafe { nvme::submit(self.disk, op, lba, buf, ReqId::new(tag, 0)) }
     }
 
     fn is_done(&self, tag: u16) -> bool {
@@ -84,13 +88,15 @@ fn hex(bytes: &[u8]) -> alloc::string::String {
 
 /// Logs the counters, shuts the controller down (CC.SHN, so that a device
 /// with a volatile cache commits it) and powers off with success.
-fn finish(_dev: &mut Nvme) -> ! {
-    if let Some(q) = nvme::stats() {
-        log::info!(
-            target: "nvme",
-            "queue 1: {} submitted, {} completed, {} errors, {} timeouts, {} spurious",
-            q.submitted, q.completed, q.errors, q.timeouts, q.spurious
-        );
+fn finish() -> ! {
+    for (i, d) in nvme::disks().iter().enumerate() {
+        if let Some(q) = nvme::stats(i) {
+            log::info!(
+                target: "nvme",
+                "{}: {} submitted, {} completed, {} errors, {} timeouts, {} spurious",
+                d.name, q.submitted, q.completed, q.errors, q.timeouts, q.spurious
+            );
+        }
     }
     let h = crate::mm::heap::stats();
     let (frames_total, frames_used) = crate::mm::frame::stats();
@@ -147,9 +153,21 @@ pub fn panic() -> ! {
     panic!("selftest=panic: deliberate panic");
 }
 
-/// `selftest=digest`: reads the whole namespace (several commands in flight)
-/// and prints `digest nvme0n1 bytes=<n> sha256=<hex>`.
-pub fn digest(dev: &mut Nvme) -> ! {
+/// `selftest=digest`: reads every namespace whole (several commands in
+/// flight) and prints `digest <name> bytes=<n> sha256=<hex>` for each
+/// (`digest nvme0n1 ...`, `digest nvme0n2 ...`, in controller and namespace
+/// order).
+pub fn digest() -> ! {
+    for disk in 0..nvme::disks().len() {
+        digest_one(disk);
+    }
+    nvme::power_off(EXIT_OK)
+}
+
+fn digest_one(disk: usize) {
+    let Some(dev) = nvme::disks().get(disk) else {
+        return;
+    };
     let bs = dev.ns.block_size as usize;
     let total = dev.ns.bytes();
     let chunk = (dev.max_transfer.min(256 * 1024) / bs).max(1) * bs;
@@ -174,7 +192,7 @@ pub fn digest(dev: &mut Nvme) -> ! {
     let t0 = time::now_ns();
     let mut hasher = Sha256::new();
     let mut next = 0;
-    let mut tags = Tags::new(qd);
+    let mut tags = Tags::new(disk, qd);
     while next < nchunks.min(qd) {
         submit(&mut tags, &mut bufs, next);
         next += 1;
@@ -196,7 +214,8 @@ pub fn digest(dev: &mut Nvme) -> ! {
     let ns = (time::now_ns() - t0).max(1);
     log::info!(
         target: "selftest",
-        "read {} MiB in {} ms ({} MiB/s, {} commands of {} KiB)",
+        "{}: read {} MiB in {} ms ({} MiB/s, {} commands of {} KiB)",
+        dev.name,
         total >> 20,
         ns / 1_000_000,
         (total as u128 * 1_000_000_000 / ns as u128) >> 20,
@@ -204,26 +223,28 @@ pub fn digest(dev: &mut Nvme) -> ! {
         chunk / 1024
     );
     outln!(
-        "digest nvme0n1 bytes={} sha256={}",
+        "digest {} bytes={} sha256={}",
+        dev.name,
         total,
         hex(&hasher.finalize())
     );
-    nvme::power_off(EXIT_OK)
 }
 
 /// Moves `buf` to or from the device at `lba` in `unit`-byte commands with up
 /// to `qd` in flight.
 fn transfer(
-    dev: &Nvme,
+    disk: usize,
     write: bool,
     lba: u64,
     buf: &mut DmaBuf,
     unit: usize,
     qd: usize,
 ) -> Result<(), DioError> {
-    let bs = dev.ns.block_size as usize;
+    let bs = nvme::disks()
+        .get(disk)
+        .map_or(512, |d| d.ns.block_size as usize);
     let units = buf.as_slice().len() / unit;
-    let mut tags = Tags::new(qd);
+    let mut tags = Tags::new(disk, qd);
     let mut free: Vec<u16> = (0..qd as u16).rev().collect();
     let mut inflight: Vec<u16> = Vec::with_capacity(qd);
     let mut next = 0;
@@ -262,21 +283,65 @@ fn transfer(
     }
 }
 
-/// `selftest=files`: walks the dxfs tree, reads every regular file in full and
-/// prints `file <path> bytes=<n> sha256=<hex>` per file, then `files done
-/// count=<n>`. A damaged file or directory is reported (`file <path>
-/// error=...`) and the walk goes on with the rest; the run then fails.
-pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! {
-    use dioxide_dxfs::format::ROOT_INO;
-    let Some(fs) = fs else {
-        outln!("files error: nvme0n1 holds no usable dxfs");
+/// `selftest=files`: walks the dxfs tree of every namespace that holds one,
+/// reads every regular file in full and prints `file <path> bytes=<n>
+/// sha256=<hex>` per file, then `files done count=<n>`. Paths are named as
+/// the NBD service names them: `/data/a.bin` on `nvme0n1`,
+/// `/nvme1n1/data/a.bin` on any other namespace. A damaged file or
+/// directory is reported (`file <path> error=...`) and the walk goes on
+/// with the rest; the run then fails.
+pub fn files(mounts: &[Mounted]) -> ! {
+    if mounts.is_empty() {
+        let first = nvme::disks().first().map_or("nvme0n1", |d| d.name.as_str());
+        outln!("files error: {first} holds no usable dxfs");
         nvme::power_off(EXIT_TEST_FAILED);
-    };
+    }
     let mut buf = DmaBuf::new(1 << 20).unwrap_or_else(|| device_error("files", NO_MEMORY));
     let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
     let t0 = time::now_ns();
-    let mut stack: Vec<(alloc::string::String, u64)> =
-        alloc::vec![(alloc::string::String::new(), ROOT_INO)];
+    for m in mounts {
+        let (c, e, b) = files_of(m, &mut buf);
+        count += c;
+        errors += e;
+        bytes += b;
+    }
+    let ms = (time::now_ns() - t0) / 1_000_000;
+    log::info!(target: "selftest", "files: {count} files, {} KiB in {ms} ms, {errors} errors", bytes / 1024);
+    let mut s = dioxide_iomap::Stats::default();
+    for i in 0..nvme::disks().len() {
+        if let Some(e) = nvme::with_engine(i, |e| e.stats()) {
+            s.simple += e.simple;
+            s.generic += e.generic;
+            s.fell_back += e.fell_back;
+            s.errors += e.errors;
+        }
+    }
+    outln!(
+        "files iomap simple={} generic={} fell_back={} errors={}",
+        s.simple,
+        s.generic,
+        s.fell_back,
+        s.errors
+    );
+    if errors > 0 {
+        outln!("files done count={count} errors={errors}");
+        nvme::power_off(EXIT_TEST_FAILED);
+    }
+    outln!("files done count={count}");
+    finish()
+}
+
+/// One filesystem of [`files`]: (files read, errors, bytes).
+fn files_of(m: &Mounted, buf: &mut DmaBuf) -> (u64, u64, u64) {
+    use dioxide_dxfs::format::ROOT_INO;
+    let fs = &m.fs;
+    let disk = m.disk;
+    let root = match nvme::disks().get(disk) {
+        Some(d) if d.name != "nvme0n1" => alloc::format!("/{}", d.name),
+        _ => alloc::string::String::new(),
+    };
+    let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    let mut stack: Vec<(alloc::string::String, u64)> = alloc::vec![(root, ROOT_INO)];
     let mut seen = alloc::collections::BTreeSet::new();
     seen.insert(ROOT_INO);
     while let Some((path, ino)) = stack.pop() {
@@ -322,7 +387,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
                 poison(&mut buf.as_mut_slice()[..1 << 20], off);
                 let iob = buf.part(0, 1 << 20);
                 // SAFETY: `buf` is owned here; the call is synchronous.
-                let r = nvme::with_engine(|e| unsafe {
+                let r = nvme::with_engine(disk, |e| unsafe {
                     e.dio_rw(DioRequest::read(Kiocb::sync(off), iob, &f))
                 })
                 .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
@@ -368,7 +433,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
                 }
                 let iob = buf.part(0, 4096);
                 // SAFETY: `buf` is owned here; the call is synchronous.
-                let r = nvme::with_engine(|e| unsafe {
+                let r = nvme::with_engine(disk, |e| unsafe {
                     e.dio_rw(DioRequest::read(Kiocb::sync(0), iob, &f))
                 });
                 failed = match r {
@@ -409,23 +474,7 @@ pub fn files(dev: &mut Nvme, fs: Option<dioxide_dxfs::Fs<crate::block::disk::Nvm
         }
         stack.extend(subdirs.into_iter().rev());
     }
-    let ms = (time::now_ns() - t0) / 1_000_000;
-    log::info!(target: "selftest", "files: {count} files, {} KiB in {ms} ms, {errors} errors", bytes / 1024);
-    if let Some(s) = nvme::with_engine(|e| e.stats()) {
-        outln!(
-            "files iomap simple={} generic={} fell_back={} errors={}",
-            s.simple,
-            s.generic,
-            s.fell_back,
-            s.errors
-        );
-    }
-    if errors > 0 {
-        outln!("files done count={count} errors={errors}");
-        nvme::power_off(EXIT_TEST_FAILED);
-    }
-    outln!("files done count={count}");
-    finish(dev)
+    (count, errors, bytes)
 }
 
 /// Fills `buf` with a pattern no disk is likely to hold (each 8-byte word
@@ -453,8 +502,19 @@ fn pattern(pass: u64, off: u64) -> u8 {
 /// `selftest=rw`: saves a scratch range (the end of the namespace), writes a
 /// pattern over it at queue depths 1, 4 and 32, reads each back and compares,
 /// flushes, then restores and verifies the original contents. Prints `rw ok`
-/// or the first mismatch.
-pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
+/// or the first mismatch. Every namespace in turn; `rw ok` once all passed.
+pub fn rw(blocks_arg: Option<u64>) -> ! {
+    for disk in 0..nvme::disks().len() {
+        rw_one(disk, blocks_arg);
+    }
+    outln!("rw ok");
+    finish()
+}
+
+fn rw_one(disk: usize, blocks_arg: Option<u64>) {
+    let Some(dev) = nvme::disks().get(disk) else {
+        return;
+    };
     let bs = dev.ns.block_size as u64;
     let unit = 4096u64.max(bs);
     let want = blocks_arg.unwrap_or((1 << 20) / bs).max(unit / bs);
@@ -469,8 +529,8 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
     let mut saved = alloc_buf();
     let mut wbuf = alloc_buf();
     let mut rbuf = alloc_buf();
-    log::info!(target: "selftest", "rw: scratch LBAs {}..{} ({} KiB), saving them first", lba, lba + blocks, len / 1024);
-    if let Err(e) = transfer(dev, false, lba, &mut saved, unit as usize, 8) {
+    log::info!(target: "selftest", "rw: {}: scratch LBAs {}..{} ({} KiB), saving them first", dev.name, lba, lba + blocks, len / 1024);
+    if let Err(e) = transfer(disk, false, lba, &mut saved, unit as usize, 8) {
         device_error("rw save", e);
     }
     let t0 = time::now_ns();
@@ -481,10 +541,10 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
         // The read buffer holds the complement of what must come back, so
         // that a read which moves no data fails the comparison.
         complement(&mut rbuf, &wbuf);
-        if let Err(e) = transfer(dev, true, lba, &mut wbuf, unit as usize, qd) {
+        if let Err(e) = transfer(disk, true, lba, &mut wbuf, unit as usize, qd) {
             device_error(&alloc::format!("rw write qd={qd}"), e);
         }
-        if let Err(e) = transfer(dev, false, lba, &mut rbuf, unit as usize, qd) {
+        if let Err(e) = transfer(disk, false, lba, &mut rbuf, unit as usize, qd) {
             device_error(&alloc::format!("rw read qd={qd}"), e);
         }
         if let Some(i) = (0..len).find(|&i| wbuf.as_slice()[i] != rbuf.as_slice()[i]) {
@@ -499,27 +559,25 @@ pub fn rw(dev: &mut Nvme, blocks_arg: Option<u64>) -> ! {
             nvme::power_off(EXIT_TEST_FAILED);
         }
         // SAFETY: no data buffer.
-        if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
+        if let Err(e) = unsafe { nvme::execute(disk, Op::Flush, 0, FLUSH) } {
             device_error("rw flush", e);
         }
         log::info!(target: "selftest", "rw: pass at queue depth {qd} verified");
     }
-    if let Err(e) = transfer(dev, true, lba, &mut saved, unit as usize, 8) {
+    if let Err(e) = transfer(disk, true, lba, &mut saved, unit as usize, 8) {
         device_error("rw restore", e);
     }
     // SAFETY: no data buffer.
-    if let Err(e) = unsafe { nvme::execute(Op::Flush, 0, FLUSH) } {
+    if let Err(e) = unsafe { nvme::execute(disk, Op::Flush, 0, FLUSH) } {
         device_error("rw flush", e);
     }
     complement(&mut rbuf, &saved);
-    if let Err(e) = transfer(dev, false, lba, &mut rbuf, unit as usize, 8) {
+    if let Err(e) = transfer(disk, false, lba, &mut rbuf, unit as usize, 8) {
         device_error("rw verify restore", e);
     }
     if saved.as_slice() != rbuf.as_slice() {
         outln!("rw mismatch: original contents not restored at LBA {lba}");
         nvme::power_off(EXIT_TEST_FAILED);
     }
-    log::info!(target: "selftest", "rw: original contents restored; {} ms", (time::now_ns() - t0) / 1_000_000);
-    outln!("rw ok");
-    finish(dev)
+    log::info!(target: "selftest", "rw: {}: original contents restored; {} ms", dev.name, (time::now_ns() - t0) / 1_000_000);
 }

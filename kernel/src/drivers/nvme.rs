@@ -1,11 +1,19 @@
 //! The NVMe driver wired to this kernel: its HAL (heap memory as DMA memory,
-//! identity mapped; TSC time), BAR0 as its register block, MSI-X routing, and
-//! one I/O queue pair per core, owned by that core's DIO engine
-//! (`dioxide_iomap::Engine`) and reaped either by polling or from its MSI-X
-//! interrupt handler, which finishes the requests there.
+//! identity mapped; TSC time), BAR0 as its register block, MSI-X routing,
+//! and every controller and namespace on PCI ([`init`], [`disks`]).
 //!
-//! The engine is shared with the MSI-X handler, so it lives in an
-//! [`IrqMutex`] (interrupts off while held). The handler only reaps
+//! Each active namespace is a [`Disk`] named `nvme<C>n<N>` (C: the
+//! controller's index in PCI order, N: the namespace id) with one I/O queue
+//! pair per core, owned by that core's DIO engine (`dioxide_iomap::Engine`)
+//! and reaped either by polling or from its MSI-X interrupt handler, which
+//! finishes the requests there. Each queue has its own MSI-X entry, pointed
+//! at its core; a controller that grants fewer queues than namespaces times
+//! cores gets fewer per namespace, and cores then share a queue (core `c`
+//! uses queue `c % n`).
+//!
+//! An engine is shared with the MSI-X handler, so it lives in an
+//! [`IrqMutex`] (interrupts off while held); only its core takes that lock
+//! (and the cores sharing it, when queues are short). The handler only reaps
 //! (`Engine::poll`); owners of asynchronous requests (the NBD service, a
 //! self-test) receive `(their request id, result)` from [`service`], which
 //! the run loop calls in process context. There are no global result
@@ -16,6 +24,8 @@ use crate::drivers::pci::{self, Function, MsiX};
 use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
 use crate::platform::{apic, idt};
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -84,8 +94,8 @@ impl Mmio for Bar0 {
     }
 }
 
-/// The I/O queue pair of this core, owned by its DIO engine: raw commands,
-/// metadata reads and file I/O all go through it.
+/// An I/O queue pair owned by its DIO engine: raw commands, metadata reads
+/// and file I/O of one namespace on one core all go through it.
 pub type Dio = Engine<NvmeQueue<KernelHal, Bar0>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,18 +104,66 @@ pub enum Mode {
     Irq,
 }
 
+/// The IDT vector of every I/O queue's MSI-X entry. Each queue has its own
+/// MSI-X entry, pointed at the core that owns the queue; the vector is the
+/// same on every core, and the handler reaps that core's queues.
 pub const IO_VECTOR: u8 = 0x40;
 
-static ENGINE: IrqMutex<Option<Dio>> = IrqMutex::new(None);
+/// The most namespaces brought up (all controllers together).
+pub const MAX_DISKS: usize = 32;
+
+/// One active namespace of one controller: `nvme<C>n<N>`, C the
+/// controller's index in PCI order (from 0), N the namespace id.
+pub struct Disk {
+    pub name: String,
+    /// Index of its controller (in PCI order, among those brought up).
+    pub ctrl: usize,
+    pub ns: Namespace,
+    /// Largest transfer of one command (bytes).
+    pub max_transfer: usize,
+    /// The namespace's I/O queue pairs, one per core (see [`engine_of`]);
+    /// fewer when the controller grants fewer queues than there are
+    /// cores, and then cores share.
+    engines: Vec<IrqMutex<Option<Dio>>>,
+}
+
+impl Disk {
+    /// Bytes of the namespace.
+    pub fn bytes(&self) -> u64 {
+        self.ns.bytes()
+    }
+}
+
+/// The namespaces, in controller order then namespace id order: set once by
+/// [`init`], read without a lock afterwards.
+static DISKS: spin::Once<Vec<Disk>> = spin::Once::new();
 /// The completion mode, set once by [`init`] (0: poll, 1: irq).
 static MODE: AtomicU8 = AtomicU8::new(0);
 
-/// What the rest of the kernel knows of the controller (which itself
-/// belongs to the engine's queue, for timeouts and resets).
-pub struct Nvme {
-    pub ns: Namespace,
-    pub mode: Mode,
-    pub max_transfer: usize,
+/// The namespaces brought up (empty before [`init`]).
+pub fn disks() -> &'static [Disk] {
+    DISKS.get().map_or(&[], |d| d.as_slice())
+}
+
+/// This core's index (0 is the boot CPU).
+fn cpu() -> usize {
+    0
+}
+
+/// The number of cores that do I/O.
+fn cpus() -> usize {
+    1
+}
+
+/// The local APIC id of core `cpu`, where its queues' MSI-X entries point.
+fn apic_of(_cpu: usize) -> u32 {
+    apic::id()
+}
+
+/// Which of a disk's `n` queues core `cpu` uses: its own while there are
+/// as many as cores, else `cpu % n` (shared, behind the same lock).
+fn engine_of(cpu: usize, n: usize) -> usize {
+    cpu % n.max(1)
 }
 
 #[derive(Debug)]
@@ -138,19 +196,30 @@ impl From<NvmeError> for InitError {
     }
 }
 
-/// The MSI-X handler of the I/O queue: reaps completions and finishes
-/// their requests (interrupt context: no owner code runs here).
+/// The MSI-X handler of the I/O queues: reaps this core's queues and
+/// finishes their requests (interrupt context: no owner code runs here).
 fn irq_handler(_: &mut idt::TrapFrame) {
-    // The main line only holds the engine with interrupts off (IrqMutex),
-    // so on this core it is free.
-    if let Some(e) = ENGINE.lock().as_mut() {
-        e.poll();
+    let c = cpu();
+    for d in disks() {
+        // Only the queue whose MSI-X entry points here: the core that
+        // owns it (a shared queue's entry points at its first core).
+        if c < d.engines.len() {
+            // The main line only holds an engine with interrupts off
+            // (IrqMutex), so on this core it is free; another core sharing
+            // it holds it briefly.
+            if let Some(e) = d.engines[c].lock().as_mut() {
+                e.poll();
+            }
+        }
     }
 }
 
-/// Runs `f` on this core's DIO engine, with interrupts off.
-pub fn with_engine<R>(f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
-    ENGINE.lock().as_mut().map(f)
+/// Runs `f` on disk `disk`'s engine of this core, with interrupts off.
+/// `None` when there is no such disk.
+pub fn with_engine<R>(disk: usize, f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
+    let d = disks().get(disk)?;
+    let i = engine_of(cpu(), d.engines.len());
+    d.engines.get(i)?.lock().as_mut().map(f)
 }
 
 pub fn mode() -> Mode {
@@ -160,16 +229,71 @@ pub fn mode() -> Mode {
     }
 }
 
-/// Brings up the controller of PCI function `f`, namespace 1 and I/O queue 1.
-pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError> {
+/// How the controllers are brought up (kernel arguments `nvme.*`).
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub mode: Mode,
+    pub timeout_ms: u64,
+}
+
+/// Brings up every NVMe controller in `functions` (PCI class 01:08:02) and
+/// every active namespace on each, with one I/O queue pair per namespace
+/// and core. A controller or namespace that fails is logged and left out;
+/// the error of the first failure is returned when none at all came up.
+pub fn init(functions: &[Function], opts: Options) -> Result<&'static [Disk], InitError> {
+    MODE.store(
+        match opts.mode {
+            Mode::Poll => 0,
+            Mode::Irq => 1,
+        },
+        Ordering::Relaxed,
+    );
+    let mut disks = Vec::new();
+    let mut first_error = None;
+    // Named by position in PCI order, whether or not the ones before came
+    // up: a controller's name does not change when another fails.
+    for (index, f) in functions
+        .iter()
+        .filter(|f| (f.class, f.subclass, f.prog_if) == (0x01, 0x08, 0x02))
+        .enumerate()
+    {
+        let name = alloc::format!("nvme{index}");
+        match init_controller(f, index, &name, opts, &mut disks) {
+            Ok(()) => {}
+            Err(e) => {
+                log::error!(target: "nvme", "{name} ({}): {e}; left out", f.bdf);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if disks.is_empty() {
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+    }
+    if opts.mode == Mode::Irq {
+        idt::register(IO_VECTOR, irq_handler);
+    }
+    Ok(DISKS.call_once(|| disks).as_slice())
+}
+
+/// One controller: bring-up, its namespaces, their queues.
+fn init_controller(
+    f: &Function,
+    index: usize,
+    name: &str,
+    opts: Options,
+    disks: &mut Vec<Disk>,
+) -> Result<(), InitError> {
     let bar = pci::memory_bar(f.bdf, 0).ok_or(InitError::NoBar)?;
     crate::mm::map_mmio(bar.base, bar.size).map_err(InitError::Map)?;
     pci::enable_device(f.bdf);
-    log::info!(target: "nvme", "{} BAR0 {:#x} ({} KiB)", f.bdf, bar.base, bar.size / 1024);
+    log::info!(target: "nvme", "{name}: {} BAR0 {:#x} ({} KiB)", f.bdf, bar.base, bar.size / 1024);
     let regs = Bar0 {
         base: bar.base as usize,
         size: bar.size as usize,
     };
+    let timeout_ms = opts.timeout_ms;
     let config = Config {
         io_timeout_ms: timeout_ms,
         admin_timeout_ms: timeout_ms.max(1000),
@@ -179,64 +303,134 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
         ..Config::default()
     };
     let mut ctrl = Controller::init(KernelHal, regs, config)?;
-    let ns = ctrl.namespace(1)?;
-    let granted = ctrl.set_queue_count(1)?;
-    log::debug!(target: "nvme", "{granted} I/O queue pair(s) granted");
-    let vector = match mode {
+    let ids = ctrl.active_namespaces()?;
+    let mut namespaces = Vec::new();
+    for nsid in ids {
+        if disks.len() + namespaces.len() >= MAX_DISKS {
+            log::warn!(target: "nvme", "{name}n{nsid}: past {MAX_DISKS} namespaces: left out");
+            continue;
+        }
+        match ctrl.namespace(nsid) {
+            Ok(ns) => namespaces.push(ns),
+            Err(e) => log::error!(target: "nvme", "{name}n{nsid}: {e}; not used"),
+        }
+    }
+    if namespaces.is_empty() {
+        log::warn!(target: "nvme", "{name}: no usable namespace");
+        return Ok(());
+    }
+    // One queue per namespace and core; what the controller (and, for
+    // interrupts, its MSI-X table: entry 0 is the admin queue's) grants.
+    let cores = cpus();
+    let wanted = (namespaces.len() * cores).min(u16::MAX as usize - 1) as u16;
+    // MSI-X on before any queue names a vector (the controller refuses a
+    // vector while it is off); entries stay masked until routed.
+    let msix = match opts.mode {
         Mode::Poll => None,
         Mode::Irq => {
-            let msix = MsiX::new(f.bdf).ok_or(InitError::NoMsiX)?;
-            // Entry 0 would serve the admin queue (polled, not routed);
-            // entry 1 the I/O queue.
-            msix.route(1, apic::id(), IO_VECTOR);
-            msix.enable();
-            idt::register(IO_VECTOR, irq_handler);
-            Some(1)
+            let m = MsiX::new(f.bdf).ok_or(InitError::NoMsiX)?;
+            m.enable();
+            Some(m)
         }
     };
+    let mut granted = ctrl.set_queue_count(wanted)? as usize;
+    if let Some(m) = &msix {
+        granted = granted.min(m.size.saturating_sub(1) as usize);
+    }
+    if granted < namespaces.len() {
+        return Err(InitError::Nvme(NvmeError::Unsupported(
+            "fewer I/O queues than namespaces",
+        )));
+    }
+    let per_ns = (granted / namespaces.len()).min(cores);
+    if per_ns < cores {
+        log::warn!(
+            target: "nvme",
+            "{name}: {granted} I/O queues granted for {} namespace(s) on {cores} cores: cores share queues",
+            namespaces.len()
+        );
+    }
     let entries = ctrl.cap().max_queue_entries().min(1024) as u16;
-    let q = ctrl.create_io_queue(1, entries, vector)?;
-    let max_transfer = q.max_transfer();
-    log::info!(
-        target: "nvme",
-        "I/O queue 1: {} entries, {} completion, max transfer {} KiB",
-        entries,
-        if mode == Mode::Irq { "MSI-X interrupt" } else { "polled" },
-        max_transfer / 1024
-    );
-    let queue = NvmeQueue::new(q, KernelHal, ns).with_controller(ctrl);
-    *ENGINE.lock() = Some(Engine::new(queue));
-    MODE.store(
-        match mode {
-            Mode::Poll => 0,
-            Mode::Irq => 1,
-        },
-        Ordering::Relaxed,
-    );
-    Ok(Nvme {
-        ns,
-        mode,
-        max_transfer,
-    })
+    let mut qid = 1u16;
+    let mut made = Vec::with_capacity(namespaces.len());
+    for ns in namespaces {
+        let mut queues = Vec::with_capacity(per_ns);
+        for core in 0..per_ns {
+            let vector = match &msix {
+                Some(m) => {
+                    m.route(qid, apic_of(core), IO_VECTOR);
+                    Some(qid)
+                }
+                None => None,
+            };
+            let q = ctrl.create_io_queue(qid, entries, vector)?;
+            log::debug!(target: "nvme", "{name}n{}: I/O queue {qid} for core {core}", ns.nsid);
+            queues.push(NvmeQueue::new(q, KernelHal, ns));
+            qid += 1;
+        }
+        made.push((ns, queues));
+    }
+    // The controller recovers timeouts from the queue that holds it (the
+    // first one).
+    let mut ctrl = Some(ctrl);
+    for (ns, queues) in made {
+        let max_transfer = queues.first().map_or(0, |q| q.qp.max_transfer());
+        let engines = queues
+            .into_iter()
+            .map(|q| {
+                let q = match ctrl.take() {
+                    Some(c) => q.with_controller(c),
+                    None => q,
+                };
+                IrqMutex::new(Some(Engine::new(q)))
+            })
+            .collect::<Vec<_>>();
+        let disk = Disk {
+            name: alloc::format!("{name}n{}", ns.nsid),
+            ctrl: index,
+            ns,
+            max_transfer,
+            engines,
+        };
+        log::info!(
+            target: "nvme",
+            "{}: {} MiB ({}-byte blocks), {} I/O queue(s) of {} entries, {} completion, max transfer {} KiB",
+            disk.name,
+            ns.bytes() >> 20,
+            ns.block_size,
+            disk.engines.len(),
+            entries,
+            if opts.mode == Mode::Irq { "MSI-X interrupt" } else { "polled" },
+            max_transfer / 1024
+        );
+        disks.push(disk);
+    }
+    Ok(())
 }
 
-/// Submits a raw command on the namespace for `owner` (the caller's request
+/// Submits a raw command on disk `disk` for `owner` (the caller's request
 /// id); its completion is delivered by [`service`].
 ///
 /// # Safety
 ///
 /// `buf` stays valid and untouched until that completion is delivered (or
 /// the kernel powers off).
-pub unsafe fn submit(op: Op, lba: u64, buf: IoBuf, owner: ReqId) -> Result<(), DioError> {
+pub unsafe fn submit(
+    disk: usize,
+    op: Op,
+    lba: u64,
+    buf: IoBuf,
+    owner: ReqId,
+) -> Result<(), DioError> {
     // SAFETY: our caller keeps `buf` valid and untouched until the
     // completion is delivered, which is `Engine::raw`'s contract.
-    with_engine(|e| unsafe { e.raw(op, lba, buf, Some(owner)) })
-        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
+    with_engine(disk, |e| unsafe { e.raw(op, lba, buf, Some(owner)) })
+        .unwrap_or(Err(DioError::Unsupported("no such NVMe namespace")))
         .map(|_| ())
 }
 
-/// Waits until `done()` holds. Polls the queue, or halts until the next
-/// interrupt (the completion's MSI-X or the APIC tick) in irq mode. Deferred
+/// Waits until `done()` holds. Polls the queues, or halts until the next
+/// interrupt (a completion's MSI-X or the APIC tick) in irq mode. Deferred
 /// work (error completions) runs here, in process context. Every command has
 /// a deadline, so this always ends.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
@@ -264,13 +458,28 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// This core's engines, one per disk.
+fn each_engine(mut f: impl FnMut(&mut Dio)) {
+    let c = cpu();
+    for d in disks() {
+        let i = engine_of(c, d.engines.len());
+        if let Some(e) = d.engines.get(i) {
+            if let Some(e) = e.lock().as_mut() {
+                f(e);
+            }
+        }
+    }
+}
+
 /// What the completion path owes a run loop (see [`reap`]), then the
-/// delivery of every finished asynchronous request to `sink(owner id,
-/// result)`, in process context (with the engine's lock held: the sink
-/// should only record).
-pub fn service(sink: impl FnMut(ReqId, Result<usize, DioError>)) {
+/// delivery of every finished asynchronous request of this core's queues
+/// to `sink(owner id, result)`, in process context (with the engine's lock
+/// held: the sink should only record).
+pub fn service(mut sink: impl FnMut(ReqId, Result<usize, DioError>)) {
     reap(mode());
-    with_engine(|e| e.complete(sink));
+    each_engine(|e| {
+        e.complete(&mut sink);
+    });
 }
 
 /// Waits for the next completion or interrupt: spins once (poll mode), or
@@ -280,7 +489,9 @@ pub fn idle() {
         Mode::Poll => core::hint::spin_loop(),
         Mode::Irq => {
             interrupts::disable();
-            if with_engine(|e| e.pending_completions()).unwrap_or(0) > 0 {
+            let mut pending = 0;
+            each_engine(|e| pending += e.pending_completions());
+            if pending > 0 {
                 interrupts::enable();
             } else {
                 // sti; hlt: an interrupt between the check and the halt
@@ -291,9 +502,9 @@ pub fn idle() {
     }
 }
 
-/// Polls the queue (poll mode) and reports commands past their deadline (at
-/// most once a millisecond): one step of [`wait_until`] and of the network
-/// run loop.
+/// Polls this core's queues (poll mode) and reports commands past their
+/// deadline (at most once a millisecond): one step of [`wait_until`] and of
+/// the network run loop.
 fn reap(mode: Mode) {
     static NEXT_EXPIRY: AtomicU64 = AtomicU64::new(0);
     let now = time::now_ns();
@@ -301,7 +512,7 @@ fn reap(mode: Mode) {
     if check {
         NEXT_EXPIRY.store(now + 1_000_000, Ordering::Relaxed);
     }
-    with_engine(|e| {
+    each_engine(|e| {
         if mode == Mode::Poll {
             e.poll();
         }
@@ -311,33 +522,47 @@ fn reap(mode: Mode) {
     });
 }
 
-/// A raw command, waited for (polls the queue with interrupts off).
+/// A raw command on disk `disk`, waited for (polls the queue with
+/// interrupts off).
 ///
 /// # Safety
 ///
 /// `buf` is valid for the duration of the call.
-pub unsafe fn execute(op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
+pub unsafe fn execute(disk: usize, op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
     // SAFETY: `buf` is valid for the duration of the call (our contract),
     // and a raw command without an owner is waited for inside it.
-    with_engine(|e| unsafe { e.raw(op, lba, buf, None) })
-        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")))
+    with_engine(disk, |e| unsafe { e.raw(op, lba, buf, None) })
+        .unwrap_or(Err(DioError::Unsupported("no such NVMe namespace")))
         .map(|_| ())
 }
 
-/// Shuts the controller down (normal shutdown notification), before power-off.
+/// Shuts every controller down (normal shutdown notification), before
+/// power-off. The first error is returned; every controller is tried.
 pub fn shutdown() -> Result<(), NvmeError> {
-    with_engine(|e| match e.queue_mut().ctrl.as_mut() {
-        Some(c) => c.shutdown(),
-        None => Ok(()),
-    })
-    .unwrap_or(Ok(()))
+    let mut r = Ok(());
+    for d in disks() {
+        for e in &d.engines {
+            if let Some(e) = e.lock().as_mut() {
+                if let Some(c) = e.queue_mut().ctrl.as_mut() {
+                    if let Err(err) = c.shutdown() {
+                        log::warn!(target: "nvme", "nvme{}: shutdown: {err}", d.ctrl);
+                        if r.is_ok() {
+                            r = Err(err);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    r
 }
 
 /// Ends an orderly run (a self-test, the benchmark, a failure at boot):
-/// tells the controller of the shutdown first when it is up (CC.SHN, so that
-/// a volatile cache is committed and the drive does not count an unsafe
-/// shutdown; nothing to do before it is brought up), then powers off with
-/// `status`. Not for panics and exceptions, which may hold the engine's lock.
+/// tells every controller of the shutdown first when it is up (CC.SHN, so
+/// that a volatile cache is committed and the drive does not count an
+/// unsafe shutdown; nothing to do before it is brought up), then powers
+/// off with `status`. Not for panics and exceptions, which may hold an
+/// engine's lock.
 pub fn power_off(status: u8) -> ! {
     if let Err(e) = shutdown() {
         log::warn!(target: "nvme", "controller shutdown: {e}");
@@ -345,9 +570,26 @@ pub fn power_off(status: u8) -> ! {
     crate::platform::power::exit(status)
 }
 
-/// Queue counters.
-pub fn stats() -> Option<dioxide_nvme::QueueStats> {
-    with_engine(|e| e.queue().qp.stats())
+/// Counters of disk `disk`'s queues, summed over cores.
+pub fn stats(disk: usize) -> Option<dioxide_nvme::QueueStats> {
+    let d = disks().get(disk)?;
+    let mut sum = dioxide_nvme::QueueStats::default();
+    for e in &d.engines {
+        if let Some(e) = e.lock().as_ref() {
+            let s = e.queue().qp.stats();
+            sum.submitted += s.submitted;
+            sum.completed += s.completed;
+            sum.errors += s.errors;
+            sum.timeouts += s.timeouts;
+            sum.spurious += s.spurious;
+            sum.late += s.late;
+            sum.aborts += s.aborts;
+            sum.aborted += s.aborted;
+            sum.reset_failed += s.reset_failed;
+            sum.resets += s.resets;
+        }
+    }
+    Some(sum)
 }
 
 /// A page-aligned heap buffer for DMA.

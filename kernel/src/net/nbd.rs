@@ -1,6 +1,8 @@
-//! The NBD service: every regular file of the dxfs filesystem is an export
-//! named by its path (without the leading slash; one is accepted), and
-//! `nvme0n1` exports the raw namespace. Up to [`CONNS`] connections are
+//! The NBD service: every regular file of a dxfs filesystem is an export
+//! named by its path (without the leading slash; one is accepted): files of
+//! `nvme0n1` by their path alone, files of any other namespace as
+//! `<namespace>/<path>` (`nvme1n1/data/a.bin`); and every namespace is
+//! exported raw under its name (`nvme0n1`, `nvme0n2`, `nvme1n1`, ...). Up to [`CONNS`] connections are
 //! served at once on TCP port [`PORT`], each by a sans-IO
 //! [`dioxide_nbd::Conn`]; file reads go through the DIO layer
 //! (`dio_rw`: 4 KiB reads take the simple path), raw reads straight to the
@@ -69,7 +71,7 @@ use crate::net::stack::Net;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
-use dioxide_dxfs::{File, Fs};
+use dioxide_dxfs::File;
 use dioxide_iomap::{BlockQueue, DioError, DioRequest, DioResult, Kiocb, Op, ReqId, Ring, Slab};
 use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
@@ -153,6 +155,21 @@ struct Export {
     name: String,
     info: ExportInfo,
     target: Target,
+    /// The namespace it reads (index in `nvme::disks()`; the null export
+    /// names the first) and its logical block size.
+    disk: usize,
+    lbs: u64,
+}
+
+/// The device commands of one namespace's queue that reads may take.
+#[derive(Clone, Copy)]
+struct Budget {
+    /// Commands reserved by reads in flight, and how many the queue takes:
+    /// a read starts only when all its commands fit.
+    cmds: usize,
+    max_cmds: usize,
+    /// Largest transfer of one command (bytes, whole blocks).
+    max_transfer: usize,
 }
 
 /// The export table, built at start.
@@ -335,7 +352,6 @@ struct Sock {
 pub struct Server {
     table: Table,
     sockets: Vec<Sock>,
-    lbs: u64,
     /// Reads in flight (or finished, waiting for their reply).
     reqs: Slab<Req>,
     /// Reads whose last part finished, in order.
@@ -346,12 +362,8 @@ pub struct Server {
     /// and in all (stale requests of closed connections too).
     held: Vec<usize>,
     held_total: usize,
-    /// Device commands reserved by reads in flight, and how many the
-    /// queue takes: a read starts only when all its commands fit.
-    cmds: usize,
-    max_cmds: usize,
-    /// Largest transfer of one device command (bytes, whole blocks).
-    max_transfer: usize,
+    /// Per namespace: device commands reserved and available.
+    budgets: Vec<Budget>,
     /// Heap held by all connections ([`Conn::memory`]) and output waiting
     /// on them, updated each poll.
     conn_memory: usize,
@@ -388,20 +400,30 @@ impl Server {
     /// Builds the export table and opens the listening sockets.
     pub fn new(
         net: &mut Net,
-        fs: Option<&Fs<crate::block::disk::NvmeDisk>>,
-        dev: &nvme::Nvme,
+        mounts: &[crate::block::disk::Mounted],
         null_export: bool,
         stall_ns: u64,
     ) -> Server {
-        let lbs = dev.ns.block_size;
+        let disks = nvme::disks();
         let mut exports = Vec::new();
-        if let Some(fs) = fs {
+        for m in mounts {
+            let Some(d) = disks.get(m.disk) else {
+                continue;
+            };
+            // Files of nvme0n1 keep their bare paths; the others are
+            // prefixed with their namespace.
+            let prefix = if d.name == "nvme0n1" {
+                String::new()
+            } else {
+                alloc::format!("{}/", d.name)
+            };
+            let fs = &m.fs;
             match fs.walk() {
                 Ok(entries) => {
                     for e in entries.into_iter().filter(|e| e.inode.is_file()) {
                         match fs.open(e.ino) {
                             Ok(f) => exports.push(Export {
-                                name: String::from(&e.path[1..]),
+                                name: alloc::format!("{prefix}{}", &e.path[1..]),
                                 // Any alignment is served (through the
                                 // covering aligned range), and file sizes
                                 // need not be block multiples.
@@ -412,34 +434,48 @@ impl Server {
                                     max_block: MAX_REQUEST,
                                 },
                                 target: Target::File(alloc::boxed::Box::new(f)),
+                                disk: m.disk,
+                                lbs: d.ns.block_size as u64,
                             }),
-                            Err(err) => log::warn!(target: "nbd", "{} not exported: {err}", e.path),
+                            Err(err) => {
+                                log::warn!(target: "nbd", "{}: {} not exported: {err}", d.name, e.path)
+                            }
                         }
                     }
                 }
-                Err(err) => log::warn!(target: "nbd", "file exports unavailable: {err}"),
+                Err(err) => {
+                    log::warn!(target: "nbd", "{}: file exports unavailable: {err}", d.name)
+                }
             }
         }
-        exports.push(Export {
-            name: "nvme0n1".into(),
-            info: ExportInfo {
-                size: dev.ns.bytes(),
-                min_block: lbs,
-                preferred_block: 4096.max(lbs),
-                max_block: MAX_REQUEST,
-            },
-            target: Target::Raw,
-        });
+        let files = exports.len();
+        for (i, d) in disks.iter().enumerate() {
+            let lbs = d.ns.block_size;
+            exports.push(Export {
+                name: d.name.clone(),
+                info: ExportInfo {
+                    size: d.bytes(),
+                    min_block: lbs,
+                    preferred_block: 4096.max(lbs),
+                    max_block: MAX_REQUEST,
+                },
+                target: Target::Raw,
+                disk: i,
+                lbs: lbs as u64,
+            });
+        }
         if null_export {
             exports.push(Export {
                 name: "null".into(),
                 info: ExportInfo {
-                    size: dev.ns.bytes(),
+                    size: disks.first().map_or(1 << 30, |d| d.bytes()),
                     min_block: 1,
                     preferred_block: 4096,
                     max_block: NULL_MAX as u32,
                 },
                 target: Target::Null,
+                disk: 0,
+                lbs: 1,
             });
         }
         let by_name = exports
@@ -464,22 +500,34 @@ impl Server {
                 taken: 0,
             });
         }
-        let (max_cmds, max_transfer) =
-            nvme::with_engine(|e| (e.queue().depth(), e.queue().max_transfer())).unwrap_or((0, 0));
-        let max_transfer = max_transfer / lbs as usize * lbs as usize;
+        let budgets = (0..disks.len())
+            .map(|i| {
+                let lbs = disks[i].ns.block_size as usize;
+                let (max_cmds, max_transfer) =
+                    nvme::with_engine(i, |e| (e.queue().depth(), e.queue().max_transfer()))
+                        .unwrap_or((0, 0));
+                Budget {
+                    cmds: 0,
+                    max_cmds,
+                    max_transfer: max_transfer / lbs * lbs,
+                }
+            })
+            .collect();
+        let lbs = disks
+            .iter()
+            .map(|d| d.ns.block_size as usize)
+            .max()
+            .unwrap_or(512);
         let server = Server {
             table: Table { exports, by_name },
             sockets,
-            lbs: lbs as u64,
             reqs: Slab::new(MAX_REQS),
             ready: Ring::new(MAX_REQS, ReqId::new(0, 0)),
             small: Vec::new(),
             large: Vec::new(),
             held: alloc::vec![0; CONNS],
             held_total: 0,
-            cmds: 0,
-            max_cmds,
-            max_transfer,
+            budgets,
             conn_memory: 0,
             output_total: 0,
             busy: false,
@@ -491,11 +539,11 @@ impl Server {
         let n = server.table.exports.len();
         log::info!(
             target: "nbd",
-            "listening on port {PORT}: {n} exports ({} files, nvme0n1{}); heap {} bytes in use, bound {} more",
-            n - 1 - null_export as usize,
+            "listening on port {PORT}: {n} exports ({files} files, {} namespace(s){}); heap {} bytes in use, bound {} more",
+            disks.len(),
             if null_export { ", null" } else { "" },
             mm::heap::stats().bytes_in_use,
-            heap_bound(lbs as usize)
+            heap_bound(lbs)
         );
         server
     }
@@ -599,7 +647,14 @@ impl Server {
             let failure = req.failure;
             self.served += 1;
             self.held_total -= req.buf.len();
-            self.cmds -= req.cmds as usize;
+            if let Some(b) = self
+                .table
+                .exports
+                .get(req.export as usize)
+                .and_then(|e| self.budgets.get_mut(e.disk))
+            {
+                b.cmds -= req.cmds as usize;
+            }
             let s = &mut self.sockets[req.sock as usize];
             if s.gen == req.gen {
                 self.held[req.sock as usize] -= req.buf.len();
@@ -764,22 +819,30 @@ impl Server {
             {
                 break;
             }
+            let peeked = self.table.exports.get(peek_export as usize);
             let null = matches!(
-                self.table.exports.get(peek_export as usize),
+                peeked,
                 Some(Export {
                     target: Target::Null,
                     ..
                 })
             );
+            let (disk, lbs) = peeked.map_or((0, 512), |e| (e.disk, e.lbs));
             // Device commands the read may take: one per maximal transfer,
             // plus one where the range crosses an extent or ends in a
-            // partial block. Reads wait here while the queue is full.
-            let need = if null || self.max_transfer == 0 {
+            // partial block. Reads wait here while the namespace's queue is
+            // full.
+            let budget = self.budgets.get(disk).copied().unwrap_or(Budget {
+                cmds: 0,
+                max_cmds: 0,
+                max_transfer: 0,
+            });
+            let need = if null || budget.max_transfer == 0 {
                 0
             } else {
-                (len as usize + 2 * self.lbs as usize).div_ceil(self.max_transfer) + 1
+                (len as usize + 2 * lbs as usize).div_ceil(budget.max_transfer) + 1
             };
-            if self.cmds > 0 && self.cmds + need > self.max_cmds {
+            if budget.cmds > 0 && budget.cmds + need > budget.max_cmds {
                 break;
             }
             let Some(Event::Read {
@@ -804,7 +867,6 @@ impl Server {
             }
             let mut r = Submit {
                 table: &self.table,
-                lbs: self.lbs,
                 small: &mut self.small,
                 large: &mut self.large,
             };
@@ -833,8 +895,10 @@ impl Server {
                     };
                     self.held[i] += held;
                     self.held_total += held;
-                    self.cmds += need;
-                    submit(&self.table, self.lbs, &mut self.reqs, &mut self.ready, id);
+                    if let Some(b) = self.budgets.get_mut(disk) {
+                        b.cmds += need;
+                    }
+                    submit(&self.table, &mut self.reqs, &mut self.ready, id);
                 }
                 Err(e) => {
                     conn.reply_read(&self.table, handle, offset, Err(e));
@@ -911,25 +975,17 @@ impl Server {
 /// DIO engine.
 struct Submit<'a> {
     table: &'a Table,
-    lbs: u64,
     small: &'a mut Vec<DmaBuf>,
     large: &'a mut Vec<DmaBuf>,
 }
 
 impl Submit<'_> {
-    /// The aligned range `[a0, a1)` covering the request.
-    fn range(&self, offset: u64, len: u32) -> (u64, u64) {
-        let a0 = offset / self.lbs * self.lbs;
-        let a1 = (offset + len as u64).div_ceil(self.lbs) * self.lbs;
-        (a0, a1)
-    }
-
     /// A buffer for the request and where its data starts in it.
     fn start(&mut self, export: u32, offset: u64, len: u32) -> Result<(DmaBuf, u32), Errno> {
-        if self.table.exports.get(export as usize).is_none() {
+        let Some(e) = self.table.exports.get(export as usize) else {
             return Err(Errno::Inval);
-        }
-        let (a0, a1) = self.range(offset, len);
+        };
+        let (a0, a1) = range(e.lbs, offset, len);
         let n = (a1 - a0) as usize;
         let buf = if n <= SMALL {
             self.small.pop().or_else(|| DmaBuf::new(SMALL))
@@ -944,7 +1000,15 @@ impl Submit<'_> {
 
 /// Submits request `id`'s parts; failures are recorded on the request,
 /// which is queued for its reply like any completion.
-fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId) {
+/// The range `[a0, a1)` of whole blocks of `lbs` bytes covering `len` bytes
+/// at `offset`.
+fn range(lbs: u64, offset: u64, len: u32) -> (u64, u64) {
+    let a0 = offset / lbs * lbs;
+    let a1 = (offset + len as u64).div_ceil(lbs) * lbs;
+    (a0, a1)
+}
+
+fn submit(table: &Table, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId) {
     let Some(req) = reqs.get_mut(id) else {
         return;
     };
@@ -955,8 +1019,8 @@ fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>
         put(reqs, ready, id, 1);
         return;
     };
-    let a0 = offset / lbs * lbs;
-    let a1 = (offset + len as u64).div_ceil(lbs) * lbs;
+    let (disk, lbs) = (e.disk, e.lbs);
+    let (a0, a1) = range(lbs, offset, len);
     let n = (a1 - a0) as usize;
     match &e.target {
         // Answered without a request (see `poll_socket`).
@@ -970,8 +1034,9 @@ fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>
             // SAFETY: the buffer belongs to request `id`, which is removed
             // from the slab (and its buffer reused or freed) only after its
             // last part's completion was delivered (`reply_completed`).
-            let r =
-                nvme::with_engine(|eng| unsafe { eng.dio_rw(DioRequest::read(iocb, iob, &**f)) });
+            let r = nvme::with_engine(disk, |eng| unsafe {
+                eng.dio_rw(DioRequest::read(iocb, iob, &**f))
+            });
             match r {
                 Some(Ok(DioResult::Queued)) => {}
                 Some(Ok(DioResult::Done(got))) => part_done(reqs, ready, id, Ok(got)),
@@ -983,7 +1048,7 @@ fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>
             }
         }
         Target::Raw => {
-            let max = nvme::with_engine(|eng| eng.queue().max_transfer()).unwrap_or(0);
+            let max = nvme::with_engine(disk, |eng| eng.queue().max_transfer()).unwrap_or(0);
             let max = (max as u64 / lbs * lbs) as usize;
             if max == 0 {
                 req.parts = 1;
@@ -991,7 +1056,7 @@ fn submit(table: &Table, lbs: u64, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>
             } else {
                 let parts = n.div_ceil(max) as u32;
                 req.parts = parts + 1;
-                let ran = nvme::with_engine(|eng| {
+                let ran = nvme::with_engine(disk, |eng| {
                     let mut at = 0usize;
                     let mut left = parts;
                     while at < n {
