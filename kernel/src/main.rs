@@ -171,7 +171,13 @@ fn kmain(boot: &'static BootInfo) -> ! {
     x86_64::instructions::interrupts::enable();
     let opts = nvme::Options { mode, timeout_ms };
     let disks = match nvme::init(&functions, opts) {
-        Ok([]) => fail(EXIT_CONFIG, format_args!("no NVMe namespace found on PCI")),
+        Ok([]) if !functions.iter().any(nvme::is_nvme) => {
+            fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"))
+        }
+        Ok([]) => fail(
+            EXIT_DEVICE,
+            format_args!("no usable NVMe namespace (every controller's error is above)"),
+        ),
         Ok(d) => d,
         Err(e) => fail(EXIT_DEVICE, format_args!("nvme: {e}")),
     };

@@ -229,6 +229,12 @@ pub fn mode() -> Mode {
     }
 }
 
+/// An NVMe controller: PCI class 01 (storage), subclass 08 (NVM), interface
+/// 02 (NVMe).
+pub fn is_nvme(f: &Function) -> bool {
+    (f.class, f.subclass, f.prog_if) == (0x01, 0x08, 0x02)
+}
+
 /// How the controllers are brought up (kernel arguments `nvme.*`).
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -252,10 +258,7 @@ pub fn init(functions: &[Function], opts: Options) -> Result<&'static [Disk], In
     let mut first_error = None;
     // Named by position in PCI order, whether or not the ones before came
     // up: a controller's name does not change when another fails.
-    for (index, f) in functions
-        .iter()
-        .filter(|f| (f.class, f.subclass, f.prog_if) == (0x01, 0x08, 0x02))
-        .enumerate()
+    for (index, f) in functions.iter().filter(|f| is_nvme(f)).enumerate()
     {
         let name = alloc::format!("nvme{index}");
         match init_controller(f, index, &name, opts, &mut disks) {
