@@ -38,15 +38,15 @@
 //! is only the simple path's figure when `fell_back=0`.
 
 use crate::drivers::nvme::{self, DmaBuf, Mode};
-use crate::platform::{power, time};
+use crate::platform::{power, smp, time};
 use crate::{mm, outln};
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
 use dioxide_iomap::{
-    BlockQueue, DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Stats,
+    BlockQueue, DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Ring, Stats,
 };
 use dioxide_testkit::Rng;
 use x86_64::instructions::interrupts;
@@ -116,20 +116,77 @@ fn error(message: core::fmt::Arguments) {
 const MAX_QD: usize = 1024;
 const BUCKETS: usize = 64 * 16;
 
-static START: [AtomicU64; MAX_QD] = [const { AtomicU64::new(0) }; MAX_QD];
-/// Per target (raw, generic, simple): latency histogram, sum, count, errors.
-static HIST: [[AtomicU64; BUCKETS]; 3] = [const { [const { AtomicU64::new(0) }; BUCKETS] }; 3];
-static LAT_SUM: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-static DONE: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-static ERRORS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-/// The target whose requests are in flight (slices drain before switching).
-static CUR: AtomicUsize = AtomicUsize::new(0);
 const ROUNDS: u64 = 4;
-// Ring of contexts whose request completed (single producer: the completion
-// path; single consumer: the submit loop).
-static READY: [AtomicUsize; MAX_QD + 1] = [const { AtomicUsize::new(0) }; MAX_QD + 1];
-static R_HEAD: AtomicUsize = AtomicUsize::new(0);
-static R_TAIL: AtomicUsize = AtomicUsize::new(0);
+
+/// What one core's run of a row records: per target (raw, generic, simple)
+/// the latency histogram, sum, count and errors; each context's submission
+/// time; the contexts whose request completed (a FIFO the submit loop
+/// drains). One per core, allocated before the row starts: nothing is
+/// shared between cores, and nothing is allocated per request.
+struct State {
+    start: [u64; MAX_QD],
+    hist: [[u64; BUCKETS]; 3],
+    lat_sum: [u64; 3],
+    done: [u64; 3],
+    errors: [u64; 3],
+    /// The target whose requests are in flight (slices drain before
+    /// switching).
+    cur: usize,
+    ready: Ring<usize>,
+}
+
+impl State {
+    fn new() -> alloc::boxed::Box<State> {
+        alloc::boxed::Box::new(State {
+            start: [0; MAX_QD],
+            hist: [[0; BUCKETS]; 3],
+            lat_sum: [0; 3],
+            done: [0; 3],
+            errors: [0; 3],
+            cur: 0,
+            ready: Ring::new(MAX_QD + 1, 0),
+        })
+    }
+
+    /// The completion of every benchmark request, delivered by
+    /// `Engine::complete` in the loop of [`run`] (its id's index is the
+    /// context).
+    fn on_done(&mut self, ctx: usize, r: Result<usize, DioError>) {
+        let lat = time::rdtsc().wrapping_sub(self.start[ctx]);
+        let t = self.cur;
+        self.hist[t][bucket(lat)] += 1;
+        self.lat_sum[t] += lat;
+        self.done[t] += 1;
+        if r.is_err() {
+            self.errors[t] += 1;
+        }
+        let _ = self.ready.push(ctx);
+    }
+
+    /// Adds another core's figures into these.
+    fn merge(&mut self, o: &State) {
+        for t in 0..3 {
+            for (a, b) in self.hist[t].iter_mut().zip(o.hist[t].iter()) {
+                *a += b;
+            }
+            self.lat_sum[t] += o.lat_sum[t];
+            self.done[t] += o.done[t];
+            self.errors[t] += o.errors[t];
+        }
+    }
+
+    fn p99_cycles(&self, t: usize, n: u64) -> u64 {
+        let want = (n * 99).div_ceil(100);
+        let mut seen = 0;
+        for (i, h) in self.hist[t].iter().enumerate() {
+            seen += h;
+            if seen >= want {
+                return bucket_value(i);
+            }
+        }
+        0
+    }
+}
 
 fn bucket(c: u64) -> usize {
     if c < 16 {
@@ -145,50 +202,6 @@ fn bucket_value(i: usize) -> u64 {
     }
     let e = i / 16 + 3;
     (16 + (i % 16) as u64) << (e - 4)
-}
-
-fn push_ready(ctx: usize) {
-    let t = R_TAIL.load(Ordering::Relaxed);
-    READY[t].store(ctx, Ordering::Relaxed);
-    R_TAIL.store((t + 1) % (MAX_QD + 1), Ordering::Release);
-}
-
-fn pop_ready() -> Option<usize> {
-    let h = R_HEAD.load(Ordering::Relaxed);
-    if h == R_TAIL.load(Ordering::Acquire) {
-        return None;
-    }
-    let v = READY[h].load(Ordering::Relaxed);
-    R_HEAD.store((h + 1) % (MAX_QD + 1), Ordering::Release);
-    Some(v)
-}
-
-/// The completion of every benchmark request, delivered by
-/// `Engine::complete` in the loop of [`run`] (its id's index is the
-/// context).
-fn on_done(ctx: usize, r: Result<usize, DioError>) {
-    let lat = time::rdtsc().wrapping_sub(START[ctx].load(Ordering::Relaxed));
-    let t = CUR.load(Ordering::Relaxed);
-    HIST[t][bucket(lat)].fetch_add(1, Ordering::Relaxed);
-    LAT_SUM[t].fetch_add(lat, Ordering::Relaxed);
-    DONE[t].fetch_add(1, Ordering::Relaxed);
-    if r.is_err() {
-        ERRORS[t].fetch_add(1, Ordering::Relaxed);
-    }
-    push_ready(ctx);
-}
-
-fn reset() {
-    for t in 0..3 {
-        for h in HIST[t].iter() {
-            h.store(0, Ordering::Relaxed);
-        }
-        LAT_SUM[t].store(0, Ordering::Relaxed);
-        DONE[t].store(0, Ordering::Relaxed);
-        ERRORS[t].store(0, Ordering::Relaxed);
-    }
-    R_HEAD.store(0, Ordering::Relaxed);
-    R_TAIL.store(0, Ordering::Relaxed);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +251,25 @@ pub struct Row {
 }
 
 impl Row {
+    /// One slice run on every core at once: I/Os and path counters add up;
+    /// the time is the longest core's (wall time); the heap counters are
+    /// global, so each core's delta already saw every core's allocations:
+    /// the largest is the slice's.
+    fn of_cores(rows: &[Row]) -> Row {
+        let mut r = Row::default();
+        for x in rows {
+            r.ios += x.ios;
+            r.errors += x.errors;
+            r.cycles = r.cycles.max(x.cycles);
+            r.allocs = r.allocs.max(x.allocs);
+            r.frees = r.frees.max(x.frees);
+            r.simple += x.simple;
+            r.generic += x.generic;
+            r.fell_back += x.fell_back;
+        }
+        r
+    }
+
     fn add(&mut self, r: &Row) {
         self.ios += r.ios;
         self.errors += r.errors;
@@ -251,6 +283,7 @@ impl Row {
 }
 
 struct Load<'a> {
+    state: &'a mut State,
     target: Target,
     file: &'a File,
     file_blocks: u64,
@@ -267,7 +300,7 @@ impl Load<'_> {
         };
         // The benchmark's own request id: the context's index.
         let owner = ReqId::new(ctx as u16, 0);
-        START[ctx].store(time::rdtsc(), Ordering::Relaxed);
+        self.state.start[ctx] = time::rdtsc();
         let r = match self.target {
             Target::Raw => {
                 let shift = e.queue().lba_shift();
@@ -289,8 +322,8 @@ impl Load<'_> {
         };
         match r {
             Ok(DioResult::Queued) => {}
-            Ok(DioResult::Done(n)) => on_done(ctx, Ok(n)),
-            Err(err) => on_done(ctx, Err(err)),
+            Ok(DioResult::Done(n)) => self.state.on_done(ctx, Ok(n)),
+            Err(err) => self.state.on_done(ctx, Err(err)),
         }
     }
 }
@@ -309,11 +342,8 @@ fn run<Q: BlockQueue>(
 ) -> Row {
     let target = load.target;
     let t = target.index();
-    CUR.store(t, Ordering::Relaxed);
-    let (done0, err0) = (
-        DONE[t].load(Ordering::Relaxed),
-        ERRORS[t].load(Ordering::Relaxed),
-    );
+    load.state.cur = t;
+    let (done0, err0) = (load.state.done[t], load.state.errors[t]);
     let mut s0 = Stats::default();
     with(&mut |e| {
         e.set_simple(target == Target::Simple);
@@ -342,7 +372,7 @@ fn run<Q: BlockQueue>(
             interrupts::disable();
             let mut pending = 0;
             with(&mut |e| pending = e.pending_completions());
-            if pending == 0 && R_HEAD.load(Ordering::Acquire) == R_TAIL.load(Ordering::Acquire) {
+            if pending == 0 && load.state.ready.is_empty() {
                 interrupts::enable_and_hlt();
             } else {
                 interrupts::enable();
@@ -352,9 +382,9 @@ fn run<Q: BlockQueue>(
             if !irq {
                 e.poll();
             }
-            e.complete(|id, r| on_done(id.index(), r));
+            e.complete(|id, r| load.state.on_done(id.index(), r));
             let now = time::rdtsc();
-            while let Some(ctx) = pop_ready() {
+            while let Some(ctx) = load.state.ready.pop() {
                 if now < deadline && submitted < max_ios {
                     load.submit(e, ctx);
                     submitted += 1;
@@ -369,8 +399,8 @@ fn run<Q: BlockQueue>(
     let mut s1 = Stats::default();
     with(&mut |e| s1 = e.stats());
     Row {
-        ios: DONE[t].load(Ordering::Relaxed) - done0,
-        errors: ERRORS[t].load(Ordering::Relaxed) - err0,
+        ios: load.state.done[t] - done0,
+        errors: load.state.errors[t] - err0,
         cycles,
         allocs: h1.allocs - h0.allocs,
         frees: h1.frees - h0.frees,
@@ -380,23 +410,21 @@ fn run<Q: BlockQueue>(
     }
 }
 
-fn p99_cycles(t: usize, n: u64) -> u64 {
-    let want = (n * 99).div_ceil(100);
-    let mut seen = 0;
-    for (i, h) in HIST[t].iter().enumerate() {
-        seen += h.load(Ordering::Relaxed);
-        if seen >= want {
-            return bucket_value(i);
-        }
-    }
-    0
-}
-
 fn us(cycles: f64) -> f64 {
     cycles * 1e6 / time::tsc_hz() as f64
 }
 
-fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
+/// Prints one row: `qd` is per core, `iops` all cores together, and
+/// `cycles_per_io` the CPU time per I/O (wall time times cores over I/Os).
+fn report(
+    state: &State,
+    target: Target,
+    dev: &str,
+    completion: &str,
+    qd: usize,
+    cpus: usize,
+    r: &Row,
+) {
     let n = r.ios.max(1) as f64;
     let secs = r.cycles as f64 / time::tsc_hz() as f64;
     JsonLine::new("row")
@@ -404,6 +432,7 @@ fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
         .str("dev", dev)
         .str("completion", completion)
         .int("qd", qd as u64)
+        .int("cpus", cpus as u64)
         .int("ios", r.ios)
         .int("errors", r.errors)
         .int("simple_path", r.simple)
@@ -412,15 +441,15 @@ fn report(target: Target, dev: &str, completion: &str, qd: usize, r: &Row) {
         .num("iops", r.ios as f64 / secs, 0)
         .num(
             "lat_mean_us",
-            us(LAT_SUM[target.index()].load(Ordering::Relaxed) as f64 / n),
+            us(state.lat_sum[target.index()] as f64 / n),
             2,
         )
         .num(
             "lat_p99_us",
-            us(p99_cycles(target.index(), r.ios) as f64),
+            us(state.p99_cycles(target.index(), r.ios) as f64),
             2,
         )
-        .num("cycles_per_io", r.cycles as f64 / n, 0)
+        .num("cycles_per_io", r.cycles as f64 * cpus as f64 / n, 0)
         .num("allocs_per_io", r.allocs as f64 / n, 3)
         .print();
 }
@@ -487,7 +516,8 @@ pub fn bench(
         }
     };
     let maxqd = p.qds.iter().copied().max().unwrap_or(1).min(MAX_QD);
-    let Some(mut bufs) = DmaBuf::new(maxqd * 4096) else {
+    let cpus = smp::cpu_count();
+    let Some(mut bufs) = DmaBuf::new(cpus * maxqd * 4096) else {
         error(format_args!("out of memory"));
         nvme::power_off(power::EXIT_TEST_FAILED);
     };
@@ -529,43 +559,64 @@ pub fn bench(
                     .str("dev", d)
                     .str("completion", c)
                     .int("qd", qd as u64)
+                    .int("cpus", cpus as u64)
                     .print();
-                reset();
                 let targets = [Target::Raw, Target::Generic, Target::Simple];
                 let mut rows: [Row; 3] = Default::default();
-                let mut null = Engine::new(NullQueue::new(
-                    MAX_QD,
-                    dev.ns.block_size.trailing_zeros(),
-                    dev.ns.blocks,
-                    time::now_ns as fn() -> u64,
-                ));
+                // Per core: its figures and its null device, kept across
+                // the slices of the row (each core takes only its own).
+                let states: Vec<spin::Mutex<alloc::boxed::Box<State>>> =
+                    (0..cpus).map(|_| spin::Mutex::new(State::new())).collect();
+                let nulls: Vec<spin::Mutex<Engine<NullQueue<fn() -> u64>>>> = (0..cpus)
+                    .map(|_| {
+                        spin::Mutex::new(Engine::new(NullQueue::new(
+                            MAX_QD,
+                            dev.ns.block_size.trailing_zeros(),
+                            dev.ns.blocks,
+                            time::now_ns as fn() -> u64,
+                        )))
+                    })
+                    .collect();
                 let slice = Limit::Millis((p.secs * 1000 / ROUNDS).max(1));
                 for round in 0..ROUNDS {
                     for target in targets {
-                        let mut load = Load {
-                            target,
-                            file: &file,
-                            file_blocks: file.size() / 4096,
-                            raw_blocks,
-                            bufs: base,
-                            rng: Rng::new(0x9e37_79b9 ^ (qd as u64) << 8 ^ round),
-                        };
-                        let r = if *d == "nvme" {
-                            run(&mut nvme_with(disk), irq, &mut load, qd, slice)
-                        } else {
-                            run(
-                                &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
-                                false,
-                                &mut load,
-                                qd,
-                                slice,
-                            )
-                        };
-                        rows[target.index()].add(&r);
+                        // Every core runs the slice on its own queue (or
+                        // null device) at the same time.
+                        let per_core = smp::on_each_cpu(|cpu| {
+                            let mut st = states[cpu].lock();
+                            let mut load = Load {
+                                state: &mut st,
+                                target,
+                                file: &file,
+                                file_blocks: file.size() / 4096,
+                                raw_blocks,
+                                bufs: base + cpu * maxqd * 4096,
+                                rng: Rng::new(
+                                    0x9e37_79b9 ^ (qd as u64) << 8 ^ round ^ (cpu as u64) << 32,
+                                ),
+                            };
+                            if *d == "nvme" {
+                                run(&mut nvme_with(disk), irq, &mut load, qd, slice)
+                            } else {
+                                let mut null = nulls[cpu].lock();
+                                run(
+                                    &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
+                                    false,
+                                    &mut load,
+                                    qd,
+                                    slice,
+                                )
+                            }
+                        });
+                        rows[target.index()].add(&Row::of_cores(&per_core));
                     }
                 }
+                let mut all = State::new();
+                for st in &states {
+                    all.merge(&st.lock());
+                }
                 for target in targets {
-                    report(target, d, c, qd, &rows[target.index()]);
+                    report(&all, target, d, c, qd, cpus, &rows[target.index()]);
                 }
             }
         }
@@ -594,51 +645,63 @@ pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! 
             nvme::power_off(power::EXIT_TEST_FAILED);
         }
     };
-    let Some(mut bufs) = DmaBuf::new(32 * 4096) else {
+    let cpus = smp::cpu_count();
+    let Some(mut bufs) = DmaBuf::new(cpus * 32 * 4096) else {
         outln!("noalloc error: out of memory");
         nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let base = bufs.part(0, 4096).addr();
     let irq = nvme::mode() == Mode::Irq;
-    let load = |target| Load {
-        target,
-        file: &file,
-        file_blocks: file.size() / 4096,
-        raw_blocks: 1,
-        bufs: base,
-        rng: Rng::new(42),
-    };
     let n = NOALLOC_READS;
     let mut ok = true;
+    // Every core at once, each on its own queue: the simple half on all of
+    // them, then the control on all of them (the heap counters are global,
+    // so no core's generic reads can fall in another's simple half).
     for target in [Target::Simple, Target::Generic] {
-        let s0 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
-        let row = run(&mut nvme_with(0), irq, &mut load(target), 32, Limit::Ios(n));
-        let s1 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
-        let (simple, generic, fell_back) = (
-            s1.simple - s0.simple,
-            s1.generic - s0.generic,
-            s1.fell_back - s0.fell_back,
-        );
-        let sound = row.ios == n && row.errors == 0 && fell_back == 0;
-        ok &= match target {
-            // Every read on the simple path, and not one allocation.
-            Target::Simple => sound && simple == n && row.allocs == 0 && row.frees == 0,
-            // The control: every read on the generic path, and counted.
-            _ => sound && generic == n && row.allocs > 0 && row.frees > 0,
-        };
-        outln!(
-            "noalloc {} reads={} simple_path={} generic_path={} fell_back={} errors={} allocs={} frees={} allocs_per_io={:.2} cycles_per_io={}",
-            target.name(),
-            row.ios,
-            simple,
-            generic,
-            fell_back,
-            row.errors,
-            row.allocs,
-            row.frees,
-            row.allocs as f64 / row.ios.max(1) as f64,
-            row.cycles / row.ios.max(1)
-        );
+        let rows = smp::on_each_cpu(|cpu| {
+            let mut state = State::new();
+            let mut load = Load {
+                state: &mut state,
+                target,
+                file: &file,
+                file_blocks: file.size() / 4096,
+                raw_blocks: 1,
+                bufs: base + cpu * 32 * 4096,
+                rng: Rng::new(42 ^ cpu as u64),
+            };
+            let s0 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
+            let row = run(&mut nvme_with(0), irq, &mut load, 32, Limit::Ios(n));
+            let s1 = nvme::with_engine(0, |e| e.stats()).unwrap_or_default();
+            (row, s0, s1)
+        });
+        for (cpu, (row, s0, s1)) in rows.iter().enumerate() {
+            let (simple, generic, fell_back) = (
+                s1.simple - s0.simple,
+                s1.generic - s0.generic,
+                s1.fell_back - s0.fell_back,
+            );
+            let sound = row.ios == n && row.errors == 0 && fell_back == 0;
+            ok &= match target {
+                // Every read on the simple path, and not one allocation.
+                Target::Simple => sound && simple == n && row.allocs == 0 && row.frees == 0,
+                // The control: every read on the generic path, and counted.
+                _ => sound && generic == n && row.allocs > 0 && row.frees > 0,
+            };
+            outln!(
+                "noalloc {} reads={} simple_path={} generic_path={} fell_back={} errors={} allocs={} frees={} allocs_per_io={:.2} cycles_per_io={} cpu={}",
+                target.name(),
+                row.ios,
+                simple,
+                generic,
+                fell_back,
+                row.errors,
+                row.allocs,
+                row.frees,
+                row.allocs as f64 / row.ios.max(1) as f64,
+                row.cycles / row.ios.max(1),
+                cpu
+            );
+        }
     }
     if ok {
         outln!("noalloc ok");

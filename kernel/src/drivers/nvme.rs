@@ -23,7 +23,7 @@
 use crate::drivers::pci::{self, Function, MsiX};
 use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
-use crate::platform::{apic, idt};
+use crate::platform::{apic, idt, smp};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::alloc::Layout;
@@ -147,12 +147,12 @@ pub fn disks() -> &'static [Disk] {
 
 /// This core's index (0 is the boot CPU).
 fn cpu() -> usize {
-    0
+    smp::cpu_index()
 }
 
-/// The number of cores that do I/O.
+/// The number of cores that do I/O: every core online.
 fn cpus() -> usize {
-    1
+    smp::cpu_count()
 }
 
 /// The local APIC id of core `cpu`, where its queues' MSI-X entries point.
@@ -258,8 +258,7 @@ pub fn init(functions: &[Function], opts: Options) -> Result<&'static [Disk], In
     let mut first_error = None;
     // Named by position in PCI order, whether or not the ones before came
     // up: a controller's name does not change when another fails.
-    for (index, f) in functions.iter().filter(|f| is_nvme(f)).enumerate()
-    {
+    for (index, f) in functions.iter().filter(|f| is_nvme(f)).enumerate() {
         let name = alloc::format!("nvme{index}");
         match init_controller(f, index, &name, opts, &mut disks) {
             Ok(()) => {}
@@ -485,6 +484,14 @@ pub fn service(mut sink: impl FnMut(ReqId, Result<usize, DioError>)) {
     });
 }
 
+/// Commands in flight or completions waiting for delivery on this core's
+/// queues.
+pub fn busy() -> bool {
+    let mut busy = false;
+    each_engine(|e| busy |= e.queue().qp.in_flight() > 0 || e.pending_completions() > 0);
+    busy
+}
+
 /// Waits for the next completion or interrupt: spins once (poll mode), or
 /// halts unless completions wait for delivery (irq mode).
 pub fn idle() {
@@ -509,11 +516,13 @@ pub fn idle() {
 /// deadline (at most once a millisecond): one step of [`wait_until`] and of
 /// the network run loop.
 fn reap(mode: Mode) {
-    static NEXT_EXPIRY: AtomicU64 = AtomicU64::new(0);
+    // Per core: each core expires its own queues.
+    static NEXT_EXPIRY: [AtomicU64; smp::MAX_CPUS] = [const { AtomicU64::new(0) }; smp::MAX_CPUS];
+    let next = &NEXT_EXPIRY[cpu() % smp::MAX_CPUS];
     let now = time::now_ns();
-    let check = now >= NEXT_EXPIRY.load(Ordering::Relaxed);
+    let check = now >= next.load(Ordering::Relaxed);
     if check {
-        NEXT_EXPIRY.store(now + 1_000_000, Ordering::Relaxed);
+        next.store(now + 1_000_000, Ordering::Relaxed);
     }
     each_engine(|e| {
         if mode == Mode::Poll {

@@ -2,3 +2,4 @@
 //! on it.
 pub mod nbd;
 pub mod stack;
+pub mod storage;

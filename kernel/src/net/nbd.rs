@@ -68,11 +68,14 @@
 use crate::drivers::nvme::{self, DmaBuf};
 use crate::mm;
 use crate::net::stack::Net;
+use crate::net::storage;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::File;
-use dioxide_iomap::{BlockQueue, DioError, DioRequest, DioResult, Kiocb, Op, ReqId, Ring, Slab};
+use dioxide_iomap::{
+    BlockQueue, DioError, DioRequest, DioResult, IoBuf, Kiocb, Op, ReqId, Ring, Slab,
+};
 use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -293,18 +296,32 @@ impl Req {
 /// One part of request `id` ended with `r` (from the engine's delivery or
 /// at once from the submission).
 fn part_done(reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId, r: Result<usize, DioError>) {
+    apply(reqs, ready, id, Some(r), 1);
+}
+
+/// What became of request `id`'s parts, from this core or a storage core:
+/// a part's result (if any) is recorded, then `refs` of its references are
+/// dropped (one per part ended, plus the submission's own).
+fn apply(
+    reqs: &mut Slab<Req>,
+    ready: &mut Ring<ReqId>,
+    id: ReqId,
+    r: Option<Result<usize, DioError>>,
+    refs: u32,
+) {
     let Some(req) = reqs.get_mut(id) else {
         return;
     };
     match r {
-        Ok(got) if got >= req.need => {}
-        Ok(got) => req.fail(Failure::Short {
+        None => {}
+        Some(Ok(got)) if got >= req.need => {}
+        Some(Ok(got)) => req.fail(Failure::Short {
             got,
             need: req.need,
         }),
-        Err(e) => req.fail(Failure::Dio(e)),
+        Some(Err(e)) => req.fail(Failure::Dio(e)),
     }
-    put(reqs, ready, id, 1);
+    put(reqs, ready, id, refs);
 }
 
 /// Drops `n` references of request `id`; the last queues it for its reply.
@@ -350,7 +367,8 @@ struct Sock {
 }
 
 pub struct Server {
-    table: Table,
+    /// Built at start and never changed: shared with the storage cores.
+    table: &'static Table,
     sockets: Vec<Sock>,
     /// Reads in flight (or finished, waiting for their reply).
     reqs: Slab<Req>,
@@ -519,7 +537,7 @@ impl Server {
             .max()
             .unwrap_or(512);
         let server = Server {
-            table: Table { exports, by_name },
+            table: alloc::boxed::Box::leak(alloc::boxed::Box::new(Table { exports, by_name })),
             sockets,
             reqs: Slab::new(MAX_REQS),
             ready: Ring::new(MAX_REQS, ReqId::new(0, 0)),
@@ -536,6 +554,7 @@ impl Server {
             prof: Profile::default(),
             stall_ns,
         };
+        storage::start(server.table, MAX_REQS);
         let n = server.table.exports.len();
         log::info!(
             target: "nbd",
@@ -574,6 +593,7 @@ impl Server {
         let t0 = crate::platform::time::rdtsc();
         let (reqs, ready) = (&mut self.reqs, &mut self.ready);
         nvme::service(|id, r| part_done(reqs, ready, id, r));
+        storage::collect(|d| apply(reqs, ready, d.id, d.result, d.refs));
         let t1 = crate::platform::time::rdtsc();
         self.reply_completed();
         let t2 = crate::platform::time::rdtsc();
@@ -664,7 +684,7 @@ impl Server {
                     None => {
                         let (a, n) = (req.skew as usize, req.len as usize);
                         conn.reply_read(
-                            &self.table,
+                            self.table,
                             req.handle,
                             req.offset,
                             Ok(&req.buf.as_slice()[a..a + n]),
@@ -692,7 +712,7 @@ impl Server {
                             ),
                         );
                         let errno = f.errno();
-                        conn.reply_read_error(&self.table, req.handle, errno, msg.as_str());
+                        conn.reply_read_error(self.table, req.handle, errno, msg.as_str());
                     }
                 }
             }
@@ -761,7 +781,7 @@ impl Server {
             if room == 0 || !sock.can_recv() {
                 break;
             }
-            let table = &self.table;
+            let table = self.table;
             match sock.recv(|b| {
                 let n = conn.receive(table, &b[..b.len().min(room)]);
                 (n, n)
@@ -861,12 +881,12 @@ impl Server {
             }) = self.table.exports.get(export as usize)
             {
                 let data = ZEROS.get(..len as usize).ok_or(Errno::Inval);
-                conn.reply_read(&self.table, handle, offset, data);
+                conn.reply_read(self.table, handle, offset, data);
                 self.served += 1;
                 continue;
             }
             let mut r = Submit {
-                table: &self.table,
+                table: self.table,
                 small: &mut self.small,
                 large: &mut self.large,
             };
@@ -898,10 +918,18 @@ impl Server {
                     if let Some(b) = self.budgets.get_mut(disk) {
                         b.cmds += need;
                     }
-                    submit(&self.table, &mut self.reqs, &mut self.ready, id);
+                    let core = storage::core_for(i);
+                    submit(
+                        self.table,
+                        &self.budgets,
+                        &mut self.reqs,
+                        &mut self.ready,
+                        id,
+                        core,
+                    );
                 }
                 Err(e) => {
-                    conn.reply_read(&self.table, handle, offset, Err(e));
+                    conn.reply_read(self.table, handle, offset, Err(e));
                 }
             }
         }
@@ -920,7 +948,7 @@ impl Server {
             // Output drained below the high-water mark: decode what was
             // held back (more of a list, buffered requests).
             let before = conn.output_pending();
-            conn.resume(&self.table);
+            conn.resume(self.table);
             if conn.output_pending() == before {
                 break;
             }
@@ -1008,7 +1036,35 @@ fn range(lbs: u64, offset: u64, len: u32) -> (u64, u64) {
     (a0, a1)
 }
 
-fn submit(table: &Table, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqId) {
+/// One read handed to the device, as [`issue`] needs it: on this core, or
+/// on a storage core (`storage`), which gets it over its lane.
+#[derive(Clone, Copy)]
+pub struct Job {
+    pub id: ReqId,
+    export: u32,
+    /// The block-aligned byte range `[a0, a0 + buf.len())` to read into
+    /// `buf`, which the request owns until its last reference is dropped.
+    a0: u64,
+    buf: IoBuf,
+    /// Largest transfer of one command (whole blocks; raw exports).
+    max: usize,
+}
+
+/// The error of a read whose namespace has no queue on this core.
+const NO_QUEUE: DioError = DioError::Unsupported("no NVMe queue for this namespace");
+
+/// Prepares request `id` (its references: its parts plus one for the
+/// submission) and issues it on `core`: here when that is this core,
+/// else over the core's lane. Failures are recorded on the request, which
+/// is queued for its reply like any completion.
+fn submit(
+    table: &'static Table,
+    budgets: &[Budget],
+    reqs: &mut Slab<Req>,
+    ready: &mut Ring<ReqId>,
+    id: ReqId,
+    core: usize,
+) {
     let Some(req) = reqs.get_mut(id) else {
         return;
     };
@@ -1019,83 +1075,108 @@ fn submit(table: &Table, reqs: &mut Slab<Req>, ready: &mut Ring<ReqId>, id: ReqI
         put(reqs, ready, id, 1);
         return;
     };
-    let (disk, lbs) = (e.disk, e.lbs);
-    let (a0, a1) = range(lbs, offset, len);
+    let (a0, a1) = range(e.lbs, offset, len);
     let n = (a1 - a0) as usize;
-    match &e.target {
+    let max = budgets.get(e.disk).map_or(0, |b| b.max_transfer);
+    req.parts = match &e.target {
         // Answered without a request (see `poll_socket`).
-        Target::Null => req.parts = 1,
-        Target::File(f) => {
-            req.parts = 2;
+        Target::Null => 1,
+        Target::File(_) => {
             // Bytes the part must deliver: a file read may end at end of file.
             req.need = (offset + len as u64 - a0) as usize;
-            let iob = req.buf.part(0, n);
-            let iocb = Kiocb::with_owner(a0, id);
+            2
+        }
+        Target::Raw if max == 0 => {
+            req.fail(Failure::NoEngine);
+            1
+        }
+        Target::Raw => n.div_ceil(max) as u32 + 1,
+    };
+    let job = Job {
+        id,
+        export,
+        a0,
+        buf: req.buf.part(0, n),
+        max,
+    };
+    let job = match storage::send(core, job) {
+        Ok(()) => return,
+        // This core's own, or its lane is full: issued here.
+        Err(job) => job,
+    };
+    issue(table, &job, &mut |id, r, refs| {
+        apply(reqs, ready, id, r, refs)
+    });
+}
+
+/// Hands `job`'s parts to this core's queue of its namespace and reports
+/// what ended at once to `report(id, part result, references dropped)`,
+/// finally dropping the submission's reference. Completions that come later
+/// are delivered by `nvme::service` on this core.
+pub fn issue(
+    table: &Table,
+    job: &Job,
+    report: &mut dyn FnMut(ReqId, Option<Result<usize, DioError>>, u32),
+) {
+    let id = job.id;
+    let Some(e) = table.exports.get(job.export as usize) else {
+        report(id, None, 1);
+        return;
+    };
+    let (disk, lbs, n) = (e.disk, e.lbs, job.buf.len());
+    match &e.target {
+        Target::Null => {}
+        Target::File(f) => {
+            let iocb = Kiocb::with_owner(job.a0, id);
             // SAFETY: the buffer belongs to request `id`, which is removed
             // from the slab (and its buffer reused or freed) only after its
-            // last part's completion was delivered (`reply_completed`).
+            // last reference was dropped, i.e. after this part's completion
+            // was delivered.
             let r = nvme::with_engine(disk, |eng| unsafe {
-                eng.dio_rw(DioRequest::read(iocb, iob, &**f))
+                eng.dio_rw(DioRequest::read(iocb, job.buf, &**f))
             });
             match r {
                 Some(Ok(DioResult::Queued)) => {}
-                Some(Ok(DioResult::Done(got))) => part_done(reqs, ready, id, Ok(got)),
-                Some(Err(err)) => part_done(reqs, ready, id, Err(err)),
-                None => {
-                    req_fail(reqs, id, Failure::NoEngine);
-                    put(reqs, ready, id, 1);
-                }
+                Some(Ok(DioResult::Done(got))) => report(id, Some(Ok(got)), 1),
+                Some(Err(err)) => report(id, Some(Err(err)), 1),
+                None => report(id, Some(Err(NO_QUEUE)), 1),
             }
         }
+        Target::Raw if job.max == 0 => {}
         Target::Raw => {
-            let max = nvme::with_engine(disk, |eng| eng.queue().max_transfer()).unwrap_or(0);
-            let max = (max as u64 / lbs * lbs) as usize;
-            if max == 0 {
-                req.parts = 1;
-                req.fail(Failure::NoEngine);
-            } else {
-                let parts = n.div_ceil(max) as u32;
-                req.parts = parts + 1;
-                let ran = nvme::with_engine(disk, |eng| {
-                    let mut at = 0usize;
-                    let mut left = parts;
-                    while at < n {
-                        let c = (n - at).min(max);
-                        let Some(req) = reqs.get_mut(id) else {
+            let max = job.max;
+            let parts = n.div_ceil(max) as u32;
+            let ran = nvme::with_engine(disk, |eng| {
+                let mut at = 0usize;
+                let mut left = parts;
+                while at < n {
+                    let c = (n - at).min(max);
+                    let Some(iob) = job.buf.part(at, c) else {
+                        report(id, Some(Err(DioError::Invalid("read range"))), left);
+                        break;
+                    };
+                    let lba = (job.a0 + at as u64) / lbs;
+                    // SAFETY: as for files: the buffer belongs to the
+                    // request until its last part's completion.
+                    let r = unsafe { eng.raw(Op::Read, lba, iob, Some(id)) };
+                    left -= 1;
+                    match r {
+                        Ok(DioResult::Queued) => {}
+                        Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
+                        Err(err) => {
+                            // This part and the ones never submitted.
+                            report(id, Some(Err(err)), 1 + left);
                             break;
-                        };
-                        let iob = req.buf.part(at, c);
-                        let lba = (a0 + at as u64) / lbs;
-                        // SAFETY: as for files: the buffer belongs to the
-                        // request until its last part's completion.
-                        let r = unsafe { eng.raw(Op::Read, lba, iob, Some(id)) };
-                        left -= 1;
-                        match r {
-                            Ok(DioResult::Queued) => {}
-                            Ok(DioResult::Done(got)) => part_done(reqs, ready, id, Ok(got)),
-                            Err(err) => {
-                                // This part and the ones never submitted.
-                                part_done(reqs, ready, id, Err(err));
-                                put(reqs, ready, id, left);
-                                break;
-                            }
                         }
-                        at += c;
                     }
-                });
-                if ran.is_none() {
-                    req_fail(reqs, id, Failure::NoEngine);
-                    put(reqs, ready, id, parts);
+                    at += c;
                 }
+            });
+            if ran.is_none() {
+                report(id, Some(Err(NO_QUEUE)), parts);
             }
         }
     }
     // Drop the submission reference.
-    put(reqs, ready, id, 1);
-}
-
-fn req_fail(reqs: &mut Slab<Req>, id: ReqId, f: Failure) {
-    if let Some(r) = reqs.get_mut(id) {
-        r.fail(f);
-    }
+    report(id, None, 1);
 }

@@ -9,5 +9,6 @@ pub mod idt;
 pub mod irq_mutex;
 pub mod power;
 pub mod serial;
+pub mod smp;
 pub mod time;
 pub mod uart;

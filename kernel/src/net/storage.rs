@@ -1,0 +1,171 @@
+//! Storage cores: the NBD service's reads issued and completed on other
+//! cores than the network's.
+//!
+//! The network stack (smoltcp on one virtio-net queue) and the NBD
+//! protocol run on the boot core: QEMU's user networking has one queue, so
+//! one core owns the frames either way, and it is where most of a
+//! request's cycles go (the run-loop profile: 63-66 % network stack,
+//! 6-7 % NVMe completion). With more than one core online, every
+//! connection is given a storage core ([`core_for`]: cores 1.. in turn);
+//! the boot core decodes a read, reserves its buffer and budgets, and
+//! hands it to that core as a [`Job`] on the core's lane (a bounded
+//! lock-free queue). The storage core issues it on its own queue pair of
+//! the namespace (`nbd::issue`: dxfs's `iomap_begin`, the DIO engine, the
+//! NVMe submission), reaps its completions (polling, or its own MSI-X
+//! vector), and sends each part's result back on the lane's return queue;
+//! the boot core collects them in its poll ([`collect`]) and replies. So
+//! a connection's reads complete on the core that submitted them, and no
+//! lock is shared between cores on the submission or completion path: each
+//! engine is taken only by its own core.
+//!
+//! Bounds: a lane's job queue holds [`MAX_REQS`](super::nbd) jobs, as many
+//! as the service has requests, so a send fails only if that invariant
+//! breaks (the job is then issued on the boot core: still correct). The
+//! return queue holds [`RETURNS`] results; a storage core whose return
+//! queue is full waits for the boot core, which never waits for it.
+//!
+//! A storage core with nothing queued and nothing in flight halts; the
+//! boot core wakes it with an IPI after queueing a job when it said it was
+//! asleep (the flag is set before the last check for work, with interrupts
+//! off until the halt: a job queued in between is seen, or its IPI ends the
+//! halt).
+
+use super::nbd::{issue, Job, Table};
+use crate::drivers::nvme;
+use crate::platform::smp;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use crossbeam_queue::ArrayQueue;
+use dioxide_iomap::{DioError, ReqId};
+use x86_64::instructions::interrupts;
+
+/// Results a lane's return queue holds.
+pub const RETURNS: usize = 4096;
+
+/// A part's result (or `None`) and the request references it drops.
+#[derive(Clone, Copy)]
+pub struct Done {
+    pub id: ReqId,
+    pub result: Option<Result<usize, DioError>>,
+    pub refs: u32,
+}
+
+struct Lane {
+    jobs: ArrayQueue<Job>,
+    done: ArrayQueue<Done>,
+    sleeping: AtomicBool,
+}
+
+/// One lane per core (the boot core's is never used).
+static LANES: spin::Once<Vec<Lane>> = spin::Once::new();
+
+fn lanes() -> &'static [Lane] {
+    LANES.get().map_or(&[], |l| l.as_slice())
+}
+
+/// Starts a storage loop on every core but the boot core, serving `table`'s
+/// exports with `jobs` job slots per lane. With one core, nothing: reads
+/// are issued in the run loop.
+pub fn start(table: &'static Table, jobs: usize) {
+    let cpus = smp::cpu_count();
+    if cpus < 2 {
+        return;
+    }
+    LANES.call_once(|| {
+        (0..cpus)
+            .map(|_| Lane {
+                jobs: ArrayQueue::new(jobs.max(1)),
+                done: ArrayQueue::new(RETURNS),
+                sleeping: AtomicBool::new(false),
+            })
+            .collect()
+    });
+    for cpu in 1..cpus {
+        smp::run_on(
+            cpu,
+            alloc::boxed::Box::new(move || storage_loop(cpu, table)),
+        );
+    }
+    log::info!(target: "nbd", "reads issued on storage cores 1..{} (network on core 0)", cpus - 1);
+}
+
+/// The storage core of the connection on socket `sock`: 0 (this core)
+/// when no storage loop runs.
+pub fn core_for(sock: usize) -> usize {
+    let n = lanes().len();
+    if n < 2 {
+        0
+    } else {
+        1 + sock % (n - 1)
+    }
+}
+
+/// Queues `job` for storage core `core`; gives it back when that is this
+/// core (or the lane is full).
+pub fn send(core: usize, job: Job) -> Result<(), Job> {
+    if core == smp::cpu_index() {
+        return Err(job);
+    }
+    let Some(lane) = lanes().get(core) else {
+        return Err(job);
+    };
+    lane.jobs.push(job)?;
+    if lane.sleeping.load(Ordering::SeqCst) {
+        smp::wake(core);
+    }
+    Ok(())
+}
+
+/// Hands every result the storage cores sent back to `f` (boot core).
+pub fn collect(mut f: impl FnMut(Done)) {
+    for lane in lanes().iter().skip(1) {
+        while let Some(d) = lane.done.pop() {
+            f(d);
+        }
+    }
+}
+
+/// Sends `d` back to the boot core, waiting while the return queue is full
+/// (the boot core empties it on every poll and never waits for us).
+fn give_back(lane: &Lane, mut d: Done) {
+    while let Err(back) = lane.done.push(d) {
+        d = back;
+        core::hint::spin_loop();
+    }
+}
+
+fn storage_loop(cpu: usize, table: &'static Table) {
+    let Some(lane) = lanes().get(cpu) else {
+        return;
+    };
+    log::debug!(target: "nbd", "storage core {cpu} serving");
+    loop {
+        while let Some(job) = lane.jobs.pop() {
+            issue(table, &job, &mut |id, result, refs| {
+                give_back(lane, Done { id, result, refs })
+            });
+        }
+        nvme::service(|id, r| {
+            give_back(
+                lane,
+                Done {
+                    id,
+                    result: Some(r),
+                    refs: 1,
+                },
+            )
+        });
+        if lane.jobs.is_empty() && !nvme::busy() {
+            interrupts::disable();
+            lane.sleeping.store(true, Ordering::SeqCst);
+            if lane.jobs.is_empty() {
+                // sti; hlt: an IPI between the check and the halt still
+                // wakes us; the APIC tick bounds the sleep.
+                interrupts::enable_and_hlt();
+            } else {
+                interrupts::enable();
+            }
+            lane.sleeping.store(false, Ordering::SeqCst);
+        }
+    }
+}
