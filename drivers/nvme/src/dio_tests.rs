@@ -157,6 +157,7 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     let mut ctrl = crate::Controller::init(hal.clone(), sim.clone(), cfg).unwrap();
     let ns = ctrl.namespace(1).unwrap();
     let qp = ctrl.create_io_queue(1, 64, None).unwrap();
+    let ctrl = std::sync::Arc::new(crate::SharedController::new(ctrl));
     let mut e = Engine::new(NvmeQueue::new(qp, hal.clone(), ns).with_controller(ctrl));
     let f = FakeFile::contiguous(256 * 4096, 0);
     let (mut a, ao) = abuf(4096);

@@ -16,12 +16,13 @@ use crate::drivers::pci::{self, Function, MsiX};
 use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
 use crate::platform::{apic, idt};
+use alloc::sync::Arc;
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use dioxide_iomap::{DioError, Engine, IoBuf, Op, ReqId};
 use dioxide_nvme::blk::NvmeQueue;
-use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
+use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError, SharedController};
 use x86_64::instructions::interrupts;
 
 /// Identity-mapped kernel memory as DMA memory.
@@ -204,7 +205,8 @@ pub fn init(f: &Function, mode: Mode, timeout_ms: u64) -> Result<Nvme, InitError
         if mode == Mode::Irq { "MSI-X interrupt" } else { "polled" },
         max_transfer / 1024
     );
-    let queue = NvmeQueue::new(q, KernelHal, ns).with_controller(ctrl);
+    let queue =
+        NvmeQueue::new(q, KernelHal, ns).with_controller(Arc::new(SharedController::new(ctrl)));
     *ENGINE.lock() = Some(Engine::new(queue));
     MODE.store(
         match mode {
@@ -326,7 +328,7 @@ pub unsafe fn execute(op: Op, lba: u64, buf: IoBuf) -> Result<(), DioError> {
 
 /// Shuts the controller down (normal shutdown notification), before power-off.
 pub fn shutdown() -> Result<(), NvmeError> {
-    with_engine(|e| match e.queue_mut().ctrl.as_mut() {
+    with_engine(|e| match e.queue().controller() {
         Some(c) => c.shutdown(),
         None => Ok(()),
     })
