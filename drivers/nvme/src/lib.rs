@@ -33,6 +33,8 @@ mod dio_tests;
 pub mod error;
 pub mod hal;
 pub mod identify;
+#[cfg(test)]
+mod mq_tests;
 pub mod queue;
 pub mod regs;
 pub mod shared;

@@ -360,8 +360,13 @@ impl Sim {
     }
     /// CSTS.RDY stays 1 after CC.EN is cleared: the controller cannot be
     /// stopped and keeps its stalled commands.
+    /// Turning it off lets a CC.EN = 0 written meanwhile take effect.
     pub fn set_never_disable(&self, v: bool) {
-        self.state().never_disable = v;
+        let mut s = self.state();
+        s.never_disable = v;
+        if !v && s.cc & regs::CC_EN == 0 && s.csts & regs::CSTS_RDY != 0 {
+            s.stop();
+        }
     }
     /// Stop answering: every command fetched from now on (admin too) stalls,
     /// until CC.EN goes 0 -> 1 and the controller is ready again.
@@ -578,16 +583,7 @@ impl State {
             if self.never_disable {
                 return;
             }
-            // A controller reset: queues and every command in them are gone.
-            self.sqs = [None; MAX_QUEUES];
-            self.cqs = [None; MAX_QUEUES];
-            self.held.clear();
-            self.overflow.clear();
-            self.stalled.clear();
-            self.dbbuf = None;
-            self.kicked = [false; MAX_QUEUES];
-            self.csts = 0;
-            self.disables += 1;
+            self.stop();
         } else if !was && now {
             if self.fatal_on_enable {
                 self.csts = regs::CSTS_CFS;
@@ -616,6 +612,20 @@ impl State {
             self.hung = false;
             self.csts = regs::CSTS_RDY;
         }
+    }
+
+    /// A controller reset (CC.EN 1 -> 0 taking effect): queues and every
+    /// command in them are gone.
+    fn stop(&mut self) {
+        self.sqs = [None; MAX_QUEUES];
+        self.cqs = [None; MAX_QUEUES];
+        self.held.clear();
+        self.overflow.clear();
+        self.stalled.clear();
+        self.dbbuf = None;
+        self.kicked = [false; MAX_QUEUES];
+        self.csts = 0;
+        self.disables += 1;
     }
 
     /// Slot `index` (2 * qid for an SQ tail, 2 * qid + 1 for a CQ head) of
