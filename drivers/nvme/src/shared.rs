@@ -44,8 +44,10 @@
 //!   its next `expire` on, keeping its commands until a later reset stops
 //!   the controller.
 //! - Lock order: a core's engine lock (interrupts off in the kernel), then
-//!   this lock. Nothing else is taken under it; it is never taken with
-//!   interrupts on where the same core's interrupt handler could want it.
+//!   this lock; nothing else is taken under it. Whoever takes it outside an
+//!   engine (set-up, shutdown) must do so with interrupts off on that core,
+//!   or before the queues' interrupts are routed: a handler's `poll` only
+//!   tries the lock, but a spinning holder must not be interrupted for long.
 
 use crate::ctrl::Controller;
 use crate::error::NvmeError;
