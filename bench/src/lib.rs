@@ -274,6 +274,10 @@ pub fn run_with_status(
         mdts: 7,
         max_queue_entries: 1024,
         reported_blocks: None,
+        // The instant model serves queue 1's MMIO doorbells: no shadow
+        // doorbells, which it would not read.
+        dbbuf: false,
+        ..Default::default()
     });
     let mmio = BenchMmio {
         sim,

@@ -125,6 +125,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("nvme.timeout_ms={v:?}: expected milliseconds"),
         ),
     };
+    let dbbuf = match args.get("nvme.dbbuf") {
+        None | Some("1") => true,
+        Some("0") => false,
+        Some(v) => fail(
+            EXIT_CONFIG,
+            format_args!("nvme.dbbuf={v:?}: expected 0 or 1"),
+        ),
+    };
     let simple = match args.get("dio.simple") {
         None | Some("1") => true,
         Some("0") => false,
@@ -169,7 +177,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
     pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
     x86_64::instructions::interrupts::enable();
-    let opts = nvme::Options { mode, timeout_ms };
+    let opts = nvme::Options {
+        mode,
+        timeout_ms,
+        dbbuf,
+    };
     let disks = match nvme::init(&functions, opts) {
         Ok([]) if !functions.iter().any(nvme::is_nvme) => {
             fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"))

@@ -7,23 +7,30 @@
 //! (`From<NvmeError> for BlkError`), carrying the status name so that the
 //! block error prints without the driver's tables.
 //!
-//! With its controller ([`NvmeQueue::with_controller`]) the queue recovers
-//! from commands past their deadline by itself, from [`BlockQueue::expire`]:
-//! it sends an NVMe Abort for each; if a command is still not answered
-//! after the abort grace period (or an admin command timed out), it resets
-//! the controller (CC.EN=0, CSTS.RDY=0 within CAP.TO, every waiting command
-//! failed once, queues re-created) and carries on. A timed-out command's
-//! owner hears of it only then, so its buffer is never reused while the
-//! device may still write into it. Without a controller (host benchmarks,
-//! tests of the DIO layer) overdue commands simply stay in flight.
+//! With its controller ([`NvmeQueue::with_controller`], an
+//! `Arc<SharedController>` that the queues of every core share) the queue
+//! recovers from commands past their deadline by itself, from
+//! [`BlockQueue::expire`]: it sends an NVMe Abort for each; if a command is
+//! still not answered after the abort grace period (or an admin command
+//! timed out), it resets the controller (CC.EN=0, CSTS.RDY=0 within CAP.TO,
+//! its own waiting commands failed once, its queue re-created) and carries
+//! on. A timed-out command's owner hears of it only then, so its buffer is
+//! never reused while the device may still write into it. The queues of
+//! other cores notice the reset on their next `poll` or `expire` and rejoin
+//! (their commands failed once, their queues re-created): the protocol is
+//! in [`crate::shared`]. Without a controller (host benchmarks, tests of
+//! the DIO layer) overdue commands simply stay in flight.
 
-use crate::{Controller, Expiry, Hal, Mmio, Namespace, NvmeError, QueuePair, SubmissionEntry};
+use crate::shared::{catch_up_locked, SharedController};
+use crate::{Expiry, Hal, Mmio, Namespace, NvmeError, QueuePair, SubmissionEntry};
+use alloc::sync::Arc;
 use dioxide_blk::{BlkError, BlockQueue, IoBuf, Op};
 
 pub struct NvmeQueue<H: Hal, M: Mmio> {
     pub qp: QueuePair<H, M>,
-    /// The controller, for aborts and resets (see the module docs).
-    pub ctrl: Option<Controller<H, M>>,
+    /// The controller, shared with the other cores' queues, for aborts and
+    /// resets (see the module docs).
+    pub ctrl: Option<Arc<SharedController<H, M>>>,
     hal: H,
     nsid: u32,
     lba_shift: u32,
@@ -41,38 +48,76 @@ impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
             blocks: ns.blocks,
         }
     }
-}
 
-impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
-    /// The queue recovers from timeouts through `ctrl` (module docs).
-    pub fn with_controller(mut self, ctrl: Controller<H, M>) -> Self {
+    /// The queue recovers from timeouts through `ctrl`, which every queue
+    /// pair created on that controller shares (module docs).
+    pub fn with_controller(mut self, ctrl: Arc<SharedController<H, M>>) -> Self {
         self.ctrl = Some(ctrl);
         self
     }
 
-    /// Resets the controller, failing every waiting command through
-    /// `on_done` once the device no longer touches memory.
-    fn reset<F: FnMut(u64, Result<(), BlkError>)>(&mut self, on_done: &mut F) {
-        let Some(ctrl) = self.ctrl.as_mut() else {
+    /// The shared controller, if any.
+    pub fn controller(&self) -> Option<&Arc<SharedController<H, M>>> {
+        self.ctrl.as_ref()
+    }
+
+    /// The namespace id this queue reads and writes.
+    pub fn nsid(&self) -> u32 {
+        self.nsid
+    }
+}
+
+/// Fails `qp`'s commands and re-creates it if the controller was reset by
+/// another queue, or marks it down if the controller is halted
+/// (`blocking`: wait for the lock, else give up if it is taken).
+#[cold]
+fn catch_up<H: Hal, M: Mmio, F: FnMut(u64, Result<(), BlkError>)>(
+    shared: &SharedController<H, M>,
+    qp: &mut QueuePair<H, M>,
+    blocking: bool,
+    on_done: &mut F,
+) {
+    let _ = shared.catch_up(qp, blocking, |c| {
+        on_done(c.tag, c.result.map(|_| ()).map_err(blk_err))
+    });
+}
+
+/// Resets the controller for `qp` (unless another queue did meanwhile: then
+/// `qp` rejoins, and the controller is reset only if it still needs it),
+/// failing `qp`'s waiting commands through `on_done` once the device no
+/// longer touches memory.
+#[cold]
+fn reset<H: Hal, M: Mmio, F: FnMut(u64, Result<(), BlkError>)>(
+    shared: &SharedController<H, M>,
+    qp: &mut QueuePair<H, M>,
+    on_done: &mut F,
+) {
+    let mut deliver = |c: crate::Completion| on_done(c.tag, c.result.map(|_| ()).map_err(blk_err));
+    let mut ctrl = shared.lock();
+    if qp.epoch() != ctrl.epoch() {
+        // Another queue reset the controller: that stopped the device, which
+        // fails our overdue commands too.
+        let _ = catch_up_locked(&mut ctrl, qp, &mut deliver);
+        if !ctrl.needs_reset() {
             return;
-        };
-        log::error!(target: "nvme", "controller not answering: resetting it");
-        let mut failed = 0usize;
-        let r = ctrl.reset(&mut [&mut self.qp], |c| {
-            failed += 1;
-            on_done(c.tag, c.result.map(|_| ()).map_err(blk_err))
-        });
-        match r {
-            Ok(()) => log::warn!(
-                target: "nvme",
-                "controller reset: {failed} command(s) failed, I/O queue {} re-created, serving again",
-                self.qp.qid()
-            ),
-            Err(e) => log::error!(
-                target: "nvme",
-                "controller reset failed: {e}; the namespace is unavailable"
-            ),
         }
+    }
+    log::error!(target: "nvme", "controller not answering: resetting it");
+    let mut failed = 0usize;
+    let r = ctrl.reset(&mut [&mut *qp], |c| {
+        failed += 1;
+        deliver(c)
+    });
+    match r {
+        Ok(()) => log::warn!(
+            target: "nvme",
+            "controller reset: {failed} command(s) failed, I/O queue {} re-created, serving again",
+            qp.qid()
+        ),
+        Err(e) => log::error!(
+            target: "nvme",
+            "controller reset failed: {e}; the namespace is unavailable"
+        ),
     }
 }
 
@@ -145,38 +190,50 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
     }
     #[inline]
     fn poll<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) -> usize {
-        self.qp
-            .process_completions(|c| on_done(c.tag, c.result.map(|_| ()).map_err(blk_err)))
+        let n = self
+            .qp
+            .process_completions(|c| on_done(c.tag, c.result.map(|_| ()).map_err(blk_err)));
+        // One atomic load: did another queue reset the controller?
+        if let Some(shared) = self.ctrl.as_deref() {
+            if shared.epoch() != self.qp.epoch() {
+                catch_up(shared, &mut self.qp, false, &mut on_done);
+            }
+        }
+        n
     }
     fn expire<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) {
+        let Some(shared) = self.ctrl.as_deref() else {
+            // No controller to abort or reset with: overdue commands stay
+            // in flight (the queue wedges once one passes its grace period).
+            let now = self.hal.now_ns();
+            while self.qp.expire(now).is_some() {}
+            return;
+        };
+        if shared.epoch() != self.qp.epoch() || (shared.is_halted() && !self.qp.is_down()) {
+            catch_up(shared, &mut self.qp, true, &mut on_done);
+        }
         let now = self.hal.now_ns();
-        let mut reset = false;
+        let mut reset_needed = false;
         while let Some(x) = self.qp.expire(now) {
             match x {
-                Expiry::Abort { qid, cid, opcode } => {
-                    let Some(ctrl) = self.ctrl.as_mut() else {
-                        continue;
-                    };
-                    match ctrl.abort(qid, cid) {
-                        Ok(true) => {
-                            log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: aborted")
-                        }
-                        Ok(false) => {
-                            log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: abort declined, waiting for the grace period")
-                        }
-                        Err(e) => {
-                            log::error!(target: "nvme", "queue {qid}: abort of cid {cid} failed: {e}");
-                            reset = true;
-                        }
+                Expiry::Abort { qid, cid, opcode } => match shared.lock().abort(qid, cid) {
+                    Ok(true) => {
+                        log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: aborted")
                     }
-                }
-                Expiry::ResetNeeded { .. } => reset = true,
+                    Ok(false) => {
+                        log::warn!(target: "nvme", "queue {qid}: cid {cid} (opcode {opcode:#04x}) timed out: abort declined, waiting for the grace period")
+                    }
+                    Err(e) => {
+                        log::error!(target: "nvme", "queue {qid}: abort of cid {cid} failed: {e}");
+                        reset_needed = true;
+                    }
+                },
+                Expiry::ResetNeeded { .. } => reset_needed = true,
             }
         }
         let wedged = self.qp.needs_reset() && !self.qp.is_down();
-        let admin = self.ctrl.as_ref().is_some_and(|c| c.needs_reset());
-        if reset || wedged || admin {
-            self.reset(&mut on_done);
+        if reset_needed || wedged || shared.needs_reset() {
+            reset(shared, &mut self.qp, &mut on_done);
         }
     }
     fn now_ns(&self) -> u64 {

@@ -37,6 +37,9 @@ pub mod admin {
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
+    /// Doorbell Buffer Config (NVMe 1.3): shadow doorbells for emulated
+    /// controllers.
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 }
 
 /// NVM command set opcodes.
@@ -156,6 +159,17 @@ impl SubmissionEntry {
     pub fn abort(sqid: u16, cid: u16) -> Self {
         let mut c = Self::with_opcode(admin::ABORT);
         c.cdw10 = ((cid as u32) << 16) | sqid as u32;
+        c
+    }
+
+    /// Doorbell Buffer Config (NVMe base spec 2.0, section 5.8): PRP1 is the
+    /// Shadow Doorbell buffer, PRP2 the EventIdx buffer, each one memory page
+    /// (4 KiB here), page aligned; no other field is used. The controller
+    /// answers Invalid Field for addresses that are not page aligned.
+    pub fn doorbell_buffer_config(shadow: u64, event_idx: u64) -> Self {
+        let mut c = Self::with_opcode(admin::DOORBELL_BUFFER_CONFIG);
+        c.prp1 = shadow;
+        c.prp2 = event_idx;
         c
     }
 
@@ -369,6 +383,18 @@ mod tests {
         assert!(st.is_abort_requested());
         assert_eq!(st.name(), "Command Abort Requested");
         assert!(!Status::new(1, 0x07).is_abort_requested());
+    }
+
+    #[test]
+    fn doorbell_buffer_config_golden_bytes() {
+        let mut c = SubmissionEntry::doorbell_buffer_config(0x1234_5000, 0x0009_8765_4000);
+        c.set_cid(3);
+        let mut want = [0u8; 64];
+        want[0] = 0x7c; // opcode Doorbell Buffer Config
+        want[2..4].copy_from_slice(&3u16.to_le_bytes()); // CID
+        want[24..32].copy_from_slice(&0x1234_5000u64.to_le_bytes()); // PRP1: shadow doorbells
+        want[32..40].copy_from_slice(&0x0009_8765_4000u64.to_le_bytes()); // PRP2: event indexes
+        assert_eq!(bytes(&c), &want[..]);
     }
 
     #[test]

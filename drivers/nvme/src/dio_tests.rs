@@ -157,6 +157,7 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     let mut ctrl = crate::Controller::init(hal.clone(), sim.clone(), cfg).unwrap();
     let ns = ctrl.namespace(1).unwrap();
     let qp = ctrl.create_io_queue(1, 64, None).unwrap();
+    let ctrl = std::sync::Arc::new(crate::SharedController::new(ctrl));
     let mut e = Engine::new(NvmeQueue::new(qp, hal.clone(), ns).with_controller(ctrl));
     let f = FakeFile::contiguous(256 * 4096, 0);
     let (mut a, ao) = abuf(4096);
@@ -234,4 +235,115 @@ fn a_timed_out_command_reaches_its_owner_only_after_the_controller_reset() {
     let q = e.queue().qp.stats();
     assert_eq!(q.resets, 1, "{q:?}");
     drop((a, b));
+}
+
+/// A 4 KiB-block namespace served by two queue pairs (two cores' engines)
+/// on one controller with shadow doorbells: the block layer's `lba_shift`
+/// is 12, reads and writes of either engine see the same namespace, and a
+/// transfer that is not whole 4 KiB blocks is refused before the device.
+#[test]
+fn a_4k_namespace_through_two_engines_sharing_the_controller() {
+    let sim = Sim::new(SimConfig {
+        block_size: 4096,
+        blocks: 256,
+        ..Default::default()
+    });
+    let data: Vec<u8> = (0..256 * 4096)
+        .map(|i: usize| (i / 4096) as u8 ^ (i % 241) as u8)
+        .collect();
+    sim.write_disk(0, &data);
+    let hal = SimHal::new();
+    let mut ctrl = crate::Controller::init(hal.clone(), sim.clone(), Default::default()).unwrap();
+    assert!(ctrl.doorbell_buffer());
+    assert_eq!(ctrl.active_namespaces().unwrap(), vec![1]);
+    let ns = ctrl.namespace(1).unwrap();
+    assert_eq!(ns.block_size, 4096);
+    let mut qs = ctrl.create_io_queues(2, 64, false).unwrap();
+    let shared = std::sync::Arc::new(crate::SharedController::new(ctrl));
+    let q2 = qs.pop().unwrap();
+    let q1 = qs.pop().unwrap();
+    assert!(q1.shadow_doorbells() && q2.shadow_doorbells());
+    let mut e1 = Engine::new(NvmeQueue::new(q1, hal.clone(), ns).with_controller(shared.clone()));
+    let mut e2 = Engine::new(NvmeQueue::new(q2, hal.clone(), ns).with_controller(shared.clone()));
+    assert_eq!(e1.queue().lba_shift(), 12);
+    assert_eq!(e2.queue().capacity(), 256);
+    let f = FakeFile::new(
+        vec![
+            (0, 16384, IomapType::Mapped, 4096 * 100),
+            (16384, 16384, IomapType::Mapped, 4096 * 7),
+        ],
+        32768,
+    );
+    let (mut v, o) = abuf(32768);
+    for e in [&mut e1, &mut e2] {
+        v.fill(0);
+        // Simple path, one block.
+        // SAFETY: a synchronous request: it returns only when the device is done with the buffer, a slice of `v`, which outlives it.
+        let r = unsafe {
+            e.dio_rw(DioRequest::read(
+                Kiocb::sync(4096),
+                IoBuf::from_mut_slice(&mut v[o..o + 4096]),
+                &f,
+            ))
+        };
+        assert_eq!(r, Ok(DioResult::Done(4096)));
+        assert_eq!(&v[o..o + 4096], &data[4096 * 101..4096 * 102]);
+        // Generic path across both extents.
+        // SAFETY: as above.
+        let r = unsafe {
+            e.dio_rw(DioRequest::read(
+                Kiocb::sync(0),
+                IoBuf::from_mut_slice(&mut v[o..o + 32768]),
+                &f,
+            ))
+        };
+        assert_eq!(r, Ok(DioResult::Done(32768)));
+        assert_eq!(&v[o..o + 16384], &data[4096 * 100..4096 * 104]);
+        assert_eq!(&v[o + 16384..o + 32768], &data[4096 * 7..4096 * 11]);
+    }
+    // A raw write of two blocks through engine 1, read back through 2.
+    let (mut w, wo) = abuf(8192);
+    for (i, b) in w[wo..wo + 8192].iter_mut().enumerate() {
+        *b = (i % 199) as u8;
+    }
+    // SAFETY: a synchronous request on a slice of `w`, which outlives it.
+    let r = unsafe {
+        e1.raw(
+            Op::Write,
+            50,
+            IoBuf::from_mut_slice(&mut w[wo..wo + 8192]),
+            None,
+        )
+    };
+    assert_eq!(r, Ok(DioResult::Done(8192)));
+    // SAFETY: as above, on `v`.
+    let r = unsafe {
+        e2.raw(
+            Op::Read,
+            50,
+            IoBuf::from_mut_slice(&mut v[o..o + 8192]),
+            None,
+        )
+    };
+    assert_eq!(r, Ok(DioResult::Done(8192)));
+    assert_eq!(&v[o..o + 8192], &w[wo..wo + 8192]);
+    assert_eq!(&sim.disk()[50 * 4096..52 * 4096], &w[wo..wo + 8192]);
+    // Half a block: refused before any command.
+    let before = sim.commands();
+    // SAFETY: refused synchronously; `v` outlives the call.
+    let r = unsafe { e2.raw(Op::Read, 3, IoBuf::from_mut_slice(&mut v[o..o + 512]), None) };
+    assert!(matches!(r, Err(DioError::Invalid(_))), "{r:?}");
+    assert_eq!(sim.commands(), before);
+    // Past the end of the namespace.
+    // SAFETY: as above.
+    let r = unsafe {
+        e1.raw(
+            Op::Read,
+            255,
+            IoBuf::from_mut_slice(&mut v[o..o + 8192]),
+            None,
+        )
+    };
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(sim.bad_shadow_values(), 0);
 }

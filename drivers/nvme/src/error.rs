@@ -52,6 +52,15 @@ pub enum NvmeError {
     },
     /// The namespace does not exist or is inactive (identify returned size 0).
     NamespaceEmpty { nsid: u32 },
+    /// The namespace is formatted with metadata (`metadata_bytes` per logical
+    /// block, LBA format `lba_format`, interleaved with the data when
+    /// `extended`): the driver sends no metadata pointer, so it refuses it.
+    MetadataFormat {
+        nsid: u32,
+        metadata_bytes: u16,
+        lba_format: u8,
+        extended: bool,
+    },
     /// Identify data that the driver cannot use.
     BadIdentify(&'static str),
     /// A queue identifier or size that the controller does not allow.
@@ -118,6 +127,16 @@ impl fmt::Display for NvmeError {
             NvmeError::NamespaceEmpty { nsid } => {
                 write!(f, "namespace {nsid} has size 0 (inactive or absent)")
             }
+            NvmeError::MetadataFormat {
+                nsid,
+                metadata_bytes,
+                lba_format,
+                extended,
+            } => write!(
+                f,
+                "namespace {nsid}: {metadata_bytes} bytes of metadata per block (LBA format {lba_format}{}): unsupported, format it without metadata",
+                if extended { ", extended LBA" } else { "" }
+            ),
             NvmeError::BadIdentify(what) => write!(f, "bad identify data: {what}"),
             NvmeError::BadQueue { qid, entries } => {
                 write!(f, "queue {qid} with {entries} entries not allowed")

@@ -27,6 +27,12 @@
 //! 26        FLBAS format index 3:0 (+ 6:5 as bits 5:4), metadata at end of LBA 4
 //! 128..     LBAF[i], 4 bytes each: MS 15:0, LBADS 23:16 (log2), RP 25:24
 //! ```
+//!
+//! Only formats without metadata (MS = 0) are accepted
+//! ([`NvmeError::MetadataFormat`] otherwise).
+//!
+//! Active Namespace ID list (Identify CNS 02h, NVMe 1.1): up to 1024 32-bit
+//! namespace ids greater than the command's NSID, ascending, ended by 0.
 
 use crate::error::NvmeError;
 
@@ -149,10 +155,17 @@ impl Namespace {
                 "LBA data size outside 512 B..64 KiB",
             ));
         }
-        if ms != 0 && flbas & (1 << 4) != 0 {
-            return Err(NvmeError::Unsupported(
-                "extended LBAs (metadata interleaved with data)",
-            ));
+        // Metadata, separate or at the end of each block (extended LBA):
+        // without a metadata pointer a read of a separate-metadata format is
+        // not safe (the controller may transfer metadata anyway, or fail), and
+        // an extended format changes the transfer size of every command.
+        if ms != 0 {
+            return Err(NvmeError::MetadataFormat {
+                nsid,
+                metadata_bytes: ms as u16,
+                lba_format: index as u8,
+                extended: flbas & (1 << 4) != 0,
+            });
         }
         Ok(Namespace {
             nsid,
@@ -199,6 +212,53 @@ mod tests {
             Namespace::parse(3, &b),
             Err(NvmeError::NamespaceEmpty { nsid: 3 })
         );
+    }
+
+    #[test]
+    fn namespaces_with_metadata_are_refused_by_name() {
+        let mut b = [0u8; 4096];
+        b[0..8].copy_from_slice(&1000u64.to_le_bytes());
+        b[25] = 1; // two formats
+        b[26] = 1; // format 1: 512 + 8 bytes of separate metadata
+        b[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        b[132..136].copy_from_slice(&((9u32 << 16) | 8).to_le_bytes());
+        let e = Namespace::parse(2, &b).unwrap_err();
+        assert_eq!(
+            e,
+            NvmeError::MetadataFormat {
+                nsid: 2,
+                metadata_bytes: 8,
+                lba_format: 1,
+                extended: false
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "namespace 2: 8 bytes of metadata per block (LBA format 1): unsupported, format it without metadata"
+        );
+        // The same format with the metadata at the end of each block.
+        b[26] = 1 | 1 << 4;
+        let e = Namespace::parse(2, &b).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "namespace 2: 8 bytes of metadata per block (LBA format 1, extended LBA): unsupported, format it without metadata"
+        );
+        // Format 0 of the same namespace has none: accepted.
+        b[26] = 0;
+        assert_eq!(Namespace::parse(2, &b).unwrap().block_size, 512);
+        // A format index above 15 (FLBAS bits 6:5).
+        b[25] = 16;
+        b[26] = 1 << 5; // format 16
+        b[128 + 64..132 + 64].copy_from_slice(&((12u32 << 16) | 64).to_le_bytes());
+        assert!(matches!(
+            Namespace::parse(7, &b),
+            Err(NvmeError::MetadataFormat {
+                nsid: 7,
+                metadata_bytes: 64,
+                lba_format: 16,
+                ..
+            })
+        ));
     }
 
     #[test]

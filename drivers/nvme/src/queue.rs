@@ -56,13 +56,37 @@
 //! The hot path (`submit`, `process_completions`) is unchanged by all this: one
 //! extra comparison in `submit`, and the timeout states are only looked at in
 //! the (rare) branches of a completion for a slot that is not `InFlight`.
+//!
+//! # Shadow doorbells
+//!
+//! An I/O queue pair created after Doorbell Buffer Config
+//! ([`crate::Config::dbbuf`]) has four slots in the controller's Shadow
+//! Doorbell and EventIdx pages (layout in [`crate::regs`]). Ringing a
+//! doorbell is then (as Linux's `nvme_dbbuf_update_and_check_event`):
+//!
+//! ```text
+//! write the new value to the shadow slot (volatile)
+//! full fence (the controller writes the event index, then reads the shadow)
+//! event_idx = the EventIdx slot (volatile: the controller writes it)
+//! if need_event(event_idx, new, old): write the MMIO doorbell with `new`
+//! need_event(e, new, old) = (u16)(new - e - 1) < (u16)(new - old)
+//! ```
+//!
+//! The controller sets the SQ event index to the tail it has consumed up to
+//! (QEMU: after each command, then it reads the shadow tail again), so the
+//! MMIO write happens when it is idle at `old`, and is skipped while it is
+//! still working through the queue and will see the new tail itself. For the
+//! CQ it sets the event index to the head it last knew before reading the
+//! shadow head. The formula errs only towards an extra MMIO write (also
+//! across the ring's wrap, indices being taken modulo 2^16 while the ring
+//! wraps at `entries`). The admin queue never uses shadow doorbells.
 
 use crate::cmd::{CompletionEntry, Status, SubmissionEntry};
 use crate::error::NvmeError;
 use crate::hal::{Dma, Hal, Mmio, PAGE_SIZE};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::ptr;
+use core::ptr::{self, NonNull};
 use core::sync::atomic::{fence, Ordering};
 use dioxide_blk::FreeList;
 
@@ -145,6 +169,57 @@ pub struct QueueStats {
     pub reset_failed: u64,
     /// Controller resets that stopped this queue.
     pub resets: u64,
+    /// MMIO doorbell writes (SQ tail and CQ head).
+    pub doorbell_writes: u64,
+    /// Doorbells given through the shadow doorbell slot only: the event
+    /// index said the controller would see the new value by itself.
+    pub doorbells_skipped: u64,
+}
+
+/// Whether a doorbell must be written through MMIO after the shadow slot
+/// moved from `old` to `new`, given the controller's event index (module
+/// docs): the virtio/NVMe `need_event` test.
+#[inline(always)]
+pub fn need_event(event_idx: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event_idx).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// One queue pair's slots in the Shadow Doorbell and EventIdx pages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shadow {
+    sq_db: NonNull<u32>,
+    sq_ei: NonNull<u32>,
+    cq_db: NonNull<u32>,
+    cq_ei: NonNull<u32>,
+}
+
+// SAFETY: the slots point into the controller's doorbell buffer pages, which
+// are never freed while the controller may use them (see `ctrl.rs`); each
+// queue pair writes only its own slots, so moving it to another core moves
+// the only writer.
+unsafe impl Send for Shadow {}
+
+impl Shadow {
+    /// The slots of queue `qid` in the pages `shadow` and `event_idx`, or
+    /// `None` when they do not fit one page.
+    pub(crate) fn new(shadow: &Dma, event_idx: &Dma, qid: u16, stride: usize) -> Option<Self> {
+        let sq = crate::regs::shadow_sq_offset(qid, stride);
+        let cq = crate::regs::shadow_cq_offset(qid, stride);
+        if cq + 4 > PAGE_SIZE.min(shadow.len).min(event_idx.len) {
+            return None;
+        }
+        let at = |d: &Dma, off: usize| {
+            // SAFETY: off + 4 <= the region's length (checked above), and the
+            // offsets are multiples of 4 within page-aligned memory.
+            NonNull::new(unsafe { d.virt.as_ptr().add(off) } as *mut u32)
+        };
+        Some(Shadow {
+            sq_db: at(shadow, sq)?,
+            sq_ei: at(event_idx, sq)?,
+            cq_db: at(shadow, cq)?,
+            cq_ei: at(event_idx, cq)?,
+        })
+    }
 }
 
 pub struct QueuePair<H: Hal, M: Mmio> {
@@ -173,6 +248,11 @@ pub struct QueuePair<H: Hal, M: Mmio> {
     down: bool,
     max_transfer: usize,
     vector: Option<u16>,
+    /// Shadow doorbell slots, when the controller took a doorbell buffer.
+    shadow: Option<Shadow>,
+    /// The controller's reset epoch when this queue was last created on it
+    /// ([`crate::Controller::epoch`]).
+    epoch: u64,
     stats: QueueStats,
 }
 
@@ -235,6 +315,8 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             down: false,
             max_transfer: max_transfer.min(MAX_TRANSFER_PRP_LIST),
             vector,
+            shadow: None,
+            epoch: 0,
             stats: QueueStats::default(),
         })
     }
@@ -257,6 +339,40 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
     }
     pub fn vector(&self) -> Option<u16> {
         self.vector
+    }
+    /// Whether doorbells go through the shadow doorbell buffer.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+    /// The controller's reset epoch when this queue was last created on the
+    /// device: when [`crate::Controller::epoch`] differs, the controller was
+    /// stopped since and the queue no longer exists there
+    /// ([`crate::Controller::rejoin`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub(crate) fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+    pub(crate) fn set_shadow(&mut self, shadow: Option<Shadow>) {
+        self.shadow = shadow;
+    }
+    /// Zeroes this queue's shadow doorbell and event index slots, so that
+    /// the controller finds tail and head 0 when the queue is created.
+    ///
+    /// # Safety
+    ///
+    /// The queue does not exist on the controller (not created yet, deleted,
+    /// or the controller was disabled since): nothing else writes these slots.
+    pub(crate) unsafe fn clear_shadow(&mut self) {
+        if let Some(s) = self.shadow {
+            for p in [s.sq_db, s.sq_ei, s.cq_db, s.cq_ei] {
+                // SAFETY: the slots lie within the live doorbell buffer pages
+                // (Shadow::new), and by this function's contract nobody else
+                // accesses them now.
+                unsafe { ptr::write_volatile(p.as_ptr(), 0) };
+            }
+        }
     }
     pub fn stats(&self) -> QueueStats {
         self.stats
@@ -341,13 +457,64 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
         // the slot invariant (module docs) guarantees the entry is not one the
         // controller has yet to fetch.
         unsafe { ptr::write_volatile(sqe.add(self.sq_tail as usize), cmd) };
+        let old = self.sq_tail;
         self.sq_tail = (self.sq_tail + 1) % self.entries;
         // The entry (and the PRP list) must be visible to the device before the
-        // doorbell write that tells it to fetch them.
+        // doorbell write (shadow or MMIO) that tells it to fetch them.
         fence(Ordering::SeqCst);
-        self.mmio.write32(self.sq_doorbell, self.sq_tail as u32);
+        self.ring_sq(old);
         self.stats.submitted += 1;
         Ok(cid)
+    }
+
+    /// Tells the controller of the new SQ tail (was `old`): through the
+    /// shadow slot, and MMIO when the event index asks for it (module docs).
+    #[inline(always)]
+    fn ring_sq(&mut self, old: u16) {
+        let new = self.sq_tail;
+        if let Some(s) = self.shadow {
+            // SAFETY: our own slots in the live doorbell buffer pages
+            // (Shadow); the controller writes the event index concurrently,
+            // hence volatile accesses of whole aligned dwords.
+            let event_idx = unsafe {
+                ptr::write_volatile(s.sq_db.as_ptr(), new as u32);
+                // The shadow tail must be visible before the event index is
+                // read: the controller writes the event index, then reads the
+                // shadow tail; one of us sees the other's write.
+                fence(Ordering::SeqCst);
+                ptr::read_volatile(s.sq_ei.as_ptr())
+            };
+            if !need_event(event_idx as u16, new, old) {
+                self.stats.doorbells_skipped += 1;
+                return;
+            }
+        }
+        self.mmio.write32(self.sq_doorbell, new as u32);
+        self.stats.doorbell_writes += 1;
+    }
+
+    /// Tells the controller of the new CQ head (was `old`), as
+    /// [`QueuePair::ring_sq`].
+    #[inline(always)]
+    fn ring_cq(&mut self, old: u16) {
+        let new = self.cq_head;
+        if let Some(s) = self.shadow {
+            // The completion entries were read before the head that frees
+            // them is published.
+            fence(Ordering::Release);
+            // SAFETY: as in ring_sq.
+            let event_idx = unsafe {
+                ptr::write_volatile(s.cq_db.as_ptr(), new as u32);
+                fence(Ordering::SeqCst);
+                ptr::read_volatile(s.cq_ei.as_ptr())
+            };
+            if !need_event(event_idx as u16, new, old) {
+                self.stats.doorbells_skipped += 1;
+                return;
+            }
+        }
+        self.mmio.write32(self.cq_doorbell, new as u32);
+        self.stats.doorbell_writes += 1;
     }
 
     #[cold]
@@ -402,9 +569,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
     /// entries were consumed. This is what the poll loop and the MSI-X handler
     /// run.
     pub fn process_completions(&mut self, mut on_done: impl FnMut(Completion)) -> usize {
+        let old = self.cq_head;
         let n = self.reap(&mut on_done);
         if n > 0 {
-            self.mmio.write32(self.cq_doorbell, self.cq_head as u32);
+            self.ring_cq(old);
         }
         n
     }

@@ -13,6 +13,12 @@
 //! 0x30    8     ACQ    admin completion queue base
 //! 0x1000  4     SQ0TDBL, then CQ0HDBL, SQ1TDBL ... spaced (4 << DSTRD) bytes
 //! ```
+//!
+//! The Shadow Doorbell and EventIdx buffers of Doorbell Buffer Config (one
+//! memory page each) are laid out like the doorbells from 0x1000: the slot of
+//! queue `qid`'s SQ tail at byte `(2 * qid) * (4 << DSTRD)`, its CQ head at
+//! `(2 * qid + 1) * (4 << DSTRD)`, each a 32-bit little-endian value of which
+//! the low 16 bits are used ([`shadow_sq_offset`], [`shadow_cq_offset`]).
 
 pub const CAP: usize = 0x00;
 pub const VS: usize = 0x08;
@@ -80,6 +86,18 @@ pub fn cq_doorbell(qid: u16, stride: usize) -> usize {
     DOORBELL_BASE + (2 * qid as usize + 1) * stride
 }
 
+/// Byte offset of queue `qid`'s SQ tail slot in the Shadow Doorbell and
+/// EventIdx buffers (module docs).
+pub fn shadow_sq_offset(qid: u16, stride: usize) -> usize {
+    sq_doorbell(qid, stride) - DOORBELL_BASE
+}
+
+/// Byte offset of queue `qid`'s CQ head slot in the Shadow Doorbell and
+/// EventIdx buffers.
+pub fn shadow_cq_offset(qid: u16, stride: usize) -> usize {
+    cq_doorbell(qid, stride) - DOORBELL_BASE
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +115,24 @@ mod tests {
         assert_eq!(cap.max_page_size(), 4096 << 4);
         assert_eq!(sq_doorbell(1, 4), 0x1008);
         assert_eq!(cq_doorbell(1, 4), 0x100c);
+    }
+
+    #[test]
+    fn shadow_slots_follow_the_doorbell_layout() {
+        // DSTRD 0 (QEMU): queue i at 8 * i, its CQ head 4 bytes further, as
+        // QEMU's `(i << 3)` and `(i << 3) + (1 << 2)`.
+        assert_eq!((shadow_sq_offset(0, 4), shadow_cq_offset(0, 4)), (0, 4));
+        assert_eq!((shadow_sq_offset(1, 4), shadow_cq_offset(1, 4)), (8, 12));
+        assert_eq!(
+            (shadow_sq_offset(64, 4), shadow_cq_offset(64, 4)),
+            (512, 516)
+        );
+        // DSTRD 2: 16-byte stride.
+        assert_eq!(
+            (shadow_sq_offset(3, 16), shadow_cq_offset(3, 16)),
+            (96, 112)
+        );
+        // The last queue whose CQ slot fits a 4 KiB page with DSTRD 0.
+        assert_eq!(shadow_cq_offset(511, 4) + 4, 4096);
     }
 }

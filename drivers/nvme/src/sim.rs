@@ -18,6 +18,31 @@
 //! checked against the specification independently of the driver (its PRP
 //! walk is its own).
 //!
+//! Doorbell Buffer Config is modelled on QEMU 7.2 (`hw/nvme/ctrl.c`:
+//! `nvme_dbbuf_config`, `nvme_process_sq`, `nvme_post_cqes`,
+//! `nvme_process_db`): OACS bit 8 is set; the command takes PRP1 (shadow
+//! doorbells) and PRP2 (event indexes), page aligned, and writes the current
+//! tail/head of every existing queue (the admin queue's too) into its shadow
+//! slot; slot of queue `i` at `8 * i` (SQ) and `8 * i + 4` (CQ), CAP.DSTRD
+//! being 0. From then on: an MMIO doorbell write of an SQ schedules its
+//! processing, which takes the tail from the shadow slot, and after each
+//! command writes the event index (= the tail consumed up to) and reads the
+//! shadow tail again; before posting a completion the model writes the CQ
+//! event index (= the head it knows) and reads the shadow head (7.2.x stable
+//! and later; [`SimConfig::cq_eventidx`] off models 7.2.0, which never
+//! writes it). MMIO writes of the admin queue's doorbells are copied into its
+//! shadow slots, as QEMU does. A controller reset forgets the buffer. MMIO
+//! doorbell writes are counted per queue ([`Sim::doorbell_writes`]). With
+//! [`Sim::set_deferred`], an I/O SQ doorbell only schedules the queue (as
+//! QEMU's timer does) and [`Sim::run_pending`] processes it later, so the
+//! driver can submit several commands while the device is "busy".
+//!
+//! Namespaces: namespace 1 is the one with data; more can be described
+//! ([`SimConfig::extra_namespaces`], Identify only: I/O to them fails with
+//! Invalid Namespace), namespace 1 can be detached, Identify Controller's NN
+//! and the VS register can be set, and the Active Namespace ID list (CNS 2)
+//! can be refused as a controller older than NVMe 1.1 would.
+//!
 //! Buffer ownership is checkable: a command that was fetched and has not
 //! completed is *stalled* and keeps its PRPs; [`Sim::may_access`] says whether
 //! such a command could still move data into (or out of) a host range, and
@@ -37,6 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// for a device address.
 pub const PHYS_OFFSET: u64 = 0x8000_0000_0000;
 
+/// QEMU 7.2's default: `max_ioqpairs` 64, plus the admin queue.
 const MAX_QUEUES: usize = 65;
 
 /// Host memory and a virtual clock.
@@ -169,6 +195,18 @@ impl SimCq {
     }
 }
 
+/// A namespace besides namespace 1, for Identify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimNamespace {
+    pub nsid: u32,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Metadata bytes per logical block of its format (0: none).
+    pub metadata: u16,
+    /// Metadata at the end of each block (FLBAS bit 4).
+    pub extended: bool,
+}
+
 /// Model configuration.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -181,6 +219,23 @@ pub struct SimConfig {
     /// Report this namespace size instead of the real one (0: an empty
     /// namespace).
     pub reported_blocks: Option<u64>,
+    /// Doorbell Buffer Config supported (QEMU 7.2: yes).
+    pub dbbuf: bool,
+    /// The CQ event index is written before the shadow head is read (QEMU
+    /// 7.2.x stable releases and later; 7.2.0 did not).
+    pub cq_eventidx: bool,
+    /// Namespace 1 is attached (active); when not, it is missing from the
+    /// active list and identifies as zeroes.
+    pub ns1_active: bool,
+    /// More namespaces (Identify only).
+    pub extra_namespaces: Vec<SimNamespace>,
+    /// Identify Controller NN; `None`: 256, as QEMU (NVME_MAX_NAMESPACES).
+    pub nn: Option<u32>,
+    /// The VS register.
+    pub version: u32,
+    /// Identify CNS 2 (Active Namespace ID list) answered; when not, it
+    /// fails with Invalid Field.
+    pub active_list: bool,
 }
 
 impl Default for SimConfig {
@@ -191,6 +246,13 @@ impl Default for SimConfig {
             mdts: 7,
             max_queue_entries: 1024,
             reported_blocks: None,
+            dbbuf: true,
+            cq_eventidx: true,
+            ns1_active: true,
+            extra_namespaces: Vec::new(),
+            nn: None,
+            version: 0x0001_0400,
+            active_list: true,
         }
     }
 }
@@ -223,6 +285,17 @@ struct State {
     overflow: VecDeque<(u16, CompletionEntry)>,
     interrupts: [u64; 2048],
     commands: u64,
+    /// Shadow doorbell and event index pages (device addresses), when
+    /// Doorbell Buffer Config was accepted since the last enable.
+    dbbuf: Option<(u64, u64)>,
+    dbbuf_configs: u64,
+    /// I/O SQ doorbells only schedule their queue (QEMU's timer).
+    deferred: bool,
+    kicked: [bool; MAX_QUEUES],
+    /// MMIO doorbell writes per queue: (SQ tail, CQ head).
+    doorbells: [(u64, u64); MAX_QUEUES],
+    /// Shadow values out of range, ignored.
+    bad_shadow: u64,
 }
 
 /// The simulated controller; clones share one device.
@@ -259,6 +332,12 @@ impl Sim {
             overflow: VecDeque::new(),
             interrupts: [0; 2048],
             commands: 0,
+            dbbuf: None,
+            dbbuf_configs: 0,
+            deferred: false,
+            kicked: [false; MAX_QUEUES],
+            doorbells: [(0, 0); MAX_QUEUES],
+            bad_shadow: 0,
         })))
     }
 
@@ -281,8 +360,13 @@ impl Sim {
     }
     /// CSTS.RDY stays 1 after CC.EN is cleared: the controller cannot be
     /// stopped and keeps its stalled commands.
+    /// Turning it off lets a CC.EN = 0 written meanwhile take effect.
     pub fn set_never_disable(&self, v: bool) {
-        self.state().never_disable = v;
+        let mut s = self.state();
+        s.never_disable = v;
+        if !v && s.cc & regs::CC_EN == 0 && s.csts & regs::CSTS_RDY != 0 {
+            s.stop();
+        }
     }
     /// Stop answering: every command fetched from now on (admin too) stalls,
     /// until CC.EN goes 0 -> 1 and the controller is ready again.
@@ -396,6 +480,36 @@ impl Sim {
         let s = self.state();
         s.sqs[qid as usize].is_some() && s.cqs[qid as usize].is_some()
     }
+    /// MMIO doorbell writes of queue `qid` so far: (SQ tail, CQ head).
+    pub fn doorbell_writes(&self, qid: u16) -> (u64, u64) {
+        self.state().doorbells[qid as usize]
+    }
+    /// Whether the controller uses a doorbell buffer now.
+    pub fn dbbuf_enabled(&self) -> bool {
+        self.state().dbbuf.is_some()
+    }
+    /// Doorbell Buffer Config commands accepted so far.
+    pub fn dbbuf_configs(&self) -> u64 {
+        self.state().dbbuf_configs
+    }
+    /// Shadow doorbell values outside their queue (ignored).
+    pub fn bad_shadow_values(&self) -> u64 {
+        self.state().bad_shadow
+    }
+    /// I/O SQ doorbells only schedule their queue until [`Sim::run_pending`]
+    /// (QEMU processes a queue from a timer after its doorbell write).
+    pub fn set_deferred(&self, v: bool) {
+        self.state().deferred = v;
+    }
+    /// Processes the queues whose doorbell was written since the last call.
+    pub fn run_pending(&self) {
+        let mut s = self.state();
+        for qid in 1..MAX_QUEUES {
+            if std::mem::take(&mut s.kicked[qid]) {
+                s.process_sq(qid as u16);
+            }
+        }
+    }
 }
 
 impl Mmio for Sim {
@@ -404,7 +518,7 @@ impl Mmio for Sim {
         match offset {
             regs::CAP => s.cap as u32,
             o if o == regs::CAP + 4 => (s.cap >> 32) as u32,
-            regs::VS => 0x0001_0400,
+            regs::VS => s.cfg.version,
             regs::CC => s.cc,
             regs::CSTS => s.csts,
             regs::AQA => s.aqa,
@@ -428,8 +542,10 @@ impl Mmio for Sim {
                     return;
                 }
                 if index.is_multiple_of(2) {
+                    s.doorbells[qid].0 += 1;
                     s.sq_doorbell(qid as u16, value as u16);
                 } else {
+                    s.doorbells[qid].1 += 1;
                     s.cq_doorbell(qid as u16, value as u16);
                 }
             }
@@ -467,14 +583,7 @@ impl State {
             if self.never_disable {
                 return;
             }
-            // A controller reset: queues and every command in them are gone.
-            self.sqs = [None; MAX_QUEUES];
-            self.cqs = [None; MAX_QUEUES];
-            self.held.clear();
-            self.overflow.clear();
-            self.stalled.clear();
-            self.csts = 0;
-            self.disables += 1;
+            self.stop();
         } else if !was && now {
             if self.fatal_on_enable {
                 self.csts = regs::CSTS_CFS;
@@ -505,6 +614,54 @@ impl State {
         }
     }
 
+    /// A controller reset (CC.EN 1 -> 0 taking effect): queues and every
+    /// command in them are gone.
+    fn stop(&mut self) {
+        self.sqs = [None; MAX_QUEUES];
+        self.cqs = [None; MAX_QUEUES];
+        self.held.clear();
+        self.overflow.clear();
+        self.stalled.clear();
+        self.dbbuf = None;
+        self.kicked = [false; MAX_QUEUES];
+        self.csts = 0;
+        self.disables += 1;
+    }
+
+    /// Slot `index` (2 * qid for an SQ tail, 2 * qid + 1 for a CQ head) of
+    /// the shadow doorbell page (`event == false`) or the event index page.
+    fn dbbuf_slot(&self, index: usize, event: bool) -> Option<*mut u32> {
+        let (db, ei) = self.dbbuf?;
+        host_ptr(if event { ei } else { db } + 4 * index as u64).map(|p| p as *mut u32)
+    }
+
+    fn read_slot(&self, index: usize) -> Option<u32> {
+        let p = self.dbbuf_slot(index, false)?;
+        // SAFETY: the page given with Doorbell Buffer Config, which the
+        // driver keeps alive while the controller uses it; index < 130.
+        Some(unsafe { std::ptr::read_volatile(p) })
+    }
+
+    fn write_slot(&self, index: usize, event: bool, v: u32) {
+        if let Some(p) = self.dbbuf_slot(index, event) {
+            // SAFETY: as in read_slot.
+            unsafe { std::ptr::write_volatile(p, v) };
+        }
+    }
+
+    /// The SQ tail from the shadow slot, when a doorbell buffer is in use
+    /// (`nvme_update_sq_tail`); out-of-range values are ignored.
+    fn shadow_tail(&mut self, qid: u16, sq: &mut SimSq) {
+        if let Some(v) = self.read_slot(2 * qid as usize) {
+            if v < sq.entries as u32 {
+                sq.tail = v as u16;
+            } else {
+                self.bad_shadow += 1;
+            }
+        }
+    }
+
+    /// An MMIO write of SQ `qid`'s tail doorbell.
     fn sq_doorbell(&mut self, qid: u16, tail: u16) {
         let Some(mut sq) = self.sqs[qid as usize] else {
             return;
@@ -513,6 +670,25 @@ impl State {
             return; // invalid doorbell write: ignored (a real device posts an async event)
         }
         sq.tail = tail;
+        self.sqs[qid as usize] = Some(sq);
+        if qid == 0 {
+            // QEMU keeps the admin queue's shadow slot in step with MMIO.
+            self.write_slot(0, false, tail as u32);
+        } else if self.deferred {
+            self.kicked[qid as usize] = true;
+            return;
+        }
+        self.process_sq(qid);
+    }
+
+    /// Fetches and executes the new entries of SQ `qid` (`nvme_process_sq`).
+    fn process_sq(&mut self, qid: u16) {
+        let Some(mut sq) = self.sqs[qid as usize] else {
+            return;
+        };
+        if self.dbbuf.is_some() {
+            self.shadow_tail(qid, &mut sq);
+        }
         while sq.head != sq.tail {
             let Some(ptr) = host_ptr(sq.base + sq.head as u64 * 64) else {
                 break;
@@ -545,10 +721,17 @@ impl State {
                     cmd,
                 }),
             }
-            // Queues may have been created or deleted by the command.
+            // Queues may have been created or deleted by the command, and
+            // the controller reset.
             match self.sqs[qid as usize] {
                 Some(s) => sq = Self::merged(s, sq),
                 None => return,
+            }
+            if self.dbbuf.is_some() {
+                // The event index says how far the controller got; then it
+                // looks for more (nvme_update_sq_eventidx, _tail).
+                self.write_slot(2 * qid as usize, true, sq.tail as u32);
+                self.shadow_tail(qid, &mut sq);
             }
         }
         self.sqs[qid as usize] = Some(sq);
@@ -570,6 +753,9 @@ impl State {
             return;
         }
         cq.head = head;
+        if qid == 0 {
+            self.write_slot(1, false, head as u32);
+        }
         while let Some(&(q, e)) = self.overflow.front() {
             let full = self.cqs[q as usize].is_some_and(|c| c.full());
             if full {
@@ -612,6 +798,24 @@ impl State {
     }
 
     fn post(&mut self, cqid: u16, mut e: CompletionEntry) {
+        let Some(known) = self.cqs[cqid as usize].map(|c| c.head) else {
+            return;
+        };
+        if self.dbbuf.is_some() {
+            let slot = 2 * cqid as usize + 1;
+            if self.cfg.cq_eventidx {
+                self.write_slot(slot, true, known as u32);
+            }
+            let shadow = self.read_slot(slot);
+            let bad = &mut self.bad_shadow;
+            if let (Some(cq), Some(v)) = (self.cqs[cqid as usize].as_mut(), shadow) {
+                if v < cq.entries as u32 {
+                    cq.head = v as u16;
+                } else {
+                    *bad += 1;
+                }
+            }
+        }
         let Some(cq) = self.cqs[cqid as usize].as_mut() else {
             return;
         };
@@ -656,6 +860,21 @@ impl State {
         self.cfg.reported_blocks.unwrap_or(self.cfg.blocks)
     }
 
+    /// The attached namespaces, ascending.
+    fn active_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.cfg.extra_namespaces.iter().map(|n| n.nsid).collect();
+        if self.cfg.ns1_active {
+            ids.push(1);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn nn(&self) -> u32 {
+        self.cfg.nn.unwrap_or(256)
+    }
+
     /// Executes one command: `None` when it is never to complete.
     fn execute(&mut self, qid: u16, cmd: &SubmissionEntry) -> Option<(Status, u32)> {
         if self.hung {
@@ -684,23 +903,50 @@ impl State {
                         d[24..64].copy_from_slice(b"dioxide simulated NVMe                  ");
                         d[64..72].copy_from_slice(b"1.0     ");
                         d[77] = self.cfg.mdts;
+                        if self.cfg.dbbuf {
+                            d[257] |= 1; // OACS bit 8: Doorbell Buffer Config
+                        }
                         d[512] = 0x66;
                         d[513] = 0x44;
-                        d[516..520].copy_from_slice(&1u32.to_le_bytes());
+                        d[516..520].copy_from_slice(&self.nn().to_le_bytes());
                     }
                     0x00 => {
                         if cmd.nsid == 0 || cmd.nsid == u32::MAX {
                             return (Status::new(0, 0x0b), 0);
                         }
-                        if cmd.nsid == 1 {
+                        if cmd.nsid == 1 && self.cfg.ns1_active {
                             d[0..8].copy_from_slice(&self.reported_blocks().to_le_bytes());
                             d[8..16].copy_from_slice(&self.reported_blocks().to_le_bytes());
                             let lbads = self.cfg.block_size.trailing_zeros();
                             d[128..132].copy_from_slice(&(lbads << 16).to_le_bytes());
+                        } else if let Some(ns) = self
+                            .cfg
+                            .extra_namespaces
+                            .iter()
+                            .find(|n| n.nsid == cmd.nsid)
+                        {
+                            d[0..8].copy_from_slice(&ns.blocks.to_le_bytes());
+                            d[8..16].copy_from_slice(&ns.blocks.to_le_bytes());
+                            // Two formats: 0 without metadata, 1 the one in use.
+                            d[25] = 1;
+                            d[26] = 1 | if ns.extended { 1 << 4 } else { 0 };
+                            let lbads = ns.block_size.trailing_zeros();
+                            d[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+                            d[132..136].copy_from_slice(
+                                &((lbads << 16) | ns.metadata as u32).to_le_bytes(),
+                            );
+                        } else if cmd.nsid > self.nn() {
+                            return (Status::new(0, 0x0b).with_dnr(), 0);
                         }
                     }
-                    0x02 => d[0..4].copy_from_slice(&1u32.to_le_bytes()),
-                    _ => return (status(INVALID_FIELD), 0),
+                    0x02 if self.cfg.active_list => {
+                        let mut ids: Vec<u32> = self.active_ids();
+                        ids.retain(|&id| id > cmd.nsid);
+                        for (i, id) in ids.iter().take(1024).enumerate() {
+                            d[4 * i..4 * i + 4].copy_from_slice(&id.to_le_bytes());
+                        }
+                    }
+                    _ => return (status(INVALID_FIELD).with_dnr(), 0),
                 }
                 match self.copy(cmd, &mut d, true) {
                     Ok(()) => (Status::SUCCESS, 0),
@@ -722,6 +968,26 @@ impl State {
                     }
                     _ => (Status::SUCCESS, 1),
                 }
+            }
+            admin::DOORBELL_BUFFER_CONFIG if self.cfg.dbbuf => {
+                let (db, ei) = (cmd.prp1, cmd.prp2);
+                let page = PAGE_SIZE as u64;
+                if !db.is_multiple_of(page) || !ei.is_multiple_of(page) {
+                    return (status(INVALID_FIELD).with_dnr(), 0);
+                }
+                self.dbbuf = Some((db, ei));
+                self.dbbuf_configs += 1;
+                // Existing queues (the admin queue at least) start from their
+                // current values.
+                for q in 0..MAX_QUEUES {
+                    if let Some(sq) = self.sqs[q] {
+                        self.write_slot(2 * q, false, sq.tail as u32);
+                    }
+                    if let Some(cq) = self.cqs[q] {
+                        self.write_slot(2 * q + 1, false, cq.head as u32);
+                    }
+                }
+                (Status::SUCCESS, 0)
             }
             admin::SET_FEATURES if cmd.cdw10 & 0xff == 0x07 => {
                 let nsq = (cmd.cdw11 & 0xffff).min(63);
@@ -792,7 +1058,7 @@ impl State {
     }
 
     fn io(&mut self, cmd: &SubmissionEntry) -> (Status, u32) {
-        if cmd.nsid != 1 {
+        if cmd.nsid != 1 || !self.cfg.ns1_active {
             return (Status::new(0, 0x0b).with_dnr(), 0);
         }
         match cmd.opcode() {

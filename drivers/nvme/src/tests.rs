@@ -22,6 +22,7 @@ fn config() -> Config {
         admin_timeout_ms: 100,
         io_timeout_ms: 100,
         abort_grace_ms: 50,
+        dbbuf: true,
     }
 }
 
@@ -465,8 +466,17 @@ fn queue_creation_errors_are_reported() {
         Err(NvmeError::BadQueue { .. })
     ));
     let q1 = ctrl.create_io_queue(1, 64, None).unwrap();
-    // Creating the same queue id twice: Invalid Queue Identifier.
+    // Creating the same queue id twice is refused before the device is
+    // asked (its shadow doorbell slots belong to the live queue).
+    let before = sim.commands();
     match ctrl.create_io_queue(1, 16, None) {
+        Err(NvmeError::BadQueue { qid: 1, .. }) => {}
+        other => panic!("{:?}", other.map(|q| q.qid())),
+    }
+    assert_eq!(sim.commands(), before);
+    // The device answers Invalid Queue Identifier to a queue id beyond what
+    // it supports (QEMU: 64 I/O queue pairs).
+    match ctrl.create_io_queue(65, 16, None) {
         Err(NvmeError::Command { status, .. }) => {
             assert_eq!(status.name(), "Invalid Queue Identifier")
         }
@@ -1078,6 +1088,7 @@ fn stats_count_timeouts_aborts_and_resets() {
             aborts_declined: 1,
             resets: 1,
             failed_resets: 0,
+            rejoins: 0,
         }
     );
 }

@@ -25,13 +25,14 @@ use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
 use crate::platform::{apic, idt, smp};
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use dioxide_iomap::{DioError, Engine, IoBuf, Op, ReqId};
 use dioxide_nvme::blk::NvmeQueue;
-use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError};
+use dioxide_nvme::{Config, Controller, Dma, Hal, Mmio, Namespace, NvmeError, SharedController};
 use x86_64::instructions::interrupts;
 
 /// Identity-mapped kernel memory as DMA memory.
@@ -240,6 +241,9 @@ pub fn is_nvme(f: &Function) -> bool {
 pub struct Options {
     pub mode: Mode,
     pub timeout_ms: u64,
+    /// Shadow doorbells (Doorbell Buffer Config) when the controller has
+    /// them (`nvme.dbbuf=0` turns them off, to compare).
+    pub dbbuf: bool,
 }
 
 /// Brings up every NVMe controller in `functions` (PCI class 01:08:02) and
@@ -302,6 +306,7 @@ fn init_controller(
         // How long an aborted command may take to answer before the
         // controller is reset.
         abort_grace_ms: timeout_ms.clamp(100, 5000),
+        dbbuf: opts.dbbuf,
         ..Config::default()
     };
     let mut ctrl = Controller::init(KernelHal, regs, config)?;
@@ -372,20 +377,14 @@ fn init_controller(
         }
         made.push((ns, queues));
     }
-    // The controller recovers timeouts from the queue that holds it (the
-    // first one).
-    let mut ctrl = Some(ctrl);
+    // Every queue shares the controller, for aborts and resets (a reset by
+    // one queue is caught up with by the others: `dioxide_nvme::shared`).
+    let shared = Arc::new(SharedController::new(ctrl));
     for (ns, queues) in made {
         let max_transfer = queues.first().map_or(0, |q| q.qp.max_transfer());
         let engines = queues
             .into_iter()
-            .map(|q| {
-                let q = match ctrl.take() {
-                    Some(c) => q.with_controller(c),
-                    None => q,
-                };
-                IrqMutex::new(Some(Engine::new(q)))
-            })
+            .map(|q| IrqMutex::new(Some(Engine::new(q.with_controller(shared.clone())))))
             .collect::<Vec<_>>();
         let disk = Disk {
             name: alloc::format!("{name}n{}", ns.nsid),
@@ -552,16 +551,23 @@ pub unsafe fn execute(disk: usize, op: Op, lba: u64, buf: IoBuf) -> Result<(), D
 /// power-off. The first error is returned; every controller is tried.
 pub fn shutdown() -> Result<(), NvmeError> {
     let mut r = Ok(());
+    let mut done: Option<usize> = None;
     for d in disks() {
-        for e in &d.engines {
-            if let Some(e) = e.lock().as_mut() {
-                if let Some(c) = e.queue_mut().ctrl.as_mut() {
-                    if let Err(err) = c.shutdown() {
-                        log::warn!(target: "nvme", "nvme{}: shutdown: {err}", d.ctrl);
-                        if r.is_ok() {
-                            r = Err(err);
-                        }
-                    }
+        // Once per controller: its namespaces follow one another.
+        if done == Some(d.ctrl) {
+            continue;
+        }
+        done = Some(d.ctrl);
+        let ctrl = d
+            .engines
+            .first()
+            .and_then(|e| e.lock().as_ref().and_then(|e| e.queue().controller().cloned()));
+        if let Some(c) = ctrl {
+            // The controller's lock is only taken with interrupts off.
+            if let Err(err) = interrupts::without_interrupts(|| c.shutdown()) {
+                log::warn!(target: "nvme", "nvme{}: shutdown: {err}", d.ctrl);
+                if r.is_ok() {
+                    r = Err(err);
                 }
             }
         }

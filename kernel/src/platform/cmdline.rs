@@ -5,6 +5,7 @@
 //! | `selftest` | `digest`, `rw`, `files`, `bench`, `noalloc`, `fault`, `calibrate` | run a self-test and power off |
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
+//! | `nvme.dbbuf` | `1` (default), `0` | shadow doorbells (Doorbell Buffer Config) when the controller offers them |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
 //! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench`; any `bench.*` argument without `selftest=` runs it (JSON lines on every console) |
 //! | `bench.dev` | `nvme`, `null` (comma list) | devices of `selftest=bench` |
@@ -59,6 +60,7 @@ pub const KNOWN: &[&str] = &[
     "selftest",
     "nvme.completion",
     "nvme.timeout_ms",
+    "nvme.dbbuf",
     "rw.blocks",
     "dio.simple",
     "net.ip",
