@@ -184,3 +184,16 @@ fn x2apic_mode_when_qemu_has_it() {
     );
     assert_smp_ok(&out, 4);
 }
+
+/// QEMU lists the CPUs that could be hot-added (`maxcpus`) in the MADT too,
+/// neither enabled nor online capable (flags 0): they are not started, nor
+/// waited for.
+#[test]
+fn cpus_listed_but_not_present_are_not_started() {
+    let mut cfg = smp_config(2, &["selftest=smp"]);
+    // Merged with the CLI's `-smp 2`.
+    cfg.extra = vec!["-smp".into(), "2,maxcpus=4".into()];
+    let out = boot(&cfg);
+    assert!(!out.console.contains("did not start"), "{}", out.console);
+    assert_smp_ok(&out, 2);
+}

@@ -509,12 +509,19 @@ const EMERGENCY_WAIT_NS: u64 = 20_000_000;
 /// the screen not at all.
 pub fn emergency(args: fmt::Arguments) {
     x86_64::instructions::interrupts::without_interrupts(|| {
-        let t0 = crate::platform::time::now_ns();
+        // In TSC cycles, at 2 GHz when the rate is not known yet (the
+        // clock `now_ns` stands still before calibration).
+        let hz = match crate::platform::time::tsc_hz() {
+            0 => 2_000_000_000,
+            hz => hz,
+        };
+        let budget = EMERGENCY_WAIT_NS * (hz / 1_000_000) / 1000;
+        let t0 = crate::platform::time::rdtsc();
         let mut screen = loop {
             if let Some(g) = SCREEN.try_lock() {
                 break Some(g);
             }
-            if crate::platform::time::now_ns().wrapping_sub(t0) > EMERGENCY_WAIT_NS {
+            if crate::platform::time::rdtsc().wrapping_sub(t0) > budget {
                 break None;
             }
             core::hint::spin_loop();
