@@ -8,7 +8,8 @@
 //! Every AP is sent an INIT IPI (those beyond the cap too: INIT parks a
 //! CPU in wait-for-SIPI, where it stays whatever happens to the memory its
 //! firmware left it looping in); after 10 ms each AP to start is sent a
-//! startup IPI, 200 µs later a second one (Intel SDM vol. 3A §8.4.4.1;
+//! startup IPI, 200 µs later a second one (Intel SDM vol. 3A, "Typical BSP
+//! Initialization Sequence";
 //! a CPU that is already running ignores the second), and the boot CPU
 //! waits (halted, woken by the AP's IPI or its tick) up to
 //! [`START_TIMEOUT_NS`] for it to come online. One AP at a time: they share
@@ -220,7 +221,8 @@ impl fmt::Display for RunOnError {
 /// of one CPU run one after the other, in the order queued. Returns at
 /// once; on an error the job is dropped, not run. A job that never returns
 /// keeps its CPU for good (a per-core loop). Callable from any CPU,
-/// including from a job (a job queued on its own CPU runs after it).
+/// including from a job (a job queued on its own CPU runs after it); not
+/// from an interrupt handler (queueing may allocate).
 pub fn run_on(cpu: usize, job: Job) -> Result<(), RunOnError> {
     if cpu == 0 {
         return Err(RunOnError::BootCpu);
@@ -250,7 +252,8 @@ pub fn is_idle(cpu: usize) -> bool {
 /// AP that runs a job that never returns makes this wait for ever. Call it
 /// from the boot CPU (panics elsewhere: the boot CPU takes no jobs, so an
 /// AP could never have it run its share). The caller halts (interrupts on)
-/// while it waits, and is woken by the last AP to finish.
+/// while it waits, and is woken by the last AP to finish: never call it
+/// holding an `IrqMutex` (its interrupts would come on under the lock).
 pub fn on_each_cpu<T, F>(f: F) -> Vec<T>
 where
     T: Send,
