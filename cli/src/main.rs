@@ -74,8 +74,8 @@ enum Cmd {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 512)]
         mem: u32,
-        /// Guest CPUs.
-        #[arg(long, default_value_t = 1)]
+        /// Guest CPUs (the kernel starts them all; `-- smp=N` caps it).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         smp: u32,
         /// Accelerator; `auto` uses KVM only where it measures fast.
         #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
@@ -83,7 +83,8 @@ enum Cmd {
         /// Kill QEMU and fail after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// Run a kernel self-test and exit: digest, rw, fault, calibrate.
+        /// Run a kernel self-test and exit: digest, rw, files, fault, panic,
+        /// calibrate, smp, ap-panic.
         #[arg(long)]
         selftest: Option<String>,
         /// How the kernel reaps NVMe completions.

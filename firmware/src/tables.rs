@@ -499,6 +499,10 @@ pub struct Madt {
     pub flags: u32,
     /// APIC ids (xAPIC or x2APIC) of the enabled or online-capable CPUs.
     apic_ids: [u32; MAX_CPUS],
+    /// Bit i: `apic_ids[i]` is enabled (flags bit 0), i.e. present and
+    /// usable now; clear for a CPU that is only online capable (one the
+    /// firmware may hot-add later, which must not be started).
+    enabled: u64,
     cpus: usize,
     /// CPUs beyond [`MAX_CPUS`], not kept.
     pub cpus_dropped: usize,
@@ -517,7 +521,20 @@ impl Madt {
     pub fn apic_ids(&self) -> &[u32] {
         &self.apic_ids[..self.cpus]
     }
+
+    /// The APIC ids of the enabled CPUs (the ones to start), in table
+    /// order: [`Madt::apic_ids`] without the merely online-capable ones.
+    pub fn enabled_apic_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.apic_ids()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.enabled & (1 << i) != 0)
+            .map(|(_, &id)| id)
+    }
 }
+
+// One bit per kept CPU in `Madt::enabled`.
+const _: () = assert!(MAX_CPUS <= 64);
 
 /// Decodes a MADT (`"APIC"`).
 pub fn parse_madt(t: &[u8]) -> Result<Madt, TableError> {
@@ -526,6 +543,7 @@ pub fn parse_madt(t: &[u8]) -> Result<Madt, TableError> {
         lapic_addr: u32_at(t, 36).unwrap_or(0) as u64,
         flags: u32_at(t, 40).unwrap_or(0),
         apic_ids: [0; MAX_CPUS],
+        enabled: 0,
         cpus: 0,
         cpus_dropped: 0,
         overrun_at: None,
@@ -556,6 +574,9 @@ pub fn parse_madt(t: &[u8]) -> Result<Madt, TableError> {
             if flags & 3 != 0 {
                 if m.cpus < MAX_CPUS {
                     m.apic_ids[m.cpus] = id;
+                    if flags & 1 != 0 {
+                        m.enabled |= 1 << m.cpus;
+                    }
                     m.cpus += 1;
                 } else {
                     m.cpus_dropped += 1;
@@ -856,6 +877,7 @@ pub(crate) mod tests {
     fn qemu_madt_one_cpu_with_8259s() {
         let m = parse_madt(Q35_MADT).unwrap();
         assert_eq!(m.apic_ids(), &[0]);
+        assert_eq!(m.enabled_apic_ids().collect::<std::vec::Vec<_>>(), [0]);
         assert_eq!(m.lapic_addr, 0xfee0_0000);
         assert!(m.pcat_compat());
         assert_eq!((m.cpus_dropped, m.overrun_at), (0, None));
@@ -877,6 +899,8 @@ pub(crate) mod tests {
         b.extend_from_slice(&[0, 9]); // overruns the table
         let m = parse_madt(&table(b"APIC", 5, &b)).unwrap();
         assert_eq!(m.apic_ids(), &[1, 300]);
+        // 300 is online capable only: listed, not to be started.
+        assert_eq!(m.enabled_apic_ids().collect::<std::vec::Vec<_>>(), [1]);
         assert!(!m.pcat_compat());
         assert_eq!(m.lapic_addr, 0xfee1_0000);
         assert_eq!(m.overrun_at, Some(HEADER_LEN + b.len() - 2));
@@ -890,6 +914,8 @@ pub(crate) mod tests {
         }
         let m = parse_madt(&table(b"APIC", 5, &b)).unwrap();
         assert_eq!(m.apic_ids().len(), MAX_CPUS);
+        assert_eq!(m.enabled_apic_ids().count(), MAX_CPUS);
+        assert_eq!(m.enabled_apic_ids().last(), Some(63));
         assert_eq!(m.cpus_dropped, 6);
     }
 

@@ -2,8 +2,8 @@
 //!
 //! Boot order: ACPI facts (on the boot loader's identity map, no heap), TSC
 //! calibration, console, descriptor tables, memory (frames, page tables,
-//! heap), local APIC, PCI, NVMe; then a self-test or the
-//! appliance's run loop. Any failure is reported on the console and ends in a
+//! heap), local APIC, the other CPUs (`smp`), PCI, NVMe; then a self-test
+//! or the appliance's run loop. Any failure is reported on the console and ends in a
 //! power-off with a status the host reads (see [`power`]).
 #![no_std]
 #![no_main]
@@ -22,7 +22,7 @@ use block::disk;
 use diag::{bench, selftest};
 use drivers::{nvme, pci};
 use net::{nbd, stack};
-use platform::{acpi, apic, cmdline, gdt, idt, power, serial, time};
+use platform::{acpi, apic, cmdline, gdt, idt, power, serial, smp, time};
 
 use cmdline::Cmdline;
 use dioxide_boot::BootInfo;
@@ -99,12 +99,14 @@ fn kmain(boot: &'static BootInfo) -> ! {
         "fault",
         "panic",
         "calibrate",
+        "smp",
+        "ap-panic",
     ]
     .contains(&selftest)
     {
         fail(
             EXIT_CONFIG,
-            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, panic, calibrate)"),
+            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, panic, calibrate, smp, ap-panic)"),
         );
     }
     if selftest == "calibrate" {
@@ -174,6 +176,18 @@ fn kmain(boot: &'static BootInfo) -> ! {
 
     apic::init();
     apic::start_tick(10);
+    match args.number("smp") {
+        Ok(cap) => smp::init(cap),
+        Err(v) => fail(
+            EXIT_CONFIG,
+            format_args!("smp={v:?}: expected a number of CPUs"),
+        ),
+    }
+    match selftest {
+        "smp" => diag::smp::selftest(),
+        "ap-panic" => diag::smp::ap_panic(),
+        _ => {}
+    }
     pci::init(facts.ok().and_then(|f| f.ecam()));
     let functions = pci::enumerate();
     x86_64::instructions::interrupts::enable();
@@ -343,6 +357,6 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    serial::emergency(format_args!("\nPANIC: {info}\n"));
+    serial::emergency(format_args!("\nPANIC: {info}\n  on {}\n", smp::Here));
     power::fatal(power::EXIT_PANIC)
 }

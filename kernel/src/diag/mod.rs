@@ -2,3 +2,4 @@
 //! `selftest=` kernel argument.
 pub mod bench;
 pub mod selftest;
+pub mod smp;

@@ -157,8 +157,12 @@ fn cpus() -> usize {
 }
 
 /// The local APIC id of core `cpu`, where its queues' MSI-X entries point.
-fn apic_of(_cpu: usize) -> u32 {
-    apic::id()
+fn apic_of(cpu: usize) -> u32 {
+    if cpu < smp::cpu_count() {
+        smp::apic_id_of(cpu)
+    } else {
+        apic::id()
+    }
 }
 
 /// Which of a disk's `n` queues core `cpu` uses: its own while there are

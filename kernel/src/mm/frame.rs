@@ -1,7 +1,12 @@
 //! Physical frame allocator: a bump allocator over the usable regions of the
 //! memory map (above 1 MiB and outside the kernel image), with a free list of
 //! returned 4 KiB frames.
+//!
+//! Memory below 1 MiB is never handed out. One usable page there is kept
+//! for the application processors' start-up code ([`trampoline_page`]: a
+//! SIPI starts a CPU in real mode at a page below 1 MiB).
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use dioxide_boot::{BootInfo, MemoryKind};
 use spin::Mutex;
 
@@ -28,7 +33,38 @@ static FRAMES: Mutex<Frames> = Mutex::new(Frames {
     used: 0,
 });
 
+/// The page kept for [`trampoline_page`] (0: none).
+static TRAMPOLINE: AtomicU64 = AtomicU64::new(0);
+
+/// The highest 4 KiB page of usable RAM in `[0x1000, 0xa0000)`: the range
+/// a startup IPI's vector can name (vectors 0xa0-0xbf are reserved, and
+/// page 0 holds the real-mode interrupt table and stays unmapped).
+fn pick_trampoline(boot: &BootInfo) -> Option<u64> {
+    boot.memory_map()
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Usable)
+        .filter_map(|r| {
+            let start = r.start.max(FRAME).div_ceil(FRAME) * FRAME;
+            let end = (r.start.saturating_add(r.len)).min(0xa_0000) / FRAME * FRAME;
+            (end > start).then(|| end - FRAME)
+        })
+        .max()
+}
+
+/// A page of usable RAM below 1 MiB (4 KiB aligned, never handed out by
+/// this allocator, identity mapped) for the AP start-up code, if the
+/// memory map has one.
+pub fn trampoline_page() -> Option<u64> {
+    match TRAMPOLINE.load(Ordering::Relaxed) {
+        0 => None,
+        p => Some(p),
+    }
+}
+
 pub fn init(boot: &BootInfo) {
+    if let Some(p) = pick_trampoline(boot) {
+        TRAMPOLINE.store(p, Ordering::Relaxed);
+    }
     let mut f = FRAMES.lock();
     let (ks, ke) = (boot.kernel_start, boot.kernel_end);
     for r in boot.memory_map() {

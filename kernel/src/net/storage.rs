@@ -81,10 +81,12 @@ pub fn start(table: &'static Table, jobs: usize) {
             .collect()
     });
     for cpu in 1..cpus {
-        smp::run_on(
-            cpu,
-            alloc::boxed::Box::new(move || storage_loop(cpu, table)),
-        );
+        let job = alloc::boxed::Box::new(move || storage_loop(cpu, table));
+        if let Err(e) = smp::run_on(cpu, job) {
+            // Not reached (every core below cpu_count is online); its
+            // connections' reads would wait, so say so.
+            log::error!(target: "nbd", "storage core {cpu}: {e:?}");
+        }
     }
     log::info!(target: "nbd", "reads issued on storage cores 1..{} (network on core 0)", cpus - 1);
 }

@@ -1,9 +1,15 @@
 //! Local APIC (x2APIC when the CPU has it, else xAPIC through MMIO), the
-//! legacy 8259 PICs (remapped and masked), and the APIC timer used as a wake-up
-//! tick while the run loop halts.
+//! legacy 8259 PICs (remapped and masked), the APIC timer used as a wake-up
+//! tick while the run loop halts, and inter-processor interrupts.
+//!
+//! The boot CPU chooses the mode ([`init`]); every application processor
+//! uses the same one ([`init_ap`]), so that one set of register accessors
+//! (and [`eoi`]) works everywhere. Each CPU has its own tick: the boot
+//! CPU's (vector [`TIMER_VECTOR`]) counts [`ticks`]; the others' (vector
+//! [`AP_TIMER_VECTOR`]) only bound their `hlt`.
 
 use crate::mm;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use x86_64::instructions::port::Port;
 use x86_64::registers::model_specific::Msr;
 
@@ -18,13 +24,27 @@ const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INIT: u32 = 0x380;
 const REG_TIMER_CUR: u32 = 0x390;
 const REG_TIMER_DIV: u32 = 0x3e0;
+/// Interrupt command register: xAPIC low half at 0x300 (writing it sends),
+/// destination in 0x310 bits 31:24; x2APIC one 64-bit MSR (0x830),
+/// destination in bits 63:32.
+const REG_ICR: u32 = 0x300;
+const REG_ICR_HIGH: u32 = 0x310;
+
+const IA32_APIC_BASE_EN: u64 = 1 << 11;
+const IA32_APIC_BASE_EXTD: u64 = 1 << 10;
 
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// The boot CPU's timer tick (counted in [`ticks`]).
 pub const TIMER_VECTOR: u8 = 0x30;
+/// The application processors' timer tick (wakes `hlt`, counts nothing).
+pub const AP_TIMER_VECTOR: u8 = 0x31;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
 static XAPIC_BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
+/// The timer's initial count for one tick, as the boot CPU measured it
+/// (0: not started): the application processors' timers use it too.
+static TICK_COUNT: AtomicU32 = AtomicU32::new(0);
 
 fn read(reg: u32) -> u32 {
     if X2APIC.load(Ordering::Relaxed) {
@@ -78,9 +98,9 @@ pub fn init() -> bool {
     let mut msr = Msr::new(IA32_APIC_BASE);
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     let base = unsafe { msr.read() };
-    let mut v = base | (1 << 11);
+    let mut v = base | IA32_APIC_BASE_EN;
     if x2 {
-        v |= 1 << 10;
+        v |= IA32_APIC_BASE_EXTD;
     }
     // SAFETY: enabling the APIC (and x2APIC mode) is what the kernel wants.
     unsafe { msr.write(v) };
@@ -155,9 +175,112 @@ pub fn start_tick(period_ms: u64) {
         }
     };
     let count = (hz * period_ms / 1000).clamp(1, u32::MAX as u64) as u32;
+    TICK_COUNT.store(count, Ordering::Relaxed);
+    periodic(TIMER_VECTOR, count);
+}
+
+fn periodic(vector: u8, count: u32) {
     write(REG_TIMER_DIV, 0b1011); // divide by 1
-    write(REG_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u32);
+    write(REG_LVT_TIMER, (1 << 17) | vector as u32);
     write(REG_TIMER_INIT, count);
+}
+
+/// Whether the local APICs run in x2APIC mode (the boot CPU's choice).
+pub fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
+/// Enables the calling application processor's local APIC in the boot
+/// CPU's mode (x2APIC or xAPIC, at the boot CPU's xAPIC address) and starts
+/// its tick at the boot CPU's rate ([`AP_TIMER_VECTOR`]; no tick when the
+/// boot CPU started none). Call after the boot CPU's [`init`] and
+/// [`start_tick`]. Logs nothing (it runs on the new CPU during start-up).
+pub fn init_ap() {
+    let mut msr = Msr::new(IA32_APIC_BASE);
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
+    let cur = unsafe { msr.read() };
+    let x2 = x2apic();
+    let v = if x2 {
+        cur | IA32_APIC_BASE_EN | IA32_APIC_BASE_EXTD
+    } else {
+        // The boot CPU's base: the page `init` mapped (the reset default,
+        // 0xfee00000, on every CPU unless firmware moved it).
+        let base = XAPIC_BASE.load(Ordering::Relaxed);
+        (cur & 0xfff & !IA32_APIC_BASE_EXTD) | base | IA32_APIC_BASE_EN
+    };
+    // SAFETY: enables this CPU's local APIC in the mode the rest of the
+    // kernel drives all APICs in; a CPU in x2APIC mode is only ever asked
+    // for x2APIC here (the boot CPU chose it, so the CPUs have it).
+    unsafe { msr.write(v) };
+    write(REG_TPR, 0);
+    write(REG_SVR, 0x100 | SPURIOUS_VECTOR as u32);
+    match TICK_COUNT.load(Ordering::Relaxed) {
+        0 => {}
+        count => periodic(AP_TIMER_VECTOR, count),
+    }
+}
+
+/// Delivery modes of an IPI (ICR bits 10:8), with the level bit (14) set
+/// where the mode needs it.
+const ICR_FIXED: u32 = 0b000 << 8;
+const ICR_NMI: u32 = 0b100 << 8;
+const ICR_INIT: u32 = (0b101 << 8) | (1 << 14);
+const ICR_STARTUP: u32 = 0b110 << 8;
+/// xAPIC delivery status (ICR bit 12): the previous IPI is still pending.
+const ICR_PENDING: u32 = 1 << 12;
+
+/// Sends an IPI: `low` is the ICR's low half (vector, delivery mode,
+/// level, shorthand), `dest` the APIC id. In xAPIC mode waits (bounded,
+/// ~1 ms) for the previous IPI to leave first; returns false when it did
+/// not (the send is not made).
+fn send(dest: u32, low: u32) -> bool {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        if x2apic() {
+            // A WRMSR to the x2APIC ICR is not serializing: what the
+            // target is to read must be visible first.
+            core::sync::atomic::fence(Ordering::SeqCst);
+            // SAFETY: the x2APIC ICR (MSR 0x830), one write sends; the
+            // IPI's effect is what the caller asked for.
+            unsafe {
+                Msr::new(X2APIC_MSR_BASE + REG_ICR / 16).write(((dest as u64) << 32) | low as u64)
+            };
+            return true;
+        }
+        let t0 = crate::platform::time::now_ns();
+        while read(REG_ICR) & ICR_PENDING != 0 {
+            if crate::platform::time::now_ns() - t0 > 1_000_000 {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        // Interrupts are off: no handler on this CPU writes the ICR
+        // between the two halves.
+        write(REG_ICR_HIGH, dest << 24);
+        write(REG_ICR, low);
+        true
+    })
+}
+
+/// A fixed interrupt with `vector` to the CPU with APIC id `dest`.
+pub fn send_ipi(dest: u32, vector: u8) -> bool {
+    send(dest, ICR_FIXED | vector as u32)
+}
+
+/// An INIT IPI (assert) to `dest`: the CPU resets and waits for a startup
+/// IPI.
+pub fn send_init(dest: u32) -> bool {
+    send(dest, ICR_INIT)
+}
+
+/// A startup IPI to `dest`: a CPU waiting for one starts in real mode at
+/// `page` (4 KiB aligned, below 1 MiB: the vector is `page >> 12`).
+pub fn send_startup(dest: u32, page: u64) -> bool {
+    send(dest, ICR_STARTUP | (page >> 12) as u32)
+}
+
+/// An NMI to the CPU with APIC id `dest`.
+pub fn send_nmi(dest: u32) -> bool {
+    send(dest, ICR_NMI)
 }
 
 /// Timer ticks so far.

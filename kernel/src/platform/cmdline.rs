@@ -2,7 +2,8 @@
 //!
 //! | key | values | meaning |
 //! |-----|--------|---------|
-//! | `selftest` | `digest`, `rw`, `files`, `bench`, `noalloc`, `fault`, `calibrate` | run a self-test and power off |
+//! | `selftest` | `digest`, `rw`, `files`, `bench`, `noalloc`, `fault`, `panic`, `calibrate`, `smp`, `ap-panic` | run a self-test and power off |
+//! | `smp` | number of CPUs (default: all the MADT lists, at most 64) | how many CPUs to run, the boot CPU included; `smp=1` leaves the others parked |
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
 //! | `nvme.dbbuf` | `1` (default), `0` | shadow doorbells (Doorbell Buffer Config) when the controller offers them |
@@ -76,4 +77,5 @@ pub const KNOWN: &[&str] = &[
     "time.source",
     "power",
     "panic",
+    "smp",
 ];

@@ -9,6 +9,17 @@
 //! `panic=reboot`: [`crate::platform::power::fatal`]). Other vectors are
 //! dispatched to handlers registered with [`register`], then acknowledged at
 //! the local APIC.
+//!
+//! One IDT serves every CPU: [`init`] builds it on the boot CPU and each
+//! application processor loads the same table ([`load`]). That is enough
+//! because nothing in a gate is per CPU: the handler addresses are the same
+//! code, the code selector is the same in every CPU's GDT (built in the same
+//! order, `gdt.rs`), and an IST index names a slot of the *current* CPU's
+//! TSS, so each CPU takes its double faults, NMIs and machine checks on its
+//! own stacks. The handler table is shared too (atomics, read on every
+//! interrupt): a vector registered once is handled on whichever CPU it
+//! arrives. The table is written only by [`init`], before any other CPU
+//! runs.
 
 use crate::platform::gdt;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -176,6 +187,16 @@ pub fn init() {
             };
             idt.0[v] = Gate::interrupt(isr_stub_table[v], cs, ist);
         }
+    }
+    load();
+}
+
+/// Loads the IDT [`init`] built on the calling CPU (application processors).
+pub fn load() {
+    // SAFETY: the IDT is a static, filled by `init` on the boot CPU before
+    // any other CPU starts and never written after; LIDT only points the
+    // CPU at it.
+    unsafe {
         lidt(&DescriptorTablePointer {
             limit: (core::mem::size_of::<Idt>() - 1) as u16,
             base: VirtAddr::from_ptr(core::ptr::addr_of!(IDT)),
@@ -219,6 +240,11 @@ fn read_cr2() -> u64 {
 #[no_mangle]
 extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
     let v = frame.vector;
+    if v == 2 && crate::platform::power::going_down() {
+        // Another CPU is powering off or resetting and stopped this one
+        // (`smp::stop_others`): stay out of its way.
+        crate::platform::power::halt_forever();
+    }
     if v < 32 {
         crate::platform::serial::emergency(format_args!(
             "\nEXCEPTION vector {} ({}) error_code={:#x} rip={:#x} cr2={:#x} rsp={:#x} rflags={:#x}\n",
@@ -234,6 +260,7 @@ extern "C" fn dioxide_trap(frame: &mut TrapFrame) {
             "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
             frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
         ));
+        crate::platform::serial::emergency(format_args!("  on {}\n", crate::platform::smp::Here));
         crate::platform::power::fatal(crate::platform::power::EXIT_EXCEPTION);
     }
     let h = HANDLERS[v as usize].load(Ordering::Acquire);

@@ -8,8 +8,15 @@
 //! remembering to wrap the lock in `without_interrupts` (hermit's
 //! `InterruptTicketMutex` is the model).
 //!
-//! One core today: the lock itself is then never contended; with more
-//! cores (one engine per core) each lock stays core-local.
+//! With several CPUs (`smp`) the lock is also a spin lock between them:
+//! a CPU that wants it while another holds it spins, with its own
+//! interrupts off, until the holder releases it. That cannot deadlock
+//! either: the holder runs with interrupts off too, so nothing on its CPU
+//! can stop it from finishing (as long as no holder waits for another CPU
+//! while holding it, and locks nested inside each other are always taken
+//! in the same order). Keep critical sections short: they delay interrupts
+//! on two CPUs. Data used by one CPU only (one engine per core) makes the
+//! lock uncontended again.
 
 use core::mem::ManuallyDrop;
 use core::ops::{Deref, DerefMut};

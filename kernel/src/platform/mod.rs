@@ -1,6 +1,7 @@
 //! The machine under the appliance: boot arguments, ACPI tables,
-//! descriptor tables and interrupts, the local APIC, time, the serial
-//! console and power-off. Everything here is set up once, at boot.
+//! descriptor tables and interrupts, the local APIC, the other CPUs
+//! (`smp`), time, the serial console and power-off. Everything here is set
+//! up once, at boot.
 pub mod acpi;
 pub mod apic;
 pub mod cmdline;

@@ -1,6 +1,8 @@
 //! Powering off with an exit status, and resetting.
 //!
-//! Before anything else the kernel prints `dioxide: power off status=<n>
+//! First the other CPUs are stopped (an NMI each, `smp::stop_others`; their
+//! NMI handler halts once the machine is going down). Then the kernel
+//! prints `dioxide: power off status=<n>
 //! method=<m>` on the console (the host CLI takes the status from the last
 //! such line, and accepts QEMU's exit code by the method), then:
 //!
@@ -35,7 +37,7 @@
 //! with code 0.
 
 use crate::platform::{acpi, serial, time};
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use dioxide_firmware::s5;
 use dioxide_firmware::tables::{Gas, Space};
 use x86_64::instructions::port::Port;
@@ -285,24 +287,45 @@ fn acpi_s5() -> Result<(), &'static str> {
     Err("the machine is still running 100 ms after SLP_EN")
 }
 
-fn halt_forever() -> ! {
+/// Stops the calling CPU for good (interrupts off, `hlt`; an NMI that
+/// still arrives returns to the loop).
+pub fn halt_forever() -> ! {
     loop {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();
     }
 }
 
-/// Set by the first [`exit`] or [`reboot`]: a fault on the way down (a
-/// register that cannot be reached, a bug) must not recurse through the
-/// exception handler into another power-off until the CPU triple-faults.
-static GOING_DOWN: AtomicBool = AtomicBool::new(false);
+/// Set by the first [`exit`] or [`reboot`] (to the index of the CPU going
+/// down, plus 1): a fault on the way down (a register that cannot be
+/// reached, a bug) must not recurse through the exception handler into
+/// another power-off until the CPU triple-faults, and a second CPU failing
+/// at the same time must not race the first.
+static GOING_DOWN: AtomicUsize = AtomicUsize::new(0);
+
+/// A CPU is powering off or resetting the machine.
+pub fn going_down() -> bool {
+    GOING_DOWN.load(Ordering::Acquire) != 0
+}
 
 fn once_going_down(status: u8) {
-    if GOING_DOWN.swap(true, Ordering::AcqRel) {
-        serial::emergency(format_args!(
-            "dioxide: fault while powering off or resetting (status {status}); halting\n"
-        ));
-        halt_forever();
+    let me = crate::platform::smp::cpu_index();
+    match GOING_DOWN.compare_exchange(0, me + 1, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            // The other CPUs stop where they are (an NMI, see
+            // `smp::stop_others`): nothing runs on while the machine goes
+            // down, and on bare metal a halted machine is quiet.
+            crate::platform::smp::stop_others();
+        }
+        Err(cpu) if cpu == me + 1 => {
+            serial::emergency(format_args!(
+                "dioxide: fault while powering off or resetting (status {status}); halting\n"
+            ));
+            halt_forever();
+        }
+        // Another CPU is taking the machine down; its line is the one that
+        // counts.
+        Err(_) => halt_forever(),
     }
 }
 

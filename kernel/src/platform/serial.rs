@@ -17,9 +17,13 @@
 //! never interleave and a handler that logs cannot deadlock against the
 //! code it interrupted. Nothing allocates.
 //!
-//! [`emergency`] (exception and panic reports, power-off) takes no lock
-//! that may be held: the UART table is read lock-free, and the screen is
-//! used only if its lock is free at that moment.
+//! Several CPUs log at once: the console lock (a spin lock, taken with
+//! interrupts off) orders their lines; one line is written whole under it.
+//!
+//! [`emergency`] (exception and panic reports, power-off) never waits
+//! long for a lock that may be held: the UART table is read lock-free, the
+//! console lock is waited for a bounded time (so that another CPU's line
+//! is not cut), and without it the screen is left out.
 
 use super::uart::Uart;
 pub use super::uart::UartIo;
@@ -494,15 +498,39 @@ pub fn println(args: fmt::Arguments) {
     });
 }
 
-/// Writes without waiting for the console lock: for exception and panic
-/// reports, which may happen while it is held. Every UART gets the text;
-/// the screen only if its lock is free.
+/// How long [`emergency`] waits for the console lock.
+const EMERGENCY_WAIT_NS: u64 = 20_000_000;
+
+/// Writes without waiting long for the console lock: for exception and
+/// panic reports, which may happen while it is held (by this CPU, or by
+/// another CPU that is stopped or as broken). The lock is waited for up to
+/// [`EMERGENCY_WAIT_NS`] — another CPU's line finishes and this report
+/// does not cut into it — and then the UARTs get the text without it, and
+/// the screen not at all.
 pub fn emergency(args: fmt::Arguments) {
-    let mut screen = SCREEN.try_lock();
-    let mut s = Sinks {
-        screen: screen.as_deref_mut(),
-    };
-    let _ = s.write_fmt(args);
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // In TSC cycles, at 2 GHz when the rate is not known yet (the
+        // clock `now_ns` stands still before calibration).
+        let hz = match crate::platform::time::tsc_hz() {
+            0 => 2_000_000_000,
+            hz => hz,
+        };
+        let budget = EMERGENCY_WAIT_NS * (hz / 1_000_000) / 1000;
+        let t0 = crate::platform::time::rdtsc();
+        let mut screen = loop {
+            if let Some(g) = SCREEN.try_lock() {
+                break Some(g);
+            }
+            if crate::platform::time::rdtsc().wrapping_sub(t0) > budget {
+                break None;
+            }
+            core::hint::spin_loop();
+        };
+        let mut s = Sinks {
+            screen: screen.as_deref_mut(),
+        };
+        let _ = s.write_fmt(args);
+    });
 }
 
 #[macro_export]
