@@ -43,6 +43,7 @@ use crate::{mm, outln};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
 use dioxide_iomap::{
@@ -282,8 +283,38 @@ impl Row {
     }
 }
 
+/// Keeps the cores of one slice in step: none starts measuring before all
+/// are ready, and none leaves (freeing what the slice's job held) before all
+/// are done, so that the global heap counters each core reads see only the
+/// slice's own requests.
+struct Step {
+    cpus: usize,
+    ready: AtomicUsize,
+    done: AtomicUsize,
+    read: AtomicUsize,
+}
+
+impl Step {
+    fn new(cpus: usize) -> Step {
+        Step {
+            cpus,
+            ready: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            read: AtomicUsize::new(0),
+        }
+    }
+    fn meet(&self, at: &AtomicUsize) {
+        at.fetch_add(1, Ordering::AcqRel);
+        while at.load(Ordering::Acquire) < self.cpus {
+            core::hint::spin_loop();
+        }
+    }
+}
+
 struct Load<'a> {
     state: &'a mut State,
+    /// With several cores at once: their meeting points.
+    step: Option<&'a Step>,
     target: Target,
     file: &'a File,
     file_blocks: u64,
@@ -349,6 +380,9 @@ fn run<Q: BlockQueue>(
         e.set_simple(target == Target::Simple);
         s0 = e.stats();
     });
+    if let Some(s) = load.step {
+        s.meet(&s.ready);
+    }
     let h0 = mm::heap::stats();
     let hz = time::tsc_hz();
     let t0 = time::rdtsc();
@@ -395,7 +429,14 @@ fn run<Q: BlockQueue>(
         });
     }
     let cycles = time::rdtsc() - t0;
+    if let Some(s) = load.step {
+        s.meet(&s.done);
+    }
     let h1 = mm::heap::stats();
+    if let Some(s) = load.step {
+        // Every core has read the counters: now they may free.
+        s.meet(&s.read);
+    }
     let mut s1 = Stats::default();
     with(&mut |e| s1 = e.stats());
     Row {
@@ -582,10 +623,12 @@ pub fn bench(
                     for target in targets {
                         // Every core runs the slice on its own queue (or
                         // null device) at the same time.
+                        let step = Step::new(cpus);
                         let per_core = smp::on_each_cpu(|cpu| {
                             let mut st = states[cpu].lock();
                             let mut load = Load {
                                 state: &mut st,
+                                step: Some(&step),
                                 target,
                                 file: &file,
                                 file_blocks: file.size() / 4096,
@@ -658,10 +701,14 @@ pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! 
     // them, then the control on all of them (the heap counters are global,
     // so no core's generic reads can fall in another's simple half).
     for target in [Target::Simple, Target::Generic] {
+        let states: Vec<spin::Mutex<alloc::boxed::Box<State>>> =
+            (0..cpus).map(|_| spin::Mutex::new(State::new())).collect();
+        let step = Step::new(cpus);
         let rows = smp::on_each_cpu(|cpu| {
-            let mut state = State::new();
+            let mut state = states[cpu].lock();
             let mut load = Load {
                 state: &mut state,
+                step: Some(&step),
                 target,
                 file: &file,
                 file_blocks: file.size() / 4096,

@@ -562,10 +562,11 @@ pub fn shutdown() -> Result<(), NvmeError> {
             continue;
         }
         done = Some(d.ctrl);
-        let ctrl = d
-            .engines
-            .first()
-            .and_then(|e| e.lock().as_ref().and_then(|e| e.queue().controller().cloned()));
+        let ctrl = d.engines.first().and_then(|e| {
+            e.lock()
+                .as_ref()
+                .and_then(|e| e.queue().controller().cloned())
+        });
         if let Some(c) = ctrl {
             // The controller's lock is only taken with interrupts off.
             if let Err(err) = interrupts::without_interrupts(|| c.shutdown()) {
