@@ -477,8 +477,7 @@ fn boot_rows(
         }
         let nrows = devs.len() * opts.qds.len() * 3;
         let mut cfg = qemu::Config::new(kernel.to_path_buf());
-        cfg.disk = Some(img.to_path_buf());
-        cfg.nvme_lbs = 512;
+        cfg.add_disk(img);
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
         cfg.boot = opts.boot;

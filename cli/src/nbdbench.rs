@@ -415,7 +415,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let mut runs = Vec::new();
     for &net in &opts.nets {
         let mut cfg = Config::new(kernel.clone());
-        cfg.disk = Some(img.clone());
+        cfg.add_disk(&img);
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
         cfg.boot = opts.boot;
