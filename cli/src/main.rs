@@ -15,8 +15,10 @@
 //! dioxide cat IMG PATH
 //! dioxide bench local [--qd 1,16,64,128,256] [--dev nvme,null] [--completion poll,irq]
 //!                     [--secs N] [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
+//!                     [--smp 1,2,4] [--dbbuf 0,1] [--ioeventfd 0,1] [--host-threads 1,2]
 //! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
 //!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
+//!                   [--smp 1,2] [--dbbuf 0,1] [--ioeventfd 0,1]
 //! dioxide bench boot [--boot pvh,bios,uefi] [--runs 3]
 //! ```
 //!
@@ -234,6 +236,8 @@ enum BenchCmd {
         /// How the kernel boots: pvh, bios or uefi.
         #[arg(long, default_value = "pvh", value_parser = parse_boot)]
         boot: Boot,
+        #[command(flatten)]
+        sweep: SweepArgs,
     },
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
@@ -271,6 +275,8 @@ enum BenchCmd {
         /// How the kernel boots: pvh, bios or uefi.
         #[arg(long, default_value = "pvh", value_parser = parse_boot)]
         boot: Boot,
+        #[command(flatten)]
+        sweep: SweepArgs,
     },
     /// Boot-to-serving time: from spawning QEMU to the appliance answering
     /// an NBD handshake on its forwarded port, per boot method.
@@ -284,6 +290,33 @@ enum BenchCmd {
         #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
         accel: AccelArg,
     },
+}
+
+/// The configurations a benchmark sweeps: one boot per combination.
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Guest CPUs, comma-separated (e.g. 1,2,4): QEMU -smp N and kernel
+    /// argument smp=N (default: one CPU, no argument).
+    #[arg(long, value_name = "LIST")]
+    smp: Option<String>,
+    /// Shadow doorbells, comma-separated 0 and/or 1: kernel argument
+    /// nvme.dbbuf=V (default: not given, the kernel's default).
+    #[arg(long, value_name = "LIST")]
+    dbbuf: Option<String>,
+    /// QEMU ioeventfd on the NVMe controller, comma-separated 0 and/or 1
+    /// (default: off).
+    #[arg(long, value_name = "LIST")]
+    ioeventfd: Option<String>,
+}
+
+impl SweepArgs {
+    fn parse(&self) -> Result<dioxide::bench::Sweep, Error> {
+        dioxide::bench::Sweep::parse(
+            self.smp.as_deref(),
+            self.dbbuf.as_deref(),
+            self.ioeventfd.as_deref(),
+        )
+    }
 }
 
 fn parse_boot(s: &str) -> Result<Boot, String> {
@@ -370,9 +403,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     host_ios,
                     from_log,
                     boot,
+                    sweep,
                 },
         } => {
             let qds = parse_qds(&qd)?;
+            let sweep = sweep.parse()?;
             let devs = dioxide::bench::parse_list(&dev);
             let completions = dioxide::bench::parse_list(&completion);
             if devs.iter().any(|d| d != "nvme" && d != "null") {
@@ -400,6 +435,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 host_ios,
                 from_log,
                 boot,
+                sweep,
             };
             dioxide::bench::local(&opts)
         }
@@ -417,9 +453,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     completion,
                     rounds,
                     boot,
+                    sweep,
                 },
         } => {
             let qds = parse_qds(&qd)?;
+            let sweep = sweep.parse()?;
             if jobs == 0 || jobs > 8 {
                 return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
             }
@@ -450,6 +488,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 completion,
                 rounds: rounds.clamp(1, secs.max(1)),
                 boot,
+                sweep,
             };
             dioxide::nbdbench::nbd(&opts)
         }
