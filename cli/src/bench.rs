@@ -20,6 +20,9 @@ pub struct LocalOpts {
     pub mem: u32,
     /// Reads per target in the host benchmark (0: skip it).
     pub host_ios: u64,
+    /// The host benchmark's thread counts (`--threads` of
+    /// dioxide-hostbench: a list, or `auto`); empty: one thread only.
+    pub host_threads: String,
     /// Instead of booting: the console of a kernel that ran the benchmark
     /// elsewhere (a server booted from `dioxide image --cmdline "bench.qd=..."`).
     pub from_log: Option<PathBuf>,
@@ -322,8 +325,9 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// Builds and runs the host benchmark; its JSON report.
-pub fn host_bench(ios: u64) -> Result<Value, Error> {
+/// Builds and runs the host benchmark (also on `threads` threads side by
+/// side, a `--threads` list, unless empty); its JSON report.
+pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
     let root = workspace_root();
     let mut cmd = kernel::cargo();
     cmd.args([
@@ -336,6 +340,9 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     ])
     .arg(root.join("target").join("hostbench"))
     .args(["--", "--json", "--ios", &ios.to_string()]);
+    if !threads.is_empty() {
+        cmd.args(["--threads", threads]);
+    }
     // It exits non-zero when a read failed (or it did not build): say so
     // rather than "building the kernel failed".
     let out = match kernel::run(&mut cmd) {
@@ -352,6 +359,26 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
             String::from_utf8_lossy(&out.stdout)
         ))
     })
+}
+
+/// The host benchmark's threaded rows (`host_threads_rows`) as a table.
+pub fn host_threads_table(rows: &[Value]) -> String {
+    let mut s = "threads target   CPU cycles/io: mean  worst | TSC cycles/io  allocs/io |  IOPS, all threads  per thread\n".to_string();
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        s += &format!(
+            "{:7} {:8} {:19.0} {:6.0} | {:13.0} {:10.3} | {:>18} {:>11}\n",
+            r["threads"].as_u64().unwrap_or(0),
+            r["target"].as_str().unwrap_or(""),
+            f("cpu_cycles_per_io"),
+            f("cpu_cycles_per_io_max"),
+            f("cycles_per_io"),
+            f("allocs_per_io"),
+            fmt_iops(f("iops")),
+            fmt_iops(f("iops_per_thread"))
+        );
+    }
+    s
 }
 
 pub fn fmt_iops(x: f64) -> String {
@@ -603,7 +630,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             "dioxide bench: host benchmark ({} reads per target)",
             opts.host_ios
         );
-        Some(host_bench(opts.host_ios)?)
+        Some(host_bench(opts.host_ios, &opts.host_threads)?)
     } else {
         None
     };
@@ -643,10 +670,24 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
                 r["fell_back"].as_u64().unwrap_or(0)
             );
         }
+        let threads = h["host_threads_rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !threads.is_empty() {
+            println!(
+                "\nhost, threads side by side (each its own engine, queue and model; CPU cycles: the thread's CPU time, model subtracted)"
+            );
+            print!("{}", host_threads_table(&threads));
+        }
     }
     let results = json!({
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "host_rows": host.as_ref().map(|h| h["host_rows"].clone()).unwrap_or(json!([])),
+        "host_threads_rows": host
+            .as_ref()
+            .and_then(|h| h.get("host_threads_rows").cloned())
+            .unwrap_or(json!([])),
         "host": host.clone().unwrap_or(json!(null)),
         "config": {
             "accel": if opts.from_log.is_some() { "from a console log" } else { opts.accel.name() },
@@ -751,7 +792,7 @@ fn boot_variant(
         "devs": devs,
         "cpus": variant.cpus(),
         "dbbuf": variant.dbbuf,
-        "ioeventfd": variant.ioeventfd.unwrap_or(false),
+        "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
         "rows": found.len(),
         "seconds": out.elapsed.as_secs_f64(),
     });
@@ -950,6 +991,28 @@ mod tests {
         assert!(plot(&rows).contains("dev=nvme completion=poll cpus=1 dbbuf=- ioeventfd=0"));
         let one = config_title(&rows[1..2]);
         assert_eq!(one(&rows[1]), "");
+    }
+
+    #[test]
+    fn the_host_threads_table() {
+        let rows: Vec<Value> = [
+            r#"{"threads":1,"target":"simple","cpu_cycles_per_io":157.0,"cpu_cycles_per_io_max":157.0,"cycles_per_io":159.0,"cycles_per_io_max":159.0,"ns_per_io":65.2,"allocs_per_io":0.000,"model_cycles_per_io":26.0,"iops":13136246,"iops_per_thread":13136246}"#,
+            r#"{"threads":2,"target":"simple","cpu_cycles_per_io":170.0,"cpu_cycles_per_io_max":177.0,"cycles_per_io":187.0,"cycles_per_io_max":204.0,"ns_per_io":76.5,"allocs_per_io":0.000,"model_cycles_per_io":26.0,"iops":21611280,"iops_per_thread":11782963}"#,
+        ]
+        .iter()
+        .map(|s| serde_json::from_str(s).unwrap())
+        .collect();
+        let t = host_threads_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[0].starts_with("threads target   CPU cycles/io"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[2],
+            "      2 simple                   170    177 |           187      0.000 |         21,611,280  11,782,963"
+        );
     }
 
     #[test]

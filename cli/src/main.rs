@@ -228,6 +228,12 @@ enum BenchCmd {
         /// Reads per target of the host benchmark (0 skips it).
         #[arg(long, default_value_t = 2_000_000)]
         host_ios: u64,
+        /// The host benchmark again on T threads side by side, each with
+        /// its own engine, queue and controller model, for each T of this
+        /// list; `auto`: 1 and this machine's parallelism (at most 8);
+        /// `none`: not.
+        #[arg(long, default_value = "auto", value_name = "LIST")]
+        host_threads: String,
         /// Do not boot: make the table and results.json from the console of
         /// a kernel that ran the benchmark elsewhere (a server booted with
         /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
@@ -319,6 +325,25 @@ impl SweepArgs {
     }
 }
 
+/// A `--host-threads` value as dioxide-hostbench's `--threads` takes it:
+/// `auto`, or thread counts from 1 to 64; empty for `none`.
+fn host_threads_list(t: &str) -> Result<String, Error> {
+    if t == "auto" || t == "none" {
+        return Ok(if t == "auto" { t.into() } else { String::new() });
+    }
+    let list = dioxide::bench::parse_list(t);
+    if list.is_empty()
+        || !list
+            .iter()
+            .all(|x| x.parse::<usize>().is_ok_and(|n| (1..=64).contains(&n)))
+    {
+        return Err(Error::Usage(format!(
+            "--host-threads {t}: thread counts from 1 to 64, auto or none"
+        )));
+    }
+    Ok(list.join(","))
+}
+
 fn parse_boot(s: &str) -> Result<Boot, String> {
     Boot::parse(s).map_err(|e| e.to_string())
 }
@@ -401,6 +426,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     accel,
                     mem,
                     host_ios,
+                    host_threads,
                     from_log,
                     boot,
                     sweep,
@@ -408,6 +434,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
         } => {
             let qds = parse_qds(&qd)?;
             let sweep = sweep.parse()?;
+            let host_threads = host_threads_list(&host_threads)?;
             let devs = dioxide::bench::parse_list(&dev);
             let completions = dioxide::bench::parse_list(&completion);
             if devs.iter().any(|d| d != "nvme" && d != "null") {
@@ -433,6 +460,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 accel,
                 mem,
                 host_ios,
+                host_threads,
                 from_log,
                 boot,
                 sweep,

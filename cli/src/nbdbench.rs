@@ -536,7 +536,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "net": net.name(),
             "cpus": variant.cpus(),
             "dbbuf": variant.dbbuf,
-            "ioeventfd": variant.ioeventfd.unwrap_or(false),
+            "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
             "appliance_url": app.url,
             "qemu_nbd_options": host.options,
             "guest_warnings": console.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>(),

@@ -64,6 +64,35 @@ fn bad_block_size_option() {
     assert!(err.contains("must be 512 or 4096"), "{err}");
 }
 
+/// Bad sweep lists of the benchmarks are refused before anything is built
+/// or booted.
+#[test]
+fn bad_bench_lists() {
+    for (args, want) in [
+        (
+            &["bench", "local", "--smp", "1,0"][..],
+            "--smp 1,0: CPU counts from 1 to 64",
+        ),
+        (&["bench", "local", "--dbbuf", "2"], "--dbbuf 2: 0 and/or 1"),
+        (
+            &["bench", "nbd", "--ioeventfd", "maybe"],
+            "--ioeventfd maybe: 0 and/or 1",
+        ),
+        (
+            &["bench", "nbd", "--smp", "x"],
+            "--smp x: CPU counts from 1 to 64",
+        ),
+        (
+            &["bench", "local", "--host-threads", "0"],
+            "--host-threads 0: thread counts from 1 to 64, auto or none",
+        ),
+    ] {
+        let (code, err) = dioxide(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 /// How long one command may take: a `dioxide run` that should fail before
 /// booting but boots instead (serving until killed), or a client waiting on
 /// a stuck appliance, fails the test rather than hanging it.
