@@ -336,20 +336,13 @@ const TARGETS: [(&str, &str, &str); 4] = [
     ("qemu-nbd", "#d62728", "qemu-nbd (host)"),
 ];
 
-/// The table: per network mode and configuration (CPUs, shadow doorbells,
-/// ioeventfd), a line per queue depth.
+/// The table: per network mode, and per configuration (CPUs, shadow
+/// doorbells, ioeventfd) when the rows hold several, a line per queue
+/// depth.
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
-    let group = |r: &Row| {
-        let k = crate::bench::row_key(r);
-        format!(
-            "{} cpus={} dbbuf={} ioeventfd={}",
-            r.s("net"),
-            k.1,
-            k.2,
-            k.3
-        )
-    };
+    let config = config_title(rows);
+    let group = |r: &Row| format!("{}{}", r.s("net"), config(r));
     for r in rows {
         by_net
             .entry(group(r))
@@ -619,6 +612,9 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("0.950"), "file/raw at 2 CPUs: {t}");
+        // One configuration: the section is the network mode's alone.
+        let t = table(&rows[..1], 1, 5);
+        assert!(t.contains("\nnet=user: fio --ioengine=nbd"), "{t}");
         let j = rows[1].json();
         assert_eq!(
             (&j["cpus"], &j["dbbuf"], &j["qd"]),
