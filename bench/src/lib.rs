@@ -15,6 +15,15 @@
 //! completion entry) is measured alone, through the same doorbell calls, and
 //! subtracted.
 //!
+//! [`run_threads`] runs the same on T threads side by side, each with
+//! everything of its own (file image, controller, instant model, queue,
+//! engine): the per-core design's claim that a core added is a queue added,
+//! not contention. Its rows give each thread's CPU time per read (robust on
+//! a machine shared with other work) and TSC cycles per read, and the reads
+//! all threads completed per second. Nothing the threads touch per read is
+//! shared: the allocation counter is per thread (`dioxide_testkit`), the
+//! harness's completion queues are thread-locals.
+//!
 //! A read that fails or moves fewer than 4096 bytes is counted, in every
 //! build, and fails the run: [`run`] returns an error naming the target, the
 //! count and the first error, rather than figures for work not done.
@@ -28,6 +37,7 @@ use dioxide_nvme::sim::{Sim, SimConfig, SimHal, PHYS_OFFSET};
 use dioxide_nvme::{Controller, Mmio};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Barrier;
 
 use std::time::Instant;
 
@@ -191,6 +201,8 @@ pub struct Report {
     pub tsc_ghz: f64,
     pub qd: usize,
     pub ios: u64,
+    /// Runs on several threads at once ([`run_threads`]), when asked for.
+    pub threads_rows: Vec<ThreadsRow>,
 }
 
 thread_local! {
@@ -209,6 +221,21 @@ fn done(ctx: usize, r: Result<usize, DioError>) {
         });
     }
     READY.with(|q| q.borrow_mut().push(ctx));
+}
+
+/// CPU time this thread has run, in nanoseconds (not the time it waited
+/// for a CPU: on a shared machine, what the reads cost this thread).
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if r != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn tsc_ghz() -> f64 {
@@ -266,6 +293,216 @@ pub fn run_with_status(
     targets: &[&'static str],
     status: u16,
 ) -> Result<Report, String> {
+    // Under callgrind (instruction counting) timing loops only add noise.
+    let counting = std::env::var_os("DIOXIDE_HOSTBENCH_COUNT").is_some();
+    let out = one_thread(ios, qd, targets, status, !counting, None);
+    if let Some(e) = out.failure {
+        return Err(e);
+    }
+    let tsc_ghz = if counting { 0.0 } else { tsc_ghz() };
+    Ok(Report {
+        rows: out.rows,
+        model_ns_per_io: out.model_ns,
+        model_cycles_per_io: out.model_cycles,
+        tsc_ghz,
+        qd,
+        ios,
+        threads_rows: Vec::new(),
+    })
+}
+
+/// One target of a run with `threads` threads side by side, each with its
+/// own engine, I/O queue and instant controller model (the per-core path:
+/// nothing shared): per-thread cost, each thread's own model cost
+/// subtracted, and the reads all threads completed per second together
+/// (model included: the harness's throughput).
+///
+/// `cpu_cycles_per_io` is the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`)
+/// per read in TSC cycles: what a read costs the thread, not counting time
+/// it waited for a CPU, so it stays meaningful on a machine shared with
+/// other work; `cycles_per_io` (TSC, wall clock) counts that wait too.
+#[derive(Clone, Debug)]
+pub struct ThreadsRow {
+    pub threads: usize,
+    pub target: &'static str,
+    /// Mean over threads of CPU time per read, in TSC cycles.
+    pub cpu_cycles_per_io: f64,
+    /// The same for the thread with the highest figure.
+    pub cpu_cycles_per_io_max: f64,
+    /// Mean over threads of TSC cycles (wall clock) per read.
+    pub cycles_per_io: f64,
+    pub cycles_per_io_max: f64,
+    pub ns_per_io: f64,
+    pub allocs_per_io: f64,
+    pub model_cycles_per_io: f64,
+    /// All threads' reads over the time from the first thread's start to
+    /// the last one's end.
+    pub iops: f64,
+    /// The mean thread's reads per second.
+    pub iops_per_thread: f64,
+}
+
+/// Runs the benchmark on `threads` threads at once (`ios` reads per target
+/// and thread, `qd` in flight on each): one [`ThreadsRow`] per target. Fails
+/// if any read failed.
+pub fn run_threads(
+    ios: u64,
+    qd: usize,
+    targets: &[&'static str],
+    threads: usize,
+) -> Result<Vec<ThreadsRow>, String> {
+    run_threads_with_status(ios, qd, targets, threads, 0)
+}
+
+/// As [`run_threads`], every I/O command completing with `status` (see
+/// [`run_with_status`]).
+#[doc(hidden)]
+pub fn run_threads_with_status(
+    ios: u64,
+    qd: usize,
+    targets: &[&'static str],
+    threads: usize,
+    status: u16,
+) -> Result<Vec<ThreadsRow>, String> {
+    let threads = threads.max(1);
+    let barrier = Barrier::new(threads);
+    let outs: Vec<ThreadOut> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| one_thread(ios, qd, targets, status, true, Some(&barrier))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a benchmark thread panicked".to_string())
+            })
+            .collect::<Result<_, _>>()
+    })?;
+    if let Some(e) = outs.iter().find_map(|o| o.failure.clone()) {
+        return Err(e);
+    }
+    let n = threads as f64;
+    let ghz = tsc_ghz();
+    let mut rows = Vec::new();
+    for (i, &target) in targets.iter().enumerate() {
+        let row = |o: &ThreadOut| o.rows.get(i).cloned();
+        let per: Vec<HostRow> = outs.iter().filter_map(row).collect();
+        // CPU time per read less the thread's model, in TSC cycles.
+        let cpu: Vec<f64> = outs
+            .iter()
+            .filter_map(|o| Some(((o.cpu_ns.get(i)? - o.model_ns) * ghz).max(0.0)))
+            .collect();
+        let spans: Vec<(Instant, Instant)> = outs
+            .iter()
+            .filter_map(|o| o.spans.get(i).copied())
+            .collect();
+        let (Some(start), Some(end)) = (
+            spans.iter().map(|s| s.0).min(),
+            spans.iter().map(|s| s.1).max(),
+        ) else {
+            continue;
+        };
+        let wall = (end - start).as_secs_f64();
+        let mean = |f: &dyn Fn(&HostRow) -> f64| per.iter().map(f).sum::<f64>() / n;
+        rows.push(ThreadsRow {
+            threads,
+            target,
+            cpu_cycles_per_io: cpu.iter().sum::<f64>() / n,
+            cpu_cycles_per_io_max: cpu.iter().copied().fold(0.0, f64::max),
+            cycles_per_io: mean(&|r| r.cycles_per_io),
+            cycles_per_io_max: per.iter().map(|r| r.cycles_per_io).fold(0.0, f64::max),
+            ns_per_io: mean(&|r| r.ns_per_io),
+            allocs_per_io: mean(&|r| r.allocs_per_io),
+            model_cycles_per_io: outs.iter().map(|o| o.model_cycles).sum::<f64>() / n,
+            iops: if wall > 0.0 {
+                (ios * threads as u64) as f64 / wall
+            } else {
+                0.0
+            },
+            iops_per_thread: mean(&|r| {
+                if r.raw_ns_per_io > 0.0 {
+                    1e9 / r.raw_ns_per_io
+                } else {
+                    0.0
+                }
+            }),
+        });
+    }
+    Ok(rows)
+}
+
+impl ThreadsRow {
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"threads\":{},\"target\":\"{}\",\"cpu_cycles_per_io\":{:.1},\"cpu_cycles_per_io_max\":{:.1},\"cycles_per_io\":{:.1},\"cycles_per_io_max\":{:.1},\"ns_per_io\":{:.1},\"allocs_per_io\":{:.3},\"model_cycles_per_io\":{:.1},\"iops\":{:.0},\"iops_per_thread\":{:.0}}}",
+            self.threads,
+            self.target,
+            self.cpu_cycles_per_io,
+            self.cpu_cycles_per_io_max,
+            self.cycles_per_io,
+            self.cycles_per_io_max,
+            self.ns_per_io,
+            self.allocs_per_io,
+            self.model_cycles_per_io,
+            self.iops,
+            self.iops_per_thread
+        )
+    }
+
+    /// A table of rows (a header line, then a line per row).
+    pub fn table(rows: &[ThreadsRow]) -> String {
+        let mut s = "threads target   CPU cycles/io: mean  worst | TSC cycles/io: mean  worst |  ns/io  allocs/io  IOPS (all threads)  IOPS per thread\n".to_string();
+        for r in rows {
+            s += &format!(
+                "{:7} {:8} {:19.0} {:6.0} | {:19.0} {:6.0} | {:6.1} {:10.3} {:19} {:16}\n",
+                r.threads,
+                r.target,
+                r.cpu_cycles_per_io,
+                r.cpu_cycles_per_io_max,
+                r.cycles_per_io,
+                r.cycles_per_io_max,
+                r.ns_per_io,
+                r.allocs_per_io,
+                r.iops.round() as u64,
+                r.iops_per_thread.round() as u64
+            );
+        }
+        s
+    }
+}
+
+/// What one thread of the benchmark measured.
+struct ThreadOut {
+    rows: Vec<HostRow>,
+    model_ns: f64,
+    model_cycles: f64,
+    /// Per row: when its measured round started and ended.
+    spans: Vec<(Instant, Instant)>,
+    /// Per row: this thread's CPU time per read in the measured round.
+    cpu_ns: Vec<f64>,
+    /// The first target whose reads failed, as [`run`] reports it.
+    failure: Option<String>,
+}
+
+/// The benchmark on this thread, with everything of its own: the file
+/// image, the simulated controller and its instant model, the I/O queue,
+/// the engine, the buffers. With `sync`, every measured round (and the
+/// model's) starts when all threads reach it, so that they run side by
+/// side; a failed target is recorded and the run goes on, so that no
+/// thread leaves the others waiting.
+fn one_thread(
+    ios: u64,
+    qd: usize,
+    targets: &[&'static str],
+    status: u16,
+    model: bool,
+    sync: Option<&Barrier>,
+) -> ThreadOut {
+    let wait = || {
+        if let Some(b) = sync {
+            b.wait();
+        }
+    };
     let file = bench_file();
     let hal = SimHal::new();
     let sim = Sim::new(SimConfig {
@@ -297,14 +534,12 @@ pub fn run_with_status(
     let mut bufs = vec![0u8; (qd + 1) * 4096];
     let base = (bufs.as_mut_ptr() as usize).div_ceil(4096) * 4096;
     let blocks = file.size() / 4096;
-    // Under callgrind (instruction counting) timing loops only add noise.
-    let counting = std::env::var_os("DIOXIDE_HOSTBENCH_COUNT").is_some();
-    let (model_ns, model_cycles) = if counting {
-        (0.0, 0.0)
-    } else {
-        model_alone(ios)
-    };
+    wait();
+    let (model_ns, model_cycles) = if model { model_alone(ios) } else { (0.0, 0.0) };
     let mut rows = Vec::new();
+    let mut spans = Vec::new();
+    let mut cpu_ns = Vec::new();
+    let mut failure = None;
     for &target in targets {
         engine.set_simple(target == "simple");
         let mut rng = dioxide_testkit::Rng::new(0x1234_5678_9abc_def1);
@@ -337,8 +572,14 @@ pub fn run_with_status(
             let n = if round == 0 { ios / 10 } else { ios };
             FAILED.with(|n| n.set(0));
             FIRST_FAILURE.with(|f| f.set(None));
+            if round == 1 {
+                wait();
+            }
             let s0 = engine.stats();
-            let a0 = dioxide_testkit::total_allocs();
+            // This thread's allocations: a count shared by threads would
+            // be counted in by each.
+            let a0 = dioxide_testkit::thread_allocs();
+            let cpu0 = thread_cpu_ns();
             let t0 = Instant::now();
             let c0 = rdtsc();
             let mut submitted = 0u64;
@@ -362,8 +603,10 @@ pub fn run_with_status(
                 ready.clear();
             }
             let cycles = (rdtsc() - c0) as f64 / n as f64;
-            let ns = t0.elapsed().as_nanos() as f64 / n as f64;
-            let allocs = (dioxide_testkit::total_allocs() - a0) as f64 / n as f64;
+            let t1 = Instant::now();
+            let cpu = (thread_cpu_ns() - cpu0) as f64 / n as f64;
+            let ns = (t1 - t0).as_nanos() as f64 / n as f64;
+            let allocs = (dioxide_testkit::thread_allocs() - a0) as f64 / n as f64;
             let s1 = engine.stats();
             let failed = FAILED.with(Cell::get);
             if failed > 0 {
@@ -372,11 +615,13 @@ pub fn run_with_status(
                     Some(Ok(b)) => format!("{b} bytes instead of 4096"),
                     None => String::new(),
                 };
-                return Err(format!(
+                failure.get_or_insert(format!(
                     "host benchmark, target {target}: {failed} of {completed} reads failed (first: {first})"
                 ));
             }
             if round == 1 {
+                spans.push((t0, t1));
+                cpu_ns.push(cpu);
                 rows.push(HostRow {
                     target,
                     ns_per_io: (ns - model_ns).max(0.0),
@@ -392,15 +637,14 @@ pub fn run_with_status(
         }
     }
     drop(bufs);
-    let tsc_ghz = if counting { 0.0 } else { tsc_ghz() };
-    Ok(Report {
+    ThreadOut {
         rows,
-        model_ns_per_io: model_ns,
-        model_cycles_per_io: model_cycles,
-        tsc_ghz,
-        qd,
-        ios,
-    })
+        model_ns,
+        model_cycles,
+        spans,
+        cpu_ns,
+        failure,
+    }
 }
 
 impl Report {
@@ -416,8 +660,13 @@ impl Report {
             })
             .collect();
         format!(
-            "{{\"host_rows\":[{}],\"model_ns_per_io\":{:.1},\"model_cycles_per_io\":{:.1},\"tsc_ghz\":{:.3},\"qd\":{},\"ios\":{}}}",
+            "{{\"host_rows\":[{}],\"host_threads_rows\":[{}],\"model_ns_per_io\":{:.1},\"model_cycles_per_io\":{:.1},\"tsc_ghz\":{:.3},\"qd\":{},\"ios\":{}}}",
             rows.join(","),
+            self.threads_rows
+                .iter()
+                .map(ThreadsRow::json)
+                .collect::<Vec<_>>()
+                .join(","),
             self.model_ns_per_io,
             self.model_cycles_per_io,
             self.tsc_ghz,
@@ -444,6 +693,33 @@ impl Report {
                 r.fell_back
             );
         }
+        if !self.threads_rows.is_empty() {
+            s += &format!(
+                "\nthreads side by side, each with its own engine, queue and model ({} reads per target and thread):\n",
+                self.ios
+            );
+            s += &ThreadsRow::table(&self.threads_rows);
+        }
         s
     }
+}
+
+/// The thread counts of `--threads`: a comma-separated list, or `auto`: 1
+/// and this machine's parallelism (at most 8).
+pub fn parse_threads(s: &str) -> Result<Vec<usize>, String> {
+    if s == "auto" {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        return Ok(if n > 1 { vec![1, n] } else { vec![1] });
+    }
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("--threads {s}: thread counts from 1 to 64, or auto"))?;
+    if v.is_empty() || v.iter().any(|&t| t == 0 || t > 64) {
+        return Err(format!(
+            "--threads {s}: thread counts from 1 to 64, or auto"
+        ));
+    }
+    Ok(v)
 }

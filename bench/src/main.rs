@@ -1,38 +1,39 @@
-//! `dioxide-hostbench [--json] [--ios N] [--qd N]`: see the library docs.
+//! `dioxide-hostbench [--json] [--ios N] [--qd N] [--only TARGET] [--threads 1,2|auto]`:
+//! see the library docs. `--threads`: after the single-thread run, the
+//! same targets on T threads side by side for each T of the list.
 
 #[global_allocator]
 static A: dioxide_hostbench::CountingAlloc = dioxide_hostbench::CountingAlloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str, d: u64| {
+    let value = |k: &str| {
         args.iter()
             .position(|a| a == k)
             .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
     };
-    let targets: Vec<&'static str> = match args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-    {
+    let get = |k: &str, d: u64| value(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    let targets: Vec<&'static str> = match value("--only") {
         Some(t) if t == "raw" => vec!["raw"],
         Some(t) if t == "generic" => vec!["generic"],
         Some(t) if t == "simple" => vec!["simple"],
         _ => vec!["raw", "generic", "simple"],
     };
-    let report = match dioxide_hostbench::run_targets(
-        get("--ios", 2_000_000),
-        get("--qd", 32) as usize,
-        &targets,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dioxide-hostbench: {e}");
-            std::process::exit(1);
-        }
+    let fail = |e: String| -> ! {
+        eprintln!("dioxide-hostbench: {e}");
+        std::process::exit(1);
     };
+    let threads = match value("--threads").map(|t| dioxide_hostbench::parse_threads(t)) {
+        None => Vec::new(),
+        Some(Ok(t)) => t,
+        Some(Err(e)) => fail(e),
+    };
+    let (ios, qd) = (get("--ios", 2_000_000), get("--qd", 32) as usize);
+    let mut report = dioxide_hostbench::run_targets(ios, qd, &targets).unwrap_or_else(|e| fail(e));
+    for t in threads {
+        let rows = dioxide_hostbench::run_threads(ios, qd, &targets, t).unwrap_or_else(|e| fail(e));
+        report.threads_rows.extend(rows);
+    }
     if args.iter().any(|a| a == "--json") {
         println!("{}", report.json());
     } else {

@@ -1,8 +1,8 @@
 //! The host benchmark reports figures only for reads that were done: a read
 //! the controller fails makes the run fail, in every build.
 //!
-//! One test function: the allocation counter is process-wide, and tests
-//! running side by side would count each other's allocations.
+//! Threads side by side report for every target, each its own reads and
+//! allocations.
 
 #[global_allocator]
 static A: dioxide_hostbench::CountingAlloc = dioxide_hostbench::CountingAlloc;
@@ -40,5 +40,46 @@ fn failed_reads_fail_the_benchmark_and_a_clean_run_reports_every_target() {
             "{e}"
         );
         assert!(e.contains("I/O error"), "{e}");
+    }
+}
+
+#[test]
+fn threads_side_by_side_each_report_their_own_reads_and_allocations() {
+    let rows = dioxide_hostbench::run_threads(2000, 8, &["raw", "generic", "simple"], 2)
+        .expect("clean run");
+    let targets: Vec<(usize, &str)> = rows.iter().map(|r| (r.threads, r.target)).collect();
+    assert_eq!(targets, [(2, "raw"), (2, "generic"), (2, "simple")]);
+    for r in &rows {
+        // Per thread: a count shared by the threads would show 2 per read.
+        let want = if r.target == "generic" { 1.0 } else { 0.0 };
+        assert_eq!(r.allocs_per_io, want, "{r:?}");
+        assert!(r.iops > 0.0 && r.iops_per_thread > 0.0, "{r:?}");
+        assert!(r.cpu_cycles_per_io <= r.cpu_cycles_per_io_max, "{r:?}");
+        assert!(r.json().starts_with(&format!(
+            "{{\"threads\":2,\"target\":\"{}\",\"cpu_cycles_per_io\":",
+            r.target
+        )));
+    }
+    // Failed reads fail the run (after every thread finished).
+    let e = dioxide_hostbench::run_threads_with_status(2000, 8, &["raw", "simple"], 2, READ_ERROR)
+        .expect_err("reads failed, yet the benchmark passed");
+    assert!(e.contains("target raw: 200 of 200 reads failed"), "{e}");
+    let one = dioxide_hostbench::run_threads(2000, 8, &["raw"], 0).expect("clean run");
+    assert_eq!(one[0].threads, 1, "0 threads is one");
+}
+
+#[test]
+fn thread_lists() {
+    assert_eq!(dioxide_hostbench::parse_threads("1,2,4"), Ok(vec![1, 2, 4]));
+    let auto = dioxide_hostbench::parse_threads("auto").unwrap();
+    assert_eq!(auto[0], 1);
+    assert!(auto.len() <= 2 && auto.iter().all(|&t| (1..=8).contains(&t)));
+    for bad in ["0", "65", "x", "", "1,,2"] {
+        assert_eq!(
+            dioxide_hostbench::parse_threads(bad),
+            Err(format!(
+                "--threads {bad}: thread counts from 1 to 64, or auto"
+            ))
+        );
     }
 }

@@ -20,11 +20,166 @@ pub struct LocalOpts {
     pub mem: u32,
     /// Reads per target in the host benchmark (0: skip it).
     pub host_ios: u64,
+    /// The host benchmark's thread counts (`--threads` of
+    /// dioxide-hostbench: a list, or `auto`); empty: one thread only.
+    pub host_threads: String,
     /// Instead of booting: the console of a kernel that ran the benchmark
     /// elsewhere (a server booted from `dioxide image --cmdline "bench.qd=..."`).
     pub from_log: Option<PathBuf>,
     /// How the kernel boots (PVH, or GRUB under SeaBIOS or OVMF).
     pub boot: qemu::Boot,
+    /// One boot per variant (CPUs, shadow doorbells, ioeventfd).
+    pub sweep: Sweep,
+}
+
+/// Most guest CPUs a `--smp` list takes.
+pub const MAX_SMP: u32 = 64;
+
+/// The `--smp`, `--dbbuf` and `--ioeventfd` lists of a benchmark: one boot
+/// per combination. A list not given is one boot as without the option:
+/// one CPU and no `smp=` argument, no `nvme.dbbuf=` argument (the kernel's
+/// default), no `ioeventfd=on`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub smp: Option<Vec<u32>>,
+    pub dbbuf: Option<Vec<u8>>,
+    pub ioeventfd: Option<Vec<bool>>,
+}
+
+/// One boot of a [`Sweep`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// QEMU `-smp N` and kernel argument `smp=N`; `None`: one CPU, no
+    /// argument.
+    pub smp: Option<u32>,
+    /// Kernel argument `nvme.dbbuf=V`; `None`: not given.
+    pub dbbuf: Option<u8>,
+    /// QEMU `ioeventfd=on|off` on the NVMe controller; `None`: QEMU's
+    /// default (off).
+    pub ioeventfd: Option<bool>,
+}
+
+impl Sweep {
+    /// Parses the three lists as the CLI takes them (comma-separated).
+    pub fn parse(
+        smp: Option<&str>,
+        dbbuf: Option<&str>,
+        ioeventfd: Option<&str>,
+    ) -> Result<Sweep, Error> {
+        let smp = smp
+            .map(|s| {
+                let v: Vec<u32> = parse_list(s)
+                    .iter()
+                    .map(|x| x.parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_default();
+                if v.is_empty() || v.iter().any(|&n| n == 0 || n > MAX_SMP) {
+                    return Err(Error::Usage(format!(
+                        "--smp {s}: CPU counts from 1 to {MAX_SMP}, comma-separated"
+                    )));
+                }
+                Ok(v)
+            })
+            .transpose()?;
+        let bits = |name: &str, s: &str| -> Result<Vec<u8>, Error> {
+            let v: Vec<u8> = parse_list(s)
+                .iter()
+                .filter_map(|x| match x.as_str() {
+                    "0" | "off" => Some(0),
+                    "1" | "on" => Some(1),
+                    _ => None,
+                })
+                .collect();
+            if v.is_empty() || v.len() != parse_list(s).len() {
+                return Err(Error::Usage(format!(
+                    "--{name} {s}: 0 and/or 1, comma-separated"
+                )));
+            }
+            Ok(v)
+        };
+        Ok(Sweep {
+            smp,
+            dbbuf: dbbuf.map(|s| bits("dbbuf", s)).transpose()?,
+            ioeventfd: ioeventfd
+                .map(|s| bits("ioeventfd", s).map(|v| v.into_iter().map(|b| b == 1).collect()))
+                .transpose()?,
+        })
+    }
+
+    /// Every combination, CPUs outermost.
+    pub fn variants(&self) -> Vec<Variant> {
+        fn list<T: Copy>(o: &Option<Vec<T>>) -> Vec<Option<T>> {
+            match o {
+                Some(v) => v.iter().copied().map(Some).collect(),
+                None => vec![None],
+            }
+        }
+        let mut out = Vec::new();
+        for smp in list(&self.smp) {
+            for dbbuf in list(&self.dbbuf) {
+                for ioeventfd in list(&self.ioeventfd) {
+                    out.push(Variant {
+                        smp,
+                        dbbuf,
+                        ioeventfd,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The lists as results.json's `config` records them (null: not given).
+    pub fn json(&self) -> Value {
+        json!({"smp": self.smp, "dbbuf": self.dbbuf, "ioeventfd": self.ioeventfd})
+    }
+}
+
+impl Variant {
+    /// Guest CPUs.
+    pub fn cpus(&self) -> u32 {
+        self.smp.unwrap_or(1)
+    }
+
+    /// Sets the boot's CPUs, kernel arguments and controller option.
+    pub fn apply(&self, cfg: &mut qemu::Config) {
+        if let Some(n) = self.smp {
+            cfg.smp = n;
+            cfg.args.push(format!("smp={n}"));
+        }
+        if let Some(d) = self.dbbuf {
+            cfg.args.push(format!("nvme.dbbuf={d}"));
+        }
+        cfg.nvme_ioeventfd = self.ioeventfd.unwrap_or(false);
+    }
+
+    /// Fills the row's `cpus`, `dbbuf` and `ioeventfd` from this
+    /// configuration where the kernel did not give them (`dbbuf` empty,
+    /// i.e. null in JSON, when the kernel's default was left alone).
+    pub fn fill(&self, row: &mut Row) {
+        let mut put = |k: &str, v: String| {
+            row.fields.entry(k.to_string()).or_insert(v);
+        };
+        put("cpus", self.cpus().to_string());
+        put(
+            "dbbuf",
+            self.dbbuf.map(|d| d.to_string()).unwrap_or_default(),
+        );
+        put(
+            "ioeventfd",
+            u8::from(self.ioeventfd.unwrap_or(false)).to_string(),
+        );
+    }
+
+    /// `cpus=2 dbbuf=1 ioeventfd=0`, for titles and progress lines.
+    pub fn label(&self) -> String {
+        format!(
+            "cpus={} dbbuf={} ioeventfd={}",
+            self.cpus(),
+            self.dbbuf.map_or("default".to_string(), |d| d.to_string()),
+            u8::from(self.ioeventfd.unwrap_or(false))
+        )
+    }
 }
 
 /// The benchmark rows in a console transcript, and the first error line the
@@ -94,9 +249,16 @@ impl Row {
     pub fn f(&self, k: &str) -> f64 {
         self.s(k).parse().unwrap_or(0.0)
     }
+    /// The row as a JSON object: numbers as numbers (counts as integers),
+    /// names as strings, an empty value (a `dbbuf` left at the kernel's
+    /// default) as null.
     pub fn json(&self) -> Value {
         let mut m = serde_json::Map::new();
         for (k, v) in &self.fields {
+            if v.is_empty() {
+                m.insert(k.clone(), Value::Null);
+                continue;
+            }
             let val = match v.parse::<f64>() {
                 Ok(x) if !matches!(k.as_str(), "target" | "dev" | "completion" | "net") => {
                     if matches!(
@@ -108,6 +270,10 @@ impl Row {
                             | "simple_path"
                             | "generic_path"
                             | "fell_back"
+                            | "cpus"
+                            | "dbbuf"
+                            | "ioeventfd"
+                            | "threads"
                     ) {
                         json!(x as u64)
                     } else {
@@ -159,8 +325,9 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// Builds and runs the host benchmark; its JSON report.
-pub fn host_bench(ios: u64) -> Result<Value, Error> {
+/// Builds and runs the host benchmark (also on `threads` threads side by
+/// side, a `--threads` list, unless empty); its JSON report.
+pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
     let root = workspace_root();
     let mut cmd = kernel::cargo();
     cmd.args([
@@ -173,6 +340,9 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     ])
     .arg(root.join("target").join("hostbench"))
     .args(["--", "--json", "--ios", &ios.to_string()]);
+    if !threads.is_empty() {
+        cmd.args(["--threads", threads]);
+    }
     // It exits non-zero when a read failed (or it did not build): say so
     // rather than "building the kernel failed".
     let out = match kernel::run(&mut cmd) {
@@ -191,6 +361,26 @@ pub fn host_bench(ios: u64) -> Result<Value, Error> {
     })
 }
 
+/// The host benchmark's threaded rows (`host_threads_rows`) as a table.
+pub fn host_threads_table(rows: &[Value]) -> String {
+    let mut s = "threads target   CPU cycles/io: mean  worst | TSC cycles/io  allocs/io |  IOPS, all threads  per thread\n".to_string();
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        s += &format!(
+            "{:7} {:8} {:19.0} {:6.0} | {:13.0} {:10.3} | {:>18} {:>11}\n",
+            r["threads"].as_u64().unwrap_or(0),
+            r["target"].as_str().unwrap_or(""),
+            f("cpu_cycles_per_io"),
+            f("cpu_cycles_per_io_max"),
+            f("cycles_per_io"),
+            f("allocs_per_io"),
+            fmt_iops(f("iops")),
+            fmt_iops(f("iops_per_thread"))
+        );
+    }
+    s
+}
+
 pub fn fmt_iops(x: f64) -> String {
     let n = x.round() as u64;
     let s = n.to_string();
@@ -204,8 +394,26 @@ pub fn fmt_iops(x: f64) -> String {
     out
 }
 
-/// Rows by (device, completion), then queue depth, then target.
-type Groups<'a> = BTreeMap<(String, String), BTreeMap<usize, BTreeMap<String, &'a Row>>>;
+/// A row's queue depth and configuration: (qd, cpus, dbbuf, ioeventfd),
+/// the last three as printed (`-` when the row does not say).
+pub type RowKey = (usize, u32, String, String);
+
+/// The [`RowKey`] of `r`.
+pub fn row_key(r: &Row) -> RowKey {
+    let or_dash = |k: &str| match r.s(k) {
+        "" => "-".to_string(),
+        v => v.to_string(),
+    };
+    (
+        r.f("qd") as usize,
+        r.f("cpus") as u32,
+        or_dash("dbbuf"),
+        or_dash("ioeventfd"),
+    )
+}
+
+/// Rows by (device, completion), then [`RowKey`], then target.
+type Groups<'a> = BTreeMap<(String, String), BTreeMap<RowKey, BTreeMap<String, &'a Row>>>;
 
 /// The table laid out like the upstream one (qd, simple=0, simple=1, gain),
 /// with the raw namespace and the file/raw ratio beside it, and which path
@@ -217,16 +425,21 @@ pub fn table(rows: &[Row]) -> String {
         groups
             .entry((r.s("dev").into(), r.s("completion").into()))
             .or_default()
-            .entry(r.f("qd") as usize)
+            .entry(row_key(r))
             .or_default()
             .insert(r.s("target").into(), r);
     }
     let mut s = String::new();
     for ((dev, comp), by_qd) in groups {
         s += &format!("\ndev={dev} completion={comp}: 4K random reads\n");
-        s += "  qd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1 | simple=1 path: simple generic fell_back\n";
-        for (qd, t) in by_qd {
+        s += "  qd cpus dbbuf ioefd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1 | simple=1 path: simple generic fell_back\n";
+        for ((qd, cpus, dbbuf, ioefd), t) in by_qd {
             let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
+            let cpus = if cpus == 0 {
+                "-".to_string()
+            } else {
+                cpus.to_string()
+            };
             let (raw, gen, sim) = (g("raw", "iops"), g("generic", "iops"), g("simple", "iops"));
             let gain = if gen > 0.0 {
                 (sim - gen) / gen * 100.0
@@ -240,8 +453,11 @@ pub fn table(rows: &[Row]) -> String {
                 g("simple", "cycles_per_io"),
             );
             s += &format!(
-                "{:4} {:>10} {:>10} {:>10} {:>+6.2}% {:>8.3} | {:>14.0} {:>9.0} {:>9.0} {:>11.3} | {:>11.1} {:>7.1} | {:>18.3} {:>8.3} | {:>19.0} {:>7.0} {:>9.0}\n",
+                "{:4} {:>4} {:>5} {:>5} {:>10} {:>10} {:>10} {:>+6.2}% {:>8.3} | {:>14.0} {:>9.0} {:>9.0} {:>11.3} | {:>11.1} {:>7.1} | {:>18.3} {:>8.3} | {:>19.0} {:>7.0} {:>9.0}\n",
                 qd,
+                cpus,
+                dbbuf,
+                ioefd,
                 fmt_iops(raw),
                 fmt_iops(gen),
                 fmt_iops(sim),
@@ -264,12 +480,34 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
-/// An SVG with one panel per (device, completion): IOPS against queue depth
-/// for raw, generic and simple.
+/// The configuration part of a panel title: `cpus=2 dbbuf=1 ioeventfd=0`
+/// when the rows hold more than one configuration, else nothing.
+pub fn config_title(rows: &[Row]) -> impl Fn(&Row) -> String {
+    let key = |r: &Row| {
+        let k = row_key(r);
+        format!(" cpus={} dbbuf={} ioeventfd={}", k.1, k.2, k.3)
+    };
+    let mut all: Vec<String> = rows.iter().map(key).collect();
+    all.sort();
+    all.dedup();
+    let several = all.len() > 1;
+    move |r: &Row| if several { key(r) } else { String::new() }
+}
+
+/// An SVG with one panel per (device, completion, and configuration when
+/// there are several): IOPS against queue depth for raw, generic and simple.
 pub fn plot(rows: &[Row]) -> String {
+    let config = config_title(rows);
     plot_panels(
         rows,
-        &|r| format!("dev={} completion={}", r.s("dev"), r.s("completion")),
+        &|r| {
+            format!(
+                "dev={} completion={}{}",
+                r.s("dev"),
+                r.s("completion"),
+                config(r)
+            )
+        },
         &[
             ("raw", "#444444", "raw namespace"),
             ("generic", "#d62728", "file, simple=0"),
@@ -392,7 +630,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             "dioxide bench: host benchmark ({} reads per target)",
             opts.host_ios
         );
-        Some(host_bench(opts.host_ios)?)
+        Some(host_bench(opts.host_ios, &opts.host_threads)?)
     } else {
         None
     };
@@ -432,10 +670,24 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
                 r["fell_back"].as_u64().unwrap_or(0)
             );
         }
+        let threads = h["host_threads_rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !threads.is_empty() {
+            println!(
+                "\nhost, threads side by side (each its own engine, queue and model; CPU cycles: the thread's CPU time, model subtracted)"
+            );
+            print!("{}", host_threads_table(&threads));
+        }
     }
     let results = json!({
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "host_rows": host.as_ref().map(|h| h["host_rows"].clone()).unwrap_or(json!([])),
+        "host_threads_rows": host
+            .as_ref()
+            .and_then(|h| h.get("host_threads_rows").cloned())
+            .unwrap_or(json!([])),
         "host": host.clone().unwrap_or(json!(null)),
         "config": {
             "accel": if opts.from_log.is_some() { "from a console log" } else { opts.accel.name() },
@@ -443,6 +695,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             "file_bytes": opts.file_size,
             "secs_per_row": opts.secs,
             "qds": opts.qds,
+            "sweep": opts.sweep.json(),
             "image": image_path,
             "boots": boots,
         }
@@ -456,7 +709,9 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
     Ok(0)
 }
 
-/// Boots the kernel once per completion mode and collects its rows.
+/// Boots the kernel once per variant of the sweep and completion mode and
+/// collects its rows, each with the variant's `cpus`, `dbbuf` and
+/// `ioeventfd` where the kernel did not say.
 fn boot_rows(
     opts: &LocalOpts,
     img: &std::path::Path,
@@ -464,58 +719,84 @@ fn boot_rows(
     rows: &mut Vec<Row>,
     boots: &mut Vec<Value>,
 ) -> Result<(), Error> {
-    let qd_list: Vec<String> = opts.qds.iter().map(|q| q.to_string()).collect();
-    for comp in &opts.completions {
-        let devs: Vec<&str> = opts
-            .devs
-            .iter()
-            .map(String::as_str)
-            .filter(|d| comp == "poll" || *d == "nvme")
-            .collect();
-        if devs.is_empty() {
-            continue;
+    for variant in opts.sweep.variants() {
+        for comp in &opts.completions {
+            let (found, boot) = boot_variant(opts, img, kernel, variant, comp)?;
+            rows.extend(found);
+            boots.extend(boot);
         }
-        let nrows = devs.len() * opts.qds.len() * 3;
-        let mut cfg = qemu::Config::new(kernel.to_path_buf());
-        cfg.disk = Some(img.to_path_buf());
-        cfg.nvme_lbs = 512;
-        cfg.accel = opts.accel;
-        cfg.mem_mib = opts.mem;
-        cfg.boot = opts.boot;
-        // The same arguments a server's image takes: `bench.*` alone runs it.
-        cfg.args = vec![
-            "log=warn".into(),
-            format!("nvme.completion={comp}"),
-            format!("bench.completion={comp}"),
-            format!("bench.dev={}", devs.join(",")),
-            format!("bench.qd={}", qd_list.join(",")),
-            format!("bench.secs={}", opts.secs),
-        ];
-        cfg.timeout = Some(Duration::from_secs(
-            nrows as u64 * (opts.secs * 3 + 5) + 120,
-        ));
-        cfg.echo = true;
-        cfg.echo_prefix = Some(r#"{"bench":"running""#);
-        eprintln!(
-            "dioxide bench: booting ({} rows, {} s each, accel {}, boot {}, completion {comp})",
-            nrows,
-            opts.secs,
-            opts.accel.name(),
-            opts.boot.name()
-        );
-        let out = qemu::run(&cfg)?;
-        if out.status != 0 {
-            return Err(Error::Usage(format!(
-                "the guest benchmark failed (status {}):\n{}",
-                out.status, out.console
-            )));
-        }
-        let (found, _) = console_rows(&out.console);
-        let n = found.len();
-        rows.extend(found);
-        boots.push(json!({"completion": comp, "devs": devs, "rows": n, "seconds": out.elapsed.as_secs_f64()}));
     }
     Ok(())
+}
+
+/// One boot of [`boot_rows`]: its rows and what `config.boots` records.
+fn boot_variant(
+    opts: &LocalOpts,
+    img: &std::path::Path,
+    kernel: &std::path::Path,
+    variant: Variant,
+    comp: &str,
+) -> Result<(Vec<Row>, Option<Value>), Error> {
+    let qd_list: Vec<String> = opts.qds.iter().map(|q| q.to_string()).collect();
+    let devs: Vec<&str> = opts
+        .devs
+        .iter()
+        .map(String::as_str)
+        .filter(|d| comp == "poll" || *d == "nvme")
+        .collect();
+    if devs.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let nrows = devs.len() * opts.qds.len() * 3;
+    let mut cfg = qemu::Config::new(kernel.to_path_buf());
+    cfg.add_disk(img);
+    cfg.accel = opts.accel;
+    cfg.mem_mib = opts.mem;
+    cfg.boot = opts.boot;
+    // The same arguments a server's image takes: `bench.*` alone runs it.
+    cfg.args = vec![
+        "log=warn".into(),
+        format!("nvme.completion={comp}"),
+        format!("bench.completion={comp}"),
+        format!("bench.dev={}", devs.join(",")),
+        format!("bench.qd={}", qd_list.join(",")),
+        format!("bench.secs={}", opts.secs),
+    ];
+    variant.apply(&mut cfg);
+    cfg.timeout = Some(Duration::from_secs(
+        nrows as u64 * (opts.secs * 3 + 5) + 120,
+    ));
+    cfg.echo = true;
+    cfg.echo_prefix = Some(r#"{"bench":"running""#);
+    eprintln!(
+        "dioxide bench: booting ({} rows, {} s each, accel {}, boot {}, completion {comp}, {})",
+        nrows,
+        opts.secs,
+        opts.accel.name(),
+        opts.boot.name(),
+        variant.label()
+    );
+    let out = qemu::run(&cfg)?;
+    if out.status != 0 {
+        return Err(Error::Usage(format!(
+            "the guest benchmark failed (status {}):\n{}",
+            out.status, out.console
+        )));
+    }
+    let (mut found, _) = console_rows(&out.console);
+    for r in &mut found {
+        variant.fill(r);
+    }
+    let boot = json!({
+        "completion": comp,
+        "devs": devs,
+        "cpus": variant.cpus(),
+        "dbbuf": variant.dbbuf,
+        "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
+        "rows": found.len(),
+        "seconds": out.elapsed.as_secs_f64(),
+    });
+    Ok((found, Some(boot)))
 }
 
 /// Comma-separated list parser for the CLI.
@@ -558,6 +839,180 @@ mod tests {
         assert_eq!(j["iops"], json!(25459.0));
         assert_eq!(j["qd"], json!(16));
         assert_eq!(j["dev"], json!("nvme"));
+    }
+
+    #[test]
+    fn sweep_lists() {
+        let s = Sweep::parse(Some("1, 2,4"), Some("0,1"), Some("off,on")).unwrap();
+        assert_eq!(s.smp, Some(vec![1, 2, 4]));
+        assert_eq!(s.dbbuf, Some(vec![0, 1]));
+        assert_eq!(s.ioeventfd, Some(vec![false, true]));
+        let v = s.variants();
+        assert_eq!(v.len(), 12);
+        assert_eq!(
+            v[0],
+            Variant {
+                smp: Some(1),
+                dbbuf: Some(0),
+                ioeventfd: Some(false)
+            }
+        );
+        assert_eq!(
+            v[11],
+            Variant {
+                smp: Some(4),
+                dbbuf: Some(1),
+                ioeventfd: Some(true)
+            }
+        );
+        // Nothing given: one boot as without the options.
+        let none = Sweep::parse(None, None, None).unwrap();
+        assert_eq!(
+            none.variants(),
+            [Variant {
+                smp: None,
+                dbbuf: None,
+                ioeventfd: None
+            }]
+        );
+        assert_eq!(
+            none.json(),
+            json!({"smp": null, "dbbuf": null, "ioeventfd": null})
+        );
+        let err = |smp: Option<&str>, dbbuf: Option<&str>, ioe: Option<&str>| {
+            Sweep::parse(smp, dbbuf, ioe).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(Some("0,2"), None, None),
+            "--smp 0,2: CPU counts from 1 to 64, comma-separated"
+        );
+        assert!(err(Some("65"), None, None).starts_with("--smp 65:"));
+        assert!(err(Some("two"), None, None).starts_with("--smp two:"));
+        assert!(err(Some(""), None, None).starts_with("--smp :"));
+        assert_eq!(
+            err(None, Some("0,2"), None),
+            "--dbbuf 0,2: 0 and/or 1, comma-separated"
+        );
+        assert_eq!(
+            err(None, None, Some("yes")),
+            "--ioeventfd yes: 0 and/or 1, comma-separated"
+        );
+    }
+
+    #[test]
+    fn a_variant_sets_the_boot_and_fills_the_rows() {
+        let v = Variant {
+            smp: Some(2),
+            dbbuf: Some(1),
+            ioeventfd: Some(true),
+        };
+        let mut cfg = qemu::Config::new(PathBuf::from("/k"));
+        cfg.args = vec!["log=warn".into()];
+        v.apply(&mut cfg);
+        assert_eq!(cfg.smp, 2);
+        assert_eq!(cfg.args, ["log=warn", "smp=2", "nvme.dbbuf=1"]);
+        assert!(cfg.nvme_ioeventfd);
+        assert_eq!(v.label(), "cpus=2 dbbuf=1 ioeventfd=1");
+        // A row without the fields gets them; one from a kernel that says
+        // how many CPUs it used keeps its own.
+        let mut row = Row::parse(r#"{"bench":"row","target":"raw","qd":16,"iops":100}"#).unwrap();
+        v.fill(&mut row);
+        let j = row.json();
+        assert_eq!(
+            (&j["cpus"], &j["dbbuf"], &j["ioeventfd"]),
+            (&json!(2), &json!(1), &json!(1))
+        );
+        let mut own = Row::parse(r#"{"bench":"row","target":"raw","qd":16,"cpus":1}"#).unwrap();
+        v.fill(&mut own);
+        assert_eq!(own.json()["cpus"], json!(1));
+        // The defaults: one CPU, no arguments, dbbuf null (the kernel's).
+        let d = Variant {
+            smp: None,
+            dbbuf: None,
+            ioeventfd: None,
+        };
+        let mut cfg = qemu::Config::new(PathBuf::from("/k"));
+        d.apply(&mut cfg);
+        assert_eq!((cfg.smp, cfg.args.len(), cfg.nvme_ioeventfd), (1, 0, false));
+        let mut row = Row::parse(r#"{"bench":"row","target":"raw","qd":1}"#).unwrap();
+        d.fill(&mut row);
+        let j = row.json();
+        assert_eq!(
+            (&j["cpus"], &j["dbbuf"], &j["ioeventfd"]),
+            (&json!(1), &Value::Null, &json!(0))
+        );
+        assert_eq!(d.label(), "cpus=1 dbbuf=default ioeventfd=0");
+    }
+
+    #[test]
+    fn the_table_has_a_line_per_queue_depth_and_configuration() {
+        let row = |t: &str, qd: u32, cpus: u32, iops: u32| {
+            let mut r = Row::parse(&format!(
+                r#"{{"bench":"row","target":"{t}","dev":"nvme","completion":"poll","qd":{qd},"iops":{iops}}}"#
+            ))
+            .unwrap();
+            Variant {
+                smp: Some(cpus),
+                dbbuf: None,
+                ioeventfd: None,
+            }
+            .fill(&mut r);
+            r
+        };
+        let rows = [
+            row("raw", 16, 2, 2000),
+            row("raw", 16, 1, 1000),
+            row("simple", 16, 2, 1800),
+            row("raw", 1, 1, 100),
+        ];
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines[0], "dev=nvme completion=poll: 4K random reads");
+        assert!(
+            lines[1].starts_with("  qd cpus dbbuf ioefd        raw "),
+            "{t}"
+        );
+        assert_eq!(lines.len(), 5, "{t}");
+        assert!(
+            lines[2].starts_with("   1    1     -     0        100 "),
+            "{t}"
+        );
+        assert!(
+            lines[3].starts_with("  16    1     -     0      1,000 "),
+            "{t}"
+        );
+        assert!(
+            lines[4].starts_with("  16    2     -     0      2,000          0      1,800 "),
+            "{t}"
+        );
+        // Several configurations: a panel each.
+        let title = config_title(&rows);
+        assert_eq!(title(&rows[0]), " cpus=2 dbbuf=- ioeventfd=0");
+        assert!(plot(&rows).contains("dev=nvme completion=poll cpus=1 dbbuf=- ioeventfd=0"));
+        let one = config_title(&rows[1..2]);
+        assert_eq!(one(&rows[1]), "");
+    }
+
+    #[test]
+    fn the_host_threads_table() {
+        let rows: Vec<Value> = [
+            r#"{"threads":1,"target":"simple","cpu_cycles_per_io":157.0,"cpu_cycles_per_io_max":157.0,"cycles_per_io":159.0,"cycles_per_io_max":159.0,"ns_per_io":65.2,"allocs_per_io":0.000,"model_cycles_per_io":26.0,"iops":13136246,"iops_per_thread":13136246}"#,
+            r#"{"threads":2,"target":"simple","cpu_cycles_per_io":170.0,"cpu_cycles_per_io_max":177.0,"cycles_per_io":187.0,"cycles_per_io_max":204.0,"ns_per_io":76.5,"allocs_per_io":0.000,"model_cycles_per_io":26.0,"iops":21611280,"iops_per_thread":11782963}"#,
+        ]
+        .iter()
+        .map(|s| serde_json::from_str(s).unwrap())
+        .collect();
+        let t = host_threads_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[0].starts_with("threads target   CPU cycles/io"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[2],
+            "      2 simple                   170    177 |           187      0.000 |         21,611,280  11,782,963"
+        );
     }
 
     #[test]

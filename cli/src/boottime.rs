@@ -91,7 +91,7 @@ pub struct Sample {
 pub fn measure(kernel: &Path, disk: &Path, boot: Boot, accel: Accel) -> Result<Sample, Error> {
     let port = crate::nbdbench::free_port()?;
     let mut cfg = Config::new(kernel.to_path_buf());
-    cfg.disk = Some(disk.to_path_buf());
+    cfg.add_disk(disk);
     cfg.accel = accel;
     cfg.mem_mib = 256;
     cfg.boot = boot;

@@ -1,7 +1,8 @@
 //! `dioxide`: run the appliance in QEMU.
 //!
 //! ```text
-//! dioxide run [--disk IMG | --from DIR] [--nvme-lbs 512|4096] [--mem MIB] [--smp N]
+//! dioxide run [--disk IMG[,lbs=512|4096][,ms=BYTES][,ctrl=N]]... | [--from DIR]
+//!             [--nvme-lbs 512|4096] [--nvme-ioeventfd] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
 //!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
@@ -14,8 +15,10 @@
 //! dioxide cat IMG PATH
 //! dioxide bench local [--qd 1,16,64,128,256] [--dev nvme,null] [--completion poll,irq]
 //!                     [--secs N] [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
+//!                     [--smp 1,2,4] [--dbbuf 0,1] [--ioeventfd 0,1] [--host-threads 1,2]
 //! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
 //!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
+//!                   [--smp 1,2] [--dbbuf 0,1] [--ioeventfd 0,1]
 //! dioxide bench boot [--boot pvh,bios,uefi] [--runs 3]
 //! ```
 //!
@@ -60,17 +63,30 @@ enum Completion {
 enum Cmd {
     /// Build the kernel and boot it in QEMU with an emulated NVMe controller.
     Run {
-        /// Raw disk image backing the NVMe namespace (default: the image
-        /// --from builds, else a small built-in sample tree).
-        #[arg(long, conflicts_with = "from")]
-        disk: Option<PathBuf>,
+        /// Raw disk image backing an NVMe namespace; repeatable. Each
+        /// --disk is namespace 1 of its own controller (nvme0n1, nvme1n1,
+        /// ...) unless it says `ctrl=N`: then it is the next namespace of
+        /// controller N (nvme1n2, ...). Options: `lbs=512|4096` (default
+        /// --nvme-lbs), `ms=BYTES` (metadata per block), `ctrl=N`; commas
+        /// in PATH doubled. Default: the image --from builds, else a small
+        /// built-in sample tree.
+        #[arg(
+            long,
+            conflicts_with = "from",
+            value_name = "PATH[,lbs=512|4096][,ms=BYTES][,ctrl=N]"
+        )]
+        disk: Vec<String>,
         /// Serve this directory: build a dxfs image of it first (under
         /// target/dioxide/run-from.img).
         #[arg(long)]
         from: Option<PathBuf>,
-        /// Logical block size of the namespace.
+        /// Logical block size of the namespaces that do not give `lbs=`.
         #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
         nvme_lbs: u32,
+        /// QEMU's ioeventfd=on on the NVMe controllers (QEMU 7.2 uses it
+        /// for I/O queues with shadow doorbells only).
+        #[arg(long)]
+        nvme_ioeventfd: bool,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 512)]
         mem: u32,
@@ -104,9 +120,9 @@ enum Cmd {
         /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
         #[arg(long, default_value = "user")]
         net: String,
-        /// Make reads of this 512-byte sector of the disk image fail with an
-        /// I/O error (QEMU blkdebug; repeatable): to see how the appliance
-        /// reports a device error.
+        /// Make reads of this 512-byte sector of the (first) disk image
+        /// fail with an I/O error (QEMU blkdebug; repeatable): to see how
+        /// the appliance reports a device error on nvme0n1.
         #[arg(long, value_name = "SECTOR")]
         inject_eio: Vec<u64>,
         /// How the kernel boots: `pvh` (QEMU loads it), `bios` (GRUB from an
@@ -213,6 +229,12 @@ enum BenchCmd {
         /// Reads per target of the host benchmark (0 skips it).
         #[arg(long, default_value_t = 2_000_000)]
         host_ios: u64,
+        /// The host benchmark again on T threads side by side, each with
+        /// its own engine, queue and controller model, for each T of this
+        /// list; `auto`: 1 and this machine's parallelism (at most 8);
+        /// `none`: not.
+        #[arg(long, default_value = "auto", value_name = "LIST")]
+        host_threads: String,
         /// Do not boot: make the table and results.json from the console of
         /// a kernel that ran the benchmark elsewhere (a server booted with
         /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
@@ -221,6 +243,8 @@ enum BenchCmd {
         /// How the kernel boots: pvh, bios or uefi.
         #[arg(long, default_value = "pvh", value_parser = parse_boot)]
         boot: Boot,
+        #[command(flatten)]
+        sweep: SweepArgs,
     },
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
@@ -258,6 +282,8 @@ enum BenchCmd {
         /// How the kernel boots: pvh, bios or uefi.
         #[arg(long, default_value = "pvh", value_parser = parse_boot)]
         boot: Boot,
+        #[command(flatten)]
+        sweep: SweepArgs,
     },
     /// Boot-to-serving time: from spawning QEMU to the appliance answering
     /// an NBD handshake on its forwarded port, per boot method.
@@ -271,6 +297,52 @@ enum BenchCmd {
         #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
         accel: AccelArg,
     },
+}
+
+/// The configurations a benchmark sweeps: one boot per combination.
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Guest CPUs, comma-separated (e.g. 1,2,4): QEMU -smp N and kernel
+    /// argument smp=N (default: one CPU, no argument).
+    #[arg(long, value_name = "LIST")]
+    smp: Option<String>,
+    /// Shadow doorbells, comma-separated 0 and/or 1: kernel argument
+    /// nvme.dbbuf=V (default: not given, the kernel's default).
+    #[arg(long, value_name = "LIST")]
+    dbbuf: Option<String>,
+    /// QEMU ioeventfd on the NVMe controller, comma-separated 0 and/or 1
+    /// (default: off).
+    #[arg(long, value_name = "LIST")]
+    ioeventfd: Option<String>,
+}
+
+impl SweepArgs {
+    fn parse(&self) -> Result<dioxide::bench::Sweep, Error> {
+        dioxide::bench::Sweep::parse(
+            self.smp.as_deref(),
+            self.dbbuf.as_deref(),
+            self.ioeventfd.as_deref(),
+        )
+    }
+}
+
+/// A `--host-threads` value as dioxide-hostbench's `--threads` takes it:
+/// `auto`, or thread counts from 1 to 64; empty for `none`.
+fn host_threads_list(t: &str) -> Result<String, Error> {
+    if t == "auto" || t == "none" {
+        return Ok(if t == "auto" { t.into() } else { String::new() });
+    }
+    let list = dioxide::bench::parse_list(t);
+    if list.is_empty()
+        || !list
+            .iter()
+            .all(|x| x.parse::<usize>().is_ok_and(|n| (1..=64).contains(&n)))
+    {
+        return Err(Error::Usage(format!(
+            "--host-threads {t}: thread counts from 1 to 64, auto or none"
+        )));
+    }
+    Ok(list.join(","))
 }
 
 fn parse_boot(s: &str) -> Result<Boot, String> {
@@ -355,11 +427,15 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     accel,
                     mem,
                     host_ios,
+                    host_threads,
                     from_log,
                     boot,
+                    sweep,
                 },
         } => {
             let qds = parse_qds(&qd)?;
+            let sweep = sweep.parse()?;
+            let host_threads = host_threads_list(&host_threads)?;
             let devs = dioxide::bench::parse_list(&dev);
             let completions = dioxide::bench::parse_list(&completion);
             if devs.iter().any(|d| d != "nvme" && d != "null") {
@@ -385,8 +461,10 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 accel,
                 mem,
                 host_ios,
+                host_threads,
                 from_log,
                 boot,
+                sweep,
             };
             dioxide::bench::local(&opts)
         }
@@ -404,9 +482,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     completion,
                     rounds,
                     boot,
+                    sweep,
                 },
         } => {
             let qds = parse_qds(&qd)?;
+            let sweep = sweep.parse()?;
             if jobs == 0 || jobs > 8 {
                 return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
             }
@@ -437,6 +517,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 completion,
                 rounds: rounds.clamp(1, secs.max(1)),
                 boot,
+                sweep,
             };
             dioxide::nbdbench::nbd(&opts)
         }
@@ -507,6 +588,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
         Cmd::Run {
             disk,
             nvme_lbs,
+            nvme_ioeventfd,
             mem,
             smp,
             accel,
@@ -551,33 +633,46 @@ fn run(cli: Cli) -> Result<i32, Error> {
             // process stays to report and clean up (the tap device).
             // SAFETY: setting a signal disposition; no handler runs.
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-            let disk = match (disk, from) {
-                (Some(d), _) => d,
-                (None, Some(dir)) => {
-                    if !dir.is_dir() {
-                        return Err(Error::Usage(format!(
-                            "--from {}: not a directory",
-                            dir.display()
-                        )));
+            let mut nvme = if disk.is_empty() {
+                let image = match from {
+                    Some(dir) => {
+                        if !dir.is_dir() {
+                            return Err(Error::Usage(format!(
+                                "--from {}: not a directory",
+                                dir.display()
+                            )));
+                        }
+                        let out = dioxide::workspace_root().join("target").join("dioxide");
+                        std::fs::create_dir_all(&out)
+                            .map_err(dioxide::io_err(format!("create {}", out.display())))?;
+                        let img = out.join("run-from.img");
+                        eprintln!("dioxide: building {} from {}", img.display(), dir.display());
+                        dioxide::fstool::mkfs(&img, &dir, None, 4096, "")?;
+                        img
                     }
-                    let out = dioxide::workspace_root().join("target").join("dioxide");
-                    std::fs::create_dir_all(&out)
-                        .map_err(dioxide::io_err(format!("create {}", out.display())))?;
-                    let img = out.join("run-from.img");
-                    eprintln!("dioxide: building {} from {}", img.display(), dir.display());
-                    dioxide::fstool::mkfs(&img, &dir, None, 4096, "")?;
-                    img
-                }
-                (None, None) => {
-                    let p = image::sample()?;
-                    eprintln!(
-                        "dioxide: no --disk or --from given; serving the built-in sample tree {}",
-                        p.display()
-                    );
-                    p
-                }
+                    None => {
+                        let p = image::sample()?;
+                        eprintln!(
+                            "dioxide: no --disk or --from given; serving the built-in sample tree {}",
+                            p.display()
+                        );
+                        p
+                    }
+                };
+                let mut ns = qemu::Namespace::new(image);
+                ns.lbs = nvme_lbs;
+                vec![qemu::NvmeController {
+                    namespaces: vec![ns],
+                }]
+            } else {
+                qemu::parse_disks(&disk, nvme_lbs)?
             };
-            let size = image::check(&disk, nvme_lbs)?;
+            // Sizes, checked before anything is built.
+            let mut sizes = Vec::new();
+            for ns in nvme.iter().flat_map(|c| c.namespaces.iter()) {
+                sizes.push(image::check(&ns.image, ns.lbs)?);
+            }
+            let size = sizes[0];
             if mem < 64 {
                 return Err(Error::Usage(format!(
                     "--mem {mem}: the kernel needs at least 64 MiB"
@@ -617,8 +712,6 @@ fn run(cli: Cli) -> Result<i32, Error> {
             }
             args.extend(kernel_args);
             let mut cfg = qemu::Config::new(kernel);
-            cfg.disk = Some(disk.clone());
-            cfg.nvme_lbs = nvme_lbs;
             cfg.mem_mib = mem;
             cfg.smp = smp;
             cfg.accel = accel;
@@ -642,7 +735,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     size / 512
                 )));
             }
-            cfg.inject_eio = inject_eio;
+            nvme[0].namespaces[0].inject_eio = inject_eio;
+            cfg.nvme = nvme;
+            cfg.nvme_ioeventfd = nvme_ioeventfd;
             let tap = match net {
                 NetMode::User => {
                     // The forward is added once the guest listens: say now
@@ -663,12 +758,32 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     Some(tap)
                 }
             };
+            let disks: Vec<String> = cfg
+                .namespaces()
+                .zip(&sizes)
+                .map(|((name, ns), size)| {
+                    format!(
+                        "{name} {} ({} MiB, {}-byte blocks{}, aio={})",
+                        ns.image.display(),
+                        size >> 20,
+                        ns.lbs,
+                        if ns.ms > 0 {
+                            format!(" + {} metadata bytes", ns.ms)
+                        } else {
+                            String::new()
+                        },
+                        qemu::drive_aio(&ns.image)
+                    )
+                })
+                .collect();
             eprintln!(
-                "dioxide: booting with {} ({} MiB, {}-byte blocks, aio={}), accel {}, boot {}; kernel args {:?}",
-                disk.display(),
-                size >> 20,
-                nvme_lbs,
-                qemu::drive_aio(&disk),
+                "dioxide: booting with {}{}, accel {}, boot {}; kernel args {:?}",
+                disks.join(", "),
+                if cfg.nvme_ioeventfd {
+                    ", NVMe ioeventfd on"
+                } else {
+                    ""
+                },
                 accel.name(),
                 cfg.boot.name(),
                 match &cfg.iso {

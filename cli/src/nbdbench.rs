@@ -13,7 +13,7 @@
 //! records the server process's host CPU time per I/O (`/proc/PID/stat`).
 
 use crate::accel::Accel;
-use crate::bench::{fmt_iops, plot_panels, Row};
+use crate::bench::{config_title, fmt_iops, plot_panels, Row, Variant};
 use crate::qemu::{Config, Guest, NbdReady, GUEST_NBD_PORT};
 use crate::tap::Tap;
 use crate::{io_err, kernel, Error};
@@ -62,6 +62,9 @@ pub struct NbdOpts {
     pub rounds: u64,
     /// How the kernel boots (PVH, or GRUB under SeaBIOS or OVMF).
     pub boot: crate::qemu::Boot,
+    /// One boot per network mode and variant (CPUs, shadow doorbells,
+    /// ioeventfd).
+    pub sweep: crate::bench::Sweep,
 }
 
 /// The booted appliance (QEMU killed on drop, then its tap device deleted).
@@ -333,12 +336,16 @@ const TARGETS: [(&str, &str, &str); 4] = [
     ("qemu-nbd", "#d62728", "qemu-nbd (host)"),
 ];
 
-/// The table: per network mode, a line per queue depth.
+/// The table: per network mode, and per configuration (CPUs, shadow
+/// doorbells, ioeventfd) when the rows hold several, a line per queue
+/// depth.
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
+    let config = config_title(rows);
+    let group = |r: &Row| format!("{}{}", r.s("net"), config(r));
     for r in rows {
         by_net
-            .entry(r.s("net").into())
+            .entry(group(r))
             .or_default()
             .entry(r.f("qd") as usize)
             .or_default()
@@ -381,7 +388,7 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
         }
         s += "host CPU per I/O (us, server process incl. its vCPU thread): ";
         let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.s("net") == net) {
+        for r in rows.iter().filter(|r| group(r) == net) {
             cpu.entry(r.s("target").into())
                 .or_default()
                 .push(r.f("server_cpu_us_per_io"));
@@ -413,9 +420,15 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let kernel = kernel::build()?;
     let mut rows = Vec::new();
     let mut runs = Vec::new();
-    for &net in &opts.nets {
+    let variants = opts.sweep.variants();
+    let boots: Vec<(NetMode, Variant)> = opts
+        .nets
+        .iter()
+        .flat_map(|&n| variants.iter().map(move |&v| (n, v)))
+        .collect();
+    for (net, variant) in boots {
         let mut cfg = Config::new(kernel.clone());
-        cfg.disk = Some(img.clone());
+        cfg.add_disk(&img);
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
         cfg.boot = opts.boot;
@@ -424,12 +437,14 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "nbd.null=1".into(),
             format!("nvme.completion={}", opts.completion),
         ];
+        variant.apply(&mut cfg);
         eprintln!(
-            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, completion {})",
+            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, completion {}, {})",
             opts.accel.name(),
             opts.boot.name(),
             net.name(),
-            opts.completion
+            opts.completion,
+            variant.label()
         );
         let app = boot(cfg, net)?;
         let qemu_pid = app.guest.pid().unwrap_or(0);
@@ -483,14 +498,15 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     ios,
                 };
                 eprintln!(
-                    "  net={} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
+                    "  net={} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
                     net.name(),
+                    variant.label(),
                     fmt_iops(r.iops),
                     r.p50_us,
                     r.p99_us
                 );
                 let cpu_per_io = if ios > 0 { cpu / ios as f64 * 1e6 } else { 0.0 };
-                rows.push(Row::new(&[
+                let mut row = Row::new(&[
                     ("target", target.into()),
                     ("net", net.name().into()),
                     ("qd", qd.to_string()),
@@ -503,12 +519,17 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     ("ios", ios.to_string()),
                     ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
                     ("wall_secs", format!("{wall:.2}")),
-                ]));
+                ]);
+                variant.fill(&mut row);
+                rows.push(row);
             }
         }
         let console = app.guest.console();
         runs.push(json!({
             "net": net.name(),
+            "cpus": variant.cpus(),
+            "dbbuf": variant.dbbuf,
+            "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
             "appliance_url": app.url,
             "qemu_nbd_options": host.options,
             "guest_warnings": console.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>(),
@@ -529,6 +550,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "rounds": opts.rounds,
             "jobs": opts.jobs,
             "qds": opts.qds,
+            "sweep": opts.sweep.json(),
             "image": img.display().to_string(),
             "fio": fio_version,
             "qemu_nbd": version("qemu-nbd", "--version"),
@@ -540,8 +562,63 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Usage(e.to_string()))?;
     std::fs::write(&json_path, text).map_err(io_err(format!("write {}", json_path.display())))?;
     let svg = opts.out.join("plot.svg");
-    let plot = plot_panels(&rows, &|r| format!("NBD, net={}", r.s("net")), &TARGETS);
+    let config = config_title(&rows);
+    let plot = plot_panels(
+        &rows,
+        &|r| format!("NBD, net={}{}", r.s("net"), config(r)),
+        &TARGETS,
+    );
     std::fs::write(&svg, plot).map_err(io_err(format!("write {}", svg.display())))?;
     println!("\nwrote {} and {}", json_path.display(), svg.display());
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_section_per_network_and_configuration() {
+        let row = |target: &str, cpus: u32, dbbuf: Option<u8>, iops: f64| {
+            let mut r = Row::new(&[
+                ("target", target.into()),
+                ("net", "user".into()),
+                ("qd", "16".into()),
+                ("iops", format!("{iops:.1}")),
+                ("server_cpu_us_per_io", "12.0".into()),
+            ]);
+            Variant {
+                smp: Some(cpus),
+                dbbuf,
+                ioeventfd: None,
+            }
+            .fill(&mut r);
+            r
+        };
+        let rows = [
+            row("file", 1, Some(0), 1000.0),
+            row("file", 2, Some(1), 1900.0),
+            row("raw", 2, Some(1), 2000.0),
+        ];
+        let t = table(&rows, 1, 5);
+        let heads: Vec<&str> = t.lines().filter(|l| l.starts_with("net=")).collect();
+        assert_eq!(heads.len(), 2, "{t}");
+        assert!(
+            heads[0].starts_with("net=user cpus=1 dbbuf=0 ioeventfd=0: fio"),
+            "{t}"
+        );
+        assert!(
+            heads[1].starts_with("net=user cpus=2 dbbuf=1 ioeventfd=0: fio"),
+            "{t}"
+        );
+        assert!(t.contains("0.950"), "file/raw at 2 CPUs: {t}");
+        // One configuration: the section is the network mode's alone.
+        let t = table(&rows[..1], 1, 5);
+        assert!(t.contains("\nnet=user: fio --ioengine=nbd"), "{t}");
+        let j = rows[1].json();
+        assert_eq!(
+            (&j["cpus"], &j["dbbuf"], &j["qd"]),
+            (&json!(2), &json!(1), &json!(16))
+        );
+    }
 }

@@ -152,12 +152,238 @@ fn qemu_path(p: &std::path::Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// Most NVMe controllers a boot takes, and namespaces per controller.
+pub const MAX_CONTROLLERS: usize = 16;
+pub const MAX_NAMESPACES: usize = 16;
+
+/// One namespace of an emulated NVMe controller, backed by a raw image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub image: PathBuf,
+    /// Logical (and physical) block size in bytes: 512 or 4096.
+    pub lbs: u32,
+    /// Metadata bytes per logical block (QEMU `nvme-ns` `ms=`, in a
+    /// separate buffer: `mset=0`); 0 for none.
+    pub ms: u16,
+    /// 512-byte sectors of the image whose reads fail with EIO (QEMU's
+    /// `blkdebug` driver between the device and the image): a device error
+    /// the kernel must report for the request that hit it.
+    pub inject_eio: Vec<u64>,
+}
+
+impl Namespace {
+    /// A namespace of `image` with 512-byte blocks, no metadata.
+    pub fn new(image: impl Into<PathBuf>) -> Namespace {
+        Namespace {
+            image: image.into(),
+            lbs: 512,
+            ms: 0,
+            inject_eio: Vec::new(),
+        }
+    }
+
+    /// The `-drive` value of this namespace's image, with id `id`.
+    fn drive(&self, id: &str) -> std::ffi::OsString {
+        let path = qemu_path(&self.image);
+        let aio = drive_aio(&self.image);
+        let mut drive = std::ffi::OsString::new();
+        if self.inject_eio.is_empty() {
+            drive.push(format!(
+                "file={path},if=none,id={id},format=raw,cache=none,aio={aio}"
+            ));
+        } else {
+            // raw <- blkdebug (inject-error rules) <- file
+            drive.push(format!(
+                "if=none,id={id},format=raw,cache=none,file.driver=blkdebug"
+            ));
+            for (i, sector) in self.inject_eio.iter().enumerate() {
+                drive.push(format!(
+                    ",file.inject-error.{i}.event=read_aio,file.inject-error.{i}.errno=5,file.inject-error.{i}.sector={sector}"
+                ));
+            }
+            drive.push(format!(
+                ",file.image.driver=file,file.image.filename={path},file.image.aio={aio}"
+            ));
+        }
+        drive
+    }
+}
+
+/// One emulated NVMe controller (a PCI function) and its namespaces, whose
+/// NSIDs are 1, 2, ... in this order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NvmeController {
+    pub namespaces: Vec<Namespace>,
+}
+
+impl NvmeController {
+    /// QEMU's arguments for this controller, the `index`-th: serial
+    /// `dioxide<index>`. One namespace without metadata is the
+    /// controller's own drive (`-device nvme,drive=nvm<index>,...`, as
+    /// before several disks existed); otherwise each namespace is an
+    /// `nvme-ns` device on the controller's bus (drive `nvm<index>n<nsid>`).
+    pub fn qemu_args(&self, index: usize, ioeventfd: bool) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let ioeventfd = if ioeventfd { ",ioeventfd=on" } else { "" };
+        match self.namespaces.as_slice() {
+            [ns] if ns.ms == 0 => {
+                let id = format!("nvm{index}");
+                a.push("-drive".into());
+                a.push(ns.drive(&id));
+                a.push("-device".into());
+                a.push(
+                    format!(
+                        "nvme,drive={id},serial=dioxide{index},logical_block_size={0},physical_block_size={0}{ioeventfd}",
+                        ns.lbs
+                    )
+                    .into(),
+                );
+            }
+            namespaces => {
+                for (i, ns) in namespaces.iter().enumerate() {
+                    a.push("-drive".into());
+                    a.push(ns.drive(&format!("nvm{index}n{}", i + 1)));
+                }
+                a.push("-device".into());
+                a.push(format!("nvme,id=nvme{index},serial=dioxide{index}{ioeventfd}").into());
+                for (i, ns) in namespaces.iter().enumerate() {
+                    let nsid = i + 1;
+                    let ms = if ns.ms > 0 {
+                        format!(",ms={}", ns.ms)
+                    } else {
+                        String::new()
+                    };
+                    a.push("-device".into());
+                    a.push(
+                        format!(
+                            "nvme-ns,drive=nvm{index}n{nsid},bus=nvme{index},nsid={nsid},logical_block_size={0},physical_block_size={0}{ms}",
+                            ns.lbs
+                        )
+                        .into(),
+                    );
+                }
+            }
+        }
+        a
+    }
+}
+
+/// One `--disk` value: `PATH[,lbs=512|4096][,ms=BYTES][,ctrl=N]`, commas
+/// in PATH doubled (as in QEMU's options). Without `ctrl=` the image is
+/// namespace 1 of a new controller; with `ctrl=N` it is the next namespace
+/// of controller N (0-based, in the order the controllers were made; N may
+/// also be the next index, making that controller). `lbs` defaults to
+/// `default_lbs`. Returns the controller asked for and the namespace.
+pub fn parse_disk(spec: &str, default_lbs: u32) -> Result<(Option<usize>, Namespace), Error> {
+    let bad = |why: String| Error::Usage(format!("--disk {spec}: {why}"));
+    // Split at single commas; ",," is a comma of the path.
+    let mut parts = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
+            }
+            ',' => parts.push(String::new()),
+            _ => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(ch);
+                }
+            }
+        }
+    }
+    let path = parts.remove(0);
+    if path.is_empty() {
+        return Err(bad("no image path".into()));
+    }
+    let mut ns = Namespace::new(path);
+    ns.lbs = default_lbs;
+    let mut ctrl = None;
+    let mut seen: Vec<String> = Vec::new();
+    for p in &parts {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{p:?}: expected KEY=VALUE (lbs, ms, ctrl)")))?;
+        if seen.iter().any(|s| s == k) {
+            return Err(bad(format!("{k}= given twice")));
+        }
+        seen.push(k.to_string());
+        match k {
+            "lbs" => {
+                ns.lbs = match v {
+                    "512" => 512,
+                    "4096" => 4096,
+                    _ => return Err(bad(format!("lbs={v}: 512 or 4096"))),
+                }
+            }
+            "ms" => {
+                ns.ms = v
+                    .parse()
+                    .map_err(|_| bad(format!("ms={v}: metadata bytes per block, 0 to 65535")))?
+            }
+            "ctrl" => {
+                ctrl =
+                    Some(v.parse().map_err(|_| {
+                        bad(format!("ctrl={v}: a controller index (0 is the first)"))
+                    })?)
+            }
+            _ => {
+                return Err(bad(format!(
+                    "unknown option {k:?} (lbs=512|4096, ms=BYTES, ctrl=N)"
+                )))
+            }
+        }
+    }
+    Ok((ctrl, ns))
+}
+
+/// The controllers the `--disk` values make, in order (see [`parse_disk`]).
+pub fn parse_disks(specs: &[String], default_lbs: u32) -> Result<Vec<NvmeController>, Error> {
+    let mut ctrls: Vec<NvmeController> = Vec::new();
+    for spec in specs {
+        let (ctrl, ns) = parse_disk(spec, default_lbs)?;
+        let at = ctrl.unwrap_or(ctrls.len());
+        if at > ctrls.len() {
+            return Err(Error::Usage(format!(
+                "--disk {spec}: ctrl={at}, but only {} controller(s) so far (0-based; ctrl={} makes the next)",
+                ctrls.len(),
+                ctrls.len()
+            )));
+        }
+        if at == ctrls.len() {
+            if ctrls.len() == MAX_CONTROLLERS {
+                return Err(Error::Usage(format!(
+                    "--disk {spec}: at most {MAX_CONTROLLERS} NVMe controllers"
+                )));
+            }
+            ctrls.push(NvmeController::default());
+        }
+        let c = &mut ctrls[at];
+        if c.namespaces.len() == MAX_NAMESPACES {
+            return Err(Error::Usage(format!(
+                "--disk {spec}: at most {MAX_NAMESPACES} namespaces per controller"
+            )));
+        }
+        c.namespaces.push(ns);
+    }
+    Ok(ctrls)
+}
+
 /// Everything that describes one boot.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub kernel: PathBuf,
-    pub disk: Option<PathBuf>,
-    pub nvme_lbs: u32,
+    /// The emulated NVMe controllers, in PCI order: the guest names their
+    /// namespaces `nvme<index>n<nsid>`. None: no NVMe device.
+    pub nvme: Vec<NvmeController>,
+    /// QEMU's `ioeventfd=on` on every NVMe controller: a doorbell write
+    /// wakes QEMU's main loop through an eventfd instead of being handled
+    /// in the vCPU thread's MMIO exit. QEMU 7.2 does this only for I/O
+    /// queues with shadow doorbells (the guest's Doorbell Buffer Config).
+    pub nvme_ioeventfd: bool,
     pub mem_mib: u32,
     pub smp: u32,
     pub accel: Accel,
@@ -170,10 +396,6 @@ pub struct Config {
     pub echo_prefix: Option<&'static str>,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
-    /// 512-byte sectors of the disk image whose reads fail with EIO
-    /// (QEMU's `blkdebug` driver between the NVMe device and the image):
-    /// a device error the kernel must report for the request that hit it.
-    pub inject_eio: Vec<u64>,
     /// Give the guest a virtio-net NIC on QEMU user networking, with its
     /// address on the command line ([`USER_NET_ARGS`], unless `args` has a
     /// `net.ip=`), and forward this host port (on 127.0.0.1) to the guest's
@@ -200,8 +422,8 @@ impl Config {
     pub fn new(kernel: PathBuf) -> Self {
         Config {
             kernel,
-            disk: None,
-            nvme_lbs: 512,
+            nvme: Vec::new(),
+            nvme_ioeventfd: false,
             mem_mib: 512,
             smp: 1,
             accel: Accel::Tcg,
@@ -210,13 +432,32 @@ impl Config {
             echo: false,
             echo_prefix: None,
             extra: Vec::new(),
-            inject_eio: Vec::new(),
             nbd_port: None,
             netdev: None,
             boot: Boot::Pvh,
             iso: None,
             machine: "q35".into(),
         }
+    }
+
+    /// Adds a controller with one namespace of `image` (512-byte blocks)
+    /// and returns the namespace, e.g. to set its block size.
+    pub fn add_disk(&mut self, image: impl Into<PathBuf>) -> &mut Namespace {
+        self.nvme.push(NvmeController {
+            namespaces: vec![Namespace::new(image)],
+        });
+        let c = self.nvme.len() - 1;
+        &mut self.nvme[c].namespaces[0]
+    }
+
+    /// Every namespace with the name the guest gives it (`nvme0n1`, ...).
+    pub fn namespaces(&self) -> impl Iterator<Item = (String, &Namespace)> {
+        self.nvme.iter().enumerate().flat_map(|(c, ctrl)| {
+            ctrl.namespaces
+                .iter()
+                .enumerate()
+                .map(move |(i, ns)| (format!("nvme{c}n{}", i + 1), ns))
+        })
     }
 
     /// The kernel's command line words: `args`, and with user networking
@@ -241,32 +482,8 @@ impl Config {
         c.arg("-smp").arg(self.smp.to_string());
         c.args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
-        if let Some(disk) = &self.disk {
-            // Commas in a path are doubled in QEMU option syntax.
-            let path = disk.to_string_lossy().replace(',', ",,");
-            let aio = drive_aio(disk);
-            let mut drive = std::ffi::OsString::new();
-            if self.inject_eio.is_empty() {
-                drive.push(format!(
-                    "file={path},if=none,id=nvm0,format=raw,cache=none,aio={aio}"
-                ));
-            } else {
-                // raw <- blkdebug (inject-error rules) <- file
-                drive.push("if=none,id=nvm0,format=raw,cache=none,file.driver=blkdebug");
-                for (i, sector) in self.inject_eio.iter().enumerate() {
-                    drive.push(format!(
-                        ",file.inject-error.{i}.event=read_aio,file.inject-error.{i}.errno=5,file.inject-error.{i}.sector={sector}"
-                    ));
-                }
-                drive.push(format!(
-                    ",file.image.driver=file,file.image.filename={path},file.image.aio={aio}"
-                ));
-            }
-            c.arg("-drive").arg(drive);
-            c.arg("-device").arg(format!(
-                "nvme,drive=nvm0,serial=dioxide0,logical_block_size={0},physical_block_size={0}",
-                self.nvme_lbs
-            ));
+        for (index, ctrl) in self.nvme.iter().enumerate() {
+            c.args(ctrl.qemu_args(index, self.nvme_ioeventfd));
         }
         // event_idx=off: virtio-drivers 0.13 decides whether to notify the
         // device with `avail_idx >= avail_event + 1` instead of the
@@ -1000,6 +1217,184 @@ mod tests {
         assert_eq!(Boot::default(), Boot::Pvh);
         let e = Boot::parse("coreboot").unwrap_err();
         assert_eq!(e.to_string(), "--boot coreboot: expected pvh, bios or uefi");
+    }
+
+    fn args_of(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The arguments from the first `-drive` of an NVMe image up to, not
+    /// including, `-kernel` (images under a directory that does not exist:
+    /// the io_uring probe fails, so aio=threads).
+    fn nvme_args(cfg: &Config) -> Vec<String> {
+        let a = args_of(&cfg.command(&BootMedia::prepare(cfg).unwrap()));
+        let from = a.iter().position(|x| x == "-drive").unwrap();
+        let to = a.iter().position(|x| x == "-kernel").unwrap();
+        a[from..to].to_vec()
+    }
+
+    const NO_DIR: &str = "/nonexistent-dioxide-dir";
+
+    #[test]
+    fn one_disk_is_the_controllers_own_drive_as_before() {
+        let mut cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
+        cfg.add_disk(format!("{NO_DIR}/a,b.img")).lbs = 4096;
+        assert_eq!(
+            nvme_args(&cfg),
+            [
+                "-drive",
+                "file=/nonexistent-dioxide-dir/a,,b.img,if=none,id=nvm0,format=raw,cache=none,aio=threads",
+                "-device",
+                "nvme,drive=nvm0,serial=dioxide0,logical_block_size=4096,physical_block_size=4096",
+            ]
+        );
+        // blkdebug between the device and the image.
+        cfg.nvme[0].namespaces[0].inject_eio = vec![8, 9];
+        cfg.nvme_ioeventfd = true;
+        assert_eq!(
+            nvme_args(&cfg),
+            [
+                "-drive",
+                "if=none,id=nvm0,format=raw,cache=none,file.driver=blkdebug,file.inject-error.0.event=read_aio,file.inject-error.0.errno=5,file.inject-error.0.sector=8,file.inject-error.1.event=read_aio,file.inject-error.1.errno=5,file.inject-error.1.sector=9,file.image.driver=file,file.image.filename=/nonexistent-dioxide-dir/a,,b.img,file.image.aio=threads",
+                "-device",
+                "nvme,drive=nvm0,serial=dioxide0,logical_block_size=4096,physical_block_size=4096,ioeventfd=on",
+            ]
+        );
+        // No disk: no NVMe device.
+        let cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
+        let a = args_of(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        assert!(!a.iter().any(|x| x.contains("nvme")), "{a:?}");
+    }
+
+    #[test]
+    fn a_controller_with_several_namespaces_has_nvme_ns_devices() {
+        let specs: Vec<String> = [
+            "a.img",
+            "b.img",
+            "c.img,ctrl=1,lbs=4096",
+            "d.img,ms=8,ctrl=1",
+        ]
+        .iter()
+        .map(|s| format!("{NO_DIR}/{s}"))
+        .collect();
+        let mut cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
+        cfg.nvme = parse_disks(&specs, 512).unwrap();
+        let names: Vec<(String, u32, u16)> =
+            cfg.namespaces().map(|(n, ns)| (n, ns.lbs, ns.ms)).collect();
+        assert_eq!(
+            names,
+            [
+                ("nvme0n1".to_string(), 512, 0),
+                ("nvme1n1".to_string(), 512, 0),
+                ("nvme1n2".to_string(), 4096, 0),
+                ("nvme1n3".to_string(), 512, 8),
+            ]
+        );
+        let drive = |id: &str, img: &str| {
+            format!("file={NO_DIR}/{img},if=none,id={id},format=raw,cache=none,aio=threads")
+        };
+        assert_eq!(
+            nvme_args(&cfg),
+            [
+                "-drive".to_string(),
+                drive("nvm0", "a.img"),
+                "-device".into(),
+                "nvme,drive=nvm0,serial=dioxide0,logical_block_size=512,physical_block_size=512".into(),
+                "-drive".into(),
+                drive("nvm1n1", "b.img"),
+                "-drive".into(),
+                drive("nvm1n2", "c.img"),
+                "-drive".into(),
+                drive("nvm1n3", "d.img"),
+                "-device".into(),
+                "nvme,id=nvme1,serial=dioxide1".into(),
+                "-device".into(),
+                "nvme-ns,drive=nvm1n1,bus=nvme1,nsid=1,logical_block_size=512,physical_block_size=512".into(),
+                "-device".into(),
+                "nvme-ns,drive=nvm1n2,bus=nvme1,nsid=2,logical_block_size=4096,physical_block_size=4096".into(),
+                "-device".into(),
+                "nvme-ns,drive=nvm1n3,bus=nvme1,nsid=3,logical_block_size=512,physical_block_size=512,ms=8".into(),
+            ]
+        );
+        // A lone namespace with metadata is an nvme-ns device too.
+        let mut cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
+        cfg.add_disk(format!("{NO_DIR}/m.img")).ms = 16;
+        cfg.nvme_ioeventfd = true;
+        assert_eq!(
+            nvme_args(&cfg)[2..],
+            [
+                "-device",
+                "nvme,id=nvme0,serial=dioxide0,ioeventfd=on",
+                "-device",
+                "nvme-ns,drive=nvm0n1,bus=nvme0,nsid=1,logical_block_size=512,physical_block_size=512,ms=16",
+            ]
+        );
+    }
+
+    #[test]
+    fn disk_specs() {
+        let (ctrl, ns) = parse_disk("x.img", 4096).unwrap();
+        assert_eq!(
+            (ctrl, ns),
+            (None, {
+                let mut n = Namespace::new("x.img");
+                n.lbs = 4096;
+                n
+            })
+        );
+        let (ctrl, ns) = parse_disk("a,,b.img,lbs=512,ms=64,ctrl=2", 4096).unwrap();
+        assert_eq!(ctrl, Some(2));
+        assert_eq!(
+            (ns.image, ns.lbs, ns.ms),
+            (PathBuf::from("a,b.img"), 512, 64)
+        );
+        let err = |s: &str| parse_disk(s, 512).unwrap_err().to_string();
+        assert_eq!(err(",lbs=512"), "--disk ,lbs=512: no image path");
+        assert_eq!(
+            err("x,lbs=1024"),
+            "--disk x,lbs=1024: lbs=1024: 512 or 4096"
+        );
+        assert_eq!(
+            err("x,ms=-1"),
+            "--disk x,ms=-1: ms=-1: metadata bytes per block, 0 to 65535"
+        );
+        assert_eq!(
+            err("x,nsid=2"),
+            "--disk x,nsid=2: unknown option \"nsid\" (lbs=512|4096, ms=BYTES, ctrl=N)"
+        );
+        assert_eq!(
+            err("x,4096"),
+            "--disk x,4096: \"4096\": expected KEY=VALUE (lbs, ms, ctrl)"
+        );
+        assert_eq!(
+            err("x,lbs=512,lbs=4096"),
+            "--disk x,lbs=512,lbs=4096: lbs= given twice"
+        );
+        // ctrl= names a controller made so far, or the next one.
+        let specs = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let c = parse_disks(&specs(&["a,ctrl=0", "b,ctrl=0", "c"]), 512).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].namespaces.len(), 2);
+        assert_eq!(c[1].namespaces[0].image, PathBuf::from("c"));
+        let e = parse_disks(&specs(&["a", "b,ctrl=2"]), 512).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--disk b,ctrl=2: ctrl=2, but only 1 controller(s) so far (0-based; ctrl=1 makes the next)"
+        );
+        let many: Vec<String> = (0..=MAX_CONTROLLERS).map(|i| format!("d{i}")).collect();
+        assert!(parse_disks(&many, 512)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 16 NVMe controllers"));
+        let many: Vec<String> = (0..=MAX_NAMESPACES)
+            .map(|i| format!("d{i},ctrl=0"))
+            .collect();
+        assert!(parse_disks(&many, 512)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 16 namespaces per controller"));
     }
 
     #[test]

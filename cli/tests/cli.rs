@@ -64,6 +64,35 @@ fn bad_block_size_option() {
     assert!(err.contains("must be 512 or 4096"), "{err}");
 }
 
+/// Bad sweep lists of the benchmarks are refused before anything is built
+/// or booted.
+#[test]
+fn bad_bench_lists() {
+    for (args, want) in [
+        (
+            &["bench", "local", "--smp", "1,0"][..],
+            "--smp 1,0: CPU counts from 1 to 64",
+        ),
+        (&["bench", "local", "--dbbuf", "2"], "--dbbuf 2: 0 and/or 1"),
+        (
+            &["bench", "nbd", "--ioeventfd", "maybe"],
+            "--ioeventfd maybe: 0 and/or 1",
+        ),
+        (
+            &["bench", "nbd", "--smp", "x"],
+            "--smp x: CPU counts from 1 to 64",
+        ),
+        (
+            &["bench", "local", "--host-threads", "0"],
+            "--host-threads 0: thread counts from 1 to 64, auto or none",
+        ),
+    ] {
+        let (code, err) = dioxide(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 /// How long one command may take: a `dioxide run` that should fail before
 /// booting but boots instead (serving until killed), or a client waiting on
 /// a stuck appliance, fails the test rather than hanging it.
@@ -367,6 +396,81 @@ fn exit_124_when_the_guest_outlives_the_timeout() {
     assert_eq!(code, 124, "{err}");
     assert!(err.contains("timed out after 1 s; QEMU killed"), "{err}");
     assert!(took.as_secs() < 60, "took {took:?}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Bad `--disk` options are refused before anything boots, naming the
+/// value; every image is checked against its own block size.
+#[test]
+fn bad_disk_specs_are_refused() {
+    let (img, d) = small_disk("specs");
+    let i = img.to_str().unwrap();
+    for (spec, want) in [
+        (format!("{i},lbs=1024"), "lbs=1024: 512 or 4096"),
+        (
+            format!("{i},ctrl=1"),
+            "ctrl=1, but only 0 controller(s) so far",
+        ),
+        (format!("{i},size=1"), "unknown option \"size\""),
+    ] {
+        let (code, err) = dioxide(&["run", "--accel", "tcg", "--disk", &spec]);
+        assert_eq!(code, 2, "{spec}: {err}");
+        assert!(err.contains(&format!("--disk {spec}: {want}")), "{err}");
+    }
+    let odd = d.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 4096 + 512]).unwrap();
+    let odd_spec = format!("{},ctrl=0,lbs=4096", odd.to_str().unwrap());
+    let (code, err) = dioxide(&["run", "--accel", "tcg", "--disk", i, "--disk", &odd_spec]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not a multiple of the 4096-byte logical block size"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Two controllers, the second with three namespaces (one with 4096-byte
+/// blocks, one with 8 metadata bytes per block), ioeventfd on: QEMU takes
+/// the devices and the kernel boots (the calibration self-test ends before
+/// the NVMe driver starts, so this holds whatever the driver makes of them).
+#[test]
+fn several_controllers_and_namespaces_boot() {
+    let (img, d) = small_disk("multi");
+    let (b, c, m) = (d.join("b.img"), d.join("c.img"), d.join("m.img"));
+    for p in [&b, &c, &m] {
+        dioxide::image::write_random(p, 1 << 20, 6).unwrap();
+    }
+    let c_spec = format!("{},ctrl=1,lbs=4096", c.to_str().unwrap());
+    let m_spec = format!("{},ctrl=1,ms=8", m.to_str().unwrap());
+    let (code, out, err, _) = run_status(
+        &kernel(),
+        &img,
+        &[
+            "--disk",
+            b.to_str().unwrap(),
+            "--disk",
+            &c_spec,
+            "--disk",
+            &m_spec,
+            "--nvme-ioeventfd",
+            "--timeout",
+            "120",
+            "--selftest",
+            "calibrate",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    for name in [
+        "nvme0n1 ",
+        "nvme1n1 ",
+        "nvme1n2 ",
+        "nvme1n3 ",
+        "(1 MiB, 4096-byte blocks, aio=",
+        "(1 MiB, 512-byte blocks + 8 metadata bytes, aio=",
+        "NVMe ioeventfd on",
+    ] {
+        assert!(err.contains(name), "{name}: {err}");
+    }
     let _ = std::fs::remove_dir_all(d);
 }
 

@@ -63,7 +63,9 @@ pub fn random_image(path: &Path, size: u64, seed: u64) -> String {
 /// A boot configuration: TCG, 256 MiB, 180 s timeout, console not echoed.
 pub fn config(disk: Option<&Path>, args: &[&str]) -> Config {
     let mut c = Config::new(kernel());
-    c.disk = disk.map(Path::to_path_buf);
+    if let Some(d) = disk {
+        c.add_disk(d);
+    }
     c.accel = Accel::Tcg;
     c.mem_mib = 256;
     c.args = args.iter().map(|s| s.to_string()).collect();

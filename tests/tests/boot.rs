@@ -10,7 +10,7 @@ fn digest_matches(lbs: u32, completion: &str, seed: u64) {
         Some(&img),
         &["selftest=digest", &format!("nvme.completion={completion}")],
     );
-    cfg.nvme_lbs = lbs;
+    cfg.nvme[0].namespaces[0].lbs = lbs;
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     assert_digest(&out, 64 << 20, &want);
@@ -44,7 +44,7 @@ fn rw_selftest(lbs: u32, completion: &str) {
         Some(&img),
         &["selftest=rw", &format!("nvme.completion={completion}")],
     );
-    cfg.nvme_lbs = lbs;
+    cfg.nvme[0].namespaces[0].lbs = lbs;
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     assert!(

@@ -55,7 +55,7 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
 
     let mut cfg = config(Some(&img), &[]);
     cfg.timeout = Some(Duration::from_secs(600));
-    cfg.inject_eio = vec![bad];
+    cfg.nvme[0].namespaces[0].inject_eio = vec![bad];
     let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
         .unwrap_or_else(|e| panic!("{e}"));
     let port = app.port;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 fn kernel_files(img: &std::path::Path, lbs: u32) -> (u8, BTreeMap<String, String>, String) {
     let mut cfg = config(Some(img), &["selftest=files"]);
-    cfg.nvme_lbs = lbs;
+    cfg.nvme[0].namespaces[0].lbs = lbs;
     let out = boot(&cfg);
     let mut files = BTreeMap::new();
     for l in out.result_lines() {

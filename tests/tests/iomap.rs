@@ -66,8 +66,10 @@ fn bench_local_writes_table_json_and_plot() {
         accel: dioxide::accel::Accel::Tcg,
         mem: 256,
         host_ios: 100_000,
+        host_threads: String::new(),
         from_log: None,
         boot: dioxide::qemu::Boot::Pvh,
+        sweep: Default::default(),
     };
     assert_eq!(dioxide::bench::local(&opts).unwrap(), 0);
     let json: serde_json::Value =

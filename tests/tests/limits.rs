@@ -221,7 +221,7 @@ fn nbd_block_sizes_follow_the_filesystem_and_namespace() {
     dioxide::fstool::mkfs(&img, &src, None, 8192, "").unwrap();
     let image_len = std::fs::metadata(&img).unwrap().len();
     let mut cfg = config(Some(&img), &[]);
-    cfg.nvme_lbs = 4096;
+    cfg.nvme[0].namespaces[0].lbs = 4096;
     cfg.timeout = Some(Duration::from_secs(600));
     let (guest, port) = serve(cfg);
     let mut guest = Shown(guest);

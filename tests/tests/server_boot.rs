@@ -248,8 +248,10 @@ fn bench_local_under_uefi() {
         accel: dioxide::accel::Accel::Tcg,
         mem: 256,
         host_ios: 0,
+        host_threads: String::new(),
         from_log: None,
         boot: Boot::Uefi,
+        sweep: Default::default(),
     };
     assert_eq!(dioxide::bench::local(&opts).unwrap(), 0);
     let json: serde_json::Value =

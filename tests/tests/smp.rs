@@ -105,7 +105,7 @@ fn digest_with_four_cpus() {
     let img = dir.path().join("disk.img");
     let want = random_image(&img, 16 << 20, 12);
     let mut cfg = smp_config(4, &["selftest=digest"]);
-    cfg.disk = Some(img);
+    cfg.add_disk(&img);
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     assert!(
