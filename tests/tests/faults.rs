@@ -149,8 +149,20 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
 /// rightly serve the read).
 #[test]
 fn a_drive_slower_than_the_deadline_gives_errors_not_hangs() {
+    slow_drive(1);
+}
+
+/// The same on two CPUs: the reads time out on the storage core's queue,
+/// whose reset the boot core's queue of the controller catches up with.
+#[test]
+fn a_slow_drive_on_two_cpus_is_reset_once_and_serves_on() {
+    slow_drive(2);
+}
+
+fn slow_drive(smp: u32) {
     let mut cfg = config(None, &["nvme.timeout_ms=200", "nbd.null=1"]);
     cfg.timeout = Some(Duration::from_secs(600));
+    cfg.smp = smp;
     cfg.extra = [
         "-drive",
         "driver=null-co,size=67108864,latency-ns=4000000000,read-zeroes=on,if=none,id=nvm0",

@@ -130,9 +130,15 @@ pub fn selftest() -> ! {
         if r.hlt_ns > HLT_BOUND_NS {
             err(format_args!("hlt lasted {} ms", r.hlt_ns / 1_000_000));
         }
+        // The AP marks its job done just after the job's last store (the
+        // one on_each_cpu waits for): allow it a moment to get there.
+        let t0 = time::now_ns();
+        while !smp::is_idle(cpu) && time::now_ns() - t0 < 100_000_000 {
+            core::hint::spin_loop();
+        }
         if !smp::is_idle(cpu) {
             err(format_args!(
-                "jobs still pending after on_each_cpu returned"
+                "jobs still pending 100 ms after on_each_cpu returned"
             ));
         }
         if cpu > 0 && RAN[cpu].load(Ordering::Acquire) != cpu + 1 {
