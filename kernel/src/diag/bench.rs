@@ -44,6 +44,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicUsize, Ordering};
+use crossbeam_utils::CachePadded;
 use dioxide_dxfs::File;
 use dioxide_iomap::null::NullQueue;
 use dioxide_iomap::{
@@ -606,16 +607,19 @@ pub fn bench(
                 let mut rows: [Row; 3] = Default::default();
                 // Per core: its figures and its null device, kept across
                 // the slices of the row (each core takes only its own).
-                let states: Vec<spin::Mutex<alloc::boxed::Box<State>>> =
-                    (0..cpus).map(|_| spin::Mutex::new(State::new())).collect();
-                let nulls: Vec<spin::Mutex<Engine<NullQueue<fn() -> u64>>>> = (0..cpus)
+                // (Each on cache lines of its own: no core writes a line
+                // another core's run uses.)
+                let states: Vec<CachePadded<spin::Mutex<alloc::boxed::Box<State>>>> = (0..cpus)
+                    .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
+                    .collect();
+                let nulls: Vec<CachePadded<spin::Mutex<Engine<NullQueue<fn() -> u64>>>>> = (0..cpus)
                     .map(|_| {
-                        spin::Mutex::new(Engine::new(NullQueue::new(
+                        CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
                             MAX_QD,
                             dev.ns.block_size.trailing_zeros(),
                             dev.ns.blocks,
                             time::now_ns as fn() -> u64,
-                        )))
+                        ))))
                     })
                     .collect();
                 let slice = Limit::Millis((p.secs * 1000 / ROUNDS).max(1));
@@ -701,8 +705,9 @@ pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! 
     // them, then the control on all of them (the heap counters are global,
     // so no core's generic reads can fall in another's simple half).
     for target in [Target::Simple, Target::Generic] {
-        let states: Vec<spin::Mutex<alloc::boxed::Box<State>>> =
-            (0..cpus).map(|_| spin::Mutex::new(State::new())).collect();
+        let states: Vec<CachePadded<spin::Mutex<alloc::boxed::Box<State>>>> = (0..cpus)
+            .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
+            .collect();
         let step = Step::new(cpus);
         let rows = smp::on_each_cpu(|cpu| {
             let mut state = states[cpu].lock();

@@ -26,6 +26,7 @@ use crate::platform::time;
 use crate::platform::{apic, idt, smp};
 use alloc::string::String;
 use alloc::sync::Arc;
+use crossbeam_utils::CachePadded;
 use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -124,8 +125,9 @@ pub struct Disk {
     pub max_transfer: usize,
     /// The namespace's I/O queue pairs, one per core (see [`engine_of`]);
     /// fewer when the controller grants fewer queues than there are
-    /// cores, and then cores share.
-    engines: Vec<IrqMutex<Option<Dio>>>,
+    /// cores, and then cores share. Each on cache lines of its own, so
+    /// that cores never write a line another core's engine uses.
+    engines: Vec<CachePadded<IrqMutex<Option<Dio>>>>,
 }
 
 impl Disk {
@@ -388,7 +390,11 @@ fn init_controller(
         let max_transfer = queues.first().map_or(0, |q| q.qp.max_transfer());
         let engines = queues
             .into_iter()
-            .map(|q| IrqMutex::new(Some(Engine::new(q.with_controller(shared.clone())))))
+            .map(|q| {
+                CachePadded::new(IrqMutex::new(Some(Engine::new(
+                    q.with_controller(shared.clone()),
+                ))))
+            })
             .collect::<Vec<_>>();
         let disk = Disk {
             name: alloc::format!("{name}n{}", ns.nsid),
