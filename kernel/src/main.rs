@@ -293,7 +293,15 @@ fn kmain(boot: &'static BootInfo) -> ! {
                             format_args!("nbd.stall_s={v:?}: expected seconds"),
                         ),
                     };
-                    Some(nbd::Server::new(n, &mounts, null, stall_ns))
+                    let storage_cores = match args.get("nbd.storage_cores") {
+                        None | Some("1") => true,
+                        Some("0") => false,
+                        Some(v) => fail(
+                            EXIT_CONFIG,
+                            format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
+                        ),
+                    };
+                    Some(nbd::Server::new(n, &mounts, null, stall_ns, storage_cores))
                 }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");

@@ -501,6 +501,14 @@ pub fn busy() -> bool {
     busy
 }
 
+/// Completions reaped on this core's queues and waiting for delivery
+/// ([`service`]).
+pub fn has_deliveries() -> bool {
+    let mut any = false;
+    each_engine(|e| any |= e.pending_completions() > 0);
+    any
+}
+
 /// Waits for the next completion or interrupt: spins once (poll mode), or
 /// halts unless completions wait for delivery (irq mode).
 pub fn idle() {

@@ -421,6 +421,7 @@ impl Server {
         mounts: &[crate::block::disk::Mounted],
         null_export: bool,
         stall_ns: u64,
+        storage_cores: bool,
     ) -> Server {
         let disks = nvme::disks();
         let mut exports = Vec::new();
@@ -554,7 +555,7 @@ impl Server {
             prof: Profile::default(),
             stall_ns,
         };
-        storage::start(server.table, MAX_REQS);
+        storage::start(server.table, MAX_REQS, storage_cores);
         let n = server.table.exports.len();
         log::info!(
             target: "nbd",
@@ -644,6 +645,14 @@ impl Server {
                 p.net / n, pct(p.net), p.nvme / n, pct(p.nvme),
                 p.replies / n, pct(p.replies), p.sockets / n, pct(p.sockets)
             );
+            let (handed, handoff, wakes) = storage::take_stats();
+            if handed > 0 {
+                log::info!(
+                    target: "nbd",
+                    "storage cores: {handed} reads handed over, {} us from queueing to taken (mean), {wakes} wake-ups",
+                    handoff * 1_000_000 / crate::platform::time::tsc_hz().max(1)
+                );
+            }
             let [txf, txb, txk, rxf, rxp] = crate::drivers::virtio_net::stats::take();
             log::info!(
                 target: "nbd",

@@ -34,7 +34,8 @@ use super::nbd::{issue, Job, Table};
 use crate::drivers::nvme;
 use crate::platform::smp;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crossbeam_utils::CachePadded;
 use crossbeam_queue::ArrayQueue;
 use dioxide_iomap::{DioError, ReqId};
 use x86_64::instructions::interrupts;
@@ -51,32 +52,63 @@ pub struct Done {
 }
 
 struct Lane {
-    jobs: ArrayQueue<Job>,
+    /// Jobs and the TSC when each was queued.
+    jobs: ArrayQueue<(Job, u64)>,
     done: ArrayQueue<Done>,
     sleeping: AtomicBool,
+    /// Jobs taken and their cycles from queueing to taken (written by the
+    /// storage core), wake-ups sent (by the boot core).
+    handed: AtomicU64,
+    handoff: AtomicU64,
+    wakes: AtomicU64,
+}
+
+/// (jobs handed over, their mean TSC cycles from queueing to a storage core
+/// taking them, wake-up IPIs sent) since the last call, all lanes together:
+/// reported with the run-loop profile when the service goes idle (`nbd:
+/// storage cores: ...`).
+pub fn take_stats() -> (u64, u64, u64) {
+    let (mut n, mut c, mut w) = (0, 0, 0);
+    for lane in lanes() {
+        n += lane.handed.swap(0, Ordering::Relaxed);
+        c += lane.handoff.swap(0, Ordering::Relaxed);
+        w += lane.wakes.swap(0, Ordering::Relaxed);
+    }
+    (n, c / n.max(1), w)
 }
 
 /// One lane per core (the boot core's is never used).
-static LANES: spin::Once<Vec<Lane>> = spin::Once::new();
+/// Each on cache lines of its own: a storage core writes only its lane's.
+static LANES: spin::Once<Vec<CachePadded<Lane>>> = spin::Once::new();
 
-fn lanes() -> &'static [Lane] {
+fn lanes() -> &'static [CachePadded<Lane>] {
     LANES.get().map_or(&[], |l| l.as_slice())
 }
 
 /// Starts a storage loop on every core but the boot core, serving `table`'s
-/// exports with `jobs` job slots per lane. With one core, nothing: reads
-/// are issued in the run loop.
-pub fn start(table: &'static Table, jobs: usize) {
+/// exports with `jobs` job slots per lane. With one core, or `enabled`
+/// false (kernel argument `nbd.storage_cores=0`), nothing: reads are issued
+/// in the run loop.
+pub fn start(table: &'static Table, jobs: usize, enabled: bool) {
     let cpus = smp::cpu_count();
     if cpus < 2 {
         return;
     }
+    if !enabled {
+        log::info!(target: "nbd", "reads issued on the boot core (nbd.storage_cores=0; {} cores idle)", cpus - 1);
+        return;
+    }
     LANES.call_once(|| {
         (0..cpus)
-            .map(|_| Lane {
-                jobs: ArrayQueue::new(jobs.max(1)),
-                done: ArrayQueue::new(RETURNS),
-                sleeping: AtomicBool::new(false),
+            .map(|_| {
+                CachePadded::new(Lane {
+                    jobs: ArrayQueue::new(jobs.max(1)),
+                    done: ArrayQueue::new(RETURNS),
+                    sleeping: AtomicBool::new(false),
+                    handed: AtomicU64::new(0),
+                    handoff: AtomicU64::new(0),
+                    wakes: AtomicU64::new(0),
+                })
             })
             .collect()
     });
@@ -111,8 +143,11 @@ pub fn send(core: usize, job: Job) -> Result<(), Job> {
     let Some(lane) = lanes().get(core) else {
         return Err(job);
     };
-    lane.jobs.push(job)?;
+    lane.jobs
+        .push((job, crate::platform::time::rdtsc()))
+        .map_err(|(j, _)| j)?;
     if lane.sleeping.load(Ordering::SeqCst) {
+        lane.wakes.fetch_add(1, Ordering::Relaxed);
         smp::wake(core);
     }
     Ok(())
@@ -142,7 +177,10 @@ fn storage_loop(cpu: usize, table: &'static Table) {
     };
     log::debug!(target: "nbd", "storage core {cpu} serving");
     loop {
-        while let Some(job) = lane.jobs.pop() {
+        while let Some((job, t)) = lane.jobs.pop() {
+            let waited = crate::platform::time::rdtsc().wrapping_sub(t);
+            lane.handoff.fetch_add(waited, Ordering::Relaxed);
+            lane.handed.fetch_add(1, Ordering::Relaxed);
             issue(table, &job, &mut |id, result, refs| {
                 give_back(lane, Done { id, result, refs })
             });
@@ -157,12 +195,22 @@ fn storage_loop(cpu: usize, table: &'static Table) {
                 },
             )
         });
-        if lane.jobs.is_empty() && !nvme::busy() {
+        // Halt when there is nothing to do: no job and nothing in flight
+        // or, with interrupt completion, nothing delivered yet (the
+        // completion's MSI-X ends the halt). Polled completions are waited
+        // for by spinning: only an interrupt would end the halt.
+        let irq = nvme::mode() == nvme::Mode::Irq;
+        if lane.jobs.is_empty() && (irq || !nvme::busy()) {
             interrupts::disable();
             lane.sleeping.store(true, Ordering::SeqCst);
-            if lane.jobs.is_empty() {
-                // sti; hlt: an IPI between the check and the halt still
-                // wakes us; the APIC tick bounds the sleep.
+            let idle = if irq {
+                !nvme::has_deliveries()
+            } else {
+                !nvme::busy()
+            };
+            if lane.jobs.is_empty() && idle {
+                // sti; hlt: an IPI or completion between the check and the
+                // halt still wakes us; the APIC tick bounds the sleep.
                 interrupts::enable_and_hlt();
             } else {
                 interrupts::enable();
