@@ -176,7 +176,9 @@ fn run(cmd: &mut Command) -> (bool, Vec<u8>, String) {
 #[test]
 fn nbd_exports_every_namespace_from_two_cores() {
     let d = disks("disks-nbd");
-    let mut cfg = two_controllers(&d, &[]);
+    // Interrupt completion: the storage core serves the reads (by default
+    // it does only then; see kernel/src/net/storage.rs).
+    let mut cfg = two_controllers(&d, &["nvme.completion=irq"]);
     cfg.timeout = Some(Duration::from_secs(600));
     let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -160,7 +160,11 @@ fn a_slow_drive_on_two_cpus_is_reset_once_and_serves_on() {
 }
 
 fn slow_drive(smp: u32) {
-    let mut cfg = config(None, &["nvme.timeout_ms=200", "nbd.null=1"]);
+    // (Polled completion, with the storage core asked for explicitly.)
+    let mut cfg = config(
+        None,
+        &["nvme.timeout_ms=200", "nbd.null=1", "nbd.storage_cores=1"],
+    );
     cfg.timeout = Some(Duration::from_secs(600));
     cfg.smp = smp;
     cfg.extra = [

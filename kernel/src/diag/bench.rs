@@ -612,7 +612,8 @@ pub fn bench(
                 let states: Vec<CachePadded<spin::Mutex<alloc::boxed::Box<State>>>> = (0..cpus)
                     .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
                     .collect();
-                let nulls: Vec<CachePadded<spin::Mutex<Engine<NullQueue<fn() -> u64>>>>> = (0..cpus)
+                let nulls: Vec<CachePadded<spin::Mutex<Engine<NullQueue<fn() -> u64>>>>> = (0
+                    ..cpus)
                     .map(|_| {
                         CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
                             MAX_QD,

@@ -16,7 +16,7 @@
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
 //! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
-//! | `nbd.storage_cores` | `1` (default), `0` | with several CPUs, issue each connection's reads on a storage core (1) or all on the boot core (0) |
+//! | `nbd.storage_cores` | `1`, `0` (default: 1 with `nvme.completion=irq`, else 0) | with several CPUs, issue each connection's reads on a storage core (1) or all on the boot core (0) |
 //! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long |
 //! | `time.source` | `hpet`, `pmtimer`, `pit`, `cpuid` | calibrate the TSC against this source only (default: the first that measures, in this order) |
 //! | `power` | `debugexit`, `acpi`, `halt` | how to power off (default: `debugexit` under a hypervisor, falling back to `acpi`; on bare metal `acpi` after success, `halt` after a failure) |
