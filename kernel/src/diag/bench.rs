@@ -284,6 +284,10 @@ impl Row {
     }
 }
 
+/// One core's part of a row, on cache lines of its own (no core writes a
+/// line another core's run uses); only its core takes the lock.
+type PerCore<T> = CachePadded<spin::Mutex<T>>;
+
 /// Keeps the cores of one slice in step: none starts measuring before all
 /// are ready, and none leaves (freeing what the slice's job held) before all
 /// are done, so that the global heap counters each core reads see only the
@@ -609,11 +613,10 @@ pub fn bench(
                 // the slices of the row (each core takes only its own).
                 // (Each on cache lines of its own: no core writes a line
                 // another core's run uses.)
-                let states: Vec<CachePadded<spin::Mutex<alloc::boxed::Box<State>>>> = (0..cpus)
+                let states: Vec<PerCore<alloc::boxed::Box<State>>> = (0..cpus)
                     .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
                     .collect();
-                let nulls: Vec<CachePadded<spin::Mutex<Engine<NullQueue<fn() -> u64>>>>> = (0
-                    ..cpus)
+                let nulls: Vec<PerCore<Engine<NullQueue<fn() -> u64>>>> = (0..cpus)
                     .map(|_| {
                         CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
                             MAX_QD,
@@ -706,7 +709,7 @@ pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! 
     // them, then the control on all of them (the heap counters are global,
     // so no core's generic reads can fall in another's simple half).
     for target in [Target::Simple, Target::Generic] {
-        let states: Vec<CachePadded<spin::Mutex<alloc::boxed::Box<State>>>> = (0..cpus)
+        let states: Vec<PerCore<alloc::boxed::Box<State>>> = (0..cpus)
             .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
             .collect();
         let step = Step::new(cpus);
