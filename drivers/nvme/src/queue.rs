@@ -176,6 +176,38 @@ pub struct QueueStats {
     pub doorbells_skipped: u64,
 }
 
+impl core::ops::AddAssign for QueueStats {
+    /// Sums the counters of several queues (one namespace's, one per core).
+    fn add_assign(&mut self, o: QueueStats) {
+        let QueueStats {
+            submitted,
+            completed,
+            errors,
+            timeouts,
+            spurious,
+            late,
+            aborts,
+            aborted,
+            reset_failed,
+            resets,
+            doorbell_writes,
+            doorbells_skipped,
+        } = o;
+        self.submitted += submitted;
+        self.completed += completed;
+        self.errors += errors;
+        self.timeouts += timeouts;
+        self.spurious += spurious;
+        self.late += late;
+        self.aborts += aborts;
+        self.aborted += aborted;
+        self.reset_failed += reset_failed;
+        self.resets += resets;
+        self.doorbell_writes += doorbell_writes;
+        self.doorbells_skipped += doorbells_skipped;
+    }
+}
+
 /// Whether a doorbell must be written through MMIO after the shadow slot
 /// moved from `old` to `new`, given the controller's event index (module
 /// docs): the virtio/NVMe `need_event` test.

@@ -287,6 +287,8 @@ impl Row {
 /// One core's part of a row, on cache lines of its own (no core writes a
 /// line another core's run uses); only its core takes the lock.
 type PerCore<T> = CachePadded<spin::Mutex<T>>;
+/// The in-kernel null device behind its own engine.
+type NullEngine = Engine<NullQueue<fn() -> u64>>;
 
 /// Keeps the cores of one slice in step: none starts measuring before all
 /// are ready, and none leaves (freeing what the slice's job held) before all
@@ -616,7 +618,7 @@ pub fn bench(
                 let states: Vec<PerCore<alloc::boxed::Box<State>>> = (0..cpus)
                     .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
                     .collect();
-                let nulls: Vec<PerCore<Engine<NullQueue<fn() -> u64>>>> = (0..cpus)
+                let nulls: Vec<PerCore<NullEngine>> = (0..cpus)
                     .map(|_| {
                         CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
                             MAX_QD,

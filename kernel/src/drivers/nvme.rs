@@ -613,17 +613,7 @@ pub fn stats(disk: usize) -> Option<dioxide_nvme::QueueStats> {
     let mut sum = dioxide_nvme::QueueStats::default();
     for e in &d.engines {
         if let Some(e) = e.lock().as_ref() {
-            let s = e.queue().qp.stats();
-            sum.submitted += s.submitted;
-            sum.completed += s.completed;
-            sum.errors += s.errors;
-            sum.timeouts += s.timeouts;
-            sum.spurious += s.spurious;
-            sum.late += s.late;
-            sum.aborts += s.aborts;
-            sum.aborted += s.aborted;
-            sum.reset_failed += s.reset_failed;
-            sum.resets += s.resets;
+            sum += e.queue().qp.stats();
         }
     }
     Some(sum)
