@@ -237,3 +237,60 @@ fn nbd_exports_every_namespace_from_two_cores() {
     );
     assert_refused_metadata(&console);
 }
+
+/// A controller that grants fewer I/O queues than there are cores (QEMU
+/// `max_ioqpairs=1`, two CPUs): the cores share the one queue; the
+/// no-allocation test runs on the core that owns it, and the NBD service's
+/// storage core reads through the shared queue.
+#[test]
+fn fewer_queues_than_cores_are_shared() {
+    let d = disks("disks-shared");
+    let shared = |args: &[&str]| {
+        let mut cfg = config(None, args);
+        cfg.smp = 2;
+        cfg.timeout = Some(Duration::from_secs(600));
+        cfg.extra = [
+            "-drive".to_string(),
+            format!(
+                "file={},if=none,id=nvm0,format=raw,readonly=on",
+                d.fs0.to_string_lossy().replace(',', ",,")
+            ),
+            "-device".to_string(),
+            "nvme,drive=nvm0,serial=shared0,max_ioqpairs=1".to_string(),
+        ]
+        .to_vec();
+        cfg
+    };
+    let out = boot(&shared(&["selftest=noalloc", "nvme.completion=irq"]));
+    assert_eq!(out.status, 0, "console:\n{}", out.console);
+    assert!(
+        out.console.contains("cores share queues"),
+        "{}",
+        out.console
+    );
+    assert!(out
+        .result_lines()
+        .any(|l| l == "noalloc on 1 of 2 cores: the controller granted 1 queue(s)"));
+    assert!(out.result_lines().any(|l| l == "noalloc ok"));
+    let app = dioxide::nbdbench::boot(
+        shared(&["nvme.completion=irq"]),
+        dioxide::nbdbench::NetMode::User,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (name, want) in [
+        ("nvme0n1", std::fs::read(&d.fs0).unwrap()),
+        (
+            "sub/big.bin",
+            std::fs::read(d.src0.join("sub/big.bin")).unwrap(),
+        ),
+    ] {
+        let (ok, got, err) =
+            run(Command::new("nbdcopy").args([&format!("{}/{name}", app.url), "-"]));
+        assert!(ok, "{name}: {err}");
+        assert!(got == want, "{name}: bytes differ");
+    }
+    assert!(app
+        .guest
+        .console()
+        .contains("reads issued on storage cores 1..1"));
+}

@@ -221,6 +221,12 @@ fn irq_handler(_: &mut idt::TrapFrame) {
     }
 }
 
+/// How many I/O queues disk `disk` has (one per core unless the controller
+/// granted fewer; 0 for no such disk).
+pub fn queue_count(disk: usize) -> usize {
+    disks().get(disk).map_or(0, |d| d.engines.len())
+}
+
 /// Runs `f` on disk `disk`'s engine of this core, with interrupts off.
 /// `None` when there is no such disk.
 pub fn with_engine<R>(disk: usize, f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
