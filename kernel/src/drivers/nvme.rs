@@ -353,6 +353,12 @@ fn init_controller(
         }
     };
     let mut granted = ctrl.set_queue_count(wanted)? as usize;
+    if ctrl.doorbell_buffer() {
+        // The shadow doorbell page holds an SQ tail and a CQ head per queue
+        // (admin included) at the doorbell stride: 511 I/O queues at most
+        // with a stride of 4 bytes.
+        granted = granted.min((4096 / ctrl.cap().doorbell_stride()).saturating_sub(1) / 2);
+    }
     if let Some(m) = &msix {
         granted = granted.min(m.size.saturating_sub(1) as usize);
     }

@@ -40,8 +40,13 @@
 //! Bounds: a lane's job queue holds [`MAX_REQS`](super::nbd) jobs, as many
 //! as the service has requests, so a send fails only if that invariant
 //! breaks (the job is then issued on the boot core: still correct). The
-//! return queue holds [`RETURNS`] results; a storage core whose return
-//! queue is full waits for the boot core, which never waits for it.
+//! return queue holds [`RETURNS`] results; what a full one cannot take
+//! waits, in order, in the storage core's backlog (bounded by the results
+//! the requests in flight can owe: their parts and one reference each),
+//! and the storage core retries without holding any lock. It never waits
+//! for the boot core while it holds an engine: with fewer queues than
+//! cores it may share one with the boot core, which takes it before it
+//! empties the lanes.
 //!
 //! A storage core with nothing queued and nothing in flight halts; the
 //! boot core wakes it with an IPI after queueing a job when it said it was
@@ -52,6 +57,7 @@
 use super::nbd::{issue, Job, Table};
 use crate::drivers::nvme;
 use crate::platform::smp;
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crossbeam_queue::ArrayQueue;
@@ -75,11 +81,16 @@ struct Lane {
     jobs: ArrayQueue<(Job, u64)>,
     done: ArrayQueue<Done>,
     sleeping: AtomicBool,
-    /// Jobs taken and their cycles from queueing to taken (written by the
-    /// storage core), wake-ups sent (by the boot core).
+    /// Wake-ups sent (by the boot core).
+    wakes: AtomicU64,
+    /// Jobs taken and their cycles from queueing to taken: written by the
+    /// storage core for every job, on a line of their own.
+    taken: CachePadded<Taken>,
+}
+
+struct Taken {
     handed: AtomicU64,
     handoff: AtomicU64,
-    wakes: AtomicU64,
 }
 
 /// (jobs handed over, their mean TSC cycles from queueing to a storage core
@@ -89,8 +100,8 @@ struct Lane {
 pub fn take_stats() -> (u64, u64, u64) {
     let (mut n, mut c, mut w) = (0, 0, 0);
     for lane in lanes() {
-        n += lane.handed.swap(0, Ordering::Relaxed);
-        c += lane.handoff.swap(0, Ordering::Relaxed);
+        n += lane.taken.handed.swap(0, Ordering::Relaxed);
+        c += lane.taken.handoff.swap(0, Ordering::Relaxed);
         w += lane.wakes.swap(0, Ordering::Relaxed);
     }
     (n, c / n.max(1), w)
@@ -124,9 +135,11 @@ pub fn start(table: &'static Table, jobs: usize, enabled: bool) {
                     jobs: ArrayQueue::new(jobs.max(1)),
                     done: ArrayQueue::new(RETURNS),
                     sleeping: AtomicBool::new(false),
-                    handed: AtomicU64::new(0),
-                    handoff: AtomicU64::new(0),
                     wakes: AtomicU64::new(0),
+                    taken: CachePadded::new(Taken {
+                        handed: AtomicU64::new(0),
+                        handoff: AtomicU64::new(0),
+                    }),
                 })
             })
             .collect()
@@ -181,12 +194,27 @@ pub fn collect(mut f: impl FnMut(Done)) {
     }
 }
 
-/// Sends `d` back to the boot core, waiting while the return queue is full
-/// (the boot core empties it on every poll and never waits for us).
-fn give_back(lane: &Lane, mut d: Done) {
-    while let Err(back) = lane.done.push(d) {
-        d = back;
-        core::hint::spin_loop();
+/// Sends `d` back to the boot core; when the return queue is full (or
+/// results already wait), keeps it in `backlog`, in order. Called with an
+/// engine's lock held (from its delivery or the submission), so it must
+/// not wait: a core sharing that engine with the boot core would deadlock
+/// with it (the boot core takes the engine before it empties the lanes).
+fn give_back(lane: &Lane, backlog: &mut VecDeque<Done>, d: Done) {
+    if !backlog.is_empty() {
+        backlog.push_back(d);
+    } else if let Err(d) = lane.done.push(d) {
+        backlog.push_back(d);
+    }
+}
+
+/// Moves what waits in `backlog` to the return queue, as far as it has
+/// room (no lock held: the boot core empties it on every poll).
+fn flush(lane: &Lane, backlog: &mut VecDeque<Done>) {
+    while let Some(d) = backlog.pop_front() {
+        if let Err(d) = lane.done.push(d) {
+            backlog.push_front(d);
+            break;
+        }
     }
 }
 
@@ -195,18 +223,24 @@ fn storage_loop(cpu: usize, table: &'static Table) {
         return;
     };
     log::debug!(target: "nbd", "storage core {cpu} serving");
+    // Results the return queue had no room for (allocated once; it grows
+    // only past RETURNS results waiting, which many-part raw reads on many
+    // namespaces can reach).
+    let mut backlog: VecDeque<Done> = VecDeque::with_capacity(RETURNS);
     loop {
         while let Some((job, t)) = lane.jobs.pop() {
-            let waited = crate::platform::time::rdtsc().wrapping_sub(t);
-            lane.handoff.fetch_add(waited, Ordering::Relaxed);
-            lane.handed.fetch_add(1, Ordering::Relaxed);
+            // (Another core's TSC: a hair behind ours at worst.)
+            let waited = crate::platform::time::rdtsc().saturating_sub(t);
+            lane.taken.handoff.fetch_add(waited, Ordering::Relaxed);
+            lane.taken.handed.fetch_add(1, Ordering::Relaxed);
             issue(table, &job, &mut |id, result, refs| {
-                give_back(lane, Done { id, result, refs })
+                give_back(lane, &mut backlog, Done { id, result, refs })
             });
         }
         nvme::service(|id, r| {
             give_back(
                 lane,
+                &mut backlog,
                 Done {
                     id,
                     result: Some(r),
@@ -214,6 +248,12 @@ fn storage_loop(cpu: usize, table: &'static Table) {
                 },
             )
         });
+        flush(lane, &mut backlog);
+        if !backlog.is_empty() {
+            // The boot core is behind: let it catch up, then try again.
+            core::hint::spin_loop();
+            continue;
+        }
         // Halt when there is nothing to do: no job and nothing in flight
         // or, with interrupt completion, nothing delivered yet (the
         // completion's MSI-X ends the halt). Polled completions are waited
