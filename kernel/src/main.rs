@@ -127,18 +127,16 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("nvme.timeout_ms={v:?}: expected milliseconds"),
         ),
     };
-    let dbbuf = match args.get("nvme.dbbuf") {
-        None | Some("1") => true,
-        Some("0") => false,
-        Some(v) => fail(
+    let dbbuf = match args.switch("nvme.dbbuf") {
+        Ok(v) => v.unwrap_or(true),
+        Err(v) => fail(
             EXIT_CONFIG,
             format_args!("nvme.dbbuf={v:?}: expected 0 or 1"),
         ),
     };
-    let simple = match args.get("dio.simple") {
-        None | Some("1") => true,
-        Some("0") => false,
-        Some(v) => fail(
+    let simple = match args.switch("dio.simple") {
+        Ok(v) => v.unwrap_or(true),
+        Err(v) => fail(
             EXIT_CONFIG,
             format_args!("dio.simple={v:?}: expected 0 or 1"),
         ),
@@ -195,6 +193,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         mode,
         timeout_ms,
         dbbuf,
+        simple,
     };
     let disks = match nvme::init(&functions, opts) {
         Ok([]) if !functions.iter().any(nvme::is_nvme) => {
@@ -221,9 +220,6 @@ fn kmain(boot: &'static BootInfo) -> ! {
         heap.bytes_in_use / 1024,
         heap.size >> 20
     );
-    for i in 0..disks.len() {
-        nvme::with_engine(i, |e| e.set_simple(simple));
-    }
     log::info!(target: "iomap", "simple path {}", if simple { "on" } else { "off (dio.simple=0)" });
     let mut mounts = disk::mount_all();
     match selftest {
@@ -299,11 +295,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
                     // taken from QEMU's device thread (measured: QD1 file
                     // reads 217 IOPS with, 1,210 without, at 2 CPUs polled;
                     // 1,719 with irq completion; see net/storage.rs).
-                    let storage_cores = match args.get("nbd.storage_cores") {
-                        None => mode == nvme::Mode::Irq,
-                        Some("1") => true,
-                        Some("0") => false,
-                        Some(v) => fail(
+                    let storage_cores = match args.switch("nbd.storage_cores") {
+                        Ok(v) => v.unwrap_or(mode == nvme::Mode::Irq),
+                        Err(v) => fail(
                             EXIT_CONFIG,
                             format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
                         ),

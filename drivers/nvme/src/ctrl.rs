@@ -476,9 +476,17 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
         Ok(ns)
     }
 
-    /// Set Features / Number of Queues. Returns the I/O queue pairs granted.
+    /// Set Features / Number of Queues. Returns the I/O queue pairs granted
+    /// and usable: with a doorbell buffer, at most as many as its shadow
+    /// page holds slots for (an SQ tail and a CQ head per queue, the admin
+    /// queue's included, at the doorbell stride: 511 I/O queues with a
+    /// 4-byte stride).
     pub fn set_queue_count(&mut self, wanted: u16) -> Result<u16, NvmeError> {
-        let wanted = wanted.max(1);
+        let mut wanted = wanted.max(1);
+        if self.dbbuf.is_some() {
+            let pairs = PAGE_SIZE / (2 * self.cap.doorbell_stride());
+            wanted = wanted.min(pairs.saturating_sub(1).max(1) as u16);
+        }
         self.queue_count = Some(wanted);
         // SAFETY: no data buffer.
         let dw0 = unsafe {

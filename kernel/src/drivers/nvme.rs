@@ -23,7 +23,7 @@
 use crate::drivers::pci::{self, Function, MsiX};
 use crate::platform::irq_mutex::IrqMutex;
 use crate::platform::time;
-use crate::platform::{apic, idt, smp};
+use crate::platform::{idt, smp};
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -127,7 +127,9 @@ pub struct Disk {
     /// fewer when the controller grants fewer queues than there are
     /// cores, and then cores share. Each on cache lines of its own, so
     /// that cores never write a line another core's engine uses.
-    engines: Vec<CachePadded<IrqMutex<Option<Dio>>>>,
+    engines: Vec<CachePadded<IrqMutex<Dio>>>,
+    /// Its controller, which every queue of it holds too.
+    controller: Arc<SharedController<KernelHal, Bar0>>,
 }
 
 impl Disk {
@@ -146,25 +148,6 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 /// The namespaces brought up (empty before [`init`]).
 pub fn disks() -> &'static [Disk] {
     DISKS.get().map_or(&[], |d| d.as_slice())
-}
-
-/// This core's index (0 is the boot CPU).
-fn cpu() -> usize {
-    smp::cpu_index()
-}
-
-/// The number of cores that do I/O: every core online.
-fn cpus() -> usize {
-    smp::cpu_count()
-}
-
-/// The local APIC id of core `cpu`, where its queues' MSI-X entries point.
-fn apic_of(cpu: usize) -> u32 {
-    if cpu < smp::cpu_count() {
-        smp::apic_id_of(cpu)
-    } else {
-        apic::id()
-    }
 }
 
 /// Which of a disk's `n` queues core `cpu` uses: its own while there are
@@ -206,7 +189,7 @@ impl From<NvmeError> for InitError {
 /// The MSI-X handler of the I/O queues: reaps this core's queues and
 /// finishes their requests (interrupt context: no owner code runs here).
 fn irq_handler(_: &mut idt::TrapFrame) {
-    let c = cpu();
+    let c = smp::cpu_index();
     for d in disks() {
         // Only the queue whose MSI-X entry points here: the core that
         // owns it (a shared queue's entry points at its first core).
@@ -214,9 +197,7 @@ fn irq_handler(_: &mut idt::TrapFrame) {
             // The main line only holds an engine with interrupts off
             // (IrqMutex), so on this core it is free; another core sharing
             // it holds it briefly.
-            if let Some(e) = d.engines[c].lock().as_mut() {
-                e.poll();
-            }
+            d.engines[c].lock().poll();
         }
     }
 }
@@ -231,8 +212,8 @@ pub fn queue_count(disk: usize) -> usize {
 /// `None` when there is no such disk.
 pub fn with_engine<R>(disk: usize, f: impl FnOnce(&mut Dio) -> R) -> Option<R> {
     let d = disks().get(disk)?;
-    let i = engine_of(cpu(), d.engines.len());
-    d.engines.get(i)?.lock().as_mut().map(f)
+    let i = engine_of(smp::cpu_index(), d.engines.len());
+    Some(f(&mut d.engines.get(i)?.lock()))
 }
 
 pub fn mode() -> Mode {
@@ -256,6 +237,9 @@ pub struct Options {
     /// Shadow doorbells (Doorbell Buffer Config) when the controller has
     /// them (`nvme.dbbuf=0` turns them off, to compare).
     pub dbbuf: bool,
+    /// The DIO engines' simple path (`dio.simple=0` turns it off on every
+    /// core's engine).
+    pub simple: bool,
 }
 
 /// Brings up every NVMe controller in `functions` (PCI class 01:08:02) and
@@ -340,8 +324,8 @@ fn init_controller(
     }
     // One queue per namespace and core; what the controller (and, for
     // interrupts, its MSI-X table: entry 0 is the admin queue's) grants.
-    let cores = cpus();
-    let wanted = (namespaces.len() * cores).min(u16::MAX as usize - 1) as u16;
+    let cores = smp::cpu_count();
+    let nns = namespaces.len();
     // MSI-X on before any queue names a vector (the controller refuses a
     // vector while it is off); entries stay masked until routed.
     let msix = match opts.mode {
@@ -352,60 +336,63 @@ fn init_controller(
             Some(m)
         }
     };
-    let mut granted = ctrl.set_queue_count(wanted)? as usize;
-    if ctrl.doorbell_buffer() {
-        // The shadow doorbell page holds an SQ tail and a CQ head per queue
-        // (admin included) at the doorbell stride: 511 I/O queues at most
-        // with a stride of 4 bytes.
-        granted = granted.min((4096 / ctrl.cap().doorbell_stride()).saturating_sub(1) / 2);
-    }
+    let mut wanted = nns * cores;
     if let Some(m) = &msix {
-        granted = granted.min(m.size.saturating_sub(1) as usize);
+        wanted = wanted.min(m.size.saturating_sub(1) as usize);
     }
-    if granted < namespaces.len() {
+    let mut queues =
+        ctrl.create_io_queues(wanted.min(u16::MAX as usize) as u16, 1024, msix.is_some())?;
+    let per_ns = (queues.len() / nns).min(cores);
+    // Queues that make no whole share go back (none unless the controller
+    // granted an uneven number).
+    for q in queues.drain(per_ns * nns..) {
+        if let Err(e) = ctrl.delete_io_queue(q) {
+            log::warn!(target: "nvme", "{name}: deleting a spare I/O queue: {e}");
+        }
+    }
+    if per_ns == 0 {
         return Err(InitError::Nvme(NvmeError::Unsupported(
             "fewer I/O queues than namespaces",
         )));
     }
-    let per_ns = (granted / namespaces.len()).min(cores);
     if per_ns < cores {
         log::warn!(
             target: "nvme",
-            "{name}: {granted} I/O queues granted for {} namespace(s) on {cores} cores: cores share queues",
-            namespaces.len()
+            "{name}: {} I/O queues for {nns} namespace(s) on {cores} cores: cores share queues",
+            queues.len()
         );
     }
-    let entries = ctrl.cap().max_queue_entries().min(1024) as u16;
-    let mut qid = 1u16;
-    let mut made = Vec::with_capacity(namespaces.len());
-    for ns in namespaces {
-        let mut queues = Vec::with_capacity(per_ns);
-        for core in 0..per_ns {
-            let vector = match &msix {
-                Some(m) => {
-                    m.route(qid, apic_of(core), IO_VECTOR);
-                    Some(qid)
-                }
-                None => None,
-            };
-            let q = ctrl.create_io_queue(qid, entries, vector)?;
-            log::debug!(target: "nvme", "{name}n{}: I/O queue {qid} for core {core}", ns.nsid);
-            queues.push(NvmeQueue::new(q, KernelHal, ns));
-            qid += 1;
+    // Queue `1 + n * per_ns + c` is namespace n's on core c; its MSI-X entry
+    // (= its queue id) points at that core.
+    if let Some(m) = &msix {
+        for (i, q) in queues.iter().enumerate() {
+            m.route(q.qid(), smp::apic_id_of(i % per_ns), IO_VECTOR);
         }
-        made.push((ns, queues));
     }
+    let mut queues = queues.into_iter();
+    let made: Vec<_> = namespaces
+        .into_iter()
+        .map(|ns| {
+            let qs: Vec<_> = queues
+                .by_ref()
+                .take(per_ns)
+                .map(|q| NvmeQueue::new(q, KernelHal, ns))
+                .collect();
+            (ns, qs)
+        })
+        .collect();
     // Every queue shares the controller, for aborts and resets (a reset by
     // one queue is caught up with by the others: `dioxide_nvme::shared`).
     let shared = Arc::new(SharedController::new(ctrl));
     for (ns, queues) in made {
         let max_transfer = queues.first().map_or(0, |q| q.qp.max_transfer());
+        let entries = queues.first().map_or(0, |q| q.qp.entries());
         let engines = queues
             .into_iter()
             .map(|q| {
-                CachePadded::new(IrqMutex::new(Some(Engine::new(
-                    q.with_controller(shared.clone()),
-                ))))
+                let mut e = Engine::new(q.with_controller(shared.clone()));
+                e.set_simple(opts.simple);
+                CachePadded::new(IrqMutex::new(e))
             })
             .collect::<Vec<_>>();
         let disk = Disk {
@@ -414,6 +401,7 @@ fn init_controller(
             ns,
             max_transfer,
             engines,
+            controller: shared.clone(),
         };
         log::info!(
             target: "nvme",
@@ -483,13 +471,11 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
 
 /// This core's engines, one per disk.
 fn each_engine(mut f: impl FnMut(&mut Dio)) {
-    let c = cpu();
+    let c = smp::cpu_index();
     for d in disks() {
         let i = engine_of(c, d.engines.len());
         if let Some(e) = d.engines.get(i) {
-            if let Some(e) = e.lock().as_mut() {
-                f(e);
-            }
+            f(&mut e.lock());
         }
     }
 }
@@ -547,7 +533,7 @@ pub fn idle() {
 fn reap(mode: Mode) {
     // Per core: each core expires its own queues.
     static NEXT_EXPIRY: [AtomicU64; smp::MAX_CPUS] = [const { AtomicU64::new(0) }; smp::MAX_CPUS];
-    let next = &NEXT_EXPIRY[cpu() % smp::MAX_CPUS];
+    let next = &NEXT_EXPIRY[smp::cpu_index() % smp::MAX_CPUS];
     let now = time::now_ns();
     let check = now >= next.load(Ordering::Relaxed);
     if check {
@@ -588,18 +574,11 @@ pub fn shutdown() -> Result<(), NvmeError> {
             continue;
         }
         done = Some(d.ctrl);
-        let ctrl = d.engines.first().and_then(|e| {
-            e.lock()
-                .as_ref()
-                .and_then(|e| e.queue().controller().cloned())
-        });
-        if let Some(c) = ctrl {
-            // The controller's lock is only taken with interrupts off.
-            if let Err(err) = interrupts::without_interrupts(|| c.shutdown()) {
-                log::warn!(target: "nvme", "nvme{}: shutdown: {err}", d.ctrl);
-                if r.is_ok() {
-                    r = Err(err);
-                }
+        // The controller's lock is only taken with interrupts off.
+        if let Err(err) = interrupts::without_interrupts(|| d.controller.shutdown()) {
+            log::warn!(target: "nvme", "nvme{}: shutdown: {err}", d.ctrl);
+            if r.is_ok() {
+                r = Err(err);
             }
         }
     }
@@ -624,9 +603,7 @@ pub fn stats(disk: usize) -> Option<dioxide_nvme::QueueStats> {
     let d = disks().get(disk)?;
     let mut sum = dioxide_nvme::QueueStats::default();
     for e in &d.engines {
-        if let Some(e) = e.lock().as_ref() {
-            sum += e.queue().qp.stats();
-        }
+        sum += e.lock().queue().qp.stats();
     }
     Some(sum)
 }

@@ -51,6 +51,16 @@ impl<'a> Cmdline<'a> {
         }
     }
 
+    /// Parses `key` as a switch, `0` or `1`; `Err` names the bad value.
+    pub fn switch(&self, key: &str) -> Result<Option<bool>, &'a str> {
+        match self.get(key) {
+            None => Ok(None),
+            Some("1") => Ok(Some(true)),
+            Some("0") => Ok(Some(false)),
+            Some(v) => Err(v),
+        }
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &'a str> {
         self.words
             .split_ascii_whitespace()
