@@ -2,6 +2,7 @@
 //! that holds one at boot.
 
 use crate::drivers::nvme::{self, DmaBuf};
+use alloc::string::String;
 use alloc::vec::Vec;
 use dioxide_dxfs::{check_access, BlockDevice, DevCode, DevError, Fs};
 use dioxide_iomap::{BlkError, DioError, IoBuf, Op};
@@ -86,6 +87,18 @@ fn dev_error(offset: u64, e: DioError) -> DevError {
 pub struct Mounted {
     pub disk: usize,
     pub fs: Fs<NvmeDisk>,
+}
+
+impl Mounted {
+    /// Where the filesystem's files stand in the names the appliance gives
+    /// them (NBD exports, the files self-test): `""` on `nvme0n1`, whose
+    /// files keep their paths alone, `"/nvme1n1"` on any other namespace.
+    pub fn root(&self) -> String {
+        match nvme::disks().get(self.disk) {
+            Some(d) if d.name != "nvme0n1" => alloc::format!("/{}", d.name),
+            _ => String::new(),
+        }
+    }
 }
 
 /// Mounts dxfs from every namespace that holds one; logs one line per

@@ -611,6 +611,15 @@ pub fn bench(
                     .print();
                 continue;
             }
+            // The cores that run: all of them, but on the NVMe device only
+            // those with a queue of their own when the controller granted
+            // fewer than there are cores (two cores on one engine would
+            // take each other's completions).
+            let active = if *d == "nvme" {
+                cpus.min(nvme::queue_count(disk)).max(1)
+            } else {
+                cpus
+            };
             for &qd in p.qds {
                 let qd = qd.clamp(1, MAX_QD);
                 // Raw, generic and simple run interleaved.
@@ -618,7 +627,7 @@ pub fn bench(
                     .str("dev", d)
                     .str("completion", c)
                     .int("qd", qd as u64)
-                    .int("cpus", cpus as u64)
+                    .int("cpus", active as u64)
                     .print();
                 let targets = [Target::Raw, Target::Generic, Target::Simple];
                 let mut rows: [Row; 3] = Default::default();
@@ -643,15 +652,7 @@ pub fn bench(
                 for round in 0..ROUNDS {
                     for target in targets {
                         // Every core runs the slice on its own queue (or
-                        // null device) at the same time; with fewer queues
-                        // than cores, only the cores that own one (two
-                        // cores on one engine would take each other's
-                        // completions).
-                        let active = if *d == "nvme" {
-                            cpus.min(nvme::queue_count(disk)).max(1)
-                        } else {
-                            cpus
-                        };
+                        // null device) at the same time (see `active`).
                         let step = Step::new(cpus);
                         let per_core = smp::on_each_cpu(|cpu| {
                             if cpu >= active {
@@ -691,11 +692,6 @@ pub fn bench(
                 for st in &states {
                     all.merge(&st.lock());
                 }
-                let active = if *d == "nvme" {
-                    cpus.min(nvme::queue_count(disk)).max(1)
-                } else {
-                    cpus
-                };
                 for target in targets {
                     report(&all, target, d, c, qd, active, &rows[target.index()]);
                 }

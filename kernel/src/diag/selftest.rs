@@ -336,12 +336,8 @@ fn files_of(m: &Mounted, buf: &mut DmaBuf) -> (u64, u64, u64) {
     use dioxide_dxfs::format::ROOT_INO;
     let fs = &m.fs;
     let disk = m.disk;
-    let root = match nvme::disks().get(disk) {
-        Some(d) if d.name != "nvme0n1" => alloc::format!("/{}", d.name),
-        _ => alloc::string::String::new(),
-    };
     let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
-    let mut stack: Vec<(alloc::string::String, u64)> = alloc::vec![(root, ROOT_INO)];
+    let mut stack: Vec<(alloc::string::String, u64)> = alloc::vec![(m.root(), ROOT_INO)];
     let mut seen = alloc::collections::BTreeSet::new();
     seen.insert(ROOT_INO);
     while let Some((path, ino)) = stack.pop() {

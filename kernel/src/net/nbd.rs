@@ -429,20 +429,15 @@ impl Server {
             let Some(d) = disks.get(m.disk) else {
                 continue;
             };
-            // Files of nvme0n1 keep their bare paths; the others are
-            // prefixed with their namespace.
-            let prefix = if d.name == "nvme0n1" {
-                String::new()
-            } else {
-                alloc::format!("{}/", d.name)
-            };
+            // Named as `Mounted::root` says, without the leading slash.
+            let root = m.root();
             let fs = &m.fs;
             match fs.walk() {
                 Ok(entries) => {
                     for e in entries.into_iter().filter(|e| e.inode.is_file()) {
                         match fs.open(e.ino) {
                             Ok(f) => exports.push(Export {
-                                name: alloc::format!("{prefix}{}", &e.path[1..]),
+                                name: alloc::format!("{root}{}", e.path)[1..].into(),
                                 // Any alignment is served (through the
                                 // covering aligned range), and file sizes
                                 // need not be block multiples.
@@ -519,16 +514,15 @@ impl Server {
                 taken: 0,
             });
         }
-        let budgets = (0..disks.len())
-            .map(|i| {
-                let lbs = disks[i].ns.block_size as usize;
-                let (max_cmds, max_transfer) =
-                    nvme::with_engine(i, |e| (e.queue().depth(), e.queue().max_transfer()))
-                        .unwrap_or((0, 0));
+        let budgets = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let lbs = d.ns.block_size as usize;
                 Budget {
                     cmds: 0,
-                    max_cmds,
-                    max_transfer: max_transfer / lbs * lbs,
+                    max_cmds: nvme::with_engine(i, |e| e.queue().depth()).unwrap_or(0),
+                    max_transfer: d.max_transfer / lbs * lbs,
                 }
             })
             .collect();
