@@ -44,6 +44,8 @@ use std::time::Instant;
 /// Counts heap allocations (the benchmark binaries install it).
 pub use dioxide_testkit::CountingAlloc;
 
+pub mod nbd;
+
 #[inline(always)]
 fn rdtsc() -> u64 {
     // SAFETY: reads the time-stamp counter.
@@ -152,7 +154,7 @@ impl Source for ZeroSource {
 }
 
 /// A dxfs image in memory with one 64 MiB file; returns it opened.
-fn bench_file() -> File {
+pub(crate) fn bench_file() -> File {
     let tree = Tree {
         nodes: vec![
             Node::dir(vec![("bench.bin".into(), 1)]),
@@ -174,6 +176,40 @@ fn bench_file() -> File {
     let fs = Fs::mount(dev).expect("mount");
     let ino = fs.resolve("/bench.bin").expect("resolve");
     fs.open(ino).expect("open")
+}
+
+/// The engine on a simulated controller (4 KiB blocks, 20,000 of them,
+/// 512 KiB transfers) whose I/O queue 1 is served by the instant model:
+/// every command completes (with `status`) the moment its doorbell is
+/// written, without moving data.
+pub(crate) fn instant_engine(status: u16) -> Engine<NvmeQueue<SimHal, BenchMmio>> {
+    let hal = SimHal::new();
+    let sim = Sim::new(SimConfig {
+        block_size: 4096,
+        blocks: 20_000,
+        mdts: 7,
+        max_queue_entries: 1024,
+        reported_blocks: None,
+        // The instant model serves queue 1's MMIO doorbells: no shadow
+        // doorbells, which it would not read.
+        dbbuf: false,
+        ..Default::default()
+    });
+    let mmio = BenchMmio {
+        sim,
+        fast: Rc::new(Instant0::default()),
+    };
+    let mut ctrl =
+        Controller::init(hal.clone(), mmio.clone(), Default::default()).expect("controller");
+    let ns = ctrl.namespace(1).expect("namespace");
+    let qp = ctrl.create_io_queue(1, 1024, None).expect("queue");
+    mmio.fast.configure(
+        (qp.sq_phys() - PHYS_OFFSET) as usize,
+        (qp.cq_phys() - PHYS_OFFSET) as usize,
+        1024,
+    );
+    mmio.fast.status.set(status);
+    Engine::new(NvmeQueue::new(qp, hal, ns))
 }
 
 #[derive(Clone, Debug)]
@@ -504,33 +540,7 @@ fn one_thread(
         }
     };
     let file = bench_file();
-    let hal = SimHal::new();
-    let sim = Sim::new(SimConfig {
-        block_size: 4096,
-        blocks: 20_000,
-        mdts: 7,
-        max_queue_entries: 1024,
-        reported_blocks: None,
-        // The instant model serves queue 1's MMIO doorbells: no shadow
-        // doorbells, which it would not read.
-        dbbuf: false,
-        ..Default::default()
-    });
-    let mmio = BenchMmio {
-        sim,
-        fast: Rc::new(Instant0::default()),
-    };
-    let mut ctrl =
-        Controller::init(hal.clone(), mmio.clone(), Default::default()).expect("controller");
-    let ns = ctrl.namespace(1).expect("namespace");
-    let qp = ctrl.create_io_queue(1, 1024, None).expect("queue");
-    mmio.fast.configure(
-        (qp.sq_phys() - PHYS_OFFSET) as usize,
-        (qp.cq_phys() - PHYS_OFFSET) as usize,
-        1024,
-    );
-    mmio.fast.status.set(status);
-    let mut engine = Engine::new(NvmeQueue::new(qp, hal, ns));
+    let mut engine = instant_engine(status);
     let mut bufs = vec![0u8; (qd + 1) * 4096];
     let base = (bufs.as_mut_ptr() as usize).div_ceil(4096) * 4096;
     let blocks = file.size() / 4096;

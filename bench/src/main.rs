@@ -1,6 +1,9 @@
 //! `dioxide-hostbench [--json] [--ios N] [--qd N] [--only TARGET] [--threads 1,2|auto]`:
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
+//!
+//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null]`:
+//! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
 
 #[global_allocator]
 static A: dioxide_hostbench::CountingAlloc = dioxide_hostbench::CountingAlloc;
@@ -23,6 +26,31 @@ fn main() {
         eprintln!("dioxide-hostbench: {e}");
         std::process::exit(1);
     };
+    if args.iter().any(|a| a == "--nbd") {
+        let qds: Vec<usize> = match value("--qd")
+            .map(|v| v.split(',').map(|q| q.trim().parse::<usize>()).collect())
+        {
+            None => vec![1, 16, 128],
+            Some(Ok(q)) => q,
+            Some(Err(e)) => fail(format!("--qd: {e}")),
+        };
+        let targets: Vec<&'static str> = match value("--only").map(String::as_str) {
+            Some("file") => vec!["file"],
+            Some("raw") => vec!["raw"],
+            Some("null") => vec!["null"],
+            Some(t) => fail(format!("--only {t}: file, raw or null")),
+            None => vec!["file", "raw", "null"],
+        };
+        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds)
+            .unwrap_or_else(|e| fail(e));
+        if args.iter().any(|a| a == "--json") {
+            let rows: Vec<String> = rows.iter().map(|r| r.json()).collect();
+            println!("{{\"host_rows\": [{}]}}", rows.join(", "));
+        } else {
+            print!("{}", dioxide_hostbench::nbd::NbdRow::table(&rows));
+        }
+        return;
+    }
     let threads = match value("--threads").map(|t| dioxide_hostbench::parse_threads(t)) {
         None => Vec::new(),
         Some(Ok(t)) => t,

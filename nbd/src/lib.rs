@@ -67,6 +67,7 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use outq::OutQueue;
 
+pub mod client;
 pub mod outq;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -891,6 +892,46 @@ impl Conn {
             Err(e) => self.read_error(handle, e, e.message()),
         }
         self.after_read_reply(exports);
+    }
+
+    /// Answers the read `handle` of `offset` (`len` bytes of data, all
+    /// there) without queueing it, when nothing waits before it in the
+    /// output: hands `send` the reply's header (16 bytes, or 28 with
+    /// structured replies: the OFFSET_DATA chunk header and its offset),
+    /// which writes the header and then the data straight to the transport
+    /// and says whether it had room for both. So a read's data is copied
+    /// once, from its buffer to the transport, instead of into the output
+    /// queue first. Returns whether the reply went out that way; when not
+    /// (output waits, the connection is closing, `send` had no room)
+    /// nothing changed and the caller answers with [`Conn::reply_read`].
+    pub fn reply_read_direct(
+        &mut self,
+        exports: &dyn Exports,
+        handle: u64,
+        offset: u64,
+        len: usize,
+        send: impl FnOnce(&[u8]) -> bool,
+    ) -> bool {
+        if self.state != State::Transmission || !self.out.is_empty() || self.discard {
+            return false;
+        }
+        let mut h = [0u8; 28];
+        let n = if self.structured {
+            let c = Self::chunk_header(chunk::OFFSET_DATA, handle, 8 + len as u32);
+            h[..20].copy_from_slice(&c);
+            h[20..].copy_from_slice(&offset.to_be_bytes());
+            28
+        } else {
+            h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            h[8..16].copy_from_slice(&handle.to_be_bytes());
+            16
+        };
+        if !send(&h[..n]) {
+            return false;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.after_read_reply(exports);
+        true
     }
 
     /// Answers the read `handle` with error `err` and a message for the

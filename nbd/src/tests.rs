@@ -903,3 +903,139 @@ fn receive_takes_a_discarded_payload_and_then_what_it_has_room_for() {
     assert!(c.next_event().is_some());
     assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Perm as u32)]);
 }
+
+// ---- direct replies and the client ----
+
+/// Pumps bytes both ways between `client` and `conn` until neither has
+/// anything to say, answering each read with `data(offset, len)`: through
+/// `reply_read_direct` into `wire` when `direct`, else `reply_read`.
+fn pump(
+    client: &mut client::Client,
+    conn: &mut Conn,
+    direct: bool,
+    data: &dyn Fn(u64, u32) -> Vec<u8>,
+) {
+    loop {
+        let mut moved = false;
+        let out = client.output().to_vec();
+        if !out.is_empty() {
+            client.consume_output(out.len());
+            conn.receive(&Fake, &out);
+            moved = true;
+        }
+        while let Some(Event::Read {
+            handle,
+            offset,
+            len,
+            ..
+        }) = conn.next_event()
+        {
+            let d = data(offset, len);
+            let mut wire = Vec::new();
+            let sent = direct
+                && conn.reply_read_direct(&Fake, handle, offset, d.len(), |h| {
+                    wire.extend_from_slice(h);
+                    wire.extend_from_slice(&d);
+                    true
+                });
+            if !sent {
+                conn.reply_read(&Fake, handle, offset, Ok(&d));
+            }
+            client.receive(&wire);
+            moved = true;
+        }
+        let back = take(conn);
+        if !back.is_empty() {
+            client.receive(&back);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn pattern(offset: u64, len: u32) -> Vec<u8> {
+    (offset..offset + len as u64).map(|i| (i * 7) as u8).collect()
+}
+
+#[test]
+fn the_client_reads_through_a_connection_with_and_without_structured_and_direct_replies() {
+    for structured in [false, true] {
+        for direct in [false, true] {
+            let mut cl = client::Client::new("data/a.bin", structured, 8, 4096);
+            let mut conn = Conn::new(8);
+            pump(&mut cl, &mut conn, direct, &pattern);
+            assert!(cl.is_ready(), "handshake ({structured}, {direct}): {:?}", cl.error());
+            assert_eq!(cl.structured(), structured);
+            assert_eq!(cl.size(), A.size);
+            let mut asked = Vec::new();
+            for (off, len) in [(0u64, 512u32), (100, 4096), (9_000, 1000), (9_999, 1)] {
+                asked.push((cl.read(off, len).unwrap(), off, len));
+            }
+            // Past the end: an error reply, for either reply kind.
+            let bad = cl.read(9_999, 2).unwrap();
+            pump(&mut cl, &mut conn, direct, &pattern);
+            let replies: Vec<_> = cl.replies().collect();
+            assert_eq!(replies.len(), 5);
+            for (h, off, len) in asked {
+                let r = replies.iter().find(|r| r.handle == h).unwrap();
+                assert_eq!(r.error, 0);
+                assert_eq!(r.len, len);
+                assert_eq!(r.sum, client::fnv1a(client::FNV_START, &pattern(off, len)));
+            }
+            let r = replies.iter().find(|r| r.handle == bad).unwrap();
+            assert_eq!(r.error, Errno::Inval as u32);
+            assert_eq!(cl.in_flight(), 0);
+            assert_eq!(conn.in_flight(), 0);
+            assert!(cl.error().is_none());
+        }
+    }
+}
+
+#[test]
+fn a_direct_reply_is_the_queued_reply_byte_for_byte_and_waits_behind_queued_output() {
+    for structured in [false, true] {
+        let mut c = greeted();
+        if structured {
+            c.receive(&Fake, &option(opt::STRUCTURED_REPLY, &[]));
+        }
+        c.receive(&Fake, &option(opt::GO, &go_data("data/a.bin", &[])));
+        take(&mut c);
+        c.receive(&Fake, &request(cmd::READ, 0, 0x1122, 9998, 2));
+        c.receive(&Fake, &request(cmd::READ, 0, 0x3344, 0, 2));
+        c.next_event().unwrap();
+        c.next_event().unwrap();
+        let mut direct = Vec::new();
+        assert!(c.reply_read_direct(&Fake, 0x1122, 9998, 2, |h| {
+            direct.extend_from_slice(h);
+            direct.extend_from_slice(b"hi");
+            true
+        }));
+        assert_eq!(c.in_flight(), 1);
+        let mut queued = opened_like(structured);
+        queued.reply_read(&Fake, 0x1122, 9998, Ok(b"hi"));
+        assert_eq!(direct, take(&mut queued));
+        // A transport without room: nothing changes.
+        assert!(!c.reply_read_direct(&Fake, 0x3344, 0, 2, |_| false));
+        assert_eq!(c.in_flight(), 1);
+        // Output waiting: the reply must queue behind it.
+        c.receive(&Fake, &request(cmd::FLUSH, 0, 9, 0, 0));
+        assert!(c.output_pending() > 0);
+        assert!(!c.reply_read_direct(&Fake, 0x3344, 0, 2, |_| panic!("not called")));
+    }
+}
+
+/// A connection in transmission on `data/a.bin` with one read (handle
+/// 0x1122 at 9998) in flight.
+fn opened_like(structured: bool) -> Conn {
+    let mut c = greeted();
+    if structured {
+        c.receive(&Fake, &option(opt::STRUCTURED_REPLY, &[]));
+    }
+    c.receive(&Fake, &option(opt::GO, &go_data("data/a.bin", &[])));
+    c.receive(&Fake, &request(cmd::READ, 0, 0x1122, 9998, 2));
+    c.next_event().unwrap();
+    take(&mut c);
+    c
+}

@@ -1,0 +1,258 @@
+//! Cost of one 4 KiB NBD read on a real CPU: the whole request path the
+//! kernel runs — smoltcp (TCP/IP), the NBD service (`dioxide-service`:
+//! connections, decoding, budgets, replies), the DIO engine, dxfs's extent
+//! map and the NVMe driver — on the host, against the instant controller
+//! model ([`crate::instant_engine`]) and an in-memory frame device with a
+//! client on its other end ([`dioxide_service::loopback`]: a second
+//! smoltcp stack and a sans-IO NBD client asking for structured replies,
+//! as libnbd does).
+//!
+//! Per target (`file`: a dxfs file, `raw`: the namespace, `null`: zeros
+//! without the device) and queue depth it reports the server's TSC cycles
+//! and ns per read (its stack and service loop; the client's work is not
+//! counted), heap allocations per read (everything on the thread, client
+//! included), frames per read, and the cycles by phase:
+//!
+//! - `receive`: smoltcp processing received frames (inside the device's
+//!   receive token: Ethernet, IP, TCP, into the socket);
+//! - `decode`: socket input into the connections and NBD decoding;
+//! - `submit`: budgets, buffer, dxfs mapping, DIO engine, NVMe submission;
+//! - `complete`: reaping the queue and delivering results;
+//! - `reply`: reply headers and data into the sockets;
+//! - `transmit`: smoltcp building frames (inside the transmit token) and
+//!   the service's output and stall checks;
+//! - `stack`: the rest of the stack's polls (timers, socket scans).
+//!
+//! Each row warms up (a tenth of its reads) on the same connection first.
+
+use crate::{bench_file, instant_engine, BenchMmio};
+use dioxide_iomap::{BlockQueue, DioError, Engine, IoBuf, ReqId};
+use dioxide_nvme::blk::NvmeQueue;
+use dioxide_nvme::sim::SimHal;
+use dioxide_service::loopback::Loopback;
+use dioxide_service::{DiskLimits, DmaBuffer, Platform, Server, Table};
+use std::alloc::Layout;
+use std::cell::RefCell;
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+type Queue = NvmeQueue<SimHal, BenchMmio>;
+
+/// A page-aligned, zeroed heap buffer.
+pub struct HostBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl HostBuf {
+    fn new(len: usize) -> Option<HostBuf> {
+        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
+        // SAFETY: non-zero size.
+        let p = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(HostBuf { ptr: p, len })
+    }
+}
+
+impl DmaBuffer for HostBuf {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: an owned, initialised (zeroed) allocation of len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    fn part(&mut self, off: usize, len: usize) -> IoBuf {
+        IoBuf::from_addr(self.ptr.as_ptr() as usize, self.len)
+            .and_then(|b| b.part(off, len))
+            .unwrap_or(IoBuf::new(self.ptr, 0))
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = Layout::from_size_align(self.len.max(1), 4096) {
+            // SAFETY: allocated in new() with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+/// One namespace on the instant model, on this thread.
+pub struct HostPlatform {
+    engine: RefCell<Engine<Queue>>,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn now_ns() -> u64 {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+impl Platform for HostPlatform {
+    type Queue = Queue;
+    type Buf = HostBuf;
+    fn alloc_buf(&self, len: usize) -> Option<HostBuf> {
+        HostBuf::new(len)
+    }
+    fn with_engine<R>(&self, disk: usize, f: impl FnOnce(&mut Engine<Queue>) -> R) -> Option<R> {
+        if disk != 0 {
+            return None;
+        }
+        Some(f(&mut self.engine.borrow_mut()))
+    }
+    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>)) {
+        let mut e = self.engine.borrow_mut();
+        e.poll();
+        e.complete(sink);
+    }
+    fn now_ns(&self) -> u64 {
+        now_ns()
+    }
+    fn rdtsc(&self) -> u64 {
+        rdtsc()
+    }
+}
+
+/// One row: a target at a queue depth.
+#[derive(Clone, Debug)]
+pub struct NbdRow {
+    pub target: &'static str,
+    pub qd: usize,
+    pub reads: u64,
+    pub cycles_per_io: f64,
+    pub ns_per_io: f64,
+    pub allocs_per_io: f64,
+    pub frames_sent_per_io: f64,
+    pub frames_received_per_io: f64,
+    /// (phase, cycles per read), in the order of the module doc.
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// The exports: the bench file, the namespace raw, null (made once, as
+/// the kernel's table is).
+fn table() -> &'static Table {
+    static T: OnceLock<&'static Table> = OnceLock::new();
+    T.get_or_init(|| {
+        let file = bench_file();
+        let mut t = Table::new();
+        let bs = file.block_size();
+        t.add_file("bench.bin".into(), file, bs, 0, 4096);
+        t.add_raw("nvme0n1".into(), 20_000 * 4096, 0, 4096);
+        t.add_null(64 << 20);
+        Box::leak(Box::new(t))
+    })
+}
+
+/// Runs `reads` reads (and a tenth as warm-up) of each target at each
+/// queue depth, each row on a fresh server and connection.
+pub fn run(reads: u64, targets: &[&'static str], qds: &[usize]) -> Result<Vec<NbdRow>, String> {
+    let mut rows = Vec::new();
+    for &target in targets {
+        for &qd in qds {
+            rows.push(row(target, qd, reads)?);
+        }
+    }
+    Ok(rows)
+}
+
+fn row(target: &'static str, qd: usize, reads: u64) -> Result<NbdRow, String> {
+    let export = match target {
+        "file" => "bench.bin",
+        "raw" => "nvme0n1",
+        "null" => "null",
+        t => return Err(format!("unknown target {t:?} (file, raw, null)")),
+    };
+    let engine = instant_engine(0);
+    let depth = engine.queue().depth();
+    let p = HostPlatform {
+        engine: RefCell::new(engine),
+    };
+    let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc);
+    let disks = [DiskLimits {
+        depth,
+        max_transfer: 512 * 1024,
+        lbs: 4096,
+    }];
+    let mut server = Server::new(p, &mut side.sockets, table(), &disks, u64::MAX);
+    let fail = |e: dioxide_service::loopback::LoopError| format!("{target} qd {qd}: {e}");
+    lb.connect(&mut side, &mut server).map_err(fail)?;
+    lb.run(&mut side, &mut server, (reads / 10).max(qd as u64), qd)
+        .map_err(fail)?;
+    let a0 = dioxide_testkit::thread_allocs();
+    let f = lb.run(&mut side, &mut server, reads, qd).map_err(fail)?;
+    let allocs = dioxide_testkit::thread_allocs() - a0;
+    lb.close(&mut side, &mut server);
+    if f.failed > 0 {
+        return Err(format!(
+            "{target} qd {qd}: {} of {} reads failed",
+            f.failed, f.reads
+        ));
+    }
+    let n = f.reads.max(1) as f64;
+    let p = f.profile;
+    let (rx, tx) = (f.frames.process, f.frames.build);
+    let stack = p.net.saturating_sub(rx + tx);
+    let per = |c: u64| c as f64 / n;
+    Ok(NbdRow {
+        target,
+        qd,
+        reads: f.reads,
+        cycles_per_io: per(f.cycles),
+        ns_per_io: f.ns as f64 / n,
+        allocs_per_io: allocs as f64 / n,
+        frames_sent_per_io: f.frames.sent as f64 / n,
+        frames_received_per_io: f.frames.received as f64 / n,
+        phases: vec![
+            ("receive", per(rx)),
+            ("decode", per(p.decode)),
+            ("submit", per(p.submit)),
+            ("complete", per(p.complete)),
+            ("reply", per(p.reply)),
+            ("transmit", per(tx + p.send)),
+            ("stack", per(stack)),
+        ],
+    })
+}
+
+impl NbdRow {
+    pub fn json(&self) -> String {
+        let mut s = format!(
+            "{{\"target\": \"{}\", \"qd\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
+            self.target, self.qd, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
+            self.frames_sent_per_io, self.frames_received_per_io
+        );
+        for (k, v) in &self.phases {
+            s += &format!(", \"{k}_cycles\": {v:.1}");
+        }
+        s + "}"
+    }
+
+    /// The rows as a table.
+    pub fn table(rows: &[NbdRow]) -> String {
+        let mut s = String::from(
+            "host NBD path (real CPU, server side): target qd  cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
+        );
+        for r in rows {
+            s += &format!(
+                "  {:<6} {:>4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
+                r.target,
+                r.qd,
+                r.cycles_per_io,
+                r.ns_per_io,
+                r.allocs_per_io,
+                r.frames_sent_per_io,
+                r.frames_received_per_io
+            );
+            for (_, v) in &r.phases {
+                s += &format!(" {v:>7.0}");
+            }
+            s += "\n";
+        }
+        s
+    }
+}

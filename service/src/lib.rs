@@ -1,0 +1,1286 @@
+//! dioxide's NBD service: TCP connections (smoltcp sockets), the NBD
+//! protocol ([`dioxide_nbd::Conn`]) and reads through the DIO layer
+//! ([`dioxide_iomap::Engine`]) on dxfs files and raw namespaces. It is
+//! generic over the [`Platform`] (buffers, engines, clocks, other cores):
+//! the kernel serves it on virtio-net and its NVMe queues, the host
+//! benchmark (`dioxide-hostbench`) and the loopback self-test serve the
+//! same code on an in-memory frame device ([`loopback`]) and measure what
+//! one request costs on a real CPU.
+//!
+//! ## Exports
+//!
+//! The [`Table`] is built once at start by the platform (the kernel: every
+//! regular file of every dxfs filesystem, every namespace raw, `null` on
+//! request) and never changes; it is shared with other cores. A `null`
+//! export answers zeros without touching a device: the network path alone.
+//!
+//! ## The journey of a read
+//!
+//! Each decoded read becomes a [`Req`] in the service's own slab (its
+//! [`ReqId`] is what the DIO engine hands back) and owns a DMA buffer; it
+//! is issued with its id as owner ([`issue`], here or on a storage core
+//! through [`Platform::send`]), and the engine delivers `(id, result)` for
+//! each of its parts from [`Platform::service`] (process context). The part
+//! that ends a read queues its id on the `ready` ring, and the next poll
+//! replies, so up to [`PER_CONN`] reads per connection are in flight and
+//! replies leave in completion order. Requests not aligned to the device
+//! block read the covering aligned range into the buffer and reply from the
+//! middle of it.
+//!
+//! **One copy.** A finished read whose connection has nothing queued
+//! before it is written straight from its DMA buffer into the socket's
+//! send buffer: the reply header, then the data
+//! ([`Conn::reply_read_direct`]). Only when output already waits (or the
+//! socket is full) is the reply queued in the connection's output first
+//! (a second copy). smoltcp then builds frames from the send buffer, as
+//! TCP must keep the bytes until they are acknowledged.
+//!
+//! **No allocation per read.** Buffers come from two small pools (8 KiB
+//! and 256 KiB), requests from a slab and the ready ring made at start,
+//! connection buffers keep their capacity; larger reads allocate exactly
+//! (fallibly: a read whose buffer cannot be had is answered ENOMEM). The
+//! loopback self-test and the host benchmark count allocations per read.
+//!
+//! A connection that goes away with reads in flight leaves their requests
+//! and buffers owned here until the device answers (the device may still
+//! write into them); the late completions are then dropped, since the
+//! request's connection generation no longer matches.
+//!
+//! ## Bounds (what one client, or all of them, can make the service hold)
+//!
+//! - Sockets: [`CONNS`] connections; their TCP buffers ([`SOCKET_BUF`] each
+//!   way) are allocated once at start.
+//! - Input and control replies: per connection, see `dioxide_nbd`
+//!   (at most 64 KiB of buffered input, no decoding while 256 KiB of
+//!   replies wait). Input is read from a socket only as the connection has
+//!   room for it, and from no socket while the global budget is spent: the
+//!   rest stays in the socket's receive buffer and TCP flow control holds
+//!   the client.
+//! - Reads: at most [`PER_CONN`] per connection are decoded and not yet
+//!   answered; a read is started only while its connection holds (read
+//!   buffers + its heap) less than [`HELD_CONN`] and all connections
+//!   together less than [`HELD_TOTAL`] (one read is always allowed when
+//!   nothing is in flight and no output waits, so a 32 MiB read goes
+//!   through), and only while the device queue has room for all its
+//!   commands: reads in flight never exceed what the queue takes, the rest
+//!   wait in their connection (the engine never waits for queue space
+//!   inside the interrupts-off lock).
+//! - Time: a connection whose replies wait (in it or in its socket) and
+//!   fewer than [`STALL_MIN_BYTES`] are taken in the stall time
+//!   ([`STALL_NS`] by default) is dropped, and so is a closing socket not
+//!   closed by then: a client that stops reading does not keep a socket and
+//!   its output for ever.
+//! - Budgets count the heap really held (buffer capacities, not bytes
+//!   waiting), and the buffer pools are capped.
+//! - So the heap the service can hold beyond its fixed start-up allocations
+//!   is at most [`heap_bound`] (each term explained there; 144.5 MiB with
+//!   512-byte blocks).
+//!
+//! When the last connection is gone and nothing is in flight, the pools are
+//! emptied and [`Platform::on_idle`] is told (the kernel logs its heap use
+//! then, which must equal the level at start).
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod loopback;
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use dioxide_dxfs::File;
+use dioxide_iomap::{
+    BlockQueue, DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Ring, Slab,
+};
+use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
+use smoltcp::iface::{SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+
+pub const PORT: u16 = 10809;
+pub const CONNS: usize = 16;
+/// Reads in flight per connection.
+pub const PER_CONN: usize = 128;
+/// Request slots: enough for every connection's maximum.
+pub const MAX_REQS: usize = CONNS * PER_CONN;
+pub const SOCKET_BUF: usize = 256 * 1024;
+/// smoltcp's default delayed-ACK time, restored once a connection leaves
+/// negotiation (ACKs are immediate while it negotiates).
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
+/// Memory budgets: a connection starts no new read while its buffers
+/// (input, output, read buffers in flight: [`Conn::memory`] and `held`)
+/// hold this much, and no connection does while all of them together hold
+/// [`HELD_TOTAL`]. (A read is always allowed when no read is in flight and
+/// no output waits, so a 32 MiB read still goes through.)
+pub const HELD_CONN: usize = 8 << 20;
+pub const HELD_TOTAL: usize = 48 << 20;
+/// A connection whose replies wait and fewer than [`STALL_MIN_BYTES`] of
+/// them (or all that waited) are taken in this long, or a closing socket
+/// not closed after it, is dropped (aborted); the kernel argument
+/// `nbd.stall_s` overrides it. Without it a client that stops reading would
+/// hold its socket and its output for as long as its side of TCP answers
+/// window probes: forever when a NAT or proxy stands in for a client that
+/// has gone (QEMU's user networking does, as the soak test found). Counting
+/// bytes, not any progress at all, keeps a peer that takes a byte now and
+/// then (a window probe's worth) from holding its socket and output for
+/// ever too (the soak saw one hold 8 MB for 38 s).
+pub const STALL_NS: u64 = 30_000_000_000;
+/// See [`STALL_NS`]: the least a client must take of waiting replies per
+/// stall time (64 KiB per 30 s by default, about 2 KiB/s).
+pub const STALL_MIN_BYTES: usize = 64 * 1024;
+const SMALL: usize = 8 * 1024;
+const LARGE: usize = 256 * 1024;
+/// Buffers kept for reuse (each pool at most 4 MiB): enough for the reads
+/// of several connections at full queue depth; beyond them a buffer is
+/// allocated per read and freed after it.
+const KEEP_SMALL: usize = 512;
+const KEEP_LARGE: usize = 16;
+
+/// The most heap the service holds beyond its level at start (the idle
+/// level, which the idle report must return to), given the device's
+/// logical block size `lbs`. By construction:
+///
+/// - A read starts only while all connections' buffers plus the read
+///   buffers in flight stay within [`HELD_TOTAL`], or when nothing is in
+///   flight and no output waits (one read of at most [`MAX_REQUEST`],
+///   rounded out to blocks). When it completes, its data is copied into
+///   the connection's output while its buffer is still alive: one more
+///   read's size, at most. Read replies in shared output segments take up
+///   to 1/7 more than their bytes ([`OutQueue::bound`](dioxide_nbd::outq::OutQueue::bound)) and each carries a
+///   header of at most 32 bytes.
+/// - Per connection, what does not wait for a budget: its input, control
+///   replies and the output queue's slack and request queue, at most
+///   [`memory_bound`]`(PER_CONN, 0)`.
+/// - The buffer pools: `KEEP_SMALL` small and `KEEP_LARGE` large buffers.
+pub const fn heap_bound(lbs: usize) -> usize {
+    let read = MAX_REQUEST as usize + 2 * lbs;
+    let reads = HELD_TOTAL + HELD_TOTAL / 7 + read + CONNS * PER_CONN * 32;
+    let conns = CONNS * memory_bound(PER_CONN, 0);
+    let pools = KEEP_SMALL * (SMALL + 16) + KEEP_LARGE * (LARGE + 16);
+    reads + read + conns + pools
+}
+
+/// A buffer the device can write into (page aligned), owned by a read
+/// until the device is done with it.
+#[allow(clippy::len_without_is_empty)]
+pub trait DmaBuffer {
+    fn len(&self) -> usize;
+    fn as_slice(&self) -> &[u8];
+    /// The device's view of `[off, off + len)` (within the buffer).
+    fn part(&mut self, off: usize, len: usize) -> IoBuf;
+}
+
+/// What the service needs of the machine it runs on.
+pub trait Platform {
+    type Queue: BlockQueue;
+    type Buf: DmaBuffer;
+    /// A zeroed DMA buffer of `len` bytes, or `None` when memory is short.
+    fn alloc_buf(&self, len: usize) -> Option<Self::Buf>;
+    /// Runs `f` on this core's DIO engine of namespace `disk` (`None`:
+    /// no queue of it here).
+    fn with_engine<R>(
+        &self,
+        disk: usize,
+        f: impl FnOnce(&mut Engine<Self::Queue>) -> R,
+    ) -> Option<R>;
+    /// Reaps this core's queues and delivers every finished asynchronous
+    /// request to `sink(owner id, result)` (process context; the sink only
+    /// records).
+    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>));
+    /// Hands `job` (a read of the connection on socket `sock`) to the core
+    /// that serves that connection's storage; gives it back to be issued
+    /// here ([`issue`]) when that is this core.
+    fn send(&self, _sock: usize, job: Job) -> Result<(), Job> {
+        Err(job)
+    }
+    /// Every result other cores sent back since the last call.
+    fn collect(&self, _f: &mut dyn FnMut(Done)) {}
+    /// Monotonic nanoseconds.
+    fn now_ns(&self) -> u64;
+    /// The time-stamp counter, for the profile.
+    fn rdtsc(&self) -> u64;
+    /// The service went idle (no connection, nothing in flight): what it
+    /// did since the last time.
+    fn on_idle(&self, _idle: &Idle) {}
+}
+
+/// What the service did between two idle times.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Idle {
+    /// Reads answered since boot.
+    pub served: u64,
+    /// Reads answered since the last idle report.
+    pub requests: u64,
+    /// Where the time went.
+    pub profile: Profile,
+}
+
+/// TSC cycles of the service's loop by phase (under TCG emulated cycles,
+/// i.e. guest wall time). The caller adds the network stack's time
+/// (`net`); the rest is [`Server::poll`]'s.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Profile {
+    /// The TCP/IP stack and the NIC (the caller's `Interface::poll`).
+    pub net: u64,
+    /// Completions: reaping the queues, delivering results, collecting
+    /// other cores' results.
+    pub complete: u64,
+    /// Replies to finished reads: the header and the data into the socket
+    /// (or the connection's output).
+    pub reply: u64,
+    /// Requests: socket input into the connections and decoding.
+    pub decode: u64,
+    /// Starting reads: budgets, buffers, the DIO engine and the doorbell
+    /// (or the hand-over to a storage core).
+    pub submit: u64,
+    /// Output queued in connections into the sockets, stall and close
+    /// checks.
+    pub send: u64,
+    pub loops: u64,
+}
+
+impl Profile {
+    /// All cycles counted.
+    pub fn total(&self) -> u64 {
+        self.net + self.complete + self.reply + self.decode + self.submit + self.send
+    }
+}
+
+enum Target {
+    File(alloc::boxed::Box<File>),
+    Raw,
+    /// `null`: zeros without touching the device, to measure the network
+    /// path alone.
+    Null,
+}
+
+const NULL_MAX: usize = 64 * 1024;
+static ZEROS: [u8; NULL_MAX] = [0; NULL_MAX];
+
+struct Export {
+    name: String,
+    info: ExportInfo,
+    target: Target,
+    /// The namespace it reads (the platform's index; the null export names
+    /// the first) and its logical block size.
+    disk: usize,
+    lbs: u64,
+}
+
+/// The export table, built at start and shared with other cores.
+#[derive(Default)]
+pub struct Table {
+    exports: Vec<Export>,
+    by_name: BTreeMap<String, u32>,
+}
+
+impl Table {
+    pub fn new() -> Table {
+        Table::default()
+    }
+
+    fn push(&mut self, e: Export) {
+        self.by_name.insert(e.name.clone(), self.exports.len() as u32);
+        self.exports.push(e);
+    }
+
+    /// Exports `file` as `name` (no leading slash): it lives on namespace
+    /// `disk` of `lbs`-byte blocks in a filesystem of `fs_block`-byte
+    /// blocks. Any alignment is served (through the covering aligned
+    /// range), and file sizes need not be block multiples.
+    pub fn add_file(&mut self, name: String, file: File, fs_block: u32, disk: usize, lbs: u32) {
+        self.push(Export {
+            name,
+            info: ExportInfo {
+                size: file.size(),
+                min_block: 1,
+                preferred_block: fs_block,
+                max_block: MAX_REQUEST,
+            },
+            target: Target::File(alloc::boxed::Box::new(file)),
+            disk,
+            lbs: lbs as u64,
+        });
+    }
+
+    /// Exports namespace `disk` (`bytes` long, `lbs`-byte blocks) raw as
+    /// `name`.
+    pub fn add_raw(&mut self, name: String, bytes: u64, disk: usize, lbs: u32) {
+        self.push(Export {
+            name,
+            info: ExportInfo {
+                size: bytes,
+                min_block: lbs,
+                preferred_block: 4096.max(lbs),
+                max_block: MAX_REQUEST,
+            },
+            target: Target::Raw,
+            disk,
+            lbs: lbs as u64,
+        });
+    }
+
+    /// The `null` export of `size` bytes.
+    pub fn add_null(&mut self, size: u64) {
+        self.push(Export {
+            name: "null".into(),
+            info: ExportInfo {
+                size,
+                min_block: 1,
+                preferred_block: 4096,
+                max_block: NULL_MAX as u32,
+            },
+            target: Target::Null,
+            disk: 0,
+            lbs: 1,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.exports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exports.is_empty()
+    }
+}
+
+impl Exports for Table {
+    fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)> {
+        let name = name.strip_prefix('/').unwrap_or(name);
+        let id = *self.by_name.get(name)?;
+        Some((id, self.exports[id as usize].info))
+    }
+    fn name(&self, index: usize) -> Option<&str> {
+        self.exports.get(index).map(|e| e.name.as_str())
+    }
+}
+
+/// What a namespace's queue gives the service's reads.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskLimits {
+    /// Commands the queue holds.
+    pub depth: usize,
+    /// Largest transfer of one command, bytes.
+    pub max_transfer: usize,
+    /// Logical block size.
+    pub lbs: usize,
+}
+
+/// The device commands of one namespace's queue that reads may take.
+#[derive(Clone, Copy)]
+struct Budget {
+    /// Commands reserved by reads in flight, and how many the queue takes:
+    /// a read starts only when all its commands fit.
+    cmds: usize,
+    max_cmds: usize,
+    /// Largest transfer of one command (bytes, whole blocks).
+    max_transfer: usize,
+}
+
+/// Why a read failed, kept until its reply is sent.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    Dio(DioError),
+    /// The layer reported fewer bytes than the request covers.
+    Short {
+        got: usize,
+        need: usize,
+    },
+    NoEngine,
+}
+
+impl Failure {
+    /// The NBD error a client gets.
+    fn errno(&self) -> Errno {
+        match self {
+            Failure::Dio(DioError::Invalid(_)) => Errno::Inval,
+            _ => Errno::Io,
+        }
+    }
+}
+
+/// A fixed buffer for an error message (no allocation on the error path).
+struct MsgBuf {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl MsgBuf {
+    fn new() -> Self {
+        MsgBuf {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are copied in, and truncation (below) backs off
+        // to a character boundary.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("read failed")
+    }
+}
+
+impl core::fmt::Write for MsgBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = self.buf.len() - self.len;
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl core::fmt::Display for Failure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Failure::Dio(e) => write!(f, "{e}"),
+            Failure::Short { got, need } => write!(f, "short read: {got} of {need} bytes"),
+            Failure::NoEngine => f.write_str("no NVMe engine"),
+        }
+    }
+}
+
+impl core::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Failure::Dio(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A read in flight: owns its buffer until the device is done with it.
+struct Req<B> {
+    sock: u16,
+    gen: u32,
+    handle: u64,
+    export: u32,
+    offset: u64,
+    skew: u32,
+    len: u32,
+    /// Device commands reserved for it (see [`Budget`]).
+    cmds: u32,
+    /// Parts (device requests) outstanding, plus one while submitting.
+    parts: u32,
+    /// Bytes a part must deliver (a file read may end at end of file; raw
+    /// parts always deliver their whole length: 0).
+    need: usize,
+    /// The first failure of a part.
+    failure: Option<Failure>,
+    buf: B,
+}
+
+impl<B> Req<B> {
+    fn fail(&mut self, f: Failure) {
+        self.failure.get_or_insert(f);
+    }
+}
+
+/// A part's result (or `None`) and the request references it drops, as a
+/// storage core sends it back.
+#[derive(Clone, Copy, Debug)]
+pub struct Done {
+    pub id: ReqId,
+    pub result: Option<Result<usize, DioError>>,
+    pub refs: u32,
+}
+
+/// What became of request `id`'s parts, from this core or a storage core:
+/// a part's result (if any) is recorded, then `refs` of its references are
+/// dropped (one per part ended, plus the submission's own).
+fn apply<B>(
+    reqs: &mut Slab<Req<B>>,
+    ready: &mut Ring<ReqId>,
+    id: ReqId,
+    r: Option<Result<usize, DioError>>,
+    refs: u32,
+) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    match r {
+        None => {}
+        Some(Ok(got)) if got >= req.need => {}
+        Some(Ok(got)) => req.fail(Failure::Short {
+            got,
+            need: req.need,
+        }),
+        Some(Err(e)) => req.fail(Failure::Dio(e)),
+    }
+    put(reqs, ready, id, refs);
+}
+
+/// Drops `n` references of request `id`; the last queues it for its reply.
+fn put<B>(reqs: &mut Slab<Req<B>>, ready: &mut Ring<ReqId>, id: ReqId, n: u32) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    let Some(left) = req.parts.checked_sub(n) else {
+        return;
+    };
+    req.parts = left;
+    if left == 0 {
+        // Each request is queued once and the ring holds one entry per
+        // slab entry: it cannot be full.
+        let _ = ready.push(id);
+    }
+}
+
+// Sixteen of these live in a vector made at start: the size of the largest
+// variant costs nothing, and boxing it would allocate per connection.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Listening,
+    Serving(Conn),
+    /// Closed by us; waiting for the socket to finish before listening again.
+    Closing,
+}
+
+struct Sock {
+    handle: SocketHandle,
+    slot: Slot,
+    /// Bumped for every new connection: completions of an earlier one are
+    /// not replied on this one.
+    gen: u32,
+    /// When the connection last had no reply waiting or took
+    /// [`STALL_MIN_BYTES`] of them, or when closing began
+    /// ([`Platform::now_ns`]), for the stall time; the socket's send queue
+    /// at the last look, and the bytes taken (acknowledged) since
+    /// `progress`.
+    progress: u64,
+    queued: usize,
+    taken: usize,
+    /// Bytes written to the socket by replies since the last look.
+    sent: usize,
+}
+
+/// The service: its sockets, the reads in flight, buffers and budgets.
+pub struct Server<P: Platform> {
+    p: P,
+    /// Built at start and never changed: shared with the storage cores.
+    table: &'static Table,
+    sockets: Vec<Sock>,
+    /// Reads in flight (or finished, waiting for their reply).
+    reqs: Slab<Req<P::Buf>>,
+    /// Reads whose last part finished, in order.
+    ready: Ring<ReqId>,
+    small: Vec<P::Buf>,
+    large: Vec<P::Buf>,
+    /// Read buffer bytes in flight per socket (current connection only),
+    /// and in all (stale requests of closed connections too).
+    held: Vec<usize>,
+    held_total: usize,
+    /// Per namespace: device commands reserved and available.
+    budgets: Vec<Budget>,
+    /// Heap held by all connections ([`Conn::memory`]) and output waiting
+    /// on them, updated each poll.
+    conn_memory: usize,
+    output_total: usize,
+    /// A connection was served since the last idle report.
+    busy: bool,
+    served: u64,
+    served_at_idle: u64,
+    /// A socket was read, written, opened or closed in this poll: the
+    /// network stack has work.
+    touched: bool,
+    /// Where the loop's time went since the last idle report; the caller
+    /// adds the network stack's (`net`).
+    pub prof: Profile,
+    stall_ns: u64,
+}
+
+impl<P: Platform> Server<P> {
+    /// Opens [`CONNS`] listening sockets on [`PORT`] in `sockets` (their
+    /// buffers allocated now) and serves `table`'s exports, whose
+    /// namespaces' queues are `disks` (by index). A connection whose
+    /// replies are not taken is dropped after `stall_ns`.
+    pub fn new(
+        p: P,
+        sockets: &mut SocketSet<'static>,
+        table: &'static Table,
+        disks: &[DiskLimits],
+        stall_ns: u64,
+    ) -> Server<P> {
+        let mut socks = Vec::with_capacity(CONNS);
+        for _ in 0..CONNS {
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(alloc::vec![0u8; SOCKET_BUF]),
+                tcp::SocketBuffer::new(alloc::vec![0u8; SOCKET_BUF]),
+            );
+            s.set_nagle_enabled(false);
+            let _ = s.listen(PORT);
+            socks.push(Sock {
+                handle: sockets.add(s),
+                slot: Slot::Listening,
+                gen: 0,
+                progress: 0,
+                queued: 0,
+                taken: 0,
+                sent: 0,
+            });
+        }
+        let budgets = disks
+            .iter()
+            .map(|d| {
+                let lbs = d.lbs.max(1);
+                Budget {
+                    cmds: 0,
+                    max_cmds: d.depth,
+                    max_transfer: d.max_transfer / lbs * lbs,
+                }
+            })
+            .collect();
+        Server {
+            p,
+            table,
+            sockets: socks,
+            reqs: Slab::new(MAX_REQS),
+            ready: Ring::new(MAX_REQS, ReqId::new(0, 0)),
+            small: Vec::new(),
+            large: Vec::new(),
+            held: alloc::vec![0; CONNS],
+            held_total: 0,
+            budgets,
+            conn_memory: 0,
+            output_total: 0,
+            busy: false,
+            served: 0,
+            served_at_idle: 0,
+            touched: true,
+            prof: Profile::default(),
+            stall_ns,
+        }
+    }
+
+    pub fn platform(&self) -> &P {
+        &self.p
+    }
+
+    pub fn table(&self) -> &'static Table {
+        self.table
+    }
+
+    /// Reads answered since start.
+    pub fn served(&self) -> u64 {
+        self.served
+    }
+
+    /// Reads in flight (or finished and not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// Logs the state of busy connections (debugging aid, `log=trace`).
+    pub fn trace(&self, sockets: &mut SocketSet<'_>) {
+        for s in &self.sockets {
+            if let Slot::Serving(c) = &s.slot {
+                let t = sockets.get_mut::<tcp::Socket>(s.handle);
+                log::trace!(
+                    target: "nbd",
+                    "conn: state {:?} out {} send_queue {} recv_queue {} in_flight {}",
+                    t.state(), c.output().len(), t.send_queue(), t.recv_queue(), c.in_flight()
+                );
+            }
+        }
+    }
+
+    /// Serves every connection as far as it can go without waiting: runs
+    /// the completion path, replies to finished reads, reads requests,
+    /// submits them, and sends what is ready.
+    /// Returns whether any socket was touched (the network stack then has
+    /// work to do). `net_polled`: the stack ran since the last call; only
+    /// then can a listening or closing socket have changed, so otherwise
+    /// only the connections are visited.
+    pub fn poll(&mut self, sockets: &mut SocketSet<'_>, net_polled: bool) -> bool {
+        self.touched = false;
+        let t0 = self.p.rdtsc();
+        let (reqs, ready) = (&mut self.reqs, &mut self.ready);
+        self.p
+            .service(&mut |id, r| apply(reqs, ready, id, Some(r), 1));
+        self.p
+            .collect(&mut |d| apply(reqs, ready, d.id, d.result, d.refs));
+        let t1 = self.p.rdtsc();
+        self.reply_completed(sockets);
+        let t2 = self.p.rdtsc();
+        self.prof.complete += t1 - t0;
+        self.prof.reply += t2 - t1;
+        (self.conn_memory, self.output_total) = self
+            .sockets
+            .iter()
+            .map(|s| match &s.slot {
+                Slot::Serving(c) => (c.memory(), c.output_pending()),
+                _ => (0, 0),
+            })
+            .fold((0, 0), |(m, o), (a, b)| (m + a, o + b));
+        for i in 0..self.sockets.len() {
+            if net_polled || matches!(self.sockets[i].slot, Slot::Serving(_)) {
+                self.poll_socket(sockets, i);
+            }
+        }
+        self.prof.loops += 1;
+        let serving = || {
+            self.sockets
+                .iter()
+                .any(|s| matches!(s.slot, Slot::Serving(_)))
+        };
+        if self.busy && self.reqs.is_empty() && !serving() {
+            self.busy = false;
+            // Give the buffer pools back: the heap returns to its level at start.
+            self.small = Vec::new();
+            self.large = Vec::new();
+            let idle = Idle {
+                served: self.served,
+                requests: self.served - self.served_at_idle,
+                profile: self.prof,
+            };
+            self.p.on_idle(&idle);
+            self.served_at_idle = self.served;
+            self.prof = Profile::default();
+        }
+        self.touched
+    }
+
+    /// Replies to the reads whose last part completed: straight from the
+    /// buffer into the socket when the connection has nothing queued
+    /// before it, else into the connection's output.
+    fn reply_completed(&mut self, sockets: &mut SocketSet<'_>) {
+        while let Some(id) = self.ready.pop() {
+            let Some(req) = self.reqs.remove(id) else {
+                continue;
+            };
+            let failure = req.failure;
+            self.served += 1;
+            self.held_total -= req.buf.len();
+            if let Some(b) = self
+                .table
+                .exports
+                .get(req.export as usize)
+                .and_then(|e| self.budgets.get_mut(e.disk))
+            {
+                b.cmds -= req.cmds as usize;
+            }
+            let s = &mut self.sockets[req.sock as usize];
+            if s.gen == req.gen {
+                self.held[req.sock as usize] -= req.buf.len();
+            }
+            if let (true, Slot::Serving(conn)) = (s.gen == req.gen, &mut s.slot) {
+                match failure {
+                    None => {
+                        let (a, n) = (req.skew as usize, req.len as usize);
+                        let data = &req.buf.as_slice()[a..a + n];
+                        let sock = sockets.get_mut::<tcp::Socket>(s.handle);
+                        let mut wrote = 0;
+                        let direct = conn.reply_read_direct(
+                            self.table,
+                            req.handle,
+                            req.offset,
+                            n,
+                            |h| {
+                                let room = sock.send_capacity() - sock.send_queue();
+                                if !sock.may_send() || room < h.len() + n {
+                                    return false;
+                                }
+                                // Both fit: send_slice takes all of each.
+                                wrote = sock.send_slice(h).unwrap_or(0)
+                                    + sock.send_slice(data).unwrap_or(0);
+                                true
+                            },
+                        );
+                        if direct {
+                            s.sent += wrote;
+                            self.touched = true;
+                        } else {
+                            conn.reply_read(self.table, req.handle, req.offset, Ok(data));
+                        }
+                    }
+                    Some(f) => {
+                        // The one report of this failure (the layers below
+                        // leave it to the owner): the request and its cause.
+                        let name = self
+                            .table
+                            .exports
+                            .get(req.export as usize)
+                            .map_or("?", |e| e.name.as_str());
+                        log::error!(
+                            target: "nbd",
+                            "read of {name} at {} ({} bytes, handle {:#x}) failed: {f}",
+                            req.offset, req.len, req.handle
+                        );
+                        let mut msg = MsgBuf::new();
+                        let _ = core::fmt::write(
+                            &mut msg,
+                            format_args!(
+                                "read of {name} at {} ({} bytes) failed: {f}",
+                                req.offset, req.len
+                            ),
+                        );
+                        let errno = f.errno();
+                        conn.reply_read_error(self.table, req.handle, errno, msg.as_str());
+                    }
+                }
+            }
+            self.recycle(req.buf);
+        }
+    }
+
+    fn poll_socket(&mut self, sockets: &mut SocketSet<'_>, i: usize) {
+        let t0 = self.p.rdtsc();
+        let sock = sockets.get_mut::<tcp::Socket>(self.sockets[i].handle);
+        let s = &mut self.sockets[i];
+        match s.slot {
+            Slot::Listening => {
+                if sock.is_active() {
+                    log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
+                    s.gen = s.gen.wrapping_add(1);
+                    s.progress = self.p.now_ns();
+                    s.queued = 0;
+                    s.taken = 0;
+                    s.sent = 0;
+                    self.held[i] = 0;
+                    s.slot = Slot::Serving(Conn::new(PER_CONN));
+                    // Negotiation is a series of small round trips: a client
+                    // that writes an option in pieces waits for our ACK of
+                    // the first before sending the rest (Nagle).
+                    sock.set_ack_delay(None);
+                    self.touched = true;
+                    self.busy = true;
+                } else if !sock.is_open() {
+                    let _ = sock.listen(PORT);
+                    self.touched = true;
+                }
+            }
+            Slot::Closing => {
+                // Once our FIN is acknowledged everything we sent has
+                // arrived. FIN-WAIT-2 (a peer that never closes its side)
+                // and TIME-WAIT (10 s in smoltcp) would each hold one of
+                // the few sockets: recycle it at once.
+                // A peer that takes nothing (zero window) would hold it in
+                // FIN-WAIT-1 or CLOSING: abort after the stall time.
+                if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
+                    || self.p.now_ns().saturating_sub(s.progress) > self.stall_ns
+                {
+                    sock.abort();
+                }
+                if !sock.is_open() {
+                    let _ = sock.listen(PORT);
+                    self.touched = true;
+                    s.slot = Slot::Listening;
+                }
+            }
+            Slot::Serving(_) => {}
+        }
+        let gen = s.gen;
+        let Slot::Serving(conn) = &mut s.slot else {
+            return;
+        };
+        // Input only as the connection has room for it, and none while all
+        // connections together hold the global budget: what is not taken
+        // stays in the socket and TCP flow control holds the client.
+        // This connection's share of the totals taken at the poll's start
+        // (its own figures change below; the others' do not). A connection
+        // accepted just now was not in them: hence the saturation.
+        let (m0, o0) = (conn.memory(), conn.output_pending());
+        let global_full = self.held_total + self.conn_memory >= HELD_TOTAL;
+        loop {
+            let room = if global_full { 0 } else { conn.input_room() };
+            if room == 0 || !sock.can_recv() {
+                break;
+            }
+            let table = self.table;
+            match sock.recv(|b| {
+                let n = conn.receive(table, &b[..b.len().min(room)]);
+                (n, n)
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => self.touched = true,
+            }
+        }
+        if conn.in_transmission() && sock.ack_delay().is_none() {
+            sock.set_ack_delay(Some(ACK_DELAY));
+        }
+        // The peer finished sending (FIN received) or the connection is
+        // gone. (Before Established, may_recv() is false too: not that.)
+        let peer_done = matches!(
+            sock.state(),
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+                | tcp::State::Closed
+        );
+        if peer_done && !sock.can_recv() && !conn.is_closed() {
+            // A client that closes without NBD_CMD_DISC (or before the
+            // replies to its requests) made a hard disconnect: drop the
+            // connection now rather than push replies nobody reads. Reads
+            // in flight keep their buffers until the device is done; their
+            // completions are then dropped (the slot is no longer serving).
+            conn.peer_closed();
+            log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
+            sock.abort();
+            s.slot = Slot::Closing;
+            s.progress = self.p.now_ns();
+            self.touched = true;
+            return;
+        }
+        let t1 = self.p.rdtsc();
+        while let Some(&Event::Read {
+            len,
+            export: peek_export,
+            ..
+        }) = conn.peek_event()
+        {
+            // Budgets count the heap really held (capacities, not bytes
+            // waiting); a read always goes when nothing is in flight and
+            // no output waits.
+            let (mem, pending) = (conn.memory(), conn.output_pending());
+            let mine_idle = self.held[i] == 0 && pending == 0;
+            let all_idle =
+                self.held_total == 0 && self.output_total.saturating_sub(o0) + pending == 0;
+            let mine = mem + self.held[i];
+            let all = self.held_total + self.conn_memory.saturating_sub(m0) + mem;
+            let fits = |idle: bool, held: usize, limit: usize| idle || held + len as usize <= limit;
+            if !fits(mine_idle, mine, HELD_CONN)
+                || !fits(all_idle, all, HELD_TOTAL)
+                || self.reqs.is_full()
+            {
+                break;
+            }
+            let peeked = self.table.exports.get(peek_export as usize);
+            let null = matches!(
+                peeked,
+                Some(Export {
+                    target: Target::Null,
+                    ..
+                })
+            );
+            let (disk, lbs) = peeked.map_or((0, 512), |e| (e.disk, e.lbs));
+            // Device commands the read may take: one per maximal transfer,
+            // plus one where the range crosses an extent or ends in a
+            // partial block. Reads wait here while the namespace's queue is
+            // full.
+            let budget = self.budgets.get(disk).copied().unwrap_or(Budget {
+                cmds: 0,
+                max_cmds: 0,
+                max_transfer: 0,
+            });
+            let need = if null || budget.max_transfer == 0 {
+                0
+            } else {
+                (len as usize + 2 * lbs as usize).div_ceil(budget.max_transfer) + 1
+            };
+            if budget.cmds > 0 && budget.cmds + need > budget.max_cmds {
+                break;
+            }
+            let Some(Event::Read {
+                handle,
+                export,
+                offset,
+                len,
+            }) = conn.next_event()
+            else {
+                break;
+            };
+            log::trace!(target: "nbd", "read export {export} at {offset} len {len}");
+            if null {
+                let data = ZEROS.get(..len as usize).ok_or(Errno::Inval);
+                conn.reply_read(self.table, handle, offset, data);
+                self.served += 1;
+                continue;
+            }
+            match start(&self.p, self.table, &mut self.small, &mut self.large, export, offset, len)
+            {
+                Ok((buf, skew)) => {
+                    let held = buf.len();
+                    // The request owns its buffer from here until its reply
+                    // (or, its connection gone, until its last completion).
+                    let req = Req {
+                        sock: i as u16,
+                        gen,
+                        handle,
+                        export,
+                        offset,
+                        skew,
+                        len,
+                        cmds: need as u32,
+                        parts: 0,
+                        need: 0,
+                        failure: None,
+                        buf,
+                    };
+                    let Ok(id) = self.reqs.insert(req) else {
+                        // Checked not full above.
+                        break;
+                    };
+                    self.held[i] += held;
+                    self.held_total += held;
+                    if let Some(b) = self.budgets.get_mut(disk) {
+                        b.cmds += need;
+                    }
+                    submit(
+                        &self.p,
+                        self.table,
+                        &self.budgets,
+                        &mut self.reqs,
+                        &mut self.ready,
+                        id,
+                        i,
+                    );
+                }
+                Err(e) => {
+                    conn.reply_read(self.table, handle, offset, Err(e));
+                }
+            }
+        }
+        let t2 = self.p.rdtsc();
+        let mut sent = core::mem::take(&mut s.sent);
+        for _ in 0..2 {
+            while !conn.output().is_empty() && sock.can_send() {
+                match sock.send_slice(conn.output()) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        self.touched = true;
+                        sent += n;
+                        conn.consume_output(n)
+                    }
+                }
+            }
+            // Output drained below the high-water mark: decode what was
+            // held back (more of a list, buffered requests).
+            let before = conn.output_pending();
+            conn.resume(self.table);
+            if conn.output_pending() == before {
+                break;
+            }
+        }
+        // Replies wait (in the connection or the socket) and fewer than
+        // STALL_MIN_BYTES were taken (acknowledged by the peer) in the
+        // stall time: drop.
+        let now = self.p.now_ns();
+        let queued = sock.send_queue();
+        let waiting = conn.output_pending() + queued;
+        s.taken += (s.queued + sent).saturating_sub(queued);
+        s.queued = queued;
+        if waiting == 0 || s.taken >= STALL_MIN_BYTES {
+            s.progress = now;
+            s.taken = 0;
+        } else if now.saturating_sub(s.progress) > self.stall_ns {
+            log::info!(
+                target: "nbd",
+                "connection dropped: replies not taken ({} bytes waiting, {} taken in {} s)",
+                waiting,
+                s.taken,
+                self.stall_ns / 1_000_000_000
+            );
+            conn.peer_closed();
+            sock.abort();
+            s.slot = Slot::Closing;
+            s.progress = now;
+            self.touched = true;
+            return;
+        }
+        if (conn.is_closed() || !sock.is_open()) && (conn.output().is_empty() || !sock.may_send()) {
+            if let Some(why) = conn.close_reason() {
+                log::debug!(target: "nbd", "connection closed: {why:?}");
+            }
+            sock.close();
+            s.slot = Slot::Closing;
+            s.progress = now;
+            self.touched = true;
+        }
+        let t3 = self.p.rdtsc();
+        self.prof.decode += t1 - t0;
+        self.prof.submit += t2 - t1;
+        self.prof.send += t3 - t2;
+    }
+
+    fn recycle(&mut self, buf: P::Buf) {
+        match buf.len() {
+            SMALL if self.small.len() < KEEP_SMALL => self.small.push(buf),
+            LARGE if self.large.len() < KEEP_LARGE => self.large.push(buf),
+            _ => drop(buf),
+        }
+    }
+}
+
+/// A buffer for a read of `len` bytes at `offset` of `export` and where
+/// its data starts in it: from a pool when it fits one.
+fn start<P: Platform>(
+    p: &P,
+    table: &Table,
+    small: &mut Vec<P::Buf>,
+    large: &mut Vec<P::Buf>,
+    export: u32,
+    offset: u64,
+    len: u32,
+) -> Result<(P::Buf, u32), Errno> {
+    let Some(e) = table.exports.get(export as usize) else {
+        return Err(Errno::Inval);
+    };
+    let (a0, a1) = range(e.lbs, offset, len);
+    let n = (a1 - a0) as usize;
+    let buf = if n <= SMALL {
+        small.pop().or_else(|| p.alloc_buf(SMALL))
+    } else if n <= LARGE {
+        large.pop().or_else(|| p.alloc_buf(LARGE))
+    } else {
+        p.alloc_buf(n)
+    };
+    Ok((buf.ok_or(Errno::NoMem)?, (offset - a0) as u32))
+}
+
+/// The range `[a0, a1)` of whole blocks of `lbs` bytes covering `len` bytes
+/// at `offset`.
+fn range(lbs: u64, offset: u64, len: u32) -> (u64, u64) {
+    let a0 = offset / lbs * lbs;
+    let a1 = (offset + len as u64).div_ceil(lbs) * lbs;
+    (a0, a1)
+}
+
+/// One read handed to the device, as [`issue`] needs it: on this core, or
+/// on a storage core, which gets it over its lane.
+#[derive(Clone, Copy, Debug)]
+pub struct Job {
+    pub id: ReqId,
+    export: u32,
+    /// The block-aligned byte range `[a0, a0 + buf.len())` to read into
+    /// `buf`, which the request owns until its last reference is dropped.
+    a0: u64,
+    buf: IoBuf,
+    /// Largest transfer of one command (whole blocks; raw exports).
+    max: usize,
+}
+
+/// The error of a read whose namespace has no queue on this core.
+const NO_QUEUE: DioError = DioError::Unsupported("no NVMe queue for this namespace");
+
+/// Prepares request `id` (its references: its parts plus one for the
+/// submission) and issues it on the core serving socket `sock`: here when
+/// that is this core, else over that core's lane. Failures are recorded on
+/// the request, which is queued for its reply like any completion.
+fn submit<P: Platform>(
+    p: &P,
+    table: &'static Table,
+    budgets: &[Budget],
+    reqs: &mut Slab<Req<P::Buf>>,
+    ready: &mut Ring<ReqId>,
+    id: ReqId,
+    sock: usize,
+) {
+    let Some(req) = reqs.get_mut(id) else {
+        return;
+    };
+    let (export, offset, len) = (req.export, req.offset, req.len);
+    let Some(e) = table.exports.get(export as usize) else {
+        req.fail(Failure::NoEngine);
+        req.parts = 1;
+        put(reqs, ready, id, 1);
+        return;
+    };
+    let (a0, a1) = range(e.lbs, offset, len);
+    let n = (a1 - a0) as usize;
+    let max = budgets.get(e.disk).map_or(0, |b| b.max_transfer);
+    req.parts = match &e.target {
+        // Answered without a request (see `poll_socket`).
+        Target::Null => 1,
+        Target::File(_) => {
+            // Bytes the part must deliver: a file read may end at end of file.
+            req.need = (offset + len as u64 - a0) as usize;
+            2
+        }
+        Target::Raw if max == 0 => {
+            req.fail(Failure::NoEngine);
+            1
+        }
+        Target::Raw => n.div_ceil(max) as u32 + 1,
+    };
+    let job = Job {
+        id,
+        export,
+        a0,
+        buf: req.buf.part(0, n),
+        max,
+    };
+    let job = match p.send(sock, job) {
+        Ok(()) => return,
+        // This core's own, or its lane is full: issued here.
+        Err(job) => job,
+    };
+    issue(p, table, &job, &mut |id, r, refs| {
+        apply(reqs, ready, id, r, refs)
+    });
+}
+
+/// Hands `job`'s parts to this core's queue of its namespace and reports
+/// what ended at once to `report(id, part result, references dropped)`,
+/// finally dropping the submission's reference. Completions that come later
+/// are delivered by [`Platform::service`] on this core.
+pub fn issue<P: Platform>(
+    p: &P,
+    table: &Table,
+    job: &Job,
+    report: &mut dyn FnMut(ReqId, Option<Result<usize, DioError>>, u32),
+) {
+    let id = job.id;
+    let Some(e) = table.exports.get(job.export as usize) else {
+        report(id, None, 1);
+        return;
+    };
+    let (disk, lbs, n) = (e.disk, e.lbs, job.buf.len());
+    match &e.target {
+        Target::Null => {}
+        Target::File(f) => {
+            let iocb = Kiocb::with_owner(job.a0, id);
+            // SAFETY: the buffer belongs to request `id`, which is removed
+            // from the slab (and its buffer reused or freed) only after its
+            // last reference was dropped, i.e. after this part's completion
+            // was delivered.
+            let r = p.with_engine(disk, |eng| unsafe {
+                eng.dio_rw(DioRequest::read(iocb, job.buf, &**f))
+            });
+            match r {
+                Some(Ok(DioResult::Queued)) => {}
+                Some(Ok(DioResult::Done(got))) => report(id, Some(Ok(got)), 1),
+                Some(Err(err)) => report(id, Some(Err(err)), 1),
+                None => report(id, Some(Err(NO_QUEUE)), 1),
+            }
+        }
+        Target::Raw if job.max == 0 => {}
+        Target::Raw => {
+            let max = job.max;
+            let parts = n.div_ceil(max) as u32;
+            let ran = p.with_engine(disk, |eng| {
+                let mut at = 0usize;
+                let mut left = parts;
+                while at < n {
+                    let c = (n - at).min(max);
+                    let Some(iob) = job.buf.part(at, c) else {
+                        report(id, Some(Err(DioError::Invalid("read range"))), left);
+                        break;
+                    };
+                    let lba = (job.a0 + at as u64) / lbs;
+                    // SAFETY: as for files: the buffer belongs to the
+                    // request until its last part's completion.
+                    let r = unsafe { eng.raw(Op::Read, lba, iob, Some(id)) };
+                    left -= 1;
+                    match r {
+                        Ok(DioResult::Queued) => {}
+                        Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
+                        Err(err) => {
+                            // This part and the ones never submitted.
+                            report(id, Some(Err(err)), 1 + left);
+                            break;
+                        }
+                    }
+                    at += c;
+                }
+            });
+            if ran.is_none() {
+                report(id, Some(Err(NO_QUEUE)), parts);
+            }
+        }
+    }
+    // Drop the submission reference.
+    report(id, None, 1);
+}

@@ -1,0 +1,498 @@
+//! The service over an in-memory wire, with a client on the other end: the
+//! host benchmark of the whole request path and the kernel's no-allocation
+//! self-test (`selftest=nbd-noalloc`) run the real [`Server`] this way.
+//!
+//! - [`Wire`]: two smoltcp Ethernet devices joined back to back, each
+//!   frame a fixed buffer taken from a pool made at start (no allocation
+//!   per frame). Like virtio-net without offloads: 1514-byte frames,
+//!   checksums computed on transmit and not verified on receive (the
+//!   kernel's NIC skips verification too: the host checked them). Each end
+//!   counts its frames and the TSC cycles spent building them (inside the
+//!   transmit token, as the kernel's NIC does) and processing received
+//!   ones (inside the receive token).
+//! - [`Loopback`]: the server's interface and sockets (10.0.0.1) and a
+//!   client's (10.0.0.2) with one TCP socket and a sans-IO NBD client
+//!   ([`dioxide_nbd::client::Client`]), which reads 4 KiB blocks at random
+//!   4 KiB-aligned offsets with a given number in flight.
+//!
+//! One [`Loopback::step`] moves the client (send requests, take replies),
+//! then the server as the kernel's run loop does: the stack
+//! (`Interface::poll`), [`Server::poll`], and the stack again when a socket
+//! was touched. Only the server's part is timed ([`Figures`]).
+
+use crate::{Platform, Profile, Server, PORT};
+use alloc::collections::VecDeque;
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use dioxide_nbd::client::{Client, ClientError};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+
+/// Largest Ethernet frame (1500-byte MTU).
+pub const FRAME: usize = 1514;
+/// Frames each direction holds.
+const FRAMES: usize = 1024;
+/// The client's socket buffers: room for 128 replies of 4 KiB in flight.
+const CLIENT_BUF: usize = 1 << 20;
+
+/// Frame and cycle counts of one end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frames {
+    pub sent: u64,
+    pub received: u64,
+    /// TSC cycles building sent frames (inside the transmit token).
+    pub build: u64,
+    /// TSC cycles processing received frames (inside the receive token).
+    pub process: u64,
+}
+
+struct Dir {
+    /// Frames waiting, by buffer index, with their lengths.
+    queue: VecDeque<(usize, usize)>,
+}
+
+/// The shared state of both directions: the frame buffers, a free list and
+/// a queue per direction.
+pub struct Wire {
+    bufs: Vec<[u8; FRAME]>,
+    free: Vec<usize>,
+    dirs: [Dir; 2],
+    stats: [Frames; 2],
+    rdtsc: fn() -> u64,
+}
+
+impl Wire {
+    /// Both ends of a new wire; `rdtsc` times the frames.
+    pub fn pair(rdtsc: fn() -> u64) -> (End, End) {
+        let wire = Rc::new(RefCell::new(Wire {
+            bufs: vec![[0u8; FRAME]; FRAMES],
+            free: (0..FRAMES).collect(),
+            dirs: [
+                Dir {
+                    queue: VecDeque::with_capacity(FRAMES),
+                },
+                Dir {
+                    queue: VecDeque::with_capacity(FRAMES),
+                },
+            ],
+            stats: [Frames::default(); 2],
+            rdtsc,
+        }));
+        (
+            End {
+                wire: wire.clone(),
+                side: 0,
+            },
+            End { wire, side: 1 },
+        )
+    }
+}
+
+/// One end of a [`Wire`]: a smoltcp device.
+pub struct End {
+    wire: Rc<RefCell<Wire>>,
+    side: usize,
+}
+
+impl End {
+    /// This end's counts.
+    pub fn frames(&self) -> Frames {
+        self.wire.borrow().stats[self.side]
+    }
+
+    /// A frame waits for this end.
+    pub fn has_rx(&self) -> bool {
+        !self.wire.borrow().dirs[self.side].queue.is_empty()
+    }
+}
+
+pub struct Rx<'a> {
+    end: &'a End,
+    buf: usize,
+    len: usize,
+}
+
+pub struct Tx<'a> {
+    end: &'a End,
+}
+
+impl RxToken for Rx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        // The buffer is not borrowed from the wire while `f` runs (smoltcp
+        // may transmit from inside it): copied out first, as a NIC's
+        // receive buffer is separate from its transmit ones.
+        let mut frame = [0u8; FRAME];
+        let rdtsc = {
+            let w = self.end.wire.borrow();
+            frame[..self.len].copy_from_slice(&w.bufs[self.buf][..self.len]);
+            w.rdtsc
+        };
+        self.end.wire.borrow_mut().free.push(self.buf);
+        let t0 = rdtsc();
+        let r = f(&frame[..self.len]);
+        let dt = rdtsc() - t0;
+        let mut w = self.end.wire.borrow_mut();
+        let s = &mut w.stats[self.end.side];
+        s.received += 1;
+        s.process += dt;
+        r
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = [0u8; FRAME];
+        let len = len.min(FRAME);
+        let rdtsc = self.end.wire.borrow().rdtsc;
+        let t0 = rdtsc();
+        let r = f(&mut frame[..len]);
+        let dt = rdtsc() - t0;
+        let mut w = self.end.wire.borrow_mut();
+        let peer = 1 - self.end.side;
+        // `transmit` handed out this token only with a buffer free.
+        if let Some(b) = w.free.pop() {
+            w.bufs[b][..len].copy_from_slice(&frame[..len]);
+            w.dirs[peer].queue.push_back((b, len));
+        }
+        let s = &mut w.stats[self.end.side];
+        s.sent += 1;
+        s.build += dt;
+        r
+    }
+}
+
+impl Device for End {
+    type RxToken<'a> = Rx<'a>;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _ts: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+        let (buf, len) = self.wire.borrow_mut().dirs[self.side].queue.pop_front()?;
+        Some((Rx { end: self, buf, len }, Tx { end: self }))
+    }
+
+    fn transmit(&mut self, _ts: Instant) -> Option<Tx<'_>> {
+        if self.wire.borrow().free.is_empty() {
+            None
+        } else {
+            Some(Tx { end: self })
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = FRAME;
+        c.max_burst_size = Some(64);
+        c.checksum.ipv4 = Checksum::Tx;
+        c.checksum.tcp = Checksum::Tx;
+        c.checksum.udp = Checksum::Tx;
+        c
+    }
+}
+
+/// The server's side of a loopback: its interface, device and sockets
+/// (give `sockets` to [`Server::new`]).
+pub struct ServerSide {
+    pub iface: Interface,
+    pub dev: End,
+    pub sockets: SocketSet<'static>,
+    /// When the stack's next timer is due (as the kernel's run loop keeps it).
+    next_poll: Instant,
+}
+
+impl ServerSide {
+    /// Runs the stack and notes when its next timer is due.
+    fn poll(&mut self, now: fn() -> u64) {
+        self.iface.poll(instant(now), &mut self.dev, &mut self.sockets);
+        let t = instant(now);
+        self.next_poll = self
+            .iface
+            .poll_at(t, &self.sockets)
+            .unwrap_or(t + smoltcp::time::Duration::from_millis(100));
+    }
+}
+
+/// What the server spent on the reads of one [`Loopback::run`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    pub reads: u64,
+    /// Replies with an error, or with fewer bytes than asked.
+    pub failed: u64,
+    /// TSC cycles of the server's loop (stack and [`Server::poll`]).
+    pub cycles: u64,
+    /// Nanoseconds of the server's loop.
+    pub ns: u64,
+    /// The server's profile over the run (`net` included).
+    pub profile: Profile,
+    /// The server end's frames over the run.
+    pub frames: Frames,
+}
+
+/// Why a loopback run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopError {
+    Client(ClientError),
+    /// Nothing moved for this many steps: the server or the stack is stuck.
+    Stuck(u64),
+}
+
+impl core::fmt::Display for LoopError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            LoopError::Client(e) => write!(f, "NBD client: {e}"),
+            LoopError::Stuck(n) => write!(f, "no progress in {n} steps"),
+        }
+    }
+}
+
+impl core::error::Error for LoopError {}
+
+/// A client connected over a [`Wire`] to a server's [`ServerSide`].
+pub struct Loopback {
+    iface: Interface,
+    dev: End,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    client: Client,
+    rng: dioxide_testkit::Rng,
+    now: fn() -> u64,
+    rdtsc: fn() -> u64,
+    /// The server's stack ran since its last poll.
+    polled: bool,
+    dirty: bool,
+}
+
+const SERVER_IP: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
+const CLIENT_IP: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
+
+fn instant(now: fn() -> u64) -> Instant {
+    Instant::from_micros((now() / 1000) as i64)
+}
+
+fn iface(dev: &mut End, mac: [u8; 6], ip: Ipv4Address, now: fn() -> u64) -> Interface {
+    let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    let mut iface = Interface::new(config, dev, instant(now));
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip), 24));
+    });
+    iface
+}
+
+impl Loopback {
+    /// A wire, the server's side of it (for [`Server::new`]) and a client
+    /// side for export `export`, not yet connected. `now` gives
+    /// nanoseconds, `rdtsc` the cycles the figures count.
+    pub fn new(
+        export: &str,
+        structured: bool,
+        max_in_flight: usize,
+        now: fn() -> u64,
+        rdtsc: fn() -> u64,
+    ) -> (ServerSide, Loopback) {
+        let (mut sdev, mut cdev) = Wire::pair(rdtsc);
+        let siface = iface(&mut sdev, [2, 0, 0, 0, 0, 1], SERVER_IP, now);
+        let ciface = iface(&mut cdev, [2, 0, 0, 0, 0, 2], CLIENT_IP, now);
+        let mut csockets = SocketSet::new(vec![]);
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; CLIENT_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; CLIENT_BUF]),
+        );
+        sock.set_nagle_enabled(false);
+        let handle = csockets.add(sock);
+        (
+            ServerSide {
+                iface: siface,
+                dev: sdev,
+                sockets: SocketSet::new(vec![]),
+                next_poll: instant(now),
+            },
+            Loopback {
+                iface: ciface,
+                dev: cdev,
+                sockets: csockets,
+                handle,
+                client: Client::new(export, structured, max_in_flight, 4096),
+                rng: dioxide_testkit::Rng::new(0x5eed_0000_0000_0001),
+                now,
+                rdtsc,
+                polled: true,
+                dirty: true,
+            },
+        )
+    }
+
+    /// Connects and negotiates: returns the export's size.
+    pub fn connect<P: Platform>(
+        &mut self,
+        side: &mut ServerSide,
+        server: &mut Server<P>,
+    ) -> Result<u64, LoopError> {
+        let now = instant(self.now);
+        let sock = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        // Connecting a fresh socket to a fixed address cannot fail.
+        let _ = sock.connect(
+            self.iface.context(),
+            (IpAddress::Ipv4(SERVER_IP), PORT),
+            49152 + (now.total_millis() % 10_000) as u16,
+        );
+        let mut idle = 0u64;
+        while !self.client.is_ready() {
+            if let Some(e) = self.client.error() {
+                return Err(LoopError::Client(e));
+            }
+            if self.step(side, server) {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle > 100_000 {
+                    return Err(LoopError::Stuck(idle));
+                }
+            }
+        }
+        Ok(self.client.size())
+    }
+
+    /// Reads `n` blocks of 4 KiB at random offsets below `size` with
+    /// `qd` in flight; the server's figures for them.
+    pub fn run<P: Platform>(
+        &mut self,
+        side: &mut ServerSide,
+        server: &mut Server<P>,
+        n: u64,
+        qd: usize,
+    ) -> Result<Figures, LoopError> {
+        let blocks = (self.client.size() / 4096).max(1);
+        let mut f = Figures::default();
+        let prof0 = server.prof;
+        let frames0 = side.dev.frames();
+        let (mut issued, mut done, mut idle) = (0u64, 0u64, 0u64);
+        while done < n {
+            while issued < n && self.client.in_flight() < qd {
+                let off = self.rng.below(blocks) * 4096;
+                self.client.read(off, 4096).map_err(LoopError::Client)?;
+                issued += 1;
+                self.dirty = true;
+            }
+            let (c0, t0) = ((self.rdtsc)(), (self.now)());
+            let moved_server = self.serve(side, server);
+            f.cycles += (self.rdtsc)() - c0;
+            f.ns += (self.now)() - t0;
+            let moved_client = self.client_step();
+            for r in self.client.replies() {
+                done += 1;
+                if r.error != 0 || r.len != 4096 {
+                    f.failed += 1;
+                }
+            }
+            if let Some(e) = self.client.error() {
+                return Err(LoopError::Client(e));
+            }
+            if moved_server || moved_client {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle > 1_000_000 {
+                    return Err(LoopError::Stuck(idle));
+                }
+            }
+        }
+        f.reads = done;
+        let p = server.prof;
+        f.profile = Profile {
+            net: p.net - prof0.net,
+            complete: p.complete - prof0.complete,
+            reply: p.reply - prof0.reply,
+            decode: p.decode - prof0.decode,
+            submit: p.submit - prof0.submit,
+            send: p.send - prof0.send,
+            loops: p.loops - prof0.loops,
+        };
+        let fr = side.dev.frames();
+        f.frames = Frames {
+            sent: fr.sent - frames0.sent,
+            received: fr.received - frames0.received,
+            build: fr.build - frames0.build,
+            process: fr.process - frames0.process,
+        };
+        Ok(f)
+    }
+
+    /// Closes the client's side (a hard disconnect) and runs both sides
+    /// until the server has let the connection go.
+    pub fn close<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>) {
+        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+        for _ in 0..10_000 {
+            self.step(side, server);
+            if server.in_flight() == 0 && !server.busy {
+                break;
+            }
+        }
+    }
+
+    /// One step of both sides; whether anything moved.
+    fn step<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>) -> bool {
+        let a = self.serve(side, server);
+        let b = self.client_step();
+        a || b
+    }
+
+    /// The server's part of a step, as the kernel's run loop does it.
+    fn serve<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>) -> bool {
+        let now = self.now;
+        let t0 = (self.rdtsc)();
+        let rx = side.dev.has_rx();
+        if rx || self.dirty || instant(now) >= side.next_poll {
+            side.poll(now);
+            self.polled = true;
+        }
+        let t1 = (self.rdtsc)();
+        let touched = server.poll(&mut side.sockets, self.polled);
+        let t2 = (self.rdtsc)();
+        self.polled = false;
+        if touched {
+            side.poll(now);
+            self.polled = true;
+        }
+        self.dirty = touched;
+        server.prof.net += (t1 - t0) + ((self.rdtsc)() - t2);
+        rx || touched
+    }
+
+    /// The client's part: its stack, its socket and the NBD client.
+    fn client_step(&mut self) -> bool {
+        let now = instant(self.now);
+        let mut moved = self.dev.has_rx();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        let sock = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        let client = &mut self.client;
+        while sock.can_recv() {
+            match sock.recv(|b| {
+                client.receive(b);
+                (b.len(), b.len())
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => moved = true,
+            }
+        }
+        let mut sent = false;
+        while !client.output().is_empty() && sock.can_send() {
+            match sock.send_slice(client.output()) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    client.consume_output(k);
+                    sent = true;
+                }
+            }
+        }
+        if sent {
+            self.iface.poll(now, &mut self.dev, &mut self.sockets);
+            moved = true;
+        }
+        moved
+    }
+}
