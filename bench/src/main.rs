@@ -2,7 +2,7 @@
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
-//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null]`:
+//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on]`:
 //! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
 
 #[global_allocator]
@@ -41,7 +41,13 @@ fn main() {
             Some(t) => fail(format!("--only {t}: file, raw or null")),
             None => vec!["file", "raw", "null"],
         };
-        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds)
+        let csums: Vec<bool> = match value("--csum").map(String::as_str) {
+            Some("off") => vec![false],
+            Some("on") => vec![true],
+            Some(c) => fail(format!("--csum {c}: off or on")),
+            None => vec![false, true],
+        };
+        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds, &csums)
             .unwrap_or_else(|e| fail(e));
         if args.iter().any(|a| a == "--json") {
             let rows: Vec<String> = rows.iter().map(|r| r.json()).collect();

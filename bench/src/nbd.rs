@@ -88,9 +88,18 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Nanoseconds from the TSC (as the kernel's clock is), calibrated once
+/// against the system clock: `Instant::now` on every poll would cost a
+/// system clock read, which the kernel does not pay.
 fn now_ns() -> u64 {
-    static T0: OnceLock<Instant> = OnceLock::new();
-    T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    static CAL: OnceLock<(u64, f64)> = OnceLock::new();
+    let (c0, ns_per_cycle) = *CAL.get_or_init(|| {
+        let (t0, c0) = (Instant::now(), rdtsc());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (t1, c1) = (Instant::now(), rdtsc());
+        (c0, (t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64)
+    });
+    ((rdtsc() - c0) as f64 * ns_per_cycle) as u64
 }
 
 impl Platform for HostPlatform {
@@ -123,6 +132,9 @@ impl Platform for HostPlatform {
 pub struct NbdRow {
     pub target: &'static str,
     pub qd: usize,
+    /// Transmit checksum offload on the wire (virtio-net's
+    /// VIRTIO_NET_F_CSUM): smoltcp computes no TCP checksums.
+    pub csum: bool,
     pub reads: u64,
     pub cycles_per_io: f64,
     pub ns_per_io: f64,
@@ -149,18 +161,26 @@ fn table() -> &'static Table {
 }
 
 /// Runs `reads` reads (and a tenth as warm-up) of each target at each
-/// queue depth, each row on a fresh server and connection.
-pub fn run(reads: u64, targets: &[&'static str], qds: &[usize]) -> Result<Vec<NbdRow>, String> {
+/// queue depth, without and with checksum offload (`csums`), each row on a
+/// fresh server and connection.
+pub fn run(
+    reads: u64,
+    targets: &[&'static str],
+    qds: &[usize],
+    csums: &[bool],
+) -> Result<Vec<NbdRow>, String> {
     let mut rows = Vec::new();
-    for &target in targets {
-        for &qd in qds {
-            rows.push(row(target, qd, reads)?);
+    for &csum in csums {
+        for &target in targets {
+            for &qd in qds {
+                rows.push(row(target, qd, csum, reads)?);
+            }
         }
     }
     Ok(rows)
 }
 
-fn row(target: &'static str, qd: usize, reads: u64) -> Result<NbdRow, String> {
+fn row(target: &'static str, qd: usize, csum: bool, reads: u64) -> Result<NbdRow, String> {
     let export = match target {
         "file" => "bench.bin",
         "raw" => "nvme0n1",
@@ -172,7 +192,7 @@ fn row(target: &'static str, qd: usize, reads: u64) -> Result<NbdRow, String> {
     let p = HostPlatform {
         engine: RefCell::new(engine),
     };
-    let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc);
+    let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc, csum);
     let disks = [DiskLimits {
         depth,
         max_transfer: 512 * 1024,
@@ -201,6 +221,7 @@ fn row(target: &'static str, qd: usize, reads: u64) -> Result<NbdRow, String> {
     Ok(NbdRow {
         target,
         qd,
+        csum,
         reads: f.reads,
         cycles_per_io: per(f.cycles),
         ns_per_io: f.ns as f64 / n,
@@ -222,8 +243,8 @@ fn row(target: &'static str, qd: usize, reads: u64) -> Result<NbdRow, String> {
 impl NbdRow {
     pub fn json(&self) -> String {
         let mut s = format!(
-            "{{\"target\": \"{}\", \"qd\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
-            self.target, self.qd, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
+            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
+            self.target, self.qd, self.csum, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
             self.frames_sent_per_io, self.frames_received_per_io
         );
         for (k, v) in &self.phases {
@@ -235,13 +256,14 @@ impl NbdRow {
     /// The rows as a table.
     pub fn table(rows: &[NbdRow]) -> String {
         let mut s = String::from(
-            "host NBD path (real CPU, server side): target qd  cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
+            "host NBD path (real CPU, server side): target qd csum cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
         );
         for r in rows {
             s += &format!(
-                "  {:<6} {:>4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
+                "  {:<6} {:>4} {:<4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
                 r.target,
                 r.qd,
+                if r.csum { "on" } else { "off" },
                 r.cycles_per_io,
                 r.ns_per_io,
                 r.allocs_per_io,

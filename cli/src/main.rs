@@ -99,8 +99,8 @@ enum Cmd {
         /// Kill QEMU and fail after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// Run a kernel self-test and exit: digest, rw, files, fault, panic,
-        /// calibrate, smp, ap-panic.
+        /// Run a kernel self-test and exit: digest, rw, files, noalloc,
+        /// nbd-noalloc, fault, panic, calibrate, smp, ap-panic.
         #[arg(long)]
         selftest: Option<String>,
         /// How the kernel reaps NVMe completions.

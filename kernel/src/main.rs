@@ -96,6 +96,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
         "files",
         "bench",
         "noalloc",
+        "nbd-noalloc",
         "fault",
         "panic",
         "calibrate",
@@ -106,7 +107,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     {
         fail(
             EXIT_CONFIG,
-            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, fault, panic, calibrate, smp, ap-panic)"),
+            format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, nbd-noalloc, fault, panic, calibrate, smp, ap-panic)"),
         );
     }
     if selftest == "calibrate" {
@@ -225,6 +226,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
     match selftest {
         "files" => selftest::files(&mounts),
         "noalloc" => bench::noalloc(first_fs(&mut mounts)),
+        "nbd-noalloc" => diag::nbd::noalloc(&mounts),
         "bench" => {
             let list = |k: &str, d: &'static str| args.get(k).unwrap_or(d);
             let qds: alloc::vec::Vec<usize> = list("bench.qd", "1,16,64,128,256")
@@ -302,7 +304,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
                             format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
                         ),
                     };
-                    Some(nbd::Server::new(n, &mounts, null, stall_ns, storage_cores))
+                    Some(nbd::start(n, &mounts, null, stall_ns, storage_cores))
                 }
                 None => {
                     log::warn!(target: "net", "no usable virtio-net device: no network service");
@@ -327,7 +329,7 @@ fn first_fs(
 
 /// The appliance's per-core run loop: reaps NVMe completions and sleeps until
 /// the next interrupt. Services (the network server) hook in here.
-fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
+fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! {
     log::info!(target: "boot", "run loop started ({:?} completion)", nvme::mode());
     let mut last = apic::ticks();
     let mut dirty = true;
@@ -339,7 +341,7 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
             polled |= n.poll_if_needed(dirty);
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
-                dirty = s.poll(n, polled);
+                dirty = s.poll(&mut n.sockets, polled);
                 let t2 = time::rdtsc();
                 // Send what the server queued at once.
                 polled = n.poll_if_needed(dirty);
@@ -347,7 +349,7 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Server>) -> ! {
                 s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
                 let t = apic::ticks();
                 if t / 100 != last / 100 {
-                    s.trace(n);
+                    s.trace(&mut n.sockets);
                 }
                 last = t;
                 // While connections are busy, keep polling instead of sleeping.

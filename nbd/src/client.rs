@@ -316,7 +316,8 @@ impl Client {
                 match ty {
                     chunk::OFFSET_DATA => {
                         let n = len.checked_sub(8).ok_or(ClientError::UnexpectedReply)?;
-                        if slot.got as usize + n > slot.len as usize || flags & chunk::FLAG_DONE == 0
+                        if slot.got as usize + n > slot.len as usize
+                            || flags & chunk::FLAG_DONE == 0
                         {
                             // Replies split in several chunks are not asked for.
                             return Err(ClientError::UnexpectedReply);

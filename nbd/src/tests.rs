@@ -956,7 +956,9 @@ fn pump(
 }
 
 fn pattern(offset: u64, len: u32) -> Vec<u8> {
-    (offset..offset + len as u64).map(|i| (i * 7) as u8).collect()
+    (offset..offset + len as u64)
+        .map(|i| (i * 7) as u8)
+        .collect()
 }
 
 #[test]
@@ -966,7 +968,11 @@ fn the_client_reads_through_a_connection_with_and_without_structured_and_direct_
             let mut cl = client::Client::new("data/a.bin", structured, 8, 4096);
             let mut conn = Conn::new(8);
             pump(&mut cl, &mut conn, direct, &pattern);
-            assert!(cl.is_ready(), "handshake ({structured}, {direct}): {:?}", cl.error());
+            assert!(
+                cl.is_ready(),
+                "handshake ({structured}, {direct}): {:?}",
+                cl.error()
+            );
             assert_eq!(cl.structured(), structured);
             assert_eq!(cl.size(), A.size);
             let mut asked = Vec::new();

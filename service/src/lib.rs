@@ -279,7 +279,8 @@ impl Table {
     }
 
     fn push(&mut self, e: Export) {
-        self.by_name.insert(e.name.clone(), self.exports.len() as u32);
+        self.by_name
+            .insert(e.name.clone(), self.exports.len() as u32);
         self.exports.push(e);
     }
 
@@ -772,12 +773,8 @@ impl<P: Platform> Server<P> {
                         let data = &req.buf.as_slice()[a..a + n];
                         let sock = sockets.get_mut::<tcp::Socket>(s.handle);
                         let mut wrote = 0;
-                        let direct = conn.reply_read_direct(
-                            self.table,
-                            req.handle,
-                            req.offset,
-                            n,
-                            |h| {
+                        let direct =
+                            conn.reply_read_direct(self.table, req.handle, req.offset, n, |h| {
                                 let room = sock.send_capacity() - sock.send_queue();
                                 if !sock.may_send() || room < h.len() + n {
                                     return false;
@@ -786,8 +783,7 @@ impl<P: Platform> Server<P> {
                                 wrote = sock.send_slice(h).unwrap_or(0)
                                     + sock.send_slice(data).unwrap_or(0);
                                 true
-                            },
-                        );
+                            });
                         if direct {
                             s.sent += wrote;
                             self.touched = true;
@@ -989,8 +985,15 @@ impl<P: Platform> Server<P> {
                 self.served += 1;
                 continue;
             }
-            match start(&self.p, self.table, &mut self.small, &mut self.large, export, offset, len)
-            {
+            match start(
+                &self.p,
+                self.table,
+                &mut self.small,
+                &mut self.large,
+                export,
+                offset,
+                len,
+            ) {
                 Ok((buf, skew)) => {
                     let held = buf.len();
                     // The request owns its buffer from here until its reply

@@ -37,6 +37,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 pub const FRAME: usize = 1514;
 /// Frames each direction holds.
 const FRAMES: usize = 1024;
+/// Time without anything moving after which a run gives up.
+pub const STUCK_NS: u64 = 10_000_000_000;
 /// The client's socket buffers: room for 128 replies of 4 KiB in flight.
 const CLIENT_BUF: usize = 1 << 20;
 
@@ -51,37 +53,39 @@ pub struct Frames {
     pub process: u64,
 }
 
-struct Dir {
-    /// Frames waiting, by buffer index, with their lengths.
-    queue: VecDeque<(usize, usize)>,
-}
+/// A frame buffer: moved (a pointer), never copied, between the free list,
+/// a direction's queue and the token that fills or reads it.
+type Buf = alloc::boxed::Box<[u8; FRAME]>;
 
-/// The shared state of both directions: the frame buffers, a free list and
-/// a queue per direction.
+/// The shared state of both directions: a free list of frame buffers and
+/// a queue of frames (buffer, length) per direction, all made at start.
 pub struct Wire {
-    bufs: Vec<[u8; FRAME]>,
-    free: Vec<usize>,
-    dirs: [Dir; 2],
+    free: Vec<Buf>,
+    queues: [VecDeque<(Buf, usize)>; 2],
     stats: [Frames; 2],
     rdtsc: fn() -> u64,
+    /// Checksums left to the "device" (virtio-net's VIRTIO_NET_F_CSUM):
+    /// smoltcp computes none on transmit.
+    csum_offload: bool,
 }
 
 impl Wire {
-    /// Both ends of a new wire; `rdtsc` times the frames.
-    pub fn pair(rdtsc: fn() -> u64) -> (End, End) {
+    /// Both ends of a new wire; `rdtsc` times the frames. With
+    /// `csum_offload` the ends offer transmit checksum offload, as
+    /// virtio-net with VIRTIO_NET_F_CSUM does (the checksums are then not
+    /// computed at all: nothing on this wire checks them).
+    pub fn pair(rdtsc: fn() -> u64, csum_offload: bool) -> (End, End) {
         let wire = Rc::new(RefCell::new(Wire {
-            bufs: vec![[0u8; FRAME]; FRAMES],
-            free: (0..FRAMES).collect(),
-            dirs: [
-                Dir {
-                    queue: VecDeque::with_capacity(FRAMES),
-                },
-                Dir {
-                    queue: VecDeque::with_capacity(FRAMES),
-                },
+            free: (0..FRAMES)
+                .map(|_| alloc::boxed::Box::new([0u8; FRAME]))
+                .collect(),
+            queues: [
+                VecDeque::with_capacity(FRAMES),
+                VecDeque::with_capacity(FRAMES),
             ],
             stats: [Frames::default(); 2],
             rdtsc,
+            csum_offload,
         }));
         (
             End {
@@ -107,13 +111,13 @@ impl End {
 
     /// A frame waits for this end.
     pub fn has_rx(&self) -> bool {
-        !self.wire.borrow().dirs[self.side].queue.is_empty()
+        !self.wire.borrow().queues[self.side].is_empty()
     }
 }
 
 pub struct Rx<'a> {
     end: &'a End,
-    buf: usize,
+    buf: Buf,
     len: usize,
 }
 
@@ -123,20 +127,14 @@ pub struct Tx<'a> {
 
 impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        // The buffer is not borrowed from the wire while `f` runs (smoltcp
-        // may transmit from inside it): copied out first, as a NIC's
-        // receive buffer is separate from its transmit ones.
-        let mut frame = [0u8; FRAME];
-        let rdtsc = {
-            let w = self.end.wire.borrow();
-            frame[..self.len].copy_from_slice(&w.bufs[self.buf][..self.len]);
-            w.rdtsc
-        };
-        self.end.wire.borrow_mut().free.push(self.buf);
+        // The token owns its buffer: no borrow of the wire is held while
+        // `f` runs (smoltcp may transmit from inside it).
+        let rdtsc = self.end.wire.borrow().rdtsc;
         let t0 = rdtsc();
-        let r = f(&frame[..self.len]);
+        let r = f(&self.buf[..self.len]);
         let dt = rdtsc() - t0;
         let mut w = self.end.wire.borrow_mut();
+        w.free.push(self.buf);
         let s = &mut w.stats[self.end.side];
         s.received += 1;
         s.process += dt;
@@ -146,19 +144,20 @@ impl RxToken for Rx<'_> {
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = [0u8; FRAME];
         let len = len.min(FRAME);
-        let rdtsc = self.end.wire.borrow().rdtsc;
+        let (buf, rdtsc) = {
+            let mut w = self.end.wire.borrow_mut();
+            (w.free.pop(), w.rdtsc)
+        };
+        // `transmit` handed out this token only with a buffer free; were
+        // there none, the frame is built and dropped (as a full NIC does).
+        let mut buf = buf.unwrap_or_else(|| alloc::boxed::Box::new([0u8; FRAME]));
         let t0 = rdtsc();
-        let r = f(&mut frame[..len]);
+        let r = f(&mut buf[..len]);
         let dt = rdtsc() - t0;
         let mut w = self.end.wire.borrow_mut();
         let peer = 1 - self.end.side;
-        // `transmit` handed out this token only with a buffer free.
-        if let Some(b) = w.free.pop() {
-            w.bufs[b][..len].copy_from_slice(&frame[..len]);
-            w.dirs[peer].queue.push_back((b, len));
-        }
+        w.queues[peer].push_back((buf, len));
         let s = &mut w.stats[self.end.side];
         s.sent += 1;
         s.build += dt;
@@ -171,8 +170,15 @@ impl Device for End {
     type TxToken<'a> = Tx<'a>;
 
     fn receive(&mut self, _ts: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
-        let (buf, len) = self.wire.borrow_mut().dirs[self.side].queue.pop_front()?;
-        Some((Rx { end: self, buf, len }, Tx { end: self }))
+        let (buf, len) = self.wire.borrow_mut().queues[self.side].pop_front()?;
+        Some((
+            Rx {
+                end: self,
+                buf,
+                len,
+            },
+            Tx { end: self },
+        ))
     }
 
     fn transmit(&mut self, _ts: Instant) -> Option<Tx<'_>> {
@@ -188,9 +194,14 @@ impl Device for End {
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = FRAME;
         c.max_burst_size = Some(64);
+        let tx = if self.wire.borrow().csum_offload {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         c.checksum.ipv4 = Checksum::Tx;
-        c.checksum.tcp = Checksum::Tx;
-        c.checksum.udp = Checksum::Tx;
+        c.checksum.tcp = tx;
+        c.checksum.udp = tx;
         c
     }
 }
@@ -208,7 +219,8 @@ pub struct ServerSide {
 impl ServerSide {
     /// Runs the stack and notes when its next timer is due.
     fn poll(&mut self, now: fn() -> u64) {
-        self.iface.poll(instant(now), &mut self.dev, &mut self.sockets);
+        self.iface
+            .poll(instant(now), &mut self.dev, &mut self.sockets);
         let t = instant(now);
         self.next_poll = self
             .iface
@@ -237,15 +249,20 @@ pub struct Figures {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoopError {
     Client(ClientError),
-    /// Nothing moved for this many steps: the server or the stack is stuck.
-    Stuck(u64),
+    /// Nothing moved for [`STUCK_NS`]: the server, the stack or the device
+    /// is stuck (reads in flight then).
+    Stuck(usize),
 }
 
 impl core::fmt::Display for LoopError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             LoopError::Client(e) => write!(f, "NBD client: {e}"),
-            LoopError::Stuck(n) => write!(f, "no progress in {n} steps"),
+            LoopError::Stuck(n) => write!(
+                f,
+                "no progress in {} s ({n} reads in flight)",
+                STUCK_NS / 1_000_000_000
+            ),
         }
     }
 }
@@ -286,15 +303,17 @@ fn iface(dev: &mut End, mac: [u8; 6], ip: Ipv4Address, now: fn() -> u64) -> Inte
 impl Loopback {
     /// A wire, the server's side of it (for [`Server::new`]) and a client
     /// side for export `export`, not yet connected. `now` gives
-    /// nanoseconds, `rdtsc` the cycles the figures count.
+    /// nanoseconds, `rdtsc` the cycles the figures count; `csum_offload`:
+    /// see [`Wire::pair`].
     pub fn new(
         export: &str,
         structured: bool,
         max_in_flight: usize,
         now: fn() -> u64,
         rdtsc: fn() -> u64,
+        csum_offload: bool,
     ) -> (ServerSide, Loopback) {
-        let (mut sdev, mut cdev) = Wire::pair(rdtsc);
+        let (mut sdev, mut cdev) = Wire::pair(rdtsc, csum_offload);
         let siface = iface(&mut sdev, [2, 0, 0, 0, 0, 1], SERVER_IP, now);
         let ciface = iface(&mut cdev, [2, 0, 0, 0, 0, 2], CLIENT_IP, now);
         let mut csockets = SocketSet::new(vec![]);
@@ -340,18 +359,15 @@ impl Loopback {
             (IpAddress::Ipv4(SERVER_IP), PORT),
             49152 + (now.total_millis() % 10_000) as u16,
         );
-        let mut idle = 0u64;
+        let mut last = (self.now)();
         while !self.client.is_ready() {
             if let Some(e) = self.client.error() {
                 return Err(LoopError::Client(e));
             }
             if self.step(side, server) {
-                idle = 0;
-            } else {
-                idle += 1;
-                if idle > 100_000 {
-                    return Err(LoopError::Stuck(idle));
-                }
+                last = (self.now)();
+            } else if (self.now)() - last > STUCK_NS {
+                return Err(LoopError::Stuck(0));
             }
         }
         Ok(self.client.size())
@@ -370,7 +386,8 @@ impl Loopback {
         let mut f = Figures::default();
         let prof0 = server.prof;
         let frames0 = side.dev.frames();
-        let (mut issued, mut done, mut idle) = (0u64, 0u64, 0u64);
+        let (mut issued, mut done) = (0u64, 0u64);
+        let mut last = (self.now)();
         while done < n {
             while issued < n && self.client.in_flight() < qd {
                 let off = self.rng.below(blocks) * 4096;
@@ -393,12 +410,9 @@ impl Loopback {
                 return Err(LoopError::Client(e));
             }
             if moved_server || moved_client {
-                idle = 0;
-            } else {
-                idle += 1;
-                if idle > 1_000_000 {
-                    return Err(LoopError::Stuck(idle));
-                }
+                last = (self.now)();
+            } else if (self.now)() - last > STUCK_NS {
+                return Err(LoopError::Stuck(self.client.in_flight()));
             }
         }
         f.reads = done;

@@ -54,6 +54,38 @@ fn simple_path_reads_allocate_nothing_in_the_kernel() {
 }
 
 #[test]
+fn nbd_reads_through_tcp_nbd_dio_and_dxfs_allocate_nothing_in_the_kernel() {
+    let dir = TempDir::new("nbd-noalloc");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 8 << 20];
+    dioxide_testkit::Rng::new(5).fill(&mut data);
+    std::fs::write(src.join("data.bin"), &data).unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let out = boot(&config(Some(&img), &["selftest=nbd-noalloc"]));
+    assert_eq!(out.status, 0, "console:\n{}", out.console);
+    let lines: Vec<&str> = out.result_lines().collect();
+    // The service, over its loopback wire to a client in the guest: every
+    // read answered whole, and the heap counters unchanged (client included).
+    for (target, export, reads) in [
+        ("file", "data.bin", 100_000),
+        ("raw", "nvme0n1", 10_000),
+        ("null", "null", 10_000),
+    ] {
+        let want = format!(
+            "nbd-noalloc target={target} export={export} reads={reads} qd=16 errors=0 allocs=0 frees=0 "
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with(&want)),
+            "no {want:?} line:\n{}",
+            out.console
+        );
+    }
+    assert!(lines.contains(&"nbd-noalloc ok"));
+}
+
+#[test]
 fn bench_local_writes_table_json_and_plot() {
     let dir = TempDir::new("bench-local");
     let opts = dioxide::bench::LocalOpts {

@@ -10,7 +10,7 @@
 //! the boot core decodes a read, reserves its buffer and budgets, and
 //! hands it to that core as a [`Job`] on the core's lane (a bounded
 //! lock-free queue). The storage core issues it on its own queue pair of
-//! the namespace (`nbd::issue`: dxfs's `iomap_begin`, the DIO engine, the
+//! the namespace (`dioxide_service::issue`: dxfs's `iomap_begin`, the DIO engine, the
 //! NVMe submission), reaps its completions (polling, or its own MSI-X
 //! vector), and sends each part's result back on the lane's return queue;
 //! the boot core collects them in its poll ([`collect`]) and replies. So
@@ -37,7 +37,7 @@
 //! real hardware, where the device is not emulated by the host's cores,
 //! `nbd.storage_cores=1` with polling is the configuration to measure.
 //!
-//! Bounds: a lane's job queue holds [`MAX_REQS`](super::nbd) jobs, as many
+//! Bounds: a lane's job queue holds [`MAX_REQS`](dioxide_service::MAX_REQS) jobs, as many
 //! as the service has requests, so a send fails only if that invariant
 //! breaks (the job is then issued on the boot core: still correct). The
 //! return queue holds [`RETURNS`] results; what a full one cannot take
@@ -54,7 +54,7 @@
 //! off until the halt: a job queued in between is seen, or its IPI ends the
 //! halt).
 
-use super::nbd::{issue, Job, Table};
+use super::nbd::KernelPlatform;
 use crate::drivers::nvme;
 use crate::platform::smp;
 use alloc::collections::VecDeque;
@@ -62,19 +62,12 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
-use dioxide_iomap::{DioError, ReqId};
+pub use dioxide_service::Done;
+use dioxide_service::{issue, Job, Table};
 use x86_64::instructions::interrupts;
 
 /// Results a lane's return queue holds.
 pub const RETURNS: usize = 4096;
-
-/// A part's result (or `None`) and the request references it drops.
-#[derive(Clone, Copy)]
-pub struct Done {
-    pub id: ReqId,
-    pub result: Option<Result<usize, DioError>>,
-    pub refs: u32,
-}
 
 struct Lane {
     /// Jobs and the TSC when each was queued.
@@ -186,7 +179,7 @@ pub fn send(core: usize, job: Job) -> Result<(), Job> {
 }
 
 /// Hands every result the storage cores sent back to `f` (boot core).
-pub fn collect(mut f: impl FnMut(Done)) {
+pub fn collect(f: &mut dyn FnMut(Done)) {
     for lane in lanes().iter().skip(1) {
         while let Some(d) = lane.done.pop() {
             f(d);
@@ -233,7 +226,7 @@ fn storage_loop(cpu: usize, table: &'static Table) {
             let waited = crate::platform::time::rdtsc().saturating_sub(t);
             lane.taken.handoff.fetch_add(waited, Ordering::Relaxed);
             lane.taken.handed.fetch_add(1, Ordering::Relaxed);
-            issue(table, &job, &mut |id, result, refs| {
+            issue(&KernelPlatform, table, &job, &mut |id, result, refs| {
                 give_back(lane, &mut backlog, Done { id, result, refs })
             });
         }
