@@ -2,7 +2,7 @@
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
-//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on]`:
+//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000]`:
 //! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
 
 #[global_allocator]
@@ -47,7 +47,25 @@ fn main() {
             Some(c) => fail(format!("--csum {c}: off or on")),
             None => vec![false, true],
         };
-        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds, &csums)
+        let mtus: Vec<usize> = match value("--mtu").map(|v| {
+            v.split(',')
+                .map(|m| m.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+        }) {
+            None => vec![1500, 9000],
+            Some(Ok(m)) if m.iter().all(|&m| (576..=9000).contains(&m)) => m,
+            Some(_) => fail("--mtu: MTUs from 576 to 9000, e.g. 1500,9000".into()),
+        };
+        // Checksum offload at each MTU.
+        let links: Vec<dioxide_service::loopback::Link> = mtus
+            .iter()
+            .flat_map(|&mtu| {
+                csums
+                    .iter()
+                    .map(move |&csum| dioxide_service::loopback::Link { csum, mtu })
+            })
+            .collect();
+        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds, &links)
             .unwrap_or_else(|e| fail(e));
         if args.iter().any(|a| a == "--json") {
             let rows: Vec<String> = rows.iter().map(|r| r.json()).collect();

@@ -29,7 +29,7 @@ use crate::{bench_file, instant_engine, BenchMmio};
 use dioxide_iomap::{BlockQueue, DioError, Engine, IoBuf, ReqId};
 use dioxide_nvme::blk::NvmeQueue;
 use dioxide_nvme::sim::SimHal;
-use dioxide_service::loopback::Loopback;
+use dioxide_service::loopback::{Link, Loopback};
 use dioxide_service::{DiskLimits, DmaBuffer, Platform, Server, Table};
 use std::alloc::Layout;
 use std::cell::RefCell;
@@ -132,9 +132,9 @@ impl Platform for HostPlatform {
 pub struct NbdRow {
     pub target: &'static str,
     pub qd: usize,
-    /// Transmit checksum offload on the wire (virtio-net's
-    /// VIRTIO_NET_F_CSUM): smoltcp computes no TCP checksums.
-    pub csum: bool,
+    /// What the wire offered: transmit checksum offload (virtio-net's
+    /// VIRTIO_NET_F_CSUM: smoltcp computes no TCP checksums) and the MTU.
+    pub link: Link,
     pub reads: u64,
     pub cycles_per_io: f64,
     pub ns_per_io: f64,
@@ -161,26 +161,26 @@ fn table() -> &'static Table {
 }
 
 /// Runs `reads` reads (and a tenth as warm-up) of each target at each
-/// queue depth, without and with checksum offload (`csums`), each row on a
-/// fresh server and connection.
+/// queue depth over each of `links`, each row on a fresh server and
+/// connection.
 pub fn run(
     reads: u64,
     targets: &[&'static str],
     qds: &[usize],
-    csums: &[bool],
+    links: &[Link],
 ) -> Result<Vec<NbdRow>, String> {
     let mut rows = Vec::new();
-    for &csum in csums {
+    for &link in links {
         for &target in targets {
             for &qd in qds {
-                rows.push(row(target, qd, csum, reads)?);
+                rows.push(row(target, qd, link, reads)?);
             }
         }
     }
     Ok(rows)
 }
 
-fn row(target: &'static str, qd: usize, csum: bool, reads: u64) -> Result<NbdRow, String> {
+fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow, String> {
     let export = match target {
         "file" => "bench.bin",
         "raw" => "nvme0n1",
@@ -192,7 +192,7 @@ fn row(target: &'static str, qd: usize, csum: bool, reads: u64) -> Result<NbdRow
     let p = HostPlatform {
         engine: RefCell::new(engine),
     };
-    let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc, csum);
+    let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc, link);
     let disks = [DiskLimits {
         depth,
         max_transfer: 512 * 1024,
@@ -221,7 +221,7 @@ fn row(target: &'static str, qd: usize, csum: bool, reads: u64) -> Result<NbdRow
     Ok(NbdRow {
         target,
         qd,
-        csum,
+        link,
         reads: f.reads,
         cycles_per_io: per(f.cycles),
         ns_per_io: f.ns as f64 / n,
@@ -243,8 +243,8 @@ fn row(target: &'static str, qd: usize, csum: bool, reads: u64) -> Result<NbdRow
 impl NbdRow {
     pub fn json(&self) -> String {
         let mut s = format!(
-            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
-            self.target, self.qd, self.csum, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
+            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
+            self.target, self.qd, self.link.csum, self.link.mtu, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
             self.frames_sent_per_io, self.frames_received_per_io
         );
         for (k, v) in &self.phases {
@@ -256,14 +256,15 @@ impl NbdRow {
     /// The rows as a table.
     pub fn table(rows: &[NbdRow]) -> String {
         let mut s = String::from(
-            "host NBD path (real CPU, server side): target qd csum cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
+            "host NBD path (real CPU, server side): target qd csum mtu  cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
         );
         for r in rows {
             s += &format!(
-                "  {:<6} {:>4} {:<4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
+                "  {:<6} {:>4} {:<4} {:<4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
                 r.target,
                 r.qd,
-                if r.csum { "on" } else { "off" },
+                if r.link.csum { "on" } else { "off" },
+                r.link.mtu,
                 r.cycles_per_io,
                 r.ns_per_io,
                 r.allocs_per_io,

@@ -328,6 +328,25 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
 /// Builds and runs the host benchmark (also on `threads` threads side by
 /// side, a `--threads` list, unless empty); its JSON report.
 pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
+    let ios = ios.to_string();
+    let mut args = vec!["--json", "--ios", &ios];
+    if !threads.is_empty() {
+        args.extend(["--threads", threads]);
+    }
+    run_hostbench(&args)
+}
+
+/// Builds and runs the host benchmark of the whole NBD request path
+/// (`dioxide-hostbench --nbd`): TCP/IP, NBD, DIO and dxfs on the host, at
+/// queue depths 1, 16 and 128, for the file, raw and null targets, with
+/// and without checksum offload, at MTU 1500 and 9000; its JSON report
+/// (`host_rows`).
+pub fn host_nbd_bench(ios: u64) -> Result<Value, Error> {
+    let ios = ios.to_string();
+    run_hostbench(&["--nbd", "--json", "--ios", &ios, "--qd", "1,16,128"])
+}
+
+fn run_hostbench(args: &[&str]) -> Result<Value, Error> {
     let root = workspace_root();
     let mut cmd = kernel::cargo();
     cmd.args([
@@ -339,10 +358,8 @@ pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
         "--target-dir",
     ])
     .arg(root.join("target").join("hostbench"))
-    .args(["--", "--json", "--ios", &ios.to_string()]);
-    if !threads.is_empty() {
-        cmd.args(["--threads", threads]);
-    }
+    .arg("--")
+    .args(args);
     // It exits non-zero when a read failed (or it did not build): say so
     // rather than "building the kernel failed".
     let out = match kernel::run(&mut cmd) {
@@ -359,6 +376,39 @@ pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
             String::from_utf8_lossy(&out.stdout)
         ))
     })
+}
+
+/// The NBD host rows (`host_rows` of `bench nbd`) as a table.
+pub fn host_nbd_table(rows: &[Value]) -> String {
+    let mut s = String::from(
+        "host NBD path (real CPU, server side: TCP/IP + NBD + DIO + dxfs against the instant NVMe model)\n  target   qd  csum  mtu   cycles/io    ns/io  allocs/io  frames out/in | receive decode submit complete  reply transmit  stack\n",
+    );
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        s += &format!(
+            "  {:<6} {:>4}  {:<4} {:>4} {:>11.0} {:>8.0} {:>10.3} {:>6.2}/{:<6.2} |",
+            r["target"].as_str().unwrap_or("?"),
+            f("qd"),
+            if r["csum_offload"].as_bool().unwrap_or(false) {
+                "on"
+            } else {
+                "off"
+            },
+            f("mtu"),
+            f("cycles_per_io"),
+            f("ns_per_io"),
+            f("allocs_per_io"),
+            f("frames_sent_per_io"),
+            f("frames_received_per_io"),
+        );
+        for p in [
+            "receive", "decode", "submit", "complete", "reply", "transmit", "stack",
+        ] {
+            s += &format!(" {:>7.0}", f(&format!("{p}_cycles")));
+        }
+        s += "\n";
+    }
+    s
 }
 
 /// The host benchmark's threaded rows (`host_threads_rows`) as a table.

@@ -279,6 +279,11 @@ enum BenchCmd {
         /// Rounds per row: the targets take turns, each for secs/rounds.
         #[arg(long, default_value_t = 2)]
         rounds: u64,
+        /// Reads per row of the host benchmark of the whole NBD request
+        /// path (TCP/IP, NBD, DIO, dxfs on the host's CPU; `host_rows` in
+        /// results.json); 0 skips it.
+        #[arg(long, default_value_t = 100_000)]
+        host_ios: u64,
         /// How the kernel boots: pvh, bios or uefi.
         #[arg(long, default_value = "pvh", value_parser = parse_boot)]
         boot: Boot,
@@ -481,6 +486,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     mem,
                     completion,
                     rounds,
+                    host_ios,
                     boot,
                     sweep,
                 },
@@ -518,6 +524,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 rounds: rounds.clamp(1, secs.max(1)),
                 boot,
                 sweep,
+                host_ios,
             };
             dioxide::nbdbench::nbd(&opts)
         }

@@ -65,6 +65,9 @@ pub struct NbdOpts {
     /// One boot per network mode and variant (CPUs, shadow doorbells,
     /// ioeventfd).
     pub sweep: crate::bench::Sweep,
+    /// Reads per row of the host benchmark of the whole request path
+    /// (`host_rows`); 0 leaves it out.
+    pub host_ios: u64,
 }
 
 /// The booted appliance (QEMU killed on drop, then its tap device deleted).
@@ -539,8 +542,23 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     if opts.accel == Accel::Tcg {
         println!("(the appliance runs under TCG: every guest instruction is emulated; qemu-nbd runs natively)");
     }
+    // The same service code on the host's real CPU: the figure the TCG
+    // rows follow.
+    let host_rows = if opts.host_ios > 0 {
+        eprintln!(
+            "dioxide bench: host benchmark of the NBD request path ({} reads per row)",
+            opts.host_ios
+        );
+        let h = crate::bench::host_nbd_bench(opts.host_ios)?;
+        let rows = h["host_rows"].as_array().cloned().unwrap_or_default();
+        print!("\n{}", crate::bench::host_nbd_table(&rows));
+        rows
+    } else {
+        Vec::new()
+    };
     let results = json!({
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "host_rows": host_rows,
         "config": {
             "accel": opts.accel.name(),
             "boot": opts.boot.name(),

@@ -4,9 +4,10 @@
 //!
 //! - [`Wire`]: two smoltcp Ethernet devices joined back to back, each
 //!   frame a fixed buffer taken from a pool made at start (no allocation
-//!   per frame). Like virtio-net without offloads: 1514-byte frames,
-//!   checksums computed on transmit and not verified on receive (the
-//!   kernel's NIC skips verification too: the host checked them). Each end
+//!   per frame). Like virtio-net: by default without offloads (1514-byte
+//!   frames, checksums computed on transmit and not verified on receive:
+//!   the kernel's NIC skips verification too, the host checked them);
+//!   [`Link`] turns on checksum offload and a jumbo MTU. Each end
 //!   counts its frames and the TSC cycles spent building them (inside the
 //!   transmit token, as the kernel's NIC does) and processing received
 //!   ones (inside the receive token).
@@ -20,7 +21,7 @@
 //! (`Interface::poll`), [`Server::poll`], and the stack again when a socket
 //! was touched. Only the server's part is timed ([`Figures`]).
 
-use crate::{Platform, Profile, Server, PORT};
+use crate::{Platform, Profile, Server, StackTimer, PORT};
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::vec;
@@ -33,8 +34,25 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-/// Largest Ethernet frame (1500-byte MTU).
-pub const FRAME: usize = 1514;
+/// What the wire's ends offer, as virtio-net would with its offloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Transmit checksum offload (VIRTIO_NET_F_CSUM): smoltcp computes no
+    /// TCP checksums (nothing on this wire checks them).
+    pub csum: bool,
+    /// IP MTU: 1500, or a jumbo MTU (9000) as on a tap device set up for
+    /// it; the client's MSS follows it.
+    pub mtu: usize,
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link {
+            csum: false,
+            mtu: 1500,
+        }
+    }
+}
 /// Frames each direction holds.
 const FRAMES: usize = 1024;
 /// Time without anything moving after which a run gives up.
@@ -55,7 +73,7 @@ pub struct Frames {
 
 /// A frame buffer: moved (a pointer), never copied, between the free list,
 /// a direction's queue and the token that fills or reads it.
-type Buf = alloc::boxed::Box<[u8; FRAME]>;
+type Buf = alloc::boxed::Box<[u8]>;
 
 /// The shared state of both directions: a free list of frame buffers and
 /// a queue of frames (buffer, length) per direction, all made at start.
@@ -64,20 +82,16 @@ pub struct Wire {
     queues: [VecDeque<(Buf, usize)>; 2],
     stats: [Frames; 2],
     rdtsc: fn() -> u64,
-    /// Checksums left to the "device" (virtio-net's VIRTIO_NET_F_CSUM):
-    /// smoltcp computes none on transmit.
-    csum_offload: bool,
+    link: Link,
 }
 
 impl Wire {
-    /// Both ends of a new wire; `rdtsc` times the frames. With
-    /// `csum_offload` the ends offer transmit checksum offload, as
-    /// virtio-net with VIRTIO_NET_F_CSUM does (the checksums are then not
-    /// computed at all: nothing on this wire checks them).
-    pub fn pair(rdtsc: fn() -> u64, csum_offload: bool) -> (End, End) {
+    /// Both ends of a new wire offering `link`; `rdtsc` times the frames.
+    pub fn pair(rdtsc: fn() -> u64, link: Link) -> (End, End) {
+        let frame = link.mtu + 14;
         let wire = Rc::new(RefCell::new(Wire {
             free: (0..FRAMES)
-                .map(|_| alloc::boxed::Box::new([0u8; FRAME]))
+                .map(|_| vec![0u8; frame].into_boxed_slice())
                 .collect(),
             queues: [
                 VecDeque::with_capacity(FRAMES),
@@ -85,7 +99,7 @@ impl Wire {
             ],
             stats: [Frames::default(); 2],
             rdtsc,
-            csum_offload,
+            link,
         }));
         (
             End {
@@ -144,14 +158,14 @@ impl RxToken for Rx<'_> {
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let len = len.min(FRAME);
-        let (buf, rdtsc) = {
+        let (buf, rdtsc, frame) = {
             let mut w = self.end.wire.borrow_mut();
-            (w.free.pop(), w.rdtsc)
+            (w.free.pop(), w.rdtsc, w.link.mtu + 14)
         };
+        let len = len.min(frame);
         // `transmit` handed out this token only with a buffer free; were
-        // there none, the frame is built and dropped (as a full NIC does).
-        let mut buf = buf.unwrap_or_else(|| alloc::boxed::Box::new([0u8; FRAME]));
+        // there none, a buffer is made (the pool grows by one).
+        let mut buf = buf.unwrap_or_else(|| vec![0u8; frame].into_boxed_slice());
         let t0 = rdtsc();
         let r = f(&mut buf[..len]);
         let dt = rdtsc() - t0;
@@ -190,11 +204,12 @@ impl Device for End {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
+        let link = self.wire.borrow().link;
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ethernet;
-        c.max_transmission_unit = FRAME;
+        c.max_transmission_unit = link.mtu + 14;
         c.max_burst_size = Some(64);
-        let tx = if self.wire.borrow().csum_offload {
+        let tx = if link.csum {
             Checksum::None
         } else {
             Checksum::Tx
@@ -213,7 +228,7 @@ pub struct ServerSide {
     pub dev: End,
     pub sockets: SocketSet<'static>,
     /// When the stack's next timer is due (as the kernel's run loop keeps it).
-    next_poll: Instant,
+    timer: StackTimer,
 }
 
 impl ServerSide {
@@ -221,11 +236,8 @@ impl ServerSide {
     fn poll(&mut self, now: fn() -> u64) {
         self.iface
             .poll(instant(now), &mut self.dev, &mut self.sockets);
-        let t = instant(now);
-        self.next_poll = self
-            .iface
-            .poll_at(t, &self.sockets)
-            .unwrap_or(t + smoltcp::time::Duration::from_millis(100));
+        self.timer
+            .polled(&mut self.iface, &self.sockets, instant(now));
     }
 }
 
@@ -233,7 +245,8 @@ impl ServerSide {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Figures {
     pub reads: u64,
-    /// Replies with an error, or with fewer bytes than asked.
+    /// Replies with an error, with fewer bytes than asked, or (with
+    /// [`Loopback::check`]) with other data.
     pub failed: u64,
     /// TSC cycles of the server's loop (stack and [`Server::poll`]).
     pub cycles: u64,
@@ -282,6 +295,10 @@ pub struct Loopback {
     /// The server's stack ran since its last poll.
     polled: bool,
     dirty: bool,
+    /// With [`Loopback::check`]: the sum each read's data must have, from
+    /// its offset; and the offset of each handle in flight.
+    expect: Option<fn(u64) -> u64>,
+    offsets: Vec<u64>,
 }
 
 const SERVER_IP: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
@@ -303,17 +320,17 @@ fn iface(dev: &mut End, mac: [u8; 6], ip: Ipv4Address, now: fn() -> u64) -> Inte
 impl Loopback {
     /// A wire, the server's side of it (for [`Server::new`]) and a client
     /// side for export `export`, not yet connected. `now` gives
-    /// nanoseconds, `rdtsc` the cycles the figures count; `csum_offload`:
-    /// see [`Wire::pair`].
+    /// nanoseconds, `rdtsc` the cycles the figures count; the wire offers
+    /// `link`.
     pub fn new(
         export: &str,
         structured: bool,
         max_in_flight: usize,
         now: fn() -> u64,
         rdtsc: fn() -> u64,
-        csum_offload: bool,
+        link: Link,
     ) -> (ServerSide, Loopback) {
-        let (mut sdev, mut cdev) = Wire::pair(rdtsc, csum_offload);
+        let (mut sdev, mut cdev) = Wire::pair(rdtsc, link);
         let siface = iface(&mut sdev, [2, 0, 0, 0, 0, 1], SERVER_IP, now);
         let ciface = iface(&mut cdev, [2, 0, 0, 0, 0, 2], CLIENT_IP, now);
         let mut csockets = SocketSet::new(vec![]);
@@ -328,7 +345,7 @@ impl Loopback {
                 iface: siface,
                 dev: sdev,
                 sockets: SocketSet::new(vec![]),
-                next_poll: instant(now),
+                timer: StackTimer::new(instant(now)),
             },
             Loopback {
                 iface: ciface,
@@ -341,8 +358,17 @@ impl Loopback {
                 rdtsc,
                 polled: true,
                 dirty: true,
+                expect: None,
+                offsets: vec![0; max_in_flight.max(1)],
             },
         )
+    }
+
+    /// Checks every read's data from now on: `sum(offset)` is the
+    /// FNV-1a ([`dioxide_nbd::client::fnv1a`]) of the 4 KiB at `offset`; a
+    /// read whose data differs counts as failed.
+    pub fn check(&mut self, sum: fn(u64) -> u64) {
+        self.expect = Some(sum);
     }
 
     /// Connects and negotiates: returns the export's size.
@@ -391,7 +417,10 @@ impl Loopback {
         while done < n {
             while issued < n && self.client.in_flight() < qd {
                 let off = self.rng.below(blocks) * 4096;
-                self.client.read(off, 4096).map_err(LoopError::Client)?;
+                let h = self.client.read(off, 4096).map_err(LoopError::Client)?;
+                if let Some(o) = self.offsets.get_mut(h as usize) {
+                    *o = off;
+                }
                 issued += 1;
                 self.dirty = true;
             }
@@ -402,7 +431,9 @@ impl Loopback {
             let moved_client = self.client_step();
             for r in self.client.replies() {
                 done += 1;
-                if r.error != 0 || r.len != 4096 {
+                let off = self.offsets.get(r.handle as usize).copied().unwrap_or(0);
+                let wrong = self.expect.is_some_and(|sum| sum(off) != r.sum);
+                if r.error != 0 || r.len != 4096 || wrong {
                     f.failed += 1;
                 }
             }
@@ -460,7 +491,7 @@ impl Loopback {
         let now = self.now;
         let t0 = (self.rdtsc)();
         let rx = side.dev.has_rx();
-        if rx || self.dirty || instant(now) >= side.next_poll {
+        if rx || self.dirty || side.timer.due(instant(now)) {
             side.poll(now);
             self.polled = true;
         }

@@ -465,3 +465,59 @@ fn tap_network_serves_the_exports() {
     assert!(ok, "{err}");
     assert!(String::from_utf8_lossy(&list).contains("export=\"nvme0n1\""));
 }
+
+/// `dioxide bench nbd`: the TCG rows (fio against the appliance and
+/// qemu-nbd) and the host rows of the whole request path (the same
+/// service code on the host's CPU) in one results.json.
+#[test]
+fn bench_nbd_writes_tcg_rows_and_host_rows() {
+    let dir = TempDir::new("bench-nbd");
+    let opts = dioxide::nbdbench::NbdOpts {
+        qds: vec![4],
+        jobs: 1,
+        secs: 1,
+        out: dir.path().to_path_buf(),
+        file_size: 8 << 20,
+        accel: dioxide::accel::Accel::Tcg,
+        mem: 256,
+        nets: vec![dioxide::nbdbench::NetMode::User],
+        completion: "poll".into(),
+        rounds: 1,
+        boot: dioxide::qemu::Boot::Pvh,
+        sweep: Default::default(),
+        host_ios: 2_000,
+    };
+    assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    for t in ["file", "raw", "null", "qemu-nbd"] {
+        let r = rows
+            .iter()
+            .find(|r| r["target"] == t)
+            .unwrap_or_else(|| panic!("{t}: {json:#}"));
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let host = json["host_rows"].as_array().unwrap();
+    // 3 targets, QD 1/16/128, checksum offload off/on, MTU 1500/9000.
+    assert_eq!(host.len(), 36, "{json:#}");
+    for r in host {
+        for k in [
+            "cycles_per_io",
+            "ns_per_io",
+            "receive_cycles",
+            "decode_cycles",
+            "submit_cycles",
+            "complete_cycles",
+            "reply_cycles",
+            "transmit_cycles",
+        ] {
+            assert!(r[k].as_f64().is_some_and(|v| v >= 0.0), "{k}: {r}");
+        }
+        assert!(r["cycles_per_io"].as_f64().unwrap() > 0.0, "{r}");
+        // The NBD read path allocates nothing per read, client included.
+        assert_eq!(r["allocs_per_io"].as_f64(), Some(0.0), "{r}");
+        assert!(["file", "raw", "null"].contains(&r["target"].as_str().unwrap()));
+        assert!([1, 16, 128].contains(&r["qd"].as_u64().unwrap()));
+    }
+}

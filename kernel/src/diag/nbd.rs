@@ -18,7 +18,7 @@ use crate::net::nbd::{self, KernelPlatform};
 use crate::platform::{power, time};
 use crate::{mm, outln};
 use dioxide_nbd::Exports;
-use dioxide_service::loopback::Loopback;
+use dioxide_service::loopback::{Link, Loopback};
 use dioxide_service::{Server, Table, STALL_NS};
 
 /// Reads of the file export (the raw and null exports get a tenth).
@@ -71,7 +71,7 @@ pub fn noalloc(mounts: &[Mounted]) -> ! {
 /// `reads` reads of `export` after a warm-up, on a server and connection
 /// of their own; whether they all succeeded without a heap operation.
 fn one(table: &'static Table, target: &str, export: &str, reads: u64) -> bool {
-    let (mut side, mut lb) = Loopback::new(export, true, QD, now_ns, rdtsc, false);
+    let (mut side, mut lb) = Loopback::new(export, true, QD, now_ns, rdtsc, Link::default());
     let mut server = Server::new(
         KernelPlatform,
         &mut side.sockets,

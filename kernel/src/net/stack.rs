@@ -7,6 +7,7 @@ use crate::drivers::pci::Function;
 use crate::drivers::virtio_net::{self, NetDevice};
 use crate::platform::time;
 use alloc::vec;
+use dioxide_service::StackTimer;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
@@ -20,7 +21,7 @@ pub struct Net {
     dhcp: Option<SocketHandle>,
     pub configured: bool,
     /// When the stack's next timer is due.
-    next_poll: Instant,
+    timer: StackTimer,
 }
 
 pub fn now() -> Instant {
@@ -60,7 +61,7 @@ pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> 
         sockets,
         dhcp,
         configured,
-        next_poll: now(),
+        timer: StackTimer::new(now()),
     })
 }
 
@@ -73,7 +74,7 @@ impl Net {
     pub fn poll_if_needed(&mut self, dirty: bool) -> bool {
         let t = now();
         let rx = self.dev.has_rx();
-        let poll = dirty || rx || t >= self.next_poll;
+        let poll = dirty || rx || self.timer.due(t);
         if poll {
             self.poll();
         }
@@ -83,11 +84,7 @@ impl Net {
     /// Moves packets and runs timers; applies DHCP results.
     pub fn poll(&mut self) {
         self.iface.poll(now(), &mut self.dev, &mut self.sockets);
-        let t = now();
-        self.next_poll = match self.iface.poll_at(t, &self.sockets) {
-            Some(at) => at,
-            None => t + smoltcp::time::Duration::from_millis(100),
-        };
+        self.timer.polled(&mut self.iface, &self.sockets, now());
         if let Some(h) = self.dhcp {
             let event = self.sockets.get_mut::<dhcpv4::Socket>(h).poll();
             match event {

@@ -1,0 +1,227 @@
+//! The service over its loopback wire against a device model that fills
+//! every read with bytes derived from the block address: data, flow
+//! control and allocations.
+
+use super::loopback::{Link, Loopback};
+use super::*;
+use dioxide_iomap::{BlkError, Op};
+use dioxide_nbd::client::{fnv1a, FNV_START};
+use std::cell::RefCell;
+
+#[global_allocator]
+static A: dioxide_testkit::CountingAlloc = dioxide_testkit::CountingAlloc;
+
+/// Byte `i` of the device: a function of its address.
+fn byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9) >> 7) as u8
+}
+
+fn sum(offset: u64) -> u64 {
+    let mut h = FNV_START;
+    for i in offset..offset + 4096 {
+        h = fnv1a(h, &[byte(i)]);
+    }
+    h
+}
+
+/// Completes every command on the next poll, having written the device's
+/// bytes into its buffer.
+struct PatternQueue {
+    done: Vec<u64>,
+}
+
+const BLOCKS: u64 = 4096;
+
+impl BlockQueue for PatternQueue {
+    fn lba_shift(&self) -> u32 {
+        12
+    }
+    fn max_transfer(&self) -> usize {
+        128 * 1024
+    }
+    fn depth(&self) -> usize {
+        256
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn capacity(&self) -> u64 {
+        BLOCKS
+    }
+    fn now_ns(&self) -> u64 {
+        now()
+    }
+    unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u64) -> Result<(), BlkError> {
+        if self.done.len() == self.done.capacity() {
+            return Err(BlkError::QueueFull);
+        }
+        if op != Op::Read || lba + (buf.len() as u64 >> 12) > BLOCKS {
+            return Err(BlkError::Invalid);
+        }
+        // SAFETY: the caller hands the device `buf` until the completion.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), buf.len()) };
+        for (k, b) in data.iter_mut().enumerate() {
+            *b = byte(lba * 4096 + k as u64);
+        }
+        self.done.push(tag);
+        Ok(())
+    }
+    fn poll<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) -> usize {
+        let n = self.done.len();
+        for tag in self.done.drain(..) {
+            on_done(tag, Ok(()));
+        }
+        n
+    }
+}
+
+struct Buf(Vec<u8>, usize);
+
+impl DmaBuffer for Buf {
+    fn len(&self) -> usize {
+        self.1
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.0[self.off()..self.off() + self.1]
+    }
+    fn part(&mut self, off: usize, len: usize) -> IoBuf {
+        let base = self.0.as_ptr() as usize + self.off();
+        IoBuf::from_addr(base + off, len).expect("buffer")
+    }
+}
+
+impl Buf {
+    /// Page-aligned start within the vector.
+    fn off(&self) -> usize {
+        self.0.as_ptr().align_offset(4096)
+    }
+}
+
+struct TestPlatform {
+    engine: RefCell<Engine<PatternQueue>>,
+}
+
+fn now() -> u64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+fn rdtsc() -> u64 {
+    now()
+}
+
+impl Platform for TestPlatform {
+    type Queue = PatternQueue;
+    type Buf = Buf;
+    fn alloc_buf(&self, len: usize) -> Option<Buf> {
+        Some(Buf(vec![0; len + 4096], len))
+    }
+    fn with_engine<R>(
+        &self,
+        disk: usize,
+        f: impl FnOnce(&mut Engine<PatternQueue>) -> R,
+    ) -> Option<R> {
+        (disk == 0).then(|| f(&mut self.engine.borrow_mut()))
+    }
+    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>)) {
+        let mut e = self.engine.borrow_mut();
+        e.poll();
+        e.complete(sink);
+    }
+    fn now_ns(&self) -> u64 {
+        now()
+    }
+    fn rdtsc(&self) -> u64 {
+        rdtsc()
+    }
+}
+
+fn table() -> &'static Table {
+    static T: std::sync::OnceLock<&'static Table> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = Table::new();
+        t.add_raw("nvme0n1".into(), BLOCKS * 4096, 0, 4096);
+        t.add_null(1 << 20);
+        Box::leak(Box::new(t))
+    })
+}
+
+fn server(side: &mut loopback::ServerSide) -> Server<TestPlatform> {
+    let p = TestPlatform {
+        engine: RefCell::new(Engine::new(PatternQueue {
+            done: Vec::with_capacity(256),
+        })),
+    };
+    let disks = [DiskLimits {
+        depth: 256,
+        max_transfer: 128 * 1024,
+        lbs: 4096,
+    }];
+    Server::new(p, &mut side.sockets, table(), &disks, STALL_NS)
+}
+
+#[test]
+fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
+    for link in [
+        Link::default(),
+        Link {
+            csum: true,
+            mtu: 9000,
+        },
+    ] {
+        // QD 128 fills the server's socket buffer (128 replies of 4 KiB are
+        // twice its size): replies then wait in their buffers.
+        for qd in [1, 16, 128] {
+            let (mut side, mut lb) = Loopback::new("nvme0n1", true, qd, now, rdtsc, link);
+            let mut server = server(&mut side);
+            lb.check(sum);
+            assert_eq!(lb.connect(&mut side, &mut server).unwrap(), BLOCKS * 4096);
+            let warm = lb.run(&mut side, &mut server, 1_000, qd).unwrap();
+            assert_eq!((warm.reads, warm.failed), (1_000, 0));
+            let a0 = dioxide_testkit::thread_allocs();
+            let f = lb.run(&mut side, &mut server, 5_000, qd).unwrap();
+            let allocs = dioxide_testkit::thread_allocs() - a0;
+            assert_eq!((f.reads, f.failed), (5_000, 0), "{link:?} qd {qd}");
+            assert_eq!(allocs, 0, "{link:?} qd {qd}: allocations");
+            assert!(f.frames.sent > 0 && f.frames.received > 0);
+            lb.close(&mut side, &mut server);
+            assert_eq!(server.in_flight(), 0);
+            assert_eq!(server.served(), 6_000);
+        }
+    }
+}
+
+#[test]
+fn the_null_export_answers_zeros_without_allocating() {
+    let (mut side, mut lb) = Loopback::new("null", false, 128, now, rdtsc, Link::default());
+    let mut server = server(&mut side);
+    lb.check(|_| fnv1a(FNV_START, &[0u8; 4096]));
+    lb.connect(&mut side, &mut server).unwrap();
+    lb.run(&mut side, &mut server, 1_000, 128).unwrap();
+    let a0 = dioxide_testkit::thread_allocs();
+    let f = lb.run(&mut side, &mut server, 5_000, 128).unwrap();
+    assert_eq!(dioxide_testkit::thread_allocs() - a0, 0);
+    assert_eq!((f.reads, f.failed), (5_000, 0));
+}
+
+#[test]
+fn stack_timer_asks_for_the_next_timer_at_most_once_per_check_time() {
+    use smoltcp::time::{Duration, Instant};
+    let mut side = Loopback::new("null", false, 1, now, rdtsc, Link::default()).0;
+    let t0 = Instant::from_millis(1_000);
+    let mut t = StackTimer::new(t0);
+    assert!(t.due(t0));
+    // No socket has a timer: the next poll is 100 ms away.
+    t.polled(&mut side.iface, &side.sockets, t0);
+    assert!(!t.due(t0 + Duration::from_millis(50)));
+    assert!(t.due(t0 + Duration::from_millis(100)));
+    // Within the check time the timer is not looked up: a poll then asks
+    // for another one no later than TIMER_CHECK after it.
+    t.polled(
+        &mut side.iface,
+        &side.sockets,
+        t0 + Duration::from_micros(500),
+    );
+    assert!(!t.due(t0 + Duration::from_micros(1_400)));
+    assert!(t.due(t0 + Duration::from_micros(1_500)));
+}
