@@ -527,8 +527,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             .guest
             .console()
             .lines()
-            .find(|l| l.contains("net: virtio-net: "))
-            .map(|l| l.split("net: ").nth(1).unwrap_or(l).trim().to_string())
+            .find_map(|l| l.find("virtio-net: ").map(|i| l[i..].trim().to_string()))
             .unwrap_or_default();
         eprintln!("dioxide bench: guest: {nic_line}");
         let host = HostNbd::start(&img, opts.jobs)?;
