@@ -67,7 +67,7 @@ impl Default for Wanted {
             csum: true,
             guest_csum: false,
             mrg_rxbuf: true,
-            tso: false,
+            tso: true,
             mtu: None,
         }
     }

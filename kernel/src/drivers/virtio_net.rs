@@ -368,15 +368,6 @@ impl Nic {
     fn can_send(&self) -> bool {
         !self.tx_free.is_empty() && self.txq.available_desc() >= 1
     }
-
-    /// The TSO segment size: the MSS of our MTU (a segment larger than the
-    /// peer's MSS is never built by smoltcp, which caps at both).
-    fn gso_size(&self) -> Option<u16> {
-        self.choice
-            .tso
-            .on()
-            .then(|| self.choice.mtu.saturating_sub(40))
-    }
 }
 
 /// Frame counters and the TSC cycles spent on them (for the run loop's
@@ -434,7 +425,12 @@ pub struct Rx<'a> {
     start: usize,
     len: usize,
 }
-pub struct Tx<'a>(&'a RefCell<Nic>);
+/// A transmit opportunity; smoltcp's metadata gives a TCP packet larger
+/// than its MSS its segment size (TSO, third_party/smoltcp).
+pub struct Tx<'a> {
+    nic: &'a RefCell<Nic>,
+    gso_size: u16,
+}
 
 impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -463,8 +459,12 @@ impl Drop for Rx<'_> {
 }
 
 impl TxToken for Tx<'_> {
+    fn set_meta(&mut self, meta: smoltcp::phy::PacketMeta) {
+        self.gso_size = meta.gso_size;
+    }
+
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut nic = self.0.borrow_mut();
+        let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
         let total = HDR + len;
         if total > HDR + vn::TSO_MAX || nic.txq.available_desc() == 0 {
@@ -480,7 +480,8 @@ impl TxToken for Tx<'_> {
         }
         let t0 = time::rdtsc();
         let r = f(&mut b[HDR..total]);
-        let h = vn::prepare_tx(&mut b[HDR..total], nic.choice.csum.on(), nic.gso_size());
+        let gso = (nic.choice.tso.on() && self.gso_size > 0).then_some(self.gso_size);
+        let h = vn::prepare_tx(&mut b[HDR..total], nic.choice.csum.on(), gso);
         b[..HDR].copy_from_slice(&h.encode());
         let t1 = time::rdtsc();
         stats::add(&stats::TX_FRAMES, 1);
@@ -530,7 +531,10 @@ impl Device for NetDevice {
                 start,
                 len,
             },
-            Tx(&self.nic),
+            Tx {
+                nic: &self.nic,
+                gso_size: 0,
+            },
         ))
     }
 
@@ -538,7 +542,10 @@ impl Device for NetDevice {
         let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
         if nic.can_send() {
-            Some(Tx(&self.nic))
+            Some(Tx {
+                nic: &self.nic,
+                gso_size: 0,
+            })
         } else {
             None
         }
@@ -550,6 +557,12 @@ impl Device for NetDevice {
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = usize::from(nic.choice.mtu) + vn::ETH_HLEN;
         c.max_burst_size = Some(QUEUE / 2);
+        // TSO: smoltcp (third_party/smoltcp) sends up to a 64 KiB packet
+        // at once, its segment size in the packet's metadata; the device
+        // cuts it (HOST_TSO4 is negotiated only with CSUM).
+        if nic.choice.tso.on() {
+            c.max_tso_size = vn::TSO_MAX - vn::ETH_HLEN;
+        }
         // Received frames are not verified by smoltcp. Without GUEST_CSUM
         // the device hands over complete checksums of frames its host side
         // made or checked; with GUEST_CSUM, frames with DATA_VALID or

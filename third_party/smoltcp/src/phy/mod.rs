@@ -164,6 +164,12 @@ pub use self::tuntap_interface::TunTapInterface;
 pub struct PacketMeta {
     #[cfg(feature = "packetmeta-id")]
     pub id: u32,
+    /// TCP segmentation offload: the segment size (the connection's MSS)
+    /// the device cuts this packet's TCP payload into; 0 for a packet to
+    /// send as it is. Set only on TCP packets larger than their MSS, which
+    /// are built only for a device with
+    /// [`DeviceCapabilities::max_tso_size`].
+    pub gso_size: u16,
 }
 
 /// A description of checksum behavior for a particular protocol.
@@ -272,6 +278,15 @@ pub struct DeviceCapabilities {
     /// If the network device is capable of verifying or computing checksums for some protocols,
     /// it can request that the stack not do so in software to improve performance.
     pub checksum: ChecksumCapabilities,
+
+    /// TCP segmentation offload: the largest IP packet the device takes
+    /// and cuts into segments of its [`PacketMeta::gso_size`]; 0 (the
+    /// default) for none. With it, a TCP socket sends up to this much at
+    /// once (within the peer's window) instead of one MSS per packet, and
+    /// the packet goes to [`TxToken::set_meta`] with the segment size. The
+    /// device must then also complete TCP checksums and rewrite each
+    /// segment's IP and TCP headers (as virtio-net's `HOST_TSO4` does).
+    pub max_tso_size: usize,
 }
 
 impl DeviceCapabilities {

@@ -2247,6 +2247,26 @@ impl<'a> Socket<'a> {
         }
     }
 
+    /// With TCP segmentation offload ([`crate::phy::DeviceCapabilities::max_tso_size`]):
+    /// the segment size of this connection (the MSS the peer accepts and
+    /// our MTU allows); 0 without offload or connection.
+    pub(crate) fn tso_segment_size(&self, cx: &Context) -> usize {
+        if cx.max_tso_size() == 0 {
+            return 0;
+        }
+        let Some(tuple) = self.tuple else {
+            return 0;
+        };
+        let ip_header_len = match tuple.local.addr {
+            #[cfg(feature = "proto-ipv4")]
+            IpAddress::Ipv4(_) => crate::wire::IPV4_HEADER_LEN,
+            #[cfg(feature = "proto-ipv6")]
+            IpAddress::Ipv6(_) => crate::wire::IPV6_HEADER_LEN,
+        };
+        self.remote_mss
+            .min(cx.ip_mtu().saturating_sub(ip_header_len + TCP_HEADER_LEN))
+    }
+
     pub(crate) fn dispatch<F, E>(&mut self, cx: &mut Context, emit: F) -> Result<(), E>
     where
         F: FnOnce(&mut Context, (IpRepr, TcpRepr)) -> Result<(), E>,
@@ -2415,9 +2435,15 @@ impl<'a> Socket<'a> {
                 // 1. remote window
                 // 2. MSS the remote is willing to accept, probably determined by their MTU
                 // 3. MSS we can send, determined by our MTU.
-                let size = win_limit
-                    .min(self.remote_mss)
-                    .min(cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN);
+                // With segmentation offload (3 and 2 stay, as the
+                // segment size the device cuts the packet into).
+                let size = if cx.max_tso_size() > 0 {
+                    win_limit.min(cx.max_tso_size() - ip_repr.header_len() - TCP_HEADER_LEN)
+                } else {
+                    win_limit
+                        .min(self.remote_mss)
+                        .min(cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN)
+                };
 
                 let offset = self.remote_last_seq - self.local_seq_no;
                 repr.payload = self.tx_buffer.get_allocated(offset, size);

@@ -714,13 +714,16 @@ impl Interface {
                     })
                 }
                 #[cfg(feature = "socket-tcp")]
-                Socket::Tcp(socket) => socket.dispatch(&mut self.inner, |inner, (ip, tcp)| {
-                    respond(
-                        inner,
-                        PacketMeta::default(),
-                        Packet::new(ip, IpPayload::Tcp(tcp)),
-                    )
-                }),
+                Socket::Tcp(socket) => {
+                    let mss = socket.tso_segment_size(&self.inner);
+                    socket.dispatch(&mut self.inner, |inner, (ip, tcp)| {
+                        let mut meta = PacketMeta::default();
+                        if mss > 0 && tcp.payload.len() > mss {
+                            meta.gso_size = mss as u16;
+                        }
+                        respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
+                    })
+                }
                 #[cfg(feature = "socket-dhcpv4")]
                 Socket::Dhcpv4(socket) => {
                     socket.dispatch(&mut self.inner, |inner, (ip, udp, dhcp)| {
@@ -780,6 +783,11 @@ impl InterfaceInner {
     #[allow(unused)] // unused depending on which sockets are enabled
     pub(crate) fn ip_mtu(&self) -> usize {
         self.caps.ip_mtu()
+    }
+
+    /// See [`DeviceCapabilities::max_tso_size`].
+    pub(crate) fn max_tso_size(&self) -> usize {
+        self.caps.max_tso_size
     }
 
     #[allow(unused)] // unused depending on which sockets are enabled, and in tests
@@ -1206,7 +1214,9 @@ impl InterfaceInner {
             #[cfg(feature = "proto-ipv4")]
             IpRepr::Ipv4(repr) => {
                 // If we have an IPv4 packet, then we need to check if we need to fragment it.
-                if total_ip_len > self.caps.ip_mtu() {
+                // A TCP packet for segmentation offload is cut by the device.
+                let tso = meta.gso_size > 0 && total_ip_len <= self.caps.max_tso_size;
+                if total_ip_len > self.caps.ip_mtu() && !tso {
                     #[cfg(feature = "proto-ipv4-fragmentation")]
                     {
                         net_debug!("start fragmentation");
