@@ -9,6 +9,7 @@ pub mod image;
 pub mod iso;
 pub mod kernel;
 pub mod nbdbench;
+pub mod offload;
 pub mod qemu;
 pub mod tap;
 

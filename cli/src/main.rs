@@ -5,6 +5,7 @@
 //!             [--nvme-lbs 512|4096] [--nvme-ioeventfd] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
+//!             [--offload default|none|all|csum+mrg_rxbuf+...] [--mtu N]
 //!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
 //!             [--machine OPTS] [-- KERNEL-ARGS...]
 //! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
@@ -17,6 +18,7 @@
 //!                     [--secs N] [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //!                     [--smp 1,2,4] [--dbbuf 0,1] [--ioeventfd 0,1] [--host-threads 1,2]
 //! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
+//!                   [--offload none,all,...] [--mtu 1500,9000] [--targets file,null]
 //!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //!                   [--smp 1,2] [--dbbuf 0,1] [--ioeventfd 0,1]
 //! dioxide bench boot [--boot pvh,bios,uefi] [--runs 3]
@@ -120,6 +122,17 @@ enum Cmd {
         /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
         #[arg(long, default_value = "user")]
         net: String,
+        /// virtio-net offloads: `default`, `none`, `all`, or names joined
+        /// with + (csum, guest_csum, mrg_rxbuf, tso): those on, the others
+        /// off (kernel arguments net.NAME=0|1; each used only where the
+        /// device offers it, as the boot log says).
+        #[arg(long, value_name = "SET", value_parser = dioxide::offload::Offloads::parse)]
+        offload: Option<dioxide::offload::Offloads>,
+        /// The NIC's MTU (jumbo frames, e.g. 9000): QEMU's host_mtu= on
+        /// the virtio-net device and, with --net tap, the tap device's.
+        /// Under --net user QEMU's user network stays at 1500.
+        #[arg(long, value_parser = dioxide::offload::parse_mtu)]
+        mtu: Option<u16>,
         /// Make reads of this 512-byte sector of the (first) disk image
         /// fail with an I/O error (QEMU blkdebug; repeatable): to see how
         /// the appliance reports a device error on nvme0n1.
@@ -265,6 +278,18 @@ enum BenchCmd {
         /// Network modes, comma-separated: user, tap (tap needs root).
         #[arg(long, default_value = "user")]
         net: String,
+        /// virtio-net offload sets to compare, comma-separated, one boot
+        /// each: `default`, `none`, `all`, or names joined with + (csum,
+        /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`.
+        #[arg(long, value_name = "LIST")]
+        offload: Option<String>,
+        /// NIC MTUs to compare, comma-separated, one boot each (e.g.
+        /// 1500,9000; see `dioxide run --mtu`).
+        #[arg(long, value_name = "LIST")]
+        mtu: Option<String>,
+        /// Targets, comma-separated: file, raw, null, qemu-nbd.
+        #[arg(long, default_value = "file,raw,null,qemu-nbd")]
+        targets: String,
         /// Size of the benchmark file (default 1G).
         #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
         file_size: u64,
@@ -481,6 +506,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     secs,
                     out,
                     net,
+                    offload,
+                    mtu,
+                    targets,
                     file_size,
                     accel,
                     mem,
@@ -491,6 +519,18 @@ fn run(cli: Cli) -> Result<i32, Error> {
                     sweep,
                 },
         } => {
+            let offloads = match &offload {
+                Some(l) => dioxide::offload::Offloads::parse_list(l)?,
+                None => vec![dioxide::offload::Offloads(None)],
+            };
+            let mtus: Vec<Option<u16>> = match &mtu {
+                Some(l) => dioxide::offload::parse_mtus(l)?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+                None => vec![None],
+            };
+            let targets = dioxide::nbdbench::parse_targets(&targets)?;
             let qds = parse_qds(&qd)?;
             let sweep = sweep.parse()?;
             if jobs == 0 || jobs > 8 {
@@ -520,6 +560,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 accel,
                 mem,
                 nets,
+                offloads,
+                mtus,
+                targets,
                 completion,
                 rounds: rounds.clamp(1, secs.max(1)),
                 boot,
@@ -606,6 +649,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             kernel: kernel_path,
             nbd_port,
             net,
+            offload,
+            mtu,
             from,
             inject_eio,
             boot: boot_method,
@@ -717,6 +762,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
             if let Some(l) = log {
                 args.push(format!("log={l}"));
             }
+            if let Some(o) = offload {
+                args.extend(o.kernel_args());
+            }
             args.extend(kernel_args);
             let mut cfg = qemu::Config::new(kernel);
             cfg.mem_mib = mem;
@@ -745,6 +793,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             nvme[0].namespaces[0].inject_eio = inject_eio;
             cfg.nvme = nvme;
             cfg.nvme_ioeventfd = nvme_ioeventfd;
+            cfg.net_mtu = mtu;
             let tap = match net {
                 NetMode::User => {
                     // The forward is added once the guest listens: say now
@@ -759,6 +808,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
                 }
                 NetMode::Tap => {
                     let tap = dioxide::tap::Tap::create()?;
+                    if let Some(m) = mtu {
+                        tap.set_mtu(m)?;
+                    }
                     cfg.netdev = Some(tap.netdev());
                     cfg.args.extend(tap.guest_args());
                     eprintln!("dioxide: tap {} (host {})", tap.ifname, tap.host);

@@ -13,7 +13,7 @@
 //! records the server process's host CPU time per I/O (`/proc/PID/stat`).
 
 use crate::accel::Accel;
-use crate::bench::{config_title, fmt_iops, plot_panels, Row, Variant};
+use crate::bench::{config_title, fmt_iops, plot_panels, Row};
 use crate::qemu::{Config, Guest, NbdReady, GUEST_NBD_PORT};
 use crate::tap::Tap;
 use crate::{io_err, kernel, Error};
@@ -56,6 +56,11 @@ pub struct NbdOpts {
     pub accel: Accel,
     pub mem: u32,
     pub nets: Vec<NetMode>,
+    /// One boot per virtio-net offload set and MTU (`None`: no `host_mtu=`).
+    pub offloads: Vec<crate::offload::Offloads>,
+    pub mtus: Vec<Option<u16>>,
+    /// Of [`TARGETS`]' names.
+    pub targets: Vec<&'static str>,
     pub completion: String,
     /// Each row's time is split into this many rounds, the targets taking
     /// turns, so that drift on a shared machine hits them alike.
@@ -113,6 +118,9 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
         }
         NetMode::Tap => {
             let tap = Tap::create()?;
+            if let Some(m) = cfg.net_mtu {
+                tap.set_mtu(m)?;
+            }
             cfg.netdev = Some(tap.netdev());
             cfg.args.extend(tap.guest_args());
             Some(tap)
@@ -339,13 +347,56 @@ const TARGETS: [(&str, &str, &str); 4] = [
     ("qemu-nbd", "#d62728", "qemu-nbd (host)"),
 ];
 
+/// `--targets`: names of [`TARGETS`], comma-separated.
+pub fn parse_targets(s: &str) -> Result<Vec<&'static str>, Error> {
+    let v = crate::bench::parse_list(s)
+        .iter()
+        .map(|t| {
+            TARGETS
+                .iter()
+                .find(|(n, _, _)| n == t)
+                .map(|(n, _, _)| *n)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--targets {s}: file, raw, null and/or qemu-nbd, comma-separated"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err(Error::Usage(format!("--targets {s}: empty")));
+    }
+    Ok(v)
+}
+
+/// A row's virtio-net configuration for titles: ` offload=csum mtu=9000`,
+/// empty where the row has neither.
+fn nic_title(r: &Row) -> String {
+    let mut s = String::new();
+    for k in ["offload", "mtu"] {
+        if !r.s(k).is_empty() {
+            s += &format!(" {k}={}", r.s(k));
+        }
+    }
+    s
+}
+
+/// Frames per request of the guest, sent and received (`-` where the
+/// console gave none).
+fn frames_cell(r: &Row) -> String {
+    if r.s("tx_frames_per_req").is_empty() {
+        return "-".into();
+    }
+    format!("{}/{}", r.s("tx_frames_per_req"), r.s("rx_frames_per_req"))
+}
+
 /// The table: per network mode, and per configuration (CPUs, shadow
 /// doorbells, ioeventfd) when the rows hold several, a line per queue
 /// depth.
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
     let config = config_title(rows);
-    let group = |r: &Row| format!("{}{}", r.s("net"), config(r));
+    let group = |r: &Row| format!("{}{}{}", r.s("net"), nic_title(r), config(r));
     for r in rows {
         by_net
             .entry(group(r))
@@ -406,6 +457,16 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
             .collect();
         s += &parts.join(", ");
         s += " (by qd)\n";
+        let frames: Vec<String> = rows
+            .iter()
+            .filter(|r| group(r) == net && !r.s("tx_frames_per_req").is_empty())
+            .map(|r| format!("{} qd{} {}", r.s("target"), r.s("qd"), frames_cell(r)))
+            .collect();
+        if !frames.is_empty() {
+            s += "guest frames per request (sent/received): ";
+            s += &frames.join(", ");
+            s += "\n";
+        }
     }
     s
 }
@@ -424,12 +485,21 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     let variants = opts.sweep.variants();
-    let boots: Vec<(NetMode, Variant)> = opts
-        .nets
-        .iter()
-        .flat_map(|&n| variants.iter().map(move |&v| (n, v)))
-        .collect();
-    for (net, variant) in boots {
+    let mut boots = Vec::new();
+    for &net in &opts.nets {
+        for &offload in &opts.offloads {
+            for &mtu in &opts.mtus {
+                for &variant in &variants {
+                    boots.push((net, offload, mtu, variant));
+                }
+            }
+        }
+    }
+    let nic_fields = opts.offloads.len() > 1
+        || opts.mtus.len() > 1
+        || opts.offloads[0].0.is_some()
+        || opts.mtus[0].is_some();
+    for (net, offload, mtu, variant) in boots {
         let mut cfg = Config::new(kernel.clone());
         cfg.add_disk(&img);
         cfg.accel = opts.accel;
@@ -441,16 +511,28 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             format!("nvme.completion={}", opts.completion),
         ];
         variant.apply(&mut cfg);
+        cfg.args.extend(offload.kernel_args());
+        cfg.net_mtu = mtu;
+        let mtu_label = mtu.map_or("default".to_string(), |m| m.to_string());
         eprintln!(
-            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, completion {}, {})",
+            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, offload {}, mtu {}, completion {}, {})",
             opts.accel.name(),
             opts.boot.name(),
             net.name(),
+            offload.label(),
+            mtu_label,
             opts.completion,
             variant.label()
         );
         let app = boot(cfg, net)?;
         let qemu_pid = app.guest.pid().unwrap_or(0);
+        let nic_line = app
+            .guest
+            .console()
+            .lines()
+            .find_map(|l| l.find("virtio-net: ").map(|i| l[i..].trim().to_string()))
+            .unwrap_or_default();
+        eprintln!("dioxide bench: guest: {nic_line}");
         let host = HostNbd::start(&img, opts.jobs)?;
         eprintln!(
             "dioxide bench: appliance at {}, qemu-nbd ({}) at {}",
@@ -459,9 +541,12 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         for &qd in &opts.qds {
             // Per target: fio results of each round and the server CPU time.
             let mut acc: BTreeMap<&str, (Vec<FioResult>, f64, f64)> = BTreeMap::new();
+            // Per target: requests, frames sent and received (the guest's
+            // count after each fio run, when its service goes idle).
+            let mut frames: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
             let slice = (opts.secs / opts.rounds).max(1);
             for _ in 0..opts.rounds {
-                for (target, _, _) in TARGETS {
+                for &target in &opts.targets {
                     let (uri, pid) = match target {
                         "file" => (format!("{}/bench.bin", app.url), qemu_pid),
                         "raw" => (format!("{}/nvme0n1", app.url), qemu_pid),
@@ -472,6 +557,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     if paused {
                         signal(qemu_pid, "-STOP");
                     }
+                    let counted = crate::offload::frame_counts(&app.guest.console()).len();
                     let c0 = cpu_secs(pid);
                     let t0 = Instant::now();
                     let r = fio(&uri, qd, opts.jobs, slice, opts.file_size);
@@ -479,6 +565,22 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     let cpu = cpu_secs(pid) - c0;
                     if paused {
                         signal(qemu_pid, "-CONT");
+                    } else {
+                        // The service logs its counts once the client left.
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_secs(5) {
+                            let c = crate::offload::frame_counts(&app.guest.console());
+                            if c.len() > counted {
+                                let e = frames.entry(target).or_default();
+                                for (n, tx, rx) in &c[counted..] {
+                                    e.0 += n;
+                                    e.1 += tx;
+                                    e.2 += rx;
+                                }
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
                     }
                     let e = acc.entry(target).or_default();
                     e.0.push(r?);
@@ -500,13 +602,19 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     mean_us: avg(&|r| r.mean_us),
                     ios,
                 };
+                let per_req = frames
+                    .get(target)
+                    .filter(|f| f.0 > 0)
+                    .map(|&(n, tx, rx)| (tx as f64 / n as f64, rx as f64 / n as f64));
                 eprintln!(
-                    "  net={} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
+                    "  net={} offload={} mtu={mtu_label} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us{}",
                     net.name(),
+                    offload.label(),
                     variant.label(),
                     fmt_iops(r.iops),
                     r.p50_us,
-                    r.p99_us
+                    r.p99_us,
+                    per_req.map_or(String::new(), |(t, x)| format!("  frames/req {t:.2} sent {x:.2} received"))
                 );
                 let cpu_per_io = if ios > 0 { cpu / ios as f64 * 1e6 } else { 0.0 };
                 let mut row = Row::new(&[
@@ -524,12 +632,26 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     ("wall_secs", format!("{wall:.2}")),
                 ]);
                 variant.fill(&mut row);
+                if nic_fields {
+                    row.fields.insert("offload".into(), offload.label());
+                    row.fields.insert("mtu".into(), mtu_label.clone());
+                }
+                if let Some((t, x)) = per_req {
+                    row.fields
+                        .insert("tx_frames_per_req".into(), format!("{t:.2}"));
+                    row.fields
+                        .insert("rx_frames_per_req".into(), format!("{x:.2}"));
+                }
                 rows.push(row);
             }
         }
         let console = app.guest.console();
         runs.push(json!({
             "net": net.name(),
+            "offload": offload.label(),
+            "mtu": mtu,
+            "virtio_net": nic_line,
+            "frame_counts": crate::offload::frame_counts(&console),
             "cpus": variant.cpus(),
             "dbbuf": variant.dbbuf,
             "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
@@ -583,7 +705,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let config = config_title(&rows);
     let plot = plot_panels(
         &rows,
-        &|r| format!("NBD, net={}{}", r.s("net"), config(r)),
+        &|r| format!("NBD, net={}{}{}", r.s("net"), nic_title(r), config(r)),
         &TARGETS,
     );
     std::fs::write(&svg, plot).map_err(io_err(format!("write {}", svg.display())))?;
@@ -594,6 +716,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::Variant;
 
     #[test]
     fn the_table_has_a_section_per_network_and_configuration() {

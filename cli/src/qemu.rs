@@ -406,6 +406,11 @@ pub struct Config {
     /// Instead: a virtio-net NIC on this QEMU `-netdev` (a tap device, see
     /// [`crate::tap`]).
     pub netdev: Option<String>,
+    /// The NIC's MTU: QEMU's `host_mtu=N` on the virtio-net device
+    /// (VIRTIO_NET_F_MTU: the kernel takes it as its MTU unless `net.mtu=`
+    /// says less). With a tap device its host side gets the same MTU
+    /// ([`crate::tap::Tap::set_mtu`], done by whoever makes the tap).
+    pub net_mtu: Option<u16>,
     /// How the kernel boots: PVH (`-kernel`), or GRUB from an ISO under
     /// SeaBIOS or OVMF.
     pub boot: Boot,
@@ -434,6 +439,7 @@ impl Config {
             extra: Vec::new(),
             nbd_port: None,
             netdev: None,
+            net_mtu: None,
             boot: Boot::Pvh,
             iso: None,
             machine: "q35".into(),
@@ -499,7 +505,11 @@ impl Config {
         });
         if let Some(netdev) = netdev {
             c.arg("-netdev").arg(netdev);
-            c.args(["-device", "virtio-net-pci,netdev=net0,event_idx=off"]);
+            let mut dev = "virtio-net-pci,netdev=net0,event_idx=off".to_string();
+            if let Some(m) = self.net_mtu {
+                dev += &format!(",host_mtu={m}");
+            }
+            c.arg("-device").arg(dev);
         }
         match (&media.iso, self.boot) {
             (Some(iso), Boot::Bios | Boot::Uefi) => {

@@ -135,6 +135,13 @@ impl Tap {
         Err(Error::Tap("dxtap0..dxtap63 all exist".into()))
     }
 
+    /// Sets the host side's MTU (jumbo frames: the guest's NIC gets the
+    /// same through `host_mtu=`, so the host's TCP announces an MSS to
+    /// match).
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), Error> {
+        ip(&["link", "set", "dev", &self.ifname, "mtu", &mtu.to_string()])
+    }
+
     /// Kernel arguments giving the guest its address.
     pub fn guest_args(&self) -> Vec<String> {
         vec![

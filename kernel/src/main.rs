@@ -280,6 +280,7 @@ fn kmain(boot: &'static BootInfo) -> ! {
                     ),
                 },
             };
+            drivers::virtio_net::configure(net_offloads(&args));
             let mut net = stack::init(&functions, static_ip);
             let server = match net.as_mut() {
                 Some(n) => {
@@ -314,6 +315,37 @@ fn kmain(boot: &'static BootInfo) -> ! {
             run_loop(net, server)
         }
     }
+}
+
+/// The virtio-net offloads the arguments ask for (`net.csum=`,
+/// `net.guest_csum=`, `net.mrg_rxbuf=`, `net.tso=`: 0 or 1; `net.mtu=`);
+/// each is used only where the device offers it (the boot log says).
+fn net_offloads(args: &Cmdline) -> dioxide_virtio_net::Wanted {
+    let mut w = dioxide_virtio_net::Wanted::default();
+    for (key, field) in [
+        ("net.csum", &mut w.csum),
+        ("net.guest_csum", &mut w.guest_csum),
+        ("net.mrg_rxbuf", &mut w.mrg_rxbuf),
+        ("net.tso", &mut w.tso),
+    ] {
+        match args.switch(key) {
+            Ok(v) => *field = v.unwrap_or(*field),
+            Err(v) => fail(EXIT_CONFIG, format_args!("{key}={v:?}: expected 0 or 1")),
+        }
+    }
+    w.mtu = match args.number("net.mtu") {
+        Ok(None) => None,
+        Ok(Some(m)) if (576..=65521).contains(&m) => Some(m as u16),
+        Ok(Some(m)) => fail(
+            EXIT_CONFIG,
+            format_args!("net.mtu={m}: expected an MTU from 576 to 65521"),
+        ),
+        Err(v) => fail(
+            EXIT_CONFIG,
+            format_args!("net.mtu={v:?}: expected an MTU from 576 to 65521"),
+        ),
+    };
+    w
 }
 
 /// The filesystem of the first namespace (`nvme0n1`) if it holds one: the

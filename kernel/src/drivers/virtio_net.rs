@@ -1,6 +1,11 @@
-//! virtio-net through the `virtio-drivers` crate (PCI transport, its HAL on
-//! the kernel's identity-mapped memory), as a smoltcp device
-//! ([`NetDevice`]); the stack on it is `net::stack`.
+//! virtio-net as a smoltcp device ([`NetDevice`]); the stack on it is
+//! `net::stack`. The `virtio-drivers` crate gives the PCI transport and the
+//! virtqueues (its HAL on the kernel's identity-mapped memory); the device
+//! itself is ours, because the crate's `VirtIONetRaw` negotiates a fixed
+//! feature set without offloads. Which offloads are negotiated, the header
+//! and the per-frame checksum work are the `dioxide-virtio-net` crate's
+//! (host-tested); the kernel arguments `net.csum=`, `net.guest_csum=`,
+//! `net.mrg_rxbuf=`, `net.tso=` and `net.mtu=` choose ([`configure`]).
 
 use crate::drivers::pci::{self, Bdf, Function};
 use crate::platform::time;
@@ -9,11 +14,13 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::ptr::NonNull;
+use dioxide_virtio_net::{self as vn, feature, Choice, Hdr, Wanted};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
-use virtio_drivers::device::net::VirtIONetRaw;
+use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::{BufferDirection, PhysAddr};
 
 /// virtio-drivers' HAL: heap memory is identity mapped, so physical ==
@@ -89,17 +96,42 @@ impl ConfigurationAccess for PciAccess {
 
 /// Descriptors per virtqueue (QEMU's virtio-net queues have 256).
 const QUEUE: usize = 128;
-/// A buffer: the virtio-net header and one Ethernet frame.
-const BUF_LEN: usize = 2048;
-type Raw = VirtIONetRaw<VirtioHal, PciTransport, QUEUE>;
+/// A receive buffer with mergeable receive buffers (a frame of a larger
+/// MTU spans several), and the least one without.
+const RX_BUF: usize = 2048;
+const RXQ: u16 = 0;
+const TXQ: u16 = 1;
+const HDR: usize = Hdr::LEN;
+type Queue = VirtQueue<VirtioHal, QUEUE>;
+
+/// What the kernel arguments asked for; set once, before [`probe`].
+static WANTED: spin::Once<Wanted> = spin::Once::new();
+
+/// Sets the offloads [`probe`] asks the device for (kernel arguments).
+pub fn configure(w: Wanted) {
+    WANTED.call_once(|| w);
+}
+
+/// A received frame's bytes: in its posted receive buffer (given back to
+/// the device when done), or assembled from several merged ones.
+enum RxBuf {
+    Posted(Box<[u8]>),
+    Merged(Vec<u8>),
+}
 
 /// The NIC with its buffers. Receive buffers stay posted until a frame
-/// arrives and are handed to smoltcp in place (no copy); transmissions are
-/// not waited for: a frame's buffer returns to the free list when the device
-/// reports it used. (virtio-drivers' `VirtIONet::send` spins until the device
-/// has taken each frame: one host round trip per frame.)
+/// arrives and are handed to smoltcp in place (no copy, unless a frame
+/// spans several); transmissions are not waited for: a frame's buffer
+/// returns to the free list when the device reports it used.
 struct Nic {
-    raw: Raw,
+    transport: PciTransport,
+    rxq: Queue,
+    txq: Queue,
+    choice: Choice,
+    /// Bytes per receive buffer.
+    rx_len: usize,
+    /// Bytes per pooled transmit buffer (header and largest frame).
+    tx_len: usize,
     /// Posted receive buffers by descriptor token (one descriptor each).
     rx: Vec<Option<Box<[u8]>>>,
     /// Frames in flight by token: the buffer and the length given.
@@ -108,74 +140,233 @@ struct Nic {
     /// Where a frame goes when no transmit buffer is free (dropped; TCP
     /// retransmits).
     scratch: Box<[u8]>,
-    pub dropped: u64,
 }
 
-fn buffer() -> Box<[u8]> {
-    vec![0u8; BUF_LEN].into_boxed_slice()
+fn buffer(len: usize) -> Box<[u8]> {
+    vec![0u8; len].into_boxed_slice()
+}
+
+#[derive(Debug)]
+enum InitError {
+    Virtio(virtio_drivers::Error),
+    FeaturesRefused(u64),
+    NoMac,
+}
+
+impl core::fmt::Display for InitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            InitError::Virtio(e) => write!(f, "{e}"),
+            InitError::FeaturesRefused(b) => write!(f, "the device refused features {b:#x}"),
+            InitError::NoMac => f.write_str("the device has no MAC address"),
+        }
+    }
+}
+
+impl From<virtio_drivers::Error> for InitError {
+    fn from(e: virtio_drivers::Error) -> Self {
+        InitError::Virtio(e)
+    }
 }
 
 impl Nic {
-    fn new(mut raw: Raw) -> Result<Nic, virtio_drivers::Error> {
-        let mut rx: Vec<Option<Box<[u8]>>> = (0..QUEUE).map(|_| None).collect();
+    /// VIRTIO 3.1.1: reset, acknowledge, negotiate (the choice from the
+    /// offered features, the arguments and the device's MTU), queues,
+    /// DRIVER_OK, then the receive buffers.
+    fn new(mut t: PciTransport, wanted: &Wanted) -> Result<Nic, InitError> {
+        t.set_status(DeviceStatus::empty());
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let offered = t.read_device_features();
+        // The driver may read the configuration before accepting features.
+        let device_mtu = if offered & feature::MTU != 0 {
+            t.read_config_space::<u16>(10).ok()
+        } else {
+            None
+        };
+        let choice = vn::choose(offered, wanted, device_mtu);
+        t.write_driver_features(choice.features);
+        let ok = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
+        t.set_status(ok);
+        if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
+            t.set_status(DeviceStatus::FAILED);
+            return Err(InitError::FeaturesRefused(choice.features));
+        }
+        if choice.features & feature::MAC == 0 {
+            t.set_status(DeviceStatus::FAILED);
+            return Err(InitError::NoMac);
+        }
+        let indirect = choice.features & feature::RING_INDIRECT_DESC != 0;
+        let event_idx = choice.features & feature::RING_EVENT_IDX != 0;
+        let rxq = Queue::new(&mut t, RXQ, indirect, event_idx)?;
+        let txq = Queue::new(&mut t, TXQ, indirect, event_idx)?;
+        t.set_status(ok | DeviceStatus::DRIVER_OK);
+        let frame = usize::from(choice.mtu) + vn::ETH_HLEN;
+        // Without merging, a buffer holds a whole frame (VIRTIO 5.1.6.3.1).
+        let rx_len = if choice.mrg_rxbuf.on() {
+            RX_BUF
+        } else {
+            (HDR + frame).max(RX_BUF)
+        };
+        let tx_len = (HDR + frame).max(RX_BUF);
+        let mut nic = Nic {
+            transport: t,
+            rxq,
+            txq,
+            choice,
+            rx_len,
+            tx_len,
+            rx: (0..QUEUE).map(|_| None).collect(),
+            tx_busy: (0..QUEUE).map(|_| None).collect(),
+            tx_free: (0..QUEUE).map(|_| buffer(tx_len)).collect(),
+            scratch: buffer(tx_len),
+        };
         for _ in 0..QUEUE {
-            let mut b = buffer();
-            // SAFETY: the buffer is kept in `rx` (a stable heap address) and
-            // not touched until the device returns it.
-            let t = unsafe { raw.receive_begin(&mut b)? } as usize;
-            match rx.get_mut(t) {
-                Some(slot) => *slot = Some(b),
-                None => return Err(virtio_drivers::Error::WrongToken),
+            nic.post(buffer(rx_len))?;
+        }
+        nic.transport.notify(RXQ);
+        Ok(nic)
+    }
+
+    fn mac(&self) -> Result<[u8; 6], virtio_drivers::Error> {
+        self.transport.read_config_space::<[u8; 6]>(0)
+    }
+
+    /// Posts a receive buffer (no notification).
+    fn post(&mut self, mut b: Box<[u8]>) -> Result<(), virtio_drivers::Error> {
+        // SAFETY: the buffer is kept in `rx` (a stable heap address) and not
+        // touched until the device returns it (`take_rx`).
+        let t = unsafe { self.rxq.add(&[], &mut [&mut b[..]])? } as usize;
+        match self.rx.get_mut(t) {
+            Some(slot) => {
+                *slot = Some(b);
+                Ok(())
+            }
+            None => Err(virtio_drivers::Error::WrongToken),
+        }
+    }
+
+    /// Posts a receive buffer again and tells the device if it waits.
+    fn repost(&mut self, b: Box<[u8]>) {
+        match self.post(b) {
+            Ok(()) => {
+                if self.rxq.should_notify() {
+                    self.transport.notify(RXQ);
+                }
+            }
+            Err(e) => log::warn!(target: "net", "receive buffer lost: {e:?}"),
+        }
+    }
+
+    /// The next used receive buffer and the bytes the device wrote.
+    fn take_rx(&mut self) -> Option<(Box<[u8]>, usize)> {
+        let t = self.rxq.peek_used()?;
+        let Some(mut b) = self.rx.get_mut(usize::from(t)).and_then(Option::take) else {
+            log::error!(target: "net", "receive completion for unknown token {t}");
+            return None;
+        };
+        // SAFETY: the buffer given to `add` for this token.
+        match unsafe { self.rxq.pop_used(t, &[], &mut [&mut b[..]]) } {
+            Ok(len) => {
+                let len = (len as usize).min(b.len());
+                Some((b, len))
+            }
+            Err(e) => {
+                log::warn!(target: "net", "bad receive completion: {e:?}");
+                self.repost(b);
+                None
             }
         }
-        Ok(Nic {
-            raw,
-            rx,
-            tx_busy: (0..QUEUE).map(|_| None).collect(),
-            tx_free: (0..QUEUE).map(|_| buffer()).collect(),
-            scratch: buffer(),
-            dropped: 0,
-        })
+    }
+
+    /// The next received frame: its bytes and where the frame lies in them.
+    /// Frames whose checksum fails the GUEST_CSUM rule are dropped here.
+    fn next_frame(&mut self) -> Option<(RxBuf, usize, usize)> {
+        loop {
+            let (b, len) = self.take_rx()?;
+            let Some(h) = Hdr::decode(&b[..len]) else {
+                log::warn!(target: "net", "receive buffer of {len} bytes without a header");
+                self.repost(b);
+                continue;
+            };
+            let n = if self.choice.mrg_rxbuf.on() {
+                h.num_buffers.max(1)
+            } else {
+                1
+            };
+            let (buf, start, flen) = if n == 1 {
+                (RxBuf::Posted(b), HDR, len - HDR)
+            } else {
+                // The device uses all of a frame's buffers before it
+                // publishes them: the rest are there (else: Linux's "rx
+                // error: buffers missing", the frame is dropped).
+                let mut v = Vec::with_capacity(usize::from(n) * self.rx_len);
+                v.extend_from_slice(&b[HDR..len]);
+                self.repost(b);
+                let mut whole = true;
+                for _ in 1..n {
+                    match self.take_rx() {
+                        Some((b, len)) => {
+                            v.extend_from_slice(&b[..len]);
+                            self.repost(b);
+                        }
+                        None => {
+                            whole = false;
+                            break;
+                        }
+                    }
+                }
+                if !whole {
+                    log::warn!(target: "net", "frame of {n} buffers arrived incomplete: dropped");
+                    continue;
+                }
+                stats::add(&stats::RX_MERGED, 1);
+                let l = v.len();
+                (RxBuf::Merged(v), 0, l)
+            };
+            let bytes = match &buf {
+                RxBuf::Posted(b) => &b[start..start + flen],
+                RxBuf::Merged(v) => &v[..],
+            };
+            if vn::verify_rx(bytes, h.flags, self.choice.guest_csum.on()) {
+                return Some((buf, start, flen));
+            }
+            stats::add(&stats::RX_BAD_CSUM, 1);
+            if let RxBuf::Posted(b) = buf {
+                self.repost(b);
+            }
+        }
     }
 
     /// Takes back the buffers of frames the device has sent.
     fn reap_tx(&mut self) {
-        while let Some(t) = self.raw.poll_transmit() {
-            let Some((b, len)) = self.tx_busy.get_mut(t as usize).and_then(Option::take) else {
+        while let Some(t) = self.txq.peek_used() {
+            let Some((b, len)) = self.tx_busy.get_mut(usize::from(t)).and_then(Option::take) else {
                 log::error!(target: "net", "transmit completion for unknown token {t}");
                 return;
             };
-            // SAFETY: the same buffer and length as given to transmit_begin.
-            if let Err(e) = unsafe { self.raw.transmit_complete(t, &b[..len]) } {
+            // SAFETY: the same buffer and length as given to `add`.
+            if let Err(e) = unsafe { self.txq.pop_used(t, &[&b[..len]], &mut []) } {
                 log::warn!(target: "net", "transmit completion: {e:?}");
             }
-            self.tx_free.push(b);
+            // An outsized buffer (a TSO frame) is not kept.
+            if b.len() == self.tx_len {
+                self.tx_free.push(b);
+            }
         }
     }
 
     /// Lets smoltcp build a frame that is then dropped (no transmit buffer
     /// or descriptor free; TCP retransmits).
     fn drop_frame<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        self.dropped += 1;
-        let n = len.min(self.scratch.len());
-        f(&mut self.scratch[..n])
+        stats::add(&stats::TX_DROPPED, 1);
+        if self.scratch.len() < len {
+            self.scratch = buffer(len);
+        }
+        f(&mut self.scratch[..len])
     }
 
     fn can_send(&self) -> bool {
-        !self.tx_free.is_empty() && self.raw.can_send()
-    }
-
-    /// Posts a receive buffer again.
-    fn repost(&mut self, mut b: Box<[u8]>) {
-        // SAFETY: as in `new`.
-        match unsafe { self.raw.receive_begin(&mut b) } {
-            Ok(t) => {
-                if let Some(slot) = self.rx.get_mut(t as usize) {
-                    *slot = Some(b);
-                }
-            }
-            Err(e) => log::warn!(target: "net", "receive buffer lost: {e:?}"),
-        }
+        !self.tx_free.is_empty() && self.txq.available_desc() >= 1
     }
 }
 
@@ -190,13 +381,34 @@ pub mod stats {
     pub static TX_KICK: AtomicU64 = AtomicU64::new(0);
     pub static RX_FRAMES: AtomicU64 = AtomicU64::new(0);
     pub static RX_PROCESS: AtomicU64 = AtomicU64::new(0);
+    /// Frames handed over with a partial checksum, with GSO.
+    pub static TX_CSUM: AtomicU64 = AtomicU64::new(0);
+    pub static TX_GSO: AtomicU64 = AtomicU64::new(0);
+    /// Frames dropped for want of a transmit buffer.
+    pub static TX_DROPPED: AtomicU64 = AtomicU64::new(0);
+    /// Frames that spanned several receive buffers; dropped for a bad
+    /// checksum (GUEST_CSUM, neither flag set).
+    pub static RX_MERGED: AtomicU64 = AtomicU64::new(0);
+    pub static RX_BAD_CSUM: AtomicU64 = AtomicU64::new(0);
     pub fn add(c: &AtomicU64, v: u64) {
         c.fetch_add(v, Ordering::Relaxed);
     }
     /// (tx frames, build, kick, rx frames, process), and resets them.
+    /// Also logs the exact frame counts and the offload counters since the
+    /// last call (`virtio-net since the last count: ...`), which the
+    /// caller's per-request figures round down.
     pub fn take() -> [u64; 5] {
-        [&TX_FRAMES, &TX_BUILD, &TX_KICK, &RX_FRAMES, &RX_PROCESS]
-            .map(|c| c.swap(0, Ordering::Relaxed))
+        let r = [&TX_FRAMES, &TX_BUILD, &TX_KICK, &RX_FRAMES, &RX_PROCESS]
+            .map(|c| c.swap(0, Ordering::Relaxed));
+        let [csum, gso, dropped, merged, bad] =
+            [&TX_CSUM, &TX_GSO, &TX_DROPPED, &RX_MERGED, &RX_BAD_CSUM]
+                .map(|c| c.swap(0, Ordering::Relaxed));
+        log::info!(
+            target: "net",
+            "virtio-net since the last count: {} frames sent ({csum} with partial checksum, {gso} GSO, {dropped} dropped), {} received ({merged} merged, {bad} bad checksum)",
+            r[0], r[3]
+        );
+        r
     }
 }
 
@@ -209,21 +421,27 @@ pub struct NetDevice {
 /// when the token is dropped.
 pub struct Rx<'a> {
     nic: &'a RefCell<Nic>,
-    buf: Option<Box<[u8]>>,
+    buf: Option<RxBuf>,
     start: usize,
     len: usize,
 }
-pub struct Tx<'a>(&'a RefCell<Nic>);
+/// A transmit opportunity; smoltcp's metadata gives a TCP packet larger
+/// than its MSS its segment size (TSO, third_party/smoltcp).
+pub struct Tx<'a> {
+    nic: &'a RefCell<Nic>,
+    gso_size: u16,
+}
 
 impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         // No borrow of the NIC is held here: smoltcp transmits the answer
         // from inside `f`.
-        let frame = self
-            .buf
-            .as_deref()
-            .and_then(|b| b.get(self.start..self.start + self.len))
-            .unwrap_or(&[]);
+        let frame = match &self.buf {
+            Some(RxBuf::Posted(b)) => b.get(self.start..self.start + self.len),
+            Some(RxBuf::Merged(v)) => v.get(self.start..self.start + self.len),
+            None => None,
+        }
+        .unwrap_or(&[]);
         let t0 = time::rdtsc();
         let r = f(frame);
         stats::add(&stats::RX_FRAMES, 1);
@@ -234,44 +452,62 @@ impl RxToken for Rx<'_> {
 
 impl Drop for Rx<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
+        if let Some(RxBuf::Posted(b)) = self.buf.take() {
             self.nic.borrow_mut().repost(b);
         }
     }
 }
 
 impl TxToken for Tx<'_> {
+    fn set_meta(&mut self, meta: smoltcp::phy::PacketMeta) {
+        self.gso_size = meta.gso_size;
+    }
+
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut nic = self.0.borrow_mut();
+        let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
-        let b = if nic.raw.can_send() {
-            nic.tx_free.pop()
-        } else {
-            None
-        };
-        let Some(mut b) = b else {
-            return nic.drop_frame(len, f);
-        };
-        let hdr = nic.raw.fill_buffer_header(&mut b).unwrap_or(b.len());
-        let total = hdr + len;
-        if total > b.len() {
-            nic.tx_free.push(b);
+        let total = HDR + len;
+        if total > HDR + vn::TSO_MAX || nic.txq.available_desc() == 0 {
             return nic.drop_frame(len, f);
         }
+        let Some(mut b) = nic.tx_free.pop() else {
+            return nic.drop_frame(len, f);
+        };
+        if b.len() < total {
+            // Larger than the MTU: a TSO frame (not pooled).
+            nic.tx_free.push(b);
+            b = buffer(total);
+        }
         let t0 = time::rdtsc();
-        let r = f(&mut b[hdr..total]);
+        let r = f(&mut b[HDR..total]);
+        let gso = (nic.choice.tso.on() && self.gso_size > 0).then_some(self.gso_size);
+        let h = vn::prepare_tx(&mut b[HDR..total], nic.choice.csum.on(), gso);
+        b[..HDR].copy_from_slice(&h.encode());
         let t1 = time::rdtsc();
         stats::add(&stats::TX_FRAMES, 1);
         stats::add(&stats::TX_BUILD, t1 - t0);
+        if h.flags & Hdr::NEEDS_CSUM != 0 {
+            stats::add(&stats::TX_CSUM, 1);
+        }
+        if h.gso_type != Hdr::GSO_NONE {
+            stats::add(&stats::TX_GSO, 1);
+        }
         // SAFETY: the buffer is kept in `tx_busy` until the device returns it.
-        match unsafe { nic.raw.transmit_begin(&b[..total]) } {
-            Ok(t) => match nic.tx_busy.get_mut(t as usize) {
-                Some(slot) => *slot = Some((b, total)),
-                None => log::error!(target: "net", "transmit token {t} out of range"),
-            },
+        match unsafe { nic.txq.add(&[&b[..total]], &mut []) } {
+            Ok(t) => {
+                if nic.txq.should_notify() {
+                    nic.transport.notify(TXQ);
+                }
+                match nic.tx_busy.get_mut(usize::from(t)) {
+                    Some(slot) => *slot = Some((b, total)),
+                    None => log::error!(target: "net", "transmit token {t} out of range"),
+                }
+            }
             Err(e) => {
                 log::warn!(target: "net", "send failed: {e:?}");
-                nic.tx_free.push(b);
+                if b.len() == nic.tx_len {
+                    nic.tx_free.push(b);
+                }
             }
         }
         stats::add(&stats::TX_KICK, time::rdtsc() - t1);
@@ -286,28 +522,19 @@ impl Device for NetDevice {
     fn receive(&mut self, _ts: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
         let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
-        let t = nic.raw.poll_receive()?;
-        let Some(mut b) = nic.rx.get_mut(t as usize).and_then(Option::take) else {
-            log::error!(target: "net", "receive completion for unknown token {t}");
-            return None;
-        };
-        // SAFETY: the buffer given to receive_begin for this token.
-        let (start, len) = match unsafe { nic.raw.receive_complete(t, &mut b) } {
-            Ok((hdr, len)) => (hdr, len),
-            Err(e) => {
-                log::warn!(target: "net", "bad receive completion: {e:?}");
-                (0, 0)
-            }
-        };
+        let (buf, start, len) = nic.next_frame()?;
         drop(nic);
         Some((
             Rx {
                 nic: &self.nic,
-                buf: Some(b),
+                buf: Some(buf),
                 start,
-                len: len.min(BUF_LEN - start),
+                len,
             },
-            Tx(&self.nic),
+            Tx {
+                nic: &self.nic,
+                gso_size: 0,
+            },
         ))
     }
 
@@ -315,24 +542,42 @@ impl Device for NetDevice {
         let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
         if nic.can_send() {
-            Some(Tx(&self.nic))
+            Some(Tx {
+                nic: &self.nic,
+                gso_size: 0,
+            })
         } else {
             None
         }
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
+        let nic = self.nic.borrow();
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ethernet;
-        c.max_transmission_unit = 1514;
+        c.max_transmission_unit = usize::from(nic.choice.mtu) + vn::ETH_HLEN;
         c.max_burst_size = Some(QUEUE / 2);
-        // Frames from virtio-net carry complete, host-checked checksums
-        // (no VIRTIO_NET_F_GUEST_CSUM is negotiated, so the host never hands
-        // over partial ones): verifying them again cost guest time on every
-        // frame. Transmitted frames still get theirs computed here.
+        // TSO: smoltcp (third_party/smoltcp) sends up to a 64 KiB packet
+        // at once, its segment size in the packet's metadata; the device
+        // cuts it (HOST_TSO4 is negotiated only with CSUM).
+        if nic.choice.tso.on() {
+            c.max_tso_size = vn::TSO_MAX - vn::ETH_HLEN;
+        }
+        // Received frames are not verified by smoltcp. Without GUEST_CSUM
+        // the device hands over complete checksums of frames its host side
+        // made or checked; with GUEST_CSUM, frames with DATA_VALID or
+        // NEEDS_CSUM (partial: made on the host) pass and the others are
+        // checked in `Nic::next_frame` (dioxide_virtio_net::verify_rx).
+        // Verifying everything again cost guest time on every frame.
+        // Transmitted IPv4 and UDP checksums are computed here; TCP's too,
+        // unless the device completes them (CSUM: `prepare_tx`).
         c.checksum.ipv4 = Checksum::Tx;
-        c.checksum.tcp = Checksum::Tx;
         c.checksum.udp = Checksum::Tx;
+        c.checksum.tcp = if nic.choice.csum.on() {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         c
     }
 }
@@ -357,19 +602,27 @@ pub fn probe(functions: &[Function]) -> Option<(NetDevice, [u8; 6])> {
             return None;
         }
     };
-    let nic = match Raw::new(transport).and_then(Nic::new) {
+    let wanted = WANTED.get().copied().unwrap_or_default();
+    let nic = match Nic::new(transport, &wanted) {
         Ok(n) => n,
         Err(e) => {
-            log::error!(target: "net", "{}: virtio-net: {e:?}", f.bdf);
+            log::error!(target: "net", "{}: virtio-net: {e}", f.bdf);
             return None;
         }
     };
-    let mac = nic.raw.mac_address();
+    let mac = match nic.mac() {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!(target: "net", "{}: virtio-net MAC: {e:?}", f.bdf);
+            return None;
+        }
+    };
     log::info!(
         target: "net",
         "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
+    log::info!(target: "net", "virtio-net: {}", nic.choice);
     let dev = NetDevice {
         nic: RefCell::new(nic),
     };
@@ -379,6 +632,15 @@ pub fn probe(functions: &[Function]) -> Option<(NetDevice, [u8; 6])> {
 impl NetDevice {
     /// A received frame waits.
     pub fn has_rx(&self) -> bool {
-        self.nic.borrow().raw.poll_receive().is_some()
+        self.nic.borrow().rxq.can_pop()
+    }
+}
+
+impl Drop for Nic {
+    fn drop(&mut self) {
+        // The device must not reach buffers about to be freed.
+        self.transport.set_status(DeviceStatus::empty());
+        self.transport.queue_unset(RXQ);
+        self.transport.queue_unset(TXQ);
     }
 }

@@ -15,6 +15,9 @@
 //! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
+//! | `net.csum`, `net.tso`, `net.mrg_rxbuf` | `1` (default), `0` | virtio-net checksum offload, TCP segmentation offload (needs `net.csum`), merged receive buffers; each only where the device offers it (the log says) |
+//! | `net.guest_csum` | `0` (default), `1` | take frames with partial or host-checked checksums (VIRTIO_NET_F_GUEST_CSUM) |
+//! | `net.mtu` | 576 to 65521 (default: the device's `host_mtu`, else 1500) | the MTU, at most the device's |
 //! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
 //! | `nbd.storage_cores` | `1`, `0` (default: 1 with `nvme.completion=irq`, else 0) | with several CPUs, issue each connection's reads on a storage core (1) or all on the boot core (0) |
 //! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long |

@@ -1,0 +1,200 @@
+//! Golden bytes: the frames and sums were computed independently (a
+//! Python script with the RFC 1071 sum), not by this crate.
+use super::*;
+use std::vec::Vec;
+
+/// 52:54:00:ab:cd:ef -> 52:54:00:12:34:56, IPv4 10.0.2.15 -> 10.0.2.2
+/// (header checksum 0x1081), TCP 10809 -> 40000 PSH|ACK, payload
+/// "hello world" (odd length), TCP checksum field 0 (as smoltcp leaves it
+/// when it does not compute it).
+const TCP_FRAME: &str = "525400123456525400abcdef08004500003312344000400610810a00020f0a0002022a399c40010203040a0b0c0d5018ffff0000000068656c6c6f20776f726c64";
+/// Its pseudo-header sum, folded, and the complete TCP checksum.
+const TCP_PSEUDO: u16 = 0x1836;
+const TCP_CSUM: u16 = 0x254b;
+/// A DHCP-like UDP frame with its correct checksum 0x2278.
+const UDP_FRAME: &str =
+    "525400123456525400abcdef08004500002000010000401162bc0a00020f0a00020200440043000c227861626364";
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn header_encoding_is_the_virtio_layout() {
+    let h = Hdr {
+        flags: Hdr::NEEDS_CSUM,
+        gso_type: Hdr::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 3,
+    };
+    let b = h.encode();
+    assert_eq!(
+        b,
+        [0x01, 0x01, 0x36, 0x00, 0xa8, 0x05, 0x22, 0x00, 0x10, 0x00, 0x03, 0x00]
+    );
+    assert_eq!(Hdr::decode(&b), Some(h));
+    assert_eq!(Hdr::decode(&b[..11]), None);
+    assert_eq!(Hdr::default().encode(), [0; 12]);
+}
+
+#[test]
+fn tcp_goes_with_the_pseudo_header_sum_and_needs_csum() {
+    let mut f = hex(TCP_FRAME);
+    let h = prepare_tx(&mut f, true, None);
+    assert_eq!(
+        h,
+        Hdr {
+            flags: Hdr::NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..Hdr::default()
+        }
+    );
+    assert_eq!(f[50..52], TCP_PSEUDO.to_be_bytes());
+    // The device's part gives the checksum a full computation gives.
+    assert!(complete_csum(&mut f, &h));
+    assert_eq!(f[50..52], TCP_CSUM.to_be_bytes());
+    assert!(verify_rx(&f, 0, true));
+    // Without the offload nothing changes.
+    let mut g = hex(TCP_FRAME);
+    assert_eq!(prepare_tx(&mut g, false, Some(1448)), Hdr::default());
+    assert_eq!(g, hex(TCP_FRAME));
+}
+
+#[test]
+fn ethernet_padding_is_not_summed() {
+    let mut f = hex(TCP_FRAME);
+    f.extend_from_slice(&[0xaa; 7]);
+    let h = prepare_tx(&mut f, true, None);
+    assert!(complete_csum(&mut f, &h));
+    assert_eq!(f[50..52], TCP_CSUM.to_be_bytes());
+}
+
+#[test]
+fn tso_only_for_segments_above_the_segment_size() {
+    let mut f = hex(TCP_FRAME);
+    // 11 bytes of payload: not above 11, above 10.
+    assert_eq!(prepare_tx(&mut f, true, Some(11)).gso_type, Hdr::GSO_NONE);
+    let h = prepare_tx(&mut f, true, Some(10));
+    assert_eq!(
+        (h.gso_type, h.gso_size, h.hdr_len, h.flags),
+        (Hdr::GSO_TCPV4, 10, 54, Hdr::NEEDS_CSUM)
+    );
+}
+
+#[test]
+fn other_frames_get_a_plain_header() {
+    let mut u = hex(UDP_FRAME);
+    assert_eq!(prepare_tx(&mut u, true, None), Hdr::default());
+    assert_eq!(u, hex(UDP_FRAME));
+    // ARP, a truncated frame, an IPv4 fragment.
+    let mut arp = hex(TCP_FRAME);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(prepare_tx(&mut arp, true, None), Hdr::default());
+    let mut short = hex(TCP_FRAME)[..40].to_vec();
+    assert_eq!(prepare_tx(&mut short, true, None), Hdr::default());
+    let mut frag = hex(TCP_FRAME);
+    frag[20] = 0x20; // more fragments
+    assert_eq!(prepare_tx(&mut frag, true, None), Hdr::default());
+}
+
+#[test]
+fn received_checksums() {
+    let mut good = hex(TCP_FRAME);
+    good[50..52].copy_from_slice(&TCP_CSUM.to_be_bytes());
+    let mut bad = good.clone();
+    bad[60] ^= 1;
+    // Without GUEST_CSUM the host's frames are taken as they come.
+    assert!(verify_rx(&bad, 0, false));
+    // With it, the flags vouch; otherwise the sum is checked.
+    assert!(verify_rx(&good, 0, true));
+    assert!(!verify_rx(&bad, 0, true));
+    assert!(verify_rx(&bad, Hdr::DATA_VALID, true));
+    assert!(verify_rx(&hex(TCP_FRAME), Hdr::NEEDS_CSUM, true));
+    assert!(verify_rx(&hex(UDP_FRAME), 0, true));
+    let mut udp_bad = hex(UDP_FRAME);
+    udp_bad[45] ^= 1;
+    assert!(!verify_rx(&udp_bad, 0, true));
+    // UDP without a checksum.
+    udp_bad[40..42].copy_from_slice(&[0, 0]);
+    assert!(verify_rx(&udp_bad, 0, true));
+}
+
+#[test]
+fn feature_choice_and_its_account() {
+    use feature::*;
+    // QEMU virtio-net on user networking: no CSUM/TSO (no vnet header).
+    let user = MAC | STATUS | MRG_RXBUF | RING_INDIRECT_DESC | VERSION_1 | (1 << 17);
+    let c = choose(user, &Wanted::default(), None);
+    assert_eq!(
+        c.features,
+        MAC | STATUS | MRG_RXBUF | RING_INDIRECT_DESC | VERSION_1
+    );
+    assert_eq!(
+        std::format!("{c}"),
+        "csum off (not offered), guest_csum off (not offered), mrg_rxbuf on, mtu 1500 (default), tso off (not offered)"
+    );
+    // On tap with host_mtu=9000, everything wanted.
+    let tap = user | CSUM | GUEST_CSUM | HOST_TSO4 | HOST_TSO6 | MTU;
+    let all = Wanted {
+        csum: true,
+        guest_csum: true,
+        mrg_rxbuf: true,
+        tso: true,
+        mtu: None,
+    };
+    let c = choose(tap, &all, Some(9000));
+    assert_eq!(c.features, tap & !(1 << 17));
+    assert_eq!((c.mtu, c.mtu_from), (9000, MtuFrom::Device));
+    assert_eq!(
+        std::format!("{c}"),
+        "csum on, guest_csum on, mrg_rxbuf on, mtu 9000 (the device's), tso on"
+    );
+    // TSO without CSUM; an MTU above the device's.
+    let c = choose(
+        tap,
+        &Wanted {
+            csum: false,
+            mtu: Some(9500),
+            ..all
+        },
+        Some(9000),
+    );
+    assert_eq!(c.tso, State::Needs("csum"));
+    assert_eq!(c.features & (CSUM | HOST_TSO4 | HOST_TSO6), 0);
+    assert_eq!(
+        (c.mtu, c.mtu_from),
+        (9000, MtuFrom::Clamped { asked: 9500 })
+    );
+    assert!(std::format!("{c}").contains("csum off (switched off)"));
+    // An MTU without VIRTIO_NET_F_MTU: the argument's; the config field is
+    // not believed when the feature is not offered.
+    let c = choose(
+        user,
+        &Wanted {
+            mtu: Some(4000),
+            ..all
+        },
+        Some(1234),
+    );
+    assert_eq!((c.mtu, c.mtu_from), (4000, MtuFrom::Argument));
+    assert_eq!(c.features & MTU, 0);
+}
+
+#[test]
+fn sums_fold_like_rfc1071() {
+    // RFC 1071's example: 00 01 f2 03 f4 f5 f6 f7 sums to 0xddf2.
+    assert_eq!(
+        fold(sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7], 0)),
+        0xddf2
+    );
+    // Large inputs do not overflow.
+    let big = std::vec![0xffu8; 70_000];
+    assert_eq!(fold(sum(&big, 0)), 0xffff);
+}
