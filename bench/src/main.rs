@@ -2,7 +2,7 @@
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
-//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000]`:
+//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000] [--tso on|off]`:
 //! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
 
 #[global_allocator]
@@ -56,15 +56,32 @@ fn main() {
             Some(Ok(m)) if m.iter().all(|&m| (576..=9000).contains(&m)) => m,
             Some(_) => fail("--mtu: MTUs from 576 to 9000, e.g. 1500,9000".into()),
         };
-        // Checksum offload at each MTU.
-        let links: Vec<dioxide_service::loopback::Link> = mtus
+        // Checksum offload at each MTU, and TSO (with checksum offload)
+        // at the first MTU.
+        let tso = match value("--tso").map(String::as_str) {
+            Some("off") => false,
+            Some("on") | None => true,
+            Some(t) => fail(format!("--tso {t}: off or on")),
+        };
+        let mut links: Vec<dioxide_service::loopback::Link> = mtus
             .iter()
             .flat_map(|&mtu| {
                 csums
                     .iter()
-                    .map(move |&csum| dioxide_service::loopback::Link { csum, mtu })
+                    .map(move |&csum| dioxide_service::loopback::Link {
+                        csum,
+                        mtu,
+                        tso: false,
+                    })
             })
             .collect();
+        if tso && csums.contains(&true) {
+            links.push(dioxide_service::loopback::Link {
+                csum: true,
+                mtu: mtus[0],
+                tso: true,
+            });
+        }
         let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds, &links)
             .unwrap_or_else(|e| fail(e));
         if args.iter().any(|a| a == "--json") {

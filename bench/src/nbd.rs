@@ -243,8 +243,8 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
 impl NbdRow {
     pub fn json(&self) -> String {
         let mut s = format!(
-            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
-            self.target, self.qd, self.link.csum, self.link.mtu, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
+            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"tso\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
+            self.target, self.qd, self.link.csum, self.link.mtu, self.link.tso, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
             self.frames_sent_per_io, self.frames_received_per_io
         );
         for (k, v) in &self.phases {
@@ -256,15 +256,16 @@ impl NbdRow {
     /// The rows as a table.
     pub fn table(rows: &[NbdRow]) -> String {
         let mut s = String::from(
-            "host NBD path (real CPU, server side): target qd csum mtu  cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
+            "host NBD path (real CPU, server side): target qd csum mtu  tso cycles/io  ns/io  allocs/io  frames out/in  | receive decode submit complete reply transmit stack\n",
         );
         for r in rows {
             s += &format!(
-                "  {:<6} {:>4} {:<4} {:<4} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
+                "  {:<6} {:>4} {:<4} {:<4} {:<3} {:>9.0} {:>7.0} {:>9.3} {:>6.2}/{:<5.2} |",
                 r.target,
                 r.qd,
                 if r.link.csum { "on" } else { "off" },
                 r.link.mtu,
+                if r.link.tso { "on" } else { "off" },
                 r.cycles_per_io,
                 r.ns_per_io,
                 r.allocs_per_io,

@@ -339,8 +339,8 @@ pub fn host_bench(ios: u64, threads: &str) -> Result<Value, Error> {
 /// Builds and runs the host benchmark of the whole NBD request path
 /// (`dioxide-hostbench --nbd`): TCP/IP, NBD, DIO and dxfs on the host, at
 /// queue depths 1, 16 and 128, for the file, raw and null targets, with
-/// and without checksum offload, at MTU 1500 and 9000; its JSON report
-/// (`host_rows`).
+/// and without checksum offload at MTU 1500 and 9000, and with TSO (and
+/// checksum offload) at 1500; its JSON report (`host_rows`).
 pub fn host_nbd_bench(ios: u64) -> Result<Value, Error> {
     let ios = ios.to_string();
     run_hostbench(&["--nbd", "--json", "--ios", &ios, "--qd", "1,16,128"])
@@ -381,7 +381,7 @@ fn run_hostbench(args: &[&str]) -> Result<Value, Error> {
 /// The NBD host rows (`host_rows` of `bench nbd`) as a table.
 pub fn host_nbd_table(rows: &[Value]) -> String {
     let mut s = String::from(
-        "host NBD path (real CPU, server side: TCP/IP + NBD + DIO + dxfs against the instant NVMe model)\n  target   qd  csum  mtu   cycles/io    ns/io  allocs/io  frames out/in | receive decode submit complete  reply transmit  stack\n",
+        "host NBD path (real CPU, server side: TCP/IP + NBD + DIO + dxfs against the instant NVMe model)\n  target   qd  csum  mtu  tso   cycles/io    ns/io  allocs/io  frames out/in | receive decode submit complete  reply transmit  stack\n",
     );
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);

@@ -167,6 +167,12 @@ fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
         Link {
             csum: true,
             mtu: 9000,
+            tso: false,
+        },
+        Link {
+            csum: true,
+            mtu: 1500,
+            tso: true,
         },
     ] {
         // QD 128 fills the server's socket buffer (128 replies of 4 KiB are
