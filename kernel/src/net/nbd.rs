@@ -103,8 +103,8 @@ impl Platform for KernelPlatform {
         let [txf, txb, txk, rxf, rxp] = crate::drivers::virtio_net::stats::take();
         log::info!(
             target: "nbd",
-            "frames per request: {} sent ({} cycles to build, {} to hand over, each), {} received ({} cycles to process each)",
-            txf / n, txb / txf.max(1), txk / txf.max(1), rxf / n, rxp / rxf.max(1)
+            "frames per request: {:.2} sent ({} cycles to build, {} to hand over, each), {:.2} received ({} cycles to process each)",
+            txf as f64 / n as f64, txb / txf.max(1), txk / txf.max(1), rxf as f64 / n as f64, rxp / rxf.max(1)
         );
     }
 }
