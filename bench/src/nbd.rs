@@ -23,7 +23,8 @@
 //!   the service's output and stall checks;
 //! - `stack`: the rest of the stack's polls (timers, socket scans).
 //!
-//! Each row warms up (a tenth of its reads) on the same connection first.
+//! Each row warms up (a tenth of its reads, at least 16 per read in flight) on
+//! the same connection first.
 
 use crate::{bench_file, instant_engine, BenchMmio};
 use dioxide_iomap::{BlockQueue, DioError, Engine, IoBuf, ReqId};
@@ -201,7 +202,9 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
     let mut server = Server::new(p, &mut side.sockets, table(), &disks, u64::MAX);
     let fail = |e: dioxide_service::loopback::LoopError| format!("{target} qd {qd}: {e}");
     lb.connect(&mut side, &mut server).map_err(fail)?;
-    lb.run(&mut side, &mut server, (reads / 10).max(qd as u64), qd)
+    // Warm-up: the pools and connection buffers reach the sizes this depth
+    // needs (they keep them).
+    lb.run(&mut side, &mut server, (reads / 10).max(16 * qd as u64), qd)
         .map_err(fail)?;
     let a0 = dioxide_testkit::thread_allocs();
     let f = lb.run(&mut side, &mut server, reads, qd).map_err(fail)?;

@@ -195,6 +195,12 @@ impl Client {
             sum: FNV_START,
         };
         self.in_flight += 1;
+        // Drop what was sent before appending: the buffer keeps the
+        // capacity it was made with (no allocation per read).
+        if self.sent > 0 {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
         let mut r = [0u8; 28];
         r[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         r[6..8].copy_from_slice(&cmd::READ.to_be_bytes());

@@ -771,7 +771,7 @@ impl Conn {
                         let zeroes: &[u8] = if self.no_zeroes { &[] } else { &[0u8; 124] };
                         self.put(&[&info.size.to_be_bytes(), &f.to_be_bytes(), zeroes]);
                         self.export = Some((id, info));
-                        self.state = State::Transmission;
+                        self.enter_transmission();
                     }
                     // The protocol has no error reply here: close.
                     None => self.close(CloseReason::UnknownExport),
@@ -860,7 +860,17 @@ impl Conn {
         self.option_reply(option, rep::ACK, &[]);
         if option == opt::GO {
             self.export = Some((id, info));
-            self.state = State::Transmission;
+            self.enter_transmission();
+        }
+    }
+
+    /// Starts transmission. The request queue gets its room for every read
+    /// that may be in flight now, so that decoding a read never allocates
+    /// (it is within [`memory_bound`]'s terms anyway).
+    fn enter_transmission(&mut self) {
+        self.state = State::Transmission;
+        if self.events.try_reserve(self.max_in_flight).is_err() {
+            self.out_of_memory();
         }
     }
 
