@@ -378,6 +378,14 @@ fn run_hostbench(args: &[&str]) -> Result<Value, Error> {
     })
 }
 
+fn on_off(v: &Value) -> &'static str {
+    if v.as_bool().unwrap_or(false) {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 /// The NBD host rows (`host_rows` of `bench nbd`) as a table.
 pub fn host_nbd_table(rows: &[Value]) -> String {
     let mut s = String::from(
@@ -386,15 +394,12 @@ pub fn host_nbd_table(rows: &[Value]) -> String {
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         s += &format!(
-            "  {:<6} {:>4}  {:<4} {:>4} {:>11.0} {:>8.0} {:>10.3} {:>6.2}/{:<6.2} |",
+            "  {:<6} {:>4}  {:<4} {:>4}  {:<3} {:>11.0} {:>8.0} {:>10.3} {:>6.2}/{:<6.2} |",
             r["target"].as_str().unwrap_or("?"),
             f("qd"),
-            if r["csum_offload"].as_bool().unwrap_or(false) {
-                "on"
-            } else {
-                "off"
-            },
+            on_off(&r["csum_offload"]),
             f("mtu"),
+            on_off(&r["tso"]),
             f("cycles_per_io"),
             f("ns_per_io"),
             f("allocs_per_io"),
