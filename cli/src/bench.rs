@@ -874,6 +874,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_host_nbd_table_has_a_line_per_row_with_its_link_and_phases() {
+        let row = serde_json::json!({
+            "target": "file", "qd": 16, "csum_offload": true, "mtu": 1500, "tso": true,
+            "cycles_per_io": 2534.4, "ns_per_io": 1036.0, "allocs_per_io": 0.0,
+            "frames_sent_per_io": 0.12, "frames_received_per_io": 0.19,
+            "receive_cycles": 80.0, "decode_cycles": 98.0, "submit_cycles": 321.0,
+            "complete_cycles": 135.0, "reply_cycles": 1002.0, "transmit_cycles": 378.0,
+            "stack_cycles": 251.0
+        });
+        let t = host_nbd_table(&[row]);
+        let line = t.lines().nth(2).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words,
+            [
+                "file",
+                "16",
+                "on",
+                "1500",
+                "on",
+                "2534",
+                "1036",
+                "0.000",
+                "0.12/0.19",
+                "|",
+                "80",
+                "98",
+                "321",
+                "135",
+                "1002",
+                "378",
+                "251"
+            ],
+            "{t}"
+        );
+    }
+
+    #[test]
     fn rows_are_json_lines_anywhere_in_a_console_line() {
         let console = concat!(
             "[    0.001] INFO boot: dioxide\n",
