@@ -2,16 +2,23 @@
 
 use dioxide_tests::*;
 
-#[test]
-fn simple_path_reads_allocate_nothing_in_the_kernel() {
-    let dir = TempDir::new("noalloc");
+/// A dxfs image in `dir` holding one file, `data.bin`: 8 MiB of random
+/// bytes from `seed`.
+fn data_image(dir: &TempDir, seed: u64) -> std::path::PathBuf {
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 8 << 20];
-    dioxide_testkit::Rng::new(3).fill(&mut data);
+    dioxide_testkit::Rng::new(seed).fill(&mut data);
     std::fs::write(src.join("data.bin"), &data).unwrap();
     let img = dir.path().join("fs.img");
     dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    img
+}
+
+#[test]
+fn simple_path_reads_allocate_nothing_in_the_kernel() {
+    let dir = TempDir::new("noalloc");
+    let img = data_image(&dir, 3);
     for completion in ["poll", "irq"] {
         let out = boot(&config(
             Some(&img),
@@ -56,13 +63,7 @@ fn simple_path_reads_allocate_nothing_in_the_kernel() {
 #[test]
 fn nbd_reads_through_tcp_nbd_dio_and_dxfs_allocate_nothing_in_the_kernel() {
     let dir = TempDir::new("nbd-noalloc");
-    let src = dir.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut data = vec![0u8; 8 << 20];
-    dioxide_testkit::Rng::new(5).fill(&mut data);
-    std::fs::write(src.join("data.bin"), &data).unwrap();
-    let img = dir.path().join("fs.img");
-    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let img = data_image(&dir, 5);
     let out = boot(&config(Some(&img), &["selftest=nbd-noalloc"]));
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     let lines: Vec<&str> = out.result_lines().collect();

@@ -34,7 +34,7 @@
 //! server reports idle with the heap at its level from start; every one of
 //! its sockets accepts and serves again; the heap's high-water mark (the
 //! `peak` of the idle line) stayed within the bound the service states
-//! (`kernel/src/net/nbd.rs`, "Bounds"), computed from its constants.
+//! (`dioxide-service`, "Bounds", `heap_bound`), logged at start.
 
 use dioxide::qemu::Guest;
 use dioxide_testkit::Rng;
@@ -57,34 +57,6 @@ const SOAK: Duration = Duration::from_secs(40);
 /// whose replies are not taken are dropped after it.
 const STALL_S: u64 = 10;
 const MIB: u64 = 1 << 20;
-
-/// A constant of the kernel's NBD service, read from its source (the
-/// kernel is not a host crate): `pub const NAME: TYPE = a [op b ...];`
-/// with `<<`, `*` and `+`, evaluated left to right.
-fn service_const(name: &str) -> usize {
-    const SRC: &str = include_str!("../../kernel/src/net/nbd.rs");
-    let line = SRC
-        .lines()
-        .find(|l| l.starts_with(&format!("pub const {name}: ")))
-        .unwrap_or_else(|| panic!("no `pub const {name}` in net/nbd.rs"));
-    let expr = line.split('=').nth(1).unwrap().trim().trim_end_matches(';');
-    let mut t = expr.split_whitespace();
-    let num = |s: Option<&str>| -> usize {
-        s.and_then(|s| s.replace('_', "").parse().ok())
-            .unwrap_or_else(|| panic!("{name}: cannot evaluate {expr:?}"))
-    };
-    let mut v = num(t.next());
-    while let Some(op) = t.next() {
-        let b = num(t.next());
-        v = match op {
-            "<<" => v << b,
-            "*" => v * b,
-            "+" => v + b,
-            _ => panic!("{name}: cannot evaluate {expr:?}"),
-        };
-    }
-    v
-}
 
 /// What an export must read as.
 struct Export {
@@ -814,7 +786,7 @@ fn soak_many_misbehaving_clients_at_once() {
 
     // No socket left behind: every one accepts a connection at once, and
     // each serves a read.
-    let conns = service_const("CONNS");
+    let conns = dioxide_service::CONNS;
     let mark = console.len();
     let mut open = Vec::new();
     for k in 0..conns {
@@ -842,7 +814,7 @@ fn soak_many_misbehaving_clients_at_once() {
     );
 
     // The high-water mark within the bound the service states at start
-    // (`net::nbd::heap_bound`: its budgets, one maximal read and its copy,
+    // (`dioxide_service::heap_bound`: its budgets, one maximal read and its copy,
     // per connection what needs no budget, the buffer pools; the socket
     // buffers are allocated before the start figure).
     let bound = figures(&guest.console(), "listening", "bound ")[0] as usize;
