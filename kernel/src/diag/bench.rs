@@ -29,6 +29,22 @@
 //! threads) falls on all three alike rather than on whichever ran during a
 //! slow second.
 //!
+//! **Reading `lat_p99_us`.** Each target gets a quarter of the row time in
+//! each slice, so a stall of the host (QEMU's NVMe emulation on io_uring
+//! with `cache=none`, other processes on a shared machine) lands on the
+//! target whose slice it falls in: at QD64 and 8,000 IOPS one 20 ms stall
+//! holds all 64 reads in flight, about 1 % of a one-second slice, which is
+//! exactly what a p99 shows. So on the emulated NVMe device the three
+//! targets' p99 move together from run to run and one of them can be
+//! several times the others in a single run (an early run: simple
+//! 21,441 µs against raw 4,931 µs at equal mean IOPS). Measured again
+//! (2 runs, QD64, 1 CPU, TCG): p99 raw / generic / simple 24.9 / 24.9 /
+//! 23.2 ms and 18.9 / 17.2 / 18.0 ms, while the means were 13.2 / 14.2 /
+//! 7.8 ms and 6.8 / 5.1 / 4.0 ms. On the null device, where no host I/O
+//! intervenes, the tail is the engines' own: p99 30 µs raw, 54-57 µs simple
+//! (means 18-19 and 23 µs), no stall. Compare p99 across targets only over
+//! several runs, or on the null device.
+//!
 //! Completions record their latency inline (TSC at completion minus TSC at
 //! submission) into a fixed histogram and push the request's context onto a
 //! ring the submit loop drains: nothing is allocated per request by the
