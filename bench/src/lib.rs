@@ -47,7 +47,7 @@ pub use dioxide_testkit::CountingAlloc;
 pub mod nbd;
 
 #[inline(always)]
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     // SAFETY: reads the time-stamp counter.
     unsafe { core::arch::x86_64::_rdtsc() }
 }

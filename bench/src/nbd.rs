@@ -26,68 +26,12 @@
 //! Each row warms up (a tenth of its reads, at least 16 per read in flight) on
 //! the same connection first.
 
-use crate::{bench_file, instant_engine, BenchMmio};
-use dioxide_iomap::{BlockQueue, DioError, Engine, IoBuf, ReqId};
-use dioxide_nvme::blk::NvmeQueue;
-use dioxide_nvme::sim::SimHal;
-use dioxide_service::loopback::{Link, Loopback};
-use dioxide_service::{DiskLimits, DmaBuffer, Platform, Server, Table};
-use std::alloc::Layout;
-use std::cell::RefCell;
-use std::ptr::NonNull;
+use crate::{bench_file, instant_engine, rdtsc};
+use dioxide_iomap::BlockQueue;
+use dioxide_service::loopback::{Link, Loopback, OneEngine};
+use dioxide_service::{DiskLimits, Server, Table};
 use std::sync::OnceLock;
 use std::time::Instant;
-
-type Queue = NvmeQueue<SimHal, BenchMmio>;
-
-/// A page-aligned, zeroed heap buffer.
-pub struct HostBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl HostBuf {
-    fn new(len: usize) -> Option<HostBuf> {
-        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
-        // SAFETY: non-zero size.
-        let p = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(HostBuf { ptr: p, len })
-    }
-}
-
-impl DmaBuffer for HostBuf {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: an owned, initialised (zeroed) allocation of len bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-    fn part(&mut self, off: usize, len: usize) -> IoBuf {
-        IoBuf::from_addr(self.ptr.as_ptr() as usize, self.len)
-            .and_then(|b| b.part(off, len))
-            .unwrap_or(IoBuf::new(self.ptr, 0))
-    }
-}
-
-impl Drop for HostBuf {
-    fn drop(&mut self) {
-        if let Ok(layout) = Layout::from_size_align(self.len.max(1), 4096) {
-            // SAFETY: allocated in new() with this layout.
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
-        }
-    }
-}
-
-/// One namespace on the instant model, on this thread.
-pub struct HostPlatform {
-    engine: RefCell<Engine<Queue>>,
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: reads the time-stamp counter.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
 
 /// Nanoseconds from the TSC (as the kernel's clock is), calibrated once
 /// against the system clock: `Instant::now` on every poll would cost a
@@ -101,31 +45,6 @@ fn now_ns() -> u64 {
         (c0, (t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64)
     });
     ((rdtsc() - c0) as f64 * ns_per_cycle) as u64
-}
-
-impl Platform for HostPlatform {
-    type Queue = Queue;
-    type Buf = HostBuf;
-    fn alloc_buf(&self, len: usize) -> Option<HostBuf> {
-        HostBuf::new(len)
-    }
-    fn with_engine<R>(&self, disk: usize, f: impl FnOnce(&mut Engine<Queue>) -> R) -> Option<R> {
-        if disk != 0 {
-            return None;
-        }
-        Some(f(&mut self.engine.borrow_mut()))
-    }
-    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>)) {
-        let mut e = self.engine.borrow_mut();
-        e.poll();
-        e.complete(sink);
-    }
-    fn now_ns(&self) -> u64 {
-        now_ns()
-    }
-    fn rdtsc(&self) -> u64 {
-        rdtsc()
-    }
 }
 
 /// One row: a target at a queue depth.
@@ -190,9 +109,7 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
     };
     let engine = instant_engine(0);
     let depth = engine.queue().depth();
-    let p = HostPlatform {
-        engine: RefCell::new(engine),
-    };
+    let p = OneEngine::new(engine, now_ns, rdtsc);
     let (mut side, mut lb) = Loopback::new(export, true, qd, now_ns, rdtsc, link);
     let disks = [DiskLimits {
         depth,

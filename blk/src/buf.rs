@@ -1,5 +1,6 @@
-//! The DMA buffer descriptor.
+//! The DMA buffer descriptor, and the owned heap buffer that backs one.
 
+use core::alloc::Layout;
 use core::ptr::NonNull;
 
 /// A data buffer for one device command, named by CPU address: a non-null
@@ -75,6 +76,55 @@ impl IoBuf {
         // Within the described range, so not null (the range does not wrap:
         // it is a real allocation or a slice).
         NonNull::new(self.ptr.as_ptr().wrapping_add(off)).map(|ptr| IoBuf { ptr, len })
+    }
+}
+
+/// An owned, zeroed, page-aligned heap buffer a device can read or write:
+/// the kernel's heap is identity mapped (its address is the device
+/// address), and the host's simulated controllers take CPU addresses. It
+/// hands out [`IoBuf`] views of its parts ([`DmaBuf::part`]); who submits
+/// one keeps the buffer alive until the command's completion.
+pub struct DmaBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+#[allow(clippy::len_without_is_empty)]
+impl DmaBuf {
+    /// `len` zeroed bytes, or `None` when the heap cannot give them.
+    pub fn new(len: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
+        // SAFETY: non-zero size.
+        let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
+        Some(DmaBuf { ptr: p, len })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: owned allocation of len bytes, initialised (zeroed).
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: owned allocation of len bytes, initialised (zeroed);
+        // `&mut self` makes the borrow unique.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+    /// The device view of `[off, off + len)`.
+    pub fn part(&mut self, off: usize, len: usize) -> IoBuf {
+        assert!(off + len <= self.len);
+        IoBuf::new(self.ptr, self.len)
+            .part(off, len)
+            .unwrap_or(IoBuf::new(self.ptr, 0))
+    }
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = Layout::from_size_align(self.len.max(1), 4096) {
+            // SAFETY: allocated in new() with this layout.
+            unsafe { alloc::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //!   does the [`null`] device here.
 //! - [`IoBuf`]: the one description of a DMA data buffer (a non-null CPU
 //!   pointer and a length), taken unchanged from the DIO layer down to the
-//!   NVMe driver's PRP builder.
+//!   NVMe driver's PRP builder; [`DmaBuf`], an owned page-aligned heap
+//!   buffer that hands them out (the kernel's and the host benchmark's).
 //! - [`BlkError`]: a device error as the layers above see it. It carries what
 //!   its message needs (the NVMe status name is a `&'static str` filled in by
 //!   the driver), so a crate printing it does not depend on the driver.
@@ -29,7 +30,7 @@ mod queue;
 mod ring;
 mod slab;
 
-pub use buf::IoBuf;
+pub use buf::{DmaBuf, IoBuf};
 pub use error::BlkError;
 pub use queue::{BlockQueue, Op};
 pub use ring::Ring;

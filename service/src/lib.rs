@@ -171,6 +171,18 @@ pub trait DmaBuffer {
     fn part(&mut self, off: usize, len: usize) -> IoBuf;
 }
 
+impl DmaBuffer for dioxide_iomap::DmaBuf {
+    fn len(&self) -> usize {
+        dioxide_iomap::DmaBuf::len(self)
+    }
+    fn as_slice(&self) -> &[u8] {
+        dioxide_iomap::DmaBuf::as_slice(self)
+    }
+    fn part(&mut self, off: usize, len: usize) -> IoBuf {
+        dioxide_iomap::DmaBuf::part(self, off, len)
+    }
+}
+
 /// What the service needs of the machine it runs on.
 pub trait Platform {
     type Queue: BlockQueue;

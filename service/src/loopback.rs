@@ -27,6 +27,7 @@ use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use dioxide_iomap::{BlockQueue, DioError, DmaBuf, Engine, ReqId};
 use dioxide_nbd::client::{Client, ClientError};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -65,6 +66,48 @@ const FRAMES: usize = 1024;
 pub const STUCK_NS: u64 = 10_000_000_000;
 /// The client's socket buffers: room for 128 replies of 4 KiB in flight.
 const CLIENT_BUF: usize = 1 << 20;
+
+/// A platform of one namespace (number 0) whose engine lives on this
+/// thread, with heap DMA buffers and the given clocks (`now`: nanoseconds,
+/// `rdtsc`: the cycles the profile counts): what the host benchmark and the
+/// service's tests serve from.
+pub struct OneEngine<Q: BlockQueue> {
+    engine: RefCell<Engine<Q>>,
+    now: fn() -> u64,
+    rdtsc: fn() -> u64,
+}
+
+impl<Q: BlockQueue> OneEngine<Q> {
+    pub fn new(engine: Engine<Q>, now: fn() -> u64, rdtsc: fn() -> u64) -> OneEngine<Q> {
+        OneEngine {
+            engine: RefCell::new(engine),
+            now,
+            rdtsc,
+        }
+    }
+}
+
+impl<Q: BlockQueue> Platform for OneEngine<Q> {
+    type Queue = Q;
+    type Buf = DmaBuf;
+    fn alloc_buf(&self, len: usize) -> Option<DmaBuf> {
+        DmaBuf::new(len)
+    }
+    fn with_engine<R>(&self, disk: usize, f: impl FnOnce(&mut Engine<Q>) -> R) -> Option<R> {
+        (disk == 0).then(|| f(&mut self.engine.borrow_mut()))
+    }
+    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>)) {
+        let mut e = self.engine.borrow_mut();
+        e.poll();
+        e.complete(sink);
+    }
+    fn now_ns(&self) -> u64 {
+        (self.now)()
+    }
+    fn rdtsc(&self) -> u64 {
+        (self.rdtsc)()
+    }
+}
 
 /// Frame and cycle counts of one end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

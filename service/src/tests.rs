@@ -2,11 +2,10 @@
 //! every read with bytes derived from the block address: data, flow
 //! control and allocations.
 
-use super::loopback::{Link, Loopback};
+use super::loopback::{Link, Loopback, OneEngine};
 use super::*;
 use dioxide_iomap::{BlkError, Op};
 use dioxide_nbd::client::{fnv1a, FNV_START};
-use std::cell::RefCell;
 
 #[global_allocator]
 static A: dioxide_testkit::CountingAlloc = dioxide_testkit::CountingAlloc;
@@ -75,32 +74,6 @@ impl BlockQueue for PatternQueue {
     }
 }
 
-struct Buf(Vec<u8>, usize);
-
-impl DmaBuffer for Buf {
-    fn len(&self) -> usize {
-        self.1
-    }
-    fn as_slice(&self) -> &[u8] {
-        &self.0[self.off()..self.off() + self.1]
-    }
-    fn part(&mut self, off: usize, len: usize) -> IoBuf {
-        let base = self.0.as_ptr() as usize + self.off();
-        IoBuf::from_addr(base + off, len).expect("buffer")
-    }
-}
-
-impl Buf {
-    /// Page-aligned start within the vector.
-    fn off(&self) -> usize {
-        self.0.as_ptr().align_offset(4096)
-    }
-}
-
-struct TestPlatform {
-    engine: RefCell<Engine<PatternQueue>>,
-}
-
 fn now() -> u64 {
     static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
@@ -108,32 +81,6 @@ fn now() -> u64 {
 
 fn rdtsc() -> u64 {
     now()
-}
-
-impl Platform for TestPlatform {
-    type Queue = PatternQueue;
-    type Buf = Buf;
-    fn alloc_buf(&self, len: usize) -> Option<Buf> {
-        Some(Buf(vec![0; len + 4096], len))
-    }
-    fn with_engine<R>(
-        &self,
-        disk: usize,
-        f: impl FnOnce(&mut Engine<PatternQueue>) -> R,
-    ) -> Option<R> {
-        (disk == 0).then(|| f(&mut self.engine.borrow_mut()))
-    }
-    fn service(&self, sink: &mut dyn FnMut(ReqId, Result<usize, DioError>)) {
-        let mut e = self.engine.borrow_mut();
-        e.poll();
-        e.complete(sink);
-    }
-    fn now_ns(&self) -> u64 {
-        now()
-    }
-    fn rdtsc(&self) -> u64 {
-        rdtsc()
-    }
 }
 
 fn table() -> &'static Table {
@@ -146,12 +93,11 @@ fn table() -> &'static Table {
     })
 }
 
-fn server(side: &mut loopback::ServerSide) -> Server<TestPlatform> {
-    let p = TestPlatform {
-        engine: RefCell::new(Engine::new(PatternQueue {
-            done: Vec::with_capacity(256),
-        })),
-    };
+fn server(side: &mut loopback::ServerSide) -> Server<OneEngine<PatternQueue>> {
+    let engine = Engine::new(PatternQueue {
+        done: Vec::with_capacity(256),
+    });
+    let p = OneEngine::new(engine, now, rdtsc);
     let disks = [DiskLimits {
         depth: 256,
         max_transfer: 128 * 1024,

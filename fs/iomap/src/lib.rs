@@ -42,7 +42,7 @@ pub use bounce::{Bounce, Lent};
 pub use dio::{Engine, Stats};
 /// The block layer this one submits to (re-exported: callers of the DIO
 /// layer name buffers and queues without another dependency).
-pub use dioxide_blk::{null, BlkError, BlockQueue, FreeList, IoBuf, Op, ReqId, Ring, Slab};
+pub use dioxide_blk::{null, BlkError, BlockQueue, DmaBuf, FreeList, IoBuf, Op, ReqId, Ring, Slab};
 pub use iter::{IomapIter, IomapStep};
 
 use core::fmt;

@@ -608,46 +608,6 @@ pub fn stats(disk: usize) -> Option<dioxide_nvme::QueueStats> {
     Some(sum)
 }
 
-/// A page-aligned heap buffer for DMA.
-pub struct DmaBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-#[allow(clippy::len_without_is_empty)]
-impl DmaBuf {
-    pub fn new(len: usize) -> Option<Self> {
-        let layout = Layout::from_size_align(len.max(1), 4096).ok()?;
-        // SAFETY: non-zero size.
-        let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
-        Some(DmaBuf { ptr: p, len })
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: owned allocation of len bytes, initialised (zeroed).
-        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: owned allocation of len bytes, initialised (zeroed);
-        // `&mut self` makes the borrow unique.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-    /// The device view of `[off, off + len)`.
-    pub fn part(&mut self, off: usize, len: usize) -> IoBuf {
-        assert!(off + len <= self.len);
-        IoBuf::new(self.ptr, self.len)
-            .part(off, len)
-            .unwrap_or(IoBuf::new(self.ptr, 0))
-    }
-}
-
-impl Drop for DmaBuf {
-    fn drop(&mut self) {
-        if let Ok(layout) = Layout::from_size_align(self.len.max(1), 4096) {
-            // SAFETY: allocated in new() with this layout.
-            unsafe { alloc::alloc::dealloc(self.ptr.as_ptr(), layout) };
-        }
-    }
-}
+/// Read buffers: page-aligned heap memory, whose address is the device
+/// address here (identity-mapped heap).
+pub use dioxide_iomap::DmaBuf;

@@ -20,24 +20,12 @@ use crate::mm;
 use crate::net::stack::Net;
 use crate::net::storage;
 use crate::platform::time;
-use dioxide_iomap::{DioError, Engine, IoBuf, ReqId};
+use dioxide_iomap::{DioError, Engine, ReqId};
 pub use dioxide_service::{heap_bound, STALL_NS};
-use dioxide_service::{DiskLimits, DmaBuffer, Done, Idle, Job, Platform, Server, Table};
+use dioxide_service::{DiskLimits, Done, Idle, Job, Platform, Server, Table};
 
 /// The service as the run loop holds it.
 pub type Service = Server<KernelPlatform>;
-
-impl DmaBuffer for DmaBuf {
-    fn len(&self) -> usize {
-        DmaBuf::len(self)
-    }
-    fn as_slice(&self) -> &[u8] {
-        DmaBuf::as_slice(self)
-    }
-    fn part(&mut self, off: usize, len: usize) -> IoBuf {
-        DmaBuf::part(self, off, len)
-    }
-}
 
 /// The kernel as the service's platform (all of it static: any core may
 /// make one, as the storage cores do).
