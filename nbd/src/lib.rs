@@ -181,6 +181,9 @@ pub const OUTPUT_HIGH: usize = 256 * 1024;
 /// ACK. An NBD_OPT_LIST entry (24 bytes and a name) stays below it for
 /// export names no longer than [`MAX_OPTION`].
 pub const MAX_CONTROL_REPLY: usize = (20 + 12) + (20 + 2 + MAX_OPTION) + (20 + 14) + 20;
+/// Longest header of a read's data reply: the structured OFFSET_DATA chunk
+/// header and its offset (a simple reply's is 16 bytes).
+pub const READ_REPLY_HEADER_MAX: usize = 28;
 /// Largest request length served (a common NBD limit; advertised as the
 /// maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
@@ -925,12 +928,12 @@ impl Conn {
         if self.state != State::Transmission || !self.out.is_empty() || self.discard {
             return false;
         }
-        let mut h = [0u8; 28];
+        let mut h = [0u8; READ_REPLY_HEADER_MAX];
         let n = if self.structured {
             let c = Self::chunk_header(chunk::OFFSET_DATA, handle, 8 + len as u32);
             h[..20].copy_from_slice(&c);
             h[20..].copy_from_slice(&offset.to_be_bytes());
-            28
+            READ_REPLY_HEADER_MAX
         } else {
             h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
             h[8..16].copy_from_slice(&handle.to_be_bytes());

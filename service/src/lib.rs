@@ -94,7 +94,9 @@ use dioxide_dxfs::File;
 use dioxide_iomap::{
     BlockQueue, DioError, DioRequest, DioResult, Engine, IoBuf, Kiocb, Op, ReqId, Ring, Slab,
 };
-use dioxide_nbd::{memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST};
+use dioxide_nbd::{
+    memory_bound, Conn, Errno, Event, ExportInfo, Exports, MAX_REQUEST, READ_REPLY_HEADER_MAX,
+};
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
@@ -400,6 +402,14 @@ impl Table {
 
     pub fn len(&self) -> usize {
         self.exports.len()
+    }
+
+    /// The file exports: name, size and namespace of each.
+    pub fn files(&self) -> impl Iterator<Item = (&str, u64, usize)> + '_ {
+        self.exports
+            .iter()
+            .filter(|e| matches!(e.target, Target::File(_)))
+            .map(|e| (e.name.as_str(), e.info.size, e.disk))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -850,17 +860,11 @@ impl<P: Platform> Server<P> {
             let (a, n) = (req.skew as usize, req.len as usize);
             let data = &req.buf.as_slice()[a..a + n];
             let sock = sockets.get_mut::<tcp::Socket>(s.handle);
-            let fits_socket = n + 28 <= sock.send_capacity();
+            let fits_socket = n + READ_REPLY_HEADER_MAX <= sock.send_capacity();
             if conn.in_transmission() && fits_socket {
                 let mut wrote = 0;
                 let sent = conn.reply_read_direct(self.table, req.handle, req.offset, n, |h| {
-                    let room = sock.send_capacity() - sock.send_queue();
-                    if !sock.may_send() || room < h.len() + n {
-                        return false;
-                    }
-                    // Both fit: send_slice takes all of each.
-                    wrote = sock.send_slice(h).unwrap_or(0) + sock.send_slice(data).unwrap_or(0);
-                    true
+                    send_whole(sock, h, data).map(|w| wrote = w).is_some()
                 });
                 if !sent {
                     return false;
@@ -1071,8 +1075,7 @@ impl<P: Platform> Server<P> {
             let null_direct = null && conn.in_transmission() && len as usize <= NULL_MAX;
             if null_direct
                 && (conn.output_pending() > 0
-                    || !sock.may_send()
-                    || sock.send_capacity() - sock.send_queue() < len as usize + 28)
+                    || !has_room(sock, len as usize + READ_REPLY_HEADER_MAX))
             {
                 break;
             }
@@ -1091,9 +1094,9 @@ impl<P: Platform> Server<P> {
                 let mut wrote = 0;
                 let sent = null_direct
                     && conn.reply_read_direct(self.table, handle, offset, n, |h| {
-                        wrote = sock.send_slice(h).unwrap_or(0)
-                            + sock.send_slice(&ZEROS[..n]).unwrap_or(0);
-                        true
+                        send_whole(sock, h, &ZEROS[..n])
+                            .map(|w| wrote = w)
+                            .is_some()
                     });
                 if sent {
                     direct += wrote;
@@ -1225,6 +1228,21 @@ impl<P: Platform> Server<P> {
             _ => drop(buf),
         }
     }
+}
+
+/// Room for `n` more bytes in `sock`'s send buffer.
+fn has_room(sock: &tcp::Socket, n: usize) -> bool {
+    sock.may_send() && sock.send_capacity() - sock.send_queue() >= n
+}
+
+/// Writes a reply's header and data into `sock` when both fit: the bytes
+/// written, or `None` with nothing written.
+fn send_whole(sock: &mut tcp::Socket, header: &[u8], data: &[u8]) -> Option<usize> {
+    if !has_room(sock, header.len() + data.len()) {
+        return None;
+    }
+    // Both fit: send_slice takes all of each.
+    Some(sock.send_slice(header).unwrap_or(0) + sock.send_slice(data).unwrap_or(0))
 }
 
 /// A buffer for a read of `len` bytes at `offset` of `export` and where

@@ -17,7 +17,6 @@ use crate::drivers::nvme;
 use crate::net::nbd::{self, KernelPlatform};
 use crate::platform::{power, time};
 use crate::{mm, outln};
-use dioxide_nbd::Exports;
 use dioxide_service::loopback::{Link, Loopback};
 use dioxide_service::{Server, Table, STALL_NS};
 
@@ -25,25 +24,15 @@ use dioxide_service::{Server, Table, STALL_NS};
 pub const READS: u64 = 100_000;
 const QD: usize = 16;
 
-fn rdtsc() -> u64 {
-    time::rdtsc()
-}
-
-fn now_ns() -> u64 {
-    time::now_ns()
-}
-
 pub fn noalloc(mounts: &[Mounted]) -> ! {
     let table: &'static Table =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(nbd::exports(mounts, true)));
-    // The largest file of nvme0n1 (a bare name), the namespace, null.
-    let file = (0..table.len())
-        .filter_map(|i| table.name(i))
-        .filter(|n| !n.contains('/') && !n.starts_with("nvme") && *n != "null")
-        .filter_map(|n| Some((n, table.lookup(n)?.1.size)))
-        .filter(|(_, size)| *size >= 4096)
-        .max_by_key(|(_, size)| *size)
-        .map(|(n, _)| n);
+    // The largest file of nvme0n1, the namespace, null.
+    let file = table
+        .files()
+        .filter(|&(_, size, disk)| disk == 0 && size >= 4096)
+        .max_by_key(|&(_, size, _)| size)
+        .map(|(name, _, _)| name);
     let Some(file) = file else {
         outln!("nbd-noalloc error: nvme0n1 holds no dxfs file of at least 4 KiB");
         nvme::power_off(power::EXIT_TEST_FAILED);
@@ -71,7 +60,8 @@ pub fn noalloc(mounts: &[Mounted]) -> ! {
 /// `reads` reads of `export` after a warm-up, on a server and connection
 /// of their own; whether they all succeeded without a heap operation.
 fn one(table: &'static Table, target: &str, export: &str, reads: u64) -> bool {
-    let (mut side, mut lb) = Loopback::new(export, true, QD, now_ns, rdtsc, Link::default());
+    let (mut side, mut lb) =
+        Loopback::new(export, true, QD, time::now_ns, time::rdtsc, Link::default());
     let mut server = Server::new(
         KernelPlatform,
         &mut side.sockets,
