@@ -137,10 +137,19 @@ struct Nic {
     /// Frames in flight by token: the buffer and the length given.
     tx_busy: Vec<Option<(Box<[u8]>, usize)>>,
     tx_free: Vec<Box<[u8]>>,
+    /// Buffers for TSO frames (larger than the MTU, up to `TSO_MAX`):
+    /// [`TSO_KEEP`] made at start when TSO is on; one is made when none is
+    /// free and freed again when it comes back to a full pool.
+    tso_free: Vec<Box<[u8]>>,
     /// Where a frame goes when no transmit buffer is free (dropped; TCP
     /// retransmits).
     scratch: Box<[u8]>,
 }
+
+/// TSO frame buffers kept for reuse (64 KiB each).
+const TSO_KEEP: usize = 32;
+/// Bytes of a TSO frame buffer: the header and the largest packet.
+const TSO_LEN: usize = HDR + vn::TSO_MAX;
 
 fn buffer(len: usize) -> Box<[u8]> {
     vec![0u8; len].into_boxed_slice()
@@ -218,6 +227,14 @@ impl Nic {
             rx: (0..QUEUE).map(|_| None).collect(),
             tx_busy: (0..QUEUE).map(|_| None).collect(),
             tx_free: (0..QUEUE).map(|_| buffer(tx_len)).collect(),
+            // Made at start (part of the heap level the idle report must
+            // return to): up to TSO_KEEP TSO frames in flight allocate
+            // nothing.
+            tso_free: if choice.tso.on() {
+                (0..TSO_KEEP).map(|_| buffer(TSO_LEN)).collect()
+            } else {
+                Vec::new()
+            },
             scratch: buffer(tx_len),
         };
         for _ in 0..QUEUE {
@@ -348,10 +365,17 @@ impl Nic {
             if let Err(e) = unsafe { self.txq.pop_used(t, &[&b[..len]], &mut []) } {
                 log::warn!(target: "net", "transmit completion: {e:?}");
             }
-            // An outsized buffer (a TSO frame) is not kept.
-            if b.len() == self.tx_len {
-                self.tx_free.push(b);
-            }
+            self.recycle(b);
+        }
+    }
+
+    /// Gives a transmit buffer back to its pool (a TSO buffer beyond
+    /// [`TSO_KEEP`] is freed).
+    fn recycle(&mut self, b: Box<[u8]>) {
+        if b.len() == self.tx_len {
+            self.tx_free.push(b);
+        } else if b.len() == TSO_LEN && self.tso_free.len() < TSO_KEEP {
+            self.tso_free.push(b);
         }
     }
 
@@ -470,14 +494,15 @@ impl TxToken for Tx<'_> {
         if total > HDR + vn::TSO_MAX || nic.txq.available_desc() == 0 {
             return nic.drop_frame(len, f);
         }
-        let Some(mut b) = nic.tx_free.pop() else {
+        let b = if total <= nic.tx_len {
+            nic.tx_free.pop()
+        } else {
+            // Larger than the MTU: a TSO frame.
+            Some(nic.tso_free.pop().unwrap_or_else(|| buffer(TSO_LEN)))
+        };
+        let Some(mut b) = b else {
             return nic.drop_frame(len, f);
         };
-        if b.len() < total {
-            // Larger than the MTU: a TSO frame (not pooled).
-            nic.tx_free.push(b);
-            b = buffer(total);
-        }
         let t0 = time::rdtsc();
         let r = f(&mut b[HDR..total]);
         let gso = (nic.choice.tso.on() && self.gso_size > 0).then_some(self.gso_size);
@@ -505,9 +530,7 @@ impl TxToken for Tx<'_> {
             }
             Err(e) => {
                 log::warn!(target: "net", "send failed: {e:?}");
-                if b.len() == nic.tx_len {
-                    nic.tx_free.push(b);
-                }
+                nic.recycle(b);
             }
         }
         stats::add(&stats::TX_KICK, time::rdtsc() - t1);
