@@ -128,11 +128,20 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("nvme.timeout_ms={v:?}: expected milliseconds"),
         ),
     };
-    let dbbuf = match args.switch("nvme.dbbuf") {
-        Ok(v) => v.unwrap_or(true),
+    let (dbbuf, dbbuf_keep) = match args.get("nvme.dbbuf") {
+        None | Some("1") => (true, false),
+        Some("keep") => (true, true),
+        Some("0") => (false, false),
+        Some(v) => fail(
+            EXIT_CONFIG,
+            format_args!("nvme.dbbuf={v:?}: expected 0, 1 or keep"),
+        ),
+    };
+    let kick_ms = match args.number("nvme.kick_ms") {
+        Ok(v) => v.unwrap_or(dioxide_nvme::DEFAULT_KICK_NS / 1_000_000),
         Err(v) => fail(
             EXIT_CONFIG,
-            format_args!("nvme.dbbuf={v:?}: expected 0 or 1"),
+            format_args!("nvme.kick_ms={v:?}: expected milliseconds (0: never)"),
         ),
     };
     let simple = match args.switch("dio.simple") {
@@ -194,6 +203,8 @@ fn kmain(boot: &'static BootInfo) -> ! {
         mode,
         timeout_ms,
         dbbuf,
+        dbbuf_keep,
+        kick_ms,
         simple,
     };
     let disks = match nvme::init(&functions, opts) {

@@ -22,7 +22,7 @@
 //! the DIO layer) overdue commands simply stay in flight.
 
 use crate::shared::{catch_up_locked, SharedController};
-use crate::{Expiry, Hal, Mmio, Namespace, NvmeError, QueuePair, SubmissionEntry};
+use crate::{Expiry, Hal, Mmio, Namespace, NvmeError, QueuePair, SubmissionEntry, Watched};
 use alloc::sync::Arc;
 use dioxide_blk::{BlkError, BlockQueue, IoBuf, Op};
 
@@ -70,6 +70,56 @@ impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
 /// Fails `qp`'s commands and re-creates it if the controller was reset by
 /// another queue, or marks it down if the controller is halted
 /// (`blocking`: wait for the lock, else give up if it is taken).
+/// Kicks `qp` when it makes no progress, and tells the controller when a
+/// kick recovered a lost doorbell; follows the controller's verdict on its
+/// event indexes ([`QueuePair::watch`]).
+fn watch_progress<H: Hal, M: Mmio>(
+    shared: &SharedController<H, M>,
+    qp: &mut QueuePair<H, M>,
+    now: u64,
+) {
+    if let Some(Watched::Recovered(_)) = watch(qp, now) {
+        let mut ctrl = shared.lock();
+        if ctrl.doorbell_lost() {
+            log::warn!(
+                target: "nvme",
+                "queue {}: the controller lost a shadow doorbell update: shadow doorbells off for the rest of its life (every doorbell through MMIO; nvme.dbbuf=keep keeps them)",
+                qp.qid()
+            );
+        } else if ctrl.keeps_dbbuf() {
+            log::warn!(target: "nvme", "queue {}: shadow doorbells kept (nvme.dbbuf=keep)", qp.qid());
+        }
+    }
+    if shared.event_idx_distrusted() && !qp.event_idx_distrusted() {
+        qp.distrust_event_idx();
+    }
+}
+
+/// [`QueuePair::watch`], logged.
+fn watch<H: Hal, M: Mmio>(qp: &mut QueuePair<H, M>, now: u64) -> Option<Watched> {
+    let w = qp.watch(now)?;
+    match w {
+        Watched::Kicked(k) => log::warn!(
+            target: "nvme",
+            "queue {}: {} command(s) in flight, none completed for {} us: doorbells written again through MMIO (SQ tail {}, controller consumed to {}, CQ head {})",
+            k.qid,
+            k.in_flight,
+            k.stalled_ns / 1_000,
+            k.sq_tail,
+            k.sq_event_idx.map_or(alloc::string::String::from("?"), |e| alloc::format!("{e}")),
+            k.cq_head
+        ),
+        Watched::Recovered(k) => log::warn!(
+            target: "nvme",
+            "queue {}: recovered a lost doorbell: the controller had consumed to {} of tail {} and completed commands again after the kick",
+            k.qid,
+            k.sq_event_idx.unwrap_or(0),
+            k.sq_tail
+        ),
+    }
+    Some(w)
+}
+
 #[cold]
 fn catch_up<H: Hal, M: Mmio, F: FnMut(u64, Result<(), BlkError>)>(
     shared: &SharedController<H, M>,
@@ -206,9 +256,13 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
             // No controller to abort or reset with: overdue commands stay
             // in flight (the queue wedges once one passes its grace period).
             let now = self.hal.now_ns();
+            if let Some(Watched::Recovered(_)) = watch(&mut self.qp, now) {
+                self.qp.distrust_event_idx();
+            }
             while self.qp.expire(now).is_some() {}
             return;
         };
+        watch_progress(shared, &mut self.qp, self.hal.now_ns());
         if shared.epoch() != self.qp.epoch() || (shared.is_halted() && !self.qp.is_down()) {
             catch_up(shared, &mut self.qp, true, &mut on_done);
         }

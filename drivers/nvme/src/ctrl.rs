@@ -69,6 +69,13 @@ pub struct Config {
     /// Use shadow doorbells (Doorbell Buffer Config) when the controller
     /// supports them (module docs).
     pub dbbuf: bool,
+    /// Keep trusting the shadow doorbells' event index after the controller
+    /// lost an update (a kick recovered a queue, [`QueuePair::watch`]);
+    /// by default every queue then writes every doorbell through MMIO.
+    pub dbbuf_keep: bool,
+    /// How long an I/O queue with commands in flight may complete nothing
+    /// before its doorbells are written again through MMIO; 0 never.
+    pub kick_ms: u64,
 }
 
 impl Default for Config {
@@ -79,6 +86,8 @@ impl Default for Config {
             io_timeout_ms: 5_000,
             abort_grace_ms: 5_000,
             dbbuf: true,
+            dbbuf_keep: false,
+            kick_ms: crate::queue::DEFAULT_KICK_NS / 1_000_000,
         }
     }
 }
@@ -97,6 +106,8 @@ pub struct ControllerStats {
     /// I/O queue pairs re-created by their owners after a reset made by
     /// another queue ([`Controller::rejoin`]).
     pub rejoins: u64,
+    /// Lost doorbells recovered by a queue's kick ([`Controller::doorbell_lost`]).
+    pub lost_doorbells: u64,
 }
 
 /// The Shadow Doorbell and EventIdx pages given to the controller.
@@ -136,6 +147,9 @@ pub struct Controller<H: Hal, M: Mmio> {
     /// The last reset could not stop the controller: it may still access
     /// every queue and buffer.
     halted: bool,
+    /// The controller lost a shadow doorbell update: every queue writes
+    /// every doorbell through MMIO ([`Controller::doorbell_lost`]).
+    event_idx_distrusted: bool,
     stats: ControllerStats,
 }
 
@@ -269,6 +283,7 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             queue_count: None,
             io_qids: Vec::new(),
             dbbuf: None,
+            event_idx_distrusted: false,
             epoch: 0,
             halted: false,
             stats: ControllerStats::default(),
@@ -344,6 +359,32 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
     /// Whether I/O queues use shadow doorbells (module docs).
     pub fn doorbell_buffer(&self) -> bool {
         self.dbbuf.is_some()
+    }
+
+    /// A queue's kick recovered a lost doorbell ([`QueuePair::watch`]):
+    /// unless [`Config::dbbuf_keep`], the controller's event indexes are not
+    /// trusted for the rest of its life (every doorbell also goes through
+    /// MMIO; the queues learn it from [`Controller::event_idx_distrusted`]).
+    /// Returns whether that is new.
+    pub fn doorbell_lost(&mut self) -> bool {
+        self.stats.lost_doorbells += 1;
+        if self.config.dbbuf_keep || self.event_idx_distrusted || self.dbbuf.is_none() {
+            return false;
+        }
+        self.event_idx_distrusted = true;
+        true
+    }
+
+    /// Whether the queues must write every doorbell through MMIO
+    /// ([`Controller::doorbell_lost`]).
+    pub fn event_idx_distrusted(&self) -> bool {
+        self.event_idx_distrusted
+    }
+
+    /// Whether the event index stays trusted after a lost update
+    /// ([`Config::dbbuf_keep`]).
+    pub fn keeps_dbbuf(&self) -> bool {
+        self.config.dbbuf_keep
     }
 
     /// Incremented by every reset that stopped the controller; a queue pair
@@ -533,7 +574,11 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
             vector,
         )?;
         qp.set_abort_grace_ns(self.config.abort_grace_ms * 1_000_000);
+        qp.set_kick_after_ns(self.config.kick_ms.saturating_mul(1_000_000));
         qp.set_shadow(shadow);
+        if self.event_idx_distrusted {
+            qp.distrust_event_idx();
+        }
         self.create_on_device(&mut qp)?;
         self.io_qids.push(qid);
         log::debug!(target: "nvme", "I/O queue {qid}: {entries} entries, vector {vector:?}, shadow doorbells {}", qp.shadow_doorbells());

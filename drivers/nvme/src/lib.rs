@@ -48,5 +48,7 @@ pub use ctrl::{Config, Controller, ControllerStats};
 pub use error::NvmeError;
 pub use hal::{Dma, Hal, Mmio, PAGE_SIZE};
 pub use identify::{ControllerInfo, Namespace};
-pub use queue::{Completion, DataBuf, Expiry, QueuePair, QueueStats};
+pub use queue::{
+    Completion, DataBuf, Expiry, Kick, QueuePair, QueueStats, Watched, DEFAULT_KICK_NS,
+};
 pub use shared::{ControllerGuard, SharedController};

@@ -58,6 +58,7 @@ fn config(dbbuf: bool) -> Config {
         io_timeout_ms: 100,
         abort_grace_ms: 50,
         dbbuf,
+        ..Config::default()
     }
 }
 
@@ -777,4 +778,234 @@ fn a_namespace_with_metadata_is_refused_with_its_id_and_metadata_size() {
             blocks: 100
         }
     );
+}
+
+// ---------------------------------------------------------------------------
+// Lost shadow doorbell updates (sim.rs, "Lost shadow doorbell updates") and
+// the queue's kick (queue.rs, "Lost doorbells").
+
+/// Two queues on a controller whose shadow tail reads are stale, processed
+/// later than their doorbells (deferred), with `dbbuf_keep`.
+fn lossy_queues(keep: bool) -> (Sim, SimHal, Arc<Shared>, Nq, Nq) {
+    let sim = new_sim(SimConfig {
+        stale_shadow_tail: true,
+        ..small()
+    });
+    let hal = SimHal::new();
+    let cfg = Config {
+        dbbuf_keep: keep,
+        ..config(true)
+    };
+    let mut ctrl = Ctrl::init(hal.clone(), sim.clone(), cfg).unwrap();
+    let mut qs = ctrl.create_io_queues(2, 32, false).unwrap();
+    let shared = Arc::new(SharedController::new(ctrl));
+    let q2 = NvmeQueue::new(qs.pop().unwrap(), hal.clone(), ns()).with_controller(shared.clone());
+    let q1 = NvmeQueue::new(qs.pop().unwrap(), hal.clone(), ns()).with_controller(shared.clone());
+    sim.set_deferred(true);
+    (sim, hal, shared, q1, q2)
+}
+
+/// A burst of 16 reads on an idle queue (tags `first..first + 16`), then
+/// the kernel's loop: the device runs, the queue is polled, and once a
+/// millisecond (virtual time) expired. Returns the virtual nanoseconds until
+/// every read was heard (or panics after `limit_ms`).
+fn burst(
+    sim: &Sim,
+    hal: &SimHal,
+    q: &mut Nq,
+    first: u64,
+    heard: &RefCell<Heard>,
+    base: usize,
+    limit_ms: u64,
+) -> u64 {
+    let hear = |tag: u64, r: Result<(), BlkError>| {
+        heard.borrow_mut().entry(tag).or_default().push(r);
+    };
+    for tag in first..first + 16 {
+        blk_read(q, tag % 1024, base + (tag as usize % 16) * 512, tag).unwrap();
+    }
+    let start = hal.now();
+    let done = |h: &Heard| (first..first + 16).all(|t| h.contains_key(&t));
+    while !done(&heard.borrow()) {
+        assert!(
+            hal.now() - start < limit_ms * 1_000_000,
+            "reads {first}..{} not all heard within {limit_ms} ms: {:?}",
+            first + 16,
+            heard.borrow().keys().collect::<Vec<_>>()
+        );
+        sim.run_pending();
+        q.poll(hear);
+        hal.advance(1_000_000);
+        q.expire(hear);
+    }
+    hal.now() - start
+}
+
+#[test]
+fn a_lost_shadow_doorbell_update_stalls_a_queue_that_trusts_the_event_index() {
+    // The control: the loss the model makes really stalls a queue that
+    // never kicks (as Linux's driver, until its 30 s timeout).
+    let sim = new_sim(SimConfig {
+        stale_shadow_tail: true,
+        ..small()
+    });
+    let mut ctrl = Ctrl::init(SimHal::new(), sim.clone(), config(true)).unwrap();
+    let mut qp = ctrl.create_io_queue(1, 32, None).unwrap();
+    qp.set_kick_after_ns(0);
+    sim.set_deferred(true);
+    let (mut v, o) = pages(2);
+    for k in 0..16usize {
+        submit_read(
+            &mut qp,
+            k as u64,
+            &mut v[o + k * 512..o + (k + 1) * 512],
+            k as u64,
+        );
+    }
+    // The first submission found the controller idle (MMIO), the other 15
+    // went through the shadow slot only.
+    let s = qp.stats();
+    assert_eq!((s.doorbell_writes, s.doorbells_skipped), (1, 15));
+    let mut done = 0;
+    for _ in 0..100 {
+        sim.run_pending();
+        done += qp.process_completions(|c| assert!(c.result.is_ok()));
+        assert_eq!(qp.watch(u64::MAX / 2), None);
+    }
+    assert_eq!(
+        done, 1,
+        "the device fetched only what the MMIO write drained"
+    );
+    assert_eq!(qp.in_flight(), 15);
+    assert_eq!(qp.stats().kicks, 0);
+}
+
+#[test]
+fn a_kick_recovers_a_lost_shadow_doorbell_within_milliseconds_and_turns_the_event_index_off() {
+    let (sim, hal, shared, mut q1, mut q2) = lossy_queues(false);
+    let disk = sim.disk();
+    let (v, o) = pages(4);
+    let base = v.as_ptr() as usize + o;
+    let heard = RefCell::new(Heard::new());
+    let _ = logged();
+    let took = burst(&sim, &hal, &mut q1, 0, &heard, base, 50);
+    // Kicked after 3 ms (and three looks) of no progress, recovered on the
+    // next look: well within 10 ms, against the 100 ms command timeout here
+    // (5 s in the kernel).
+    assert!(took <= 6_000_000, "{took} ns");
+    {
+        let h = heard.borrow();
+        assert!(heard_once(&h), "{h:?}");
+        assert!(
+            h.values().all(|r| r[0].is_ok()),
+            "no error reaches the owner: {h:?}"
+        );
+    }
+    for k in 0..16usize {
+        assert_eq!(v[o + k * 512..][..512], disk[k * 512..][..512]);
+    }
+    let s = q1.qp.stats();
+    assert_eq!(
+        (s.kicks, s.recoveries, s.errors, s.timeouts, s.aborts),
+        (1, 1, 0, 0, 0)
+    );
+    assert_eq!(sim.disables(), 0, "no reset");
+    assert!(q1.qp.event_idx_distrusted());
+    assert!(shared.event_idx_distrusted());
+    assert_eq!(shared.lock().stats().lost_doorbells, 1);
+    let log = logged();
+    assert!(
+        log.iter().any(
+            |l| l.contains("queue 1: 15 command(s) in flight, none completed")
+                && l.contains("SQ tail 16, controller consumed to 1")
+        ),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("recovered a lost doorbell")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("shadow doorbells off for the rest of its life")),
+        "{log:?}"
+    );
+    // From now on every doorbell goes through MMIO: the next bursts need no
+    // kick, on this queue and (after its next timer run) on the other.
+    q2.expire(|_, _| {});
+    assert!(q2.qp.event_idx_distrusted());
+    // (One turn of the loop: the virtual clock moves 1 ms per turn.)
+    let took = burst(&sim, &hal, &mut q1, 16, &heard, base, 50);
+    assert!(took < 2_000_000, "{took} ns");
+    let took = burst(&sim, &hal, &mut q2, 32, &heard, base, 50);
+    assert!(took < 2_000_000, "{took} ns");
+    assert_eq!(q1.qp.stats().kicks + q2.qp.stats().kicks, 1);
+    let h = heard.borrow();
+    assert_eq!(h.len(), 48);
+    assert!(h.values().all(|r| r.len() == 1 && r[0].is_ok()));
+    drop(h);
+    drop(v);
+}
+
+#[test]
+fn with_dbbuf_keep_the_event_index_stays_trusted_and_every_loss_is_kicked() {
+    let (sim, hal, shared, mut q1, _q2) = lossy_queues(true);
+    let (v, o) = pages(4);
+    let base = v.as_ptr() as usize + o;
+    let heard = RefCell::new(Heard::new());
+    let _ = logged();
+    for round in 0..3 {
+        let took = burst(&sim, &hal, &mut q1, round * 16, &heard, base, 50);
+        assert!(took <= 6_000_000, "{took} ns");
+    }
+    assert!(!q1.qp.event_idx_distrusted());
+    assert!(!shared.event_idx_distrusted());
+    let s = q1.qp.stats();
+    assert_eq!((s.kicks, s.recoveries, s.errors), (3, 3, 0));
+    assert!(logged()
+        .iter()
+        .any(|l| l.contains("shadow doorbells kept (nvme.dbbuf=keep)")));
+    assert!(heard
+        .borrow()
+        .values()
+        .all(|r| r.len() == 1 && r[0].is_ok()));
+    drop(v);
+}
+
+#[test]
+fn a_slow_command_is_kicked_once_harmlessly_and_not_taken_for_a_lost_doorbell() {
+    // A command the device holds (fetched, not answered) for 20 ms: the
+    // kick finds the controller caught up with our tail, changes nothing,
+    // and the event index stays trusted.
+    let (sim, hal, shared, mut q1, _q2) = two_queues(small());
+    sim.inject(Fault {
+        admin: false,
+        opcode: io::READ,
+        lba: Some(7),
+        action: FaultAction::Drop,
+        count: 1,
+    });
+    let (v, o) = pages(1);
+    let base = v.as_ptr() as usize + o;
+    let heard = RefCell::new(Heard::new());
+    let hear = |tag: u64, r: Result<(), BlkError>| {
+        heard.borrow_mut().entry(tag).or_default().push(r);
+    };
+    blk_read(&mut q1, 7, base, 0).unwrap();
+    for _ in 0..20 {
+        q1.poll(hear);
+        hal.advance(1_000_000);
+        q1.expire(hear);
+    }
+    let s = q1.qp.stats();
+    assert_eq!((s.kicks, s.recoveries), (1, 0));
+    sim.finish_stalled();
+    q1.poll(hear);
+    hal.advance(1_000_000);
+    q1.expire(hear);
+    assert_eq!(q1.qp.stats().recoveries, 0);
+    assert!(!q1.qp.event_idx_distrusted());
+    assert!(!shared.event_idx_distrusted());
+    assert!(matches!(heard.borrow()[&0][..], [Ok(())]));
+    drop(v);
 }

@@ -80,6 +80,36 @@
 //! shadow head. The formula errs only towards an extra MMIO write (also
 //! across the ring's wrap, indices being taken modulo 2^16 while the ring
 //! wraps at `entries`). The admin queue never uses shadow doorbells.
+//!
+//! The fence between the shadow store and the event index load is an
+//! `mfence` instruction on x86_64, not `fence(SeqCst)` (which compiles to
+//! `lock or`): QEMU's TCG with one virtual CPU translates a locked
+//! instruction without any host barrier, while QEMU 8.1 and later keep
+//! `mfence` as one. QEMU 7.2 drops both; there only the kick below helps.
+//!
+//! # Lost doorbells
+//!
+//! A doorbell can be lost: the shadow protocol above fails when the host
+//! reorders the driver's shadow store after its event index load while the
+//! controller, at the same moment, stores the event index and loads the
+//! shadow tail (store buffering: both loads stale, see [`crate::sim`],
+//! "Lost shadow doorbell updates"). The controller then stops at the old
+//! tail with its event index there too, and the driver, whose later tails
+//! lie beyond that event index, never writes MMIO again: the queue stalls
+//! until a command's 5 s deadline. [`QueuePair::watch`], run once a
+//! millisecond, looks for a queue that has commands in flight and completed
+//! none for [`DEFAULT_KICK_NS`] (over at least three looks), and writes its
+//! SQ tail and CQ head through the MMIO doorbells once per stall (a *kick*):
+//! the trap drains the store buffer and the controller re-reads the shadow
+//! tail. A kick that found the controller's event index behind our tail and
+//! is followed by completions *recovered* a lost doorbell: the controller is
+//! told ([`crate::Controller::doorbell_lost`]) and, unless configured to
+//! keep them, every queue of it writes every doorbell through MMIO from then
+//! on (the shadow slots are still written: the controller reads them). A
+//! command that is merely slow is kicked once, harmlessly (the controller
+//! knows the values already), and the event index stays trusted. Only a
+//! command that still does not complete reaches its deadline, the abort and
+//! the reset.
 
 use crate::cmd::{CompletionEntry, Status, SubmissionEntry};
 use crate::error::NvmeError;
@@ -93,6 +123,15 @@ use dioxide_blk::FreeList;
 /// PRP entries in one list page; one page per slot bounds a transfer to
 /// `(PRP_LIST_ENTRIES + 1)` pages less the first page's offset.
 const PRP_LIST_ENTRIES: usize = PAGE_SIZE / 8;
+
+/// How long a queue with commands in flight may make no progress before
+/// its doorbells are written again through MMIO ([`QueuePair::watch`]).
+pub const DEFAULT_KICK_NS: u64 = 3_000_000;
+
+/// Looks in a row without progress before a kick: the time alone is not
+/// enough when the CPU running the driver was itself not running (a
+/// virtual CPU descheduled by its host sees its clock jump).
+const KICK_LOOKS: u32 = 3;
 
 /// Largest transfer a slot's single PRP list page can describe for any buffer
 /// alignment: PRP1 covers the (partial) first page, the list 512 more pages.
@@ -174,6 +213,12 @@ pub struct QueueStats {
     /// Doorbells given through the shadow doorbell slot only: the event
     /// index said the controller would see the new value by itself.
     pub doorbells_skipped: u64,
+    /// Doorbells written again through MMIO because the queue's oldest
+    /// command made no progress ([`QueuePair::watch`]).
+    pub kicks: u64,
+    /// Kicks after which the queue moved again although the controller had
+    /// not fetched every submitted command before: a lost doorbell.
+    pub recoveries: u64,
 }
 
 impl core::ops::AddAssign for QueueStats {
@@ -192,6 +237,8 @@ impl core::ops::AddAssign for QueueStats {
             resets,
             doorbell_writes,
             doorbells_skipped,
+            kicks,
+            recoveries,
         } = o;
         self.submitted += submitted;
         self.completed += completed;
@@ -205,7 +252,73 @@ impl core::ops::AddAssign for QueueStats {
         self.resets += resets;
         self.doorbell_writes += doorbell_writes;
         self.doorbells_skipped += doorbells_skipped;
+        self.kicks += kicks;
+        self.recoveries += recoveries;
     }
+}
+
+/// The progress watch of one queue ([`QueuePair::watch`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Watch {
+    /// `stats.completed` at the last look.
+    completed: u64,
+    /// When the queue was last seen making progress (or idle).
+    since: u64,
+    /// Looks in a row that saw commands in flight and no completion.
+    still: u32,
+    /// The kick made in this stall, if any.
+    kicked: Option<Kick>,
+}
+
+/// What a kick found ([`QueuePair::watch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kick {
+    pub qid: u16,
+    /// Commands in flight.
+    pub in_flight: usize,
+    /// How long the queue had made no progress, in nanoseconds.
+    pub stalled_ns: u64,
+    /// Our SQ tail, rewritten through MMIO.
+    pub sq_tail: u16,
+    /// The controller's SQ event index (the tail it consumed up to) with
+    /// shadow doorbells; `None` without.
+    pub sq_event_idx: Option<u16>,
+    /// Our CQ head, rewritten through MMIO.
+    pub cq_head: u16,
+}
+
+impl Kick {
+    /// Whether the controller had not consumed every submitted command: it
+    /// missed a tail update (a lost shadow doorbell).
+    pub fn sq_lagged(&self) -> bool {
+        self.sq_event_idx.is_some_and(|e| e != self.sq_tail)
+    }
+}
+
+/// What [`QueuePair::watch`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The doorbells were written through MMIO: the queue had commands in
+    /// flight and made no progress for the kick time.
+    Kicked(Kick),
+    /// The queue completed commands again after `Kick`, which found the
+    /// controller behind our tail: a lost doorbell was recovered.
+    Recovered(Kick),
+}
+
+/// Orders a store before a later load (module docs, "Shadow doorbells"):
+/// `mfence` on x86_64, which QEMU's TCG (8.1 and later) keeps as a host
+/// barrier where it drops the `lock or` of `fence(SeqCst)`.
+#[inline(always)]
+fn store_load_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `mfence` only orders memory accesses; it touches no memory,
+    // stack or flags.
+    unsafe {
+        core::arch::asm!("mfence", options(nostack, preserves_flags));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    fence(Ordering::SeqCst);
 }
 
 /// Whether a doorbell must be written through MMIO after the shadow slot
@@ -282,6 +395,14 @@ pub struct QueuePair<H: Hal, M: Mmio> {
     vector: Option<u16>,
     /// Shadow doorbell slots, when the controller took a doorbell buffer.
     shadow: Option<Shadow>,
+    /// The controller lost a shadow doorbell update once: the slots are
+    /// still written (the controller reads them) but every doorbell also
+    /// goes through MMIO, whatever the event index says.
+    event_idx_distrusted: bool,
+    /// No progress for this long with commands in flight: kick
+    /// ([`QueuePair::watch`]); 0 never kicks.
+    kick_after_ns: u64,
+    watch: Watch,
     /// The controller's reset epoch when this queue was last created on it
     /// ([`crate::Controller::epoch`]).
     epoch: u64,
@@ -348,6 +469,9 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             max_transfer: max_transfer.min(MAX_TRANSFER_PRP_LIST),
             vector,
             shadow: None,
+            event_idx_distrusted: false,
+            kick_after_ns: DEFAULT_KICK_NS,
+            watch: Watch::default(),
             epoch: 0,
             stats: QueueStats::default(),
         })
@@ -513,10 +637,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
                 // The shadow tail must be visible before the event index is
                 // read: the controller writes the event index, then reads the
                 // shadow tail; one of us sees the other's write.
-                fence(Ordering::SeqCst);
+                store_load_fence();
                 ptr::read_volatile(s.sq_ei.as_ptr())
             };
-            if !need_event(event_idx as u16, new, old) {
+            if !self.event_idx_distrusted && !need_event(event_idx as u16, new, old) {
                 self.stats.doorbells_skipped += 1;
                 return;
             }
@@ -537,10 +661,10 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             // SAFETY: as in ring_sq.
             let event_idx = unsafe {
                 ptr::write_volatile(s.cq_db.as_ptr(), new as u32);
-                fence(Ordering::SeqCst);
+                store_load_fence();
                 ptr::read_volatile(s.cq_ei.as_ptr())
             };
-            if !need_event(event_idx as u16, new, old) {
+            if !self.event_idx_distrusted && !need_event(event_idx as u16, new, old) {
                 self.stats.doorbells_skipped += 1;
                 return;
             }
@@ -750,6 +874,94 @@ impl<H: Hal, M: Mmio> QueuePair<H, M> {
             .filter(|s| matches!(s.state, SlotState::InFlight | SlotState::Aborting))
             .map(|s| s.deadline)
             .min()
+    }
+
+    /// Watches the queue's progress; call it at a steady pace (the kernel:
+    /// once a millisecond, with [`QueuePair::expire`]). When commands are in
+    /// flight and none completed for the kick time (and
+    /// [`KICK_LOOKS`] looks in a row), writes the SQ tail and the CQ head
+    /// through the MMIO doorbells, once per stall: a controller that missed
+    /// a doorbell (a lost shadow doorbell update, a lost MMIO write) then
+    /// fetches what it missed. A write of values the controller already
+    /// knows changes nothing. When the queue completes commands again after
+    /// a kick that found the controller behind our tail, the kick recovered
+    /// a lost doorbell ([`Watched::Recovered`]): the caller should stop
+    /// trusting the event index ([`QueuePair::distrust_event_idx`]). Module
+    /// docs, "Lost doorbells".
+    pub fn watch(&mut self, now: u64) -> Option<Watched> {
+        let completed = self.stats.completed;
+        if completed != self.watch.completed || self.in_flight() == 0 {
+            let kicked = self.watch.kicked.take();
+            let moved = completed != self.watch.completed;
+            self.watch = Watch {
+                completed,
+                since: now,
+                still: 0,
+                kicked: None,
+            };
+            return match kicked {
+                Some(k) if moved && k.sq_lagged() => {
+                    self.stats.recoveries += 1;
+                    Some(Watched::Recovered(k))
+                }
+                _ => None,
+            };
+        }
+        self.watch.still = self.watch.still.saturating_add(1);
+        let stalled_ns = now.saturating_sub(self.watch.since);
+        if self.kick_after_ns == 0
+            || self.watch.kicked.is_some()
+            || self.watch.still < KICK_LOOKS
+            || stalled_ns < self.kick_after_ns
+        {
+            return None;
+        }
+        let kick = self.kick(stalled_ns);
+        self.watch.kicked = Some(kick);
+        Some(Watched::Kicked(kick))
+    }
+
+    /// Writes the SQ tail and the CQ head through MMIO ([`QueuePair::watch`]).
+    #[cold]
+    fn kick(&mut self, stalled_ns: u64) -> Kick {
+        let sq_event_idx = self.shadow.map(|s| {
+            // SAFETY: our own slot in the live event index page (Shadow);
+            // the controller writes it, hence volatile.
+            unsafe { ptr::read_volatile(s.sq_ei.as_ptr()) as u16 }
+        });
+        // Whatever the shadow slots hold was written before (ring_sq's
+        // fence); the MMIO writes follow it.
+        fence(Ordering::SeqCst);
+        self.mmio.write32(self.sq_doorbell, self.sq_tail as u32);
+        self.mmio.write32(self.cq_doorbell, self.cq_head as u32);
+        self.stats.doorbell_writes += 2;
+        self.stats.kicks += 1;
+        Kick {
+            qid: self.qid,
+            in_flight: self.in_flight(),
+            stalled_ns,
+            sq_tail: self.sq_tail,
+            sq_event_idx,
+            cq_head: self.cq_head,
+        }
+    }
+
+    /// Sets how long the queue may make no progress before
+    /// [`QueuePair::watch`] kicks it; 0 never kicks.
+    pub fn set_kick_after_ns(&mut self, ns: u64) {
+        self.kick_after_ns = ns;
+    }
+
+    /// From now on every doorbell also goes through MMIO, whatever the
+    /// controller's event index says (it lost an update once). The shadow
+    /// slots are still written: the controller reads them.
+    pub fn distrust_event_idx(&mut self) {
+        self.event_idx_distrusted = true;
+    }
+
+    /// Whether [`QueuePair::distrust_event_idx`] was called.
+    pub fn event_idx_distrusted(&self) -> bool {
+        self.event_idx_distrusted
     }
 
     /// Polls until command `cid` completes or passes its deadline. Completions

@@ -65,6 +65,8 @@ pub struct SharedController<H: Hal, M: Mmio> {
     needs_reset: AtomicBool,
     /// [`Controller::is_halted`] as of the last unlock.
     halted: AtomicBool,
+    /// [`Controller::event_idx_distrusted`] as of the last unlock.
+    event_idx_distrusted: AtomicBool,
 }
 
 /// The locked controller; publishes its epoch and state when dropped.
@@ -98,6 +100,7 @@ impl<H: Hal, M: Mmio> SharedController<H, M> {
             epoch: AtomicU64::new(ctrl.epoch()),
             needs_reset: AtomicBool::new(ctrl.needs_reset()),
             halted: AtomicBool::new(ctrl.is_halted()),
+            event_idx_distrusted: AtomicBool::new(ctrl.event_idx_distrusted()),
             ctrl: spin::Mutex::new(ctrl),
         }
     }
@@ -106,6 +109,8 @@ impl<H: Hal, M: Mmio> SharedController<H, M> {
         self.needs_reset
             .store(ctrl.needs_reset(), Ordering::Relaxed);
         self.halted.store(ctrl.is_halted(), Ordering::Relaxed);
+        self.event_idx_distrusted
+            .store(ctrl.event_idx_distrusted(), Ordering::Relaxed);
         // Release: a queue that sees the new epoch sees the rest too.
         self.epoch.store(ctrl.epoch(), Ordering::Release);
     }
@@ -143,6 +148,12 @@ impl<H: Hal, M: Mmio> SharedController<H, M> {
     /// Whether the last reset could not stop the controller.
     pub fn is_halted(&self) -> bool {
         self.halted.load(Ordering::Relaxed)
+    }
+
+    /// Whether the queues must write every doorbell through MMIO: the
+    /// controller lost a shadow doorbell update ([`Controller::doorbell_lost`]).
+    pub fn event_idx_distrusted(&self) -> bool {
+        self.event_idx_distrusted.load(Ordering::Relaxed)
     }
 
     /// Creates I/O queue pair `qid` (see [`Controller::create_io_queue`]).

@@ -37,6 +37,22 @@
 //! QEMU's timer does) and [`Sim::run_pending`] processes it later, so the
 //! driver can submit several commands while the device is "busy".
 //!
+//! Lost shadow doorbell updates ([`SimConfig::stale_shadow_tail`]), as
+//! they happen under QEMU's TCG with one virtual CPU (QEMU 7.2 and 10.0;
+//! seen on AMD EPYC hosts): the driver stores the shadow tail, fences and
+//! loads the event index; QEMU's device thread stores the event index,
+//! fences (`smp_mb` in its DMA helpers) and loads the shadow tail. The
+//! driver's fence (`lock or`, or `mfence` on 7.2) is translated without a
+//! host barrier when TCG runs one vCPU (no `CF_PARALLEL`), so both loads can
+//! be stale at once: the driver sees the old event index and skips the MMIO
+//! write, the device sees the old tail and stops there, with head = event
+//! index = the old tail. Nothing re-reads the tail after that: the commands
+//! behind it wait until the next MMIO write of the SQ tail (whose trap
+//! drains the store buffer), which a driver that trusts the event index
+//! never makes. The model's shadow tail reads then return the tail of the
+//! last MMIO write only; the driver's kick ([`crate::QueuePair::watch`])
+//! recovers it.
+//!
 //! Namespaces: namespace 1 is the one with data; more can be described
 //! ([`SimConfig::extra_namespaces`], Identify only: I/O to them fails with
 //! Invalid Namespace), namespace 1 can be detached, Identify Controller's NN
@@ -236,6 +252,10 @@ pub struct SimConfig {
     /// Identify CNS 2 (Active Namespace ID list) answered; when not, it
     /// fails with Invalid Field.
     pub active_list: bool,
+    /// The controller's reads of an I/O queue's shadow SQ tail return the
+    /// value as of the queue's last MMIO doorbell write, never a newer one
+    /// (module docs, "Lost shadow doorbell updates").
+    pub stale_shadow_tail: bool,
 }
 
 impl Default for SimConfig {
@@ -253,6 +273,7 @@ impl Default for SimConfig {
             nn: None,
             version: 0x0001_0400,
             active_list: true,
+            stale_shadow_tail: false,
         }
     }
 }
@@ -296,6 +317,9 @@ struct State {
     doorbells: [(u64, u64); MAX_QUEUES],
     /// Shadow values out of range, ignored.
     bad_shadow: u64,
+    /// Per I/O SQ: the tail of its last MMIO doorbell write, all its shadow
+    /// tail reads return with [`SimConfig::stale_shadow_tail`].
+    mmio_tail: [u16; MAX_QUEUES],
 }
 
 /// The simulated controller; clones share one device.
@@ -338,6 +362,7 @@ impl Sim {
             kicked: [false; MAX_QUEUES],
             doorbells: [(0, 0); MAX_QUEUES],
             bad_shadow: 0,
+            mmio_tail: [0; MAX_QUEUES],
         })))
     }
 
@@ -652,6 +677,12 @@ impl State {
     /// The SQ tail from the shadow slot, when a doorbell buffer is in use
     /// (`nvme_update_sq_tail`); out-of-range values are ignored.
     fn shadow_tail(&mut self, qid: u16, sq: &mut SimSq) {
+        if qid != 0 && self.cfg.stale_shadow_tail {
+            // The driver's later stores are still in its CPU's store buffer
+            // (module docs): what is read is what the MMIO write drained.
+            sq.tail = self.mmio_tail[qid as usize];
+            return;
+        }
         if let Some(v) = self.read_slot(2 * qid as usize) {
             if v < sq.entries as u32 {
                 sq.tail = v as u16;
@@ -670,6 +701,7 @@ impl State {
             return; // invalid doorbell write: ignored (a real device posts an async event)
         }
         sq.tail = tail;
+        self.mmio_tail[qid as usize] = tail;
         self.sqs[qid as usize] = Some(sq);
         if qid == 0 {
             // QEMU keeps the admin queue's shadow slot in step with MMIO.

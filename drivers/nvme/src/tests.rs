@@ -23,6 +23,7 @@ fn config() -> Config {
         io_timeout_ms: 100,
         abort_grace_ms: 50,
         dbbuf: true,
+        ..Config::default()
     }
 }
 
@@ -1089,6 +1090,7 @@ fn stats_count_timeouts_aborts_and_resets() {
             resets: 1,
             failed_resets: 0,
             rejoins: 0,
+            lost_doorbells: 0,
         }
     );
 }

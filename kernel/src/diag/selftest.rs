@@ -93,8 +93,8 @@ fn finish() -> ! {
         if let Some(q) = nvme::stats(i) {
             log::info!(
                 target: "nvme",
-                "{}: {} submitted, {} completed, {} errors, {} timeouts, {} spurious; doorbells {} written, {} skipped (shadow doorbells)",
-                d.name, q.submitted, q.completed, q.errors, q.timeouts, q.spurious, q.doorbell_writes, q.doorbells_skipped
+                "{}: {} submitted, {} completed, {} errors, {} timeouts, {} spurious; doorbells {} written, {} skipped (shadow doorbells); {} kicks, {} lost doorbells recovered",
+                d.name, q.submitted, q.completed, q.errors, q.timeouts, q.spurious, q.doorbell_writes, q.doorbells_skipped, q.kicks, q.recoveries
             );
         }
     }

@@ -237,6 +237,11 @@ pub struct Options {
     /// Shadow doorbells (Doorbell Buffer Config) when the controller has
     /// them (`nvme.dbbuf=0` turns them off, to compare).
     pub dbbuf: bool,
+    /// Keep trusting the shadow doorbells after a lost update was recovered
+    /// (`nvme.dbbuf=keep`); by default every doorbell then goes through MMIO.
+    pub dbbuf_keep: bool,
+    /// Kick a queue that completed nothing for this long (`nvme.kick_ms`).
+    pub kick_ms: u64,
     /// The DIO engines' simple path (`dio.simple=0` turns it off on every
     /// core's engine).
     pub simple: bool,
@@ -303,6 +308,8 @@ fn init_controller(
         // controller is reset.
         abort_grace_ms: timeout_ms.clamp(100, 5000),
         dbbuf: opts.dbbuf,
+        dbbuf_keep: opts.dbbuf_keep,
+        kick_ms: opts.kick_ms,
         ..Config::default()
     };
     let mut ctrl = Controller::init(KernelHal, regs, config)?;

@@ -6,7 +6,8 @@
 //! | `smp` | number of CPUs (default: all the MADT lists, at most 64) | how many CPUs to run, the boot CPU included; `smp=1` leaves the others parked |
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
-//! | `nvme.dbbuf` | `1` (default), `0` | shadow doorbells (Doorbell Buffer Config) when the controller offers them |
+//! | `nvme.dbbuf` | `1` (default), `0`, `keep` | shadow doorbells (Doorbell Buffer Config) when the controller offers them; after the controller lost an update (a kick recovered a queue) every doorbell goes through MMIO too, unless `keep` |
+//! | `nvme.kick_ms` | milliseconds (default 3, `0` never) | a queue with commands in flight that completes none for this long gets its doorbells written again through MMIO |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
 //! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench`; any `bench.*` argument without `selftest=` runs it (JSON lines on every console) |
 //! | `bench.dev` | `nvme`, `null` (comma list) | devices of `selftest=bench` |
@@ -76,6 +77,7 @@ pub const KNOWN: &[&str] = &[
     "nvme.completion",
     "nvme.timeout_ms",
     "nvme.dbbuf",
+    "nvme.kick_ms",
     "rw.blocks",
     "dio.simple",
     "net.ip",
