@@ -95,6 +95,19 @@ fn watch_progress<H: Hal, M: Mmio>(
     }
 }
 
+/// An event index for a log line, `?` without shadow doorbells (no
+/// allocation: the kick runs on the read path).
+struct EventIdx(Option<u16>);
+
+impl core::fmt::Display for EventIdx {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, "{e}"),
+            None => f.write_str("?"),
+        }
+    }
+}
+
 /// [`QueuePair::watch`], logged.
 fn watch<H: Hal, M: Mmio>(qp: &mut QueuePair<H, M>, now: u64) -> Option<Watched> {
     let w = qp.watch(now)?;
@@ -106,7 +119,7 @@ fn watch<H: Hal, M: Mmio>(qp: &mut QueuePair<H, M>, now: u64) -> Option<Watched>
             k.in_flight,
             k.stalled_ns / 1_000,
             k.sq_tail,
-            k.sq_event_idx.map_or(alloc::string::String::from("?"), |e| alloc::format!("{e}")),
+            EventIdx(k.sq_event_idx),
             k.cq_head
         ),
         Watched::Recovered(k) => log::warn!(

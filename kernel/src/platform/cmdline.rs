@@ -7,7 +7,7 @@
 //! | `nvme.completion` | `poll` (default), `irq` | how I/O completions are reaped |
 //! | `nvme.timeout_ms` | milliseconds (default 5000) | deadline of each command |
 //! | `nvme.dbbuf` | `1` (default), `0`, `keep` | shadow doorbells (Doorbell Buffer Config) when the controller offers them; after the controller lost an update (a kick recovered a queue) every doorbell goes through MMIO too, unless `keep` |
-//! | `nvme.kick_ms` | milliseconds (default 3, `0` never) | a queue with commands in flight that completes none for this long gets its doorbells written again through MMIO |
+//! | `nvme.kick_ms` | milliseconds (default 10, `0` never) | a queue with commands in flight that completes none for this long gets its doorbells written again through MMIO |
 //! | `rw.blocks` | logical blocks (default: 1 MiB worth) | scratch range size of `selftest=rw` |
 //! | `bench.qd` | e.g. `1,16,64` | queue depths of `selftest=bench`; any `bench.*` argument without `selftest=` runs it (JSON lines on every console) |
 //! | `bench.dev` | `nvme`, `null` (comma list) | devices of `selftest=bench` |
