@@ -267,6 +267,10 @@ enum Timer {
 
 const ACK_DELAY_DEFAULT: Duration = Duration::from_millis(10);
 const CLOSE_DELAY: Duration = Duration::from_millis(10_000);
+/// dioxide: idle ACKs after one data segment ([`Socket::set_idle_ack`]):
+/// fewer than the three duplicate ACKs that make a peer whose data is on
+/// its way retransmit it.
+const IDLE_ACKS: u8 = 2;
 
 impl Timer {
     fn new() -> Timer {
@@ -476,6 +480,11 @@ pub struct Socket<'a> {
     /// Used for rate-limiting: No more challenge ACKs will be sent until this instant.
     challenge_ack_timer: Instant,
 
+    /// dioxide: see [`Socket::set_idle_ack`].
+    idle_ack: Option<Duration>,
+    /// When the next idle ACK is due, and how many went out before it.
+    idle_ack_at: Option<(Instant, u8)>,
+
     /// Nagle's Algorithm enabled.
     nagle: bool,
 
@@ -546,6 +555,8 @@ impl<'a> Socket<'a> {
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
+            idle_ack: None,
+            idle_ack_at: None,
             nagle: true,
             tsval_generator: None,
             last_remote_tsval: 0,
@@ -738,6 +749,28 @@ impl<'a> Socket<'a> {
         self.nagle = enabled
     }
 
+    /// dioxide: in ESTABLISHED, send a bare ACK `after` our last data
+    /// segment when the peer has sent no data since, and one more `2 *
+    /// after` later (two in all: a peer whose own data is on its way
+    /// retransmits it after three duplicate ACKs). Any data from the peer
+    /// stops them; our next data segment starts them again. `None` (the
+    /// default): never.
+    ///
+    /// A Linux peer holds a request it wrote with `MSG_MORE` and never
+    /// completed (libnbd 1.14 ends NBD_OPT_LIST_META_CONTEXT that way) until
+    /// its probe timer, 200 ms, or until any ACK arrives: the ACK makes it
+    /// send at once.
+    pub fn set_idle_ack(&mut self, after: Option<Duration>) {
+        self.idle_ack = after;
+        if after.is_none() {
+            self.idle_ack_at = None;
+        }
+    }
+
+    fn idle_ack_due(&self, now: Instant) -> bool {
+        self.state == State::Established && matches!(self.idle_ack_at, Some((t, _)) if t <= now)
+    }
+
     /// Return the keep-alive interval.
     ///
     /// See also the [set_keep_alive](#method.set_keep_alive) method.
@@ -842,6 +875,7 @@ impl<'a> Socket<'a> {
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
         self.challenge_ack_timer = Instant::from_secs(0);
+        self.idle_ack_at = None;
 
         #[cfg(feature = "async")]
         {
@@ -2033,6 +2067,8 @@ impl<'a> Socket<'a> {
         if payload_len == 0 {
             return None;
         }
+        // The peer is talking: no idle ACK until we answer.
+        self.idle_ack_at = None;
 
         let assembler_was_empty = self.assembler.is_empty();
 
@@ -2331,6 +2367,8 @@ impl<'a> Socket<'a> {
         } else if self.window_to_update() {
             // If we have window length increase to advertise, do it.
             tcp_trace!("outgoing segment will update window");
+        } else if self.idle_ack_due(cx.now()) {
+            tcp_trace!("outgoing segment is an idle ACK");
         } else if self.state == State::Closed {
             // If we need to abort the connection, do it.
             tcp_trace!("outgoing segment will abort connection");
@@ -2541,6 +2579,20 @@ impl<'a> Socket<'a> {
             return Ok(());
         }
 
+        // Data sent: the idle ACK waits from now; an ACK that went out when
+        // one was due counts as one, the next waits twice as long.
+        if let Some(after) = self.idle_ack {
+            if !repr.payload.is_empty() {
+                self.idle_ack_at = Some((cx.now() + after, 0));
+            } else if let Some((t, sent)) = self.idle_ack_at {
+                if t <= cx.now() {
+                    let sent = sent + 1;
+                    self.idle_ack_at =
+                        (sent < IDLE_ACKS).then(|| (cx.now() + after + after, sent));
+                }
+            }
+        }
+
         // We've sent a packet successfully, so we can update the internal state now.
         self.remote_last_seq = repr.seq_number + repr.segment_len();
         self.remote_last_ack = repr.ack_number;
@@ -2610,8 +2662,13 @@ impl<'a> Socket<'a> {
                 (_, _) => PollAt::Ingress,
             };
 
+            let idle_ack_poll_at = match self.idle_ack_at {
+                Some((t, _)) if self.state == State::Established => PollAt::Time(t),
+                _ => PollAt::Ingress,
+            };
+
             // We wait for the earliest of our timers to fire.
-            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at]
+            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at, idle_ack_poll_at]
                 .iter()
                 .min()
                 .unwrap_or(&PollAt::Ingress)
