@@ -631,3 +631,121 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         assert!([1, 16, 128].contains(&r["qd"].as_u64().unwrap()));
     }
 }
+
+/// Damage costs only what is damaged (issue 20): a file whose inode fails
+/// its checksum and a directory whose block does are left out, each named in
+/// one log line, and every other file is exported; a damaged root directory
+/// leaves no file export. The raw namespace is served either way.
+#[test]
+fn a_damaged_image_exports_every_file_that_checks_out() {
+    use raw::*;
+    let dir = TempDir::new("nbd-damaged");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let mut rng = dioxide_testkit::Rng::new(20);
+    let mut good = Vec::new();
+    for i in 0..10 {
+        let mut data = vec![0u8; 1 + rng.below(20_000) as usize];
+        rng.fill(&mut data);
+        std::fs::write(src.join(format!("good-{i}")), &data).unwrap();
+        good.push((format!("good-{i}"), data));
+    }
+    std::fs::write(src.join("bad"), vec![8u8; 10_000]).unwrap();
+    std::fs::write(src.join("sub/s1"), b"below a damaged block").unwrap();
+    std::fs::write(src.join("sub/s2"), vec![9u8; 5000]).unwrap();
+    let img = dir.path().join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let image = std::fs::read(&img).unwrap();
+    let (bad, bad_blk, bad_at, sub, sub_blk, root_blk) = {
+        let dev = dioxide::fstool::FileDevice::open(&img).unwrap();
+        let fs = dioxide_dxfs::Fs::mount(&dev).unwrap();
+        let sb = fs.superblock().clone();
+        let bad = fs.resolve("/bad").unwrap();
+        let sub = fs.resolve("/sub").unwrap();
+        let first_block = |ino| fs.open(ino).unwrap().extents()[0].disk_block as usize;
+        (
+            bad,
+            sb.itable_start + (bad - 1) / 16,
+            sb.itable_start as usize * 4096 + (bad as usize - 1) * 256 + 8,
+            sub,
+            first_block(sub),
+            first_block(1),
+        )
+    };
+
+    // One file's inode and one directory's block.
+    let mut damaged = image.clone();
+    damaged[bad_at] ^= 0x10;
+    damaged[sub_blk * 4096 + 100] ^= 0x01;
+    std::fs::write(&img, &damaged).unwrap();
+    let bad_line = format!(
+        "nbd: nvme0n1: /bad: file left out: corrupt inode {bad} at block {bad_blk}: bad checksum"
+    );
+    let sub_line = format!(
+        "nbd: nvme0n1: /sub: directory left out with everything below it: corrupt directory inode {sub} at block {sub_blk}: bad checksum"
+    );
+    // fsck names both with the same words.
+    let rep = dioxide_dxfs::fsck::check(dioxide::fstool::FileDevice::open(&img).unwrap());
+    for line in [&bad_line, &sub_line] {
+        let e = &line[line.find("corrupt").unwrap()..];
+        assert!(
+            rep.problems.iter().any(|p| p.contains(e)),
+            "fsck: {:?}",
+            rep.problems
+        );
+    }
+    let app = dioxide::nbdbench::boot(config(Some(&img), &[]), dioxide::nbdbench::NetMode::User)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let show = ConsoleOnPanic(&app.guest);
+    let console = app.guest.console();
+    assert!(console.contains(&bad_line), "{console}");
+    assert!(console.contains(&sub_line), "{console}");
+    assert!(
+        console.contains(": 11 exports (10 files, 1 namespace(s)); heap"),
+        "{console}"
+    );
+    for (name, data) in &good {
+        let (mut c, size) = Client::open(app.port, name);
+        assert_eq!(size, data.len() as u64, "{name}");
+        assert!(c.read_at(0, data.len() as u32).unwrap() == *data, "{name}");
+        c.disconnect();
+    }
+    for name in ["bad", "sub/s1"] {
+        let mut c = Client::greeted_within(app.port, Duration::from_secs(30));
+        assert!(c.go(name).is_err(), "{name} exported");
+    }
+    drop(show);
+    drop(app);
+
+    // What every path goes through: the root directory's block, the
+    // superblock. No file is exported; the namespace still is.
+    for (at, line) in [
+        (
+            root_blk * 4096 + 100,
+            format!("nbd: nvme0n1: file exports unavailable: corrupt directory inode 1 at block {root_blk}: bad checksum"),
+        ),
+        (
+            100,
+            "dxfs: nvme0n1 holds no usable dxfs: corrupt superblock at block 0: bad checksum".into(),
+        ),
+    ] {
+        let mut damaged = image.clone();
+        damaged[at] ^= 0x01;
+        std::fs::write(&img, &damaged).unwrap();
+        let app =
+            dioxide::nbdbench::boot(config(Some(&img), &[]), dioxide::nbdbench::NetMode::User)
+                .unwrap_or_else(|e| panic!("{e}"));
+        let _show = ConsoleOnPanic(&app.guest);
+        let console = app.guest.console();
+        assert!(console.contains(&line), "{console}");
+        assert!(
+            console.contains(": 1 exports (0 files, 1 namespace(s)); heap"),
+            "{console}"
+        );
+        let (mut c, size) = Client::open(app.port, "nvme0n1");
+        assert_eq!(size, damaged.len() as u64);
+        let blk = at / 4096 * 4096;
+        assert!(c.read_at(blk as u64, 4096).unwrap() == damaged[blk..blk + 4096]);
+        c.disconnect();
+    }
+}

@@ -76,6 +76,16 @@ impl File {
     }
 }
 
+/// The state of one [`Fs::readdir`]: the entries so far, the blocks
+/// visited, one block's buffer, and where a damaged block below the first
+/// is reported (`None`: it is an error).
+struct Readdir<'a> {
+    out: Vec<DirEntry>,
+    seen: BTreeSet<u64>,
+    buf: Vec<u8>,
+    damaged: Option<&'a mut Vec<Error>>,
+}
+
 /// One entry of a recursive walk.
 #[derive(Clone, Debug)]
 pub struct WalkEntry {
@@ -191,6 +201,11 @@ impl<D: BlockDevice> Fs<D> {
     /// Opens inode `ino`: reads it and its extent tree.
     pub fn open(&self, ino: u64) -> Result<File> {
         let inode = self.inode(ino)?;
+        self.open_inode(ino, inode)
+    }
+
+    /// Opens inode `ino`, already read as `inode`: reads its extent tree.
+    fn open_inode(&self, ino: u64, inode: Inode) -> Result<File> {
         let extents = self.extents(ino, &inode)?;
         Ok(File {
             ino,
@@ -513,14 +528,29 @@ impl<D: BlockDevice> Fs<D> {
 
     /// Every entry of directory `dir`, in hash order.
     pub fn readdir(&self, dir: &File) -> Result<Vec<DirEntry>> {
+        self.readdir_with(dir, None)
+    }
+
+    /// As [`Fs::readdir`], but a damaged block below the directory's first
+    /// (the root of its tree) costs only the entries below it: its error is
+    /// pushed on `damaged` and the other blocks are read. An error only when
+    /// the first block itself is damaged.
+    pub fn readdir_partial(&self, dir: &File, damaged: &mut Vec<Error>) -> Result<Vec<DirEntry>> {
+        self.readdir_with(dir, Some(damaged))
+    }
+
+    fn readdir_with(&self, dir: &File, damaged: Option<&mut Vec<Error>>) -> Result<Vec<DirEntry>> {
         if !dir.inode.is_dir() {
             return Err(Error::NotADirectory(dir.ino.to_string()));
         }
-        let mut out = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut buf = vec![0u8; self.bs];
-        self.readdir_in(dir, 0, None, &mut out, &mut seen, &mut buf)?;
-        Ok(out)
+        let mut r = Readdir {
+            out: Vec::new(),
+            seen: BTreeSet::new(),
+            buf: vec![0u8; self.bs],
+            damaged,
+        };
+        self.readdir_in(dir, 0, None, &mut r)?;
+        Ok(r.out)
     }
 
     fn readdir_in(
@@ -528,15 +558,13 @@ impl<D: BlockDevice> Fs<D> {
         dir: &File,
         lblock: u64,
         want_level: Option<u16>,
-        out: &mut Vec<DirEntry>,
-        seen: &mut BTreeSet<u64>,
-        buf: &mut Vec<u8>,
+        r: &mut Readdir<'_>,
     ) -> Result<()> {
         let what = Structure::Directory(dir.ino);
-        if !seen.insert(lblock) {
+        if !r.seen.insert(lblock) {
             return Err(Error::corrupt(what, lblock, Why::Loop("directory block")));
         }
-        let hdr = self.dir_node(dir, lblock, buf)?;
+        let hdr = self.dir_node(dir, lblock, &mut r.buf)?;
         if want_level.is_some_and(|l| l != hdr.level) {
             return Err(Error::corrupt(
                 what,
@@ -545,8 +573,8 @@ impl<D: BlockDevice> Fs<D> {
             ));
         }
         if hdr.level == 0 {
-            let entries = self.dir_leaf_entries(dir, &hdr, buf)?;
-            if let (Some(p), Some(f)) = (out.last(), entries.first()) {
+            let entries = self.dir_leaf_entries(dir, &hdr, &r.buf)?;
+            if let (Some(p), Some(f)) = (r.out.last(), entries.first()) {
                 let p: &DirEntry = p;
                 if (p.hash, p.name.as_str()) >= (f.hash, f.name.as_str()) {
                     return Err(Error::corrupt(
@@ -556,12 +584,17 @@ impl<D: BlockDevice> Fs<D> {
                     ));
                 }
             }
-            out.extend(entries);
+            r.out.extend(entries);
             return Ok(());
         }
-        let index = self.dir_index(dir, &hdr, buf)?;
+        let index = self.dir_index(dir, &hdr, &r.buf)?;
         for (_, child) in index {
-            self.readdir_in(dir, child, Some(hdr.level - 1), out, seen, buf)?;
+            let res = self.readdir_in(dir, child, Some(hdr.level - 1), r);
+            match (res, r.damaged.as_deref_mut()) {
+                (Ok(()), _) => {}
+                (Err(e), Some(d)) => d.push(e),
+                (Err(e), None) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -586,38 +619,230 @@ impl<D: BlockDevice> Fs<D> {
     }
 
     /// Every file and directory below the root, depth first, sorted by name
-    /// within a directory. A directory reached twice is an error (cycle).
+    /// within a directory: [`Fs::scan`], with its first damage an error.
     pub fn walk(&self) -> Result<Vec<WalkEntry>> {
-        let mut out = Vec::new();
+        let scan = self.scan()?;
+        if let Some(d) = scan.damage.into_iter().next() {
+            return Err(d.error);
+        }
+        Ok(scan
+            .found
+            .into_iter()
+            .map(|f| {
+                let inode = match f.kind {
+                    Kind::Dir(inode) => inode,
+                    Kind::File(file) => file.inode,
+                };
+                WalkEntry {
+                    path: f.path,
+                    ino: f.ino,
+                    inode,
+                }
+            })
+            .collect())
+    }
+
+    /// Walks the tree as far as it checks out: every directory and regular
+    /// file whose own metadata (inode, extent tree) and path (the directory
+    /// blocks that lead to it) are sound, each file opened, and one
+    /// [`Damage`] per damaged structure met on the way, which costs only
+    /// what lies behind it (the file, the directory's subtree, the entries
+    /// of one directory block). A damaged inode reached by several paths
+    /// (hard links) is reported once. An error only when the root
+    /// directory, which every path goes through, cannot be read (its inode,
+    /// extent tree or first block).
+    pub fn scan(&self) -> Result<Scan> {
+        let root = self.open(ROOT_INO)?;
+        if !root.inode.is_dir() {
+            return Err(Error::corrupt(
+                Structure::Inode(ROOT_INO),
+                self.inode_block(ROOT_INO),
+                Why::Field("root is not a directory"),
+            ));
+        }
+        let mut scan = Scan::default();
         let mut seen = BTreeSet::new();
         seen.insert(ROOT_INO);
-        let mut stack = vec![(String::new(), ROOT_INO)];
-        while let Some((path, ino)) = stack.pop() {
-            let dir = self.open(ino)?;
-            let mut entries = self.readdir(&dir)?;
-            entries.sort_by(|a, b| b.name.cmp(&a.name));
+        // Inodes found damaged: a second path to one adds no finding.
+        let mut bad = BTreeSet::new();
+        let mut stack = vec![(String::new(), root)];
+        while let Some((path, dir)) = stack.pop() {
+            let mut bad_blocks = Vec::new();
+            let mut entries = match self.readdir_partial(&dir, &mut bad_blocks) {
+                Ok(e) => e,
+                Err(e) if dir.ino == ROOT_INO => return Err(e),
+                Err(error) => {
+                    scan.damage.push(Damage {
+                        path,
+                        error,
+                        lost: Lost::Directory,
+                    });
+                    continue;
+                }
+            };
+            scan.damage
+                .extend(bad_blocks.into_iter().map(|error| Damage {
+                    path: path.clone(),
+                    error,
+                    lost: Lost::Entries,
+                }));
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
             let mut subdirs = Vec::new();
-            for e in entries.into_iter().rev() {
+            for e in entries {
                 let p = alloc::format!("{path}/{}", e.name);
-                let inode = self.inode(e.ino)?;
-                if inode.is_dir() {
-                    if !seen.insert(e.ino) {
-                        return Err(Error::corrupt(
-                            Structure::Directory(ino),
+                if bad.contains(&e.ino) {
+                    continue;
+                }
+                let lost = if e.kind == DT_DIR {
+                    Lost::Directory
+                } else {
+                    Lost::File
+                };
+                let inode = match self.inode(e.ino) {
+                    Ok(i) => i,
+                    Err(error) => {
+                        bad.insert(e.ino);
+                        scan.damage.push(Damage {
+                            path: p,
+                            error,
+                            lost,
+                        });
+                        continue;
+                    }
+                };
+                if inode.is_dir() && !seen.insert(e.ino) {
+                    scan.damage.push(Damage {
+                        path: p,
+                        error: Error::corrupt(
+                            Structure::Directory(dir.ino),
                             self.inode_block(e.ino),
                             Why::Loop("directory"),
-                        ));
-                    }
-                    subdirs.push((p.clone(), e.ino));
+                        ),
+                        lost: Lost::Directory,
+                    });
+                    continue;
                 }
-                out.push(WalkEntry {
-                    path: p,
-                    ino: e.ino,
-                    inode,
-                });
+                let lost = if inode.is_dir() {
+                    Lost::Directory
+                } else {
+                    Lost::File
+                };
+                match self.open_inode(e.ino, inode) {
+                    Ok(f) if f.inode.is_dir() => {
+                        scan.found.push(Found {
+                            path: p.clone(),
+                            ino: e.ino,
+                            kind: Kind::Dir(f.inode.clone()),
+                        });
+                        subdirs.push((p, f));
+                    }
+                    Ok(f) => scan.found.push(Found {
+                        path: p,
+                        ino: e.ino,
+                        kind: Kind::File(f),
+                    }),
+                    Err(error) => {
+                        bad.insert(e.ino);
+                        scan.damage.push(Damage {
+                            path: p,
+                            error,
+                            lost,
+                        });
+                    }
+                }
             }
             stack.extend(subdirs.into_iter().rev());
         }
-        Ok(out)
+        Ok(scan)
+    }
+}
+
+/// What [`Fs::scan`] found.
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    /// Every regular file that checks out and every directory whose inode
+    /// and extent tree do, depth first, sorted by name within a directory.
+    pub found: Vec<Found>,
+    /// Every damaged structure met, in the order met.
+    pub damage: Vec<Damage>,
+}
+
+impl Scan {
+    /// The regular files found, by path.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &File)> {
+        self.found.iter().filter_map(|f| match &f.kind {
+            Kind::File(file) => Some((f.path.as_str(), file)),
+            Kind::Dir(_) => None,
+        })
+    }
+
+    /// The regular files found, by path, owned.
+    pub fn into_files(self) -> impl Iterator<Item = (String, File)> {
+        self.found.into_iter().filter_map(|f| match f.kind {
+            Kind::File(file) => Some((f.path, file)),
+            Kind::Dir(_) => None,
+        })
+    }
+}
+
+/// A directory or regular file [`Fs::scan`] found sound.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// From the root, `/` first.
+    pub path: String,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug)]
+pub enum Kind {
+    Dir(Inode),
+    /// Opened: its extents read and checked.
+    File(File),
+}
+
+/// One damaged structure [`Fs::scan`] met, and what it cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// Where the walk met it: the path of the file or directory left out, or
+    /// of the directory whose entries were (`""`: the root).
+    pub path: String,
+    /// Which structure (inode, extent tree, directory and its block) and why.
+    pub error: Error,
+    pub lost: Lost,
+}
+
+/// What a [`Damage`] cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// The file at the path.
+    File,
+    /// The directory at the path and everything below it.
+    Directory,
+    /// The entries of one block of the directory at the path (with what lies
+    /// below them).
+    Entries,
+}
+
+impl core::fmt::Display for Damage {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let dir = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
+        match self.lost {
+            Lost::File => write!(f, "{}: file left out: {}", self.path, self.error),
+            Lost::Directory => write!(
+                f,
+                "{dir}: directory left out with everything below it: {}",
+                self.error
+            ),
+            Lost::Entries => write!(
+                f,
+                "{dir}: the entries of one directory block left out: {}",
+                self.error
+            ),
+        }
     }
 }

@@ -175,13 +175,19 @@ pub fn check<D: BlockDevice>(dev: D) -> Report {
     }
     while let Some((path, ino)) = stack.pop() {
         r.dirs += 1;
-        let entries = match fs.open(ino).and_then(|d| fs.readdir(&d)) {
+        // A damaged block costs the entries below it, as when serving: the
+        // other blocks' entries are still checked.
+        let mut lost = Vec::new();
+        let entries = match fs.open(ino).and_then(|d| fs.readdir_partial(&d, &mut lost)) {
             Ok(e) => e,
             Err(e) => {
                 r.problem(format!("directory {path}: {e}"));
                 continue;
             }
         };
+        for e in lost {
+            r.problem(format!("directory {path}: {e}"));
+        }
         for e in entries {
             let child_path = if path == "/" {
                 format!("/{}", e.name)

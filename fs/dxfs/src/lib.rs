@@ -4,7 +4,11 @@
 //! NVMe driver) and in the host tools (over files), builds images ([`mkfs`])
 //! and checks them ([`fsck`]). The format is in `FORMAT.md`. No byte of an
 //! image is believed without a check: a damaged image yields an [`Error`] that
-//! names the structure and block, never a panic or an endless loop.
+//! names the structure and block, never a panic or an endless loop. Damage
+//! costs only what depends on it: [`Fs::scan`] walks the tree and returns
+//! every file whose own metadata and path check out, with one [`Damage`] per
+//! damaged inode, extent tree or directory block; only a damaged superblock
+//! or root directory leaves no file at all.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -22,4 +26,4 @@ mod tests;
 
 pub use dev::{check_access, BlockDevice, BlockDeviceMut, DevCode, DevError, MemDevice};
 pub use error::{Error, Result, Structure, Why};
-pub use fs::{File, Fs, Mapping, WalkEntry};
+pub use fs::{Damage, File, Found, Fs, Kind, Lost, Mapping, Scan, WalkEntry};

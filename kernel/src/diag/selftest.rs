@@ -331,146 +331,139 @@ pub fn files(mounts: &[Mounted]) -> ! {
     finish()
 }
 
-/// One filesystem of [`files`]: (files read, errors, bytes).
+/// One filesystem of [`files`]: (files read, errors, bytes). The files are
+/// those the NBD service exports ([`dioxide_dxfs::Fs::scan`]); each damaged
+/// structure is one error line (`file <path> error=...` for a file left
+/// out, `dir <path>/ error=...` for a directory or some of its entries).
 fn files_of(m: &Mounted, buf: &mut DmaBuf) -> (u64, u64, u64) {
-    use dioxide_dxfs::format::ROOT_INO;
-    let fs = &m.fs;
-    let disk = m.disk;
-    let (mut count, mut errors, mut bytes) = (0u64, 0u64, 0u64);
-    let mut stack: Vec<(alloc::string::String, u64)> = alloc::vec![(m.root(), ROOT_INO)];
-    let mut seen = alloc::collections::BTreeSet::new();
-    seen.insert(ROOT_INO);
-    while let Some((path, ino)) = stack.pop() {
-        let entries = fs.open(ino).and_then(|d| fs.readdir(&d));
-        let mut entries = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                outln!("dir {}/ error={}", path, e);
-                errors += 1;
-                continue;
-            }
-        };
-        entries.sort_by(|a, b| b.name.cmp(&a.name));
-        let mut subdirs = Vec::new();
-        for e in entries.into_iter().rev() {
-            let p = alloc::format!("{path}/{}", e.name);
-            let f = match fs.open(e.ino) {
-                Ok(f) => f,
-                Err(err) => {
-                    outln!("file {} error={}", p, err);
-                    errors += 1;
-                    continue;
-                }
-            };
-            if f.inode.is_dir() {
-                if seen.insert(e.ino) {
-                    subdirs.push((p, e.ino));
-                } else {
-                    outln!("dir {}/ error=directory reached twice (cycle)", p);
-                    errors += 1;
-                }
-                continue;
-            }
-            let mut hasher = Sha256::new();
-            let mut off = 0u64;
-            let mut failed = None;
-            let mut first = [0u8; 4096];
-            while off < f.size() {
-                // Every file read goes through the DIO layer: 1 MiB requests
-                // take the generic path (EOF tails through a bounce buffer).
-                // The buffer is poisoned first, so that bytes the read did
-                // not move cannot pass for data left by an earlier read.
-                poison(&mut buf.as_mut_slice()[..1 << 20], off);
-                let iob = buf.part(0, 1 << 20);
-                // SAFETY: `buf` is owned here; the call is synchronous.
-                let r = nvme::with_engine(disk, |e| unsafe {
-                    e.dio_rw(DioRequest::read(Kiocb::sync(off), iob, &f))
-                })
-                .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
-                let want = (f.size() - off).min(1 << 20) as usize;
-                match r {
-                    Ok(DioResult::Done(n)) if n != want => {
-                        failed = Some(alloc::format!(
-                            "read at byte {off} returned {n} bytes, not {want}"
-                        ));
-                        break;
-                    }
-                    Ok(DioResult::Done(n)) => {
-                        hasher.update(&buf.as_slice()[..n]);
-                        if off == 0 {
-                            let k = n.min(4096);
-                            first[..k].copy_from_slice(&buf.as_slice()[..k]);
-                        }
-                        off += n as u64;
-                    }
-                    Ok(DioResult::Queued) => {
-                        failed = Some("synchronous read queued".into());
-                        break;
-                    }
-                    Err(err) => {
-                        failed = Some(alloc::format!("{err}"));
-                        break;
-                    }
-                }
-            }
-            if failed.is_none() && off != f.size() {
-                failed = Some(alloc::format!(
-                    "read {off} bytes of a {}-byte file",
-                    f.size()
-                ));
-            }
-            // The first block again through a 4 KiB request, which takes the
-            // simple path when it is on: it must return the same bytes. The
-            // buffer first holds the complement of those bytes, so a read
-            // that moved no data (or only part of it) cannot match.
-            if failed.is_none() && f.size() >= 4096 {
-                for (b, &want) in buf.as_mut_slice()[..4096].iter_mut().zip(first.iter()) {
-                    *b = !want;
-                }
-                let iob = buf.part(0, 4096);
-                // SAFETY: `buf` is owned here; the call is synchronous.
-                let r = nvme::with_engine(disk, |e| unsafe {
-                    e.dio_rw(DioRequest::read(Kiocb::sync(0), iob, &f))
-                });
-                failed = match r {
-                    Some(Ok(DioResult::Done(4096))) => {
-                        let got = &buf.as_slice()[..4096];
-                        got.iter().zip(first.iter()).position(|(a, b)| a != b).map(|i| {
-                            alloc::format!(
-                                "4 KiB read differs from the 1 MiB read at byte {i} ({:#04x}, not {:#04x})",
-                                got[i],
-                                first[i]
-                            )
-                        })
-                    }
-                    Some(Ok(DioResult::Done(n))) => {
-                        Some(alloc::format!("4 KiB read returned {n} bytes"))
-                    }
-                    Some(Ok(DioResult::Queued)) => Some("4 KiB read queued".into()),
-                    Some(Err(e)) => Some(alloc::format!("4 KiB read: {e}")),
-                    None => Some("no NVMe engine".into()),
-                };
-            }
-            match failed {
-                None => {
-                    outln!(
-                        "file {} bytes={} sha256={}",
-                        p,
-                        off,
-                        hex(&hasher.finalize())
-                    );
-                    count += 1;
-                    bytes += off;
-                }
-                Some(err) => {
-                    outln!("file {} error={}", p, err);
-                    errors += 1;
-                }
+    use dioxide_dxfs::Lost;
+    let root = m.root();
+    let scan = match m.fs.scan() {
+        Ok(scan) => scan,
+        Err(e) => {
+            outln!("dir {}/ error={}", root, e);
+            return (0, 1, 0);
+        }
+    };
+    let mut errors = scan.damage.len() as u64;
+    for d in &scan.damage {
+        match d.lost {
+            Lost::File => outln!("file {}{} error={}", root, d.path, d.error),
+            Lost::Directory | Lost::Entries => {
+                outln!("dir {}{}/ error={}", root, d.path, d.error)
             }
         }
-        stack.extend(subdirs.into_iter().rev());
+    }
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for (path, f) in scan.files() {
+        match read_whole(m.disk, f, buf) {
+            Ok((n, sha256)) => {
+                outln!("file {}{} bytes={} sha256={}", root, path, n, sha256);
+                count += 1;
+                bytes += n;
+            }
+            Err(err) => {
+                outln!("file {}{} error={}", root, path, err);
+                errors += 1;
+            }
+        }
     }
     (count, errors, bytes)
+}
+
+/// Reads file `f` of namespace `disk` whole through the DIO layer, and its
+/// first block again through a 4 KiB request: its size and sha256 (hex), or
+/// what failed.
+fn read_whole(
+    disk: usize,
+    f: &dioxide_dxfs::File,
+    buf: &mut DmaBuf,
+) -> Result<(u64, alloc::string::String), alloc::string::String> {
+    let mut hasher = Sha256::new();
+    let mut off = 0u64;
+    let mut failed = None;
+    let mut first = [0u8; 4096];
+    while off < f.size() {
+        // Every file read goes through the DIO layer: 1 MiB requests
+        // take the generic path (EOF tails through a bounce buffer).
+        // The buffer is poisoned first, so that bytes the read did
+        // not move cannot pass for data left by an earlier read.
+        poison(&mut buf.as_mut_slice()[..1 << 20], off);
+        let iob = buf.part(0, 1 << 20);
+        // SAFETY: `buf` is owned here; the call is synchronous.
+        let r = nvme::with_engine(disk, |e| unsafe {
+            e.dio_rw(DioRequest::read(Kiocb::sync(off), iob, f))
+        })
+        .unwrap_or(Err(DioError::Unsupported("no NVMe engine")));
+        let want = (f.size() - off).min(1 << 20) as usize;
+        match r {
+            Ok(DioResult::Done(n)) if n != want => {
+                failed = Some(alloc::format!(
+                    "read at byte {off} returned {n} bytes, not {want}"
+                ));
+                break;
+            }
+            Ok(DioResult::Done(n)) => {
+                hasher.update(&buf.as_slice()[..n]);
+                if off == 0 {
+                    let k = n.min(4096);
+                    first[..k].copy_from_slice(&buf.as_slice()[..k]);
+                }
+                off += n as u64;
+            }
+            Ok(DioResult::Queued) => {
+                failed = Some("synchronous read queued".into());
+                break;
+            }
+            Err(err) => {
+                failed = Some(alloc::format!("{err}"));
+                break;
+            }
+        }
+    }
+    if failed.is_none() && off != f.size() {
+        failed = Some(alloc::format!(
+            "read {off} bytes of a {}-byte file",
+            f.size()
+        ));
+    }
+    // The first block again through a 4 KiB request, which takes the
+    // simple path when it is on: it must return the same bytes. The
+    // buffer first holds the complement of those bytes, so a read
+    // that moved no data (or only part of it) cannot match.
+    if failed.is_none() && f.size() >= 4096 {
+        for (b, &want) in buf.as_mut_slice()[..4096].iter_mut().zip(first.iter()) {
+            *b = !want;
+        }
+        let iob = buf.part(0, 4096);
+        // SAFETY: `buf` is owned here; the call is synchronous.
+        let r = nvme::with_engine(disk, |e| unsafe {
+            e.dio_rw(DioRequest::read(Kiocb::sync(0), iob, f))
+        });
+        failed = match r {
+            Some(Ok(DioResult::Done(4096))) => {
+                let got = &buf.as_slice()[..4096];
+                got.iter()
+                    .zip(first.iter())
+                    .position(|(a, b)| a != b)
+                    .map(|i| {
+                        alloc::format!(
+                        "4 KiB read differs from the 1 MiB read at byte {i} ({:#04x}, not {:#04x})",
+                        got[i],
+                        first[i]
+                    )
+                    })
+            }
+            Some(Ok(DioResult::Done(n))) => Some(alloc::format!("4 KiB read returned {n} bytes")),
+            Some(Ok(DioResult::Queued)) => Some("4 KiB read queued".into()),
+            Some(Err(e)) => Some(alloc::format!("4 KiB read: {e}")),
+            None => Some("no NVMe engine".into()),
+        };
+    }
+    match failed {
+        None => Ok((off, hex(&hasher.finalize()))),
+        Some(err) => Err(err),
+    }
 }
 
 /// Fills `buf` with a pattern no disk is likely to hold (each 8-byte word

@@ -97,8 +97,16 @@ impl Platform for KernelPlatform {
     }
 }
 
+/// At most this many lines name damaged structures of one filesystem at
+/// start; a summary line counts the rest.
+pub const DAMAGE_LINES: usize = 64;
+
 /// The export table of the mounted filesystems and the namespaces (and
-/// `null` when `null_export`).
+/// `null` when `null_export`). A damaged filesystem costs only what depends
+/// on the damage: every file whose own metadata and path check out is
+/// exported, each damaged structure gets one line (at most
+/// [`DAMAGE_LINES`] per filesystem); only a damaged root directory leaves
+/// no file of it. Every namespace is exported raw either way.
 pub fn exports(mounts: &[crate::block::disk::Mounted], null_export: bool) -> Table {
     let disks = nvme::disks();
     let mut table = Table::new();
@@ -109,26 +117,32 @@ pub fn exports(mounts: &[crate::block::disk::Mounted], null_export: bool) -> Tab
         // Named as `Mounted::root` says, without the leading slash.
         let root = m.root();
         let fs = &m.fs;
-        match fs.walk() {
-            Ok(entries) => {
-                for e in entries.into_iter().filter(|e| e.inode.is_file()) {
-                    match fs.open(e.ino) {
-                        Ok(f) => table.add_file(
-                            alloc::format!("{root}{}", e.path)[1..].into(),
-                            f,
-                            fs.block_size(),
-                            m.disk,
-                            d.ns.block_size,
-                        ),
-                        Err(err) => {
-                            log::warn!(target: "nbd", "{}: {} not exported: {err}", d.name, e.path)
-                        }
-                    }
-                }
-            }
+        let scan = match fs.scan() {
+            Ok(scan) => scan,
             Err(err) => {
-                log::warn!(target: "nbd", "{}: file exports unavailable: {err}", d.name)
+                log::warn!(target: "nbd", "{}: file exports unavailable: {err}", d.name);
+                continue;
             }
+        };
+        for dmg in scan.damage.iter().take(DAMAGE_LINES) {
+            log::warn!(target: "nbd", "{}: {dmg}", d.name);
+        }
+        if scan.damage.len() > DAMAGE_LINES {
+            log::warn!(
+                target: "nbd",
+                "{}: {} more damaged structures not listed (`dioxide fsck` lists them)",
+                d.name,
+                scan.damage.len() - DAMAGE_LINES
+            );
+        }
+        for (path, f) in scan.into_files() {
+            table.add_file(
+                alloc::format!("{root}{path}")[1..].into(),
+                f,
+                fs.block_size(),
+                m.disk,
+                d.ns.block_size,
+            );
         }
     }
     for (i, d) in disks.iter().enumerate() {
