@@ -23,6 +23,7 @@
 //! [`acpi::PhysMem`] and the clocks through [`calib::RefClock`], which the
 //! kernel implements over the identity map and the real counters.
 #![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
 
 pub mod acpi;
 pub mod calib;

@@ -7,6 +7,7 @@
 //! (and, with TSO, a segment size) ([`prepare_tx`]), and a received frame's
 //! checksum checked when the device did not vouch for it ([`verify_rx`]).
 #![no_std]
+#![forbid(unsafe_code)]
 
 #[cfg(test)]
 extern crate std;
