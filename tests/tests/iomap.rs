@@ -68,7 +68,8 @@ fn nbd_reads_through_tcp_nbd_dio_and_dxfs_allocate_nothing_in_the_kernel() {
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     let lines: Vec<&str> = out.result_lines().collect();
     // The service, over its loopback wire to a client in the guest: every
-    // read answered whole, and the heap counters unchanged (client included).
+    // read answered whole with the right bytes (errors counts wrong data),
+    // and the heap counters unchanged (client included).
     for (target, export, reads) in [
         ("file", "data.bin", 100_000),
         ("raw", "nvme0n1", 10_000),
@@ -77,12 +78,30 @@ fn nbd_reads_through_tcp_nbd_dio_and_dxfs_allocate_nothing_in_the_kernel() {
         let want = format!(
             "nbd-noalloc target={target} export={export} reads={reads} qd=16 errors=0 allocs=0 frees=0 "
         );
-        assert!(
-            lines.iter().any(|l| l.starts_with(&want)),
-            "no {want:?} line:\n{}",
-            out.console
-        );
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&want))
+            .unwrap_or_else(|| panic!("no {want:?} line:\n{}", out.console));
+        // The file's reads all took the simple path.
+        if target == "file" {
+            assert!(line.ends_with(" simple_path=100000"), "{line}");
+        }
     }
+    // The control: the simple path off, each read allocates its dio object,
+    // and the same counters see it.
+    let control = lines
+        .iter()
+        .find(|l| l.starts_with("nbd-noalloc control target=file simple=0 reads=2000 errors=0 "))
+        .unwrap_or_else(|| panic!("no control line:\n{}", out.console));
+    let count = |k: &str| -> u64 {
+        control
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k}= in {control}"))
+    };
+    assert!(count("allocs") >= 2000, "{control}");
+    assert!(count("frees") >= 2000, "{control}");
     assert!(lines.contains(&"nbd-noalloc ok"));
 }
 

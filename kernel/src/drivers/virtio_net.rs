@@ -43,6 +43,10 @@ unsafe impl virtio_drivers::Hal for VirtioHal {
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        if DEVICE_MAY_WRITE.load(core::sync::atomic::Ordering::Relaxed) {
+            // A device that did not reset may still write there (Nic::drop).
+            return 0;
+        }
         if let Ok(layout) = core::alloc::Layout::from_size_align(pages.max(1) * 4096, 4096) {
             // SAFETY: allocated by dma_alloc with this layout.
             unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), layout) };
@@ -258,7 +262,12 @@ impl Nic {
                 *slot = Some(b);
                 Ok(())
             }
-            None => Err(virtio_drivers::Error::WrongToken),
+            None => {
+                // The device owns the buffer now: it may still write it,
+                // so it is never freed.
+                Box::leak(b);
+                Err(virtio_drivers::Error::WrongToken)
+            }
         }
     }
 
@@ -525,7 +534,11 @@ impl TxToken for Tx<'_> {
                 }
                 match nic.tx_busy.get_mut(usize::from(t)) {
                     Some(slot) => *slot = Some((b, total)),
-                    None => log::error!(target: "net", "transmit token {t} out of range"),
+                    None => {
+                        // The device may still read the buffer: never freed.
+                        log::error!(target: "net", "transmit token {t} out of range: its buffer is leaked");
+                        Box::leak(b);
+                    }
                 }
             }
             Err(e) => {
@@ -659,10 +672,31 @@ impl NetDevice {
     }
 }
 
+/// How long a device reset may take before its memory is given up.
+const RESET_WAIT_NS: u64 = 1_000_000_000;
+
+/// Set when a device did not finish its reset: DMA memory handed back by
+/// virtio-drivers (the queues' rings) is leaked instead of freed.
+static DEVICE_MAY_WRITE: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
 impl Drop for Nic {
     fn drop(&mut self) {
-        // The device must not reach buffers about to be freed.
+        // The device must not reach buffers about to be freed: reset it and
+        // wait until it says the reset is done (VIRTIO 1.2 4.1.4.3.2: the
+        // status reads 0 again).
         self.transport.set_status(DeviceStatus::empty());
+        let start = time::now_ns();
+        while !self.transport.get_status().is_empty() {
+            if time::now_ns().saturating_sub(start) > RESET_WAIT_NS {
+                log::error!(target: "net", "virtio-net did not finish its reset: its buffers and rings are leaked, not freed");
+                DEVICE_MAY_WRITE.store(true, core::sync::atomic::Ordering::Relaxed);
+                core::mem::forget(core::mem::take(&mut self.rx));
+                core::mem::forget(core::mem::take(&mut self.tx_busy));
+                return;
+            }
+            core::hint::spin_loop();
+        }
         self.transport.queue_unset(RXQ);
         self.transport.queue_unset(TXQ);
     }
