@@ -47,6 +47,13 @@ fn assert_smp_ok(out: &Outcome, n: usize) {
         "console:\n{}",
         out.console
     );
+    // The timing figures the kernel checks against its bounds (a halt
+    // within 1 s, an AP idle within 100 ms of its job), printed.
+    let timing = out
+        .result_lines()
+        .find(|l| l.starts_with("smp: on_each_cpu round trip"))
+        .unwrap_or("-");
+    eprintln!("{n} cpus: {timing}");
 }
 
 fn smp_config(n: u32, args: &[&str]) -> Config {
