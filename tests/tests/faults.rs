@@ -123,7 +123,20 @@ fn injected_eio_fails_only_the_reads_that_cover_it() {
             );
         }
     }
-    // Each failure is logged once, with its request.
+    // Each failure is logged once, with its request. The guest logs a
+    // failure before it answers, but the console reaches the host through
+    // QEMU's serial thread: wait for the three lines (a fixed 200 ms sleep
+    // was a bet on the host's scheduling), then give a fourth a moment.
+    let t0 = std::time::Instant::now();
+    while console().lines().filter(|l| l.contains("failed")).count() < 3
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "the three failure lines were on the console after {:?}",
+        t0.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(200));
     let log = console();
     let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
