@@ -59,6 +59,10 @@ pub struct NbdRow {
     pub cycles_per_io: f64,
     pub ns_per_io: f64,
     pub allocs_per_io: f64,
+    /// Allocations the same counter saw while the row was set up (engine,
+    /// loopback, server, connection, warm-up): the control that shows it
+    /// counts, beside an `allocs_per_io` of 0.
+    pub setup_allocs: u64,
     pub frames_sent_per_io: f64,
     pub frames_received_per_io: f64,
     /// (phase, cycles per read), in the order of the module doc.
@@ -107,6 +111,7 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
         "null" => "null",
         t => return Err(format!("unknown target {t:?} (file, raw, null)")),
     };
+    let s0 = dioxide_testkit::thread_allocs();
     let engine = instant_engine(0);
     let depth = engine.queue().depth();
     let p = OneEngine::new(engine, now_ns, rdtsc);
@@ -124,6 +129,7 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
     lb.run(&mut side, &mut server, (reads / 10).max(16 * qd as u64), qd)
         .map_err(fail)?;
     let a0 = dioxide_testkit::thread_allocs();
+    let setup_allocs = a0 - s0;
     let f = lb.run(&mut side, &mut server, reads, qd).map_err(fail)?;
     let allocs = dioxide_testkit::thread_allocs() - a0;
     lb.close(&mut side, &mut server);
@@ -146,6 +152,7 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
         cycles_per_io: per(f.cycles),
         ns_per_io: f.ns as f64 / n,
         allocs_per_io: allocs as f64 / n,
+        setup_allocs,
         frames_sent_per_io: f.frames.sent as f64 / n,
         frames_received_per_io: f.frames.received as f64 / n,
         phases: vec![
@@ -163,8 +170,8 @@ fn row(target: &'static str, qd: usize, link: Link, reads: u64) -> Result<NbdRow
 impl NbdRow {
     pub fn json(&self) -> String {
         let mut s = format!(
-            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"tso\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
-            self.target, self.qd, self.link.csum, self.link.mtu, self.link.tso, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io,
+            "{{\"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"tso\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"ns_per_io\": {:.1}, \"allocs_per_io\": {:.4}, \"setup_allocs\": {}, \"frames_sent_per_io\": {:.2}, \"frames_received_per_io\": {:.2}",
+            self.target, self.qd, self.link.csum, self.link.mtu, self.link.tso, self.reads, self.cycles_per_io, self.ns_per_io, self.allocs_per_io, self.setup_allocs,
             self.frames_sent_per_io, self.frames_received_per_io
         );
         for (k, v) in &self.phases {

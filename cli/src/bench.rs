@@ -842,7 +842,16 @@ fn boot_variant(
     for r in &mut found {
         variant.fill(r);
     }
+    // How the guest says it was booted (its `{"bench":"file",...}` line),
+    // next to how it was asked to be (`config.boot`).
+    let file = out
+        .console
+        .lines()
+        .find_map(|l| json_at(l, r#"{"bench":"file""#));
+    let said = |k: &str| file.as_ref().map_or(Value::Null, |f| f[k].clone());
     let boot = json!({
+        "guest_protocol": said("protocol"),
+        "guest_firmware": said("firmware"),
         "completion": comp,
         "devs": devs,
         "cpus": variant.cpus(),

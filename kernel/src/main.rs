@@ -266,12 +266,16 @@ fn kmain(boot: &'static BootInfo) -> ! {
                 );
             }
             let secs = args.number("bench.secs").ok().flatten().unwrap_or(2).max(1);
+            let protocol = alloc::format!("{:?}", boot.protocol).to_lowercase();
+            let firmware = alloc::format!("{:?}", boot.firmware).to_lowercase();
             let p = bench::Params {
                 qds: &qds,
                 devs: &devs,
                 completions: &comps,
                 secs,
                 file: args.get("bench.file"),
+                protocol: &protocol,
+                firmware: &firmware,
             };
             bench::bench(0, first_fs(&mut mounts), &p)
         }

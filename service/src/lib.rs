@@ -233,6 +233,9 @@ pub struct Idle {
     pub served: u64,
     /// Reads answered since the last idle report.
     pub requests: u64,
+    /// The most reads one connection had in flight at once since the last
+    /// idle report (at most [`PER_CONN`]).
+    pub peak_in_flight: usize,
     /// Where the time went.
     pub profile: Profile,
 }
@@ -664,6 +667,9 @@ pub struct Server<P: Platform> {
     busy: bool,
     served: u64,
     served_at_idle: u64,
+    /// The most reads one connection had in flight since the last idle
+    /// report.
+    peak_in_flight: usize,
     /// A socket was read, written, opened or closed in this poll: the
     /// network stack has work.
     touched: bool,
@@ -731,6 +737,7 @@ impl<P: Platform> Server<P> {
             busy: false,
             served: 0,
             served_at_idle: 0,
+            peak_in_flight: 0,
             touched: true,
             prof: Profile::default(),
             stall_ns,
@@ -816,10 +823,12 @@ impl<P: Platform> Server<P> {
             let idle = Idle {
                 served: self.served,
                 requests: self.served - self.served_at_idle,
+                peak_in_flight: self.peak_in_flight,
                 profile: self.prof,
             };
             self.p.on_idle(&idle);
             self.served_at_idle = self.served;
+            self.peak_in_flight = 0;
             self.prof = Profile::default();
         }
         self.touched
@@ -1097,6 +1106,7 @@ impl<P: Platform> Server<P> {
             else {
                 break;
             };
+            self.peak_in_flight = self.peak_in_flight.max(conn.in_flight());
             log::trace!(target: "nbd", "read export {export} at {offset} len {len}");
             if null {
                 let n = len as usize;

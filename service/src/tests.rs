@@ -124,6 +124,7 @@ fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
         // QD 128 fills the server's socket buffer (128 replies of 4 KiB are
         // twice its size): replies then wait in their buffers.
         for qd in [1, 16, 128] {
+            let s0 = dioxide_testkit::thread_allocs();
             let (mut side, mut lb) = Loopback::new("nvme0n1", true, qd, now, rdtsc, link);
             let mut server = server(&mut side);
             lb.check(sum);
@@ -131,6 +132,10 @@ fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
             let warm = lb.run(&mut side, &mut server, 1_000, qd).unwrap();
             assert_eq!((warm.reads, warm.failed), (1_000, 0));
             let a0 = dioxide_testkit::thread_allocs();
+            // The control: the same counter saw the setup allocate (socket
+            // buffers, the server's tables, the pools' first buffers), so
+            // the 0 below is not a counter that never counts.
+            assert!(a0 - s0 > 0, "{link:?} qd {qd}: setup counted no allocation");
             let f = lb.run(&mut side, &mut server, 5_000, qd).unwrap();
             let allocs = dioxide_testkit::thread_allocs() - a0;
             assert_eq!((f.reads, f.failed), (5_000, 0), "{link:?} qd {qd}");
@@ -145,12 +150,15 @@ fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
 
 #[test]
 fn the_null_export_answers_zeros_without_allocating() {
+    let s0 = dioxide_testkit::thread_allocs();
     let (mut side, mut lb) = Loopback::new("null", false, 128, now, rdtsc, Link::default());
     let mut server = server(&mut side);
     lb.check(|_| fnv1a(FNV_START, &[0u8; 4096]));
     lb.connect(&mut side, &mut server).unwrap();
     lb.run(&mut side, &mut server, 1_000, 128).unwrap();
     let a0 = dioxide_testkit::thread_allocs();
+    // The control, as above: the setup was counted.
+    assert!(a0 - s0 > 0, "setup counted no allocation");
     let f = lb.run(&mut side, &mut server, 5_000, 128).unwrap();
     assert_eq!(dioxide_testkit::thread_allocs() - a0, 0);
     assert_eq!((f.reads, f.failed), (5_000, 0));

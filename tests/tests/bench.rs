@@ -30,8 +30,19 @@ fn bench_arguments_alone_run_the_benchmark_and_print_json_rows() {
             "{r:?}"
         );
         if r.s("target") == "simple" {
+            // Every read of the row went the simple path, none the generic.
             assert_eq!(r.f("fell_back"), 0.0, "{r:?}");
+            assert_eq!(r.f("simple_path"), r.f("ios"), "{r:?}");
+            assert_eq!(r.f("generic_path"), 0.0, "{r:?}");
             assert_eq!(r.f("allocs_per_io"), 0.0, "{r:?}");
+        }
+        if r.s("target") == "generic" {
+            // The control: the same reads through the generic path are
+            // counted there, and allocate (each its dio object), so the
+            // simple rows' 0 allocations come from a counter that counts.
+            assert_eq!(r.f("simple_path"), 0.0, "{r:?}");
+            assert_eq!(r.f("generic_path"), r.f("ios"), "{r:?}");
+            assert!(r.f("allocs_per_io") > 0.0, "{r:?}");
         }
     }
     assert!(

@@ -236,6 +236,34 @@ fn nbd_exports_every_namespace_from_two_cores() {
         "{console}"
     );
     assert_refused_metadata(&console);
+    assert_reads_handed_over(&app.guest);
+}
+
+/// Waits for the storage cores' report (`nbd: storage cores: N reads handed
+/// over, ...`, logged when the service goes idle after the clients left)
+/// and checks that reads were handed over (N > 0 in all): the start-up line
+/// `reads issued on storage cores` says only that they could be.
+fn assert_reads_handed_over(guest: &dioxide::qemu::Guest) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let c = guest.console();
+        let handed: u64 = c
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find("storage cores: ")? + "storage cores: ".len()..];
+                rest.split_once(" reads handed over")?.0.parse::<u64>().ok()
+            })
+            .sum();
+        if handed > 0 {
+            eprintln!("storage cores: {handed} reads handed over");
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no reads handed over to a storage core:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A controller that grants fewer I/O queues than there are cores (QEMU
@@ -293,4 +321,5 @@ fn fewer_queues_than_cores_are_shared() {
         .guest
         .console()
         .contains("reads issued on storage cores 1..1"));
+    assert_reads_handed_over(&app.guest);
 }

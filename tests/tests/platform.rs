@@ -14,7 +14,12 @@ use std::collections::BTreeMap;
 /// (`calib::QUIET_READ`) and each rate is the median of 3 rounds, so 5 %
 /// leaves a wide margin for a busy host without letting a wrong rate pass
 /// (CPUID's 2000 MHz under TCG is 18 % off; a miscounted 24-bit wrap is
-/// worse).
+/// worse). Measured (each test prints its figure): two or three of these
+/// QEMUs at once on a 2-core machine shared with another engineer's QEMU
+/// tests, at most 0.021 % apart (15 runs); the same with two busy shell
+/// loops on both cores as well, at most 0.032 %. The PIT was once 49.8 %
+/// off under that load (its edge seen late after the vCPU was away; fixed
+/// in `kernel/src/platform/time.rs`), which this tolerance caught.
 const TOLERANCE_PERCENT: f64 = 5.0;
 
 /// Boots `selftest=calibrate` on `machine`; the console and the rate of each
@@ -53,6 +58,7 @@ fn sources_agree(rates: &BTreeMap<String, Option<f64>>, console: &str) {
         .filter(|(s, _)| *s != "cpuid")
         .filter_map(|(s, hz)| hz.map(|h| (s, h)))
         .collect();
+    let mut widest = 0f64;
     for (a, ha) in &timers {
         assert!(
             (1e8..2e10).contains(ha),
@@ -60,12 +66,17 @@ fn sources_agree(rates: &BTreeMap<String, Option<f64>>, console: &str) {
         );
         for (b, hb) in &timers {
             let diff = (ha - hb).abs() / hb * 100.0;
+            widest = widest.max(diff);
             assert!(
                 diff <= TOLERANCE_PERCENT,
                 "{a} {ha} Hz and {b} {hb} Hz are {diff:.2} % apart\n{console}"
             );
         }
     }
+    eprintln!(
+        "{} timer sources agree within {widest:.4} % (tolerance {TOLERANCE_PERCENT} %)",
+        timers.len()
+    );
 }
 
 fn measured(rates: &BTreeMap<String, Option<f64>>, s: &str) -> bool {
@@ -110,8 +121,23 @@ fn on_pc_every_timer_measures_and_they_agree() {
     // i440FX: RSDT only, FADT revision 1 (no reset register), no MCFG.
     assert!(console.contains("FADT rev 1:"), "{console}");
     assert!(console.contains("ECAM none"), "{console}");
-    for s in ["hpet", "pmtimer", "pit"] {
+    for s in ["hpet", "pmtimer"] {
         assert!(measured(&rates, s), "{s}:\n{console}");
+    }
+    // The PIT is read through port I/O, which a host with every core busy
+    // (measured: three QEMUs and two busy loops on 2 cores, 5 boots of 6)
+    // can make slower than a quiet read on every try: the kernel then says
+    // so rather than measure. Any other answer is a failure.
+    let busy = "unavailable=\"every read of the counter took too long\"";
+    if !measured(&rates, "pit") {
+        assert!(
+            console.contains(&format!("calibrate source=pit {busy}")),
+            "pit:\n{console}"
+        );
+        skipped(
+            "on_pc_every_timer_measures_and_they_agree: pit",
+            "the host was too busy for a quiet PIT read (the HPET and PM timer were checked)",
+        );
     }
     sources_agree(&rates, &console);
 }

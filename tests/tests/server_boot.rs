@@ -257,6 +257,12 @@ fn bench_local_under_uefi() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
     assert_eq!(json["config"]["boot"], "uefi", "{json:#}");
+    // What the guest itself said about its boot (its boot information, on
+    // the benchmark's `file` line), not the CLI's copy of its option.
+    let boots = json["config"]["boots"].as_array().expect("boots");
+    assert_eq!(boots.len(), 1, "{json:#}");
+    assert_eq!(boots[0]["guest_firmware"], "uefi", "{json:#}");
+    assert_eq!(boots[0]["guest_protocol"], "multiboot2", "{json:#}");
     let rows = json["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3, "{json:#}");
     for r in rows {

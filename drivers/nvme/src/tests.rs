@@ -551,7 +551,15 @@ fn submit_and_complete_allocate_nothing() {
         ..Default::default()
     };
     let (_sim, _hal, _ctrl, mut qp) = setup(cfg, 64, None);
+    // The control: the same counter counts the buffers made here (32 and
+    // the outer vector), so the 0 below is not a counter that never counts.
+    let c0 = allocs();
     let mut bufs = vec![vec![0u8; 3 * 4096]; 32];
+    assert!(
+        allocs() - c0 >= 33,
+        "{} allocations counted for 33",
+        allocs() - c0
+    );
     let before = allocs();
     for round in 0..100u64 {
         for (i, b) in bufs.iter_mut().enumerate() {

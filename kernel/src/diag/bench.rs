@@ -9,7 +9,7 @@
 //! CLI reads the console) gives the same data as `dioxide bench local`:
 //!
 //! ```text
-//! {"bench":"file","bytes":..,"extents":..,"namespace_bytes":..,"tsc_mhz":..}
+//! {"bench":"file","bytes":..,"extents":..,"namespace_bytes":..,"tsc_mhz":..,"protocol":"multiboot2","firmware":"uefi"}
 //! {"bench":"running","dev":"nvme","completion":"poll","qd":16}
 //! {"bench":"row","target":"simple","dev":"nvme","completion":"poll","qd":16,"ios":..,"errors":..,
 //!  "simple_path":..,"generic_path":..,"fell_back":..,"iops":..,"lat_mean_us":..,"lat_p99_us":..,
@@ -561,6 +561,10 @@ pub struct Params<'a> {
     pub completions: &'a [&'a str],
     pub secs: u64,
     pub file: Option<&'a str>,
+    /// How the kernel was booted, as its boot information says
+    /// (`pvh`/`multiboot2`, `bios`/`uefi`/`unknown`): on the `file` line.
+    pub protocol: &'a str,
+    pub firmware: &'a str,
 }
 
 fn nvme_with(disk: usize) -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
@@ -603,6 +607,8 @@ pub fn bench(
         .int("extents", file.extents().len() as u64)
         .int("namespace_bytes", dev.ns.bytes())
         .int("tsc_mhz", time::tsc_hz() / 1_000_000)
+        .str("protocol", p.protocol)
+        .str("firmware", p.firmware)
         .print();
     let mode = nvme::mode();
     for d in p.devs {

@@ -64,10 +64,11 @@ impl Platform for KernelPlatform {
         let heap = mm::heap::stats();
         log::info!(
             target: "nbd",
-            "idle: {} requests served, heap {} bytes in use, peak {} bytes",
+            "idle: {} requests served, heap {} bytes in use, peak {} bytes, at most {} reads in flight on one connection",
             idle.served,
             heap.bytes_in_use,
-            heap.peak_bytes
+            heap.peak_bytes,
+            idle.peak_in_flight
         );
         let p = idle.profile;
         let n = idle.requests.max(1);

@@ -243,17 +243,25 @@ fn pit_round() -> Result<Option<u64>, SourceError> {
         return Ok(None);
     }
     let start = t1.wrapping_add(t2.wrapping_sub(t1) / 2);
+    // OUT2 is polled: its edge came after the last read that saw it low
+    // began and before the read that sees it high ended. A CPU away
+    // between those two reads (not only during the last one) moves the
+    // end late by as long as it was away: on a loaded host (three QEMUs
+    // and two busy loops on 2 cores) that gave a PIT rate twice the
+    // HPET's. So the edge must be bracketed by two quiet reads in a row.
+    let mut low_at = t1;
     let end = loop {
         let t1 = rdtsc();
         // SAFETY: reading port 0x61 has no side effect.
         let high = unsafe { gate.read() } & 0x20 != 0;
         let t2 = rdtsc();
         if high {
-            if t2.wrapping_sub(t1) > calib::QUIET_READ {
+            if t2.wrapping_sub(low_at) > 2 * calib::QUIET_READ {
                 return Ok(None);
             }
-            break t1.wrapping_add(t2.wrapping_sub(t1) / 2);
+            break low_at.wrapping_add(t2.wrapping_sub(low_at) / 2);
         }
+        low_at = t1;
         if t2.wrapping_sub(start) > calib::WINDOW_BUDGET {
             return Err(MeasureError::Stopped.into());
         }
