@@ -273,13 +273,7 @@ fn a_reset_gives_the_doorbell_buffer_again_and_the_queue_starts_from_zeroed_slot
         submit_read(&mut qp, i, &mut v[o..o + 512], i);
         assert_eq!(qp.process_completions(|c| assert!(c.result.is_ok())), 1);
     }
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(9),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+    drop_read(&sim, 9);
     submit_read(&mut qp, 9, &mut v[o + 512..o + 1024], 99);
     let mut failed = Vec::new();
     ctrl.reset(&mut [&mut qp], |c| failed.push((c.tag, c.result)))
@@ -343,6 +337,17 @@ fn create_io_queues_gives_each_queue_its_msix_entry_up_to_what_qemu_grants() {
 /// one).
 type Heard = HashMap<u64, Vec<Result<(), BlkError>>>;
 
+/// The next read of `lba` is fetched and never answered.
+fn drop_read(sim: &Sim, lba: u64) {
+    sim.inject(Fault {
+        admin: false,
+        opcode: io::READ,
+        lba: Some(lba),
+        action: FaultAction::Drop,
+        count: 1,
+    });
+}
+
 fn heard_once(h: &Heard) -> bool {
     h.values().all(|v| v.len() == 1)
 }
@@ -384,13 +389,7 @@ fn one_queue_times_out_the_reset_fails_every_command_on_both_queues_once_and_bot
     // Queue 1's read of LBA 10 and queue 2's read of LBA 20 are fetched
     // and never answered.
     for lba in [10, 20] {
-        sim.inject(Fault {
-            admin: false,
-            opcode: io::READ,
-            lba: Some(lba),
-            action: FaultAction::Drop,
-            count: 1,
-        });
+        drop_read(&sim, lba);
     }
     let (v, o) = pages(8);
     let base = v.as_ptr() as usize + o;
@@ -472,13 +471,7 @@ fn a_queue_that_wants_a_reset_after_another_queue_made_one_rejoins_instead() {
     let (sim, hal, shared, mut q1, mut q2) = two_queues(small());
     sim.set_ignore_aborts(true);
     for lba in [10, 20] {
-        sim.inject(Fault {
-            admin: false,
-            opcode: io::READ,
-            lba: Some(lba),
-            action: FaultAction::Drop,
-            count: 1,
-        });
+        drop_read(&sim, lba);
     }
     let (a, ao) = pages(1);
     let (b, bo) = pages(1);
@@ -516,20 +509,8 @@ fn a_queue_that_wants_a_reset_after_another_queue_made_one_rejoins_instead() {
 fn a_controller_that_cannot_be_stopped_halts_every_queue_until_a_later_reset() {
     let (sim, hal, shared, mut q1, mut q2) = two_queues(small());
     sim.set_ignore_aborts(true);
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(10),
-        action: FaultAction::Drop,
-        count: 1,
-    });
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(20),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+    drop_read(&sim, 10);
+    drop_read(&sim, 20);
     let (va, ao) = pages(1);
     let (vb, bo) = pages(1);
     let (a, b_addr) = (va.as_ptr() as usize + ao, vb.as_ptr() as usize + bo);
@@ -629,13 +610,7 @@ fn queues_on_two_threads_keep_serving_across_a_reset_made_by_one_of_them() {
     };
     // Meanwhile queue 1's read of LBA 10 is never answered: queue 1 aborts
     // it, then resets the controller.
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(10),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+    drop_read(&sim, 10);
     let (va, ao) = pages(1);
     let a = va.as_ptr() as usize + ao;
     let heard = RefCell::new(Heard::new());
@@ -978,13 +953,7 @@ fn a_slow_command_is_kicked_once_harmlessly_and_not_taken_for_a_lost_doorbell() 
     // kick finds the controller caught up with our tail, changes nothing,
     // and the event index stays trusted.
     let (sim, hal, shared, mut q1, _q2) = two_queues(small());
-    sim.inject(Fault {
-        admin: false,
-        opcode: io::READ,
-        lba: Some(7),
-        action: FaultAction::Drop,
-        count: 1,
-    });
+    drop_read(&sim, 7);
     let (v, o) = pages(1);
     let base = v.as_ptr() as usize + o;
     let heard = RefCell::new(Heard::new());

@@ -689,45 +689,11 @@ impl<D: BlockDevice> Fs<D> {
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             let mut subdirs = Vec::new();
             for e in entries {
-                let p = alloc::format!("{path}/{}", e.name);
                 if bad.contains(&e.ino) {
                     continue;
                 }
-                let lost = if e.kind == DT_DIR {
-                    Lost::Directory
-                } else {
-                    Lost::File
-                };
-                let inode = match self.inode(e.ino) {
-                    Ok(i) => i,
-                    Err(error) => {
-                        bad.insert(e.ino);
-                        scan.damage.push(Damage {
-                            path: p,
-                            error,
-                            lost,
-                        });
-                        continue;
-                    }
-                };
-                if inode.is_dir() && !seen.insert(e.ino) {
-                    scan.damage.push(Damage {
-                        path: p,
-                        error: Error::corrupt(
-                            Structure::Directory(dir.ino),
-                            self.inode_block(e.ino),
-                            Why::Loop("directory"),
-                        ),
-                        lost: Lost::Directory,
-                    });
-                    continue;
-                }
-                let lost = if inode.is_dir() {
-                    Lost::Directory
-                } else {
-                    Lost::File
-                };
-                match self.open_inode(e.ino, inode) {
+                let p = alloc::format!("{path}/{}", e.name);
+                match self.scan_entry(dir.ino, &e, &mut seen) {
                     Ok(f) if f.inode.is_dir() => {
                         scan.found.push(Found {
                             path: p.clone(),
@@ -741,8 +707,10 @@ impl<D: BlockDevice> Fs<D> {
                         ino: e.ino,
                         kind: Kind::File(f),
                     }),
-                    Err(error) => {
-                        bad.insert(e.ino);
+                    Err((error, lost, damaged_inode)) => {
+                        if damaged_inode {
+                            bad.insert(e.ino);
+                        }
                         scan.damage.push(Damage {
                             path: p,
                             error,
@@ -754,6 +722,33 @@ impl<D: BlockDevice> Fs<D> {
             stack.extend(subdirs.into_iter().rev());
         }
         Ok(scan)
+    }
+
+    /// One entry of directory `dir` for [`Fs::scan`]: its file opened (inode
+    /// and extent tree checked), or the damage with what it costs and
+    /// whether the inode itself is damaged (then no other path to it is
+    /// reported again). A directory met a second time is a loop.
+    fn scan_entry(
+        &self,
+        dir: u64,
+        e: &DirEntry,
+        seen: &mut BTreeSet<u64>,
+    ) -> core::result::Result<File, (Error, Lost, bool)> {
+        let lost = |is_dir: bool| if is_dir { Lost::Directory } else { Lost::File };
+        let inode = self
+            .inode(e.ino)
+            .map_err(|error| (error, lost(e.kind == DT_DIR), true))?;
+        let is_dir = inode.is_dir();
+        if is_dir && !seen.insert(e.ino) {
+            let error = Error::corrupt(
+                Structure::Directory(dir),
+                self.inode_block(e.ino),
+                Why::Loop("directory"),
+            );
+            return Err((error, Lost::Directory, false));
+        }
+        self.open_inode(e.ino, inode)
+            .map_err(|error| (error, lost(is_dir), true))
     }
 }
 
