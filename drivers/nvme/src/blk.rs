@@ -67,9 +67,6 @@ impl<H: Hal, M: Mmio> NvmeQueue<H, M> {
     }
 }
 
-/// Fails `qp`'s commands and re-creates it if the controller was reset by
-/// another queue, or marks it down if the controller is halted
-/// (`blocking`: wait for the lock, else give up if it is taken).
 /// Kicks `qp` when it makes no progress, and tells the controller when a
 /// kick recovered a lost doorbell; follows the controller's verdict on its
 /// event indexes ([`QueuePair::watch`]).
@@ -133,6 +130,9 @@ fn watch<H: Hal, M: Mmio>(qp: &mut QueuePair<H, M>, now: u64) -> Option<Watched>
     Some(w)
 }
 
+/// Fails `qp`'s commands and re-creates it if the controller was reset by
+/// another queue, or marks it down if the controller is halted
+/// (`blocking`: wait for the lock, else give up if it is taken).
 #[cold]
 fn catch_up<H: Hal, M: Mmio, F: FnMut(u64, Result<(), BlkError>)>(
     shared: &SharedController<H, M>,
