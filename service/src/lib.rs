@@ -627,16 +627,47 @@ struct Sock {
     /// Bumped for every new connection: completions of an earlier one are
     /// not replied on this one.
     gen: u32,
+    flow: Flow,
+}
+
+/// How a connection's replies leave, for the stall time.
+#[derive(Clone, Copy, Debug, Default)]
+struct Flow {
     /// When the connection last had no reply waiting or took
     /// [`STALL_MIN_BYTES`] of them, or when closing began
-    /// ([`Platform::now_ns`]), for the stall time; the socket's send queue
-    /// at the last look, and the bytes taken (acknowledged) since
-    /// `progress`.
+    /// ([`Platform::now_ns`]); the socket's send queue at the last look,
+    /// and the bytes taken (acknowledged) since `progress`.
     progress: u64,
     queued: usize,
     taken: usize,
     /// Bytes written to the socket by replies since the last look.
     sent: usize,
+}
+
+/// A decoded read about to start ([`Server::start_read`]).
+struct NewRead {
+    sock: usize,
+    gen: u32,
+    handle: u64,
+    export: u32,
+    offset: u64,
+    len: u32,
+    disk: usize,
+    /// Device commands reserved for it.
+    need: usize,
+}
+
+/// Whether the peer finished sending (FIN received) or the connection is
+/// gone. (Before Established, `may_recv()` is false too: not that.)
+fn peer_done(sock: &tcp::Socket) -> bool {
+    matches!(
+        sock.state(),
+        tcp::State::CloseWait
+            | tcp::State::LastAck
+            | tcp::State::Closing
+            | tcp::State::TimeWait
+            | tcp::State::Closed
+    )
 }
 
 /// The service: its sockets, the reads in flight, buffers and budgets.
@@ -703,10 +734,7 @@ impl<P: Platform> Server<P> {
                 handle: sockets.add(s),
                 slot: Slot::Listening,
                 gen: 0,
-                progress: 0,
-                queued: 0,
-                taken: 0,
-                sent: 0,
+                flow: Flow::default(),
             });
         }
         let budgets = disks
@@ -804,11 +832,16 @@ impl<P: Platform> Server<P> {
                 _ => (0, 0),
             })
             .fold((0, 0), |(m, o), (a, b)| (m + a, o + b));
-        for i in 0..self.sockets.len() {
-            if net_polled || matches!(self.sockets[i].slot, Slot::Serving(_)) {
-                self.poll_socket(sockets, i);
+        // The sockets' states leave `self` while they are polled (the
+        // vector is moved, nothing copied), so that each step borrows its
+        // socket and the server's other fields at once.
+        let mut socks = core::mem::take(&mut self.sockets);
+        for (i, s) in socks.iter_mut().enumerate() {
+            if net_polled || matches!(s.slot, Slot::Serving(_)) {
+                self.poll_socket(sockets, i, s);
             }
         }
+        self.sockets = socks;
         self.prof.loops += 1;
         let serving = || {
             self.sockets
@@ -885,7 +918,7 @@ impl<P: Platform> Server<P> {
                 if !sent {
                     return false;
                 }
-                s.sent += wrote;
+                s.flow.sent += wrote;
                 self.touched = true;
             } else {
                 conn.reply_read(self.table, req.handle, req.offset, Ok(data));
@@ -935,19 +968,60 @@ impl<P: Platform> Server<P> {
         true
     }
 
-    fn poll_socket(&mut self, sockets: &mut SocketSet<'_>, i: usize) {
+    /// One socket's turn of the run loop, in named steps: accept or recycle
+    /// the socket; take the input its budgets allow; end a hard disconnect;
+    /// start the reads that fit the budgets; send what is ready and account
+    /// for a stall.
+    fn poll_socket(&mut self, sockets: &mut SocketSet<'_>, i: usize, s: &mut Sock) {
         let t0 = self.p.rdtsc();
-        let sock = sockets.get_mut::<tcp::Socket>(self.sockets[i].handle);
-        let s = &mut self.sockets[i];
+        let sock = sockets.get_mut::<tcp::Socket>(s.handle);
+        self.tend_socket(sock, s, i);
+        let Slot::Serving(conn) = &mut s.slot else {
+            return;
+        };
+        // This connection's share of the totals taken at the poll's start
+        // (its own figures change below; the others' do not). A connection
+        // accepted just now was not in them: hence the saturation.
+        let (m0, o0) = (conn.memory(), conn.output_pending());
+        self.take_input(sock, conn);
+        if peer_done(sock) && !sock.can_recv() && !conn.is_closed() {
+            // A client that closes without NBD_CMD_DISC (or before the
+            // replies to its requests) made a hard disconnect: drop the
+            // connection now rather than push replies nobody reads. Reads
+            // in flight keep their buffers until the device is done; their
+            // completions are then dropped (the slot is no longer serving).
+            conn.peer_closed();
+            log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
+            sock.abort();
+            s.slot = Slot::Closing;
+            s.flow.progress = self.p.now_ns();
+            self.touched = true;
+            return;
+        }
+        let t1 = self.p.rdtsc();
+        let direct = self.start_reads(sock, conn, i, s.gen, (m0, o0));
+        let t2 = self.p.rdtsc();
+        if self.send_output(sock, conn, &mut s.flow, direct) {
+            s.slot = Slot::Closing;
+        }
+        let t3 = self.p.rdtsc();
+        self.prof.decode += t1 - t0;
+        self.prof.submit += t2 - t1;
+        self.prof.send += t3 - t2;
+    }
+
+    /// A listening socket that got a connection starts serving it; a
+    /// closing one listens again once its peer let go (or stalled).
+    fn tend_socket(&mut self, sock: &mut tcp::Socket, s: &mut Sock, i: usize) {
         match s.slot {
             Slot::Listening => {
                 if sock.is_active() {
                     log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
                     s.gen = s.gen.wrapping_add(1);
-                    s.progress = self.p.now_ns();
-                    s.queued = 0;
-                    s.taken = 0;
-                    s.sent = 0;
+                    s.flow = Flow {
+                        progress: self.p.now_ns(),
+                        ..Flow::default()
+                    };
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
                     // Negotiation is a series of small round trips: a client
@@ -970,7 +1044,7 @@ impl<P: Platform> Server<P> {
                 // A peer that takes nothing (zero window) would hold it in
                 // FIN-WAIT-1 or CLOSING: abort after the stall time.
                 if matches!(sock.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
-                    || self.p.now_ns().saturating_sub(s.progress) > self.stall_ns
+                    || self.p.now_ns().saturating_sub(s.flow.progress) > self.stall_ns
                 {
                     sock.abort();
                 }
@@ -982,17 +1056,13 @@ impl<P: Platform> Server<P> {
             }
             Slot::Serving(_) => {}
         }
-        let gen = s.gen;
-        let Slot::Serving(conn) = &mut s.slot else {
-            return;
-        };
-        // Input only as the connection has room for it, and none while all
-        // connections together hold the global budget: what is not taken
-        // stays in the socket and TCP flow control holds the client.
-        // This connection's share of the totals taken at the poll's start
-        // (its own figures change below; the others' do not). A connection
-        // accepted just now was not in them: hence the saturation.
-        let (m0, o0) = (conn.memory(), conn.output_pending());
+    }
+
+    /// Input only as the connection has room for it, and none while all
+    /// connections together hold the global budget: what is not taken
+    /// stays in the socket and TCP flow control holds the client. Once in
+    /// transmission, ACKs are delayed again and idle ACKs stop.
+    fn take_input(&mut self, sock: &mut tcp::Socket, conn: &mut Conn) {
         let global_full = self.held_total + self.conn_memory >= HELD_TOTAL;
         loop {
             let room = if global_full { 0 } else { conn.input_room() };
@@ -1012,32 +1082,22 @@ impl<P: Platform> Server<P> {
             sock.set_ack_delay(Some(ACK_DELAY));
             sock.set_idle_ack(None);
         }
-        // The peer finished sending (FIN received) or the connection is
-        // gone. (Before Established, may_recv() is false too: not that.)
-        let peer_done = matches!(
-            sock.state(),
-            tcp::State::CloseWait
-                | tcp::State::LastAck
-                | tcp::State::Closing
-                | tcp::State::TimeWait
-                | tcp::State::Closed
-        );
-        if peer_done && !sock.can_recv() && !conn.is_closed() {
-            // A client that closes without NBD_CMD_DISC (or before the
-            // replies to its requests) made a hard disconnect: drop the
-            // connection now rather than push replies nobody reads. Reads
-            // in flight keep their buffers until the device is done; their
-            // completions are then dropped (the slot is no longer serving).
-            conn.peer_closed();
-            log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
-            sock.abort();
-            s.slot = Slot::Closing;
-            s.progress = self.p.now_ns();
-            self.touched = true;
-            return;
-        }
-        let t1 = self.p.rdtsc();
-        // Bytes of null replies written straight into the socket.
+    }
+
+    /// Starts the decoded reads of socket `i` (connection `gen`) while they
+    /// fit the budgets and the device queue; null reads are answered at
+    /// once. `at_start`: the connection's memory and output at the poll's
+    /// start. Returns the bytes of null replies written straight into the
+    /// socket.
+    fn start_reads(
+        &mut self,
+        sock: &mut tcp::Socket,
+        conn: &mut Conn,
+        i: usize,
+        gen: u32,
+        at_start: (usize, usize),
+    ) -> usize {
+        let (m0, o0) = at_start;
         let mut direct = 0;
         while let Some(&Event::Read {
             len,
@@ -1070,23 +1130,9 @@ impl<P: Platform> Server<P> {
                 })
             );
             let (disk, lbs) = peeked.map_or((0, 512), |e| (e.disk, e.lbs));
-            // Device commands the read may take: one per maximal transfer,
-            // plus one where the range crosses an extent or ends in a
-            // partial block. Reads wait here while the namespace's queue is
-            // full.
-            let budget = self.budgets.get(disk).copied().unwrap_or(Budget {
-                cmds: 0,
-                max_cmds: 0,
-                max_transfer: 0,
-            });
-            let need = if null || budget.max_transfer == 0 {
-                0
-            } else {
-                (len as usize + 2 * lbs as usize).div_ceil(budget.max_transfer) + 1
-            };
-            if budget.cmds > 0 && budget.cmds + need > budget.max_cmds {
+            let Some(need) = self.commands_free(disk, lbs, len, null) else {
                 break;
-            }
+            };
             // A null read is answered at once, straight into the socket: it
             // waits (in the connection, undecoded reads behind it) until
             // the socket has room and nothing is queued before it.
@@ -1109,77 +1155,138 @@ impl<P: Platform> Server<P> {
             self.peak_in_flight = self.peak_in_flight.max(conn.in_flight());
             log::trace!(target: "nbd", "read export {export} at {offset} len {len}");
             if null {
-                let n = len as usize;
-                let mut wrote = 0;
-                let sent = null_direct
-                    && conn.reply_read_direct(self.table, handle, offset, n, |h| {
-                        send_whole(sock, h, &ZEROS[..n])
-                            .map(|w| wrote = w)
-                            .is_some()
-                    });
-                if sent {
-                    direct += wrote;
-                    self.touched = true;
-                } else {
-                    let data = ZEROS.get(..n).ok_or(Errno::Inval);
-                    conn.reply_read(self.table, handle, offset, data);
-                }
-                self.served += 1;
+                direct += self.answer_null(sock, conn, handle, offset, len as usize, null_direct);
                 continue;
             }
-            match start(
-                &self.p,
-                self.table,
-                &mut self.small,
-                &mut self.large,
+            let read = NewRead {
+                sock: i,
+                gen,
+                handle,
                 export,
                 offset,
                 len,
-            ) {
-                Ok((buf, skew)) => {
-                    let held = buf.len();
-                    // The request owns its buffer from here until its reply
-                    // (or, its connection gone, until its last completion).
-                    let req = Req {
-                        sock: i as u16,
-                        gen,
-                        handle,
-                        export,
-                        offset,
-                        skew,
-                        len,
-                        cmds: need as u32,
-                        parts: 0,
-                        need: 0,
-                        failure: None,
-                        buf,
-                    };
-                    let Ok(id) = self.reqs.insert(req) else {
-                        // Checked not full above.
-                        break;
-                    };
-                    self.held[i] += held;
-                    self.held_total += held;
-                    if let Some(b) = self.budgets.get_mut(disk) {
-                        b.cmds += need;
-                    }
-                    submit(
-                        &self.p,
-                        self.table,
-                        &self.budgets,
-                        &mut self.reqs,
-                        &mut self.ready,
-                        id,
-                        i,
-                    );
-                }
-                Err(e) => {
-                    conn.reply_read(self.table, handle, offset, Err(e));
-                }
+                disk,
+                need,
+            };
+            if let Err(e) = self.start_read(read) {
+                conn.reply_read(self.table, handle, offset, Err(e));
             }
         }
-        let t2 = self.p.rdtsc();
-        let mut sent = core::mem::take(&mut s.sent) + direct;
+        direct
+    }
+
+    /// Device commands a read of `len` bytes on `disk` (logical block
+    /// `lbs`) may take — one per maximal transfer, plus one where the range
+    /// crosses an extent or ends in a partial block — when the namespace's
+    /// queue has room for them; `None`: the read waits while the queue is
+    /// full. Null reads take none.
+    fn commands_free(&self, disk: usize, lbs: u64, len: u32, null: bool) -> Option<usize> {
+        let budget = self.budgets.get(disk).copied().unwrap_or(Budget {
+            cmds: 0,
+            max_cmds: 0,
+            max_transfer: 0,
+        });
+        let need = if null || budget.max_transfer == 0 {
+            0
+        } else {
+            (len as usize + 2 * lbs as usize).div_ceil(budget.max_transfer) + 1
+        };
+        if budget.cmds > 0 && budget.cmds + need > budget.max_cmds {
+            return None;
+        }
+        Some(need)
+    }
+
+    /// Answers a null read: straight into the socket when `direct` (room
+    /// was checked), else through the connection's output. Returns the
+    /// bytes written to the socket.
+    fn answer_null(
+        &mut self,
+        sock: &mut tcp::Socket,
+        conn: &mut Conn,
+        handle: u64,
+        offset: u64,
+        n: usize,
+        direct: bool,
+    ) -> usize {
+        let mut wrote = 0;
+        let sent = direct
+            && conn.reply_read_direct(self.table, handle, offset, n, |h| {
+                send_whole(sock, h, &ZEROS[..n])
+                    .map(|w| wrote = w)
+                    .is_some()
+            });
+        if sent {
+            self.touched = true;
+        } else {
+            let data = ZEROS.get(..n).ok_or(Errno::Inval);
+            conn.reply_read(self.table, handle, offset, data);
+        }
+        self.served += 1;
+        wrote
+    }
+
+    /// Takes a buffer for `read`, records the request (which owns the
+    /// buffer from here until its reply or, its connection gone, until its
+    /// last completion), reserves its device commands and submits it.
+    fn start_read(&mut self, read: NewRead) -> Result<(), Errno> {
+        let (buf, skew) = start(
+            &self.p,
+            self.table,
+            &mut self.small,
+            &mut self.large,
+            read.export,
+            read.offset,
+            read.len,
+        )?;
+        let held = buf.len();
+        let req = Req {
+            sock: read.sock as u16,
+            gen: read.gen,
+            handle: read.handle,
+            export: read.export,
+            offset: read.offset,
+            skew,
+            len: read.len,
+            cmds: read.need as u32,
+            parts: 0,
+            need: 0,
+            failure: None,
+            buf,
+        };
+        let Ok(id) = self.reqs.insert(req) else {
+            // Checked not full by the caller.
+            return Ok(());
+        };
+        self.held[read.sock] += held;
+        self.held_total += held;
+        if let Some(b) = self.budgets.get_mut(read.disk) {
+            b.cmds += read.need;
+        }
+        submit(
+            &self.p,
+            self.table,
+            &self.budgets,
+            &mut self.reqs,
+            &mut self.ready,
+            id,
+            read.sock,
+        );
+        Ok(())
+    }
+
+    /// Sends the connection's queued output (and decodes what its
+    /// high-water mark held back), then drops a connection whose replies
+    /// are not taken (the stall time) and closes one that is done. Returns
+    /// whether the socket is now closing.
+    fn send_output(
+        &mut self,
+        sock: &mut tcp::Socket,
+        conn: &mut Conn,
+        flow: &mut Flow,
+        direct: usize,
+    ) -> bool {
+        let mut sent = core::mem::take(&mut flow.sent) + direct;
         for _ in 0..2 {
             while !conn.output().is_empty() && sock.can_send() {
                 match sock.send_slice(conn.output()) {
@@ -1205,39 +1312,35 @@ impl<P: Platform> Server<P> {
         let now = self.p.now_ns();
         let queued = sock.send_queue();
         let waiting = conn.output_pending() + queued;
-        s.taken += (s.queued + sent).saturating_sub(queued);
-        s.queued = queued;
-        if waiting == 0 || s.taken >= STALL_MIN_BYTES {
-            s.progress = now;
-            s.taken = 0;
-        } else if now.saturating_sub(s.progress) > self.stall_ns {
+        flow.taken += (flow.queued + sent).saturating_sub(queued);
+        flow.queued = queued;
+        if waiting == 0 || flow.taken >= STALL_MIN_BYTES {
+            flow.progress = now;
+            flow.taken = 0;
+        } else if now.saturating_sub(flow.progress) > self.stall_ns {
             log::info!(
                 target: "nbd",
                 "connection dropped: replies not taken ({} bytes waiting, {} taken in {} s)",
                 waiting,
-                s.taken,
+                flow.taken,
                 self.stall_ns / 1_000_000_000
             );
             conn.peer_closed();
             sock.abort();
-            s.slot = Slot::Closing;
-            s.progress = now;
+            flow.progress = now;
             self.touched = true;
-            return;
+            return true;
         }
         if (conn.is_closed() || !sock.is_open()) && (conn.output().is_empty() || !sock.may_send()) {
             if let Some(why) = conn.close_reason() {
                 log::debug!(target: "nbd", "connection closed: {why:?}");
             }
             sock.close();
-            s.slot = Slot::Closing;
-            s.progress = now;
+            flow.progress = now;
             self.touched = true;
+            return true;
         }
-        let t3 = self.p.rdtsc();
-        self.prof.decode += t1 - t0;
-        self.prof.submit += t2 - t1;
-        self.prof.send += t3 - t2;
+        false
     }
 
     fn recycle(&mut self, buf: P::Buf) {
