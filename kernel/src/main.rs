@@ -35,8 +35,61 @@ fn fail(status: u8, what: core::fmt::Arguments) -> ! {
     nvme::power_off(status)
 }
 
+/// The boot, in steps: the console and the boot CPU's tables, the
+/// arguments, memory, the other CPUs, PCI and the NVMe drives, dxfs; then
+/// a self-test, the benchmark or the NBD service.
 fn kmain(boot: &'static BootInfo) -> ! {
     let args = Cmdline::new(boot.cmdline());
+    let facts = early_boot(boot, &args);
+    let selftest = selftest_name(&args);
+    if selftest == "calibrate" {
+        selftest::calibrate();
+    }
+    let opts = nvme_options(&args);
+    let rw_blocks = match args.number("rw.blocks") {
+        Ok(v) => v,
+        Err(v) => fail(
+            EXIT_CONFIG,
+            format_args!("rw.blocks={v:?}: expected a number of blocks"),
+        ),
+    };
+    memory(boot, facts);
+    if selftest == "fault" {
+        selftest::fault();
+    }
+    if selftest == "panic" {
+        selftest::panic();
+    }
+    cpus(&args);
+    match selftest {
+        "smp" => diag::smp::selftest(),
+        "ap-panic" => diag::smp::ap_panic(),
+        _ => {}
+    }
+    pci::init(facts.ok().and_then(|f| f.ecam()));
+    let functions = pci::enumerate();
+    x86_64::instructions::interrupts::enable();
+    disks(&functions, opts);
+    let mut mounts = disk::mount_all();
+    match selftest {
+        "files" => selftest::files(&mounts),
+        "noalloc" => bench::noalloc(first_fs(&mut mounts)),
+        "nbd-noalloc" => diag::nbd::noalloc(&mounts),
+        "bench" => run_bench(boot, &args, &mut mounts),
+        "digest" => selftest::digest(),
+        "rw" => selftest::rw(rw_blocks),
+        _ => serve(&args, &functions, &mounts, opts.mode),
+    }
+}
+
+/// The log level, ACPI (on the boot loader's identity map, without a
+/// heap: time needs the HPET and the PM timer, power the FADT and _S5_),
+/// the TSC's calibration, the console, the boot line, the GDT and IDT, and
+/// the 8259s masked. Bad power or time arguments end the boot here.
+fn early_boot(
+    boot: &'static BootInfo,
+    args: &Cmdline,
+) -> Result<&'static dioxide_firmware::acpi::Facts, dioxide_firmware::acpi::AcpiError> {
     let level = match args.get("log") {
         Some("error") => log::LevelFilter::Error,
         Some("warn") => log::LevelFilter::Warn,
@@ -45,11 +98,9 @@ fn kmain(boot: &'static BootInfo) -> ! {
         _ => log::LevelFilter::Info,
     };
     let power_args = power::configure(args.get("power"), args.get("panic"));
-    // ACPI first, on the boot loader's identity map and without a heap: time
-    // needs the HPET and the PM timer, power the FADT and _S5_. The BIOS
-    // areas are scanned for the RSDP only when the firmware may be a BIOS
-    // (on UEFI they hold nothing of the kind: the RSDP comes from the boot
-    // loader's tag).
+    // The BIOS areas are scanned for the RSDP only when the firmware may
+    // be a BIOS (on UEFI they hold nothing of the kind: the RSDP comes from
+    // the boot loader's tag).
     let facts = acpi::early(boot, boot.firmware != dioxide_boot::Firmware::Uefi);
     let calibration = time::calibrate(facts.ok(), args.get("time.source"));
     serial::init(level, facts.ok().and_then(|f| f.spcr.as_ref()));
@@ -81,9 +132,13 @@ fn kmain(boot: &'static BootInfo) -> ! {
     } else {
         log::info!(target: "boot", "no 8259 PICs (MADT PCAT_COMPAT clear): none to mask");
     }
+    facts
+}
 
-    // `bench.*` arguments alone run the in-kernel benchmark (a server booted
-    // from the image has no host CLI to ask for `selftest=bench`).
+/// The self-test asked for (`""`: none). `bench.*` arguments alone run the
+/// in-kernel benchmark (a server booted from the image has no host CLI to
+/// ask for `selftest=bench`).
+fn selftest_name<'a>(args: &Cmdline<'a>) -> &'a str {
     let selftest = match args.get("selftest") {
         Some(s) => s,
         None if args.keys().any(|k| k.starts_with("bench.")) => "bench",
@@ -110,9 +165,11 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("unknown self-test {selftest:?} (digest, rw, files, bench, noalloc, nbd-noalloc, fault, panic, calibrate, smp, ap-panic)"),
         );
     }
-    if selftest == "calibrate" {
-        selftest::calibrate();
-    }
+    selftest
+}
+
+/// How the NVMe controllers are brought up (`nvme.*`, `dio.simple`).
+fn nvme_options(args: &Cmdline) -> nvme::Options {
     let mode = match args.get("nvme.completion") {
         None | Some("poll") => nvme::Mode::Poll,
         Some("irq") => nvme::Mode::Irq,
@@ -151,14 +208,23 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("dio.simple={v:?}: expected 0 or 1"),
         ),
     };
-    let rw_blocks = match args.number("rw.blocks") {
-        Ok(v) => v,
-        Err(v) => fail(
-            EXIT_CONFIG,
-            format_args!("rw.blocks={v:?}: expected a number of blocks"),
-        ),
-    };
+    nvme::Options {
+        mode,
+        timeout_ms,
+        dbbuf,
+        dbbuf_keep,
+        kick_ms,
+        simple,
+    }
+}
 
+/// The memory map logged, frames, page tables and the heap, the SPCR's
+/// UART (first: it is shown the early lines as the screen is), the screen,
+/// and the ACPI power registers mapped.
+fn memory(
+    boot: &'static BootInfo,
+    facts: Result<&'static dioxide_firmware::acpi::Facts, dioxide_firmware::acpi::AcpiError>,
+) {
     let usable: u64 = boot
         .memory_map()
         .iter()
@@ -169,19 +235,16 @@ fn kmain(boot: &'static BootInfo) -> ! {
     if let Err(e) = mm::init(boot) {
         fail(EXIT_CONFIG, format_args!("memory set-up failed: {e}"));
     }
-    // The SPCR's UART first: it is shown the early lines as the screen is.
     if let Some(spcr) = facts.ok().and_then(|f| f.spcr.as_ref()) {
         serial::add_spcr(spcr);
     }
     serial::attach_screen(boot);
     power::map_registers();
-    if selftest == "fault" {
-        selftest::fault();
-    }
-    if selftest == "panic" {
-        selftest::panic();
-    }
+}
 
+/// The local APIC and its 10 ms tick, then the other CPUs (`smp=` caps
+/// them).
+fn cpus(args: &Cmdline) {
     apic::init();
     apic::start_tick(10);
     match args.number("smp") {
@@ -191,23 +254,12 @@ fn kmain(boot: &'static BootInfo) -> ! {
             format_args!("smp={v:?}: expected a number of CPUs"),
         ),
     }
-    match selftest {
-        "smp" => diag::smp::selftest(),
-        "ap-panic" => diag::smp::ap_panic(),
-        _ => {}
-    }
-    pci::init(facts.ok().and_then(|f| f.ecam()));
-    let functions = pci::enumerate();
-    x86_64::instructions::interrupts::enable();
-    let opts = nvme::Options {
-        mode,
-        timeout_ms,
-        dbbuf,
-        dbbuf_keep,
-        kick_ms,
-        simple,
-    };
-    let disks = match nvme::init(&functions, opts) {
+}
+
+/// Every NVMe controller on PCI and its namespaces; the boot fails
+/// without one. Logs the ready line.
+fn disks(functions: &[pci::Function], opts: nvme::Options) {
+    let disks = match nvme::init(functions, opts) {
         Ok([]) if !functions.iter().any(nvme::is_nvme) => {
             fail(EXIT_CONFIG, format_args!("no NVMe controller found on PCI"))
         }
@@ -232,104 +284,109 @@ fn kmain(boot: &'static BootInfo) -> ! {
         heap.bytes_in_use / 1024,
         heap.size >> 20
     );
-    log::info!(target: "iomap", "simple path {}", if simple { "on" } else { "off (dio.simple=0)" });
-    let mut mounts = disk::mount_all();
-    match selftest {
-        "files" => selftest::files(&mounts),
-        "noalloc" => bench::noalloc(first_fs(&mut mounts)),
-        "nbd-noalloc" => diag::nbd::noalloc(&mounts),
-        "bench" => {
-            let list = |k: &str, d: &'static str| args.get(k).unwrap_or(d);
-            let qds: alloc::vec::Vec<usize> = list("bench.qd", "1,16,64,128,256")
-                .split(',')
-                .filter_map(|q| q.parse().ok())
-                .collect();
-            let devs: alloc::vec::Vec<&str> = list("bench.dev", "nvme,null").split(',').collect();
-            let comps: alloc::vec::Vec<&str> =
-                list("bench.completion", "poll").split(',').collect();
-            if let Some(d) = devs.iter().find(|d| !["nvme", "null"].contains(d)) {
-                fail(
-                    EXIT_CONFIG,
-                    format_args!("bench.dev: {d:?} is not nvme or null"),
-                );
-            }
-            if let Some(c) = comps.iter().find(|c| !["poll", "irq"].contains(c)) {
-                fail(
-                    EXIT_CONFIG,
-                    format_args!("bench.completion: {c:?} is not poll or irq"),
-                );
-            }
-            if qds.is_empty() {
-                fail(
-                    EXIT_CONFIG,
-                    format_args!("bench.qd: expected queue depths such as 1,16,64"),
-                );
-            }
-            let secs = args.number("bench.secs").ok().flatten().unwrap_or(2).max(1);
-            let protocol = alloc::format!("{:?}", boot.protocol).to_lowercase();
-            let firmware = alloc::format!("{:?}", boot.firmware).to_lowercase();
-            let p = bench::Params {
-                qds: &qds,
-                devs: &devs,
-                completions: &comps,
-                secs,
-                file: args.get("bench.file"),
-                protocol: &protocol,
-                firmware: &firmware,
-            };
-            bench::bench(0, first_fs(&mut mounts), &p)
-        }
-        "digest" => selftest::digest(),
-        "rw" => selftest::rw(rw_blocks),
-        _ => {
-            let static_ip = match args.get("net.ip") {
-                None => None,
-                Some(v) => match stack::parse_cidr(v) {
-                    Some(cidr) => Some(stack::StaticIp {
-                        cidr,
-                        gateway: args.get("net.gw").and_then(stack::parse_ip),
-                    }),
-                    None => fail(
-                        EXIT_CONFIG,
-                        format_args!("net.ip={v:?}: expected A.B.C.D/N"),
-                    ),
-                },
-            };
-            drivers::virtio_net::configure(net_offloads(&args));
-            let mut net = stack::init(&functions, static_ip);
-            let server = match net.as_mut() {
-                Some(n) => {
-                    let null = args.get("nbd.null") == Some("1");
-                    let stall_ns = match args.number("nbd.stall_s") {
-                        Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
-                        Err(v) => fail(
-                            EXIT_CONFIG,
-                            format_args!("nbd.stall_s={v:?}: expected seconds"),
-                        ),
-                    };
-                    // Default: storage cores with interrupt completion only.
-                    // A polling storage core spins for the whole device
-                    // time; under TCG on a host with few cores that time is
-                    // taken from QEMU's device thread (measured: QD1 file
-                    // reads 217 IOPS with, 1,210 without, at 2 CPUs polled;
-                    // 1,719 with irq completion; see net/storage.rs).
-                    let storage_cores = match args.switch("nbd.storage_cores") {
-                        Ok(v) => v.unwrap_or(mode == nvme::Mode::Irq),
-                        Err(v) => fail(
-                            EXIT_CONFIG,
-                            format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
-                        ),
-                    };
-                    Some(nbd::start(n, &mounts, null, stall_ns, storage_cores))
-                }
-                None => {
-                    log::warn!(target: "net", "no usable virtio-net device: no network service");
-                    None
-                }
-            };
-            run_loop(net, server)
-        }
+    log::info!(target: "iomap", "simple path {}", if opts.simple { "on" } else { "off (dio.simple=0)" });
+}
+
+/// `selftest=bench` with its `bench.*` arguments.
+fn run_bench(
+    boot: &'static BootInfo,
+    args: &Cmdline,
+    mounts: &mut alloc::vec::Vec<disk::Mounted>,
+) -> ! {
+    let list = |k: &str, d: &'static str| args.get(k).unwrap_or(d);
+    let qds: alloc::vec::Vec<usize> = list("bench.qd", "1,16,64,128,256")
+        .split(',')
+        .filter_map(|q| q.parse().ok())
+        .collect();
+    let devs: alloc::vec::Vec<&str> = list("bench.dev", "nvme,null").split(',').collect();
+    let comps: alloc::vec::Vec<&str> = list("bench.completion", "poll").split(',').collect();
+    if let Some(d) = devs.iter().find(|d| !["nvme", "null"].contains(d)) {
+        fail(
+            EXIT_CONFIG,
+            format_args!("bench.dev: {d:?} is not nvme or null"),
+        );
     }
+    if let Some(c) = comps.iter().find(|c| !["poll", "irq"].contains(c)) {
+        fail(
+            EXIT_CONFIG,
+            format_args!("bench.completion: {c:?} is not poll or irq"),
+        );
+    }
+    if qds.is_empty() {
+        fail(
+            EXIT_CONFIG,
+            format_args!("bench.qd: expected queue depths such as 1,16,64"),
+        );
+    }
+    let secs = args.number("bench.secs").ok().flatten().unwrap_or(2).max(1);
+    let protocol = alloc::format!("{:?}", boot.protocol).to_lowercase();
+    let firmware = alloc::format!("{:?}", boot.firmware).to_lowercase();
+    let p = bench::Params {
+        qds: &qds,
+        devs: &devs,
+        completions: &comps,
+        secs,
+        file: args.get("bench.file"),
+        protocol: &protocol,
+        firmware: &firmware,
+    };
+    bench::bench(0, first_fs(mounts), &p)
+}
+
+/// The network (virtio-net with the offloads asked for, a static address
+/// or DHCP) and the NBD service, then the run loop.
+fn serve(
+    args: &Cmdline,
+    functions: &[pci::Function],
+    mounts: &[disk::Mounted],
+    mode: nvme::Mode,
+) -> ! {
+    let static_ip = match args.get("net.ip") {
+        None => None,
+        Some(v) => match stack::parse_cidr(v) {
+            Some(cidr) => Some(stack::StaticIp {
+                cidr,
+                gateway: args.get("net.gw").and_then(stack::parse_ip),
+            }),
+            None => fail(
+                EXIT_CONFIG,
+                format_args!("net.ip={v:?}: expected A.B.C.D/N"),
+            ),
+        },
+    };
+    drivers::virtio_net::configure(net_offloads(args));
+    let mut net = stack::init(functions, static_ip);
+    let server = match net.as_mut() {
+        Some(n) => {
+            let null = args.get("nbd.null") == Some("1");
+            let stall_ns = match args.number("nbd.stall_s") {
+                Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
+                Err(v) => fail(
+                    EXIT_CONFIG,
+                    format_args!("nbd.stall_s={v:?}: expected seconds"),
+                ),
+            };
+            // Default: storage cores with interrupt completion only. A
+            // polling storage core spins for the whole device time; under
+            // TCG on a host with few cores that time is taken from QEMU's
+            // device thread (measured: QD1 file reads 217 IOPS with, 1,210
+            // without, at 2 CPUs polled; 1,719 with irq completion; see
+            // net/storage.rs).
+            let storage_cores = match args.switch("nbd.storage_cores") {
+                Ok(v) => v.unwrap_or(mode == nvme::Mode::Irq),
+                Err(v) => fail(
+                    EXIT_CONFIG,
+                    format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
+                ),
+            };
+            Some(nbd::start(n, mounts, null, stall_ns, storage_cores))
+        }
+        None => {
+            log::warn!(target: "net", "no usable virtio-net device: no network service");
+            None
+        }
+    };
+    run_loop(net, server)
 }
 
 /// The virtio-net offloads the arguments ask for (`net.csum=`,
