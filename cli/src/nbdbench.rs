@@ -84,10 +84,7 @@ pub struct Appliance {
     _tap: Option<Tap>,
 }
 
-pub fn free_port() -> Result<u16, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("bind a free port"))?;
-    Ok(l.local_addr().map_err(io_err("local address"))?.port())
-}
+pub use crate::qemu::free_port;
 
 /// Waits until the console shows every one of `what`.
 pub fn wait_console(guest: &Guest, what: &[&str], secs: u64) -> Result<(), Error> {

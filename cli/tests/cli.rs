@@ -265,7 +265,7 @@ impl Running {
 }
 
 fn free_port() -> u16 {
-    dioxide::nbdbench::free_port().expect("a free port")
+    dioxide_qemu::free_port().expect("a free port")
 }
 
 /// An NBD client command (bounded); its stdout, which must succeed.
@@ -561,7 +561,7 @@ fn image_is_a_hybrid_iso_whose_cmdline_reaches_the_kernel() {
 
     let want = format!(
         "via Multiboot2, cmdline {:?}",
-        dioxide::iso::kernel_view(&dioxide::iso::words(cmdline))
+        dioxide_qemu::iso::kernel_view(&dioxide_qemu::iso::words(cmdline))
     );
     for boot in ["bios", "uefi"] {
         let (code, out, err, _) = run_status(

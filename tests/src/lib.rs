@@ -4,8 +4,8 @@
 
 pub mod nbdraw;
 
-use dioxide::accel::Accel;
-use dioxide::qemu::{self, Config, Guest, Outcome};
+use dioxide_qemu::accel::Accel;
+use dioxide_qemu::{self as qemu, Config, Guest, Outcome};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -126,7 +126,7 @@ fn boot_logs_pci_functions_and_devices() {
     // host's timeout kills QEMU.
     let mut cfg = config(Some(&img), &[]);
     cfg.timeout = Some(std::time::Duration::from_secs(8));
-    let mut guest = dioxide::qemu::Guest::spawn(&cfg).expect("spawn");
+    let mut guest = dioxide_qemu::Guest::spawn(&cfg).expect("spawn");
     let pid = guest.pid().expect("pid");
     // (QEMU is killed at 8 s only in wait(): a slow boot may take longer.)
     let console = wait_for_console(
@@ -146,7 +146,7 @@ fn boot_logs_pci_functions_and_devices() {
     assert!(console.contains("heap "), "{console}");
     // The timeout kills QEMU and says so.
     match guest.wait() {
-        Err(dioxide::Error::Timeout(8)) => {}
+        Err(dioxide_qemu::Error::Timeout(8)) => {}
         other => panic!("expected a timeout, got {other:?}"),
     }
     // wait() killed and reaped QEMU: its process is gone (not even a

@@ -5,7 +5,7 @@
 //! each raw and the files of each filesystem, with reads issued on the
 //! storage core.
 
-use dioxide::qemu::{Config, Namespace};
+use dioxide_qemu::{Config, Namespace};
 use dioxide_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -243,7 +243,7 @@ fn nbd_exports_every_namespace_from_two_cores() {
 /// over, ...`, logged when the service goes idle after the clients left)
 /// and checks that reads were handed over (N > 0 in all): the start-up line
 /// `reads issued on storage cores` says only that they could be.
-fn assert_reads_handed_over(guest: &dioxide::qemu::Guest) {
+fn assert_reads_handed_over(guest: &dioxide_qemu::Guest) {
     let t0 = std::time::Instant::now();
     loop {
         let c = guest.console();

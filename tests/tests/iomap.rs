@@ -115,12 +115,12 @@ fn bench_local_writes_table_json_and_plot() {
         secs: 1,
         out: dir.path().to_path_buf(),
         file_size: 8 << 20,
-        accel: dioxide::accel::Accel::Tcg,
+        accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
         host_ios: 100_000,
         host_threads: String::new(),
         from_log: None,
-        boot: dioxide::qemu::Boot::Pvh,
+        boot: dioxide_qemu::Boot::Pvh,
         sweep: Default::default(),
     };
     assert_eq!(dioxide::bench::local(&opts).unwrap(), 0);

@@ -3,7 +3,7 @@
 //! connection (the rest held back, none lost), and the block sizes
 //! NBD_OPT_INFO/GO announce. One boot for all but the block-size variant.
 
-use dioxide::qemu::Guest;
+use dioxide_qemu::Guest;
 use dioxide_tests::nbdraw::*;
 use dioxide_tests::*;
 use std::time::Duration;
@@ -13,7 +13,7 @@ const CONNS: usize = 16;
 
 /// Boots the appliance on `img` (user networking); the guest and the port
 /// forwarded to its NBD server, once it listens.
-fn serve(cfg: dioxide::qemu::Config) -> (Guest, u16) {
+fn serve(cfg: dioxide_qemu::Config) -> (Guest, u16) {
     match dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User) {
         Ok(app) => (app.guest, app.port),
         Err(e) => panic!("{e}"),

@@ -1,7 +1,7 @@
 //! The appliance over the network: real NBD clients against the kernel's
 //! NBD server (virtio-net, smoltcp, sans-IO NBD).
 
-use dioxide::qemu::Guest;
+use dioxide_qemu::Guest;
 use dioxide_tests::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -508,7 +508,7 @@ fn tap_network_serves_the_exports() {
         cfg.timeout = Some(Duration::from_secs(300));
         let app = match boot(cfg, NetMode::Tap) {
             Ok(a) => a,
-            Err(dioxide::Error::TapUnavailable(why)) => {
+            Err(dioxide_qemu::Error::TapUnavailable(why)) => {
                 skipped("tap_network_serves_the_exports", &why);
                 return;
             }
@@ -610,7 +610,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         secs: 1,
         out: dir.path().to_path_buf(),
         file_size: 8 << 20,
-        accel: dioxide::accel::Accel::Tcg,
+        accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
         nets: vec![dioxide::nbdbench::NetMode::User],
         offloads: vec![dioxide::offload::Offloads(None)],
@@ -618,7 +618,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         targets: vec!["file", "raw", "null", "qemu-nbd"],
         completion: "poll".into(),
         rounds: 1,
-        boot: dioxide::qemu::Boot::Pvh,
+        boot: dioxide_qemu::Boot::Pvh,
         sweep: Default::default(),
         host_ios: 2_000,
     };

@@ -4,8 +4,9 @@
 //! retry); and listing thousands of exports costs one quick round trip per
 //! option.
 
-use dioxide::nbdbench::{boot, free_port, NetMode};
-use dioxide::qemu::Guest;
+use dioxide::nbdbench::{boot, NetMode};
+use dioxide_qemu::free_port;
+use dioxide_qemu::Guest;
 use dioxide_tests::*;
 use std::collections::BTreeSet;
 use std::io::{self, ErrorKind, Read, Write};

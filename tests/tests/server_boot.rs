@@ -10,7 +10,7 @@
 //! under TCG to reach GRUB, so the UEFI boots get their own deadline.
 
 use dioxide::nbdbench::NetMode;
-use dioxide::qemu::Boot;
+use dioxide_qemu::Boot;
 use dioxide_tests::nbdraw::Client;
 use dioxide_tests::*;
 use sha2::Digest;
@@ -57,7 +57,7 @@ fn tree_image(dir: &Path, seed: u64) -> (std::path::PathBuf, std::path::PathBuf,
     (img, src, paths)
 }
 
-fn boot_config(boot: Boot, img: &Path, args: &[&str]) -> dioxide::qemu::Config {
+fn boot_config(boot: Boot, img: &Path, args: &[&str]) -> dioxide_qemu::Config {
     let mut cfg = config(Some(img), args);
     cfg.boot = boot;
     cfg.timeout = Some(deadline(boot));
@@ -136,7 +136,7 @@ fn files(boot: Boot, img: &Path, src: &Path, paths: &[String]) {
 fn nbd(boot: Boot, img: &Path, src: &Path) {
     // A second QMP monitor, for the screenshot (the CLI's own one belongs to
     // its console reader).
-    let qmp_dir = dioxide::qemu::monitor::MonitorDir::new().unwrap();
+    let qmp_dir = dioxide_qemu::monitor::MonitorDir::new().unwrap();
     let mut cfg = boot_config(boot, img, &[]);
     cfg.extra.push("-qmp".into());
     cfg.extra
@@ -180,8 +180,8 @@ fn nbd(boot: Boot, img: &Path, src: &Path) {
 /// service's line, rendered by the kernel's framebuffer console. The check
 /// renders the expected text with the console crate's own font and compares
 /// pixels, so no OCR is involved.
-fn screen_shows_the_log(boot: Boot, qmp_dir: &dioxide::qemu::monitor::MonitorDir, console: &str) {
-    let mut qmp = dioxide::qemu::monitor::Qmp::connect(&qmp_dir.socket())
+fn screen_shows_the_log(boot: Boot, qmp_dir: &dioxide_qemu::monitor::MonitorDir, console: &str) {
+    let mut qmp = dioxide_qemu::monitor::Qmp::connect(&qmp_dir.socket())
         .unwrap_or_else(|e| panic!("{}: QMP: {e}", boot.name()));
     let ppm = qmp_dir.path().join("screen.ppm");
     let out = qmp
@@ -245,7 +245,7 @@ fn bench_local_under_uefi() {
         secs: 1,
         out: dir.path().to_path_buf(),
         file_size: 8 << 20,
-        accel: dioxide::accel::Accel::Tcg,
+        accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
         host_ios: 0,
         host_threads: String::new(),

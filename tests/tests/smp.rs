@@ -10,7 +10,7 @@
 //! gives one), and is otherwise skipped, saying so; every other test here
 //! runs the CPUs in xAPIC mode.
 
-use dioxide::qemu::{Boot, Config, Outcome};
+use dioxide_qemu::{Boot, Config, Outcome};
 use dioxide_tests::*;
 use std::time::Duration;
 
@@ -230,7 +230,7 @@ fn x2apic_mode_when_qemu_has_it() {
 /// 0x10a (IA32_ARCH_CAPABILITIES: "failed to set MSR 0x10a"); the guest
 /// needs no such MSR. Given last, this `-cpu` overrides the CLI's.
 fn kvm_config(mut cfg: Config) -> Config {
-    cfg.accel = dioxide::accel::Accel::Kvm;
+    cfg.accel = dioxide_qemu::accel::Accel::Kvm;
     cfg.extra = vec!["-cpu".into(), "host,-arch-capabilities".into()];
     cfg
 }
@@ -238,7 +238,7 @@ fn kvm_config(mut cfg: Config) -> Config {
 /// Whether KVM runs this kernel here: /dev/kvm opens and the self-test on
 /// one CPU (no other CPU, no x2APIC asked for) passes within 30 s (some
 /// machines have a /dev/kvm that runs guests a thousand times slower than
-/// TCG; see `dioxide::accel`). Only a machine that passes this must pass
+/// TCG; see `dioxide_qemu::accel`). Only a machine that passes this must pass
 /// the x2APIC run under KVM. (Not `selftest=calibrate`: its timed loop did
 /// not end within 30 s under this machine's KVM.)
 fn kvm_works() -> Result<(), String> {
@@ -249,7 +249,7 @@ fn kvm_works() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm: {e}"))?;
     let mut cfg = kvm_config(smp_config(1, &["selftest=smp", "log=warn"]));
     cfg.timeout = Some(Duration::from_secs(30));
-    match dioxide::qemu::run(&cfg) {
+    match dioxide_qemu::run(&cfg) {
         Ok(o) if o.status == 0 => Ok(()),
         Ok(o) => Err(format!("a one-CPU boot under KVM exited {}", o.status)),
         Err(e) => Err(format!("a one-CPU boot under KVM: {e}")),

@@ -36,7 +36,7 @@
 //! `peak` of the idle line) stayed within the bound the service states
 //! (`dioxide-service`, "Bounds", `heap_bound`), logged at start.
 
-use dioxide::qemu::Guest;
+use dioxide_qemu::Guest;
 use dioxide_testkit::Rng;
 use dioxide_tests::nbdraw::{self as raw, Client};
 use dioxide_tests::*;

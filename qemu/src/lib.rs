@@ -1,4 +1,8 @@
-//! Booting the kernel in QEMU and reading what it says.
+//! Booting the kernel in QEMU and reading what it says: the QEMU runner the
+//! `dioxide` CLI and the integration tests use. Launch configuration
+//! ([`Config`]), the console reader, the monitor ([`monitor`]), the
+//! accelerator choice ([`accel`]), tap devices ([`tap`]) and the bootable
+//! ISO ([`iso`]).
 //!
 //! The guest's serial console is QEMU's stdout; it is read line by line (and
 //! echoed when asked). The guest ends by printing `dioxide: power off
@@ -22,9 +26,15 @@
 //! is refused at once, instead of having its connection accepted by QEMU and
 //! its SYN to a guest without an address lost (slirp retries after 6 s).
 
+pub mod accel;
+mod error;
+pub mod iso;
 pub mod monitor;
+pub mod tap;
 
-use crate::{accel::Accel, Error};
+pub use error::{io_err, Error};
+
+use crate::accel::Accel;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -631,7 +641,7 @@ impl Forward {
                 // does: then try another.
                 let mut last = (Err("no free port".to_string()), 0);
                 for _ in 0..5 {
-                    let Ok(p) = crate::nbdbench::free_port() else {
+                    let Ok(p) = free_port() else {
                         continue;
                     };
                     last = (qmp.hostfwd_add(p, guest_ip, GUEST_NBD_PORT), p);
@@ -714,6 +724,12 @@ impl Drop for Guest {
             let _ = c.wait();
         }
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, Error> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("bind a free port"))?;
+    Ok(l.local_addr().map_err(io_err("local address"))?.port())
 }
 
 /// The AIO backend of the emulated NVMe drive: `io_uring` where this QEMU

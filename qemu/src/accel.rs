@@ -8,8 +8,7 @@
 //! decision is remembered per machine (host name, kernel release, CPU model,
 //! QEMU version) in `$XDG_CACHE_HOME/dioxide/accel` (or `~/.cache/...`).
 
-use crate::qemu::{self, Config};
-use crate::Error;
+use crate::{Config, Error};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -95,7 +94,7 @@ fn measure(kernel: &Path, accel: Accel, deadline: Duration) -> Result<Duration, 
     cfg.mem_mib = 128;
     cfg.args = vec!["selftest=calibrate".into(), "log=warn".into()];
     cfg.timeout = Some(deadline);
-    match qemu::run(&cfg) {
+    match crate::run(&cfg) {
         Ok(o) if o.status == 0 => Ok(o.elapsed),
         Ok(o) => Err(format!("calibration exited with status {}", o.status)),
         Err(Error::Timeout(s)) => Err(format!("did not finish within {s} s")),
