@@ -64,98 +64,7 @@ enum Completion {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the kernel and boot it in QEMU with an emulated NVMe controller.
-    Run {
-        /// Raw disk image backing an NVMe namespace; repeatable. Each
-        /// --disk is namespace 1 of its own controller (nvme0n1, nvme1n1,
-        /// ...) unless it says `ctrl=N`: then it is the next namespace of
-        /// controller N (nvme1n2, ...). Options: `lbs=512|4096` (default
-        /// --nvme-lbs), `ms=BYTES` (metadata per block), `ctrl=N`; commas
-        /// in PATH doubled. Default: the image --from builds, else a small
-        /// built-in sample tree.
-        #[arg(
-            long,
-            conflicts_with = "from",
-            value_name = "PATH[,lbs=512|4096][,ms=BYTES][,ctrl=N]"
-        )]
-        disk: Vec<String>,
-        /// Serve this directory: build a dxfs image of it first (under
-        /// target/dioxide/run-from.img).
-        #[arg(long)]
-        from: Option<PathBuf>,
-        /// Logical block size of the namespaces that do not give `lbs=`.
-        #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
-        nvme_lbs: u32,
-        /// QEMU's ioeventfd=on on the NVMe controllers (QEMU 7.2 uses it
-        /// for I/O queues with shadow doorbells only).
-        #[arg(long)]
-        nvme_ioeventfd: bool,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        mem: u32,
-        /// Guest CPUs (the kernel starts them all; `-- smp=N` caps it).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        smp: u32,
-        /// Accelerator; `auto` uses KVM only where it measures fast.
-        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-        accel: AccelArg,
-        /// Kill QEMU and fail after this many seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Run a kernel self-test and exit: digest, rw, files, noalloc,
-        /// nbd-noalloc, fault, panic, calibrate, smp, ap-panic.
-        #[arg(long)]
-        selftest: Option<String>,
-        /// How the kernel reaps NVMe completions.
-        #[arg(long, value_enum)]
-        completion: Option<Completion>,
-        /// Kernel log level (error, warn, info, debug, trace).
-        #[arg(long)]
-        log: Option<String>,
-        /// Use this kernel ELF instead of building one.
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Host port (127.0.0.1) forwarded to the appliance's NBD server
-        /// (with --net user).
-        #[arg(long, default_value_t = 10809)]
-        nbd_port: u16,
-        /// Network: `user` (QEMU user networking, port forwarded on
-        /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
-        #[arg(long, default_value = "user")]
-        net: String,
-        /// virtio-net offloads: `default`, `none`, `all`, or names joined
-        /// with + (csum, guest_csum, mrg_rxbuf, tso): those on, the others
-        /// off (kernel arguments net.NAME=0|1; each used only where the
-        /// device offers it, as the boot log says).
-        #[arg(long, value_name = "SET", value_parser = dioxide::offload::Offloads::parse)]
-        offload: Option<dioxide::offload::Offloads>,
-        /// The NIC's MTU (jumbo frames, e.g. 9000): QEMU's host_mtu= on
-        /// the virtio-net device and, with --net tap, the tap device's.
-        /// Under --net user QEMU's user network stays at 1500.
-        #[arg(long, value_parser = dioxide::offload::parse_mtu)]
-        mtu: Option<u16>,
-        /// Make reads of this 512-byte sector of the (first) disk image
-        /// fail with an I/O error (QEMU blkdebug; repeatable): to see how
-        /// the appliance reports a device error on nvme0n1.
-        #[arg(long, value_name = "SECTOR")]
-        inject_eio: Vec<u64>,
-        /// How the kernel boots: `pvh` (QEMU loads it), `bios` (GRUB from an
-        /// ISO under SeaBIOS) or `uefi` (the same under OVMF), as a server
-        /// boots.
-        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
-        boot: Boot,
-        /// With --boot bios|uefi: boot this ISO (from `dioxide image`; the
-        /// kernel arguments are those of its grub.cfg) instead of one made
-        /// for the run.
-        #[arg(long)]
-        iso: Option<PathBuf>,
-        /// QEMU's machine and its options (`-machine`), e.g.
-        /// `q35,pit=off,hpet=off` or `pc`.
-        #[arg(long, default_value = "q35", value_name = "OPTS")]
-        machine: String,
-        /// More kernel arguments (key=value).
-        #[arg(last = true)]
-        kernel_args: Vec<String>,
-    },
+    Run(RunArgs),
     /// Make a bootable ISO for a server: GRUB for BIOS and UEFI loading the
     /// kernel (multiboot2), console on COM1 (115200) and the screen; a hybrid
     /// image for a CD-ROM, BMC virtual media or `dd` to a USB stick.
@@ -215,106 +124,11 @@ enum Cmd {
 enum BenchCmd {
     /// In-guest 4K random reads (raw namespace, file through the generic
     /// path, file through the simple path), with the host benchmark beside.
-    Local {
-        /// Queue depths.
-        #[arg(long, default_value = "1,16,64,128,256")]
-        qd: String,
-        /// Devices: nvme, null.
-        #[arg(long, default_value = "nvme,null")]
-        dev: String,
-        /// Completion modes: poll, irq.
-        #[arg(long, default_value = "poll")]
-        completion: String,
-        /// Seconds per row.
-        #[arg(long, default_value_t = 2)]
-        secs: u64,
-        /// Output directory (results.json, plot.svg).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Size of the benchmark file (default 1G).
-        #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
-        file_size: u64,
-        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-        accel: AccelArg,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        mem: u32,
-        /// Reads per target of the host benchmark (0 skips it).
-        #[arg(long, default_value_t = 2_000_000)]
-        host_ios: u64,
-        /// The host benchmark again on T threads side by side, each with
-        /// its own engine, queue and controller model, for each T of this
-        /// list; `auto`: 1 and this machine's parallelism (at most 8);
-        /// `none`: not.
-        #[arg(long, default_value = "auto", value_name = "LIST")]
-        host_threads: String,
-        /// Do not boot: make the table and results.json from the console of
-        /// a kernel that ran the benchmark elsewhere (a server booted with
-        /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
-        #[arg(long, value_name = "FILE")]
-        from_log: Option<PathBuf>,
-        /// How the kernel boots: pvh, bios or uefi.
-        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
-        boot: Boot,
-        #[command(flatten)]
-        sweep: SweepArgs,
-    },
+    Local(LocalArgs),
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
     /// host.
-    Nbd {
-        /// Queue depths.
-        #[arg(long, default_value = "1,16,64,128")]
-        qd: String,
-        /// fio jobs (each with its own connection).
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
-        /// Seconds per row.
-        #[arg(long, default_value_t = 5)]
-        secs: u64,
-        /// Output directory (results.json, plot.svg).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Network modes, comma-separated: user, tap (tap needs root).
-        #[arg(long, default_value = "user")]
-        net: String,
-        /// virtio-net offload sets to compare, comma-separated, one boot
-        /// each: `default`, `none`, `all`, or names joined with + (csum,
-        /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`.
-        #[arg(long, value_name = "LIST")]
-        offload: Option<String>,
-        /// NIC MTUs to compare, comma-separated, one boot each (e.g.
-        /// 1500,9000; see `dioxide run --mtu`).
-        #[arg(long, value_name = "LIST")]
-        mtu: Option<String>,
-        /// Targets, comma-separated: file, raw, null, qemu-nbd.
-        #[arg(long, default_value = "file,raw,null,qemu-nbd")]
-        targets: String,
-        /// Size of the benchmark file (default 1G).
-        #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
-        file_size: u64,
-        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-        accel: AccelArg,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        mem: u32,
-        /// NVMe completion mode of the appliance: poll or irq.
-        #[arg(long, default_value = "poll")]
-        completion: String,
-        /// Rounds per row: the targets take turns, each for secs/rounds.
-        #[arg(long, default_value_t = 2)]
-        rounds: u64,
-        /// Reads per row of the host benchmark of the whole NBD request
-        /// path (TCP/IP, NBD, DIO, dxfs on the host's CPU; `host_rows` in
-        /// results.json); 0 skips it.
-        #[arg(long, default_value_t = 100_000)]
-        host_ios: u64,
-        /// How the kernel boots: pvh, bios or uefi.
-        #[arg(long, default_value = "pvh", value_parser = parse_boot)]
-        boot: Boot,
-        #[command(flatten)]
-        sweep: SweepArgs,
-    },
+    Nbd(NbdArgs),
     /// Boot-to-serving time: from spawning QEMU to the appliance answering
     /// an NBD handshake on its forwarded port, per boot method.
     Boot {
@@ -327,6 +141,249 @@ enum BenchCmd {
         #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
         accel: AccelArg,
     },
+}
+
+/// `dioxide run`: the guest, its disks, network and kernel arguments.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Raw disk image backing an NVMe namespace; repeatable. Each
+    /// --disk is namespace 1 of its own controller (nvme0n1, nvme1n1,
+    /// ...) unless it says `ctrl=N`: then it is the next namespace of
+    /// controller N (nvme1n2, ...). Options: `lbs=512|4096` (default
+    /// --nvme-lbs), `ms=BYTES` (metadata per block), `ctrl=N`; commas
+    /// in PATH doubled. Default: the image --from builds, else a small
+    /// built-in sample tree.
+    #[arg(
+        long,
+        conflicts_with = "from",
+        value_name = "PATH[,lbs=512|4096][,ms=BYTES][,ctrl=N]"
+    )]
+    disk: Vec<String>,
+    /// Serve this directory: build a dxfs image of it first (under
+    /// target/dioxide/run-from.img).
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// Logical block size of the namespaces that do not give `lbs=`.
+    #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
+    nvme_lbs: u32,
+    /// QEMU's ioeventfd=on on the NVMe controllers (QEMU 7.2 uses it
+    /// for I/O queues with shadow doorbells only).
+    #[arg(long)]
+    nvme_ioeventfd: bool,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Guest CPUs (the kernel starts them all; `-- smp=N` caps it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    smp: u32,
+    /// Accelerator; `auto` uses KVM only where it measures fast.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Kill QEMU and fail after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Run a kernel self-test and exit: digest, rw, files, noalloc,
+    /// nbd-noalloc, fault, panic, calibrate, smp, ap-panic.
+    #[arg(long)]
+    selftest: Option<String>,
+    /// How the kernel reaps NVMe completions.
+    #[arg(long, value_enum)]
+    completion: Option<Completion>,
+    /// Kernel log level (error, warn, info, debug, trace).
+    #[arg(long)]
+    log: Option<String>,
+    /// Use this kernel ELF instead of building one.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Host port (127.0.0.1) forwarded to the appliance's NBD server
+    /// (with --net user).
+    #[arg(long, default_value_t = 10809)]
+    nbd_port: u16,
+    /// Network: `user` (QEMU user networking, port forwarded on
+    /// 127.0.0.1) or `tap` (a host tap device, faster; needs root).
+    #[arg(long, default_value = "user")]
+    net: String,
+    /// virtio-net offloads: `default`, `none`, `all`, or names joined
+    /// with + (csum, guest_csum, mrg_rxbuf, tso): those on, the others
+    /// off (kernel arguments net.NAME=0|1; each used only where the
+    /// device offers it, as the boot log says).
+    #[arg(long, value_name = "SET", value_parser = dioxide::offload::Offloads::parse)]
+    offload: Option<dioxide::offload::Offloads>,
+    /// The NIC's MTU (jumbo frames, e.g. 9000): QEMU's host_mtu= on
+    /// the virtio-net device and, with --net tap, the tap device's.
+    /// Under --net user QEMU's user network stays at 1500.
+    #[arg(long, value_parser = dioxide::offload::parse_mtu)]
+    mtu: Option<u16>,
+    /// Make reads of this 512-byte sector of the (first) disk image
+    /// fail with an I/O error (QEMU blkdebug; repeatable): to see how
+    /// the appliance reports a device error on nvme0n1.
+    #[arg(long, value_name = "SECTOR")]
+    inject_eio: Vec<u64>,
+    /// How the kernel boots: `pvh` (QEMU loads it), `bios` (GRUB from an
+    /// ISO under SeaBIOS) or `uefi` (the same under OVMF), as a server
+    /// boots.
+    #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+    boot: Boot,
+    /// With --boot bios|uefi: boot this ISO (from `dioxide image`; the
+    /// kernel arguments are those of its grub.cfg) instead of one made
+    /// for the run.
+    #[arg(long)]
+    iso: Option<PathBuf>,
+    /// QEMU's machine and its options (`-machine`), e.g.
+    /// `q35,pit=off,hpet=off` or `pc`.
+    #[arg(long, default_value = "q35", value_name = "OPTS")]
+    machine: String,
+    /// More kernel arguments (key=value).
+    #[arg(last = true)]
+    kernel_args: Vec<String>,
+}
+
+/// `dioxide image`: a bootable ISO (BIOS and UEFI) for a server.
+fn make_image(
+    out: PathBuf,
+    cmdline: String,
+    menu_timeout: u32,
+    kernel_path: Option<PathBuf>,
+) -> Result<i32, Error> {
+    let words = iso::words(&cmdline);
+    iso::check_tools()?;
+    let kernel = match kernel_path {
+        Some(k) => k,
+        None => {
+            eprintln!("dioxide: building the kernel (release)");
+            kernel::build()?
+        }
+    };
+    let built = iso::build(&kernel, &words, menu_timeout, &out)?;
+    if let Err(why) = &built.strip {
+        eprintln!("dioxide: note: the kernel keeps its debug information: {why}");
+    }
+    let altered = iso::altered_words(&words);
+    if !altered.is_empty() {
+        eprintln!(
+            "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
+        );
+    }
+    eprintln!(
+        "dioxide: wrote {} ({:.1} MiB): BIOS and UEFI boot (GRUB, multiboot2), menu {} s; console on COM1 (115200 8N1) and the screen; the kernel's command line: {:?}{}",
+        out.display(),
+        built.bytes as f64 / (1 << 20) as f64,
+        menu_timeout,
+        iso::kernel_view(&words),
+        if words.iter().any(|w| w.starts_with("net.ip=")) {
+            ""
+        } else {
+            " (no net.ip=: the address comes from DHCP)"
+        }
+    );
+    eprintln!(
+        "dioxide: try it in QEMU: ./dx run --boot uefi --iso {0}; or write it to a USB stick (erases the whole device): dd if={0} of=/dev/sdX bs=4M conv=fsync",
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `dioxide bench local`.
+#[derive(clap::Args)]
+struct LocalArgs {
+    /// Queue depths.
+    #[arg(long, default_value = "1,16,64,128,256")]
+    qd: String,
+    /// Devices: nvme, null.
+    #[arg(long, default_value = "nvme,null")]
+    dev: String,
+    /// Completion modes: poll, irq.
+    #[arg(long, default_value = "poll")]
+    completion: String,
+    /// Seconds per row.
+    #[arg(long, default_value_t = 2)]
+    secs: u64,
+    /// Output directory (results.json, plot.svg).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Size of the benchmark file (default 1G).
+    #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
+    file_size: u64,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Reads per target of the host benchmark (0 skips it).
+    #[arg(long, default_value_t = 2_000_000)]
+    host_ios: u64,
+    /// The host benchmark again on T threads side by side, each with
+    /// its own engine, queue and controller model, for each T of this
+    /// list; `auto`: 1 and this machine's parallelism (at most 8);
+    /// `none`: not.
+    #[arg(long, default_value = "auto", value_name = "LIST")]
+    host_threads: String,
+    /// Do not boot: make the table and results.json from the console of
+    /// a kernel that ran the benchmark elsewhere (a server booted with
+    /// `bench.*` arguments; its JSON lines), e.g. a saved serial log.
+    #[arg(long, value_name = "FILE")]
+    from_log: Option<PathBuf>,
+    /// How the kernel boots: pvh, bios or uefi.
+    #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+    boot: Boot,
+    #[command(flatten)]
+    sweep: SweepArgs,
+}
+
+/// `dioxide bench nbd`.
+#[derive(clap::Args)]
+struct NbdArgs {
+    /// Queue depths.
+    #[arg(long, default_value = "1,16,64,128")]
+    qd: String,
+    /// fio jobs (each with its own connection).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Seconds per row.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Output directory (results.json, plot.svg).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Network modes, comma-separated: user, tap (tap needs root).
+    #[arg(long, default_value = "user")]
+    net: String,
+    /// virtio-net offload sets to compare, comma-separated, one boot
+    /// each: `default`, `none`, `all`, or names joined with + (csum,
+    /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`.
+    #[arg(long, value_name = "LIST")]
+    offload: Option<String>,
+    /// NIC MTUs to compare, comma-separated, one boot each (e.g.
+    /// 1500,9000; see `dioxide run --mtu`).
+    #[arg(long, value_name = "LIST")]
+    mtu: Option<String>,
+    /// Targets, comma-separated: file, raw, null, qemu-nbd.
+    #[arg(long, default_value = "file,raw,null,qemu-nbd")]
+    targets: String,
+    /// Size of the benchmark file (default 1G).
+    #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
+    file_size: u64,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// NVMe completion mode of the appliance: poll or irq.
+    #[arg(long, default_value = "poll")]
+    completion: String,
+    /// Rounds per row: the targets take turns, each for secs/rounds.
+    #[arg(long, default_value_t = 2)]
+    rounds: u64,
+    /// Reads per row of the host benchmark of the whole NBD request
+    /// path (TCP/IP, NBD, DIO, dxfs on the host's CPU; `host_rows` in
+    /// results.json); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    host_ios: u64,
+    /// How the kernel boots: pvh, bios or uefi.
+    #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+    boot: Boot,
+    #[command(flatten)]
+    sweep: SweepArgs,
 }
 
 /// The configurations a benchmark sweeps: one boot per combination.
@@ -446,131 +503,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
         } => dioxide::fstool::mkfs(&img, &from, size, block_size, &label),
         Cmd::Fsck { img } => dioxide::fstool::fsck(&img),
         Cmd::Bench {
-            which:
-                BenchCmd::Local {
-                    qd,
-                    dev,
-                    completion,
-                    secs,
-                    out,
-                    file_size,
-                    accel,
-                    mem,
-                    host_ios,
-                    host_threads,
-                    from_log,
-                    boot,
-                    sweep,
-                },
-        } => {
-            let qds = parse_qds(&qd)?;
-            let sweep = sweep.parse()?;
-            let host_threads = host_threads_list(&host_threads)?;
-            let devs = dioxide::bench::parse_list(&dev);
-            let completions = dioxide::bench::parse_list(&completion);
-            if devs.iter().any(|d| d != "nvme" && d != "null") {
-                return Err(Error::Usage(format!("--dev {dev}: nvme and/or null")));
-            }
-            if completions.iter().any(|c| c != "poll" && c != "irq") {
-                return Err(Error::Usage(format!(
-                    "--completion {completion}: poll and/or irq"
-                )));
-            }
-            let accel = if from_log.is_some() {
-                Accel::Tcg // not used: nothing boots
-            } else {
-                bench_setup(file_size, accel)?
-            };
-            let opts = dioxide::bench::LocalOpts {
-                qds,
-                devs,
-                completions,
-                secs: secs.max(1),
-                out: out.unwrap_or_else(dioxide::bench::default_out),
-                file_size,
-                accel,
-                mem,
-                host_ios,
-                host_threads,
-                from_log,
-                boot,
-                sweep,
-            };
-            dioxide::bench::local(&opts)
-        }
+            which: BenchCmd::Local(a),
+        } => bench_local(a),
         Cmd::Bench {
-            which:
-                BenchCmd::Nbd {
-                    qd,
-                    jobs,
-                    secs,
-                    out,
-                    net,
-                    offload,
-                    mtu,
-                    targets,
-                    file_size,
-                    accel,
-                    mem,
-                    completion,
-                    rounds,
-                    host_ios,
-                    boot,
-                    sweep,
-                },
-        } => {
-            let offloads = match &offload {
-                Some(l) => dioxide::offload::Offloads::parse_list(l)?,
-                None => vec![dioxide::offload::Offloads(None)],
-            };
-            let mtus: Vec<Option<u16>> = match &mtu {
-                Some(l) => dioxide::offload::parse_mtus(l)?
-                    .into_iter()
-                    .map(Some)
-                    .collect(),
-                None => vec![None],
-            };
-            let targets = dioxide::nbdbench::parse_targets(&targets)?;
-            let qds = parse_qds(&qd)?;
-            let sweep = sweep.parse()?;
-            if jobs == 0 || jobs > 8 {
-                return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
-            }
-            let nets = dioxide::bench::parse_list(&net)
-                .iter()
-                .map(|n| NetMode::parse(n))
-                .collect::<Result<Vec<_>, _>>()?;
-            if completion != "poll" && completion != "irq" {
-                return Err(Error::Usage(format!(
-                    "--completion {completion}: poll or irq"
-                )));
-            }
-            let accel = bench_setup(file_size, accel)?;
-            let opts = dioxide::nbdbench::NbdOpts {
-                qds,
-                jobs,
-                secs: secs.max(1),
-                out: out.unwrap_or_else(|| {
-                    dioxide::workspace_root()
-                        .join("target")
-                        .join("dioxide")
-                        .join("bench-nbd")
-                }),
-                file_size,
-                accel,
-                mem,
-                nets,
-                offloads,
-                mtus,
-                targets,
-                completion,
-                rounds: rounds.clamp(1, secs.max(1)),
-                boot,
-                sweep,
-                host_ios,
-            };
-            dioxide::nbdbench::nbd(&opts)
-        }
+            which: BenchCmd::Nbd(a),
+        } => bench_nbd(a),
         Cmd::Bench {
             which: BenchCmd::Boot { boot, runs, accel },
         } => {
@@ -590,295 +527,406 @@ fn run(cli: Cli) -> Result<i32, Error> {
             out,
             cmdline,
             menu_timeout,
-            kernel: kernel_path,
-        } => {
-            let words = iso::words(&cmdline);
-            iso::check_tools()?;
-            let kernel = match kernel_path {
-                Some(k) => k,
-                None => {
-                    eprintln!("dioxide: building the kernel (release)");
-                    kernel::build()?
-                }
-            };
-            let built = iso::build(&kernel, &words, menu_timeout, &out)?;
-            if let Err(why) = &built.strip {
-                eprintln!("dioxide: note: the kernel keeps its debug information: {why}");
-            }
-            let altered = iso::altered_words(&words);
-            if !altered.is_empty() {
-                eprintln!(
-                    "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
-                );
-            }
-            eprintln!(
-                "dioxide: wrote {} ({:.1} MiB): BIOS and UEFI boot (GRUB, multiboot2), menu {} s; console on COM1 (115200 8N1) and the screen; the kernel's command line: {:?}{}",
-                out.display(),
-                built.bytes as f64 / (1 << 20) as f64,
-                menu_timeout,
-                iso::kernel_view(&words),
-                if words.iter().any(|w| w.starts_with("net.ip=")) {
-                    ""
-                } else {
-                    " (no net.ip=: the address comes from DHCP)"
-                }
-            );
-            eprintln!(
-                "dioxide: try it in QEMU: ./dx run --boot uefi --iso {0}; or write it to a USB stick (erases the whole device): dd if={0} of=/dev/sdX bs=4M conv=fsync",
-                out.display()
-            );
-            Ok(0)
-        }
+            kernel,
+        } => make_image(out, cmdline, menu_timeout, kernel),
         Cmd::Ls { img, path } => dioxide::fstool::ls(&img, &path),
         Cmd::Cat { img, path } => dioxide::fstool::cat(&img, &path),
         Cmd::BuildKernel => {
             println!("{}", kernel::build()?.display());
             Ok(0)
         }
-        Cmd::Run {
-            disk,
-            nvme_lbs,
-            nvme_ioeventfd,
-            mem,
-            smp,
-            accel,
-            timeout,
-            selftest,
-            completion,
-            log,
-            kernel: kernel_path,
-            nbd_port,
-            net,
-            offload,
-            mtu,
-            from,
-            inject_eio,
-            boot: boot_method,
-            iso: iso_path,
-            machine,
-            kernel_args,
-        } => {
-            let t0 = Instant::now();
-            if let Some(iso) = &iso_path {
-                if boot_method == Boot::Pvh {
-                    return Err(Error::Usage(format!(
-                        "--iso {}: boots with --boot bios or --boot uefi",
-                        iso.display()
-                    )));
-                }
-                if selftest.is_some()
-                    || completion.is_some()
-                    || log.is_some()
-                    || !kernel_args.is_empty()
-                {
-                    return Err(Error::Usage(format!(
-                        "--iso {}: the kernel arguments are the ISO's (its grub.cfg); --selftest, --completion, --log and -- ARGS cannot be added (make the ISO with dioxide image --cmdline)",
-                        iso.display()
-                    )));
-                }
-                if !iso.is_file() {
-                    return Err(Error::Usage(format!("--iso {}: not a file", iso.display())));
-                }
-            }
-            let net = NetMode::parse(&net)?;
-            // Ctrl-C reaches QEMU too (same process group), which exits; this
-            // process stays to report and clean up (the tap device).
-            // SAFETY: setting a signal disposition; no handler runs.
-            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-            let mut nvme = if disk.is_empty() {
-                let image = match from {
-                    Some(dir) => {
-                        if !dir.is_dir() {
-                            return Err(Error::Usage(format!(
-                                "--from {}: not a directory",
-                                dir.display()
-                            )));
-                        }
-                        let out = dioxide::workspace_root().join("target").join("dioxide");
-                        std::fs::create_dir_all(&out)
-                            .map_err(dioxide::io_err(format!("create {}", out.display())))?;
-                        let img = out.join("run-from.img");
-                        eprintln!("dioxide: building {} from {}", img.display(), dir.display());
-                        dioxide::fstool::mkfs(&img, &dir, None, 4096, "")?;
-                        img
-                    }
-                    None => {
-                        let p = image::sample()?;
-                        eprintln!(
-                            "dioxide: no --disk or --from given; serving the built-in sample tree {}",
-                            p.display()
-                        );
-                        p
-                    }
-                };
-                let mut ns = qemu::Namespace::new(image);
-                ns.lbs = nvme_lbs;
-                vec![qemu::NvmeController {
-                    namespaces: vec![ns],
-                }]
-            } else {
-                qemu::parse_disks(&disk, nvme_lbs)?
-            };
-            // Sizes, checked before anything is built.
-            let mut sizes = Vec::new();
-            for ns in nvme.iter().flat_map(|c| c.namespaces.iter()) {
-                sizes.push(image::check(&ns.image, ns.lbs)?);
-            }
-            let size = sizes[0];
-            if mem < 64 {
-                return Err(Error::Usage(format!(
-                    "--mem {mem}: the kernel needs at least 64 MiB"
-                )));
-            }
-            let kernel = match kernel_path {
-                Some(k) => k,
-                None => {
-                    eprintln!("dioxide: building the kernel (release)");
-                    kernel::build()?
-                }
-            };
-            let accel = match accel {
-                AccelArg::Kvm => Accel::Kvm,
-                AccelArg::Tcg => Accel::Tcg,
-                AccelArg::Auto => {
-                    let c = accel::auto(&kernel);
-                    eprintln!("dioxide: accelerator {} ({})", c.accel.name(), c.reason);
-                    c.accel
-                }
-            };
-            let mut args = Vec::new();
-            if let Some(s) = selftest {
-                args.push(format!("selftest={s}"));
-            }
-            if let Some(c) = completion {
-                args.push(format!(
-                    "nvme.completion={}",
-                    match c {
-                        Completion::Poll => "poll",
-                        Completion::Irq => "irq",
-                    }
-                ));
-            }
-            if let Some(l) = log {
-                args.push(format!("log={l}"));
-            }
-            if let Some(o) = offload {
-                args.extend(o.kernel_args());
-            }
-            args.extend(kernel_args);
-            let mut cfg = qemu::Config::new(kernel);
-            cfg.mem_mib = mem;
-            cfg.smp = smp;
-            cfg.accel = accel;
-            cfg.args = args;
-            cfg.timeout = timeout.map(Duration::from_secs);
-            cfg.echo = true;
-            cfg.boot = boot_method;
-            cfg.iso = iso_path;
-            cfg.machine = machine;
-            if matches!(cfg.boot, qemu::Boot::Bios | qemu::Boot::Uefi) && cfg.iso.is_none() {
-                let altered = iso::altered_words(&cfg.args);
-                if !altered.is_empty() {
-                    eprintln!(
-                        "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
-                    );
-                }
-            }
-            if let Some(s) = inject_eio.iter().find(|&&s| s >= size / 512) {
-                return Err(Error::Usage(format!(
-                    "--inject-eio {s}: beyond the image ({} sectors)",
-                    size / 512
-                )));
-            }
-            nvme[0].namespaces[0].inject_eio = inject_eio;
-            cfg.nvme = nvme;
-            cfg.nvme_ioeventfd = nvme_ioeventfd;
-            cfg.net_mtu = mtu;
-            let tap = match net {
-                NetMode::User => {
-                    // The forward is added once the guest listens: say now
-                    // if the port is taken.
-                    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", nbd_port)) {
-                        return Err(Error::Usage(format!(
-                            "--nbd-port {nbd_port}: cannot listen on 127.0.0.1:{nbd_port}: {e}"
-                        )));
-                    }
-                    cfg.nbd_port = Some(nbd_port);
-                    None
-                }
-                NetMode::Tap => {
-                    let tap = dioxide::tap::Tap::create()?;
-                    if let Some(m) = mtu {
-                        tap.set_mtu(m)?;
-                    }
-                    cfg.netdev = Some(tap.netdev());
-                    cfg.args.extend(tap.guest_args());
-                    eprintln!("dioxide: tap {} (host {})", tap.ifname, tap.host);
-                    Some(tap)
-                }
-            };
-            let disks: Vec<String> = cfg
-                .namespaces()
-                .zip(&sizes)
-                .map(|((name, ns), size)| {
-                    format!(
-                        "{name} {} ({} MiB, {}-byte blocks{}, aio={})",
-                        ns.image.display(),
-                        size >> 20,
-                        ns.lbs,
-                        if ns.ms > 0 {
-                            format!(" + {} metadata bytes", ns.ms)
-                        } else {
-                            String::new()
-                        },
-                        qemu::drive_aio(&ns.image)
-                    )
-                })
-                .collect();
+        Cmd::Run(a) => run_guest(a),
+    }
+}
+
+/// `dioxide bench local`.
+fn bench_local(a: LocalArgs) -> Result<i32, Error> {
+    let LocalArgs {
+        qd,
+        dev,
+        completion,
+        secs,
+        out,
+        file_size,
+        accel,
+        mem,
+        host_ios,
+        host_threads,
+        from_log,
+        boot,
+        sweep,
+    } = a;
+    let qds = parse_qds(&qd)?;
+    let sweep = sweep.parse()?;
+    let host_threads = host_threads_list(&host_threads)?;
+    let devs = dioxide::bench::parse_list(&dev);
+    let completions = dioxide::bench::parse_list(&completion);
+    if devs.iter().any(|d| d != "nvme" && d != "null") {
+        return Err(Error::Usage(format!("--dev {dev}: nvme and/or null")));
+    }
+    if completions.iter().any(|c| c != "poll" && c != "irq") {
+        return Err(Error::Usage(format!(
+            "--completion {completion}: poll and/or irq"
+        )));
+    }
+    let accel = if from_log.is_some() {
+        Accel::Tcg // not used: nothing boots
+    } else {
+        bench_setup(file_size, accel)?
+    };
+    let opts = dioxide::bench::LocalOpts {
+        qds,
+        devs,
+        completions,
+        secs: secs.max(1),
+        out: out.unwrap_or_else(dioxide::bench::default_out),
+        file_size,
+        accel,
+        mem,
+        host_ios,
+        host_threads,
+        from_log,
+        boot,
+        sweep,
+    };
+    dioxide::bench::local(&opts)
+}
+
+/// `dioxide bench nbd`.
+fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
+    let NbdArgs {
+        qd,
+        jobs,
+        secs,
+        out,
+        net,
+        offload,
+        mtu,
+        targets,
+        file_size,
+        accel,
+        mem,
+        completion,
+        rounds,
+        host_ios,
+        boot,
+        sweep,
+    } = a;
+    let offloads = match &offload {
+        Some(l) => dioxide::offload::Offloads::parse_list(l)?,
+        None => vec![dioxide::offload::Offloads(None)],
+    };
+    let mtus: Vec<Option<u16>> = match &mtu {
+        Some(l) => dioxide::offload::parse_mtus(l)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => vec![None],
+    };
+    let targets = dioxide::nbdbench::parse_targets(&targets)?;
+    let qds = parse_qds(&qd)?;
+    let sweep = sweep.parse()?;
+    if jobs == 0 || jobs > 8 {
+        return Err(Error::Usage(format!("--jobs {jobs}: from 1 to 8")));
+    }
+    let nets = dioxide::bench::parse_list(&net)
+        .iter()
+        .map(|n| NetMode::parse(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    if completion != "poll" && completion != "irq" {
+        return Err(Error::Usage(format!(
+            "--completion {completion}: poll or irq"
+        )));
+    }
+    let accel = bench_setup(file_size, accel)?;
+    let opts = dioxide::nbdbench::NbdOpts {
+        qds,
+        jobs,
+        secs: secs.max(1),
+        out: out.unwrap_or_else(|| {
+            dioxide::workspace_root()
+                .join("target")
+                .join("dioxide")
+                .join("bench-nbd")
+        }),
+        file_size,
+        accel,
+        mem,
+        nets,
+        offloads,
+        mtus,
+        targets,
+        completion,
+        rounds: rounds.clamp(1, secs.max(1)),
+        boot,
+        sweep,
+        host_ios,
+    };
+    dioxide::nbdbench::nbd(&opts)
+}
+
+/// `dioxide run`: checks the options, builds what is missing, boots the
+/// guest and reports its outcome.
+fn run_guest(a: RunArgs) -> Result<i32, Error> {
+    let t0 = Instant::now();
+    check_iso(&a)?;
+    let net = NetMode::parse(&a.net)?;
+    // Ctrl-C reaches QEMU too (same process group), which exits; this
+    // process stays to report and clean up (the tap device).
+    // SAFETY: setting a signal disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let mut nvme = guest_disks(&a)?;
+    // Sizes, checked before anything is built.
+    let mut sizes = Vec::new();
+    for ns in nvme.iter().flat_map(|c| c.namespaces.iter()) {
+        sizes.push(image::check(&ns.image, ns.lbs)?);
+    }
+    let size = sizes[0];
+    if a.mem < 64 {
+        return Err(Error::Usage(format!(
+            "--mem {}: the kernel needs at least 64 MiB",
+            a.mem
+        )));
+    }
+    if let Some(s) = a.inject_eio.iter().find(|&&s| s >= size / 512) {
+        return Err(Error::Usage(format!(
+            "--inject-eio {s}: beyond the image ({} sectors)",
+            size / 512
+        )));
+    }
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => {
+            eprintln!("dioxide: building the kernel (release)");
+            kernel::build()?
+        }
+    };
+    let accel = match a.accel {
+        AccelArg::Kvm => Accel::Kvm,
+        AccelArg::Tcg => Accel::Tcg,
+        AccelArg::Auto => {
+            let c = accel::auto(&kernel);
+            eprintln!("dioxide: accelerator {} ({})", c.accel.name(), c.reason);
+            c.accel
+        }
+    };
+    let mut cfg = qemu::Config::new(kernel);
+    cfg.mem_mib = a.mem;
+    cfg.smp = a.smp;
+    cfg.accel = accel;
+    cfg.args = guest_kernel_args(&a);
+    cfg.timeout = a.timeout.map(Duration::from_secs);
+    cfg.echo = true;
+    cfg.boot = a.boot;
+    cfg.iso = a.iso.clone();
+    cfg.machine = a.machine.clone();
+    if matches!(cfg.boot, qemu::Boot::Bios | qemu::Boot::Uefi) && cfg.iso.is_none() {
+        let altered = iso::altered_words(&cfg.args);
+        if !altered.is_empty() {
             eprintln!(
-                "dioxide: booting with {}{}, accel {}, boot {}; kernel args {:?}",
-                disks.join(", "),
-                if cfg.nvme_ioeventfd {
-                    ", NVMe ioeventfd on"
-                } else {
-                    ""
-                },
-                accel.name(),
-                cfg.boot.name(),
-                match &cfg.iso {
-                    Some(iso) => format!("those of {}", iso.display()),
-                    None => cfg.kernel_args().join(" "),
-                }
+                "dioxide: warning: GRUB puts a backslash before each \\, ' and \" and double-quotes words with spaces: {altered:?} do not reach the kernel as written"
             );
-            let boot = Instant::now();
-            let guest = qemu::Guest::spawn(&cfg)?;
-            // Announce the exports once they are reachable (not for a
-            // self-test, which powers off without serving).
-            if let qemu::NbdReady::Listening(addr) =
-                guest.wait_nbd(cfg.timeout.unwrap_or(Duration::MAX))?
-            {
-                let at = match (addr, &tap) {
-                    (Some(a), _) => a.to_string(),
-                    (None, Some(t)) => format!("{}:{}", t.guest, qemu::GUEST_NBD_PORT),
-                    (None, None) => String::new(),
-                };
-                if !at.is_empty() {
-                    eprintln!(
-                        "dioxide: NBD exports at nbd://{at}/<path>, {} ms after boot start (try: nbdinfo --list nbd://{at})",
-                        boot.elapsed().as_millis()
-                    );
-                }
-            }
-            let outcome = guest.wait()?;
-            eprintln!(
-                "dioxide: guest status {}; first kernel line {} ms after boot start, power-off after {} ms ({} ms including build and checks)",
-                outcome.status,
-                outcome.first_line.map_or("-".to_string(), |d| d.as_millis().to_string()),
-                outcome.elapsed.as_millis(),
-                boot.duration_since(t0).as_millis() + outcome.elapsed.as_millis()
-            );
-            let _ = boot;
-            Ok(outcome.status as i32)
         }
     }
+    nvme[0].namespaces[0].inject_eio = a.inject_eio.clone();
+    cfg.nvme = nvme;
+    cfg.nvme_ioeventfd = a.nvme_ioeventfd;
+    cfg.net_mtu = a.mtu;
+    let tap = guest_network(net, a.nbd_port, a.mtu, &mut cfg)?;
+    announce_boot(&cfg, &sizes, accel);
+    boot_and_report(&cfg, tap.as_ref(), t0)
+}
+
+/// `--iso` boots through the firmware, with the ISO's own kernel
+/// arguments.
+fn check_iso(a: &RunArgs) -> Result<(), Error> {
+    let Some(iso) = &a.iso else {
+        return Ok(());
+    };
+    if a.boot == Boot::Pvh {
+        return Err(Error::Usage(format!(
+            "--iso {}: boots with --boot bios or --boot uefi",
+            iso.display()
+        )));
+    }
+    if a.selftest.is_some()
+        || a.completion.is_some()
+        || a.log.is_some()
+        || !a.kernel_args.is_empty()
+    {
+        return Err(Error::Usage(format!(
+            "--iso {}: the kernel arguments are the ISO's (its grub.cfg); --selftest, --completion, --log and -- ARGS cannot be added (make the ISO with dioxide image --cmdline)",
+            iso.display()
+        )));
+    }
+    if !iso.is_file() {
+        return Err(Error::Usage(format!("--iso {}: not a file", iso.display())));
+    }
+    Ok(())
+}
+
+/// The guest's NVMe controllers: the `--disk`s, else an image built from
+/// `--from`, else the built-in sample tree.
+fn guest_disks(a: &RunArgs) -> Result<Vec<qemu::NvmeController>, Error> {
+    if !a.disk.is_empty() {
+        return qemu::parse_disks(&a.disk, a.nvme_lbs);
+    }
+    let image = match &a.from {
+        Some(dir) => {
+            if !dir.is_dir() {
+                return Err(Error::Usage(format!(
+                    "--from {}: not a directory",
+                    dir.display()
+                )));
+            }
+            let out = dioxide::workspace_root().join("target").join("dioxide");
+            std::fs::create_dir_all(&out)
+                .map_err(dioxide::io_err(format!("create {}", out.display())))?;
+            let img = out.join("run-from.img");
+            eprintln!("dioxide: building {} from {}", img.display(), dir.display());
+            dioxide::fstool::mkfs(&img, dir, None, 4096, "")?;
+            img
+        }
+        None => {
+            let p = image::sample()?;
+            eprintln!(
+                "dioxide: no --disk or --from given; serving the built-in sample tree {}",
+                p.display()
+            );
+            p
+        }
+    };
+    let mut ns = qemu::Namespace::new(image);
+    ns.lbs = a.nvme_lbs;
+    Ok(vec![qemu::NvmeController {
+        namespaces: vec![ns],
+    }])
+}
+
+/// The kernel arguments the options ask for, then those after `--`.
+fn guest_kernel_args(a: &RunArgs) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(s) = &a.selftest {
+        args.push(format!("selftest={s}"));
+    }
+    if let Some(c) = a.completion {
+        args.push(format!(
+            "nvme.completion={}",
+            match c {
+                Completion::Poll => "poll",
+                Completion::Irq => "irq",
+            }
+        ));
+    }
+    if let Some(l) = &a.log {
+        args.push(format!("log={l}"));
+    }
+    if let Some(o) = &a.offload {
+        args.extend(o.kernel_args());
+    }
+    args.extend(a.kernel_args.iter().cloned());
+    args
+}
+
+/// User networking with the NBD port forwarded (checked free now: the
+/// forward is added once the guest listens), or a tap device.
+fn guest_network(
+    net: NetMode,
+    nbd_port: u16,
+    mtu: Option<u16>,
+    cfg: &mut qemu::Config,
+) -> Result<Option<dioxide::tap::Tap>, Error> {
+    match net {
+        NetMode::User => {
+            if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", nbd_port)) {
+                return Err(Error::Usage(format!(
+                    "--nbd-port {nbd_port}: cannot listen on 127.0.0.1:{nbd_port}: {e}"
+                )));
+            }
+            cfg.nbd_port = Some(nbd_port);
+            Ok(None)
+        }
+        NetMode::Tap => {
+            let tap = dioxide::tap::Tap::create()?;
+            if let Some(m) = mtu {
+                tap.set_mtu(m)?;
+            }
+            cfg.netdev = Some(tap.netdev());
+            cfg.args.extend(tap.guest_args());
+            eprintln!("dioxide: tap {} (host {})", tap.ifname, tap.host);
+            Ok(Some(tap))
+        }
+    }
+}
+
+/// The line that says what boots: disks, accelerator, boot method and
+/// kernel arguments.
+fn announce_boot(cfg: &qemu::Config, sizes: &[u64], accel: Accel) {
+    let disks: Vec<String> = cfg
+        .namespaces()
+        .zip(sizes)
+        .map(|((name, ns), size)| {
+            format!(
+                "{name} {} ({} MiB, {}-byte blocks{}, aio={})",
+                ns.image.display(),
+                size >> 20,
+                ns.lbs,
+                if ns.ms > 0 {
+                    format!(" + {} metadata bytes", ns.ms)
+                } else {
+                    String::new()
+                },
+                qemu::drive_aio(&ns.image)
+            )
+        })
+        .collect();
+    eprintln!(
+        "dioxide: booting with {}{}, accel {}, boot {}; kernel args {:?}",
+        disks.join(", "),
+        if cfg.nvme_ioeventfd {
+            ", NVMe ioeventfd on"
+        } else {
+            ""
+        },
+        accel.name(),
+        cfg.boot.name(),
+        match &cfg.iso {
+            Some(iso) => format!("those of {}", iso.display()),
+            None => cfg.kernel_args().join(" "),
+        }
+    );
+}
+
+/// Boots the guest, announces the exports once they are reachable (not
+/// for a self-test, which powers off without serving), waits for the end
+/// and reports it; the guest's status.
+fn boot_and_report(
+    cfg: &qemu::Config,
+    tap: Option<&dioxide::tap::Tap>,
+    t0: Instant,
+) -> Result<i32, Error> {
+    let boot = Instant::now();
+    let guest = qemu::Guest::spawn(cfg)?;
+    if let qemu::NbdReady::Listening(addr) = guest.wait_nbd(cfg.timeout.unwrap_or(Duration::MAX))? {
+        let at = match (addr, tap) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(t)) => format!("{}:{}", t.guest, qemu::GUEST_NBD_PORT),
+            (None, None) => String::new(),
+        };
+        if !at.is_empty() {
+            eprintln!(
+                "dioxide: NBD exports at nbd://{at}/<path>, {} ms after boot start (try: nbdinfo --list nbd://{at})",
+                boot.elapsed().as_millis()
+            );
+        }
+    }
+    let outcome = guest.wait()?;
+    eprintln!(
+        "dioxide: guest status {}; first kernel line {} ms after boot start, power-off after {} ms ({} ms including build and checks)",
+        outcome.status,
+        outcome.first_line.map_or("-".to_string(), |d| d.as_millis().to_string()),
+        outcome.elapsed.as_millis(),
+        boot.duration_since(t0).as_millis() + outcome.elapsed.as_millis()
+    );
+    Ok(outcome.status as i32)
 }
