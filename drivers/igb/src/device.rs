@@ -17,7 +17,7 @@ use crate::queue::{Irq, Queue};
 use crate::regs::{self, ctrl, gpie, ivar, mdic, phy, rctl, rxcsum, status};
 use crate::rss;
 use crate::rx::RxQueue;
-use crate::tx::{TxQueue, TxSetup, TSO_BUF};
+use crate::tx::{TxQueue, TxSetup, MAX_FRAME};
 use crate::Error;
 use alloc::vec::Vec;
 use dioxide_nic::{Caps, Link, ETH_HLEN};
@@ -100,7 +100,7 @@ const QUEUE_TIMEOUT_NS: u64 = 10_000_000;
 impl Config {
     /// Checks the configuration; the queue count clamped.
     fn checked(mut self) -> Result<Config, Error> {
-        let ring_ok = |n: usize| (8..=4096).contains(&n) && n % 8 == 0;
+        let ring_ok = |n: usize| (8..=4096).contains(&n) && n.is_multiple_of(8);
         if self.queues == 0 {
             return Err(Error::BadConfig("no queues"));
         }
@@ -115,7 +115,9 @@ impl Config {
             return Err(Error::BadConfig("MTU: 68 to 9216"));
         }
         let kib = self.rx_buf / 1024;
-        if self.rx_buf % 1024 != 0 || !(1..=16).contains(&kib) || self.rx_buf < self.max_plain() + 4
+        if !self.rx_buf.is_multiple_of(1024)
+            || !(1..=16).contains(&kib)
+            || self.rx_buf < self.max_plain() + 4
         {
             return Err(Error::BadConfig(
                 "receive buffer: KiB multiple holding MTU + 18 bytes",
@@ -420,7 +422,7 @@ impl<M: Mmio, H: Hal> Igb<M, H> {
             tso: c.tso_on(),
             rx_csum: c.rx_csum,
             mtu: c.mtu,
-            max_frame: if c.tso_on() { TSO_BUF } else { c.max_plain() },
+            max_frame: if c.tso_on() { MAX_FRAME } else { c.max_plain() },
             queues: c.queues,
         }
     }

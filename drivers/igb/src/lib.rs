@@ -71,6 +71,8 @@ pub mod regs;
 mod ring;
 pub mod rss;
 pub mod rx;
+#[cfg(test)]
+mod tests;
 pub mod tx;
 
 pub use device::{Config, Igb, Stats, MAX_QUEUES};

@@ -93,7 +93,10 @@ mod tests {
     /// Microsoft's "Verifying the RSS Hash Calculation" table (also the
     /// 82599 datasheet's 7.1.2.8.3): destination, source, and the IPv4 and
     /// TCP/IPv4 hashes under [`MS_KEY`].
-    const VECTORS: [([u8; 4], u16, [u8; 4], u16, u32, u32); 5] = [
+    /// Destination and port, source and port, IPv4 hash, TCP/IPv4 hash.
+    type Vector = ([u8; 4], u16, [u8; 4], u16, u32, u32);
+
+    const VECTORS: [Vector; 5] = [
         (
             [161, 142, 100, 80],
             1766,

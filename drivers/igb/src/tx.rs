@@ -20,9 +20,14 @@ use alloc::vec::Vec;
 use core::sync::atomic::{fence, Ordering};
 use dioxide_nic::{Counters, TxMeta, TxRing};
 
-/// Bytes of a TSO buffer: the largest frame the driver takes with TSO
-/// (its IPv4 packet, 65,522 bytes, within IPv4's 65,535).
+/// Bytes of a TSO buffer.
 pub const TSO_BUF: usize = 64 * 1024;
+
+/// The largest frame the driver takes with TSO: one data descriptor's
+/// DTALEN is 16 bits (a 65,536-byte frame would be written as length 0;
+/// the model caught that). Its IPv4 packet, 65,521 bytes, fits IPv4's
+/// 65,535.
+pub const MAX_FRAME: usize = 0xffff;
 
 /// Marks a slot's packet as using no TSO buffer.
 const NO_TSO: u16 = u16::MAX;
@@ -127,7 +132,7 @@ impl<M: Mmio> TxQueue<M> {
         if len <= self.bufs.size() {
             return Some(NO_TSO);
         }
-        if len > TSO_BUF {
+        if len > MAX_FRAME {
             return None;
         }
         self.tso_free.pop()
@@ -138,6 +143,7 @@ impl<M: Mmio> TxQueue<M> {
     /// # Safety
     ///
     /// Slot `next` (and TSO buffer `t`) is not in flight.
+    #[allow(clippy::mut_from_ref)]
     unsafe fn frame_mut(&self, t: u16, len: usize) -> &mut [u8] {
         match (&self.tso, t) {
             // SAFETY: the TSO buffer was just taken from the free list.
