@@ -214,6 +214,11 @@ struct RunArgs {
     /// Under --net user QEMU's user network stays at 1500.
     #[arg(long, value_parser = dioxide::offload::parse_mtu)]
     mtu: Option<u16>,
+    /// The guest's NIC: `virtio` (virtio-net, one queue pair, served by
+    /// the boot core) or `igb` (Intel 82576, QEMU 8 and later: one queue
+    /// pair and network stack per guest CPU, connections spread by RSS).
+    #[arg(long, default_value = "virtio", value_parser = parse_nic)]
+    nic: dioxide::qemu::Nic,
     /// Make reads of this 512-byte sector of the (first) disk image
     /// fail with an I/O error (QEMU blkdebug; repeatable): to see how
     /// the appliance reports a device error on nvme0n1.
@@ -732,9 +737,20 @@ fn run_guest(a: RunArgs) -> Result<i32, Error> {
     cfg.nvme = nvme;
     cfg.nvme_ioeventfd = a.nvme_ioeventfd;
     cfg.net_mtu = a.mtu;
+    cfg.nic = a.nic;
     let tap = guest_network(net, a.nbd_port, a.mtu, &mut cfg)?;
     announce_boot(&cfg, &sizes, accel);
     boot_and_report(&cfg, tap.as_ref(), t0)
+}
+
+/// `--nic NAME`.
+fn parse_nic(s: &str) -> Result<dioxide::qemu::Nic, String> {
+    dioxide::qemu::Nic::parse(s).ok_or_else(|| {
+        format!(
+            "unknown NIC {s:?}: expected one of {}",
+            dioxide::qemu::Nic::NAMES.join(", ")
+        )
+    })
 }
 
 /// `--iso` boots through the firmware, with the ISO's own kernel

@@ -355,38 +355,61 @@ fn serve(
         },
     };
     drivers::virtio_net::configure(net_offloads(args));
-    let mut net = stack::init(functions, static_ip);
-    let server = match net.as_mut() {
-        Some(n) => {
-            let null = args.get("nbd.null") == Some("1");
-            let stall_ns = match args.number("nbd.stall_s") {
-                Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
-                Err(v) => fail(
-                    EXIT_CONFIG,
-                    format_args!("nbd.stall_s={v:?}: expected seconds"),
-                ),
-            };
-            // Default: storage cores with interrupt completion only. A
-            // polling storage core spins for the whole device time; under
-            // TCG on a host with few cores that time is taken from QEMU's
-            // device thread (measured: QD1 file reads 217 IOPS with, 1,210
-            // without, at 2 CPUs polled; 1,719 with irq completion; see
-            // net/storage.rs).
-            let storage_cores = match args.switch("nbd.storage_cores") {
-                Ok(v) => v.unwrap_or(mode == nvme::Mode::Irq),
-                Err(v) => fail(
-                    EXIT_CONFIG,
-                    format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
-                ),
-            };
-            Some(nbd::start(n, mounts, null, stall_ns, storage_cores))
-        }
-        None => {
-            log::warn!(target: "net", "no usable virtio-net device: no network service");
-            None
-        }
+    let service = ServiceArgs::from(args, mode);
+    let addressing = match static_ip {
+        Some(s) => stack::Addressing::Static(s),
+        None => stack::Addressing::Dhcp,
     };
-    run_loop(net, server)
+    let Some(found) = net::nic::find(functions, args.get("net.nic")) else {
+        run_loop::<drivers::virtio_net::NetDevice>(None, None)
+    };
+    match found {
+        net::nic::Found::Virtio(dev, mac) => {
+            let mut n = stack::init(*dev, mac, addressing);
+            let server = nbd::start(&mut n, mounts, &service);
+            run_loop(Some(n), Some(server))
+        }
+        net::nic::Found::Igb(nic) => net::nic::serve_per_core(nic, mounts, &service, addressing),
+    }
+}
+
+/// The NBD service's kernel arguments (`nbd.null=`, `nbd.stall_s=`,
+/// `nbd.storage_cores=`).
+pub struct ServiceArgs {
+    pub null: bool,
+    pub stall_ns: u64,
+    pub storage_cores: bool,
+}
+
+impl ServiceArgs {
+    fn from(args: &Cmdline, mode: nvme::Mode) -> ServiceArgs {
+        let null = args.get("nbd.null") == Some("1");
+        let stall_ns = match args.number("nbd.stall_s") {
+            Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
+            Err(v) => fail(
+                EXIT_CONFIG,
+                format_args!("nbd.stall_s={v:?}: expected seconds"),
+            ),
+        };
+        // Default: storage cores with interrupt completion only. A
+        // polling storage core spins for the whole device time; under
+        // TCG on a host with few cores that time is taken from QEMU's
+        // device thread (measured: QD1 file reads 217 IOPS with, 1,210
+        // without, at 2 CPUs polled; 1,719 with irq completion; see
+        // net/storage.rs).
+        let storage_cores = match args.switch("nbd.storage_cores") {
+            Ok(v) => v.unwrap_or(mode == nvme::Mode::Irq),
+            Err(v) => fail(
+                EXIT_CONFIG,
+                format_args!("nbd.storage_cores={v:?}: expected 0 or 1"),
+            ),
+        };
+        ServiceArgs {
+            null,
+            stall_ns,
+            storage_cores,
+        }
+    }
 }
 
 /// The virtio-net offloads the arguments ask for (`net.csum=`,
@@ -432,9 +455,18 @@ fn first_fs(
 }
 
 /// The appliance's per-core run loop: reaps NVMe completions and sleeps until
-/// the next interrupt. Services (the network server) hook in here.
-fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! {
-    log::info!(target: "boot", "run loop started ({:?} completion)", nvme::mode());
+/// the next interrupt. Services (the network server) hook in here. With one
+/// network stack per core every serving core runs one of its own.
+pub fn run_loop<D: stack::NetPort>(
+    mut net: Option<stack::Net<D>>,
+    mut server: Option<nbd::Service>,
+) -> ! {
+    log::info!(
+        target: "boot",
+        "run loop started on cpu {} ({:?} completion)",
+        smp::cpu_index(),
+        nvme::mode()
+    );
     let mut last = apic::ticks();
     let mut dirty = true;
     // The stack ran since the server last looked at every socket.
@@ -445,7 +477,11 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! 
             polled |= n.poll_if_needed(dirty);
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
+                let reports = s.idle_reports;
                 dirty = s.poll(&mut n.sockets, polled);
+                if s.idle_reports != reports {
+                    report_core(n, s);
+                }
                 let t2 = time::rdtsc();
                 // Send what the server queued at once.
                 polled = n.poll_if_needed(dirty);
@@ -467,6 +503,21 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! 
             last = now;
             woke
         });
+    }
+}
+
+/// The run-loop report of a core with a stack of its own (one per core on
+/// a multi-queue NIC), after the service's idle report: `nbd: core N: C
+/// connections, R requests served, F frames received, T sent since start`.
+fn report_core<D: stack::NetPort>(net: &stack::Net<D>, server: &nbd::Service) {
+    if let Some((rx, tx)) = net.dev.frames() {
+        log::info!(
+            target: "nbd",
+            "core {}: {} connections, {} requests served, {rx} frames received, {tx} sent since start",
+            smp::cpu_index(),
+            server.connections(),
+            server.served()
+        );
     }
 }
 

@@ -84,6 +84,9 @@
 extern crate alloc;
 
 pub mod loopback;
+pub mod percore;
+#[cfg(test)]
+mod percore_tests;
 #[cfg(test)]
 mod tests;
 
@@ -231,6 +234,8 @@ pub trait Platform {
 pub struct Idle {
     /// Reads answered since boot.
     pub served: u64,
+    /// Connections accepted since boot.
+    pub connections: u64,
     /// Reads answered since the last idle report.
     pub requests: u64,
     /// The most reads one connection had in flight at once since the last
@@ -698,6 +703,11 @@ pub struct Server<P: Platform> {
     busy: bool,
     served: u64,
     served_at_idle: u64,
+    /// Connections accepted since start.
+    connections: u64,
+    /// Idle reports made ([`Platform::on_idle`] calls) since start: the
+    /// caller's cue for reports of its own (the kernel's per-core line).
+    pub idle_reports: u64,
     /// The most reads one connection had in flight since the last idle
     /// report.
     peak_in_flight: usize,
@@ -765,6 +775,8 @@ impl<P: Platform> Server<P> {
             busy: false,
             served: 0,
             served_at_idle: 0,
+            connections: 0,
+            idle_reports: 0,
             peak_in_flight: 0,
             touched: true,
             prof: Profile::default(),
@@ -783,6 +795,11 @@ impl<P: Platform> Server<P> {
     /// Reads answered since start.
     pub fn served(&self) -> u64 {
         self.served
+    }
+
+    /// Connections accepted since start.
+    pub fn connections(&self) -> u64 {
+        self.connections
     }
 
     /// Reads in flight (or finished and not yet answered).
@@ -855,11 +872,13 @@ impl<P: Platform> Server<P> {
             self.large = Vec::new();
             let idle = Idle {
                 served: self.served,
+                connections: self.connections,
                 requests: self.served - self.served_at_idle,
                 peak_in_flight: self.peak_in_flight,
                 profile: self.prof,
             };
             self.p.on_idle(&idle);
+            self.idle_reports += 1;
             self.served_at_idle = self.served;
             self.peak_in_flight = 0;
             self.prof = Profile::default();
@@ -1024,6 +1043,7 @@ impl<P: Platform> Server<P> {
                     };
                     self.held[i] = 0;
                     s.slot = Slot::Serving(Conn::new(PER_CONN));
+                    self.connections += 1;
                     // Negotiation is a series of small round trips: a client
                     // that writes an option in pieces waits for our ACK of
                     // the first before sending the rest (Nagle).

@@ -191,10 +191,12 @@ impl<M: Mmio, H: Hal> Igb<M, H> {
         let queues = dev.make_queues()?;
         dev.setup_rss();
         dev.enable_rx_tx();
-        log::info!(
+        // The kernel logs the device's line (MAC, link, queues, offloads).
+        log::debug!(
             target: "igb",
-            "{:02x?}: {} queue pairs, link {:?}",
-            dev.mac, dev.config.queues, dev.link
+            "up: {} queue pairs, link {}",
+            dev.config.queues,
+            if dev.link.up { "up" } else { "down" }
         );
         Ok((dev, queues))
     }

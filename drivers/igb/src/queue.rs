@@ -59,6 +59,11 @@ impl<M: Mmio> Queue<M> {
         self.irq.mmio.write32(regs::EIMC, 1 << self.irq.vector);
     }
 
+    /// A received frame waits (see [`dioxide_nic::RxRing::has_frame`]).
+    pub fn has_frame(&self) -> bool {
+        dioxide_nic::RxRing::has_frame(&self.rx)
+    }
+
     pub fn rx(&mut self) -> &mut RxQueue<M> {
         &mut self.rx
     }

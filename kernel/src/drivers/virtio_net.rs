@@ -618,12 +618,13 @@ impl Device for NetDevice {
     }
 }
 
-/// Finds the first virtio-net function and brings it up: the device and
-/// its MAC address.
-pub fn probe(functions: &[Function]) -> Option<(NetDevice, [u8; 6])> {
-    let f = functions
-        .iter()
-        .find(|f| f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041))?;
+/// A virtio-net function (transitional or modern).
+pub fn matches(f: &Function) -> bool {
+    f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041)
+}
+
+/// Brings virtio-net function `f` up: the device and its MAC address.
+pub fn bring_up(f: &Function) -> Option<(NetDevice, [u8; 6])> {
     pci::enable_device(f.bdf);
     let mut root = PciRoot::new(PciAccess);
     let df = DeviceFunction {

@@ -17,7 +17,7 @@
 
 use crate::drivers::nvme::{self, DmaBuf};
 use crate::mm;
-use crate::net::stack::Net;
+use crate::net::stack::{Net, NetPort};
 use crate::net::storage;
 use crate::platform::time;
 use dioxide_iomap::{DioError, Engine, ReqId};
@@ -172,26 +172,25 @@ pub fn disk_limits() -> alloc::vec::Vec<DiskLimits> {
         .collect()
 }
 
-/// Builds the export table, opens the listening sockets on `net` and starts
-/// the storage cores (`storage_cores`).
-pub fn start(
-    net: &mut Net,
-    mounts: &[crate::block::disk::Mounted],
-    null_export: bool,
-    stall_ns: u64,
-    storage_cores: bool,
-) -> Service {
-    let table: &'static Table =
-        alloc::boxed::Box::leak(alloc::boxed::Box::new(exports(mounts, null_export)));
-    let files = table.files().count();
-    let server = Server::new(
+/// Builds the export table (once, for every core's service).
+pub fn table(mounts: &[crate::block::disk::Mounted], null_export: bool) -> &'static Table {
+    alloc::boxed::Box::leak(alloc::boxed::Box::new(exports(mounts, null_export)))
+}
+
+/// A service on `net`'s sockets (this core's stack) serving `table`.
+pub fn server<D: NetPort>(net: &mut Net<D>, table: &'static Table, stall_ns: u64) -> Service {
+    Server::new(
         KernelPlatform,
         &mut net.sockets,
         table,
         &disk_limits(),
         stall_ns,
-    );
-    storage::start(table, dioxide_service::MAX_REQS, storage_cores);
+    )
+}
+
+/// Logs what the service offers (once, whatever the number of stacks).
+pub fn announce(table: &Table, null_export: bool) {
+    let files = table.files().count();
     let lbs = nvme::disks()
         .iter()
         .map(|d| d.ns.block_size as usize)
@@ -207,5 +206,18 @@ pub fn start(
         mm::heap::stats().bytes_in_use,
         heap_bound(lbs)
     );
+}
+
+/// Builds the export table, opens the listening sockets on `net` (the one
+/// stack) and starts the storage cores (`nbd.storage_cores`).
+pub fn start<D: NetPort>(
+    net: &mut Net<D>,
+    mounts: &[crate::block::disk::Mounted],
+    args: &crate::ServiceArgs,
+) -> Service {
+    let table = table(mounts, args.null);
+    let server = server(net, table, args.stall_ns);
+    storage::start(table, dioxide_service::MAX_REQS, args.storage_cores);
+    announce(table, args.null);
     server
 }

@@ -1,24 +1,74 @@
-//! TCP/IP through `smoltcp` on the virtio-net device
-//! (`drivers::virtio_net`), with DHCP by default or a static address from
-//! the command line (`net.ip=A.B.C.D/N net.gw=A.B.C.D`). Serviced (polled)
-//! from the run loop.
+//! TCP/IP through `smoltcp`, one stack per core that serves: on a NIC
+//! port ([`NetPort`]: virtio-net's device, an igb queue pair), with DHCP
+//! by default or a static address from the command line (`net.ip=A.B.C.D/N
+//! net.gw=A.B.C.D`). With one stack per core the primary core's runs DHCP
+//! and the others take its address ([`ADDRESS`]). Serviced (polled) from
+//! each core's run loop.
 
-use crate::drivers::pci::Function;
-use crate::drivers::virtio_net::{self, NetDevice};
+use crate::drivers::virtio_net::NetDevice;
 use crate::platform::time;
 use alloc::vec;
+use dioxide_service::percore::{Address, Fanout, SharedAddress};
 use dioxide_service::StackTimer;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-/// The network stack of this core.
-pub struct Net {
-    pub dev: NetDevice,
+/// What a core's stack runs over: a smoltcp device (received and sent
+/// frames, offload capabilities in its `DeviceCapabilities`) that can say
+/// whether a frame waits without taking it. virtio-net's device, an igb
+/// queue pair and the per-core [`Fanout`] over either implement it.
+pub trait NetPort: Device {
+    /// A received frame waits.
+    fn has_rx(&self) -> bool;
+    /// This port's own frame counters (received, sent) since start, when
+    /// it keeps its own (a queue pair of a multi-queue NIC); virtio-net
+    /// counts for the whole device (`virtio_net::stats`).
+    fn frames(&self) -> Option<(u64, u64)>;
+}
+
+impl NetPort for NetDevice {
+    fn has_rx(&self) -> bool {
+        NetDevice::has_rx(self)
+    }
+    fn frames(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+impl NetPort for crate::drivers::igb::Port {
+    fn has_rx(&self) -> bool {
+        self.queue().has_frame()
+    }
+    fn frames(&self) -> Option<(u64, u64)> {
+        let c = dioxide_nic::QueuePair::counters(self.queue());
+        Some((c.rx_frames, c.tx_frames))
+    }
+}
+
+impl<D: NetPort> NetPort for Fanout<'static, D> {
+    fn has_rx(&self) -> bool {
+        self.has_side() || self.inner.has_rx()
+    }
+    fn frames(&self) -> Option<(u64, u64)> {
+        self.inner.frames()
+    }
+}
+
+/// The address the primary core's stack has (DHCP or `net.ip=`), for the
+/// other cores' stacks (`dioxide_service::percore`).
+pub static ADDRESS: SharedAddress = SharedAddress::new();
+
+/// The network stack of one core.
+pub struct Net<D: NetPort> {
+    pub dev: D,
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
     dhcp: Option<SocketHandle>,
+    /// Another core's stack: the generation of [`ADDRESS`] applied.
+    follows: Option<u32>,
     pub configured: bool,
     /// When the stack's next timer is due.
     timer: StackTimer,
@@ -29,43 +79,67 @@ pub fn now() -> Instant {
 }
 
 /// Static configuration from the command line.
+#[derive(Clone, Copy)]
 pub struct StaticIp {
     pub cidr: Ipv4Cidr,
     pub gateway: Option<Ipv4Address>,
 }
 
-/// Brings up the first virtio-net function and the stack on it.
-pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> {
-    let (mut dev, mac) = virtio_net::probe(functions)?;
-    let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    let mut iface = Interface::new(config, &mut dev, now());
-    let mut sockets = SocketSet::new(vec![]);
-    let mut dhcp = None;
-    let mut configured = false;
-    match static_ip {
-        Some(s) => {
-            iface.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::Ipv4(s.cidr));
-            });
-            if let Some(gw) = s.gateway {
-                let _ = iface.routes_mut().add_default_ipv4_route(gw);
-            }
-            log::info!(target: "net", "static address {} gateway {:?}", s.cidr, s.gateway);
-            configured = true;
-        }
-        None => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
-    }
-    Some(Net {
-        dev,
-        iface,
-        sockets,
-        dhcp,
-        configured,
-        timer: StackTimer::new(now()),
-    })
+/// Where a stack's address comes from.
+#[derive(Clone, Copy)]
+pub enum Addressing {
+    /// DHCP on this stack; each lease is published in [`ADDRESS`].
+    Dhcp,
+    /// `net.ip=`, also published.
+    Static(StaticIp),
+    /// Whatever the primary core's stack publishes.
+    Follow,
 }
 
-impl Net {
+/// Brings up the stack of one core on `dev` with MAC address `mac`.
+pub fn init<D: NetPort>(mut dev: D, mac: [u8; 6], addressing: Addressing) -> Net<D> {
+    let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    let iface = Interface::new(config, &mut dev, now());
+    let mut net = Net {
+        dev,
+        iface,
+        sockets: SocketSet::new(vec![]),
+        dhcp: None,
+        follows: None,
+        configured: false,
+        timer: StackTimer::new(now()),
+    };
+    match addressing {
+        Addressing::Static(s) => {
+            net.apply(Address {
+                cidr: Some(s.cidr),
+                router: s.gateway,
+            });
+            log::info!(target: "net", "static address {} {}", s.cidr, Router(s.gateway));
+            ADDRESS.set(Address {
+                cidr: Some(s.cidr),
+                router: s.gateway,
+            });
+        }
+        Addressing::Dhcp => net.dhcp = Some(net.sockets.add(dhcpv4::Socket::new())),
+        Addressing::Follow => net.follows = Some(0),
+    }
+    net
+}
+
+/// A router for the log: `router A.B.C.D` or `no router`.
+pub struct Router(pub Option<Ipv4Address>);
+
+impl core::fmt::Display for Router {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "router {r}"),
+            None => f.write_str("no router"),
+        }
+    }
+}
+
+impl<D: NetPort> Net<D> {
     /// Polls the stack only when it has work: a frame arrived, a socket
     /// was used (`dirty`), or a timer is due. An idle `Interface::poll`
     /// still visits every socket, which under TCG cost more guest time per
@@ -81,36 +155,66 @@ impl Net {
         poll
     }
 
-    /// Moves packets and runs timers; applies DHCP results.
+    /// The address of this stack (and its router), replacing the old.
+    fn apply(&mut self, a: Address) {
+        self.iface.update_ip_addrs(|addrs| {
+            addrs.clear();
+            if let Some(c) = a.cidr {
+                let _ = addrs.push(IpCidr::Ipv4(c));
+            }
+        });
+        match a.router {
+            Some(r) => {
+                let _ = self.iface.routes_mut().add_default_ipv4_route(r);
+            }
+            None => {
+                self.iface.routes_mut().remove_default_ipv4_route();
+            }
+        }
+        self.configured = a.cidr.is_some();
+    }
+
+    /// Moves packets and runs timers; applies DHCP results (the primary
+    /// core) or the published address (the others).
     pub fn poll(&mut self) {
+        if let Some(seen) = self.follows {
+            if ADDRESS.generation() != seen {
+                let (g, a) = ADDRESS.get();
+                self.apply(a);
+                self.follows = Some(g);
+            }
+        }
         self.iface.poll(now(), &mut self.dev, &mut self.sockets);
         self.timer.polled(&mut self.iface, &self.sockets, now());
         if let Some(h) = self.dhcp {
-            let event = self.sockets.get_mut::<dhcpv4::Socket>(h).poll();
-            match event {
-                Some(dhcpv4::Event::Configured(c)) => {
-                    self.iface.update_ip_addrs(|a| {
-                        a.clear();
-                        let _ = a.push(IpCidr::Ipv4(c.address));
-                    });
-                    match c.router {
-                        Some(r) => {
-                            let _ = self.iface.routes_mut().add_default_ipv4_route(r);
-                        }
-                        None => {
-                            self.iface.routes_mut().remove_default_ipv4_route();
-                        }
+            // The event borrows the socket: its values are copied out first.
+            let lease = match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
+                Some(dhcpv4::Event::Configured(c)) => Some(Some(Address {
+                    cidr: Some(c.address),
+                    router: c.router,
+                })),
+                Some(dhcpv4::Event::Deconfigured) => Some(None),
+                None => None,
+            };
+            match lease {
+                Some(Some(a)) => {
+                    self.apply(a);
+                    ADDRESS.set(a);
+                    if let Some(c) = a.cidr {
+                        log::info!(target: "net", "DHCP: address {c} {}", Router(a.router));
                     }
-                    log::info!(target: "net", "DHCP: address {} router {:?}", c.address, c.router);
-                    self.configured = true;
                 }
-                Some(dhcpv4::Event::Deconfigured) => {
-                    self.iface.update_ip_addrs(|a| a.clear());
-                    self.iface.routes_mut().remove_default_ipv4_route();
-                    if self.configured {
+                Some(None) => {
+                    let was = self.configured;
+                    let none = Address {
+                        cidr: None,
+                        router: None,
+                    };
+                    self.apply(none);
+                    ADDRESS.set(none);
+                    if was {
                         log::warn!(target: "net", "DHCP: lease lost");
                     }
-                    self.configured = false;
                 }
                 None => {}
             }

@@ -1,0 +1,294 @@
+//! One network stack per core: what the stacks share.
+//!
+//! With a multi-queue NIC every core owns one receive/transmit queue pair
+//! and its own smoltcp interface and sockets, all with one MAC and one IP
+//! address. Receive-side scaling (RSS) sends each TCP connection's frames
+//! to one queue, so a connection lives on one core from its SYN to its
+//! FIN and nothing on the request path is shared. Two things are:
+//!
+//! - **What RSS cannot hash.** The NIC hashes TCP over IPv4 only; every
+//!   other frame (ARP, ICMP, DHCP's UDP, IP fragments) arrives on queue 0,
+//!   the primary core's. The primary core answers them for the appliance
+//!   (its interface has the same address), but the other cores must learn
+//!   their peers' link addresses too: a core that answers a SYN from a host
+//!   it has no neighbour entry for sends an ARP request, and the reply
+//!   comes back on queue 0. So the primary core copies every ARP frame it
+//!   receives into each other core's [`Inboxes`] (bounded; a full inbox
+//!   drops the copy and counts it, ARP asks again), and each core's
+//!   [`Fanout`] device hands its inbox's frames to its stack before the
+//!   wire's. IPv4 fragments are not reassembled by our smoltcp build, on
+//!   any core (as before: TCP peers send with DF set).
+//! - **The address.** DHCP runs on the primary core; [`SharedAddress`]
+//!   publishes each lease (or the static `net.ip=`) and the other cores
+//!   apply it when its generation changes (one relaxed load per poll).
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crossbeam_queue::ArrayQueue;
+use smoltcp::phy::{Device, DeviceCapabilities, RxToken};
+use smoltcp::time::Instant;
+use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
+
+/// The largest frame an inbox carries: an ARP frame over Ethernet is 42
+/// bytes, 60 with the minimum frame's padding.
+pub const SIDE_MAX: usize = 64;
+/// Frames each core's inbox holds.
+pub const INBOX_DEPTH: usize = 64;
+/// Ethernet's type of ARP.
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// A copied frame.
+#[derive(Clone, Copy)]
+pub struct SideFrame {
+    len: u8,
+    bytes: [u8; SIDE_MAX],
+}
+
+impl SideFrame {
+    fn new(frame: &[u8]) -> Option<SideFrame> {
+        let mut bytes = [0u8; SIDE_MAX];
+        bytes.get_mut(..frame.len())?.copy_from_slice(frame);
+        Some(SideFrame {
+            len: frame.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// Whether a frame is one every core must see (ARP).
+pub fn is_shared(frame: &[u8]) -> bool {
+    frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE_ARP
+}
+
+/// One bounded inbox per core for the frames the primary core copies.
+pub struct Inboxes {
+    boxes: Vec<ArrayQueue<SideFrame>>,
+    /// Copies dropped: the inbox was full or the frame larger than
+    /// [`SIDE_MAX`].
+    dropped: AtomicU64,
+    /// Copies delivered into inboxes.
+    copied: AtomicU64,
+}
+
+impl Inboxes {
+    pub fn new(cores: usize) -> Inboxes {
+        Inboxes {
+            boxes: (0..cores).map(|_| ArrayQueue::new(INBOX_DEPTH)).collect(),
+            dropped: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+        }
+    }
+
+    /// Copies `frame` into every inbox but core `from`'s.
+    pub fn publish(&self, from: usize, frame: &[u8]) {
+        let Some(f) = SideFrame::new(frame) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        for (core, b) in self.boxes.iter().enumerate() {
+            if core == from {
+                continue;
+            }
+            match b.push(f) {
+                Ok(()) => self.copied.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.dropped.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    /// The next frame copied to core `core`.
+    pub fn take(&self, core: usize) -> Option<SideFrame> {
+        self.boxes.get(core)?.pop()
+    }
+
+    /// A frame waits in core `core`'s inbox.
+    pub fn has(&self, core: usize) -> bool {
+        self.boxes.get(core).is_some_and(|b| !b.is_empty())
+    }
+
+    /// (copies delivered, copies dropped) since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.copied.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A core's NIC queue pair as its stack's device: the frames copied to
+/// this core first, then the wire's. On the primary core every ARP frame
+/// received is also copied to the other cores.
+pub struct Fanout<'i, D> {
+    pub inner: D,
+    core: usize,
+    primary: bool,
+    inboxes: &'i Inboxes,
+    /// A copied frame taken from the inbox while no transmit token was
+    /// free (smoltcp wants one with every received frame).
+    pending: Option<SideFrame>,
+}
+
+impl<'i, D: Device> Fanout<'i, D> {
+    /// Core `core`'s device; `primary`: the core whose queue receives what
+    /// RSS cannot hash.
+    pub fn new(inner: D, core: usize, primary: bool, inboxes: &'i Inboxes) -> Fanout<'i, D> {
+        Fanout {
+            inner,
+            core,
+            primary,
+            inboxes,
+            pending: None,
+        }
+    }
+
+    /// Copied frames wait for this core's stack.
+    pub fn has_side(&self) -> bool {
+        self.pending.is_some() || self.inboxes.has(self.core)
+    }
+}
+
+/// A received frame: a copy from the inbox or the wire's.
+pub enum FanRx<'a, R> {
+    Side(SideFrame),
+    Wire {
+        rx: R,
+        /// Set on the primary core: where ARP frames are copied to.
+        publish: Option<(&'a Inboxes, usize)>,
+    },
+}
+
+impl<R: RxToken> RxToken for FanRx<'_, R> {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        match self {
+            FanRx::Side(s) => f(s.bytes()),
+            FanRx::Wire { rx, publish } => rx.consume(|frame| {
+                if let Some((boxes, core)) = publish {
+                    if is_shared(frame) {
+                        boxes.publish(core, frame);
+                    }
+                }
+                f(frame)
+            }),
+        }
+    }
+
+    fn meta(&self) -> smoltcp::phy::PacketMeta {
+        match self {
+            FanRx::Side(_) => smoltcp::phy::PacketMeta::default(),
+            FanRx::Wire { rx, .. } => rx.meta(),
+        }
+    }
+}
+
+impl<'i, D: Device> Device for Fanout<'i, D> {
+    type RxToken<'a>
+        = FanRx<'a, D::RxToken<'a>>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, ts: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if self.pending.is_none() {
+            self.pending = self.inboxes.take(self.core);
+        }
+        if self.pending.is_some() {
+            let tx = self.inner.transmit(ts)?;
+            let side = self.pending.take()?;
+            return Some((FanRx::Side(side), tx));
+        }
+        let publish = self.primary.then_some((self.inboxes, self.core));
+        let (rx, tx) = self.inner.receive(ts)?;
+        Some((FanRx::Wire { rx, publish }, tx))
+    }
+
+    fn transmit(&mut self, ts: Instant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(ts)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// The appliance's address as the primary core learned it (DHCP or
+/// `net.ip=`), for the other cores. A seqlock: the writer makes the
+/// generation odd, stores, makes it even; a reader retries while it is odd
+/// or changed under it. Written a few times per lease, read once per poll.
+pub struct SharedAddress {
+    gen: AtomicU32,
+    /// Address (high 32 bits) and prefix length (bits 0..8); bit 8: set.
+    addr: AtomicU64,
+    /// Router (high 32 bits); bit 0: set.
+    router: AtomicU64,
+}
+
+/// An address and its router, as the other cores apply it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub cidr: Option<Ipv4Cidr>,
+    pub router: Option<Ipv4Address>,
+}
+
+impl Default for SharedAddress {
+    fn default() -> Self {
+        SharedAddress::new()
+    }
+}
+
+impl SharedAddress {
+    pub const fn new() -> SharedAddress {
+        SharedAddress {
+            gen: AtomicU32::new(0),
+            addr: AtomicU64::new(0),
+            router: AtomicU64::new(0),
+        }
+    }
+
+    /// Publishes a new address (`None`: the lease was lost).
+    pub fn set(&self, a: Address) {
+        let g = self.gen.load(Ordering::Relaxed);
+        self.gen.store(g.wrapping_add(1) | 1, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::Release);
+        let addr = a.cidr.map_or(0, |c| {
+            (u64::from(u32::from(c.address())) << 32) | 1 << 8 | u64::from(c.prefix_len())
+        });
+        let router = a.router.map_or(0, |r| (u64::from(u32::from(r)) << 32) | 1);
+        self.addr.store(addr, Ordering::Relaxed);
+        self.router.store(router, Ordering::Relaxed);
+        self.gen
+            .store((g.wrapping_add(1) | 1).wrapping_add(1), Ordering::Release);
+    }
+
+    /// The current generation: changes with every [`set`](Self::set).
+    pub fn generation(&self) -> u32 {
+        self.gen.load(Ordering::Acquire)
+    }
+
+    /// The address and the generation it belongs to.
+    pub fn get(&self) -> (u32, Address) {
+        loop {
+            let g = self.gen.load(Ordering::Acquire);
+            if g & 1 == 1 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let addr = self.addr.load(Ordering::Relaxed);
+            let router = self.router.load(Ordering::Relaxed);
+            core::sync::atomic::fence(Ordering::Acquire);
+            if self.gen.load(Ordering::Relaxed) != g {
+                continue;
+            }
+            let cidr = (addr & 1 << 8 != 0)
+                .then(|| Ipv4Cidr::new(Ipv4Address::from((addr >> 32) as u32), addr as u8));
+            let router = (router & 1 != 0).then(|| Ipv4Address::from((router >> 32) as u32));
+            return (g, Address { cidr, router });
+        }
+    }
+}
