@@ -439,12 +439,14 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! 
     let mut dirty = true;
     // The stack ran since the server last looked at every socket.
     let mut polled = true;
+    let mut announced = None;
     loop {
         if let Some(n) = net.as_mut() {
             let t0 = time::rdtsc();
             polled |= n.poll_if_needed(dirty);
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
+                announce(n, s, &mut announced);
                 dirty = s.poll(&mut n.sockets, polled);
                 let t2 = time::rdtsc();
                 // Send what the server queued at once.
@@ -467,6 +469,35 @@ fn run_loop(mut net: Option<stack::Net>, mut server: Option<nbd::Service>) -> ! 
             last = now;
             woke
         });
+    }
+}
+
+/// Tells the person at the server's screen where to connect: `serving N
+/// exports at nbd://ADDRESS:PORT/` once the stack has its address (static,
+/// or DHCP's lease), and again whenever it changes (a new lease, or the
+/// same one taken again after it was lost). `announced` is the address last
+/// said.
+fn announce(
+    net: &stack::Net,
+    server: &nbd::Service,
+    announced: &mut Option<smoltcp::wire::Ipv4Address>,
+) {
+    let addr = if net.configured {
+        net.iface.ipv4_addr()
+    } else {
+        None
+    };
+    if addr == *announced {
+        return;
+    }
+    *announced = addr;
+    if let Some(a) = addr {
+        log::info!(
+            target: "nbd",
+            "serving {} exports at nbd://{a}:{}/",
+            server.table().len(),
+            dioxide_service::PORT
+        );
     }
 }
 

@@ -50,7 +50,7 @@ pub fn init(functions: &[Function], static_ip: Option<StaticIp>) -> Option<Net> 
             if let Some(gw) = s.gateway {
                 let _ = iface.routes_mut().add_default_ipv4_route(gw);
             }
-            log::info!(target: "net", "static address {} gateway {:?}", s.cidr, s.gateway);
+            log::info!(target: "net", "static address {} {}", s.cidr, Via("gateway", s.gateway));
             configured = true;
         }
         None => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
@@ -101,7 +101,7 @@ impl Net {
                             self.iface.routes_mut().remove_default_ipv4_route();
                         }
                     }
-                    log::info!(target: "net", "DHCP: address {} router {:?}", c.address, c.router);
+                    log::info!(target: "net", "DHCP: address {} {}", c.address, Via("router", c.router));
                     self.configured = true;
                 }
                 Some(dhcpv4::Event::Deconfigured) => {
@@ -114,6 +114,18 @@ impl Net {
                 }
                 None => {}
             }
+        }
+    }
+}
+
+/// `router 10.0.2.2` or `no router` (and the same for `gateway`).
+struct Via(&'static str, Option<Ipv4Address>);
+
+impl core::fmt::Display for Via {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.1 {
+            Some(a) => write!(f, "{} {a}", self.0),
+            None => write!(f, "no {}", self.0),
         }
     }
 }
