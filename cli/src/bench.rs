@@ -260,7 +260,12 @@ impl Row {
                 continue;
             }
             let val = match v.parse::<f64>() {
-                Ok(x) if !matches!(k.as_str(), "target" | "dev" | "completion" | "net") => {
+                Ok(x)
+                    if !matches!(
+                        k.as_str(),
+                        "target" | "dev" | "completion" | "net" | "export" | "uri"
+                    ) =>
+                {
                     if matches!(
                         k.as_str(),
                         "qd" | "ios"

@@ -9,6 +9,7 @@ pub mod image;
 pub mod kernel;
 pub mod nbdbench;
 pub mod offload;
+pub mod remotebench;
 
 // The QEMU runner is its own crate (`qemu/`); its modules keep their
 // `crate::qemu`, `crate::accel`, `crate::iso`, `crate::tap` paths here.

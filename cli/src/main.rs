@@ -21,6 +21,8 @@
 //!                   [--offload none,all,...] [--mtu 1500,9000] [--targets file,null]
 //!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //!                   [--smp 1,2] [--dbbuf 0,1] [--ioeventfd 0,1]
+//! dioxide bench nbd --remote nbd://HOST[:PORT] [--peer URI]... [--qd ...] [--jobs N]
+//!                   [--secs N] [--rounds N] [--targets file,raw,null] [--out DIR]
 //! dioxide bench boot [--boot pvh,bios,uefi] [--runs 3]
 //! ```
 //!
@@ -127,7 +129,8 @@ enum BenchCmd {
     Local(LocalArgs),
     /// fio's nbd engine, 4K random reads, against the appliance's file, raw
     /// and null exports and against qemu-nbd serving the same image on the
-    /// host.
+    /// host; with --remote, against an appliance running elsewhere and any
+    /// --peer servers.
     Nbd(NbdArgs),
     /// Boot-to-serving time: from spawning QEMU to the appliance answering
     /// an NBD handshake on its forwarded port, per boot method.
@@ -338,6 +341,16 @@ struct LocalArgs {
 /// `dioxide bench nbd`.
 #[derive(clap::Args)]
 struct NbdArgs {
+    /// Benchmark an appliance already running elsewhere, at
+    /// nbd://HOST[:PORT] (port 10809 by default), instead of booting one:
+    /// its file, raw and null exports, picked from its export list.
+    #[arg(long, value_name = "URI")]
+    remote: Option<String>,
+    /// With --remote: another NBD server to run the same rows against, as
+    /// an NBD URI with its export (e.g. nbd://10.0.0.5:10809/disk, a
+    /// qemu-nbd or nbd-server on that network); repeatable.
+    #[arg(long = "peer", value_name = "URI", requires = "remote")]
+    peers: Vec<String>,
     /// Queue depths.
     #[arg(long, default_value = "1,16,64,128")]
     qd: String,
@@ -351,41 +364,43 @@ struct NbdArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Network modes, comma-separated: user, tap (tap needs root).
-    #[arg(long, default_value = "user")]
+    #[arg(long, default_value = "user", conflicts_with = "remote")]
     net: String,
     /// virtio-net offload sets to compare, comma-separated, one boot
     /// each: `default`, `none`, `all`, or names joined with + (csum,
     /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with = "remote")]
     offload: Option<String>,
     /// NIC MTUs to compare, comma-separated, one boot each (e.g.
     /// 1500,9000; see `dioxide run --mtu`).
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with = "remote")]
     mtu: Option<String>,
-    /// Targets, comma-separated: file, raw, null, qemu-nbd.
-    #[arg(long, default_value = "file,raw,null,qemu-nbd")]
-    targets: String,
+    /// Targets, comma-separated: file, raw, null, qemu-nbd (default: all
+    /// four; with --remote: file, raw, null).
+    #[arg(long)]
+    targets: Option<String>,
     /// Size of the benchmark file (default 1G).
-    #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size, conflicts_with = "remote")]
     file_size: u64,
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto, conflicts_with = "remote")]
     accel: AccelArg,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, conflicts_with = "remote")]
     mem: u32,
     /// NVMe completion mode of the appliance: poll or irq.
-    #[arg(long, default_value = "poll")]
+    #[arg(long, default_value = "poll", conflicts_with = "remote")]
     completion: String,
     /// Rounds per row: the targets take turns, each for secs/rounds.
     #[arg(long, default_value_t = 2)]
     rounds: u64,
     /// Reads per row of the host benchmark of the whole NBD request
     /// path (TCP/IP, NBD, DIO, dxfs on the host's CPU; `host_rows` in
-    /// results.json); 0 skips it.
-    #[arg(long, default_value_t = 100_000)]
-    host_ios: u64,
+    /// results.json); 0 skips it. Default 100000, and 0 with --remote
+    /// (it measures this machine's CPU, not the appliance's).
+    #[arg(long)]
+    host_ios: Option<u64>,
     /// How the kernel boots: pvh, bios or uefi.
-    #[arg(long, default_value = "pvh", value_parser = parse_boot)]
+    #[arg(long, default_value = "pvh", value_parser = parse_boot, conflicts_with = "remote")]
     boot: Boot,
     #[command(flatten)]
     sweep: SweepArgs,
@@ -599,7 +614,12 @@ fn bench_local(a: LocalArgs) -> Result<i32, Error> {
 
 /// `dioxide bench nbd`.
 fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
+    if a.remote.is_some() {
+        return bench_nbd_remote(a);
+    }
     let NbdArgs {
+        remote: _,
+        peers: _,
         qd,
         jobs,
         secs,
@@ -628,7 +648,8 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
             .collect(),
         None => vec![None],
     };
-    let targets = dioxide::nbdbench::parse_targets(&targets)?;
+    let targets =
+        dioxide::nbdbench::parse_targets(targets.as_deref().unwrap_or("file,raw,null,qemu-nbd"))?;
     let qds = parse_qds(&qd)?;
     let sweep = sweep.parse()?;
     if jobs == 0 || jobs > 8 {
@@ -665,9 +686,54 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         rounds: rounds.clamp(1, secs.max(1)),
         boot,
         sweep,
-        host_ios,
+        host_ios: host_ios.unwrap_or(100_000),
     };
     dioxide::nbdbench::nbd(&opts)
+}
+
+/// `dioxide bench nbd --remote URI`: the same rows against an appliance
+/// running elsewhere (and `--peer` servers); nothing is booted, so the
+/// options that shape a boot are refused (clap refuses the others).
+fn bench_nbd_remote(a: NbdArgs) -> Result<i32, Error> {
+    for (given, name) in [
+        (a.sweep.smp.is_some(), "--smp"),
+        (a.sweep.dbbuf.is_some(), "--dbbuf"),
+        (a.sweep.ioeventfd.is_some(), "--ioeventfd"),
+    ] {
+        if given {
+            return Err(Error::Usage(format!(
+                "{name} configures a boot: with --remote nothing is booted"
+            )));
+        }
+    }
+    let targets =
+        dioxide::nbdbench::parse_targets(a.targets.as_deref().unwrap_or("file,raw,null"))?;
+    if targets.contains(&"qemu-nbd") {
+        return Err(Error::Usage(
+            "--targets qemu-nbd: with --remote there is no local image to serve; name another server with --peer URI".into(),
+        ));
+    }
+    if a.jobs == 0 || a.jobs > 8 {
+        return Err(Error::Usage(format!("--jobs {}: from 1 to 8", a.jobs)));
+    }
+    let secs = a.secs.max(1);
+    let opts = dioxide::remotebench::RemoteOpts {
+        remote: a.remote.unwrap_or_default(),
+        peers: a.peers,
+        qds: parse_qds(&a.qd)?,
+        jobs: a.jobs,
+        secs,
+        rounds: a.rounds.clamp(1, secs),
+        targets,
+        out: a.out.unwrap_or_else(|| {
+            dioxide::workspace_root()
+                .join("target")
+                .join("dioxide")
+                .join("bench-nbd-remote")
+        }),
+        host_ios: a.host_ios.unwrap_or(0),
+    };
+    dioxide::remotebench::remote(&opts)
 }
 
 /// `dioxide run`: checks the options, builds what is missing, boots the

@@ -304,6 +304,20 @@ pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<Fi
     })
 }
 
+/// The mean of several rounds' results (IOPS and latencies), with their
+/// reads added up.
+pub fn mean_of(rs: &[FioResult]) -> FioResult {
+    let n = rs.len().max(1) as f64;
+    let avg = |f: &dyn Fn(&FioResult) -> f64| rs.iter().map(f).sum::<f64>() / n;
+    FioResult {
+        iops: avg(&|r| r.iops),
+        p50_us: avg(&|r| r.p50_us),
+        p99_us: avg(&|r| r.p99_us),
+        mean_us: avg(&|r| r.mean_us),
+        ios: rs.iter().map(|r| r.ios).sum(),
+    }
+}
+
 /// User plus system CPU time of a process and its threads, seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -323,7 +337,8 @@ fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
-fn version(cmd: &str, arg: &str) -> String {
+/// The first line `cmd arg` prints (a tool's version), empty when it cannot run.
+pub fn version(cmd: &str, arg: &str) -> String {
     Command::new(cmd)
         .arg(arg)
         .output()
@@ -337,7 +352,8 @@ fn version(cmd: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-const TARGETS: [(&str, &str, &str); 4] = [
+/// The targets of a booted appliance: name, plot colour, legend.
+pub const TARGETS: [(&str, &str, &str); 4] = [
     ("file", "#1f77b4", "file export"),
     ("raw", "#444444", "raw export"),
     ("null", "#2ca02c", "null export"),
@@ -387,9 +403,29 @@ fn frames_cell(r: &Row) -> String {
     format!("{}/{}", r.s("tx_frames_per_req"), r.s("rx_frames_per_req"))
 }
 
+/// The columns of a table section: the appliance's three exports, then
+/// `qemu-nbd` (a booted appliance) or the peers `peer1`, `peer2`, ... in
+/// order (`--remote`, rows with `net=remote`).
+fn columns(section: &[&Row]) -> Vec<String> {
+    if !section.iter().any(|r| r.s("net") == "remote") {
+        return TARGETS.iter().map(|(t, _, _)| t.to_string()).collect();
+    }
+    let mut peers: Vec<&str> = section
+        .iter()
+        .map(|r| r.s("target"))
+        .filter(|t| t.starts_with("peer"))
+        .collect();
+    peers.sort_by_key(|t| t[4..].parse::<usize>().unwrap_or(usize::MAX));
+    peers.dedup();
+    let mut cols: Vec<String> = TARGETS[..3].iter().map(|(t, _, _)| t.to_string()).collect();
+    cols.extend(peers.into_iter().map(String::from));
+    cols
+}
+
 /// The table: per network mode, and per configuration (CPUs, shadow
 /// doorbells, ioeventfd) when the rows hold several, a line per queue
-/// depth.
+/// depth. The last ratio is the file export against the fourth column
+/// (qemu-nbd, or the first peer).
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
     let config = config_title(rows);
@@ -404,13 +440,21 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     }
     let mut s = String::new();
     for (net, by_qd) in by_net {
+        let section: Vec<&Row> = rows.iter().filter(|r| group(r) == net).collect();
+        let cols = columns(&section);
+        let reference = cols.get(3).cloned();
         s += &format!(
             "\nnet={net}: fio --ioengine=nbd, 4K random reads, {jobs} job(s), {secs} s per row; IOPS (p50/p99 latency us)\n"
         );
-        s += &format!(
-            "{:>4} {:>24} {:>24} {:>24} {:>24} {:>9} {:>14}\n",
-            "qd", "file", "raw", "null", "qemu-nbd", "file/raw", "file/qemu-nbd"
-        );
+        s += &format!("{:>4}", "qd");
+        for c in &cols {
+            s += &format!(" {c:>24}");
+        }
+        s += &format!(" {:>9}", "file/raw");
+        if let Some(r) = &reference {
+            s += &format!(" {:>14}", format!("file/{r}"));
+        }
+        s += "\n";
         for (qd, t) in by_qd {
             let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
             let cell = |k: &str| {
@@ -426,37 +470,52 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
                 }
             };
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-            s += &format!(
-                "{:>4} {:>24} {:>24} {:>24} {:>24} {:>9.3} {:>14.3}\n",
-                qd,
-                cell("file"),
-                cell("raw"),
-                cell("null"),
-                cell("qemu-nbd"),
-                ratio(g("file", "iops"), g("raw", "iops")),
-                ratio(g("file", "iops"), g("qemu-nbd", "iops")),
-            );
+            s += &format!("{qd:>4}");
+            for c in &cols {
+                s += &format!(" {:>24}", cell(c));
+            }
+            s += &format!(" {:>9.3}", ratio(g("file", "iops"), g("raw", "iops")));
+            if let Some(r) = &reference {
+                s += &format!(" {:>14.3}", ratio(g("file", "iops"), g(r, "iops")));
+            }
+            s += "\n";
         }
-        s += "host CPU per I/O (us, server process incl. its vCPU thread): ";
+        // What each column read, where the rows say (`--remote`).
+        let uris: Vec<String> = cols
+            .iter()
+            .filter_map(|c| {
+                let r = section.iter().find(|r| r.s("target") == c)?;
+                (!r.s("uri").is_empty()).then(|| format!("{c} {}", r.s("uri")))
+            })
+            .collect();
+        if !uris.is_empty() {
+            s += &format!("read: {}\n", uris.join(", "));
+        }
         let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| group(r) == net) {
+        for r in section
+            .iter()
+            .filter(|r| !r.s("server_cpu_us_per_io").is_empty())
+        {
             cpu.entry(r.s("target").into())
                 .or_default()
                 .push(r.f("server_cpu_us_per_io"));
         }
-        let parts: Vec<String> = TARGETS
+        if !cpu.is_empty() {
+            s += "host CPU per I/O (us, server process incl. its vCPU thread): ";
+            let parts: Vec<String> = TARGETS
+                .iter()
+                .filter_map(|(t, _, _)| {
+                    let v = cpu.get(*t)?;
+                    let list: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+                    Some(format!("{t} {}", list.join("/")))
+                })
+                .collect();
+            s += &parts.join(", ");
+            s += " (by qd)\n";
+        }
+        let frames: Vec<String> = section
             .iter()
-            .filter_map(|(t, _, _)| {
-                let v = cpu.get(*t)?;
-                let list: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
-                Some(format!("{t} {}", list.join("/")))
-            })
-            .collect();
-        s += &parts.join(", ");
-        s += " (by qd)\n";
-        let frames: Vec<String> = rows
-            .iter()
-            .filter(|r| group(r) == net && !r.s("tx_frames_per_req").is_empty())
+            .filter(|r| !r.s("tx_frames_per_req").is_empty())
             .map(|r| format!("{} qd{} {}", r.s("target"), r.s("qd"), frames_cell(r)))
             .collect();
         if !frames.is_empty() {
@@ -589,16 +648,8 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                 let Some((rs, cpu, wall)) = acc.get(target) else {
                     continue;
                 };
-                let n = rs.len() as f64;
-                let ios: u64 = rs.iter().map(|r| r.ios).sum();
-                let avg = |f: &dyn Fn(&FioResult) -> f64| rs.iter().map(f).sum::<f64>() / n;
-                let r = FioResult {
-                    iops: avg(&|r| r.iops),
-                    p50_us: avg(&|r| r.p50_us),
-                    p99_us: avg(&|r| r.p99_us),
-                    mean_us: avg(&|r| r.mean_us),
-                    ios,
-                };
+                let r = mean_of(rs);
+                let ios = r.ios;
                 let per_req = frames
                     .get(target)
                     .filter(|f| f.0 > 0)

@@ -196,3 +196,186 @@ fn bench_nbd_in_its_smallest_form_writes_table_and_json() {
     assert!(svg.starts_with("<svg") && svg.contains("NBD, net=user") && svg.contains("qemu-nbd"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `qemu-nbd` serving a file read-only on 127.0.0.1 (killed on drop).
+struct QemuNbd(std::process::Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl QemuNbd {
+    /// Starts it on a free port and waits until it accepts connections.
+    fn start(img: &std::path::Path) -> (QemuNbd, u16) {
+        let port = dioxide::nbdbench::free_port().unwrap();
+        let child = Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--format=raw"])
+            .args(["--bind=127.0.0.1", &format!("--port={port}"), "--shared=4"])
+            .arg(img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (./dx installs qemu-utils)");
+        let q = QemuNbd(child);
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "qemu-nbd not listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (q, port)
+    }
+}
+
+/// `dioxide bench nbd --remote`: an appliance started on its own (as a
+/// server would be, here under TCG with user networking and the null
+/// export), then the benchmark against it from outside, by its address
+/// alone, and against a qemu-nbd peer on a small raw file. The rows of the
+/// appliance's file, raw and null exports (picked from its list by name)
+/// and of the peer are in the table and results.json, each with reads.
+#[test]
+fn bench_nbd_remote_reads_an_appliance_started_elsewhere_and_a_peer() {
+    let dir = dioxide::workspace_root()
+        .join("target")
+        .join("test-tmp")
+        .join(format!("bench-nbd-remote-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut rng = dioxide_testkit::Rng::new(5);
+    let mut data = vec![0u8; 8 << 20];
+    rng.fill(&mut data);
+    std::fs::write(src.join("bench.bin"), &data).unwrap();
+    std::fs::write(src.join("notes.txt"), b"not the file to read\n").unwrap();
+    let img = dir.join("fs.img");
+    dioxide::fstool::mkfs(&img, &src, None, 4096, "").unwrap();
+    let peer_img = dir.join("peer.img");
+    std::fs::write(&peer_img, &data[..4 << 20]).unwrap();
+
+    let kernel = dioxide::kernel::build().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = dioxide::qemu::Config::new(kernel);
+    cfg.add_disk(&img);
+    cfg.accel = dioxide::accel::Accel::Tcg;
+    cfg.mem_mib = 256;
+    cfg.args = vec!["nbd.null=1".into()];
+    cfg.timeout = Some(Duration::from_secs(600));
+    let t0 = Instant::now();
+    let app = dioxide::nbdbench::boot(cfg, dioxide::nbdbench::NetMode::User)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_peer, peer_port) = QemuNbd::start(&peer_img);
+    let remote = format!("nbd://127.0.0.1:{}", app.port);
+    let peer = format!("nbd://127.0.0.1:{peer_port}");
+    let out = dir.join("out");
+    let (status, stdout, stderr) = dioxide(
+        &[
+            "bench",
+            "nbd",
+            "--remote",
+            &remote,
+            "--peer",
+            &peer,
+            "--qd",
+            "4",
+            "--secs",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        Duration::from_secs(300),
+    );
+    let all = format!(
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nappliance:\n{}",
+        app.guest.console()
+    );
+    assert_eq!(status, Some(0), "{all}");
+    eprintln!(
+        "appliance boot and bench nbd --remote took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The table: a remote section, the appliance's three exports and the
+    // peer as columns, a figure in each, and what each column read.
+    assert!(
+        stdout.contains("\nnet=remote: fio --ioengine=nbd, 4K random reads, 1 job(s), 1 s per row"),
+        "{all}"
+    );
+    let header = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("qd "))
+        .unwrap_or_else(|| panic!("no table header\n{all}"));
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(
+        cols,
+        [
+            "qd",
+            "file",
+            "raw",
+            "null",
+            "peer1",
+            "file/raw",
+            "file/peer1"
+        ],
+        "{all}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("4 "))
+        .unwrap_or_else(|| panic!("no qd 4 line\n{all}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cells.len(), 1 + 4 * 2 + 2, "{line}");
+    for i in 0..4 {
+        let iops: u64 = cells[1 + 2 * i].replace(',', "").parse().expect(line);
+        assert!(iops > 0, "column {} in {line}", cols[1 + i]);
+    }
+    assert!(
+        stdout.contains(&format!(
+            "read: file {remote}/bench.bin, raw {remote}/nvme0n1, null {remote}/null, peer1 {peer}\n"
+        )),
+        "{all}"
+    );
+    // No server CPU time or guest frames: the appliance is not ours here.
+    assert!(!stdout.contains("host CPU per I/O"), "{all}");
+
+    // results.json: a row per target with reads, the URI it read.
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
+            .expect("results.json is JSON");
+    let rows = json["rows"].as_array().expect("rows");
+    for (target, uri, export) in [
+        ("file", format!("{remote}/bench.bin"), "bench.bin"),
+        ("raw", format!("{remote}/nvme0n1"), "nvme0n1"),
+        ("null", format!("{remote}/null"), "null"),
+        ("peer1", peer.clone(), ""),
+    ] {
+        let r = rows
+            .iter()
+            .find(|r| r["target"] == target)
+            .unwrap_or_else(|| panic!("no {target} row: {json:#}"));
+        assert_eq!(r["net"], "remote", "{r}");
+        assert_eq!(r["qd"].as_u64(), Some(4), "{r}");
+        assert_eq!(r["uri"], uri.as_str(), "{r}");
+        if !export.is_empty() {
+            assert_eq!(r["export"], export, "{r}");
+        }
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["lat_p50_us"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rows.len(), 4, "{json:#}");
+    let cfg = &json["config"];
+    assert_eq!(cfg["remote"], remote.as_str(), "{cfg}");
+    assert_eq!(cfg["exports_listed"].as_u64(), Some(4), "{cfg}");
+    assert_eq!(json["host_rows"], serde_json::json!([]), "{json:#}");
+    let svg = std::fs::read_to_string(out.join("plot.svg")).expect("plot.svg");
+    assert!(svg.contains("NBD, net=remote") && svg.contains("peer1 (nbd://"));
+    drop(app);
+    let _ = std::fs::remove_dir_all(&dir);
+}

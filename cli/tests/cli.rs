@@ -93,6 +93,69 @@ fn bad_bench_lists() {
     }
 }
 
+/// `bench nbd --remote`: an address nobody answers at, a URI that is not
+/// the appliance's address, and options that only shape a boot are refused
+/// at once, in words, with exit status 2 (nothing booted, no fio run).
+#[test]
+fn bench_nbd_remote_refuses_what_it_cannot_reach_or_read() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let remote = format!("nbd://127.0.0.1:{port}");
+    let refused = format!(
+        "--remote {remote}: cannot connect to 127.0.0.1:{port}: connection refused: nothing listens on that port"
+    );
+    for (args, want) in [
+        (&["bench", "nbd", "--remote", &remote][..], refused.as_str()),
+        (
+            &["bench", "nbd", "--remote", "192.168.1.20"],
+            "--remote 192.168.1.20: not an nbd:// URI; expected nbd://HOST[:PORT]",
+        ),
+        (
+            &["bench", "nbd", "--remote", "nbd://host:99999"],
+            "port \"99999\" is not a port number",
+        ),
+        (
+            &["bench", "nbd", "--remote", "nbd://host/bench.bin"],
+            "--remote nbd://host/bench.bin: it names an export",
+        ),
+        (
+            &["bench", "nbd", "--remote", &remote, "--peer", "ftp://x"],
+            "--peer ftp://x: not an NBD URI",
+        ),
+        (
+            &[
+                "bench",
+                "nbd",
+                "--remote",
+                &remote,
+                "--targets",
+                "file,qemu-nbd",
+            ],
+            "--targets qemu-nbd: with --remote there is no local image to serve",
+        ),
+        (
+            &["bench", "nbd", "--remote", &remote, "--smp", "2"],
+            "--smp configures a boot: with --remote nothing is booted",
+        ),
+        (
+            &["bench", "nbd", "--remote", &remote, "--net", "tap"],
+            "'--remote <URI>' cannot be used with '--net <NET>'",
+        ),
+        (
+            &["bench", "nbd", "--peer", "nbd://h/x"],
+            "required arguments were not provided",
+        ),
+    ] {
+        let (code, err) = dioxide(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 /// How long one command may take: a `dioxide run` that should fail before
 /// booting but boots instead (serving until killed), or a client waiting on
 /// a stuck appliance, fails the test rather than hanging it.

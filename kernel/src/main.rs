@@ -471,12 +471,16 @@ pub fn run_loop<D: stack::NetPort>(
     let mut dirty = true;
     // The stack ran since the server last looked at every socket.
     let mut polled = true;
+    let mut announced = None;
     loop {
         if let Some(n) = net.as_mut() {
             let t0 = time::rdtsc();
             polled |= n.poll_if_needed(dirty);
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
+                if smp::cpu_index() == 0 {
+                    announce(n, s, &mut announced);
+                }
                 let reports = s.idle_reports;
                 dirty = s.poll(&mut n.sockets, polled);
                 if s.idle_reports != reports {
@@ -517,6 +521,35 @@ fn report_core<D: stack::NetPort>(net: &stack::Net<D>, server: &nbd::Service) {
             smp::cpu_index(),
             server.connections(),
             server.served()
+        );
+    }
+}
+
+/// Tells the person at the server's screen where to connect: `serving N
+/// exports at nbd://ADDRESS:PORT/` once the stack has its address (static,
+/// or DHCP's lease), and again whenever it changes (a new lease, or the
+/// same one taken again after it was lost). `announced` is the address last
+/// said.
+fn announce<D: stack::NetPort>(
+    net: &stack::Net<D>,
+    server: &nbd::Service,
+    announced: &mut Option<smoltcp::wire::Ipv4Address>,
+) {
+    let addr = if net.configured {
+        net.iface.ipv4_addr()
+    } else {
+        None
+    };
+    if addr == *announced {
+        return;
+    }
+    *announced = addr;
+    if let Some(a) = addr {
+        log::info!(
+            target: "nbd",
+            "serving {} exports at nbd://{a}:{}/",
+            server.table().len(),
+            dioxide_service::PORT
         );
     }
 }

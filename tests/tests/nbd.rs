@@ -68,7 +68,7 @@ fn real_clients_list_and_copy_every_export() {
     // user stack keeps 1,500-byte segments, so this is merged receive
     // buffers, the device's MTU and the offloads' refusal; the tap test
     // below has them all at work.
-    let (guest, url) = serve_mtu(&img, &ALL_OFFLOADS, Some(9000));
+    let (mut guest, url) = serve_mtu(&img, &ALL_OFFLOADS, Some(9000));
     assert!(
         guest.console().contains(
             "virtio-net: csum off (not offered), guest_csum off (not offered), mrg_rxbuf on, mtu 9000 (the device's), tso off (not offered)"
@@ -76,6 +76,13 @@ fn real_clients_list_and_copy_every_export() {
         "{}",
         guest.console()
     );
+    // The line for the person at the screen: where to connect, with the
+    // export count (every file and the raw namespace).
+    let serving = format!(
+        "nbd: serving {} exports at nbd://10.0.2.15:10809/",
+        paths.len() + 1
+    );
+    wait_for_console(&mut guest, &serving, Duration::from_secs(30));
     // nbdinfo --list shows every file and the raw namespace.
     let (ok, out, err) = run(Command::new("nbdinfo").args(["--list", &url]));
     assert!(ok, "{err}");
@@ -520,7 +527,23 @@ fn tap_network_serves_the_exports() {
 
 fn tap_checks(app: &dioxide::nbdbench::Appliance, mtu: Option<u16>, big: &[u8]) {
     assert!(app.url.starts_with("nbd://172.30."), "{}", app.url);
-    assert!(app.guest.console().contains("net: static address 172.30."));
+    let console = app.guest.console();
+    let tap_ip = app.url["nbd://".len()..].split(':').next().unwrap();
+    assert!(
+        console.contains(&format!("net: static address {tap_ip}/24 gateway ")),
+        "{console}"
+    );
+    // Said once the address is set, after the service listens.
+    let said = format!("nbd: serving 3 exports at nbd://{tap_ip}:10809/");
+    let t0 = Instant::now();
+    while !app.guest.console().contains(&said) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no {said:?}:\n{}",
+            app.guest.console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let limit = Duration::from_secs(300);
     let (ok, got, err) = run_within(
         Command::new("nbdcopy").args([&format!("{}/hello.txt", app.url), "-"]),

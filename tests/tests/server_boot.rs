@@ -232,6 +232,46 @@ fn uefi_boot_serves_nbd_and_passes_the_digest_and_files_self_tests() {
     serves_and_self_tests(Boot::Uefi, 32);
 }
 
+/// An ISO made without kernel arguments (`dioxide image`, no `--cmdline`),
+/// as a server boots it: the address comes from DHCP (QEMU's user network
+/// leases 10.0.2.15, router 10.0.2.2), and the screen's last lines say the
+/// lease in words (`router 10.0.2.2`, not Rust's `Some(..)`) and where to
+/// connect; a file is then read through the forwarded port.
+#[test]
+fn an_iso_without_arguments_takes_dhcp_and_says_where_to_connect() {
+    let dir = TempDir::new("server-boot-dhcp");
+    let (img, src, paths) = tree_image(dir.path(), 33);
+    let iso = dir.path().join("dhcp.iso");
+    dioxide_qemu::iso::build(&kernel(), &[], 0, &iso).unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = boot_config(Boot::Bios, &img, &[]);
+    cfg.iso = Some(iso);
+    let mut app = dioxide::nbdbench::boot(cfg, NetMode::User).unwrap_or_else(|e| panic!("{e}"));
+    let serving = format!(
+        "nbd: serving {} exports at nbd://10.0.2.15:10809/",
+        paths.len() + 1
+    );
+    let console = wait_for_console(&mut app.guest, &serving, Duration::from_secs(60));
+    assert!(console.contains("cmdline \"\""), "{console}");
+    assert!(
+        console.contains("net: DHCP: address 10.0.2.15/24 router 10.0.2.2\n"),
+        "{console}"
+    );
+    // A name that needs no percent-encoding in the URI.
+    let file = paths
+        .iter()
+        .find(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b))
+        })
+        .expect("a plain file name");
+    let (ok, got, err) = run_within(
+        Command::new("nbdcopy").args([&format!("{}/{file}", app.url), "-"]),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "nbdcopy {file}: {err}");
+    assert!(got == std::fs::read(src.join(file)).unwrap(), "{file}");
+}
+
 /// `dioxide bench local --boot uefi`: the in-guest benchmark booted by
 /// OVMF and GRUB, in its smallest form (one device, one queue depth, 1 s
 /// rows, no host benchmark); every row did reads.

@@ -115,7 +115,7 @@ pub fn init<D: NetPort>(mut dev: D, mac: [u8; 6], addressing: Addressing) -> Net
                 cidr: Some(s.cidr),
                 router: s.gateway,
             });
-            log::info!(target: "net", "static address {} {}", s.cidr, Router(s.gateway));
+            log::info!(target: "net", "static address {} {}", s.cidr, Via("gateway", s.gateway));
             ADDRESS.set(Address {
                 cidr: Some(s.cidr),
                 router: s.gateway,
@@ -127,14 +127,14 @@ pub fn init<D: NetPort>(mut dev: D, mac: [u8; 6], addressing: Addressing) -> Net
     net
 }
 
-/// A router for the log: `router A.B.C.D` or `no router`.
-pub struct Router(pub Option<Ipv4Address>);
+/// `router 10.0.2.2` or `no router` (and the same for `gateway`).
+struct Via(&'static str, Option<Ipv4Address>);
 
-impl core::fmt::Display for Router {
+impl core::fmt::Display for Via {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self.0 {
-            Some(r) => write!(f, "router {r}"),
-            None => f.write_str("no router"),
+        match self.1 {
+            Some(a) => write!(f, "{} {a}", self.0),
+            None => write!(f, "no {}", self.0),
         }
     }
 }
@@ -201,7 +201,7 @@ impl<D: NetPort> Net<D> {
                     self.apply(a);
                     ADDRESS.set(a);
                     if let Some(c) = a.cidr {
-                        log::info!(target: "net", "DHCP: address {c} {}", Router(a.router));
+                        log::info!(target: "net", "DHCP: address {c} {}", Via("router", a.router));
                     }
                 }
                 Some(None) => {
