@@ -192,3 +192,15 @@ pub fn random_tree(root: &Path, seed: u64, files: usize) -> Vec<String> {
     out.push("large-random.bin".into());
     out
 }
+
+/// Percent-encodes an export name for an NBD URI (RFC 3986 path).
+pub fn uri_path(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -6,18 +6,6 @@ use dioxide_tests::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Percent-encodes an export name for an NBD URI (RFC 3986 path).
-fn uri_path(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Every virtio-net offload asked for (each used where the device offers it).
 const ALL_OFFLOADS: [&str; 4] = [
     "net.csum=1",

@@ -386,9 +386,13 @@ impl<M: Mmio, H: Hal> Igb<M, H> {
             0
         };
         self.w(regs::RXCSUM, rxcsum::PCSD | offload);
+        // TCP/IPv4 only: everything else (ARP, ICMP, DHCP's UDP, fragments)
+        // goes to queue 0, whose core answers for the appliance and runs
+        // DHCP (hashing all IPv4 by addresses would send a DHCP offer to
+        // any queue).
         self.w(
             regs::MRQC,
-            regs::mrqc::ENABLE_RSS | regs::mrqc::FIELD_IPV4 | regs::mrqc::FIELD_IPV4_TCP,
+            regs::mrqc::ENABLE_RSS | regs::mrqc::FIELD_IPV4_TCP,
         );
     }
 

@@ -618,6 +618,14 @@ impl Device for NetDevice {
     }
 }
 
+/// Set once a virtio-net device serves (its counters mean something).
+static IN_USE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// A virtio-net device was brought up (the frame counters are its).
+pub fn in_use() -> bool {
+    IN_USE.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// A virtio-net function (transitional or modern).
 pub fn matches(f: &Function) -> bool {
     f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041)
@@ -660,6 +668,7 @@ pub fn bring_up(f: &Function) -> Option<(NetDevice, [u8; 6])> {
         f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
     log::info!(target: "net", "virtio-net: {}", nic.choice);
+    IN_USE.store(true, core::sync::atomic::Ordering::Relaxed);
     let dev = NetDevice {
         nic: RefCell::new(nic),
     };

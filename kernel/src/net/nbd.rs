@@ -89,6 +89,10 @@ impl Platform for KernelPlatform {
                 handoff * 1_000_000 / time::tsc_hz().max(1)
             );
         }
+        if !crate::drivers::virtio_net::in_use() {
+            // igb: each core's frames are in its own line (`nbd: core N:`).
+            return;
+        }
         let [txf, txb, txk, rxf, rxp] = crate::drivers::virtio_net::stats::take();
         log::info!(
             target: "nbd",

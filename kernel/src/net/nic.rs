@@ -8,6 +8,7 @@ use crate::drivers::pci::Function;
 use crate::drivers::virtio_net::{self, NetDevice};
 use crate::net::{nbd, stack};
 use crate::platform::smp;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use dioxide_service::percore::{Fanout, Inboxes};
 
 /// The NIC kinds the kernel drives.
@@ -108,48 +109,75 @@ pub fn serve_per_core(
     let table = nbd::table(mounts, args.null);
     let inboxes: &'static Inboxes =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(Inboxes::new(cores)));
-    nbd::announce(table, args.null);
-    log::info!(
-        target: "nbd",
-        "one network stack per core on {cores} core(s): connections spread by RSS, each served on its core's NVMe queues (heap bound above is per core)"
-    );
-    let stall_ns = args.stall_ns;
-    let others = ports.split_off(1.min(ports.len()));
-    for (i, port) in others.into_iter().enumerate() {
+    // Every core's stack and service are made here, before the start line,
+    // so that its heap figure holds all their sockets (the idle reports
+    // must come back to it); each then moves to its core.
+    let mut stacks: alloc::vec::Vec<_> = ports
+        .drain(..)
+        .enumerate()
+        .map(|(core, port)| {
+            let addressing = if core == 0 {
+                addressing
+            } else {
+                stack::Addressing::Follow
+            };
+            let dev = Fanout::new(port, core, core == 0, inboxes);
+            let mut net = stack::init(dev, mac, addressing);
+            let server = nbd::server(&mut net, table, args.stall_ns);
+            (net, server)
+        })
+        .collect();
+    let others = stacks.split_off(1.min(stacks.len()));
+    let handed = others.len();
+    for (i, (net, server)) in others.into_iter().enumerate() {
         let core = i + 1;
+        let moved = Moved((net, server));
         let job = alloc::boxed::Box::new(move || {
-            serve_core(
-                port,
-                core,
-                mac,
-                stack::Addressing::Follow,
-                table,
-                inboxes,
-                stall_ns,
-            )
+            // A method call, so that the closure captures all of `moved`.
+            let (net, server) = moved.take();
+            STARTED.fetch_add(1, Ordering::AcqRel);
+            crate::run_loop(Some(net), Some(server))
         });
         if let Err(e) = smp::run_on(core, job) {
             log::error!(target: "nbd", "core {core}: its network stack did not start: {e:?}");
         }
     }
-    let Some(port0) = ports.pop() else {
-        crate::run_loop::<NetDevice>(None, None)
-    };
-    serve_core(port0, 0, mac, addressing, table, inboxes, stall_ns)
+    // The start line once every core runs its loop: its heap figure then
+    // holds everything the cores keep for good (their jobs included).
+    let t0 = crate::platform::time::now_ns();
+    while STARTED.load(Ordering::Acquire) < handed
+        && crate::platform::time::now_ns() - t0 < START_WAIT_NS
+    {
+        core::hint::spin_loop();
+    }
+    nbd::announce(table, args.null);
+    log::info!(
+        target: "nbd",
+        "one network stack per core on {cores} core(s): connections spread by RSS, each served on its core's NVMe queues (heap bound above is per core)"
+    );
+    match stacks.pop() {
+        Some((net, server)) => crate::run_loop(Some(net), Some(server)),
+        None => crate::run_loop::<NetDevice>(None, None),
+    }
 }
 
-/// Core `core`'s stack and service on `port`, then its run loop.
-fn serve_core(
-    port: crate::drivers::igb::Port,
-    core: usize,
-    mac: [u8; 6],
-    addressing: stack::Addressing,
-    table: &'static dioxide_service::Table,
-    inboxes: &'static Inboxes,
-    stall_ns: u64,
-) -> ! {
-    let dev = Fanout::new(port, core, core == 0, inboxes);
-    let mut net = stack::init(dev, mac, addressing);
-    let server = nbd::server(&mut net, table, stall_ns);
-    crate::run_loop(Some(net), Some(server))
+/// The other cores whose run loop started (`serve_per_core`).
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+/// How long the boot core waits for them before it logs the start line.
+const START_WAIT_NS: u64 = 2_000_000_000;
+
+/// A core's stack and service on their way from the boot core, which made
+/// them, to the core that runs them.
+struct Moved<T>(T);
+
+impl<T> Moved<T> {
+    fn take(self) -> T {
+        self.0
+    }
 }
+
+// SAFETY: what is moved is owned outright (its DMA buffers, which are not
+// `Send` because they are raw memory, included) and was never used before
+// the move; after it only the receiving core touches it, and the boot core
+// keeps no reference to any of it.
+unsafe impl<T> Send for Moved<T> {}
