@@ -268,3 +268,43 @@ fn rss_spreads_8_connections_over_4_cores() {
     let c = spread(4, 8);
     eprintln!("per-core (connections, requests): {c:?}");
 }
+
+/// Without `net.ip=` the address comes from DHCP, run on queue 0's core
+/// (RSS leaves UDP there): the boot log says the lease and where to
+/// connect, and the other core serves with it too.
+#[test]
+fn igb_takes_its_address_from_dhcp_on_2_cores() {
+    let dir = TempDir::new("igb-dhcp");
+    let (img, files) = tree(&dir, 6, 97);
+    // A free host port for the forward (user networking with no address
+    // on the command line: the kernel asks QEMU's DHCP server).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = config(Some(&img), &[]);
+    cfg.nic = Nic::Igb;
+    cfg.smp = 2;
+    cfg.mem_mib = 512;
+    cfg.netdev = Some(format!(
+        "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,hostfwd=tcp:127.0.0.1:{port}-:10809"
+    ));
+    let mut guest = Guest::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let console = wait_for_console(
+        &mut guest,
+        "nbd: serving 7 exports at nbd://10.0.2.15:10809/",
+        Duration::from_secs(120),
+    );
+    assert!(
+        console.contains("net: DHCP: address 10.0.2.15/24 router 10.0.2.2"),
+        "{console}"
+    );
+    // Several connections, so that both cores serve some.
+    let url = format!("nbd://127.0.0.1:{port}");
+    for _ in 0..3 {
+        copy_and_compare(&url, &files);
+    }
+    let counts = wait_counts(&guest, 3 * files.len() as u64);
+    assert!(counts.values().map(|v| v.1).sum::<u64>() > 0, "{counts:?}");
+}
