@@ -472,10 +472,12 @@ pub fn run_loop<D: stack::NetPort>(
     // The stack ran since the server last looked at every socket.
     let mut polled = true;
     let mut announced = None;
+    let mut quiet_since = time::now_ns();
     loop {
         if let Some(n) = net.as_mut() {
             let t0 = time::rdtsc();
-            polled |= n.poll_if_needed(dirty);
+            let first = n.poll_if_needed(dirty);
+            polled |= first;
             let t1 = time::rdtsc();
             if let Some(s) = server.as_mut() {
                 if smp::cpu_index() == 0 {
@@ -487,6 +489,7 @@ pub fn run_loop<D: stack::NetPort>(
                     report_core(n, s);
                 }
                 let t2 = time::rdtsc();
+                let touched = dirty;
                 // Send what the server queued at once.
                 polled = n.poll_if_needed(dirty);
                 dirty = false;
@@ -496,7 +499,16 @@ pub fn run_loop<D: stack::NetPort>(
                     s.trace(&mut n.sockets);
                 }
                 last = t;
-                // While connections are busy, keep polling instead of sleeping.
+                // While anything moves, keep polling; a core whose port can
+                // wake it sleeps once nothing has for a while.
+                let now = time::now_ns();
+                if first || touched || polled || s.in_flight() > 0 {
+                    quiet_since = now;
+                } else if now - quiet_since > QUIET_NS {
+                    // Woken by a tick with nothing to do, it sleeps again at
+                    // once; a frame or a due timer is activity.
+                    sleep_until_frame(n);
+                }
                 continue;
             }
         }
@@ -507,6 +519,32 @@ pub fn run_loop<D: stack::NetPort>(
             last = now;
             woke
         });
+    }
+}
+
+/// How long a serving core polls with nothing moving (no frame, no socket
+/// used, no read in flight) before it sleeps, if its port can wake it.
+const QUIET_NS: u64 = 1_000_000;
+
+/// Halts until the port's receive interrupt, any other interrupt or the
+/// APIC tick (which bounds every sleep at 10 ms: the stack's timers).
+/// Ports without a wake-up interrupt (virtio-net here) return at once: their
+/// core keeps polling. In poll mode no NVMe read of this core is in flight
+/// (the caller checked), so no completion waits for the poll.
+fn sleep_until_frame<D: stack::NetPort>(n: &mut stack::Net<D>) {
+    use x86_64::instructions::interrupts;
+    interrupts::disable();
+    if n.dev.arm_wakeup() {
+        if n.dev.has_rx() {
+            interrupts::enable();
+        } else {
+            // sti; hlt: an interrupt between the check and the halt still
+            // wakes us.
+            interrupts::enable_and_hlt();
+        }
+        n.dev.disarm_wakeup();
+    } else {
+        interrupts::enable();
     }
 }
 

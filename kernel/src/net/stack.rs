@@ -27,6 +27,13 @@ pub trait NetPort: Device {
     /// it keeps its own (a queue pair of a multi-queue NIC); virtio-net
     /// counts for the whole device (`virtio_net::stats`).
     fn frames(&self) -> Option<(u64, u64)>;
+    /// Unmasks the interrupt that wakes this core when a frame arrives;
+    /// false when the port has none (its core keeps polling).
+    fn arm_wakeup(&mut self) -> bool {
+        false
+    }
+    /// Masks it again (the core polls while it is awake).
+    fn disarm_wakeup(&mut self) {}
 }
 
 impl NetPort for NetDevice {
@@ -46,6 +53,14 @@ impl NetPort for crate::drivers::igb::Port {
         let c = dioxide_nic::QueuePair::counters(self.queue());
         Some((c.rx_frames, c.tx_frames))
     }
+    fn arm_wakeup(&mut self) -> bool {
+        // The queue's MSI-X entry points at this core (drivers::igb).
+        self.queue().enable_irq();
+        true
+    }
+    fn disarm_wakeup(&mut self) {
+        self.queue().disable_irq();
+    }
 }
 
 impl<D: NetPort> NetPort for Fanout<'static, D> {
@@ -54,6 +69,14 @@ impl<D: NetPort> NetPort for Fanout<'static, D> {
     }
     fn frames(&self) -> Option<(u64, u64)> {
         self.inner.frames()
+    }
+    fn arm_wakeup(&mut self) -> bool {
+        // A frame copied to this core's inbox while it sleeps waits for
+        // the next interrupt or tick (ARP: within 10 ms).
+        self.inner.arm_wakeup()
+    }
+    fn disarm_wakeup(&mut self) {
+        self.inner.disarm_wakeup()
     }
 }
 
