@@ -5,7 +5,7 @@
 //!             [--nvme-lbs 512|4096] [--nvme-ioeventfd] [--mem MIB] [--smp N]
 //!             [--accel auto|kvm|tcg] [--timeout SECS] [--selftest NAME]
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
-//!             [--offload default|none|all|csum+mrg_rxbuf+...] [--mtu N]
+//!             [--nic virtio|igb] [--offload default|none|all|csum+mrg_rxbuf+...] [--mtu N]
 //!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
 //!             [--machine OPTS] [-- KERNEL-ARGS...]
 //! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
@@ -18,7 +18,7 @@
 //!                     [--secs N] [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //!                     [--smp 1,2,4] [--dbbuf 0,1] [--ioeventfd 0,1] [--host-threads 1,2]
 //! dioxide bench nbd [--qd 1,16,64,128] [--jobs N] [--secs N] [--net user,tap]
-//!                   [--offload none,all,...] [--mtu 1500,9000] [--targets file,null]
+//!                   [--nic virtio,igb] [--offload none,all,...] [--mtu 1500,9000] [--targets file,null]
 //!                   [--out DIR] [--file-size 1G] [--boot pvh|bios|uefi]
 //!                   [--smp 1,2] [--dbbuf 0,1] [--ioeventfd 0,1]
 //! dioxide bench nbd --remote nbd://HOST[:PORT] [--peer URI]... [--qd ...] [--jobs N]
@@ -366,13 +366,25 @@ struct NbdArgs {
     /// Network modes, comma-separated: user, tap (tap needs root).
     #[arg(long, default_value = "user", conflicts_with = "remote")]
     net: String,
+    /// The guest's NICs, comma-separated, one boot each: virtio
+    /// (virtio-net, one queue, the boot core's stack), igb (Intel 82576:
+    /// a queue pair and network stack per guest CPU, RSS).
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "virtio",
+        conflicts_with = "remote"
+    )]
+    nic: String,
     /// virtio-net offload sets to compare, comma-separated, one boot
     /// each: `default`, `none`, `all`, or names joined with + (csum,
-    /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`.
+    /// guest_csum, mrg_rxbuf, tso), e.g. `none,csum+mrg_rxbuf`. igb
+    /// boots once, with its driver's offloads (csum, tso, rx csum).
     #[arg(long, value_name = "LIST", conflicts_with = "remote")]
     offload: Option<String>,
     /// NIC MTUs to compare, comma-separated, one boot each (e.g.
-    /// 1500,9000; see `dioxide run --mtu`).
+    /// 1500,9000; see `dioxide run --mtu`). igb runs at 1500 only:
+    /// another MTU with --nic igb is refused.
     #[arg(long, value_name = "LIST", conflicts_with = "remote")]
     mtu: Option<String>,
     /// Targets, comma-separated: file, raw, null, qemu-nbd (default: all
@@ -625,6 +637,7 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         secs,
         out,
         net,
+        nic,
         offload,
         mtu,
         targets,
@@ -648,6 +661,8 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
             .collect(),
         None => vec![None],
     };
+    let nics = dioxide::nbdbench::parse_nics(&nic)?;
+    dioxide::nbdbench::check_nics(&nics, &mtus)?;
     let targets =
         dioxide::nbdbench::parse_targets(targets.as_deref().unwrap_or("file,raw,null,qemu-nbd"))?;
     let qds = parse_qds(&qd)?;
@@ -679,6 +694,7 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         accel,
         mem,
         nets,
+        nics,
         offloads,
         mtus,
         targets,

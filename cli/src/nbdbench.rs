@@ -5,16 +5,20 @@
 //! `qemu-nbd` serving the same image file on the host (no virtualization:
 //! the ceiling).
 //!
-//! Per network mode (`--net user`, `--net tap`) the appliance boots once; at
+//! Per network mode (`--net user`, `--net tap`), NIC (`--nic virtio,igb`)
+//! and configuration the appliance boots once; at
 //! each queue depth the targets take turns for `--rounds` rounds (IOPS and
 //! latency percentiles are the mean over rounds), and while qemu-nbd runs
 //! the guest is paused (SIGSTOP: under TCG its busy-polling vCPU would otherwise
 //! take a host core from qemu-nbd and fio) and qemu-nbd runs. Each row also
-//! records the server process's host CPU time per I/O (`/proc/PID/stat`).
+//! records the server process's host CPU time per I/O (`/proc/PID/stat`)
+//! and what the guest counted while it was served: frames per request and,
+//! on igb (a network stack per core), the connections and requests each
+//! core served, from the cores' run-loop reports before and after it.
 
 use crate::accel::Accel;
 use crate::bench::{config_title, fmt_iops, plot_panels, Row};
-use crate::qemu::{Config, Guest, NbdReady, GUEST_NBD_PORT};
+use crate::qemu::{Config, Guest, NbdReady, Nic, GUEST_NBD_PORT};
 use crate::tap::Tap;
 use crate::{io_err, kernel, Error};
 use serde_json::{json, Value};
@@ -56,7 +60,10 @@ pub struct NbdOpts {
     pub accel: Accel,
     pub mem: u32,
     pub nets: Vec<NetMode>,
-    /// One boot per virtio-net offload set and MTU (`None`: no `host_mtu=`).
+    /// One boot per NIC (the guest's `-device`).
+    pub nics: Vec<Nic>,
+    /// One boot per virtio-net offload set and MTU (`None`: no `host_mtu=`);
+    /// igb boots once, with its driver's offloads, at [`IGB_MTU`].
     pub offloads: Vec<crate::offload::Offloads>,
     pub mtus: Vec<Option<u16>>,
     /// Of [`TARGETS`]' names.
@@ -382,16 +389,203 @@ pub fn parse_targets(s: &str) -> Result<Vec<&'static str>, Error> {
     Ok(v)
 }
 
-/// A row's virtio-net configuration for titles: ` offload=csum mtu=9000`,
-/// empty where the row has neither.
-fn nic_title(r: &Row) -> String {
-    let mut s = String::new();
-    for k in ["offload", "mtu"] {
-        if !r.s(k).is_empty() {
-            s += &format!(" {k}={}", r.s(k));
+/// `--nic`: NIC names (`virtio`, `igb`), comma-separated, each once.
+pub fn parse_nics(s: &str) -> Result<Vec<Nic>, Error> {
+    let mut v = Vec::new();
+    for n in crate::bench::parse_list(s) {
+        let nic = Nic::parse(&n).ok_or_else(|| {
+            Error::Usage(format!(
+                "--nic {s}: {}, comma-separated",
+                Nic::NAMES.join(" and/or ")
+            ))
+        })?;
+        if !v.contains(&nic) {
+            v.push(nic);
         }
     }
-    s
+    if v.is_empty() {
+        return Err(Error::Usage(format!("--nic {s}: empty")));
+    }
+    Ok(v)
+}
+
+/// The MTU igb's rows run at: the kernel's igb driver sets 1500, and
+/// QEMU's igb, unlike virtio-net, announces none (`host_mtu=`).
+pub const IGB_MTU: u16 = 1500;
+
+/// Refuses what igb cannot be booted with: an MTU other than
+/// [`IGB_MTU`]. (`--offload` sets are virtio-net's switches: igb runs
+/// once per network mode and configuration with its driver's offloads,
+/// [`IGB_OFFLOADS`], whatever the sets.)
+pub fn check_nics(nics: &[Nic], mtus: &[Option<u16>]) -> Result<(), Error> {
+    if let Some(m) = mtus.iter().flatten().find(|&&m| m != IGB_MTU) {
+        if nics.contains(&Nic::Igb) {
+            return Err(Error::Usage(format!(
+                "--mtu {m} with --nic igb: the kernel's igb driver runs at MTU {IGB_MTU} and QEMU's igb takes no host_mtu; benchmark other MTUs on virtio-net alone (--nic virtio)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What igb's rows carry as their `offload`: the driver's own choice
+/// (transmit checksum and TSO, receive checksum: [`IGB_OFFLOADS`]).
+pub const IGB_OFFLOAD_LABEL: &str = "driver";
+
+/// igb's offloads as the kernel's igb driver sets them.
+pub const IGB_OFFLOADS: &str = "csum, tso, rx csum on";
+
+/// The NIC configuration part of the rows' titles: ` nic=igb` when the
+/// rows were served by another NIC than virtio-net or by several, then
+/// ` offload=csum mtu=9000` where a row has those (empty for rows of
+/// neither, `--remote`'s among them).
+pub fn nic_title(rows: &[Row]) -> impl Fn(&Row) -> String {
+    let mut nics: Vec<&str> = rows
+        .iter()
+        .map(|r| r.s("nic"))
+        .filter(|n| !n.is_empty())
+        .collect();
+    nics.sort_unstable();
+    nics.dedup();
+    let show_nic = nics.len() > 1 || nics.iter().any(|&n| n != Nic::Virtio.name());
+    move |r: &Row| {
+        let mut s = String::new();
+        let keys: &[&str] = if show_nic {
+            &["nic", "offload", "mtu"]
+        } else {
+            &["offload", "mtu"]
+        };
+        for &k in keys {
+            if !r.s(k).is_empty() {
+                s += &format!(" {k}={}", r.s(k));
+            }
+        }
+        s
+    }
+}
+
+/// One core's counts from its run-loop report, since boot (or, as a
+/// difference, over a row).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreCount {
+    pub connections: u64,
+    pub requests: u64,
+    pub frames_received: u64,
+    pub frames_sent: u64,
+}
+
+impl CoreCount {
+    fn add(&mut self, o: &CoreCount) {
+        self.connections += o.connections;
+        self.requests += o.requests;
+        self.frames_received += o.frames_received;
+        self.frames_sent += o.frames_sent;
+    }
+
+    /// `self` less an earlier count of the same core.
+    fn since(&self, earlier: &CoreCount) -> CoreCount {
+        CoreCount {
+            connections: self.connections.saturating_sub(earlier.connections),
+            requests: self.requests.saturating_sub(earlier.requests),
+            frames_received: self.frames_received.saturating_sub(earlier.frames_received),
+            frames_sent: self.frames_sent.saturating_sub(earlier.frames_sent),
+        }
+    }
+}
+
+/// The last count of each core in a console transcript, from the run-loop
+/// reports a core with a network stack of its own (igb) logs each time
+/// its service goes idle: `nbd: core N: C connections, R requests served,
+/// F frames received, T sent since start` (`report_core` in
+/// kernel/src/main.rs). Empty for a console without such lines
+/// (virtio-net).
+pub fn core_counts(console: &str) -> BTreeMap<u32, CoreCount> {
+    const AT: &str = "nbd: core ";
+    let mut out = BTreeMap::new();
+    for l in console.lines() {
+        let Some(i) = l.find(AT) else {
+            continue;
+        };
+        let rest = &l[i + AT.len()..];
+        let num = |s: &str| s.trim().parse::<u64>().ok();
+        let parse = || -> Option<(u32, CoreCount)> {
+            let (core, rest) = rest.split_once(": ")?;
+            let (conns, rest) = rest.split_once(" connections, ")?;
+            let (reqs, rest) = rest.split_once(" requests served, ")?;
+            let (rx, rest) = rest.split_once(" frames received, ")?;
+            let tx = rest.strip_suffix(" sent since start")?;
+            Some((
+                core.parse().ok()?,
+                CoreCount {
+                    connections: num(conns)?,
+                    requests: num(reqs)?,
+                    frames_received: num(rx)?,
+                    frames_sent: num(tx.trim_end())?,
+                },
+            ))
+        };
+        if let Some((core, c)) = parse() {
+            out.insert(core, c);
+        }
+    }
+    out
+}
+
+/// What each core served between two [`core_counts`]: every core of
+/// `0..cpus` (zero where it reported nothing new) and any other that
+/// reported.
+pub fn core_deltas(
+    before: &BTreeMap<u32, CoreCount>,
+    after: &BTreeMap<u32, CoreCount>,
+    cpus: u32,
+) -> BTreeMap<u32, CoreCount> {
+    let mut out: BTreeMap<u32, CoreCount> = (0..cpus).map(|c| (c, CoreCount::default())).collect();
+    for (&core, a) in after {
+        let b = before.get(&core).copied().unwrap_or_default();
+        out.insert(core, a.since(&b));
+    }
+    out
+}
+
+/// The per-core counts as results.json holds them (`per_core`).
+pub fn per_core_json(cores: &BTreeMap<u32, CoreCount>) -> Value {
+    Value::Array(
+        cores
+            .iter()
+            .map(|(core, c)| {
+                json!({
+                    "core": core,
+                    "connections": c.connections,
+                    "requests": c.requests,
+                    "frames_received": c.frames_received,
+                    "frames_sent": c.frames_sent,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A row's requests per core, `cores 0:812 1:790` (empty for a row
+/// without per-core counts).
+pub fn cores_cell(r: &Row) -> String {
+    let Ok(Value::Array(cores)) = serde_json::from_str::<Value>(r.s("per_core")) else {
+        return String::new();
+    };
+    let parts: Vec<String> = cores
+        .iter()
+        .map(|c| format!("{}:{}", c["core"], c["requests"]))
+        .collect();
+    format!("cores {}", parts.join(" "))
+}
+
+/// A row as results.json holds it: [`Row::json`], with `per_core` (kept in
+/// the row as JSON text) as the array it is.
+pub fn row_json(r: &Row) -> Value {
+    let mut j = r.json();
+    if let Ok(v @ Value::Array(_)) = serde_json::from_str::<Value>(r.s("per_core")) {
+        j["per_core"] = v;
+    }
+    j
 }
 
 /// Frames per request of the guest, sent and received (`-` where the
@@ -422,14 +616,19 @@ fn columns(section: &[&Row]) -> Vec<String> {
     cols
 }
 
-/// The table: per network mode, and per configuration (CPUs, shadow
-/// doorbells, ioeventfd) when the rows hold several, a line per queue
-/// depth. The last ratio is the file export against the fourth column
-/// (qemu-nbd, or the first peer).
+/// The table: per network mode, NIC (when the rows name another than
+/// virtio-net, or several) and NIC settings, and per configuration (CPUs,
+/// shadow doorbells, ioeventfd) when the rows hold several, a line per
+/// queue depth. The last ratio is the file export against the fourth
+/// column (qemu-nbd, or the first peer). Under each section: the host CPU
+/// time per I/O, the guest's frames per request and, for a NIC with a
+/// stack per core (igb), the requests each core served
+/// (`null qd16 cores 0:812 1:790`).
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
     let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
     let config = config_title(rows);
-    let group = |r: &Row| format!("{}{}{}", r.s("net"), nic_title(r), config(r));
+    let nic = nic_title(rows);
+    let group = |r: &Row| format!("{}{}{}", r.s("net"), nic(r), config(r));
     for r in rows {
         by_net
             .entry(group(r))
@@ -523,8 +722,163 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
             s += &frames.join(", ");
             s += "\n";
         }
+        let cores: Vec<String> = section
+            .iter()
+            .filter(|r| !cores_cell(r).is_empty())
+            .map(|r| format!("{} qd{} {}", r.s("target"), r.s("qd"), cores_cell(r)))
+            .collect();
+        if !cores.is_empty() {
+            s += "requests per core: ";
+            s += &cores.join(", ");
+            s += "\n";
+        }
     }
     s
+}
+
+/// One boot of `bench nbd`: a network mode, a NIC, and for virtio-net an
+/// offload set (`None`: igb, its driver's offloads), an MTU (`None`: no
+/// `host_mtu=`) and a configuration (CPUs, shadow doorbells, ioeventfd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootPlan {
+    pub net: NetMode,
+    pub nic: Nic,
+    pub offload: Option<crate::offload::Offloads>,
+    pub mtu: Option<u16>,
+    pub variant: crate::bench::Variant,
+}
+
+impl BootPlan {
+    /// The offload set as rows carry it: the set's label on virtio-net,
+    /// [`IGB_OFFLOAD_LABEL`] on igb.
+    pub fn offload_label(&self) -> String {
+        self.offload
+            .map_or(IGB_OFFLOAD_LABEL.to_string(), |o| o.label())
+    }
+}
+
+/// Every boot, network mode outermost, then NIC, offload set, MTU and
+/// configuration. igb is not crossed with the offload sets (they are
+/// virtio-net's switches): it boots once per network mode, MTU and
+/// configuration.
+pub fn plan(opts: &NbdOpts) -> Vec<BootPlan> {
+    let mut boots = Vec::new();
+    for &net in &opts.nets {
+        for &nic in &opts.nics {
+            let offloads: Vec<Option<crate::offload::Offloads>> = match nic {
+                Nic::Virtio => opts.offloads.iter().copied().map(Some).collect(),
+                Nic::Igb => vec![None],
+            };
+            for &offload in &offloads {
+                for &mtu in &opts.mtus {
+                    for variant in opts.sweep.variants() {
+                        boots.push(BootPlan {
+                            net,
+                            nic,
+                            offload,
+                            mtu,
+                            variant,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    boots
+}
+
+/// The guest's line about its NIC: virtio-net's offloads
+/// (`virtio-net: csum on, ...`) or igb's bring-up (`igb MAC ..., N queue
+/// pair(s) with RSS, csum on, tso on, rx csum on, mtu 1500`); empty when
+/// the console has none.
+pub fn guest_nic_line(console: &str, nic: Nic) -> String {
+    let at = match nic {
+        Nic::Virtio => "virtio-net: ",
+        Nic::Igb => "igb MAC ",
+    };
+    console
+        .lines()
+        .find_map(|l| l.find(at).map(|i| l[i..].trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// What the guest counted while one fio run was served.
+#[derive(Clone, Debug, Default)]
+struct Counted {
+    /// Requests, frames sent, frames received.
+    frames: Option<(u64, u64, u64)>,
+    /// Per core (igb), what each served.
+    cores: Option<BTreeMap<u32, CoreCount>>,
+}
+
+/// The guest's counts before a fio run.
+struct Before {
+    frame_counts: usize,
+    cores: BTreeMap<u32, CoreCount>,
+}
+
+impl Before {
+    fn take(guest: &Guest) -> Before {
+        let c = guest.console();
+        Before {
+            frame_counts: crate::offload::frame_counts(&c).len(),
+            cores: core_counts(&c),
+        }
+    }
+}
+
+/// Waits (at most 5 s) for the guest's counts of the fio run that did
+/// `ios` reads, logged when its service goes idle after the client left:
+/// on virtio-net the next `virtio-net since the last count` line; on igb
+/// the cores' reports, until they account for at least `ios` more
+/// requests (each core that served reports when its connections closed).
+fn counted_after(guest: &Guest, nic: Nic, before: &Before, ios: u64, cpus: u32) -> Counted {
+    let t = Instant::now();
+    loop {
+        let c = guest.console();
+        match nic {
+            Nic::Virtio => {
+                let f = crate::offload::frame_counts(&c);
+                if f.len() > before.frame_counts {
+                    let sum = f[before.frame_counts..]
+                        .iter()
+                        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+                    return Counted {
+                        frames: Some(sum),
+                        cores: None,
+                    };
+                }
+            }
+            Nic::Igb => {
+                let d = core_deltas(&before.cores, &core_counts(&c), cpus);
+                let requests: u64 = d.values().map(|c| c.requests).sum();
+                if requests >= ios.max(1) || t.elapsed() >= Duration::from_secs(5) {
+                    let (tx, rx) = d.values().fold((0, 0), |a, c| {
+                        (a.0 + c.frames_sent, a.1 + c.frames_received)
+                    });
+                    return Counted {
+                        frames: (requests > 0).then_some((requests, tx, rx)),
+                        cores: (requests > 0).then_some(d),
+                    };
+                }
+            }
+        }
+        if t.elapsed() >= Duration::from_secs(5) {
+            return Counted::default();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What one target measured over a queue depth's rounds.
+#[derive(Default)]
+struct Acc {
+    results: Vec<FioResult>,
+    cpu: f64,
+    wall: f64,
+    /// Requests, frames sent, frames received (the guest's count).
+    frames: (u64, u64, u64),
+    cores: Option<BTreeMap<u32, CoreCount>>,
 }
 
 pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
@@ -535,59 +889,64 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "fio not found: apt-get install fio (./dx installs it)".into(),
         ));
     }
+    check_nics(&opts.nics, &opts.mtus)?;
     let img = crate::bench::image(opts.file_size)?;
     eprintln!("dioxide bench: building the kernel (release)");
     let kernel = kernel::build()?;
     let mut rows = Vec::new();
     let mut runs = Vec::new();
-    let variants = opts.sweep.variants();
-    let mut boots = Vec::new();
-    for &net in &opts.nets {
-        for &offload in &opts.offloads {
-            for &mtu in &opts.mtus {
-                for &variant in &variants {
-                    boots.push((net, offload, mtu, variant));
-                }
-            }
-        }
-    }
     let nic_fields = opts.offloads.len() > 1
         || opts.mtus.len() > 1
         || opts.offloads[0].0.is_some()
         || opts.mtus[0].is_some();
-    for (net, offload, mtu, variant) in boots {
+    for b in plan(opts) {
+        let BootPlan {
+            net,
+            nic,
+            offload,
+            mtu,
+            variant,
+        } = b;
         let mut cfg = Config::new(kernel.clone());
         cfg.add_disk(&img);
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
         cfg.boot = opts.boot;
+        cfg.nic = nic;
         cfg.args = vec![
             "log=info".into(),
             "nbd.null=1".into(),
             format!("nvme.completion={}", opts.completion),
         ];
         variant.apply(&mut cfg);
-        cfg.args.extend(offload.kernel_args());
+        if let Some(o) = offload {
+            cfg.args.extend(o.kernel_args());
+        }
         cfg.net_mtu = mtu;
-        let mtu_label = mtu.map_or("default".to_string(), |m| m.to_string());
+        // igb's is the driver's, whatever was asked (only 1500 is taken).
+        let mtu_label = match (nic, mtu) {
+            (Nic::Igb, _) => IGB_MTU.to_string(),
+            (Nic::Virtio, m) => m.map_or("default".to_string(), |m| m.to_string()),
+        };
+        let offload_label = b.offload_label();
+        let nic_settings = match offload {
+            Some(o) => format!("offload {}, mtu {mtu_label}", o.label()),
+            None => format!(
+                "offloads the driver's ({IGB_OFFLOADS}; --offload sets are virtio-net's), mtu {mtu_label}"
+            ),
+        };
         eprintln!(
-            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, offload {}, mtu {}, completion {}, {})",
+            "dioxide bench: booting the appliance (accel {}, boot {}, net {}, nic {}, {nic_settings}, completion {}, {})",
             opts.accel.name(),
             opts.boot.name(),
             net.name(),
-            offload.label(),
-            mtu_label,
+            nic.name(),
             opts.completion,
             variant.label()
         );
         let app = boot(cfg, net)?;
         let qemu_pid = app.guest.pid().unwrap_or(0);
-        let nic_line = app
-            .guest
-            .console()
-            .lines()
-            .find_map(|l| l.find("virtio-net: ").map(|i| l[i..].trim().to_string()))
-            .unwrap_or_default();
+        let nic_line = guest_nic_line(&app.guest.console(), nic);
         eprintln!("dioxide bench: guest: {nic_line}");
         let host = HostNbd::start(&img, opts.jobs)?;
         eprintln!(
@@ -595,11 +954,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             app.url, host.options, host.url
         );
         for &qd in &opts.qds {
-            // Per target: fio results of each round and the server CPU time.
-            let mut acc: BTreeMap<&str, (Vec<FioResult>, f64, f64)> = BTreeMap::new();
-            // Per target: requests, frames sent and received (the guest's
-            // count after each fio run, when its service goes idle).
-            let mut frames: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+            let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
             let slice = (opts.secs / opts.rounds).max(1);
             for _ in 0..opts.rounds {
                 for &target in &opts.targets {
@@ -613,61 +968,52 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     if paused {
                         signal(qemu_pid, "-STOP");
                     }
-                    let counted = crate::offload::frame_counts(&app.guest.console()).len();
+                    let before = Before::take(&app.guest);
                     let c0 = cpu_secs(pid);
                     let t0 = Instant::now();
                     let r = fio(&uri, qd, opts.jobs, slice, opts.file_size);
                     let wall = t0.elapsed().as_secs_f64();
                     let cpu = cpu_secs(pid) - c0;
+                    let e = acc.entry(target).or_default();
                     if paused {
                         signal(qemu_pid, "-CONT");
                     } else {
-                        // The service logs its counts once the client left.
-                        let t = Instant::now();
-                        while t.elapsed() < Duration::from_secs(5) {
-                            let c = crate::offload::frame_counts(&app.guest.console());
-                            if c.len() > counted {
-                                let e = frames.entry(target).or_default();
-                                for (n, tx, rx) in &c[counted..] {
-                                    e.0 += n;
-                                    e.1 += tx;
-                                    e.2 += rx;
-                                }
-                                break;
+                        let ios = r.as_ref().map_or(0, |r| r.ios);
+                        let counted = counted_after(&app.guest, nic, &before, ios, variant.cpus());
+                        if let Some((n, tx, rx)) = counted.frames {
+                            e.frames.0 += n;
+                            e.frames.1 += tx;
+                            e.frames.2 += rx;
+                        }
+                        if let Some(d) = counted.cores {
+                            let all = e.cores.get_or_insert_with(BTreeMap::new);
+                            for (core, c) in d {
+                                all.entry(core).or_default().add(&c);
                             }
-                            std::thread::sleep(Duration::from_millis(50));
                         }
                     }
-                    let e = acc.entry(target).or_default();
-                    e.0.push(r?);
-                    e.1 += cpu;
-                    e.2 += wall;
+                    e.results.push(r?);
+                    e.cpu += cpu;
+                    e.wall += wall;
                 }
             }
             for (target, _, _) in TARGETS {
-                let Some((rs, cpu, wall)) = acc.get(target) else {
+                let Some(a) = acc.get(target) else {
                     continue;
                 };
-                let r = mean_of(rs);
+                let r = mean_of(&a.results);
                 let ios = r.ios;
-                let per_req = frames
-                    .get(target)
-                    .filter(|f| f.0 > 0)
-                    .map(|&(n, tx, rx)| (tx as f64 / n as f64, rx as f64 / n as f64));
-                eprintln!(
-                    "  net={} offload={} mtu={mtu_label} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us{}",
-                    net.name(),
-                    offload.label(),
-                    variant.label(),
-                    fmt_iops(r.iops),
-                    r.p50_us,
-                    r.p99_us,
-                    per_req.map_or(String::new(), |(t, x)| format!("  frames/req {t:.2} sent {x:.2} received"))
-                );
-                let cpu_per_io = if ios > 0 { cpu / ios as f64 * 1e6 } else { 0.0 };
+                let (n, tx, rx) = a.frames;
+                let per_req = (n > 0).then(|| (tx as f64 / n as f64, rx as f64 / n as f64));
+                let cpu_per_io = if ios > 0 {
+                    a.cpu / ios as f64 * 1e6
+                } else {
+                    0.0
+                };
                 let mut row = Row::new(&[
                     ("target", target.into()),
                     ("net", net.name().into()),
+                    ("nic", nic.name().into()),
                     ("qd", qd.to_string()),
                     ("jobs", opts.jobs.to_string()),
                     ("rounds", opts.rounds.to_string()),
@@ -677,11 +1023,11 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     ("lat_mean_us", format!("{:.1}", r.mean_us)),
                     ("ios", ios.to_string()),
                     ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
-                    ("wall_secs", format!("{wall:.2}")),
+                    ("wall_secs", format!("{:.2}", a.wall)),
                 ]);
                 variant.fill(&mut row);
                 if nic_fields {
-                    row.fields.insert("offload".into(), offload.label());
+                    row.fields.insert("offload".into(), offload_label.clone());
                     row.fields.insert("mtu".into(), mtu_label.clone());
                 }
                 if let Some((t, x)) = per_req {
@@ -690,16 +1036,38 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     row.fields
                         .insert("rx_frames_per_req".into(), format!("{x:.2}"));
                 }
+                if let Some(cores) = &a.cores {
+                    row.fields
+                        .insert("per_core".into(), per_core_json(cores).to_string());
+                }
+                eprintln!(
+                    "  net={} nic={} offload={offload_label} mtu={mtu_label} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us{}{}",
+                    net.name(),
+                    nic.name(),
+                    variant.label(),
+                    fmt_iops(r.iops),
+                    r.p50_us,
+                    r.p99_us,
+                    per_req.map_or(String::new(), |(t, x)| format!("  frames/req {t:.2} sent {x:.2} received")),
+                    match cores_cell(&row) {
+                        c if c.is_empty() => c,
+                        c => format!("  {c}"),
+                    }
+                );
                 rows.push(row);
             }
         }
         let console = app.guest.console();
         runs.push(json!({
             "net": net.name(),
-            "offload": offload.label(),
-            "mtu": mtu,
-            "virtio_net": nic_line,
-            "frame_counts": crate::offload::frame_counts(&console),
+            "nic": nic.name(),
+            "offload": offload_label,
+            "mtu": if nic == Nic::Igb { Some(IGB_MTU) } else { mtu },
+            "nic_line": nic_line,
+            "virtio_net": if nic == Nic::Virtio { nic_line.as_str() } else { "" },
+            // virtio-net's counts per idle period (igb's are per core).
+            "frame_counts": if nic == Nic::Virtio { crate::offload::frame_counts(&console) } else { Vec::new() },
+            "core_counts": per_core_json(&core_counts(&console)),
             "cpus": variant.cpus(),
             "dbbuf": variant.dbbuf,
             "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
@@ -727,7 +1095,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         Vec::new()
     };
     let results = json!({
-        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
         "host_rows": host_rows,
         "config": {
             "accel": opts.accel.name(),
@@ -738,6 +1106,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "rounds": opts.rounds,
             "jobs": opts.jobs,
             "qds": opts.qds,
+            "nics": opts.nics.iter().map(|n| n.name()).collect::<Vec<_>>(),
             "sweep": opts.sweep.json(),
             "image": img.display().to_string(),
             "fio": fio_version,
@@ -751,9 +1120,10 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     std::fs::write(&json_path, text).map_err(io_err(format!("write {}", json_path.display())))?;
     let svg = opts.out.join("plot.svg");
     let config = config_title(&rows);
+    let nic = nic_title(&rows);
     let plot = plot_panels(
         &rows,
-        &|r| format!("NBD, net={}{}{}", r.s("net"), nic_title(r), config(r)),
+        &|r| format!("NBD, net={}{}{}", r.s("net"), nic(r), config(r)),
         &TARGETS,
     );
     std::fs::write(&svg, plot).map_err(io_err(format!("write {}", svg.display())))?;
@@ -809,5 +1179,205 @@ mod tests {
             (&j["cpus"], &j["dbbuf"], &j["qd"]),
             (&json!(2), &json!(1), &json!(16))
         );
+    }
+
+    /// A row of `nic` at `cpus` CPUs, with per-core requests when given.
+    fn nic_row(target: &str, nic: &str, cpus: u32, iops: f64, cores: &[(u32, u64)]) -> Row {
+        let mut r = Row::new(&[
+            ("target", target.into()),
+            ("net", "user".into()),
+            ("nic", nic.into()),
+            ("qd", "16".into()),
+            ("iops", format!("{iops:.1}")),
+        ]);
+        Variant {
+            smp: Some(cpus),
+            dbbuf: None,
+            ioeventfd: None,
+        }
+        .fill(&mut r);
+        if !cores.is_empty() {
+            let m: BTreeMap<u32, CoreCount> = cores
+                .iter()
+                .map(|&(c, n)| {
+                    (
+                        c,
+                        CoreCount {
+                            connections: 1,
+                            requests: n,
+                            frames_received: 2 * n,
+                            frames_sent: n,
+                        },
+                    )
+                })
+                .collect();
+            r.fields
+                .insert("per_core".into(), per_core_json(&m).to_string());
+        }
+        r
+    }
+
+    #[test]
+    fn the_table_has_a_section_per_nic_and_igb_sections_say_what_each_core_served() {
+        let rows = [
+            nic_row("null", "igb", 1, 1000.0, &[(0, 1624)]),
+            nic_row("null", "igb", 2, 1800.0, &[(0, 812), (1, 790)]),
+            nic_row("null", "virtio", 1, 900.0, &[]),
+            nic_row("null", "virtio", 2, 950.0, &[]),
+        ];
+        let t = table(&rows, 1, 5);
+        let heads: Vec<&str> = t.lines().filter(|l| l.starts_with("net=")).collect();
+        assert_eq!(heads.len(), 4, "{t}");
+        for (h, want) in heads.iter().zip([
+            "net=user nic=igb cpus=1 ",
+            "net=user nic=igb cpus=2 ",
+            "net=user nic=virtio cpus=1 ",
+            "net=user nic=virtio cpus=2 ",
+        ]) {
+            assert!(h.starts_with(want), "{want} in {t}");
+        }
+        // The per-core line is under igb's sections only.
+        let cores: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("requests per core: "))
+            .collect();
+        assert_eq!(
+            cores,
+            [
+                "requests per core: null qd16 cores 0:1624",
+                "requests per core: null qd16 cores 0:812 1:790"
+            ],
+            "{t}"
+        );
+        let virtio = &t[t.find("nic=virtio cpus=1").unwrap()..];
+        assert!(!virtio.contains("per core"), "{t}");
+        // virtio-net alone, the default: no nic= in the titles (as before).
+        let t = table(&rows[2..3], 1, 5);
+        assert!(t.contains("\nnet=user: fio --ioengine=nbd"), "{t}");
+        // igb alone: it says so.
+        let t = table(&rows[..1], 1, 5);
+        assert!(t.contains("\nnet=user nic=igb: fio --ioengine=nbd"), "{t}");
+        // results.json: per_core as an array of objects, nic as a string.
+        let j = row_json(&rows[1]);
+        assert_eq!(j["nic"], json!("igb"));
+        assert_eq!(
+            j["per_core"],
+            json!([
+                {"core": 0, "connections": 1, "requests": 812, "frames_received": 1624, "frames_sent": 812},
+                {"core": 1, "connections": 1, "requests": 790, "frames_received": 1580, "frames_sent": 790}
+            ])
+        );
+        assert!(row_json(&rows[2]).get("per_core").is_none());
+    }
+
+    const IGB_CONSOLE: &str = "\
+[ 0.9] INFO  net: 00:03.0 igb MAC 52:54:00:12:34:56, link up 1000 Mb/s full duplex, 2 queue pair(s) with RSS, csum on, tso on, rx csum on, mtu 1500
+[ 1.0] INFO  nbd: idle: 100 requests served, heap 1 bytes in use, peak 2 bytes
+[ 1.0] INFO  nbd: core 0: 2 connections, 100 requests served, 310 frames received, 155 sent since start
+[ 2.0] ERROR nbd: core 3: its network stack did not start: Busy
+[ 2.1] INFO  nbd: core 1: 1 connections, 40 requests served, 90 frames received, 45 sent since start
+[ 3.0] INFO  nbd: core 0: 3 connections, 180 requests served, 500 frames received, 250 sent since start
+";
+
+    #[test]
+    fn core_lines_give_each_cores_last_count_and_the_difference_over_a_row() {
+        let after = core_counts(IGB_CONSOLE);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert_eq!(
+            after[&0],
+            CoreCount {
+                connections: 3,
+                requests: 180,
+                frames_received: 500,
+                frames_sent: 250
+            }
+        );
+        assert_eq!(after[&1].requests, 40);
+        // Before the row: the console up to the first core line.
+        let before = core_counts(&IGB_CONSOLE[..IGB_CONSOLE.find("[ 2.0]").unwrap()]);
+        assert_eq!(before.keys().copied().collect::<Vec<_>>(), [0]);
+        let d = core_deltas(&before, &after, 2);
+        assert_eq!(
+            (d[&0].connections, d[&0].requests, d[&0].frames_received),
+            (1, 80, 190)
+        );
+        assert_eq!((d[&1].connections, d[&1].requests), (1, 40));
+        // A core that reported nothing is there with zeros.
+        let d = core_deltas(&after, &after, 3);
+        assert_eq!(d.len(), 3);
+        assert!(d.values().all(|c| *c == CoreCount::default()), "{d:?}");
+        assert!(guest_nic_line(IGB_CONSOLE, Nic::Igb).ends_with("rx csum on, mtu 1500"));
+    }
+
+    #[test]
+    fn a_console_without_core_lines_gives_no_counts() {
+        // virtio-net's idle report: the same service, no per-core lines.
+        let c = "\
+[ 1.0] INFO  net: virtio-net: csum off (not offered), guest_csum off (not offered), mrg_rxbuf on, mtu 1500 (default), tso off (not offered)
+[ 1.0] INFO  nbd: idle: 100 requests served, heap 1 bytes in use, peak 2 bytes
+[ 1.0] INFO  nbd: run loop since the last idle: 100 requests, 5 loops, cycles per request 9: net 1 (1%)
+[ 1.0] INFO  net: virtio-net since the last count: 310 frames sent (0 with partial checksum, 0 GSO, 0 dropped), 155 received (0 merged, 0 bad checksum)
+";
+        assert!(core_counts(c).is_empty());
+        assert!(core_deltas(&core_counts(c), &core_counts(c), 0).is_empty());
+        assert_eq!(guest_nic_line(c, Nic::Igb), "");
+        assert!(guest_nic_line(c, Nic::Virtio).starts_with("virtio-net: csum off"));
+        // The control: the igb console does give counts.
+        assert!(!core_counts(IGB_CONSOLE).is_empty());
+    }
+
+    fn opts(nics: &str, offloads: &str, mtus: &[Option<u16>], smp: &str) -> NbdOpts {
+        NbdOpts {
+            qds: vec![16],
+            jobs: 1,
+            secs: 1,
+            out: PathBuf::new(),
+            file_size: 1 << 20,
+            accel: Accel::Tcg,
+            mem: 256,
+            nets: vec![NetMode::User],
+            nics: parse_nics(nics).unwrap(),
+            offloads: crate::offload::Offloads::parse_list(offloads).unwrap(),
+            mtus: mtus.to_vec(),
+            targets: vec!["null"],
+            completion: "poll".into(),
+            rounds: 1,
+            boot: crate::qemu::Boot::Pvh,
+            sweep: crate::bench::Sweep::parse(Some(smp), None, None).unwrap(),
+            host_ios: 0,
+        }
+    }
+
+    #[test]
+    fn igb_boots_once_per_configuration_whatever_the_offload_sets() {
+        let o = opts("igb,virtio", "none,default,all", &[None], "1,2");
+        let p = plan(&o);
+        let igb: Vec<&BootPlan> = p.iter().filter(|b| b.nic == Nic::Igb).collect();
+        let virtio: Vec<&BootPlan> = p.iter().filter(|b| b.nic == Nic::Virtio).collect();
+        assert_eq!(igb.len(), 2, "{p:?}");
+        assert!(igb.iter().all(|b| b.offload.is_none()));
+        assert_eq!(igb[0].offload_label(), "driver");
+        assert_eq!(virtio.len(), 6, "{p:?}");
+        // igb first, as asked; CPUs innermost.
+        assert_eq!(
+            p.iter()
+                .map(|b| (b.nic, b.variant.cpus()))
+                .take(3)
+                .collect::<Vec<_>>(),
+            [(Nic::Igb, 1), (Nic::Igb, 2), (Nic::Virtio, 1)]
+        );
+        assert_eq!(virtio[5].offload_label(), "all");
+    }
+
+    #[test]
+    fn igb_refuses_an_mtu_it_cannot_have() {
+        let nics = parse_nics("igb,virtio").unwrap();
+        let e = check_nics(&nics, &[Some(1500), Some(9000)]).unwrap_err();
+        assert!(e.to_string().contains("--mtu 9000 with --nic igb"), "{e}");
+        check_nics(&nics, &[None, Some(1500)]).unwrap();
+        // virtio-net alone takes any.
+        check_nics(&[Nic::Virtio], &[Some(9000)]).unwrap();
+        assert!(parse_nics("igb,e1000").is_err());
+        assert_eq!(parse_nics("virtio,virtio").unwrap(), [Nic::Virtio]);
     }
 }

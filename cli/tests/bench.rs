@@ -197,6 +197,121 @@ fn bench_nbd_in_its_smallest_form_writes_table_and_json() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `dioxide bench nbd --nic igb,virtio` at two CPUs, null export only:
+/// one boot per NIC, each NIC's row with reads done, the igb row with the
+/// per-core counts its cores logged (not that both served: RSS may put
+/// the one fio connection on either core), virtio-net's without. A 4 MiB
+/// image of its own: QEMU locks its disk image, and the smallest-form test
+/// boots on the 8 MiB one at the same time.
+#[test]
+fn bench_nbd_on_igb_and_virtio_gives_a_row_per_nic_and_igbs_per_core_counts() {
+    let dir = dioxide::workspace_root()
+        .join("target")
+        .join("test-tmp")
+        .join(format!("bench-nbd-nic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let t0 = Instant::now();
+    let (status, stdout, stderr) = dioxide(
+        &[
+            "bench",
+            "nbd",
+            "--nic",
+            "igb,virtio",
+            "--smp",
+            "2",
+            "--targets",
+            "null",
+            "--qd",
+            "16",
+            "--secs",
+            "1",
+            "--rounds",
+            "1",
+            "--file-size",
+            "4M",
+            "--accel",
+            "tcg",
+            "--mem",
+            "256",
+            "--host-ios",
+            "0",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        Duration::from_secs(300),
+    );
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(status, Some(0), "{all}");
+    eprintln!(
+        "bench nbd --nic igb,virtio took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The table: a section per NIC, igb's with its requests per core.
+    for nic in ["igb", "virtio"] {
+        assert!(
+            stdout.contains(&format!("\nnet=user nic={nic}: fio --ioengine=nbd")),
+            "{all}"
+        );
+    }
+    let igb = &stdout[stdout.find("nic=igb:").unwrap()..stdout.find("nic=virtio:").unwrap()];
+    assert!(
+        igb.contains("requests per core: null qd16 cores 0:"),
+        "{all}"
+    );
+    assert!(
+        stderr.contains("nic igb, offloads the driver's (csum, tso, rx csum on"),
+        "{all}"
+    );
+
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).expect("results.json"))
+            .expect("results.json is JSON");
+    let rows = json["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{json:#}");
+    for nic in ["igb", "virtio"] {
+        let r = rows
+            .iter()
+            .find(|r| r["nic"] == nic)
+            .unwrap_or_else(|| panic!("no {nic} row: {json:#}"));
+        assert_eq!(
+            (&r["target"], &r["cpus"]),
+            (&"null".into(), &2.into()),
+            "{r}"
+        );
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+        if nic == "virtio" {
+            assert!(r.get("per_core").is_none(), "{r}");
+            continue;
+        }
+        // Both cores listed; together they served at least fio's reads.
+        let cores = r["per_core"].as_array().expect("per_core");
+        assert_eq!(cores.len(), 2, "{r}");
+        let served: u64 = cores.iter().map(|c| c["requests"].as_u64().unwrap()).sum();
+        assert!(served >= r["ios"].as_u64().unwrap(), "{r}");
+        assert!(
+            cores.iter().any(|c| c["connections"].as_u64() > Some(0)),
+            "{r}"
+        );
+    }
+    let runs = json["config"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{json:#}");
+    assert!(runs[0]["nic_line"]
+        .as_str()
+        .is_some_and(|l| l.contains("2 queue pair(s) with RSS")));
+    for run in runs {
+        let warnings = run["guest_warnings"].as_array().expect("guest_warnings");
+        assert!(
+            !warnings
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains(" ERROR "))),
+            "{warnings:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `qemu-nbd` serving a file read-only on 127.0.0.1 (killed on drop).
 struct QemuNbd(std::process::Child);
 

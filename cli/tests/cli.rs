@@ -83,6 +83,14 @@ fn bad_bench_lists() {
             "--smp x: CPU counts from 1 to 64",
         ),
         (
+            &["bench", "nbd", "--nic", "igb,e1000"],
+            "--nic igb,e1000: virtio and/or igb, comma-separated",
+        ),
+        (
+            &["bench", "nbd", "--nic", "virtio,igb", "--mtu", "1500,9000"],
+            "--mtu 9000 with --nic igb: the kernel's igb driver runs at MTU 1500",
+        ),
+        (
             &["bench", "local", "--host-threads", "0"],
             "--host-threads 0: thread counts from 1 to 64, auto or none",
         ),
@@ -144,6 +152,10 @@ fn bench_nbd_remote_refuses_what_it_cannot_reach_or_read() {
         (
             &["bench", "nbd", "--remote", &remote, "--net", "tap"],
             "'--remote <URI>' cannot be used with '--net <NET>'",
+        ),
+        (
+            &["bench", "nbd", "--remote", &remote, "--nic", "igb"],
+            "'--remote <URI>' cannot be used with '--nic <LIST>'",
         ),
         (
             &["bench", "nbd", "--peer", "nbd://h/x"],

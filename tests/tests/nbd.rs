@@ -624,6 +624,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
         nets: vec![dioxide::nbdbench::NetMode::User],
+        nics: vec![dioxide_qemu::Nic::Virtio],
         offloads: vec![dioxide::offload::Offloads(None)],
         mtus: vec![None],
         targets: vec!["file", "raw", "null", "qemu-nbd"],
