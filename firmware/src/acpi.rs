@@ -45,7 +45,7 @@
 //!   checksum; here both are refused and recorded. 6.1.1 also reads XSDT
 //!   entries through a misaligned `*const u64` (UB; fixed in 7.0.0-pre1).
 //! - What dioxide needs is small: 6 tables, ~20 fields, bounded reads over a
-//!   `&[u8]`, which test directly against tables dumped from QEMU 7.2
+//!   `&[u8]`, which test directly against tables dumped from QEMU 7.2 and 10.0
 //!   (`testdata/`), instead of a 20-method `Handler` with mapping, port,
 //!   PCI and sleep callbacks.
 //!

@@ -10,7 +10,7 @@
 //!   architecture flags), the HPET's base, the SPCR console UART and the
 //!   `_S5_` sleep type values from the DSDT/SSDTs.
 //! - [`tables`]: the decoders of the individual tables, over the table's
-//!   bytes (host-tested against tables dumped from QEMU 7.2 and synthetic
+//!   bytes (host-tested against tables dumped from QEMU 7.2 and 10.0 and synthetic
 //!   ones).
 //! - [`s5`]: the bounded byte scan for `Name (_S5_, Package () {...})` in AML.
 //! - [`calib`]: the arithmetic of TSC calibration (counter deltas that wrap,

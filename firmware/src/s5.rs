@@ -20,7 +20,7 @@
 //!   the package, and must stay within the table.
 //! ```
 //!
-//! QEMU 7.2 (q35 and pc) has `08 5F 53 35 5F 12 06 04 00 00 00 00`:
+//! QEMU 7.2 and 10.0 (q35 and pc) have `08 5F 53 35 5F 12 06 04 00 00 00 00`:
 //! `Name (_S5, Package (4) {Zero, Zero, Zero, Zero})`, so SLP_TYPa = SLP_TYPb
 //! = 0. SLP_TYPa is element 0 and SLP_TYPb element 1; a package of one element
 //! holds both in its low two bytes (what Linux's ACPICA accepts).
@@ -203,13 +203,42 @@ mod tests {
         assert_eq!(find_s5(&QEMU), Ok(SleepType { a: 0, b: 0 }));
     }
 
+    /// QEMU's DSDTs with where `_S5_` is in each (from the table's start).
+    /// QEMU 10.0's are longer (q35 8292 bytes, 7.2's 8180; pc 8518, 7.2's
+    /// 6333): a PCI `EDSM` method and CPU hot-unplug changes in both, and in
+    /// pc the PCI0 `_PRT` a precomputed package where 7.2 had a loop
+    /// building it, so `_S5_` moved; its package is the same.
+    const QEMU_DSDTS: [(&str, &[u8], usize); 4] = [
+        (
+            "7.2 q35",
+            include_bytes!("../testdata/qemu-7.2-q35/DSDT.bin"),
+            7765,
+        ),
+        (
+            "7.2 pc",
+            include_bytes!("../testdata/qemu-7.2-pc/DSDT.bin"),
+            2891,
+        ),
+        (
+            "10.0 q35",
+            include_bytes!("../testdata/qemu-10.0-q35/DSDT.bin"),
+            7918,
+        ),
+        (
+            "10.0 pc",
+            include_bytes!("../testdata/qemu-10.0-pc/DSDT.bin"),
+            4742,
+        ),
+    ];
+
     #[test]
     fn qemu_dsdts_q35_and_pc() {
-        for dsdt in [
-            &include_bytes!("../testdata/qemu-7.2-q35/DSDT.bin")[..],
-            &include_bytes!("../testdata/qemu-7.2-pc/DSDT.bin")[..],
-        ] {
-            assert_eq!(find_s5(&dsdt[36..]), Ok(SleepType { a: 0, b: 0 }));
+        for (v, dsdt, at) in QEMU_DSDTS {
+            assert_eq!(&dsdt[at - 1..at + 11], &QEMU, "{v}");
+            let mut found = dsdt.windows(4).enumerate().filter(|(_, w)| w == b"_S5_");
+            assert_eq!(found.next().map(|(i, _)| i), Some(at), "{v}");
+            assert!(found.next().is_none(), "{v}: one _S5_ only");
+            assert_eq!(find_s5(&dsdt[36..]), Ok(SleepType { a: 0, b: 0 }), "{v}");
         }
     }
 

@@ -26,7 +26,7 @@
 //!              +116 GAS RESET_REG +128 u8 RESET_VALUE +140 u64 X_DSDT
 //!              +172 GAS X_PM1a_CNT_BLK +184 GAS X_PM1b_CNT_BLK
 //!              +208 GAS X_PM_TMR_BLK
-//!              -- 244 bytes: the end of revisions 3 and 4 (QEMU 7.2) --
+//!              -- 244 bytes: the end of revisions 3 and 4 (QEMU 7.2, 10.0) --
 //!              +244 GAS SLEEP_CONTROL_REG +256 GAS SLEEP_STATUS_REG
 //! MADT §5.2.12 +36 u32 local APIC address +40 u32 flags (bit0 PCAT_COMPAT:
 //!              the machine also has 8259 PICs); entries from +44
@@ -636,6 +636,54 @@ pub(crate) mod tests {
     const Q35_MADT: &[u8] = include_bytes!("../testdata/qemu-7.2-q35/APIC.bin");
     const Q35_MCFG: &[u8] = include_bytes!("../testdata/qemu-7.2-q35/MCFG.bin");
 
+    /// The same tables from QEMU 7.2 and QEMU 10.0 (`testdata/README.md`).
+    /// The FADT, HPET and MCFG are byte for byte the same; the MADT's
+    /// revision went from 1 to 3 with the same entries (`hw/i386/acpi-common.c`:
+    /// `.rev = 1` in 7.2, `.rev = 3` in 10.0).
+    const Q35_FADTS: [(&str, &[u8]); 2] = [
+        ("7.2", Q35_FADT),
+        ("10.0", include_bytes!("../testdata/qemu-10.0-q35/FACP.bin")),
+    ];
+    const PC_FADTS: [(&str, &[u8]); 2] = [
+        ("7.2", PC_FADT),
+        ("10.0", include_bytes!("../testdata/qemu-10.0-pc/FACP.bin")),
+    ];
+    const HPETS: [(&str, &[u8]); 4] = [
+        ("7.2 q35", Q35_HPET),
+        ("7.2 pc", include_bytes!("../testdata/qemu-7.2-pc/HPET.bin")),
+        (
+            "10.0 q35",
+            include_bytes!("../testdata/qemu-10.0-q35/HPET.bin"),
+        ),
+        (
+            "10.0 pc",
+            include_bytes!("../testdata/qemu-10.0-pc/HPET.bin"),
+        ),
+    ];
+    /// With each one's revision.
+    const MADTS: [(&str, &[u8], u8); 4] = [
+        ("7.2 q35", Q35_MADT, 1),
+        (
+            "7.2 pc",
+            include_bytes!("../testdata/qemu-7.2-pc/APIC.bin"),
+            1,
+        ),
+        (
+            "10.0 q35",
+            include_bytes!("../testdata/qemu-10.0-q35/APIC.bin"),
+            3,
+        ),
+        (
+            "10.0 pc",
+            include_bytes!("../testdata/qemu-10.0-pc/APIC.bin"),
+            3,
+        ),
+    ];
+    const MCFGS: [(&str, &[u8]); 2] = [
+        ("7.2", Q35_MCFG),
+        ("10.0", include_bytes!("../testdata/qemu-10.0-q35/MCFG.bin")),
+    ];
+
     /// A table with a header and `body`, length and checksum filled in.
     pub(crate) fn table(sig: &[u8; 4], revision: u8, body: &[u8]) -> std::vec::Vec<u8> {
         let mut t = std::vec::Vec::new();
@@ -665,43 +713,52 @@ pub(crate) mod tests {
 
     #[test]
     fn qemu_q35_fadt_revision_3() {
-        let f = parse_fadt(Q35_FADT).unwrap();
-        assert_eq!((f.revision, f.length), (3, 244));
-        assert_eq!(f.dsdt, 0x07fe_0040);
-        assert_eq!((f.sci_int, f.smi_cmd, f.acpi_enable), (9, 0xb2, 0x02));
-        // From the X_ fields (I/O, 16 and 32 bits wide).
-        assert_eq!(f.pm1a_cnt, Some(Gas::io(0x604, 16)));
-        assert_eq!(f.pm1b_cnt, None);
-        assert_eq!(f.pm_timer, Some(Gas::io(0x608, 32)));
-        assert_eq!(f.flags, 0x84a5);
-        // The X_PM_TMR_BLK says 32 bits wide; the counter is 24 (TMR_VAL_EXT clear).
-        assert!(!f.pm_timer_32bit());
-        assert_eq!(f.pm_timer_bits(), 24);
-        assert!(!f.hw_reduced());
-        assert_eq!(
-            f.reset,
-            Some(ResetRegister {
-                reg: Gas::io(0xcf9, 8),
-                value: 0x0f
-            })
-        );
-        assert_eq!(f.iapc_boot_arch, Fadt::BOOT_ARCH_8042);
-        // 244 bytes: no sleep registers (not read past the table).
-        assert_eq!((f.sleep_control, f.sleep_status), (None, None));
+        for (v, t) in Q35_FADTS {
+            let f = parse_fadt(t).unwrap();
+            assert_eq!((f.revision, f.length), (3, 244), "{v}");
+            assert_eq!(f.dsdt, 0x07fe_0040, "{v}");
+            assert_eq!(
+                (f.sci_int, f.smi_cmd, f.acpi_enable),
+                (9, 0xb2, 0x02),
+                "{v}"
+            );
+            // From the X_ fields (I/O, 16 and 32 bits wide).
+            assert_eq!(f.pm1a_cnt, Some(Gas::io(0x604, 16)), "{v}");
+            assert_eq!(f.pm1b_cnt, None, "{v}");
+            assert_eq!(f.pm_timer, Some(Gas::io(0x608, 32)), "{v}");
+            assert_eq!(f.flags, 0x84a5, "{v}");
+            // The X_PM_TMR_BLK says 32 bits wide; the counter is 24 (TMR_VAL_EXT clear).
+            assert!(!f.pm_timer_32bit(), "{v}");
+            assert_eq!(f.pm_timer_bits(), 24, "{v}");
+            assert!(!f.hw_reduced(), "{v}");
+            assert_eq!(
+                f.reset,
+                Some(ResetRegister {
+                    reg: Gas::io(0xcf9, 8),
+                    value: 0x0f
+                }),
+                "{v}"
+            );
+            assert_eq!(f.iapc_boot_arch, Fadt::BOOT_ARCH_8042, "{v}");
+            // 244 bytes: no sleep registers (not read past the table).
+            assert_eq!((f.sleep_control, f.sleep_status), (None, None), "{v}");
+        }
     }
 
     #[test]
     fn qemu_pc_fadt_revision_1_has_no_reset_register() {
-        let f = parse_fadt(PC_FADT).unwrap();
-        assert_eq!((f.revision, f.length), (1, 116));
-        assert_eq!(f.dsdt, 0x07fe_0040);
-        assert_eq!((f.smi_cmd, f.acpi_enable), (0xb2, 0xf1));
-        // From the 32-bit blocks: PM1_CNT_LEN 2, PM_TMR_LEN 4.
-        assert_eq!(f.pm1a_cnt, Some(Gas::io(0x604, 16)));
-        assert_eq!(f.pm_timer, Some(Gas::io(0x608, 32)));
-        assert_eq!(f.flags, 0x80a5);
-        assert_eq!(f.reset, None);
-        assert_eq!(f.iapc_boot_arch, 0);
+        for (v, t) in PC_FADTS {
+            let f = parse_fadt(t).unwrap();
+            assert_eq!((f.revision, f.length), (1, 116), "{v}");
+            assert_eq!(f.dsdt, 0x07fe_0040, "{v}");
+            assert_eq!((f.smi_cmd, f.acpi_enable), (0xb2, 0xf1), "{v}");
+            // From the 32-bit blocks: PM1_CNT_LEN 2, PM_TMR_LEN 4.
+            assert_eq!(f.pm1a_cnt, Some(Gas::io(0x604, 16)), "{v}");
+            assert_eq!(f.pm_timer, Some(Gas::io(0x608, 32)), "{v}");
+            assert_eq!(f.flags, 0x80a5, "{v}");
+            assert_eq!(f.reset, None, "{v}");
+            assert_eq!(f.iapc_boot_arch, 0, "{v}");
+        }
     }
 
     /// A revision-6 FADT (276 bytes) of a hardware-reduced machine with a
@@ -782,13 +839,15 @@ pub(crate) mod tests {
 
     #[test]
     fn qemu_hpet_table() {
-        let h = parse_hpet(Q35_HPET).unwrap();
-        assert_eq!(h.block_id, 0x8086_a201);
-        assert_eq!(h.base, 0xfed0_0000);
-        assert_eq!(h.comparators(), 3);
-        assert!(h.counter_64bit());
-        assert_eq!(h.vendor(), 0x8086);
-        assert_eq!((h.number, h.min_tick), (0, 0));
+        for (v, t) in HPETS {
+            let h = parse_hpet(t).unwrap();
+            assert_eq!(h.block_id, 0x8086_a201, "{v}");
+            assert_eq!(h.base, 0xfed0_0000, "{v}");
+            assert_eq!(h.comparators(), 3, "{v}");
+            assert!(h.counter_64bit(), "{v}");
+            assert_eq!(h.vendor(), 0x8086, "{v}");
+            assert_eq!((h.number, h.min_tick), (0, 0), "{v}");
+        }
         assert!(matches!(
             parse_hpet(&Q35_HPET[..55]),
             Err(TableError::TooShort { .. })
@@ -875,12 +934,19 @@ pub(crate) mod tests {
 
     #[test]
     fn qemu_madt_one_cpu_with_8259s() {
-        let m = parse_madt(Q35_MADT).unwrap();
-        assert_eq!(m.apic_ids(), &[0]);
-        assert_eq!(m.enabled_apic_ids().collect::<std::vec::Vec<_>>(), [0]);
-        assert_eq!(m.lapic_addr, 0xfee0_0000);
-        assert!(m.pcat_compat());
-        assert_eq!((m.cpus_dropped, m.overrun_at), (0, None));
+        for (v, t, revision) in MADTS {
+            // Revision 1 (ACPI 1.0) on 7.2, 3 (ACPI 2.0) on 10.0: the same
+            // entries (local APIC 0, I/O APIC, 5 overrides, LINT1 NMI).
+            assert_eq!(t[8], revision, "{v}");
+            let m = parse_madt(t).unwrap();
+            assert_eq!(m.apic_ids(), &[0], "{v}");
+            let enabled: std::vec::Vec<_> = m.enabled_apic_ids().collect();
+            assert_eq!(enabled, [0], "{v}");
+            assert_eq!(m.lapic_addr, 0xfee0_0000, "{v}");
+            assert!(m.pcat_compat(), "{v}");
+            assert_eq!((m.cpus_dropped, m.overrun_at), (0, None), "{v}");
+        }
+        assert_eq!(MADTS[0].1[36..], MADTS[2].1[36..]);
     }
 
     #[test]
@@ -921,17 +987,20 @@ pub(crate) mod tests {
 
     #[test]
     fn qemu_mcfg() {
-        let m = parse_mcfg(Q35_MCFG).unwrap();
-        assert_eq!(m.entries, 1);
-        assert_eq!(
-            m.ecam,
-            Some(EcamRegion {
-                base: 0xb000_0000,
-                segment: 0,
-                bus_start: 0,
-                bus_end: 0xff
-            })
-        );
+        for (v, t) in MCFGS {
+            let m = parse_mcfg(t).unwrap();
+            assert_eq!(m.entries, 1, "{v}");
+            assert_eq!(
+                m.ecam,
+                Some(EcamRegion {
+                    base: 0xb000_0000,
+                    segment: 0,
+                    bus_start: 0,
+                    bus_end: 0xff
+                }),
+                "{v}"
+            );
+        }
     }
 
     #[test]

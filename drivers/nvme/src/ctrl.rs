@@ -38,13 +38,15 @@
 //! One line is logged at `init`: `doorbell buffer: on`, or `doorbell buffer:
 //! off (not supported)`, `off (disabled)`, `off (refused: <status>)`.
 //!
-//! # Limits of QEMU 7.2's emulated controller
+//! # Limits of QEMU's emulated controller (7.2 and 10.0)
 //!
 //! `max_ioqpairs` defaults to 64 I/O queue pairs (Set Features Number of
 //! Queues grants 64 whatever is asked), `msix_qsize` to 65 MSI-X vectors
 //! (entry 0 for the admin queue, one per I/O queue), CAP.MQES 0x7ff (2048
 //! entries per queue), CAP.DSTRD 0, MDTS 7 (512 KiB). It supports Doorbell
-//! Buffer Config; it answers Abort with "not aborted".
+//! Buffer Config (10.0: unless `dbcs=off`); it answers Abort with "not
+//! aborted" (10.0 still cancels the command's I/O, which then completes
+//! with an error; see [`crate::sim`], "QEMU 7.2 and QEMU 10.0").
 
 use crate::cmd::{cns, SubmissionEntry};
 use crate::error::NvmeError;
@@ -672,7 +674,8 @@ impl<H: Hal, M: Mmio> Controller<H, M> {
     /// admin deadline. `Ok(true)`: the controller aborted the command, whose
     /// completion (status Command Abort Requested, [`NvmeError::Aborted`])
     /// comes on its own queue; `Ok(false)`: it did not (the command may still
-    /// complete; QEMU 7.2 always answers this). The answer is advisory: the
+    /// complete; QEMU 7.2 and 10.0 always answer this, and 10.0 may complete
+    /// it with an error all the same). The answer is advisory: the
     /// command's slot stays `Aborting` until its completion, or its grace
     /// period passes and the queue asks for a reset.
     ///

@@ -115,6 +115,15 @@ mod tests {
         assert_eq!(cap.max_page_size(), 4096 << 4);
         assert_eq!(sq_doorbell(1, 4), 0x1008);
         assert_eq!(cq_doorbell(1, 4), 0x100c);
+        // QEMU 10.0's: CAP.CSS 0x41 where 7.2 has 0xc1 (no "no I/O command
+        // set" bit 44); every field the driver reads is the same.
+        let cap10 = Cap(0x0040_0820_0f01_07ff);
+        assert_eq!(cap10.0 ^ cap.0, 1 << 44);
+        assert!(cap10.nvm_command_set());
+        assert_eq!(cap10.max_queue_entries(), 2048);
+        assert_eq!(cap10.timeout_ms(), 7500);
+        assert_eq!(cap10.doorbell_stride(), 4);
+        assert_eq!(cap10.min_page_size(), 4096);
     }
 
     #[test]

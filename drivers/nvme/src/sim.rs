@@ -18,8 +18,8 @@
 //! checked against the specification independently of the driver (its PRP
 //! walk is its own).
 //!
-//! Doorbell Buffer Config is modelled on QEMU 7.2 (`hw/nvme/ctrl.c`:
-//! `nvme_dbbuf_config`, `nvme_process_sq`, `nvme_post_cqes`,
+//! Doorbell Buffer Config is modelled on QEMU 7.2, whose code 10.0 keeps
+//! (`hw/nvme/ctrl.c`: `nvme_dbbuf_config`, `nvme_process_sq`, `nvme_post_cqes`,
 //! `nvme_process_db`): OACS bit 8 is set; the command takes PRP1 (shadow
 //! doorbells) and PRP2 (event indexes), page aligned, and writes the current
 //! tail/head of every existing queue (the admin queue's too) into its shadow
@@ -27,14 +27,14 @@
 //! being 0. From then on: an MMIO doorbell write of an SQ schedules its
 //! processing, which takes the tail from the shadow slot, and after each
 //! command writes the event index (= the tail consumed up to) and reads the
-//! shadow tail again; before posting a completion the model writes the CQ
-//! event index (= the head it knows) and reads the shadow head (7.2.x stable
-//! and later; [`SimConfig::cq_eventidx`] off models 7.2.0, which never
-//! writes it). MMIO writes of the admin queue's doorbells are copied into its
-//! shadow slots, as QEMU does. A controller reset forgets the buffer. MMIO
-//! doorbell writes are counted per queue ([`Sim::doorbell_writes`]). With
+//! shadow tail again; before posting a completion the model writes the CQ event
+//! index (= the head it knows) and reads the shadow head (7.2.x stable and
+//! later; [`SimConfig::cq_eventidx`] off models 7.2.0, which never writes it).
+//! MMIO writes of the admin queue's doorbells are copied into its shadow slots,
+//! as QEMU does. A controller reset forgets the buffer. MMIO doorbell writes
+//! are counted per queue ([`Sim::doorbell_writes`]). With
 //! [`Sim::set_deferred`], an I/O SQ doorbell only schedules the queue (as
-//! QEMU's timer does) and [`Sim::run_pending`] processes it later, so the
+//! QEMU's bottom half does) and [`Sim::run_pending`] processes it later, so the
 //! driver can submit several commands while the device is "busy".
 //!
 //! Lost shadow doorbell updates ([`SimConfig::stale_shadow_tail`]), as
@@ -64,6 +64,58 @@
 //! such a command could still move data into (or out of) a host range, and
 //! [`Sim::finish_stalled`] really does so. Disabling the controller (CC.EN
 //! 1 → 0) forgets the stalled commands, as a real controller reset does.
+//!
+//! # QEMU 7.2 and QEMU 10.0
+//!
+//! Read in `hw/nvme/ctrl.c` and `ns.c` of QEMU 7.2.22 (Debian's 7.2 with the
+//! stable patches) and 10.0.2 (Debian's source packages), and seen in the
+//! kernel's log booting both (`selftest=digest`, `log=debug`). What differs
+//! for this driver, and is modelled ([`SimConfig::qemu`], [`Qemu`]):
+//!
+//! - CAP.CSS: 0xc1 on 7.2 (NVM, I/O command sets, "no I/O command set"),
+//!   0x41 on 10.0 (CAP 0x004018200f0107ff and 0x004008200f0107ff). The
+//!   driver needs bit 0 only.
+//! - CC.IOSQES/IOCQES: 7.2's `nvme_start_ctrl` refuses sizes other than 64
+//!   and 16 bytes at enable (CSTS.CFS); 10.0 enables and its
+//!   `nvme_create_cq` refuses them (Invalid Queue Size, DNR). The driver
+//!   sets both at every enable.
+//! - Abort: both answer "not aborted" (DW0 bit 0 = 1). 7.2's `nvme_abort`
+//!   does nothing else; 10.0's cancels an I/O command's request
+//!   (`blk_aio_cancel_async`) after setting its status to Command Abort
+//!   Requested. When the cancel takes, `nvme_rw_complete_cb` overwrites
+//!   that with the I/O error (Unrecovered Read Error for a read, Write
+//!   Fault for a write), which is what the model posts
+//!   ([`Sim::set_ignore_aborts`]); when the I/O finishes anyway the command
+//!   completes with its data moved and Command Abort Requested. Either way
+//!   a command the controller said it did not abort completes with an
+//!   error, which the driver hands to its owner (no reset). 10.0 also
+//!   aborts an outstanding Asynchronous Event Request (DW0 0); the driver
+//!   sends none.
+//! - Doorbell Buffer Config: 10.0's `dbcs` property (default on) can turn
+//!   it off: OACS bit 8 clear, the command Invalid Opcode, as
+//!   [`SimConfig::dbbuf`] off answers.
+//!
+//! Checked and the same on both: the shadow doorbell protocol
+//! (`nvme_dbbuf_config` writes every existing queue's tail/head into its
+//! shadow slot; `nvme_process_sq` reads the shadow tail first, then after
+//! each command writes the SQ event index and reads the tail again;
+//! `nvme_post_cqes` writes the CQ event index, then reads the shadow head;
+//! `nvme_process_db` copies MMIO doorbell writes of the admin queue into its
+//! slots; 10.0 only uses `stl_le_pci_dma`/`ldl_le_pci_dma` where 7.2 had
+//! `pci_dma_write`/`read` of a little-endian word), SQs and CQs processed
+//! by bottom halves, `nvme_create_sq`, completion posting
+//! (`nvme_post_cqes`, `nvme_enqueue_req_completion`; MSI-X or INTx), the
+//! Identify Controller fields the driver reads (VID 1b36, MN "QEMU NVMe
+//! Ctrl", FR the QEMU version "7.2.22" or "10.0.2", MDTS 7, VER and VS 1.4,
+//! SQES 0x66, CQES 0x44, NN 256, VWC present; OACS bit 8; 10.0 adds OACS
+//! Directives, ONCS copy bits, SGLS metadata-pointer SGLs, CMIC
+//! multi-controller and endurance groups, none read), CAP.MQES 0x7ff (10.0:
+//! the `mqes` property), 64 I/O queue pairs and 65 MSI-X vectors, the
+//! namespace formats (8 LBA formats: 512 and 4096 bytes with 0, 8, 16 or 64
+//! metadata bytes, FLBAS the one matching `logical_block_size` and `ms`, the
+//! same DPS/PI fields), and Interrupt Coalescing (stored and reported, no
+//! effect; not used by the driver). Atomic write limits (10.0: `awun`,
+//! `awupf`, default 0) and FDP change nothing by default.
 
 use crate::cmd::{admin, io, CompletionEntry, Status, SubmissionEntry};
 use crate::hal::{Dma, Hal, Mmio, PAGE_SIZE};
@@ -78,7 +130,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// for a device address.
 pub const PHYS_OFFSET: u64 = 0x8000_0000_0000;
 
-/// QEMU 7.2's default: `max_ioqpairs` 64, plus the admin queue.
+/// QEMU's default (7.2 and 10.0): `max_ioqpairs` 64, plus the admin queue.
 const MAX_QUEUES: usize = 65;
 
 /// Host memory and a virtual clock.
@@ -235,7 +287,8 @@ pub struct SimConfig {
     /// Report this namespace size instead of the real one (0: an empty
     /// namespace).
     pub reported_blocks: Option<u64>,
-    /// Doorbell Buffer Config supported (QEMU 7.2: yes).
+    /// Doorbell Buffer Config supported (QEMU 7.2: yes; 10.0: unless
+    /// `dbcs=off`).
     pub dbbuf: bool,
     /// The CQ event index is written before the shadow head is read (QEMU
     /// 7.2.x stable releases and later; 7.2.0 did not).
@@ -256,6 +309,24 @@ pub struct SimConfig {
     /// value as of the queue's last MMIO doorbell write, never a newer one
     /// (module docs, "Lost shadow doorbell updates").
     pub stale_shadow_tail: bool,
+    /// Which QEMU the model plays where 7.2 and 10.0 differ (module docs,
+    /// "QEMU 7.2 and QEMU 10.0").
+    pub qemu: Qemu,
+}
+
+/// A QEMU version whose NVMe controller the model plays (module docs, "QEMU
+/// 7.2 and QEMU 10.0").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Qemu {
+    /// 7.2: the I/O queue entry sizes in CC are checked when the controller
+    /// is enabled (CSTS.CFS); CAP.CSS 0xc1; a declined Abort leaves the
+    /// command alone.
+    #[default]
+    V7_2,
+    /// 10.0: the entry sizes are checked by Create I/O Completion Queue
+    /// (Invalid Queue Size); CAP.CSS 0x41; a declined Abort still cancels
+    /// the command's I/O, which completes with that I/O's error.
+    V10_0,
 }
 
 impl Default for SimConfig {
@@ -274,6 +345,7 @@ impl Default for SimConfig {
             version: 0x0001_0400,
             active_list: true,
             stale_shadow_tail: false,
+            qemu: Qemu::V7_2,
         }
     }
 }
@@ -310,7 +382,7 @@ struct State {
     /// Doorbell Buffer Config was accepted since the last enable.
     dbbuf: Option<(u64, u64)>,
     dbbuf_configs: u64,
-    /// I/O SQ doorbells only schedule their queue (QEMU's timer).
+    /// I/O SQ doorbells only schedule their queue (QEMU's bottom half).
     deferred: bool,
     kicked: [bool; MAX_QUEUES],
     /// MMIO doorbell writes per queue: (SQ tail, CQ head).
@@ -330,8 +402,14 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let disk = vec![0u8; (cfg.blocks * cfg.block_size as u64) as usize];
         let mqes = (cfg.max_queue_entries - 1) as u64 & 0xffff;
-        // CQR, TO = 2 (1 s), DSTRD 0, CSS = NVM, MPSMIN 0, MPSMAX 4.
-        let cap = mqes | (1 << 16) | (2 << 24) | (1 << 37) | (4 << 52);
+        // CAP.CSS: the NVM command set (bit 0) and I/O command sets (bit 6)
+        // on both; 7.2 also sets bit 7 ("no I/O command set", admin only).
+        let css: u64 = match cfg.qemu {
+            Qemu::V7_2 => 0xc1,
+            Qemu::V10_0 => 0x41,
+        };
+        // CQR, TO = 2 (1 s), DSTRD 0, CSS, MPSMIN 0, MPSMAX 4.
+        let cap = mqes | (1 << 16) | (2 << 24) | (css << 37) | (4 << 52);
         Sim(Arc::new(Mutex::new(State {
             cfg,
             disk,
@@ -398,8 +476,11 @@ impl Sim {
     pub fn set_hung(&self, v: bool) {
         self.state().hung = v;
     }
-    /// Answer Abort with "not aborted" (DW0 bit 0 = 1) and leave the command
-    /// alone, as QEMU 7.2 does.
+    /// Answer Abort with "not aborted" (DW0 bit 0 = 1), as QEMU 7.2 and
+    /// 10.0 do. [`Qemu::V7_2`] then leaves the command alone; [`Qemu::V10_0`]
+    /// cancels a stalled I/O command, which completes at once with the
+    /// cancelled I/O's error (Unrecovered Read Error for a read, Write Fault
+    /// for a write).
     pub fn set_ignore_aborts(&self, v: bool) {
         self.state().ignore_aborts = v;
     }
@@ -522,7 +603,7 @@ impl Sim {
         self.state().bad_shadow
     }
     /// I/O SQ doorbells only schedule their queue until [`Sim::run_pending`]
-    /// (QEMU processes a queue from a timer after its doorbell write).
+    /// (QEMU processes a queue from a bottom half after its doorbell write).
     pub fn set_deferred(&self, v: bool) {
         self.state().deferred = v;
     }
@@ -617,6 +698,12 @@ impl State {
             if self.never_ready {
                 return;
             }
+            if self.cfg.qemu == Qemu::V7_2 && !self.entry_sizes_ok() {
+                // nvme_start_ctrl refuses I/O queue entry sizes outside
+                // Identify's SQES/CQES (64 and 16 bytes only).
+                self.csts = regs::CSTS_CFS;
+                return;
+            }
             let asqs = (self.aqa & 0xfff) as u16 + 1;
             let acqs = ((self.aqa >> 16) & 0xfff) as u16 + 1;
             self.sqs[0] = Some(SimSq {
@@ -637,6 +724,12 @@ impl State {
             self.hung = false;
             self.csts = regs::CSTS_RDY;
         }
+    }
+
+    /// CC.IOSQES is 6 (64-byte entries) and CC.IOCQES 4 (16 bytes), the
+    /// only sizes QEMU's SQES/CQES allow.
+    fn entry_sizes_ok(&self) -> bool {
+        (self.cc >> 16) & 0xf == 6 && (self.cc >> 20) & 0xf == 4
     }
 
     /// A controller reset (CC.EN 1 -> 0 taking effect): queues and every
@@ -998,6 +1091,20 @@ impl State {
                         self.complete(st.sqid, st.cqid, cid, Status::new(0, 0x07), 0);
                         (Status::SUCCESS, 0)
                     }
+                    Some(i) if self.cfg.qemu == Qemu::V10_0 && sqid != 0 => {
+                        // "Not aborted", and yet nvme_abort cancels the
+                        // request's I/O (blk_aio_cancel_async), whose
+                        // callback then sets the I/O error's status
+                        // (nvme_rw_complete_cb): the command completes.
+                        let st = self.stalled.remove(i);
+                        let error = match st.cmd.opcode() {
+                            io::READ => Status::new(2, 0x81),  // Unrecovered Read Error
+                            io::WRITE => Status::new(2, 0x80), // Write Fault
+                            _ => Status::new(0, 0x06),         // Internal Error
+                        };
+                        self.complete(st.sqid, st.cqid, cid, error, 0);
+                        (Status::SUCCESS, 1)
+                    }
                     _ => (Status::SUCCESS, 1),
                 }
             }
@@ -1029,6 +1136,10 @@ impl State {
             admin::CREATE_IO_CQ => {
                 let qid = (cmd.cdw10 & 0xffff) as usize;
                 let entries = (cmd.cdw10 >> 16) + 1;
+                if self.cfg.qemu == Qemu::V10_0 && !self.entry_sizes_ok() {
+                    // 10.0 checks CC's entry sizes here, not at enable.
+                    return (Status::new(1, 0x02).with_dnr(), 0);
+                }
                 if qid == 0 || qid >= MAX_QUEUES || self.cqs[qid].is_some() {
                     return (Status::new(1, 0x01).with_dnr(), 0);
                 }

@@ -1,7 +1,7 @@
 //! The driver against the simulated controller.
 
 use crate::cmd::{io, Status};
-use crate::sim::{Fault, FaultAction, Sim, SimConfig, SimHal};
+use crate::sim::{Fault, FaultAction, Qemu, Sim, SimConfig, SimHal};
 use crate::*;
 
 // Counts allocations per thread, so that tests running in parallel do not see
@@ -1101,4 +1101,108 @@ fn stats_count_timeouts_aborts_and_resets() {
             lost_doorbells: 0,
         }
     );
+}
+
+// ---- QEMU 7.2 and QEMU 10.0 (sim module docs) ---------------------------
+
+fn on(qemu: Qemu) -> SimConfig {
+    SimConfig { qemu, ..small() }
+}
+
+#[test]
+fn the_driver_serves_through_shadow_doorbells_on_both_qemus() {
+    for qemu in [Qemu::V7_2, Qemu::V10_0] {
+        let (sim, _hal, ctrl, mut qp) = setup(on(qemu), 8, Some(1));
+        let disk = sim.disk();
+        // CAP.CSS differs (0xc1, 0x41); the NVM command set bit is in both.
+        let css = (ctrl.cap().0 >> 37) & 0xff;
+        assert_eq!(css, if qemu == Qemu::V7_2 { 0xc1 } else { 0x41 });
+        assert!(ctrl.cap().nvm_command_set());
+        assert!(ctrl.doorbell_buffer() && sim.dbbuf_enabled(), "{qemu:?}");
+        // Around the ring a few times, reads and writes.
+        let mut buf = vec![0u8; 1024];
+        for i in 0..20u64 {
+            let lba = (i * 7) % 120;
+            read(&mut qp, lba, 2, &mut buf).unwrap();
+            let at = lba as usize * 512;
+            assert!(buf[..] == disk[at..at + 1024], "{qemu:?} lba {lba}");
+        }
+        let data = vec![0x5au8; 512];
+        write(&mut qp, 100, 1, &data).unwrap();
+        assert!(sim.disk()[100 * 512..101 * 512] == data[..], "{qemu:?}");
+        assert_eq!(sim.bad_shadow_values(), 0, "{qemu:?}");
+    }
+}
+
+#[test]
+fn queue_entry_sizes_are_checked_at_enable_on_7_2_and_at_queue_creation_on_10_0() {
+    // A CC without IOSQES/IOCQES (an admin-only driver may leave them 0).
+    let enable_without_sizes = |sim: &Sim| {
+        sim.write32(regs::AQA, (7 << 16) | 7);
+        sim.write32(regs::CC, regs::CC_EN);
+        sim.read32(regs::CSTS)
+    };
+    let sim = Sim::new(on(Qemu::V7_2));
+    assert_eq!(enable_without_sizes(&sim), regs::CSTS_CFS);
+    let sim = Sim::new(on(Qemu::V10_0));
+    assert_eq!(enable_without_sizes(&sim), regs::CSTS_RDY);
+
+    // The driver writes 64- and 16-byte entry sizes: both take its queues.
+    // On 10.0, a CC rewritten without them (EN kept) makes Create I/O
+    // Completion Queue fail.
+    let sim = Sim::new(on(Qemu::V10_0));
+    let mut ctrl = Controller::init(SimHal::new(), sim.clone(), config()).unwrap();
+    let q1 = ctrl.create_io_queue(1, 8, None).unwrap();
+    sim.write32(regs::CC, regs::CC_EN);
+    match ctrl.create_io_queue(2, 8, None) {
+        Err(NvmeError::Command { status, .. }) => {
+            assert_eq!(status.name(), "Invalid Queue Size");
+            assert!(status.dnr());
+        }
+        other => panic!("{:?}", other.map(|q| q.qid())),
+    }
+    assert!(sim.has_io_queue(1) && !sim.has_io_queue(2));
+    drop(q1);
+}
+
+#[test]
+fn qemu_10_declines_an_abort_yet_the_read_completes_with_the_cancelled_io_error() {
+    for qemu in [Qemu::V7_2, Qemu::V10_0] {
+        let (sim, hal, mut ctrl, mut qp) = setup(on(qemu), 8, None);
+        let disk = sim.disk();
+        sim.inject(stall(io::READ, 9));
+        sim.set_ignore_aborts(true);
+        let mut buf = vec![0u8; 512];
+        let cid = submit_read(&mut qp, 9, &mut buf, 5);
+        hal.advance(100_000_000);
+        assert!(matches!(qp.expire(hal.now()), Some(Expiry::Abort { .. })));
+        // Both answer "not aborted".
+        assert_eq!(ctrl.abort(1, cid), Ok(false), "{qemu:?}");
+        assert_eq!(ctrl.stats().aborts_declined, 1);
+        let mut got = Vec::new();
+        let n = qp.process_completions(|c| got.push((c.tag, c.result)));
+        if qemu == Qemu::V7_2 {
+            // 7.2 left the read alone: the device still owns the buffer.
+            assert_eq!(n, 0);
+            assert!(sim.may_access(buf.as_ptr() as usize, 512));
+            continue;
+        }
+        // 10.0 cancelled its I/O: the owner gets that error now, the buffer
+        // is its own again, and no reset is needed.
+        assert!(!sim.may_access(buf.as_ptr() as usize, 512));
+        assert_eq!(n, 1);
+        let status = Status::new(2, 0x81);
+        assert_eq!(status.name(), "Unrecovered Read Error");
+        let e = NvmeError::Command {
+            qid: 1,
+            opcode: io::READ,
+            status,
+        };
+        assert_eq!(got, vec![(5, Err(e))]);
+        assert_eq!(qp.stats().late, 1);
+        assert_eq!(qp.expire(u64::MAX), None);
+        assert!(!qp.needs_reset() && !ctrl.needs_reset());
+        read(&mut qp, 9, 1, &mut buf).unwrap();
+        assert!(buf[..] == disk[9 * 512..10 * 512]);
+    }
 }

@@ -1,47 +1,132 @@
-//! The reader against QEMU 7.2's own tables, placed at the addresses SeaBIOS
-//! put them (dumped from guest RAM with QMP `pmemsave`), and against
-//! synthetic tables for what QEMU does not make (XSDT, SPCR, SSDT, broken
-//! tables).
+//! The reader against QEMU 7.2's and QEMU 10.0's own tables, placed at the
+//! addresses SeaBIOS put them (dumped from guest RAM with QMP `pmemsave`; see
+//! `testdata/README.md`), and against synthetic tables for what QEMU does not
+//! make (XSDT, SPCR, SSDT, broken tables).
+//!
+//! What the reader keeps is the same on both versions: 7.2 → 10.0 moved the
+//! tables (and SeaBIOS 1.16.2 → 1.16.3 the RSDP), raised the MADT's revision
+//! from 1 to 3 with the same entries, and grew the DSDT (see `crate::s5`);
+//! the FADT, HPET and MCFG are byte for byte the same.
 
 use super::*;
 use crate::tables::{Gas, ResetRegister, UartRegs};
 use std::vec::Vec;
 
+/// One dumped table: `t!("7.2", "q35", "FACP")`.
+macro_rules! t {
+    ($v:literal, $m:literal, $t:literal) => {
+        &include_bytes!(concat!(
+            "../../testdata/qemu-",
+            $v,
+            "-",
+            $m,
+            "/",
+            $t,
+            ".bin"
+        ))[..]
+    };
+}
 macro_rules! q35 {
     ($t:literal) => {
-        include_bytes!(concat!("../../testdata/qemu-7.2-q35/", $t, ".bin"))
+        t!("7.2", "q35", $t)
     };
 }
 macro_rules! pc {
     ($t:literal) => {
-        include_bytes!(concat!("../../testdata/qemu-7.2-pc/", $t, ".bin"))
+        t!("7.2", "pc", $t)
     };
 }
 
-/// The q35 tables where SeaBIOS put them (`-m 128`).
-fn q35_regions() -> Vec<(u64, &'static [u8])> {
-    vec![
-        (0xf59e0, &q35!("RSDP")[..]),
-        (0x7fe223c, &q35!("RSDT")[..]),
-        (0x7fe2034, &q35!("FACP")[..]),
-        (0x7fe2128, &q35!("APIC")[..]),
-        (0x7fe21a0, &q35!("HPET")[..]),
-        (0x7fe21d8, &q35!("MCFG")[..]),
-        (0x7fe2214, &q35!("WAET")[..]),
-        (0x7fe0040, &q35!("DSDT")[..]),
+/// One QEMU version's tables of one machine where SeaBIOS put them
+/// (`-m 128`): the RSDP's and the RSDT's addresses and every table.
+struct Dump {
+    qemu: &'static str,
+    rsdp: u64,
+    rsdt: u64,
+    regions: Vec<(u64, &'static [u8])>,
+}
+
+/// q35 on QEMU 7.2 (SeaBIOS 1.16.2) and 10.0 (SeaBIOS 1.16.3).
+fn q35_dumps() -> [Dump; 2] {
+    [
+        Dump {
+            qemu: "7.2",
+            rsdp: 0xf59e0,
+            rsdt: 0x7fe223c,
+            regions: vec![
+                (0xf59e0, t!("7.2", "q35", "RSDP")),
+                (0x7fe223c, t!("7.2", "q35", "RSDT")),
+                (0x7fe2034, t!("7.2", "q35", "FACP")),
+                (0x7fe2128, t!("7.2", "q35", "APIC")),
+                (0x7fe21a0, t!("7.2", "q35", "HPET")),
+                (0x7fe21d8, t!("7.2", "q35", "MCFG")),
+                (0x7fe2214, t!("7.2", "q35", "WAET")),
+                (0x7fe0040, t!("7.2", "q35", "DSDT")),
+            ],
+        },
+        // The DSDT grew by 112 bytes, so every table after it moved.
+        Dump {
+            qemu: "10.0",
+            rsdp: 0xf5250,
+            rsdt: 0x7fe22ac,
+            regions: vec![
+                (0xf5250, t!("10.0", "q35", "RSDP")),
+                (0x7fe22ac, t!("10.0", "q35", "RSDT")),
+                (0x7fe20a4, t!("10.0", "q35", "FACP")),
+                (0x7fe2198, t!("10.0", "q35", "APIC")),
+                (0x7fe2210, t!("10.0", "q35", "HPET")),
+                (0x7fe2248, t!("10.0", "q35", "MCFG")),
+                (0x7fe2284, t!("10.0", "q35", "WAET")),
+                (0x7fe0040, t!("10.0", "q35", "DSDT")),
+            ],
+        },
     ]
 }
 
-fn pc_regions() -> Vec<(u64, &'static [u8])> {
-    vec![
-        (0xf59d0, &pc!("RSDP")[..]),
-        (0x7fe1a49, &pc!("RSDT")[..]),
-        (0x7fe18fd, &pc!("FACP")[..]),
-        (0x7fe1971, &pc!("APIC")[..]),
-        (0x7fe19e9, &pc!("HPET")[..]),
-        (0x7fe1a21, &pc!("WAET")[..]),
-        (0x7fe0040, &pc!("DSDT")[..]),
+/// pc (i440FX) on QEMU 7.2 and 10.0.
+fn pc_dumps() -> [Dump; 2] {
+    [
+        Dump {
+            qemu: "7.2",
+            rsdp: 0xf59d0,
+            rsdt: 0x7fe1a49,
+            regions: vec![
+                (0xf59d0, t!("7.2", "pc", "RSDP")),
+                (0x7fe1a49, t!("7.2", "pc", "RSDT")),
+                (0x7fe18fd, t!("7.2", "pc", "FACP")),
+                (0x7fe1971, t!("7.2", "pc", "APIC")),
+                (0x7fe19e9, t!("7.2", "pc", "HPET")),
+                (0x7fe1a21, t!("7.2", "pc", "WAET")),
+                (0x7fe0040, t!("7.2", "pc", "DSDT")),
+            ],
+        },
+        // A DSDT 2185 bytes longer (the _PRT a precomputed package).
+        Dump {
+            qemu: "10.0",
+            rsdp: 0xf5250,
+            rsdt: 0x7fe22d2,
+            regions: vec![
+                (0xf5250, t!("10.0", "pc", "RSDP")),
+                (0x7fe22d2, t!("10.0", "pc", "RSDT")),
+                (0x7fe2186, t!("10.0", "pc", "FACP")),
+                (0x7fe21fa, t!("10.0", "pc", "APIC")),
+                (0x7fe2272, t!("10.0", "pc", "HPET")),
+                (0x7fe22aa, t!("10.0", "pc", "WAET")),
+                (0x7fe0040, t!("10.0", "pc", "DSDT")),
+            ],
+        },
     ]
+}
+
+impl Dump {
+    /// The RSDP's bytes (the region at its address).
+    fn rsdp_bytes(&self) -> &'static [u8] {
+        self.regions
+            .iter()
+            .find(|(a, _)| *a == self.rsdp)
+            .unwrap()
+            .1
+    }
 }
 
 fn rsdp_copy(b: &[u8]) -> [u8; 36] {
@@ -52,76 +137,91 @@ fn rsdp_copy(b: &[u8]) -> [u8; 36] {
 
 #[test]
 fn qemu_q35_from_the_pvh_address() {
-    let r = q35_regions();
-    let f = read_facts(&Regions(&r), Some(0xf59e0), None, false).unwrap();
-    assert_eq!(f.revision, 0);
-    assert_eq!(&f.oem_id, b"BOCHS ");
-    assert_eq!(f.rsdp, RsdpSource::BootAddress(0xf59e0));
-    assert_eq!(f.root, Root::Rsdt(0x7fe223c));
-    assert_eq!(f.tables, 5);
-    assert_eq!(f.cpus(), 1);
-    assert!(f.has_8259());
-    assert_eq!(
-        f.ecam().map(|e| (e.base, e.bus_end)),
-        Some((0xb000_0000, 0xff))
-    );
-    let fadt = f.fadt.unwrap();
-    assert_eq!(fadt.pm_timer, Some(Gas::io(0x608, 32)));
-    assert_eq!(fadt.pm_timer_bits(), 24);
-    assert_eq!(
-        fadt.reset,
-        Some(ResetRegister {
-            reg: Gas::io(0xcf9, 8),
-            value: 0x0f
-        })
-    );
-    assert_eq!(f.hpet.map(|h| h.base), Some(0xfed0_0000));
-    assert_eq!(f.spcr, None);
-    assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }));
-    assert_eq!(f.iommu, None);
-    assert!(f.issues.is_empty(), "{:?}", f.issues);
+    for d in q35_dumps() {
+        let r = &d.regions;
+        let f = read_facts(&Regions(r), Some(d.rsdp), None, false).unwrap();
+        let v = d.qemu;
+        assert_eq!(f.revision, 0, "{v}");
+        assert_eq!(&f.oem_id, b"BOCHS ", "{v}");
+        assert_eq!(f.rsdp, RsdpSource::BootAddress(d.rsdp), "{v}");
+        assert_eq!(f.root, Root::Rsdt(d.rsdt), "{v}");
+        assert_eq!(f.tables, 5, "{v}");
+        // QEMU 10's MADT is revision 3 (7.2's 1) with the same entries.
+        assert_eq!(f.cpus(), 1, "{v}");
+        assert!(f.has_8259(), "{v}");
+        assert_eq!(
+            f.ecam().map(|e| (e.base, e.bus_end)),
+            Some((0xb000_0000, 0xff)),
+            "{v}"
+        );
+        let fadt = f.fadt.unwrap();
+        assert_eq!(fadt.pm_timer, Some(Gas::io(0x608, 32)), "{v}");
+        assert_eq!(fadt.pm_timer_bits(), 24, "{v}");
+        assert_eq!(
+            fadt.reset,
+            Some(ResetRegister {
+                reg: Gas::io(0xcf9, 8),
+                value: 0x0f
+            }),
+            "{v}"
+        );
+        assert_eq!(f.hpet.map(|h| h.base), Some(0xfed0_0000), "{v}");
+        assert_eq!(f.spcr, None, "{v}");
+        assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }), "{v}");
+        assert_eq!(f.iommu, None, "{v}");
+        assert!(f.issues.is_empty(), "{v}: {:?}", f.issues);
+    }
 }
 
 #[test]
 fn qemu_q35_from_a_multiboot2_copy() {
-    let r = q35_regions();
-    let copy = rsdp_copy(q35!("RSDP"));
-    let f = read_facts(&Regions(&r), None, Some(&copy), false).unwrap();
-    assert_eq!(f.rsdp, RsdpSource::BootCopy);
-    assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }));
+    for d in q35_dumps() {
+        let copy = rsdp_copy(d.rsdp_bytes());
+        let f = read_facts(&Regions(&d.regions), None, Some(&copy), false).unwrap();
+        assert_eq!(f.rsdp, RsdpSource::BootCopy, "{}", d.qemu);
+        assert_eq!(f.root, Root::Rsdt(d.rsdt), "{}", d.qemu);
+        assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }), "{}", d.qemu);
+    }
 }
 
 #[test]
 fn qemu_pc_found_by_the_bios_scan() {
-    // The BIOS data area (EBDA segment 0x9fc0 at 0x40e), an empty EBDA and
-    // the 0xe0000 area with the RSDP in it.
-    let mut bda = vec![0u8; 0x100];
-    bda[0x0e..0x10].copy_from_slice(&0x9fc0u16.to_le_bytes());
-    let ebda = vec![0u8; 1024];
-    let mut area = vec![0u8; 0x20000];
-    let off = 0xf59d0 - 0xe0000;
-    area[off..off + 20].copy_from_slice(pc!("RSDP"));
-    let mut r = pc_regions();
-    r.retain(|(a, _)| *a != 0xf59d0);
-    r.extend([
-        (0x400, &bda[..]),
-        (0x9fc00, &ebda[..]),
-        (0xe0000, &area[..]),
-    ]);
-    let f = read_facts(&Regions(&r), None, None, true).unwrap();
-    assert_eq!(f.rsdp, RsdpSource::BiosScan(0xf59d0));
-    // pc: no MCFG, FADT revision 1 without a reset register, still an HPET.
-    assert_eq!(f.ecam(), None);
-    let fadt = f.fadt.unwrap();
-    assert_eq!((fadt.revision, fadt.reset), (1, None));
-    assert_eq!(fadt.pm1a_cnt, Some(Gas::io(0x604, 16)));
-    assert_eq!(f.hpet.map(|h| h.base), Some(0xfed0_0000));
-    assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }));
-    // Not allowed to scan (UEFI): nothing.
-    assert_eq!(
-        read_facts(&Regions(&r), None, None, false),
-        Err(AcpiError::NoRsdp { scanned: false })
-    );
+    for d in pc_dumps() {
+        let v = d.qemu;
+        // The BIOS data area (EBDA segment 0x9fc0 at 0x40e), an empty EBDA and
+        // the 0xe0000 area with the RSDP in it.
+        let mut bda = vec![0u8; 0x100];
+        bda[0x0e..0x10].copy_from_slice(&0x9fc0u16.to_le_bytes());
+        let ebda = vec![0u8; 1024];
+        let mut area = vec![0u8; 0x20000];
+        let off = (d.rsdp - 0xe0000) as usize;
+        area[off..off + 20].copy_from_slice(d.rsdp_bytes());
+        let mut r = d.regions.clone();
+        r.retain(|(a, _)| *a != d.rsdp);
+        r.extend([
+            (0x400, &bda[..]),
+            (0x9fc00, &ebda[..]),
+            (0xe0000, &area[..]),
+        ]);
+        let f = read_facts(&Regions(&r), None, None, true).unwrap();
+        assert_eq!(f.rsdp, RsdpSource::BiosScan(d.rsdp), "{v}");
+        assert_eq!(f.root, Root::Rsdt(d.rsdt), "{v}");
+        assert_eq!((f.tables, f.cpus()), (4, 1), "{v}");
+        // pc: no MCFG, FADT revision 1 without a reset register, still an HPET.
+        assert_eq!(f.ecam(), None, "{v}");
+        let fadt = f.fadt.unwrap();
+        assert_eq!((fadt.revision, fadt.reset), (1, None), "{v}");
+        assert_eq!(fadt.pm1a_cnt, Some(Gas::io(0x604, 16)), "{v}");
+        assert_eq!(f.hpet.map(|h| h.base), Some(0xfed0_0000), "{v}");
+        assert_eq!(f.s5, Ok(SleepType { a: 0, b: 0 }), "{v}");
+        assert!(f.issues.is_empty(), "{v}: {:?}", f.issues);
+        // Not allowed to scan (UEFI): nothing.
+        assert_eq!(
+            read_facts(&Regions(&r), None, None, false),
+            Err(AcpiError::NoRsdp { scanned: false }),
+            "{v}"
+        );
+    }
 }
 
 #[test]
@@ -137,23 +237,28 @@ fn no_rsdp_anywhere() {
 
 #[test]
 fn bad_rsdp_checksum_is_refused_then_the_copy_is_tried() {
-    let mut bad = q35!("RSDP").to_vec();
-    bad[8] ^= 1;
-    let mut r = q35_regions();
-    r[0] = (0xf59e0, &bad[..]);
-    assert_eq!(
-        read_facts(&Regions(&r), Some(0xf59e0), None, false),
-        Err(AcpiError::BadRsdp("bad checksum"))
-    );
-    let good = rsdp_copy(q35!("RSDP"));
-    let f = read_facts(&Regions(&r), Some(0xf59e0), Some(&good), false).unwrap();
-    assert_eq!(f.rsdp, RsdpSource::BootCopy);
-    let mut sig = rsdp_copy(q35!("RSDP"));
-    sig[0] = b'X';
-    assert_eq!(
-        read_facts(&Regions(&r), None, Some(&sig), false),
-        Err(AcpiError::BadRsdp("bad signature"))
-    );
+    for d in q35_dumps() {
+        let v = d.qemu;
+        let mut bad = d.rsdp_bytes().to_vec();
+        bad[8] ^= 1;
+        let mut r = d.regions.clone();
+        r[0] = (d.rsdp, &bad[..]);
+        assert_eq!(
+            read_facts(&Regions(&r), Some(d.rsdp), None, false),
+            Err(AcpiError::BadRsdp("bad checksum")),
+            "{v}"
+        );
+        let good = rsdp_copy(d.rsdp_bytes());
+        let f = read_facts(&Regions(&r), Some(d.rsdp), Some(&good), false).unwrap();
+        assert_eq!(f.rsdp, RsdpSource::BootCopy, "{v}");
+        let mut sig = rsdp_copy(d.rsdp_bytes());
+        sig[0] = b'X';
+        assert_eq!(
+            read_facts(&Regions(&r), None, Some(&sig), false),
+            Err(AcpiError::BadRsdp("bad signature")),
+            "{v}"
+        );
+    }
 }
 
 /// Synthetic tables: `table` from the tables tests.
@@ -374,7 +479,7 @@ fn a_bad_xsdt_falls_back_to_the_rsdt() {
         (0x80u64, &rsdp[..]),
         (0x100, &x[..]),
         (0x200, &rs[..]),
-        (0x1000, &hpet[..]),
+        (0x1000, hpet),
     ];
     let f = read_facts(&Regions(&r), Some(0x80), None, false).unwrap();
     assert_eq!(f.root, Root::Rsdt(0x200));
@@ -405,7 +510,7 @@ fn duplicates_are_ignored_and_issues_are_bounded() {
     entries.extend((0..10).map(|i| 0x9000 + i * 0x100));
     let x = xsdt(&entries);
     let rsdp = rsdp2(0, 0x100);
-    let r = [(0x80u64, &rsdp[..]), (0x100, &x[..]), (0x1000, &hpet[..])];
+    let r = [(0x80u64, &rsdp[..]), (0x100, &x[..]), (0x1000, hpet)];
     let f = read_facts(&Regions(&r), Some(0x80), None, false).unwrap();
     assert_eq!(
         f.issues.iter().next(),

@@ -197,6 +197,11 @@ impl Nic {
             None
         };
         let choice = vn::choose(offered, wanted, device_mtu);
+        log::debug!(
+            target: "net",
+            "virtio-net features: offered {offered:#018x}, negotiated {:#018x}",
+            choice.features
+        );
         t.write_driver_features(choice.features);
         let ok = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
         t.set_status(ok);
