@@ -308,3 +308,49 @@ fn igb_takes_its_address_from_dhcp_on_2_cores() {
     let counts = wait_counts(&guest, 3 * files.len() as u64);
     assert!(counts.values().map(|v| v.1).sum::<u64>() > 0, "{counts:?}");
 }
+
+/// With virtio-net and igb both present, `net.nic=igb` serves on igb (the
+/// second in PCI order); without it the first found (virtio-net) serves.
+#[test]
+fn net_nic_chooses_between_virtio_and_igb() {
+    let dir = TempDir::new("igb-choice");
+    let (img, files) = tree(&dir, 3, 98);
+    for (arg, serves_igb) in [(Some("net.nic=igb"), true), (None, false)] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut args = vec!["net.ip=10.0.2.15/24", "net.gw=10.0.2.2"];
+        args.extend(arg);
+        let mut cfg = config(Some(&img), &args);
+        cfg.smp = 2;
+        cfg.mem_mib = 512;
+        // virtio-net first (slot 2), then igb (slot 3); the forward is on
+        // the network of the NIC that should serve.
+        let fwd = format!(",hostfwd=tcp:127.0.0.1:{port}-:10809");
+        let (v, i) = if serves_igb {
+            ("", fwd.as_str())
+        } else {
+            (fwd.as_str(), "")
+        };
+        cfg.netdev = Some(format!("user,id=net0,net=10.0.2.0/24,host=10.0.2.2{v}"));
+        cfg.extra = vec![
+            "-netdev".into(),
+            format!("user,id=net1,net=10.0.2.0/24,host=10.0.2.2{i}"),
+            "-device".into(),
+            "igb,netdev=net1".into(),
+        ];
+        let mut guest = Guest::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        let console = wait_for_console(&mut guest, "nbd: serving", Duration::from_secs(120));
+        assert!(console.contains("virtio NIC (1af4:1000)"), "{console}");
+        assert!(console.contains("igb NIC (8086:10c9)"), "{console}");
+        assert_eq!(
+            console.contains("one network stack per core on 2 core(s)"),
+            serves_igb,
+            "{arg:?}:\n{console}"
+        );
+        assert_eq!(console.contains("virtio-net MAC"), !serves_igb, "{console}");
+        copy_and_compare(&format!("nbd://127.0.0.1:{port}"), &files);
+    }
+}
