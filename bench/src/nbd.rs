@@ -233,11 +233,12 @@ impl Session {
     /// The measured round: `reads` reads with `qd` in flight.
     fn measure(&mut self, reads: u64, qd: usize) -> Result<Round, LoopError> {
         let a0 = dioxide_testkit::thread_allocs();
-        let cpu0 = thread_cpu_ns();
+        // The CPU time is read inside the wall-clock span.
         let start = Instant::now();
+        let cpu0 = thread_cpu_ns();
         let figures = self.lb.run(&mut self.side, &mut self.server, reads, qd)?;
-        let end = Instant::now();
         let cpu_ns = thread_cpu_ns() - cpu0;
+        let end = Instant::now();
         let allocs = dioxide_testkit::thread_allocs() - a0;
         Ok(Round {
             figures,
@@ -375,6 +376,10 @@ pub struct NbdThreadsRow {
     /// `iops` over the 1-thread row's of the same target, depth and link,
     /// when the run had one.
     pub iops_ratio: Option<f64>,
+    /// The CPUs the threads had: their CPU time together over that wall
+    /// clock. Below the thread count, other work took CPUs from them (or
+    /// they shared CPUs): `iops` then cannot scale with threads.
+    pub cpus_busy: f64,
     /// Allocations per read of the thread with the most (each thread's
     /// own counter, client included).
     pub allocs_per_io: f64,
@@ -519,6 +524,7 @@ fn threads_rows(
             _ => 0.0,
         };
         let total: u64 = per.iter().map(|r| r.round.figures.reads).sum();
+        let cpu_ns: u64 = per.iter().map(|r| r.round.cpu_ns).sum();
         rows.push(NbdThreadsRow {
             threads,
             target,
@@ -531,6 +537,11 @@ fn threads_rows(
             cpu_cycles_per_io_max: cpu.iter().copied().fold(0.0, f64::max),
             iops: if wall > 0.0 { total as f64 / wall } else { 0.0 },
             iops_ratio: None,
+            cpus_busy: if wall > 0.0 {
+                cpu_ns as f64 / 1e9 / wall
+            } else {
+                0.0
+            },
             allocs_per_io: per
                 .iter()
                 .map(|r| r.round.allocs as f64 / io(r))
@@ -580,7 +591,7 @@ impl NbdThreadsRow {
             .map_or("null".to_string(), |r| format!("{r:.3}"));
         let cpus: Vec<String> = self.cpus.iter().map(usize::to_string).collect();
         format!(
-            "{{\"threads\": {}, \"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"tso\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"cycles_per_io_max\": {:.1}, \"cpu_cycles_per_io\": {:.1}, \"cpu_cycles_per_io_max\": {:.1}, \"iops\": {:.0}, \"iops_ratio\": {}, \"allocs_per_io\": {:.4}, \"setup_allocs\": {}, \"cpus\": [{}]}}",
+            "{{\"threads\": {}, \"target\": \"{}\", \"qd\": {}, \"csum_offload\": {}, \"mtu\": {}, \"tso\": {}, \"reads\": {}, \"cycles_per_io\": {:.1}, \"cycles_per_io_max\": {:.1}, \"cpu_cycles_per_io\": {:.1}, \"cpu_cycles_per_io_max\": {:.1}, \"iops\": {:.0}, \"iops_ratio\": {}, \"cpus_busy\": {:.2}, \"allocs_per_io\": {:.4}, \"setup_allocs\": {}, \"cpus\": [{}]}}",
             self.threads,
             self.target,
             self.qd,
@@ -594,6 +605,7 @@ impl NbdThreadsRow {
             self.cpu_cycles_per_io_max,
             self.iops,
             ratio,
+            self.cpus_busy,
             self.allocs_per_io,
             self.setup_allocs,
             cpus.join(", ")
@@ -610,11 +622,11 @@ impl NbdThreadsRow {
             allowed.len(),
             list.join(",")
         );
-        s += "  threads target   qd csum mtu  tso  cycles/io: mean  slowest | CPU cycles/io: mean slowest | requests/s (all)  x 1 thread  allocs/io  setup allocs\n";
+        s += "  threads target   qd csum mtu  tso  cycles/io: mean  slowest | CPU cycles/io: mean slowest | requests/s (all)  x 1 thread  CPUs busy  allocs/io  setup allocs\n";
         for r in rows {
             let ratio = r.iops_ratio.map_or("-".to_string(), |x| format!("{x:.2}"));
             s += &format!(
-                "  {:>7} {:<6} {:>4} {:<4} {:<4} {:<3} {:>10.0} {:>8.0} | {:>13.0} {:>7.0} | {:>17.0} {:>11} {:>10.3} {:>13}",
+                "  {:>7} {:<6} {:>4} {:<4} {:<4} {:<3} {:>10.0} {:>8.0} | {:>13.0} {:>7.0} | {:>17.0} {:>11} {:>10.2} {:>10.3} {:>13}",
                 r.threads,
                 r.target,
                 r.qd,
@@ -627,6 +639,7 @@ impl NbdThreadsRow {
                 r.cpu_cycles_per_io_max,
                 r.iops,
                 ratio,
+                r.cpus_busy,
                 r.allocs_per_io,
                 r.setup_allocs
             );

@@ -62,6 +62,10 @@ fn nbd_on_one_and_two_threads_reports_rows_for_each_count_with_no_allocation_per
                 assert!(f("cpu_cycles_per_io") <= f("cpu_cycles_per_io_max"), "{r}");
                 assert!(f("iops") > 0.0, "{r}");
                 assert!(f("iops_ratio") > 0.0, "{r}");
+                // The threads' CPU time over the run's wall clock: at most
+                // one CPU per thread.
+                assert!(f("cpus_busy") > 0.0, "{r}");
+                assert!(f("cpus_busy") <= threads as f64 + 0.01, "{r}");
                 if threads == 1 {
                     assert_eq!(f("iops_ratio"), 1.0, "{r}");
                 }
