@@ -261,7 +261,7 @@ fn done(ctx: usize, r: Result<usize, DioError>) {
 
 /// CPU time this thread has run, in nanoseconds (not the time it waited
 /// for a CPU: on a shared machine, what the reads cost this thread).
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -712,6 +712,45 @@ impl Report {
         }
         s
     }
+}
+
+/// CPUs online on this machine (`sysconf(_SC_NPROCESSORS_ONLN)`; 0 if it
+/// cannot say).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf reads a system value; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(0) as usize
+}
+
+/// The CPUs this thread may run on (its affinity mask: `taskset -c 0,1`
+/// narrows it), in order; empty if the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit mask; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed, for the call to fill
+    // (pid 0: the calling thread).
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if r != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`; whether that worked.
+pub(crate) fn pin_to(cpu: usize) -> bool {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return false;
+    }
+    // SAFETY: cpu_set_t is a plain bit mask; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a cpu_set_t of the size passed (pid 0: the calling
+    // thread).
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) == 0 }
 }
 
 /// The thread counts of `--threads`: a comma-separated list, or `auto`: 1

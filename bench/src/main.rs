@@ -2,8 +2,11 @@
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
-//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000] [--tso on|off]`:
+//! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000] [--tso on|off] [--threads 1,2,4|auto]`:
 //! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
+//! `--threads`: after those rows, the same rows on T threads side by side
+//! for each T of the list (`nbd::run_threads`); the JSON then also has
+//! `host_threads_rows`, `cpus_online` and `cpus_allowed`.
 
 #[global_allocator]
 static A: dioxide_hostbench::CountingAlloc = dioxide_hostbench::CountingAlloc;
@@ -82,13 +85,46 @@ fn main() {
                 tso: true,
             });
         }
-        let rows = dioxide_hostbench::nbd::run(get("--ios", 200_000), &targets, &qds, &links)
-            .unwrap_or_else(|e| fail(e));
+        let threads = match value("--threads").map(|t| dioxide_hostbench::parse_threads(t)) {
+            None => Vec::new(),
+            Some(Ok(t)) => t,
+            Some(Err(e)) => fail(e),
+        };
+        let ios = get("--ios", 200_000);
+        let rows =
+            dioxide_hostbench::nbd::run(ios, &targets, &qds, &links).unwrap_or_else(|e| fail(e));
+        let threads_rows = if threads.is_empty() {
+            Vec::new()
+        } else {
+            dioxide_hostbench::nbd::run_threads(ios, &targets, &qds, &links, &threads)
+                .unwrap_or_else(|e| fail(e))
+        };
+        let (online, allowed) = (
+            dioxide_hostbench::online_cpus(),
+            dioxide_hostbench::allowed_cpus(),
+        );
         if args.iter().any(|a| a == "--json") {
             let rows: Vec<String> = rows.iter().map(|r| r.json()).collect();
-            println!("{{\"host_rows\": [{}]}}", rows.join(", "));
+            if threads.is_empty() {
+                println!("{{\"host_rows\": [{}]}}", rows.join(", "));
+            } else {
+                let t: Vec<String> = threads_rows.iter().map(|r| r.json()).collect();
+                let cpus: Vec<String> = allowed.iter().map(usize::to_string).collect();
+                println!(
+                    "{{\"host_rows\": [{}], \"host_threads_rows\": [{}], \"cpus_online\": {online}, \"cpus_allowed\": [{}]}}",
+                    rows.join(", "),
+                    t.join(", "),
+                    cpus.join(", ")
+                );
+            }
         } else {
             print!("{}", dioxide_hostbench::nbd::NbdRow::table(&rows));
+            if !threads.is_empty() {
+                print!(
+                    "\n{}",
+                    dioxide_hostbench::nbd::NbdThreadsRow::table(&threads_rows, online, &allowed)
+                );
+            }
         }
         return;
     }
