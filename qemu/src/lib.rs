@@ -931,7 +931,7 @@ pub fn guest_end(console: &str) -> Option<GuestEnd> {
         .map(|mut g| {
             let tried = format!("{POWER_OFF}{} method=debugexit", g.status);
             g.after_debug_exit =
-                g.ending != Ending::DebugExit && console.lines().any(|l| l.starts_with(&tried));
+                g.ending == Ending::Acpi && console.lines().any(|l| l.starts_with(&tried));
             g
         })
 }

@@ -12,7 +12,7 @@
 //!   (its interface has the same address), but the other cores must learn
 //!   their peers' link addresses too: a core that answers a SYN from a host
 //!   it has no neighbour entry for sends an ARP request, and the reply
-//!   comes back on queue 0. So the primary core copies every ARP frame it
+//!   comes back on queue 0. So the primary core copies every ARP reply it
 //!   receives into each other core's [`Inboxes`] (bounded; a full inbox
 //!   drops the copy and counts it, ARP asks again), and each core's
 //!   [`Fanout`] device hands its inbox's frames to its stack before the
@@ -36,6 +36,8 @@ pub const SIDE_MAX: usize = 64;
 pub const INBOX_DEPTH: usize = 64;
 /// Ethernet's type of ARP.
 const ETHERTYPE_ARP: u16 = 0x0806;
+/// ARP's operation code of a reply.
+const ARP_REPLY: u16 = 2;
 
 /// A copied frame.
 #[derive(Clone, Copy)]
@@ -59,9 +61,13 @@ impl SideFrame {
     }
 }
 
-/// Whether a frame is one every core must see (ARP).
+/// Whether a frame is one every core must see: an ARP reply (the answer
+/// to a request another core may have made). Requests are answered by the
+/// primary core alone (copied, each core would answer again).
 pub fn is_shared(frame: &[u8]) -> bool {
-    frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE_ARP
+    frame.len() >= 22
+        && u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE_ARP
+        && u16::from_be_bytes([frame[20], frame[21]]) == ARP_REPLY
 }
 
 /// One bounded inbox per core for the frames the primary core copies.

@@ -188,11 +188,15 @@ fn only_arp_is_shared_and_inboxes_are_bounded() {
     let mut arp = [0u8; 42];
     arp[12] = 0x08;
     arp[13] = 0x06;
+    arp[21] = 2; // reply
+    let mut request = arp;
+    request[21] = 1;
     let mut ip = arp;
     ip[13] = 0x00;
     assert!(is_shared(&arp));
+    assert!(!is_shared(&request));
     assert!(!is_shared(&ip));
-    assert!(!is_shared(&arp[..13]));
+    assert!(!is_shared(&arp[..21]));
     let b = Inboxes::new(3);
     for _ in 0..crate::percore::INBOX_DEPTH + 5 {
         b.publish(0, &arp);

@@ -79,7 +79,7 @@ impl Default for Config {
             mtu: 1500,
             csum: true,
             tso: true,
-            tso_bufs: 8,
+            tso_bufs: 16,
             rx_csum: true,
             itr_us: 50,
             link_timeout_ns: 5_000_000_000,

@@ -198,7 +198,11 @@ impl<M: Mmio> TxQueue<M> {
 impl<M: Mmio> TxRing for TxQueue<M> {
     fn can_transmit(&mut self) -> bool {
         self.reclaim();
-        self.free() >= 2
+        // With TSO the next frame may be a large one: while every TSO
+        // buffer is in flight, say no rather than let the frame be written
+        // and lost (smoltcp would count it sent); the device hands buffers
+        // back as it sends.
+        self.free() >= 2 && (self.tso.is_none() || !self.tso_free.is_empty())
     }
 
     fn transmit<R>(

@@ -2,12 +2,13 @@
 //! on identity-mapped heap memory and BAR0, the PCI IDs it takes, and one
 //! queue pair per serving core with its MSI-X entry aimed at that core.
 //!
-//! Matched: the 82576 family (QEMU's `-device igb` is 8086:10C9) and the
-//! I350 family, which share the registers this driver uses; only QEMU's
-//! 82576 has run it. The kernel polls each queue from its core's run loop
-//! (which never sleeps while it serves): each queue's MSI-X entry is
-//! routed to its core and the vector stays masked (EIMC), ready for a
-//! run loop that sleeps.
+//! Matched: the copper 82576 parts (QEMU's `-device igb` is 8086:10C9);
+//! only QEMU's 82576 has run it. Not matched: 82576 fiber/serdes (no copper
+//! PHY behind MDIC for the link bring-up) and the I350 family (its IVAR
+//! layout differs from the 82576's: queue causes would reach the wrong
+//! vectors). Each core polls its queue while it serves; each queue's MSI-X
+//! entry is routed to its core and its vector unmasked only while that
+//! core sleeps (`NetPort::arm_wakeup` in `net::stack`).
 
 use crate::drivers::pci::{self, Function, MsiX};
 use crate::platform::{smp, time};
@@ -17,11 +18,18 @@ use core::ptr::NonNull;
 use dioxide_igb::{Config, Dma, Igb, Queue};
 use dioxide_nic::phy::NicDevice;
 
-/// PCI device IDs (vendor 8086) of the 82576 and I350 families.
-pub const DEVICE_IDS: [u16; 12] = [
-    0x10C9, 0x10E6, 0x10E7, 0x10E8, 0x1526, 0x150A, 0x1518, 0x150D, // 82576
-    0x1521, 0x1522, 0x1523, 0x1524, // I350
-];
+/// PCI device IDs (vendor 8086) of the copper 82576 parts: 82576,
+/// quad copper, NS, quad copper ET2.
+pub const DEVICE_IDS: [u16; 4] = [0x10C9, 0x10E8, 0x150A, 0x1526];
+
+/// Every queue's MSI-X entry was routed to its core (else a sleeping core
+/// would wake only on its tick: its port then never sleeps).
+static WAKE_ROUTED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether a queue's interrupt can wake its core.
+pub fn can_wake() -> bool {
+    WAKE_ROUTED.load(core::sync::atomic::Ordering::Relaxed)
+}
 
 /// The IDT vector of the queues' MSI-X entries (each aimed at its core).
 pub const NET_VECTOR: u8 = 0x41;
@@ -123,7 +131,24 @@ pub fn bring_up(f: &Function) -> Option<Nic> {
     if let Some(m) = &msix {
         m.enable();
     }
-    let queues = smp::cpu_count().clamp(1, dioxide_igb::MAX_QUEUES);
+    // One stack per core only where each core has NVMe queues of its own:
+    // a core whose namespace queue is shared with another core would reap
+    // that core's completions into its own service.
+    let nvme_queues = (0..crate::drivers::nvme::disks().len())
+        .map(crate::drivers::nvme::queue_count)
+        .min()
+        .unwrap_or(usize::MAX);
+    let cpus = smp::cpu_count();
+    let queues = cpus.min(nvme_queues).clamp(1, dioxide_igb::MAX_QUEUES);
+    if queues < cpus {
+        log::warn!(
+            target: "net",
+            "{}: igb: {queues} network stack(s) for {cpus} cores ({} NVMe queues per namespace, {} NIC queue pairs at most): the other cores do not serve",
+            f.bdf,
+            nvme_queues.min(cpus),
+            dioxide_igb::MAX_QUEUES
+        );
+    }
     let config = Config {
         queues,
         ..Config::default()
@@ -136,11 +161,19 @@ pub fn bring_up(f: &Function) -> Option<Nic> {
         }
     };
     crate::platform::idt::register(NET_VECTOR, |_| {});
+    let mut routed = msix.is_some();
     for q in &qs {
         q.disable_irq();
-        if let Some(m) = &msix {
-            m.route(q.vector() as u16, smp::apic_id_of(q.index()), NET_VECTOR);
+        match &msix {
+            Some(m) if (q.vector() as u16) < m.size => {
+                m.route(q.vector() as u16, smp::apic_id_of(q.index()), NET_VECTOR)
+            }
+            _ => routed = false,
         }
+    }
+    WAKE_ROUTED.store(routed, core::sync::atomic::Ordering::Relaxed);
+    if !routed {
+        log::warn!(target: "net", "{}: igb: no MSI-X entry for every queue: its cores poll and never sleep", f.bdf);
     }
     let caps = dev.caps();
     let mac = dev.mac();

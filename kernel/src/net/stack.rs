@@ -55,6 +55,9 @@ impl NetPort for crate::drivers::igb::Port {
     }
     fn arm_wakeup(&mut self) -> bool {
         // The queue's MSI-X entry points at this core (drivers::igb).
+        if !crate::drivers::igb::can_wake() {
+            return false;
+        }
         self.queue().enable_irq();
         true
     }

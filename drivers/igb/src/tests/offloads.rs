@@ -336,3 +336,34 @@ fn the_driver_leaves_the_pseudo_header_sums_the_datasheet_asks_for() {
     small[16..18].copy_from_slice(&986u16.to_be_bytes());
     assert_eq!(prepare(&mut small, meta, 1514).expect("ok").dcmd, 0);
 }
+
+/// On hardware the device sends after the tail write, not at it: while
+/// every TSO buffer is in flight the ring says it cannot transmit (the
+/// smoltcp adapter then holds the frame back) instead of taking a large
+/// frame it would have to drop; once the device is done it can again.
+#[test]
+fn with_every_tso_buffer_in_flight_the_ring_takes_no_frame() {
+    let (model, _hal, _dev, mut queues) = up(small(1));
+    let f = ipv4_frame(
+        [10, 0, 0, 1],
+        [10, 0, 0, 2],
+        PROTO_TCP,
+        &tcp(4000, 80, 1, 0x10, &vec![7u8; 4000]),
+        false,
+    );
+    let meta = TxMeta {
+        csum: true,
+        tso_mss: Some(1448),
+    };
+    let tx = queues[0].tx();
+    // small(): 2 TSO buffers; the model has not run (nothing sent yet).
+    for _ in 0..2 {
+        assert!(tx.can_transmit());
+        tx.transmit(f.len(), meta, |b| b.copy_from_slice(&f))
+            .expect("room");
+    }
+    assert!(!tx.can_transmit(), "both TSO buffers in flight");
+    model.step();
+    assert!(tx.can_transmit(), "the device sent them: buffers back");
+    assert!(model.errors().is_empty(), "{:?}", model.errors());
+}
