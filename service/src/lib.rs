@@ -69,7 +69,10 @@
 //!   fewer than [`STALL_MIN_BYTES`] are taken in the stall time
 //!   ([`STALL_NS`] by default) is dropped, and so is a closing socket not
 //!   closed by then: a client that stops reading does not keep a socket and
-//!   its output for ever.
+//!   its output for ever. A peer silent for half the stall time gets a TCP
+//!   keep-alive probe and one silent for twice the stall time is dropped
+//!   ([`peer_timers`]): a client whose RST or FIN never reached us does
+//!   not keep its socket either.
 //! - Budgets count the heap really held (buffer capacities, not bytes
 //!   waiting), and the buffer pools are capped.
 //! - So the heap the service can hold beyond its fixed start-up allocations
@@ -138,6 +141,24 @@ pub const HELD_TOTAL: usize = 48 << 20;
 /// then (a window probe's worth) from holding its socket and output for
 /// ever too (the soak saw one hold 8 MB for 38 s).
 pub const STALL_NS: u64 = 30_000_000_000;
+/// TCP keep-alive and timeout of every connection, from the stall time:
+/// a probe after half of it without a packet from the peer (at least 1 s),
+/// and the connection aborted when the peer has sent nothing for twice
+/// the stall time. A peer that vanished without its RST or FIN reaching
+/// us (a lost RST is never sent again; the soak test lost one on igb, whose
+/// full receive ring drops frames) would otherwise hold its socket and
+/// buffers for ever while nothing of ours waits to be sent: the probe draws
+/// an RST from a host that no longer knows the connection, and the timeout
+/// ends one that answers nothing. A live idle client answers the probes
+/// and is kept. Returns (keep-alive interval, timeout).
+pub fn peer_timers(stall_ns: u64) -> (smoltcp::time::Duration, smoltcp::time::Duration) {
+    let ms = (stall_ns / 1_000_000).max(1);
+    (
+        smoltcp::time::Duration::from_millis((ms / 2).max(1_000)),
+        smoltcp::time::Duration::from_millis(ms.saturating_mul(2).max(2_000)),
+    )
+}
+
 /// See [`STALL_NS`]: the least a client must take of waiting replies per
 /// stall time (64 KiB per 30 s by default, about 2 KiB/s).
 pub const STALL_MIN_BYTES: usize = 64 * 1024;
@@ -739,6 +760,10 @@ impl<P: Platform> Server<P> {
                 tcp::SocketBuffer::new(alloc::vec![0u8; SOCKET_BUF]),
             );
             s.set_nagle_enabled(false);
+            // Kept across listen() and reset(): every connection has them.
+            let (keep_alive, timeout) = peer_timers(stall_ns);
+            s.set_keep_alive(Some(keep_alive));
+            s.set_timeout(Some(timeout));
             let _ = s.listen(PORT);
             socks.push(Sock {
                 handle: sockets.add(s),

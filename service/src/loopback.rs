@@ -190,6 +190,17 @@ impl End {
     pub fn has_rx(&self) -> bool {
         !self.wire.borrow().queues[self.side].is_empty()
     }
+
+    /// Loses every frame waiting for this end (their buffers go back to
+    /// the free list); returns how many.
+    pub fn lose_rx(&self) -> usize {
+        let mut w = self.wire.borrow_mut();
+        let w = &mut *w;
+        let n = w.queues[self.side].len();
+        w.free
+            .extend(w.queues[self.side].drain(..).map(|(buf, _)| buf));
+        n
+    }
 }
 
 pub struct Rx<'a> {
@@ -544,6 +555,25 @@ impl Loopback {
             if server.in_flight() == 0 && !server.busy {
                 break;
             }
+        }
+    }
+
+    /// One step with no request made: the server's side runs, and the
+    /// client's answers what reaches it (`answers`) or has vanished, every
+    /// frame sent to it lost (as after a lost RST). Returns the frames
+    /// lost.
+    pub fn idle_step<P: Platform>(
+        &mut self,
+        side: &mut ServerSide,
+        server: &mut Server<P>,
+        answers: bool,
+    ) -> usize {
+        self.serve(side, server);
+        if answers {
+            self.client_step();
+            0
+        } else {
+            self.dev.lose_rx()
         }
     }
 

@@ -185,3 +185,77 @@ fn stack_timer_asks_for_the_next_timer_at_most_once_per_check_time() {
     assert!(!t.due(t0 + Duration::from_micros(1_400)));
     assert!(t.due(t0 + Duration::from_micros(1_500)));
 }
+
+thread_local! {
+    /// This thread's clock for the tests that let time pass (ns).
+    static CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(1_000_000_000) };
+}
+
+/// Moves on 10 µs per look (so that the stack's timers, such as its
+/// delayed ACKs, fire while the client and server step), and by as much as
+/// a test adds.
+fn test_clock() -> u64 {
+    CLOCK.with(|c| {
+        c.set(c.get() + 10_000);
+        c.get()
+    })
+}
+
+/// A connection whose client went quiet: kept while the client answers
+/// the keep-alive probes, dropped (the socket listens again, the server
+/// goes idle with its buffers given back) when everything sent to it is
+/// lost, as when its RST never reached us.
+#[test]
+fn a_client_gone_unheard_is_dropped_and_a_quiet_one_that_answers_is_kept() {
+    const STALL: u64 = 2_000_000_000;
+    let (keep_alive, timeout) = peer_timers(STALL);
+    assert_eq!(
+        (keep_alive.total_millis(), timeout.total_millis()),
+        (1_000, 4_000)
+    );
+    for answers in [true, false] {
+        let (mut side, mut lb) =
+            Loopback::new("nvme0n1", true, 4, test_clock, rdtsc, Link::default());
+        let engine = Engine::new(PatternQueue {
+            done: Vec::with_capacity(256),
+        });
+        let disks = [DiskLimits {
+            depth: 256,
+            max_transfer: 128 * 1024,
+            lbs: 4096,
+        }];
+        let p = OneEngine::new(engine, test_clock, rdtsc);
+        let mut server = Server::new(p, &mut side.sockets, table(), &disks, STALL);
+        lb.connect(&mut side, &mut server).unwrap();
+        let f = lb.run(&mut side, &mut server, 100, 4).unwrap();
+        assert_eq!((f.reads, f.failed), (100, 0));
+        let serving = |s: &Server<_>| {
+            s.sockets
+                .iter()
+                .filter(|k| matches!(k.slot, Slot::Serving(_)))
+                .count()
+        };
+        assert_eq!(serving(&server), 1);
+        let (idle0, frames0) = (server.idle_reports, side.dev.frames().sent);
+        // Three times the timeout passes without a request.
+        let mut lost = 0;
+        let end = test_clock() + 3 * timeout.total_millis() * 1_000_000;
+        while test_clock() < end {
+            CLOCK.with(|c| c.set(c.get() + 50_000_000));
+            lost += lb.idle_step(&mut side, &mut server, answers);
+        }
+        let probes = side.dev.frames().sent - frames0;
+        if answers {
+            assert_eq!(serving(&server), 1, "a client that answers is kept");
+            assert_eq!(server.idle_reports, idle0);
+            // The control: the server did probe it, about once per
+            // keep-alive interval.
+            assert!(probes >= 6, "{probes} keep-alive probes in 12 s");
+        } else {
+            assert_eq!(serving(&server), 0, "a vanished client is dropped");
+            assert_eq!(server.idle_reports, idle0 + 1, "the server went idle");
+            assert!(server.small.is_empty() && server.large.is_empty());
+            assert!(lost >= 3, "{lost} frames lost: probes before the timeout");
+        }
+    }
+}

@@ -191,11 +191,29 @@ fn wait_idle(guest: &Guest, after: usize, start_heap: u64) -> String {
         }
         assert!(
             t0.elapsed() < limit,
-            "no idle report with the heap back at its start level ({start_heap} bytes) within {limit:?} of the last client leaving; idle heap figures: {:?}",
-            figures(&c, "idle:", "heap ")
+            "no idle report with the heap back at its start level ({start_heap} bytes) within {limit:?} of the last client leaving; idle heap figures: {:?}; each core's last report: {:?}",
+            figures(&c, "idle:", "heap "),
+            last_core_reports(&c)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The last `nbd: core N: ...` line of each core (a core missing here
+/// never went idle).
+fn last_core_reports(console: &str) -> Vec<&str> {
+    let mut last: Vec<(&str, &str)> = Vec::new();
+    for l in console.lines() {
+        let Some(i) = l.find("nbd: core ") else {
+            continue;
+        };
+        let core = l[i..].split(':').nth(1).unwrap_or("");
+        match last.iter_mut().find(|(c, _)| *c == core) {
+            Some(e) => e.1 = &l[i..],
+            None => last.push((core, &l[i..])),
+        }
+    }
+    last.into_iter().map(|(_, l)| l).collect()
 }
 
 /// How long a client waits for the greeting.
@@ -791,7 +809,9 @@ fn soak(nic: dioxide_qemu::Nic, smp: u32) {
     // All clients gone: the server goes idle with the heap at its level
     // from start. (Flooding connections end when the server drops them for
     // replies not taken: QEMU's user networking does not pass on the
-    // client's close while the guest's receive window is shut.)
+    // client's close while the guest's receive window is shut. A
+    // client's RST that igb dropped with its receive ring full is never
+    // sent again: that connection ends at the server's keep-alive probe.)
     let t_gone = Instant::now();
     let console = wait_idle(guest, 0, start_heap);
     let idle_after = t_gone.elapsed();
