@@ -378,6 +378,8 @@ fn serve(
 pub struct ServiceArgs {
     pub null: bool,
     pub stall_ns: u64,
+    /// `nbd.peer_timeout_s`: how long a peer may answer nothing.
+    pub peer_timeout_ns: u64,
     pub storage_cores: bool,
 }
 
@@ -385,10 +387,17 @@ impl ServiceArgs {
     fn from(args: &Cmdline, mode: nvme::Mode) -> ServiceArgs {
         let null = args.get("nbd.null") == Some("1");
         let stall_ns = match args.number("nbd.stall_s") {
-            Ok(v) => v.map_or(nbd::STALL_NS, |s| s.max(1) * 1_000_000_000),
+            Ok(v) => v.map_or(nbd::STALL_NS, seconds_ns),
             Err(v) => fail(
                 EXIT_CONFIG,
                 format_args!("nbd.stall_s={v:?}: expected seconds"),
+            ),
+        };
+        let peer_timeout_ns = match args.number("nbd.peer_timeout_s") {
+            Ok(v) => v.map_or(nbd::PEER_TIMEOUT_NS, seconds_ns),
+            Err(v) => fail(
+                EXIT_CONFIG,
+                format_args!("nbd.peer_timeout_s={v:?}: expected seconds"),
             ),
         };
         // Default: storage cores with interrupt completion only. A
@@ -407,9 +416,15 @@ impl ServiceArgs {
         ServiceArgs {
             null,
             stall_ns,
+            peer_timeout_ns,
             storage_cores,
         }
     }
+}
+
+/// `s` seconds (at least 1, at most a year) in nanoseconds.
+fn seconds_ns(s: u64) -> u64 {
+    s.clamp(1, 365 * 24 * 3600) * 1_000_000_000
 }
 
 /// The virtio-net offloads the arguments ask for (`net.csum=`,

@@ -70,9 +70,9 @@
 //!   ([`STALL_NS`] by default) is dropped, and so is a closing socket not
 //!   closed by then: a client that stops reading does not keep a socket and
 //!   its output for ever. A peer silent for half the stall time gets a TCP
-//!   keep-alive probe and one silent for twice the stall time is dropped
-//!   ([`peer_timers`]): a client whose RST or FIN never reached us does
-//!   not keep its socket either.
+//!   keep-alive probe and one that answers nothing for the peer timeout
+//!   (5 minutes by default) is dropped ([`peer_timers`]): a client whose
+//!   RST or FIN never reached us does not keep its socket either.
 //! - Budgets count the heap really held (buffer capacities, not bytes
 //!   waiting), and the buffer pools are capped.
 //! - So the heap the service can hold beyond its fixed start-up allocations
@@ -141,23 +141,34 @@ pub const HELD_TOTAL: usize = 48 << 20;
 /// then (a window probe's worth) from holding its socket and output for
 /// ever too (the soak saw one hold 8 MB for 38 s).
 pub const STALL_NS: u64 = 30_000_000_000;
-/// TCP keep-alive and timeout of every connection, from the stall time:
-/// a probe after half of it without a packet from the peer (at least 1 s),
-/// and the connection aborted when the peer has sent nothing for twice
-/// the stall time. A peer that vanished without its RST or FIN reaching
-/// us (a lost RST is never sent again; the soak test lost one on igb, whose
-/// full receive ring drops frames) would otherwise hold its socket and
-/// buffers for ever while nothing of ours waits to be sent: the probe draws
-/// an RST from a host that no longer knows the connection, and the timeout
-/// ends one that answers nothing. A live idle client answers the probes
-/// and is kept. Returns (keep-alive interval, timeout).
-pub fn peer_timers(stall_ns: u64) -> (smoltcp::time::Duration, smoltcp::time::Duration) {
-    let ms = (stall_ns / 1_000_000).max(1);
+/// TCP keep-alive and timeout of every connection: a probe after half the
+/// stall time without a packet (at least 1 s), and the connection aborted
+/// when the peer has sent nothing for `peer_timeout_ns` (at least twice
+/// the keep-alive interval). A peer that vanished without its RST or FIN
+/// reaching us (a lost RST is never sent again; the soak test lost one on
+/// igb, whose full receive ring drops frames) would otherwise hold its
+/// socket and buffers for ever while nothing of ours waits to be sent: the
+/// probe draws an RST from a host that no longer knows the connection, and
+/// the timeout ends one that answers nothing (a host gone, a cable cut).
+/// A live client answers the probes and is kept however long it is quiet;
+/// one that answers nothing for the peer timeout ([`PEER_TIMEOUT_NS`] by
+/// default, `nbd.peer_timeout_s`: a paused VM, a suspended laptop) is
+/// dropped. Returns (keep-alive interval, timeout).
+pub fn peer_timers(
+    stall_ns: u64,
+    peer_timeout_ns: u64,
+) -> (smoltcp::time::Duration, smoltcp::time::Duration) {
+    let keep_ms = (stall_ns / 2_000_000).max(1_000);
+    let timeout_ms = (peer_timeout_ns / 1_000_000).max(keep_ms.saturating_mul(2));
     (
-        smoltcp::time::Duration::from_millis((ms / 2).max(1_000)),
-        smoltcp::time::Duration::from_millis(ms.saturating_mul(2).max(2_000)),
+        smoltcp::time::Duration::from_millis(keep_ms),
+        smoltcp::time::Duration::from_millis(timeout_ms),
     )
 }
+
+/// See [`peer_timers`]: how long a peer may send nothing at all (not even
+/// an answer to a keep-alive probe) before its connection is dropped.
+pub const PEER_TIMEOUT_NS: u64 = 300_000_000_000;
 
 /// See [`STALL_NS`]: the least a client must take of waiting replies per
 /// stall time (64 KiB per 30 s by default, about 2 KiB/s).
@@ -627,6 +638,9 @@ fn put<B>(reqs: &mut Slab<Req<B>>, ready: &mut Ring<ReqId>, id: ReqId, n: u32) {
         return;
     };
     let Some(left) = req.parts.checked_sub(n) else {
+        // Cannot happen (each command part is counted once); were it to,
+        // the request would never be replied to: say so.
+        log::error!(target: "nbd", "request {id:?}: {n} parts completed of {} outstanding", req.parts);
         return;
     };
     req.parts = left;
@@ -761,7 +775,7 @@ impl<P: Platform> Server<P> {
             );
             s.set_nagle_enabled(false);
             // Kept across listen() and reset(): every connection has them.
-            let (keep_alive, timeout) = peer_timers(stall_ns);
+            let (keep_alive, timeout) = peer_timers(stall_ns, PEER_TIMEOUT_NS);
             s.set_keep_alive(Some(keep_alive));
             s.set_timeout(Some(timeout));
             let _ = s.listen(PORT);
@@ -806,6 +820,17 @@ impl<P: Platform> Server<P> {
             touched: true,
             prof: Profile::default(),
             stall_ns,
+        }
+    }
+
+    /// Sets how long a peer may send nothing before its connection is
+    /// dropped ([`peer_timers`]; [`PEER_TIMEOUT_NS`] by default).
+    pub fn set_peer_timeout(&mut self, sockets: &mut SocketSet<'_>, peer_timeout_ns: u64) {
+        let (keep_alive, timeout) = peer_timers(self.stall_ns, peer_timeout_ns);
+        for s in &self.sockets {
+            let sock = sockets.get_mut::<tcp::Socket>(s.handle);
+            sock.set_keep_alive(Some(keep_alive));
+            sock.set_timeout(Some(timeout));
         }
     }
 
@@ -1059,7 +1084,12 @@ impl<P: Platform> Server<P> {
     fn tend_socket(&mut self, sock: &mut tcp::Socket, s: &mut Sock, i: usize) {
         match s.slot {
             Slot::Listening => {
-                if sock.is_active() {
+                // Past SYN-RECEIVED only: an RST then (or a lost handshake
+                // ACK and the client's RST) puts smoltcp's socket back to
+                // LISTEN, which a serving slot would not notice. A
+                // handshake that never completes is bounded by the peer
+                // timeout (smoltcp aborts it), then listens again below.
+                if sock.is_active() && sock.state() != tcp::State::SynReceived {
                     log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
                     s.gen = s.gen.wrapping_add(1);
                     s.flow = Flow {
@@ -1301,6 +1331,7 @@ impl<P: Platform> Server<P> {
         };
         let Ok(id) = self.reqs.insert(req) else {
             // Checked not full by the caller.
+            log::error!(target: "nbd", "request table full after the check: a read is not answered");
             return Ok(());
         };
         self.held[read.sock] += held;

@@ -126,10 +126,15 @@ impl Inboxes {
 }
 
 /// A core's NIC queue pair as its stack's device: the frames copied to
-/// this core first, then the wire's. On the primary core every ARP frame
-/// received is also copied to the other cores.
+/// this core first (unless the wire has one too: a copy's turn needs a
+/// transmit token, and with the transmit ring full the wire's frames would
+/// wait behind it while the receive ring fills and drops), then the
+/// wire's. On the primary core every ARP frame received is also copied to
+/// the other cores.
 pub struct Fanout<'i, D> {
     pub inner: D,
+    /// Whether the wire has a frame waiting (without taking it).
+    rx_ready: fn(&D) -> bool,
     core: usize,
     primary: bool,
     inboxes: &'i Inboxes,
@@ -140,10 +145,18 @@ pub struct Fanout<'i, D> {
 
 impl<'i, D: Device> Fanout<'i, D> {
     /// Core `core`'s device; `primary`: the core whose queue receives what
-    /// RSS cannot hash.
-    pub fn new(inner: D, core: usize, primary: bool, inboxes: &'i Inboxes) -> Fanout<'i, D> {
+    /// RSS cannot hash; `rx_ready` says whether `inner` has a received
+    /// frame waiting.
+    pub fn new(
+        inner: D,
+        rx_ready: fn(&D) -> bool,
+        core: usize,
+        primary: bool,
+        inboxes: &'i Inboxes,
+    ) -> Fanout<'i, D> {
         Fanout {
             inner,
+            rx_ready,
             core,
             primary,
             inboxes,
@@ -204,7 +217,9 @@ impl<'i, D: Device> Device for Fanout<'i, D> {
         if self.pending.is_none() {
             self.pending = self.inboxes.take(self.core);
         }
-        if self.pending.is_some() {
+        // A copied frame goes first unless the wire has one too (see the
+        // type).
+        if self.pending.is_some() && !(self.rx_ready)(&self.inner) {
             let tx = self.inner.transmit(ts)?;
             let side = self.pending.take()?;
             return Some((FanRx::Side(side), tx));

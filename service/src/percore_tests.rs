@@ -23,6 +23,29 @@ struct Port {
     tx: Frames,
 }
 
+impl Port {
+    fn rx_ready(&self) -> bool {
+        !self.rx.borrow().is_empty()
+    }
+}
+
+/// A [`Port`] whose transmit ring is full: no transmit token.
+struct FullTx(Port);
+
+impl Device for FullTx {
+    type RxToken<'a> = PRx;
+    type TxToken<'a> = PTx;
+    fn receive(&mut self, t: Instant) -> Option<(PRx, PTx)> {
+        self.0.receive(t)
+    }
+    fn transmit(&mut self, _: Instant) -> Option<PTx> {
+        None
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.0.capabilities()
+    }
+}
+
 struct PRx(Vec<u8>);
 struct PTx(Frames);
 
@@ -103,6 +126,7 @@ fn connect(port: u16, fan_out: bool) -> (bool, usize) {
             rx: rx0.clone(),
             tx: from_cores.clone(),
         },
+        Port::rx_ready,
         0,
         fan_out,
         &inboxes,
@@ -112,6 +136,7 @@ fn connect(port: u16, fan_out: bool) -> (bool, usize) {
             rx: rx1.clone(),
             tx: from_cores.clone(),
         },
+        Port::rx_ready,
         1,
         false,
         &inboxes,
@@ -240,4 +265,51 @@ fn the_shared_address_round_trips_and_its_generation_moves() {
     let (g2, a2) = s.get();
     assert_eq!(a2.cidr, None);
     assert_ne!(g1, g2);
+}
+
+/// A copied ARP frame waiting while the transmit ring is full does not
+/// hold up the wire's frames; once the wire is drained it waits for a
+/// transmit token (the control: with one, a copy is delivered).
+#[test]
+fn a_copied_frame_does_not_hold_up_the_wire_while_transmit_is_full() {
+    let inboxes = Inboxes::new(2);
+    let (rx1, tx1) = (frames(), frames());
+    // An ARP reply as core 0 copies it to core 1's inbox.
+    let mut arp = vec![0u8; 42];
+    arp[..6].copy_from_slice(&SERVER_MAC);
+    arp[6..12].copy_from_slice(&CLIENT_MAC);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    assert!(is_shared(&arp));
+    inboxes.publish(0, &arp);
+    let wire = vec![0xabu8; 60];
+    rx1.borrow_mut().push_back(wire.clone());
+    let port = FullTx(Port {
+        rx: rx1.clone(),
+        tx: tx1.clone(),
+    });
+    let mut d1 = Fanout::new(port, |p: &FullTx| p.0.rx_ready(), 1, false, &inboxes);
+    assert!(d1.inner.0.rx_ready() && d1.has_side());
+    let got = d1
+        .receive(Instant::ZERO)
+        .map(|(rx, _)| rx.consume(|f| f.to_vec()));
+    assert_eq!(got.as_deref(), Some(&wire[..]), "the wire's frame first");
+    // The wire is drained: the copy waits for a transmit token.
+    assert!(d1.receive(Instant::ZERO).is_none());
+    assert!(d1.has_side());
+    let mut d1 = Fanout::new(
+        Port {
+            rx: rx1.clone(),
+            tx: tx1.clone(),
+        },
+        Port::rx_ready,
+        1,
+        false,
+        &inboxes,
+    );
+    inboxes.publish(0, &arp);
+    let got = d1
+        .receive(Instant::ZERO)
+        .map(|(rx, _)| rx.consume(|f| f.to_vec()));
+    assert_eq!(got.as_deref(), Some(&arp[..]), "then the copy");
 }

@@ -208,7 +208,14 @@ fn test_clock() -> u64 {
 #[test]
 fn a_client_gone_unheard_is_dropped_and_a_quiet_one_that_answers_is_kept() {
     const STALL: u64 = 2_000_000_000;
-    let (keep_alive, timeout) = peer_timers(STALL);
+    const PEER: u64 = 4_000_000_000;
+    // The default: a probe after 15 s of silence, dropped after 5 min.
+    let (k, t) = peer_timers(STALL_NS, PEER_TIMEOUT_NS);
+    assert_eq!((k.total_millis(), t.total_millis()), (15_000, 300_000));
+    // The timeout is at least two keep-alive intervals.
+    let (k, t) = peer_timers(STALL_NS, 1_000_000_000);
+    assert_eq!((k.total_millis(), t.total_millis()), (15_000, 30_000));
+    let (keep_alive, timeout) = peer_timers(STALL, PEER);
     assert_eq!(
         (keep_alive.total_millis(), timeout.total_millis()),
         (1_000, 4_000)
@@ -226,6 +233,7 @@ fn a_client_gone_unheard_is_dropped_and_a_quiet_one_that_answers_is_kept() {
         }];
         let p = OneEngine::new(engine, test_clock, rdtsc);
         let mut server = Server::new(p, &mut side.sockets, table(), &disks, STALL);
+        server.set_peer_timeout(&mut side.sockets, PEER);
         lb.connect(&mut side, &mut server).unwrap();
         let f = lb.run(&mut side, &mut server, 100, 4).unwrap();
         assert_eq!((f.reads, f.failed), (100, 0));

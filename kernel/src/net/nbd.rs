@@ -21,7 +21,7 @@ use crate::net::stack::{Net, NetPort};
 use crate::net::storage;
 use crate::platform::time;
 use dioxide_iomap::{DioError, Engine, ReqId};
-pub use dioxide_service::{heap_bound, STALL_NS};
+pub use dioxide_service::{heap_bound, PEER_TIMEOUT_NS, STALL_NS};
 use dioxide_service::{DiskLimits, Done, Idle, Job, Platform, Server, Table};
 
 /// The service as the run loop holds it.
@@ -181,15 +181,22 @@ pub fn table(mounts: &[crate::block::disk::Mounted], null_export: bool) -> &'sta
     alloc::boxed::Box::leak(alloc::boxed::Box::new(exports(mounts, null_export)))
 }
 
-/// A service on `net`'s sockets (this core's stack) serving `table`.
-pub fn server<D: NetPort>(net: &mut Net<D>, table: &'static Table, stall_ns: u64) -> Service {
-    Server::new(
+/// A service on `net`'s sockets (this core's stack) serving `table`,
+/// with the time limits of `args`.
+pub fn server<D: NetPort>(
+    net: &mut Net<D>,
+    table: &'static Table,
+    args: &crate::ServiceArgs,
+) -> Service {
+    let mut s = Server::new(
         KernelPlatform,
         &mut net.sockets,
         table,
         &disk_limits(),
-        stall_ns,
-    )
+        args.stall_ns,
+    );
+    s.set_peer_timeout(&mut net.sockets, args.peer_timeout_ns);
+    s
 }
 
 /// Logs what the service offers (once, whatever the number of stacks).
@@ -220,7 +227,7 @@ pub fn start<D: NetPort>(
     args: &crate::ServiceArgs,
 ) -> Service {
     let table = table(mounts, args.null);
-    let server = server(net, table, args.stall_ns);
+    let server = server(net, table, args);
     storage::start(table, dioxide_service::MAX_REQS, args.storage_cores);
     announce(table, args.null);
     server

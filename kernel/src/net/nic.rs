@@ -121,9 +121,15 @@ pub fn serve_per_core(
             } else {
                 stack::Addressing::Follow
             };
-            let dev = Fanout::new(port, core, core == 0, inboxes);
+            let dev = Fanout::new(
+                port,
+                |p: &crate::drivers::igb::Port| p.queue().has_frame(),
+                core,
+                core == 0,
+                inboxes,
+            );
             let mut net = stack::init(dev, mac, addressing);
-            let server = nbd::server(&mut net, table, args.stall_ns);
+            let server = nbd::server(&mut net, table, args);
             (net, server)
         })
         .collect();

@@ -21,7 +21,8 @@
 //! | `net.mtu` | 576 to 65521 (default: the device's `host_mtu`, else 1500) | the MTU, at most the device's |
 //! | `nbd.null` | `1` | add the export `null`: zeros without device I/O (network path alone, for `dioxide bench nbd`) |
 //! | `nbd.storage_cores` | `1`, `0` (default: 1 with `nvme.completion=irq`, else 0) | with several CPUs, issue each connection's reads on a storage core (1) or all on the boot core (0) |
-//! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long; TCP keep-alive after half of it without a packet, a peer silent for twice it dropped |
+//! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long; TCP keep-alive probe after half of it without a packet |
+//! | `nbd.peer_timeout_s` | seconds (default 300) | drop an NBD connection whose peer sends nothing, not even an answer to a keep-alive probe, for this long |
 //! | `time.source` | `hpet`, `pmtimer`, `pit`, `cpuid` | calibrate the TSC against this source only (default: the first that measures, in this order) |
 //! | `power` | `debugexit`, `acpi`, `halt` | how to power off (default: `debugexit` under a hypervisor, falling back to `acpi`; on bare metal `acpi` after success, `halt` after a failure) |
 //! | `panic` | `off` (default), `reboot` | what a panic or CPU exception ends in: power-off, or a reset |
@@ -84,6 +85,7 @@ pub const KNOWN: &[&str] = &[
     "nbd.null",
     "nbd.storage_cores",
     "nbd.stall_s",
+    "nbd.peer_timeout_s",
     "net.gw",
     "log",
     "bench.qd",
