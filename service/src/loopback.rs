@@ -450,20 +450,30 @@ impl Loopback {
         self.expect = Some(sum);
     }
 
-    /// Connects and negotiates: returns the export's size.
-    pub fn connect<P: Platform>(
-        &mut self,
-        side: &mut ServerSide,
-        server: &mut Server<P>,
-    ) -> Result<u64, LoopError> {
+    /// Sends the client's SYN (the handshake goes on in [`Loopback::connect`]).
+    pub fn send_syn(&mut self) {
         let now = instant(self.now);
         let sock = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        if sock.is_open() {
+            return;
+        }
         // Connecting a fresh socket to a fixed address cannot fail.
         let _ = sock.connect(
             self.iface.context(),
             (IpAddress::Ipv4(SERVER_IP), PORT),
             49152 + (now.total_millis() % 10_000) as u16,
         );
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    /// Connects (unless [`Loopback::send_syn`] began it) and negotiates:
+    /// returns the export's size.
+    pub fn connect<P: Platform>(
+        &mut self,
+        side: &mut ServerSide,
+        server: &mut Server<P>,
+    ) -> Result<u64, LoopError> {
+        self.send_syn();
         let mut last = (self.now)();
         while !self.client.is_ready() {
             if let Some(e) = self.client.error() {
@@ -585,7 +595,7 @@ impl Loopback {
     }
 
     /// The server's part of a step, as the kernel's run loop does it.
-    fn serve<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>) -> bool {
+    pub fn serve<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>) -> bool {
         let now = self.now;
         let t0 = (self.rdtsc)();
         let rx = side.dev.has_rx();
@@ -607,7 +617,7 @@ impl Loopback {
     }
 
     /// The client's part: its stack, its socket and the NBD client.
-    fn client_step(&mut self) -> bool {
+    pub fn client_step(&mut self) -> bool {
         let now = instant(self.now);
         let mut moved = self.dev.has_rx();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);

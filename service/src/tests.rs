@@ -267,3 +267,41 @@ fn a_client_gone_unheard_is_dropped_and_a_quiet_one_that_answers_is_kept() {
         }
     }
 }
+
+/// A connection is served (counted, greeted, given a slot's state) only
+/// once its handshake is done: in SYN-RECEIVED an RST puts smoltcp's socket
+/// back to LISTEN, which a serving slot would not notice.
+#[test]
+fn a_half_open_connection_is_not_served_until_its_handshake_completes() {
+    let (mut side, mut lb) = Loopback::new("nvme0n1", true, 1, now, rdtsc, Link::default());
+    let mut server = server(&mut side);
+    let serving = |s: &Server<_>| {
+        s.sockets
+            .iter()
+            .filter(|k| matches!(k.slot, Slot::Serving(_)))
+            .count()
+    };
+    let half_open = |side: &loopback::ServerSide| {
+        side.sockets
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s, smoltcp::socket::Socket::Tcp(t) if t.state() == tcp::State::SynReceived)
+            })
+            .count()
+    };
+    // ARP, then the SYN: the server takes it and answers; the client has
+    // not answered yet.
+    lb.send_syn();
+    for _ in 0..100 {
+        lb.serve(&mut side, &mut server);
+        if half_open(&side) > 0 {
+            break;
+        }
+        lb.client_step();
+    }
+    assert_eq!(half_open(&side), 1, "the SYN reached a listening socket");
+    assert_eq!((serving(&server), server.connections()), (0, 0));
+    // The control: the handshake done, it is served.
+    assert_eq!(lb.connect(&mut side, &mut server).unwrap(), BLOCKS * 4096);
+    assert_eq!((serving(&server), server.connections()), (1, 1));
+}
