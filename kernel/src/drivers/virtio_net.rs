@@ -252,7 +252,15 @@ impl Nic {
         } else {
             None
         };
-        let choice = vn::choose(offered, wanted, device_mtu);
+        // `max_virtqueue_pairs` (offset 8) exists only with VIRTIO_NET_F_MQ.
+        // One pair is wanted (`Wanted::queue_pairs`), so MQ is not
+        // negotiated: several pairs are docs/plans/virtio-mq.md.
+        let device_max_pairs = if offered & feature::MQ != 0 {
+            t.read_config_space::<u16>(8).ok()
+        } else {
+            None
+        };
+        let choice = vn::choose(offered, wanted, device_mtu, device_max_pairs);
         log::debug!(
             target: "net",
             "virtio-net features: offered {offered:#018x}, negotiated {:#018x}",
