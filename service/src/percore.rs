@@ -199,9 +199,11 @@ impl<'i, D: Device> Fanout<'i, D> {
     }
 }
 
-/// A received frame: a copy from the inbox or the wire's.
+/// A received frame: a copy from the inbox (lent in place from the
+/// device's pending slot, which consuming empties; a token dropped unused
+/// leaves it for the next turn) or the wire's.
 pub enum FanRx<'a, R> {
-    Side(SideFrame),
+    Side(&'a mut Option<SideFrame>),
     Wire {
         rx: R,
         /// Set on a publishing core: where shared frames are copied to.
@@ -212,7 +214,10 @@ pub enum FanRx<'a, R> {
 impl<R: RxToken> RxToken for FanRx<'_, R> {
     fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
         match self {
-            FanRx::Side(s) => f(s.bytes()),
+            FanRx::Side(slot) => {
+                let side = slot.take();
+                f(side.as_ref().map_or(&[][..], SideFrame::bytes))
+            }
             FanRx::Wire { rx, publish } => rx.consume(|frame| {
                 if let Some((boxes, core)) = publish {
                     if is_shared(frame) {
@@ -249,9 +254,9 @@ impl<'i, D: Device> Device for Fanout<'i, D> {
         // A copied frame goes first unless the wire has one too (see the
         // type).
         if self.pending.is_some() && !(self.rx_ready)(&self.inner) {
-            let tx = self.inner.transmit(ts)?;
-            let side = self.pending.take()?;
-            return Some((FanRx::Side(side), tx));
+            let Fanout { inner, pending, .. } = self;
+            let tx = inner.transmit(ts)?;
+            return Some((FanRx::Side(pending), tx));
         }
         let publish = self.publish.then_some((self.inboxes, self.core));
         let (rx, tx) = self.inner.receive(ts)?;

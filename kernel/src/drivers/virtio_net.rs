@@ -108,6 +108,9 @@ const RX_BUF: usize = 2048;
 const CTRL_WAIT_NS: u64 = 1_000_000_000;
 const HDR: usize = Hdr::LEN;
 type Queue = VirtQueue<VirtioHal, QUEUE>;
+/// The control queue: one command at a time (QEMU's has 64 entries; a
+/// queue may not be larger than the device's).
+type CtrlQueue = VirtQueue<VirtioHal, 4>;
 
 /// What the kernel arguments asked for; set once, before [`probe`].
 static WANTED: spin::Once<Wanted> = spin::Once::new();
@@ -132,7 +135,7 @@ struct Nic {
     pairs: Vec<Pair>,
     /// The control queue, with VIRTIO_NET_F_CTRL_VQ (for
     /// VIRTIO_NET_CTRL_MQ); its index.
-    ctrl: Option<(Queue, u16)>,
+    ctrl: Option<(CtrlQueue, u16)>,
     /// Virtqueues made (receive and transmit of every pair, control).
     queues: u16,
     choice: Choice,
@@ -188,6 +191,11 @@ struct Pair {
     /// Where a frame goes when no transmit buffer is free (dropped; TCP
     /// retransmits).
     scratch: Box<[u8]>,
+    /// Frames received and sent on this pair since start, and whether
+    /// they are reported per core (several pairs: each core's own).
+    rx_frames: u64,
+    tx_frames: u64,
+    per_core: bool,
 }
 
 /// TSO frame buffers kept for reuse (64 KiB each).
@@ -253,8 +261,10 @@ impl Nic {
             None
         };
         // `max_virtqueue_pairs` (offset 8) exists only with VIRTIO_NET_F_MQ.
-        // One pair is wanted (`Wanted::queue_pairs`), so MQ is not
-        // negotiated: several pairs are docs/plans/virtio-mq.md.
+        let wanted = &Wanted {
+            queue_pairs: want_pairs.max(1),
+            ..*wanted
+        };
         let device_max_pairs = if offered & feature::MQ != 0 {
             t.read_config_space::<u16>(8).ok()
         } else {
@@ -281,13 +291,8 @@ impl Nic {
         let event_idx = choice.features & feature::RING_EVENT_IDX != 0;
         // With MQ the device has max_virtqueue_pairs pairs and the control
         // queue after all of them (VIRTIO 1.2 5.1.2).
-        let max_pairs = if choice.features & feature::MQ != 0 {
-            t.read_config_space::<u16>(8).unwrap_or(1).clamp(1, 0x8000)
-        } else {
-            1
-        };
-        let pairs = want_pairs.clamp(1, max_pairs);
-        let ctrl_index = (choice.features & feature::CTRL_VQ != 0).then_some(2 * max_pairs);
+        let pairs = choice.queue_pairs.max(1);
+        let ctrl_index = choice.ctrl_queue();
         let queues = ctrl_index.map_or(2 * pairs, |c| c + 1);
         let bells = doorbells(bdf, queues)?;
         let bell = |q: u16| {
@@ -310,7 +315,7 @@ impl Nic {
             ));
         }
         let ctrl = match ctrl_index {
-            Some(c) => Some((Queue::new(&mut t, c, indirect, false)?, c)),
+            Some(c) => Some((CtrlQueue::new(&mut t, c, false, false)?, c)),
             None => None,
         };
         t.set_status(ok | DeviceStatus::DRIVER_OK);
@@ -349,8 +354,8 @@ impl Nic {
         let (Some((q, _)), Some(bell)) = (self.ctrl.as_mut(), bell) else {
             return Err(InitError::NoCtrl);
         };
-        let cmd = Box::new(vn::ctrl::mq_pairs_set(pairs));
-        let mut ack = Box::new([0xffu8; 1]);
+        let cmd = Box::new(vn::ctrl::mq_vq_pairs_set(pairs).ok_or(InitError::CtrlRefused)?);
+        let mut ack = Box::new([vn::ctrl::ACK_UNSET; 1]);
         // SAFETY: both buffers stay allocated until the device has
         // returned them (waited for below) or, if it does not answer in
         // time, for ever (leaked: it may still write the answer).
@@ -368,10 +373,11 @@ impl Nic {
             core::hint::spin_loop();
         }
         // SAFETY: the same buffers as given to `add`.
-        unsafe { q.pop_used(token, &[&cmd[..]], &mut [&mut ack[..]])? };
-        match vn::ctrl::ack(ack[0]) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(InitError::CtrlRefused),
+        let written = unsafe { q.pop_used(token, &[&cmd[..]], &mut [&mut ack[..]])? };
+        let written = ack.get(..written as usize).unwrap_or(&ack[..]);
+        match vn::ctrl::Ack::decode(written) {
+            Some(vn::ctrl::Ack::Ok) => Ok(()),
+            _ => Err(InitError::CtrlRefused),
         }
     }
 }
@@ -414,6 +420,9 @@ impl Pair {
                 Vec::new()
             },
             scratch: buffer(tx_len),
+            rx_frames: 0,
+            tx_frames: 0,
+            per_core: false,
         }
     }
 
@@ -684,6 +693,7 @@ impl TxToken for Tx<'_> {
         b[..HDR].copy_from_slice(&h.encode());
         let t1 = time::rdtsc();
         stats::add(&stats::TX_FRAMES, 1);
+        nic.tx_frames += 1;
         stats::add(&stats::TX_BUILD, t1 - t0);
         if h.flags & Hdr::NEEDS_CSUM != 0 {
             stats::add(&stats::TX_CSUM, 1);
@@ -724,6 +734,7 @@ impl Device for NetDevice {
         let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
         let (buf, start, len) = nic.next_frame()?;
+        nic.rx_frames += 1;
         drop(nic);
         Some((
             Rx {
@@ -835,14 +846,18 @@ pub fn bring_up(f: &Function, want_pairs: u16) -> Option<(Vec<NetDevice>, [u8; 6
         "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, {} queue pair(s){}",
         f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5],
         nic.pairs.len(),
-        if nic.choice.features & feature::MQ != 0 { " (multiqueue)" } else { "" }
+        if nic.choice.mq.on() { " (multiqueue)" } else { "" }
     );
     log::info!(target: "net", "virtio-net: {}", nic.choice);
     IN_USE.store(true, core::sync::atomic::Ordering::Relaxed);
+    let per_core = nic.pairs.len() > 1;
     let devs = core::mem::take(&mut nic.pairs)
         .into_iter()
-        .map(|p| NetDevice {
-            nic: RefCell::new(p),
+        .map(|mut p| {
+            p.per_core = per_core;
+            NetDevice {
+                nic: RefCell::new(p),
+            }
         })
         .collect();
     // Serving from now on: the device is never reset, so its transport
@@ -910,6 +925,14 @@ impl NetDevice {
     pub fn has_rx(&self) -> bool {
         self.nic.borrow().rxq.can_pop()
     }
+
+    /// This queue pair's frames (received, sent) since start, when it is
+    /// one of several (each core's own); `None` for a single pair, whose
+    /// counts are the device's ([`stats`]).
+    pub fn frames(&self) -> Option<(u64, u64)> {
+        let p = self.nic.borrow();
+        p.per_core.then_some((p.rx_frames, p.tx_frames))
+    }
 }
 
 /// How long a device reset may take before its memory is given up.
@@ -944,7 +967,9 @@ impl Drop for Nic {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        if LIVE.load(core::sync::atomic::Ordering::SeqCst) {
+        let posted =
+            self.rx.iter().any(Option::is_some) || self.tx_busy.iter().any(Option::is_some);
+        if LIVE.load(core::sync::atomic::Ordering::SeqCst) && posted {
             // The device may still write the posted buffers and read the
             // frames in flight: never freed (the rings are kept by
             // `VirtioHal::dma_dealloc`).

@@ -175,7 +175,7 @@ pub fn serve_virtio(
 /// whether that core's queue may receive frames every core must see (ARP
 /// replies, DHCP), which it then copies to the others.
 #[allow(clippy::too_many_arguments)]
-fn serve_per_core<P: stack::NetPort>(
+fn serve_per_core<P: stack::NetPort + 'static>(
     spread: &str,
     mut ports: alloc::vec::Vec<P>,
     rx_ready: fn(&P) -> bool,
