@@ -421,8 +421,9 @@ pub struct Config {
     /// says less). With a tap device its host side gets the same MTU
     /// ([`crate::tap::Tap::set_mtu`], done by whoever makes the tap).
     pub net_mtu: Option<u16>,
-    /// virtio-net queue pairs on a tap (multiqueue above 1; the tap is made
-    /// with as many queues). Ignored for igb and user networking.
+    /// virtio-net queue pairs (multiqueue above 1): set, with a tap of as
+    /// many queues, by whoever makes the tap ([`Config::tap_queues`]);
+    /// leave it 1 otherwise (user networking has one queue).
     pub net_queues: u16,
     /// Which NIC the guest gets on that network (virtio-net by default).
     pub nic: Nic,

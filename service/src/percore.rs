@@ -32,10 +32,10 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
 /// The largest frame an inbox carries: an ARP frame over Ethernet is 42
-/// bytes, 60 with the minimum frame's padding; a DHCP reply (RFC 2131: a
-/// client takes messages of 576 bytes; offers are about 300) in an
-/// Ethernet, IPv4 and UDP header, 618.
-pub const SIDE_MAX: usize = 640;
+/// bytes, 60 with the minimum frame's padding; a DHCP reply may fill the
+/// MTU (smoltcp tells the server it takes MTU - 28 bytes): a 1,500-byte
+/// MTU's frame.
+pub const SIDE_MAX: usize = 1514;
 /// Frames each core's inbox holds.
 pub const INBOX_DEPTH: usize = 64;
 /// Ethernet's type of ARP.
@@ -69,20 +69,38 @@ impl SideFrame {
     }
 }
 
-/// Whether a frame is one every core must see: an ARP reply (the answer
-/// to a request another core may have made) or a DHCP message to the
-/// client port (DHCP runs on the primary core; with virtio-net multiqueue
-/// its replies may arrive on any queue). ARP requests are answered by the
-/// core that receives them (copied, each core would answer again).
-pub fn is_shared(frame: &[u8]) -> bool {
+/// Where a received frame must also go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// Only to the core that received it.
+    No,
+    /// To every other core: an ARP reply (the answer to a request another
+    /// core may have made). ARP requests are answered by the core that
+    /// receives them (copied, each core would answer again).
+    All,
+    /// To the primary core (core 0), which runs DHCP: a DHCP message to the
+    /// client port (with virtio-net multiqueue the host's steering may put
+    /// it on any queue). The receiving core's stack has no socket for it.
+    Primary,
+}
+
+/// Where frame `frame` must also go ([`Share`]).
+pub fn share_of(frame: &[u8]) -> Share {
     let ethertype = |f: &[u8]| f.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]]));
     match ethertype(frame) {
-        Some(ETHERTYPE_ARP) => {
-            frame.len() >= 22 && u16::from_be_bytes([frame[20], frame[21]]) == ARP_REPLY
+        Some(ETHERTYPE_ARP)
+            if frame.len() >= 22 && u16::from_be_bytes([frame[20], frame[21]]) == ARP_REPLY =>
+        {
+            Share::All
         }
-        Some(ETHERTYPE_IPV4) => udp_dst_port(frame) == Some(DHCP_CLIENT_PORT),
-        _ => false,
+        Some(ETHERTYPE_IPV4) if udp_dst_port(frame) == Some(DHCP_CLIENT_PORT) => Share::Primary,
+        _ => Share::No,
     }
+}
+
+/// Whether a frame goes to other cores too ([`share_of`]).
+pub fn is_shared(frame: &[u8]) -> bool {
+    share_of(frame) != Share::No
 }
 
 /// The UDP destination port of an Ethernet/IPv4/UDP frame (first fragment
@@ -119,12 +137,21 @@ impl Inboxes {
 
     /// Copies `frame` into every inbox but core `from`'s.
     pub fn publish(&self, from: usize, frame: &[u8]) {
+        self.copy(frame, |core| core != from)
+    }
+
+    /// Copies `frame` into core `to`'s inbox.
+    pub fn send(&self, to: usize, frame: &[u8]) {
+        self.copy(frame, |core| core == to)
+    }
+
+    fn copy(&self, frame: &[u8], to: impl Fn(usize) -> bool) {
         let Some(f) = SideFrame::new(frame) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
         for (core, b) in self.boxes.iter().enumerate() {
-            if core == from {
+            if !to(core) {
                 continue;
             }
             match b.push(f) {
@@ -220,8 +247,11 @@ impl<R: RxToken> RxToken for FanRx<'_, R> {
             }
             FanRx::Wire { rx, publish } => rx.consume(|frame| {
                 if let Some((boxes, core)) = publish {
-                    if is_shared(frame) {
-                        boxes.publish(core, frame);
+                    match share_of(frame) {
+                        Share::No => {}
+                        Share::All => boxes.publish(core, frame),
+                        Share::Primary if core != 0 => boxes.send(0, frame),
+                        Share::Primary => {}
                     }
                 }
                 f(frame)

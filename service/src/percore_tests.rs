@@ -232,9 +232,17 @@ fn only_arp_replies_and_dhcp_to_the_client_are_shared_and_inboxes_are_bounded() 
         assert!(!is_shared(f), "{what}");
     }
     assert!(!is_shared(&dhcp[..37]));
-    let big = Inboxes::new(2);
-    big.publish(1, &dhcp);
-    assert_eq!(big.take(0).map(|f| f.bytes().len()), Some(dhcp.len()));
+    assert_eq!(
+        crate::percore::share_of(&dhcp),
+        crate::percore::Share::Primary
+    );
+    // A DHCP reply as large as the MTU allows goes to core 0 only.
+    let mut full = vec![0u8; crate::percore::SIDE_MAX];
+    full[..dhcp.len()].copy_from_slice(&dhcp);
+    let big = Inboxes::new(3);
+    big.send(0, &full);
+    assert_eq!(big.take(0).map(|f| f.bytes().len()), Some(full.len()));
+    assert!(big.take(1).is_none() && big.take(2).is_none());
 
     let mut arp = [0u8; 42];
     arp[12] = 0x08;
@@ -245,6 +253,7 @@ fn only_arp_replies_and_dhcp_to_the_client_are_shared_and_inboxes_are_bounded() 
     let mut ip = arp;
     ip[13] = 0x00;
     assert!(is_shared(&arp));
+    assert_eq!(crate::percore::share_of(&arp), crate::percore::Share::All);
     assert!(!is_shared(&request));
     assert!(!is_shared(&ip));
     assert!(!is_shared(&arp[..21]));

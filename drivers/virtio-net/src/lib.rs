@@ -288,7 +288,9 @@ impl fmt::Display for Choice {
             }
         }
         write!(f, ", tso {}", self.tso)?;
-        if self.mq == State::SwitchedOff {
+        // Said only when the device offers multiqueue: a single-queue
+        // device's line stays as it was.
+        if matches!(self.mq, State::SwitchedOff | State::NotOffered) {
             return Ok(());
         }
         write!(f, ", mq {}, queue pairs {}", self.mq, self.queue_pairs)?;

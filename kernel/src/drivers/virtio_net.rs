@@ -153,12 +153,24 @@ struct Doorbell {
 }
 
 impl Doorbell {
-    fn ring(self) {
-        // The ring's updates are visible before the device is told.
+    /// Tells the device about `q`'s new buffers if it wants to be told.
+    /// The full fence orders the ring's update (virtio-drivers' `add`: a
+    /// release store of the available index) before the read of the
+    /// device's notification suppression (`should_notify`): a store then a
+    /// load, which x86 may otherwise swap, losing a notification the device
+    /// waits for (Linux's `virtqueue_kick_prepare` has `virtio_mb` there).
+    fn kick<const N: usize>(self, q: &mut VirtQueue<VirtioHal, N>) {
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        if q.should_notify() {
+            self.ring();
+        }
+    }
+
+    fn ring(self) {
         // SAFETY: `addr` lies in the notify region of a BAR mapped
-        // uncached at start (`doorbells`); a 16-bit write of the queue's
-        // index is the notification (no VIRTIO_F_NOTIFICATION_DATA).
+        // uncached at start, bounds checked against the capability's
+        // length (`doorbells`); a 16-bit write of the queue's index is the
+        // notification (no VIRTIO_F_NOTIFICATION_DATA).
         unsafe { core::ptr::write_volatile(self.addr as *mut u16, self.queue) }
     }
 }
@@ -294,10 +306,12 @@ impl Nic {
         let pairs = choice.queue_pairs.max(1);
         let ctrl_index = choice.ctrl_queue();
         let queues = ctrl_index.map_or(2 * pairs, |c| c + 1);
-        let bells = doorbells(bdf, queues)?;
+        let needed: Vec<u16> = (0..2 * pairs).chain(ctrl_index).collect();
+        let bells = doorbells(bdf, &needed)?;
         let bell = |q: u16| {
             bells
-                .get(usize::from(q))
+                .iter()
+                .find(|b| b.queue == q)
                 .copied()
                 .ok_or(InitError::NoDoorbell(q))
         };
@@ -332,6 +346,7 @@ impl Nic {
             if let Err(e) = nic.set_pairs(pairs, ctrl_bell) {
                 log::warn!(target: "net", "virtio-net: {pairs} queue pairs refused ({e}): serving on one");
                 nic.pairs.truncate(1);
+                nic.choice.queue_pairs = 1;
             }
         }
         for p in &mut nic.pairs {
@@ -360,9 +375,7 @@ impl Nic {
         // returned them (waited for below) or, if it does not answer in
         // time, for ever (leaked: it may still write the answer).
         let token = unsafe { q.add(&[&cmd[..]], &mut [&mut ack[..]])? };
-        if q.should_notify() {
-            bell.ring();
-        }
+        bell.kick(q);
         let start = time::now_ns();
         while !q.can_pop() {
             if time::now_ns().saturating_sub(start) > CTRL_WAIT_NS {
@@ -449,9 +462,7 @@ impl Pair {
     fn repost(&mut self, b: Box<[u8]>) {
         match self.post(b) {
             Ok(()) => {
-                if self.rxq.should_notify() {
-                    self.rx_bell.ring();
-                }
+                self.rx_bell.kick(&mut self.rxq);
             }
             Err(e) => log::warn!(target: "net", "receive buffer lost: {e:?}"),
         }
@@ -704,9 +715,8 @@ impl TxToken for Tx<'_> {
         // SAFETY: the buffer is kept in `tx_busy` until the device returns it.
         match unsafe { nic.txq.add(&[&b[..total]], &mut []) } {
             Ok(t) => {
-                if nic.txq.should_notify() {
-                    nic.tx_bell.ring();
-                }
+                let bell = nic.tx_bell;
+                bell.kick(&mut nic.txq);
                 match nic.tx_busy.get_mut(usize::from(t)) {
                     Some(slot) => *slot = Some((b, total)),
                     None => {
@@ -846,7 +856,7 @@ pub fn bring_up(f: &Function, want_pairs: u16) -> Option<(Vec<NetDevice>, [u8; 6
         "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, {} queue pair(s){}",
         f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5],
         nic.pairs.len(),
-        if nic.choice.mq.on() { " (multiqueue)" } else { "" }
+        if nic.pairs.len() > 1 { " (multiqueue)" } else { "" }
     );
     log::info!(target: "net", "virtio-net: {}", nic.choice);
     IN_USE.store(true, core::sync::atomic::Ordering::Relaxed);
@@ -866,12 +876,13 @@ pub fn bring_up(f: &Function, want_pairs: u16) -> Option<(Vec<NetDevice>, [u8; 6
     Some((devs, mac))
 }
 
-/// The notify address of each of the first `queues` virtqueues of virtio
-/// function `bdf`: from its notify capability (VIRTIO 1.2 4.1.4.4: BAR,
-/// offset, `notify_off_multiplier`) and each queue's `queue_notify_off`
+/// The notify address of each virtqueue in `queues` of virtio function
+/// `bdf`: from its notify capability (VIRTIO 1.2 4.1.4.4: BAR, offset,
+/// length, `notify_off_multiplier`) and each queue's `queue_notify_off`
 /// (read through the common configuration's `queue_select`, here, once,
-/// before the queues are shared between cores).
-fn doorbells(bdf: Bdf, queues: u16) -> Result<Vec<Doorbell>, InitError> {
+/// before the queues are shared between cores); each checked to lie in the
+/// capability's region.
+fn doorbells(bdf: Bdf, queues: &[u16]) -> Result<Vec<Doorbell>, InitError> {
     const VENDOR: u8 = 0x09;
     const COMMON: u8 = 1;
     const NOTIFY: u8 = 2;
@@ -882,13 +893,16 @@ fn doorbells(bdf: Bdf, queues: u16) -> Result<Vec<Doorbell>, InitError> {
         let cfg_type = (pci::read32(bdf, off) >> 24) as u8;
         let bar = pci::read32(bdf, off + 4) as u8;
         let offset = pci::read32(bdf, off + 8);
+        let length = pci::read32(bdf, off + 12);
         match cfg_type {
             COMMON if common.is_none() => common = Some((bar, offset)),
-            NOTIFY if notify.is_none() => notify = Some((bar, offset, pci::read32(bdf, off + 16))),
+            NOTIFY if notify.is_none() => {
+                notify = Some((bar, offset, length, pci::read32(bdf, off + 16)))
+            }
             _ => {}
         }
     }
-    let (Some((cbar, coff)), Some((nbar, noff, mult))) = (common, notify) else {
+    let (Some((cbar, coff)), Some((nbar, noff, nlen, mult))) = (common, notify) else {
         return Err(InitError::NoDoorbell(0));
     };
     let base = |bar: u8| pci::bar_address(bdf, bar).ok_or(InitError::NoDoorbell(0));
@@ -896,24 +910,26 @@ fn doorbells(bdf: Bdf, queues: u16) -> Result<Vec<Doorbell>, InitError> {
     let notify = base(nbar)? + u64::from(noff);
     // Both regions were mapped by the transport; again here (idempotent)
     // so that this does not depend on it.
-    for (a, len) in [
-        (common, 0x40u64),
-        (notify, u64::from(queues) * u64::from(mult.max(2))),
-    ] {
-        crate::mm::map_mmio(a, len.max(2)).map_err(|_| InitError::NoDoorbell(0))?;
+    for (a, len) in [(common, 0x40u64), (notify, u64::from(nlen).max(2))] {
+        crate::mm::map_mmio(a, len).map_err(|_| InitError::NoDoorbell(0))?;
     }
     const QUEUE_SELECT: u64 = 0x16;
     const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    (0..queues)
-        .map(|q| {
+    queues
+        .iter()
+        .map(|&q| {
             // SAFETY: the common configuration structure, mapped uncached
             // above; only this core uses it while the device is set up.
             let off = unsafe {
                 core::ptr::write_volatile((common + QUEUE_SELECT) as *mut u16, q);
                 core::ptr::read_volatile((common + QUEUE_NOTIFY_OFF) as *const u16)
             };
+            let at = u64::from(off) * u64::from(mult);
+            if at + 2 > u64::from(nlen) {
+                return Err(InitError::NoDoorbell(q));
+            }
             Ok(Doorbell {
-                addr: notify + u64::from(off) * u64::from(mult),
+                addr: notify + at,
                 queue: q,
             })
         })

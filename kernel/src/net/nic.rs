@@ -1,8 +1,10 @@
 //! Which NIC serves: every network function the kernel drives, in PCI
 //! order, and `net.nic=virtio|igb` to choose when several are present
-//! (default: the first found). virtio-net serves with one stack (on the
-//! boot core, with the storage cores' hand-over); igb serves with one
-//! stack per core over its RSS queue pairs ([`serve_per_core`]).
+//! (default: the first found). igb serves with one stack per core over
+//! its RSS queue pairs, and so does virtio-net with VIRTIO_NET_F_MQ over
+//! its queue pairs, steered by the host ([`serve_per_core`]); single-queue
+//! virtio-net serves with one stack on the boot core, with the storage
+//! cores' hand-over.
 
 use crate::drivers::pci::Function;
 use crate::drivers::virtio_net::{self, NetDevice};
@@ -166,14 +168,13 @@ pub fn serve_virtio(
 }
 
 /// Serves with one network stack per core over a NIC's queue pairs: core
-/// `i` owns queue pair `i` (RSS spreads connections over them), its own
-/// smoltcp interface and sockets and its own NBD service, and reads from
-/// its own NVMe queues; queue 0's core (this one) runs DHCP and answers
-/// what RSS cannot hash, and copies ARP to the others
-/// (`dioxide_service::percore`). Never returns.
+/// `i` owns queue pair `i` (the NIC spreads connections over them:
+/// `spread` says how), its own smoltcp interface and sockets and its own
+/// NBD service, and reads from its own NVMe queues; queue 0's core (this
+/// one) runs DHCP (`dioxide_service::percore`). Never returns.
 /// `rx_ready` says whether a port has a frame waiting; `publishes(core)`
-/// whether that core's queue may receive frames every core must see (ARP
-/// replies, DHCP), which it then copies to the others.
+/// whether that core's queue may receive frames other cores must see (ARP
+/// replies, DHCP), which it then copies to them.
 #[allow(clippy::too_many_arguments)]
 fn serve_per_core<P: stack::NetPort + 'static>(
     spread: &str,
