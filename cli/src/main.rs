@@ -945,7 +945,8 @@ fn guest_network(
             Ok(None)
         }
         NetMode::Tap => {
-            let tap = dioxide::tap::Tap::create()?;
+            cfg.net_queues = cfg.tap_queues();
+            let tap = dioxide::tap::Tap::with_queues(cfg.net_queues)?;
             if let Some(m) = mtu {
                 tap.set_mtu(m)?;
             }

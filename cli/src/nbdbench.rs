@@ -121,7 +121,8 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
             None
         }
         NetMode::Tap => {
-            let tap = Tap::create()?;
+            cfg.net_queues = cfg.tap_queues();
+            let tap = Tap::with_queues(cfg.net_queues)?;
             if let Some(m) = cfg.net_mtu {
                 tap.set_mtu(m)?;
             }

@@ -364,12 +364,18 @@ fn serve(
         run_loop::<drivers::virtio_net::NetDevice>(None, None)
     };
     match found {
-        net::nic::Found::Virtio(dev, mac) => {
-            let mut n = stack::init(*dev, mac, addressing);
+        net::nic::Found::Virtio(mut devs, mac) if devs.len() == 1 => {
+            let Some(dev) = devs.pop() else {
+                run_loop::<drivers::virtio_net::NetDevice>(None, None)
+            };
+            let mut n = stack::init(dev, mac, addressing);
             let server = nbd::start(&mut n, mounts, &service);
             run_loop(Some(n), Some(server))
         }
-        net::nic::Found::Igb(nic) => net::nic::serve_per_core(nic, mounts, &service, addressing),
+        net::nic::Found::Virtio(devs, mac) => {
+            net::nic::serve_virtio(devs, mac, mounts, &service, addressing)
+        }
+        net::nic::Found::Igb(nic) => net::nic::serve_igb(nic, mounts, &service, addressing),
     }
 }
 

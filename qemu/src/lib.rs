@@ -421,6 +421,10 @@ pub struct Config {
     /// says less). With a tap device its host side gets the same MTU
     /// ([`crate::tap::Tap::set_mtu`], done by whoever makes the tap).
     pub net_mtu: Option<u16>,
+    /// virtio-net queue pairs (multiqueue above 1): set, with a tap of as
+    /// many queues, by whoever makes the tap ([`Config::tap_queues`]);
+    /// leave it 1 otherwise (user networking has one queue).
+    pub net_queues: u16,
     /// Which NIC the guest gets on that network (virtio-net by default).
     pub nic: Nic,
     /// How the kernel boots: PVH (`-kernel`), or GRUB from an ISO under
@@ -466,15 +470,21 @@ impl Nic {
     }
 
     /// QEMU's `-device` value on netdev `net0`. virtio-net goes without
-    /// EVENT_IDX (see `Config::command`) and with `host_mtu` when `mtu` is
-    /// set; the 82576 has no MTU to announce (its frame size is the
-    /// driver's choice).
-    pub fn device(self, mtu: Option<u16>) -> String {
+    /// EVENT_IDX (see `Config::command`), with `host_mtu` when `mtu` is
+    /// set, and with multiqueue (`mq=on` and an MSI-X vector per queue,
+    /// the control queue's and the configuration's) for `queues` above 1
+    /// (its netdev then has as many: a multi-queue tap); the 82576 has no
+    /// MTU to announce (its frame size is the driver's choice) and steers
+    /// by RSS over its own queues.
+    pub fn device(self, mtu: Option<u16>, queues: u16) -> String {
         match self {
             Nic::Virtio => {
                 let mut dev = "virtio-net-pci,netdev=net0,event_idx=off".to_string();
                 if let Some(m) = mtu {
                     dev += &format!(",host_mtu={m}");
+                }
+                if queues > 1 {
+                    dev += &format!(",mq=on,vectors={}", 2 * u32::from(queues) + 2);
                 }
                 dev
             }
@@ -484,6 +494,17 @@ impl Nic {
 }
 
 impl Config {
+    /// The queues a tap for this guest gets: one per CPU (at most 8, the
+    /// kernel's most stacks) with virtio-net, which then serves with one
+    /// network stack per core (VIRTIO_NET_F_MQ); one with igb, whose RSS
+    /// steers over its own queues.
+    pub fn tap_queues(&self) -> u16 {
+        match self.nic {
+            Nic::Virtio => self.smp.clamp(1, 8) as u16,
+            Nic::Igb => 1,
+        }
+    }
+
     pub fn new(kernel: PathBuf) -> Self {
         Config {
             kernel,
@@ -500,6 +521,7 @@ impl Config {
             nbd_port: None,
             netdev: None,
             net_mtu: None,
+            net_queues: 1,
             nic: Nic::Virtio,
             boot: Boot::Pvh,
             iso: None,
@@ -566,7 +588,8 @@ impl Config {
         });
         if let Some(netdev) = netdev {
             c.arg("-netdev").arg(netdev);
-            c.arg("-device").arg(self.nic.device(self.net_mtu));
+            c.arg("-device")
+                .arg(self.nic.device(self.net_mtu, self.net_queues));
         }
         match (&media.iso, self.boot) {
             (Some(iso), Boot::Bios | Boot::Uefi) => {

@@ -18,6 +18,8 @@ pub struct Tap {
     pub ifname: String,
     pub host: Ipv4Addr,
     pub guest: Ipv4Addr,
+    /// Queues (`multi_queue` above 1).
+    pub queues: u16,
 }
 
 /// Capability number of CAP_NET_ADMIN (linux/capability.h).
@@ -104,6 +106,13 @@ fn ip(args: &[&str]) -> Result<(), Error> {
 impl Tap {
     /// Makes a tap device for one guest.
     pub fn create() -> Result<Tap, Error> {
+        Tap::with_queues(1)
+    }
+
+    /// Makes a tap device for one guest with `queues` queues (a
+    /// `multi_queue` tap above 1: QEMU's `queues=` needs one, and a
+    /// single-queue netdev cannot open one).
+    pub fn with_queues(queues: u16) -> Result<Tap, Error> {
         check_privileges()?;
         for n in 0..64u8 {
             let ifname = format!("dxtap{n}");
@@ -116,7 +125,11 @@ impl Tap {
                 continue;
             }
             let (host, guest) = (Ipv4Addr::new(172, 30, n, 1), Ipv4Addr::new(172, 30, n, 2));
-            match ip(&["tuntap", "add", "dev", &ifname, "mode", "tap"]) {
+            let mut add = vec!["tuntap", "add", "dev", &ifname, "mode", "tap"];
+            if queues > 1 {
+                add.push("multi_queue");
+            }
+            match ip(&add) {
                 Ok(()) => {}
                 // Taken by a concurrent run: try the next name.
                 Err(Error::Tap(_)) if exists() => continue,
@@ -127,6 +140,7 @@ impl Tap {
                 ifname,
                 host,
                 guest,
+                queues: queues.max(1),
             };
             ip(&["addr", "add", &format!("{host}/24"), "dev", &tap.ifname])?;
             ip(&["link", "set", &tap.ifname, "up"])?;
@@ -152,7 +166,11 @@ impl Tap {
 
     /// QEMU's -netdev value.
     pub fn netdev(&self) -> String {
-        format!("tap,id=net0,ifname={},script=no,downscript=no", self.ifname)
+        let mut n = format!("tap,id=net0,ifname={},script=no,downscript=no", self.ifname);
+        if self.queues > 1 {
+            n += &format!(",queues={}", self.queues);
+        }
+        n
     }
 }
 

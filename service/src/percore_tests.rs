@@ -209,7 +209,41 @@ fn a_connection_on_another_core_is_established_only_with_arp_copied_to_it() {
 }
 
 #[test]
-fn only_arp_is_shared_and_inboxes_are_bounded() {
+fn only_arp_replies_and_dhcp_to_the_client_are_shared_and_inboxes_are_bounded() {
+    // DHCP: Ethernet, IPv4 (IHL 5, UDP), UDP 67 -> 68.
+    let mut dhcp = [0u8; 342];
+    dhcp[12..14].copy_from_slice(&[0x08, 0x00]);
+    dhcp[14] = 0x45;
+    dhcp[23] = 17;
+    dhcp[34..36].copy_from_slice(&67u16.to_be_bytes());
+    dhcp[36..38].copy_from_slice(&68u16.to_be_bytes());
+    assert!(is_shared(&dhcp));
+    let mut to_server = dhcp;
+    to_server[36..38].copy_from_slice(&67u16.to_be_bytes());
+    let mut tcp = dhcp;
+    tcp[23] = 6;
+    let mut later_fragment = dhcp;
+    later_fragment[21] = 1;
+    for (f, what) in [
+        (&to_server, "to the server"),
+        (&tcp, "TCP"),
+        (&later_fragment, "fragment"),
+    ] {
+        assert!(!is_shared(f), "{what}");
+    }
+    assert!(!is_shared(&dhcp[..37]));
+    assert_eq!(
+        crate::percore::share_of(&dhcp),
+        crate::percore::Share::Primary
+    );
+    // A DHCP reply as large as the MTU allows goes to core 0 only.
+    let mut full = vec![0u8; crate::percore::SIDE_MAX];
+    full[..dhcp.len()].copy_from_slice(&dhcp);
+    let big = Inboxes::new(3);
+    big.send(0, &full);
+    assert_eq!(big.take(0).map(|f| f.bytes().len()), Some(full.len()));
+    assert!(big.take(1).is_none() && big.take(2).is_none());
+
     let mut arp = [0u8; 42];
     arp[12] = 0x08;
     arp[13] = 0x06;
@@ -219,6 +253,7 @@ fn only_arp_is_shared_and_inboxes_are_bounded() {
     let mut ip = arp;
     ip[13] = 0x00;
     assert!(is_shared(&arp));
+    assert_eq!(crate::percore::share_of(&arp), crate::percore::Share::All);
     assert!(!is_shared(&request));
     assert!(!is_shared(&ip));
     assert!(!is_shared(&arp[..21]));
@@ -233,7 +268,7 @@ fn only_arp_is_shared_and_inboxes_are_bounded() {
     let f = b.take(2).unwrap();
     assert_eq!(f.bytes(), &arp[..]);
     // Larger than an inbox frame: dropped and counted once.
-    b.publish(0, &[0u8; 100]);
+    b.publish(0, &[0u8; crate::percore::SIDE_MAX + 1]);
     assert_eq!(b.counts().1, 11);
     assert!(b.take(7).is_none());
 }

@@ -77,7 +77,11 @@ pub struct Client {
 impl Client {
     /// Connected; the greeting is read when `greet`.
     pub fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Client::connect_to(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+    /// A connection to `addr` (a tap guest's, say).
+    pub fn connect_to(addr: std::net::SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         s.set_nodelay(true).unwrap();
         Client { s }
@@ -94,7 +98,14 @@ impl Client {
     /// behind QEMU's user networking a server with no free socket accepts
     /// on the host side and then closes.
     pub fn try_greeting(port: u16, timeout: Duration) -> std::io::Result<Client> {
-        let mut c = Client::connect(port);
+        Client::try_greeting_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), timeout)
+    }
+    /// [`Client::try_greeting`] to `addr`.
+    pub fn try_greeting_at(
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<Client> {
+        let mut c = Client::connect_to(addr);
         let mut g = [0u8; 18];
         c.s.set_read_timeout(Some(timeout))?;
         c.s.read_exact(&mut g).map_err(|e| {

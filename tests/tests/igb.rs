@@ -12,6 +12,7 @@ use dioxide_tests::nbdraw::Client;
 use dioxide_tests::*;
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -183,9 +184,9 @@ fn igb_serves_every_export_over_tap() {
 /// A greeted connection. Behind QEMU's user networking a connection can be
 /// lost before the guest sees it (QEMU's listener has a backlog of 1; see
 /// soak.rs `greeted`): no greeting within 5 s, and another is made.
-fn greeted(port: u16) -> Client {
+fn greeted(addr: SocketAddr) -> Client {
     for _ in 0..10 {
-        match Client::try_greeting(port, Duration::from_secs(5)) {
+        match Client::try_greeting_at(addr, Duration::from_secs(5)) {
             Ok(c) => return c,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) => panic!("connect: {e}"),
@@ -196,8 +197,8 @@ fn greeted(port: u16) -> Client {
 
 /// Reads all of `want` from the raw namespace in 256 KiB reads on one
 /// connection, every reply compared.
-fn read_all(port: u16, want: &[u8]) -> Result<(), String> {
-    let mut c = greeted(port);
+fn read_all(addr: SocketAddr, want: &[u8]) -> Result<(), String> {
+    let mut c = greeted(addr);
     let size = c
         .go("nvme0n1")
         .map_err(|e| format!("NBD_OPT_GO: error {e}"))?;
@@ -223,9 +224,21 @@ fn read_all(port: u16, want: &[u8]) -> Result<(), String> {
 fn spread(smp: u32, n: usize) -> BTreeMap<usize, (u64, u64)> {
     let dir = TempDir::new(&format!("igb-rss-{smp}"));
     let (img, _) = tree(&dir, 4, 93 + u64::from(smp));
-    let want = std::sync::Arc::new(std::fs::read(&img).unwrap());
     let app = serve_igb(&img, smp, NetMode::User).unwrap_or_else(|e| panic!("{e}"));
-    let port: u16 = app.url.rsplit(':').next().unwrap().parse().unwrap();
+    spread_over(&app, &img, smp, n)
+}
+
+/// [`spread`] on an appliance already serving `img` on `smp` cores.
+fn spread_over(
+    app: &Appliance,
+    img: &std::path::Path,
+    smp: u32,
+    n: usize,
+) -> BTreeMap<usize, (u64, u64)> {
+    let want = std::sync::Arc::new(std::fs::read(img).unwrap());
+    let addr: SocketAddr = app.url["nbd://".len()..]
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", app.url));
     let mut total = 0u64;
     // With 2 cores all 8 connections land on one core with probability
     // 1/128 (each port hashes to either queue): rounds make that vanish.
@@ -233,7 +246,7 @@ fn spread(smp: u32, n: usize) -> BTreeMap<usize, (u64, u64)> {
         let readers: Vec<_> = (0..n)
             .map(|_| {
                 let want = want.clone();
-                std::thread::spawn(move || read_all(port, &want))
+                std::thread::spawn(move || read_all(addr, &want))
             })
             .collect();
         for r in readers {
@@ -353,4 +366,39 @@ fn net_nic_chooses_between_virtio_and_igb() {
         assert_eq!(console.contains("virtio-net MAC"), !serves_igb, "{console}");
         copy_and_compare(&format!("nbd://127.0.0.1:{port}"), &files);
     }
+}
+
+/// virtio-net with VIRTIO_NET_F_MQ on a 2-queue tap: one stack per core, as
+/// on igb, with the host's tap steering each flow to one queue (by its
+/// hash, then by the queue its replies leave on); 8 connections spread
+/// over both cores, every reply compared.
+#[test]
+fn virtio_multiqueue_spreads_8_connections_over_2_cores() {
+    let dir = TempDir::new("virtio-mq");
+    let (img, _) = tree(&dir, 4, 97);
+    let mut cfg = config(Some(&img), &[]);
+    // On a tap, virtio-net gets one queue per CPU (`Config::tap_queues`).
+    cfg.nic = Nic::Virtio;
+    cfg.smp = 2;
+    cfg.mem_mib = 512;
+    cfg.timeout = Some(Duration::from_secs(900));
+    let mut app = match boot(cfg, NetMode::Tap) {
+        Ok(a) => a,
+        Err(dioxide_qemu::Error::TapUnavailable(why)) => {
+            skipped("virtio_multiqueue_spreads_8_connections_over_2_cores", &why);
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let console = wait_for_console(&mut app.guest, "nbd: serving", Duration::from_secs(60));
+    assert!(
+        console.contains("2 queue pair(s) (multiqueue)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("one network stack per core on 2 core(s): connections spread by the host's flow steering"),
+        "{console}"
+    );
+    let c = spread_over(&app, &img, 2, 8);
+    eprintln!("per-core (connections, requests): {c:?}");
 }

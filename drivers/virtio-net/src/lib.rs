@@ -6,6 +6,9 @@
 //! offloads: a transmitted TCP segment handed over with a partial checksum
 //! (and, with TSO, a segment size) ([`prepare_tx`]), and a received frame's
 //! checksum checked when the device did not vouch for it ([`verify_rx`]).
+//! For several queue pairs (VIRTIO_NET_F_MQ): their virtqueue indexes
+//! ([`rx_queue`], [`tx_queue`], [`Choice::ctrl_queue`]) and the control
+//! queue's command that turns them on ([`ctrl`]).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -29,6 +32,11 @@ pub mod feature {
     /// A received frame may span several receive buffers (`num_buffers`).
     pub const MRG_RXBUF: u64 = 1 << 15;
     pub const STATUS: u64 = 1 << 16;
+    /// The control virtqueue exists (its commands: [`ctrl`](crate::ctrl)).
+    pub const CTRL_VQ: u64 = 1 << 17;
+    /// Several receive/transmit queue pairs with automatic receive
+    /// steering (`max_virtqueue_pairs`; requires CTRL_VQ).
+    pub const MQ: u64 = 1 << 22;
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
     pub const RING_EVENT_IDX: u64 = 1 << 29;
     pub const VERSION_1: u64 = 1 << 32;
@@ -50,7 +58,8 @@ pub const ETH_HLEN: usize = 14;
 pub const TSO_MAX: usize = 65535;
 
 /// What the kernel arguments ask for (`net.csum=`, `net.guest_csum=`,
-/// `net.mrg_rxbuf=`, `net.tso=`, `net.mtu=`).
+/// `net.mrg_rxbuf=`, `net.tso=`, `net.mtu=`), and how many queue pairs the
+/// kernel can serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wanted {
     pub csum: bool,
@@ -59,6 +68,10 @@ pub struct Wanted {
     pub tso: bool,
     /// IP MTU; `None`: the device's (`VIRTIO_NET_F_MTU`) or 1500.
     pub mtu: Option<u16>,
+    /// Receive/transmit queue pairs wished for (one per core that serves):
+    /// above 1, VIRTIO_NET_F_MQ and its control queue are negotiated where
+    /// offered. 0 or 1: multiqueue off (nothing said in the boot log).
+    pub queue_pairs: u16,
 }
 
 impl Default for Wanted {
@@ -70,6 +83,7 @@ impl Default for Wanted {
             mrg_rxbuf: true,
             tso: true,
             mtu: None,
+            queue_pairs: 1,
         }
     }
 }
@@ -128,11 +142,59 @@ pub struct Choice {
     /// IP MTU in use.
     pub mtu: u16,
     pub mtu_from: MtuFrom,
+    /// Multiqueue (VIRTIO_NET_F_MQ with VIRTIO_NET_F_CTRL_VQ). `SwitchedOff`
+    /// whenever at most one pair is wanted, offered or not.
+    pub mq: State,
+    /// Queue pairs to use: 1 without MQ, else the pairs wanted within the
+    /// device's maximum. Pairs beyond the first carry frames only once the
+    /// device has acknowledged [`ctrl::mq_vq_pairs_set`] with this number.
+    pub queue_pairs: u16,
+    /// The device's `max_virtqueue_pairs` with MQ, else 1: the number of
+    /// pairs the virtqueue layout has (the control queue comes after them
+    /// all, [`Choice::ctrl_queue`]).
+    pub max_queue_pairs: u16,
+    /// The pairs wanted (for the boot log when the device has fewer).
+    pub queue_pairs_asked: u16,
+}
+
+/// The most queue pairs this driver uses: the control queue's index,
+/// twice the device's `max_virtqueue_pairs`, must fit PCI's 16-bit
+/// `queue_select` (the specification allows up to 0x8000 pairs).
+pub const MAX_QUEUE_PAIRS: u16 = 0x7fff;
+
+/// The virtqueue index of queue pair `pair`'s receive queue (receiveq
+/// `pair + 1` in VIRTIO 1.2, 5.1.2).
+pub const fn rx_queue(pair: u16) -> u16 {
+    2 * pair
+}
+
+/// The virtqueue index of queue pair `pair`'s transmit queue.
+pub const fn tx_queue(pair: u16) -> u16 {
+    2 * pair + 1
+}
+
+impl Choice {
+    /// The control queue's virtqueue index when CTRL_VQ is negotiated:
+    /// `2 * max_virtqueue_pairs` with MQ, however few pairs are used, else
+    /// 2 (VIRTIO 1.2, 5.1.2).
+    pub fn ctrl_queue(&self) -> Option<u16> {
+        (self.features & feature::CTRL_VQ != 0).then(|| 2 * self.max_queue_pairs)
+    }
 }
 
 /// The features to negotiate. `device_mtu`: the `mtu` config field, read
-/// only when the device offers VIRTIO_NET_F_MTU (pass `None` otherwise).
-pub fn choose(offered: u64, wanted: &Wanted, device_mtu: Option<u16>) -> Choice {
+/// only when the device offers VIRTIO_NET_F_MTU (pass `None` otherwise);
+/// `device_max_pairs`: the `max_virtqueue_pairs` config field (offset 8,
+/// le16), read only when it offers VIRTIO_NET_F_MQ (VIRTIO 1.2, 5.1.4: 1 to
+/// 0x8000). MQ is negotiated, with CTRL_VQ, only when both are offered,
+/// more than one pair is wanted and the device has from 2 to
+/// [`MAX_QUEUE_PAIRS`].
+pub fn choose(
+    offered: u64,
+    wanted: &Wanted,
+    device_mtu: Option<u16>,
+    device_max_pairs: Option<u16>,
+) -> Choice {
     let state = |bit: u64, want: bool| {
         if offered & bit == 0 {
             State::NotOffered
@@ -173,6 +235,25 @@ pub fn choose(offered: u64, wanted: &Wanted, device_mtu: Option<u16>) -> Choice 
         (None, Some(d)) => (d, MtuFrom::Device),
         (None, None) => (DEFAULT_MTU, MtuFrom::Default),
     };
+    let device_max_pairs = device_max_pairs.filter(|_| offered & feature::MQ != 0);
+    let mq = if wanted.queue_pairs <= 1 {
+        State::SwitchedOff
+    } else if offered & feature::MQ == 0 {
+        State::NotOffered
+    } else if offered & feature::CTRL_VQ == 0 {
+        State::Needs("ctrl_vq")
+    } else if !device_max_pairs.is_some_and(|m| (2..=MAX_QUEUE_PAIRS).contains(&m)) {
+        State::Needs("max_virtqueue_pairs from 2 to 32767")
+    } else {
+        State::On
+    };
+    let (queue_pairs, max_queue_pairs) = match (mq, device_max_pairs) {
+        (State::On, Some(max)) => {
+            features |= feature::CTRL_VQ | feature::MQ;
+            (wanted.queue_pairs.min(max), max)
+        }
+        _ => (1, 1),
+    };
     Choice {
         features,
         csum,
@@ -181,11 +262,17 @@ pub fn choose(offered: u64, wanted: &Wanted, device_mtu: Option<u16>) -> Choice 
         tso,
         mtu: mtu.clamp(68, 65535 - ETH_HLEN as u16),
         mtu_from,
+        mq,
+        queue_pairs,
+        max_queue_pairs,
+        queue_pairs_asked: wanted.queue_pairs.max(1),
     }
 }
 
 impl fmt::Display for Choice {
-    /// `csum on, guest_csum off (switched off), mrg_rxbuf on, mtu 1500, tso off (not offered)`
+    /// `csum on, guest_csum off (switched off), mrg_rxbuf on, mtu 1500, tso off (not offered)`,
+    /// then, when more than one queue pair was wanted, `, mq on, queue pairs 2 of 4`
+    /// (`(8 asked)` when the device has fewer) or `, mq off (not offered), queue pairs 1`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -200,7 +287,89 @@ impl fmt::Display for Choice {
                 write!(f, " (net.mtu={asked} above the device's maximum)")?
             }
         }
-        write!(f, ", tso {}", self.tso)
+        write!(f, ", tso {}", self.tso)?;
+        // Said only when the device offers multiqueue: a single-queue
+        // device's line stays as it was.
+        if matches!(self.mq, State::SwitchedOff | State::NotOffered) {
+            return Ok(());
+        }
+        write!(f, ", mq {}, queue pairs {}", self.mq, self.queue_pairs)?;
+        if self.mq.on() {
+            write!(f, " of {}", self.max_queue_pairs)?;
+            if self.queue_pairs_asked > self.queue_pairs {
+                write!(f, " ({} asked)", self.queue_pairs_asked)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The control virtqueue (VIRTIO_NET_F_CTRL_VQ; VIRTIO 1.2, 5.1.6.5): a
+/// command is a device-readable part (`class`, `command`, the command's
+/// data) followed by a device-writable `ack` byte, which the device sets to
+/// [`OK`](ctrl::OK) or [`ERR`](ctrl::ERR).
+pub mod ctrl {
+    /// Class VIRTIO_NET_CTRL_MQ.
+    pub const CLASS_MQ: u8 = 4;
+    /// Its command VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (automatic receive
+    /// steering over `virtqueue_pairs` pairs; 5.1.6.5.5).
+    pub const MQ_VQ_PAIRS_SET: u8 = 0;
+    /// The `virtqueue_pairs` a driver may ask for (and at most the
+    /// device's `max_virtqueue_pairs`).
+    pub const MQ_VQ_PAIRS_MIN: u16 = 1;
+    pub const MQ_VQ_PAIRS_MAX: u16 = 0x8000;
+    /// `ack` values.
+    pub const OK: u8 = 0;
+    pub const ERR: u8 = 1;
+    /// What the driver puts in the `ack` byte before posting a command:
+    /// neither OK nor ERR, so that a byte the device never wrote does not
+    /// read as OK.
+    pub const ACK_UNSET: u8 = 0xff;
+
+    /// Writes a command's device-readable part into `out`: `class`,
+    /// `command`, then `data` (little-endian fields, as the command
+    /// defines them). Its length, or `None` when `out` is too small.
+    pub fn encode(class: u8, command: u8, data: &[u8], out: &mut [u8]) -> Option<usize> {
+        let len = 2 + data.len();
+        let out = out.get_mut(..len)?;
+        out[0] = class;
+        out[1] = command;
+        out[2..].copy_from_slice(data);
+        Some(len)
+    }
+
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET for `pairs` (le16 `virtqueue_pairs`);
+    /// `None` outside [`MQ_VQ_PAIRS_MIN`]..=[`MQ_VQ_PAIRS_MAX`]. The caller
+    /// keeps it within the device's maximum ([`Choice::queue_pairs`](crate::Choice::queue_pairs)).
+    pub fn mq_vq_pairs_set(pairs: u16) -> Option<[u8; 4]> {
+        if !(MQ_VQ_PAIRS_MIN..=MQ_VQ_PAIRS_MAX).contains(&pairs) {
+            return None;
+        }
+        let mut b = [0u8; 4];
+        encode(CLASS_MQ, MQ_VQ_PAIRS_SET, &pairs.to_le_bytes(), &mut b)?;
+        Some(b)
+    }
+
+    /// The device's answer to a command.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Ack {
+        Ok,
+        Err,
+        /// Neither (e.g. [`ACK_UNSET`]: the device did not write it).
+        Other(u8),
+    }
+
+    impl Ack {
+        /// Reads the `ack` from the bytes the device wrote into the
+        /// device-writable part (the used ring's length of it); `None` when
+        /// it wrote none. Bytes after the first are a command's result.
+        pub fn decode(written: &[u8]) -> Option<Ack> {
+            Some(match *written.first()? {
+                OK => Ack::Ok,
+                ERR => Ack::Err,
+                b => Ack::Other(b),
+            })
+        }
     }
 }
 

@@ -134,24 +134,8 @@ pub fn bring_up(f: &Function) -> Option<Nic> {
     if let Some(m) = &msix {
         m.enable();
     }
-    // One stack per core only where each core has NVMe queues of its own:
-    // a core whose namespace queue is shared with another core would reap
-    // that core's completions into its own service.
-    let nvme_queues = (0..crate::drivers::nvme::disks().len())
-        .map(crate::drivers::nvme::queue_count)
-        .min()
-        .unwrap_or(usize::MAX);
-    let cpus = smp::cpu_count();
-    let queues = cpus.min(nvme_queues).clamp(1, dioxide_igb::MAX_QUEUES);
-    if queues < cpus {
-        log::warn!(
-            target: "net",
-            "{}: igb: {queues} network stack(s) for {cpus} cores ({} NVMe queues per namespace, {} NIC queue pairs at most): the other cores do not serve",
-            f.bdf,
-            nvme_queues.min(cpus),
-            dioxide_igb::MAX_QUEUES
-        );
-    }
+    let queues =
+        crate::net::nic::stacks_wanted(&alloc::format!("{} igb", f.bdf), dioxide_igb::MAX_QUEUES);
     // 1,024 receive descriptors per queue (the driver's default is Linux's
     // 256): the device drops what arrives while a queue's ring is full
     // (QEMU traced 8 drops in one soak run with 256), and each drop costs

@@ -211,6 +211,47 @@ pub fn enable_device(b: Bdf) {
     write32(b, 0x04, cmd | 0x2 | 0x4 | 0x400);
 }
 
+/// Every capability of `b`: (id, offset), in list order (at most 48).
+pub fn capabilities(b: Bdf) -> impl Iterator<Item = (u8, u16)> {
+    let has = (read32(b, 0x04) >> 16) & 0x10 != 0;
+    let mut p = if has {
+        (read32(b, 0x34) & 0xfc) as u16
+    } else {
+        0
+    };
+    let mut left = 48;
+    core::iter::from_fn(move || {
+        if p < 0x40 || left == 0 {
+            return None;
+        }
+        left -= 1;
+        let h = read32(b, p);
+        let here = (h as u8, p);
+        p = ((h >> 8) & 0xfc) as u16;
+        Some(here)
+    })
+}
+
+/// The address memory BAR `index` decodes (without sizing it: the device
+/// may be running), or `None` for an I/O BAR, an index past the last or an
+/// unassigned one.
+pub fn bar_address(b: Bdf, index: u8) -> Option<u64> {
+    if index > 5 {
+        return None;
+    }
+    let off = 0x10 + 4 * index as u16;
+    let lo = read32(b, off);
+    if lo & 1 != 0 {
+        return None;
+    }
+    let base = if (lo >> 1) & 3 == 2 && index < 5 {
+        ((read32(b, off + 4) as u64) << 32) | (lo & !0xf) as u64
+    } else {
+        (lo & !0xf) as u64
+    };
+    (base != 0).then_some(base)
+}
+
 /// Walks the capability list for capability `id`; returns its offset.
 pub fn find_capability(b: Bdf, id: u8) -> Option<u16> {
     if (read32(b, 0x04) >> 16) & 0x10 == 0 {

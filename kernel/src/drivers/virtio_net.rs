@@ -43,8 +43,9 @@ unsafe impl virtio_drivers::Hal for VirtioHal {
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
-        if DEVICE_MAY_WRITE.load(core::sync::atomic::Ordering::Relaxed) {
-            // A device that did not reset may still write there (Nic::drop).
+        if LIVE.load(core::sync::atomic::Ordering::SeqCst) {
+            // A device that runs (or did not reset) may still access it
+            // (Nic::drop).
             return 0;
         }
         if let Ok(layout) = core::alloc::Layout::from_size_align(pages.max(1) * 4096, 4096) {
@@ -103,10 +104,13 @@ const QUEUE: usize = 128;
 /// A receive buffer with mergeable receive buffers (a frame of a larger
 /// MTU spans several), and the least one without.
 const RX_BUF: usize = 2048;
-const RXQ: u16 = 0;
-const TXQ: u16 = 1;
+/// How long the control queue may take to answer.
+const CTRL_WAIT_NS: u64 = 1_000_000_000;
 const HDR: usize = Hdr::LEN;
 type Queue = VirtQueue<VirtioHal, QUEUE>;
+/// The control queue: one command at a time (QEMU's has 64 entries; a
+/// queue may not be larger than the device's).
+type CtrlQueue = VirtQueue<VirtioHal, 4>;
 
 /// What the kernel arguments asked for; set once, before [`probe`].
 static WANTED: spin::Once<Wanted> = spin::Once::new();
@@ -123,14 +127,65 @@ enum RxBuf {
     Merged(Vec<u8>),
 }
 
-/// The NIC with its buffers. Receive buffers stay posted until a frame
-/// arrives and are handed to smoltcp in place (no copy, unless a frame
-/// spans several); transmissions are not waited for: a frame's buffer
-/// returns to the free list when the device reports it used.
+/// The device: its transport, its queue pairs until they are handed out,
+/// and the control queue. Dropped (a failed bring-up), it resets the
+/// device and waits for the reset before anything is freed.
 struct Nic {
     transport: PciTransport,
+    pairs: Vec<Pair>,
+    /// The control queue, with VIRTIO_NET_F_CTRL_VQ (for
+    /// VIRTIO_NET_CTRL_MQ); its index.
+    ctrl: Option<(CtrlQueue, u16)>,
+    /// Virtqueues made (receive and transmit of every pair, control).
+    queues: u16,
+    choice: Choice,
+}
+
+/// Where the driver tells the device a queue has new buffers: the notify
+/// capability's region at `queue_notify_off` × `notify_off_multiplier`
+/// (VIRTIO 1.2 4.1.4.4), found once at start, so that each core rings its
+/// own queues without touching the common configuration's shared
+/// `queue_select` (which virtio-drivers' `PciTransport::notify` writes).
+#[derive(Clone, Copy, Debug)]
+struct Doorbell {
+    addr: u64,
+    queue: u16,
+}
+
+impl Doorbell {
+    /// Tells the device about `q`'s new buffers if it wants to be told.
+    /// The full fence orders the ring's update (virtio-drivers' `add`: a
+    /// release store of the available index) before the read of the
+    /// device's notification suppression (`should_notify`): a store then a
+    /// load, which x86 may otherwise swap, losing a notification the device
+    /// waits for (Linux's `virtqueue_kick_prepare` has `virtio_mb` there).
+    fn kick<const N: usize>(self, q: &mut VirtQueue<VirtioHal, N>) {
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        if q.should_notify() {
+            self.ring();
+        }
+    }
+
+    fn ring(self) {
+        // SAFETY: `addr` lies in the notify region of a BAR mapped
+        // uncached at start, bounds checked against the capability's
+        // length (`doorbells`); a 16-bit write of the queue's index is the
+        // notification (no VIRTIO_F_NOTIFICATION_DATA).
+        unsafe { core::ptr::write_volatile(self.addr as *mut u16, self.queue) }
+    }
+}
+
+/// One receive/transmit queue pair with its buffers. Receive buffers stay
+/// posted until a frame arrives and are handed to smoltcp in place (no
+/// copy, unless a frame spans several); transmissions are not waited for:
+/// a frame's buffer returns to the free list when the device reports it
+/// used.
+struct Pair {
+    index: u16,
     rxq: Queue,
     txq: Queue,
+    rx_bell: Doorbell,
+    tx_bell: Doorbell,
     choice: Choice,
     /// Bytes per receive buffer.
     rx_len: usize,
@@ -148,6 +203,11 @@ struct Nic {
     /// Where a frame goes when no transmit buffer is free (dropped; TCP
     /// retransmits).
     scratch: Box<[u8]>,
+    /// Frames received and sent on this pair since start, and whether
+    /// they are reported per core (several pairs: each core's own).
+    rx_frames: u64,
+    tx_frames: u64,
+    per_core: bool,
 }
 
 /// TSO frame buffers kept for reuse (64 KiB each).
@@ -164,6 +224,11 @@ enum InitError {
     Virtio(virtio_drivers::Error),
     FeaturesRefused(u64),
     NoMac,
+    /// No notify capability, or none for this queue.
+    NoDoorbell(u16),
+    NoCtrl,
+    CtrlTimeout,
+    CtrlRefused,
 }
 
 impl core::fmt::Display for InitError {
@@ -172,6 +237,10 @@ impl core::fmt::Display for InitError {
             InitError::Virtio(e) => write!(f, "{e}"),
             InitError::FeaturesRefused(b) => write!(f, "the device refused features {b:#x}"),
             InitError::NoMac => f.write_str("the device has no MAC address"),
+            InitError::NoDoorbell(q) => write!(f, "no notify address for queue {q}"),
+            InitError::NoCtrl => f.write_str("no control queue"),
+            InitError::CtrlTimeout => f.write_str("the control queue did not answer in 1 s"),
+            InitError::CtrlRefused => f.write_str("the device answered VIRTIO_NET_ERR"),
         }
     }
 }
@@ -185,8 +254,15 @@ impl From<virtio_drivers::Error> for InitError {
 impl Nic {
     /// VIRTIO 3.1.1: reset, acknowledge, negotiate (the choice from the
     /// offered features, the arguments and the device's MTU), queues,
-    /// DRIVER_OK, then the receive buffers.
-    fn new(mut t: PciTransport, wanted: &Wanted) -> Result<Nic, InitError> {
+    /// DRIVER_OK, the number of queue pairs in use (VIRTIO_NET_CTRL_MQ),
+    /// then the receive buffers. `want_pairs`: queue pairs wanted (one per
+    /// serving core); the device's `max_virtqueue_pairs` bounds them.
+    fn new(
+        mut t: PciTransport,
+        wanted: &Wanted,
+        bdf: Bdf,
+        want_pairs: u16,
+    ) -> Result<Nic, InitError> {
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = t.read_device_features();
@@ -196,7 +272,17 @@ impl Nic {
         } else {
             None
         };
-        let choice = vn::choose(offered, wanted, device_mtu);
+        // `max_virtqueue_pairs` (offset 8) exists only with VIRTIO_NET_F_MQ.
+        let wanted = &Wanted {
+            queue_pairs: want_pairs.max(1),
+            ..*wanted
+        };
+        let device_max_pairs = if offered & feature::MQ != 0 {
+            t.read_config_space::<u16>(8).ok()
+        } else {
+            None
+        };
+        let choice = vn::choose(offered, wanted, device_mtu, device_max_pairs);
         log::debug!(
             target: "net",
             "virtio-net features: offered {offered:#018x}, negotiated {:#018x}",
@@ -215,9 +301,109 @@ impl Nic {
         }
         let indirect = choice.features & feature::RING_INDIRECT_DESC != 0;
         let event_idx = choice.features & feature::RING_EVENT_IDX != 0;
-        let rxq = Queue::new(&mut t, RXQ, indirect, event_idx)?;
-        let txq = Queue::new(&mut t, TXQ, indirect, event_idx)?;
+        // With MQ the device has max_virtqueue_pairs pairs and the control
+        // queue after all of them (VIRTIO 1.2 5.1.2).
+        let pairs = choice.queue_pairs.max(1);
+        let ctrl_index = choice.ctrl_queue();
+        let queues = ctrl_index.map_or(2 * pairs, |c| c + 1);
+        let needed: Vec<u16> = (0..2 * pairs).chain(ctrl_index).collect();
+        let bells = doorbells(bdf, &needed)?;
+        let bell = |q: u16| {
+            bells
+                .iter()
+                .find(|b| b.queue == q)
+                .copied()
+                .ok_or(InitError::NoDoorbell(q))
+        };
+        let mut made = Vec::with_capacity(usize::from(pairs));
+        for i in 0..pairs {
+            let rxq = Queue::new(&mut t, 2 * i, indirect, event_idx)?;
+            let txq = Queue::new(&mut t, 2 * i + 1, indirect, event_idx)?;
+            made.push(Pair::new(
+                i,
+                rxq,
+                txq,
+                bell(2 * i)?,
+                bell(2 * i + 1)?,
+                choice,
+            ));
+        }
+        let ctrl = match ctrl_index {
+            Some(c) => Some((CtrlQueue::new(&mut t, c, false, false)?, c)),
+            None => None,
+        };
         t.set_status(ok | DeviceStatus::DRIVER_OK);
+        LIVE.store(true, core::sync::atomic::Ordering::SeqCst);
+        let mut nic = Nic {
+            transport: t,
+            pairs: made,
+            ctrl,
+            queues,
+            choice,
+        };
+        if pairs > 1 {
+            let ctrl_bell = ctrl_index.map(bell).transpose()?;
+            if let Err(e) = nic.set_pairs(pairs, ctrl_bell) {
+                log::warn!(target: "net", "virtio-net: {pairs} queue pairs refused ({e}): serving on one");
+                nic.pairs.truncate(1);
+                nic.choice.queue_pairs = 1;
+            }
+        }
+        for p in &mut nic.pairs {
+            for _ in 0..QUEUE {
+                p.post(buffer(p.rx_len))?;
+            }
+            p.rx_bell.ring();
+        }
+        Ok(nic)
+    }
+
+    fn mac(&self) -> Result<[u8; 6], virtio_drivers::Error> {
+        self.transport.read_config_space::<[u8; 6]>(0)
+    }
+
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the control queue: the device
+    /// then spreads received flows over `pairs` receive queues (VIRTIO 1.2
+    /// 5.1.6.5.5). Waits for the answer (at most [`CTRL_WAIT_NS`]).
+    fn set_pairs(&mut self, pairs: u16, bell: Option<Doorbell>) -> Result<(), InitError> {
+        let (Some((q, _)), Some(bell)) = (self.ctrl.as_mut(), bell) else {
+            return Err(InitError::NoCtrl);
+        };
+        let cmd = Box::new(vn::ctrl::mq_vq_pairs_set(pairs).ok_or(InitError::CtrlRefused)?);
+        let mut ack = Box::new([vn::ctrl::ACK_UNSET; 1]);
+        // SAFETY: both buffers stay allocated until the device has
+        // returned them (waited for below) or, if it does not answer in
+        // time, for ever (leaked: it may still write the answer).
+        let token = unsafe { q.add(&[&cmd[..]], &mut [&mut ack[..]])? };
+        bell.kick(q);
+        let start = time::now_ns();
+        while !q.can_pop() {
+            if time::now_ns().saturating_sub(start) > CTRL_WAIT_NS {
+                Box::leak(cmd);
+                Box::leak(ack);
+                return Err(InitError::CtrlTimeout);
+            }
+            core::hint::spin_loop();
+        }
+        // SAFETY: the same buffers as given to `add`.
+        let written = unsafe { q.pop_used(token, &[&cmd[..]], &mut [&mut ack[..]])? };
+        let written = ack.get(..written as usize).unwrap_or(&ack[..]);
+        match vn::ctrl::Ack::decode(written) {
+            Some(vn::ctrl::Ack::Ok) => Ok(()),
+            _ => Err(InitError::CtrlRefused),
+        }
+    }
+}
+
+impl Pair {
+    fn new(
+        index: u16,
+        rxq: Queue,
+        txq: Queue,
+        rx_bell: Doorbell,
+        tx_bell: Doorbell,
+        choice: Choice,
+    ) -> Pair {
         let frame = usize::from(choice.mtu) + vn::ETH_HLEN;
         // Without merging, a buffer holds a whole frame (VIRTIO 5.1.6.3.1).
         let rx_len = if choice.mrg_rxbuf.on() {
@@ -226,10 +412,12 @@ impl Nic {
             (HDR + frame).max(RX_BUF)
         };
         let tx_len = (HDR + frame).max(RX_BUF);
-        let mut nic = Nic {
-            transport: t,
+        Pair {
+            index,
             rxq,
             txq,
+            rx_bell,
+            tx_bell,
             choice,
             rx_len,
             tx_len,
@@ -245,16 +433,10 @@ impl Nic {
                 Vec::new()
             },
             scratch: buffer(tx_len),
-        };
-        for _ in 0..QUEUE {
-            nic.post(buffer(rx_len))?;
+            rx_frames: 0,
+            tx_frames: 0,
+            per_core: false,
         }
-        nic.transport.notify(RXQ);
-        Ok(nic)
-    }
-
-    fn mac(&self) -> Result<[u8; 6], virtio_drivers::Error> {
-        self.transport.read_config_space::<[u8; 6]>(0)
     }
 
     /// Posts a receive buffer (no notification).
@@ -280,9 +462,7 @@ impl Nic {
     fn repost(&mut self, b: Box<[u8]>) {
         match self.post(b) {
             Ok(()) => {
-                if self.rxq.should_notify() {
-                    self.transport.notify(RXQ);
-                }
+                self.rx_bell.kick(&mut self.rxq);
             }
             Err(e) => log::warn!(target: "net", "receive buffer lost: {e:?}"),
         }
@@ -452,13 +632,13 @@ pub mod stats {
 
 /// The NIC as a smoltcp device.
 pub struct NetDevice {
-    nic: RefCell<Nic>,
+    nic: RefCell<Pair>,
 }
 
 /// A received frame, in its receive buffer; the buffer is posted again
 /// when the token is dropped.
 pub struct Rx<'a> {
-    nic: &'a RefCell<Nic>,
+    nic: &'a RefCell<Pair>,
     buf: Option<RxBuf>,
     start: usize,
     len: usize,
@@ -466,7 +646,7 @@ pub struct Rx<'a> {
 /// A transmit opportunity; smoltcp's metadata gives a TCP packet larger
 /// than its MSS its segment size (TSO, third_party/smoltcp).
 pub struct Tx<'a> {
-    nic: &'a RefCell<Nic>,
+    nic: &'a RefCell<Pair>,
     gso_size: u16,
 }
 
@@ -524,6 +704,7 @@ impl TxToken for Tx<'_> {
         b[..HDR].copy_from_slice(&h.encode());
         let t1 = time::rdtsc();
         stats::add(&stats::TX_FRAMES, 1);
+        nic.tx_frames += 1;
         stats::add(&stats::TX_BUILD, t1 - t0);
         if h.flags & Hdr::NEEDS_CSUM != 0 {
             stats::add(&stats::TX_CSUM, 1);
@@ -534,9 +715,8 @@ impl TxToken for Tx<'_> {
         // SAFETY: the buffer is kept in `tx_busy` until the device returns it.
         match unsafe { nic.txq.add(&[&b[..total]], &mut []) } {
             Ok(t) => {
-                if nic.txq.should_notify() {
-                    nic.transport.notify(TXQ);
-                }
+                let bell = nic.tx_bell;
+                bell.kick(&mut nic.txq);
                 match nic.tx_busy.get_mut(usize::from(t)) {
                     Some(slot) => *slot = Some((b, total)),
                     None => {
@@ -564,6 +744,7 @@ impl Device for NetDevice {
         let mut nic = self.nic.borrow_mut();
         nic.reap_tx();
         let (buf, start, len) = nic.next_frame()?;
+        nic.rx_frames += 1;
         drop(nic);
         Some((
             Rx {
@@ -636,8 +817,11 @@ pub fn matches(f: &Function) -> bool {
     f.vendor == 0x1af4 && (f.device == 0x1000 || f.device == 0x1041)
 }
 
-/// Brings virtio-net function `f` up: the device and its MAC address.
-pub fn bring_up(f: &Function) -> Option<(NetDevice, [u8; 6])> {
+/// Brings virtio-net function `f` up with up to `want_pairs` queue pairs
+/// (VIRTIO_NET_F_MQ; one without it): a device per pair, and the MAC
+/// address. The device itself (transport, control queue) stays for the
+/// life of the appliance.
+pub fn bring_up(f: &Function, want_pairs: u16) -> Option<(Vec<NetDevice>, [u8; 6])> {
     pci::enable_device(f.bdf);
     let mut root = PciRoot::new(PciAccess);
     let df = DeviceFunction {
@@ -653,7 +837,7 @@ pub fn bring_up(f: &Function) -> Option<(NetDevice, [u8; 6])> {
         }
     };
     let wanted = WANTED.get().copied().unwrap_or_default();
-    let nic = match Nic::new(transport, &wanted) {
+    let mut nic = match Nic::new(transport, &wanted, f.bdf, want_pairs) {
         Ok(n) => n,
         Err(e) => {
             log::error!(target: "net", "{}: virtio-net: {e}", f.bdf);
@@ -669,15 +853,87 @@ pub fn bring_up(f: &Function) -> Option<(NetDevice, [u8; 6])> {
     };
     log::info!(
         target: "net",
-        "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+        "{} virtio-net MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, {} queue pair(s){}",
+        f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5],
+        nic.pairs.len(),
+        if nic.pairs.len() > 1 { " (multiqueue)" } else { "" }
     );
     log::info!(target: "net", "virtio-net: {}", nic.choice);
     IN_USE.store(true, core::sync::atomic::Ordering::Relaxed);
-    let dev = NetDevice {
-        nic: RefCell::new(nic),
+    let per_core = nic.pairs.len() > 1;
+    let devs = core::mem::take(&mut nic.pairs)
+        .into_iter()
+        .map(|mut p| {
+            p.per_core = per_core;
+            NetDevice {
+                nic: RefCell::new(p),
+            }
+        })
+        .collect();
+    // Serving from now on: the device is never reset, so its transport
+    // and control queue are kept (not dropped, which would reset it).
+    core::mem::forget(nic);
+    Some((devs, mac))
+}
+
+/// The notify address of each virtqueue in `queues` of virtio function
+/// `bdf`: from its notify capability (VIRTIO 1.2 4.1.4.4: BAR, offset,
+/// length, `notify_off_multiplier`) and each queue's `queue_notify_off`
+/// (read through the common configuration's `queue_select`, here, once,
+/// before the queues are shared between cores); each checked to lie in the
+/// capability's region.
+fn doorbells(bdf: Bdf, queues: &[u16]) -> Result<Vec<Doorbell>, InitError> {
+    const VENDOR: u8 = 0x09;
+    const COMMON: u8 = 1;
+    const NOTIFY: u8 = 2;
+    let mut common = None;
+    let mut notify = None;
+    for cap in pci::capabilities(bdf).filter(|&(id, _)| id == VENDOR) {
+        let off = cap.1;
+        let cfg_type = (pci::read32(bdf, off) >> 24) as u8;
+        let bar = pci::read32(bdf, off + 4) as u8;
+        let offset = pci::read32(bdf, off + 8);
+        let length = pci::read32(bdf, off + 12);
+        match cfg_type {
+            COMMON if common.is_none() => common = Some((bar, offset)),
+            NOTIFY if notify.is_none() => {
+                notify = Some((bar, offset, length, pci::read32(bdf, off + 16)))
+            }
+            _ => {}
+        }
+    }
+    let (Some((cbar, coff)), Some((nbar, noff, nlen, mult))) = (common, notify) else {
+        return Err(InitError::NoDoorbell(0));
     };
-    Some((dev, mac))
+    let base = |bar: u8| pci::bar_address(bdf, bar).ok_or(InitError::NoDoorbell(0));
+    let common = base(cbar)? + u64::from(coff);
+    let notify = base(nbar)? + u64::from(noff);
+    // Both regions were mapped by the transport; again here (idempotent)
+    // so that this does not depend on it.
+    for (a, len) in [(common, 0x40u64), (notify, u64::from(nlen).max(2))] {
+        crate::mm::map_mmio(a, len).map_err(|_| InitError::NoDoorbell(0))?;
+    }
+    const QUEUE_SELECT: u64 = 0x16;
+    const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    queues
+        .iter()
+        .map(|&q| {
+            // SAFETY: the common configuration structure, mapped uncached
+            // above; only this core uses it while the device is set up.
+            let off = unsafe {
+                core::ptr::write_volatile((common + QUEUE_SELECT) as *mut u16, q);
+                core::ptr::read_volatile((common + QUEUE_NOTIFY_OFF) as *const u16)
+            };
+            let at = u64::from(off) * u64::from(mult);
+            if at + 2 > u64::from(nlen) {
+                return Err(InitError::NoDoorbell(q));
+            }
+            Ok(Doorbell {
+                addr: notify + at,
+                queue: q,
+            })
+        })
+        .collect()
 }
 
 impl NetDevice {
@@ -685,15 +941,23 @@ impl NetDevice {
     pub fn has_rx(&self) -> bool {
         self.nic.borrow().rxq.can_pop()
     }
+
+    /// This queue pair's frames (received, sent) since start, when it is
+    /// one of several (each core's own); `None` for a single pair, whose
+    /// counts are the device's ([`stats`]).
+    pub fn frames(&self) -> Option<(u64, u64)> {
+        let p = self.nic.borrow();
+        p.per_core.then_some((p.rx_frames, p.tx_frames))
+    }
 }
 
 /// How long a device reset may take before its memory is given up.
 const RESET_WAIT_NS: u64 = 1_000_000_000;
 
-/// Set when a device did not finish its reset: DMA memory handed back by
-/// virtio-drivers (the queues' rings) is leaked instead of freed.
-static DEVICE_MAY_WRITE: core::sync::atomic::AtomicBool =
-    core::sync::atomic::AtomicBool::new(false);
+/// Set while a device may access its memory (from DRIVER_OK until a
+/// reset completes): DMA memory handed back by virtio-drivers (the queues'
+/// rings) and a pair's buffers are then leaked instead of freed.
+static LIVE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 impl Drop for Nic {
     fn drop(&mut self) {
@@ -705,14 +969,29 @@ impl Drop for Nic {
         while !self.transport.get_status().is_empty() {
             if time::now_ns().saturating_sub(start) > RESET_WAIT_NS {
                 log::error!(target: "net", "virtio-net did not finish its reset: its buffers and rings are leaked, not freed");
-                DEVICE_MAY_WRITE.store(true, core::sync::atomic::Ordering::Relaxed);
-                core::mem::forget(core::mem::take(&mut self.rx));
-                core::mem::forget(core::mem::take(&mut self.tx_busy));
+                // LIVE stays set: the pairs' buffers and the rings are kept.
                 return;
             }
             core::hint::spin_loop();
         }
-        self.transport.queue_unset(RXQ);
-        self.transport.queue_unset(TXQ);
+        for q in 0..self.queues {
+            self.transport.queue_unset(q);
+        }
+        LIVE.store(false, core::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let posted =
+            self.rx.iter().any(Option::is_some) || self.tx_busy.iter().any(Option::is_some);
+        if LIVE.load(core::sync::atomic::Ordering::SeqCst) && posted {
+            // The device may still write the posted buffers and read the
+            // frames in flight: never freed (the rings are kept by
+            // `VirtioHal::dma_dealloc`).
+            log::error!(target: "net", "virtio-net queue pair {} dropped while the device runs: its buffers are leaked", self.index);
+            core::mem::forget(core::mem::take(&mut self.rx));
+            core::mem::forget(core::mem::take(&mut self.tx_busy));
+        }
     }
 }

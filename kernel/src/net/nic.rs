@@ -1,8 +1,10 @@
 //! Which NIC serves: every network function the kernel drives, in PCI
 //! order, and `net.nic=virtio|igb` to choose when several are present
-//! (default: the first found). virtio-net serves with one stack (on the
-//! boot core, with the storage cores' hand-over); igb serves with one
-//! stack per core over its RSS queue pairs ([`serve_per_core`]).
+//! (default: the first found). igb serves with one stack per core over
+//! its RSS queue pairs, and so does virtio-net with VIRTIO_NET_F_MQ over
+//! its queue pairs, steered by the host ([`serve_per_core`]); single-queue
+//! virtio-net serves with one stack on the boot core, with the storage
+//! cores' hand-over.
 
 use crate::drivers::pci::Function;
 use crate::drivers::virtio_net::{self, NetDevice};
@@ -37,10 +39,34 @@ impl Kind {
     }
 }
 
-/// A NIC brought up.
+/// A NIC brought up: virtio-net's queue pairs (one without
+/// VIRTIO_NET_F_MQ) and MAC, or igb.
 pub enum Found {
-    Virtio(alloc::boxed::Box<NetDevice>, [u8; 6]),
+    Virtio(alloc::vec::Vec<NetDevice>, [u8; 6]),
     Igb(alloc::boxed::Box<crate::drivers::igb::Nic>),
+}
+
+/// How many network stacks (one per core, each on its own queue pair) a
+/// multi-queue NIC should serve with: one per online core, but no more
+/// than the NVMe queues of the namespace with the fewest (a core whose
+/// namespace queue is shared with another would reap that core's
+/// completions into its own service) nor than `nic_max`. Logs when that
+/// leaves cores out.
+pub fn stacks_wanted(what: &str, nic_max: usize) -> usize {
+    let nvme_queues = (0..crate::drivers::nvme::disks().len())
+        .map(crate::drivers::nvme::queue_count)
+        .min()
+        .unwrap_or(usize::MAX);
+    let cpus = smp::cpu_count();
+    let stacks = cpus.min(nvme_queues).clamp(1, nic_max.max(1));
+    if stacks < cpus {
+        log::warn!(
+            target: "net",
+            "{what}: {stacks} network stack(s) for {cpus} cores ({} NVMe queues per namespace, {nic_max} NIC queue pairs at most): the other cores do not serve",
+            nvme_queues.min(cpus)
+        );
+    }
+    stacks
 }
 
 /// Finds the NIC to serve on: the first of kind `wanted` (`net.nic=`), or
@@ -76,7 +102,8 @@ pub fn find(functions: &[Function], wanted: Option<&str>) -> Option<Found> {
     };
     let found = match kind {
         Kind::Virtio => {
-            virtio_net::bring_up(f).map(|(d, mac)| Found::Virtio(alloc::boxed::Box::new(d), mac))
+            let want = stacks_wanted(&alloc::format!("{} virtio-net", f.bdf), MAX_STACKS);
+            virtio_net::bring_up(f, want as u16).map(|(d, mac)| Found::Virtio(d, mac))
         }
         Kind::Igb => {
             crate::drivers::igb::bring_up(f).map(|n| Found::Igb(alloc::boxed::Box::new(n)))
@@ -88,13 +115,11 @@ pub fn find(functions: &[Function], wanted: Option<&str>) -> Option<Found> {
     found
 }
 
-/// Serves with one network stack per core over igb's queue pairs: core
-/// `i` owns queue pair `i` (RSS spreads connections over them), its own
-/// smoltcp interface and sockets and its own NBD service, and reads from
-/// its own NVMe queues; queue 0's core (this one) runs DHCP and answers
-/// what RSS cannot hash, and copies ARP to the others
-/// (`dioxide_service::percore`). Never returns.
-pub fn serve_per_core(
+/// The most network stacks (cores serving with a queue pair each).
+pub const MAX_STACKS: usize = 8;
+
+/// Serves with one network stack per core over igb's queue pairs.
+pub fn serve_igb(
     nic: alloc::boxed::Box<crate::drivers::igb::Nic>,
     mounts: &[crate::block::disk::Mounted],
     args: &crate::ServiceArgs,
@@ -104,7 +129,63 @@ pub fn serve_per_core(
     let nic = alloc::boxed::Box::leak(nic);
     // The device stays (link, statistics) for the life of the appliance:
     // its queues are in use until power-off.
-    let mut ports = core::mem::take(&mut nic.ports);
+    let ports = core::mem::take(&mut nic.ports);
+    // What RSS cannot hash arrives on queue 0 only: core 0 copies it.
+    serve_per_core(
+        "RSS",
+        ports,
+        |p: &crate::drivers::igb::Port| p.queue().has_frame(),
+        |core| core == 0,
+        mac,
+        mounts,
+        args,
+        addressing,
+    )
+}
+
+/// Serves with one network stack per core over virtio-net's queue pairs
+/// (VIRTIO_NET_F_MQ). The host side steers each flow to one queue (a
+/// multi-queue tap: by the flow's hash, then by the queue its replies
+/// leave on), and whatever is not a TCP flow of ours may come on any
+/// queue: every core copies what the others must see.
+pub fn serve_virtio(
+    ports: alloc::vec::Vec<NetDevice>,
+    mac: [u8; 6],
+    mounts: &[crate::block::disk::Mounted],
+    args: &crate::ServiceArgs,
+    addressing: stack::Addressing,
+) -> ! {
+    serve_per_core(
+        "the host's flow steering",
+        ports,
+        |p: &NetDevice| p.has_rx(),
+        |_| true,
+        mac,
+        mounts,
+        args,
+        addressing,
+    )
+}
+
+/// Serves with one network stack per core over a NIC's queue pairs: core
+/// `i` owns queue pair `i` (the NIC spreads connections over them:
+/// `spread` says how), its own smoltcp interface and sockets and its own
+/// NBD service, and reads from its own NVMe queues; queue 0's core (this
+/// one) runs DHCP (`dioxide_service::percore`). Never returns.
+/// `rx_ready` says whether a port has a frame waiting; `publishes(core)`
+/// whether that core's queue may receive frames other cores must see (ARP
+/// replies, DHCP), which it then copies to them.
+#[allow(clippy::too_many_arguments)]
+fn serve_per_core<P: stack::NetPort + 'static>(
+    spread: &str,
+    mut ports: alloc::vec::Vec<P>,
+    rx_ready: fn(&P) -> bool,
+    publishes: fn(usize) -> bool,
+    mac: [u8; 6],
+    mounts: &[crate::block::disk::Mounted],
+    args: &crate::ServiceArgs,
+    addressing: stack::Addressing,
+) -> ! {
     let cores = ports.len();
     let table = nbd::table(mounts, args.null);
     let inboxes: &'static Inboxes =
@@ -121,13 +202,7 @@ pub fn serve_per_core(
             } else {
                 stack::Addressing::Follow
             };
-            let dev = Fanout::new(
-                port,
-                |p: &crate::drivers::igb::Port| p.queue().has_frame(),
-                core,
-                core == 0,
-                inboxes,
-            );
+            let dev = Fanout::new(port, rx_ready, core, publishes(core), inboxes);
             let mut net = stack::init(dev, mac, addressing);
             let server = nbd::server(&mut net, table, args);
             (net, server)
@@ -159,11 +234,11 @@ pub fn serve_per_core(
     nbd::announce(table, args.null);
     log::info!(
         target: "nbd",
-        "one network stack per core on {cores} core(s): connections spread by RSS, each served on its core's NVMe queues (heap bound above is per core)"
+        "one network stack per core on {cores} core(s): connections spread by {spread}, each served on its core's NVMe queues (heap bound above is per core)"
     );
     match stacks.pop() {
         Some((net, server)) => crate::run_loop(Some(net), Some(server)),
-        None => crate::run_loop::<NetDevice>(None, None),
+        None => crate::run_loop::<P>(None, None),
     }
 }
 

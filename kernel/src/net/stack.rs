@@ -24,8 +24,8 @@ pub trait NetPort: Device {
     /// A received frame waits.
     fn has_rx(&self) -> bool;
     /// This port's own frame counters (received, sent) since start, when
-    /// it keeps its own (a queue pair of a multi-queue NIC); virtio-net
-    /// counts for the whole device (`virtio_net::stats`).
+    /// it keeps its own (a queue pair of a multi-queue NIC); single-queue
+    /// virtio-net counts for the whole device (`virtio_net::stats`).
     fn frames(&self) -> Option<(u64, u64)>;
     /// Unmasks the interrupt that wakes this core when a frame arrives;
     /// false when the port has none (its core keeps polling).
@@ -41,7 +41,7 @@ impl NetPort for NetDevice {
         NetDevice::has_rx(self)
     }
     fn frames(&self) -> Option<(u64, u64)> {
-        None
+        NetDevice::frames(self)
     }
 }
 
