@@ -808,7 +808,7 @@ pub fn guest_nic_line(console: &str, nic: Nic) -> String {
 struct Counted {
     /// Requests, frames sent, frames received.
     frames: Option<(u64, u64, u64)>,
-    /// Per core (igb), what each served.
+    /// Per core (a stack per core), what each served.
     cores: Option<BTreeMap<u32, CoreCount>>,
 }
 
@@ -830,15 +830,19 @@ impl Before {
 
 /// Waits (at most 5 s) for the guest's counts of the fio run that did
 /// `ios` reads, logged when its service goes idle after the client left:
-/// on virtio-net the next `virtio-net since the last count` line; on igb
-/// the cores' reports, until they account for at least `ios` more
-/// requests (each core that served reports when its connections closed).
+/// on single-queue virtio-net the next `virtio-net since the last count`
+/// line; with a stack per core (igb, virtio-net multiqueue) the cores'
+/// reports, until they account for at least `ios` more requests (each core
+/// that served reports when its connections closed).
 fn counted_after(guest: &Guest, nic: Nic, before: &Before, ios: u64, cpus: u32) -> Counted {
     let t = Instant::now();
     loop {
         let c = guest.console();
+        // A stack per core (igb; virtio-net multiqueue on a tap) says what
+        // each core served; single-queue virtio-net counts the device's.
+        let per_core = nic == Nic::Igb || !core_counts(&c).is_empty();
         match nic {
-            Nic::Virtio => {
+            Nic::Virtio if !per_core => {
                 let f = crate::offload::frame_counts(&c);
                 if f.len() > before.frame_counts {
                     let sum = f[before.frame_counts..]
@@ -850,7 +854,7 @@ fn counted_after(guest: &Guest, nic: Nic, before: &Before, ios: u64, cpus: u32) 
                     };
                 }
             }
-            Nic::Igb => {
+            _ => {
                 let d = core_deltas(&before.cores, &core_counts(&c), cpus);
                 let requests: u64 = d.values().map(|c| c.requests).sum();
                 if requests >= ios.max(1) || t.elapsed() >= Duration::from_secs(5) {
