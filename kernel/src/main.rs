@@ -516,8 +516,8 @@ pub fn run_loop<D: stack::NetPort>(
                 dirty = false;
                 s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
                 let t = apic::ticks();
-                if t / 100 != last / 100 {
-                    s.trace(&mut n.sockets);
+                if t / BUSY_REPORT_TICKS != last / BUSY_REPORT_TICKS {
+                    s.report_busy(&mut n.sockets);
                 }
                 last = t;
                 // While anything moves, keep polling; a core whose port can
@@ -542,6 +542,10 @@ pub fn run_loop<D: stack::NetPort>(
         });
     }
 }
+
+/// How often (in 10 ms APIC ticks: every 10 s) a serving core that is not
+/// idle says what it holds (`nbd: busy:` lines at `log=debug`).
+const BUSY_REPORT_TICKS: u64 = 1000;
 
 /// How long a serving core polls with nothing moving (no frame, no socket
 /// used, no read in flight) before it sleeps, if its port can wake it.

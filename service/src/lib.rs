@@ -139,7 +139,11 @@ pub const HELD_TOTAL: usize = 48 << 20;
 /// has gone (QEMU's user networking does, as the soak test found). Counting
 /// bytes, not any progress at all, keeps a peer that takes a byte now and
 /// then (a window probe's worth) from holding its socket and output for
-/// ever too (the soak saw one hold 8 MB for 38 s).
+/// ever too (the soak saw one hold 8 MB for 38 s). A peer that takes more
+/// is served however slowly: behind QEMU's user networking that can be
+/// slirp standing in for a client that left with requests unread (it takes
+/// the replies, drops them, and passes the client's FIN only after the
+/// requests before it are read); the busy report (`log=debug`) shows it.
 pub const STALL_NS: u64 = 30_000_000_000;
 /// TCP keep-alive and timeout of every connection: a probe after half the
 /// stall time without a packet (at least 1 s), and the connection aborted
@@ -857,18 +861,45 @@ impl<P: Platform> Server<P> {
         self.reqs.len()
     }
 
-    /// Logs the state of busy connections (debugging aid, `log=trace`).
-    pub fn trace(&self, sockets: &mut SocketSet<'_>) {
-        for s in &self.sockets {
-            if let Slot::Serving(c) = &s.slot {
-                let t = sockets.get_mut::<tcp::Socket>(s.handle);
-                log::trace!(
-                    target: "nbd",
-                    "conn: state {:?} out {} send_queue {} recv_queue {} in_flight {}",
-                    t.state(), c.output().len(), t.send_queue(), t.recv_queue(), c.in_flight()
-                );
-            }
+    /// The busy report (`log=debug`; the run loop asks for it every 10 s
+    /// while anything is served): what the server holds and why it is not
+    /// idle — the reads in flight, then a line per connection with its
+    /// peer, TCP state, reads in flight, reply bytes waiting (and how many
+    /// of them sit in the socket), request bytes it has not read and how
+    /// long ago its replies last moved ([`STALL_NS`] counts from there).
+    /// Returns whether it reported (not when idle).
+    pub fn report_busy(&self, sockets: &mut SocketSet<'_>) -> bool {
+        if !self.busy {
+            return false;
         }
+        let now = self.p.now_ns();
+        log::debug!(
+            target: "nbd",
+            "busy: {} reads in flight, {} of them answered and waiting for room",
+            self.reqs.len(),
+            self.waiting.len()
+        );
+        for s in &self.sockets {
+            let Slot::Serving(c) = &s.slot else {
+                continue;
+            };
+            let t = sockets.get_mut::<tcp::Socket>(s.handle);
+            let peer = match t.remote_endpoint() {
+                Some(e) => e,
+                None => continue,
+            };
+            log::debug!(
+                target: "nbd",
+                "busy: connection {peer}: {}, {} reads in flight, {} bytes of replies waiting ({} in the socket), {} bytes of requests unread, replies last moved {} ms ago",
+                t.state(),
+                c.in_flight(),
+                c.output_pending() + t.send_queue(),
+                t.send_queue(),
+                t.recv_queue(),
+                now.saturating_sub(s.flow.progress) / 1_000_000
+            );
+        }
+        true
     }
 
     /// Serves every connection as far as it can go without waiting: runs

@@ -148,6 +148,42 @@ fn reads_over_the_loopback_carry_the_device_bytes_and_allocate_nothing() {
     }
 }
 
+/// The busy report says what a server that is not idle holds: a line for
+/// the reads in flight and one per connection with its peer and state; an
+/// idle server reports nothing.
+#[test]
+fn the_busy_report_names_each_connection_held_and_is_silent_when_idle() {
+    let (mut side, mut lb) = Loopback::new("nvme0n1", true, 4, now, rdtsc, Link::default());
+    let mut server = server(&mut side);
+    let _ = dioxide_testkit::logged("nbd");
+    // Idle before any connection: nothing said.
+    assert!(!server.report_busy(&mut side.sockets));
+    assert_eq!(dioxide_testkit::logged("nbd"), Vec::<String>::new());
+    lb.connect(&mut side, &mut server).unwrap();
+    let f = lb.run(&mut side, &mut server, 50, 4).unwrap();
+    assert_eq!((f.reads, f.failed), (50, 0));
+    let _ = dioxide_testkit::logged("nbd");
+    assert!(server.report_busy(&mut side.sockets));
+    let lines = dioxide_testkit::logged("nbd");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("busy: 0 reads in flight"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[1].starts_with("busy: connection ")
+            && lines[1].contains(": ESTABLISHED, 0 reads in flight"),
+        "{lines:#?}"
+    );
+    lb.close(&mut side, &mut server);
+    let _ = dioxide_testkit::logged("nbd");
+    assert!(
+        !server.report_busy(&mut side.sockets),
+        "idle after the close"
+    );
+    assert_eq!(dioxide_testkit::logged("nbd"), Vec::<String>::new());
+}
+
 #[test]
 fn the_null_export_answers_zeros_without_allocating() {
     let s0 = dioxide_testkit::thread_allocs();

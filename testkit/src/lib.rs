@@ -7,7 +7,9 @@
 //!   system's that counts allocations per thread, for the "allocates
 //!   nothing" assertions and the host benchmark's figures;
 //! - [`run_within`] (feature `std`): a command run with a time limit, so
-//!   that a test whose client or appliance hangs fails instead of hanging.
+//!   that a test whose client or appliance hangs fails instead of hanging;
+//! - [`logged`] (feature `std`): the log lines of one target this thread
+//!   wrote, for tests that check what is logged.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 /// xorshift64*: 64 bits of state, period 2^64 - 1, good enough to pick
@@ -176,4 +178,61 @@ mod tests {
         assert!((0..1000).all(|_| a.below(10) < 10));
         assert_eq!(a.below(0), 0);
     }
+}
+
+/// The `log` records of the targets this thread named in [`logged`]
+/// calls, kept per thread (tests run on threads of their own). A thread
+/// that asked for none stores nothing (so allocation-counting tests are
+/// not disturbed by the logger).
+#[cfg(feature = "std")]
+struct Capture;
+
+#[cfg(feature = "std")]
+std::thread_local! {
+    static WANTED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    static LINES: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(feature = "std")]
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        if WANTED.with(|w| w.borrow().iter().any(|t| t == r.target())) {
+            LINES.with(|l| {
+                l.borrow_mut()
+                    .push((r.target().to_string(), r.args().to_string()))
+            });
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// This thread's log lines of `target` since the last call (the first
+/// call starts keeping them and returns none). The first call in the
+/// process installs the capturing logger at trace level.
+#[cfg(feature = "std")]
+pub fn logged(target: &str) -> Vec<String> {
+    static CAPTURE: Capture = Capture;
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let _ = log::set_logger(&CAPTURE);
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+    WANTED.with(|w| {
+        let mut w = w.borrow_mut();
+        if !w.iter().any(|t| t == target) {
+            w.push(target.to_string());
+        }
+    });
+    LINES.with(|l| {
+        let mut l = l.borrow_mut();
+        let (mine, rest) = std::mem::take(&mut *l)
+            .into_iter()
+            .partition(|(t, _)| t == target);
+        *l = rest;
+        mine.into_iter().map(|(_, m)| m).collect()
+    })
 }

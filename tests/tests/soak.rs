@@ -56,6 +56,10 @@ const SOAK: Duration = Duration::from_secs(40);
 /// The server's stall time (`nbd.stall_s`; 30 s by default): connections
 /// whose replies are not taken are dropped after it.
 const STALL_S: u64 = 10;
+/// How long after the soak's end the server may take to drop a flooded
+/// connection: its stall time, counted from when the replies stopped being
+/// taken (the host's socket buffers, megabytes, fill first), and a margin.
+const FLOOD_HOLD: Duration = Duration::from_secs(3 * STALL_S + 10);
 const MIB: u64 = 1 << 20;
 
 /// What an export must read as.
@@ -191,9 +195,10 @@ fn wait_idle(guest: &Guest, after: usize, start_heap: u64) -> String {
         }
         assert!(
             t0.elapsed() < limit,
-            "no idle report with the heap back at its start level ({start_heap} bytes) within {limit:?} of the last client leaving; idle heap figures: {:?}; each core's last report: {:?}",
+            "no idle report with the heap back at its start level ({start_heap} bytes) within {limit:?} of the last client leaving; idle heap figures: {:?}; each core's last report: {:?}; what the server holds (its last busy reports): {:#?}",
             figures(&c, "idle:", "heap "),
-            last_core_reports(&c)
+            last_core_reports(&c),
+            last_busy_reports(&c)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -214,6 +219,17 @@ fn last_core_reports(console: &str) -> Vec<&str> {
         }
     }
     last.into_iter().map(|(_, l)| l).collect()
+}
+
+/// The server's last busy reports (`nbd: busy:` lines, every 10 s while it
+/// serves): the reads in flight and each connection it holds. With a stack
+/// per core, each core's reports; the last 12 lines.
+fn last_busy_reports(console: &str) -> Vec<&str> {
+    let busy: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.find("nbd: busy:").map(|i| &l[i..]))
+        .collect();
+    busy[busy.len().saturating_sub(12)..].to_vec()
 }
 
 /// How long a client waits for the greeting.
@@ -378,11 +394,33 @@ fn reader(id: usize, port: u16, exports: Arc<Vec<Export>>, sh: Arc<Shared>) -> R
 /// Writes `block` over and over until told to stop or the server ends the
 /// connection, never reading. Writes time out when the window is closed
 /// (that is the flood holding).
+/// Writes `block` over and over and never reads, until the server drops
+/// the connection (its replies not taken for the stall time). When the
+/// soak stops, the flooder does not leave: it holds the connection, still
+/// unread, until the server drops it (within [`FLOOD_HOLD`]). A flooded
+/// connection its client abandoned could outlive the client behind QEMU's
+/// user networking: slirp, its host socket gone, goes on acknowledging the
+/// server's replies (and drops them) while the client's FIN waits behind
+/// the requests the server has not read — for as long as replies flow, so
+/// the stall time never ends it (a run caught one taking 64 KiB a second
+/// 40 s after its client left). On a tap or a real network the client's
+/// RST ends it at once.
 fn flood(s: &mut std::net::TcpStream, block: &[u8], sh: &Shared, held: &mut bool) {
     s.set_write_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut at = 0;
-    while !sh.stopping() {
+    let mut stopped = None;
+    loop {
+        if sh.failed.load(Relaxed) {
+            return;
+        }
+        if sh.stop.load(Relaxed) {
+            let t = *stopped.get_or_insert_with(Instant::now);
+            assert!(
+                t.elapsed() < FLOOD_HOLD,
+                "a flooded connection was not dropped by the server within {FLOOD_HOLD:?} of the soak's end"
+            );
+        }
         match s.write(&block[at..]) {
             Ok(n) => {
                 sh.flood_bytes.fetch_add(n as u64, Relaxed);
@@ -808,10 +846,10 @@ fn soak(nic: dioxide_qemu::Nic, smp: u32) {
 
     // All clients gone: the server goes idle with the heap at its level
     // from start. (Flooding connections end when the server drops them for
-    // replies not taken: QEMU's user networking does not pass on the
-    // client's close while the guest's receive window is shut. A
-    // client's RST that igb dropped with its receive ring full is never
-    // sent again: that connection ends at the server's keep-alive probe.)
+    // replies not taken; their clients hold them until it does, see
+    // `flood`. A client's RST that igb dropped with its receive ring full
+    // is never sent again: that connection ends at the server's keep-alive
+    // probe.)
     let t_gone = Instant::now();
     let console = wait_idle(guest, 0, start_heap);
     let idle_after = t_gone.elapsed();

@@ -9,42 +9,12 @@ use crate::*;
 use dioxide_blk::{BlkError, BlockQueue, IoBuf, Op};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
-// ---------------------------------------------------------------------------
-// A logger that keeps each thread's "nvme" lines, to check what is logged.
-
-struct Capture;
-
-thread_local! {
-    static LINES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        if r.target() == "nvme" {
-            LINES.with(|l| l.borrow_mut().push(r.args().to_string()));
-        }
-    }
-    fn flush(&self) {}
-}
-
-static CAPTURE: Capture = Capture;
-
-/// This thread's log lines since the last call.
+/// This thread's "nvme" log lines since the last call.
 fn logged() -> Vec<String> {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        let _ = log::set_logger(&CAPTURE);
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-    LINES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    dioxide_testkit::logged("nvme")
 }
-
-// ---------------------------------------------------------------------------
 
 type Ctrl = Controller<SimHal, Sim>;
 type Qp = QueuePair<SimHal, Sim>;
