@@ -517,7 +517,7 @@ pub fn run_loop<D: stack::NetPort>(
                 s.prof.net += (t1 - t0) + (time::rdtsc() - t2);
                 let t = apic::ticks();
                 if t / BUSY_REPORT_TICKS != last / BUSY_REPORT_TICKS {
-                    s.report_busy(&mut n.sockets);
+                    s.report_busy(&mut n.sockets, smp::cpu_index());
                 }
                 last = t;
                 // While anything moves, keep polling; a core whose port can

@@ -105,6 +105,7 @@ use dioxide_nbd::{
 };
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
+use smoltcp::wire::IpEndpoint;
 
 pub const PORT: u16 = 10809;
 pub const CONNS: usize = 16;
@@ -674,6 +675,19 @@ struct Sock {
     flow: Flow,
 }
 
+/// A connection's peer for the logs: its endpoint, or `?` once its socket
+/// was reset.
+struct Peer(Option<IpEndpoint>);
+
+impl core::fmt::Display for Peer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, "{e}"),
+            None => f.write_str("?"),
+        }
+    }
+}
+
 /// How a connection's replies leave, for the stall time.
 #[derive(Clone, Copy, Debug, Default)]
 struct Flow {
@@ -861,21 +875,24 @@ impl<P: Platform> Server<P> {
         self.reqs.len()
     }
 
-    /// The busy report (`log=debug`; the run loop asks for it every 10 s
-    /// while anything is served): what the server holds and why it is not
-    /// idle — the reads in flight, then a line per connection with its
-    /// peer, TCP state, reads in flight, reply bytes waiting (and how many
-    /// of them sit in the socket), request bytes it has not read and how
-    /// long ago its replies last moved ([`STALL_NS`] counts from there).
+    /// The busy report of core `core` (`log=debug`; the run loop asks for
+    /// it every 10 s while anything is served): what the server holds and
+    /// why it is not idle — the reads in flight (and how many of them are
+    /// answered and wait for room in their socket), then a line per
+    /// connection with its peer (`?` once its socket was reset), TCP
+    /// state, reads in flight, bytes waiting to be sent (queued replies and
+    /// the socket's send queue), request bytes it has not read, and how
+    /// long ago it last made progress (took [`STALL_MIN_BYTES`] of its
+    /// replies, or had none waiting: [`STALL_NS`] counts from there).
     /// Returns whether it reported (not when idle).
-    pub fn report_busy(&self, sockets: &mut SocketSet<'_>) -> bool {
+    pub fn report_busy(&self, sockets: &mut SocketSet<'_>, core: usize) -> bool {
         if !self.busy {
             return false;
         }
         let now = self.p.now_ns();
         log::debug!(
             target: "nbd",
-            "busy: {} reads in flight, {} of them answered and waiting for room",
+            "busy: core {core}: {} reads in flight, {} of them answered and waiting for room",
             self.reqs.len(),
             self.waiting.len()
         );
@@ -884,13 +901,10 @@ impl<P: Platform> Server<P> {
                 continue;
             };
             let t = sockets.get_mut::<tcp::Socket>(s.handle);
-            let peer = match t.remote_endpoint() {
-                Some(e) => e,
-                None => continue,
-            };
+            let peer = Peer(t.remote_endpoint());
             log::debug!(
                 target: "nbd",
-                "busy: connection {peer}: {}, {} reads in flight, {} bytes of replies waiting ({} in the socket), {} bytes of requests unread, replies last moved {} ms ago",
+                "busy: core {core}: connection {peer}: {}, {} reads in flight, {} bytes waiting to be sent ({} in the socket), {} bytes of requests unread, last progress {} ms ago",
                 t.state(),
                 c.in_flight(),
                 c.output_pending() + t.send_queue(),

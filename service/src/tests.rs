@@ -157,28 +157,28 @@ fn the_busy_report_names_each_connection_held_and_is_silent_when_idle() {
     let mut server = server(&mut side);
     let _ = dioxide_testkit::logged("nbd");
     // Idle before any connection: nothing said.
-    assert!(!server.report_busy(&mut side.sockets));
+    assert!(!server.report_busy(&mut side.sockets, 0));
     assert_eq!(dioxide_testkit::logged("nbd"), Vec::<String>::new());
     lb.connect(&mut side, &mut server).unwrap();
     let f = lb.run(&mut side, &mut server, 50, 4).unwrap();
     assert_eq!((f.reads, f.failed), (50, 0));
     let _ = dioxide_testkit::logged("nbd");
-    assert!(server.report_busy(&mut side.sockets));
+    assert!(server.report_busy(&mut side.sockets, 0));
     let lines = dioxide_testkit::logged("nbd");
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(
-        lines[0].starts_with("busy: 0 reads in flight"),
+        lines[0].starts_with("busy: core 0: 0 reads in flight"),
         "{lines:#?}"
     );
     assert!(
-        lines[1].starts_with("busy: connection ")
+        lines[1].starts_with("busy: core 0: connection ")
             && lines[1].contains(": ESTABLISHED, 0 reads in flight"),
         "{lines:#?}"
     );
     lb.close(&mut side, &mut server);
     let _ = dioxide_testkit::logged("nbd");
     assert!(
-        !server.report_busy(&mut side.sockets),
+        !server.report_busy(&mut side.sockets, 0),
         "idle after the close"
     );
     assert_eq!(dioxide_testkit::logged("nbd"), Vec::<String>::new());

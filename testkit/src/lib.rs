@@ -182,13 +182,17 @@ mod tests {
 
 /// The `log` records of the targets this thread named in [`logged`]
 /// calls, kept per thread (tests run on threads of their own). A thread
-/// that asked for none stores nothing (so allocation-counting tests are
-/// not disturbed by the logger).
+/// that asked for none only reads a flag without a destructor (as the
+/// counting allocator's counter): it stores nothing and registers no
+/// thread-local destructor, so allocation-counting tests are not disturbed
+/// by the logger; records logged while a thread's locals are torn down are
+/// dropped.
 #[cfg(feature = "std")]
 struct Capture;
 
 #[cfg(feature = "std")]
 std::thread_local! {
+    static ASKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static WANTED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
     static LINES: std::cell::RefCell<Vec<(String, String)>> =
         const { std::cell::RefCell::new(Vec::new()) };
@@ -200,8 +204,14 @@ impl log::Log for Capture {
         true
     }
     fn log(&self, r: &log::Record) {
-        if WANTED.with(|w| w.borrow().iter().any(|t| t == r.target())) {
-            LINES.with(|l| {
+        if !ASKED.try_with(|a| a.get()).unwrap_or(false) {
+            return;
+        }
+        let wanted = WANTED
+            .try_with(|w| w.borrow().iter().any(|t| t == r.target()))
+            .unwrap_or(false);
+        if wanted {
+            let _ = LINES.try_with(|l| {
                 l.borrow_mut()
                     .push((r.target().to_string(), r.args().to_string()))
             });
@@ -212,15 +222,17 @@ impl log::Log for Capture {
 
 /// This thread's log lines of `target` since the last call (the first
 /// call starts keeping them and returns none). The first call in the
-/// process installs the capturing logger at trace level.
+/// process installs the capturing logger at trace level; it panics if
+/// another logger was installed first (the capture would see nothing).
 #[cfg(feature = "std")]
 pub fn logged(target: &str) -> Vec<String> {
     static CAPTURE: Capture = Capture;
     static INIT: std::sync::Once = std::sync::Once::new();
     INIT.call_once(|| {
-        let _ = log::set_logger(&CAPTURE);
+        log::set_logger(&CAPTURE).expect("no other logger in a test process using logged()");
         log::set_max_level(log::LevelFilter::Trace);
     });
+    ASKED.with(|a| a.set(true));
     WANTED.with(|w| {
         let mut w = w.borrow_mut();
         if !w.iter().any(|t| t == target) {
