@@ -131,7 +131,7 @@ enum RxBuf {
 /// and the control queue. Dropped (a failed bring-up), it resets the
 /// device and waits for the reset before anything is freed.
 struct Nic {
-    transport: PciTransport,
+    transport: OwnedTransport,
     pairs: Vec<Pair>,
     /// The control queue, with VIRTIO_NET_F_CTRL_VQ (for
     /// VIRTIO_NET_CTRL_MQ); its index.
@@ -257,12 +257,8 @@ impl Nic {
     /// DRIVER_OK, the number of queue pairs in use (VIRTIO_NET_CTRL_MQ),
     /// then the receive buffers. `want_pairs`: queue pairs wanted (one per
     /// serving core); the device's `max_virtqueue_pairs` bounds them.
-    fn new(
-        mut t: PciTransport,
-        wanted: &Wanted,
-        bdf: Bdf,
-        want_pairs: u16,
-    ) -> Result<Nic, InitError> {
+    fn new(t: PciTransport, wanted: &Wanted, bdf: Bdf, want_pairs: u16) -> Result<Nic, InitError> {
+        let mut t = OwnedTransport(core::mem::ManuallyDrop::new(t));
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = t.read_device_features();
@@ -317,8 +313,8 @@ impl Nic {
         };
         let mut made = Vec::with_capacity(usize::from(pairs));
         for i in 0..pairs {
-            let rxq = Queue::new(&mut t, 2 * i, indirect, event_idx)?;
-            let txq = Queue::new(&mut t, 2 * i + 1, indirect, event_idx)?;
+            let rxq = Queue::new(&mut *t, 2 * i, indirect, event_idx)?;
+            let txq = Queue::new(&mut *t, 2 * i + 1, indirect, event_idx)?;
             made.push(Pair::new(
                 i,
                 rxq,
@@ -329,7 +325,7 @@ impl Nic {
             ));
         }
         let ctrl = match ctrl_index {
-            Some(c) => Some((CtrlQueue::new(&mut t, c, false, false)?, c)),
+            Some(c) => Some((CtrlQueue::new(&mut *t, c, false, false)?, c)),
             None => None,
         };
         t.set_status(ok | DeviceStatus::DRIVER_OK);
@@ -959,20 +955,63 @@ const RESET_WAIT_NS: u64 = 1_000_000_000;
 /// rings) and a pair's buffers are then leaked instead of freed.
 static LIVE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
+/// The PCI transport, reset with a bounded wait when dropped. The crate's
+/// own `Drop` resets the device and waits for the reset without end: a
+/// device that never finishes it would hang the boot. One that does not
+/// finish within [`RESET_WAIT_NS`] keeps its transport (leaked, never
+/// dropped), as it keeps every buffer it may still reach.
+struct OwnedTransport(core::mem::ManuallyDrop<PciTransport>);
+
+impl OwnedTransport {
+    /// Resets the device and waits until it says the reset is done
+    /// (VIRTIO 1.2 4.1.4.3.2: the status reads 0 again), at most
+    /// [`RESET_WAIT_NS`]; whether it did.
+    fn reset(&mut self) -> bool {
+        self.0.set_status(DeviceStatus::empty());
+        let start = time::now_ns();
+        while !self.0.get_status().is_empty() {
+            if time::now_ns().saturating_sub(start) > RESET_WAIT_NS {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        true
+    }
+}
+
+impl core::ops::Deref for OwnedTransport {
+    type Target = PciTransport;
+    fn deref(&self) -> &PciTransport {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for OwnedTransport {
+    fn deref_mut(&mut self) -> &mut PciTransport {
+        &mut self.0
+    }
+}
+
+impl Drop for OwnedTransport {
+    fn drop(&mut self) {
+        if self.reset() {
+            // SAFETY: the transport is dropped once, here, and not used
+            // after; its own reset then finds the status 0 at once.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.0) };
+        } else {
+            log::error!(target: "net", "virtio-net did not finish its reset: its transport is leaked");
+        }
+    }
+}
+
 impl Drop for Nic {
     fn drop(&mut self) {
         // The device must not reach buffers about to be freed: reset it and
-        // wait until it says the reset is done (VIRTIO 1.2 4.1.4.3.2: the
-        // status reads 0 again).
-        self.transport.set_status(DeviceStatus::empty());
-        let start = time::now_ns();
-        while !self.transport.get_status().is_empty() {
-            if time::now_ns().saturating_sub(start) > RESET_WAIT_NS {
-                log::error!(target: "net", "virtio-net did not finish its reset: its buffers and rings are leaked, not freed");
-                // LIVE stays set: the pairs' buffers and the rings are kept.
-                return;
-            }
-            core::hint::spin_loop();
+        // wait until it says the reset is done.
+        if !self.transport.reset() {
+            log::error!(target: "net", "virtio-net did not finish its reset: its buffers and rings are leaked, not freed");
+            // LIVE stays set: the pairs' buffers and the rings are kept.
+            return;
         }
         for q in 0..self.queues {
             self.transport.queue_unset(q);
