@@ -30,8 +30,23 @@
 //! replies, as the protocol allows. (Structured replies are not only an
 //! option: QEMU's client with simple replies hangs on an export whose size
 //! is not a multiple of 512, because it then reads a whole sector.) Commands: READ and
-//! FLUSH are served, DISC closes after the requests in flight; writes, trims
-//! and write-zeroes get `EPERM` (read-only exports), anything else `EINVAL`.
+//! FLUSH are served, DISC closes after the requests in flight; anything
+//! unknown gets `EINVAL`.
+//!
+//! The write side: an export that takes writes ([`ExportInfo::writable`])
+//! is writable to a client the caller allows ([`Conn::allow_writes`]);
+//! the transmission flags then announce SEND_FUA, SEND_TRIM and
+//! SEND_WRITE_ZEROES (and not READ_ONLY), and WRITE, FLUSH, TRIM and
+//! WRITE_ZEROES become [`Event`]s answered by [`Conn::reply`]. A write's
+//! payload is not buffered: the connection stops decoding after its
+//! header and hands the payload to the caller ([`Conn::take_payload`],
+//! straight from the transport's bytes into the caller's buffer). To
+//! everyone else the export is read-only: writes, trims and write-zeroes
+//! get `EPERM` (a refused write's payload is discarded as it arrives).
+//! Errors follow the protocol's error section: `ENOSPC` for a write or
+//! write-zeroes past the end, `EINVAL` for a trim past it, a zero length, a
+//! write over the maximum block size, or a flag the command does not take
+//! (FUA, once announced, is taken by every command).
 //! A protocol violation (wrong magic, unknown client flags, a name that is
 //! not UTF-8) closes the connection.
 //!
@@ -50,9 +65,11 @@
 //!   stop at `OUTPUT_HIGH` plus what one option or request queues
 //!   ([`MAX_CONTROL_REPLY`]). NBD_OPT_LIST is answered export
 //!   by export as the output drains ([`Conn::resume`]), never all at once.
-//! - **Reads**: at most `max_in_flight` reads are decoded and not yet
-//!   answered; read data is admitted by the caller (the service budgets
-//!   its buffers and read replies, see the kernel's `net::nbd`).
+//! - **Reads**: at most `max_in_flight` requests (reads and the write
+//!   side's) are decoded and not yet answered; read data is admitted by
+//!   the caller (the service budgets its buffers and read replies, see the
+//!   kernel's `net::nbd`), and so is a write's payload: it stays in the
+//!   transport until the caller takes it into a buffer of its own.
 //! - Every allocation is fallible (`try_reserve`): when one fails the
 //!   connection ends with [`CloseReason::OutOfMemory`], never a panic.
 //!
@@ -124,7 +141,22 @@ pub mod tflag {
     pub const HAS_FLAGS: u16 = 1 << 0;
     pub const READ_ONLY: u16 = 1 << 1;
     pub const SEND_FLUSH: u16 = 1 << 2;
+    pub const SEND_FUA: u16 = 1 << 3;
+    pub const SEND_TRIM: u16 = 1 << 5;
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+}
+
+/// Command flags (the request's 16-bit flags field).
+pub mod cflag {
+    /// Force unit access: the reply is sent only once the command's effect
+    /// is durable.
+    pub const FUA: u16 = 1 << 0;
+    /// WRITE_ZEROES: the range must be written (allocated), not punched.
+    pub const NO_HOLE: u16 = 1 << 1;
+    pub const DF: u16 = 1 << 2;
+    pub const REQ_ONE: u16 = 1 << 3;
+    pub const FAST_ZERO: u16 = 1 << 4;
 }
 
 pub mod cmd {
@@ -241,6 +273,10 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Maximum request length.
     pub max_block: u32,
+    /// The export's storage takes writes. A connection writes to it only
+    /// when its client may write too ([`Conn::allow_writes`]); otherwise
+    /// the client sees it read-only.
+    pub writable: bool,
 }
 
 /// The exports of a server.
@@ -262,6 +298,40 @@ pub enum Event {
         export: u32,
         offset: u64,
         len: u32,
+    },
+    /// Write `len` bytes at `offset`: the payload follows, handed over by
+    /// [`Conn::take_payload`] (nothing else is decoded until all of it
+    /// was). With `fua` the reply waits until the data is durable. Answer
+    /// with [`Conn::reply`].
+    Write {
+        handle: u64,
+        export: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    /// Make every write replied to before it durable (on any connection:
+    /// the exports are announced CAN_MULTI_CONN); answer with
+    /// [`Conn::reply`] once they are.
+    Flush { handle: u64, export: u32 },
+    /// The range's contents are no longer needed (advisory: reads may
+    /// return the old bytes or zeroes). Answer with [`Conn::reply`].
+    Trim {
+        handle: u64,
+        export: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    /// Write zeroes to the range; `no_hole`: the range must stay allocated
+    /// (written), not be punched. Answer with [`Conn::reply`].
+    WriteZeroes {
+        handle: u64,
+        export: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
     },
 }
 
@@ -303,6 +373,11 @@ pub struct Conn {
     /// Input bytes still to discard (oversized option data, refused write
     /// payloads).
     skip: u64,
+    /// Payload bytes of the last decoded write still to be handed over
+    /// ([`Conn::take_payload`]); nothing is decoded meanwhile.
+    payload: u32,
+    /// The client may write (to exports that take writes).
+    may_write: bool,
     events: VecDeque<Event>,
     /// NBD_OPT_LIST in progress: the next export index to announce.
     listing: Option<usize>,
@@ -346,6 +421,8 @@ impl Conn {
             structured: false,
             export: None,
             skip: 0,
+            payload: 0,
+            may_write: false,
             events: VecDeque::new(),
             listing: None,
             discard: false,
@@ -407,6 +484,10 @@ impl Conn {
         if self.skip > 0 {
             return self.skip.min(INPUT_CAP as u64) as usize;
         }
+        if self.payload > 0 {
+            // A write's data: taken by `take_payload`, not buffered here.
+            return 0;
+        }
         if self.blocked() {
             return 0;
         }
@@ -416,6 +497,7 @@ impl Conn {
     /// No option or request is decoded now.
     fn blocked(&self) -> bool {
         self.output_pending() >= OUTPUT_HIGH
+            || self.payload > 0
             || self.listing.is_some()
             || (self.state == State::Transmission && self.in_flight >= self.max_in_flight)
     }
@@ -458,6 +540,9 @@ impl Conn {
     /// The peer closed its side: nothing more will arrive.
     pub fn peer_closed(&mut self) {
         self.inb.clear();
+        // A write whose payload had not all come is never submitted; the
+        // caller still answers it ([`Conn::reply`], dropped when closed).
+        self.payload = 0;
         if self.state != State::Closed {
             self.state = if self.in_flight == 0 {
                 State::Closed
@@ -483,6 +568,7 @@ impl Conn {
         log::debug!(target: "nbd", "closing connection: {why:?}");
         self.close_reason = Some(why);
         self.inb.clear();
+        self.payload = 0;
         self.state = if self.out.is_empty() && self.in_flight == 0 {
             State::Closed
         } else {
@@ -607,8 +693,19 @@ impl Conn {
         }
     }
 
-    fn transmission_flags(&self, _info: &ExportInfo) -> u16 {
-        tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN
+    /// Whether this connection writes to an export described by `info`:
+    /// the export takes writes and the client may write.
+    fn writes_to(&self, info: &ExportInfo) -> bool {
+        info.writable && self.may_write
+    }
+
+    fn transmission_flags(&self, info: &ExportInfo) -> u16 {
+        let common = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN;
+        if self.writes_to(info) {
+            common | tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES
+        } else {
+            common | tflag::READ_ONLY
+        }
     }
 
     /// Decodes everything complete in the input buffer, as far as the
@@ -693,12 +790,15 @@ impl Conn {
                     };
                     match ty {
                         cmd::READ => {
-                            let bad = flags != 0
+                            // FUA, once announced (writable), is valid on
+                            // every command: ignored on a read.
+                            let fua_ok = if self.writes_to(&info) { cflag::FUA } else { 0 };
+                            let bad = flags & !fua_ok != 0
                                 || len == 0
                                 || len > info.max_block.min(MAX_REQUEST)
                                 || offset.checked_add(len as u64).is_none_or(|e| e > info.size);
                             if bad {
-                                let why = if flags != 0 {
+                                let why = if flags & !fua_ok != 0 {
                                     "unsupported read flags"
                                 } else if len == 0 {
                                     "zero-length read"
@@ -722,8 +822,16 @@ impl Conn {
                                 });
                             }
                         }
+                        cmd::FLUSH if self.writes_to(&info) => {
+                            if flags & !cflag::FUA != 0 || offset != 0 || len != 0 {
+                                self.simple_reply(handle, Errno::Inval as u32);
+                            } else if !self.push_event(Event::Flush { handle, export }) {
+                                return;
+                            }
+                        }
                         cmd::FLUSH => {
-                            // Read-only exports: nothing to make durable.
+                            // Read-only: nothing to make durable (and FUA,
+                            // not announced, is a flag it does not take).
                             let err = if flags != 0 || offset != 0 || len != 0 {
                                 Errno::Inval as u32
                             } else {
@@ -736,17 +844,64 @@ impl Conn {
                             return;
                         }
                         cmd::WRITE => {
-                            // The payload follows: discard it.
-                            let here = (inb.len() - at).min(len as usize);
-                            at += here;
-                            self.skip = len as u64 - here as u64;
-                            self.simple_reply(handle, Errno::Perm as u32);
-                            if self.skip > 0 {
-                                break;
+                            let fua = flags & cflag::FUA != 0;
+                            match self.check_update(&info, ty, flags, offset, len) {
+                                Ok(()) => {
+                                    let write = Event::Write {
+                                        handle,
+                                        export,
+                                        offset,
+                                        len,
+                                        fua,
+                                    };
+                                    if !self.push_event(write) {
+                                        return;
+                                    }
+                                    // Handed over by `take_payload`: the
+                                    // bytes after `at` start it.
+                                    self.payload = len;
+                                    break;
+                                }
+                                Err(e) => {
+                                    // The payload follows: discard it.
+                                    let here = (inb.len() - at).min(len as usize);
+                                    at += here;
+                                    self.skip = len as u64 - here as u64;
+                                    self.simple_reply(handle, e as u32);
+                                    if self.skip > 0 {
+                                        break;
+                                    }
+                                }
                             }
                         }
                         cmd::TRIM | cmd::WRITE_ZEROES => {
-                            self.simple_reply(handle, Errno::Perm as u32)
+                            let fua = flags & cflag::FUA != 0;
+                            match self.check_update(&info, ty, flags, offset, len) {
+                                Ok(()) => {
+                                    let e = if ty == cmd::TRIM {
+                                        Event::Trim {
+                                            handle,
+                                            export,
+                                            offset,
+                                            len,
+                                            fua,
+                                        }
+                                    } else {
+                                        Event::WriteZeroes {
+                                            handle,
+                                            export,
+                                            offset,
+                                            len,
+                                            fua,
+                                            no_hole: flags & cflag::NO_HOLE != 0,
+                                        }
+                                    };
+                                    if !self.push_event(e) {
+                                        return;
+                                    }
+                                }
+                                Err(e) => self.simple_reply(handle, e as u32),
+                            }
                         }
                         _ => self.simple_reply(handle, Errno::Inval as u32),
                     }
@@ -759,6 +914,59 @@ impl Conn {
             inb.drain(..at.min(inb.len()));
             self.inb = inb;
         }
+    }
+
+    /// Queues a decoded request for the caller (counted in flight);
+    /// false when the memory for it cannot be had (the connection then
+    /// ends).
+    fn push_event(&mut self, e: Event) -> bool {
+        if self.events.try_reserve(1).is_err() {
+            self.out_of_memory();
+            return false;
+        }
+        self.in_flight += 1;
+        self.events.push_back(e);
+        true
+    }
+
+    /// Checks a WRITE, TRIM or WRITE_ZEROES (command `ty`) against the
+    /// export and the protocol (`doc/proto.md`): `EPERM` when this
+    /// connection may not write to it; `EINVAL` for a flag the command does
+    /// not take (FAST_ZERO is not announced), a zero length (unspecified
+    /// by the protocol, which only asks not to disconnect), or a write
+    /// over the maximum block size we announce (TRIM and WRITE_ZEROES may
+    /// be longer: they carry no payload); past the export's end `ENOSPC`
+    /// for writes and `EINVAL` for a trim, as the protocol's error section
+    /// says.
+    fn check_update(
+        &self,
+        info: &ExportInfo,
+        ty: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), Errno> {
+        if !self.writes_to(info) {
+            return Err(Errno::Perm);
+        }
+        let allowed = match ty {
+            cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
+            _ => cflag::FUA,
+        };
+        if flags & !allowed != 0 || len == 0 {
+            return Err(Errno::Inval);
+        }
+        if ty == cmd::WRITE && len > info.max_block.min(MAX_REQUEST) {
+            return Err(Errno::Inval);
+        }
+        if offset.checked_add(len as u64).is_none_or(|e| e > info.size) {
+            return Err(if ty == cmd::TRIM {
+                Errno::Inval
+            } else {
+                Errno::NoSpc
+            });
+        }
+        Ok(())
     }
 
     fn handle_option(&mut self, exports: &dyn Exports, option: u32, data: &[u8]) {
@@ -875,6 +1083,57 @@ impl Conn {
         if self.events.try_reserve(self.max_in_flight).is_err() {
             self.out_of_memory();
         }
+    }
+
+    /// Lets this connection's client write to the exports that take writes
+    /// ([`ExportInfo::writable`]): the caller decides by the client's
+    /// address before the handshake ends (the transmission flags say it).
+    /// Without it every export is read-only to the client.
+    pub fn allow_writes(&mut self, yes: bool) {
+        self.may_write = yes;
+    }
+
+    /// Payload bytes of the last [`Event::Write`] not yet handed over by
+    /// [`Conn::take_payload`] (0 when none waits).
+    pub fn payload_pending(&self) -> u32 {
+        self.payload
+    }
+
+    /// Hands over the pending write's payload: copies into `dst` what the
+    /// connection already holds of it, then from `data` (bytes fresh from
+    /// the transport), at most [`Conn::payload_pending`] bytes in all and
+    /// at most `dst.len()`. Returns how many bytes of `data` it took and
+    /// how many it wrote to `dst`. Once the last byte is handed over,
+    /// decoding goes on (the requests that followed the write).
+    pub fn take_payload(
+        &mut self,
+        exports: &dyn Exports,
+        data: &[u8],
+        dst: &mut [u8],
+    ) -> (usize, usize) {
+        let want = (self.payload as usize).min(dst.len());
+        let held = self.inb.len().min(want);
+        dst[..held].copy_from_slice(&self.inb[..held]);
+        self.inb.drain(..held);
+        let fresh = data.len().min(want - held);
+        dst[held..held + fresh].copy_from_slice(&data[..fresh]);
+        self.payload -= (held + fresh) as u32;
+        if self.payload == 0 && !matches!(self.state, State::Closing | State::Closed) {
+            self.process(exports);
+        }
+        (fresh, held + fresh)
+    }
+
+    /// Answers a WRITE, FLUSH, TRIM or WRITE_ZEROES ([`Event::Write`] and
+    /// the others but reads): a simple reply, `Ok` or the error. Replies
+    /// may come in any order.
+    pub fn reply(&mut self, exports: &dyn Exports, handle: u64, result: Result<(), Errno>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.state == State::Closed {
+            return;
+        }
+        self.simple_reply(handle, result.err().map_or(0, |e| e as u32));
+        self.after_read_reply(exports);
     }
 
     /// Answers the read `handle` of `offset`: the data on success (exactly

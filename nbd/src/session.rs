@@ -79,6 +79,7 @@ impl FakeExports {
             min_block,
             preferred_block,
             max_block,
+            writable: false,
         };
         let mut list: Vec<(String, ExportInfo)> = vec![
             ("disk.img".into(), info(1 << 20, 512, 4096, 1 << 20)),
@@ -358,7 +359,9 @@ struct ReadRecord {
 
 impl ReadRecord {
     fn len(&self) -> u64 {
-        let Event::Read { len, .. } = self.ev;
+        let Event::Read { len, .. } = self.ev else {
+            unreachable!("read-only exports: only reads are decoded")
+        };
         match (&self.err, self.structured) {
             (None, true) => 28 + len as u64,
             (None, false) => 16 + len as u64,
@@ -713,7 +716,10 @@ fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
         export,
         offset,
         len,
-    } = r.ev;
+    } = r.ev
+    else {
+        unreachable!("read-only exports: only reads are decoded")
+    };
     let at = r.pos;
     match (&r.err, r.structured) {
         (None, true) => {
@@ -1135,7 +1141,10 @@ impl<'e> Driver<'e> {
             export,
             offset,
             len,
-        } = ev;
+        } = ev
+        else {
+            unreachable!("read-only exports: only reads are decoded")
+        };
         let how = if len > DATA_MAX { how.max(1) } else { how };
         let msg: String = match how {
             0 => String::new(),
@@ -1445,6 +1454,7 @@ impl<'e> Driver<'e> {
             min_block: 512,
             preferred_block: 4096,
             max_block: 1 << 20,
+            writable: false,
         });
         let ty = match s.below(16) {
             0..=6 => cmd::READ,

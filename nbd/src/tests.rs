@@ -8,23 +8,34 @@ const A: ExportInfo = ExportInfo {
     min_block: 512,
     preferred_block: 4096,
     max_block: 1 << 20,
+    writable: false,
 };
 const RAW: ExportInfo = ExportInfo {
     size: 1 << 30,
     min_block: 4096,
     preferred_block: 4096,
     max_block: 32 << 20,
+    writable: false,
+};
+/// An export that takes writes.
+const VOL: ExportInfo = ExportInfo {
+    size: 1 << 20,
+    min_block: 512,
+    preferred_block: 4096,
+    max_block: 64 << 10,
+    writable: true,
 };
 impl Exports for Fake {
     fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)> {
         match name.trim_start_matches('/') {
             "data/a.bin" => Some((1, A)),
             "nvme0n1" => Some((2, RAW)),
+            "vol" => Some((3, VOL)),
             _ => None,
         }
     }
     fn name(&self, index: usize) -> Option<&str> {
-        ["data/a.bin", "nvme0n1"].get(index).copied()
+        ["data/a.bin", "nvme0n1", "vol"].get(index).copied()
     }
 }
 
@@ -167,7 +178,7 @@ fn list_unknown_and_unsupported_options() {
     let mut c = greeted();
     c.receive(&Fake, &option(opt::LIST, &[]));
     let r = option_replies(&take(&mut c));
-    assert_eq!(r.len(), 3);
+    assert_eq!(r.len(), 4);
     assert_eq!(
         r[0],
         (
@@ -177,7 +188,8 @@ fn list_unknown_and_unsupported_options() {
         )
     );
     assert_eq!(r[1].2[4..], *b"nvme0n1");
-    assert_eq!(r[2].1, rep::ACK);
+    assert_eq!(r[2].2[4..], *b"vol");
+    assert_eq!(r[3].1, rep::ACK);
     c.receive(&Fake, &option(opt::LIST, b"x"));
     assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_INVALID);
     for o in [
@@ -204,7 +216,7 @@ fn oversized_option_is_refused_and_its_data_skipped() {
     }
     assert_eq!(option_replies(&take(&mut c))[0].1, rep::ERR_TOO_BIG);
     c.receive(&Fake, &option(opt::LIST, &[]));
-    assert_eq!(option_replies(&take(&mut c)).len(), 3);
+    assert_eq!(option_replies(&take(&mut c)).len(), 4);
 }
 
 #[test]
@@ -1066,4 +1078,291 @@ fn opened_like(structured: bool) -> Conn {
     c.next_event().unwrap();
     take(&mut c);
     c
+}
+
+// ---------------------------------------------------------------------------
+// The write side.
+
+/// A connection in transmission on `name`, its client allowed to write or
+/// not; the GO reply's NBD_INFO_EXPORT transmission flags.
+fn opened_rw(name: &str, may_write: bool) -> (Conn, u16) {
+    let mut c = Conn::new(16);
+    c.allow_writes(may_write);
+    take(&mut c);
+    c.receive(
+        &Fake,
+        &(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes(),
+    );
+    c.receive(&Fake, &option(opt::GO, &go_data(name, &[])));
+    assert!(c.in_transmission());
+    let r = option_replies(&take(&mut c));
+    assert_eq!((r[0].1, r[0].2.len()), (rep::INFO, 12));
+    (c, be16(&r[0].2[10..]))
+}
+
+#[test]
+fn write_flags_are_announced_only_where_the_export_and_the_client_both_allow_writes() {
+    // HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES |
+    // CAN_MULTI_CONN.
+    assert_eq!(opened_rw("vol", true).1, 0x016d);
+    // HAS_FLAGS | READ_ONLY | SEND_FLUSH | CAN_MULTI_CONN: the client may
+    // not write, or the export takes no writes.
+    assert_eq!(opened_rw("vol", false).1, 0x0107);
+    assert_eq!(opened_rw("nvme0n1", true).1, 0x0107);
+    // NBD_OPT_EXPORT_NAME's reply carries the same flags.
+    let mut c = Conn::new(4);
+    c.allow_writes(true);
+    take(&mut c);
+    c.receive(&Fake, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.receive(&Fake, &option(opt::EXPORT_NAME, b"vol"));
+    let out = take(&mut c);
+    assert_eq!(&out[..10], &[0, 0, 0, 0, 0, 0x10, 0, 0, 0x01, 0x6d]);
+}
+
+#[test]
+fn a_write_hands_its_payload_over_once_and_the_requests_after_it_follow() {
+    let (mut c, _) = opened_rw("vol", true);
+    let payload = pattern(4096, 10_000);
+    let mut bytes = request(cmd::WRITE, cflag::FUA, 21, 4096, 10_000);
+    bytes.extend(&payload);
+    bytes.extend(request(cmd::READ, cflag::FUA, 22, 0, 512));
+    // The header and the payload's start arrive together.
+    assert_eq!(c.receive(&Fake, &bytes[..1500]), 1500);
+    assert_eq!(
+        c.next_event(),
+        Some(Event::Write {
+            handle: 21,
+            export: 3,
+            offset: 4096,
+            len: 10_000,
+            fua: true
+        })
+    );
+    assert!(c.next_event().is_none(), "nothing decoded past the header");
+    assert_eq!(c.payload_pending(), 10_000);
+    assert_eq!(c.input_room(), 0, "the payload is not buffered by receive");
+    let mut dst = vec![0u8; 10_000];
+    // What the connection holds first (1,472 bytes), then fresh bytes, in
+    // pieces that end where the caller's buffer does.
+    assert_eq!(c.take_payload(&Fake, &[], &mut dst[..100]), (0, 100));
+    assert_eq!(
+        c.take_payload(&Fake, &bytes[1500..], &mut dst[100..1600]),
+        (128, 1500)
+    );
+    assert_eq!(c.payload_pending(), 8_400);
+    let (fresh, n) = c.take_payload(&Fake, &bytes[1628..], &mut dst[1600..]);
+    assert_eq!((fresh, n), (8_400, 8_400));
+    assert_eq!(dst, payload, "the payload arrives whole and in order");
+    assert_eq!(c.payload_pending(), 0);
+    // Decoding goes on: the read after it (FUA, announced, is ignored).
+    let rest = &bytes[1628 + fresh..];
+    assert_eq!(c.receive(&Fake, rest), rest.len());
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Read { handle: 22, .. })
+    ));
+    assert_eq!(c.in_flight(), 2);
+    c.reply(&Fake, 21, Ok(()));
+    c.reply(&Fake, 22, Err(Errno::Io));
+    // Simple replies, golden bytes.
+    assert_eq!(
+        take(&mut c),
+        [
+            &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0][..],
+            &21u64.to_be_bytes(),
+            &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5],
+            &22u64.to_be_bytes()
+        ]
+        .concat()
+    );
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn flush_trim_and_write_zeroes_become_events_on_a_writable_connection() {
+    let (mut c, _) = opened_rw("vol", true);
+    let mut reqs = request(cmd::FLUSH, 0, 1, 0, 0);
+    reqs.extend(request(cmd::FLUSH, cflag::FUA, 2, 0, 0));
+    reqs.extend(request(cmd::TRIM, cflag::FUA, 3, 8192, 4096));
+    reqs.extend(request(cmd::WRITE_ZEROES, cflag::NO_HOLE, 4, 0, 1 << 20));
+    reqs.extend(request(cmd::WRITE_ZEROES, 0, 5, 512, 512));
+    c.receive(&Fake, &reqs);
+    let events: Vec<Event> = core::iter::from_fn(|| c.next_event()).collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Flush {
+                handle: 1,
+                export: 3
+            },
+            Event::Flush {
+                handle: 2,
+                export: 3
+            },
+            Event::Trim {
+                handle: 3,
+                export: 3,
+                offset: 8192,
+                len: 4096,
+                fua: true
+            },
+            // Longer than the maximum block size: no payload, allowed.
+            Event::WriteZeroes {
+                handle: 4,
+                export: 3,
+                offset: 0,
+                len: 1 << 20,
+                fua: false,
+                no_hole: true
+            },
+            Event::WriteZeroes {
+                handle: 5,
+                export: 3,
+                offset: 512,
+                len: 512,
+                fua: false,
+                no_hole: false
+            },
+        ]
+    );
+    assert!(
+        take(&mut c).is_empty(),
+        "nothing answered before the caller"
+    );
+    assert_eq!(c.in_flight(), 5);
+}
+
+#[test]
+fn refused_writes_get_the_protocols_errors_and_their_payload_is_skipped() {
+    let (mut c, _) = opened_rw("vol", true);
+    let size = VOL.size;
+    let mut bytes = Vec::new();
+    let mut write = |flags: u16, h: u64, off: u64, len: u32| {
+        bytes.extend(request(cmd::WRITE, flags, h, off, len));
+        bytes.extend(vec![0x25u8; len as usize]); // looks like request magic
+    };
+    write(0, 1, size - 100, 512); // past the end: ENOSPC
+    write(0, 2, 0, (64 << 10) + 1); // over the maximum block size
+    write(cflag::NO_HOLE, 3, 0, 512); // a flag writes do not take
+    write(cflag::FAST_ZERO, 4, 0, 512);
+    write(0, 5, 0, 0); // zero length
+    bytes.extend(request(cmd::TRIM, 0, 6, size - 100, 512)); // past the end: EINVAL
+    bytes.extend(request(cmd::WRITE_ZEROES, 0, 7, size, 1)); // past the end: ENOSPC
+    bytes.extend(request(cmd::WRITE_ZEROES, cflag::FAST_ZERO, 8, 0, 512)); // not announced
+    bytes.extend(request(cmd::TRIM, cflag::NO_HOLE, 9, 0, 512));
+    bytes.extend(request(cmd::FLUSH, 0, 10, 0, 512));
+    bytes.extend(request(cmd::READ, cflag::DF, 11, 0, 512));
+    bytes.extend(request(cmd::READ, 0, 12, 0, 512));
+    for chunk in bytes.chunks(1000) {
+        let mut at = 0;
+        while at < chunk.len() {
+            at += c.receive(&Fake, &chunk[at..]);
+            assert_eq!(
+                c.payload_pending(),
+                0,
+                "no refused write waits for its payload"
+            );
+        }
+    }
+    let (inval, nospc) = (Errno::Inval as u32, Errno::NoSpc as u32);
+    assert_eq!(
+        errors(&take(&mut c)),
+        vec![
+            (1, nospc),
+            (2, inval),
+            (3, inval),
+            (4, inval),
+            (5, inval),
+            (6, inval),
+            (7, nospc),
+            (8, inval),
+            (9, inval),
+            (10, inval),
+            (11, inval)
+        ]
+    );
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Read { handle: 12, .. })
+    ));
+    assert!(c.next_event().is_none());
+}
+
+#[test]
+fn a_client_not_allowed_to_write_sees_the_export_read_only() {
+    let (mut c, _) = opened_rw("vol", false);
+    let mut bytes = request(cmd::WRITE, 0, 1, 0, 4096);
+    bytes.extend(vec![7u8; 4096]);
+    bytes.extend(request(cmd::TRIM, 0, 2, 0, 4096));
+    bytes.extend(request(cmd::WRITE_ZEROES, 0, 3, 0, 4096));
+    bytes.extend(request(cmd::FLUSH, 0, 4, 0, 0));
+    bytes.extend(request(cmd::FLUSH, cflag::FUA, 5, 0, 0)); // FUA not announced
+    bytes.extend(request(cmd::READ, cflag::FUA, 6, 0, 512));
+    bytes.extend(request(cmd::READ, 0, 7, 0, 512));
+    c.receive(&Fake, &bytes);
+    let (perm, inval) = (Errno::Perm as u32, Errno::Inval as u32);
+    assert_eq!(
+        errors(&take(&mut c)),
+        vec![
+            (1, perm),
+            (2, perm),
+            (3, perm),
+            (4, 0),
+            (5, inval),
+            (6, inval)
+        ]
+    );
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Read { handle: 7, .. })
+    ));
+    assert!(c.next_event().is_none());
+}
+
+#[test]
+fn a_client_gone_in_the_middle_of_a_payload_leaves_its_write_to_be_answered_and_closes() {
+    let (mut c, _) = opened_rw("vol", true);
+    let mut bytes = request(cmd::WRITE, 0, 1, 0, 4096);
+    bytes.extend(vec![1u8; 1000]);
+    c.receive(&Fake, &bytes);
+    assert!(matches!(c.next_event(), Some(Event::Write { .. })));
+    assert_eq!(c.payload_pending(), 4096);
+    c.peer_closed();
+    assert_eq!(c.payload_pending(), 0, "no more payload will come");
+    assert!(!c.is_closed(), "its write is still to be answered");
+    c.reply(&Fake, 1, Err(Errno::Io));
+    // Its reply still goes out (the client may only have shut its side).
+    assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Io as u32)]);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn writes_count_against_the_in_flight_limit() {
+    let mut c = Conn::new(2);
+    c.allow_writes(true);
+    c.receive(&Fake, &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.receive(&Fake, &option(opt::GO, &go_data("vol", &[])));
+    take(&mut c);
+    let mut bytes = request(cmd::FLUSH, 0, 1, 0, 0);
+    bytes.extend(request(cmd::TRIM, 0, 2, 0, 512));
+    bytes.extend(request(cmd::FLUSH, 0, 3, 0, 0));
+    let n = c.receive(&Fake, &bytes);
+    assert_eq!(c.in_flight(), 2);
+    assert_eq!(c.input_room(), 0, "held while two requests are in flight");
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Flush { handle: 1, .. })
+    ));
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Trim { handle: 2, .. })
+    ));
+    c.reply(&Fake, 1, Ok(()));
+    if n < bytes.len() {
+        c.receive(&Fake, &bytes[n..]);
+    }
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Flush { handle: 3, .. })
+    ));
 }

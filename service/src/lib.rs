@@ -412,6 +412,7 @@ impl Table {
                 min_block: 1,
                 preferred_block: fs_block,
                 max_block: MAX_REQUEST,
+                writable: false,
             },
             target: Target::File(alloc::boxed::Box::new(file)),
             disk,
@@ -429,6 +430,7 @@ impl Table {
                 min_block: lbs,
                 preferred_block: 4096.max(lbs),
                 max_block: MAX_REQUEST,
+                writable: false,
             },
             target: Target::Raw,
             disk,
@@ -445,6 +447,7 @@ impl Table {
                 min_block: 1,
                 preferred_block: 4096,
                 max_block: NULL_MAX as u32,
+                writable: false,
             },
             target: Target::Null,
             disk: 0,
@@ -673,6 +676,27 @@ struct Sock {
     /// not replied on this one.
     gen: u32,
     flow: Flow,
+}
+
+/// Ends a connection whose next request writes (WRITE, FLUSH, TRIM,
+/// WRITE_ZEROES): the service has no write path yet, and its exports never
+/// say they take writes ([`ExportInfo::writable`] is false), so the
+/// connection refuses such requests itself with `EPERM` and this is not
+/// reached; were it, the connection ends (its write's payload would
+/// otherwise hold its input for ever) with the request answered `EPERM`.
+fn refuse_update(conn: &mut Conn, exports: &dyn dioxide_nbd::Exports) {
+    let handle = match conn.next_event() {
+        Some(
+            Event::Write { handle, .. }
+            | Event::Flush { handle, .. }
+            | Event::Trim { handle, .. }
+            | Event::WriteZeroes { handle, .. },
+        ) => handle,
+        _ => return,
+    };
+    log::error!(target: "nbd", "a write-side request reached a service without a write path: connection ended");
+    conn.peer_closed();
+    conn.reply(exports, handle, Err(Errno::Perm));
 }
 
 /// A connection's peer for the logs: its endpoint, or `?` once its socket
@@ -1219,6 +1243,13 @@ impl<P: Platform> Server<P> {
     ) -> usize {
         let (m0, o0) = at_start;
         let mut direct = 0;
+        if conn
+            .peek_event()
+            .is_some_and(|e| !matches!(e, Event::Read { .. }))
+        {
+            refuse_update(conn, self.table);
+            return 0;
+        }
         while let Some(&Event::Read {
             len,
             export: peek_export,
