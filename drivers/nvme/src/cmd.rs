@@ -43,6 +43,9 @@ pub mod admin {
 }
 
 /// NVM command set opcodes.
+/// Force Unit Access, CDW12 bit 30 of Read and Write.
+pub const FUA: u32 = 1 << 30;
+
 pub mod io {
     pub const FLUSH: u8 = 0x00;
     pub const WRITE: u8 = 0x01;
@@ -183,6 +186,14 @@ impl SubmissionEntry {
         Self::rw(io::WRITE, nsid, lba, blocks)
     }
 
+    /// The same write with Force Unit Access (CDW12 bit 30): completed
+    /// only once its data is on non-volatile media, whatever the volatile
+    /// write cache.
+    pub fn with_fua(mut self) -> Self {
+        self.cdw12 |= FUA;
+        self
+    }
+
     fn rw(opcode: u8, nsid: u32, lba: u64, blocks: u32) -> Self {
         debug_assert!((1..=65536).contains(&blocks));
         let mut c = Self::with_opcode(opcode);
@@ -193,6 +204,9 @@ impl SubmissionEntry {
         c
     }
 
+    /// Commits the volatile write cache: every write the controller
+    /// completed before this command was submitted is on non-volatile
+    /// media when it completes (NVMe base specification, Flush).
     pub fn flush(nsid: u32) -> Self {
         let mut c = Self::with_opcode(io::FLUSH);
         c.nsid = nsid;

@@ -117,7 +117,21 @@
 //! effect; not used by the driver). Atomic write limits (10.0: `awun`,
 //! `awupf`, default 0) and FDP change nothing by default.
 
-use crate::cmd::{admin, io, CompletionEntry, Status, SubmissionEntry};
+//!
+//! # Volatile write cache and power cuts
+//!
+//! With [`SimConfig::volatile_cache`] the controller reports a volatile
+//! write cache (Identify Controller VWC bit 0, as QEMU does) and behaves
+//! like one: a completed Write is readable at once but reaches the media
+//! only at a Flush (which commits every write completed before it) or with
+//! its own FUA bit; a later write of a block replaces the cached one.
+//! [`Sim::power_cut`] keeps any chosen subset of the cached blocks and loses
+//! the rest (a device may have destaged any part of its cache, in any
+//! order), and reads then see the media: the crash tests cut the power at
+//! every point of a workload and check what survived. [`Sim::media`] and
+//! [`Sim::cached_blocks`] show both sides.
+
+use crate::cmd::{admin, io, CompletionEntry, Status, SubmissionEntry, FUA};
 use crate::hal::{Dma, Hal, Mmio, PAGE_SIZE};
 use crate::regs;
 use std::collections::VecDeque;
@@ -312,6 +326,9 @@ pub struct SimConfig {
     /// Which QEMU the model plays where 7.2 and 10.0 differ (module docs,
     /// "QEMU 7.2 and QEMU 10.0").
     pub qemu: Qemu,
+    /// A volatile write cache (Identify Controller VWC bit 0; module docs,
+    /// "Volatile write cache and power cuts").
+    pub volatile_cache: bool,
 }
 
 /// A QEMU version whose NVMe controller the model plays (module docs, "QEMU
@@ -346,13 +363,21 @@ impl Default for SimConfig {
             active_list: true,
             stale_shadow_tail: false,
             qemu: Qemu::V7_2,
+            volatile_cache: false,
         }
     }
 }
 
 struct State {
     cfg: SimConfig,
+    /// What reads return: the media with the cached writes over it.
     disk: Vec<u8>,
+    /// With a volatile cache: what survives a power cut, and the blocks
+    /// written since their last Flush (block → the order of the write that
+    /// put it there; its data is in `disk`).
+    media: Vec<u8>,
+    cached: std::collections::BTreeMap<u64, u64>,
+    writes: u64,
     cap: u64,
     cc: u32,
     csts: u32,
@@ -412,7 +437,10 @@ impl Sim {
         let cap = mqes | (1 << 16) | (2 << 24) | (css << 37) | (4 << 52);
         Sim(Arc::new(Mutex::new(State {
             cfg,
+            media: disk.clone(),
             disk,
+            cached: std::collections::BTreeMap::new(),
+            writes: 0,
             cap,
             cc: 0,
             csts: 0,
@@ -448,12 +476,37 @@ impl Sim {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The namespace contents.
+    /// The namespace contents as reads see them (the volatile cache's
+    /// blocks included).
     pub fn disk(&self) -> Vec<u8> {
         self.state().disk.clone()
     }
+    /// Writes `data` at byte `offset`, on the media (not through the cache).
     pub fn write_disk(&self, offset: usize, data: &[u8]) {
-        self.state().disk[offset..offset + data.len()].copy_from_slice(data);
+        let mut st = self.state();
+        st.disk[offset..offset + data.len()].copy_from_slice(data);
+        st.media[offset..offset + data.len()].copy_from_slice(data);
+    }
+    /// What survives a power cut now: the media, without the cache.
+    pub fn media(&self) -> Vec<u8> {
+        self.state().media.clone()
+    }
+    /// The blocks in the volatile cache (written, not yet flushed), with
+    /// the order of the write that put each there (1 for the first write
+    /// since start).
+    pub fn cached_blocks(&self) -> Vec<(u64, u64)> {
+        self.state().cached.iter().map(|(&b, &o)| (b, o)).collect()
+    }
+    /// Cuts the power: of the cached blocks, those `keep(block, write
+    /// order)` chooses reach the media (a device may have written any
+    /// subset of its cache, in any order, before the power went), the rest
+    /// are lost; reads then see the media. The controller's queues are
+    /// left as they were: the caller starts a new controller (driver) on
+    /// the same model, as after a reboot.
+    pub fn power_cut(&self, keep: impl FnMut(u64, u64) -> bool) {
+        let mut st = self.state();
+        st.persist_cached(keep);
+        st.disk = st.media.clone();
     }
     pub fn set_never_ready(&self, v: bool) {
         self.state().never_ready = v;
@@ -1031,6 +1084,9 @@ impl State {
                         if self.cfg.dbbuf {
                             d[257] |= 1; // OACS bit 8: Doorbell Buffer Config
                         }
+                        if self.cfg.volatile_cache {
+                            d[525] = 1; // VWC: a volatile write cache
+                        }
                         d[512] = 0x66;
                         d[513] = 0x44;
                         d[516..520].copy_from_slice(&self.nn().to_le_bytes());
@@ -1200,12 +1256,47 @@ impl State {
         }
     }
 
+    /// A write of `blocks` blocks at `lba` completed (its data is in
+    /// `disk`): without a volatile cache, or with FUA, it is on the media at
+    /// once; otherwise its blocks are cached (a later write of a block
+    /// replaces the earlier one in the cache, as a device's cache does).
+    fn wrote(&mut self, lba: u64, blocks: u64, fua: bool) {
+        let bs = self.cfg.block_size as usize;
+        let range = lba as usize * bs..(lba + blocks) as usize * bs;
+        self.writes += 1;
+        if !self.cfg.volatile_cache || fua {
+            self.media[range.clone()].copy_from_slice(&self.disk[range]);
+            for b in lba..lba + blocks {
+                self.cached.remove(&b);
+            }
+        } else {
+            for b in lba..lba + blocks {
+                self.cached.insert(b, self.writes);
+            }
+        }
+    }
+
+    /// Writes the cached blocks `keep(block, write order)` chooses to the
+    /// media and forgets every cached block.
+    fn persist_cached(&mut self, mut keep: impl FnMut(u64, u64) -> bool) {
+        let bs = self.cfg.block_size as usize;
+        for (b, order) in core::mem::take(&mut self.cached) {
+            if keep(b, order) {
+                let r = b as usize * bs..(b as usize + 1) * bs;
+                self.media[r.clone()].copy_from_slice(&self.disk[r]);
+            }
+        }
+    }
+
     fn io(&mut self, cmd: &SubmissionEntry) -> (Status, u32) {
         if cmd.nsid != 1 || !self.cfg.ns1_active {
             return (Status::new(0, 0x0b).with_dnr(), 0);
         }
         match cmd.opcode() {
-            io::FLUSH => (Status::SUCCESS, 0),
+            io::FLUSH => {
+                self.persist_cached(|_, _| true);
+                (Status::SUCCESS, 0)
+            }
             io::READ | io::WRITE => {
                 let lba = cmd.cdw10 as u64 | (cmd.cdw11 as u64) << 32;
                 let blocks = (cmd.cdw12 & 0xffff) as u64 + 1;
@@ -1222,10 +1313,17 @@ impl State {
                 }
                 let start = (lba * bs) as usize;
                 let mut data = std::mem::take(&mut self.disk);
-                let r = self.copy(cmd, &mut data[start..start + len], cmd.opcode() == io::READ);
+                let read = cmd.opcode() == io::READ;
+                let r = self.copy(cmd, &mut data[start..start + len], read);
                 self.disk = data;
                 match r {
-                    Ok(()) => (Status::SUCCESS, 0),
+                    Ok(()) => {
+                        if !read {
+                            let fua = cmd.cdw12 & FUA != 0;
+                            self.wrote(lba, blocks, fua);
+                        }
+                        (Status::SUCCESS, 0)
+                    }
                     Err(st) => (st, 0),
                 }
             }

@@ -176,6 +176,81 @@ fn writes_land_on_the_namespace_and_flush_succeeds() {
     assert_eq!(disk[103 * 4096], pattern(103 * 4096));
 }
 
+/// The model's volatile write cache: a write is cached until a Flush or
+/// its own FUA puts it on the media, a later write of a block replaces the
+/// cached one, and a power cut keeps the subset of cached blocks it is
+/// told to and loses the rest. Without the cache (the control) every
+/// completed write is on the media at once.
+#[test]
+fn the_volatile_cache_keeps_writes_until_flush_or_fua_and_a_power_cut_loses_the_rest() {
+    for volatile_cache in [true, false] {
+        let cfg = SimConfig {
+            block_size: 512,
+            blocks: 64,
+            volatile_cache,
+            ..Default::default()
+        };
+        let (sim, _hal, ctrl, mut qp) = setup(cfg, 16, None);
+        assert_eq!(ctrl.info().volatile_write_cache, volatile_cache);
+        let before = sim.disk();
+        let (mut v, start) = buffer(2 * 512, 0);
+        let mut put = |qp: &mut Qp, lba: u64, byte: u8, fua: bool| {
+            v[start..start + 512].fill(byte);
+            let mut c = SubmissionEntry::write(1, lba, 1);
+            if fua {
+                c = c.with_fua();
+            }
+            // SAFETY: the buffer lives until execute returns.
+            unsafe { qp.execute(c, Some(DataBuf::from_slice(&v[start..start + 512]))) }.unwrap();
+        };
+        put(&mut qp, 1, 0xa1, false);
+        put(&mut qp, 2, 0xa2, false);
+        // SAFETY: no data buffer.
+        unsafe { qp.execute(SubmissionEntry::flush(1), None).unwrap() };
+        put(&mut qp, 3, 0xa3, false);
+        put(&mut qp, 4, 0xa4, false);
+        put(&mut qp, 4, 0xb4, false); // replaces the cached 0xa4
+        put(&mut qp, 5, 0xa5, true); // FUA: on the media at once
+        put(&mut qp, 6, 0xa6, false);
+        put(&mut qp, 6, 0xb6, true); // FUA over a cached block
+        let block = |d: &[u8], b: usize| d[b * 512..(b + 1) * 512].to_vec();
+        let full = |byte: u8| vec![byte; 512];
+        // Reads see every completed write, cached or not.
+        let seen = sim.disk();
+        for (b, byte) in [
+            (1, 0xa1),
+            (2, 0xa2),
+            (3, 0xa3),
+            (4, 0xb4),
+            (5, 0xa5),
+            (6, 0xb6),
+        ] {
+            assert_eq!(block(&seen, b), full(byte), "block {b}");
+        }
+        if volatile_cache {
+            // Blocks 3 and 4 (the 3rd and the 5th write) wait in the cache.
+            assert_eq!(sim.cached_blocks(), vec![(3, 3), (4, 5)]);
+            let media = sim.media();
+            assert_eq!(block(&media, 3), block(&before, 3), "not flushed");
+            assert_eq!(block(&media, 5), full(0xa5), "FUA");
+            // The cut keeps block 4 (its last write) and loses block 3.
+            sim.power_cut(|b, _| b == 4);
+            let after = sim.disk();
+            assert_eq!(block(&after, 3), block(&before, 3), "lost");
+            assert_eq!(block(&after, 4), full(0xb4), "kept: the last write");
+        } else {
+            assert!(sim.cached_blocks().is_empty());
+            sim.power_cut(|_, _| false);
+            assert_eq!(sim.disk(), seen, "nothing was volatile");
+        }
+        let after = sim.disk();
+        for (b, byte) in [(1, 0xa1), (2, 0xa2), (5, 0xa5), (6, 0xb6)] {
+            assert_eq!(block(&after, b), full(byte), "durable block {b}");
+        }
+        assert_eq!(block(&after, 7), block(&before, 7), "untouched");
+    }
+}
+
 #[test]
 fn queue_wraps_around_many_times() {
     let cfg = SimConfig {
