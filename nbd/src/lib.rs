@@ -38,9 +38,12 @@
 //! the transmission flags then announce SEND_FUA, SEND_TRIM and
 //! SEND_WRITE_ZEROES (and not READ_ONLY), and WRITE, FLUSH, TRIM and
 //! WRITE_ZEROES become [`Event`]s answered by [`Conn::reply`]. A write's
-//! payload is not buffered: the connection stops decoding after its
-//! header and hands the payload to the caller ([`Conn::take_payload`],
-//! straight from the transport's bytes into the caller's buffer). To
+//! payload is handed to the caller ([`Conn::take_payload`]) rather than
+//! decoded: the connection stops decoding after the header, hands over
+//! the payload bytes that arrived with it (held, at most [`INPUT_CAP`]),
+//! then takes the rest straight from the transport's bytes into the
+//! caller's buffer. Writes must be aligned to the export's minimum block
+//! size (`EINVAL` otherwise, as the protocol's size constraints say). To
 //! everyone else the export is read-only: writes, trims and write-zeroes
 //! get `EPERM` (a refused write's payload is discarded as it arrives).
 //! Errors follow the protocol's error section: `ENOSPC` for a write or
@@ -242,8 +245,12 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 ///   sent whole, is one reply, so at most another `P`; the segments' own
 ///   slack is [`OutQueue::bound`]'s.
 /// - **requests** `max(2 * max_in_flight, 4) * size_of::<Event>()`: at
-///   most `max_in_flight` reads are decoded and unanswered, so the event
-///   queue holds no more; its capacity doubles (minimum 4 slots).
+///   most `max_in_flight` requests are decoded and unanswered, so the
+///   event queue holds no more; its capacity doubles (minimum 4 slots).
+/// - **write-side replies** `16 * max_in_flight`: the replies to writes,
+///   flushes, trims and write-zeroes ([`Conn::reply`], 16 bytes each) are
+///   queued when the caller answers, whatever the output waiting, and at
+///   most `max_in_flight` of them are unanswered at once.
 ///
 /// Assumes export names no longer than [`MAX_OPTION`] (a longer name could
 /// not be asked for in an option anyway).
@@ -252,7 +259,8 @@ pub const fn memory_bound(max_in_flight: usize, read_budget: usize) -> usize {
     let p = OUTPUT_HIGH + MAX_CONTROL_REPLY + read_budget;
     let output = OutQueue::bound(2 * p, 2 * p);
     let requests = max(2 * max_in_flight, 4) * core::mem::size_of::<Event>();
-    input + output + requests
+    let write_replies = 16 * max_in_flight;
+    input + output + requests + write_replies
 }
 
 const fn max(a: usize, b: usize) -> usize {
@@ -346,6 +354,17 @@ enum State {
     Closed,
 }
 
+/// What [`Conn::take_payload`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Payload {
+    /// Bytes of the caller's `data` it took.
+    pub from_data: usize,
+    /// Bytes it wrote to the caller's buffer (held ones first).
+    pub written: usize,
+    /// This call handed over the payload's last byte: the write is whole.
+    pub done: bool,
+}
+
 /// Why a connection ended (for logs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -358,6 +377,9 @@ pub enum CloseReason {
     Disconnect,
     /// An allocation for this connection failed: it was dropped.
     OutOfMemory,
+    /// The caller cannot serve a request the connection decoded (see
+    /// [`Conn::end`]).
+    Unserved,
 }
 
 /// One NBD connection.
@@ -535,6 +557,15 @@ impl Conn {
     /// Reads in flight (handed out, not yet answered).
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Ends the connection from the caller's side (`why` is logged and
+    /// kept): nothing more is decoded; what is queued is still sent and
+    /// the requests in flight still answered before it closes.
+    pub fn end(&mut self, why: CloseReason) {
+        if !matches!(self.state, State::Closing | State::Closed) {
+            self.close(why);
+        }
     }
 
     /// The peer closed its side: nothing more will arrive.
@@ -933,9 +964,11 @@ impl Conn {
     /// export and the protocol (`doc/proto.md`): `EPERM` when this
     /// connection may not write to it; `EINVAL` for a flag the command does
     /// not take (FAST_ZERO is not announced), a zero length (unspecified
-    /// by the protocol, which only asks not to disconnect), or a write
-    /// over the maximum block size we announce (TRIM and WRITE_ZEROES may
-    /// be longer: they carry no payload); past the export's end `ENOSPC`
+    /// by the protocol, which only asks not to disconnect), a write over
+    /// the maximum block size we announce (TRIM and WRITE_ZEROES may be
+    /// longer: they carry no payload), or a write or write-zeroes not
+    /// aligned to the minimum block size (a trim may be rounded instead);
+    /// past the export's end `ENOSPC`
     /// for writes and `EINVAL` for a trim, as the protocol's error section
     /// says.
     fn check_update(
@@ -957,6 +990,11 @@ impl Conn {
             return Err(Errno::Inval);
         }
         if ty == cmd::WRITE && len > info.max_block.min(MAX_REQUEST) {
+            return Err(Errno::Inval);
+        }
+        let block = info.min_block.max(1) as u64;
+        if ty != cmd::TRIM && (!offset.is_multiple_of(block) || !(len as u64).is_multiple_of(block))
+        {
             return Err(Errno::Inval);
         }
         if offset.checked_add(len as u64).is_none_or(|e| e > info.size) {
@@ -1090,7 +1128,11 @@ impl Conn {
     /// address before the handshake ends (the transmission flags say it).
     /// Without it every export is read-only to the client.
     pub fn allow_writes(&mut self, yes: bool) {
-        self.may_write = yes;
+        // Once the flags are announced the answer stands: a client told
+        // READ_ONLY is never let write, nor one told it may refused.
+        if matches!(self.state, State::ClientFlags | State::Options) {
+            self.may_write = yes;
+        }
     }
 
     /// Payload bytes of the last [`Event::Write`] not yet handed over by
@@ -1100,28 +1142,29 @@ impl Conn {
     }
 
     /// Hands over the pending write's payload: copies into `dst` what the
-    /// connection already holds of it, then from `data` (bytes fresh from
-    /// the transport), at most [`Conn::payload_pending`] bytes in all and
-    /// at most `dst.len()`. Returns how many bytes of `data` it took and
-    /// how many it wrote to `dst`. Once the last byte is handed over,
-    /// decoding goes on (the requests that followed the write).
-    pub fn take_payload(
-        &mut self,
-        exports: &dyn Exports,
-        data: &[u8],
-        dst: &mut [u8],
-    ) -> (usize, usize) {
+    /// connection already holds of it (bytes that arrived with the header,
+    /// at most [`INPUT_CAP`]), then from `data` (bytes fresh from the
+    /// transport), at most [`Conn::payload_pending`] bytes in all and at
+    /// most `dst.len()`. Nothing more is decoded here: once the payload is
+    /// done the caller submits the write and calls [`Conn::resume`] for
+    /// the requests after it. A write is submitted only on `done`: a
+    /// connection that ends in the middle of a payload (the peer closed,
+    /// a protocol error) hands over nothing more, and its write, never
+    /// done, is answered and dropped.
+    pub fn take_payload(&mut self, data: &[u8], dst: &mut [u8]) -> Payload {
         let want = (self.payload as usize).min(dst.len());
         let held = self.inb.len().min(want);
         dst[..held].copy_from_slice(&self.inb[..held]);
         self.inb.drain(..held);
-        let fresh = data.len().min(want - held);
-        dst[held..held + fresh].copy_from_slice(&data[..fresh]);
-        self.payload -= (held + fresh) as u32;
-        if self.payload == 0 && !matches!(self.state, State::Closing | State::Closed) {
-            self.process(exports);
+        let from_data = data.len().min(want - held);
+        dst[held..held + from_data].copy_from_slice(&data[..from_data]);
+        let written = held + from_data;
+        self.payload -= written as u32;
+        Payload {
+            from_data,
+            written,
+            done: written > 0 && self.payload == 0,
         }
-        (fresh, held + fresh)
     }
 
     /// Answers a WRITE, FLUSH, TRIM or WRITE_ZEROES ([`Event::Write`] and

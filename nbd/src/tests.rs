@@ -1122,8 +1122,8 @@ fn write_flags_are_announced_only_where_the_export_and_the_client_both_allow_wri
 #[test]
 fn a_write_hands_its_payload_over_once_and_the_requests_after_it_follow() {
     let (mut c, _) = opened_rw("vol", true);
-    let payload = pattern(4096, 10_000);
-    let mut bytes = request(cmd::WRITE, cflag::FUA, 21, 4096, 10_000);
+    let payload = pattern(4096, 10_240);
+    let mut bytes = request(cmd::WRITE, cflag::FUA, 21, 4096, 10_240);
     bytes.extend(&payload);
     bytes.extend(request(cmd::READ, cflag::FUA, 22, 0, 512));
     // The header and the payload's start arrive together.
@@ -1134,26 +1134,39 @@ fn a_write_hands_its_payload_over_once_and_the_requests_after_it_follow() {
             handle: 21,
             export: 3,
             offset: 4096,
-            len: 10_000,
+            len: 10_240,
             fua: true
         })
     );
     assert!(c.next_event().is_none(), "nothing decoded past the header");
-    assert_eq!(c.payload_pending(), 10_000);
+    assert_eq!(c.payload_pending(), 10_240);
     assert_eq!(c.input_room(), 0, "the payload is not buffered by receive");
-    let mut dst = vec![0u8; 10_000];
+    let mut dst = vec![0u8; 10_240];
     // What the connection holds first (1,472 bytes), then fresh bytes, in
     // pieces that end where the caller's buffer does.
-    assert_eq!(c.take_payload(&Fake, &[], &mut dst[..100]), (0, 100));
+    let got = |from_data, written, done| Payload {
+        from_data,
+        written,
+        done,
+    };
+    assert_eq!(c.take_payload(&[], &mut dst[..100]), got(0, 100, false));
     assert_eq!(
-        c.take_payload(&Fake, &bytes[1500..], &mut dst[100..1600]),
-        (128, 1500)
+        c.take_payload(&bytes[1500..], &mut dst[100..1600]),
+        got(128, 1500, false)
     );
-    assert_eq!(c.payload_pending(), 8_400);
-    let (fresh, n) = c.take_payload(&Fake, &bytes[1628..], &mut dst[1600..]);
-    assert_eq!((fresh, n), (8_400, 8_400));
+    assert_eq!(c.payload_pending(), 8_640);
+    let p = c.take_payload(&bytes[1628..], &mut dst[1600..]);
+    assert_eq!(p, got(8_640, 8_640, true));
+    let fresh = p.from_data;
     assert_eq!(dst, payload, "the payload arrives whole and in order");
     assert_eq!(c.payload_pending(), 0);
+    // Nothing more is handed over, nor done again; decoding goes on once
+    // the caller resumes.
+    assert_eq!(
+        c.take_payload(&bytes[1628 + fresh..], &mut dst),
+        got(0, 0, false)
+    );
+    c.resume(&Fake);
     // Decoding goes on: the read after it (FUA, announced, is ignored).
     let rest = &bytes[1628 + fresh..];
     assert_eq!(c.receive(&Fake, rest), rest.len());
@@ -1241,13 +1254,13 @@ fn refused_writes_get_the_protocols_errors_and_their_payload_is_skipped() {
         bytes.extend(request(cmd::WRITE, flags, h, off, len));
         bytes.extend(vec![0x25u8; len as usize]); // looks like request magic
     };
-    write(0, 1, size - 100, 512); // past the end: ENOSPC
+    write(0, 1, size - 512, 1024); // past the end: ENOSPC
     write(0, 2, 0, (64 << 10) + 1); // over the maximum block size
     write(cflag::NO_HOLE, 3, 0, 512); // a flag writes do not take
     write(cflag::FAST_ZERO, 4, 0, 512);
     write(0, 5, 0, 0); // zero length
     bytes.extend(request(cmd::TRIM, 0, 6, size - 100, 512)); // past the end: EINVAL
-    bytes.extend(request(cmd::WRITE_ZEROES, 0, 7, size, 1)); // past the end: ENOSPC
+    bytes.extend(request(cmd::WRITE_ZEROES, 0, 7, size, 512)); // past the end: ENOSPC
     bytes.extend(request(cmd::WRITE_ZEROES, cflag::FAST_ZERO, 8, 0, 512)); // not announced
     bytes.extend(request(cmd::TRIM, cflag::NO_HOLE, 9, 0, 512));
     bytes.extend(request(cmd::FLUSH, 0, 10, 0, 512));
@@ -1256,7 +1269,9 @@ fn refused_writes_get_the_protocols_errors_and_their_payload_is_skipped() {
     for chunk in bytes.chunks(1000) {
         let mut at = 0;
         while at < chunk.len() {
-            at += c.receive(&Fake, &chunk[at..]);
+            let n = c.receive(&Fake, &chunk[at..]);
+            assert!(n > 0, "input refused at {at} of a chunk");
+            at += n;
             assert_eq!(
                 c.payload_pending(),
                 0,
@@ -1329,6 +1344,12 @@ fn a_client_gone_in_the_middle_of_a_payload_leaves_its_write_to_be_answered_and_
     assert_eq!(c.payload_pending(), 4096);
     c.peer_closed();
     assert_eq!(c.payload_pending(), 0, "no more payload will come");
+    let mut dst = vec![0u8; 4096];
+    let p = c.take_payload(&[1u8; 3096], &mut dst);
+    assert!(
+        !p.done && p.written == 0,
+        "a cut-short write is never done: {p:?}"
+    );
     assert!(!c.is_closed(), "its write is still to be answered");
     c.reply(&Fake, 1, Err(Errno::Io));
     // Its reply still goes out (the client may only have shut its side).
@@ -1357,12 +1378,123 @@ fn writes_count_against_the_in_flight_limit() {
         c.next_event(),
         Some(Event::Trim { handle: 2, .. })
     ));
+    assert_eq!(n, bytes.len(), "the third request is held, not decoded");
     c.reply(&Fake, 1, Ok(()));
-    if n < bytes.len() {
-        c.receive(&Fake, &bytes[n..]);
-    }
     assert!(matches!(
         c.next_event(),
         Some(Event::Flush { handle: 3, .. })
     ));
+}
+
+#[test]
+fn back_to_back_writes_each_get_their_own_payload() {
+    let (mut c, _) = opened_rw("vol", true);
+    let mut bytes = request(cmd::WRITE, 0, 1, 0, 512);
+    bytes.extend(vec![0xa1u8; 512]);
+    bytes.extend(request(cmd::WRITE, 0, 2, 512, 1024));
+    bytes.extend(vec![0xa2u8; 1024]);
+    bytes.extend(request(cmd::DISC, 0, 3, 0, 0));
+    // Both writes and the DISC arrive at once.
+    assert_eq!(c.receive(&Fake, &bytes), bytes.len());
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Write {
+            handle: 1,
+            len: 512,
+            ..
+        })
+    ));
+    assert!(c.next_event().is_none());
+    // A caller that fills while the connection says bytes are pending gets
+    // the first write's bytes only, however large its buffer.
+    let mut first = vec![0u8; 2048];
+    let mut n = 0;
+    while c.payload_pending() > 0 {
+        let p = c.take_payload(&[], &mut first[n..]);
+        n += p.written;
+        if p.done {
+            break;
+        }
+    }
+    assert_eq!(&first[..n], &[0xa1u8; 512][..]);
+    c.resume(&Fake);
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Write {
+            handle: 2,
+            len: 1024,
+            ..
+        })
+    ));
+    let mut second = vec![0u8; 1024];
+    assert!(c.take_payload(&[], &mut second).done);
+    assert_eq!(second, vec![0xa2u8; 1024]);
+    c.resume(&Fake);
+    // DISC waits for the two writes in flight.
+    assert!(!c.in_transmission());
+    assert!(!c.is_closed());
+    c.reply(&Fake, 1, Ok(()));
+    c.reply(&Fake, 2, Ok(()));
+    assert_eq!(errors(&take(&mut c)), vec![(1, 0), (2, 0)]);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn writes_must_be_aligned_to_the_minimum_block_size() {
+    let (mut c, _) = opened_rw("vol", true);
+    let mut bytes = request(cmd::WRITE, 0, 1, 100, 512); // offset
+    bytes.extend(vec![0u8; 512]);
+    bytes.extend(request(cmd::WRITE, 0, 2, 0, 700)); // length
+    bytes.extend(vec![0u8; 700]);
+    bytes.extend(request(cmd::WRITE_ZEROES, 0, 3, 1, 511));
+    // A trim may be rounded instead: served.
+    bytes.extend(request(cmd::TRIM, 0, 4, 1, 511));
+    c.receive(&Fake, &bytes);
+    let inval = Errno::Inval as u32;
+    assert_eq!(
+        errors(&take(&mut c)),
+        vec![(1, inval), (2, inval), (3, inval)]
+    );
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Trim { handle: 4, .. })
+    ));
+}
+
+#[test]
+fn the_write_permission_is_fixed_once_the_flags_are_announced() {
+    // Told READ_ONLY, then allowed: still refused.
+    let (mut c, flags) = opened_rw("vol", false);
+    assert_ne!(flags & tflag::READ_ONLY, 0);
+    c.allow_writes(true);
+    let mut bytes = request(cmd::WRITE, 0, 1, 0, 512);
+    bytes.extend(vec![0u8; 512]);
+    c.receive(&Fake, &bytes);
+    assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Perm as u32)]);
+    // Told it may write, then disallowed: the announced flags stand.
+    let (mut c, flags) = opened_rw("vol", true);
+    assert_eq!(flags & tflag::READ_ONLY, 0);
+    c.allow_writes(false);
+    c.receive(&Fake, &bytes);
+    assert!(matches!(
+        c.next_event(),
+        Some(Event::Write { handle: 1, .. })
+    ));
+}
+
+#[test]
+fn a_connection_the_caller_ends_answers_what_is_in_flight_and_closes() {
+    let (mut c, _) = opened_rw("vol", true);
+    let mut bytes = request(cmd::WRITE, 0, 1, 0, 4096);
+    bytes.extend(vec![1u8; 100]);
+    c.receive(&Fake, &bytes);
+    assert!(matches!(c.next_event(), Some(Event::Write { .. })));
+    c.end(CloseReason::Unserved);
+    assert_eq!(c.close_reason(), Some(CloseReason::Unserved));
+    assert_eq!(c.payload_pending(), 0);
+    // The rest of the payload is discarded as it arrives.
+    assert_eq!(c.receive(&Fake, &[0x25u8; 3996]), 3996);
+    c.reply(&Fake, 1, Err(Errno::Perm));
+    assert_eq!(errors(&take(&mut c)), vec![(1, Errno::Perm as u32)]);
+    assert!(c.is_closed());
 }

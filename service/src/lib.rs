@@ -695,7 +695,7 @@ fn refuse_update(conn: &mut Conn, exports: &dyn dioxide_nbd::Exports) {
         _ => return,
     };
     log::error!(target: "nbd", "a write-side request reached a service without a write path: connection ended");
-    conn.peer_closed();
+    conn.end(dioxide_nbd::CloseReason::Unserved);
     conn.reply(exports, handle, Err(Errno::Perm));
 }
 

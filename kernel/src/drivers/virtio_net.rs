@@ -258,7 +258,7 @@ impl Nic {
     /// then the receive buffers. `want_pairs`: queue pairs wanted (one per
     /// serving core); the device's `max_virtqueue_pairs` bounds them.
     fn new(t: PciTransport, wanted: &Wanted, bdf: Bdf, want_pairs: u16) -> Result<Nic, InitError> {
-        let mut t = OwnedTransport(core::mem::ManuallyDrop::new(t));
+        let mut t = OwnedTransport::new(t);
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = t.read_device_features();
@@ -955,52 +955,67 @@ const RESET_WAIT_NS: u64 = 1_000_000_000;
 /// rings) and a pair's buffers are then leaked instead of freed.
 static LIVE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// The PCI transport, reset with a bounded wait when dropped. The crate's
-/// own `Drop` resets the device and waits for the reset without end: a
-/// device that never finishes it would hang the boot. One that does not
-/// finish within [`RESET_WAIT_NS`] keeps its transport (leaked, never
-/// dropped), as it keeps every buffer it may still reach.
-struct OwnedTransport(core::mem::ManuallyDrop<PciTransport>);
+/// The PCI transport, reset with a bounded wait when dropped, and never
+/// dropped itself: virtio-drivers' `PciTransport::drop` resets the device
+/// again and waits for the reset without end, so a device that never
+/// finishes it would hang the boot. The transport holds only MMIO
+/// addresses, no memory: leaking it costs nothing.
+struct OwnedTransport {
+    t: core::mem::ManuallyDrop<PciTransport>,
+    /// The outcome of the reset done so far (one reset, however many
+    /// drops ask).
+    reset: Option<bool>,
+}
 
 impl OwnedTransport {
-    /// Resets the device and waits until it says the reset is done
+    fn new(t: PciTransport) -> OwnedTransport {
+        OwnedTransport {
+            t: core::mem::ManuallyDrop::new(t),
+            reset: None,
+        }
+    }
+
+    /// Resets the device, once, and waits until it says the reset is done
     /// (VIRTIO 1.2 4.1.4.3.2: the status reads 0 again), at most
     /// [`RESET_WAIT_NS`]; whether it did.
     fn reset(&mut self) -> bool {
-        self.0.set_status(DeviceStatus::empty());
+        if let Some(done) = self.reset {
+            return done;
+        }
+        self.t.set_status(DeviceStatus::empty());
         let start = time::now_ns();
-        while !self.0.get_status().is_empty() {
+        let mut done = true;
+        while !self.t.get_status().is_empty() {
             if time::now_ns().saturating_sub(start) > RESET_WAIT_NS {
-                return false;
+                done = false;
+                break;
             }
             core::hint::spin_loop();
         }
-        true
+        self.reset = Some(done);
+        done
     }
 }
 
 impl core::ops::Deref for OwnedTransport {
     type Target = PciTransport;
     fn deref(&self) -> &PciTransport {
-        &self.0
+        &self.t
     }
 }
 
 impl core::ops::DerefMut for OwnedTransport {
     fn deref_mut(&mut self) -> &mut PciTransport {
-        &mut self.0
+        &mut self.t
     }
 }
 
 impl Drop for OwnedTransport {
     fn drop(&mut self) {
-        if self.reset() {
-            // SAFETY: the transport is dropped once, here, and not used
-            // after; its own reset then finds the status 0 at once.
-            unsafe { core::mem::ManuallyDrop::drop(&mut self.0) };
-        } else {
-            log::error!(target: "net", "virtio-net did not finish its reset: its transport is leaked");
+        if !self.reset() {
+            log::error!(target: "net", "virtio-net did not finish its reset within 1 s");
         }
+        // The transport itself is left undropped (see the type).
     }
 }
 
