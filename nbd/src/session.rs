@@ -3,42 +3,75 @@
 //! feature).
 //!
 //! [`run`] reads a byte string as a script. Its first bytes choose the
-//! export table and `max_in_flight`; the rest is a sequence of steps:
+//! export table, `max_in_flight` and whether the client may write
+//! ([`Conn::allow_writes`], called before the handshake); the tables hold
+//! read-only exports and exports that take writes ([`ExportInfo::writable`]),
+//! so a session is read-only, writable, or writable but refused. The rest
+//! is a sequence of steps:
 //!
 //! - the client writes into its "socket": raw garbage, client flags,
 //!   well-formed options (LIST, INFO, GO, STRUCTURED_REPLY, EXPORT_NAME,
-//!   ABORT, unsupported and oversized ones), well-formed requests (READ,
-//!   WRITE with its payload, FLUSH, DISC, TRIM, unknown types) with small
-//!   random fields, or a flood of one of them;
+//!   ABORT, unsupported and oversized ones), well-formed requests with
+//!   small random fields, or a flood of one of them. The requests: READ
+//!   (with FUA too), WRITE with its payload (a pattern of its own per
+//!   write; sometimes cut short, so that what follows is taken as
+//!   payload), FLUSH (with and without FUA, with a bad offset or length),
+//!   TRIM, WRITE_ZEROES, DISC, CACHE, BLOCK_STATUS and unknown types;
+//!   lengths and offsets aligned to the export's minimum block or not,
+//!   within the export, at its end, past it, overflowing, zero, over the
+//!   maximum block size; flags FUA, NO_HOLE, FAST_ZERO, DF or random;
 //! - the kernel side (this driver) moves bytes from the socket into the
 //!   connection, at most [`Conn::input_room`] at a time (what is not taken
-//!   stays in the socket and is offered again later), consumes some or all
-//!   of the output and then calls [`Conn::resume`], takes decoded reads and
-//!   answers them in any order (the data is a pattern derived from the
-//!   offset, or an error through [`Conn::reply_read`] or
-//!   [`Conn::reply_read_error`]), or closes the peer's side.
+//!   stays in the socket and is offered again later), and never through
+//!   [`Conn::receive`] while a write's payload is pending: then it fills
+//!   the write's buffer with [`Conn::take_payload`] in pieces of random
+//!   sizes, from the bytes the connection holds and fresh ones from the
+//!   socket (those leave the socket), submits the write only when the
+//!   call says `done` and then calls [`Conn::resume`];
+//! - it consumes some or all of the output and then calls
+//!   [`Conn::resume`], takes decoded requests and answers them in any
+//!   order: reads with data (a pattern derived from the offset) or an
+//!   error through [`Conn::reply_read`] or [`Conn::reply_read_error`];
+//!   flushes, trims, write-zeroes and submitted writes with `Ok` or an
+//!   error through [`Conn::reply`] (a write whose connection ended in the
+//!   middle of its payload too, never submitted);
+//! - it closes the peer's side, or ends the connection itself
+//!   ([`Conn::end`]), at any point, a payload's middle included.
 //!
 //! When the script ends the driver drains the connection as a patient
-//! client would (reads all output, answers every read, offers the rest of
-//! the socket) and then closes the peer's side.
+//! client would (reads all output, fills the pending write from the
+//! socket, answers every request, offers the rest of the socket) and then
+//! closes the peer's side.
 //!
 //! After every step it asserts (panicking, which the fuzzer and the tests
 //! report):
 //!
 //! - [`Conn::memory`] ≤ [`memory_bound`] and the output waiting stays
 //!   within [`OUTPUT_HIGH`] + [`MAX_CONTROL_REPLY`] + the read replies the
-//!   driver admitted;
-//! - [`Conn::in_flight`] ≤ `max_in_flight`;
+//!   driver admitted + the write-side replies it queued since decoding
+//!   stopped (at most 16 bytes × `max_in_flight`);
+//! - [`Conn::in_flight`] ≤ `max_in_flight` (reads and the write side's
+//!   requests together);
 //! - a connection whose client sent more while its replies were not read
-//!   takes no input (`input_room() == 0`);
+//!   takes no input (`input_room() == 0`), nor while a payload is pending;
 //! - the output consumed so far parses as the server's message stream that
 //!   a model of the client's bytes predicts: the greeting, option replies
 //!   with their option, type and length (lists whole and in order, INFO/GO
-//!   with the export's size and the requested infos), the EXPORT_NAME
-//!   reply, simple replies and structured chunks with their magic, handle,
-//!   error and length; reads decoded exactly as sent, each answered exactly
-//!   once, where the driver answered it, with the requested length of the
-//!   right data;
+//!   with the export's size, the transmission flags — READ_ONLY or the
+//!   write flags, by the export and the client's permission — and the
+//!   requested infos), the EXPORT_NAME reply, simple replies and
+//!   structured chunks with their magic, handle, error and length; every
+//!   request decoded exactly as sent or refused with the error the
+//!   protocol's rules give (EPERM, EINVAL, ENOSPC, in the code's order),
+//!   each answered exactly once, where the driver answered it, with the
+//!   requested length of the right data for reads and the driver's result
+//!   for the others;
+//! - [`Conn::take_payload`] hands over exactly the bytes held first, then
+//!   fresh ones, as much as the buffer and the payload allow, says `done`
+//!   exactly at the payload's last byte and never after the connection
+//!   ended in its middle; the buffer of a submitted write equals the
+//!   bytes the client sent after that write's header; nothing is decoded
+//!   past a write before its payload is done;
 //! - once drained, nothing is left: every request sent was answered, no
 //!   input waits in the socket, the connection is closed when it should be.
 //!
@@ -57,14 +90,18 @@ pub const READ_BUDGET: usize = (1 << 20) + 64;
 /// Largest read the driver answers with data; larger ones get an error.
 pub const DATA_MAX: u32 = 1 << 20;
 
-/// An export table for sessions: a few exports of various sizes and block
-/// sizes, optionally followed by thousands of generated names (some long)
-/// and one name as long as an NBD_OPT_GO can carry with two info requests.
+/// An export table for sessions: [`FIXED`] exports of various sizes and
+/// block sizes, some taking writes, optionally followed by thousands of
+/// generated names (some long, two in three writable) and one name as long
+/// as an NBD_OPT_GO can carry with two info requests.
 pub struct FakeExports {
     names: Vec<String>,
     infos: Vec<ExportInfo>,
     index: BTreeMap<String, u32>,
 }
+
+/// The fixed exports at the start of every table (scripts pick them most).
+pub const FIXED: usize = 7;
 
 /// Longest export name in the big table: what NBD_OPT_GO can carry with
 /// two info requests (4-byte length, name, 2-byte count, 2 x 2 bytes).
@@ -74,27 +111,34 @@ impl FakeExports {
     /// `bulk` generated exports after the fixed ones (the long name only
     /// with `bulk > 0`).
     pub fn new(bulk: usize) -> FakeExports {
-        let info = |size: u64, min_block: u32, preferred_block: u32, max_block: u32| ExportInfo {
-            size,
-            min_block,
-            preferred_block,
-            max_block,
-            writable: false,
+        let info = |size: u64, min_block: u32, preferred_block: u32, max_block: u32, writable| {
+            ExportInfo {
+                size,
+                min_block,
+                preferred_block,
+                max_block,
+                writable,
+            }
         };
+        // Writable: a size that is not a multiple of its block (the last
+        // block is past the end), a huge one, one of 1-byte blocks and one
+        // whose maximum block is small.
         let mut list: Vec<(String, ExportInfo)> = vec![
-            ("disk.img".into(), info(1 << 20, 512, 4096, 1 << 20)),
-            ("tiny".into(), info(1000, 512, 512, 4096)),
-            ("empty".into(), info(0, 512, 4096, 65536)),
-            ("nvme0n1".into(), info(1 << 40, 4096, 4096, 64 << 20)),
+            ("disk.img".into(), info(1 << 20, 512, 4096, 1 << 20, false)),
+            ("tiny".into(), info(1000, 512, 512, 4096, true)),
+            ("empty".into(), info(0, 512, 4096, 65536, false)),
+            ("nvme0n1".into(), info(1 << 40, 4096, 4096, 64 << 20, true)),
             (
                 "dir/ünïcode-名前.bin".into(),
-                info(123_456_789, 1, 4096, 128 << 10),
+                info(123_456_789, 1, 4096, 128 << 10, true),
             ),
             (
                 format!("long/{}", "n".repeat(4091)),
-                info(8192, 4096, 4096, 4096),
+                info(8192, 4096, 4096, 4096, false),
             ),
+            ("rw.img".into(), info(1 << 20, 512, 4096, 65536, true)),
         ];
+        assert_eq!(list.len(), FIXED);
         for i in 0..bulk {
             let pad = if i % 300 == 7 {
                 "p".repeat(2000)
@@ -109,6 +153,7 @@ impl FakeExports {
                     [512, 4096][i % 2],
                     4096,
                     max,
+                    i % 3 != 0,
                 ),
             ));
         }
@@ -117,7 +162,7 @@ impl FakeExports {
             while name.len() < LONGEST_NAME {
                 name.push('h');
             }
-            list.push((name, info(1 << 30, 512, 65536, 1 << 20)));
+            list.push((name, info(1 << 30, 512, 65536, 1 << 20, true)));
         }
         let mut t = FakeExports {
             names: Vec::new(),
@@ -158,8 +203,8 @@ impl Exports for FakeExports {
     }
 }
 
-/// The tables a script chooses from (6 exports, or 3,000 more), and the
-/// read data pattern.
+/// The tables a script chooses from ([`FIXED`] exports, or 3,000 more),
+/// and the read data pattern.
 pub struct Tables {
     pub small: FakeExports,
     pub big: FakeExports,
@@ -197,6 +242,17 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// The first `len` bytes (at most [`DATA_MAX`]) of the payload of the
+    /// client's write number `w`: the data pattern from a place of its
+    /// own, so that a payload handed over shifted, cut short or mixed up
+    /// with another write's shows.
+    pub fn payload(&self, w: u64, len: u32) -> &[u8] {
+        let k = (w.wrapping_mul(7_777) % PERIOD) as usize;
+        &self.pattern[k..k + len as usize]
+    }
+}
+
 impl Default for Tables {
     fn default() -> Self {
         Self::new()
@@ -212,6 +268,17 @@ pub struct Summary {
     /// The connection decoded a GO or EXPORT_NAME.
     pub transmission: bool,
     pub reads_answered: u64,
+    /// The client was allowed to write ([`Conn::allow_writes`]).
+    pub may_write: bool,
+    /// Writes whose payload was handed over whole (submitted).
+    pub writes_done: u64,
+    /// Writes whose connection ended in the middle of their payload.
+    pub writes_cut: u64,
+    /// Writes, flushes, trims and write-zeroes answered by the driver.
+    pub updates_answered: u64,
+    /// Writes, trims and write-zeroes refused when decoded (EPERM,
+    /// EINVAL, ENOSPC).
+    pub updates_refused: u64,
     pub control_replies: u64,
     /// NBD_OPT_LIST answers parsed whole.
     pub lists: u64,
@@ -234,8 +301,11 @@ pub fn run(script: &[u8], tables: &Tables) -> Summary {
     } else {
         &tables.small
     };
-    let max_in_flight = [1usize, 2, 4, 16, 128, 128, 3, 8][s.u8() as usize % 8];
-    let mut d = Driver::new(tables, ex, max_in_flight);
+    let b = s.u8();
+    let max_in_flight = [1usize, 2, 4, 16, 128, 128, 3, 8][b as usize % 8];
+    // The client may write three times in four.
+    let may_write = !(b >> 3).is_multiple_of(4);
+    let mut d = Driver::new(tables, ex, max_in_flight, may_write);
     d.prologue(&mut s);
     d.check();
     while !s.done() {
@@ -307,6 +377,7 @@ enum Expect {
     InfoExport {
         option: u32,
         size: u64,
+        flags: u16,
     },
     /// NBD_INFO_NAME echoing the requested name.
     InfoName {
@@ -324,6 +395,7 @@ enum Expect {
     ExportName {
         size: u64,
         zeroes: bool,
+        flags: u16,
     },
     Simple {
         handle: u64,
@@ -346,21 +418,27 @@ enum Phase {
     Closed,
 }
 
-/// What the server's reply to a read the driver answered must be.
+/// What the server's reply to a request the driver answered must be.
 #[derive(Debug)]
-struct ReadRecord {
+struct Record {
     /// Where the reply starts in the output stream.
     pos: u64,
     ev: Event,
     structured: bool,
-    /// `None`: the data; otherwise the error and its message.
+    /// `None`: the data (reads) or success; otherwise the error and its
+    /// message (reads with structured replies only).
     err: Option<(Errno, String)>,
 }
 
-impl ReadRecord {
+impl Record {
+    fn is_read(&self) -> bool {
+        matches!(self.ev, Event::Read { .. })
+    }
+
     fn len(&self) -> u64 {
         let Event::Read { len, .. } = self.ev else {
-            unreachable!("read-only exports: only reads are decoded")
+            // The write side: a simple reply.
+            return 16;
         };
         match (&self.err, self.structured) {
             (None, true) => 28 + len as u64,
@@ -372,7 +450,7 @@ impl ReadRecord {
 }
 
 /// Decodes the bytes the connection took, as the server must, into the
-/// replies and reads they call for; parses the consumed output against
+/// replies and requests they call for; parses the consumed output against
 /// them.
 struct Model {
     phase: Phase,
@@ -381,12 +459,22 @@ struct Model {
     skip: u64,
     no_zeroes: bool,
     structured: bool,
+    /// The caller allowed the client to write.
+    may_write: bool,
     export: Option<(u32, ExportInfo)>,
     expect: VecDeque<Expect>,
-    /// Reads that must come out as events, in order.
-    reads: VecDeque<Event>,
-    /// Replies to reads the driver answered, by position in the output.
-    records: VecDeque<ReadRecord>,
+    /// Requests that must come out as events, in order.
+    events: VecDeque<Event>,
+    /// The payloads of the writes decoded (accepted), by their number in
+    /// decoding order: the bytes the connection took after each header.
+    payloads: BTreeMap<u64, Vec<u8>>,
+    /// Writes decoded so far; payload bytes still to come for the last.
+    writes: u64,
+    payload_left: u64,
+    /// Writes, trims and write-zeroes refused.
+    refused: u64,
+    /// Replies to requests the driver answered, by position in the output.
+    records: VecDeque<Record>,
     /// Consumed output not yet parsed, and the stream position of its
     /// first byte.
     out: Vec<u8>,
@@ -401,7 +489,7 @@ fn utf8(b: &[u8]) -> Option<&str> {
 }
 
 impl Model {
-    fn new() -> Model {
+    fn new(may_write: bool) -> Model {
         let mut expect = VecDeque::new();
         expect.push_back(Expect::Greeting);
         Model {
@@ -410,9 +498,14 @@ impl Model {
             skip: 0,
             no_zeroes: false,
             structured: false,
+            may_write,
             export: None,
             expect,
-            reads: VecDeque::new(),
+            events: VecDeque::new(),
+            payloads: BTreeMap::new(),
+            writes: 0,
+            payload_left: 0,
+            refused: 0,
             records: VecDeque::new(),
             out: Vec::new(),
             out_at: 0,
@@ -432,6 +525,15 @@ impl Model {
             self.skip -= n as u64;
             data = &data[n..];
         }
+        if self.payload_left > 0 {
+            let n = self.payload_left.min(data.len() as u64) as usize;
+            self.payload_left -= n as u64;
+            self.payloads
+                .entry(self.writes - 1)
+                .or_default()
+                .extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
         self.inb.extend_from_slice(data);
         self.decode(ex);
     }
@@ -440,6 +542,18 @@ impl Model {
         self.phase = Phase::Closed;
         self.inb = Vec::new();
         self.skip = 0;
+        self.payload_left = 0;
+    }
+
+    /// The transmission flags of `info` for this client: HAS_FLAGS,
+    /// SEND_FLUSH, CAN_MULTI_CONN and READ_ONLY, or SEND_FUA, SEND_TRIM
+    /// and SEND_WRITE_ZEROES instead of READ_ONLY where it writes.
+    fn tflags(&self, info: &ExportInfo) -> u16 {
+        if info.writable && self.may_write {
+            0x016d
+        } else {
+            0x0107
+        }
     }
 
     fn decode(&mut self, ex: &FakeExports) {
@@ -509,16 +623,19 @@ impl Model {
                         handle,
                         err: err as u32,
                     };
+                    let writes = info.writable && self.may_write;
+                    let fua = flags & cflag::FUA != 0;
                     match ty {
                         cmd::READ => {
-                            let ok = flags == 0
+                            // FUA is taken (and ignored) where announced.
+                            let ok = (flags == 0 || (writes && flags == cflag::FUA))
                                 && len > 0
                                 && len <= info.max_block.min(MAX_REQUEST)
                                 && offset
                                     .checked_add(len as u64)
                                     .is_some_and(|e| e <= info.size);
                             if ok {
-                                self.reads.push_back(Event::Read {
+                                self.events.push_back(Event::Read {
                                     handle,
                                     export,
                                     offset,
@@ -532,24 +649,68 @@ impl Model {
                             }
                         }
                         cmd::FLUSH => {
-                            self.expect
-                                .push_back(if flags != 0 || offset != 0 || len != 0 {
-                                    simple(Errno::Inval)
-                                } else {
-                                    Expect::Simple { handle, err: 0 }
-                                })
+                            let fua_ok = if writes { cflag::FUA } else { 0 };
+                            if flags & !fua_ok != 0 || offset != 0 || len != 0 {
+                                self.expect.push_back(simple(Errno::Inval));
+                            } else if writes {
+                                self.events.push_back(Event::Flush { handle, export });
+                            } else {
+                                // Read-only: nothing to make durable.
+                                self.expect.push_back(Expect::Simple { handle, err: 0 });
+                            }
                         }
                         cmd::DISC => {
                             self.close();
                             return;
                         }
-                        cmd::WRITE => {
-                            let here = (inb.len() - at).min(len as usize);
-                            at += here;
-                            self.skip = len as u64 - here as u64;
-                            self.expect.push_back(simple(Errno::Perm));
+                        cmd::WRITE => match update_error(writes, &info, ty, flags, offset, len) {
+                            None => {
+                                self.events.push_back(Event::Write {
+                                    handle,
+                                    export,
+                                    offset,
+                                    len,
+                                    fua,
+                                });
+                                let here = (inb.len() - at).min(len as usize);
+                                self.payloads
+                                    .insert(self.writes, inb[at..at + here].to_vec());
+                                self.writes += 1;
+                                at += here;
+                                self.payload_left = len as u64 - here as u64;
+                            }
+                            Some(e) => {
+                                // Refused: the payload is discarded.
+                                let here = (inb.len() - at).min(len as usize);
+                                at += here;
+                                self.skip = len as u64 - here as u64;
+                                self.refused += 1;
+                                self.expect.push_back(simple(e));
+                            }
+                        },
+                        cmd::TRIM | cmd::WRITE_ZEROES => {
+                            match update_error(writes, &info, ty, flags, offset, len) {
+                                None if ty == cmd::TRIM => self.events.push_back(Event::Trim {
+                                    handle,
+                                    export,
+                                    offset,
+                                    len,
+                                    fua,
+                                }),
+                                None => self.events.push_back(Event::WriteZeroes {
+                                    handle,
+                                    export,
+                                    offset,
+                                    len,
+                                    fua,
+                                    no_hole: flags & cflag::NO_HOLE != 0,
+                                }),
+                                Some(e) => {
+                                    self.refused += 1;
+                                    self.expect.push_back(simple(e));
+                                }
+                            }
                         }
-                        cmd::TRIM | cmd::WRITE_ZEROES => self.expect.push_back(simple(Errno::Perm)),
                         _ => self.expect.push_back(simple(Errno::Inval)),
                     }
                 }
@@ -569,6 +730,7 @@ impl Model {
                     self.expect.push_back(Expect::ExportName {
                         size: info.size,
                         zeroes: !self.no_zeroes,
+                        flags: self.tflags(&info),
                     });
                     self.export = Some((id, info));
                     self.phase = Phase::Transmission;
@@ -605,6 +767,7 @@ impl Model {
                 self.expect.push_back(Expect::InfoExport {
                     option,
                     size: info.size,
+                    flags: self.tflags(&info),
                 });
                 if wants(info::NAME) {
                     self.expect.push_back(Expect::InfoName {
@@ -640,11 +803,12 @@ impl Model {
         self.parse(t, ex);
     }
 
-    /// Unconsumed bytes of read replies, `consumed` being the output
-    /// consumed so far.
-    fn read_pending(&self, consumed: u64) -> u64 {
+    /// Unconsumed bytes of read replies (`reads`) or of write-side
+    /// replies, `consumed` being the output consumed so far.
+    fn pending(&self, consumed: u64, reads: bool) -> u64 {
         self.records
             .iter()
+            .filter(|r| r.is_read() == reads)
             .map(|r| (r.pos + r.len()).saturating_sub(r.pos.max(consumed)))
             .sum()
     }
@@ -662,7 +826,7 @@ impl Model {
                 if avail.len() < n {
                     return;
                 }
-                check_read_reply(t, r, &avail[..n]);
+                check_reply(t, r, &avail[..n]);
                 self.records.pop_front();
                 n
             } else {
@@ -700,6 +864,49 @@ impl Model {
     }
 }
 
+/// The error the protocol's rules give a WRITE, TRIM or WRITE_ZEROES
+/// (command `ty`) on an export described by `info`, where the client
+/// writes or not (`writes`); `None`: served. In the order of the code's
+/// checks: EPERM where the client may not write; EINVAL for a flag the
+/// command does not take (FUA, NO_HOLE for write-zeroes), a zero length,
+/// a write over the maximum block size announced, a write or write-zeroes
+/// not aligned to the minimum block size; past the end ENOSPC, EINVAL for
+/// a trim.
+fn update_error(
+    writes: bool,
+    info: &ExportInfo,
+    ty: u16,
+    flags: u16,
+    offset: u64,
+    len: u32,
+) -> Option<Errno> {
+    if !writes {
+        return Some(Errno::Perm);
+    }
+    let takes = if ty == cmd::WRITE_ZEROES {
+        cflag::FUA | cflag::NO_HOLE
+    } else {
+        cflag::FUA
+    };
+    let block = info.min_block.max(1) as u64;
+    let unaligned = !offset.is_multiple_of(block) || !(len as u64).is_multiple_of(block);
+    if flags & !takes != 0
+        || len == 0
+        || (ty == cmd::WRITE && len > info.max_block.min(MAX_REQUEST))
+        || (ty != cmd::TRIM && unaligned)
+    {
+        return Some(Errno::Inval);
+    }
+    if offset as u128 + len as u128 > info.size as u128 {
+        return Some(if ty == cmd::TRIM {
+            Errno::Inval
+        } else {
+            Errno::NoSpc
+        });
+    }
+    None
+}
+
 /// An error message as the server must send it: UTF-8 of at most 4096
 /// bytes, cut at a character boundary.
 fn wire_message(m: &str) -> &str {
@@ -710,7 +917,8 @@ fn wire_message(m: &str) -> &str {
     &m[..n]
 }
 
-fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
+fn check_reply(t: &Tables, r: &Record, b: &[u8]) {
+    let at = r.pos;
     let Event::Read {
         handle,
         export,
@@ -718,9 +926,19 @@ fn check_read_reply(t: &Tables, r: &ReadRecord, b: &[u8]) {
         len,
     } = r.ev
     else {
-        unreachable!("read-only exports: only reads are decoded")
+        let handle = match r.ev {
+            Event::Write { handle, .. }
+            | Event::Flush { handle, .. }
+            | Event::Trim { handle, .. }
+            | Event::WriteZeroes { handle, .. } => handle,
+            Event::Read { .. } => unreachable!(),
+        };
+        let err = r.err.as_ref().map_or(0, |(e, _)| *e as u32);
+        assert_eq!(be32(b), SIMPLE_REPLY_MAGIC, "reply magic at {at}");
+        assert_eq!(be32(&b[4..]), err, "reply error at {at} to {:?}", r.ev);
+        assert_eq!(be64(&b[8..]), handle, "reply handle at {at}");
+        return;
     };
-    let at = r.pos;
     match (&r.err, r.structured) {
         (None, true) => {
             assert_eq!(be32(b), STRUCTURED_REPLY_MAGIC, "read chunk magic at {at}");
@@ -809,12 +1027,16 @@ fn parse_control(e: &mut Expect, b: &[u8], ex: &FakeExports, pos: u64) -> Option
             }
             Some((20 + len, true))
         }
-        Expect::InfoExport { option, size } => {
+        Expect::InfoExport {
+            option,
+            size,
+            flags,
+        } => {
             let (t, len) = opt_reply(b, *option)?;
             assert_eq!((t, len), (rep::INFO, 12), "NBD_INFO_EXPORT at {pos}");
             assert_eq!(be16(&b[20..]), info::EXPORT, "NBD_INFO_EXPORT at {pos}");
             assert_eq!(be64(&b[22..]), *size, "export size at {pos}");
-            assert_eq!(be16(&b[30..]), 0x0107, "transmission flags at {pos}");
+            assert_eq!(be16(&b[30..]), *flags, "transmission flags at {pos}");
             Some((32, true))
         }
         Expect::InfoName { option, name } => {
@@ -869,13 +1091,17 @@ fn parse_control(e: &mut Expect, b: &[u8], ex: &FakeExports, pos: u64) -> Option
                 }
             }
         }
-        Expect::ExportName { size, zeroes } => {
+        Expect::ExportName {
+            size,
+            zeroes,
+            flags,
+        } => {
             let n = if *zeroes { 134 } else { 10 };
             if b.len() < n {
                 return None;
             }
             assert_eq!(be64(b), *size, "EXPORT_NAME reply size at {pos}");
-            assert_eq!(be16(&b[8..]), 0x0107, "EXPORT_NAME reply flags at {pos}");
+            assert_eq!(be16(&b[8..]), *flags, "EXPORT_NAME reply flags at {pos}");
             assert!(
                 b[10..n].iter().all(|&z| z == 0),
                 "EXPORT_NAME zeroes at {pos}"
@@ -969,6 +1195,40 @@ pub(crate) fn go_data(name: &[u8], infos: &[u16]) -> Vec<u8> {
     d
 }
 
+/// Where a request taken from the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// May be answered: not a write, or a write whose payload was handed
+    /// over whole (submitted).
+    Ready,
+    /// A write whose payload is being handed over.
+    Filling,
+    /// A write whose connection ended in the middle of its payload: never
+    /// submitted, answered all the same.
+    Cut,
+}
+
+/// A request taken from the connection, not yet answered.
+struct Taken {
+    ev: Event,
+    fill: Fill,
+    /// A write's number among the writes taken (the model's numbering),
+    /// its buffer and how much of it was filled.
+    serial: u64,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+fn handle_of(ev: &Event) -> u64 {
+    match *ev {
+        Event::Read { handle, .. }
+        | Event::Write { handle, .. }
+        | Event::Flush { handle, .. }
+        | Event::Trim { handle, .. }
+        | Event::WriteZeroes { handle, .. } => handle,
+    }
+}
+
 struct Driver<'e> {
     t: &'e Tables,
     ex: &'e FakeExports,
@@ -979,35 +1239,49 @@ struct Driver<'e> {
     socket: Vec<u8>,
     sock_at: usize,
     model: Model,
-    /// Reads taken from the connection, not yet answered.
-    reads: Vec<Event>,
+    /// Requests taken from the connection, not yet answered.
+    taken: Vec<Taken>,
+    /// Writes taken so far.
+    writes: u64,
     /// Output consumed so far.
     consumed: u64,
     peer_closed: bool,
+    /// The driver ended the connection ([`Conn::end`]).
+    ended: bool,
     /// The export the client last asked to open (for plausible requests).
     target: Option<ExportInfo>,
     /// The client flags were written.
     flags_sent: bool,
+    /// WRITE requests the client generated (for their payload patterns).
+    client_writes: u64,
     sum: Summary,
 }
 
 impl<'e> Driver<'e> {
-    fn new(t: &'e Tables, ex: &'e FakeExports, max_in_flight: usize) -> Self {
+    fn new(t: &'e Tables, ex: &'e FakeExports, max_in_flight: usize, may_write: bool) -> Self {
+        let mut conn = Conn::new(max_in_flight);
+        conn.allow_writes(may_write);
         Driver {
             t,
             ex,
-            conn: Conn::new(max_in_flight),
+            conn,
             max_in_flight,
             bound: memory_bound(max_in_flight, READ_BUDGET),
             socket: Vec::new(),
             sock_at: 0,
-            model: Model::new(),
-            reads: Vec::new(),
+            model: Model::new(may_write),
+            taken: Vec::new(),
+            writes: 0,
             consumed: 0,
             peer_closed: false,
+            ended: false,
             target: None,
             flags_sent: false,
-            sum: Summary::default(),
+            client_writes: 0,
+            sum: Summary {
+                may_write,
+                ..Summary::default()
+            },
         }
     }
 
@@ -1034,19 +1308,40 @@ impl<'e> Driver<'e> {
             c.output_pending(),
             c.in_flight()
         );
-        let reads = self.model.read_pending(self.consumed) as usize;
+        // Write-side replies are queued whatever the output waiting, but
+        // once decoding stops (OUTPUT_HIGH) only the requests then in
+        // flight can add theirs.
+        let reads = self.model.pending(self.consumed, true) as usize;
+        let updates =
+            (self.model.pending(self.consumed, false) as usize).min(16 * self.max_in_flight);
         assert!(
-            c.output_pending() <= OUTPUT_HIGH + MAX_CONTROL_REPLY + reads,
-            "output waiting {} above OUTPUT_HIGH + MAX_CONTROL_REPLY + {reads} bytes of read replies",
+            c.output_pending() <= OUTPUT_HIGH + MAX_CONTROL_REPLY + reads + updates,
+            "output waiting {} above OUTPUT_HIGH + MAX_CONTROL_REPLY + {reads} bytes of read replies + {updates} of write-side replies",
             c.output_pending()
         );
         assert!(
             c.in_flight() <= self.max_in_flight,
-            "{} reads in flight, limit {}",
+            "{} requests in flight, limit {}",
             c.in_flight(),
             self.max_in_flight
         );
-        assert!(c.in_flight() >= self.reads.len());
+        assert!(c.in_flight() >= self.taken.len());
+        if c.payload_pending() > 0 {
+            assert_eq!(c.input_room(), 0, "input room while a payload is pending");
+            assert!(c.in_transmission(), "a payload pending out of transmission");
+            match self.taken.iter().find(|t| t.fill == Fill::Filling) {
+                Some(w) => assert_eq!(
+                    c.payload_pending() as usize,
+                    w.buf.len() - w.filled,
+                    "payload pending for {:?}",
+                    w.ev
+                ),
+                None => assert!(
+                    c.peek_event().is_some(),
+                    "a payload pending and no write for it"
+                ),
+            }
+        }
         // A client that sends while its replies wait is held (unless its
         // bytes are being discarded: a write payload, an oversized option).
         let open = !self.peer_closed && self.model.phase != Phase::Closed;
@@ -1068,9 +1363,16 @@ impl<'e> Driver<'e> {
 
     /// Offers up to `n` socket bytes, no more than the connection has room
     /// for (or, with `over`, the whole socket: it must still take no more
-    /// than it can hold).
+    /// than it can hold). While a write's payload is pending the bytes go
+    /// to its buffer instead ([`Driver::fill`]), never to
+    /// [`Conn::receive`].
     fn deliver(&mut self, n: usize, over: bool) {
         if self.peer_closed {
+            return;
+        }
+        if self.conn.payload_pending() > 0 {
+            let n = if over { usize::MAX } else { n };
+            self.fill(n, n);
             return;
         }
         let room = self.conn.input_room();
@@ -1098,6 +1400,95 @@ impl<'e> Driver<'e> {
         self.sum.bytes_in += taken as u64;
     }
 
+    /// Hands the write being filled (if any, and taken) up to `piece`
+    /// more bytes of its payload through [`Conn::take_payload`]: the
+    /// bytes the connection holds, then up to `fresh` bytes from the
+    /// socket. Checks exactly what it hands over; on `done` compares the
+    /// buffer with what the client sent, submits and resumes.
+    fn fill(&mut self, piece: usize, fresh: usize) {
+        let Some(i) = self.taken.iter().position(|t| t.fill == Fill::Filling) else {
+            return;
+        };
+        let pending = self.conn.payload_pending() as usize;
+        let avail = self.socket.len() - self.sock_at;
+        let w = &mut self.taken[i];
+        let rem = w.buf.len() - w.filled;
+        if pending == 0 {
+            // The connection ended in the middle of the payload (the peer
+            // closed, the driver ended it): nothing more is handed over,
+            // and the write is never done.
+            assert!(
+                !self.conn.in_transmission(),
+                "the payload of {:?} vanished",
+                w.ev
+            );
+            let p = self
+                .conn
+                .take_payload(&self.socket[self.sock_at..], &mut w.buf[w.filled..]);
+            let none = Payload {
+                from_data: 0,
+                written: 0,
+                done: false,
+            };
+            assert_eq!(p, none, "a write cut short goes on: {:?}", w.ev);
+            w.fill = Fill::Cut;
+            self.sum.writes_cut += 1;
+            return;
+        }
+        assert_eq!(pending, rem, "payload pending for {:?}", w.ev);
+        // What the connection holds of it: the payload bytes it took,
+        // less those handed over.
+        let held = self.model.payloads.get(&w.serial).map_or(0, |p| p.len()) - w.filled;
+        let k = piece.min(rem);
+        let f = fresh.min(avail);
+        let want = k.min(pending);
+        let h = held.min(want);
+        let from_data = f.min(want - h);
+        let written = h + from_data;
+        let expected = Payload {
+            from_data,
+            written,
+            done: written > 0 && written == pending,
+        };
+        let p = self.conn.take_payload(
+            &self.socket[self.sock_at..self.sock_at + f],
+            &mut w.buf[w.filled..w.filled + k],
+        );
+        assert_eq!(
+            p, expected,
+            "take_payload of {f} fresh bytes into {k} with {held} held, {pending} pending for {:?}",
+            w.ev
+        );
+        assert_eq!(self.conn.payload_pending() as usize, pending - written);
+        self.model.taken(
+            self.ex,
+            &self.socket[self.sock_at..self.sock_at + from_data],
+        );
+        self.sock_at += from_data;
+        self.sum.bytes_in += from_data as u64;
+        w.filled += written;
+        if p.done {
+            let sent = self
+                .model
+                .payloads
+                .remove(&w.serial)
+                .expect("the model saw the payload");
+            assert_eq!(sent.len(), w.buf.len(), "payload length of {:?}", w.ev);
+            if sent != w.buf {
+                let at = sent.iter().zip(&w.buf).position(|(a, b)| a != b);
+                panic!(
+                    "the payload of {:?} differs from the client's from byte {at:?} on",
+                    w.ev
+                );
+            }
+            // Submitted; the requests after it may be decoded now.
+            w.fill = Fill::Ready;
+            w.buf = Vec::new();
+            self.sum.writes_done += 1;
+            self.conn.resume(self.ex);
+        }
+    }
+
     /// Consumes up to `n` bytes of output, parses them, resumes.
     fn consume(&mut self, n: usize) {
         let mut n = n.min(self.conn.output_pending());
@@ -1114,7 +1505,7 @@ impl<'e> Driver<'e> {
         self.conn.resume(self.ex);
     }
 
-    /// Takes up to `n` decoded reads; each must be the next read the
+    /// Takes up to `n` decoded requests; each must be the next one the
     /// client's bytes call for.
     fn take_events(&mut self, n: usize) {
         for _ in 0..n {
@@ -1123,19 +1514,52 @@ impl<'e> Driver<'e> {
                 return;
             };
             assert_eq!(peeked, Some(ev));
-            let want = self.model.reads.pop_front();
-            assert_eq!(Some(ev), want, "decoded read differs from the one sent");
-            self.reads.push(ev);
+            let want = self.model.events.pop_front();
+            assert_eq!(Some(ev), want, "decoded request differs from the one sent");
+            let mut t = Taken {
+                ev,
+                fill: Fill::Ready,
+                serial: 0,
+                buf: Vec::new(),
+                filled: 0,
+            };
+            if let Event::Write { len, .. } = ev {
+                assert!(
+                    self.taken.iter().all(|t| t.fill != Fill::Filling),
+                    "{ev:?} decoded before the payload ahead of it was done"
+                );
+                let pending = self.conn.payload_pending();
+                assert!(
+                    pending == len || (pending == 0 && !self.conn.in_transmission()),
+                    "{pending} payload bytes pending as {ev:?} is taken"
+                );
+                t.fill = Fill::Filling;
+                t.serial = self.writes;
+                self.writes += 1;
+                t.buf = vec![0; len as usize];
+            }
+            self.taken.push(t);
         }
     }
 
-    /// Answers taken read `i` (`how`: 0 data, 1 `reply_read` error, 2
-    /// `reply_read_error` with a message of `msg_len` bytes); not while
-    /// the reply would exceed the read budget. Returns whether it did.
+    /// The first taken request that may be answered.
+    fn answerable(&self) -> Option<usize> {
+        self.taken.iter().position(|t| t.fill != Fill::Filling)
+    }
+
+    /// Answers taken request `i` (not a write still being filled). A read
+    /// (`how`: 0 data, 1 `reply_read` error, 2 `reply_read_error` with a
+    /// message of `msg_len` bytes) not while the reply would exceed the
+    /// read budget; the others with `Ok` (`how` 0) or `errno`. Returns
+    /// whether it did.
     fn answer(&mut self, i: usize, how: u8, errno: Errno, msg_len: usize) -> bool {
-        let Some(&ev) = self.reads.get(i) else {
+        let Some(t) = self.taken.get(i) else {
             return false;
         };
+        if t.fill == Fill::Filling {
+            return false;
+        }
+        let ev = t.ev;
         let Event::Read {
             handle,
             export,
@@ -1143,7 +1567,7 @@ impl<'e> Driver<'e> {
             len,
         } = ev
         else {
-            unreachable!("read-only exports: only reads are decoded")
+            return self.answer_update(i, how == 0, errno);
         };
         let how = if len > DATA_MAX { how.max(1) } else { how };
         let msg: String = match how {
@@ -1154,17 +1578,17 @@ impl<'e> Driver<'e> {
             _ => "é-message ".chars().cycle().take(msg_len).collect(),
         };
         let structured = self.model.structured;
-        let record = ReadRecord {
+        let record = Record {
             pos: self.consumed + self.conn.output_pending() as u64,
             ev,
             structured,
             err: (how != 0).then(|| (errno, msg.clone())),
         };
-        let pending = self.model.read_pending(self.consumed);
+        let pending = self.model.pending(self.consumed, true);
         if pending + record.len() > READ_BUDGET as u64 {
             return false;
         }
-        self.reads.swap_remove(i);
+        self.taken.swap_remove(i);
         let before = self.conn.output_pending();
         let closed = self.conn.is_closed();
         match how {
@@ -1184,6 +1608,42 @@ impl<'e> Driver<'e> {
         }
         self.sum.reads_answered += 1;
         true
+    }
+
+    /// Answers taken write-side request `i` through [`Conn::reply`]:
+    /// `Ok` or `errno`.
+    fn answer_update(&mut self, i: usize, ok: bool, errno: Errno) -> bool {
+        let t = self.taken.swap_remove(i);
+        let result = if ok { Ok(()) } else { Err(errno) };
+        let record = Record {
+            pos: self.consumed + self.conn.output_pending() as u64,
+            ev: t.ev,
+            structured: false,
+            err: result.err().map(|e| (e, String::new())),
+        };
+        let before = self.conn.output_pending();
+        let closed = self.conn.is_closed();
+        self.conn.reply(self.ex, handle_of(&t.ev), result);
+        if !closed {
+            assert!(
+                self.conn.output_pending() >= before + 16,
+                "the reply to {:?} is missing",
+                t.ev
+            );
+            self.model.records.push_back(record);
+        }
+        self.sum.updates_answered += 1;
+        true
+    }
+
+    /// The caller ends the connection ([`Conn::end`]), as the service's
+    /// guard does: nothing more is decoded.
+    fn end(&mut self) {
+        if !self.peer_closed && !self.ended {
+            self.ended = true;
+            self.conn.end(CloseReason::Unserved);
+            self.model.close();
+        }
     }
 
     fn close_peer(&mut self) {
@@ -1215,7 +1675,7 @@ impl<'e> Driver<'e> {
             self.write(&option_bytes(opt::STRUCTURED_REPLY, &[]));
         }
         let i = if how & 8 == 0 {
-            (how >> 4) as usize % 6
+            (how >> 4) as usize % FIXED
         } else {
             s.u16() as usize % self.ex.len()
         };
@@ -1292,7 +1752,7 @@ impl<'e> Driver<'e> {
                     self.write(&piece);
                 }
             }
-            13..=16 => {
+            13..=15 => {
                 let n = match s.below(4) {
                     0 => 1 + s.below(8) as usize,
                     1 => s.below(512) as usize,
@@ -1301,6 +1761,24 @@ impl<'e> Driver<'e> {
                 };
                 let over = s.below(8) == 0;
                 self.deliver(n, over);
+            }
+            16 => {
+                // A piece of a pending payload: held bytes only, a few
+                // fresh ones, or whatever is there; into a buffer piece
+                // that may be empty.
+                let piece = match s.below(4) {
+                    0 => s.below(9) as usize,
+                    1 => s.below(1024) as usize,
+                    2 => s.below(1 << 17) as usize,
+                    _ => usize::MAX,
+                };
+                let fresh = match s.below(4) {
+                    0 => 0,
+                    1 => 1 + s.below(16) as usize,
+                    2 => s.below(1 << 17) as usize,
+                    _ => usize::MAX,
+                };
+                self.fill(piece, fresh);
             }
             17..=20 => {
                 let n = match s.below(4) {
@@ -1319,7 +1797,7 @@ impl<'e> Driver<'e> {
             23..=25 => {
                 let n = 1 + s.below(4) as usize;
                 for _ in 0..n {
-                    let i = s.below(self.reads.len().max(1) as u32) as usize;
+                    let i = s.below(self.taken.len().max(1) as u32) as usize;
                     let how = [0, 0, 0, 1, 2][s.below(5) as usize];
                     let errno = [
                         Errno::Io,
@@ -1327,22 +1805,29 @@ impl<'e> Driver<'e> {
                         Errno::Inval,
                         Errno::Shutdown,
                         Errno::Perm,
-                    ][s.below(5) as usize];
+                        Errno::NoSpc,
+                    ][s.below(6) as usize];
                     let msg_len = [0, 1, 30, 5000, 5001][s.below(5) as usize];
                     self.answer(i, how, errno, msg_len);
                 }
             }
-            26 => {
-                if s.below(4) == 0 {
-                    self.close_peer();
-                }
-            }
+            26 => match s.below(8) {
+                0 | 1 => self.close_peer(),
+                2 => self.end(),
+                _ => {}
+            },
             _ => {
-                // The kernel's loop, once: take room's worth, take reads,
-                // answer what the budget allows, send some of the output.
+                // The kernel's loop, once: take room's worth (or fill the
+                // pending write), take requests, answer what the budget
+                // allows, send some of the output.
                 self.deliver(usize::MAX, false);
                 self.take_events(usize::MAX);
-                while !self.reads.is_empty() && self.answer(0, 0, Errno::Io, 0) {}
+                self.fill(usize::MAX, usize::MAX);
+                while let Some(i) = self.answerable() {
+                    if !self.answer(i, 0, Errno::Io, 0) {
+                        break;
+                    }
+                }
                 let n = s.u16() as usize * 16;
                 self.consume(n);
             }
@@ -1354,7 +1839,7 @@ impl<'e> Driver<'e> {
     fn gen_name(&mut self, s: &mut Script) -> Vec<u8> {
         let n = self.ex.len() as u32;
         let i = if s.below(2) == 0 {
-            s.below(6)
+            s.below(FIXED as u32)
         } else {
             s.u16() as u32 % n
         };
@@ -1457,56 +1942,102 @@ impl<'e> Driver<'e> {
             writable: false,
         });
         let ty = match s.below(16) {
-            0..=6 => cmd::READ,
-            7 | 8 => cmd::WRITE,
-            9 | 10 => cmd::FLUSH,
-            11 => cmd::DISC,
-            12 => {
+            0..=5 => cmd::READ,
+            6..=8 => cmd::WRITE,
+            9 => cmd::FLUSH,
+            10 => cmd::DISC,
+            11 => cmd::TRIM,
+            12 => cmd::WRITE_ZEROES,
+            13 => {
                 [cmd::TRIM, cmd::WRITE_ZEROES, cmd::CACHE, cmd::BLOCK_STATUS][s.below(4) as usize]
             }
             _ => s.u16(),
         };
-        let flags = if s.below(8) == 0 { s.u16() } else { 0 };
+        let flags = match s.below(16) {
+            0 => s.u16(),
+            1 | 2 => cflag::FUA,
+            3 | 4 if ty == cmd::WRITE_ZEROES => {
+                [cflag::NO_HOLE, cflag::FUA | cflag::NO_HOLE][s.below(2) as usize]
+            }
+            3 => [
+                cflag::NO_HOLE,
+                cflag::FUA | cflag::NO_HOLE,
+                cflag::FAST_ZERO,
+                cflag::FUA | cflag::FAST_ZERO,
+                cflag::DF,
+                cflag::REQ_ONE,
+            ][s.below(6) as usize],
+            _ => 0,
+        };
         let handle = if s.below(4) == 0 {
             s.u64()
         } else {
             s.below(16) as u64
         };
         let size = info.size;
-        let len: u32 = match s.below(8) {
-            0 => 0,
-            1 => s.u32(),
-            2 if s.below(2) == 0 => info.max_block.min(MAX_REQUEST) + s.below(2),
-            3 => 1 + s.below(64 * 1024),
-            _ => 1 + s.below(4096),
-        };
-        let offset: u64 = match s.below(8) {
-            0 => s.u64(),
-            1 => size.saturating_sub(len as u64) + s.below(3) as u64,
-            2 => size.saturating_sub(1 + s.below(600) as u64),
-            _ => {
-                let room = size.saturating_sub(len as u64);
-                if room == 0 {
-                    0
-                } else {
-                    s.u32() as u64 % room
+        let (offset, len) = if matches!(ty, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
+            // Mostly whole blocks within the export; sometimes unaligned,
+            // at or past the end, overflowing, zero, over the maximum.
+            let block = info.min_block.max(1);
+            let maxw = info.max_block.min(MAX_REQUEST);
+            let len: u32 = match s.below(12) {
+                0 => 0,
+                1 => 1 + s.below(2 * block),
+                2 => maxw + [0, 1, block][s.below(3) as usize],
+                3 if ty != cmd::WRITE || s.below(4) == 0 => s.u32(),
+                3 | 4 => 1 + s.below(64 * 1024),
+                _ => block * (1 + s.below((maxw / block).clamp(1, 16))),
+            };
+            let b = block as u64;
+            let offset: u64 = match s.below(10) {
+                0 if s.below(2) == 0 => s.u64(),
+                0 => u64::MAX / b * b,
+                1 => {
+                    let last = size.saturating_sub(len as u64) / b * b;
+                    [last, last + b, size, size - size % b][s.below(4) as usize]
                 }
+                2 => s.u32() as u64 % size.max(1),
+                _ => b * (s.u32() as u64 % (size.saturating_sub(len as u64) / b + 1)),
+            };
+            (offset, len)
+        } else {
+            let len: u32 = match s.below(8) {
+                0 => 0,
+                1 => s.u32(),
+                2 if s.below(2) == 0 => info.max_block.min(MAX_REQUEST) + s.below(2),
+                3 => 1 + s.below(64 * 1024),
+                _ => 1 + s.below(4096),
+            };
+            let offset: u64 = match s.below(8) {
+                0 => s.u64(),
+                1 => size.saturating_sub(len as u64) + s.below(3) as u64,
+                2 => size.saturating_sub(1 + s.below(600) as u64),
+                _ => {
+                    let room = size.saturating_sub(len as u64);
+                    if room == 0 {
+                        0
+                    } else {
+                        s.u32() as u64 % room
+                    }
+                }
+            };
+            match ty {
+                cmd::FLUSH | cmd::DISC if s.below(4) != 0 => (0, 0),
+                _ => (offset, len),
             }
-        };
-        let (offset, len) = match ty {
-            cmd::FLUSH | cmd::DISC if s.below(4) != 0 => (0, 0),
-            cmd::WRITE => (offset, len % 600),
-            _ => (offset, len),
         };
         let mut v = request_bytes(ty, flags, handle, offset, len);
         if ty == cmd::WRITE {
-            // The payload, sometimes cut short (the rest may never come).
-            let n = if s.below(32) == 0 {
-                s.below(len + 1)
+            // The payload, a pattern of this write's own; sometimes cut
+            // short, and always when too long to send (the rest never
+            // comes: what follows is taken as payload or skipped).
+            let n = if len > 1 << 20 || s.below(32) == 0 {
+                s.below(len.min(1 << 16) + 1)
             } else {
                 len
             };
-            v.extend(core::iter::repeat_n(0x25, n as usize));
+            v.extend_from_slice(self.t.payload(self.client_writes, n));
+            self.client_writes += 1;
         }
         v
     }
@@ -1525,16 +2056,20 @@ impl<'e> Driver<'e> {
                 self.conn.output_pending(),
                 self.conn.in_flight()
             );
-            assert!(
-                self.model.expect.is_empty(),
-                "never answered: {:?}",
-                self.model.expect.front()
-            );
-            assert!(
-                self.model.reads.is_empty(),
-                "reads never decoded: {:?}",
-                self.model.reads.front()
-            );
+            // (Ended by the driver, it decodes nothing more: what the
+            // model decoded after is never answered.)
+            if !self.ended {
+                assert!(
+                    self.model.expect.is_empty(),
+                    "never answered: {:?}",
+                    self.model.expect.front()
+                );
+                assert!(
+                    self.model.events.is_empty(),
+                    "requests never decoded: {:?}",
+                    self.model.events.front()
+                );
+            }
             assert_eq!(
                 self.conn.is_closed(),
                 self.model.phase == Phase::Closed,
@@ -1545,6 +2080,11 @@ impl<'e> Driver<'e> {
             self.drain();
         }
         assert!(self.conn.is_closed(), "the connection outlives its peer");
+        assert!(
+            self.taken.is_empty(),
+            "requests never answered: {:?}",
+            self.taken.first().map(|t| (t.ev, t.fill))
+        );
         assert_eq!(self.conn.in_flight(), 0);
         assert!(self.conn.output().is_empty());
         assert!(
@@ -1558,24 +2098,28 @@ impl<'e> Driver<'e> {
             "output ends inside a message"
         );
         self.sum.lists = self.model.lists;
+        self.sum.updates_refused = self.model.refused;
         self.sum.control_replies = self.model.controls;
     }
 
     fn drain(&mut self) {
         loop {
-            let before = (self.consumed, self.sock_at, self.sum.reads_answered);
+            let answered = |d: &Self| d.sum.reads_answered + d.sum.updates_answered;
+            let before = (self.consumed, self.sock_at, answered(self));
             self.consume(usize::MAX);
             self.check();
             self.deliver(usize::MAX, false);
             self.check();
             self.take_events(usize::MAX);
-            while !self.reads.is_empty() {
-                if !self.answer(0, 0, Errno::Io, 0) {
+            self.fill(usize::MAX, usize::MAX);
+            self.check();
+            while let Some(i) = self.answerable() {
+                if !self.answer(i, 0, Errno::Io, 0) {
                     self.consume(usize::MAX);
                 }
                 self.check();
             }
-            let after = (self.consumed, self.sock_at, self.sum.reads_answered);
+            let after = (self.consumed, self.sock_at, answered(self));
             if before == after && self.conn.output_pending() == 0 {
                 break;
             }
