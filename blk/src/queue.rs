@@ -6,8 +6,19 @@ use crate::{BlkError, IoBuf};
 pub enum Op {
     Read,
     Write,
+    /// A write that is durable when it completes (NVMe Force Unit Access:
+    /// it does not wait in the device's volatile cache for a flush).
+    WriteFua,
     /// Commit the device's volatile cache (no data).
     Flush,
+}
+
+impl Op {
+    /// The command moves data to the device ([`Op::Write`] or
+    /// [`Op::WriteFua`]).
+    pub fn is_write(self) -> bool {
+        matches!(self, Op::Write | Op::WriteFua)
+    }
 }
 
 /// One hardware (or null) submission/completion queue.

@@ -7,7 +7,7 @@
 //!             [--completion poll|irq] [--log LEVEL] [--net user|tap] [--nbd-port P]
 //!             [--nic virtio|igb] [--offload default|none|all|csum+mrg_rxbuf+...] [--mtu N]
 //!             [--inject-eio SECTOR]... [--boot pvh|bios|uefi] [--iso ISO]
-//!             [--machine OPTS] [-- KERNEL-ARGS...]
+//!             [--machine OPTS] [--writable] [-- KERNEL-ARGS...]
 //! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
 //! dioxide build-kernel
 //! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
@@ -241,6 +241,14 @@ struct RunArgs {
     /// `q35,pit=off,hpet=off` or `pc`.
     #[arg(long, default_value = "q35", value_name = "OPTS")]
     machine: String,
+    /// Take writes: every namespace that holds no dxfs filesystem is
+    /// exported writable (`nbd.rw=all`), to the host side of QEMU's
+    /// network only (`nbd.rw_from=10.0.2.2/32` with --net user, the tap's
+    /// host address with --net tap); other clients see it read-only.
+    /// Writes go to the --disk image itself. Kernel arguments after `--`
+    /// override either.
+    #[arg(long)]
+    writable: bool,
     /// More kernel arguments (key=value).
     #[arg(last = true)]
     kernel_args: Vec<String>,
@@ -821,6 +829,7 @@ fn run_guest(a: RunArgs) -> Result<i32, Error> {
     cfg.net_mtu = a.mtu;
     cfg.nic = a.nic;
     let tap = guest_network(net, a.nbd_port, a.mtu, &mut cfg)?;
+    writable_from(&a, tap.as_ref(), &mut cfg.args);
     announce_boot(&cfg, &sizes, accel);
     boot_and_report(&cfg, tap.as_ref(), t0)
 }
@@ -922,8 +931,24 @@ fn guest_kernel_args(a: &RunArgs) -> Vec<String> {
     if let Some(o) = &a.offload {
         args.extend(o.kernel_args());
     }
+    if a.writable {
+        args.push("nbd.rw=all".into());
+        // The host's address under user networking; a tap's replaces it
+        // (`writable_from`).
+        args.push(format!("nbd.rw_from={}/32", qemu::USER_NET_HOST));
+    }
     args.extend(a.kernel_args.iter().cloned());
     args
+}
+
+/// With `--writable --net tap`: writes from the tap's host address (put
+/// before the user's own arguments, which win).
+fn writable_from(a: &RunArgs, tap: Option<&dioxide::tap::Tap>, args: &mut Vec<String>) {
+    if let (true, Some(t)) = (a.writable, tap) {
+        let user = format!("nbd.rw_from={}/32", qemu::USER_NET_HOST);
+        args.retain(|w| *w != user);
+        args.insert(0, format!("nbd.rw_from={}/32", t.host));
+    }
 }
 
 /// User networking with the NBD port forwarded (checked free now: the

@@ -30,7 +30,7 @@ use power::{EXIT_CONFIG, EXIT_DEVICE};
 
 dioxide_boot::entry_point!(kmain);
 
-fn fail(status: u8, what: core::fmt::Arguments) -> ! {
+pub(crate) fn fail(status: u8, what: core::fmt::Arguments) -> ! {
     log::error!(target: "boot", "{what}");
     nvme::power_off(status)
 }
@@ -336,7 +336,7 @@ fn run_bench(
 /// The network (virtio-net with the offloads asked for, a static address
 /// or DHCP) and the NBD service, then the run loop.
 fn serve(
-    args: &Cmdline,
+    args: &Cmdline<'static>,
     functions: &[pci::Function],
     mounts: &[disk::Mounted],
     mode: nvme::Mode,
@@ -380,9 +380,14 @@ fn serve(
 }
 
 /// The NBD service's kernel arguments (`nbd.null=`, `nbd.stall_s=`,
-/// `nbd.storage_cores=`).
+/// `nbd.storage_cores=`, `nbd.rw=`, `nbd.rw_from=`, `nbd.allow=`).
 pub struct ServiceArgs {
     pub null: bool,
+    /// `nbd.rw=`: which exports take writes (`all`, `namespaces`, or
+    /// names separated by commas; `net::nbd::writable`).
+    pub rw: Option<&'static str>,
+    /// `nbd.allow=`, `nbd.rw_from=`: who may connect, who may write.
+    pub access: dioxide_service::Access,
     pub stall_ns: u64,
     /// `nbd.peer_timeout_s`: how long a peer may answer nothing.
     pub peer_timeout_ns: u64,
@@ -390,8 +395,13 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    fn from(args: &Cmdline, mode: nvme::Mode) -> ServiceArgs {
+    fn from(args: &Cmdline<'static>, mode: nvme::Mode) -> ServiceArgs {
         let null = args.get("nbd.null") == Some("1");
+        let access =
+            match dioxide_service::Access::parse(args.get("nbd.allow"), args.get("nbd.rw_from")) {
+                Ok(a) => a,
+                Err(e) => fail(EXIT_CONFIG, format_args!("nbd.allow= or nbd.rw_from=: {e}")),
+            };
         let stall_ns = match args.number("nbd.stall_s") {
             Ok(v) => v.map_or(nbd::STALL_NS, seconds_ns),
             Err(v) => fail(
@@ -421,6 +431,8 @@ impl ServiceArgs {
         };
         ServiceArgs {
             null,
+            rw: args.get("nbd.rw"),
+            access,
             stall_ns,
             peer_timeout_ns,
             storage_cores,

@@ -1,6 +1,8 @@
 //! A sans-IO NBD client: the fixed newstyle handshake (NBD_OPT_STRUCTURED_REPLY
-//! when asked for, then NBD_OPT_GO), then reads, for the service's loopback
-//! self-test and the host benchmark of the whole request path. Like
+//! when asked for, then NBD_OPT_GO), then reads — and writes, flushes,
+//! trims and write-zeroes ([`Client::command`]) — for the service's
+//! loopback self-test, its host tests and the host benchmark of the whole
+//! request path. Like
 //! [`Conn`](crate::Conn) it owns no socket: it is fed what arrived
 //! ([`Client::receive`]) and yields what to send ([`Client::output`]).
 //!
@@ -185,12 +187,52 @@ impl Client {
         if len as usize > self.max_read {
             return Err(ClientError::TooMany);
         }
+        self.request(cmd::READ, 0, offset, len, &[], len)
+    }
+
+    /// Sends any other command (`cmd::WRITE` with `payload` as its data,
+    /// `FLUSH`, `TRIM`, `WRITE_ZEROES`) with command flags `flags`
+    /// (`cflag`); `len` is the request's length field (for a write, the
+    /// payload's length is used). Its reply is a [`Reply`] with no data.
+    /// The output grows for a payload beyond its capacity (reads alone
+    /// never make it grow).
+    pub fn command(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64, ClientError> {
+        if ty == cmd::READ || payload.len() > u32::MAX as usize {
+            return Err(ClientError::TooMany);
+        }
+        let len = if ty == cmd::WRITE {
+            payload.len() as u32
+        } else {
+            len
+        };
+        let h = self.request(ty, flags, offset, len, payload, 0)?;
+        Ok(h)
+    }
+
+    /// Queues request `ty` and its payload; the reply is expected to carry
+    /// `data` bytes.
+    fn request(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        data: u32,
+    ) -> Result<u64, ClientError> {
         let Some(h) = self.slots.iter().position(|s| !s.busy) else {
             return Err(ClientError::TooMany);
         };
         self.slots[h] = Slot {
             busy: true,
-            len,
+            len: data,
             got: 0,
             sum: FNV_START,
         };
@@ -203,11 +245,13 @@ impl Client {
         }
         let mut r = [0u8; 28];
         r[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r[6..8].copy_from_slice(&cmd::READ.to_be_bytes());
+        r[4..6].copy_from_slice(&flags.to_be_bytes());
+        r[6..8].copy_from_slice(&ty.to_be_bytes());
         r[8..16].copy_from_slice(&(h as u64).to_be_bytes());
         r[16..24].copy_from_slice(&offset.to_be_bytes());
         r[24..].copy_from_slice(&len.to_be_bytes());
         self.out.extend_from_slice(&r);
+        self.out.extend_from_slice(payload);
         Ok(h as u64)
     }
 
@@ -261,6 +305,9 @@ impl Client {
             State::Greeting => 18,
             State::Options if b.len() < 20 => 20,
             State::Options => 20 + be32(&b[16..]) as usize,
+            // A simple reply may answer any command but a read.
+            State::Ready if self.structured && b.len() < 4 => 4,
+            State::Ready if self.structured && be32(b) == SIMPLE_REPLY_MAGIC => 16,
             State::Ready if self.structured && b.len() < 20 => 20,
             State::Ready if self.structured => {
                 let ty = be16(&b[6..]);
@@ -311,6 +358,15 @@ impl Client {
                     (opt::GO, rep::ACK) => self.state = State::Ready,
                     (_, t) => return Err(ClientError::Refused(t)),
                 }
+            }
+            State::Ready if self.structured && be32(b) == SIMPLE_REPLY_MAGIC => {
+                let (err, h) = (be32(&b[4..]), be64(&b[8..]) as usize);
+                let slot = self.slot(h)?;
+                if err == 0 && slot.len != 0 {
+                    // Reads are answered in chunks once they are on.
+                    return Err(ClientError::UnexpectedReply);
+                }
+                self.finish(h, err);
             }
             State::Ready if self.structured => {
                 if be32(b) != STRUCTURED_REPLY_MAGIC {

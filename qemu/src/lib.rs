@@ -47,6 +47,10 @@ use std::time::{Duration, Instant};
 /// line: it serves from its first instant, without a DHCP exchange.
 pub const USER_NET_ARGS: [&str; 2] = ["net.ip=10.0.2.15/24", "net.gw=10.0.2.2"];
 
+/// The host's address on QEMU's user network: every client connecting
+/// through a forwarded port comes from it.
+pub const USER_NET_HOST: &str = "10.0.2.2";
+
 /// The guest's NBD port.
 pub const GUEST_NBD_PORT: u16 = 10809;
 

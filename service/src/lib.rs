@@ -82,16 +82,42 @@
 //! When the last connection is gone and nothing is in flight, the pools are
 //! emptied and [`Platform::on_idle`] is told (the kernel logs its heap use
 //! then, which must equal the level at start).
+//!
+//! ## Writes (raw namespaces)
+//!
+//! An export takes writes when the platform made it writable
+//! ([`Table::set_writable`]: raw namespaces that hold no mounted
+//! filesystem) and its client's address is in the write list ([`Access`]);
+//! every other client sees it read-only. A WRITE is admitted like a read
+//! (the same budgets for its buffer, the same device-command budget) and
+//! becomes a request whose buffer the payload is taken into straight from
+//! the socket ([`Conn::take_payload`]: one copy, nothing decoded
+//! meanwhile, and no more input read until the payload is whole); then it
+//! is issued as device writes (with FUA when the client asked for it) and
+//! answered when the last one completed. A payload cut short (the client
+//! left) is never written: its request and buffer are released at once,
+//! since no device ever saw them. FLUSH becomes a device Flush of the
+//! namespace, which commits every write completed before it on any queue,
+//! so a FLUSH on one connection covers every write any connection had
+//! replied to (the exports say CAN_MULTI_CONN). WRITE_ZEROES writes zeroes
+//! from one zeroed buffer of at most one command's size, in rounds of at
+//! most [`ZERO_ROUND`] commands until the range is done (so `NO_HOLE` is
+//! always honoured). TRIM is advisory and answered at once without
+//! touching the device (as `qemu-nbd` does by default, `--discard=ignore`):
+//! the protocol lets the range read as before.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
+pub mod access;
 pub mod loopback;
 pub mod percore;
 #[cfg(test)]
 mod percore_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod write_tests;
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
@@ -106,6 +132,8 @@ use dioxide_nbd::{
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpEndpoint;
+
+pub use access::Access;
 
 pub const PORT: u16 = 10809;
 pub const CONNS: usize = 16;
@@ -216,6 +244,9 @@ pub const fn heap_bound(lbs: usize) -> usize {
 pub trait DmaBuffer {
     fn len(&self) -> usize;
     fn as_slice(&self) -> &[u8];
+    /// The CPU's view, to fill a write's buffer (never while the device
+    /// may read or write it).
+    fn as_mut_slice(&mut self) -> &mut [u8];
     /// The device's view of `[off, off + len)` (within the buffer).
     fn part(&mut self, off: usize, len: usize) -> IoBuf;
 }
@@ -226,6 +257,9 @@ impl DmaBuffer for dioxide_iomap::DmaBuf {
     }
     fn as_slice(&self) -> &[u8] {
         dioxide_iomap::DmaBuf::as_slice(self)
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        dioxide_iomap::DmaBuf::as_mut_slice(self)
     }
     fn part(&mut self, off: usize, len: usize) -> IoBuf {
         dioxide_iomap::DmaBuf::part(self, off, len)
@@ -455,6 +489,38 @@ impl Table {
         });
     }
 
+    /// Lets export `name` take writes (from clients the [`Access`] lists
+    /// allow). Only raw namespaces take writes; the platform makes one
+    /// writable only when no mounted filesystem lives on it.
+    pub fn set_writable(&mut self, name: &str) -> Result<(), NotWritable> {
+        let id = *self.by_name.get(name).ok_or(NotWritable::NoSuchExport)?;
+        let e = &mut self.exports[id as usize];
+        match e.target {
+            Target::Raw => {
+                e.info.writable = true;
+                Ok(())
+            }
+            Target::File(_) => Err(NotWritable::File),
+            Target::Null => Err(NotWritable::Null),
+        }
+    }
+
+    /// The exports that take writes.
+    pub fn writable(&self) -> impl Iterator<Item = &str> + '_ {
+        self.exports
+            .iter()
+            .filter(|e| e.info.writable)
+            .map(|e| e.name.as_str())
+    }
+
+    /// The raw exports: name and namespace of each.
+    pub fn raws(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
+        self.exports
+            .iter()
+            .filter(|e| matches!(e.target, Target::Raw))
+            .map(|e| (e.name.as_str(), e.disk))
+    }
+
     pub fn len(&self) -> usize {
         self.exports.len()
     }
@@ -482,6 +548,29 @@ impl Exports for Table {
         self.exports.get(index).map(|e| e.name.as_str())
     }
 }
+
+/// Why [`Table::set_writable`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotWritable {
+    NoSuchExport,
+    /// dxfs files take no writes yet (issue 22's next step,
+    /// `docs/plans/writes.md`).
+    File,
+    /// The `null` export has nothing to write to.
+    Null,
+}
+
+impl core::fmt::Display for NotWritable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            NotWritable::NoSuchExport => "no such export",
+            NotWritable::File => "file exports take no writes yet",
+            NotWritable::Null => "the null export takes no writes",
+        })
+    }
+}
+
+impl core::error::Error for NotWritable {}
 
 /// What a namespace's queue gives the service's reads.
 #[derive(Clone, Copy, Debug)]
@@ -579,8 +668,61 @@ impl core::error::Error for Failure {
     }
 }
 
-/// A read in flight: owns its buffer until the device is done with it.
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    /// Its payload is taken into the buffer first ([`Fill`]); `fua`: each
+    /// device write with FUA.
+    Write {
+        fua: bool,
+    },
+    /// A device Flush of the namespace.
+    Flush,
+    /// Zeroes written from the zeroed buffer, in rounds of at most
+    /// [`ZERO_ROUND`] commands; `issued`: bytes handed to the device so far.
+    Zero {
+        fua: bool,
+        issued: u32,
+    },
+}
+
+impl Kind {
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write { .. } => "write",
+            Kind::Flush => "flush",
+            Kind::Zero { .. } => "write-zeroes",
+        }
+    }
+}
+
+/// Device commands of one round of a WRITE_ZEROES: its zeroed buffer is
+/// written this many times at once, then again until the range is done.
+pub const ZERO_ROUND: usize = 8;
+
+/// A write whose payload is arriving: into request `id`'s buffer (`got`
+/// bytes so far), or, when the write was refused after its admission (no
+/// buffer could be had), discarded and answered `err`. `since`: when the
+/// payload last moved; one that stalls for the stall time ends the
+/// connection (a client must not hold a write's buffer by sending half of
+/// it).
+#[derive(Clone, Copy, Debug)]
+struct Fill {
+    to: FillTo,
+    since: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum FillTo {
+    Req { id: ReqId, got: u32 },
+    Discard { handle: u64, err: Errno },
+}
+
+/// A request in flight: owns its buffer until the device is done with it.
 struct Req<B> {
+    kind: Kind,
     sock: u16,
     gen: u32,
     handle: u64,
@@ -597,12 +739,20 @@ struct Req<B> {
     need: usize,
     /// The first failure of a part.
     failure: Option<Failure>,
-    buf: B,
+    /// Flushes have none.
+    buf: Option<B>,
 }
 
 impl<B> Req<B> {
     fn fail(&mut self, f: Failure) {
         self.failure.get_or_insert(f);
+    }
+}
+
+impl<B: DmaBuffer> Req<B> {
+    /// Buffer bytes it holds (its share of the budgets).
+    fn held(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
     }
 }
 
@@ -678,27 +828,6 @@ struct Sock {
     flow: Flow,
 }
 
-/// Ends a connection whose next request writes (WRITE, FLUSH, TRIM,
-/// WRITE_ZEROES): the service has no write path yet, and its exports never
-/// say they take writes ([`ExportInfo::writable`] is false), so the
-/// connection refuses such requests itself with `EPERM` and this is not
-/// reached; were it, the connection ends (its write's payload would
-/// otherwise hold its input for ever) with the request answered `EPERM`.
-fn refuse_update(conn: &mut Conn, exports: &dyn dioxide_nbd::Exports) {
-    let handle = match conn.next_event() {
-        Some(
-            Event::Write { handle, .. }
-            | Event::Flush { handle, .. }
-            | Event::Trim { handle, .. }
-            | Event::WriteZeroes { handle, .. },
-        ) => handle,
-        _ => return,
-    };
-    log::error!(target: "nbd", "a write-side request reached a service without a write path: connection ended");
-    conn.end(dioxide_nbd::CloseReason::Unserved);
-    conn.reply(exports, handle, Err(Errno::Perm));
-}
-
 /// A connection's peer for the logs: its endpoint, or `?` once its socket
 /// was reset.
 struct Peer(Option<IpEndpoint>);
@@ -726,8 +855,9 @@ struct Flow {
     sent: usize,
 }
 
-/// A decoded read about to start ([`Server::start_read`]).
+/// A decoded request about to start ([`Server::start_request`]).
 struct NewRead {
+    kind: Kind,
     sock: usize,
     gen: u32,
     handle: u64,
@@ -772,6 +902,10 @@ pub struct Server<P: Platform> {
     held_total: usize,
     /// Per namespace: device commands reserved and available.
     budgets: Vec<Budget>,
+    /// Per socket: the write whose payload is arriving.
+    fills: Vec<Option<Fill>>,
+    /// Who may connect and who may write.
+    access: Access,
     /// Heap held by all connections ([`Conn::memory`]) and output waiting
     /// on them, updated each poll.
     conn_memory: usize,
@@ -851,6 +985,8 @@ impl<P: Platform> Server<P> {
             held: alloc::vec![0; CONNS],
             held_total: 0,
             budgets,
+            fills: alloc::vec![None; CONNS],
+            access: Access::default(),
             conn_memory: 0,
             output_total: 0,
             busy: false,
@@ -874,6 +1010,13 @@ impl<P: Platform> Server<P> {
             sock.set_keep_alive(Some(keep_alive));
             sock.set_timeout(Some(timeout));
         }
+    }
+
+    /// Sets who may connect and who may write (by default anyone
+    /// connects and nobody writes); connections already accepted keep
+    /// what they were told.
+    pub fn set_access(&mut self, access: Access) {
+        self.access = access;
     }
 
     pub fn platform(&self) -> &P {
@@ -1026,7 +1169,8 @@ impl<P: Platform> Server<P> {
     }
 
     /// Replies to request `id` and frees it; or, when its reply must wait
-    /// for room in the socket, changes nothing and returns false.
+    /// for room in the socket, changes nothing and returns false. A
+    /// write-zeroes whose range is not done yet is issued again instead.
     ///
     /// A read's reply goes from its DMA buffer straight into the socket
     /// (the one copy) when its connection has nothing queued before it and
@@ -1037,15 +1181,92 @@ impl<P: Platform> Server<P> {
     /// hold back decoding): flow control without a copy or an allocation.
     /// Only a reply larger than the whole socket buffer, a failed read, or
     /// a connection that is closing goes through the connection's output
-    /// queue.
+    /// queue. Other requests' replies (16 bytes) go through the output.
     fn reply(&mut self, id: ReqId, sockets: &mut SocketSet<'_>) -> bool {
         let Some(req) = self.reqs.get(id) else {
             return true;
         };
+        let (kind, len, failed, sock) = (req.kind, req.len, req.failure.is_some(), req.sock);
+        // A write-zeroes goes on while its client is there to be answered.
+        let s = &self.sockets[sock as usize];
+        let current = s.gen == req.gen && matches!(s.slot, Slot::Serving(_));
+        match kind {
+            Kind::Read if !self.send_read(id, sockets) => return false,
+            Kind::Zero { issued, .. } if issued < len && !failed && current => {
+                let sock = sock as usize;
+                submit(
+                    &self.p,
+                    self.table,
+                    &self.budgets,
+                    &mut self.reqs,
+                    &mut self.ready,
+                    id,
+                    sock,
+                );
+                return true;
+            }
+            _ => {}
+        }
+        let Some(req) = self.reqs.remove(id) else {
+            return true;
+        };
+        self.served += 1;
+        let current = self.sockets[req.sock as usize].gen == req.gen;
+        self.release(&req, current);
         let s = &mut self.sockets[req.sock as usize];
-        if let (true, Slot::Serving(conn), None) = (s.gen == req.gen, &mut s.slot, req.failure) {
+        if let (true, Slot::Serving(conn)) = (s.gen == req.gen, &mut s.slot) {
+            match req.failure {
+                Some(f) => {
+                    // The one report of this failure (the layers below
+                    // leave it to the owner): the request and its cause.
+                    let name = self
+                        .table
+                        .exports
+                        .get(req.export as usize)
+                        .map_or("?", |e| e.name.as_str());
+                    let what = req.kind.what();
+                    log::error!(
+                        target: "nbd",
+                        "{what} of {name} at {} ({} bytes, handle {:#x}) failed: {f}",
+                        req.offset, req.len, req.handle
+                    );
+                    if req.kind == Kind::Read {
+                        let mut msg = MsgBuf::new();
+                        let _ = core::fmt::write(
+                            &mut msg,
+                            format_args!(
+                                "read of {name} at {} ({} bytes) failed: {f}",
+                                req.offset, req.len
+                            ),
+                        );
+                        conn.reply_read_error(self.table, req.handle, f.errno(), msg.as_str());
+                    } else {
+                        conn.reply(self.table, req.handle, Err(f.errno()));
+                    }
+                }
+                None if req.kind == Kind::Read => {}
+                None => conn.reply(self.table, req.handle, Ok(())),
+            }
+        }
+        if let Some(buf) = req.buf {
+            self.recycle(buf);
+        }
+        true
+    }
+
+    /// Sends finished read `id`'s data when it succeeded and its
+    /// connection is still there (see [`Server::reply`]); false when the
+    /// reply must wait for room.
+    fn send_read(&mut self, id: ReqId, sockets: &mut SocketSet<'_>) -> bool {
+        let Some(req) = self.reqs.get(id) else {
+            return true;
+        };
+        let s = &mut self.sockets[req.sock as usize];
+        if let (true, Slot::Serving(conn), None, Some(buf)) =
+            (s.gen == req.gen, &mut s.slot, req.failure, &req.buf)
+        {
             let (a, n) = (req.skew as usize, req.len as usize);
-            let data = &req.buf.as_slice()[a..a + n];
+            let data = &buf.as_slice()[a..a + n];
             let sock = sockets.get_mut::<tcp::Socket>(s.handle);
             let fits_socket = n + READ_REPLY_HEADER_MAX <= sock.send_capacity();
             if conn.in_transmission() && fits_socket {
@@ -1062,11 +1283,13 @@ impl<P: Platform> Server<P> {
                 conn.reply_read(self.table, req.handle, req.offset, Ok(data));
             }
         }
-        let Some(req) = self.reqs.remove(id) else {
-            return true;
-        };
-        self.served += 1;
-        self.held_total -= req.buf.len();
+        true
+    }
+
+    /// Gives back what request `req` (just removed) held of the budgets;
+    /// `current`: its connection is the one on its socket now.
+    fn release(&mut self, req: &Req<P::Buf>, current: bool) {
+        self.held_total -= req.held();
         if let Some(b) = self
             .table
             .exports
@@ -1075,35 +1298,9 @@ impl<P: Platform> Server<P> {
         {
             b.cmds -= req.cmds as usize;
         }
-        let s = &mut self.sockets[req.sock as usize];
-        if s.gen == req.gen {
-            self.held[req.sock as usize] -= req.buf.len();
+        if current {
+            self.held[req.sock as usize] -= req.held();
         }
-        if let (true, Slot::Serving(conn), Some(f)) = (s.gen == req.gen, &mut s.slot, req.failure) {
-            // The one report of this failure (the layers below leave it to
-            // the owner): the request and its cause.
-            let name = self
-                .table
-                .exports
-                .get(req.export as usize)
-                .map_or("?", |e| e.name.as_str());
-            log::error!(
-                target: "nbd",
-                "read of {name} at {} ({} bytes, handle {:#x}) failed: {f}",
-                req.offset, req.len, req.handle
-            );
-            let mut msg = MsgBuf::new();
-            let _ = core::fmt::write(
-                &mut msg,
-                format_args!(
-                    "read of {name} at {} ({} bytes) failed: {f}",
-                    req.offset, req.len
-                ),
-            );
-            conn.reply_read_error(self.table, req.handle, f.errno(), msg.as_str());
-        }
-        self.recycle(req.buf);
-        true
     }
 
     /// One socket's turn of the run loop, in named steps: accept or recycle
@@ -1121,26 +1318,30 @@ impl<P: Platform> Server<P> {
         // (its own figures change below; the others' do not). A connection
         // accepted just now was not in them: hence the saturation.
         let (m0, o0) = (conn.memory(), conn.output_pending());
-        self.take_input(sock, conn);
-        if peer_done(sock) && !sock.can_recv() && !conn.is_closed() {
+        let payload_stalled = !self.take_input(sock, conn, i);
+        if payload_stalled || (peer_done(sock) && !sock.can_recv() && !conn.is_closed()) {
             // A client that closes without NBD_CMD_DISC (or before the
             // replies to its requests) made a hard disconnect: drop the
             // connection now rather than push replies nobody reads. Reads
             // in flight keep their buffers until the device is done; their
             // completions are then dropped (the slot is no longer serving).
+            // A write whose payload stopped coming ends the same way.
             conn.peer_closed();
-            log::debug!(target: "nbd", "hard disconnect with {} reads in flight", conn.in_flight());
+            log::debug!(target: "nbd", "hard disconnect with {} requests in flight{}", conn.in_flight(),
+                if payload_stalled { " (a write's payload stalled)" } else { "" });
             sock.abort();
             s.slot = Slot::Closing;
             s.flow.progress = self.p.now_ns();
+            self.end_fill(i);
             self.touched = true;
             return;
         }
         let t1 = self.p.rdtsc();
-        let direct = self.start_reads(sock, conn, i, s.gen, (m0, o0));
+        let direct = self.start_requests(sock, conn, i, s.gen, (m0, o0));
         let t2 = self.p.rdtsc();
         if self.send_output(sock, conn, &mut s.flow, direct) {
             s.slot = Slot::Closing;
+            self.end_fill(i);
         }
         let t3 = self.p.rdtsc();
         self.prof.decode += t1 - t0;
@@ -1159,14 +1360,27 @@ impl<P: Platform> Server<P> {
                 // handshake that never completes is bounded by the peer
                 // timeout (smoltcp aborts it), then listens again below.
                 if sock.is_active() && sock.state() != tcp::State::SynReceived {
-                    log::debug!(target: "nbd", "connection from {:?}", sock.remote_endpoint());
+                    let peer = sock.remote_endpoint();
+                    if !peer.is_some_and(|e| self.access.may_connect(e.addr)) {
+                        // Not in the connect list: reset before the
+                        // greeting, nothing given to it.
+                        log::info!(target: "nbd", "connection from {} refused: not in nbd.allow", Peer(peer));
+                        sock.abort();
+                        self.touched = true;
+                        return;
+                    }
+                    let writer = peer.is_some_and(|e| self.access.may_write(e.addr));
+                    log::debug!(target: "nbd", "connection from {}{}", Peer(peer), if writer { " (may write)" } else { "" });
                     s.gen = s.gen.wrapping_add(1);
                     s.flow = Flow {
                         progress: self.p.now_ns(),
                         ..Flow::default()
                     };
                     self.held[i] = 0;
-                    s.slot = Slot::Serving(Conn::new(PER_CONN));
+                    self.fills[i] = None;
+                    let mut conn = Conn::new(PER_CONN);
+                    conn.allow_writes(writer);
+                    s.slot = Slot::Serving(conn);
                     self.connections += 1;
                     // Negotiation is a series of small round trips: a client
                     // that writes an option in pieces waits for our ACK of
@@ -1204,13 +1418,22 @@ impl<P: Platform> Server<P> {
 
     /// Input only as the connection has room for it, and none while all
     /// connections together hold the global budget: what is not taken
-    /// stays in the socket and TCP flow control holds the client. Once in
-    /// transmission, ACKs are delayed again and idle ACKs stop.
-    fn take_input(&mut self, sock: &mut tcp::Socket, conn: &mut Conn) {
+    /// stays in the socket and TCP flow control holds the client. A
+    /// write's payload goes first, into its own buffer (its memory was
+    /// admitted with it), and nothing else is read until it is whole. Once
+    /// in transmission, ACKs are delayed again and idle ACKs stop. Returns
+    /// false when a payload stopped coming for the stall time (the caller
+    /// drops the connection).
+    fn take_input(&mut self, sock: &mut tcp::Socket, conn: &mut Conn, i: usize) -> bool {
+        self.fill_payload(sock, conn, i);
+        if let Some(f) = self.fills[i] {
+            return self.p.now_ns().saturating_sub(f.since) <= self.stall_ns;
+        }
         let global_full = self.held_total + self.conn_memory >= HELD_TOTAL;
         loop {
             let room = if global_full { 0 } else { conn.input_room() };
-            if room == 0 || !sock.can_recv() {
+            // A write's payload waits for its buffer (`fill_payload`).
+            if room == 0 || !sock.can_recv() || conn.payload_pending() > 0 {
                 break;
             }
             let table = self.table;
@@ -1226,14 +1449,103 @@ impl<P: Platform> Server<P> {
             sock.set_ack_delay(Some(ACK_DELAY));
             sock.set_idle_ack(None);
         }
+        true
     }
 
-    /// Starts the decoded reads of socket `i` (connection `gen`) while they
-    /// fit the budgets and the device queue; null reads are answered at
-    /// once. `at_start`: the connection's memory and output at the poll's
-    /// start. Returns the bytes of null replies written straight into the
-    /// socket.
-    fn start_reads(
+    /// Moves the arriving write's payload of socket `i` into its buffer:
+    /// what the connection holds of it, then what the socket has. A whole
+    /// payload's write is submitted (a discarded one answered) and the
+    /// requests after it decoded ([`Conn::resume`]).
+    fn fill_payload(&mut self, sock: &mut tcp::Socket, conn: &mut Conn, i: usize) {
+        let Some(mut fill) = self.fills[i] else {
+            return;
+        };
+        let mut scratch = [0u8; 2048];
+        let done = loop {
+            let dst: &mut [u8] = match fill.to {
+                FillTo::Req { id, got } => {
+                    match self.reqs.get_mut(id).and_then(|r| {
+                        let len = r.len as usize;
+                        r.buf
+                            .as_mut()
+                            .map(|b| &mut b.as_mut_slice()[got as usize..len])
+                    }) {
+                        Some(d) => d,
+                        // Cannot happen (the request is removed only with
+                        // its fill); were it to, the payload is dropped.
+                        None => &mut scratch,
+                    }
+                }
+                FillTo::Discard { .. } => &mut scratch,
+            };
+            // Bytes that arrived with the request first, then the socket's.
+            let mut step = conn.take_payload(&[], dst);
+            if step.written == 0 && sock.can_recv() {
+                step = match sock.recv(|b| {
+                    let p = conn.take_payload(b, dst);
+                    (p.from_data, p)
+                }) {
+                    Ok(p) => p,
+                    Err(_) => break false,
+                };
+            }
+            if step.written == 0 {
+                break false;
+            }
+            self.touched = true;
+            fill.since = self.p.now_ns();
+            if let FillTo::Req { got, .. } = &mut fill.to {
+                *got += step.written as u32;
+            }
+            if step.done {
+                break true;
+            }
+        };
+        if !done {
+            self.fills[i] = Some(fill);
+            return;
+        }
+        self.fills[i] = None;
+        match fill.to {
+            FillTo::Req { id, .. } => submit(
+                &self.p,
+                self.table,
+                &self.budgets,
+                &mut self.reqs,
+                &mut self.ready,
+                id,
+                i,
+            ),
+            FillTo::Discard { handle, err } => conn.reply(self.table, handle, Err(err)),
+        }
+        conn.resume(self.table);
+    }
+
+    /// Socket `i`'s connection ended: the write whose payload was arriving
+    /// is never issued; its request and buffer (no device saw them) are
+    /// released now.
+    fn end_fill(&mut self, i: usize) {
+        let Some(Fill {
+            to: FillTo::Req { id, .. },
+            ..
+        }) = self.fills[i].take()
+        else {
+            return;
+        };
+        if let Some(req) = self.reqs.remove(id) {
+            self.release(&req, true);
+            if let Some(buf) = req.buf {
+                self.recycle(buf);
+            }
+        }
+    }
+
+    /// Starts the decoded requests of socket `i` (connection `gen`) while
+    /// they fit the budgets and the device queue; null reads and trims are
+    /// answered at once, a write starts taking its payload. `at_start`:
+    /// the connection's memory and output at the poll's start. Returns the
+    /// bytes of null replies written straight into the socket.
+    fn start_requests(
         &mut self,
         sock: &mut tcp::Socket,
         conn: &mut Conn,
@@ -1243,36 +1555,20 @@ impl<P: Platform> Server<P> {
     ) -> usize {
         let (m0, o0) = at_start;
         let mut direct = 0;
-        if conn
-            .peek_event()
-            .is_some_and(|e| !matches!(e, Event::Read { .. }))
-        {
-            refuse_update(conn, self.table);
-            return 0;
-        }
-        while let Some(&Event::Read {
-            len,
-            export: peek_export,
-            ..
-        }) = conn.peek_event()
-        {
-            // Budgets count the heap really held (capacities, not bytes
-            // waiting); a read always goes when nothing is in flight and
-            // no output waits.
-            let (mem, pending) = (conn.memory(), conn.output_pending());
-            let mine_idle = self.held[i] == 0 && pending == 0;
-            let all_idle =
-                self.held_total == 0 && self.output_total.saturating_sub(o0) + pending == 0;
-            let mine = mem + self.held[i];
-            let all = self.held_total + self.conn_memory.saturating_sub(m0) + mem;
-            let fits = |idle: bool, held: usize, limit: usize| idle || held + len as usize <= limit;
-            if !fits(mine_idle, mine, HELD_CONN)
-                || !fits(all_idle, all, HELD_TOTAL)
-                || self.reqs.is_full()
-            {
+        while let Some(&ev) = conn.peek_event() {
+            if self.fills[i].is_some() {
+                // Nothing after a write is decoded before its payload.
                 break;
             }
-            let peeked = self.table.exports.get(peek_export as usize);
+            let (export, span) = match ev {
+                Event::Read { export, len, .. }
+                | Event::Write { export, len, .. }
+                | Event::Trim { export, len, .. }
+                | Event::WriteZeroes { export, len, .. } => (export, len),
+                Event::Flush { export, .. } => (export, 0),
+            };
+            let peeked = self.table.exports.get(export as usize);
+            let (disk, lbs) = peeked.map_or((0, 512), |e| (e.disk, e.lbs));
             let null = matches!(
                 peeked,
                 Some(Export {
@@ -1280,36 +1576,96 @@ impl<P: Platform> Server<P> {
                     ..
                 })
             );
-            let (disk, lbs) = peeked.map_or((0, 512), |e| (e.disk, e.lbs));
-            let Some(need) = self.commands_free(disk, lbs, len, null) else {
+            let max_t = self.budgets.get(disk).map_or(0, |b| b.max_transfer);
+            // Buffer bytes the request will hold.
+            let hold = match ev {
+                Event::Read { len, .. } | Event::Write { len, .. } => len as usize,
+                Event::WriteZeroes { len, .. } => zero_chunk(len, max_t),
+                Event::Flush { .. } | Event::Trim { .. } => 0,
+            };
+            // Budgets count the heap really held (capacities, not bytes
+            // waiting); a request always goes when nothing is in flight
+            // and no output waits.
+            let (mem, pending) = (conn.memory(), conn.output_pending());
+            let mine_idle = self.held[i] == 0 && pending == 0;
+            let all_idle =
+                self.held_total == 0 && self.output_total.saturating_sub(o0) + pending == 0;
+            let mine = mem + self.held[i];
+            let all = self.held_total + self.conn_memory.saturating_sub(m0) + mem;
+            let fits = |idle: bool, held: usize, limit: usize| idle || held + hold <= limit;
+            if !fits(mine_idle, mine, HELD_CONN)
+                || !fits(all_idle, all, HELD_TOTAL)
+                || self.reqs.is_full()
+            {
+                break;
+            }
+            let cmd_span = match ev {
+                Event::WriteZeroes { len, .. } => {
+                    (len as usize).min(ZERO_ROUND * zero_chunk(len, max_t)) as u32
+                }
+                Event::Trim { .. } => 0,
+                _ => span,
+            };
+            let trim = matches!(ev, Event::Trim { .. });
+            let Some(need) = self.commands_free(disk, lbs, cmd_span, null || trim) else {
                 break;
             };
             // A null read is answered at once, straight into the socket: it
             // waits (in the connection, undecoded reads behind it) until
             // the socket has room and nothing is queued before it.
-            let null_direct = null && conn.in_transmission() && len as usize <= NULL_MAX;
+            let null_direct = null && conn.in_transmission() && span as usize <= NULL_MAX;
             if null_direct
                 && (conn.output_pending() > 0
-                    || !has_room(sock, len as usize + READ_REPLY_HEADER_MAX))
+                    || !has_room(sock, span as usize + READ_REPLY_HEADER_MAX))
             {
                 break;
             }
-            let Some(Event::Read {
-                handle,
-                export,
-                offset,
-                len,
-            }) = conn.next_event()
-            else {
+            let Some(ev) = conn.next_event() else {
                 break;
             };
             self.peak_in_flight = self.peak_in_flight.max(conn.in_flight());
-            log::trace!(target: "nbd", "read export {export} at {offset} len {len}");
-            if null {
-                direct += self.answer_null(sock, conn, handle, offset, len as usize, null_direct);
-                continue;
-            }
+            log::trace!(target: "nbd", "{ev:?}");
+            let (kind, handle, offset, len) = match ev {
+                Event::Read {
+                    handle,
+                    offset,
+                    len,
+                    ..
+                } if null => {
+                    direct +=
+                        self.answer_null(sock, conn, handle, offset, len as usize, null_direct);
+                    continue;
+                }
+                Event::Trim { handle, .. } => {
+                    // Advisory: the range may read as before (module docs).
+                    conn.reply(self.table, handle, Ok(()));
+                    self.served += 1;
+                    continue;
+                }
+                Event::Read {
+                    handle,
+                    offset,
+                    len,
+                    ..
+                } => (Kind::Read, handle, offset, len),
+                Event::Write {
+                    handle,
+                    offset,
+                    len,
+                    fua,
+                    ..
+                } => (Kind::Write { fua }, handle, offset, len),
+                Event::Flush { handle, .. } => (Kind::Flush, handle, 0, 0),
+                Event::WriteZeroes {
+                    handle,
+                    offset,
+                    len,
+                    fua,
+                    ..
+                } => (Kind::Zero { fua, issued: 0 }, handle, offset, len),
+            };
             let read = NewRead {
+                kind,
                 sock: i,
                 gen,
                 handle,
@@ -1319,8 +1675,21 @@ impl<P: Platform> Server<P> {
                 disk,
                 need,
             };
-            if let Err(e) = self.start_read(read) {
-                conn.reply_read(self.table, handle, offset, Err(e));
+            match (self.start_request(read, hold), kind) {
+                (Ok(()), _) => {}
+                (Err(err), Kind::Read) => conn.reply_read(self.table, handle, offset, Err(err)),
+                (Err(err), Kind::Write { .. }) => {
+                    // Its payload follows all the same: discarded, then
+                    // the error.
+                    self.fills[i] = Some(Fill {
+                        to: FillTo::Discard { handle, err },
+                        since: self.p.now_ns(),
+                    });
+                }
+                (Err(err), _) => conn.reply(self.table, handle, Err(err)),
+            }
+            if matches!(kind, Kind::Write { .. }) {
+                self.fill_payload(sock, conn, i);
             }
         }
         direct
@@ -1377,21 +1746,38 @@ impl<P: Platform> Server<P> {
         wrote
     }
 
-    /// Takes a buffer for `read`, records the request (which owns the
-    /// buffer from here until its reply or, its connection gone, until its
-    /// last completion), reserves its device commands and submits it.
-    fn start_read(&mut self, read: NewRead) -> Result<(), Errno> {
-        let (buf, skew) = start(
-            &self.p,
-            self.table,
-            &mut self.small,
-            &mut self.large,
-            read.export,
-            read.offset,
-            read.len,
-        )?;
-        let held = buf.len();
+    /// Takes a buffer for `read` (`hold` bytes; a flush none), records
+    /// the request (which owns the buffer from here until its reply or,
+    /// its connection gone, until its last completion), reserves its
+    /// device commands and submits it — or, for a write, starts taking its
+    /// payload (submitted once whole, [`Server::fill_payload`]).
+    fn start_request(&mut self, read: NewRead, hold: usize) -> Result<(), Errno> {
+        let (buf, skew) = match read.kind {
+            Kind::Read => {
+                let (buf, skew) = start(
+                    &self.p,
+                    self.table,
+                    &mut self.small,
+                    &mut self.large,
+                    read.export,
+                    read.offset,
+                    read.len,
+                )?;
+                (Some(buf), skew)
+            }
+            Kind::Flush => (None, 0),
+            Kind::Write { .. } | Kind::Zero { .. } => {
+                let mut buf = take_buf(&self.p, &mut self.small, &mut self.large, hold)
+                    .ok_or(Errno::NoMem)?;
+                if let Kind::Zero { .. } = read.kind {
+                    // Pool buffers hold an earlier request's bytes.
+                    buf.as_mut_slice()[..hold].fill(0);
+                }
+                (Some(buf), 0)
+            }
+        };
         let req = Req {
+            kind: read.kind,
             sock: read.sock as u16,
             gen: read.gen,
             handle: read.handle,
@@ -1405,15 +1791,23 @@ impl<P: Platform> Server<P> {
             failure: None,
             buf,
         };
+        let held = req.held();
         let Ok(id) = self.reqs.insert(req) else {
             // Checked not full by the caller.
-            log::error!(target: "nbd", "request table full after the check: a read is not answered");
-            return Ok(());
+            log::error!(target: "nbd", "request table full after the check");
+            return Err(Errno::NoMem);
         };
         self.held[read.sock] += held;
         self.held_total += held;
         if let Some(b) = self.budgets.get_mut(read.disk) {
             b.cmds += read.need;
+        }
+        if let Kind::Write { .. } = read.kind {
+            self.fills[read.sock] = Some(Fill {
+                to: FillTo::Req { id, got: 0 },
+                since: self.p.now_ns(),
+            });
+            return Ok(());
         }
         submit(
             &self.p,
@@ -1534,15 +1928,32 @@ fn start<P: Platform>(
         return Err(Errno::Inval);
     };
     let (a0, a1) = range(e.lbs, offset, len);
-    let n = (a1 - a0) as usize;
-    let buf = if n <= SMALL {
+    let buf = take_buf(p, small, large, (a1 - a0) as usize).ok_or(Errno::NoMem)?;
+    Ok((buf, (offset - a0) as u32))
+}
+
+/// A buffer of at least `n` bytes: from a pool when it fits one, else
+/// exactly `n` (fallibly).
+fn take_buf<P: Platform>(
+    p: &P,
+    small: &mut Vec<P::Buf>,
+    large: &mut Vec<P::Buf>,
+    n: usize,
+) -> Option<P::Buf> {
+    if n <= SMALL {
         small.pop().or_else(|| p.alloc_buf(SMALL))
     } else if n <= LARGE {
         large.pop().or_else(|| p.alloc_buf(LARGE))
     } else {
         p.alloc_buf(n)
-    };
-    Ok((buf.ok_or(Errno::NoMem)?, (offset - a0) as u32))
+    }
+}
+
+/// The zeroed buffer of a WRITE_ZEROES of `len` bytes on a queue whose
+/// largest transfer is `max_transfer`: one command's worth, at most a
+/// large pool buffer.
+fn zero_chunk(len: u32, max_transfer: usize) -> usize {
+    (len as usize).min(LARGE.min(max_transfer))
 }
 
 /// The range `[a0, a1)` of whole blocks of `lbs` bytes covering `len` bytes
@@ -1553,27 +1964,33 @@ fn range(lbs: u64, offset: u64, len: u32) -> (u64, u64) {
     (a0, a1)
 }
 
-/// One read handed to the device, as [`issue`] needs it: on this core, or
-/// on a storage core, which gets it over its lane.
+/// One request handed to the device, as [`issue`] needs it: on this
+/// core, or on a storage core, which gets it over its lane.
 #[derive(Clone, Copy, Debug)]
 pub struct Job {
     pub id: ReqId,
     export: u32,
-    /// The block-aligned byte range `[a0, a0 + buf.len())` to read into
-    /// `buf`, which the request owns until its last reference is dropped.
+    op: Op,
+    /// The block-aligned byte range `[a0, a0 + len)` to read into `buf` or
+    /// write from it, which the request owns until its last reference is
+    /// dropped. A `buf` shorter than `len` (write-zeroes' zeroed buffer)
+    /// is the source of every command. A flush has neither.
     a0: u64,
+    len: usize,
     buf: IoBuf,
     /// Largest transfer of one command (whole blocks; raw exports).
     max: usize,
 }
 
-/// The error of a read whose namespace has no queue on this core.
+/// The error of a request whose namespace has no queue on this core.
 const NO_QUEUE: DioError = DioError::Unsupported("no NVMe queue for this namespace");
 
 /// Prepares request `id` (its references: its parts plus one for the
 /// submission) and issues it on the core serving socket `sock`: here when
 /// that is this core, else over that core's lane. Failures are recorded on
-/// the request, which is queued for its reply like any completion.
+/// the request, which is queued for its reply like any completion. A
+/// write-zeroes is issued a round at a time ([`ZERO_ROUND`] commands from
+/// its zeroed buffer); [`Server::reply`] issues the next round.
 fn submit<P: Platform>(
     p: &P,
     table: &'static Table,
@@ -1593,9 +2010,34 @@ fn submit<P: Platform>(
         put(reqs, ready, id, 1);
         return;
     };
-    let (a0, a1) = range(e.lbs, offset, len);
-    let n = (a1 - a0) as usize;
     let max = budgets.get(e.disk).map_or(0, |b| b.max_transfer);
+    let raw = matches!(e.target, Target::Raw);
+    if raw && max == 0 {
+        req.fail(Failure::NoEngine);
+        req.parts = 1;
+        put(reqs, ready, id, 1);
+        return;
+    }
+    let buf_len = req.held();
+    // The operation, its range and the largest command.
+    let (op, a0, n, max) = match req.kind {
+        Kind::Read => {
+            let (a0, a1) = range(e.lbs, offset, len);
+            (Op::Read, a0, (a1 - a0) as usize, max)
+        }
+        Kind::Write { fua } => (write_op(fua), offset, len as usize, max),
+        Kind::Flush => (Op::Flush, 0, 0, max),
+        Kind::Zero { fua, issued } => {
+            // The buffer (a pool's) may be longer than one command.
+            let chunk = zero_chunk(len, max);
+            let round = ((len - issued) as usize).min(ZERO_ROUND * chunk);
+            req.kind = Kind::Zero {
+                fua,
+                issued: issued + round as u32,
+            };
+            (write_op(fua), offset + issued as u64, round, chunk)
+        }
+    };
     req.parts = match &e.target {
         // Answered without a request (see `poll_socket`).
         Target::Null => 1,
@@ -1604,17 +2046,20 @@ fn submit<P: Platform>(
             req.need = (offset + len as u64 - a0) as usize;
             2
         }
-        Target::Raw if max == 0 => {
-            req.fail(Failure::NoEngine);
-            1
-        }
+        Target::Raw if op == Op::Flush => 2,
         Target::Raw => n.div_ceil(max) as u32 + 1,
+    };
+    let buf = match req.buf.as_mut() {
+        Some(b) => b.part(0, n.min(buf_len)),
+        None => IoBuf::empty(),
     };
     let job = Job {
         id,
         export,
+        op,
         a0,
-        buf: req.buf.part(0, n),
+        len: n,
+        buf,
         max,
     };
     let job = match p.send(sock, job) {
@@ -1625,6 +2070,14 @@ fn submit<P: Platform>(
     issue(p, table, &job, &mut |id, r, refs| {
         apply(reqs, ready, id, r, refs)
     });
+}
+
+fn write_op(fua: bool) -> Op {
+    if fua {
+        Op::WriteFua
+    } else {
+        Op::Write
+    }
 }
 
 /// Hands `job`'s parts to this core's queue of its namespace and reports
@@ -1642,16 +2095,22 @@ pub fn issue<P: Platform>(
         report(id, None, 1);
         return;
     };
-    let (disk, lbs, n) = (e.disk, e.lbs, job.buf.len());
     match &e.target {
         Target::Null => {}
+        Target::File(_) if job.op != Op::Read => {
+            report(
+                id,
+                Some(Err(DioError::Unsupported("file exports take no writes"))),
+                1,
+            );
+        }
         Target::File(f) => {
             let iocb = Kiocb::with_owner(job.a0, id);
             // SAFETY: the buffer belongs to request `id`, which is removed
             // from the slab (and its buffer reused or freed) only after its
             // last reference was dropped, i.e. after this part's completion
             // was delivered.
-            let r = p.with_engine(disk, |eng| unsafe {
+            let r = p.with_engine(e.disk, |eng| unsafe {
                 eng.dio_rw(DioRequest::read(iocb, job.buf, &**f))
             });
             match r {
@@ -1662,40 +2121,65 @@ pub fn issue<P: Platform>(
             }
         }
         Target::Raw if job.max == 0 => {}
-        Target::Raw => {
-            let max = job.max;
-            let parts = n.div_ceil(max) as u32;
-            let ran = p.with_engine(disk, |eng| {
-                let mut at = 0usize;
-                let mut left = parts;
-                while at < n {
-                    let c = (n - at).min(max);
-                    let Some(iob) = job.buf.part(at, c) else {
-                        report(id, Some(Err(DioError::Invalid("read range"))), left);
-                        break;
-                    };
-                    let lba = (job.a0 + at as u64) / lbs;
-                    // SAFETY: as for files: the buffer belongs to the
-                    // request until its last part's completion.
-                    let r = unsafe { eng.raw(Op::Read, lba, iob, Some(id)) };
-                    left -= 1;
-                    match r {
-                        Ok(DioResult::Queued) => {}
-                        Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
-                        Err(err) => {
-                            // This part and the ones never submitted.
-                            report(id, Some(Err(err)), 1 + left);
-                            break;
-                        }
-                    }
-                    at += c;
-                }
-            });
-            if ran.is_none() {
-                report(id, Some(Err(NO_QUEUE)), parts);
-            }
-        }
+        Target::Raw => issue_raw(p, e, job, report),
     }
     // Drop the submission reference.
     report(id, None, 1);
+}
+
+/// A raw job's device commands: one per `job.max` bytes of its range (a
+/// flush: one), each reported as a part.
+fn issue_raw<P: Platform>(
+    p: &P,
+    e: &Export,
+    job: &Job,
+    report: &mut dyn FnMut(ReqId, Option<Result<usize, DioError>>, u32),
+) {
+    let (id, n, max) = (job.id, job.len, job.max);
+    let parts = if job.op == Op::Flush {
+        1
+    } else {
+        n.div_ceil(max) as u32
+    };
+    let ran = p.with_engine(e.disk, |eng| {
+        if job.op == Op::Flush {
+            // SAFETY: no data buffer.
+            let r = unsafe { eng.raw(Op::Flush, 0, IoBuf::empty(), Some(id)) };
+            match r {
+                Ok(DioResult::Queued) => {}
+                Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
+                Err(err) => report(id, Some(Err(err)), 1),
+            }
+            return;
+        }
+        // A buffer shorter than the range is every command's source.
+        let repeat = job.buf.len() < n;
+        let mut at = 0usize;
+        let mut left = parts;
+        while at < n {
+            let c = (n - at).min(max);
+            let Some(iob) = job.buf.part(if repeat { 0 } else { at }, c) else {
+                report(id, Some(Err(DioError::Invalid("request range"))), left);
+                break;
+            };
+            let lba = (job.a0 + at as u64) / e.lbs;
+            // SAFETY: as for files: the buffer belongs to the request
+            // until its last part's completion.
+            let r = unsafe { eng.raw(job.op, lba, iob, Some(id)) };
+            left -= 1;
+            match r {
+                Ok(DioResult::Queued) => {}
+                Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
+                Err(err) => {
+                    // This part and the ones never submitted.
+                    report(id, Some(Err(err)), 1 + left);
+                    break;
+                }
+            }
+            at += c;
+        }
+    });
+    if ran.is_none() {
+        report(id, Some(Err(NO_QUEUE)), parts);
+    }
 }

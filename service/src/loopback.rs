@@ -450,6 +450,57 @@ impl Loopback {
         self.expect = Some(sum);
     }
 
+    /// The NBD client, to send requests of any kind ([`Client::command`]);
+    /// [`Loopback::settle`] runs both sides until they are answered.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Runs both sides until the client has nothing in flight; appends
+    /// the replies to `out` in arrival order (no allocation while `out`
+    /// has room).
+    pub fn settle<P: Platform>(
+        &mut self,
+        side: &mut ServerSide,
+        server: &mut Server<P>,
+        out: &mut Vec<dioxide_nbd::client::Reply>,
+    ) -> Result<(), LoopError> {
+        let mut last = (self.now)();
+        self.dirty = true;
+        while self.client.in_flight() > 0 {
+            if let Some(e) = self.client.error() {
+                return Err(LoopError::Client(e));
+            }
+            if self.step(side, server) {
+                last = (self.now)();
+            } else if (self.now)() - last > STUCK_NS {
+                return Err(LoopError::Stuck(self.client.in_flight()));
+            }
+            out.extend(self.client.replies());
+        }
+        out.extend(self.client.replies());
+        Ok(())
+    }
+
+    /// Writes `bytes` to the client's socket as they are, past the NBD
+    /// client (a test's malformed or cut-short request); false when the
+    /// socket took fewer.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> bool {
+        let sock = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        let n = sock.send_slice(bytes).unwrap_or(0);
+        self.dirty = true;
+        self.iface
+            .poll(instant(self.now), &mut self.dev, &mut self.sockets);
+        n == bytes.len()
+    }
+
+    /// Runs both sides `n` steps.
+    pub fn steps<P: Platform>(&mut self, side: &mut ServerSide, server: &mut Server<P>, n: usize) {
+        for _ in 0..n {
+            self.step(side, server);
+        }
+    }
+
     /// Sends the client's SYN (the handshake goes on in [`Loopback::connect`]).
     pub fn send_syn(&mut self) {
         let now = instant(self.now);

@@ -242,6 +242,7 @@ impl<H: Hal, M: Mmio> BlockQueue for NvmeQueue<H, M> {
         let cmd = match op {
             Op::Read => SubmissionEntry::read(self.nsid, lba, blocks),
             Op::Write => SubmissionEntry::write(self.nsid, lba, blocks),
+            Op::WriteFua => SubmissionEntry::write(self.nsid, lba, blocks).with_fua(),
             Op::Flush => SubmissionEntry::flush(self.nsid),
         };
         // SAFETY: our caller guarantees (this function's contract) that `buf`

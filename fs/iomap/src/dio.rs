@@ -825,7 +825,7 @@ impl<Q: BlockQueue> Engine<Q> {
         }
         let nowait = iocb.flags.contains(KiocbFlags::NOWAIT);
         let mut bflags = IomapFlags::DIRECT;
-        bflags.set(IomapFlags::WRITE, op == Op::Write);
+        bflags.set(IomapFlags::WRITE, op.is_write());
         bflags.set(IomapFlags::NOWAIT, nowait);
         let wait = iocb.owner.is_none() || flags.contains(DioFlags::FORCE_WAIT);
         let id = self.new_dio(
@@ -988,7 +988,7 @@ impl<Q: BlockQueue> Engine<Q> {
         let dev_len = clen.div_ceil(lbs) * lbs;
         let (iob, lent) = if ctx.flags.contains(DioFlags::BOUNCE) || dev_len != clen {
             let mut b = Bounce::zeroed(dev_len).ok_or(DioError::NoMemory)?;
-            if ctx.op == Op::Write {
+            if ctx.op.is_write() {
                 let src = ctx
                     .buf
                     .part(boff, clen)

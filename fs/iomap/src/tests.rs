@@ -119,7 +119,7 @@ impl BlockQueue for MemQueue {
                         c.buf.addr() as *mut u8,
                         c.buf.len(),
                     ),
-                    Op::Write => std::ptr::copy_nonoverlapping(
+                    Op::Write | Op::WriteFua => std::ptr::copy_nonoverlapping(
                         c.buf.addr() as *const u8,
                         self.disk[at..].as_mut_ptr(),
                         c.buf.len(),

@@ -14,6 +14,14 @@
 //! served, heap N bytes in use, peak P bytes`, the run-loop profile and
 //! the frames per request), whose heap level must equal the one logged at
 //! start: the bad-input test and the soak check that.
+//!
+//! Writes: `nbd.rw=` names the exports that take them (`all` or
+//! `namespaces`: every namespace raw; or export names separated by
+//! commas); a namespace that holds a mounted dxfs filesystem stays
+//! read-only (its raw writes would change the filesystem under the file
+//! exports), and file exports take no writes yet. Who may write is
+//! `nbd.rw_from=` (`dioxide_service::Access`); the boot log and the screen
+//! say which exports are writable and from where (`writable`).
 
 use crate::drivers::nvme::{self, DmaBuf};
 use crate::mm;
@@ -176,9 +184,64 @@ pub fn disk_limits() -> alloc::vec::Vec<DiskLimits> {
         .collect()
 }
 
-/// Builds the export table (once, for every core's service).
-pub fn table(mounts: &[crate::block::disk::Mounted], null_export: bool) -> &'static Table {
-    alloc::boxed::Box::leak(alloc::boxed::Box::new(exports(mounts, null_export)))
+/// Builds the export table (once, for every core's service), with the
+/// exports `nbd.rw=` names writable.
+pub fn table(mounts: &[crate::block::disk::Mounted], args: &crate::ServiceArgs) -> &'static Table {
+    let mut t = exports(mounts, args.null);
+    writable(&mut t, mounts, args);
+    alloc::boxed::Box::leak(alloc::boxed::Box::new(t))
+}
+
+/// Makes the exports `nbd.rw=` names writable and says so: one line per
+/// export left read-only and why, then which take writes and from where.
+/// A name that is no export is a configuration error (the boot fails).
+pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &crate::ServiceArgs) {
+    let Some(rw) = args.rw else {
+        log::info!(target: "nbd", "read-only: every export (nbd.rw= not given)");
+        return;
+    };
+    let mounted = |disk: usize| mounts.iter().any(|m| m.disk == disk);
+    let raws: alloc::vec::Vec<(alloc::string::String, usize)> =
+        t.raws().map(|(n, d)| (n.into(), d)).collect();
+    let names: alloc::vec::Vec<&str> = match rw {
+        "all" | "namespaces" => raws.iter().map(|(n, _)| n.as_str()).collect(),
+        list => list.split(',').filter(|n| !n.is_empty()).collect(),
+    };
+    if rw == "all" && t.files().next().is_some() {
+        log::warn!(target: "nbd", "file exports stay read-only: dxfs takes no writes yet");
+    }
+    for name in names {
+        let name = name.strip_prefix('/').unwrap_or(name);
+        if let Some((_, disk)) = raws.iter().find(|(n, _)| n == name) {
+            if mounted(*disk) {
+                log::warn!(target: "nbd", "{name} stays read-only: it holds a mounted dxfs filesystem");
+                continue;
+            }
+        }
+        match t.set_writable(name) {
+            Ok(()) => {}
+            Err(dioxide_service::NotWritable::NoSuchExport) => crate::fail(
+                crate::platform::power::EXIT_CONFIG,
+                format_args!("nbd.rw={rw:?}: no export is called {name:?}"),
+            ),
+            Err(e) => log::warn!(target: "nbd", "{name} stays read-only: {e}"),
+        }
+    }
+    let mut list = alloc::string::String::new();
+    for n in t.writable() {
+        if !list.is_empty() {
+            list.push(',');
+        }
+        list.push_str(n);
+    }
+    if list.is_empty() {
+        log::warn!(target: "nbd", "read-only: nbd.rw={rw} leaves no export writable");
+        return;
+    }
+    log::info!(target: "nbd", "writable: {list}; {}", args.access.describe());
+    if !args.access.any_writer() {
+        log::warn!(target: "nbd", "no client may write: nbd.rw_from= not given (run --writable allows the host)");
+    }
 }
 
 /// A service on `net`'s sockets (this core's stack) serving `table`,
@@ -196,6 +259,7 @@ pub fn server<D: NetPort>(
         args.stall_ns,
     );
     s.set_peer_timeout(&mut net.sockets, args.peer_timeout_ns);
+    s.set_access(args.access.clone());
     s
 }
 
@@ -226,7 +290,7 @@ pub fn start<D: NetPort>(
     mounts: &[crate::block::disk::Mounted],
     args: &crate::ServiceArgs,
 ) -> Service {
-    let table = table(mounts, args.null);
+    let table = table(mounts, args);
     let server = server(net, table, args);
     storage::start(table, dioxide_service::MAX_REQS, args.storage_cores);
     announce(table, args.null);

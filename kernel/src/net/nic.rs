@@ -187,7 +187,7 @@ fn serve_per_core<P: stack::NetPort + 'static>(
     addressing: stack::Addressing,
 ) -> ! {
     let cores = ports.len();
-    let table = nbd::table(mounts, args.null);
+    let table = nbd::table(mounts, args);
     let inboxes: &'static Inboxes =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(Inboxes::new(cores)));
     // Every core's stack and service are made here, before the start line,

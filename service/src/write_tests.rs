@@ -1,0 +1,459 @@
+//! The write side of the service over its loopback wire against a device
+//! model that keeps what is written (a RAM disk that completes each command
+//! on the next poll): data written reads back, FUA and FLUSH reach the
+//! device, write-zeroes in rounds, who may write and who may connect, a
+//! payload cut short, a device error, and the buffers given back.
+
+use super::loopback::{Link, LoopError, Loopback, OneEngine, ServerSide};
+use super::*;
+use dioxide_iomap::{BlkError, Op};
+use dioxide_nbd::client::{fnv1a, Reply, FNV_START};
+use dioxide_nbd::{cflag, cmd};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+const BLOCKS: u64 = 2048;
+const LBS: usize = 4096;
+const MAX_T: usize = 128 * 1024;
+
+/// What the device saw.
+#[derive(Default)]
+struct Seen {
+    disk: Vec<u8>,
+    writes: u64,
+    fua_writes: u64,
+    flushes: u64,
+    /// A write touching this block fails.
+    bad_block: Option<u64>,
+}
+
+struct MemQueue {
+    seen: Rc<RefCell<Seen>>,
+    done: Vec<(u64, Result<(), BlkError>)>,
+}
+
+impl BlockQueue for MemQueue {
+    fn lba_shift(&self) -> u32 {
+        12
+    }
+    fn max_transfer(&self) -> usize {
+        MAX_T
+    }
+    fn depth(&self) -> usize {
+        64
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn capacity(&self) -> u64 {
+        BLOCKS
+    }
+    fn now_ns(&self) -> u64 {
+        now()
+    }
+    unsafe fn submit(&mut self, op: Op, lba: u64, buf: IoBuf, tag: u64) -> Result<(), BlkError> {
+        if self.done.len() == self.depth() {
+            return Err(BlkError::QueueFull);
+        }
+        let mut seen = self.seen.borrow_mut();
+        let blocks = buf.len() as u64 / LBS as u64;
+        if op != Op::Flush && (blocks == 0 || lba + blocks > BLOCKS) {
+            return Err(BlkError::Invalid);
+        }
+        let at = lba as usize * LBS;
+        let mut result = Ok(());
+        match op {
+            Op::Flush => seen.flushes += 1,
+            Op::Read => {
+                // SAFETY: the caller hands the device `buf` until the completion.
+                let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), buf.len()) };
+                dst.copy_from_slice(&seen.disk[at..at + buf.len()]);
+            }
+            Op::Write | Op::WriteFua => {
+                if seen
+                    .bad_block
+                    .is_some_and(|b| (lba..lba + blocks).contains(&b))
+                {
+                    result = Err(BlkError::Status {
+                        sct: 2,
+                        sc: 0x80,
+                        name: "Write Fault",
+                    });
+                } else {
+                    // SAFETY: as above; the device only reads it.
+                    let src = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
+                    seen.disk[at..at + buf.len()].copy_from_slice(src);
+                    seen.writes += 1;
+                    seen.fua_writes += (op == Op::WriteFua) as u64;
+                }
+            }
+        }
+        self.done.push((tag, result));
+        Ok(())
+    }
+    fn poll<F: FnMut(u64, Result<(), BlkError>)>(&mut self, mut on_done: F) -> usize {
+        let n = self.done.len();
+        for (tag, r) in self.done.drain(..) {
+            on_done(tag, r);
+        }
+        n
+    }
+}
+
+fn now() -> u64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Exports `disk` (writable) and `ro` (the same namespace, read-only).
+fn table() -> &'static Table {
+    let mut t = Table::new();
+    t.add_raw("disk".into(), BLOCKS * LBS as u64, 0, LBS as u32);
+    t.add_raw("ro".into(), BLOCKS * LBS as u64, 0, LBS as u32);
+    t.add_null(1 << 20);
+    t.set_writable("disk").unwrap();
+    Box::leak(Box::new(t))
+}
+
+struct Rig {
+    seen: Rc<RefCell<Seen>>,
+    side: ServerSide,
+    lo: Loopback,
+    server: Server<OneEngine<MemQueue>>,
+    replies: Vec<Reply>,
+}
+
+/// The loopback's client address.
+const CLIENT: &str = "10.0.0.2";
+
+fn rig(export: &str, access: Access) -> Rig {
+    let seen = Rc::new(RefCell::new(Seen {
+        disk: vec![0; BLOCKS as usize * LBS],
+        ..Seen::default()
+    }));
+    let engine = Engine::new(MemQueue {
+        seen: seen.clone(),
+        done: Vec::with_capacity(64),
+    });
+    let (mut side, lo) = Loopback::new(export, true, 64, now, now, Link::default());
+    let disks = [DiskLimits {
+        depth: 64,
+        max_transfer: MAX_T,
+        lbs: LBS,
+    }];
+    let mut server = Server::new(
+        OneEngine::new(engine, now, now),
+        &mut side.sockets,
+        table(),
+        &disks,
+        STALL_NS,
+    );
+    server.set_access(access);
+    Rig {
+        seen,
+        side,
+        lo,
+        server,
+        replies: Vec::with_capacity(64),
+    }
+}
+
+fn writer() -> Access {
+    Access::parse(None, Some(CLIENT)).unwrap()
+}
+
+impl Rig {
+    fn connect(&mut self) {
+        self.lo.connect(&mut self.side, &mut self.server).unwrap();
+    }
+    fn settle(&mut self) -> Vec<Reply> {
+        let mut out = core::mem::take(&mut self.replies);
+        out.clear();
+        self.lo
+            .settle(&mut self.side, &mut self.server, &mut out)
+            .unwrap();
+        let copy = out.clone();
+        self.replies = out;
+        copy
+    }
+    /// As `settle`, allocating nothing: the number of replies.
+    fn settle_quietly(&mut self) -> usize {
+        self.replies.clear();
+        self.lo
+            .settle(&mut self.side, &mut self.server, &mut self.replies)
+            .unwrap();
+        self.replies.len()
+    }
+    fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u64 {
+        self.lo
+            .client()
+            .command(cmd::WRITE, flags, offset, 0, data)
+            .unwrap()
+    }
+    /// Reads `[offset, offset + len)` back, 4 KiB at a time, and checks
+    /// each piece's sum against `expect`.
+    fn read_back(&mut self, offset: u64, expect: &[u8]) {
+        for (k, piece) in expect.chunks(4096).enumerate() {
+            let h = self
+                .lo
+                .client()
+                .read(offset + k as u64 * 4096, piece.len() as u32)
+                .unwrap();
+            let r = self.settle();
+            assert_eq!(r.len(), 1);
+            assert_eq!((r[0].handle, r[0].error), (h, 0));
+            assert_eq!(
+                r[0].sum,
+                fnv1a(FNV_START, piece),
+                "block at {}",
+                offset + k as u64 * 4096
+            );
+        }
+    }
+    /// The server let everything go: nothing in flight, no budget held.
+    fn assert_released(&self) {
+        assert_eq!(self.server.in_flight(), 0);
+        assert_eq!(self.server.held_total, 0);
+        assert!(self.server.held.iter().all(|&h| h == 0));
+        assert!(self.server.budgets.iter().all(|b| b.cmds == 0));
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = dioxide_testkit::Rng::new(seed);
+    (0..len).map(|_| r.below(256) as u8).collect()
+}
+
+fn errors(replies: &[Reply]) -> Vec<(u64, u32)> {
+    let mut v: Vec<(u64, u32)> = replies.iter().map(|r| (r.handle, r.error)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn writes_reach_the_device_and_read_back_with_fua_and_flush_passed_on() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    // One block, several blocks, and one longer than a device command
+    // (three commands), in flight together.
+    let a = pattern(1, 4096);
+    let b = pattern(2, 3 * 4096);
+    let c = pattern(3, 300 * 1024);
+    let ha = r.write(0, &a, 0);
+    let hb = r.write(64 * 4096, &b, cflag::FUA);
+    let hc = r.write(100 * 4096, &c, 0);
+    let replies = r.settle();
+    assert_eq!(errors(&replies), {
+        let mut v = vec![(ha, 0), (hb, 0), (hc, 0)];
+        v.sort();
+        v
+    });
+    {
+        let seen = r.seen.borrow();
+        assert_eq!(&seen.disk[..4096], &a[..]);
+        assert_eq!(&seen.disk[64 * 4096..67 * 4096], &b[..]);
+        assert_eq!(&seen.disk[100 * 4096..100 * 4096 + c.len()], &c[..]);
+        // 1 + 1 + 3 device writes; the FUA one with FUA.
+        assert_eq!((seen.writes, seen.fua_writes, seen.flushes), (5, 1, 0));
+    }
+    let h = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    assert_eq!(r.seen.borrow().flushes, 1);
+    r.read_back(64 * 4096, &b);
+    r.read_back(100 * 4096, &c[..8192]);
+    r.assert_released();
+}
+
+#[test]
+fn a_write_beyond_the_end_or_unaligned_is_refused_and_the_connection_goes_on() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    let size = BLOCKS * LBS as u64;
+    let past = r.write(size - 4096, &pattern(4, 8192), 0);
+    let unaligned = r.write(512, &pattern(5, 4096), 0);
+    let good = r.write(4096, &pattern(6, 4096), 0);
+    let got = errors(&r.settle());
+    let mut want = vec![
+        (past, Errno::NoSpc as u32),
+        (unaligned, Errno::Inval as u32),
+        (good, 0),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // Only the good one reached the device.
+    assert_eq!(r.seen.borrow().writes, 1);
+    r.assert_released();
+}
+
+#[test]
+fn write_zeroes_zero_a_range_longer_than_a_round_and_nothing_beside_it() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    let fill = pattern(7, 600 * 4096);
+    let h = r.write(0, &fill[..256 * 1024], 0);
+    r.settle();
+    {
+        let mut seen = r.seen.borrow_mut();
+        seen.disk[..fill.len()].copy_from_slice(&fill);
+    }
+    // 2 MiB + 12 KiB from block 10: 16 commands of 128 KiB and one more,
+    // in three rounds of at most 8.
+    let (start, len) = (10 * 4096u64, 2 * 1024 * 1024 + 3 * 4096u32);
+    let writes0 = r.seen.borrow().writes;
+    let hz =
+        r.lo.client()
+            .command(cmd::WRITE_ZEROES, cflag::NO_HOLE, start, len, &[])
+            .unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hz, 0)]);
+    let seen = r.seen.borrow();
+    let (s, e) = (start as usize, start as usize + len as usize);
+    assert!(seen.disk[s..e].iter().all(|&b| b == 0));
+    assert_eq!(&seen.disk[..s], &fill[..s]);
+    assert_eq!(&seen.disk[e..fill.len()], &fill[e..]);
+    assert_eq!(seen.writes - writes0, 17);
+    drop(seen);
+    let _ = h;
+    r.assert_released();
+}
+
+#[test]
+fn trim_is_answered_and_changes_nothing() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    let data = pattern(8, 8192);
+    r.write(0, &data, 0);
+    r.settle();
+    let writes = r.seen.borrow().writes;
+    let h =
+        r.lo.client()
+            .command(cmd::TRIM, cflag::FUA, 0, 8192, &[])
+            .unwrap();
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    assert_eq!(r.seen.borrow().writes, writes);
+    r.read_back(0, &data);
+}
+
+#[test]
+fn a_client_not_in_the_write_list_sees_every_export_read_only() {
+    for (access, allowed) in [
+        (
+            Access::parse(None, Some("10.0.0.3,192.168.0.0/16")).unwrap(),
+            false,
+        ),
+        (Access::default(), false),
+        // The control: the same client in the list writes.
+        (Access::parse(None, Some("10.0.0.0/24")).unwrap(), true),
+    ] {
+        let mut r = rig("disk", access);
+        r.connect();
+        let h = r.write(0, &pattern(9, 4096), 0);
+        let hz =
+            r.lo.client()
+                .command(cmd::WRITE_ZEROES, 0, 8192, 4096, &[])
+                .unwrap();
+        let e = if allowed { 0 } else { Errno::Perm as u32 };
+        let mut want = vec![(h, e), (hz, e)];
+        want.sort();
+        assert_eq!(errors(&r.settle()), want);
+        assert_eq!(r.seen.borrow().writes, if allowed { 2 } else { 0 });
+        r.assert_released();
+    }
+    // An export the platform left read-only refuses a writer too.
+    let mut r = rig("ro", writer());
+    r.connect();
+    let h = r.write(0, &pattern(9, 4096), 0);
+    assert_eq!(errors(&r.settle()), vec![(h, Errno::Perm as u32)]);
+    assert_eq!(r.seen.borrow().writes, 0);
+}
+
+#[test]
+fn a_client_outside_the_connect_list_is_reset_before_the_greeting() {
+    let mut r = rig(
+        "disk",
+        Access::parse(Some("10.0.0.3"), Some(CLIENT)).unwrap(),
+    );
+    assert!(matches!(
+        r.lo.connect(&mut r.side, &mut r.server),
+        Err(LoopError::Stuck(_))
+    ));
+    assert_eq!(r.server.connections(), 0);
+    // The control: in the list, it connects.
+    let mut r = rig("disk", Access::parse(Some("10.0.0.0/24"), None).unwrap());
+    r.connect();
+    assert_eq!(r.server.connections(), 1);
+}
+
+#[test]
+fn a_payload_cut_short_is_never_written_and_its_buffer_is_given_back() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    // A 64 KiB write whose header and first 10 KiB arrive, then the
+    // client is gone.
+    let mut req = vec![0u8; 28];
+    req[..4].copy_from_slice(&dioxide_nbd::REQUEST_MAGIC.to_be_bytes());
+    req[6..8].copy_from_slice(&cmd::WRITE.to_be_bytes());
+    req[16..24].copy_from_slice(&0u64.to_be_bytes());
+    req[24..].copy_from_slice(&(64 * 1024u32).to_be_bytes());
+    req.extend_from_slice(&pattern(10, 10 * 1024));
+    assert!(r.lo.send_raw(&req));
+    r.lo.steps(&mut r.side, &mut r.server, 50);
+    // Its buffer is held meanwhile.
+    assert!(r.server.held_total >= 64 * 1024);
+    assert_eq!(r.server.in_flight(), 1);
+    r.lo.close(&mut r.side, &mut r.server);
+    r.assert_released();
+    let seen = r.seen.borrow();
+    assert_eq!(seen.writes, 0);
+    assert!(seen.disk.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_device_write_error_fails_that_write_and_no_other() {
+    let mut r = rig("disk", writer());
+    r.seen.borrow_mut().bad_block = Some(20);
+    r.connect();
+    let bad = r.write(16 * 4096, &pattern(11, 8 * 4096), 0);
+    let good = r.write(40 * 4096, &pattern(12, 4096), 0);
+    let mut want = vec![(bad, Errno::Io as u32), (good, 0)];
+    want.sort();
+    assert_eq!(errors(&r.settle()), want);
+    // The connection serves on.
+    let data = pattern(13, 4096);
+    let h = r.write(41 * 4096, &data, 0);
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    r.read_back(41 * 4096, &data);
+    r.assert_released();
+}
+
+#[test]
+fn steady_writes_allocate_nothing_and_the_counter_sees_a_growing_write() {
+    let mut r = rig("disk", writer());
+    r.connect();
+    let data = pattern(14, 4096);
+    let big = pattern(15, 512 * 1024);
+    // Warm-up: pools, queues and the client's buffers reach their size
+    // (its output that of the big write, below).
+    r.write(512 * 4096, &big, 0);
+    r.settle();
+    for round in 0..4u64 {
+        for k in 0..16u64 {
+            r.write((round * 16 + k) * 4096, &data, 0);
+        }
+        r.settle();
+    }
+    let before = dioxide_testkit::thread_allocs();
+    for round in 0..8u64 {
+        for k in 0..16u64 {
+            r.write((round * 16 + k) * 4096, &data, 0);
+        }
+        assert_eq!(r.settle_quietly(), 16);
+    }
+    assert_eq!(dioxide_testkit::thread_allocs() - before, 0);
+    // The control: a write larger than the large pool's buffers gets a
+    // buffer of its own on the server, and the counter sees it.
+    let before = dioxide_testkit::thread_allocs();
+    r.write(512 * 4096, &big, 0);
+    r.settle_quietly();
+    assert!(dioxide_testkit::thread_allocs() > before);
+    r.read_back(512 * 4096, &big[..4096]);
+}
