@@ -183,6 +183,8 @@ pub struct Namespace {
     /// `blkdebug` driver between the device and the image): a device error
     /// the kernel must report for the request that hit it.
     pub inject_eio: Vec<u64>,
+    /// The same for writes: a write covering one of these sectors fails.
+    pub inject_write_eio: Vec<u64>,
 }
 
 impl Namespace {
@@ -193,6 +195,7 @@ impl Namespace {
             lbs: 512,
             ms: 0,
             inject_eio: Vec::new(),
+            inject_write_eio: Vec::new(),
         }
     }
 
@@ -201,7 +204,7 @@ impl Namespace {
         let path = qemu_path(&self.image);
         let aio = drive_aio(&self.image);
         let mut drive = std::ffi::OsString::new();
-        if self.inject_eio.is_empty() {
+        if self.inject_eio.is_empty() && self.inject_write_eio.is_empty() {
             drive.push(format!(
                 "file={path},if=none,id={id},format=raw,cache=none,aio={aio}"
             ));
@@ -210,9 +213,18 @@ impl Namespace {
             drive.push(format!(
                 "if=none,id={id},format=raw,cache=none,file.driver=blkdebug"
             ));
-            for (i, sector) in self.inject_eio.iter().enumerate() {
+            let rules = self
+                .inject_eio
+                .iter()
+                .map(|s| ("read", s))
+                .chain(self.inject_write_eio.iter().map(|s| ("write", s)));
+            // A rule is armed by its event (the raw format raises read_aio
+            // or write_aio before each request) and then fails requests of
+            // its `iotype` only (by default every type: a write rule would
+            // fail reads of its sector too).
+            for (i, (io, sector)) in rules.enumerate() {
                 drive.push(format!(
-                    ",file.inject-error.{i}.event=read_aio,file.inject-error.{i}.errno=5,file.inject-error.{i}.sector={sector}"
+                    ",file.inject-error.{i}.event={io}_aio,file.inject-error.{i}.iotype={io},file.inject-error.{i}.errno=5,file.inject-error.{i}.sector={sector}"
                 ));
             }
             drive.push(format!(
@@ -1378,7 +1390,7 @@ mod tests {
             nvme_args(&cfg),
             [
                 "-drive",
-                "if=none,id=nvm0,format=raw,cache=none,file.driver=blkdebug,file.inject-error.0.event=read_aio,file.inject-error.0.errno=5,file.inject-error.0.sector=8,file.inject-error.1.event=read_aio,file.inject-error.1.errno=5,file.inject-error.1.sector=9,file.image.driver=file,file.image.filename=/nonexistent-dioxide-dir/a,,b.img,file.image.aio=threads",
+                "if=none,id=nvm0,format=raw,cache=none,file.driver=blkdebug,file.inject-error.0.event=read_aio,file.inject-error.0.iotype=read,file.inject-error.0.errno=5,file.inject-error.0.sector=8,file.inject-error.1.event=read_aio,file.inject-error.1.iotype=read,file.inject-error.1.errno=5,file.inject-error.1.sector=9,file.image.driver=file,file.image.filename=/nonexistent-dioxide-dir/a,,b.img,file.image.aio=threads",
                 "-device",
                 "nvme,drive=nvm0,serial=dioxide0,logical_block_size=4096,physical_block_size=4096,ioeventfd=on",
             ]
