@@ -44,6 +44,10 @@ impl core::error::Error for BadCidr {}
 
 /// Parses a list (see the module's documentation).
 pub fn parse_list(s: &str) -> Result<Vec<Ipv4Cidr>, BadCidr> {
+    if s.trim().is_empty() {
+        // An empty list would let nobody connect (or write): a slip.
+        return Err(BadCidr(s.into()));
+    }
     s.split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
@@ -149,7 +153,7 @@ mod tests {
         );
         let any = Access::parse(None, Some("any")).unwrap();
         assert!(any.may_write(ip("203.0.113.9")));
-        for bad in ["10.0.2/24", "10.0.2.2/33", "host", "::1", "10.0.2.2/"] {
+        for bad in ["10.0.2/24", "10.0.2.2/33", "host", "::1", "10.0.2.2/", ""] {
             assert_eq!(
                 Access::parse(Some(bad), None),
                 Err(BadCidr(bad.into())),

@@ -704,14 +704,17 @@ pub const ZERO_ROUND: usize = 8;
 
 /// A write whose payload is arriving: into request `id`'s buffer (`got`
 /// bytes so far), or, when the write was refused after its admission (no
-/// buffer could be had), discarded and answered `err`. `since`: when the
-/// payload last moved; one that stalls for the stall time ends the
-/// connection (a client must not hold a write's buffer by sending half of
-/// it).
+/// buffer could be had), discarded and answered `err`. A payload of which
+/// fewer than [`STALL_MIN_BYTES`] (or the rest) arrive in the stall time
+/// ends the connection, as replies not taken do: a client must not hold a
+/// write's buffer by sending half of it, or a byte now and then.
 #[derive(Clone, Copy, Debug)]
 struct Fill {
     to: FillTo,
+    /// When the payload last had [`STALL_MIN_BYTES`] arrive (or began),
+    /// and what arrived since: a payload must keep at least that rate.
     since: u64,
+    moved: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1376,8 +1379,8 @@ impl<P: Platform> Server<P> {
                         progress: self.p.now_ns(),
                         ..Flow::default()
                     };
+                    self.end_fill(i);
                     self.held[i] = 0;
-                    self.fills[i] = None;
                     let mut conn = Conn::new(PER_CONN);
                     conn.allow_writes(writer);
                     s.slot = Slot::Serving(conn);
@@ -1460,6 +1463,12 @@ impl<P: Platform> Server<P> {
         let Some(mut fill) = self.fills[i] else {
             return;
         };
+        if conn.payload_pending() == 0 {
+            // The connection ended (closed itself) before the payload was
+            // whole: it will never be.
+            self.end_fill(i);
+            return;
+        }
         let mut scratch = [0u8; 2048];
         let done = loop {
             let dst: &mut [u8] = match fill.to {
@@ -1493,7 +1502,11 @@ impl<P: Platform> Server<P> {
                 break false;
             }
             self.touched = true;
-            fill.since = self.p.now_ns();
+            fill.moved += step.written;
+            if fill.moved >= STALL_MIN_BYTES {
+                fill.since = self.p.now_ns();
+                fill.moved = 0;
+            }
             if let FillTo::Req { got, .. } = &mut fill.to {
                 *got += step.written as u32;
             }
@@ -1521,9 +1534,9 @@ impl<P: Platform> Server<P> {
         conn.resume(self.table);
     }
 
-    /// Socket `i`'s connection ended: the write whose payload was arriving
-    /// is never issued; its request and buffer (no device saw them) are
-    /// released now.
+    /// Socket `i`'s connection ended (or a new one begins): the write whose
+    /// payload was arriving is never issued; its request and buffer (no
+    /// device saw them) are released now.
     fn end_fill(&mut self, i: usize) {
         let Some(Fill {
             to: FillTo::Req { id, .. },
@@ -1599,15 +1612,16 @@ impl<P: Platform> Server<P> {
             {
                 break;
             }
-            let cmd_span = match ev {
+            // Device commands: a write-zeroes reserves one round's.
+            let (cmd_span, per_cmd) = match ev {
                 Event::WriteZeroes { len, .. } => {
-                    (len as usize).min(ZERO_ROUND * zero_chunk(len, max_t)) as u32
+                    let chunk = zero_chunk(len, max_t);
+                    ((len as usize).min(ZERO_ROUND * chunk) as u32, Some(chunk))
                 }
-                Event::Trim { .. } => 0,
-                _ => span,
+                _ => (span, None),
             };
             let trim = matches!(ev, Event::Trim { .. });
-            let Some(need) = self.commands_free(disk, lbs, cmd_span, null || trim) else {
+            let Some(need) = self.commands_free(disk, lbs, cmd_span, null || trim, per_cmd) else {
                 break;
             };
             // A null read is answered at once, straight into the socket: it
@@ -1684,6 +1698,7 @@ impl<P: Platform> Server<P> {
                     self.fills[i] = Some(Fill {
                         to: FillTo::Discard { handle, err },
                         since: self.p.now_ns(),
+                        moved: 0,
                     });
                 }
                 (Err(err), _) => conn.reply(self.table, handle, Err(err)),
@@ -1696,20 +1711,29 @@ impl<P: Platform> Server<P> {
     }
 
     /// Device commands a read of `len` bytes on `disk` (logical block
-    /// `lbs`) may take — one per maximal transfer, plus one where the range
-    /// crosses an extent or ends in a partial block — when the namespace's
-    /// queue has room for them; `None`: the read waits while the queue is
-    /// full. Null reads take none.
-    fn commands_free(&self, disk: usize, lbs: u64, len: u32, null: bool) -> Option<usize> {
+    /// `lbs`) may take — one per maximal transfer (or per `per_cmd` bytes:
+    /// a write-zeroes round's commands are one zeroed buffer long), plus
+    /// one where the range crosses an extent or ends in a partial block —
+    /// when the namespace's queue has room for them; `None`: the request
+    /// waits while the queue is full. Null reads and trims take none.
+    fn commands_free(
+        &self,
+        disk: usize,
+        lbs: u64,
+        len: u32,
+        null: bool,
+        per_cmd: Option<usize>,
+    ) -> Option<usize> {
         let budget = self.budgets.get(disk).copied().unwrap_or(Budget {
             cmds: 0,
             max_cmds: 0,
             max_transfer: 0,
         });
-        let need = if null || budget.max_transfer == 0 {
+        let per = per_cmd.unwrap_or(budget.max_transfer);
+        let need = if null || per == 0 {
             0
         } else {
-            (len as usize + 2 * lbs as usize).div_ceil(budget.max_transfer) + 1
+            (len as usize + 2 * lbs as usize).div_ceil(per) + 1
         };
         if budget.cmds > 0 && budget.cmds + need > budget.max_cmds {
             return None;
@@ -1806,6 +1830,7 @@ impl<P: Platform> Server<P> {
             self.fills[read.sock] = Some(Fill {
                 to: FillTo::Req { id, got: 0 },
                 since: self.p.now_ns(),
+                moved: 0,
             });
             return Ok(());
         }
@@ -1973,11 +1998,13 @@ pub struct Job {
     op: Op,
     /// The block-aligned byte range `[a0, a0 + len)` to read into `buf` or
     /// write from it, which the request owns until its last reference is
-    /// dropped. A `buf` shorter than `len` (write-zeroes' zeroed buffer)
-    /// is the source of every command. A flush has neither.
+    /// dropped. A flush has neither.
     a0: u64,
     len: usize,
     buf: IoBuf,
+    /// `buf` (one command long) is the source of every command: a
+    /// write-zeroes round.
+    repeat: bool,
     /// Largest transfer of one command (whole blocks; raw exports).
     max: usize,
 }
@@ -2049,7 +2076,11 @@ fn submit<P: Platform>(
         Target::Raw if op == Op::Flush => 2,
         Target::Raw => n.div_ceil(max) as u32 + 1,
     };
+    // A write-zeroes round's commands all read the zeroed first `max`
+    // bytes (the rest of a pool buffer holds an earlier request's bytes).
+    let repeat = matches!(req.kind, Kind::Zero { .. });
     let buf = match req.buf.as_mut() {
+        Some(b) if repeat => b.part(0, max.min(buf_len)),
         Some(b) => b.part(0, n.min(buf_len)),
         None => IoBuf::empty(),
     };
@@ -2060,6 +2091,7 @@ fn submit<P: Platform>(
         a0,
         len: n,
         buf,
+        repeat,
         max,
     };
     let job = match p.send(sock, job) {
@@ -2152,8 +2184,7 @@ fn issue_raw<P: Platform>(
             }
             return;
         }
-        // A buffer shorter than the range is every command's source.
-        let repeat = job.buf.len() < n;
+        let repeat = job.repeat;
         let mut at = 0usize;
         let mut left = parts;
         while at < n {

@@ -127,6 +127,10 @@ struct Rig {
 const CLIENT: &str = "10.0.0.2";
 
 fn rig(export: &str, access: Access) -> Rig {
+    rig_stalling(export, access, STALL_NS)
+}
+
+fn rig_stalling(export: &str, access: Access, stall_ns: u64) -> Rig {
     let seen = Rc::new(RefCell::new(Seen {
         disk: vec![0; BLOCKS as usize * LBS],
         ..Seen::default()
@@ -146,7 +150,7 @@ fn rig(export: &str, access: Access) -> Rig {
         &mut side.sockets,
         table(),
         &disks,
-        STALL_NS,
+        stall_ns,
     );
     server.set_access(access);
     Rig {
@@ -313,6 +317,18 @@ fn write_zeroes_zero_a_range_longer_than_a_round_and_nothing_beside_it() {
     assert_eq!(seen.writes - writes0, 17);
     drop(seen);
     let _ = h;
+    // A round of two commands from a pool buffer (256 KiB) twice as long
+    // as one command, whose tail holds an earlier write's bytes: both
+    // commands write the zeroed head.
+    let h = r.write(0, &fill[..256 * 1024], 0);
+    r.settle();
+    let hz =
+        r.lo.client()
+            .command(cmd::WRITE_ZEROES, 0, 0, 256 * 1024, &[])
+            .unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hz, 0)]);
+    assert!(r.seen.borrow().disk[..256 * 1024].iter().all(|&b| b == 0));
+    let _ = h;
     r.assert_released();
 }
 
@@ -456,4 +472,32 @@ fn steady_writes_allocate_nothing_and_the_counter_sees_a_growing_write() {
     r.settle_quietly();
     assert!(dioxide_testkit::thread_allocs() > before);
     r.read_back(512 * 4096, &big[..4096]);
+}
+
+#[test]
+fn a_payload_that_trickles_ends_its_connection_after_the_stall_time() {
+    // Stall time 300 ms: a payload must bring 64 KiB (or its rest) in it.
+    let mut r = rig_stalling("disk", writer(), 300_000_000);
+    r.connect();
+    let mut req = vec![0u8; 28];
+    req[..4].copy_from_slice(&dioxide_nbd::REQUEST_MAGIC.to_be_bytes());
+    req[6..8].copy_from_slice(&cmd::WRITE.to_be_bytes());
+    req[24..].copy_from_slice(&(1024 * 1024u32).to_be_bytes());
+    assert!(r.lo.send_raw(&req));
+    // 1 KiB every 20 ms: it moves, but at 50 KiB/s.
+    let t0 = std::time::Instant::now();
+    let mut dropped = false;
+    while t0.elapsed() < std::time::Duration::from_secs(3) {
+        r.lo.send_raw(&[7u8; 1024]);
+        r.lo.steps(&mut r.side, &mut r.server, 5);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if r.server.in_flight() == 0 && r.server.held_total == 0 {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "a trickling payload kept its buffer");
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(300));
+    r.assert_released();
+    assert_eq!(r.seen.borrow().writes, 0);
 }
