@@ -1428,9 +1428,11 @@ impl<P: Platform> Server<P> {
     /// false when a payload stopped coming for the stall time (the caller
     /// drops the connection).
     fn take_input(&mut self, sock: &mut tcp::Socket, conn: &mut Conn, i: usize) -> bool {
-        self.fill_payload(sock, conn, i);
-        if let Some(f) = self.fills[i] {
-            return self.p.now_ns().saturating_sub(f.since) <= self.stall_ns;
+        if self.fills[i].is_some() {
+            self.fill_payload(sock, conn, i);
+            if let Some(f) = self.fills[i] {
+                return self.p.now_ns().saturating_sub(f.since) <= self.stall_ns;
+            }
         }
         let global_full = self.held_total + self.conn_memory >= HELD_TOTAL;
         loop {
