@@ -551,7 +551,14 @@ fn one_thread(
     let mut cpu_ns = Vec::new();
     let mut failure = None;
     for &target in targets {
-        engine.set_simple(target == "simple");
+        // `simple-write`, `raw-write`: 4 KiB writes the same way (the
+        // simple path overwrites the file's written blocks).
+        engine.set_simple(target.starts_with("simple"));
+        let op = if target.ends_with("-write") {
+            Op::Write
+        } else {
+            Op::Read
+        };
         let mut rng = dioxide_testkit::Rng::new(0x1234_5678_9abc_def1);
         let mut submit = |e: &mut Engine<_>, ctx: usize| {
             let r = rng.next_u64() % blocks;
@@ -562,14 +569,15 @@ fn one_thread(
             let owner = ReqId::new(ctx as u16, 0);
             // SAFETY: `bufs` outlives the engine's use of it in this loop.
             let res = unsafe {
-                if target == "raw" {
-                    e.raw(Op::Read, r, buf, Some(owner))
+                if target.starts_with("raw") {
+                    e.raw(op, r, buf, Some(owner))
                 } else {
-                    e.dio_rw(DioRequest::read(
-                        Kiocb::with_owner(r * 4096, owner),
-                        buf,
-                        &file,
-                    ))
+                    let iocb = Kiocb::with_owner(r * 4096, owner);
+                    if op == Op::Write {
+                        e.dio_rw(DioRequest::write(iocb, buf, &file))
+                    } else {
+                        e.dio_rw(DioRequest::read(iocb, buf, &file))
+                    }
                 }
             };
             assert_eq!(res, Ok(DioResult::Queued));

@@ -1,4 +1,4 @@
-//! `dioxide-hostbench [--json] [--ios N] [--qd N] [--only TARGET] [--threads 1,2|auto]`:
+//! `dioxide-hostbench [--json] [--ios N] [--qd N] [--only raw|generic|simple|raw-write|simple-write] [--threads 1,2|auto]`:
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
@@ -23,7 +23,9 @@ fn main() {
         Some(t) if t == "raw" => vec!["raw"],
         Some(t) if t == "generic" => vec!["generic"],
         Some(t) if t == "simple" => vec!["simple"],
-        _ => vec!["raw", "generic", "simple"],
+        Some(t) if t == "raw-write" => vec!["raw-write"],
+        Some(t) if t == "simple-write" => vec!["simple-write"],
+        _ => vec!["raw", "generic", "simple", "raw-write", "simple-write"],
     };
     let fail = |e: String| -> ! {
         eprintln!("dioxide-hostbench: {e}");

@@ -83,3 +83,18 @@ fn thread_lists() {
         );
     }
 }
+
+/// The write rows: 4 KiB overwrites of the file's written blocks on the
+/// simple path (every one of them, nothing allocated) beside raw writes.
+#[test]
+fn simple_writes_take_the_simple_path_and_allocate_nothing() {
+    let r = dioxide_hostbench::run_targets(2000, 8, &["raw-write", "simple-write", "generic"])
+        .expect("clean run");
+    let row = |t: &str| r.rows.iter().find(|r| r.target == t).unwrap().clone();
+    let w = row("simple-write");
+    assert_eq!((w.simple_path, w.generic_path, w.fell_back), (2000, 0, 0));
+    assert_eq!(w.allocs_per_io, 0.0);
+    assert_eq!(row("raw-write").allocs_per_io, 0.0);
+    // The control: the generic path's dio object is counted.
+    assert!(row("generic").allocs_per_io >= 1.0);
+}

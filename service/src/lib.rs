@@ -490,8 +490,13 @@ impl Table {
     }
 
     /// Lets export `name` take writes (from clients the [`Access`] lists
-    /// allow). Only raw namespaces take writes; the platform makes one
-    /// writable only when no mounted filesystem lives on it.
+    /// allow): a raw namespace (the platform makes one writable only when
+    /// no mounted filesystem lives on it) or a file. A file takes
+    /// overwrites of its written blocks (the simple write path: no
+    /// metadata changes, so nothing a crash can leave half done); a write
+    /// into a hole or an unwritten extent needs allocation, not built yet,
+    /// and is answered `ENOTSUP`. Its writes must be whole filesystem
+    /// blocks: its minimum block size becomes the filesystem's.
     pub fn set_writable(&mut self, name: &str) -> Result<(), NotWritable> {
         let id = *self.by_name.get(name).ok_or(NotWritable::NoSuchExport)?;
         let e = &mut self.exports[id as usize];
@@ -500,7 +505,11 @@ impl Table {
                 e.info.writable = true;
                 Ok(())
             }
-            Target::File(_) => Err(NotWritable::File),
+            Target::File(_) => {
+                e.info.writable = true;
+                e.info.min_block = e.info.preferred_block;
+                Ok(())
+            }
             Target::Null => Err(NotWritable::Null),
         }
     }
@@ -553,9 +562,6 @@ impl Exports for Table {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotWritable {
     NoSuchExport,
-    /// dxfs files take no writes yet (issue 22's next step,
-    /// `docs/plans/writes.md`).
-    File,
     /// The `null` export has nothing to write to.
     Null,
 }
@@ -564,7 +570,6 @@ impl core::fmt::Display for NotWritable {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
             NotWritable::NoSuchExport => "no such export",
-            NotWritable::File => "file exports take no writes yet",
             NotWritable::Null => "the null export takes no writes",
         })
     }
@@ -611,6 +616,8 @@ impl Failure {
     fn errno(&self) -> Errno {
         match self {
             Failure::Dio(DioError::Invalid(_)) => Errno::Inval,
+            // A write needing allocation (not built yet).
+            Failure::Dio(DioError::Unsupported(_)) => Errno::NotSup,
             _ => Errno::Io,
         }
     }
@@ -2040,8 +2047,10 @@ fn submit<P: Platform>(
         return;
     };
     let max = budgets.get(e.disk).map_or(0, |b| b.max_transfer);
+    // A raw transfer, or a write-side request of a file, cut at the
+    // queue's largest transfer: none without a queue.
     let raw = matches!(e.target, Target::Raw);
-    if raw && max == 0 {
+    if max == 0 && (raw || req.kind != Kind::Read) {
         req.fail(Failure::NoEngine);
         req.parts = 1;
         put(reqs, ready, id, 1);
@@ -2067,16 +2076,22 @@ fn submit<P: Platform>(
             (write_op(fua), offset + issued as u64, round, chunk)
         }
     };
+    // A file write is one dio (the layer splits it); a write-zeroes
+    // round one per zeroed buffer, as on a raw namespace.
+    let max = match (&e.target, req.kind) {
+        (Target::File(_), Kind::Write { .. }) => n.max(1),
+        _ => max,
+    };
     req.parts = match &e.target {
         // Answered without a request (see `poll_socket`).
         Target::Null => 1,
-        Target::File(_) => {
+        Target::File(_) if op == Op::Read => {
             // Bytes the part must deliver: a file read may end at end of file.
             req.need = (offset + len as u64 - a0) as usize;
             2
         }
-        Target::Raw if op == Op::Flush => 2,
-        Target::Raw => n.div_ceil(max) as u32 + 1,
+        _ if op == Op::Flush => 2,
+        _ => n.div_ceil(max) as u32 + 1,
     };
     // A write-zeroes round's commands all read the zeroed first `max`
     // bytes (the rest of a pool buffer holds an earlier request's bytes).
@@ -2131,13 +2146,11 @@ pub fn issue<P: Platform>(
     };
     match &e.target {
         Target::Null => {}
-        Target::File(_) if job.op != Op::Read => {
-            report(
-                id,
-                Some(Err(DioError::Unsupported("file exports take no writes"))),
-                1,
-            );
-        }
+        Target::File(_) | Target::Raw if job.op == Op::Flush => issue_raw(p, e, job, report),
+        // (Refused in `submit`.)
+        Target::Raw if job.max == 0 => {}
+        Target::File(_) if job.op != Op::Read && job.max == 0 => {}
+        Target::File(f) if job.op != Op::Read => issue_file_writes(p, e, f, job, report),
         Target::File(f) => {
             let iocb = Kiocb::with_owner(job.a0, id);
             // SAFETY: the buffer belongs to request `id`, which is removed
@@ -2154,11 +2167,56 @@ pub fn issue<P: Platform>(
                 None => report(id, Some(Err(NO_QUEUE)), 1),
             }
         }
-        Target::Raw if job.max == 0 => {}
         Target::Raw => issue_raw(p, e, job, report),
     }
     // Drop the submission reference.
     report(id, None, 1);
+}
+
+/// A file job's writes: one dio per `job.max` bytes of its range (a
+/// WRITE: one; a write-zeroes round: one per zeroed buffer), each reported
+/// as a part. Overwrites of written blocks go down the simple path (one
+/// block) or the generic one; a range needing allocation fails
+/// (`DioError::Unsupported`).
+fn issue_file_writes<P: Platform>(
+    p: &P,
+    e: &Export,
+    f: &File,
+    job: &Job,
+    report: &mut dyn FnMut(ReqId, Option<Result<usize, DioError>>, u32),
+) {
+    let (id, n, max) = (job.id, job.len, job.max);
+    let parts = n.div_ceil(max) as u32;
+    let ran = p.with_engine(e.disk, |eng| {
+        let mut at = 0usize;
+        let mut left = parts;
+        while at < n {
+            let c = (n - at).min(max);
+            let Some(iob) = job.buf.part(if job.repeat { 0 } else { at }, c) else {
+                report(id, Some(Err(DioError::Invalid("request range"))), left);
+                break;
+            };
+            let req = DioRequest {
+                op: job.op,
+                ..DioRequest::write(Kiocb::with_owner(job.a0 + at as u64, id), iob, f)
+            };
+            left -= 1;
+            // SAFETY: the buffer belongs to the request until its last
+            // part's completion (as for reads).
+            match unsafe { eng.dio_rw(req) } {
+                Ok(DioResult::Queued) => {}
+                Ok(DioResult::Done(got)) => report(id, Some(Ok(got)), 1),
+                Err(err) => {
+                    report(id, Some(Err(err)), 1 + left);
+                    break;
+                }
+            }
+            at += c;
+        }
+    });
+    if ran.is_none() {
+        report(id, Some(Err(NO_QUEUE)), parts);
+    }
 }
 
 /// A raw job's device commands: one per `job.max` bytes of its range (a

@@ -105,13 +105,48 @@ fn now() -> u64 {
     T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
 }
 
-/// Exports `disk` (writable) and `ro` (the same namespace, read-only).
+/// A dxfs image (4 KiB blocks) of `vol.bin` (64 KiB, every block
+/// written, bytes `pattern(20, ..)`) and `sparse.bin` (64 KiB, a hole
+/// but its first 8 KiB).
+fn image() -> (Vec<u8>, dioxide_dxfs::Fs<dioxide_dxfs::MemDevice>) {
+    use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
+    struct Src;
+    impl Source for Src {
+        fn read(&mut self, id: u64, off: u64, buf: &mut [u8]) -> Result<(), String> {
+            let p = pattern(20 + id, 64 * 1024);
+            buf.copy_from_slice(&p[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+    }
+    let tree = Tree {
+        nodes: vec![
+            Node::dir(vec![("vol.bin".into(), 1), ("sparse.bin".into(), 2)]),
+            Node::file(64 * 1024, vec![(0, 64 * 1024)], 0),
+            Node::file(64 * 1024, vec![(0, 8192)], 1),
+        ],
+    };
+    let opts = Options::default();
+    let plan = mkfs::plan(&tree, &opts).unwrap();
+    let mut dev = dioxide_dxfs::MemDevice::new(BLOCKS as usize * LBS, 512);
+    mkfs::write(&tree, &plan, &opts, &mut Src, &mut dev, &mut |_, _| {}).unwrap();
+    let bytes = dev.data.clone();
+    (bytes, dioxide_dxfs::Fs::mount(dev).unwrap())
+}
+
+/// Exports `disk` (writable) and `ro` (the same namespace, read-only),
+/// and the image's files, `vol.bin` and `sparse.bin` writable.
 fn table() -> &'static Table {
     let mut t = Table::new();
     t.add_raw("disk".into(), BLOCKS * LBS as u64, 0, LBS as u32);
     t.add_raw("ro".into(), BLOCKS * LBS as u64, 0, LBS as u32);
     t.add_null(1 << 20);
     t.set_writable("disk").unwrap();
+    let (_, fs) = image();
+    for name in ["vol.bin", "sparse.bin"] {
+        let f = fs.open(fs.resolve(&format!("/{name}")).unwrap()).unwrap();
+        t.add_file(name.into(), f, 4096, 0, LBS as u32);
+        t.set_writable(name).unwrap();
+    }
     Box::leak(Box::new(t))
 }
 
@@ -131,6 +166,8 @@ fn rig(export: &str, access: Access) -> Rig {
 }
 
 fn rig_stalling(export: &str, access: Access, stall_ns: u64) -> Rig {
+    // The device holds the image (the raw tests write where it has no
+    // file: blocks it does not use stay zero).
     let seen = Rc::new(RefCell::new(Seen {
         disk: vec![0; BLOCKS as usize * LBS],
         ..Seen::default()
@@ -500,4 +537,76 @@ fn a_payload_that_trickles_ends_its_connection_after_the_stall_time() {
     assert!(t0.elapsed() >= std::time::Duration::from_millis(300));
     r.assert_released();
     assert_eq!(r.seen.borrow().writes, 0);
+}
+
+/// Where `name`'s file block `fb` lives on the device.
+fn file_block(name: &str, fb: u64) -> usize {
+    let (_, fs) = image();
+    let f = fs.open(fs.resolve(&format!("/{name}")).unwrap()).unwrap();
+    use dioxide_iomap::IomapOps;
+    let m = f
+        .iomap_begin(fb * 4096, 4096, dioxide_iomap::IomapFlags::empty())
+        .unwrap();
+    assert_eq!(m.kind, dioxide_iomap::IomapType::Mapped);
+    (m.addr + (fb * 4096 - m.offset)) as usize
+}
+
+#[test]
+fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
+    let mut r = rig("vol.bin", writer());
+    r.seen.borrow_mut().disk = image().0;
+    r.connect();
+    let before = r.seen.borrow().disk.clone();
+    // One block (the simple write path), four blocks with FUA (generic),
+    // in flight together; then a flush.
+    let one = pattern(30, 4096);
+    let four = pattern(31, 4 * 4096);
+    let h1 = r.write(3 * 4096, &one, 0);
+    let h4 = r.write(8 * 4096, &four, cflag::FUA);
+    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    let mut want = vec![(h1, 0), (h4, 0), (hf, 0)];
+    want.sort();
+    assert_eq!(errors(&r.settle()), want);
+    {
+        let seen = r.seen.borrow();
+        assert_eq!(&seen.disk[file_block("vol.bin", 3)..][..4096], &one[..]);
+        for k in 0..4 {
+            assert_eq!(
+                &seen.disk[file_block("vol.bin", 8 + k)..][..4096],
+                &four[k as usize * 4096..][..4096]
+            );
+        }
+        assert_eq!((seen.fua_writes, seen.flushes), (1, 1));
+        // Nothing but those five blocks changed: no metadata was written.
+        let changed = seen
+            .disk
+            .chunks(4096)
+            .zip(before.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(changed, 5);
+    }
+    r.read_back(3 * 4096, &one);
+    r.read_back(8 * 4096, &four);
+    // A write that is not whole filesystem blocks: EINVAL (the export's
+    // minimum block is the filesystem's).
+    let h = r.write(4096 + 512, &pattern(32, 512), 0);
+    assert_eq!(errors(&r.settle()), vec![(h, Errno::Inval as u32)]);
+    r.assert_released();
+
+    // A hole needs allocation: ENOTSUP, and the device is untouched; the
+    // written part of the same file takes the overwrite.
+    let mut r = rig("sparse.bin", writer());
+    r.seen.borrow_mut().disk = image().0;
+    r.connect();
+    let before = r.seen.borrow().disk.clone();
+    let hole = r.write(8 * 4096, &pattern(33, 4096), 0);
+    assert_eq!(errors(&r.settle()), vec![(hole, Errno::NotSup as u32)]);
+    assert!(r.seen.borrow().disk == before);
+    let data = pattern(34, 4096);
+    let ok = r.write(4096, &data, 0);
+    assert_eq!(errors(&r.settle()), vec![(ok, 0)]);
+    r.read_back(4096, &data);
+    r.read_back(8 * 4096, &[0u8; 4096]);
+    r.assert_released();
 }

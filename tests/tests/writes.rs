@@ -1,8 +1,8 @@
-//! Writes over NBD (issue 22): a raw namespace taken writable, written by
-//! real clients (nbdcopy, fio with crc32c verification), read back
-//! identical after the appliance restarts on the same image; who may
-//! write and who may connect; a device write error failing only the
-//! request that hit it.
+//! Writes over NBD (issue 22): a raw namespace and a dxfs file taken
+//! writable, written by real clients (nbdcopy, fio with crc32c
+//! verification), read back identical after the appliance restarts on the
+//! same images; who may write and who may connect; a device write error
+//! failing only the request that hit it.
 
 use dioxide_qemu::Guest;
 use dioxide_tests::nbdraw::{self as raw, Client};
@@ -14,6 +14,8 @@ use std::time::Duration;
 /// The volume's size and the 512-byte sector whose writes fail (QEMU
 /// blkdebug), far from what the clients write.
 const VOL: u64 = 64 << 20;
+/// The writable file's size.
+const FILE: u64 = 4 << 20;
 const BAD_SECTOR: u64 = (60 << 20) / 512;
 
 /// Boots on `fs` (nvme0n1, a dxfs image) and `vol` (nvme1n1, raw) with
@@ -44,11 +46,15 @@ impl Drop for ConsoleOnPanic<'_> {
     }
 }
 
-/// A dxfs image of one small file, and a zeroed (sparse) volume.
+/// A dxfs image of a small file and a 4 MiB one (`vol.bin`, every block
+/// written), and a zeroed (sparse) volume.
 fn images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("hello.txt"), b"hello\n").unwrap();
+    let mut vol = vec![0u8; FILE as usize];
+    dioxide_testkit::Rng::new(5).fill(&mut vol);
+    std::fs::write(src.join("vol.bin"), &vol).unwrap();
     let fs = dir.join("fs.img");
     dioxide::fstool::mkfs(&fs, &src, None, 4096, "").unwrap();
     let vol = dir.join("vol.img");
@@ -56,12 +62,12 @@ fn images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (fs, vol)
 }
 
-/// fio through its NBD engine on `uri`: 4 KiB random writes over 16 MiB
-/// from 32 MiB, each block with a crc32c header, then read back and
-/// verified (`verify_only`: only the reading and verifying, of what an
+/// fio through its NBD engine on `uri`: 4 KiB random writes over `size`
+/// bytes from `offset`, each block with a crc32c header, then read back
+/// and verified (`verify_only`: only the reading and verifying, of what an
 /// earlier run wrote: fio's offsets and data come from its fixed seed).
 /// Returns fio's error and the blocks written and read.
-fn fio(dir: &Path, uri: &str, verify_only: bool) -> (i64, u64, u64, String) {
+fn fio(dir: &Path, uri: &str, range: (&str, &str), verify_only: bool) -> (i64, u64, u64, String) {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=writes",
@@ -69,8 +75,8 @@ fn fio(dir: &Path, uri: &str, verify_only: bool) -> (i64, u64, u64, String) {
         &format!("--uri={uri}"),
         "--rw=randwrite",
         "--bs=4k",
-        "--offset=32M",
-        "--size=16M",
+        &format!("--offset={}", range.0),
+        &format!("--size={}", range.1),
         "--iodepth=16",
         "--verify=crc32c",
         "--verify_state_save=0",
@@ -113,7 +119,7 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     );
     assert!(
         console.contains(
-            "nbd: writable: nvme1n1; writes from 10.0.2.2/32; connections from any address"
+            "nbd: writable: nvme1n1, 2 file(s); writes from 10.0.2.2/32; connections from any address"
         ),
         "{console}"
     );
@@ -141,9 +147,32 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     );
 
     // fio: random writes with crc32c headers, read back and verified.
-    let (error, written, read, err) = fio(dir.path(), &format!("{url}/nvme1n1"), false);
+    let (error, written, read, err) =
+        fio(dir.path(), &format!("{url}/nvme1n1"), ("32M", "16M"), false);
     assert_eq!(error, 0, "fio: {err}");
     assert_eq!((written, read), (4096, 4096), "fio: {err}");
+
+    // The file: its written blocks overwritten by nbdcopy and by fio.
+    let (ok, out, err) = run(Command::new("nbdinfo").arg(format!("{url}/vol.bin")));
+    assert!(ok, "{err}");
+    let info = String::from_utf8_lossy(&out);
+    assert!(info.contains("is_read_only: false"), "{info}");
+    assert!(info.contains("block_size_minimum: 4096"), "{info}");
+    let mut fresh = vec![0u8; FILE as usize];
+    dioxide_testkit::Rng::new(6).fill(&mut fresh);
+    let fresh_file = dir.path().join("fresh.bin");
+    std::fs::write(&fresh_file, &fresh).unwrap();
+    let (ok, _, err) = run(Command::new("nbdcopy")
+        .arg(&fresh_file)
+        .arg(format!("{url}/vol.bin")));
+    assert!(ok, "nbdcopy into the file: {err}");
+    let (ok, got, err) = run(Command::new("nbdcopy").args([&format!("{url}/vol.bin"), "-"]));
+    assert!(ok, "{err}");
+    assert!(got == fresh, "the file differs from what nbdcopy wrote");
+    let (error, written, read, err) =
+        fio(dir.path(), &format!("{url}/vol.bin"), ("0", "4M"), false);
+    assert_eq!(error, 0, "fio on the file: {err}");
+    assert_eq!((written, read), (1024, 1024), "fio: {err}");
 
     // The read-only namespace refuses writes (EPERM: nbdcopy fails).
     let (ok, _, _) = run(Command::new("nbdcopy")
@@ -188,9 +217,12 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     let (ok, got, err) = run(Command::new("nbdcopy").args([&format!("{url}/nvme1n1"), "-"]));
     assert!(ok, "{err}");
     assert!(got == image, "the volume after the restart differs");
-    let (error, _, read, err) = fio(dir.path(), &format!("{url}/nvme1n1"), true);
+    let (error, _, read, err) = fio(dir.path(), &format!("{url}/nvme1n1"), ("32M", "16M"), true);
     assert_eq!(error, 0, "fio verify after the restart: {err}");
     assert_eq!(read, 4096, "fio: {err}");
+    let (error, _, read, err) = fio(dir.path(), &format!("{url}/vol.bin"), ("0", "4M"), true);
+    assert_eq!(error, 0, "fio verify of the file after the restart: {err}");
+    assert_eq!(read, 1024, "fio: {err}");
     assert!(
         std::fs::read(&vol).unwrap() == image,
         "the read-only run changed the volume"
@@ -206,7 +238,7 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
         f.write_all(&[image[at as usize] ^ 0xff]).unwrap();
         f.sync_all().unwrap();
     }
-    let (error, _, _, err) = fio(dir.path(), &format!("{url}/nvme1n1"), true);
+    let (error, _, _, err) = fio(dir.path(), &format!("{url}/nvme1n1"), ("32M", "16M"), true);
     assert_ne!(error, 0, "fio verified a damaged block");
     assert!(err.contains("verify"), "{err}");
 }

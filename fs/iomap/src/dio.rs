@@ -608,7 +608,7 @@ impl<Q: BlockQueue> Engine<Q> {
         {
             // SAFETY: `simple` has this function's contract on `buf`, which
             // our caller guarantees.
-            match unsafe { self.simple(&req.iocb, req.buf, req.ops, req.flags) } {
+            match unsafe { self.simple(&req.iocb, req.op, req.buf, req.ops, req.flags) } {
                 Ok(r) => return Ok(r),
                 Err(Simple::Err(e)) => return Err(e),
                 Err(Simple::NotSimple) => self.st.stats.fell_back += 1,
@@ -622,7 +622,7 @@ impl<Q: BlockQueue> Engine<Q> {
     #[inline]
     fn simple_supported<O: IomapOps + ?Sized>(&self, req: &DioRequest<'_, O>) -> bool {
         let count = req.buf.len() as u64;
-        req.op == Op::Read
+        req.op != Op::Flush
             && count != 0
             && count <= req.ops.block_size() as u64
             && !req
@@ -644,6 +644,10 @@ impl<Q: BlockQueue> Engine<Q> {
     }
 
     /// The simple path: one block, one mapping, one command, one slot.
+    /// Reads, and writes that overwrite a written extent (a write into a
+    /// hole or an unwritten extent needs allocation or conversion: the
+    /// mapping is not simple and the generic path takes it); either way no
+    /// metadata changes and nothing is allocated.
     ///
     /// No [`IomapIter`] here: there is one mapping, and its one `iomap_end`
     /// call sits after the checks that may reject it (`checked`), so every
@@ -652,6 +656,7 @@ impl<Q: BlockQueue> Engine<Q> {
     unsafe fn simple<O: IomapOps + ?Sized>(
         &mut self,
         iocb: &Kiocb,
+        op: Op,
         buf: IoBuf,
         ops: &O,
         flags: DioFlags,
@@ -659,11 +664,14 @@ impl<Q: BlockQueue> Engine<Q> {
         let pos = iocb.pos;
         let count = buf.len() as u64;
         let nowait = iocb.flags.contains(KiocbFlags::NOWAIT);
-        let bflags = if nowait {
+        let mut bflags = if nowait {
             IomapFlags::DIRECT | IomapFlags::NOWAIT
         } else {
             IomapFlags::DIRECT
         };
+        if op != Op::Read {
+            bflags |= IomapFlags::WRITE;
+        }
         let map = ops
             .iomap_begin(pos, count, bflags)
             .map_err(|e| Simple::Err(fs_error(e)))?;
@@ -675,7 +683,7 @@ impl<Q: BlockQueue> Engine<Q> {
         let tag = Tag::Slot(idx as u16).encode();
         // SAFETY: the caller keeps `buf` valid until completion (this
         // function's contract).
-        if let Err(e) = unsafe { self.submit(Op::Read, lba, buf, tag, nowait) } {
+        if let Err(e) = unsafe { self.submit(op, lba, buf, tag, nowait) } {
             self.unstart_slot(idx);
             return Err(Simple::Err(if e == BlkError::QueueFull {
                 DioError::Again

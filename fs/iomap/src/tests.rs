@@ -257,6 +257,52 @@ fn simple_read_is_simple_and_correct() {
     assert_eq!(e.free_slots(), 32);
 }
 
+/// The simple path overwrites one written block (no metadata, no
+/// allocation); a write into a hole or an unwritten extent is not simple,
+/// falls back, and the generic path refuses it (allocation and conversion
+/// are the filesystem's, not built here).
+#[test]
+fn a_simple_write_overwrites_a_written_block_and_nothing_else_is_simple() {
+    let mut e = engine();
+    let f = FakeFile::contiguous(64 * 1024, 128 * 1024);
+    let (mut v, o) = abuf(4096);
+    v[o..o + 4096].fill(0xa7);
+    let buf = IoBuf::from_addr(v[o..].as_mut_ptr() as usize, 4096).unwrap();
+    for op in [Op::Write, Op::WriteFua] {
+        // SAFETY: v outlives the synchronous call.
+        let r = unsafe {
+            e.dio_rw(DioRequest {
+                iocb: Kiocb::sync(8192),
+                op,
+                buf,
+                ops: &f,
+                dops: None,
+                flags: DioFlags::empty(),
+                done_before: 0,
+            })
+        };
+        assert_eq!(r, Ok(DioResult::Done(4096)));
+    }
+    assert_eq!((e.stats().simple, e.stats().generic), (2, 0));
+    assert!(e.queue().disk[128 * 1024 + 8192..][..4096]
+        .iter()
+        .all(|&b| b == 0xa7));
+    for kind in [IomapType::Hole, IomapType::Unwritten] {
+        let mut e = engine();
+        let f = FakeFile::new(vec![(0, 64 * 1024, kind, 0)], 64 * 1024);
+        let before = e.queue().disk.clone();
+        // SAFETY: as above.
+        let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(0), buf, &f)) };
+        assert!(
+            matches!(r, Err(DioError::Unsupported(_))),
+            "{kind:?}: {r:?}"
+        );
+        let s = e.stats();
+        assert_eq!((s.simple, s.fell_back, s.generic), (0, 1, 1), "{kind:?}");
+        assert!(e.queue().disk == before, "{kind:?}: the device was written");
+    }
+}
+
 #[test]
 fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
     fn base() -> FakeFile {
@@ -277,10 +323,10 @@ fn each_eligibility_condition_alone_sends_the_read_to_the_generic_path() {
     );
     let cases: Vec<Case> = vec![
         (
-            "write",
+            "write of more than a block",
             Box::new(base),
             0,
-            4096,
+            8192,
             DioFlags::empty(),
             false,
             0,
@@ -803,12 +849,16 @@ fn simple_path_allocates_nothing_generic_path_does() {
         e.poll();
         e.complete(|_, r| assert!(r.is_ok()));
     }
-    // Sync simple reads too.
+    // Sync simple reads too, and simple writes (overwrites).
     for i in 0..100u64 {
         read_sync(&mut e, &f, i * 4096, &mut v[o..o + 4096], DioFlags::empty()).unwrap();
+        let buf = IoBuf::from_addr(v[o..].as_mut_ptr() as usize, 4096).unwrap();
+        // SAFETY: v outlives the synchronous call.
+        let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(i * 4096), buf, &f)) };
+        assert_eq!(r, Ok(DioResult::Done(4096)));
     }
     assert_eq!(allocs() - before, 0, "simple path allocated");
-    assert_eq!(e.stats().simple, 6500);
+    assert_eq!(e.stats().simple, 6600);
     e.set_simple(false);
     let before = allocs();
     for i in 0..100u64 {

@@ -15,11 +15,12 @@
 //! the frames per request), whose heap level must equal the one logged at
 //! start: the bad-input test and the soak check that.
 //!
-//! Writes: `nbd.rw=` names the exports that take them (`all` or
-//! `namespaces`: every namespace raw; or export names separated by
-//! commas); a namespace that holds a mounted dxfs filesystem stays
-//! read-only (its raw writes would change the filesystem under the file
-//! exports), and file exports take no writes yet. Who may write is
+//! Writes: `nbd.rw=` names the exports that take them (`all`;
+//! `namespaces`: every namespace raw; `files`: every file; or export names
+//! separated by commas); a namespace that holds a mounted dxfs filesystem
+//! stays read-only (its raw writes would change the filesystem under the
+//! file exports), and files take overwrites of their written blocks only
+//! (allocation is not built yet). Who may write is
 //! `nbd.rw_from=` (`dioxide_service::Access`); the boot log and the screen
 //! say which exports are writable and from where (`writable`).
 
@@ -196,25 +197,33 @@ pub fn table(mounts: &[crate::block::disk::Mounted], args: &crate::ServiceArgs) 
 /// export left read-only and why, then which take writes and from where.
 /// A name that is no export is a configuration error (the boot fails).
 pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &crate::ServiceArgs) {
+    use alloc::string::String;
+    use alloc::vec::Vec;
     let Some(rw) = args.rw else {
         log::info!(target: "nbd", "read-only: every export (nbd.rw= not given)");
         return;
     };
     let mounted = |disk: usize| mounts.iter().any(|m| m.disk == disk);
-    let raws: alloc::vec::Vec<(alloc::string::String, usize)> =
-        t.raws().map(|(n, d)| (n.into(), d)).collect();
-    let names: alloc::vec::Vec<&str> = match rw {
-        "all" | "namespaces" => raws.iter().map(|(n, _)| n.as_str()).collect(),
-        list => list.split(',').filter(|n| !n.is_empty()).collect(),
+    let raws: Vec<(String, usize)> = t.raws().map(|(n, d)| (n.into(), d)).collect();
+    let files: Vec<String> = t.files().map(|(n, _, _)| n.into()).collect();
+    let names: Vec<String> = match rw {
+        "all" => raws
+            .iter()
+            .map(|r| r.0.clone())
+            .chain(files.iter().cloned())
+            .collect(),
+        "namespaces" => raws.iter().map(|r| r.0.clone()).collect(),
+        "files" => files.clone(),
+        list => list
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| n.strip_prefix('/').unwrap_or(n).into())
+            .collect(),
     };
-    if rw == "all" && t.files().next().is_some() {
-        log::warn!(target: "nbd", "file exports stay read-only: dxfs takes no writes yet");
-    }
-    for name in names {
-        let name = name.strip_prefix('/').unwrap_or(name);
+    for name in &names {
         if let Some((_, disk)) = raws.iter().find(|(n, _)| n == name) {
             if mounted(*disk) {
-                log::warn!(target: "nbd", "{name} stays read-only: it holds a mounted dxfs filesystem");
+                log::warn!(target: "nbd", "{name} stays read-only: it holds a mounted dxfs filesystem (its files take writes)");
                 continue;
             }
         }
@@ -227,18 +236,33 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
             Err(e) => log::warn!(target: "nbd", "{name} stays read-only: {e}"),
         }
     }
-    let mut list = alloc::string::String::new();
+    // Namespaces by name, files by count (there may be thousands).
+    let mut list = String::new();
+    let mut nfiles = 0usize;
     for n in t.writable() {
+        if files.iter().any(|f| f == n) {
+            nfiles += 1;
+            continue;
+        }
         if !list.is_empty() {
-            list.push(',');
+            list.push_str(", ");
         }
         list.push_str(n);
+    }
+    if nfiles > 0 {
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        let _ = core::fmt::write(&mut list, format_args!("{nfiles} file(s)"));
     }
     if list.is_empty() {
         log::warn!(target: "nbd", "read-only: nbd.rw={rw} leaves no export writable");
         return;
     }
     log::info!(target: "nbd", "writable: {list}; {}", args.access.describe());
+    if nfiles > 0 {
+        log::info!(target: "nbd", "files take overwrites of their written blocks; a write into a hole gets ENOTSUP (allocation is not built yet)");
+    }
     if !args.access.any_writer() {
         log::warn!(target: "nbd", "no client may write: nbd.rw_from= not given (run --writable allows the host)");
     }

@@ -23,7 +23,7 @@
 //! | `nbd.storage_cores` | `1`, `0` (default: 1 with `nvme.completion=irq`, else 0) | with several CPUs, issue each connection's reads on a storage core (1) or all on the boot core (0) |
 //! | `nbd.stall_s` | seconds (default 30) | drop an NBD connection whose replies wait and that takes less than 64 KiB of them in this long; TCP keep-alive probe after half of it without a packet |
 //! | `nbd.peer_timeout_s` | seconds (default 300) | drop an NBD connection whose peer sends nothing, not even an answer to a keep-alive probe, for this long |
-//! | `nbd.rw` | `all`, `namespaces`, or export names separated by commas | exports that take writes: raw namespaces that hold no mounted dxfs filesystem (file exports take none yet); from the clients `nbd.rw_from` names only |
+//! | `nbd.rw` | `all`, `namespaces`, `files`, or export names separated by commas | exports that take writes: raw namespaces that hold no mounted dxfs filesystem, and files (overwrites of written blocks; a hole gets ENOTSUP); from the clients `nbd.rw_from` names only |
 //! | `nbd.rw_from` | IPv4 networks or addresses, comma-separated (`10.0.2.2/32`, `any`) | clients that may write; every other client sees each export read-only (`EPERM` on writes). Without it nobody writes |
 //! | `nbd.allow` | IPv4 networks or addresses, comma-separated | clients that may connect at all (default: any); others are reset at once |
 //! | `time.source` | `hpet`, `pmtimer`, `pit`, `cpuid` | calibrate the TSC against this source only (default: the first that measures, in this order) |
