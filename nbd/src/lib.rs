@@ -285,6 +285,13 @@ pub struct ExportInfo {
     /// when its client may write too ([`Conn::allow_writes`]); otherwise
     /// the client sees it read-only.
     pub writable: bool,
+    /// Writes and write-zeroes must start and end on multiples of this
+    /// (and of `min_block`): a file's filesystem block, while its reads,
+    /// and the minimum block announced to every client, stay at any byte
+    /// (libnbd refuses requests not aligned to the announced minimum, and
+    /// a read-only client must go on reading a file of any size). 0: only
+    /// `min_block`.
+    pub write_block: u32,
 }
 
 /// The exports of a server.
@@ -992,7 +999,7 @@ impl Conn {
         if ty == cmd::WRITE && len > info.max_block.min(MAX_REQUEST) {
             return Err(Errno::Inval);
         }
-        let block = info.min_block.max(1) as u64;
+        let block = info.min_block.max(info.write_block).max(1) as u64;
         if ty != cmd::TRIM && (!offset.is_multiple_of(block) || !(len as u64).is_multiple_of(block))
         {
             return Err(Errno::Inval);

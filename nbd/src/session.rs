@@ -101,7 +101,7 @@ pub struct FakeExports {
 }
 
 /// The fixed exports at the start of every table (scripts pick them most).
-pub const FIXED: usize = 7;
+pub const FIXED: usize = 8;
 
 /// Longest export name in the big table: what NBD_OPT_GO can carry with
 /// two info requests (4-byte length, name, 2-byte count, 2 x 2 bytes).
@@ -118,6 +118,7 @@ impl FakeExports {
                 preferred_block,
                 max_block,
                 writable,
+                write_block: 0,
             }
         };
         // Writable: a size that is not a multiple of its block (the last
@@ -137,6 +138,15 @@ impl FakeExports {
                 info(8192, 4096, 4096, 4096, false),
             ),
             ("rw.img".into(), info(1 << 20, 512, 4096, 65536, true)),
+            // A writable file: reads of any byte, writes of whole 4 KiB
+            // blocks, a size that is not a multiple of them.
+            (
+                "file.bin".into(),
+                ExportInfo {
+                    write_block: 4096,
+                    ..info(100_000, 1, 4096, 65536, true)
+                },
+            ),
         ];
         assert_eq!(list.len(), FIXED);
         for i in 0..bulk {
@@ -888,7 +898,7 @@ fn update_error(
     } else {
         cflag::FUA
     };
-    let block = info.min_block.max(1) as u64;
+    let block = info.min_block.max(info.write_block).max(1) as u64;
     let unaligned = !offset.is_multiple_of(block) || !(len as u64).is_multiple_of(block);
     if flags & !takes != 0
         || len == 0
@@ -1940,6 +1950,7 @@ impl<'e> Driver<'e> {
             preferred_block: 4096,
             max_block: 1 << 20,
             writable: false,
+            write_block: 0,
         });
         let ty = match s.below(16) {
             0..=5 => cmd::READ,
@@ -1978,7 +1989,7 @@ impl<'e> Driver<'e> {
         let (offset, len) = if matches!(ty, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
             // Mostly whole blocks within the export; sometimes unaligned,
             // at or past the end, overflowing, zero, over the maximum.
-            let block = info.min_block.max(1);
+            let block = info.min_block.max(info.write_block).max(1);
             let maxw = info.max_block.min(MAX_REQUEST);
             let len: u32 = match s.below(12) {
                 0 => 0,

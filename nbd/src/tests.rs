@@ -9,6 +9,7 @@ const A: ExportInfo = ExportInfo {
     preferred_block: 4096,
     max_block: 1 << 20,
     writable: false,
+    write_block: 0,
 };
 const RAW: ExportInfo = ExportInfo {
     size: 1 << 30,
@@ -16,6 +17,7 @@ const RAW: ExportInfo = ExportInfo {
     preferred_block: 4096,
     max_block: 32 << 20,
     writable: false,
+    write_block: 0,
 };
 /// An export that takes writes.
 const VOL: ExportInfo = ExportInfo {
@@ -24,6 +26,7 @@ const VOL: ExportInfo = ExportInfo {
     preferred_block: 4096,
     max_block: 64 << 10,
     writable: true,
+    write_block: 0,
 };
 impl Exports for Fake {
     fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)> {

@@ -447,6 +447,7 @@ impl Table {
                 preferred_block: fs_block,
                 max_block: MAX_REQUEST,
                 writable: false,
+                write_block: 0,
             },
             target: Target::File(alloc::boxed::Box::new(file)),
             disk,
@@ -465,6 +466,7 @@ impl Table {
                 preferred_block: 4096.max(lbs),
                 max_block: MAX_REQUEST,
                 writable: false,
+                write_block: 0,
             },
             target: Target::Raw,
             disk,
@@ -482,6 +484,7 @@ impl Table {
                 preferred_block: 4096,
                 max_block: NULL_MAX as u32,
                 writable: false,
+                write_block: 0,
             },
             target: Target::Null,
             disk: 0,
@@ -496,7 +499,7 @@ impl Table {
     /// metadata changes, so nothing a crash can leave half done); a write
     /// into a hole or an unwritten extent needs allocation, not built yet,
     /// and is answered `ENOTSUP`. Its writes must be whole filesystem
-    /// blocks: its minimum block size becomes the filesystem's.
+    /// blocks ([`ExportInfo::write_block`]); reads stay at any byte.
     pub fn set_writable(&mut self, name: &str) -> Result<(), NotWritable> {
         let id = *self.by_name.get(name).ok_or(NotWritable::NoSuchExport)?;
         let e = &mut self.exports[id as usize];
@@ -507,7 +510,7 @@ impl Table {
             }
             Target::File(_) => {
                 e.info.writable = true;
-                e.info.min_block = e.info.preferred_block;
+                e.info.write_block = e.info.preferred_block;
                 Ok(())
             }
             Target::Null => Err(NotWritable::Null),
@@ -617,7 +620,7 @@ impl Failure {
         match self {
             Failure::Dio(DioError::Invalid(_)) => Errno::Inval,
             // A write needing allocation (not built yet).
-            Failure::Dio(DioError::Unsupported(_)) => Errno::NotSup,
+            Failure::Dio(DioError::Unallocated { .. }) => Errno::NotSup,
             _ => Errno::Io,
         }
     }
@@ -1235,8 +1238,15 @@ impl<P: Platform> Server<P> {
                         .get(req.export as usize)
                         .map_or("?", |e| e.name.as_str());
                     let what = req.kind.what();
-                    log::error!(
+                    // A write into a hole is the client's doing, as often
+                    // as it likes: not an error of the appliance's.
+                    let level = match f {
+                        Failure::Dio(DioError::Unallocated { .. }) => log::Level::Debug,
+                        _ => log::Level::Error,
+                    };
+                    log::log!(
                         target: "nbd",
+                        level,
                         "{what} of {name} at {} ({} bytes, handle {:#x}) failed: {f}",
                         req.offset, req.len, req.handle
                     );
@@ -1799,13 +1809,30 @@ impl<P: Platform> Server<P> {
                 (Some(buf), skew)
             }
             Kind::Flush => (None, 0),
-            Kind::Write { .. } | Kind::Zero { .. } => {
+            Kind::Zero { .. } => {
+                // A file's range is refused whole, before any of it is
+                // written, when a part needs allocation.
+                if let Some(Export {
+                    target: Target::File(f),
+                    ..
+                }) = self.table.exports.get(read.export as usize)
+                {
+                    if let Err(e) =
+                        dioxide_iomap::check_overwrite(&**f, read.offset, read.len as u64)
+                    {
+                        log::debug!(target: "nbd", "write-zeroes refused: {e}");
+                        return Err(Errno::NotSup);
+                    }
+                }
                 let mut buf = take_buf(&self.p, &mut self.small, &mut self.large, hold)
                     .ok_or(Errno::NoMem)?;
-                if let Kind::Zero { .. } = read.kind {
-                    // Pool buffers hold an earlier request's bytes.
-                    buf.as_mut_slice()[..hold].fill(0);
-                }
+                // Pool buffers hold an earlier request's bytes.
+                buf.as_mut_slice()[..hold].fill(0);
+                (Some(buf), 0)
+            }
+            Kind::Write { .. } => {
+                let buf = take_buf(&self.p, &mut self.small, &mut self.large, hold)
+                    .ok_or(Errno::NoMem)?;
                 (Some(buf), 0)
             }
         };
@@ -2149,7 +2176,6 @@ pub fn issue<P: Platform>(
         Target::File(_) | Target::Raw if job.op == Op::Flush => issue_raw(p, e, job, report),
         // (Refused in `submit`.)
         Target::Raw if job.max == 0 => {}
-        Target::File(_) if job.op != Op::Read && job.max == 0 => {}
         Target::File(f) if job.op != Op::Read => issue_file_writes(p, e, f, job, report),
         Target::File(f) => {
             let iocb = Kiocb::with_owner(job.a0, id);
@@ -2176,8 +2202,9 @@ pub fn issue<P: Platform>(
 /// A file job's writes: one dio per `job.max` bytes of its range (a
 /// WRITE: one; a write-zeroes round: one per zeroed buffer), each reported
 /// as a part. Overwrites of written blocks go down the simple path (one
-/// block) or the generic one; a range needing allocation fails
-/// (`DioError::Unsupported`).
+/// block) or the generic one; a range needing allocation fails whole
+/// (`DioError::Unallocated`, nothing written). (`submit` never makes a
+/// file write job without a queue: `job.max` is not 0.)
 fn issue_file_writes<P: Platform>(
     p: &P,
     e: &Export,
@@ -2185,7 +2212,7 @@ fn issue_file_writes<P: Platform>(
     job: &Job,
     report: &mut dyn FnMut(ReqId, Option<Result<usize, DioError>>, u32),
 ) {
-    let (id, n, max) = (job.id, job.len, job.max);
+    let (id, n, max) = (job.id, job.len, job.max.max(1));
     let parts = n.div_ceil(max) as u32;
     let ran = p.with_engine(e.disk, |eng| {
         let mut at = 0usize;

@@ -557,11 +557,11 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
     r.seen.borrow_mut().disk = image().0;
     r.connect();
     let before = r.seen.borrow().disk.clone();
-    // One block (the simple write path), four blocks with FUA (generic),
-    // in flight together; then a flush.
+    // One block with FUA (the simple write path), four blocks with FUA
+    // (generic), in flight together; then a flush.
     let one = pattern(30, 4096);
     let four = pattern(31, 4 * 4096);
-    let h1 = r.write(3 * 4096, &one, 0);
+    let h1 = r.write(3 * 4096, &one, cflag::FUA);
     let h4 = r.write(8 * 4096, &four, cflag::FUA);
     let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
     let mut want = vec![(h1, 0), (h4, 0), (hf, 0)];
@@ -576,7 +576,8 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
                 &four[k as usize * 4096..][..4096]
             );
         }
-        assert_eq!((seen.fua_writes, seen.flushes), (1, 1));
+        // The four blocks are one device write: two with FUA in all.
+        assert_eq!((seen.writes, seen.fua_writes, seen.flushes), (2, 2, 1));
         // Nothing but those five blocks changed: no metadata was written.
         let changed = seen
             .disk
@@ -586,6 +587,8 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
             .count();
         assert_eq!(changed, 5);
     }
+    let stats = r.server.platform().with_engine(0, |e| e.stats()).unwrap();
+    assert_eq!((stats.simple, stats.generic), (1, 1), "{stats:?}");
     r.read_back(3 * 4096, &one);
     r.read_back(8 * 4096, &four);
     // A write that is not whole filesystem blocks: EINVAL (the export's
@@ -608,5 +611,37 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
     assert_eq!(errors(&r.settle()), vec![(ok, 0)]);
     r.read_back(4096, &data);
     r.read_back(8 * 4096, &[0u8; 4096]);
+    // A write-zeroes over the written part and the hole is refused whole.
+    let before = r.seen.borrow().disk.clone();
+    let hz =
+        r.lo.client()
+            .command(cmd::WRITE_ZEROES, 0, 0, 16 * 4096, &[])
+            .unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hz, Errno::NotSup as u32)]);
+    assert!(
+        r.seen.borrow().disk == before,
+        "a refused write-zeroes wrote"
+    );
+    r.read_back(4096, &data);
+    // So is a write over both.
+    let hw = r.write(0, &pattern(35, 12 * 4096), 0);
+    assert_eq!(errors(&r.settle()), vec![(hw, Errno::NotSup as u32)]);
+    assert!(r.seen.borrow().disk == before, "a refused write wrote");
+    r.assert_released();
+
+    // A write-zeroes over written blocks of a file zeroes them (one dio
+    // per zeroed buffer) and nothing beside them.
+    let mut r = rig("vol.bin", writer());
+    r.seen.borrow_mut().disk = image().0;
+    r.connect();
+    let hz =
+        r.lo.client()
+            .command(cmd::WRITE_ZEROES, 0, 4096, 14 * 4096, &[])
+            .unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hz, 0)]);
+    let p = pattern(20, 64 * 1024);
+    r.read_back(0, &p[..4096]);
+    r.read_back(4096, &[0u8; 14 * 4096]);
+    r.read_back(15 * 4096, &p[15 * 4096..]);
     r.assert_released();
 }

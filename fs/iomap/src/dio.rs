@@ -244,6 +244,37 @@ fn fs_error(e: IomapError) -> DioError {
     }
 }
 
+/// A write may only overwrite: every byte of `[pos, pos + count)` inside
+/// the file and in written (mapped) extents. Checked before the first
+/// command, so that a write over a hole changes nothing at all (the walk
+/// itself would have written the mapped part before meeting the hole).
+pub fn check_overwrite<O: IomapOps + ?Sized>(
+    ops: &O,
+    pos: u64,
+    count: u64,
+) -> Result<(), DioError> {
+    let end = pos
+        .checked_add(count)
+        .filter(|&e| e <= ops.size())
+        .ok_or(DioError::Invalid("write past the end of the file"))?;
+    let flags = IomapFlags::DIRECT | IomapFlags::WRITE;
+    let mut at = pos;
+    while at < end {
+        let map = ops.iomap_begin(at, end - at, flags).map_err(fs_error)?;
+        let mapped = map.kind == IomapType::Mapped;
+        let next = map.offset.saturating_add(map.length);
+        ops.iomap_end(at, end - at, 0, flags, &map);
+        if !mapped {
+            return Err(DioError::Unallocated { pos: at });
+        }
+        if map.offset > at || next <= at {
+            return Err(DioError::Invalid("mapping does not cover its position"));
+        }
+        at = next;
+    }
+    Ok(())
+}
+
 /// A read of a hole or unwritten extent: `len` zeroes at `off` of `buf`.
 ///
 /// # Safety
@@ -826,6 +857,9 @@ impl<Q: BlockQueue> Engine<Q> {
         if count == 0 {
             return Ok(DioResult::Done(done_before));
         }
+        if op.is_write() {
+            check_overwrite(ops, pos, count)?;
+        }
         let lbs = 1u64 << self.queue.lba_shift();
         let max = (self.queue.max_transfer() as u64 / lbs * lbs).max(lbs);
         if count.div_ceil(max) as usize > MAX_GENERIC_CMDS {
@@ -896,10 +930,11 @@ impl<Q: BlockQueue> Engine<Q> {
                     unsafe { copy_inline(buf, off, &step) };
                     Ok(step.len)
                 }
+                // (Refused before the walk: `check_overwrite`.)
                 (_, IomapType::Hole | IomapType::Unwritten | IomapType::Inline) => Err(Stop {
                     done: 0,
                     at: step.pos,
-                    err: DioError::Unsupported("write needing allocation or conversion"),
+                    err: DioError::Unallocated { pos: step.pos },
                 }),
                 // SAFETY: the caller's buffer stays valid and untouched until
                 // completion (our contract, which `dio_mapped` has).

@@ -39,7 +39,7 @@ mod iter;
 mod tests;
 
 pub use bounce::{Bounce, Lent};
-pub use dio::{Engine, Stats};
+pub use dio::{check_overwrite, Engine, Stats};
 /// The block layer this one submits to (re-exported: callers of the DIO
 /// layer name buffers and queues without another dependency).
 pub use dioxide_blk::{null, BlkError, BlockQueue, DmaBuf, FreeList, IoBuf, Op, ReqId, Ring, Slab};
@@ -297,6 +297,10 @@ pub enum DioError {
     Fs(IomapError),
     /// Not supported by this path or filesystem.
     Unsupported(&'static str),
+    /// A write into a hole or an unwritten extent: it needs allocation or
+    /// conversion, which the filesystem does not do (yet). Nothing was
+    /// written.
+    Unallocated { pos: u64 },
     /// A bounce buffer or the dio object could not be allocated (ENOMEM).
     NoMemory,
 }
@@ -309,6 +313,10 @@ impl fmt::Display for DioError {
             DioError::Io { pos, err } => write!(f, "I/O error at file offset {pos}: {err}"),
             DioError::Fs(e) => write!(f, "filesystem error: {e:?}"),
             DioError::Unsupported(w) => write!(f, "unsupported: {w}"),
+            DioError::Unallocated { pos } => write!(
+                f,
+                "write at file offset {pos} needs allocation, not built yet (a hole or an unwritten extent)"
+            ),
             DioError::NoMemory => write!(f, "out of memory"),
         }
     }

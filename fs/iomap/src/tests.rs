@@ -294,13 +294,46 @@ fn a_simple_write_overwrites_a_written_block_and_nothing_else_is_simple() {
         // SAFETY: as above.
         let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(0), buf, &f)) };
         assert!(
-            matches!(r, Err(DioError::Unsupported(_))),
+            matches!(r, Err(DioError::Unallocated { .. })),
             "{kind:?}: {r:?}"
         );
         let s = e.stats();
         assert_eq!((s.simple, s.fell_back, s.generic), (0, 1, 1), "{kind:?}");
         assert!(e.queue().disk == before, "{kind:?}: the device was written");
     }
+    // A write over written blocks and then a hole changes nothing (the
+    // mapped part is not written before the hole is met), and one past
+    // the end of the file is refused.
+    let mut e = engine();
+    let f = FakeFile::new(
+        vec![
+            (0, 8192, IomapType::Mapped, 64 * 1024),
+            (8192, 8192, IomapType::Hole, 0),
+        ],
+        16384,
+    );
+    let before = e.queue().disk.clone();
+    let (mut w, wo) = abuf(16384);
+    w[wo..wo + 16384].fill(0x3c);
+    let big = IoBuf::from_addr(w[wo..].as_mut_ptr() as usize, 16384).unwrap();
+    // SAFETY: w outlives the synchronous call.
+    let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(0), big, &f)) };
+    assert!(
+        matches!(r, Err(DioError::Unallocated { pos: 8192 })),
+        "{r:?}"
+    );
+    assert!(e.queue().disk == before, "the mapped part was written");
+    let part = IoBuf::from_addr(w[wo..].as_mut_ptr() as usize, 8192).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(12288), part, &f)) };
+    assert!(matches!(r, Err(DioError::Invalid(_))), "{r:?}");
+    // The control: the mapped part alone is written.
+    // SAFETY: as above.
+    let r = unsafe { e.dio_rw(DioRequest::write(Kiocb::sync(0), part, &f)) };
+    assert_eq!(r, Ok(DioResult::Done(8192)));
+    assert!(e.queue().disk[64 * 1024..][..8192]
+        .iter()
+        .all(|&b| b == 0x3c));
 }
 
 #[test]
@@ -768,7 +801,7 @@ fn bounce_buffered_reads_and_writes() {
             &hole,
         ))
     };
-    assert!(matches!(r, Err(DioError::Unsupported(_))));
+    assert!(matches!(r, Err(DioError::Unallocated { pos: 0 })));
 }
 
 #[test]

@@ -74,7 +74,7 @@ fn dev_error(offset: u64, e: DioError) -> DevError {
         DioError::Io { err, .. } => (err.reason(), None),
         DioError::Invalid(w) | DioError::Unsupported(w) => (w, None),
         DioError::Again => ("would block", None),
-        DioError::Fs(_) => ("filesystem error on a raw read", None),
+        DioError::Fs(_) | DioError::Unallocated { .. } => ("filesystem error on a raw read", None),
     };
     DevError::Io {
         offset,

@@ -205,7 +205,7 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
     };
     let mounted = |disk: usize| mounts.iter().any(|m| m.disk == disk);
     let raws: Vec<(String, usize)> = t.raws().map(|(n, d)| (n.into(), d)).collect();
-    let files: Vec<String> = t.files().map(|(n, _, _)| n.into()).collect();
+    let files: alloc::collections::BTreeSet<String> = t.files().map(|(n, _, _)| n.into()).collect();
     let names: Vec<String> = match rw {
         "all" => raws
             .iter()
@@ -213,7 +213,7 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
             .chain(files.iter().cloned())
             .collect(),
         "namespaces" => raws.iter().map(|r| r.0.clone()).collect(),
-        "files" => files.clone(),
+        "files" => files.iter().cloned().collect(),
         list => list
             .split(',')
             .filter(|n| !n.is_empty())
@@ -223,7 +223,7 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
     for name in &names {
         if let Some((_, disk)) = raws.iter().find(|(n, _)| n == name) {
             if mounted(*disk) {
-                log::warn!(target: "nbd", "{name} stays read-only: it holds a mounted dxfs filesystem (its files take writes)");
+                log::warn!(target: "nbd", "{name} stays read-only: it holds a mounted dxfs filesystem (its files can take writes: nbd.rw=files)");
                 continue;
             }
         }
@@ -240,7 +240,7 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
     let mut list = String::new();
     let mut nfiles = 0usize;
     for n in t.writable() {
-        if files.iter().any(|f| f == n) {
+        if files.contains(n) {
             nfiles += 1;
             continue;
         }
