@@ -160,6 +160,11 @@ struct HostSource {
 
 impl Source for HostSource {
     fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        if id >= self.paths.len() as u64 {
+            // A volume (`mkfs --volume`): zeroes.
+            buf.fill(0);
+            return Ok(());
+        }
         if self.open.as_ref().map(|(i, _)| *i) != Some(id) {
             let p = &self.paths[id as usize];
             let f = File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -257,6 +262,65 @@ fn scan(dir: &Path) -> Result<(Tree, Vec<PathBuf>, u64), Error> {
     Ok((tree, paths, bytes))
 }
 
+/// `--volume NAME:SIZE`: a file of SIZE bytes (a multiple of 4 KiB, the
+/// smallest block size; `parse_size` units) named NAME at the root.
+pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
+    let (name, size) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:SIZE (vol:1G)"))?;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.len() > 255 {
+        return Err(format!("{name:?}: a volume's name is one path component"));
+    }
+    let size = parse_size(size)?;
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(format!(
+            "{s:?}: a volume's size is a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok((name.into(), size))
+}
+
+/// Adds `volumes` at the root of `tree`: files of their sizes, every
+/// block written with zeroes (source ids from `first_source` on, which
+/// `HostSource` fills with zeroes). Written, not holes: the appliance
+/// overwrites written blocks in place and allocates none yet (issue 22),
+/// so a volume takes writes at once and a power cut cannot leave its
+/// metadata half changed. The zeroes are written, not left to the image
+/// file's holes: an image copied onto a drive by a tool that skips zero
+/// blocks (`dd conv=sparse`) would otherwise show the drive's old bytes
+/// in a file that never held them. So a volume takes its size on the
+/// host; sparse volumes come with allocating writes.
+fn add_volumes(
+    tree: &mut Tree,
+    volumes: &[(String, u64)],
+    first_source: u64,
+    block_size: u32,
+) -> Result<(), Error> {
+    for (k, (name, size)) in volumes.iter().enumerate() {
+        if !size.is_multiple_of(block_size as u64) {
+            return Err(Error::Usage(format!(
+                "--volume {name}: {size} bytes is not a multiple of the block size ({block_size})"
+            )));
+        }
+        let NodeKind::Dir(children) = &tree.nodes[0].kind else {
+            return Err(Error::Usage("mkfs: the root is not a directory".into()));
+        };
+        if children.iter().any(|(n, _)| n == name) {
+            return Err(Error::Usage(format!(
+                "--volume {name}: the directory already has an entry of that name"
+            )));
+        }
+        let i = tree.nodes.len();
+        tree.nodes
+            .push(Node::file(*size, vec![(0, *size)], first_source + k as u64));
+        if let NodeKind::Dir(children) = &mut tree.nodes[0].kind {
+            children.push((name.clone(), i));
+            children.sort();
+        }
+    }
+    Ok(())
+}
+
 /// `dioxide mkfs IMG --from DIR`.
 pub fn mkfs(
     img: &Path,
@@ -265,8 +329,31 @@ pub fn mkfs(
     block_size: u32,
     label: &str,
 ) -> Result<i32, Error> {
+    mkfs_with(img, Some(from), &[], size, block_size, label)
+}
+
+/// `dioxide mkfs IMG [--from DIR] [--volume NAME:SIZE]...`: the tree of
+/// `from` (or an empty root) and the volumes at its root.
+pub fn mkfs_with(
+    img: &Path,
+    from: Option<&Path>,
+    volumes: &[(String, u64)],
+    size: Option<u64>,
+    block_size: u32,
+    label: &str,
+) -> Result<i32, Error> {
     let t0 = Instant::now();
-    let (tree, paths, bytes) = scan(from)?;
+    let (mut tree, paths, bytes) = match from {
+        Some(dir) => scan(dir)?,
+        None => (
+            Tree {
+                nodes: vec![Node::dir(vec![])],
+            },
+            Vec::new(),
+            0,
+        ),
+    };
+    add_volumes(&mut tree, volumes, paths.len() as u64, block_size)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -10,7 +10,7 @@
 //!             [--machine OPTS] [--writable] [-- KERNEL-ARGS...]
 //! dioxide image [--out dioxide.iso] [--cmdline "KERNEL-ARGS"] [--menu-timeout SECS]
 //! dioxide build-kernel
-//! dioxide mkfs IMG --from DIR [--size SIZE] [--block-size B] [--label L]
+//! dioxide mkfs IMG [--from DIR] [--volume NAME:SIZE]... [--size SIZE] [--block-size B] [--label L]
 //! dioxide fsck IMG
 //! dioxide ls IMG [PATH]
 //! dioxide cat IMG PATH
@@ -88,13 +88,19 @@ enum Cmd {
     },
     /// Build the kernel and print the path of its ELF.
     BuildKernel,
-    /// Make a dxfs image from a directory tree (like `mke2fs -d`).
+    /// Make a dxfs image from a directory tree (like `mke2fs -d`), with
+    /// volumes to serve writable.
     Mkfs {
         /// The image file to write.
         img: PathBuf,
         /// The directory whose contents become the filesystem.
-        #[arg(long)]
-        from: PathBuf,
+        #[arg(long, required_unless_present = "volume")]
+        from: Option<PathBuf>,
+        /// A file of SIZE bytes at the root, every block written with
+        /// zeroes (the image stays sparse on the host), for the appliance
+        /// to serve writable (`nbd.rw=files`); repeatable.
+        #[arg(long, value_name = "NAME:SIZE", value_parser = dioxide::fstool::parse_volume)]
+        volume: Vec<(String, u64)>,
         /// Image size (e.g. 512M, 2G); default: what the tree needs plus slack.
         #[arg(long, value_parser = dioxide::fstool::parse_size)]
         size: Option<u64>,
@@ -537,10 +543,11 @@ fn run(cli: Cli) -> Result<i32, Error> {
         Cmd::Mkfs {
             img,
             from,
+            volume,
             size,
             block_size,
             label,
-        } => dioxide::fstool::mkfs(&img, &from, size, block_size, &label),
+        } => dioxide::fstool::mkfs_with(&img, from.as_deref(), &volume, size, block_size, &label),
         Cmd::Fsck { img } => dioxide::fstool::fsck(&img),
         Cmd::Bench {
             which: BenchCmd::Local(a),

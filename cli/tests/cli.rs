@@ -243,6 +243,78 @@ fn mkfs_fsck_ls_cat_round_trip() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// `mkfs --volume NAME:SIZE`: files whose every block is written (with
+/// zeroes: the appliance overwrites written blocks in place); fsck clean;
+/// refusals named.
+#[test]
+fn mkfs_makes_volumes_of_written_zero_blocks() {
+    let d = temp("mkfs-volume");
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello\n").unwrap();
+    let img = d.join("fs.img");
+    let (code, _, err) = dioxide_out(&[
+        "mkfs",
+        img.to_str().unwrap(),
+        "--from",
+        src.to_str().unwrap(),
+        "--volume",
+        "vol:64M",
+        "--volume",
+        "small:8K",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let meta = std::fs::metadata(&img).unwrap();
+    assert!(meta.len() > 64 << 20, "the image holds the volume's blocks");
+    let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out));
+    let (code, out, _) = dioxide_out(&["ls", img.to_str().unwrap(), "/"]);
+    assert_eq!(code, 0);
+    let ls = String::from_utf8_lossy(&out);
+    assert!(
+        ls.contains("67108864 vol") && ls.contains("8192 small") && ls.contains(" a.txt"),
+        "{ls}"
+    );
+    let (code, out, _) = dioxide_out(&["cat", img.to_str().unwrap(), "/small"]);
+    assert_eq!((code, out), (0, vec![0u8; 8192]));
+    // Written extents, not holes (a hole would take no writes).
+    let dev = dioxide::fstool::FileDevice::open(&img).unwrap();
+    let fs = dioxide_dxfs::Fs::mount(dev).unwrap();
+    let f = fs.open(fs.resolve("/vol").unwrap()).unwrap();
+    // (Volumes start their extents at file block 0 and cover all of it.)
+    assert!(matches!(
+        f.map(0),
+        dioxide_dxfs::Mapping::Mapped { blocks, .. } if blocks > 0
+    ));
+    let last = (64 << 20) / 4096 - 1;
+    assert!(matches!(f.map(last), dioxide_dxfs::Mapping::Mapped { .. }));
+    // Only volumes: no --from.
+    let img2 = d.join("vols.img");
+    let (code, _, err) = dioxide_out(&["mkfs", img2.to_str().unwrap(), "--volume", "v:1M"]);
+    assert_eq!(code, 0, "{err}");
+    // Refusals.
+    for (bad, why) in [
+        ("vol:1000", "multiple of 4 KiB"),
+        ("a/b:1M", "one path component"),
+        ("novalue", "NAME:SIZE"),
+        ("a.txt:1M", "already has an entry"),
+    ] {
+        let (code, _, err) = dioxide_out(&[
+            "mkfs",
+            d.join("bad.img").to_str().unwrap(),
+            "--from",
+            src.to_str().unwrap(),
+            "--volume",
+            bad,
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let (code, _, err) = dioxide_out(&["mkfs", d.join("none.img").to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
 #[test]
 fn mkfs_refuses_a_size_too_small_and_bad_block_sizes() {
     let d = temp("mkfs-small");

@@ -14,8 +14,9 @@ use std::time::Duration;
 /// The volume's size and the 512-byte sector whose writes fail (QEMU
 /// blkdebug), far from what the clients write.
 const VOL: u64 = 64 << 20;
-/// The writable file's size.
+/// The writable file's size, and the volume's.
 const FILE: u64 = 4 << 20;
+const VOLUME: u64 = 8 << 20;
 const BAD_SECTOR: u64 = (60 << 20) / 512;
 
 /// Boots on `fs` (nvme0n1, a dxfs image) and `vol` (nvme1n1, raw) with
@@ -46,8 +47,9 @@ impl Drop for ConsoleOnPanic<'_> {
     }
 }
 
-/// A dxfs image of a small file and a 4 MiB one (`vol.bin`, every block
-/// written), and a zeroed (sparse) volume.
+/// A dxfs image of a small file, a 4 MiB one (`vol.bin`, every block
+/// written) and an 8 MiB volume (`vol`, `mkfs --volume`), and a zeroed
+/// (sparse) image for a raw namespace.
 fn images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -56,7 +58,7 @@ fn images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     dioxide_testkit::Rng::new(5).fill(&mut vol);
     std::fs::write(src.join("vol.bin"), &vol).unwrap();
     let fs = dir.join("fs.img");
-    dioxide::fstool::mkfs(&fs, &src, None, 4096, "").unwrap();
+    dioxide::fstool::mkfs_with(&fs, Some(&src), &[("vol".into(), VOLUME)], None, 4096, "").unwrap();
     let vol = dir.join("vol.img");
     std::fs::File::create(&vol).unwrap().set_len(VOL).unwrap();
     (fs, vol)
@@ -119,7 +121,7 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     );
     assert!(
         console.contains(
-            "nbd: writable: nvme1n1, 2 file(s); writes from 10.0.2.2/32; connections from any address"
+            "nbd: writable: nvme1n1, 3 file(s); writes from 10.0.2.2/32; connections from any address"
         ),
         "{console}"
     );
@@ -178,6 +180,15 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     assert_eq!(error, 0, "fio on the file: {err}");
     assert_eq!((written, read), (1024, 1024), "fio: {err}");
 
+    // The volume: nbdcopy of the 16 MiB file's first 8 MiB into it.
+    let vol_data = &data[..VOLUME as usize];
+    let vol_file = dir.path().join("vol-data.bin");
+    std::fs::write(&vol_file, vol_data).unwrap();
+    let (ok, _, err) = run(Command::new("nbdcopy")
+        .arg(&vol_file)
+        .arg(format!("{url}/vol")));
+    assert!(ok, "nbdcopy into the volume: {err}");
+
     // The read-only namespace refuses writes (EPERM: nbdcopy fails).
     let (ok, _, _) = run(Command::new("nbdcopy")
         .arg(&file)
@@ -221,6 +232,9 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     let (ok, got, err) = run(Command::new("nbdcopy").args([&format!("{url}/nvme1n1"), "-"]));
     assert!(ok, "{err}");
     assert!(got == image, "the volume after the restart differs");
+    let (ok, got, err) = run(Command::new("nbdcopy").args([&format!("{url}/vol"), "-"]));
+    assert!(ok, "{err}");
+    assert!(got == vol_data, "the dxfs volume after the restart differs");
     let (error, _, read, err) = fio(dir.path(), &format!("{url}/nvme1n1"), ("32M", "16M"), true);
     assert_eq!(error, 0, "fio verify after the restart: {err}");
     assert_eq!(read, 4096, "fio: {err}");
