@@ -266,7 +266,7 @@ fn scan(dir: &Path) -> Result<(Tree, Vec<PathBuf>, u64), Error> {
 /// smallest block size; `parse_size` units) named NAME at the root.
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
     let (name, size) = s
-        .split_once(':')
+        .rsplit_once(':')
         .ok_or_else(|| format!("{s:?}: expected NAME:SIZE (vol:1G)"))?;
     if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.len() > 255 {
         return Err(format!("{name:?}: a volume's name is one path component"));
@@ -343,7 +343,7 @@ pub fn mkfs_with(
     label: &str,
 ) -> Result<i32, Error> {
     let t0 = Instant::now();
-    let (mut tree, paths, bytes) = match from {
+    let (mut tree, paths, _data_bytes) = match from {
         Some(dir) => scan(dir)?,
         None => (
             Tree {
@@ -375,9 +375,11 @@ pub fn mkfs_with(
     let mut src = HostSource { paths, open: None };
     let tty = std::io::stderr().is_terminal();
     let mut last = Instant::now();
+    let mut drew_bar = false;
     let mut progress = |done: u64, total: u64| {
         if tty && total > 64 << 20 && last.elapsed().as_millis() > 200 {
             last = Instant::now();
+            drew_bar = true;
             let pct = done * 100 / total.max(1);
             let bar: String = (0..40)
                 .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
@@ -386,7 +388,7 @@ pub fn mkfs_with(
         }
     };
     let r = mkfs::write(&tree, &plan, &opts, &mut src, &mut dev, &mut progress);
-    if tty && bytes > 64 << 20 {
+    if drew_bar {
         eprintln!();
     }
     let summary = match r {

@@ -97,7 +97,7 @@ enum Cmd {
         #[arg(long, required_unless_present = "volume")]
         from: Option<PathBuf>,
         /// A file of SIZE bytes at the root, every block written with
-        /// zeroes (the image stays sparse on the host), for the appliance
+        /// zeroes (the image holds its full size), for the appliance
         /// to serve writable (`nbd.rw=files`); repeatable.
         #[arg(long, value_name = "NAME:SIZE", value_parser = dioxide::fstool::parse_volume)]
         volume: Vec<(String, u64)>,

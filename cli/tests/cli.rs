@@ -264,8 +264,15 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
         "small:8K",
     ]);
     assert_eq!(code, 0, "{err}");
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&img).unwrap();
     assert!(meta.len() > 64 << 20, "the image holds the volume's blocks");
+    // Its zeroes were written (not left to the image file's holes).
+    assert!(
+        meta.blocks() * 512 >= 64 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
     let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out));
     let (code, out, _) = dioxide_out(&["ls", img.to_str().unwrap(), "/"]);
@@ -293,22 +300,31 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
     let (code, _, err) = dioxide_out(&["mkfs", img2.to_str().unwrap(), "--volume", "v:1M"]);
     assert_eq!(code, 0, "{err}");
     // Refusals.
-    for (bad, why) in [
-        ("vol:1000", "multiple of 4 KiB"),
-        ("a/b:1M", "one path component"),
-        ("novalue", "NAME:SIZE"),
-        ("a.txt:1M", "already has an entry"),
+    for (extra, why) in [
+        (vec!["--volume", "vol:1000"], "multiple of 4 KiB"),
+        (vec!["--volume", "a/b:1M"], "one path component"),
+        (vec!["--volume", "novalue"], "NAME:SIZE"),
+        (vec!["--volume", "a.txt:1M"], "already has an entry"),
+        (
+            vec!["--volume", "v:1M", "--volume", "v:2M"],
+            "already has an entry",
+        ),
+        (
+            vec!["--block-size", "65536", "--volume", "v:4K"],
+            "not a multiple of the block size (65536)",
+        ),
     ] {
-        let (code, _, err) = dioxide_out(&[
+        let bad = d.join("bad.img");
+        let mut args = vec![
             "mkfs",
-            d.join("bad.img").to_str().unwrap(),
+            bad.to_str().unwrap(),
             "--from",
             src.to_str().unwrap(),
-            "--volume",
-            bad,
-        ]);
-        assert_eq!(code, 2, "{bad}: {err}");
-        assert!(err.contains(why), "{bad}: {err}");
+        ];
+        args.extend(extra.iter().copied());
+        let (code, _, err) = dioxide_out(&args);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        assert!(err.contains(why), "{extra:?}: {err}");
     }
     let (code, _, err) = dioxide_out(&["mkfs", d.join("none.img").to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
