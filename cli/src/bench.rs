@@ -687,7 +687,7 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
     }
     let host = if opts.host_ios > 0 && opts.from_log.is_none() {
         eprintln!(
-            "dioxide bench: host benchmark ({} reads per target)",
+            "dioxide bench: host benchmark ({} I/Os per target: 4 KiB reads, and writes of the raw-write and simple-write rows)",
             opts.host_ios
         );
         Some(host_bench(opts.host_ios, &opts.host_threads)?)
@@ -717,10 +717,10 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
             "\nhost: the same crates on this CPU, {} reads in flight, instant controller model ({:.1} ns per I/O, subtracted)",
             h["qd"], h["model_ns_per_io"].as_f64().unwrap_or(0.0)
         );
-        println!("target     ns/io  cycles/io  allocs/io  simple_path generic_path fell_back");
+        println!("target         ns/io  cycles/io  allocs/io  simple_path generic_path fell_back");
         for r in h["host_rows"].as_array().into_iter().flatten() {
             println!(
-                "{:8} {:8.1} {:10.0} {:10.3} {:12} {:12} {:9}",
+                "{:12} {:8.1} {:10.0} {:10.3} {:12} {:12} {:9}",
                 r["target"].as_str().unwrap_or(""),
                 r["ns_per_io"].as_f64().unwrap_or(0.0),
                 r["cycles_per_io"].as_f64().unwrap_or(0.0),
