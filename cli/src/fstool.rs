@@ -67,6 +67,9 @@ impl BlockDeviceMut for FileDevice {
             .write_all_at(buf, offset)
             .map_err(|e| dev_error(offset, &e))
     }
+    fn flush(&mut self) -> Result<(), DevError> {
+        self.file.sync_data().map_err(|e| dev_error(0, &e))
+    }
 }
 
 /// An image file's I/O error at the dxfs device boundary: the kind as the
@@ -368,6 +371,7 @@ pub fn mkfs_with(
         label: label.into(),
         uuid,
         now,
+        log_blocks: None,
     };
     let plan = mkfs::plan(&tree, &opts)
         .map_err(|e| Error::Usage(format!("mkfs {}: {e}", img.display())))?;

@@ -85,9 +85,23 @@ pub trait BlockDevice {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError>;
 }
 
-/// A writable block device (mkfs).
+/// A writable block device (mkfs, the write path).
 pub trait BlockDeviceMut: BlockDevice {
+    /// Writes `buf` at byte `offset`. On a device with a volatile write
+    /// cache the data may be lost by a power cut until the next
+    /// [`BlockDeviceMut::flush`].
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError>;
+    /// Makes every write completed so far durable (NVMe Flush, `fsync`). A
+    /// device without a volatile cache has nothing to do.
+    fn flush(&mut self) -> Result<(), DevError> {
+        Ok(())
+    }
+    /// Writes `buf` durably before returning (NVMe's FUA bit), without
+    /// making other writes durable.
+    fn write_fua(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.write_at(offset, buf)?;
+        self.flush()
+    }
 }
 
 /// A device in memory.
@@ -146,6 +160,30 @@ impl BlockDeviceMut for MemDevice {
         let (a, b) = check_access(self, offset, buf.len())?;
         self.data[a..b].copy_from_slice(buf);
         Ok(())
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
+    fn sector_size(&self) -> u32 {
+        (**self).sector_size()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        (**self).read_at(offset, buf)
+    }
+}
+
+impl<T: BlockDeviceMut + ?Sized> BlockDeviceMut for &mut T {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        (**self).write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        (**self).flush()
+    }
+    fn write_fua(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        (**self).write_fua(offset, buf)
     }
 }
 

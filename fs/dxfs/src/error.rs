@@ -45,6 +45,8 @@ pub enum Structure {
     Inode(u64),
     ExtentTree(u64),
     Directory(u64),
+    /// The commit log.
+    Log,
 }
 
 impl fmt::Display for Structure {
@@ -55,6 +57,7 @@ impl fmt::Display for Structure {
             Structure::Inode(i) => write!(f, "inode {i}"),
             Structure::ExtentTree(i) => write!(f, "extent tree of inode {i}"),
             Structure::Directory(i) => write!(f, "directory inode {i}"),
+            Structure::Log => write!(f, "commit log"),
         }
     }
 }
@@ -92,6 +95,21 @@ pub enum Error {
     },
     /// mkfs: an input that cannot be stored.
     Input(String),
+    /// A write needs a block and none is free.
+    Full { ino: u64 },
+    /// A write that would allocate, on an image without a commit log (made
+    /// before dxfs took writes): only overwrites of written blocks are safe.
+    NoLog,
+    /// A write past the end of the file (files keep their size).
+    PastEnd { ino: u64, block: u64 },
+    /// A change bigger than one transaction may log.
+    TxnTooBig { blocks: usize, capacity: usize },
+    /// Not a regular file.
+    NotAFile(u64),
+    /// An earlier commit failed on the device: the filesystem takes no more
+    /// changes until it is mounted again (which replays the last committed
+    /// transaction).
+    Failed,
 }
 
 pub type Result<T> = core::result::Result<T, Error>;
@@ -126,6 +144,25 @@ impl fmt::Display for Error {
                 "the tree needs {need_blocks} blocks but the image has {have_blocks}"
             ),
             Error::Input(s) => write!(f, "{s}"),
+            Error::Full { ino } => write!(f, "inode {ino}: no free block left"),
+            Error::NoLog => write!(
+                f,
+                "the image has no commit log (made before dxfs took writes): \
+                 only overwrites of written blocks are possible"
+            ),
+            Error::PastEnd { ino, block } => {
+                write!(f, "inode {ino}: block {block} is past the end of the file")
+            }
+            Error::TxnTooBig { blocks, capacity } => write!(
+                f,
+                "a change of {blocks} metadata blocks is more than the commit log's \
+                 {capacity} per transaction"
+            ),
+            Error::NotAFile(i) => write!(f, "inode {i} is not a regular file"),
+            Error::Failed => write!(
+                f,
+                "an earlier commit failed: no more changes until the filesystem is mounted again"
+            ),
         }
     }
 }

@@ -34,11 +34,20 @@ pub const BLOCK_MAGIC: [u8; 4] = *b"DXMB";
 pub const KIND_BITMAP: u16 = 1;
 pub const KIND_EXTENT: u16 = 2;
 pub const KIND_DIR: u16 = 3;
+/// The commit log's descriptor block (see `journal`).
+pub const KIND_LOG_DESC: u16 = 4;
+/// The commit log's commit block.
+pub const KIND_LOG_COMMIT: u16 = 5;
 
 pub const EXTENT_UNWRITTEN: u32 = 1;
 
 /// Incompat feature bits this reader knows (none yet).
-pub const INCOMPAT_KNOWN: u64 = 0;
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_LOG;
+/// The image has a commit log (`log_start`, `log_blocks`): metadata changes
+/// go through it, and a mount must replay it.
+pub const INCOMPAT_LOG: u64 = 1;
+/// The smallest commit log: a descriptor, one block, a commit block.
+pub const MIN_LOG_BLOCKS: u64 = 3;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -109,6 +118,10 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     pub created: i64,
     pub written: i64,
+    /// First block of the commit log (0 without [`INCOMPAT_LOG`]).
+    pub log_start: u64,
+    /// Blocks of the commit log (0 without [`INCOMPAT_LOG`]).
+    pub log_blocks: u64,
     pub label: [u8; 64],
 }
 
@@ -159,6 +172,8 @@ impl Superblock {
             uuid,
             created: u64_at(b, 136) as i64,
             written: u64_at(b, 144) as i64,
+            log_start: u64_at(b, 152),
+            log_blocks: u64_at(b, 160),
             label,
         };
         if u32_at(b, 168) != INODE_SIZE as u32 {
@@ -167,14 +182,35 @@ impl Superblock {
         if u32_at(b, 172) != DIR_HASH_FNV1A64 {
             return Err(Why::Unsupported("directory hash"));
         }
-        if u64_at(b, 152) != 0 || u64_at(b, 160) != 0 {
-            return Err(Why::Unsupported("commit log"));
-        }
         if sb.feature_incompat & !INCOMPAT_KNOWN != 0 {
             return Err(Why::Unsupported("incompatible feature bits"));
         }
         sb.check_geometry()?;
+        sb.check_log()?;
         Ok(sb)
+    }
+
+    /// Whether the image has a commit log.
+    pub fn has_log(&self) -> bool {
+        self.feature_incompat & INCOMPAT_LOG != 0
+    }
+
+    /// The commit log lies in the data region, or is absent (both fields 0).
+    fn check_log(&self) -> Result<(), Why> {
+        if !self.has_log() {
+            if self.log_start != 0 || self.log_blocks != 0 {
+                return Err(Why::Field("commit log without its feature bit"));
+            }
+            return Ok(());
+        }
+        let end = self.log_start.checked_add(self.log_blocks);
+        if self.log_start < self.data_start
+            || self.log_blocks < MIN_LOG_BLOCKS
+            || end.is_none_or(|e| e > self.block_count)
+        {
+            return Err(Why::Field("commit log region"));
+        }
+        Ok(())
     }
 
     fn check_geometry(&self) -> Result<(), Why> {
@@ -229,6 +265,8 @@ impl Superblock {
         b[120..136].copy_from_slice(&self.uuid);
         put64(b, 136, self.created as u64);
         put64(b, 144, self.written as u64);
+        put64(b, 152, self.log_start);
+        put64(b, 160, self.log_blocks);
         put32(b, 168, INODE_SIZE as u32);
         put32(b, 172, DIR_HASH_FNV1A64);
         b[176..240].copy_from_slice(&self.label);
@@ -550,6 +588,8 @@ mod tests {
             uuid: [0xab; 16],
             created: 1_700_000_000,
             written: 1_700_000_001,
+            log_start: 0,
+            log_blocks: 0,
             label,
         }
     }
@@ -614,6 +654,41 @@ mod tests {
             Err(Why::Unsupported("incompatible feature bits"))
         );
         assert_eq!(Superblock::parse(&b[..100]), Err(Why::Truncated));
+        // The commit log: its bit and its region go together.
+        let mut sb = sample_sb();
+        sb.log_start = 200;
+        sb.log_blocks = 16;
+        sb.emit(&mut bad);
+        assert_eq!(
+            Superblock::parse(&bad),
+            Err(Why::Field("commit log without its feature bit"))
+        );
+        for (start, blocks) in [(3, 16), (250, 16), (200, 2), (u64::MAX, 2)] {
+            let mut sb = sample_sb();
+            sb.feature_incompat = INCOMPAT_LOG;
+            (sb.log_start, sb.log_blocks) = (start, blocks);
+            sb.emit(&mut bad);
+            assert_eq!(
+                Superblock::parse(&bad),
+                Err(Why::Field("commit log region")),
+                "{start} {blocks}"
+            );
+        }
+    }
+
+    #[test]
+    fn superblock_with_a_log_golden_bytes() {
+        let mut sb = sample_sb();
+        sb.feature_incompat = INCOMPAT_LOG;
+        sb.log_start = 200;
+        sb.log_blocks = 16;
+        let mut b = [0u8; 512];
+        sb.emit(&mut b);
+        assert_eq!(b[104], 1);
+        assert_eq!(b[152..160], 200u64.to_le_bytes());
+        assert_eq!(b[160..168], 16u64.to_le_bytes());
+        assert_eq!(Superblock::parse(&b).unwrap(), sb);
+        assert!(sb.has_log());
     }
 
     #[test]

@@ -3,16 +3,22 @@
 use crate::dev::{BlockDevice, DevError};
 use crate::error::{Error, Result, Structure, Why};
 use crate::format::*;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
-/// A mounted (read-only) filesystem.
+/// A mounted filesystem, read side. A committed transaction in the commit
+/// log is laid over the home blocks it changes (`overlay`), so that an
+/// image whose last checkpoint a crash cut short reads as committed without
+/// writing to the device; [`crate::write::WritableFs`] writes it home.
 pub struct Fs<D: BlockDevice> {
-    dev: D,
-    sb: Superblock,
+    pub(crate) dev: D,
+    pub(crate) sb: Superblock,
     bs: usize,
+    pub(crate) overlay: BTreeMap<u64, Vec<u8>>,
+    /// The sequence number of the log's committed transaction, if any.
+    pub(crate) log_seq: Option<u64>,
 }
 
 /// An open inode with its extent list cached: mapping a file offset is a
@@ -39,6 +45,17 @@ pub enum Mapping {
 }
 
 impl File {
+    /// An open file from its inode and its (validated, sorted) extents.
+    pub(crate) fn from_parts(ino: u64, inode: Inode, extents: Vec<Extent>, block_size: u32) -> File {
+        File {
+            ino,
+            inode,
+            extents,
+            block_size,
+            block_shift: block_size.trailing_zeros(),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.inode.size
     }
@@ -121,11 +138,14 @@ impl<D: BlockDevice> Fs<D> {
                 Why::OutOfRange("block count (image truncated?)"),
             ));
         }
-        let fs = Fs {
+        let mut fs = Fs {
             bs: sb.block_size as usize,
             dev,
             sb,
+            overlay: BTreeMap::new(),
+            log_seq: None,
         };
+        fs.lay_over_log()?;
         let root = fs.inode(ROOT_INO)?;
         if !root.is_dir() {
             return Err(Error::corrupt(
@@ -137,8 +157,54 @@ impl<D: BlockDevice> Fs<D> {
         Ok(fs)
     }
 
+    /// Reads the commit log; a committed transaction's blocks are laid
+    /// over their home blocks (the superblock among them: it is parsed
+    /// again and must keep its log).
+    fn lay_over_log(&mut self) -> Result<()> {
+        let bs = self.bs as u64;
+        let dev = &self.dev;
+        let txn = crate::journal::read(&self.sb, &mut |blk, buf| {
+            dev.read_at(blk * bs, buf)
+                .map_err(|err| Error::Device { block: blk, err })
+        })?;
+        let Some(txn) = txn else {
+            return Ok(());
+        };
+        if let Some((_, b0)) = txn.blocks.iter().find(|(home, _)| *home == 0) {
+            let sb = Superblock::parse(b0)
+                .map_err(|w| Error::corrupt(Structure::Log, self.sb.log_start, w))?;
+            if sb.block_size != self.sb.block_size
+                || sb.block_count != self.sb.block_count
+                || sb.log_start != self.sb.log_start
+                || sb.log_blocks != self.sb.log_blocks
+            {
+                return Err(Error::corrupt(
+                    Structure::Log,
+                    self.sb.log_start,
+                    Why::Field("logged superblock's geometry"),
+                ));
+            }
+            self.sb = sb;
+        }
+        self.log_seq = Some(txn.seq);
+        self.overlay = txn.blocks.into_iter().collect();
+        Ok(())
+    }
+
     pub fn superblock(&self) -> &Superblock {
         &self.sb
+    }
+
+    /// The sequence number of the committed transaction found in the
+    /// commit log at mount, if any; its blocks are read in place of their
+    /// home copies.
+    pub fn log_seq(&self) -> Option<u64> {
+        self.log_seq
+    }
+
+    /// How many home blocks the commit log's transaction replaces.
+    pub fn logged_blocks(&self) -> usize {
+        self.overlay.len()
     }
     pub fn block_size(&self) -> u32 {
         self.sb.block_size
@@ -166,10 +232,15 @@ impl<D: BlockDevice> Fs<D> {
         }
         self.dev
             .read_at(block * self.bs as u64, buf)
-            .map_err(|err| Error::Device { block, err })
+            .map_err(|err| Error::Device { block, err })?;
+        for (&b, data) in self.overlay.range(block..block + n) {
+            let at = (b - block) as usize * self.bs;
+            buf[at..at + self.bs].copy_from_slice(data);
+        }
+        Ok(())
     }
 
-    fn inode_block(&self, ino: u64) -> u64 {
+    pub(crate) fn inode_block(&self, ino: u64) -> u64 {
         self.sb.itable_start + (ino - 1) / Superblock::inodes_per_block(self.sb.block_size)
     }
 
@@ -194,6 +265,9 @@ impl<D: BlockDevice> Fs<D> {
         self.dev
             .read_at(blk * self.bs as u64 + sec_off as u64, &mut buf[..len])
             .map_err(|err| Error::Device { block: blk, err })?;
+        if let Some(logged) = self.overlay.get(&blk) {
+            buf[..len].copy_from_slice(&logged[sec_off..sec_off + len]);
+        }
         Inode::parse(ino, &buf[off - sec_off..])
             .map_err(|w| Error::corrupt(Structure::Inode(ino), blk, w))
     }

@@ -101,6 +101,14 @@ pub fn check<D: BlockDevice>(dev: D) -> Report {
     for o in owner.iter_mut().take(sb.data_start as usize) {
         *o = META;
     }
+    // The commit log is metadata too (its region was checked at mount).
+    for o in owner
+        .iter_mut()
+        .skip(sb.log_start as usize)
+        .take(sb.log_blocks as usize)
+    {
+        *o = META;
+    }
     let mut used: BTreeSet<u64> = BTreeSet::new();
     let mut inodes: alloc::collections::BTreeMap<u64, Inode> = alloc::collections::BTreeMap::new();
     for ino in 1..=sb.inode_count {

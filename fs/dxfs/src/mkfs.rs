@@ -86,6 +86,17 @@ pub struct Options {
     pub uuid: [u8; 16],
     /// Creation time, seconds since the epoch.
     pub now: i64,
+    /// Blocks of the commit log; `None`: 1 MiB (at least 16 blocks);
+    /// `Some(0)`: none (an image that takes overwrites only).
+    pub log_blocks: Option<u64>,
+}
+
+impl Options {
+    /// The commit log's size in blocks.
+    pub fn log_blocks(&self) -> u64 {
+        self.log_blocks
+            .unwrap_or(((1 << 20) / self.block_size.max(1) as u64).max(16))
+    }
 }
 
 impl Default for Options {
@@ -96,6 +107,7 @@ impl Default for Options {
             label: String::new(),
             uuid: [0; 16],
             now: 0,
+            log_blocks: None,
         }
     }
 }
@@ -114,8 +126,10 @@ pub struct Plan {
     pub bitmap_blocks: u64,
     pub itable_blocks: u64,
     pub data_start: u64,
-    /// Blocks the tree occupies in the data region.
+    /// Blocks the tree and the commit log occupy in the data region.
     pub data_blocks: u64,
+    /// Blocks of the commit log (after the tree's).
+    pub log_blocks: u64,
     /// inode number of each node (0: unreferenced).
     ino_of: Vec<u64>,
     /// nodes in inode order
@@ -326,6 +340,13 @@ pub fn plan(tree: &Tree, opts: &Options) -> Result<Plan> {
             }
         }
     }
+    let log_blocks = opts.log_blocks();
+    if log_blocks != 0 && log_blocks < MIN_LOG_BLOCKS {
+        return Err(Error::Input(alloc::format!(
+            "a commit log of {log_blocks} blocks: at least {MIN_LOG_BLOCKS}, or 0 for none"
+        )));
+    }
+    data_blocks += log_blocks;
     let used_inodes = order.len() as u64;
     let ipb = Superblock::inodes_per_block(bs);
     let bpb = Superblock::bits_per_bitmap_block(bs);
@@ -374,6 +395,7 @@ pub fn plan(tree: &Tree, opts: &Options) -> Result<Plan> {
         itable_blocks,
         data_start: 1 + bitmap_blocks + itable_blocks,
         data_blocks,
+        log_blocks,
         ino_of,
         order,
         links,
@@ -631,6 +653,14 @@ pub fn write<D: BlockDeviceMut, S: Source>(
         };
         inode.emit(ino, &mut itable[(ino as usize - 1) * INODE_SIZE..]);
     }
+    // The commit log, empty: its first block zeroed, so that no transaction
+    // of an earlier filesystem on the device can be taken for ours.
+    let log_start = if plan.log_blocks > 0 { next } else { 0 };
+    if plan.log_blocks > 0 {
+        dev.write_at(log_start * b, &vec![0u8; bs])
+            .map_err(dev_err(log_start))?;
+        next += plan.log_blocks;
+    }
     let used = next;
     // Inode table.
     dev.write_at(
@@ -678,11 +708,13 @@ pub fn write<D: BlockDeviceMut, S: Source>(
         data_start: plan.data_start,
         root_inode: ROOT_INO,
         feature_compat: 0,
-        feature_incompat: 0,
+        feature_incompat: if plan.log_blocks > 0 { INCOMPAT_LOG } else { 0 },
         feature_ro_compat: 0,
         uuid: opts.uuid,
         created: opts.now,
         written: opts.now,
+        log_start,
+        log_blocks: plan.log_blocks,
         label,
     };
     let mut block0 = vec![0u8; bs];
