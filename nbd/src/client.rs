@@ -212,8 +212,7 @@ impl Client {
         } else {
             len
         };
-        let h = self.request(ty, flags, offset, len, payload, 0)?;
-        Ok(h)
+        self.request(ty, flags, offset, len, payload, 0)
     }
 
     /// Queues request `ty` and its payload; the reply is expected to carry
