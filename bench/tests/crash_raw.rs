@@ -12,74 +12,22 @@
 //! cut kept it, its last write. Seeds are printed on failure
 //! (`CRASH_SEEDS=a..b` to run others).
 
-use dioxide_iomap::Engine;
-use dioxide_nbd::client::{fnv1a, Reply, FNV_START};
+mod common;
+
+use common::LBS;
+use dioxide_nbd::client::{fnv1a, FNV_START};
+use dioxide_nbd::{cflag, cmd};
+use dioxide_nvme::sim::Sim;
+use dioxide_testkit::Rng;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Media checks (each what a cut keeping nothing cached would leave) and
 /// cuts made.
 static CHECKS: AtomicU64 = AtomicU64::new(0);
 static CUTS: AtomicU64 = AtomicU64::new(0);
-use dioxide_nbd::{cflag, cmd};
-use dioxide_nvme::blk::NvmeQueue;
-use dioxide_nvme::sim::{Sim, SimConfig, SimHal};
-use dioxide_nvme::Controller;
-use dioxide_service::loopback::{Link, Loopback, OneEngine, ServerSide};
-use dioxide_service::{Access, DiskLimits, Server, Table, STALL_NS};
-use dioxide_testkit::Rng;
-use std::collections::HashMap;
 
 const BLOCKS: u64 = 32;
-const LBS: usize = 4096;
-
-fn now() -> u64 {
-    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
-}
-
-type Svc = Server<OneEngine<NvmeQueue<SimHal, Sim>>>;
-
-struct Core {
-    side: ServerSide,
-    lo: Loopback,
-    server: Svc,
-}
-
-impl Core {
-    fn new(
-        ctrl: &mut Controller<SimHal, Sim>,
-        hal: &SimHal,
-        qid: u16,
-        table: &'static Table,
-    ) -> Core {
-        let ns = ctrl.namespace(1).expect("namespace");
-        let qp = ctrl.create_io_queue(qid, 64, None).expect("queue");
-        let engine = Engine::new(NvmeQueue::new(qp, hal.clone(), ns));
-        let (mut side, mut lo) = Loopback::new("vol", true, 16, now, now, Link::default());
-        let disks = [DiskLimits {
-            depth: 64,
-            max_transfer: 16 * 1024,
-            lbs: LBS,
-        }];
-        let mut server = Server::new(
-            OneEngine::new(engine, now, now),
-            &mut side.sockets,
-            table,
-            &disks,
-            STALL_NS,
-        );
-        server.set_access(Access::parse(None, Some("10.0.0.2")).unwrap());
-        lo.connect(&mut side, &mut server).expect("connect");
-        Core { side, lo, server }
-    }
-    fn settle(&mut self) -> Vec<Reply> {
-        let mut out = Vec::new();
-        self.lo
-            .settle(&mut self.side, &mut self.server, &mut out)
-            .expect("settle");
-        out
-    }
-}
 
 /// The bytes of write number `w` (0: never written) of block `b`.
 fn data(seed: u64, b: u64, w: u64) -> Vec<u8> {
@@ -114,25 +62,7 @@ impl Block {
 }
 
 fn run(seed: u64) {
-    let sim = Sim::new(SimConfig {
-        block_size: LBS as u32,
-        blocks: BLOCKS,
-        volatile_cache: true,
-        ..Default::default()
-    });
-    let hal = SimHal::new();
-    let mut ctrl = Controller::init(hal.clone(), sim.clone(), Default::default()).unwrap();
-    assert_eq!(ctrl.set_queue_count(2).unwrap(), 2);
-    let table: &'static Table = {
-        let mut t = Table::new();
-        t.add_raw("vol".into(), BLOCKS * LBS as u64, 0, LBS as u32);
-        t.set_writable("vol").unwrap();
-        Box::leak(Box::new(t))
-    };
-    let mut cores = [
-        Core::new(&mut ctrl, &hal, 1, table),
-        Core::new(&mut ctrl, &hal, 2, table),
-    ];
+    let (sim, _ctrl, mut cores) = common::two_cores(BLOCKS, 16 * 1024);
     let mut rng = Rng::new(seed);
     let mut blocks = vec![Block::default(); BLOCKS as usize];
     let mut next_write = vec![1u64; BLOCKS as usize];
