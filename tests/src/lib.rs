@@ -131,6 +131,22 @@ pub fn wait_for_console(guest: &mut Guest, what: &str, within: Duration) -> Stri
     }
 }
 
+/// Prints the guest's console when the test fails: held across a test's
+/// body (`let _show = ConsoleOnPanic(&guest);`), it waits a second for the
+/// last lines to arrive and prints the console if dropped while the thread
+/// panics.
+pub struct ConsoleOnPanic<'a>(pub &'a Guest);
+
+impl Drop for ConsoleOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Let the last lines arrive.
+            std::thread::sleep(Duration::from_secs(1));
+            eprintln!("--- guest console ---\n{}", self.0.console());
+        }
+    }
+}
+
 /// Runs `cmd` (a client of the appliance): whether it succeeded, its
 /// stdout and stderr. Killed after `limit`, failing the test: a client
 /// waiting on a stuck appliance must not hang it.

@@ -232,19 +232,6 @@ fn fio_verifies_a_file_written_by_mkfs() {
 
 use dioxide_tests::nbdraw as raw;
 
-/// Prints the guest's console when the test fails.
-struct ConsoleOnPanic<'a>(&'a Guest);
-
-impl Drop for ConsoleOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // Let the last lines arrive.
-            std::thread::sleep(Duration::from_secs(1));
-            eprintln!("--- guest console ---\n{}", self.0.console());
-        }
-    }
-}
-
 /// The console's `nbd: ... heap N bytes in use` figures, in order.
 fn heap_figures(console: &str, what: &str) -> Vec<u64> {
     console

@@ -129,17 +129,6 @@ fn fetch(port: u16, name: &str, timeout: Duration) -> io::Result<Vec<u8>> {
     c.read(0, size as u32)
 }
 
-/// Prints the guest's console when the test fails.
-struct ConsoleOnPanic<'a>(&'a Guest);
-
-impl Drop for ConsoleOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- guest console ---\n{}", self.0.console());
-        }
-    }
-}
-
 /// A client polls the forwarded port from the instant QEMU is spawned. Until
 /// the server listens every attempt is refused at once (QEMU opens the port
 /// only then); the first attempt after that is answered at once.

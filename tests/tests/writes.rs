@@ -36,18 +36,6 @@ fn run(cmd: &mut Command) -> (bool, Vec<u8>, String) {
     run_within(cmd, Duration::from_secs(300))
 }
 
-/// Prints the guest's console when the test fails.
-struct ConsoleOnPanic<'a>(&'a Guest);
-
-impl Drop for ConsoleOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            std::thread::sleep(Duration::from_secs(1));
-            eprintln!("--- guest console ---\n{}", self.0.console());
-        }
-    }
-}
-
 /// A dxfs image of a small file, a 4 MiB one (`vol.bin`, every block
 /// written) and an 8 MiB volume (`vol`, `mkfs --volume`), and a zeroed
 /// (sparse) image for a raw namespace.
