@@ -1,6 +1,7 @@
 //! The `dioxide` command line: bad input gets a clear message and a non-zero
 //! exit before anything boots.
 
+use std::path::Path;
 use std::process::Command;
 
 fn dioxide(args: &[&str]) -> (i32, String) {
@@ -187,6 +188,19 @@ fn dioxide_out(args: &[&str]) -> (i32, Vec<u8>, String) {
     output_within(cmd)
 }
 
+/// Runs `dioxide mkfs IMG --from SRC` and then `extra` (bounded): exit
+/// code, stdout, stderr.
+fn mkfs_from(img: &Path, src: &Path, extra: &[&str]) -> (i32, Vec<u8>, String) {
+    let mut args = vec![
+        "mkfs",
+        img.to_str().unwrap(),
+        "--from",
+        src.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    dioxide_out(&args)
+}
+
 #[test]
 fn mkfs_fsck_ls_cat_round_trip() {
     let d = temp("mkfs");
@@ -200,12 +214,7 @@ fn mkfs_fsck_ls_cat_round_trip() {
     sparse.set_len(50 << 20).unwrap();
     drop(sparse);
     let img = d.join("fs.img");
-    let (code, _, err) = dioxide_out(&[
-        "mkfs",
-        img.to_str().unwrap(),
-        "--from",
-        src.to_str().unwrap(),
-    ]);
+    let (code, _, err) = mkfs_from(&img, &src, &[]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("4 files, 3 directories"), "{err}");
     // The 50 MiB hole is not stored.
@@ -253,16 +262,7 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a.txt"), b"hello\n").unwrap();
     let img = d.join("fs.img");
-    let (code, _, err) = dioxide_out(&[
-        "mkfs",
-        img.to_str().unwrap(),
-        "--from",
-        src.to_str().unwrap(),
-        "--volume",
-        "vol:64M",
-        "--volume",
-        "small:8K",
-    ]);
+    let (code, _, err) = mkfs_from(&img, &src, &["--volume", "vol:64M", "--volume", "small:8K"]);
     assert_eq!(code, 0, "{err}");
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&img).unwrap();
@@ -314,15 +314,7 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
             "not a multiple of the block size (65536)",
         ),
     ] {
-        let bad = d.join("bad.img");
-        let mut args = vec![
-            "mkfs",
-            bad.to_str().unwrap(),
-            "--from",
-            src.to_str().unwrap(),
-        ];
-        args.extend(extra.iter().copied());
-        let (code, _, err) = dioxide_out(&args);
+        let (code, _, err) = mkfs_from(&d.join("bad.img"), &src, &extra);
         assert_eq!(code, 2, "{extra:?}: {err}");
         assert!(err.contains(why), "{extra:?}: {err}");
     }
@@ -338,28 +330,13 @@ fn mkfs_refuses_a_size_too_small_and_bad_block_sizes() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), vec![1u8; 3 << 20]).unwrap();
     let img = d.join("fs.img");
-    let (code, _, err) = dioxide_out(&[
-        "mkfs",
-        img.to_str().unwrap(),
-        "--from",
-        src.to_str().unwrap(),
-        "--size",
-        "1M",
-    ]);
+    let (code, _, err) = mkfs_from(&img, &src, &["--size", "1M"]);
     assert_eq!(code, 2);
     assert!(err.contains("blocks but the image has 256"), "{err}");
-    let (code, _, err) = dioxide_out(&[
-        "mkfs",
-        img.to_str().unwrap(),
-        "--from",
-        src.to_str().unwrap(),
-        "--block-size",
-        "2048",
-    ]);
+    let (code, _, err) = mkfs_from(&img, &src, &["--block-size", "2048"]);
     assert_eq!(code, 2);
     assert!(err.contains("block size 2048"), "{err}");
-    let (code, _, err) =
-        dioxide_out(&["mkfs", img.to_str().unwrap(), "--from", "/nonexistent-dir"]);
+    let (code, _, err) = mkfs_from(&img, Path::new("/nonexistent-dir"), &[]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent-dir"), "{err}");
     let _ = std::fs::remove_dir_all(d);
