@@ -96,14 +96,22 @@ pub enum Error {
     /// mkfs: an input that cannot be stored.
     Input(String),
     /// A write needs a block and none is free.
-    Full { ino: u64 },
+    Full {
+        ino: u64,
+    },
     /// A write that would allocate, on an image without a commit log (made
     /// before dxfs took writes): only overwrites of written blocks are safe.
     NoLog,
     /// A write past the end of the file (files keep their size).
-    PastEnd { ino: u64, block: u64 },
+    PastEnd {
+        ino: u64,
+        block: u64,
+    },
     /// A change bigger than one transaction may log.
-    TxnTooBig { blocks: usize, capacity: usize },
+    TxnTooBig {
+        blocks: usize,
+        capacity: usize,
+    },
     /// Not a regular file.
     NotAFile(u64),
     /// An earlier commit failed on the device: the filesystem takes no more

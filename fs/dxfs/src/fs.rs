@@ -46,7 +46,12 @@ pub enum Mapping {
 
 impl File {
     /// An open file from its inode and its (validated, sorted) extents.
-    pub(crate) fn from_parts(ino: u64, inode: Inode, extents: Vec<Extent>, block_size: u32) -> File {
+    pub(crate) fn from_parts(
+        ino: u64,
+        inode: Inode,
+        extents: Vec<Extent>,
+        block_size: u32,
+    ) -> File {
         File {
             ino,
             inode,

@@ -13,8 +13,15 @@
 //! Descriptor payload, after the 32-byte header: `u64 seq`, `[u8; 16] uuid`
 //! (the superblock's), then n `u64` home block numbers, each below
 //! `block_count` and outside the log, no block twice. Commit payload: `u64
-//! seq`, `[u8; 16] uuid`, `u32` crc32c over the whole descriptor block
-//! followed by the n logged blocks. A transaction is *committed* when its
+//! seq`, `[u8; 16] uuid`, `u64` CRC-64/NVMe over the whole descriptor block
+//! followed by the n logged blocks.
+//!
+//! Why not crc32c, as everywhere else: the logged blocks hold structures
+//! sealed with crc32c (an inode ends with the crc32c of its bytes), and a
+//! CRC over a message followed by its own CRC is a constant (the residue).
+//! A crc32c over an inode table block therefore does not change when an
+//! inode in it does — the crash suite found a torn log passing such a
+//! check. A different polynomial has no such blind spot. A transaction is *committed* when its
 //! commit block is on the medium and checks out; anything less (a torn
 //! write, a descriptor of another image, a commit of an older transaction
 //! left behind) is no transaction and is ignored.
@@ -63,8 +70,11 @@ pub fn capacity(sb: &Superblock) -> usize {
     by_descriptor.min(by_log)
 }
 
-fn checksum(desc: &[u8], blocks: &[(u64, Vec<u8>)]) -> u32 {
-    let mut d = CRC32C.digest();
+/// The commit block's checksum (CRC-64/NVMe, `crc` crate).
+const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_NVME);
+
+fn checksum(desc: &[u8], blocks: &[(u64, Vec<u8>)]) -> u64 {
+    let mut d = CRC64.digest();
     d.update(desc);
     for (_, b) in blocks {
         d.update(b);
@@ -96,7 +106,7 @@ pub fn encode(sb: &Superblock, seq: u64, blocks: &[(u64, Vec<u8>)]) -> (Vec<u8>,
     commit[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_le_bytes());
     commit[UUID_AT..UUID_AT + 16].copy_from_slice(&sb.uuid);
     let sum = checksum(&desc, blocks);
-    commit[SUM_AT..SUM_AT + 4].copy_from_slice(&sum.to_le_bytes());
+    commit[SUM_AT..SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
     BlockHeader {
         kind: KIND_LOG_COMMIT,
         level: 0,
@@ -151,7 +161,7 @@ pub fn read(
         read(sb.log_start + 1 + i as u64, &mut b)?;
         blocks.push((home, b));
     }
-    let sum = u32::from_le_bytes(commit[SUM_AT..SUM_AT + 4].try_into().unwrap_or_default());
+    let sum = u64::from_le_bytes(commit[SUM_AT..SUM_AT + 8].try_into().unwrap_or_default());
     if sum != checksum(&desc, &blocks) {
         return Ok(None);
     }
@@ -242,8 +252,10 @@ mod tests {
         let mut all = d.clone();
         all.extend_from_slice(&blocks[0].1);
         all.extend_from_slice(&blocks[1].1);
-        let sum = CRC32C.checksum(&all);
-        assert_eq!(u32::from_le_bytes(c[56..60].try_into().unwrap()), sum);
+        let sum = crc::Crc::<u64>::new(&crc::CRC_64_NVME).checksum(&all);
+        assert_eq!(u64::from_le_bytes(c[56..64].try_into().unwrap()), sum);
+        // The known check value of CRC-64/NVMe.
+        assert_eq!(CRC64.checksum(b"123456789"), 0xae8b_1486_0a79_9888);
         let txn = read_img(&sb, &image(&sb, 9, &blocks)).unwrap().unwrap();
         assert_eq!(txn, Txn { seq: 9, blocks });
     }
@@ -269,6 +281,41 @@ mod tests {
         let mut other = sb.clone();
         other.uuid = [8; 16];
         assert_eq!(read_img(&sb, &image(&other, 3, &blocks)).unwrap(), None);
+        // An inode table block of another transaction: its inodes end in
+        // their own crc32c, which a crc32c over the block would not see.
+        let mut inodes = vec![0u8; 4096];
+        let mut other = vec![0u8; 4096];
+        for (k, b) in [&mut inodes, &mut other].into_iter().enumerate() {
+            let mut inode = Inode {
+                mode: S_IFREG | 0o644,
+                links: 1,
+                size: 4096 * (k as u64 + 1),
+                blocks: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                ctime: 0,
+                ctime_nsec: 0,
+                uid: 0,
+                gid: 0,
+                parent: 0,
+                extent_count: 0,
+                depth: 0,
+                generation: 1,
+                inline: [0; 144],
+            };
+            inode.blocks = k as u64;
+            inode.emit(2, &mut b[256..512]);
+        }
+        assert_eq!(
+            CRC32C.checksum(&inodes),
+            CRC32C.checksum(&other),
+            "the blind spot"
+        );
+        let logged = vec![(2u64, inodes)];
+        let mut swapped = image(&sb, 3, &logged);
+        swapped[41] = other;
+        assert!(read_img(&sb, &image(&sb, 3, &logged)).unwrap().is_some());
+        assert_eq!(read_img(&sb, &swapped).unwrap(), None);
         // A new descriptor over an older transaction's commit block.
         let mut mixed = good.clone();
         let (d, _) = encode(&sb, 4, &blocks);

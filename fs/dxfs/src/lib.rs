@@ -22,13 +22,13 @@ pub mod fsck;
 pub mod iomap;
 pub mod journal;
 pub mod mkfs;
+#[cfg(test)]
+mod tests;
 pub mod write;
 #[cfg(test)]
 mod write_tests;
-#[cfg(test)]
-mod tests;
 
 pub use dev::{check_access, BlockDevice, BlockDeviceMut, DevCode, DevError, MemDevice};
 pub use error::{Error, Result, Structure, Why};
-pub use write::{Stats as WriteStats, WritableFs, WriteSeg};
 pub use fs::{Damage, File, Found, Fs, Kind, Lost, Mapping, Scan, WalkEntry};
+pub use write::{Stats as WriteStats, WritableFs, WriteSeg};

@@ -168,9 +168,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     }
     /// Whether a change waits for a commit.
     pub fn dirty(&self) -> bool {
-        self.sb_dirty
-            || !self.bitmap_dirty.is_empty()
-            || self.files.values().any(|f| f.dirty)
+        self.sb_dirty || !self.bitmap_dirty.is_empty() || self.files.values().any(|f| f.dirty)
     }
 
     /// File `ino` as the write path sees it now (its extents with every
@@ -178,7 +176,12 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     pub fn file(&mut self, ino: u64) -> Result<File> {
         let bs = self.fs.sb.block_size;
         let f = self.open(ino)?;
-        Ok(File::from_parts(ino, f.inode.clone(), f.extents.clone(), bs))
+        Ok(File::from_parts(
+            ino,
+            f.inode.clone(),
+            f.extents.clone(),
+            bs,
+        ))
     }
 
     /// Reads file `ino` at `offset` as the write path sees it now.
@@ -322,7 +325,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     /// is durable when this returns (an allocating write commits).
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let bs = self.fs.sb.block_size as u64;
-        if offset % bs != 0 || data.len() as u64 % bs != 0 {
+        if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
             return Err(Error::Input("writes are whole filesystem blocks".into()));
         }
         let segs = self.map_write(ino, offset / bs, data.len() as u64 / bs)?;
@@ -471,9 +474,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         let sb = &self.fs.sb;
         let (lo, hi) = (sb.data_start, sb.block_count);
         let goal = goal.clamp(lo, hi - 1);
-        let start = (goal..hi)
-            .chain(lo..goal)
-            .find(|&b| !self.used(b))?;
+        let start = (goal..hi).chain(lo..goal).find(|&b| !self.used(b))?;
         let mut len = 1;
         while len < max && start + len < hi && !self.used(start + len) {
             len += 1;
@@ -678,10 +679,10 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         let per = Superblock::inodes_per_block(self.fs.sb.block_size);
         for &ino in dirty {
             let blk = self.fs.inode_block(ino);
-            if !out.contains_key(&blk) {
+            if let alloc::collections::btree_map::Entry::Vacant(v) = out.entry(blk) {
                 let mut b = vec![0u8; bs];
                 self.fs.read_blocks(blk, &mut b)?;
-                out.insert(blk, b);
+                v.insert(b);
             }
             let (Some(b), Some(f)) = (out.get_mut(&blk), self.files.get(&ino)) else {
                 continue;
@@ -835,7 +836,10 @@ fn convert_written(f: &mut WFile, lo: u64, hi: u64) {
         return;
     }
     // Merge everything the conversion touched with its neighbours.
-    let mut j = f.extents.partition_point(|e| e.end() <= lo).saturating_sub(1);
+    let mut j = f
+        .extents
+        .partition_point(|e| e.end() <= lo)
+        .saturating_sub(1);
     let mut span = (lo, hi);
     while j < f.extents.len() && f.extents[j].file_block <= hi {
         let (a, b) = merge_around(&mut f.extents, j);

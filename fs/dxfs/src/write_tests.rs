@@ -19,9 +19,12 @@ impl Source for Fill {
     }
 }
 
-/// An image of `blocks` blocks with files (name, size, data ranges) at the
-/// root; inode numbers follow the list from 2.
-fn image(blocks: u64, files: &[(&str, u64, Vec<(u64, u64)>)], log: Option<u64>) -> MemDevice {
+/// A file of an image: name, size, data ranges (offset, length).
+type FileSpec<'a> = (&'a str, u64, Vec<(u64, u64)>);
+
+/// An image of `blocks` blocks with `files` at the root; inode numbers
+/// follow the list from 2.
+fn image(blocks: u64, files: &[FileSpec], log: Option<u64>) -> MemDevice {
     let mut tree = Tree {
         nodes: vec![Node::dir(vec![])],
     };
@@ -100,7 +103,11 @@ fn allocating_writes_read_back_after_every_commit_and_a_remount() {
         drop(w);
         assert_clean(&dev, &format!("round {round}"));
         for (i, m) in model.iter().enumerate() {
-            assert!(read_all(&dev, 2 + i as u64) == *m, "round {round} inode {}", 2 + i);
+            assert!(
+                read_all(&dev, 2 + i as u64) == *m,
+                "round {round} inode {}",
+                2 + i
+            );
         }
     }
 }
@@ -130,7 +137,11 @@ fn the_extent_tree_grows_to_depth_two_and_shrinks_back_inline() {
     }
     w.commit().unwrap();
     let inode = w.fs().inode(2).unwrap();
-    assert_eq!((inode.depth, inode.extent_count), (0, 1), "one extent again");
+    assert_eq!(
+        (inode.depth, inode.extent_count),
+        (0, 1),
+        "one extent again"
+    );
     let sb = w.fs().superblock().clone();
     drop(w);
     assert_clean(&dev, "shrunk");
@@ -139,7 +150,10 @@ fn the_extent_tree_grows_to_depth_two_and_shrinks_back_inline() {
     let all = read_all(&dev, 2);
     for fb in 0..n {
         let want = pattern(fb, if fb % 2 == 0 { 1 } else { 2 });
-        assert!(all[(fb * BS) as usize..][..BS as usize] == want[..], "block {fb}");
+        assert!(
+            all[(fb * BS) as usize..][..BS as usize] == want[..],
+            "block {fb}"
+        );
     }
 }
 
@@ -187,7 +201,10 @@ fn refusals_are_named_and_leave_a_clean_image() {
         w.write(2, 8 * BS, &pattern(8, 1), false),
         Err(Error::PastEnd { ino: 2, block: 9 })
     );
-    assert!(matches!(w.write(2, 100, &pattern(0, 1), false), Err(Error::Input(_))));
+    assert!(matches!(
+        w.write(2, 100, &pattern(0, 1), false),
+        Err(Error::Input(_))
+    ));
     drop(w);
     assert_clean(&dev, "no log");
     assert!(read_all(&dev, 2)[..BS as usize] == pattern(0, 1)[..]);
@@ -243,7 +260,10 @@ impl BlockDeviceMut for Failing {
 fn a_failed_commit_refuses_changes_until_the_next_mount_replays() {
     for ok in 0..12 {
         let dev = image(512, &[("vol", 32 * BS, vec![])], None);
-        let mut f = Failing { dev, ok: usize::MAX };
+        let mut f = Failing {
+            dev,
+            ok: usize::MAX,
+        };
         let mut w = WritableFs::mount(&mut f).unwrap();
         w.write(2, 0, &pattern(0, 1), false).unwrap();
         w.commit().unwrap();
@@ -258,11 +278,17 @@ fn a_failed_commit_refuses_changes_until_the_next_mount_replays() {
             continue;
         }
         assert!(matches!(r, Err(Error::Device { .. })), "{r:?}");
-        assert_eq!(w.write(2, 20 * BS, &pattern(20, 1), false), Err(Error::Failed));
+        assert_eq!(
+            w.write(2, 20 * BS, &pattern(20, 1), false),
+            Err(Error::Failed)
+        );
         drop(w);
         assert_clean(&f.dev, &format!("failed after {ok} writes"));
         let all = read_all(&f.dev, 2);
-        assert!(all[..BS as usize] == pattern(0, 1)[..], "the first commit stays");
+        assert!(
+            all[..BS as usize] == pattern(0, 1)[..],
+            "the first commit stays"
+        );
     }
 }
 
@@ -332,11 +358,17 @@ fn a_commit_cut_at_every_write_is_all_or_nothing_and_replayed() {
         if committed {
             assert!(got == want, "cut after {keep}: committed");
         } else {
-            assert!(got.iter().all(|&b| b == 0), "cut after {keep}: not committed");
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "cut after {keep}: not committed"
+            );
         }
         let fs = Fs::mount(&c.dev).unwrap();
         if committed && keep < commit_writes {
-            assert!(fs.logged_blocks() > 0, "cut after {keep}: read through the log");
+            assert!(
+                fs.logged_blocks() > 0,
+                "cut after {keep}: read through the log"
+            );
         }
         drop(fs);
         let w = WritableFs::mount(&mut c.dev).unwrap();
@@ -347,7 +379,8 @@ fn a_commit_cut_at_every_write_is_all_or_nothing_and_replayed() {
         // Written home: the same without the log.
         let mut home = c.dev.clone();
         let sb = Fs::mount(&home).unwrap().superblock().clone();
-        home.write_at(sb.log_start * BS, &vec![0u8; BS as usize]).unwrap();
+        home.write_at(sb.log_start * BS, &vec![0u8; BS as usize])
+            .unwrap();
         assert!(read_all(&home, 2) == got, "cut after {keep}: home copy");
         assert_clean(&home, &format!("cut after {keep}: home"));
     }
