@@ -20,10 +20,18 @@ pub struct FileDevice {
 
 impl FileDevice {
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let file = File::open(path).map_err(|e| Error::Disk {
-            path: path.into(),
-            why: e.to_string(),
-        })?;
+        Self::open_with(path, false)
+    }
+    /// Opens an image for reading, and for writing with `write`.
+    pub fn open_with(path: &Path, write: bool) -> Result<Self, Error> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| Error::Disk {
+                path: path.into(),
+                why: e.to_string(),
+            })?;
         let size = file
             .metadata()
             .map_err(io_err(format!("stat {}", path.display())))?
@@ -423,16 +431,40 @@ pub fn mkfs_with(
     Ok(0)
 }
 
-/// `dioxide fsck IMG`: 0 clean, 4 errors found, 8 operational error (like
-/// e2fsck).
-pub fn fsck(img: &Path) -> Result<i32, Error> {
-    let dev = match FileDevice::open(img) {
+/// `dioxide fsck [--repair] IMG`: 0 clean, 4 errors found, 8 operational
+/// error (like e2fsck). With `--repair`, a committed transaction the commit
+/// log holds is written home first (the writable mount's replay).
+pub fn fsck(img: &Path, repair: bool) -> Result<i32, Error> {
+    let mut dev = match FileDevice::open_with(img, repair) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("dioxide fsck: {e}");
             return Ok(8);
         }
     };
+    if let Ok(fs) = dioxide_dxfs::Fs::mount(&dev) {
+        if let Some(seq) = fs.log_seq() {
+            println!(
+                "{}: commit log: transaction {seq} committed, {} block(s){}",
+                img.display(),
+                fs.logged_blocks(),
+                if repair {
+                    ", writing them home"
+                } else {
+                    " read through the log (--repair writes them home)"
+                }
+            );
+        }
+    }
+    if repair {
+        match dioxide_dxfs::WritableFs::mount(&mut dev) {
+            Ok(w) if w.replayed() > 0 => {
+                println!("{}: replayed {} block(s)", img.display(), w.replayed())
+            }
+            Ok(_) => {}
+            Err(e) => println!("{}: cannot replay the commit log: {e}", img.display()),
+        }
+    }
     let r = dioxide_dxfs::fsck::check(&dev);
     for p in &r.problems {
         println!("{}: {p}", img.display());

@@ -112,7 +112,15 @@ enum Cmd {
         label: String,
     },
     /// Check a dxfs image: exit 0 clean, 4 problems found, 8 cannot check.
-    Fsck { img: PathBuf },
+    /// A committed transaction in the commit log (a crash before its
+    /// checkpoint) is checked as the image reads; `--repair` writes it home.
+    Fsck {
+        img: PathBuf,
+        /// Write a committed transaction found in the commit log home
+        /// (what a writable mount does), then check.
+        #[arg(long)]
+        repair: bool,
+    },
     /// List a directory (or one file) of a dxfs image.
     Ls {
         img: PathBuf,
@@ -548,7 +556,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
             block_size,
             label,
         } => dioxide::fstool::mkfs_with(&img, from.as_deref(), &volume, size, block_size, &label),
-        Cmd::Fsck { img } => dioxide::fstool::fsck(&img),
+        Cmd::Fsck { img, repair } => dioxide::fstool::fsck(&img, repair),
         Cmd::Bench {
             which: BenchCmd::Local(a),
         } => bench_local(a),

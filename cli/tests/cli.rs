@@ -747,3 +747,132 @@ fn image_is_a_hybrid_iso_whose_cmdline_reaches_the_kernel() {
     );
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// An image file as a dxfs device that drops every plain write after the
+/// first FUA write: a power cut right after a commit block, before the
+/// checkpoint reached home.
+struct CutAfterCommit {
+    file: std::fs::File,
+    size: u64,
+    committed: bool,
+}
+
+impl dioxide_dxfs::BlockDevice for CutAfterCommit {
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), dioxide_dxfs::DevError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|_| dioxide_dxfs::DevError::NoMemory)
+    }
+}
+
+impl dioxide_dxfs::BlockDeviceMut for CutAfterCommit {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), dioxide_dxfs::DevError> {
+        use std::os::unix::fs::FileExt;
+        if !self.committed {
+            self.file
+                .write_all_at(buf, offset)
+                .map_err(|_| dioxide_dxfs::DevError::NoMemory)?;
+        }
+        Ok(())
+    }
+    fn write_fua(&mut self, offset: u64, buf: &[u8]) -> Result<(), dioxide_dxfs::DevError> {
+        self.write_at(offset, buf)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+/// `fsck` checks an image through a committed transaction its log holds;
+/// `fsck --repair` writes it home. The control: without the log, the home
+/// blocks alone do not show the write.
+#[test]
+fn fsck_reads_through_a_committed_log_and_repair_writes_it_home() {
+    let d = temp("repair");
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // A sparse file: one hole of 256 KiB.
+    std::fs::File::create(src.join("vol"))
+        .unwrap()
+        .set_len(256 << 10)
+        .unwrap();
+    let img = d.join("r.img");
+    let (code, _, err) = mkfs_from(&img, &src, &[]);
+    assert_eq!(code, 0, "{err}");
+    let data = vec![0x6bu8; 8192];
+    let log_start = {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let size = file.metadata().unwrap().len();
+        let mut dev = CutAfterCommit {
+            file,
+            size,
+            committed: false,
+        };
+        let mut w = dioxide_dxfs::WritableFs::mount(&mut dev).unwrap();
+        let ino = w.fs().resolve("/vol").unwrap();
+        w.write(ino, 16384, &data, false).unwrap();
+        w.commit().unwrap();
+        w.fs().superblock().log_start
+    };
+    assert!(dev_committed(&img));
+    let cat = || dioxide_out(&["cat", img.to_str().unwrap(), "/vol"]).1;
+    let want = {
+        let mut v = vec![0u8; 256 << 10];
+        v[16384..16384 + 8192].copy_from_slice(&data);
+        v
+    };
+    let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&out).to_string();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("transaction 1 committed") && out.contains("--repair writes them home"),
+        "{out}"
+    );
+    assert!(cat() == want, "read through the log");
+    // The control: the log's descriptor gone, home alone has no write.
+    let without_log = d.join("nolog.img");
+    std::fs::copy(&img, &without_log).unwrap();
+    zero_block(&without_log, log_start);
+    let (_, stale, _) = dioxide_out(&["cat", without_log.to_str().unwrap(), "/vol"]);
+    assert!(
+        stale.iter().all(|&b| b == 0),
+        "home blocks do not hold the change yet"
+    );
+    // Repaired: home holds it, with or without the log.
+    let (code, out, _) = dioxide_out(&["fsck", "--repair", img.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&out).to_string();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("replayed") && out.contains("clean"), "{out}");
+    zero_block(&img, log_start);
+    let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out));
+    assert!(cat() == want, "home after repair");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Whether the image's log holds a committed transaction.
+fn dev_committed(img: &Path) -> bool {
+    let f = std::fs::File::open(img).unwrap();
+    let dev = CutAfterCommit {
+        size: f.metadata().unwrap().len(),
+        file: f,
+        committed: true,
+    };
+    dioxide_dxfs::Fs::mount(&dev).unwrap().log_seq().is_some()
+}
+
+fn zero_block(img: &Path, block: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(&[0u8; 4096], block * 4096).unwrap();
+}
