@@ -497,9 +497,10 @@ impl Table {
     /// no mounted filesystem lives on it) or a file. A file takes
     /// overwrites of its written blocks (the simple write path: no
     /// metadata changes, so nothing a crash can leave half done); a write
-    /// into a hole or an unwritten extent needs allocation, not built yet,
-    /// and is answered `ENOTSUP`. Its writes must be whole filesystem
-    /// blocks ([`ExportInfo::write_block`]); reads stay at any byte.
+    /// into a hole or an unwritten extent goes to its filesystem's write
+    /// path ([`Table::attach_writer`]), and without one is answered
+    /// `ENOTSUP`. Its writes must be whole filesystem blocks
+    /// ([`ExportInfo::write_block`]); reads stay at any byte.
     pub fn set_writable(&mut self, name: &str) -> Result<(), NotWritable> {
         let id = *self.by_name.get(name).ok_or(NotWritable::NoSuchExport)?;
         let e = &mut self.exports[id as usize];
@@ -515,6 +516,24 @@ impl Table {
             }
             Target::Null => Err(NotWritable::Null),
         }
+    }
+
+    /// Gives every writable file export on namespace `disk` its
+    /// filesystem's write path (allocating writes, reads of filled holes,
+    /// FLUSH as a commit); returns how many.
+    pub fn attach_writer(&mut self, disk: usize, w: &dioxide_dxfs::Writer) -> usize {
+        let mut n = 0;
+        for e in self
+            .exports
+            .iter_mut()
+            .filter(|e| e.disk == disk && e.info.writable)
+        {
+            if let Target::File(f) = &mut e.target {
+                **f = (**f).clone().with_writer(w.clone());
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The exports that take writes.
@@ -619,8 +638,10 @@ impl Failure {
     fn errno(&self) -> Errno {
         match self {
             Failure::Dio(DioError::Invalid(_)) => Errno::Inval,
-            // A write needing allocation (not built yet).
+            // A write needing allocation on a file without a write path
+            // (its filesystem has no commit log).
             Failure::Dio(DioError::Unallocated { .. }) => Errno::NotSup,
+            Failure::Dio(DioError::Fs(dioxide_iomap::IomapError::NoSpace)) => Errno::NoSpc,
             _ => Errno::Io,
         }
     }
@@ -1817,9 +1838,12 @@ impl<P: Platform> Server<P> {
                     ..
                 }) = self.table.exports.get(read.export as usize)
                 {
-                    if let Err(e) =
-                        dioxide_iomap::check_overwrite(&**f, read.offset, read.len as u64)
-                    {
+                    // (With a write path, holes are left as they are.)
+                    let checked = match f.writer() {
+                        Some(_) => Ok(()),
+                        None => dioxide_iomap::check_overwrite(&**f, read.offset, read.len as u64),
+                    };
+                    if let Err(e) = checked {
                         log::debug!(target: "nbd", "write-zeroes refused: {e}");
                         return Err(Errno::NotSup);
                     }
@@ -2173,6 +2197,12 @@ pub fn issue<P: Platform>(
     };
     match &e.target {
         Target::Null => {}
+        // A file's write path commits its filesystem (the device flush
+        // included).
+        Target::File(f) if job.op == Op::Flush && f.writer().is_some() => {
+            let r = f.writer().map_or(Ok(()), |w| w.commit());
+            report(id, Some(r.map(|()| 0).map_err(fs_error)), 1);
+        }
         Target::File(_) | Target::Raw if job.op == Op::Flush => issue_raw(p, e, job, report),
         // (Refused in `submit`.)
         Target::Raw if job.max == 0 => {}
@@ -2214,6 +2244,15 @@ fn issue_file_writes<P: Platform>(
 ) {
     let (id, n, max) = (job.id, job.len, job.max.max(1));
     let parts = n.div_ceil(max) as u32;
+    if let Some(w) = f.writer() {
+        if let Err(DioError::Unallocated { .. }) =
+            dioxide_iomap::check_overwrite(f, job.a0, n as u64)
+        {
+            let r = allocating_write(w, f.ino, job);
+            report(id, Some(r.map(|()| n).map_err(fs_error)), parts);
+            return;
+        }
+    }
     let ran = p.with_engine(e.disk, |eng| {
         let mut at = 0usize;
         let mut left = parts;
@@ -2243,6 +2282,42 @@ fn issue_file_writes<P: Platform>(
     });
     if ran.is_none() {
         report(id, Some(Err(NO_QUEUE)), parts);
+    }
+}
+
+/// A file write (or write-zeroes round) that needs allocation, through the
+/// filesystem's write path, here and now: it maps, writes and commits
+/// with the device's synchronous commands, holding the filesystem's lock
+/// (allocating writes are a volume's first fill; its overwrites stay on
+/// the asynchronous simple path).
+fn allocating_write(
+    w: &dyn dioxide_dxfs::FileWriter,
+    ino: u64,
+    job: &Job,
+) -> Result<(), dioxide_dxfs::Error> {
+    let fua = job.op == Op::WriteFua;
+    if job.repeat {
+        return w.zero(ino, job.a0, job.len as u64, fua);
+    }
+    // SAFETY: the request owns `job.buf` (its payload, whole) until its
+    // last part's completion, which this call reports after it returns;
+    // nothing writes to it meanwhile.
+    let data = unsafe { core::slice::from_raw_parts(job.buf.as_ptr().cast_const(), job.len) };
+    w.write(ino, job.a0, data, fua)
+}
+
+/// A filesystem write path's error as the service reports it: no space,
+/// no commit log (allocation impossible: `ENOTSUP` as before), or an I/O
+/// error (logged).
+fn fs_error(e: dioxide_dxfs::Error) -> DioError {
+    use dioxide_dxfs::Error as E;
+    match e {
+        E::Full { .. } => DioError::Fs(dioxide_iomap::IomapError::NoSpace),
+        E::NoLog => DioError::Unallocated { pos: 0 },
+        e => {
+            log::warn!(target: "dxfs", "write path: {e}");
+            DioError::Fs(dioxide_iomap::IomapError::Corrupt)
+        }
     }
 }
 

@@ -25,6 +25,38 @@ struct Seen {
     flushes: u64,
     /// A write touching this block fails.
     bad_block: Option<u64>,
+    /// When set, the device's bytes live here instead of `disk`: shared
+    /// with a filesystem's write path ([`RamDev`]), which other cores may
+    /// reach.
+    ram: Option<Ram>,
+}
+
+type Ram = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// The same RAM as the device model, as dxfs's synchronous device (the
+/// write path's own commands).
+struct RamDev(Ram);
+
+impl dioxide_dxfs::BlockDevice for RamDev {
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), dioxide_dxfs::DevError> {
+        let (a, b) = dioxide_dxfs::check_access(self, offset, buf.len())?;
+        buf.copy_from_slice(&self.0.lock().unwrap()[a..b]);
+        Ok(())
+    }
+}
+
+impl dioxide_dxfs::BlockDeviceMut for RamDev {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), dioxide_dxfs::DevError> {
+        let (a, b) = dioxide_dxfs::check_access(&*self, offset, buf.len())?;
+        self.0.lock().unwrap()[a..b].copy_from_slice(buf);
+        Ok(())
+    }
 }
 
 struct MemQueue {
@@ -67,7 +99,10 @@ impl BlockQueue for MemQueue {
             Op::Read => {
                 // SAFETY: the caller hands the device `buf` until the completion.
                 let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), buf.len()) };
-                dst.copy_from_slice(&seen.disk[at..at + buf.len()]);
+                match &seen.ram {
+                    Some(ram) => dst.copy_from_slice(&ram.lock().unwrap()[at..at + buf.len()]),
+                    None => dst.copy_from_slice(&seen.disk[at..at + buf.len()]),
+                }
             }
             Op::Write | Op::WriteFua => {
                 if seen
@@ -82,7 +117,10 @@ impl BlockQueue for MemQueue {
                 } else {
                     // SAFETY: as above; the device only reads it.
                     let src = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
-                    seen.disk[at..at + buf.len()].copy_from_slice(src);
+                    match &seen.ram {
+                        Some(ram) => ram.lock().unwrap()[at..at + buf.len()].copy_from_slice(src),
+                        None => seen.disk[at..at + buf.len()].copy_from_slice(src),
+                    }
                     seen.writes += 1;
                     seen.fua_writes += (op == Op::WriteFua) as u64;
                 }
@@ -166,6 +204,10 @@ fn rig(export: &str, access: Access) -> Rig {
 }
 
 fn rig_stalling(export: &str, access: Access, stall_ns: u64) -> Rig {
+    rig_on(export, access, stall_ns, table())
+}
+
+fn rig_on(export: &str, access: Access, stall_ns: u64, table: &'static Table) -> Rig {
     // The device holds the image (the raw tests write where it has no
     // file: blocks it does not use stay zero).
     let seen = Rc::new(RefCell::new(Seen {
@@ -185,7 +227,7 @@ fn rig_stalling(export: &str, access: Access, stall_ns: u64) -> Rig {
     let mut server = Server::new(
         OneEngine::new(engine, now, now),
         &mut side.sockets,
-        table(),
+        table,
         &disks,
         stall_ns,
     );
@@ -643,5 +685,147 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
     r.read_back(0, &p[..4096]);
     r.read_back(4096, &[0u8; 14 * 4096]);
     r.read_back(15 * 4096, &p[15 * 4096..]);
+    r.assert_released();
+}
+
+/// An image (with a commit log) of `sparse.bin` (256 KiB, a hole),
+/// `big.bin` (16 MiB, a hole: more than the device has free) and
+/// `vol.bin` (64 KiB written), its files writable with the filesystem's
+/// write path over the same RAM as the device model.
+fn allocating_rig(export: &str) -> (Rig, Ram) {
+    use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
+    struct Src;
+    impl Source for Src {
+        fn read(&mut self, _: u64, off: u64, buf: &mut [u8]) -> Result<(), String> {
+            let p = pattern(40, 64 * 1024);
+            buf.copy_from_slice(&p[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+    }
+    let tree = Tree {
+        nodes: vec![
+            Node::dir(vec![
+                ("sparse.bin".into(), 1),
+                ("big.bin".into(), 2),
+                ("vol.bin".into(), 3),
+            ]),
+            Node::file(256 * 1024, vec![], 0),
+            Node::file(16 << 20, vec![], 0),
+            Node::file(64 * 1024, vec![(0, 64 * 1024)], 0),
+        ],
+    };
+    let opts = Options {
+        size: Some(BLOCKS * LBS as u64),
+        ..Options::default()
+    };
+    let plan = mkfs::plan(&tree, &opts).unwrap();
+    let mut dev = dioxide_dxfs::MemDevice::new(BLOCKS as usize * LBS, 512);
+    mkfs::write(&tree, &plan, &opts, &mut Src, &mut dev, &mut |_, _| {}).unwrap();
+    let ram: Ram = std::sync::Arc::new(std::sync::Mutex::new(dev.data.clone()));
+    let fs = dioxide_dxfs::Fs::mount(dev).unwrap();
+    let w = dioxide_dxfs::WritableFs::mount(RamDev(ram.clone())).unwrap();
+    let w = dioxide_dxfs::Writer(std::sync::Arc::new(dioxide_dxfs::SharedFs::new(w)));
+    let mut t = Table::new();
+    for name in ["sparse.bin", "big.bin", "vol.bin"] {
+        let f = fs.open(fs.resolve(&format!("/{name}")).unwrap()).unwrap();
+        t.add_file(name.into(), f, 4096, 0, LBS as u32);
+        t.set_writable(name).unwrap();
+    }
+    assert_eq!(t.attach_writer(0, &w), 3);
+    let t: &'static Table = Box::leak(Box::new(t));
+    let r = rig_on(export, writer(), STALL_NS, t);
+    r.seen.borrow_mut().ram = Some(ram.clone());
+    (r, ram)
+}
+
+/// The image as the RAM holds it now: fsck clean, and file `name`'s bytes.
+fn committed(ram: &Ram, name: &str) -> Vec<u8> {
+    let dev = dioxide_dxfs::MemDevice::from_vec(ram.lock().unwrap().clone(), 512);
+    let rep = dioxide_dxfs::fsck::check(&dev);
+    assert!(rep.clean(), "fsck: {:?}", rep.problems);
+    let fs = dioxide_dxfs::Fs::mount(&dev).unwrap();
+    let f = fs.open(fs.resolve(&format!("/{name}")).unwrap()).unwrap();
+    let mut v = vec![0u8; f.size() as usize];
+    fs.read(&f, 0, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn a_sparse_file_takes_allocating_writes_through_its_write_path() {
+    let (mut r, ram) = allocating_rig("sparse.bin");
+    r.connect();
+    let mut want = vec![0u8; 256 * 1024];
+    // Three blocks into the hole, then one more with FUA.
+    let a = pattern(41, 3 * 4096);
+    let h = r.write(16 * 4096, &a, 0);
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    want[16 * 4096..19 * 4096].copy_from_slice(&a);
+    // Read back through the service: the snapshot's hole asks the write
+    // path, which has the blocks now.
+    r.read_back(16 * 4096, &a);
+    r.read_back(15 * 4096, &[0u8; 4096]);
+    // Not yet committed: the image as a crash would leave it reads zeroes.
+    assert!(committed(&ram, "sparse.bin").iter().all(|&b| b == 0));
+    let b = pattern(42, 4096);
+    let h = r.write(40 * 4096, &b, cflag::FUA);
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    want[40 * 4096..41 * 4096].copy_from_slice(&b);
+    assert!(committed(&ram, "sparse.bin") == want, "FUA: durable");
+    // An overwrite of a block now written takes the simple path; FLUSH
+    // commits.
+    let c = pattern(43, 4096);
+    let h = r.write(17 * 4096, &c, 0);
+    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    let mut e = vec![(h, 0), (hf, 0)];
+    e.sort();
+    assert_eq!(errors(&r.settle()), e);
+    want[17 * 4096..18 * 4096].copy_from_slice(&c);
+    assert!(committed(&ram, "sparse.bin") == want, "FLUSH: durable");
+    // Write-zeroes over written blocks and a hole: the written blocks get
+    // zeroes, the hole stays a hole.
+    let hz =
+        r.lo.client()
+            .command(cmd::WRITE_ZEROES, 0, 15 * 4096, 4 * 4096, &[])
+            .unwrap();
+    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    let mut e = vec![(hz, 0), (hf, 0)];
+    e.sort();
+    assert_eq!(errors(&r.settle()), e);
+    want[15 * 4096..19 * 4096].fill(0);
+    r.read_back(15 * 4096, &want[15 * 4096..19 * 4096]);
+    assert!(committed(&ram, "sparse.bin") == want);
+    r.assert_released();
+}
+
+#[test]
+fn a_file_bigger_than_the_free_space_fills_it_then_gets_enospc_and_serving_goes_on() {
+    let (mut r, ram) = allocating_rig("big.bin");
+    r.connect();
+    let chunk = pattern(44, 128 * 1024);
+    let mut written = 0u64;
+    let full = loop {
+        let h = r.write(written, &chunk, 0);
+        let rep = r.settle();
+        assert_eq!(rep.len(), 1);
+        assert_eq!(rep[0].handle, h);
+        if rep[0].error != 0 {
+            break rep[0].error;
+        }
+        written += chunk.len() as u64;
+        assert!(written < 16 << 20, "the device cannot hold 16 MiB");
+    };
+    assert_eq!(full, Errno::NoSpc as u32);
+    assert!(written > 4 << 20, "{written} bytes before ENOSPC");
+    // Serving goes on: what was answered reads back and commits.
+    r.read_back(0, &chunk[..8192]);
+    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hf, 0)]);
+    let big = committed(&ram, "big.bin");
+    for k in 0..(written / chunk.len() as u64) as usize {
+        assert!(
+            big[k * chunk.len()..][..chunk.len()] == chunk[..],
+            "chunk {k}"
+        );
+    }
     r.assert_released();
 }

@@ -30,6 +30,20 @@ pub struct File {
     extents: Vec<Extent>,
     block_size: u32,
     block_shift: u32,
+    /// The filesystem's write path when the file takes writes: its holes
+    /// and unwritten extents are asked there again (they may have filled
+    /// since this snapshot; written blocks never change).
+    writer: Option<Writer>,
+}
+
+/// A file's shared write path.
+#[derive(Clone)]
+pub struct Writer(pub alloc::sync::Arc<dyn crate::write::FileWriter>);
+
+impl core::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Writer")
+    }
 }
 
 /// Where a file block lives.
@@ -58,6 +72,29 @@ impl File {
             extents,
             block_size,
             block_shift: block_size.trailing_zeros(),
+            writer: None,
+        }
+    }
+
+    /// The file with the filesystem's write path: writes that allocate go
+    /// there, and reads of its holes and unwritten extents ask it.
+    pub fn with_writer(mut self, w: Writer) -> File {
+        self.writer = Some(w);
+        self
+    }
+
+    /// The filesystem's write path, when the file has one.
+    pub fn writer(&self) -> Option<&dyn crate::write::FileWriter> {
+        self.writer.as_ref().map(|w| &*w.0)
+    }
+
+    /// The mapping of file block `fb` as the file is now: the snapshot's,
+    /// or for its holes and unwritten extents the write path's.
+    #[inline]
+    pub fn map_now(&self, fb: u64) -> Mapping {
+        match self.map(fb) {
+            m @ Mapping::Mapped { .. } => m,
+            m => self.writer().map_or(m, |w| w.map(self.ino, fb)),
         }
     }
 
@@ -286,13 +323,7 @@ impl<D: BlockDevice> Fs<D> {
     /// Opens inode `ino`, already read as `inode`: reads its extent tree.
     fn open_inode(&self, ino: u64, inode: Inode) -> Result<File> {
         let extents = self.extents(ino, &inode)?;
-        Ok(File {
-            ino,
-            inode,
-            extents,
-            block_size: self.sb.block_size,
-            block_shift: self.sb.block_size.trailing_zeros(),
-        })
+        Ok(File::from_parts(ino, inode, extents, self.sb.block_size))
     }
 
     /// Every extent of inode `ino`, validated: sorted, not overlapping in the

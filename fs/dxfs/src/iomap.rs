@@ -20,7 +20,7 @@ impl IomapOps for File {
                 blocks << shift
             }
         };
-        Ok(match self.map(fb) {
+        Ok(match self.map_now(fb) {
             Mapping::Mapped { disk_block, blocks } => Iomap {
                 kind: IomapType::Mapped,
                 offset,

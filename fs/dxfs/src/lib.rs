@@ -30,5 +30,5 @@ mod write_tests;
 
 pub use dev::{check_access, BlockDevice, BlockDeviceMut, DevCode, DevError, MemDevice};
 pub use error::{Error, Result, Structure, Why};
-pub use fs::{Damage, File, Found, Fs, Kind, Lost, Mapping, Scan, WalkEntry};
-pub use write::{Stats as WriteStats, WritableFs, WriteSeg};
+pub use fs::{Damage, File, Found, Fs, Kind, Lost, Mapping, Scan, WalkEntry, Writer};
+pub use write::{FileWriter, SharedFs, Stats as WriteStats, WritableFs, WriteSeg};

@@ -43,6 +43,64 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec;
 use alloc::vec::Vec;
 
+/// The write path of a mounted filesystem as the cores serving its files
+/// share it ([`SharedFs`]): each call takes its lock.
+///
+/// The read side keeps its lock-free snapshot of each file's extents
+/// ([`File`]): a block mapped written never moves and is never freed (files
+/// keep their size; nothing punches holes), so a snapshot's written blocks
+/// stay true, and only its holes and unwritten extents may have filled
+/// since: those, and only those, are asked again ([`FileWriter::map`]).
+pub trait FileWriter: Send + Sync {
+    /// The mapping of block `fb` of file `ino` now (a hole on an error,
+    /// which is logged).
+    fn map(&self, ino: u64, fb: u64) -> Mapping;
+    /// Writes whole blocks `data` at `offset` of file `ino`, allocating
+    /// what is not written yet; durable on return with `fua`.
+    fn write(&self, ino: u64, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Zeroes whole blocks `len` bytes at `offset`: written blocks are
+    /// written with zeroes; holes and unwritten extents read as zeroes
+    /// already and are left as they are.
+    fn zero(&self, ino: u64, offset: u64, len: u64, fua: bool) -> Result<()>;
+    /// Commits the running transaction and flushes the device.
+    fn commit(&self) -> Result<()>;
+}
+
+/// A [`WritableFs`] behind a lock, for every core.
+pub struct SharedFs<D: BlockDeviceMut>(spin::Mutex<WritableFs<D>>);
+
+impl<D: BlockDeviceMut> SharedFs<D> {
+    pub fn new(w: WritableFs<D>) -> Self {
+        SharedFs(spin::Mutex::new(w))
+    }
+    /// Runs `f` with the filesystem locked.
+    pub fn with<R>(&self, f: impl FnOnce(&mut WritableFs<D>) -> R) -> R {
+        f(&mut self.0.lock())
+    }
+}
+
+impl<D: BlockDeviceMut + Send> FileWriter for SharedFs<D> {
+    fn map(&self, ino: u64, fb: u64) -> Mapping {
+        let mut w = self.0.lock();
+        match w.open(ino) {
+            Ok(f) => map_extents(&f.extents, fb),
+            Err(e) => {
+                log::warn!(target: "dxfs", "inode {ino}: {e}");
+                Mapping::Hole { blocks: 1 }
+            }
+        }
+    }
+    fn write(&self, ino: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.0.lock().write(ino, offset, data, fua)
+    }
+    fn zero(&self, ino: u64, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.0.lock().zero(ino, offset, len, fua)
+    }
+    fn commit(&self) -> Result<()> {
+        self.0.lock().commit()
+    }
+}
+
 /// Largest extent the write path makes (blocks), as mkfs.
 const MAX_EXTENT: u64 = 1 << 30;
 
@@ -349,6 +407,48 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         }
         if fua && fresh {
             self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset` of file `ino` (whole blocks): the
+    /// written blocks get zeroes; holes and unwritten extents already read
+    /// as zeroes and stay as they are (nothing is allocated). With `fua`
+    /// the zeroes are durable when this returns.
+    pub fn zero(&mut self, ino: u64, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.usable()?;
+        let bs = self.fs.sb.block_size as u64;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Error::Input("writes are whole filesystem blocks".into()));
+        }
+        let (first, end) = (offset / bs, (offset + len) / bs);
+        let f = self.open(ino)?;
+        if end > f.inode.size.div_ceil(bs) {
+            return Err(Error::PastEnd { ino, block: end });
+        }
+        let zeroes = vec![0u8; (64 * 1024).max(bs as usize)];
+        let per = zeroes.len() as u64 / bs;
+        let mut fb = first;
+        let mut wrote = false;
+        while fb < end {
+            let m = map_extents(&self.open(ino)?.extents, fb);
+            match m {
+                Mapping::Mapped { disk_block, blocks } => {
+                    let n = blocks.min(end - fb).min(per);
+                    self.fs
+                        .dev
+                        .write_at(disk_block * bs, &zeroes[..(n * bs) as usize])
+                        .map_err(dev_err(disk_block))?;
+                    wrote = true;
+                    fb += n;
+                }
+                Mapping::Unwritten { blocks, .. } | Mapping::Hole { blocks } => {
+                    fb += blocks.min(end - fb);
+                }
+            }
+        }
+        if fua && wrote {
+            self.fs.dev.flush().map_err(dev_err(0))?;
         }
         Ok(())
     }

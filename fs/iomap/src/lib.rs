@@ -117,6 +117,8 @@ pub enum IomapError {
     Unsupported,
     /// A range past what the file can hold.
     Range,
+    /// No free block for an allocating write.
+    NoSpace,
 }
 
 /// The filesystem side: where does a range live.
@@ -336,6 +338,7 @@ impl fmt::Display for IomapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             IomapError::Corrupt => "filesystem metadata damaged",
+            IomapError::NoSpace => "no free block left",
             IomapError::Again => "would block",
             IomapError::Unsupported => "not supported by the filesystem",
             IomapError::Range => "range past what the file can hold",
