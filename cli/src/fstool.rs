@@ -291,16 +291,11 @@ pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
     Ok((name.into(), size))
 }
 
-/// Adds `volumes` at the root of `tree`: files of their sizes, every
-/// block written with zeroes (source ids from `first_source` on, which
-/// `HostSource` fills with zeroes). Written, not holes: the appliance
-/// overwrites written blocks in place and allocates none yet (issue 22),
-/// so a volume takes writes at once and a power cut cannot leave its
-/// metadata half changed. The zeroes are written, not left to the image
-/// file's holes: an image copied onto a drive by a tool that skips zero
-/// blocks (`dd conv=sparse`) would otherwise show the drive's old bytes
-/// in a file that never held them. So a volume takes its size on the
-/// host; sparse volumes come with allocating writes.
+/// Adds `volumes` at the root of `tree`: sparse files of their sizes (one
+/// hole each). The appliance's write path allocates their blocks as they
+/// are first written, unwritten until their data is on the device (so a
+/// power cut shows zeroes, never a block's old bytes), and overwrites
+/// them in place after. [`mkfs_with`] leaves room for them in the image.
 fn add_volumes(
     tree: &mut Tree,
     volumes: &[(String, u64)],
@@ -323,7 +318,7 @@ fn add_volumes(
         }
         let i = tree.nodes.len();
         tree.nodes
-            .push(Node::file(*size, vec![(0, *size)], first_source + k as u64));
+            .push(Node::file(*size, Vec::new(), first_source + k as u64));
         if let NodeKind::Dir(children) = &mut tree.nodes[0].kind {
             children.push((name.clone(), i));
             children.sort();
@@ -381,8 +376,20 @@ pub fn mkfs_with(
         now,
         log_blocks: None,
     };
-    let plan = mkfs::plan(&tree, &opts)
+    let mut plan = mkfs::plan(&tree, &opts)
         .map_err(|e| Error::Usage(format!("mkfs {}: {e}", img.display())))?;
+    if size.is_none() && !volumes.is_empty() {
+        // Room for the volumes' blocks and their extent trees (one node per
+        // 169 extents; at worst one extent per 4 blocks, written sparsely).
+        let bytes: u64 = volumes.iter().map(|(_, s)| *s).sum();
+        let grown = Options {
+            size: Some(plan.image_bytes() + bytes + bytes / 256 + (1 << 20)),
+            ..opts.clone()
+        };
+        plan = mkfs::plan(&tree, &grown)
+            .map_err(|e| Error::Usage(format!("mkfs {}: {e}", img.display())))?;
+    }
+    // The image file is sparse: free space costs the host nothing.
     let mut dev = FileDevice::create(img, plan.image_bytes())?;
     let mut src = HostSource { paths, open: None };
     let tty = std::io::stderr().is_terminal();

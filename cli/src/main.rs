@@ -96,9 +96,9 @@ enum Cmd {
         /// The directory whose contents become the filesystem.
         #[arg(long, required_unless_present = "volume")]
         from: Option<PathBuf>,
-        /// A file of SIZE bytes at the root, every block written with
-        /// zeroes (the image holds its full size), for the appliance
-        /// to serve writable (`nbd.rw=files`); repeatable.
+        /// A sparse file of SIZE bytes at the root (blocks are allocated
+        /// as they are first written; the image leaves room for them), for
+        /// the appliance to serve writable (`nbd.rw=files`); repeatable.
         #[arg(long, value_name = "NAME:SIZE", value_parser = dioxide::fstool::parse_volume)]
         volume: Vec<(String, u64)>,
         /// Image size (e.g. 512M, 2G); default: what the tree needs plus slack.

@@ -252,11 +252,12 @@ fn mkfs_fsck_ls_cat_round_trip() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-/// `mkfs --volume NAME:SIZE`: files whose every block is written (with
-/// zeroes: the appliance overwrites written blocks in place); fsck clean;
-/// refusals named.
+/// `mkfs --volume NAME:SIZE`: sparse files with room for them in the
+/// image (which is itself sparse on the host); the write path fills them
+/// (the volume takes allocating writes and fsck stays clean); refusals
+/// named.
 #[test]
-fn mkfs_makes_volumes_of_written_zero_blocks() {
+fn mkfs_makes_sparse_volumes_with_room_to_fill_them() {
     let d = temp("mkfs-volume");
     let src = d.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -266,11 +267,13 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
     assert_eq!(code, 0, "{err}");
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&img).unwrap();
-    assert!(meta.len() > 64 << 20, "the image holds the volume's blocks");
-    // Its zeroes were written (not left to the image file's holes).
     assert!(
-        meta.blocks() * 512 >= 64 << 20,
-        "{} bytes allocated",
+        meta.len() > 64 << 20,
+        "the image has room for the volume's blocks"
+    );
+    assert!(
+        meta.blocks() * 512 < 16 << 20,
+        "{} bytes allocated on the host: the free space is a hole",
         meta.blocks() * 512
     );
     let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
@@ -284,17 +287,25 @@ fn mkfs_makes_volumes_of_written_zero_blocks() {
     );
     let (code, out, _) = dioxide_out(&["cat", img.to_str().unwrap(), "/small"]);
     assert_eq!((code, out), (0, vec![0u8; 8192]));
-    // Written extents, not holes (a hole would take no writes).
-    let dev = dioxide::fstool::FileDevice::open(&img).unwrap();
-    let fs = dioxide_dxfs::Fs::mount(dev).unwrap();
-    let f = fs.open(fs.resolve("/vol").unwrap()).unwrap();
-    // (Volumes start their extents at file block 0 and cover all of it.)
-    assert!(matches!(
-        f.map(0),
-        dioxide_dxfs::Mapping::Mapped { blocks, .. } if blocks > 0
-    ));
-    let last = (64 << 20) / 4096 - 1;
-    assert!(matches!(f.map(last), dioxide_dxfs::Mapping::Mapped { .. }));
+    // A hole, and the write path fills all of it: the image has the room.
+    {
+        let dev = dioxide::fstool::FileDevice::open_with(&img, true).unwrap();
+        let mut w = dioxide_dxfs::WritableFs::mount(dev).unwrap();
+        let ino = w.fs().resolve("/vol").unwrap();
+        assert!(matches!(
+            w.file(ino).unwrap().map(0),
+            dioxide_dxfs::Mapping::Hole { .. }
+        ));
+        let chunk = vec![0x5au8; 1 << 20];
+        for k in 0..64u64 {
+            w.write(ino, k << 20, &chunk, false).unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let (code, out, _) = dioxide_out(&["fsck", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out));
+    let (_, out, _) = dioxide_out(&["cat", img.to_str().unwrap(), "/vol"]);
+    assert!(out.len() == 64 << 20 && out.iter().all(|&b| b == 0x5a));
     // Only volumes: no --from.
     let img2 = d.join("vols.img");
     let (code, _, err) = dioxide_out(&["mkfs", img2.to_str().unwrap(), "--volume", "v:1M"]);

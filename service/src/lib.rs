@@ -421,6 +421,8 @@ struct Export {
 pub struct Table {
     exports: Vec<Export>,
     by_name: BTreeMap<String, u32>,
+    /// The filesystems' write paths, one per namespace.
+    writers: Vec<dioxide_dxfs::Writer>,
 }
 
 impl Table {
@@ -533,7 +535,20 @@ impl Table {
                 n += 1;
             }
         }
+        if n > 0 {
+            self.writers.push(w.clone());
+        }
         n
+    }
+
+    /// Commits every filesystem's write path (a device flush when nothing
+    /// changed); the first error is logged.
+    fn commit_writers(&self) {
+        for w in &self.writers {
+            if let Err(e) = w.0.commit() {
+                log::warn!(target: "dxfs", "commit at a connection's end: {e}");
+            }
+        }
     }
 
     /// The exports that take writes.
@@ -1374,6 +1389,8 @@ impl<P: Platform> Server<P> {
             s.slot = Slot::Closing;
             s.flow.progress = self.p.now_ns();
             self.end_fill(i);
+            // What a client wrote without FLUSH is committed when it goes.
+            self.table.commit_writers();
             self.touched = true;
             return;
         }
@@ -1383,6 +1400,7 @@ impl<P: Platform> Server<P> {
         if self.send_output(sock, conn, &mut s.flow, direct) {
             s.slot = Slot::Closing;
             self.end_fill(i);
+            self.table.commit_writers();
         }
         let t3 = self.p.rdtsc();
         self.prof.decode += t1 - t0;

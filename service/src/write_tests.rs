@@ -794,6 +794,22 @@ fn a_sparse_file_takes_allocating_writes_through_its_write_path() {
     want[15 * 4096..19 * 4096].fill(0);
     r.read_back(15 * 4096, &want[15 * 4096..19 * 4096]);
     assert!(committed(&ram, "sparse.bin") == want);
+    // A write without FLUSH is committed when its client goes.
+    let d = pattern(45, 4096);
+    let h = r.write(50 * 4096, &d, 0);
+    assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+    assert!(
+        committed(&ram, "sparse.bin")[50 * 4096..51 * 4096]
+            .iter()
+            .all(|&b| b == 0),
+        "(control: not committed yet)"
+    );
+    want[50 * 4096..51 * 4096].copy_from_slice(&d);
+    r.lo.close(&mut r.side, &mut r.server);
+    assert!(
+        committed(&ram, "sparse.bin") == want,
+        "committed at the disconnect"
+    );
     r.assert_released();
 }
 

@@ -4,7 +4,7 @@
 use crate::drivers::nvme::{self, DmaBuf};
 use alloc::string::String;
 use alloc::vec::Vec;
-use dioxide_dxfs::{check_access, BlockDevice, DevCode, DevError, Fs};
+use dioxide_dxfs::{check_access, BlockDevice, BlockDeviceMut, DevCode, DevError, Fs};
 use dioxide_iomap::{BlkError, DioError, IoBuf, Op};
 use dioxide_nvme::Namespace;
 
@@ -58,6 +58,60 @@ impl BlockDevice for NvmeDisk {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl NvmeDisk {
+    /// Writes `buf` at byte `offset` with `op` (a write, with or without
+    /// FUA), split at the maximum transfer; a buffer the controller cannot
+    /// address directly goes through a bounce buffer.
+    fn write_with(&self, op: Op, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        let bs = self.ns.block_size as u64;
+        check_access(self, offset, buf.len())?;
+        let chunk = (self.max_transfer as u64 / bs * bs).max(bs) as usize;
+        let mut bounce: Option<DmaBuf> = None;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(chunk);
+            let lba = (offset + done as u64) / bs;
+            let part = &buf[done..done + n];
+            if (part.as_ptr() as usize).is_multiple_of(4) {
+                // SAFETY: `part` is borrowed until execute returns, after
+                // the command completed; the device only reads it.
+                unsafe { nvme::execute(self.disk, op, lba, IoBuf::from_slice(part)) }
+                    .map_err(|e| dev_error(lba * bs, e))?;
+            } else {
+                if bounce.is_none() {
+                    bounce = Some(DmaBuf::new(chunk).ok_or(DevError::NoMemory)?);
+                }
+                let Some(b) = bounce.as_mut() else {
+                    return Err(DevError::NoMemory);
+                };
+                b.as_mut_slice()[..n].copy_from_slice(part);
+                let view = b.part(0, n);
+                // SAFETY: the bounce buffer is owned here until execute returns.
+                unsafe { nvme::execute(self.disk, op, lba, view) }
+                    .map_err(|e| dev_error(lba * bs, e))?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// dxfs's write path on a namespace: the same synchronous commands on this
+/// core's queue (NVMe Write, Write with FUA, Flush).
+impl BlockDeviceMut for NvmeDisk {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.write_with(Op::Write, offset, buf)
+    }
+    fn write_fua(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.write_with(Op::WriteFua, offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        // SAFETY: a flush has no buffer.
+        unsafe { nvme::execute(self.disk, Op::Flush, 0, IoBuf::empty()) }
+            .map_err(|e| dev_error(0, e))
     }
 }
 

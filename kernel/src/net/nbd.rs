@@ -261,10 +261,52 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
     }
     log::info!(target: "nbd", "writable: {list}; {}", args.access.describe());
     if nfiles > 0 {
-        log::info!(target: "nbd", "files take overwrites of their written blocks; a write into a hole gets ENOTSUP (allocation is not built yet)");
+        attach_writers(t, mounts);
     }
     if !args.access.any_writer() {
         log::warn!(target: "nbd", "no client may write: nbd.rw_from= not given (run --writable allows the host)");
+    }
+}
+
+/// Mounts the write path of every filesystem with writable files (a
+/// committed transaction its log holds is written home first) and gives it
+/// to those files; one line per filesystem says what its files can take.
+fn attach_writers(t: &mut Table, mounts: &[crate::block::disk::Mounted]) {
+    use crate::block::disk::NvmeDisk;
+    let disks = nvme::disks();
+    for m in mounts {
+        let Some(d) = disks.get(m.disk) else {
+            continue;
+        };
+        if !t
+            .files()
+            .any(|(n, _, disk)| disk == m.disk && t.writable().any(|w| w == n))
+        {
+            continue;
+        }
+        let dev = NvmeDisk {
+            disk: m.disk,
+            ns: d.ns,
+            max_transfer: d.max_transfer,
+        };
+        let w = match dioxide_dxfs::WritableFs::mount(dev) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!(target: "dxfs", "{}: no write path ({e}): its files take overwrites of written blocks only", d.name);
+                continue;
+            }
+        };
+        if w.replayed() > 0 {
+            log::info!(target: "dxfs", "{}: commit log replayed: {} block(s) written home", d.name, w.replayed());
+        }
+        let sb = w.fs().superblock();
+        if sb.has_log() {
+            log::info!(target: "dxfs", "{}: files take allocating writes (holes and unwritten extents; commit log of {} blocks, committed on FLUSH and FUA)", d.name, sb.log_blocks);
+        } else {
+            log::info!(target: "dxfs", "{}: files take overwrites of written blocks only: no commit log (image made before dxfs took writes); a write into a hole gets ENOTSUP", d.name);
+        }
+        let w = dioxide_dxfs::Writer(alloc::sync::Arc::new(dioxide_dxfs::SharedFs::new(w)));
+        t.attach_writer(m.disk, &w);
     }
 }
 
