@@ -94,8 +94,16 @@ impl File {
     pub fn map_now(&self, fb: u64) -> Mapping {
         match self.map(fb) {
             m @ Mapping::Mapped { .. } => m,
-            m => self.writer().map_or(m, |w| w.map(self.ino, fb)),
+            m => self.map_again(fb, m),
         }
+    }
+
+    /// A hole or unwritten extent of the snapshot, asked again: out of the
+    /// read path's line (the simple path maps written blocks only).
+    #[cold]
+    #[inline(never)]
+    fn map_again(&self, fb: u64, snapshot: Mapping) -> Mapping {
+        self.writer().map_or(snapshot, |w| w.map(self.ino, fb))
     }
 
     pub fn size(&self) -> u64 {
