@@ -2263,9 +2263,16 @@ fn issue_file_writes<P: Platform>(
     let (id, n, max) = (job.id, job.len, job.max.max(1));
     let parts = n.div_ceil(max) as u32;
     if let Some(w) = f.writer() {
-        if let Err(DioError::Unallocated { .. }) =
-            dioxide_iomap::check_overwrite(f, job.a0, n as u64)
-        {
+        // A range needing allocation, or a FUA write to blocks whose
+        // mapping is not committed yet (FUA must make the write reachable
+        // after a power cut, so its metadata too): the write path.
+        let bs = f.block_size() as u64;
+        let (fb, end) = (job.a0 / bs, (job.a0 + n as u64).div_ceil(bs));
+        let unallocated = matches!(
+            dioxide_iomap::check_overwrite(f, job.a0, n as u64),
+            Err(DioError::Unallocated { .. })
+        );
+        if unallocated || (job.op == Op::WriteFua && w.uncommitted(f.ino, fb, end)) {
             let r = allocating_write(w, f.ino, job);
             report(id, Some(r.map(|()| n).map_err(fs_error)), parts);
             return;
@@ -2317,9 +2324,14 @@ fn allocating_write(
     if job.repeat {
         return w.zero(ino, job.a0, job.len as u64, fua);
     }
-    // SAFETY: the request owns `job.buf` (its payload, whole) until its
-    // last part's completion, which this call reports after it returns;
-    // nothing writes to it meanwhile.
+    if job.buf.len() != job.len {
+        return Err(dioxide_dxfs::Error::Input(
+            "write buffer shorter than its request".into(),
+        ));
+    }
+    // SAFETY: the request owns `job.buf` (its payload, whole, `job.len`
+    // bytes as checked) until its last part's completion, which this call
+    // reports after it returns; nothing writes to it meanwhile.
     let data = unsafe { core::slice::from_raw_parts(job.buf.as_ptr().cast_const(), job.len) };
     w.write(ino, job.a0, data, fua)
 }

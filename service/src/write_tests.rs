@@ -771,16 +771,40 @@ fn a_sparse_file_takes_allocating_writes_through_its_write_path() {
     assert_eq!(errors(&r.settle()), vec![(h, 0)]);
     want[40 * 4096..41 * 4096].copy_from_slice(&b);
     assert!(committed(&ram, "sparse.bin") == want, "FUA: durable");
-    // An overwrite of a block now written takes the simple path; FLUSH
-    // commits.
+    // An overwrite of a block now written takes the simple path, and a
+    // fresh hole is filled without FUA: not committed yet (the control);
+    // FLUSH commits.
     let c = pattern(43, 4096);
     let h = r.write(17 * 4096, &c, 0);
-    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
-    let mut e = vec![(h, 0), (hf, 0)];
+    let g = pattern(46, 4096);
+    let hg = r.write(60 * 4096, &g, 0);
+    let mut e = vec![(h, 0), (hg, 0)];
     e.sort();
     assert_eq!(errors(&r.settle()), e);
+    assert!(
+        committed(&ram, "sparse.bin")[60 * 4096..61 * 4096]
+            .iter()
+            .all(|&b| b == 0),
+        "(control: not committed before the FLUSH)"
+    );
+    let hf = r.lo.client().command(cmd::FLUSH, 0, 0, 0, &[]).unwrap();
+    assert_eq!(errors(&r.settle()), vec![(hf, 0)]);
     want[17 * 4096..18 * 4096].copy_from_slice(&c);
+    want[60 * 4096..61 * 4096].copy_from_slice(&g);
     assert!(committed(&ram, "sparse.bin") == want, "FLUSH: durable");
+    // A FUA overwrite of a block filled since the last commit commits its
+    // mapping too.
+    let k = pattern(47, 4096);
+    let hk = r.write(62 * 4096, &k, 0);
+    assert_eq!(errors(&r.settle()), vec![(hk, 0)]);
+    let k2 = pattern(48, 4096);
+    let hk = r.write(62 * 4096, &k2, cflag::FUA);
+    assert_eq!(errors(&r.settle()), vec![(hk, 0)]);
+    want[62 * 4096..63 * 4096].copy_from_slice(&k2);
+    assert!(
+        committed(&ram, "sparse.bin") == want,
+        "FUA overwrite: durable"
+    );
     // Write-zeroes over written blocks and a hole: the written blocks get
     // zeroes, the hole stays a hole.
     let hz =

@@ -103,7 +103,9 @@ impl File {
     #[cold]
     #[inline(never)]
     fn map_again(&self, fb: u64, snapshot: Mapping) -> Mapping {
-        self.writer().map_or(snapshot, |w| w.map(self.ino, fb))
+        self.writer()
+            .and_then(|w| w.map(self.ino, fb))
+            .unwrap_or(snapshot)
     }
 
     pub fn size(&self) -> u64 {

@@ -44,17 +44,25 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 /// The write path of a mounted filesystem as the cores serving its files
-/// share it ([`SharedFs`]): each call takes its lock.
+/// share it ([`SharedFs`]).
 ///
 /// The read side keeps its lock-free snapshot of each file's extents
 /// ([`File`]): a block mapped written never moves and is never freed (files
 /// keep their size; nothing punches holes), so a snapshot's written blocks
 /// stay true, and only its holes and unwritten extents may have filled
 /// since: those, and only those, are asked again ([`FileWriter::map`]).
+/// That question may come with a driver lock held (the read path maps
+/// inside the engine): it takes only a short lock that is never held
+/// across I/O, and does no I/O itself.
 pub trait FileWriter: Send + Sync {
-    /// The mapping of block `fb` of file `ino` now (a hole on an error,
-    /// which is logged).
-    fn map(&self, ino: u64, fb: u64) -> Mapping;
+    /// The mapping of block `fb` of file `ino` now, when the write path
+    /// changed the file since it was opened (`None`: the caller's snapshot
+    /// holds).
+    fn map(&self, ino: u64, fb: u64) -> Option<Mapping>;
+    /// Whether blocks `fb..end` of file `ino` were mapped or converted
+    /// since the last commit: a FUA write to them must commit, not only
+    /// reach the medium.
+    fn uncommitted(&self, ino: u64, fb: u64, end: u64) -> bool;
     /// Writes whole blocks `data` at `offset` of file `ino`, allocating
     /// what is not written yet; durable on return with `fua`.
     fn write(&self, ino: u64, offset: u64, data: &[u8], fua: bool) -> Result<()>;
@@ -66,38 +74,89 @@ pub trait FileWriter: Send + Sync {
     fn commit(&self) -> Result<()>;
 }
 
-/// A [`WritableFs`] behind a lock, for every core.
-pub struct SharedFs<D: BlockDeviceMut>(spin::Mutex<WritableFs<D>>);
+/// What readers see of a file the write path changed: its extents as they
+/// are in memory, and the block ranges changed since the last commit.
+#[derive(Clone, Default)]
+struct Published {
+    extents: alloc::sync::Arc<Vec<Extent>>,
+    fresh: Vec<(u64, u64)>,
+}
+
+/// A [`WritableFs`] behind a lock, for every core; readers see the files
+/// it changed through `published`, a second lock held only to look up or
+/// replace one entry.
+pub struct SharedFs<D: BlockDeviceMut> {
+    fs: spin::Mutex<WritableFs<D>>,
+    published: spin::Mutex<BTreeMap<u64, Published>>,
+}
 
 impl<D: BlockDeviceMut> SharedFs<D> {
     pub fn new(w: WritableFs<D>) -> Self {
-        SharedFs(spin::Mutex::new(w))
+        SharedFs {
+            fs: spin::Mutex::new(w),
+            published: spin::Mutex::new(BTreeMap::new()),
+        }
     }
-    /// Runs `f` with the filesystem locked.
+    /// Runs `f` with the filesystem locked, then publishes what it changed.
     pub fn with<R>(&self, f: impl FnOnce(&mut WritableFs<D>) -> R) -> R {
-        f(&mut self.0.lock())
+        let mut w = self.fs.lock();
+        let r = f(&mut w);
+        self.publish(&mut w);
+        r
+    }
+
+    /// Publishes every file `w` changed since the last call (the fs lock is
+    /// held by the caller).
+    fn publish(&self, w: &mut WritableFs<D>) {
+        let changed = core::mem::take(&mut w.changed);
+        let committed = core::mem::take(&mut w.committed);
+        if changed.is_empty() && !committed {
+            return;
+        }
+        let snapshots: Vec<(u64, Published)> = changed
+            .iter()
+            .filter_map(|ino| {
+                let f = w.files.get(ino)?;
+                Some((
+                    *ino,
+                    Published {
+                        extents: alloc::sync::Arc::new(f.extents.clone()),
+                        fresh: f.fresh.clone(),
+                    },
+                ))
+            })
+            .collect();
+        let mut p = self.published.lock();
+        if committed {
+            for e in p.values_mut() {
+                e.fresh.clear();
+            }
+        }
+        for (ino, snap) in snapshots {
+            p.insert(ino, snap);
+        }
     }
 }
 
 impl<D: BlockDeviceMut + Send> FileWriter for SharedFs<D> {
-    fn map(&self, ino: u64, fb: u64) -> Mapping {
-        let mut w = self.0.lock();
-        match w.open(ino) {
-            Ok(f) => map_extents(&f.extents, fb),
-            Err(e) => {
-                log::warn!(target: "dxfs", "inode {ino}: {e}");
-                Mapping::Hole { blocks: 1 }
-            }
-        }
+    fn map(&self, ino: u64, fb: u64) -> Option<Mapping> {
+        let extents = self.published.lock().get(&ino)?.extents.clone();
+        Some(map_extents(&extents, fb))
+    }
+    fn uncommitted(&self, ino: u64, fb: u64, end: u64) -> bool {
+        self.published
+            .lock()
+            .get(&ino)
+            .is_some_and(|p| p.fresh.iter().any(|&(a, b)| a < end && fb < b))
     }
     fn write(&self, ino: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.0.lock().write(ino, offset, data, fua)
+        self.with(|w| w.write(ino, offset, data, fua))
     }
     fn zero(&self, ino: u64, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.0.lock().zero(ino, offset, len, fua)
+        self.with(|w| w.zero(ino, offset, len, fua))
     }
     fn commit(&self) -> Result<()> {
-        self.0.lock().commit()
+        self.with(|w| w.commit())
     }
 }
 
@@ -145,6 +204,11 @@ struct WFile {
     index_dirty: bool,
     /// The inode (or its inline area) changed.
     dirty: bool,
+    /// Block ranges mapped or converted since the last commit.
+    fresh: Vec<(u64, u64)>,
+    /// Extents added since the last commit (the transaction's size
+    /// estimate).
+    added: usize,
 }
 
 /// A filesystem mounted for writing over a synchronous device.
@@ -166,7 +230,15 @@ pub struct WritableFs<D: BlockDeviceMut> {
     stats: Stats,
     /// Blocks the mount wrote home from the log.
     replayed: usize,
+    /// Files changed since [`SharedFs`] last published them.
+    changed: BTreeSet<u64>,
+    /// A commit happened since then.
+    committed: bool,
 }
+
+/// Free blocks kept for extent tree nodes: data allocation stops short of
+/// them, so that a commit can always lay out its trees.
+const NODE_RESERVE: u64 = 64;
 
 fn dev_err(block: u64) -> impl Fn(DevError) -> Error {
     move |err| Error::Device { block, err }
@@ -186,6 +258,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
             fs.dev.flush().map_err(dev_err(0))?;
         }
         let bitmap = read_bitmap(&fs)?;
+        check_bitmap(&fs.sb, &bitmap)?;
         let seq = fs.log_seq.map_or(1, |s| s.wrapping_add(1));
         let cursor = fs.sb.data_start;
         Ok(WritableFs {
@@ -200,6 +273,8 @@ impl<D: BlockDeviceMut> WritableFs<D> {
             failed: false,
             stats: Stats::default(),
             replayed: replayed.len(),
+            changed: BTreeSet::new(),
+            committed: false,
         })
     }
 
@@ -325,14 +400,22 @@ impl<D: BlockDeviceMut> WritableFs<D> {
             goal_for(&f.extents, fb)
         }
         .unwrap_or(self.cursor);
+        // Data stops short of the blocks kept for tree nodes.
+        let spare = self.fs.sb.free_blocks.saturating_sub(NODE_RESERVE);
+        if spare == 0 {
+            return Err(Error::Full { ino });
+        }
         let (disk, len) = self
-            .find_free(goal, want.min(MAX_EXTENT))
+            .find_free(goal, want.min(MAX_EXTENT).min(spare))
             .ok_or(Error::Full { ino })?;
         self.mark(disk, len, true);
         self.cursor = disk + len;
         self.stats.allocated_blocks += len;
+        self.changed.insert(ino);
         let f = self.open(ino)?;
         f.inode.blocks += len;
+        f.fresh.push((fb, fb + len));
+        f.added += 1;
         insert_extent(
             f,
             Extent {
@@ -355,23 +438,40 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     /// commit).
     pub fn end_write(&mut self, ino: u64, file_block: u64, count: u64) -> Result<()> {
         self.usable()?;
+        self.changed.insert(ino);
         let f = self.open(ino)?;
-        convert_written(f, file_block, file_block.saturating_add(count));
+        let end = file_block.saturating_add(count);
+        f.fresh.push((file_block, end));
+        f.added += 2;
+        convert_written(f, file_block, end);
         Ok(())
     }
 
-    /// Metadata blocks the running transaction would log now (an estimate
-    /// from above for the tree nodes).
+    /// Whether blocks `fb..end` of `ino` were mapped or converted since the
+    /// last commit (a FUA write to them must commit).
+    pub fn uncommitted(&self, ino: u64, fb: u64, end: u64) -> bool {
+        self.files
+            .get(&ino)
+            .is_some_and(|f| f.fresh.iter().any(|&(a, b)| a < end && fb < b))
+    }
+
+    /// Metadata blocks the running transaction would log now, estimated
+    /// from above: per dirty file its inode block, its dirty leaves, the
+    /// leaves its added extents could split into, and its index levels.
     fn pending_blocks(&self) -> usize {
         let ipb = Superblock::inodes_per_block(self.fs.sb.block_size);
+        let per_node = (self.fs.sb.block_size as usize - HEADER_SIZE) / ENTRY_SIZE;
         let mut itable = BTreeSet::new();
         let mut tree = 0usize;
         for (&ino, f) in &self.files {
             if f.dirty {
                 itable.insert((ino - 1) / ipb);
-                tree += f.leaves.iter().filter(|l| l.dirty).count() * 2 + 1;
-                if f.index_dirty || f.extents.len() > INLINE_ENTRIES {
-                    tree += f.index_blocks.len() + 1;
+                if f.extents.len() > INLINE_ENTRIES {
+                    let leaves = f.leaves.len().max(1);
+                    let dirty = f.leaves.iter().filter(|l| l.dirty).count();
+                    let split = f.added.div_ceil(per_node / 4) + 1;
+                    let index = (leaves + split).div_ceil(per_node) * MAX_EXTENT_DEPTH as usize;
+                    tree += dirty + split + index;
                 }
             }
         }
@@ -405,7 +505,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                 self.end_write(ino, s.file_block, s.blocks)?;
             }
         }
-        if fua && fresh {
+        if fua && (fresh || self.uncommitted(ino, offset / bs, offset / bs + segs_len(&segs))) {
             self.commit()?;
         }
         Ok(())
@@ -488,7 +588,13 @@ impl<D: BlockDeviceMut> WritableFs<D> {
             blocks.insert(0, b0);
         }
         if blocks.is_empty() {
-            return self.fs.dev.flush().map_err(dev_err(0));
+            self.fs.dev.flush().map_err(dev_err(0))?;
+            self.committed = true;
+            for f in self.files.values_mut() {
+                f.fresh.clear();
+                f.added = 0;
+            }
+            return Ok(());
         }
         let blocks: Vec<(u64, Vec<u8>)> = blocks.into_iter().collect();
         let cap = journal::capacity(&self.fs.sb);
@@ -503,7 +609,10 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         self.stats.commits += 1;
         self.stats.logged_blocks += blocks.len() as u64;
         self.seq = self.seq.wrapping_add(1);
+        self.committed = true;
         for f in self.files.values_mut() {
+            f.fresh.clear();
+            f.added = 0;
             f.dirty = false;
             f.index_dirty = false;
             for l in &mut f.leaves {
@@ -554,8 +663,9 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                 continue;
             }
             self.bitmap[w] ^= 1 << bit;
+            // (The count was checked against the bitmap at mount.)
             if used {
-                self.fs.sb.free_blocks -= 1;
+                self.fs.sb.free_blocks = self.fs.sb.free_blocks.saturating_sub(1);
             } else {
                 self.fs.sb.free_blocks += 1;
             }
@@ -822,6 +932,11 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     }
 }
 
+/// Blocks the segments of a write cover.
+fn segs_len(segs: &[WriteSeg]) -> u64 {
+    segs.iter().map(|s| s.blocks).sum()
+}
+
 /// Data blocks mapped by `extents`.
 fn data_blocks(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.len as u64).sum()
@@ -899,6 +1014,9 @@ fn insert_extent(f: &mut WFile, e: Extent) {
 fn convert_written(f: &mut WFile, lo: u64, hi: u64) {
     let mut i = f.extents.partition_point(|e| e.end() <= lo);
     let mut changed = false;
+    // The file blocks of every extent split (its pieces may fall in other
+    // leaves' key ranges).
+    let (mut first, mut last) = (lo, hi);
     while i < f.extents.len() && f.extents[i].file_block < hi {
         let e = f.extents[i];
         if !e.unwritten() {
@@ -906,6 +1024,8 @@ fn convert_written(f: &mut WFile, lo: u64, hi: u64) {
             continue;
         }
         let (a, b) = (e.file_block.max(lo), e.end().min(hi));
+        first = first.min(e.file_block);
+        last = last.max(e.end());
         let mut parts = Vec::with_capacity(3);
         if e.file_block < a {
             parts.push(Extent {
@@ -935,16 +1055,27 @@ fn convert_written(f: &mut WFile, lo: u64, hi: u64) {
     if !changed {
         return;
     }
-    // Merge everything the conversion touched with its neighbours.
+    // Merge everything the conversion touched with its neighbours: one
+    // pass over the window, staying on an extent while it absorbs the next.
+    let joins = |a: &Extent, b: &Extent| {
+        a.end() == b.file_block
+            && a.disk_block + a.len as u64 == b.disk_block
+            && a.flags == b.flags
+            && a.len as u64 + b.len as u64 <= MAX_EXTENT
+    };
     let mut j = f
         .extents
         .partition_point(|e| e.end() <= lo)
         .saturating_sub(1);
-    let mut span = (lo, hi);
-    while j < f.extents.len() && f.extents[j].file_block <= hi {
-        let (a, b) = merge_around(&mut f.extents, j);
-        span = (span.0.min(a), span.1.max(b));
-        j += 1;
+    let mut span = (lo.min(first), hi.max(last));
+    while j + 1 < f.extents.len() && f.extents[j].file_block <= hi {
+        if joins(&f.extents[j], &f.extents[j + 1]) {
+            let next = f.extents.remove(j + 1);
+            f.extents[j].len += next.len;
+            span = (span.0.min(f.extents[j].file_block), span.1.max(next.end()));
+        } else {
+            j += 1;
+        }
     }
     touch(f, span.0, span.1);
 }
@@ -994,6 +1125,10 @@ fn load<D: BlockDeviceMut>(fs: &Fs<D>, ino: u64) -> Result<WFile> {
         .into_iter()
         .filter(|b| !leaves.iter().any(|l: &Leaf| l.block == *b))
         .collect();
+    // The first leaf's range starts at 0 (mkfs keys it at its first
+    // extent): the index is written again at the next commit when it said
+    // otherwise.
+    let first_key = leaves.first().map_or(0, |l| l.key);
     if let Some(l) = leaves.first_mut() {
         l.key = 0;
     }
@@ -1002,8 +1137,10 @@ fn load<D: BlockDeviceMut>(fs: &Fs<D>, ino: u64) -> Result<WFile> {
         extents,
         leaves,
         index_blocks,
-        index_dirty: false,
+        index_dirty: first_key != 0,
         dirty: false,
+        fresh: Vec::new(),
+        added: 0,
     })
 }
 
@@ -1034,6 +1171,34 @@ fn find_leaves<D: BlockDeviceMut>(
             .collect::<core::result::Result<_, _>>()
             .map_err(|w| Error::corrupt(Structure::ExtentTree(0), e.child, w))?;
         find_leaves(fs, &below, depth - 1, out)?;
+    }
+    Ok(())
+}
+
+/// What the write path trusts the bitmap with: the metadata regions and
+/// the log are in use, and the free count is what the bits say (a damaged
+/// bitmap would hand out blocks that hold metadata).
+fn check_bitmap(sb: &Superblock, bits: &[u64]) -> Result<()> {
+    let used = |b: u64| bits[(b / 64) as usize] & (1 << (b % 64)) != 0;
+    let meta = (0..sb.data_start).chain(sb.log_start..sb.log_start + sb.log_blocks);
+    if let Some(b) = meta.clone().find(|&b| !used(b)) {
+        return Err(Error::corrupt(
+            Structure::Bitmap,
+            sb.bitmap_start,
+            Why::Field(if b < sb.data_start {
+                "metadata block marked free"
+            } else {
+                "commit log block marked free"
+            }),
+        ));
+    }
+    let set: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
+    if sb.block_count - set != sb.free_blocks {
+        return Err(Error::corrupt(
+            Structure::Superblock,
+            0,
+            Why::Field("free block count (does not match the bitmap; fsck)"),
+        ));
     }
     Ok(())
 }

@@ -219,11 +219,12 @@ fn refusals_are_named_and_leave_a_clean_image() {
             break;
         }
     }
-    assert_eq!(full, Some((free, Error::Full { ino: 2 })));
+    // Data stops 64 blocks short: those are kept for extent tree nodes.
+    assert_eq!(full, Some((free - 64, Error::Full { ino: 2 })));
     w.commit().unwrap();
     drop(w);
     assert_clean(&dev, "full");
-    assert_eq!(Fs::mount(&dev).unwrap().superblock().free_blocks, 0);
+    assert_eq!(Fs::mount(&dev).unwrap().superblock().free_blocks, 64);
 }
 
 /// A device whose writes start failing after `ok` more writes.
@@ -385,4 +386,84 @@ fn a_commit_cut_at_every_write_is_all_or_nothing_and_replayed() {
         assert_clean(&home, &format!("cut after {keep}: home"));
     }
     assert!(replays >= logged, "{replays} replays");
+}
+
+#[test]
+fn a_fua_write_to_a_block_converted_since_the_last_commit_commits() {
+    let mut dev = image(512, &[("vol", 16 * BS, vec![])], None);
+    {
+        let mut w = WritableFs::mount(&mut dev).unwrap();
+        w.write(2, 3 * BS, &pattern(3, 1), false).unwrap();
+        let commits = w.stats().commits;
+        assert!(w.uncommitted(2, 3, 4));
+        // An overwrite now, with FUA: its block is written in memory only.
+        w.write(2, 3 * BS, &pattern(3, 2), true).unwrap();
+        assert_eq!(w.stats().commits, commits + 1, "FUA committed the mapping");
+        assert!(!w.uncommitted(2, 3, 4));
+        // The control: a FUA overwrite of a committed block commits nothing.
+        w.write(2, 3 * BS, &pattern(3, 3), true).unwrap();
+        assert_eq!(w.stats().commits, commits + 1);
+    }
+    assert_clean(&dev, "fua");
+    assert!(read_all(&dev, 2)[3 * BS as usize..4 * BS as usize] == pattern(3, 3)[..]);
+}
+
+#[test]
+fn a_tree_mkfs_keyed_above_zero_takes_a_write_below_its_first_extent() {
+    // Eight data ranges from block 10: an extent tree whose first key is 10.
+    let data: Vec<(u64, u64)> = (0..8).map(|k| ((10 + 4 * k) * BS, BS)).collect();
+    let mut dev = image(512, &[("f", 64 * BS, data)], None);
+    {
+        let fs = Fs::mount(&dev).unwrap();
+        assert_eq!(fs.inode(2).unwrap().depth, 1);
+    }
+    let mut w = WritableFs::mount(&mut dev).unwrap();
+    w.write(2, 0, &pattern(0, 1), false).unwrap();
+    w.commit().unwrap();
+    drop(w);
+    assert_clean(&dev, "write below the first key");
+    assert!(read_all(&dev, 2)[..BS as usize] == pattern(0, 1)[..]);
+}
+
+#[test]
+fn a_bitmap_that_disagrees_with_the_free_count_or_frees_metadata_is_refused() {
+    let dev = image(512, &[("vol", 16 * BS, vec![])], None);
+    let sb = Fs::mount(&dev).unwrap().superblock().clone();
+    // The free count off by one.
+    let mut bad = dev.clone();
+    let mut sb2 = sb.clone();
+    sb2.free_blocks -= 1;
+    sb2.emit(&mut bad.data[..512]);
+    assert!(matches!(
+        WritableFs::mount(&mut bad),
+        Err(Error::Corrupt { .. })
+    ));
+    // A log block marked free (the bitmap block resealed).
+    let mut bad = dev.clone();
+    let at = (sb.bitmap_start * BS) as usize;
+    let bit = sb.log_start as usize;
+    bad.data[at + 32 + bit / 8] &= !(1 << (bit % 8));
+    let mut blk = bad.data[at..at + BS as usize].to_vec();
+    let h = crate::format::BlockHeader::parse(
+        &dev.data[at..at + BS as usize],
+        crate::format::KIND_BITMAP,
+        sb.bitmap_start,
+    )
+    .unwrap();
+    crate::format::BlockHeader {
+        count: h.count - 1,
+        ..h
+    }
+    .emit(&mut blk);
+    bad.data[at..at + BS as usize].copy_from_slice(&blk);
+    let mut sb3 = sb.clone();
+    sb3.free_blocks += 1;
+    sb3.emit(&mut bad.data[..512]);
+    assert!(matches!(
+        WritableFs::mount(&mut bad),
+        Err(Error::Corrupt { .. })
+    ));
+    // The control: the image as made mounts.
+    let mut good = dev.clone();
+    assert!(WritableFs::mount(&mut good).is_ok());
 }

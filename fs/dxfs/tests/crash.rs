@@ -257,6 +257,9 @@ impl Workload {
         hold: bool,
         flight: &mut Vec<InFlight>,
     ) {
+        // Blocks whose mapping is not committed: a FUA write to them
+        // commits, as `WritableFs::write` does.
+        let unc = w.uncommitted(ino, fb, fb + len);
         let segs = w.map_write(ino, fb, len).expect("map_write");
         let mut fresh = false;
         for s in &segs {
@@ -277,7 +280,7 @@ impl Workload {
                     .get_mut(&(ino, s.file_block + k))
                     .expect("block");
                 b.written.push((v, at));
-                if fua && !s.fresh {
+                if fua && !s.fresh && !unc {
                     b.durable.push((v, at + 1));
                 } else if !s.fresh || !hold {
                     self.unflushed.push((ino, s.file_block + k, v));
@@ -294,7 +297,7 @@ impl Workload {
                 w.end_write(ino, s.file_block, s.blocks).expect("end_write");
             }
         }
-        if fua && fresh {
+        if fua && (fresh || unc) {
             self.commit(w);
         }
     }
