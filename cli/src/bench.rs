@@ -13,6 +13,8 @@ pub struct LocalOpts {
     pub qds: Vec<usize>,
     pub devs: Vec<String>,
     pub completions: Vec<String>,
+    /// What the requests do ([`OPS`]).
+    pub ops: Vec<String>,
     pub secs: u64,
     pub out: PathBuf,
     pub file_size: u64,
@@ -30,6 +32,27 @@ pub struct LocalOpts {
     pub boot: qemu::Boot,
     /// One boot per variant (CPUs, shadow doorbells, ioeventfd).
     pub sweep: Sweep,
+}
+
+/// What `--op` takes: 4 KiB reads, overwrites, overwrites with FUA (the
+/// kernel's `bench.op=`).
+pub const OPS: [&str; 3] = ["read", "write", "write-fua"];
+
+/// A row's `op` (a kernel from before writes printed none: reads).
+pub fn op_of(r: &Row) -> &str {
+    match r.s("op") {
+        "" => "read",
+        o => o,
+    }
+}
+
+/// How a table's section and a panel's title name an op.
+pub fn op_title(op: &str) -> &'static str {
+    match op {
+        "write" => "4K random writes (overwrites)",
+        "write-fua" => "4K random writes with FUA (overwrites)",
+        _ => "4K random reads",
+    }
 }
 
 /// Most guest CPUs a `--smp` list takes.
@@ -263,7 +286,7 @@ impl Row {
                 Ok(x)
                     if !matches!(
                         k.as_str(),
-                        "target" | "dev" | "completion" | "net" | "export" | "uri"
+                        "target" | "op" | "dev" | "completion" | "net" | "export" | "uri"
                     ) =>
                 {
                     if matches!(
@@ -327,6 +350,34 @@ pub fn image(size: u64) -> Result<PathBuf, Error> {
         ..Default::default()
     };
     crate::image::write_tree(&path, &tree, &opts, &mut RandomSource)?;
+    Ok(path)
+}
+
+/// A scratch image of `size` bytes under target/dioxide/ (`name` tells
+/// them apart), every block written with zeroes once, so that writes to it
+/// never land in a hole of the host file (which would make the host file
+/// system allocate on the way).
+pub fn scratch(name: &str, size: u64) -> Result<PathBuf, Error> {
+    use std::io::Write;
+    let dir = workspace_root().join("target").join("dioxide");
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+    let path = dir.join(format!("scratch-{name}-{}m.img", size >> 20));
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+        return Ok(path);
+    }
+    let tmp = path.with_extension("part");
+    let mut f = std::fs::File::create(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])
+            .map_err(io_err(format!("write {}", tmp.display())))?;
+        left -= n as u64;
+    }
+    f.sync_all()
+        .map_err(io_err(format!("sync {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
     Ok(path)
 }
 
@@ -472,8 +523,9 @@ pub fn row_key(r: &Row) -> RowKey {
     )
 }
 
-/// Rows by (device, completion), then [`RowKey`], then target.
-type Groups<'a> = BTreeMap<(String, String), BTreeMap<RowKey, BTreeMap<String, &'a Row>>>;
+/// Rows by (op's place in [`OPS`], device, completion), then [`RowKey`],
+/// then target.
+type Groups<'a> = BTreeMap<(usize, String, String), BTreeMap<RowKey, BTreeMap<String, &'a Row>>>;
 
 /// The table laid out like the upstream one (qd, simple=0, simple=1, gain),
 /// with the raw namespace and the file/raw ratio beside it, and which path
@@ -483,15 +535,20 @@ pub fn table(rows: &[Row]) -> String {
     let mut groups: Groups = BTreeMap::new();
     for r in rows {
         groups
-            .entry((r.s("dev").into(), r.s("completion").into()))
+            .entry((
+                OPS.iter().position(|o| *o == op_of(r)).unwrap_or(OPS.len()),
+                r.s("dev").into(),
+                r.s("completion").into(),
+            ))
             .or_default()
             .entry(row_key(r))
             .or_default()
             .insert(r.s("target").into(), r);
     }
     let mut s = String::new();
-    for ((dev, comp), by_qd) in groups {
-        s += &format!("\ndev={dev} completion={comp}: 4K random reads\n");
+    for ((op, dev, comp), by_qd) in groups {
+        let op = op_title(OPS.get(op).copied().unwrap_or("read"));
+        s += &format!("\ndev={dev} completion={comp}: {op}\n");
         s += "  qd cpus dbbuf ioefd        raw   simple=0   simple=1    gain  file/raw | cycles/io: raw  simple=0  simple=1  simple/raw | p99 us: raw  simple | allocs/io: simple=0 simple=1 | simple=1 path: simple generic fell_back\n";
         for ((qd, cpus, dbbuf, ioefd), t) in by_qd {
             let g = |k: &str, f: &str| t.get(k).map(|r| r.f(f)).unwrap_or(0.0);
@@ -562,7 +619,8 @@ pub fn plot(rows: &[Row]) -> String {
         rows,
         &|r| {
             format!(
-                "dev={} completion={}{}",
+                "{}, dev={} completion={}{}",
+                op_title(op_of(r)),
                 r.s("dev"),
                 r.s("completion"),
                 config(r)
@@ -576,8 +634,8 @@ pub fn plot(rows: &[Row]) -> String {
     )
 }
 
-/// One panel per `group(row)`: 4K random read IOPS against queue depth, a
-/// line per `(target, colour, label)` of `series`.
+/// One panel per `group(row)` (its title names what the requests do): IOPS
+/// against queue depth, a line per `(target, colour, label)` of `series`.
 pub fn plot_panels(
     rows: &[Row],
     group: &dyn Fn(&Row) -> String,
@@ -609,7 +667,7 @@ pub fn plot_panels(
         };
         let ypos = |v: f64| y1 - v / ymax * (y1 - y0);
         s += &format!(
-            "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{title}: 4K random read IOPS</text>\n",
+            "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{title}: IOPS</text>\n",
             top + 10.0
         );
         s += &format!("<line x1=\"{x0}\" y1=\"{y1}\" x2=\"{x1}\" y2=\"{y1}\" stroke=\"black\"/><line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{y1}\" stroke=\"black\"/>\n");
@@ -700,7 +758,8 @@ pub fn local(opts: &LocalOpts) -> Result<i32, Error> {
         .filter(|r| r.s("target") == "simple" && r.f("fell_back") > 0.0)
     {
         println!(
-            "warning: dev={} completion={} qd={}: {} simple=1 reads fell back to the generic path",
+            "warning: {} dev={} completion={} qd={}: {} simple=1 requests fell back to the generic path",
+            op_of(r),
             r.s("dev"),
             r.s("completion"),
             r.s("qd"),
@@ -807,7 +866,7 @@ fn boot_variant(
     if devs.is_empty() {
         return Ok((Vec::new(), None));
     }
-    let nrows = devs.len() * opts.qds.len() * 3;
+    let nrows = devs.len() * opts.ops.len() * opts.qds.len() * 3;
     let mut cfg = qemu::Config::new(kernel.to_path_buf());
     cfg.add_disk(img);
     cfg.accel = opts.accel;
@@ -819,6 +878,7 @@ fn boot_variant(
         format!("nvme.completion={comp}"),
         format!("bench.completion={comp}"),
         format!("bench.dev={}", devs.join(",")),
+        format!("bench.op={}", opts.ops.join(",")),
         format!("bench.qd={}", qd_list.join(",")),
         format!("bench.secs={}", opts.secs),
     ];
@@ -1098,6 +1158,40 @@ mod tests {
         assert!(plot(&rows).contains("dev=nvme completion=poll cpus=1 dbbuf=- ioeventfd=0"));
         let one = config_title(&rows[1..2]);
         assert_eq!(one(&rows[1]), "");
+    }
+
+    #[test]
+    fn writes_have_sections_of_their_own_after_the_reads() {
+        let row = |op: &str, t: &str, iops: u32| {
+            Row::parse(&format!(
+                r#"{{"bench":"row","target":"{t}","op":"{op}","dev":"nvme","completion":"poll","qd":16,"cpus":1,"iops":{iops}}}"#
+            ))
+            .unwrap()
+        };
+        // A log from a kernel without `op` (reads) and write rows.
+        let mut old = row("read", "raw", 500);
+        old.fields.remove("op");
+        let rows = [
+            row("write-fua", "raw", 300),
+            row("write", "raw", 900),
+            row("write", "simple", 880),
+            old,
+        ];
+        let t = table(&rows);
+        let titles: Vec<&str> = t.lines().filter(|l| l.starts_with("dev=")).collect();
+        assert_eq!(
+            titles,
+            [
+                "dev=nvme completion=poll: 4K random reads",
+                "dev=nvme completion=poll: 4K random writes (overwrites)",
+                "dev=nvme completion=poll: 4K random writes with FUA (overwrites)",
+            ],
+            "{t}"
+        );
+        assert!(t.contains("     900          0        880 "), "{t}");
+        let svg = plot(&rows);
+        assert!(svg.contains("4K random writes with FUA (overwrites), dev=nvme"));
+        assert!(svg.contains("4K random reads, dev=nvme"));
     }
 
     #[test]

@@ -325,6 +325,10 @@ struct LocalArgs {
     /// Completion modes: poll, irq.
     #[arg(long, default_value = "poll")]
     completion: String,
+    /// What the requests do: read, write (overwrites of the file's
+    /// blocks), write-fua (each durable when it completes).
+    #[arg(long, default_value = "read,write,write-fua")]
+    op: String,
     /// Seconds per row.
     #[arg(long, default_value_t = 2)]
     secs: u64,
@@ -413,6 +417,10 @@ struct NbdArgs {
     /// four; with --remote: file, raw, null).
     #[arg(long)]
     targets: Option<String>,
+    /// What fio does: read, write (4K random writes; see README). With
+    /// --remote: read only (writes would overwrite the server's data).
+    #[arg(long)]
+    op: Option<String>,
     /// Size of the benchmark file (default 1G).
     #[arg(long, default_value = "1G", value_parser = dioxide::fstool::parse_size, conflicts_with = "remote")]
     file_size: u64,
@@ -600,6 +608,7 @@ fn bench_local(a: LocalArgs) -> Result<i32, Error> {
         qd,
         dev,
         completion,
+        op,
         secs,
         out,
         file_size,
@@ -616,6 +625,16 @@ fn bench_local(a: LocalArgs) -> Result<i32, Error> {
     let host_threads = host_threads_list(&host_threads)?;
     let devs = dioxide::bench::parse_list(&dev);
     let completions = dioxide::bench::parse_list(&completion);
+    let ops = dioxide::bench::parse_list(&op);
+    if ops.is_empty()
+        || ops
+            .iter()
+            .any(|o| !dioxide::bench::OPS.contains(&o.as_str()))
+    {
+        return Err(Error::Usage(format!(
+            "--op {op}: read, write and/or write-fua"
+        )));
+    }
     if devs.iter().any(|d| d != "nvme" && d != "null") {
         return Err(Error::Usage(format!("--dev {dev}: nvme and/or null")));
     }
@@ -633,6 +652,7 @@ fn bench_local(a: LocalArgs) -> Result<i32, Error> {
         qds,
         devs,
         completions,
+        ops,
         secs: secs.max(1),
         out: out.unwrap_or_else(dioxide::bench::default_out),
         file_size,
@@ -664,6 +684,7 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         offload,
         mtu,
         targets,
+        op,
         file_size,
         accel,
         mem,
@@ -673,6 +694,13 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         boot,
         sweep,
     } = a;
+    let ops = dioxide::bench::parse_list(op.as_deref().unwrap_or("read,write"));
+    if ops.is_empty() || ops.iter().any(|o| o != "read" && o != "write") {
+        return Err(Error::Usage(format!(
+            "--op {}: read and/or write",
+            op.unwrap_or_default()
+        )));
+    }
     let offloads = match &offload {
         Some(l) => dioxide::offload::Offloads::parse_list(l)?,
         None => vec![dioxide::offload::Offloads(None)],
@@ -721,6 +749,7 @@ fn bench_nbd(a: NbdArgs) -> Result<i32, Error> {
         offloads,
         mtus,
         targets,
+        ops,
         completion,
         rounds: rounds.clamp(1, secs.max(1)),
         boot,
@@ -754,6 +783,11 @@ fn bench_nbd_remote(a: NbdArgs) -> Result<i32, Error> {
     }
     if a.jobs == 0 || a.jobs > 8 {
         return Err(Error::Usage(format!("--jobs {}: from 1 to 8", a.jobs)));
+    }
+    if a.op.as_deref().is_some_and(|o| o != "read") {
+        return Err(Error::Usage(
+            "--op: only read with --remote (writes would overwrite the server's data)".into(),
+        ));
     }
     let secs = a.secs.max(1);
     let opts = dioxide::remotebench::RemoteOpts {

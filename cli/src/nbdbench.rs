@@ -68,6 +68,9 @@ pub struct NbdOpts {
     pub mtus: Vec<Option<u16>>,
     /// Of [`TARGETS`]' names.
     pub targets: Vec<&'static str>,
+    /// What fio does: `read` (4K random reads), `write` (4K random writes:
+    /// see [`WRITES`]).
+    pub ops: Vec<String>,
     pub completion: String,
     /// Each row's time is split into this many rounds, the targets taking
     /// turns, so that drift on a shared machine hits them alike.
@@ -153,7 +156,18 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
     })
 }
 
-/// `qemu-nbd` serving an image read-only on 127.0.0.1 (killed on drop).
+/// Where `--op write` writes. The file export `bench.bin` is writable
+/// (`nbd.rw=all`, from any client: the benchmark's own appliance); the raw
+/// export would be `nvme0n1`, but a namespace holding a mounted filesystem
+/// takes no writes, so the writes' raw target is a second namespace,
+/// `nvme1n1`, on a scratch image of the file's size; qemu-nbd writes to a
+/// scratch image of its own (QEMU holds the first one's write lock), both
+/// written with zeroes once so that no write lands in a hole of the host
+/// file. The `null` export takes no writes: it has no write row.
+pub const WRITES: &str = "writes: file = bench.bin (writable), raw = nvme1n1 (a scratch namespace: nvme0n1 holds the filesystem), qemu-nbd = a scratch image; null takes no writes";
+
+/// `qemu-nbd` serving an image on 127.0.0.1 (killed on drop): read-only,
+/// or writable for the write rows.
 pub struct HostNbd {
     child: Child,
     pub url: String,
@@ -172,6 +186,11 @@ impl HostNbd {
     /// Starts qemu-nbd with the best options this host takes: O_DIRECT with
     /// io_uring, else native AIO, else threads, else the page cache.
     pub fn start(img: &Path, clients: usize) -> Result<HostNbd, Error> {
+        Self::start_with(img, clients, false)
+    }
+
+    /// [`HostNbd::start`], writable when `writable`.
+    pub fn start_with(img: &Path, clients: usize, writable: bool) -> Result<HostNbd, Error> {
         let mut last = String::new();
         for opts in [
             ["--cache=none", "--aio=io_uring"],
@@ -183,12 +202,8 @@ impl HostNbd {
             let mut cmd = Command::new("qemu-nbd");
             crate::qemu::die_with_parent(&mut cmd);
             let mut child = cmd
-                .args([
-                    "--read-only",
-                    "--persistent",
-                    "--format=raw",
-                    "--bind=127.0.0.1",
-                ])
+                .args((!writable).then_some("--read-only"))
+                .args(["--persistent", "--format=raw", "--bind=127.0.0.1"])
                 .arg(format!("--port={port}"))
                 .arg(format!("--shared={}", clients.max(1) + 1))
                 .args(opts)
@@ -257,12 +272,24 @@ pub fn fio_report(stdout: &str) -> Option<Value> {
 
 /// fio, nbd engine, 4K random reads of the first `size` bytes of `uri`.
 pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<FioResult, Error> {
+    fio_op(uri, "read", qd, jobs, secs, size)
+}
+
+/// [`fio`] with `op` `read` or `write` (4K random writes).
+pub fn fio_op(
+    uri: &str,
+    op: &str,
+    qd: usize,
+    jobs: usize,
+    secs: u64,
+    size: u64,
+) -> Result<FioResult, Error> {
     let out = Command::new("fio")
         .args([
             "--name=bench",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
-            "--rw=randread",
+            &format!("--rw=rand{op}"),
             "--bs=4k",
             &format!("--iodepth={qd}"),
             &format!("--numjobs={jobs}"),
@@ -298,9 +325,9 @@ pub fn fio(uri: &str, qd: usize, jobs: usize, secs: u64, size: u64) -> Result<Fi
     if job["error"].as_i64() != Some(0) {
         return Err(fail("the job failed"));
     }
-    let r = &job["read"];
+    let r = &job[if op == "write" { "write" } else { "read" }];
     if r["total_ios"].as_u64().unwrap_or(0) == 0 {
-        return Err(fail("no reads completed"));
+        return Err(fail(&format!("no {op}s completed")));
     }
     let pct = |p: &str| r["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(FioResult {
@@ -626,10 +653,15 @@ fn columns(section: &[&Row]) -> Vec<String> {
 /// stack per core (igb), the requests each core served
 /// (`null qd16 cores 0:812 1:790`).
 pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
-    let mut by_net: BTreeMap<String, BTreeMap<usize, BTreeMap<String, &Row>>> = BTreeMap::new();
+    type ByQd<'a> = BTreeMap<usize, BTreeMap<String, &'a Row>>;
+    let mut by_net: BTreeMap<(usize, String), ByQd> = BTreeMap::new();
     let config = config_title(rows);
     let nic = nic_title(rows);
-    let group = |r: &Row| format!("{}{}{}", r.s("net"), nic(r), config(r));
+    let op_rank = |r: &Row| {
+        let op = crate::bench::op_of(r);
+        crate::bench::OPS.iter().position(|o| *o == op).unwrap_or(9)
+    };
+    let group = |r: &Row| (op_rank(r), format!("{}{}{}", r.s("net"), nic(r), config(r)));
     for r in rows {
         by_net
             .entry(group(r))
@@ -639,13 +671,22 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
             .insert(r.s("target").into(), r);
     }
     let mut s = String::new();
-    for (net, by_qd) in by_net {
-        let section: Vec<&Row> = rows.iter().filter(|r| group(r) == net).collect();
+    for ((op, net), by_qd) in by_net {
+        let section: Vec<&Row> = rows
+            .iter()
+            .filter(|r| group(r) == (op, net.clone()))
+            .collect();
         let cols = columns(&section);
         let reference = cols.get(3).cloned();
+        let what = section.first().map_or("read", |r| crate::bench::op_of(r));
         s += &format!(
-            "\nnet={net}: fio --ioengine=nbd, 4K random reads, {jobs} job(s), {secs} s per row; IOPS (p50/p99 latency us)\n"
+            "\nnet={net}: fio --ioengine=nbd, {}, {jobs} job(s), {secs} s per row; IOPS (p50/p99 latency us)\n",
+            crate::bench::op_title(what).trim_end_matches(" (overwrites)")
         );
+        if what == "write" {
+            s += WRITES;
+            s += "\n";
+        }
         s += &format!("{:>4}", "qd");
         for c in &cols {
             s += &format!(" {c:>24}");
@@ -896,6 +937,15 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     }
     check_nics(&opts.nics, &opts.mtus)?;
     let img = crate::bench::image(opts.file_size)?;
+    let writes = opts.ops.iter().any(|o| o == "write");
+    let scratch = if writes {
+        vec![
+            crate::bench::scratch("raw", opts.file_size)?,
+            crate::bench::scratch("qemu-nbd", opts.file_size)?,
+        ]
+    } else {
+        Vec::new()
+    };
     eprintln!("dioxide bench: building the kernel (release)");
     let kernel = kernel::build()?;
     let mut rows = Vec::new();
@@ -914,6 +964,9 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         } = b;
         let mut cfg = Config::new(kernel.clone());
         cfg.add_disk(&img);
+        if writes {
+            cfg.add_disk(&scratch[0]);
+        }
         cfg.accel = opts.accel;
         cfg.mem_mib = opts.mem;
         cfg.boot = opts.boot;
@@ -923,6 +976,10 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "nbd.null=1".into(),
             format!("nvme.completion={}", opts.completion),
         ];
+        if writes {
+            cfg.args.push("nbd.rw=all".into());
+            cfg.args.push("nbd.rw_from=any".into());
+        }
         variant.apply(&mut cfg);
         if let Some(o) = offload {
             cfg.args.extend(o.kernel_args());
@@ -954,99 +1011,111 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
         let nic_line = guest_nic_line(&app.guest.console(), nic);
         eprintln!("dioxide bench: guest: {nic_line}");
         let host = HostNbd::start(&img, opts.jobs)?;
+        let host_w = if writes {
+            Some(HostNbd::start_with(&scratch[1], opts.jobs, true)?)
+        } else {
+            None
+        };
         eprintln!(
             "dioxide bench: appliance at {}, qemu-nbd ({}) at {}",
             app.url, host.options, host.url
         );
-        for &qd in &opts.qds {
-            let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
-            let slice = (opts.secs / opts.rounds).max(1);
-            for _ in 0..opts.rounds {
-                for &target in &opts.targets {
-                    let (uri, pid) = match target {
-                        "file" => (format!("{}/bench.bin", app.url), qemu_pid),
-                        "raw" => (format!("{}/nvme0n1", app.url), qemu_pid),
-                        "null" => (format!("{}/null", app.url), qemu_pid),
-                        _ => (host.url.clone(), host.pid()),
-                    };
-                    let paused = target == "qemu-nbd";
-                    if paused {
-                        signal(qemu_pid, "-STOP");
-                    }
-                    let before = Before::take(&app.guest);
-                    let c0 = cpu_secs(pid);
-                    let t0 = Instant::now();
-                    let r = fio(&uri, qd, opts.jobs, slice, opts.file_size);
-                    let wall = t0.elapsed().as_secs_f64();
-                    let cpu = cpu_secs(pid) - c0;
-                    let e = acc.entry(target).or_default();
-                    if paused {
-                        signal(qemu_pid, "-CONT");
-                    } else {
-                        let ios = r.as_ref().map_or(0, |r| r.ios);
-                        let counted = counted_after(&app.guest, nic, &before, ios, variant.cpus());
-                        if let Some((n, tx, rx)) = counted.frames {
-                            e.frames.0 += n;
-                            e.frames.1 += tx;
-                            e.frames.2 += rx;
+        for op in &opts.ops {
+            let write = op == "write";
+            for &qd in &opts.qds {
+                let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
+                let slice = (opts.secs / opts.rounds).max(1);
+                for _ in 0..opts.rounds {
+                    for &target in &opts.targets {
+                        let (uri, pid) = match (target, host_w.as_ref().filter(|_| write)) {
+                            ("file", _) => (format!("{}/bench.bin", app.url), qemu_pid),
+                            ("raw", None) => (format!("{}/nvme0n1", app.url), qemu_pid),
+                            ("raw", Some(_)) => (format!("{}/nvme1n1", app.url), qemu_pid),
+                            ("null", None) => (format!("{}/null", app.url), qemu_pid),
+                            ("null", Some(_)) => continue,
+                            (_, None) => (host.url.clone(), host.pid()),
+                            (_, Some(w)) => (w.url.clone(), w.pid()),
+                        };
+                        let paused = target == "qemu-nbd";
+                        if paused {
+                            signal(qemu_pid, "-STOP");
                         }
-                        if let Some(d) = counted.cores {
-                            let all = e.cores.get_or_insert_with(BTreeMap::new);
-                            for (core, c) in d {
-                                all.entry(core).or_default().add(&c);
+                        let before = Before::take(&app.guest);
+                        let c0 = cpu_secs(pid);
+                        let t0 = Instant::now();
+                        let r = fio_op(&uri, op, qd, opts.jobs, slice, opts.file_size);
+                        let wall = t0.elapsed().as_secs_f64();
+                        let cpu = cpu_secs(pid) - c0;
+                        let e = acc.entry(target).or_default();
+                        if paused {
+                            signal(qemu_pid, "-CONT");
+                        } else {
+                            let ios = r.as_ref().map_or(0, |r| r.ios);
+                            let counted =
+                                counted_after(&app.guest, nic, &before, ios, variant.cpus());
+                            if let Some((n, tx, rx)) = counted.frames {
+                                e.frames.0 += n;
+                                e.frames.1 += tx;
+                                e.frames.2 += rx;
+                            }
+                            if let Some(d) = counted.cores {
+                                let all = e.cores.get_or_insert_with(BTreeMap::new);
+                                for (core, c) in d {
+                                    all.entry(core).or_default().add(&c);
+                                }
                             }
                         }
+                        e.results.push(r?);
+                        e.cpu += cpu;
+                        e.wall += wall;
                     }
-                    e.results.push(r?);
-                    e.cpu += cpu;
-                    e.wall += wall;
                 }
-            }
-            for (target, _, _) in TARGETS {
-                let Some(a) = acc.get(target) else {
-                    continue;
-                };
-                let r = mean_of(&a.results);
-                let ios = r.ios;
-                let (n, tx, rx) = a.frames;
-                let per_req = (n > 0).then(|| (tx as f64 / n as f64, rx as f64 / n as f64));
-                let cpu_per_io = if ios > 0 {
-                    a.cpu / ios as f64 * 1e6
-                } else {
-                    0.0
-                };
-                let mut row = Row::new(&[
-                    ("target", target.into()),
-                    ("net", net.name().into()),
-                    ("nic", nic.name().into()),
-                    ("qd", qd.to_string()),
-                    ("jobs", opts.jobs.to_string()),
-                    ("rounds", opts.rounds.to_string()),
-                    ("iops", format!("{:.1}", r.iops)),
-                    ("lat_p50_us", format!("{:.1}", r.p50_us)),
-                    ("lat_p99_us", format!("{:.1}", r.p99_us)),
-                    ("lat_mean_us", format!("{:.1}", r.mean_us)),
-                    ("ios", ios.to_string()),
-                    ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
-                    ("wall_secs", format!("{:.2}", a.wall)),
-                ]);
-                variant.fill(&mut row);
-                if nic_fields {
-                    row.fields.insert("offload".into(), offload_label.clone());
-                    row.fields.insert("mtu".into(), mtu_label.clone());
-                }
-                if let Some((t, x)) = per_req {
-                    row.fields
-                        .insert("tx_frames_per_req".into(), format!("{t:.2}"));
-                    row.fields
-                        .insert("rx_frames_per_req".into(), format!("{x:.2}"));
-                }
-                if let Some(cores) = &a.cores {
-                    row.fields
-                        .insert("per_core".into(), per_core_json(cores).to_string());
-                }
-                eprintln!(
-                    "  net={} nic={} offload={offload_label} mtu={mtu_label} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us{}{}",
+                for (target, _, _) in TARGETS {
+                    let Some(a) = acc.get(target) else {
+                        continue;
+                    };
+                    let r = mean_of(&a.results);
+                    let ios = r.ios;
+                    let (n, tx, rx) = a.frames;
+                    let per_req = (n > 0).then(|| (tx as f64 / n as f64, rx as f64 / n as f64));
+                    let cpu_per_io = if ios > 0 {
+                        a.cpu / ios as f64 * 1e6
+                    } else {
+                        0.0
+                    };
+                    let mut row = Row::new(&[
+                        ("target", target.into()),
+                        ("op", op.clone()),
+                        ("net", net.name().into()),
+                        ("nic", nic.name().into()),
+                        ("qd", qd.to_string()),
+                        ("jobs", opts.jobs.to_string()),
+                        ("rounds", opts.rounds.to_string()),
+                        ("iops", format!("{:.1}", r.iops)),
+                        ("lat_p50_us", format!("{:.1}", r.p50_us)),
+                        ("lat_p99_us", format!("{:.1}", r.p99_us)),
+                        ("lat_mean_us", format!("{:.1}", r.mean_us)),
+                        ("ios", ios.to_string()),
+                        ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
+                        ("wall_secs", format!("{:.2}", a.wall)),
+                    ]);
+                    variant.fill(&mut row);
+                    if nic_fields {
+                        row.fields.insert("offload".into(), offload_label.clone());
+                        row.fields.insert("mtu".into(), mtu_label.clone());
+                    }
+                    if let Some((t, x)) = per_req {
+                        row.fields
+                            .insert("tx_frames_per_req".into(), format!("{t:.2}"));
+                        row.fields
+                            .insert("rx_frames_per_req".into(), format!("{x:.2}"));
+                    }
+                    if let Some(cores) = &a.cores {
+                        row.fields
+                            .insert("per_core".into(), per_core_json(cores).to_string());
+                    }
+                    eprintln!(
+                    "  {op} net={} nic={} offload={offload_label} mtu={mtu_label} {} qd={qd:<4} {target:<9} {:>9} IOPS  p50 {:>7.0} us  p99 {:>7.0} us{}{}",
                     net.name(),
                     nic.name(),
                     variant.label(),
@@ -1059,7 +1128,8 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                         c => format!("  {c}"),
                     }
                 );
-                rows.push(row);
+                    rows.push(row);
+                }
             }
         }
         let console = app.guest.console();
@@ -1078,6 +1148,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "ioeventfd": u8::from(variant.ioeventfd.unwrap_or(false)),
             "appliance_url": app.url,
             "qemu_nbd_options": host.options,
+            "qemu_nbd_write_options": host_w.as_ref().map(|w| w.options.clone()),
             "guest_warnings": console.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>(),
         }));
     }
@@ -1111,6 +1182,8 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "rounds": opts.rounds,
             "jobs": opts.jobs,
             "qds": opts.qds,
+            "ops": opts.ops,
+            "writes": if writes { Some(WRITES) } else { None },
             "nics": opts.nics.iter().map(|n| n.name()).collect::<Vec<_>>(),
             "sweep": opts.sweep.json(),
             "image": img.display().to_string(),
@@ -1128,7 +1201,15 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     let nic = nic_title(&rows);
     let plot = plot_panels(
         &rows,
-        &|r| format!("NBD, net={}{}{}", r.s("net"), nic(r), config(r)),
+        &|r| {
+            format!(
+                "{}, NBD, net={}{}{}",
+                crate::bench::op_title(crate::bench::op_of(r)),
+                r.s("net"),
+                nic(r),
+                config(r)
+            )
+        },
         &TARGETS,
     );
     std::fs::write(&svg, plot).map_err(io_err(format!("write {}", svg.display())))?;
@@ -1345,6 +1426,7 @@ mod tests {
             offloads: crate::offload::Offloads::parse_list(offloads).unwrap(),
             mtus: mtus.to_vec(),
             targets: vec!["null"],
+            ops: vec!["read".into()],
             completion: "poll".into(),
             rounds: 1,
             boot: crate::qemu::Boot::Pvh,

@@ -546,7 +546,7 @@ pub fn remote(opts: &RemoteOpts) -> Result<i32, Error> {
         .map(|(t, c, l)| (t.as_str(), c.as_str(), l.as_str()))
         .collect();
     let svg = opts.out.join("plot.svg");
-    let title = format!("NBD, net=remote {}", ep.url());
+    let title = format!("4K random reads, NBD, net=remote {}", ep.url());
     std::fs::write(&svg, plot_panels(&rows, &|_| title.clone(), &series))
         .map_err(io_err(format!("write {}", svg.display())))?;
     println!("\nwrote {} and {}", json_path.display(), svg.display());

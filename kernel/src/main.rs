@@ -300,6 +300,17 @@ fn run_bench(
         .collect();
     let devs: alloc::vec::Vec<&str> = list("bench.dev", "nvme,null").split(',').collect();
     let comps: alloc::vec::Vec<&str> = list("bench.completion", "poll").split(',').collect();
+    // Writes overwrite the benchmark's file (see `bench::Rw`): only when asked.
+    let mut ops = alloc::vec::Vec::new();
+    for o in list("bench.op", "read").split(',') {
+        match bench::Rw::parse(o) {
+            Some(rw) => ops.push(rw),
+            None => fail(
+                EXIT_CONFIG,
+                format_args!("bench.op: {o:?} is not read, write or write-fua"),
+            ),
+        }
+    }
     if let Some(d) = devs.iter().find(|d| !["nvme", "null"].contains(d)) {
         fail(
             EXIT_CONFIG,
@@ -323,6 +334,7 @@ fn run_bench(
     let firmware = alloc::format!("{:?}", boot.firmware).to_lowercase();
     let p = bench::Params {
         qds: &qds,
+        ops: &ops,
         devs: &devs,
         completions: &comps,
         secs,

@@ -15,13 +15,26 @@ fn bench_arguments_alone_run_the_benchmark_and_print_json_rows() {
     assert_eq!(fstool::mkfs(&img, &src, None, 4096, "bench").unwrap(), 0);
     let cfg = config(
         Some(&img),
-        &["bench.qd=1,4", "bench.dev=null,nvme", "bench.secs=1"],
+        &[
+            "bench.qd=1,4",
+            "bench.dev=null,nvme",
+            "bench.op=read,write-fua",
+            "bench.secs=1",
+        ],
     );
     let out = boot(&cfg);
     assert_eq!(out.status, 0, "console:\n{}", out.console);
     let (rows, error) = console_rows(&out.console);
     assert_eq!(error, None, "console:\n{}", out.console);
-    assert_eq!(rows.len(), 2 * 2 * 3, "console:\n{}", out.console);
+    assert_eq!(rows.len(), 2 * 2 * 2 * 3, "console:\n{}", out.console);
+    for op in ["read", "write-fua"] {
+        assert_eq!(
+            rows.iter().filter(|r| r.s("op") == op).count(),
+            2 * 2 * 3,
+            "{op}: console:\n{}",
+            out.console
+        );
+    }
     for r in &rows {
         assert!(r.f("ios") > 0.0 && r.f("iops") > 0.0, "{r:?}");
         assert_eq!(r.f("errors"), 0.0, "{r:?}");
@@ -30,7 +43,8 @@ fn bench_arguments_alone_run_the_benchmark_and_print_json_rows() {
             "{r:?}"
         );
         if r.s("target") == "simple" {
-            // Every read of the row went the simple path, none the generic.
+            // Every request of the row (read or overwrite) went the simple
+            // path, none the generic.
             assert_eq!(r.f("fell_back"), 0.0, "{r:?}");
             assert_eq!(r.f("simple_path"), r.f("ios"), "{r:?}");
             assert_eq!(r.f("generic_path"), 0.0, "{r:?}");
@@ -52,12 +66,23 @@ fn bench_arguments_alone_run_the_benchmark_and_print_json_rows() {
         "console:\n{}",
         out.console
     );
+    // The writes (overwrites of the file's blocks, raw writes inside its
+    // largest extent) left the filesystem as it was.
+    assert_eq!(fstool::fsck(&img, false).unwrap(), 0);
 
     // A bad list is refused before anything runs.
     let out = boot(&config(Some(&img), &["bench.dev=nvme,floppy"]));
     assert_eq!(out.status, 2, "console:\n{}", out.console);
     assert!(
         out.console.contains("\"floppy\" is not nvme or null"),
+        "{}",
+        out.console
+    );
+    let out = boot(&config(Some(&img), &["bench.op=read,append"]));
+    assert_eq!(out.status, 2, "console:\n{}", out.console);
+    assert!(
+        out.console
+            .contains("\"append\" is not read, write or write-fua"),
         "{}",
         out.console
     );

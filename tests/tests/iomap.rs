@@ -112,6 +112,7 @@ fn bench_local_writes_table_json_and_plot() {
         qds: vec![1, 8],
         devs: vec!["nvme".into(), "null".into()],
         completions: vec!["poll".into(), "irq".into()],
+        ops: vec!["read".into()],
         secs: 1,
         out: dir.path().to_path_buf(),
         file_size: 8 << 20,

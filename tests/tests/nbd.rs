@@ -615,6 +615,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         offloads: vec![dioxide::offload::Offloads(None)],
         mtus: vec![None],
         targets: vec!["file", "raw", "null", "qemu-nbd"],
+        ops: vec!["read".into(), "write".into()],
         completion: "poll".into(),
         rounds: 1,
         boot: dioxide_qemu::Boot::Pvh,
@@ -628,10 +629,25 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
     for t in ["file", "raw", "null", "qemu-nbd"] {
         let r = rows
             .iter()
-            .find(|r| r["target"] == t)
+            .find(|r| r["target"] == t && r["op"] == "read")
             .unwrap_or_else(|| panic!("{t}: {json:#}"));
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // Write rows (fio randwrite: writes completed, or fio's failure fails
+    // the run) for the writable targets; the null export takes none.
+    for t in ["file", "raw", "qemu-nbd"] {
+        let r = rows
+            .iter()
+            .find(|r| r["target"] == t && r["op"] == "write")
+            .unwrap_or_else(|| panic!("{t}: {json:#}"));
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["target"] == "null" && r["op"] == "write"),
+        "{json:#}"
+    );
     let host = json["host_rows"].as_array().unwrap();
     // 3 targets, QD 1/16/128; checksum offload off/on at MTU 1500 and
     // 9000, and TSO with checksum offload at 1500.

@@ -282,6 +282,7 @@ fn bench_local_under_uefi() {
         qds: vec![4],
         devs: vec!["null".into()],
         completions: vec!["poll".into()],
+        ops: vec!["read".into()],
         secs: 1,
         out: dir.path().to_path_buf(),
         file_size: 8 << 20,

@@ -1,8 +1,8 @@
 //! The in-guest benchmark (`selftest=bench`) and the no-allocation proof
 //! (`selftest=noalloc`).
 //!
-//! Each row keeps `qd` 4 KiB random reads in flight for a while against one
-//! target — the raw namespace, the file through the generic path (simple path
+//! Each row keeps `qd` 4 KiB random reads (or writes, `bench.op=`; see
+//! [`Rw`]) in flight for a while against one target — the raw namespace, the file through the generic path (simple path
 //! off), the file through the simple path — on one device (the NVMe queue or
 //! the null device) with one completion mode. Results are JSON lines, one
 //! object per line, on every console, so that a bare-metal run (where no host
@@ -10,8 +10,8 @@
 //!
 //! ```text
 //! {"bench":"file","bytes":..,"extents":..,"namespace_bytes":..,"tsc_mhz":..,"protocol":"multiboot2","firmware":"uefi"}
-//! {"bench":"running","dev":"nvme","completion":"poll","qd":16}
-//! {"bench":"row","target":"simple","dev":"nvme","completion":"poll","qd":16,"ios":..,"errors":..,
+//! {"bench":"running","op":"read","dev":"nvme","completion":"poll","qd":16}
+//! {"bench":"row","target":"simple","op":"read","dev":"nvme","completion":"poll","qd":16,"ios":..,"errors":..,
 //!  "simple_path":..,"generic_path":..,"fell_back":..,"iops":..,"lat_mean_us":..,"lat_p99_us":..,
 //!  "cycles_per_io":..,"allocs_per_io":..}          (on one line)
 //! {"bench":"skip","dev":"null","completion":"irq","why":".."}
@@ -249,6 +249,54 @@ impl Target {
     }
 }
 
+/// What a row's requests do (`bench.op=read,write,write-fua`): 4 KiB
+/// reads, 4 KiB writes, or 4 KiB writes with Force Unit Access (each durable
+/// when it completes). Writes overwrite: the file's written blocks (on the
+/// file targets the simple path's case, an overwrite changes no metadata)
+/// and, on the raw target, blocks inside the file's largest extent, so that
+/// a write benchmark never touches the filesystem's metadata. The bytes
+/// written are whatever the buffers hold (the image's file is random data;
+/// it stays data, and the benchmark never checks it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rw {
+    Read,
+    Write,
+    WriteFua,
+}
+
+impl Rw {
+    pub fn parse(s: &str) -> Option<Rw> {
+        match s {
+            "read" => Some(Rw::Read),
+            "write" => Some(Rw::Write),
+            "write-fua" => Some(Rw::WriteFua),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::WriteFua => "write-fua",
+        }
+    }
+    fn op(self) -> Op {
+        match self {
+            Rw::Read => Op::Read,
+            Rw::Write => Op::Write,
+            Rw::WriteFua => Op::WriteFua,
+        }
+    }
+}
+
+/// Where a row's raw requests go, in 4 KiB blocks of the namespace: reads
+/// anywhere; writes inside the file's largest written extent.
+#[derive(Clone, Copy)]
+struct RawSpan {
+    first: u64,
+    blocks: u64,
+}
+
 /// How long a row runs.
 #[derive(Clone, Copy)]
 pub enum Limit {
@@ -350,9 +398,10 @@ struct Load<'a> {
     /// With several cores at once: their meeting points.
     step: Option<&'a Step>,
     target: Target,
+    op: Op,
     file: &'a File,
     file_blocks: u64,
-    raw_blocks: u64,
+    raw: RawSpan,
     bufs: usize,
     rng: Rng,
 }
@@ -369,16 +418,17 @@ impl Load<'_> {
         let r = match self.target {
             Target::Raw => {
                 let shift = e.queue().lba_shift();
-                let lba = (self.rng.next_u64() % self.raw_blocks) << (12 - shift);
+                let block = self.raw.first + self.rng.next_u64() % self.raw.blocks;
                 // SAFETY: the buffers live for the whole benchmark.
-                unsafe { e.raw(Op::Read, lba, buf, Some(owner)) }
+                unsafe { e.raw(self.op, block << (12 - shift), buf, Some(owner)) }
             }
             Target::Generic | Target::Simple => {
                 let pos = (self.rng.next_u64() % self.file_blocks) * 4096;
                 // SAFETY: the buffers live for the whole benchmark, past every completion.
                 unsafe {
-                    e.dio_rw(DioRequest::read(
+                    e.dio_rw(DioRequest::new(
                         Kiocb::with_owner(pos, owner),
+                        self.op,
                         buf,
                         self.file,
                     ))
@@ -489,21 +539,31 @@ fn us(cycles: f64) -> f64 {
     cycles * 1e6 / time::tsc_hz() as f64
 }
 
-/// Prints one row: `qd` is per core, `iops` all cores together, and
-/// `cycles_per_io` the CPU time per I/O (wall time times cores over I/Os).
-fn report(
-    state: &State,
-    target: Target,
-    dev: &str,
-    completion: &str,
+/// What a row measured, as its line names it: `qd` per core on `cpus`
+/// cores.
+struct RowOf<'a> {
+    rw: Rw,
+    dev: &'a str,
+    completion: &'a str,
     qd: usize,
     cpus: usize,
-    r: &Row,
-) {
+}
+
+/// Prints one row: `qd` is per core, `iops` all cores together, and
+/// `cycles_per_io` the CPU time per I/O (wall time times cores over I/Os).
+fn report(state: &State, target: Target, of: &RowOf, r: &Row) {
+    let RowOf {
+        rw,
+        dev,
+        completion,
+        qd,
+        cpus,
+    } = *of;
     let n = r.ios.max(1) as f64;
     let secs = r.cycles as f64 / time::tsc_hz() as f64;
     JsonLine::new("row")
         .str("target", target.name())
+        .str("op", rw.name())
         .str("dev", dev)
         .str("completion", completion)
         .int("qd", qd as u64)
@@ -557,6 +617,7 @@ fn pick_file(
 
 pub struct Params<'a> {
     pub qds: &'a [usize],
+    pub ops: &'a [Rw],
     pub devs: &'a [&'a str],
     pub completions: &'a [&'a str],
     pub secs: u64,
@@ -570,6 +631,138 @@ pub struct Params<'a> {
 fn nvme_with(disk: usize) -> impl FnMut(&mut dyn FnMut(&mut nvme::Dio)) {
     move |f: &mut dyn FnMut(&mut nvme::Dio)| {
         nvme::with_engine(disk, |e| f(e));
+    }
+}
+
+/// The largest written extent of `file`, in 4 KiB blocks of the
+/// namespace: where raw writes go (see [`Rw`]).
+fn write_span(file: &File) -> RawSpan {
+    let bs = file.block_size() as u64;
+    file.extents()
+        .iter()
+        .filter(|x| !x.unwritten())
+        .map(|x| RawSpan {
+            first: (x.disk_block * bs).div_ceil(4096),
+            blocks: x.len as u64 * bs / 4096,
+        })
+        .max_by_key(|r| r.blocks)
+        .unwrap_or(RawSpan {
+            first: 0,
+            blocks: 0,
+        })
+}
+
+/// What every row of one benchmark shares.
+struct Setup<'a> {
+    disk: usize,
+    block_shift: u32,
+    blocks: u64,
+    file: &'a File,
+    /// The DMA buffers: `maxqd` of 4 KiB per core.
+    base: usize,
+    maxqd: usize,
+    cpus: usize,
+    slice: Limit,
+    read_span: RawSpan,
+    write_span: RawSpan,
+}
+
+impl Setup<'_> {
+    /// One row: raw, generic and simple interleaved at queue depth `qd`
+    /// per core, on device `d` with completion `c`; prints the three.
+    fn row(&self, d: &str, c: &str, rw: Rw, qd: usize) {
+        let cpus = self.cpus;
+        // The cores that run: all of them, but on the NVMe device only
+        // those with a queue of their own when the controller granted
+        // fewer than there are cores (two cores on one engine would
+        // take each other's completions).
+        let active = if d == "nvme" {
+            cpus.min(nvme::queue_count(self.disk)).max(1)
+        } else {
+            cpus
+        };
+        JsonLine::new("running")
+            .str("op", rw.name())
+            .str("dev", d)
+            .str("completion", c)
+            .int("qd", qd as u64)
+            .int("cpus", active as u64)
+            .print();
+        let targets = [Target::Raw, Target::Generic, Target::Simple];
+        let mut rows: [Row; 3] = Default::default();
+        // Per core: its figures and its null device, kept across the slices
+        // of the row (each core takes only its own). (Each on cache lines
+        // of its own: no core writes a line another core's run uses.)
+        let states: Vec<PerCore<alloc::boxed::Box<State>>> = (0..cpus)
+            .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
+            .collect();
+        let nulls: Vec<PerCore<NullEngine>> = (0..cpus)
+            .map(|_| {
+                CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
+                    MAX_QD,
+                    self.block_shift,
+                    self.blocks,
+                    time::now_ns as fn() -> u64,
+                ))))
+            })
+            .collect();
+        let irq = c == "irq";
+        for round in 0..ROUNDS {
+            for target in targets {
+                // Every core runs the slice on its own queue (or null
+                // device) at the same time (see `active`).
+                let step = Step::new(cpus);
+                let per_core = smp::on_each_cpu(|cpu| {
+                    if cpu >= active {
+                        step.sit_out();
+                        return Row::default();
+                    }
+                    let mut st = states[cpu].lock();
+                    let mut load = Load {
+                        state: &mut st,
+                        step: Some(&step),
+                        target,
+                        op: rw.op(),
+                        file: self.file,
+                        file_blocks: self.file.size() / 4096,
+                        raw: if rw == Rw::Read {
+                            self.read_span
+                        } else {
+                            self.write_span
+                        },
+                        bufs: self.base + cpu * self.maxqd * 4096,
+                        rng: Rng::new(0x9e37_79b9 ^ (qd as u64) << 8 ^ round ^ (cpu as u64) << 32),
+                    };
+                    if d == "nvme" {
+                        run(&mut nvme_with(self.disk), irq, &mut load, qd, self.slice)
+                    } else {
+                        let mut null = nulls[cpu].lock();
+                        run(
+                            &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
+                            false,
+                            &mut load,
+                            qd,
+                            self.slice,
+                        )
+                    }
+                });
+                rows[target.index()].add(&Row::of_cores(&per_core));
+            }
+        }
+        let mut all = State::new();
+        for st in &states {
+            all.merge(&st.lock());
+        }
+        let of = RowOf {
+            rw,
+            dev: d,
+            completion: c,
+            qd,
+            cpus: active,
+        };
+        for target in targets {
+            report(&all, target, &of, &rows[target.index()]);
+        }
     }
 }
 
@@ -601,7 +794,6 @@ pub fn bench(
         nvme::power_off(power::EXIT_TEST_FAILED);
     };
     let base = bufs.part(0, 4096).addr();
-    let raw_blocks = dev.ns.bytes() / 4096;
     JsonLine::new("file")
         .int("bytes", file.size())
         .int("extents", file.extents().len() as u64)
@@ -610,6 +802,27 @@ pub fn bench(
         .str("protocol", p.protocol)
         .str("firmware", p.firmware)
         .print();
+    let setup = Setup {
+        disk,
+        block_shift: dev.ns.block_size.trailing_zeros(),
+        blocks: dev.ns.blocks,
+        file: &file,
+        base,
+        maxqd,
+        cpus,
+        slice: Limit::Millis((p.secs * 1000 / ROUNDS).max(1)),
+        read_span: RawSpan {
+            first: 0,
+            blocks: dev.ns.bytes() / 4096,
+        },
+        write_span: write_span(&file),
+    };
+    if p.ops.iter().any(|&rw| rw != Rw::Read) && setup.write_span.blocks == 0 {
+        error(format_args!(
+            "the file has no written extent of whole 4 KiB blocks to overwrite"
+        ));
+        nvme::power_off(power::EXIT_TEST_FAILED);
+    }
     let mode = nvme::mode();
     for d in p.devs {
         for c in p.completions {
@@ -633,89 +846,9 @@ pub fn bench(
                     .print();
                 continue;
             }
-            // The cores that run: all of them, but on the NVMe device only
-            // those with a queue of their own when the controller granted
-            // fewer than there are cores (two cores on one engine would
-            // take each other's completions).
-            let active = if *d == "nvme" {
-                cpus.min(nvme::queue_count(disk)).max(1)
-            } else {
-                cpus
-            };
-            for &qd in p.qds {
-                let qd = qd.clamp(1, MAX_QD);
-                // Raw, generic and simple run interleaved.
-                JsonLine::new("running")
-                    .str("dev", d)
-                    .str("completion", c)
-                    .int("qd", qd as u64)
-                    .int("cpus", active as u64)
-                    .print();
-                let targets = [Target::Raw, Target::Generic, Target::Simple];
-                let mut rows: [Row; 3] = Default::default();
-                // Per core: its figures and its null device, kept across
-                // the slices of the row (each core takes only its own).
-                // (Each on cache lines of its own: no core writes a line
-                // another core's run uses.)
-                let states: Vec<PerCore<alloc::boxed::Box<State>>> = (0..cpus)
-                    .map(|_| CachePadded::new(spin::Mutex::new(State::new())))
-                    .collect();
-                let nulls: Vec<PerCore<NullEngine>> = (0..cpus)
-                    .map(|_| {
-                        CachePadded::new(spin::Mutex::new(Engine::new(NullQueue::new(
-                            MAX_QD,
-                            dev.ns.block_size.trailing_zeros(),
-                            dev.ns.blocks,
-                            time::now_ns as fn() -> u64,
-                        ))))
-                    })
-                    .collect();
-                let slice = Limit::Millis((p.secs * 1000 / ROUNDS).max(1));
-                for round in 0..ROUNDS {
-                    for target in targets {
-                        // Every core runs the slice on its own queue (or
-                        // null device) at the same time (see `active`).
-                        let step = Step::new(cpus);
-                        let per_core = smp::on_each_cpu(|cpu| {
-                            if cpu >= active {
-                                step.sit_out();
-                                return Row::default();
-                            }
-                            let mut st = states[cpu].lock();
-                            let mut load = Load {
-                                state: &mut st,
-                                step: Some(&step),
-                                target,
-                                file: &file,
-                                file_blocks: file.size() / 4096,
-                                raw_blocks,
-                                bufs: base + cpu * maxqd * 4096,
-                                rng: Rng::new(
-                                    0x9e37_79b9 ^ (qd as u64) << 8 ^ round ^ (cpu as u64) << 32,
-                                ),
-                            };
-                            if *d == "nvme" {
-                                run(&mut nvme_with(disk), irq, &mut load, qd, slice)
-                            } else {
-                                let mut null = nulls[cpu].lock();
-                                run(
-                                    &mut |f: &mut dyn FnMut(&mut Engine<_>)| f(&mut null),
-                                    false,
-                                    &mut load,
-                                    qd,
-                                    slice,
-                                )
-                            }
-                        });
-                        rows[target.index()].add(&Row::of_cores(&per_core));
-                    }
-                }
-                let mut all = State::new();
-                for st in &states {
-                    all.merge(&st.lock());
-                }
-                for target in targets {
-                    report(&all, target, d, c, qd, active, &rows[target.index()]);
+            for &rw in p.ops {
+                for &qd in p.qds {
+                    setup.row(d, c, rw, qd.clamp(1, MAX_QD));
                 }
             }
         }
@@ -776,9 +909,13 @@ pub fn noalloc(fs: Option<dioxide_dxfs::Fs<crate::block::disk::NvmeDisk>>) -> ! 
                 state: &mut state,
                 step: Some(&step),
                 target,
+                op: Op::Read,
                 file: &file,
                 file_blocks: file.size() / 4096,
-                raw_blocks: 1,
+                raw: RawSpan {
+                    first: 0,
+                    blocks: 1,
+                },
                 bufs: base + cpu * 32 * 4096,
                 rng: Rng::new(42 ^ cpu as u64),
             };
