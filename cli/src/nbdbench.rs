@@ -937,7 +937,8 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     }
     check_nics(&opts.nics, &opts.mtus)?;
     let img = crate::bench::image(opts.file_size)?;
-    let writes = opts.ops.iter().any(|o| o == "write");
+    // Write rows only where a target takes writes (the null export does not).
+    let writes = opts.ops.iter().any(|o| o == "write") && opts.targets.iter().any(|t| *t != "null");
     let scratch = if writes {
         vec![
             crate::bench::scratch("raw", opts.file_size)?,
@@ -1020,7 +1021,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "dioxide bench: appliance at {}, qemu-nbd ({}) at {}",
             app.url, host.options, host.url
         );
-        for op in &opts.ops {
+        for op in opts.ops.iter().filter(|o| writes || *o != "write") {
             let write = op == "write";
             for &qd in &opts.qds {
                 let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();

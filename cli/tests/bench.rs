@@ -144,11 +144,26 @@ fn bench_nbd_in_its_smallest_form_writes_table_and_json() {
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).expect("results.json"))
             .expect("results.json is JSON");
     let rows = json["rows"].as_array().expect("rows");
-    let mut targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
-    targets.sort_unstable();
-    let mut want = TARGETS.to_vec();
-    want.sort_unstable();
-    assert_eq!(targets, want, "{json:#}");
+    // Reads of every target; writes (the default `--op read,write`) of all
+    // but the null export, which takes none.
+    for (op, want) in [
+        ("read", TARGETS.to_vec()),
+        ("write", vec!["file", "raw", "qemu-nbd"]),
+    ] {
+        let mut targets: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["op"] == op)
+            .map(|r| r["target"].as_str().unwrap())
+            .collect();
+        targets.sort_unstable();
+        let mut want = want;
+        want.sort_unstable();
+        assert_eq!(targets, want, "{op}: {json:#}");
+    }
+    assert!(
+        stdout.contains("net=user: fio --ioengine=nbd, 4K random writes, 1 job(s)"),
+        "{all}"
+    );
     for r in rows {
         assert_eq!(r["net"], "user", "{r}");
         assert_eq!(r["qd"].as_u64(), Some(1), "{r}");

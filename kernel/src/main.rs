@@ -401,6 +401,8 @@ pub struct ServiceArgs {
     /// `nbd.allow=`, `nbd.rw_from=`: who may connect, who may write.
     pub access: dioxide_service::Access,
     pub stall_ns: u64,
+    /// `dxfs.commit_s`: how often the write paths commit unasked (0: never).
+    pub commit_ns: u64,
     /// `nbd.peer_timeout_s`: how long a peer may answer nothing.
     pub peer_timeout_ns: u64,
     pub storage_cores: bool,
@@ -419,6 +421,14 @@ impl ServiceArgs {
             Err(v) => fail(
                 EXIT_CONFIG,
                 format_args!("nbd.stall_s={v:?}: expected seconds"),
+            ),
+        };
+        let commit_ns = match args.number("dxfs.commit_s") {
+            Ok(Some(0)) => 0,
+            Ok(v) => seconds_ns(v.unwrap_or(5)),
+            Err(v) => fail(
+                EXIT_CONFIG,
+                format_args!("dxfs.commit_s={v:?}: expected seconds (0: never)"),
             ),
         };
         let peer_timeout_ns = match args.number("nbd.peer_timeout_s") {
@@ -446,6 +456,7 @@ impl ServiceArgs {
             rw: args.get("nbd.rw"),
             access,
             stall_ns,
+            commit_ns,
             peer_timeout_ns,
             storage_cores,
         }

@@ -423,6 +423,11 @@ pub struct Table {
     by_name: BTreeMap<String, u32>,
     /// The filesystems' write paths, one per namespace.
     writers: Vec<dioxide_dxfs::Writer>,
+    /// How often changes the write paths hold are committed without a
+    /// client asking ([`Table::set_commit_interval`]; 0: never), and when
+    /// next (the platform's clock; the first core to see it due takes it).
+    commit_ns: u64,
+    next_commit: core::sync::atomic::AtomicU64,
 }
 
 impl Table {
@@ -537,6 +542,57 @@ impl Table {
         }
         if n > 0 {
             self.writers.push(w.clone());
+        }
+        n
+    }
+
+    /// Commits what the write paths hold every `ns` nanoseconds (0: never),
+    /// as ext4 commits its journal every 5 s: an allocating write that no
+    /// FLUSH or FUA followed is durable that long after it was answered at
+    /// the latest, not only when its client disconnects.
+    pub fn set_commit_interval(&mut self, ns: u64) {
+        self.commit_ns = ns;
+    }
+
+    /// The periodic commit ([`Table::set_commit_interval`]), when it is
+    /// due at `now`: one core takes it; a write path that some core holds,
+    /// or that has nothing to commit, is skipped until the next time.
+    /// Returns how many write paths committed.
+    fn commit_due(&self, now: u64) -> usize {
+        use core::sync::atomic::Ordering;
+        if self.commit_ns == 0 || self.writers.is_empty() {
+            return 0;
+        }
+        let next = self.next_commit.load(Ordering::Relaxed);
+        if next == 0 {
+            // The first look starts the clock.
+            let _ = self.next_commit.compare_exchange(
+                0,
+                now + self.commit_ns,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return 0;
+        }
+        if now < next
+            || self
+                .next_commit
+                .compare_exchange(
+                    next,
+                    now + self.commit_ns,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return 0;
+        }
+        let mut n = 0;
+        for w in &self.writers {
+            match w.0.commit_if_dirty() {
+                Ok(c) => n += c as usize,
+                Err(e) => log::warn!(target: "dxfs", "periodic commit: {e}"),
+            }
         }
         n
     }
@@ -1180,6 +1236,10 @@ impl<P: Platform> Server<P> {
             }
         }
         self.sockets = socks;
+        if self.table.commit_ns != 0 {
+            // (The clock read only where a write path commits by time.)
+            self.table.commit_due(self.p.now_ns());
+        }
         self.prof.loops += 1;
         let serving = || {
             self.sockets

@@ -693,6 +693,12 @@ fn a_file_takes_overwrites_of_its_written_blocks_and_refuses_to_allocate() {
 /// `vol.bin` (64 KiB written), its files writable with the filesystem's
 /// write path over the same RAM as the device model.
 fn allocating_rig(export: &str) -> (Rig, Ram) {
+    allocating_rig_committing(export, 0)
+}
+
+/// [`allocating_rig`] whose table commits the write path every
+/// `commit_ns` (0: never).
+fn allocating_rig_committing(export: &str, commit_ns: u64) -> (Rig, Ram) {
     use dioxide_dxfs::mkfs::{self, Node, Options, Source, Tree};
     struct Src;
     impl Source for Src {
@@ -732,6 +738,7 @@ fn allocating_rig(export: &str) -> (Rig, Ram) {
         t.set_writable(name).unwrap();
     }
     assert_eq!(t.attach_writer(0, &w), 3);
+    t.set_commit_interval(commit_ns);
     let t: &'static Table = Box::leak(Box::new(t));
     let r = rig_on(export, writer(), STALL_NS, t);
     r.seen.borrow_mut().ram = Some(ram.clone());
@@ -835,6 +842,37 @@ fn a_sparse_file_takes_allocating_writes_through_its_write_path() {
         "committed at the disconnect"
     );
     r.assert_released();
+}
+
+/// An allocating write that no FLUSH or FUA follows, its client still
+/// connected: committed by the periodic commit (`dxfs.commit_s`), and
+/// (the control) never without it.
+#[test]
+fn the_periodic_commit_makes_an_unflushed_allocating_write_durable() {
+    let d = pattern(49, 4096);
+    for commit_ns in [20_000_000, 0] {
+        let (mut r, ram) = allocating_rig_committing("sparse.bin", commit_ns);
+        r.connect();
+        let h = r.write(30 * 4096, &d, 0);
+        assert_eq!(errors(&r.settle()), vec![(h, 0)]);
+        let durable = || committed(&ram, "sparse.bin")[30 * 4096..31 * 4096] == d[..];
+        let t0 = std::time::Instant::now();
+        // Up to 5 s with the timer (it takes 20-40 ms); 300 ms without.
+        let wait = if commit_ns > 0 { 5_000 } else { 300 };
+        while !durable() && t0.elapsed().as_millis() < wait {
+            r.lo.steps(&mut r.side, &mut r.server, 4);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            durable(),
+            commit_ns > 0,
+            "commit every {commit_ns} ns: durable after {:?}",
+            t0.elapsed()
+        );
+        r.lo.close(&mut r.side, &mut r.server);
+        assert!(durable(), "committed at the disconnect in any case");
+        r.assert_released();
+    }
 }
 
 #[test]

@@ -72,6 +72,12 @@ pub trait FileWriter: Send + Sync {
     fn zero(&self, ino: u64, offset: u64, len: u64, fua: bool) -> Result<()>;
     /// Commits the running transaction and flushes the device.
     fn commit(&self) -> Result<()>;
+    /// Commits when a change waits for it and nobody holds the filesystem
+    /// now (another core in the write path is not waited for: the caller
+    /// asks again later); whether it committed. A write path stopped by a
+    /// failed commit is left alone (that failure was reported when it
+    /// happened).
+    fn commit_if_dirty(&self) -> Result<bool>;
 }
 
 /// What readers see of a file the write path changed: its extents as they
@@ -157,6 +163,17 @@ impl<D: BlockDeviceMut + Send> FileWriter for SharedFs<D> {
     }
     fn commit(&self) -> Result<()> {
         self.with(|w| w.commit())
+    }
+    fn commit_if_dirty(&self) -> Result<bool> {
+        let Some(mut w) = self.fs.try_lock() else {
+            return Ok(false);
+        };
+        if w.failed || !w.dirty() {
+            return Ok(false);
+        }
+        let r = w.commit();
+        self.publish(&mut w);
+        r.map(|()| true)
     }
 }
 

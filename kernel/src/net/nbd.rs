@@ -262,6 +262,7 @@ pub fn writable(t: &mut Table, mounts: &[crate::block::disk::Mounted], args: &cr
     log::info!(target: "nbd", "writable: {list}; {}", args.access.describe());
     if nfiles > 0 {
         attach_writers(t, mounts);
+        t.set_commit_interval(args.commit_ns);
     }
     if !args.access.any_writer() {
         log::warn!(target: "nbd", "no client may write: nbd.rw_from= not given (run --writable allows the host)");
@@ -301,7 +302,7 @@ fn attach_writers(t: &mut Table, mounts: &[crate::block::disk::Mounted]) {
         }
         let sb = w.fs().superblock();
         if sb.has_log() {
-            log::info!(target: "dxfs", "{}: files take allocating writes (holes and unwritten extents; commit log of {} blocks, committed on FLUSH and FUA)", d.name, sb.log_blocks);
+            log::info!(target: "dxfs", "{}: files take allocating writes (holes and unwritten extents; commit log of {} blocks, committed on FLUSH and FUA, at a connection's end and every dxfs.commit_s)", d.name, sb.log_blocks);
         } else {
             log::info!(target: "dxfs", "{}: files take overwrites of written blocks only: no commit log (image made before dxfs took writes); a write into a hole gets ENOTSUP", d.name);
         }

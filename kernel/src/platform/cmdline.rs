@@ -14,6 +14,8 @@
 //! | `bench.completion` | `poll`, `irq` (comma list) | completion modes (irq needs `nvme.completion=irq`) |
 //! | `bench.secs` | seconds per row (default 2) | |
 //! | `bench.file` | path (default: the largest file) | file read by `selftest=bench` |
+//! | `bench.op` | `read` (default), `write`, `write-fua`, comma-separated | what the benchmark's requests do; writes overwrite the file's blocks |
+//! | `dxfs.commit_s` | seconds (default 5), `0`: never | commit what the filesystems' write paths hold this often without a client's FLUSH or FUA |
 //! | `dio.simple` | `1` (default), `0` | the iomap simple path on or off (upstream `/sys/kernel/iomap/simple_read`) |
 //! | `net.ip`, `net.gw` | `A.B.C.D/N`, `A.B.C.D` | static address instead of DHCP |
 //! | `net.csum`, `net.tso`, `net.mrg_rxbuf` | `1` (default), `0` | virtio-net checksum offload, TCP segmentation offload (needs `net.csum`), merged receive buffers; each only where the device offers it (the log says) |
@@ -99,6 +101,8 @@ pub const KNOWN: &[&str] = &[
     "bench.completion",
     "bench.secs",
     "bench.file",
+    "bench.op",
+    "dxfs.commit_s",
     "time.source",
     "power",
     "panic",
