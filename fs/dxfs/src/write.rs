@@ -358,7 +358,11 @@ impl<D: BlockDeviceMut> WritableFs<D> {
 
     /// Maps `count` blocks from `file_block` of file `ino` for writing,
     /// allocating the holes (see the module's text). Commits first when the
-    /// running transaction is half the log's capacity.
+    /// running transaction is half the log's capacity, and stops early
+    /// (the segments cover a first part of the range, never nothing) when
+    /// its allocations bring the transaction there: the caller writes and
+    /// ends that part and maps the rest, so that however many extents one
+    /// write needs, each transaction fits the log.
     pub fn map_write(&mut self, ino: u64, file_block: u64, count: u64) -> Result<Vec<WriteSeg>> {
         self.usable()?;
         let bs = self.fs.sb.block_size as u64;
@@ -399,6 +403,10 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                 Mapping::Hole { blocks } => {
                     if !self.fs.sb.has_log() {
                         return Err(Error::NoLog);
+                    }
+                    if !out.is_empty() && self.pending_blocks() * 2 > journal::capacity(&self.fs.sb)
+                    {
+                        break;
                     }
                     self.allocate(ino, fb, blocks.min(end - fb))?
                 }
@@ -503,26 +511,33 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
             return Err(Error::Input("writes are whole filesystem blocks".into()));
         }
-        let segs = self.map_write(ino, offset / bs, data.len() as u64 / bs)?;
+        let (first, end) = (offset / bs, (offset + data.len() as u64) / bs);
         let mut fresh = false;
-        for s in &segs {
-            let at = ((s.file_block - offset / bs) * bs) as usize;
-            let buf = &data[at..at + (s.blocks * bs) as usize];
-            let d = self.device_mut();
-            if fua && !s.fresh {
-                d.write_fua(s.disk_block * bs, buf)
-            } else {
-                d.write_at(s.disk_block * bs, buf)
+        let mut fb = first;
+        // Part by part as `map_write` maps them (each part's conversions in
+        // the transaction its allocations started).
+        while fb < end {
+            let segs = self.map_write(ino, fb, end - fb)?;
+            for s in &segs {
+                let at = ((s.file_block - first) * bs) as usize;
+                let buf = &data[at..at + (s.blocks * bs) as usize];
+                let d = self.device_mut();
+                if fua && !s.fresh {
+                    d.write_fua(s.disk_block * bs, buf)
+                } else {
+                    d.write_at(s.disk_block * bs, buf)
+                }
+                .map_err(dev_err(s.disk_block))?;
+                fresh |= s.fresh;
             }
-            .map_err(dev_err(s.disk_block))?;
-            fresh |= s.fresh;
-        }
-        for s in &segs {
-            if s.fresh {
-                self.end_write(ino, s.file_block, s.blocks)?;
+            for s in &segs {
+                if s.fresh {
+                    self.end_write(ino, s.file_block, s.blocks)?;
+                }
             }
+            fb += segs_len(&segs);
         }
-        if fua && (fresh || self.uncommitted(ino, offset / bs, offset / bs + segs_len(&segs))) {
+        if fua && (fresh || self.uncommitted(ino, first, end)) {
             self.commit()?;
         }
         Ok(())
