@@ -118,6 +118,17 @@ pub fn encode(sb: &Superblock, seq: u64, blocks: &[(u64, Vec<u8>)]) -> (Vec<u8>,
     (desc, commit)
 }
 
+/// The log's first block as mkfs writes it: a descriptor of no blocks
+/// (sequence 0, this image's uuid), which is no transaction. Not zeroes: a
+/// copy of the image onto a drive by a tool that skips zero blocks (`dd
+/// conv=sparse`, `cp --sparse`, a deduplicating copy) would leave the
+/// drive's old first log block in place, and a transaction the same image
+/// committed in an earlier life on that drive (same uuid) would be taken
+/// for this one's and replayed over the fresh metadata.
+pub fn empty(sb: &Superblock) -> Vec<u8> {
+    encode(sb, 0, &[]).0
+}
+
 /// Reads the log of an image whose superblock is `sb` through `read` (one
 /// whole block at a block number): the committed transaction, or `None` when
 /// the log holds none (empty, torn, or another image's). A transaction that
@@ -137,7 +148,9 @@ pub fn read(
         return Ok(None);
     };
     let n = h.count as usize;
-    if desc[UUID_AT..UUID_AT + 16] != sb.uuid || n > capacity(sb) {
+    // A descriptor of no blocks is an empty log ([`empty`]); no transaction
+    // is ever committed empty.
+    if n == 0 || desc[UUID_AT..UUID_AT + 16] != sb.uuid || n > capacity(sb) {
         return Ok(None);
     }
     let seq = u64::from_le_bytes(desc[SEQ_AT..SEQ_AT + 8].try_into().unwrap_or_default());
@@ -258,6 +271,31 @@ mod tests {
         assert_eq!(CRC64.checksum(b"123456789"), 0xae8b_1486_0a79_9888);
         let txn = read_img(&sb, &image(&sb, 9, &blocks)).unwrap().unwrap();
         assert_eq!(txn, Txn { seq: 9, blocks });
+    }
+
+    #[test]
+    fn golden_empty_log() {
+        let sb = sb();
+        let e = empty(&sb);
+        assert_eq!(e.len(), 4096);
+        assert_eq!(&e[0..4], b"DXMB");
+        assert_eq!(u16::from_le_bytes([e[4], e[5]]), 4, "a descriptor");
+        assert_eq!(u64::from_le_bytes(e[8..16].try_into().unwrap()), 40);
+        assert_eq!(u32::from_le_bytes(e[16..20].try_into().unwrap()), 0);
+        assert_eq!(u64::from_le_bytes(e[32..40].try_into().unwrap()), 0);
+        assert_eq!(&e[40..56], &[7u8; 16]);
+        assert!(e[56..].iter().all(|&x| x == 0));
+        // No transaction, whatever follows it (here an older transaction's
+        // commit block of no blocks, which never exists, at log block 1).
+        let mut img = vec![vec![0u8; 4096]; 64];
+        img[40] = e;
+        img[41] = encode(&sb, 0, &[]).1;
+        assert_eq!(read_img(&sb, &img).unwrap(), None);
+        // Over a committed transaction of the same image: it is gone.
+        let mut old = image(&sb, 5, &[(2u64, vec![3u8; 4096])]);
+        assert!(read_img(&sb, &old).unwrap().is_some());
+        old[40] = empty(&sb);
+        assert_eq!(read_img(&sb, &old).unwrap(), None);
     }
 
     #[test]

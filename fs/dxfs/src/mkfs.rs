@@ -653,14 +653,11 @@ pub fn write<D: BlockDeviceMut, S: Source>(
         };
         inode.emit(ino, &mut itable[(ino as usize - 1) * INODE_SIZE..]);
     }
-    // The commit log, empty: its first block zeroed, so that no transaction
-    // of an earlier filesystem on the device can be taken for ours.
+    // The commit log, empty: its first block written with the empty-log
+    // marker (below, once the superblock is known), so that no transaction
+    // left on the device can be taken for ours.
     let log_start = if plan.log_blocks > 0 { next } else { 0 };
-    if plan.log_blocks > 0 {
-        dev.write_at(log_start * b, &vec![0u8; bs])
-            .map_err(dev_err(log_start))?;
-        next += plan.log_blocks;
-    }
+    next += plan.log_blocks;
     let used = next;
     // Inode table.
     dev.write_at(
@@ -717,6 +714,10 @@ pub fn write<D: BlockDeviceMut, S: Source>(
         log_blocks: plan.log_blocks,
         label,
     };
+    if sb.has_log() {
+        dev.write_at(log_start * b, &crate::journal::empty(&sb))
+            .map_err(dev_err(log_start))?;
+    }
     let mut block0 = vec![0u8; bs];
     sb.emit(&mut block0);
     dev.write_at(0, &block0).map_err(dev_err(0))?;
