@@ -7,6 +7,7 @@ pub mod boottime;
 pub mod fstool;
 pub mod image;
 pub mod kernel;
+pub mod linuxguest;
 pub mod nbdbench;
 pub mod offload;
 pub mod remotebench;

@@ -413,8 +413,10 @@ struct NbdArgs {
     /// another MTU with --nic igb is refused.
     #[arg(long, value_name = "LIST", conflicts_with = "remote")]
     mtu: Option<String>,
-    /// Targets, comma-separated: file, raw, null, qemu-nbd (default: all
-    /// four; with --remote: file, raw, null).
+    /// Targets, comma-separated: file, raw, null, qemu-nbd, linux (a Linux
+    /// guest under the same QEMU running qemu-nbd on its emulated NVMe
+    /// namespace; user networking only) (default: file, raw, null,
+    /// qemu-nbd; with --remote: file, raw, null).
     #[arg(long)]
     targets: Option<String>,
     /// What fio does: read, write (4K random writes; see README). With
@@ -779,6 +781,12 @@ fn bench_nbd_remote(a: NbdArgs) -> Result<i32, Error> {
     if targets.contains(&"qemu-nbd") {
         return Err(Error::Usage(
             "--targets qemu-nbd: with --remote there is no local image to serve; name another server with --peer URI".into(),
+        ));
+    }
+    if targets.contains(&"linux") {
+        return Err(Error::Usage(
+            "--targets linux: with --remote nothing is booted; name another server with --peer URI"
+                .into(),
         ));
     }
     if a.jobs == 0 || a.jobs > 8 {

@@ -164,7 +164,14 @@ pub fn boot(mut cfg: Config, net: NetMode) -> Result<Appliance, Error> {
 /// scratch image of its own (QEMU holds the first one's write lock), both
 /// written with zeroes once so that no write lands in a hole of the host
 /// file. The `null` export takes no writes: it has no write row.
-pub const WRITES: &str = "writes: file = bench.bin (writable), raw = nvme1n1 (a scratch namespace: nvme0n1 holds the filesystem), qemu-nbd = a scratch image; null takes no writes";
+pub const WRITES: &str = "writes: file = bench.bin (writable), raw = nvme1n1 (a scratch namespace: nvme0n1 holds the filesystem), qemu-nbd = a scratch image, linux = the Linux guest's scratch namespace; null takes no writes";
+
+/// What the `linux` target serves, for reads and writes alike: a scratch
+/// image of its own (the appliance's QEMU holds the write lock of its
+/// images), of the file's size, written with zeroes once like the raw
+/// write target's, as the guest's nvme0n1 on the same emulated NVMe
+/// controller and drive options.
+pub const LINUX: &str = "linux = a Linux guest under the same QEMU (same accel, memory, CPUs, NVMe device and drive options, NIC) running qemu-nbd on its nvme0n1, a zero-filled scratch image of the file's size (reads and writes)";
 
 /// `qemu-nbd` serving an image on 127.0.0.1 (killed on drop): read-only,
 /// or writable for the write rows.
@@ -387,12 +394,15 @@ pub fn version(cmd: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The targets of a booted appliance: name, plot colour, legend.
-pub const TARGETS: [(&str, &str, &str); 4] = [
+/// The targets of a booted appliance: name, plot colour, legend. `linux`
+/// (only when asked for) is a Linux guest under the same QEMU running
+/// qemu-nbd on its emulated NVMe namespace ([`crate::linuxguest`]).
+pub const TARGETS: [(&str, &str, &str); 5] = [
     ("file", "#1f77b4", "file export"),
     ("raw", "#444444", "raw export"),
     ("null", "#2ca02c", "null export"),
     ("qemu-nbd", "#d62728", "qemu-nbd (host)"),
+    ("linux", "#9467bd", "qemu-nbd (Linux guest)"),
 ];
 
 /// `--targets`: names of [`TARGETS`], comma-separated.
@@ -406,7 +416,7 @@ pub fn parse_targets(s: &str) -> Result<Vec<&'static str>, Error> {
                 .map(|(n, _, _)| *n)
                 .ok_or_else(|| {
                     Error::Usage(format!(
-                        "--targets {s}: file, raw, null and/or qemu-nbd, comma-separated"
+                        "--targets {s}: file, raw, null, qemu-nbd and/or linux, comma-separated"
                     ))
                 })
         })
@@ -626,11 +636,17 @@ fn frames_cell(r: &Row) -> String {
 }
 
 /// The columns of a table section: the appliance's three exports, then
-/// `qemu-nbd` (a booted appliance) or the peers `peer1`, `peer2`, ... in
-/// order (`--remote`, rows with `net=remote`).
+/// `qemu-nbd` and, when the section has its rows, `linux` (a booted
+/// appliance) or the peers `peer1`, `peer2`, ... in order (`--remote`,
+/// rows with `net=remote`).
 fn columns(section: &[&Row]) -> Vec<String> {
     if !section.iter().any(|r| r.s("net") == "remote") {
-        return TARGETS.iter().map(|(t, _, _)| t.to_string()).collect();
+        let linux = section.iter().any(|r| r.s("target") == "linux");
+        return TARGETS
+            .iter()
+            .map(|(t, _, _)| t.to_string())
+            .filter(|t| linux || t != "linux")
+            .collect();
     }
     let mut peers: Vec<&str> = section
         .iter()
@@ -685,6 +701,10 @@ pub fn table(rows: &[Row], jobs: usize, secs: u64) -> String {
         );
         if what == "write" {
             s += WRITES;
+            s += "\n";
+        }
+        if cols.iter().any(|c| c == "linux") {
+            s += LINUX;
             s += "\n";
         }
         s += &format!("{:>4}", "qd");
@@ -947,6 +967,18 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
     } else {
         Vec::new()
     };
+    let linux = if opts.targets.contains(&"linux") {
+        let t = Instant::now();
+        let p = crate::linuxguest::prepare()?;
+        eprintln!(
+            "dioxide bench: linux guest: {} ({:.1} s to prepare or check)",
+            p.package,
+            t.elapsed().as_secs_f64()
+        );
+        Some((p, crate::bench::scratch("linux", opts.file_size)?))
+    } else {
+        None
+    };
     eprintln!("dioxide bench: building the kernel (release)");
     let kernel = kernel::build()?;
     let mut rows = Vec::new();
@@ -1007,8 +1039,32 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             opts.completion,
             variant.label()
         );
+        let base = cfg.clone();
         let app = boot(cfg, net)?;
         let qemu_pid = app.guest.pid().unwrap_or(0);
+        // The Linux guest (user networking only), booted while the
+        // appliance is paused and paused itself until its turn.
+        let lg = match (&linux, net) {
+            (Some((p, img)), NetMode::User) => {
+                signal(qemu_pid, "-STOP");
+                eprintln!("dioxide bench: booting the Linux guest ({})", p.package);
+                let g = crate::linuxguest::boot(p, &base, img, opts.jobs);
+                signal(qemu_pid, "-CONT");
+                let g = g?;
+                signal(g.guest.pid().unwrap_or(0), "-STOP");
+                eprintln!(
+                    "dioxide bench: Linux guest at {} after {:.1} s, qemu-nbd {}",
+                    g.url, g.boot_secs, g.options
+                );
+                Some(g)
+            }
+            (Some(_), NetMode::Tap) => {
+                eprintln!("dioxide bench: linux: left out with --net tap (the Linux guest runs on user networking only)");
+                None
+            }
+            _ => None,
+        };
+        let lg_pid = lg.as_ref().and_then(|g| g.guest.pid()).unwrap_or(0);
         let nic_line = guest_nic_line(&app.guest.console(), nic);
         eprintln!("dioxide bench: guest: {nic_line}");
         let host = HostNbd::start(&img, opts.jobs)?;
@@ -1028,7 +1084,14 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                 let slice = (opts.secs / opts.rounds).max(1);
                 for _ in 0..opts.rounds {
                     for &target in &opts.targets {
+                        if target == "linux" && lg.is_none() {
+                            continue;
+                        }
                         let (uri, pid) = match (target, host_w.as_ref().filter(|_| write)) {
+                            ("linux", _) => (
+                                lg.as_ref().map(|g| g.url.clone()).unwrap_or_default(),
+                                lg_pid,
+                            ),
                             ("file", _) => (format!("{}/bench.bin", app.url), qemu_pid),
                             ("raw", None) => (format!("{}/nvme0n1", app.url), qemu_pid),
                             ("raw", Some(_)) => (format!("{}/nvme1n1", app.url), qemu_pid),
@@ -1037,9 +1100,15 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                             (_, None) => (host.url.clone(), host.pid()),
                             (_, Some(w)) => (w.url.clone(), w.pid()),
                         };
-                        let paused = target == "qemu-nbd";
+                        // The appliance's QEMU is paused while another
+                        // server runs; the Linux guest's runs only in its
+                        // own turn.
+                        let paused = target == "qemu-nbd" || target == "linux";
                         if paused {
                             signal(qemu_pid, "-STOP");
+                        }
+                        if target == "linux" {
+                            signal(lg_pid, "-CONT");
                         }
                         let before = Before::take(&app.guest);
                         let c0 = cpu_secs(pid);
@@ -1047,6 +1116,9 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                         let r = fio_op(&uri, op, qd, opts.jobs, slice, opts.file_size);
                         let wall = t0.elapsed().as_secs_f64();
                         let cpu = cpu_secs(pid) - c0;
+                        if target == "linux" {
+                            signal(lg_pid, "-STOP");
+                        }
                         let e = acc.entry(target).or_default();
                         if paused {
                             signal(qemu_pid, "-CONT");
@@ -1150,6 +1222,13 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "appliance_url": app.url,
             "qemu_nbd_options": host.options,
             "qemu_nbd_write_options": host_w.as_ref().map(|w| w.options.clone()),
+            "linux_guest": lg.as_ref().map(|g| json!({
+                "kernel_package": linux.as_ref().map(|(p, _)| p.package.clone()),
+                "qemu_nbd_options": g.options,
+                "boot_secs": g.boot_secs,
+                "url": g.url,
+                "console": g.guest.console(),
+            })),
             "guest_warnings": console.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>(),
         }));
     }
@@ -1185,6 +1264,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
             "qds": opts.qds,
             "ops": opts.ops,
             "writes": if writes { Some(WRITES) } else { None },
+            "linux": if linux.is_some() { Some(LINUX) } else { None },
             "nics": opts.nics.iter().map(|n| n.name()).collect::<Vec<_>>(),
             "sweep": opts.sweep.json(),
             "image": img.display().to_string(),

@@ -115,6 +115,11 @@ impl BootMedia {
             iso: None,
             vars: None,
         };
+        if cfg.linux.is_some() && (cfg.boot != Boot::Pvh || cfg.iso.is_some()) {
+            return Err(Error::Usage(
+                "a Linux guest boots with -kernel (boot pvh), not from an ISO".into(),
+            ));
+        }
         if cfg.boot == Boot::Pvh {
             return match &cfg.iso {
                 Some(iso) => Err(Error::Usage(format!(
@@ -453,6 +458,23 @@ pub struct Config {
     /// QEMU's `-machine` value: `q35` (default), or e.g. `q35,pit=off,hpet=off`
     /// or `pc` (i440FX: no MCFG, a revision-1 FADT).
     pub machine: String,
+    /// Boot a Linux kernel instead of dioxide's (`bench nbd --targets
+    /// linux`): `kernel` is then a bzImage, booted with `-kernel`,
+    /// `-initrd` and `-append` (PVH boot only), on the same machine,
+    /// NVMe controllers and NIC as the appliance would get.
+    pub linux: Option<LinuxBoot>,
+}
+
+/// A Linux guest's boot ([`Config::linux`]): its initramfs, its command
+/// line (instead of [`Config::kernel_args`]: `args` are not used) and the
+/// console line that says its NBD server listens, in place of the
+/// kernel's `nbd: listening on port` (with user networking the port is
+/// forwarded when it comes; see [`Guest::wait_nbd`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinuxBoot {
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub ready: String,
 }
 
 /// The guest's NIC.
@@ -542,6 +564,7 @@ impl Config {
             boot: Boot::Pvh,
             iso: None,
             machine: "q35".into(),
+            linux: None,
         }
     }
 
@@ -631,7 +654,15 @@ impl Config {
             }
             _ => {
                 c.arg("-kernel").arg(&self.kernel);
-                c.arg("-append").arg(self.kernel_args().join(" "));
+                match &self.linux {
+                    Some(l) => {
+                        c.arg("-initrd").arg(&l.initrd);
+                        c.arg("-append").arg(&l.cmdline);
+                    }
+                    None => {
+                        c.arg("-append").arg(self.kernel_args().join(" "));
+                    }
+                }
             }
         }
         c.args(&self.extra);
@@ -1007,6 +1038,8 @@ impl Guest {
             .and_then(|c| c.split('/').next())
             .unwrap_or_default()
             .to_string();
+        // The console line that says the server listens.
+        let ready = cfg.linux.as_ref().map(|l| l.ready.clone());
         let mut forward = monitor.as_ref().map(|(m, port)| Forward::Pending {
             dir: m.path().to_path_buf(),
             port: *port,
@@ -1056,7 +1089,10 @@ impl Guest {
                     // The server listens: open the port (before the line
                     // reaches the console, so that whoever sees it there
                     // finds the port open).
-                    let listening = text.starts_with('[') && text.contains(NBD_LISTENING);
+                    let listening = match &ready {
+                        Some(r) => text.contains(r.as_str()),
+                        None => text.starts_with('[') && text.contains(NBD_LISTENING),
+                    };
                     let now_serving = listening.then(|| match forward.as_mut() {
                         None => Service::Listening(None),
                         Some(f) => f.open(),
@@ -1582,6 +1618,34 @@ mod tests {
             assert!(!vars.exists());
         }
         cfg.iso = Some(dir.path().join("missing.iso"));
+        cfg.boot = Boot::Bios;
+        assert!(BootMedia::prepare(&cfg).is_err());
+    }
+
+    #[test]
+    fn a_linux_guest_boots_with_its_initrd_and_command_line() {
+        let args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let mut cfg = Config::new(PathBuf::from("/l/vmlinuz"));
+        cfg.args = vec!["selftest=digest".into()];
+        cfg.nbd_port = Some(0);
+        cfg.linux = Some(LinuxBoot {
+            initrd: PathBuf::from("/l/initramfs.cpio"),
+            cmdline: "console=ttyS0".into(),
+            ready: "serving".into(),
+        });
+        let a = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        let at = |w: &str| a.iter().position(|x| x == w).unwrap();
+        assert_eq!(a[at("-kernel") + 1], "/l/vmlinuz");
+        assert_eq!(a[at("-initrd") + 1], "/l/initramfs.cpio");
+        // Its own command line: not the appliance's arguments.
+        assert_eq!(a[at("-append") + 1], "console=ttyS0");
+        // The same NIC as the appliance's.
+        assert!(a.contains(&Nic::Virtio.device(None, 1)), "{a:?}");
+        // Only through -kernel.
         cfg.boot = Boot::Bios;
         assert!(BootMedia::prepare(&cfg).is_err());
     }

@@ -676,6 +676,60 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
     }
 }
 
+/// `bench nbd --targets linux`: a Linux guest (Debian's kernel, prepared
+/// once under target/dioxide/linux/) under the same QEMU runs qemu-nbd on
+/// its emulated NVMe namespace, and fio's reads and writes against it give
+/// rows with IOPS, while the appliance booted beside it is paused.
+#[test]
+fn bench_nbd_linux_guest_rows() {
+    let t0 = Instant::now();
+    let dir = TempDir::new("bench-nbd-linux");
+    let opts = dioxide::nbdbench::NbdOpts {
+        qds: vec![4],
+        jobs: 1,
+        secs: 1,
+        out: dir.path().to_path_buf(),
+        file_size: 8 << 20,
+        accel: dioxide_qemu::accel::Accel::Tcg,
+        mem: 256,
+        nets: vec![dioxide::nbdbench::NetMode::User],
+        nics: vec![dioxide_qemu::Nic::Virtio],
+        offloads: vec![dioxide::offload::Offloads(None)],
+        mtus: vec![None],
+        targets: vec!["linux"],
+        ops: vec!["read".into(), "write".into()],
+        completion: "poll".into(),
+        rounds: 1,
+        boot: dioxide_qemu::Boot::Pvh,
+        sweep: Default::default(),
+        host_ios: 0,
+    };
+    assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    for op in ["read", "write"] {
+        let r = rows
+            .iter()
+            .find(|r| r["target"] == "linux" && r["op"] == op)
+            .unwrap_or_else(|| panic!("linux {op}: {json:#}"));
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rows.len(), 2, "{json:#}");
+    let lg = &json["config"]["runs"][0]["linux_guest"];
+    assert!(
+        lg["qemu_nbd_options"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("--cache=")),
+        "{json:#}"
+    );
+    eprintln!(
+        "bench_nbd_linux_guest_rows: {:.1} s (Linux guest up after {} s)",
+        t0.elapsed().as_secs_f64(),
+        lg["boot_secs"]
+    );
+}
+
 /// Damage costs only what is damaged (issue 20): a file whose inode fails
 /// its checksum and a directory whose block does are left out, each named in
 /// one log line, and every other file is exported; a damaged root directory
