@@ -324,8 +324,9 @@ impl Entry {
 
 /// A cpio archive in the `newc` format (what the kernel unpacks as an
 /// initramfs): every entry's parent directories first, owner root, time 0.
-/// Paths are relative (`bin/busybox`).
-pub fn cpio(entries: &[Entry]) -> Vec<u8> {
+/// Paths are relative (`bin/busybox`). Written with the `cpio` crate.
+pub fn cpio(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
     let mut dirs: BTreeSet<String> = BTreeSet::new();
     for e in entries {
         let mut p = e.path();
@@ -337,57 +338,41 @@ pub fn cpio(entries: &[Entry]) -> Vec<u8> {
             dirs.insert(d.clone());
         }
     }
-    let mut out = Vec::new();
     let mut ino = 0u32;
-    let mut put = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
+    let mut put = |out: Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
         ino += 1;
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
-        let fields = [
-            ino,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
-        out.extend_from_slice(b"070701");
-        for f in fields {
-            out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
+        let size = u32::try_from(data.len()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{name}: over 4 GiB"),
+            )
+        })?;
+        let mut w = cpio::newc::Builder::new(name)
+            .ino(ino)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(rdev.0)
+            .rdev_minor(rdev.1)
+            .write(out, size);
+        w.write_all(data)?;
+        w.finish()
     };
+    let mut out = Vec::new();
     for d in &dirs {
-        put(&mut out, d, 0o040755, &[], (0, 0));
+        out = put(out, d, 0o040755, &[], (0, 0))?;
     }
     for e in entries {
-        match e {
-            Entry::Dir(_) => {}
-            Entry::File { path, mode, data } => put(&mut out, path, 0o100000 | mode, data, (0, 0)),
-            Entry::Symlink { path, target } => {
-                put(&mut out, path, 0o120777, target.as_bytes(), (0, 0))
-            }
+        out = match e {
+            Entry::Dir(_) => out,
+            Entry::File { path, mode, data } => put(out, path, 0o100000 | mode, data, (0, 0))?,
+            Entry::Symlink { path, target } => put(out, path, 0o120777, target.as_bytes(), (0, 0))?,
             Entry::CharDev { path, major, minor } => {
-                put(&mut out, path, 0o020600, &[], (*major, *minor))
+                put(out, path, 0o020600, &[], (*major, *minor))?
             }
-        }
+        };
     }
-    put(&mut out, "TRAILER!!!", 0, &[], (0, 0));
-    out
+    cpio::newc::trailer(out)
 }
 
 /// The initramfs's entries: busybox and its applets, the modules (under
@@ -753,7 +738,9 @@ pub fn prepare() -> Result<Prepared, Error> {
             binaries.push((lib, data));
         }
         let entries = initramfs(read(&busybox)?, release.trim(), &modules, &dep, binaries);
-        write(&initrd, &cpio(&entries))?;
+        let archive = cpio(&entries)
+            .map_err(|e| Error::Usage(format!("linux guest: the initramfs archive: {e}")))?;
+        write(&initrd, &archive)?;
         write(&stamp_path, stamp.as_bytes())?;
         eprintln!(
             "dioxide bench: linux guest: prepared in {:.1} s",
@@ -1016,7 +1003,8 @@ kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
                 major: 5,
                 minor: 1,
             },
-        ]);
+        ])
+        .unwrap();
         // Magic, then inode, mode, uid, gid, nlink, mtime, size, dev
         // major/minor, rdev major/minor, name size, checksum (8 hex digits
         // each), the name and its NUL padded to 4 bytes, the data padded to
@@ -1029,7 +1017,7 @@ kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
 070701 00000003 000081ed 00000000 00000000 00000001 00000000 00000003 00000000 00000000 00000000 00000000 00000007 00000000 bin/hi\0\0\0\0hey\0\
 070701 00000004 0000a1ff 00000000 00000000 00000001 00000000 00000002 00000000 00000000 00000000 00000000 00000007 00000000 bin/sh\0\0\0\0hi\0\0\
 070701 00000005 00002180 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000005 00000001 0000000c 00000000 dev/console\0\0\0\
-070701 00000006 00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 0000000b 00000000 TRAILER!!!\0\0\0\0";
+070701 00000000 00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 0000000b 00000000 TRAILER!!!\0\0\0\0";
         // (the spaces are for reading)
         let want: Vec<u8> = want.iter().copied().filter(|&b| b != b' ').collect();
         assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&want));
