@@ -681,16 +681,6 @@ pub struct DiskLimits {
     pub lbs: usize,
 }
 
-/// Device commands of each namespace's queue that requests never take: the
-/// filesystem's write path (an allocating write, a commit at a FLUSH or at
-/// a connection's end) issues its commands one at a time, waited for, on
-/// the same queue; the engine hands it a slot only when one is free or in
-/// flight, and a slot whose request completed is not free until its owner
-/// takes the result, which this core's service cannot do while it waits.
-/// Without this reserve a full budget (every slot completed, none taken
-/// yet) would fail a commit, and a failed commit stops the write path.
-const SYNC_CMDS: usize = 1;
-
 /// The device commands of one namespace's queue that reads may take.
 #[derive(Clone, Copy)]
 struct Budget {
@@ -1083,7 +1073,7 @@ impl<P: Platform> Server<P> {
                 let lbs = d.lbs.max(1);
                 Budget {
                     cmds: 0,
-                    max_cmds: d.depth.saturating_sub(SYNC_CMDS).max(1),
+                    max_cmds: d.depth,
                     max_transfer: d.max_transfer / lbs * lbs,
                 }
             })

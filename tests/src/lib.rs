@@ -104,6 +104,22 @@ pub fn skipped(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
 }
 
+/// Whether the guest's console shows `what` within `within` (polled): for
+/// a line the guest logs around the time it answers a request, which may
+/// reach the console after the answer reaches the test.
+pub fn console_shows(guest: &Guest, what: &str, within: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if guest.console().contains(what) {
+            return true;
+        }
+        if t0.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until the guest's console contains `what` and returns the console.
 /// Panics, with the console, when QEMU exits first or `within` passes: a
 /// guest that dies early or never gets there fails the test instead of

@@ -215,8 +215,12 @@ fn slow_drive(smp: u32) {
     let mut n = Client::greeted(port);
     n.go("null").expect("the null export");
     assert_eq!(n.read_at(0, 4096).unwrap(), vec![0u8; 4096]);
+    assert!(
+        console_shows(&app.guest, "serving again", Duration::from_secs(10)),
+        "{}",
+        app.guest.console()
+    );
     let log = app.guest.console();
-    assert!(log.contains("serving again"), "{log}");
     assert!(!log.contains("panic"), "{log}");
     // One controller reset per read that timed out: dxfs's mount read of
     // block 0 at boot and the client's two. Two resets for one read (each

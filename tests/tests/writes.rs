@@ -209,9 +209,11 @@ fn a_raw_namespace_takes_writes_that_read_back_after_a_restart() {
     replies.sort();
     assert_eq!(replies, [(1, 5), (2, 0)], "EIO for the bad sector only");
     assert!(
-        guest
-            .console()
-            .contains(&format!("write of nvme1n1 at {}", BAD_SECTOR * 512)),
+        console_shows(
+            &guest,
+            &format!("write of nvme1n1 at {}", BAD_SECTOR * 512),
+            Duration::from_secs(10)
+        ),
         "the failed write is not logged"
     );
     // FLUSH is answered.
@@ -314,10 +316,7 @@ fn only_the_listed_clients_write_and_only_the_allowed_ones_connect() {
         "a client outside nbd.allow was greeted"
     );
     let said = "nbd: connection from 10.0.2.2";
-    let t0 = std::time::Instant::now();
-    while !guest.console().contains(said) && t0.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    console_shows(&guest, said, Duration::from_secs(20));
     let console = guest.console();
     assert!(
         console.contains(said) && console.contains("refused: not in nbd.allow"),

@@ -197,6 +197,10 @@ struct State {
     /// Finished asynchronous requests, oldest first (one entry at most per
     /// slot and per dio: it cannot overflow).
     finished: Ring<Finished>,
+    /// Results of finished slot requests whose slots were freed before
+    /// their owners took them ([`Engine::park_one`]), for
+    /// [`Engine::complete`] to hand over (one at most per slot).
+    parked: Ring<(ReqId, Result<usize, DioError>)>,
     stats: Stats,
 }
 
@@ -429,6 +433,7 @@ impl<Q: BlockQueue> Engine<Q> {
                 generic: Slab::new(n),
                 generic_in_flight: 0,
                 finished: Ring::new(2 * n, Finished::Slot(0)),
+                parked: Ring::new(n, (ReqId::new(0, 0), Ok(0))),
                 stats: Stats::default(),
             },
             simple_enabled: true,
@@ -461,7 +466,7 @@ impl<Q: BlockQueue> Engine<Q> {
     /// Finished asynchronous requests not yet delivered by
     /// [`Engine::complete`].
     pub fn pending_completions(&self) -> usize {
-        self.st.finished.len()
+        self.st.finished.len() + self.st.parked.len()
     }
 
     /// Reaps device completions and finishes their requests. What the poll
@@ -488,6 +493,10 @@ impl<Q: BlockQueue> Engine<Q> {
     /// interrupt handler. Returns the number delivered.
     pub fn complete(&mut self, mut sink: impl FnMut(ReqId, Result<usize, DioError>)) -> usize {
         let mut n = 0;
+        while let Some((owner, result)) = self.st.parked.pop() {
+            n += 1;
+            sink(owner, result);
+        }
         while let Some(f) = self.st.finished.pop() {
             n += 1;
             match f {
@@ -556,19 +565,55 @@ impl<Q: BlockQueue> Engine<Q> {
     }
 
     /// A free slot, polling for one when all are busy (unless `nowait`).
-    /// Slots held by finished requests are freed only by
-    /// [`Engine::complete`], which this cannot run for their owner: when
-    /// every slot is such, the answer is `Again`.
+    /// A slot held by a finished request whose owner has not taken the
+    /// result yet is freed here, its result parked for
+    /// [`Engine::complete`] ([`Engine::park_one`]): a synchronous caller on
+    /// the core whose owner would take it (a filesystem's commit inside the
+    /// NBD service's loop) never waits on itself. `Again` only when every
+    /// slot is in flight and `nowait`, or none is and none can be freed.
     fn get_slot(&mut self, nowait: bool) -> Result<usize, DioError> {
         loop {
             if let Some(i) = self.st.free.take() {
                 return Ok(i as usize);
             }
+            if self.park_one() {
+                continue;
+            }
             if nowait || self.st.slots_in_flight == 0 {
                 return Err(DioError::Again);
             }
-            self.wait_until(|e| e.st.free.available() > 0 || e.st.slots_in_flight == 0);
+            // Until a slot completes (its request can then be parked).
+            let before = self.st.slots_in_flight;
+            self.wait_until(|e| e.st.free.available() > 0 || e.st.slots_in_flight < before);
         }
+    }
+
+    /// Frees the slot of the oldest finished slot request, keeping its
+    /// result (and owner) in `parked` for [`Engine::complete`]; whether
+    /// there was one. (Finished generic dios met on the way keep their
+    /// turn after it: `complete` hands parked results over first.)
+    #[cold]
+    fn park_one(&mut self) -> bool {
+        for _ in 0..self.st.finished.len() {
+            let Some(f) = self.st.finished.pop() else {
+                return false;
+            };
+            match f {
+                Finished::Slot(i) => {
+                    let slot = self.take_slot(i as usize, log::Level::Debug);
+                    if let Some(owner) = slot.owner {
+                        // At most one parked result per slot: cannot be full.
+                        let _ = self.st.parked.push((owner, slot.result));
+                    }
+                    return true;
+                }
+                // At most one entry per dio, one just taken: cannot be full.
+                generic => {
+                    let _ = self.st.finished.push(generic);
+                }
+            }
+        }
+        false
     }
 
     /// Marks slot `idx` in flight for a request.
