@@ -806,7 +806,7 @@ pub fn boot(
         cmdline: cmdline(clients.max(1) + 1),
         ready: READY.into(),
     });
-    let guest = Guest::spawn(&cfg)?;
+    let mut guest = Guest::spawn(&cfg)?;
     let t0 = guest.started();
     let limit = Duration::from_secs(300);
     loop {
@@ -828,6 +828,11 @@ pub fn boot(
             NbdReady::NotListening => {}
         }
         let console = guest.console();
+        if !guest.is_running() {
+            return Err(Error::Usage(format!(
+                "the Linux guest's QEMU exited before it served {DEVICE}:\n{console}"
+            )));
+        }
         if console.contains(FAILED) || t0.elapsed() > limit {
             return Err(Error::Usage(format!(
                 "the Linux guest did not serve {DEVICE} (after {:.0} s):\n{console}",

@@ -375,7 +375,12 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Sends `sig` to process `pid` (0, an unknown process, is skipped: `kill
+/// -STOP 0` would stop our own process group).
 fn signal(pid: u32, sig: &str) {
+    if pid == 0 {
+        return;
+    }
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 

@@ -648,6 +648,17 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
             .any(|r| r["target"] == "null" && r["op"] == "write"),
         "{json:#}"
     );
+    // The appliance served the writes without a logged error (a write it
+    // refused or failed logs one).
+    for run in json["config"]["runs"].as_array().unwrap() {
+        let warnings = run["guest_warnings"].as_array().unwrap();
+        assert!(
+            !warnings
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains(" ERROR "))),
+            "{warnings:?}"
+        );
+    }
     let host = json["host_rows"].as_array().unwrap();
     // 3 targets, QD 1/16/128; checksum offload off/on at MTU 1500 and
     // 9000, and TSO with checksum offload at 1500.

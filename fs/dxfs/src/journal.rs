@@ -124,7 +124,9 @@ pub fn encode(sb: &Superblock, seq: u64, blocks: &[(u64, Vec<u8>)]) -> (Vec<u8>,
 /// conv=sparse`, `cp --sparse`, a deduplicating copy) would leave the
 /// drive's old first log block in place, and a transaction the same image
 /// committed in an earlier life on that drive (same uuid) would be taken
-/// for this one's and replayed over the fresh metadata.
+/// for this one's and replayed over the fresh metadata. (Such a copy is safe
+/// only over the same image or a zeroed drive: other metadata blocks mkfs
+/// writes as zeroes would keep what the drive had.)
 pub fn empty(sb: &Superblock) -> Vec<u8> {
     encode(sb, 0, &[]).0
 }

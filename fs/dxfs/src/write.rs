@@ -374,7 +374,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                 block: file_block.saturating_add(count),
             });
         }
-        if self.pending_blocks() * 2 > journal::capacity(&self.fs.sb) {
+        if self.half_full() {
             self.commit()?;
         }
         let mut out = Vec::new();
@@ -393,6 +393,9 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                     if !self.fs.sb.has_log() {
                         return Err(Error::NoLog);
                     }
+                    if self.full_for(&out) {
+                        break;
+                    }
                     WriteSeg {
                         file_block: fb,
                         disk_block,
@@ -404,8 +407,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                     if !self.fs.sb.has_log() {
                         return Err(Error::NoLog);
                     }
-                    if !out.is_empty() && self.pending_blocks() * 2 > journal::capacity(&self.fs.sb)
-                    {
+                    if self.full_for(&out) {
                         break;
                     }
                     self.allocate(ino, fb, blocks.min(end - fb))?
@@ -501,6 +503,22 @@ impl<D: BlockDeviceMut> WritableFs<D> {
             }
         }
         itable.len() + tree + self.bitmap_dirty.len() + 2 + 1
+    }
+
+    /// Whether the running transaction is estimated at half the log's
+    /// capacity or more: time to commit before it grows.
+    fn half_full(&self) -> bool {
+        self.pending_blocks() * 2 > journal::capacity(&self.fs.sb)
+    }
+
+    /// Whether `map_write` must stop before another fresh segment (a hole
+    /// to allocate or an unwritten extent): with `out` mapped so far, the
+    /// running transaction plus a leaf for each fresh segment's conversion
+    /// (at `end_write`) would pass half the log. Never before the first
+    /// segment (after the commit at its start there is room for one).
+    fn full_for(&self, out: &[WriteSeg]) -> bool {
+        let fresh = out.iter().filter(|s| s.fresh).count();
+        !out.is_empty() && (self.pending_blocks() + fresh) * 2 > journal::capacity(&self.fs.sb)
     }
 
     /// Writes whole blocks of `data` at `offset` of file `ino` (both

@@ -137,6 +137,36 @@ fn a_write_needing_more_extents_than_the_log_holds_commits_in_parts() {
     assert!(read_all(&dev, 2) == want);
 }
 
+/// The sibling over unwritten extents: 2,000 one-block unwritten extents
+/// between written blocks (writes mapped and never ended, as a failed data
+/// write leaves them), then one write over all of them: their conversions
+/// go in parts too, each transaction within the 16-block log.
+#[test]
+fn a_write_over_more_unwritten_extents_than_the_log_holds_converts_in_parts() {
+    let n = 2000u64;
+    let data: Vec<(u64, u64)> = (0..n).map(|k| (2 * k * BS, BS)).collect();
+    let mut dev = image(8192, &[("frag", 2 * n * BS, data)], Some(16));
+    let mut w = WritableFs::mount(&mut dev).unwrap();
+    for k in 0..n {
+        let segs = w.map_write(2, 2 * k + 1, 1).unwrap();
+        assert!(segs.len() == 1 && segs[0].fresh);
+    }
+    w.commit().unwrap();
+    drop(w);
+    assert_clean(&dev, "unwritten extents committed");
+    let mut buf = Vec::new();
+    for fb in 0..2 * n {
+        buf.extend(pattern(fb, 2));
+    }
+    let mut w = WritableFs::mount(&mut dev).unwrap();
+    w.write(2, 0, &buf, false).unwrap();
+    w.commit().unwrap();
+    assert!(w.stats().commits > 10, "{} commits", w.stats().commits);
+    drop(w);
+    assert_clean(&dev, "after the write");
+    assert!(read_all(&dev, 2) == buf);
+}
+
 /// An image copied again onto the drive it lived on by a tool that skips
 /// zero blocks (`dd conv=sparse`): the transaction its earlier life
 /// committed there must not be replayed over the fresh metadata. mkfs's

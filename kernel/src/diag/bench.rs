@@ -641,9 +641,14 @@ fn write_span(file: &File) -> RawSpan {
     file.extents()
         .iter()
         .filter(|x| !x.unwritten())
-        .map(|x| RawSpan {
-            first: (x.disk_block * bs).div_ceil(4096),
-            blocks: x.len as u64 * bs / 4096,
+        .map(|x| {
+            // Whole 4 KiB blocks inside the extent only.
+            let first = (x.disk_block * bs).div_ceil(4096);
+            let end = (x.disk_block + x.len as u64) * bs / 4096;
+            RawSpan {
+                first,
+                blocks: end.saturating_sub(first),
+            }
         })
         .max_by_key(|r| r.blocks)
         .unwrap_or(RawSpan {
