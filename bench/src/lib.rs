@@ -274,6 +274,46 @@ pub(crate) fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// One row of `--guard`: the protection-information guard of `block`-byte
+/// blocks (`dioxide-pi`), `blocks` of them, on this CPU.
+pub struct GuardRow {
+    pub guard: &'static str,
+    pub block: usize,
+    pub ns_per_byte: f64,
+    pub cycles_per_byte: f64,
+}
+
+/// The guard's cost per byte for each size over 4 KiB blocks (a 64 KiB set
+/// of blocks that stays in the cache, as a block just received or read
+/// does), `blocks` guards per size.
+pub fn guard_rows(blocks: u64) -> Vec<GuardRow> {
+    use dioxide_pi::GuardSize;
+    let data: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut rows = Vec::new();
+    for (name, size) in [("crc16", GuardSize::Crc16), ("crc64", GuardSize::Crc64)] {
+        let mut sink = 0u64;
+        let t0 = Instant::now();
+        let c0 = rdtsc();
+        for k in 0..blocks as usize {
+            let at = (k % 16) * 4096;
+            sink ^= dioxide_pi::guard(size, std::hint::black_box(&data[at..at + 4096]));
+        }
+        let cycles = rdtsc() - c0;
+        let ns = t0.elapsed().as_nanos() as f64;
+        std::hint::black_box(sink);
+        let bytes = (blocks * 4096).max(1) as f64;
+        rows.push(GuardRow {
+            guard: name,
+            block: 4096,
+            ns_per_byte: ns / bytes,
+            cycles_per_byte: cycles as f64 / bytes,
+        });
+    }
+    rows
+}
+
 fn tsc_ghz() -> f64 {
     let t0 = Instant::now();
     let c0 = rdtsc();

@@ -2,6 +2,9 @@
 //! see the library docs. `--threads`: after the single-thread run, the
 //! same targets on T threads side by side for each T of the list.
 //!
+//! `dioxide-hostbench --guard [--ios N]`: the protection-information guards
+//! (`dioxide-pi`: CRC-16/T10-DIF, CRC-64/NVMe) per byte over 4 KiB blocks.
+//!
 //! `dioxide-hostbench --nbd [--json] [--ios N] [--qd 1,16,128] [--only file|raw|null] [--csum off|on] [--mtu 1500,9000] [--tso on|off] [--threads 1,2,4|auto]`:
 //! the whole NBD request path (module `nbd`); JSON `{"host_rows": [...]}`.
 //! `--threads`: after those rows, the same rows on T threads side by side
@@ -31,6 +34,18 @@ fn main() {
         eprintln!("dioxide-hostbench: {e}");
         std::process::exit(1);
     };
+    if args.iter().any(|a| a == "--guard") {
+        // The protection-information guards (issue 23's target: at most
+        // 0.25 cycles per byte).
+        println!("guard  block  ns/byte  TSC cycles/byte");
+        for r in dioxide_hostbench::guard_rows(get("--ios", 200_000)) {
+            println!(
+                "{:6} {:5} {:8.3} {:16.3}",
+                r.guard, r.block, r.ns_per_byte, r.cycles_per_byte
+            );
+        }
+        return;
+    }
     if args.iter().any(|a| a == "--nbd") {
         let qds: Vec<usize> = match value("--qd")
             .map(|v| v.split(',').map(|q| q.trim().parse::<usize>()).collect())
