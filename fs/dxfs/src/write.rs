@@ -374,7 +374,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
                 block: file_block.saturating_add(count),
             });
         }
-        if self.half_full() {
+        if self.half_full(0) {
             self.commit()?;
         }
         let mut out = Vec::new();
@@ -505,10 +505,10 @@ impl<D: BlockDeviceMut> WritableFs<D> {
         itable.len() + tree + self.bitmap_dirty.len() + 2 + 1
     }
 
-    /// Whether the running transaction is estimated at half the log's
-    /// capacity or more: time to commit before it grows.
-    fn half_full(&self) -> bool {
-        self.pending_blocks() * 2 > journal::capacity(&self.fs.sb)
+    /// Whether the running transaction, estimated, plus `extra` blocks
+    /// passes half the log's capacity: time to commit before it grows.
+    fn half_full(&self, extra: usize) -> bool {
+        (self.pending_blocks() + extra) * 2 > journal::capacity(&self.fs.sb)
     }
 
     /// Whether `map_write` must stop before another fresh segment (a hole
@@ -517,8 +517,7 @@ impl<D: BlockDeviceMut> WritableFs<D> {
     /// (at `end_write`) would pass half the log. Never before the first
     /// segment (after the commit at its start there is room for one).
     fn full_for(&self, out: &[WriteSeg]) -> bool {
-        let fresh = out.iter().filter(|s| s.fresh).count();
-        !out.is_empty() && (self.pending_blocks() + fresh) * 2 > journal::capacity(&self.fs.sb)
+        !out.is_empty() && self.half_full(out.iter().filter(|s| s.fresh).count())
     }
 
     /// Writes whole blocks of `data` at `offset` of file `ino` (both
