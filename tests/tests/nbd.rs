@@ -596,17 +596,19 @@ fn tap_checks(app: &dioxide::nbdbench::Appliance, mtu: Option<u16>, big: &[u8]) 
     );
 }
 
-/// `dioxide bench nbd`: the TCG rows (fio against the appliance and
-/// qemu-nbd) and the host rows of the whole request path (the same
-/// service code on the host's CPU) in one results.json.
-#[test]
-fn bench_nbd_writes_tcg_rows_and_host_rows() {
-    let dir = TempDir::new("bench-nbd");
-    let opts = dioxide::nbdbench::NbdOpts {
+/// `bench nbd` in its smallest form (user networking, virtio-net, QD 4,
+/// 1 s rows, one round, reads and writes, 8 MiB file) against `targets`,
+/// with `host_ios` reads per host row (0: none), writing to `out`.
+fn small_bench(
+    out: &std::path::Path,
+    targets: &[&'static str],
+    host_ios: u64,
+) -> dioxide::nbdbench::NbdOpts {
+    dioxide::nbdbench::NbdOpts {
         qds: vec![4],
         jobs: 1,
         secs: 1,
-        out: dir.path().to_path_buf(),
+        out: out.to_path_buf(),
         file_size: 8 << 20,
         accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
@@ -614,14 +616,23 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
         nics: vec![dioxide_qemu::Nic::Virtio],
         offloads: vec![dioxide::offload::Offloads(None)],
         mtus: vec![None],
-        targets: vec!["file", "raw", "null", "qemu-nbd"],
+        targets: targets.to_vec(),
         ops: vec!["read".into(), "write".into()],
         completion: "poll".into(),
         rounds: 1,
         boot: dioxide_qemu::Boot::Pvh,
         sweep: Default::default(),
-        host_ios: 2_000,
-    };
+        host_ios,
+    }
+}
+
+/// `dioxide bench nbd`: the TCG rows (fio against the appliance and
+/// qemu-nbd) and the host rows of the whole request path (the same
+/// service code on the host's CPU) in one results.json.
+#[test]
+fn bench_nbd_writes_tcg_rows_and_host_rows() {
+    let dir = TempDir::new("bench-nbd");
+    let opts = small_bench(dir.path(), &["file", "raw", "null", "qemu-nbd"], 2_000);
     assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
@@ -695,26 +706,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
 fn bench_nbd_linux_guest_rows() {
     let t0 = Instant::now();
     let dir = TempDir::new("bench-nbd-linux");
-    let opts = dioxide::nbdbench::NbdOpts {
-        qds: vec![4],
-        jobs: 1,
-        secs: 1,
-        out: dir.path().to_path_buf(),
-        file_size: 8 << 20,
-        accel: dioxide_qemu::accel::Accel::Tcg,
-        mem: 256,
-        nets: vec![dioxide::nbdbench::NetMode::User],
-        nics: vec![dioxide_qemu::Nic::Virtio],
-        offloads: vec![dioxide::offload::Offloads(None)],
-        mtus: vec![None],
-        targets: vec!["linux"],
-        ops: vec!["read".into(), "write".into()],
-        completion: "poll".into(),
-        rounds: 1,
-        boot: dioxide_qemu::Boot::Pvh,
-        sweep: Default::default(),
-        host_ios: 0,
-    };
+    let opts = small_bench(dir.path(), &["linux"], 0);
     assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
