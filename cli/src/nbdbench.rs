@@ -269,6 +269,19 @@ pub struct FioResult {
     pub ios: u64,
 }
 
+impl FioResult {
+    /// The row fields every fio result gives: IOPS, latencies, I/Os.
+    pub fn fields(&self) -> [(&'static str, String); 5] {
+        [
+            ("iops", format!("{:.1}", self.iops)),
+            ("lat_p50_us", format!("{:.1}", self.p50_us)),
+            ("lat_p99_us", format!("{:.1}", self.p99_us)),
+            ("lat_mean_us", format!("{:.1}", self.mean_us)),
+            ("ios", self.ios.to_string()),
+        ]
+    }
+}
+
 /// fio's `--output-format=json` report in its standard output (the nbd
 /// engine prints a line before it).
 pub fn fio_report(stdout: &str) -> Option<Value> {
@@ -1161,7 +1174,7 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                     } else {
                         0.0
                     };
-                    let mut row = Row::new(&[
+                    let mut fields = vec![
                         ("target", target.into()),
                         ("op", op.clone()),
                         ("net", net.name().into()),
@@ -1169,14 +1182,11 @@ pub fn nbd(opts: &NbdOpts) -> Result<i32, Error> {
                         ("qd", qd.to_string()),
                         ("jobs", opts.jobs.to_string()),
                         ("rounds", opts.rounds.to_string()),
-                        ("iops", format!("{:.1}", r.iops)),
-                        ("lat_p50_us", format!("{:.1}", r.p50_us)),
-                        ("lat_p99_us", format!("{:.1}", r.p99_us)),
-                        ("lat_mean_us", format!("{:.1}", r.mean_us)),
-                        ("ios", ios.to_string()),
                         ("server_cpu_us_per_io", format!("{cpu_per_io:.1}")),
                         ("wall_secs", format!("{:.2}", a.wall)),
-                    ]);
+                    ];
+                    fields.extend(r.fields());
+                    let mut row = Row::new(&fields);
                     variant.fill(&mut row);
                     if nic_fields {
                         row.fields.insert("offload".into(), offload_label.clone());

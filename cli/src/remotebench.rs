@@ -474,20 +474,17 @@ pub fn remote(opts: &RemoteOpts) -> Result<i32, Error> {
                 r.p50_us,
                 r.p99_us
             );
-            let mut row = Row::new(&[
+            let mut fields = vec![
                 ("target", t.name.clone()),
                 ("net", "remote".into()),
                 ("qd", qd.to_string()),
                 ("jobs", opts.jobs.to_string()),
                 ("rounds", opts.rounds.to_string()),
-                ("iops", format!("{:.1}", r.iops)),
-                ("lat_p50_us", format!("{:.1}", r.p50_us)),
-                ("lat_p99_us", format!("{:.1}", r.p99_us)),
-                ("lat_mean_us", format!("{:.1}", r.mean_us)),
-                ("ios", r.ios.to_string()),
                 ("wall_secs", format!("{wall:.2}")),
                 ("uri", t.uri.clone()),
-            ]);
+            ];
+            fields.extend(r.fields());
+            let mut row = Row::new(&fields);
             if let Some(e) = &t.export {
                 row.fields.insert("export".into(), e.clone());
             }
