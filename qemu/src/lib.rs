@@ -1568,15 +1568,10 @@ mod tests {
 
     #[test]
     fn the_command_line_of_each_boot() {
-        let args = |c: &Command| -> Vec<String> {
-            c.get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
-        };
         let mut cfg = Config::new(PathBuf::from("/k/dioxide-kernel"));
         cfg.args = vec!["selftest=digest".into()];
         cfg.nbd_port = Some(0);
-        let pvh = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        let pvh = args_of(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
         let at = pvh.iter().position(|a| a == "-append").unwrap();
         assert_eq!(
             pvh[at + 1],
@@ -1590,7 +1585,7 @@ mod tests {
         cfg.iso = Some(iso.clone());
         assert!(BootMedia::prepare(&cfg).is_err(), "an ISO with pvh");
         cfg.boot = Boot::Bios;
-        let bios = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        let bios = args_of(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
         assert!(!bios.contains(&"-kernel".to_string()), "{bios:?}");
         assert!(!bios.iter().any(|a| a.contains("pflash")), "{bios:?}");
         let cd = format!(
@@ -1604,7 +1599,7 @@ mod tests {
             let media = BootMedia::prepare(&cfg).unwrap();
             let vars = media.vars.clone().unwrap();
             assert!(vars.is_file());
-            let uefi = args(&cfg.command(&media));
+            let uefi = args_of(&cfg.command(&media));
             assert!(uefi.contains(&format!(
                 "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
             )));
@@ -1624,11 +1619,6 @@ mod tests {
 
     #[test]
     fn a_linux_guest_boots_with_its_initrd_and_command_line() {
-        let args = |c: &Command| -> Vec<String> {
-            c.get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
-        };
         let mut cfg = Config::new(PathBuf::from("/l/vmlinuz"));
         cfg.args = vec!["selftest=digest".into()];
         cfg.nbd_port = Some(0);
@@ -1637,7 +1627,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             ready: "serving".into(),
         });
-        let a = args(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
+        let a = args_of(&cfg.command(&BootMedia::prepare(&cfg).unwrap()));
         let at = |w: &str| a.iter().position(|x| x == w).unwrap();
         assert_eq!(a[at("-kernel") + 1], "/l/vmlinuz");
         assert_eq!(a[at("-initrd") + 1], "/l/initramfs.cpio");
