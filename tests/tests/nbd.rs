@@ -597,11 +597,15 @@ fn tap_checks(app: &dioxide::nbdbench::Appliance, mtu: Option<u16>, big: &[u8]) 
 }
 
 /// `bench nbd` in its smallest form (user networking, virtio-net, QD 4,
-/// 1 s rows, one round, reads and writes, 8 MiB file) against `targets`,
-/// with `host_ios` reads per host row (0: none), writing to `out`.
+/// 1 s rows, one round, reads and writes) against `targets`, with a file of
+/// `file_size` bytes and `host_ios` reads per host row (0: none), writing
+/// to `out`. The benchmark's images are named by the file's size: tests
+/// that run at the same time take different sizes, or the second QEMU
+/// would find the first one's writable images locked.
 fn small_bench(
     out: &std::path::Path,
     targets: &[&'static str],
+    file_size: u64,
     host_ios: u64,
 ) -> dioxide::nbdbench::NbdOpts {
     dioxide::nbdbench::NbdOpts {
@@ -609,7 +613,7 @@ fn small_bench(
         jobs: 1,
         secs: 1,
         out: out.to_path_buf(),
-        file_size: 8 << 20,
+        file_size,
         accel: dioxide_qemu::accel::Accel::Tcg,
         mem: 256,
         nets: vec![dioxide::nbdbench::NetMode::User],
@@ -632,7 +636,12 @@ fn small_bench(
 #[test]
 fn bench_nbd_writes_tcg_rows_and_host_rows() {
     let dir = TempDir::new("bench-nbd");
-    let opts = small_bench(dir.path(), &["file", "raw", "null", "qemu-nbd"], 2_000);
+    let opts = small_bench(
+        dir.path(),
+        &["file", "raw", "null", "qemu-nbd"],
+        8 << 20,
+        2_000,
+    );
     assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
@@ -706,7 +715,7 @@ fn bench_nbd_writes_tcg_rows_and_host_rows() {
 fn bench_nbd_linux_guest_rows() {
     let t0 = Instant::now();
     let dir = TempDir::new("bench-nbd-linux");
-    let opts = small_bench(dir.path(), &["linux"], 0);
+    let opts = small_bench(dir.path(), &["linux"], 6 << 20, 0);
     assert_eq!(dioxide::nbdbench::nbd(&opts).unwrap(), 0);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
